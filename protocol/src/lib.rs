@@ -1,0 +1,29 @@
+//! The muster wire contract, shared by the hub, the sidecar and the operator CLI.
+//!
+//! Parts: [`ids`] (typed identities), [`msg`] (every message that crosses the
+//! wire), [`codec`] (bincode 2 behind [`encode`]/[`decode`] and length-delimited
+//! framing with a size limit), [`tls`] (rustls/quinn builders shared by both
+//! ends) and [`limits`]. Nothing here holds runtime state.
+//!
+//! Data flow: a peer builds a message from [`msg`], [`encode`]s it, and writes
+//! it as one frame with [`frame_codec`]; the receiver reads one frame (refused
+//! before allocation if it is larger than the limit) and [`decode`]s it, which
+//! returns an error, never a panic, on any byte string.
+
+pub mod codec;
+pub mod ids;
+pub mod limits;
+pub mod msg;
+pub mod tls;
+
+pub use codec::{DecodeError, EncodeError, decode, encode, frame_codec, peek_protocol};
+pub use ids::{AgentName, EventSeq, Generation, NameError, ReportId, TaskId};
+
+/// The protocol version this build speaks; carried in every `Open` frame.
+pub const PROTOCOL_VERSION: u32 = 1;
+/// ALPN for sessions (sidecars) and operator requests; always mutual TLS.
+pub const ALPN_SESSION: &[u8] = b"muster/1";
+/// ALPN for enrollment: the only thing an unauthenticated peer may reach.
+pub const ALPN_ENROLL: &[u8] = b"muster-enroll/1";
+/// The server name every client asks for; the hub certificate always carries it.
+pub const HUB_SERVER_NAME: &str = "localhost";

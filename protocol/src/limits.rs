@@ -1,0 +1,28 @@
+//! Bounds on every input that crosses the wire, with their defaults.
+//!
+//! The hub may configure tighter values in `hub.toml`; these are the ceilings
+//! the codec enforces whatever the configuration says.
+
+/// Largest frame either side reads: a length prefix above this is refused before allocation.
+pub const FRAME_BYTES_MAX: usize = 1 << 20;
+/// Largest task title; titles are one line for listings.
+pub const TITLE_BYTES_MAX: usize = 1024;
+/// Default largest task description (`limits.max_description_bytes`).
+pub const DESCRIPTION_BYTES_MAX: usize = 64 * 1024;
+/// Default largest task result (`limits.max_result_bytes`).
+pub const RESULT_BYTES_MAX: usize = 256 * 1024;
+/// Captured stdout and stderr tails, each.
+pub const TAIL_BYTES_MAX: usize = 8 * 1024;
+/// Longest agent or operator name.
+pub const NAME_BYTES_MAX: usize = 64;
+/// Most capabilities an agent may announce or a task may require.
+pub const CAPABILITIES_MAX: usize = 32;
+/// Longest progress note.
+pub const NOTE_BYTES_MAX: usize = 4096;
+/// Most tasks a hello or heartbeat may list (a sidecar holds at most its slots plus finished ones awaiting ack).
+pub const HELD_TASKS_MAX: usize = 1024;
+/// Largest page `tasks --limit` returns.
+pub const PAGE_LEN_MAX: u32 = 1000;
+
+const _: () =
+    assert!(DESCRIPTION_BYTES_MAX + RESULT_BYTES_MAX + 4 * TAIL_BYTES_MAX < FRAME_BYTES_MAX);

@@ -1,0 +1,743 @@
+//! Every message that crosses the wire.
+//!
+//! Streams on a `muster/1` connection start with one [`Open`] frame from the
+//! client. A sidecar session ([`OpenBody::Session`]) then carries
+//! [`SessionMsg`] from the sidecar and [`HubMsg`] from the hub for the life of
+//! the connection. An operator request ([`OpenBody::Request`]) gets one
+//! [`OpResponse`] (or, for `watch`, a stream of them) and the stream ends.
+//! Enrollment (`muster-enroll/1`) is one [`EnrollRequest`] and one
+//! [`EnrollResponse`].
+//!
+//! Enum variants are append-only: never reorder or reuse one, since bincode
+//! encodes the variant's index.
+
+use serde::{Deserialize, Serialize};
+
+use crate::ids::{AgentName, EventSeq, Generation, ReportId, TaskId};
+
+/// First frame of every `muster/1` stream. `protocol` comes first so a peer of
+/// another version can still read it and be refused by name.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Open {
+    /// The sender's [`crate::PROTOCOL_VERSION`].
+    pub protocol: u32,
+    /// What the stream is for.
+    pub body: OpenBody,
+}
+
+/// What a stream is for.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum OpenBody {
+    /// A sidecar's long-lived session.
+    Session(Hello),
+    /// One operator request.
+    Request(OpRequest),
+}
+
+/// A sidecar introduces itself and lists what it holds, so the hub can reconcile first.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Hello {
+    /// The sidecar's build version, for `agents`.
+    pub version: String,
+    /// The name it enrolled with; must match its certificate.
+    pub agent: AgentName,
+    /// What tasks it can take.
+    pub capabilities: Vec<String>,
+    /// How many tasks it runs at once.
+    pub slots: u32,
+    /// Every task it holds, with generation and phase.
+    pub resume: Vec<HeldTask>,
+}
+
+/// A task a sidecar holds, as listed in hellos and heartbeats.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeldTask {
+    /// The task.
+    pub task: TaskId,
+    /// The generation the sidecar works on.
+    pub generation: Generation,
+    /// How far it got.
+    pub phase: Phase,
+}
+
+/// Where a task stands on a sidecar.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    /// Committed locally and accepted; the agent is not yet woken.
+    Accepted,
+    /// The wake command or exec spawn is under way.
+    Waking,
+    /// Woken; waiting for the start to be verified.
+    Verifying,
+    /// The agent runs.
+    Running,
+    /// Ended; the report waits for the hub's acknowledgement.
+    Finished,
+}
+
+/// Hub to sidecar, on the session stream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum HubMsg {
+    /// The session is established; only now does the sidecar count as connected.
+    Welcome(Welcome),
+    /// The session is refused; the stream ends after this.
+    Refused(Refused),
+    /// Run this task under this generation.
+    Assign(Assign),
+    /// The operator cancelled the task: stop the run.
+    Cancel {
+        /// The task.
+        task: TaskId,
+        /// The generation to stop.
+        generation: Generation,
+    },
+    /// This generation is superseded or unknown: stop it and forget it.
+    Abandon {
+        /// The task.
+        task: TaskId,
+        /// The generation to stop.
+        generation: Generation,
+        /// Why, for the sidecar's log.
+        reason: String,
+    },
+    /// Every report up to and including this id is durable at the hub.
+    Ack {
+        /// Highest acknowledged report id.
+        upto: ReportId,
+    },
+}
+
+/// The hub's answer to a good hello.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Welcome {
+    /// The hub's build version.
+    pub hub_version: String,
+    /// How often to heartbeat, in milliseconds (the sidecar adds ±10 % jitter).
+    pub heartbeat_interval_ms: u64,
+    /// The hub's limits, so the sidecar can refuse oversize input locally.
+    pub limits: WireLimits,
+}
+
+/// Limits the hub announces in its welcome.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WireLimits {
+    /// Largest frame.
+    pub max_frame_bytes: u64,
+    /// Largest task result.
+    pub max_result_bytes: u64,
+}
+
+/// Why a session was refused. Typed, so the sidecar never matches on text.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Refused {
+    /// The peer speaks another protocol version.
+    ProtocolMismatch {
+        /// What the hub speaks.
+        hub: u32,
+        /// What the peer sent.
+        peer: u32,
+    },
+    /// The certificate's identity is revoked.
+    Revoked,
+    /// The certificate's role may not open this kind of stream.
+    Forbidden {
+        /// Explanation.
+        reason: String,
+    },
+    /// The hello is malformed or inconsistent with the certificate.
+    BadHello {
+        /// Explanation.
+        reason: String,
+    },
+}
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Refused::ProtocolMismatch { hub, peer } => write!(
+                f,
+                "protocol version mismatch: this client speaks version {peer}, the hub speaks version {hub}; upgrade the older side"
+            ),
+            Refused::Revoked => write!(
+                f,
+                "this credential has been revoked at the hub; enroll again with a new token"
+            ),
+            Refused::Forbidden { reason } => write!(f, "forbidden: {reason}"),
+            Refused::BadHello { reason } => write!(f, "hello refused: {reason}"),
+        }
+    }
+}
+
+/// An assignment: the task's spec under a new generation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Assign {
+    /// The task.
+    pub task: TaskId,
+    /// Its new generation; reports must carry it.
+    pub generation: Generation,
+    /// What to do.
+    pub spec: TaskSpec,
+}
+
+/// What an agent needs to know about a task.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskSpec {
+    /// One line.
+    pub title: String,
+    /// Free text, bounded by `limits.max_description_bytes`.
+    pub description: String,
+    /// Capabilities the agent must have.
+    pub capabilities: Vec<String>,
+    /// Higher runs first.
+    pub priority: i32,
+    /// Task timeout in milliseconds, if any.
+    pub timeout_ms: Option<u64>,
+}
+
+/// Sidecar to hub, on the session stream after the hello.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum SessionMsg {
+    /// A report about one task; kept in the sidecar's outbox until acknowledged.
+    Report(Report),
+    /// Periodic state.
+    Heartbeat(Heartbeat),
+}
+
+/// A report about one attempt.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Report {
+    /// The sidecar's report number, for acknowledgement.
+    pub id: ReportId,
+    /// The task.
+    pub task: TaskId,
+    /// The generation the report is about.
+    pub generation: Generation,
+    /// What happened.
+    pub body: ReportBody,
+}
+
+/// What a report says.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum ReportBody {
+    /// Committed locally; the sidecar owns the task now.
+    Accepted,
+    /// The agent's start was verified.
+    Started {
+        /// The agent's process id, where known.
+        pid: Option<u32>,
+        /// The agent's session name (tmux, …), where known.
+        session: Option<String>,
+    },
+    /// The agent said how it is doing.
+    Progress {
+        /// Bounded by [`crate::limits::NOTE_BYTES_MAX`].
+        note: String,
+    },
+    /// The attempt ended on the sidecar.
+    Finished {
+        /// How it ended.
+        outcome: Outcome,
+        /// The agent's result, if it gave one.
+        result: Option<String>,
+        /// What went wrong, for any outcome but `completed`.
+        error: Option<Failure>,
+    },
+}
+
+impl ReportBody {
+    /// The kind, for de-duplicating repeats of (task, generation, kind).
+    pub fn kind(&self) -> ReportKind {
+        match self {
+            ReportBody::Accepted => ReportKind::Accepted,
+            ReportBody::Started { .. } => ReportKind::Started,
+            ReportBody::Progress { .. } => ReportKind::Progress,
+            ReportBody::Finished { .. } => ReportKind::Finished,
+        }
+    }
+}
+
+/// The kind of a report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReportKind {
+    /// See [`ReportBody::Accepted`].
+    Accepted,
+    /// See [`ReportBody::Started`].
+    Started,
+    /// See [`ReportBody::Progress`].
+    Progress,
+    /// See [`ReportBody::Finished`].
+    Finished,
+}
+
+/// How an attempt ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// The agent finished the work.
+    Completed,
+    /// The agent (or its exit status) said it failed.
+    Failed,
+    /// The wake command exited non-zero or could not run.
+    WakeFailed,
+    /// The sidecar did not accept in time.
+    AcceptTimeout,
+    /// The agent's start was not verified in time.
+    StartTimeout,
+    /// The agent's sidecar was gone past its grace.
+    Lost,
+    /// The agent's process or session disappeared without a report.
+    AgentExited,
+    /// The task ran past its timeout.
+    TimedOut,
+    /// An operator cancelled it.
+    Cancelled,
+    /// The hub superseded it.
+    Abandoned,
+}
+
+impl Outcome {
+    /// Every outcome, for metrics and tests.
+    pub const ALL: [Outcome; 10] = [
+        Outcome::Completed,
+        Outcome::Failed,
+        Outcome::WakeFailed,
+        Outcome::AcceptTimeout,
+        Outcome::StartTimeout,
+        Outcome::Lost,
+        Outcome::AgentExited,
+        Outcome::TimedOut,
+        Outcome::Cancelled,
+        Outcome::Abandoned,
+    ];
+
+    /// The stable name used in JSON, logs and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Completed => "completed",
+            Outcome::Failed => "failed",
+            Outcome::WakeFailed => "wake_failed",
+            Outcome::AcceptTimeout => "accept_timeout",
+            Outcome::StartTimeout => "start_timeout",
+            Outcome::Lost => "lost",
+            Outcome::AgentExited => "agent_exited",
+            Outcome::TimedOut => "timed_out",
+            Outcome::Cancelled => "cancelled",
+            Outcome::Abandoned => "abandoned",
+        }
+    }
+
+    /// Failures of the machine rather than of the work; they trip the circuit breaker.
+    pub fn is_infrastructure(self) -> bool {
+        matches!(
+            self,
+            Outcome::WakeFailed
+                | Outcome::AcceptTimeout
+                | Outcome::StartTimeout
+                | Outcome::Lost
+                | Outcome::AgentExited
+        )
+    }
+}
+
+/// What went wrong, captured so nobody ever sees `Subprocess failed: None`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Failure {
+    /// One line saying what happened.
+    pub reason: String,
+    /// The process exit code, if it exited.
+    pub exit_code: Option<i32>,
+    /// The signal that ended it, if one did.
+    pub signal: Option<i32>,
+    /// The argv that ran.
+    pub command: Vec<String>,
+    /// Last bytes of stdout (at most [`crate::limits::TAIL_BYTES_MAX`]).
+    pub stdout_tail: String,
+    /// Last bytes of stderr (at most [`crate::limits::TAIL_BYTES_MAX`]).
+    pub stderr_tail: String,
+    /// The agent asked that the task not be retried.
+    pub no_retry: bool,
+}
+
+/// Periodic sidecar state: what runs, the self-test and host figures.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Heartbeat {
+    /// Increments by one per heartbeat of a sidecar process.
+    pub seq: u64,
+    /// The sidecar's own state.
+    pub state: SidecarState,
+    /// Every task the sidecar holds.
+    pub tasks: Vec<HeldTask>,
+    /// Slots free for new work.
+    pub free_slots: u32,
+    /// The last self-test.
+    pub self_test: SelfTest,
+    /// Host figures from sysinfo.
+    pub host: HostFigures,
+}
+
+/// The sidecar's own state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SidecarState {
+    /// Taking work.
+    Ready,
+    /// Shutting down: finishing, not taking work.
+    Draining,
+}
+
+/// The sidecar's check that it can really do work.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SelfTest {
+    /// All checks passed.
+    pub passed: bool,
+    /// Measured round trip to the hub, in microseconds.
+    pub hub_rtt_us: Option<u64>,
+    /// The wake/exec command exists and is executable.
+    pub command_ok: bool,
+    /// Free disk space in the state directory is above the floor.
+    pub disk_ok: bool,
+    /// One line per failed check.
+    pub problems: Vec<String>,
+}
+
+/// Host figures from sysinfo.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct HostFigures {
+    /// One-minute load average.
+    pub load1: f64,
+    /// Memory available, bytes.
+    pub mem_available_bytes: u64,
+    /// Memory in all, bytes.
+    pub mem_total_bytes: u64,
+    /// Free space on the state directory's disk, bytes.
+    pub disk_free_bytes: u64,
+    /// Number of CPUs.
+    pub cpus: u32,
+}
+
+/// Roles a credential may hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// A sidecar: reports on its own assignments only.
+    Agent,
+    /// Reads.
+    Operator,
+    /// Reads and writes.
+    Admin,
+}
+
+impl Role {
+    /// The stable name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Agent => "agent",
+            Role::Operator => "operator",
+            Role::Admin => "admin",
+        }
+    }
+}
+
+impl std::str::FromStr for Role {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "agent" => Ok(Role::Agent),
+            "operator" => Ok(Role::Operator),
+            "admin" => Ok(Role::Admin),
+            other => Err(format!(
+                "unknown role {other:?}; use agent, operator or admin"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+// === Enrollment ===
+
+/// The one request on a `muster-enroll/1` stream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EnrollRequest {
+    /// The sender's [`crate::PROTOCOL_VERSION`].
+    pub protocol: u32,
+    /// The secret part of the join token.
+    pub secret: String,
+    /// The role the enrolling side expects the token to grant.
+    pub role: Role,
+    /// The name to enroll under.
+    pub name: AgentName,
+    /// A PEM certificate signing request for the locally generated key.
+    pub csr_pem: String,
+}
+
+/// The hub's answer to an enrollment.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum EnrollResponse {
+    /// Enrolled: the signed certificate and the CA that signed it.
+    Enrolled {
+        /// PEM client certificate.
+        cert_pem: String,
+        /// PEM CA certificate, to verify the hub from now on.
+        ca_pem: String,
+    },
+    /// Refused, with the reason.
+    Refused(EnrollRefusal),
+}
+
+/// Why an enrollment was refused.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum EnrollRefusal {
+    /// No token with this secret exists (forged or mistyped).
+    UnknownToken,
+    /// The token's TTL ran out.
+    Expired {
+        /// When it expired, Unix seconds.
+        at_unix: u64,
+    },
+    /// The token was already used.
+    AlreadyUsed {
+        /// When it was used, Unix seconds.
+        at_unix: u64,
+    },
+    /// The token grants another role than the one asked for.
+    WrongRole {
+        /// What the token grants.
+        token: Role,
+        /// What was asked for.
+        requested: Role,
+    },
+    /// Too many enrollment attempts; try again later.
+    RateLimited {
+        /// Seconds to wait.
+        retry_after_s: u64,
+    },
+    /// The key was revoked; generate a new one.
+    RevokedKey,
+    /// The request is malformed.
+    BadRequest {
+        /// Explanation.
+        reason: String,
+    },
+    /// Protocol version mismatch.
+    ProtocolMismatch {
+        /// What the hub speaks.
+        hub: u32,
+        /// What the peer sent.
+        peer: u32,
+    },
+}
+
+impl std::fmt::Display for EnrollRefusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            EnrollRefusal::UnknownToken => write!(
+                f,
+                "the hub does not know this token (mistyped or forged); create one with `muster-hub token create`"
+            ),
+            EnrollRefusal::Expired { at_unix } => write!(
+                f,
+                "this token expired at {at_unix} (Unix time); create a new one with `muster-hub token create`"
+            ),
+            EnrollRefusal::AlreadyUsed { at_unix } => write!(
+                f,
+                "this token was already used at {at_unix} (Unix time); tokens are single-use, create a new one"
+            ),
+            EnrollRefusal::WrongRole { token, requested } => write!(
+                f,
+                "this token is for role {token}, but {requested} enrollment was attempted; create a token with `--role {requested}`"
+            ),
+            EnrollRefusal::RateLimited { retry_after_s } => write!(
+                f,
+                "too many enrollment attempts; try again in {retry_after_s} s"
+            ),
+            EnrollRefusal::RevokedKey => write!(
+                f,
+                "this key was revoked; remove the old key and enroll again to generate a new one"
+            ),
+            EnrollRefusal::BadRequest { reason } => write!(f, "bad enrollment request: {reason}"),
+            EnrollRefusal::ProtocolMismatch { hub, peer } => write!(
+                f,
+                "protocol version mismatch: this client speaks version {peer}, the hub speaks version {hub}"
+            ),
+        }
+    }
+}
+
+// === Operator requests ===
+
+/// One operator request; reads need role operator or admin, writes need admin.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum OpRequest {
+    /// List agents.
+    Agents,
+    /// One agent.
+    AgentShow {
+        /// Its name.
+        name: String,
+    },
+    /// Revoke an agent's credential and cut its session.
+    AgentRevoke {
+        /// Its name.
+        name: String,
+    },
+    /// Stop giving an agent new work.
+    AgentDrain {
+        /// Its name.
+        name: String,
+    },
+    /// Give a drained agent work again.
+    AgentUndrain {
+        /// Its name.
+        name: String,
+    },
+    /// Create a join token.
+    TokenCreate {
+        /// The role it grants.
+        role: Role,
+        /// Its lifetime in seconds.
+        ttl_s: u64,
+    },
+    /// Submit a task.
+    Submit(SubmitRequest),
+    /// List tasks, newest first.
+    Tasks {
+        /// Only this state.
+        state: Option<String>,
+        /// Only tasks whose latest attempt ran on this agent.
+        agent: Option<String>,
+        /// Page length.
+        limit: u32,
+        /// Continue below this task id.
+        cursor: Option<u64>,
+    },
+    /// One task with its attempts and audit trail.
+    TaskShow {
+        /// The task.
+        id: TaskId,
+    },
+    /// Cancel a task.
+    TaskCancel {
+        /// The task.
+        id: TaskId,
+    },
+    /// Run a terminal task again.
+    TaskRequeue {
+        /// The task.
+        id: TaskId,
+    },
+    /// Coordination figures.
+    Stats,
+    /// Open alerts.
+    Alerts,
+    /// Stream events from a sequence number.
+    Watch {
+        /// First sequence wanted; `None` is "from now".
+        from: Option<EventSeq>,
+    },
+}
+
+impl OpRequest {
+    /// Whether the request changes state (and so needs role admin).
+    pub fn is_write(&self) -> bool {
+        matches!(
+            self,
+            OpRequest::AgentRevoke { .. }
+                | OpRequest::AgentDrain { .. }
+                | OpRequest::AgentUndrain { .. }
+                | OpRequest::TokenCreate { .. }
+                | OpRequest::Submit(_)
+                | OpRequest::TaskCancel { .. }
+                | OpRequest::TaskRequeue { .. }
+        )
+    }
+}
+
+/// A task submission.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SubmitRequest {
+    /// One line.
+    pub title: String,
+    /// Free text.
+    pub description: String,
+    /// Required capabilities.
+    pub capabilities: Vec<String>,
+    /// Higher first.
+    pub priority: i32,
+    /// Attempts in all; `None` takes the hub's default.
+    pub max_attempts: Option<u32>,
+    /// Task timeout in milliseconds.
+    pub timeout_ms: Option<u64>,
+    /// What to do on timeout.
+    pub timeout_action: TimeoutAction,
+    /// Tasks that must complete first.
+    pub after: Vec<TaskId>,
+    /// Idempotency key: a second submit with it returns the first task.
+    pub key: Option<String>,
+}
+
+/// What a task timeout does.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TimeoutAction {
+    /// End the task `failed`.
+    #[default]
+    Fail,
+    /// Retry it if attempts remain.
+    Retry,
+}
+
+/// The hub's answer to an operator request. Bodies are JSON documents so the
+/// CLI can print them with stable field names and the wire stays compact.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum OpResponse {
+    /// Success, with a JSON document.
+    Ok {
+        /// The document.
+        json: String,
+    },
+    /// Failure.
+    Error(OpError),
+    /// One `watch` event as a JSON document.
+    Event {
+        /// Its sequence number.
+        seq: EventSeq,
+        /// The document.
+        json: String,
+    },
+}
+
+/// Why an operator request failed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OpError {
+    /// Machine-readable kind.
+    pub code: OpErrorCode,
+    /// A sentence that says what was wrong and what to do.
+    pub message: String,
+}
+
+/// Kinds of operator errors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OpErrorCode {
+    /// The credential's role may not do this.
+    Forbidden,
+    /// No such task or agent.
+    NotFound,
+    /// The request is malformed or out of bounds.
+    Invalid,
+    /// A limit was hit (queue full, too many requests).
+    Busy,
+    /// The request makes no sense in the current state.
+    Conflict,
+    /// Protocol version mismatch.
+    ProtocolMismatch,
+    /// The hub failed internally; see its log.
+    Internal,
+}
