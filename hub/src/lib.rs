@@ -1,1 +1,10 @@
-//! placeholder
+//! The muster hub: PKI, durable store, scheduler core, QUIC server, operator CLI.
+//!
+//! Parts: [`config`] (hub.toml), [`pki`] (CA, certificates, CSR signing),
+//! [`core`] (pure decisions: registry, tasks, scheduler), [`store`] (redb with
+//! group commit), [`server`] (QUIC endpoint and the core loop that joins them).
+
+pub mod config;
+pub mod core;
+pub mod pki;
+pub mod store;

@@ -11,6 +11,7 @@
 //! returns an error, never a panic, on any byte string.
 
 pub mod codec;
+pub mod duration;
 pub mod ids;
 pub mod limits;
 pub mod msg;

@@ -1,0 +1,1546 @@
+//! The hub's decision core: agent registry, enrollment tokens, the task state
+//! machine, the scheduler, fencing, timeouts, retries and the circuit breaker.
+//!
+//! Sans-IO. The shell feeds [`Input`]s with an explicit `now` to
+//! [`Core::handle`], then calls [`Core::take_output`] and must, in this order:
+//! 1. commit every [`Write`] in one redb transaction,
+//! 2. only then deliver `sends`, `replies` and `closes`.
+//!
+//! That order is the "commit before acknowledge" rule. The core never reads
+//! the clock, spawns, or touches a socket or file; tasks that are no longer
+//! live are read through the [`Archive`] trait.
+
+pub mod model;
+mod sched;
+pub mod views;
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+
+use muster_protocol::msg::{
+    Assign, EnrollRefusal, Failure, HeldTask, Hello, HubMsg, OpError, OpErrorCode, OpRequest,
+    OpResponse, Outcome, Phase, Refused, Report, ReportBody, ReportKind, Role, SessionMsg,
+    SubmitRequest, TaskSpec, TimeoutAction, Welcome, WireLimits,
+};
+use muster_protocol::{Generation, PROTOCOL_VERSION, ReportId, TaskId};
+
+use crate::config::{Limits, Policy};
+pub use model::*;
+
+/// A connection, numbered by the shell.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ConnId(pub u64);
+
+/// A pending reply, numbered by the shell.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ReplyId(pub u64);
+
+/// Read access to tasks that are no longer live (the shell reads redb).
+pub trait Archive {
+    /// A task by id, as last committed.
+    fn task(&self, id: TaskId) -> Option<TaskRecord>;
+}
+
+/// Something that happened, fed to the core.
+#[derive(Debug)]
+pub enum Input {
+    /// A sidecar opened its session with a hello on an authenticated connection.
+    Hello {
+        /// The connection.
+        conn: ConnId,
+        /// SHA-256 of the peer's certificate.
+        fingerprint: String,
+        /// The hello.
+        hello: Hello,
+    },
+    /// A session message from a sidecar.
+    Session {
+        /// The connection.
+        conn: ConnId,
+        /// The message.
+        msg: SessionMsg,
+    },
+    /// A session ended.
+    Closed {
+        /// The connection.
+        conn: ConnId,
+    },
+    /// An operator request (all but the read-only task queries, which the shell serves).
+    Op {
+        /// SHA-256 of the peer's certificate.
+        fingerprint: String,
+        /// The request.
+        request: OpRequest,
+        /// Where the answer goes.
+        reply: ReplyId,
+        /// For `TokenCreate`: the secret the shell generated, and its hash.
+        token_secret: Option<(String, String)>,
+    },
+    /// An enrollment whose CSR the shell has already signed.
+    Enroll {
+        /// SHA-256 of the token secret.
+        secret_hash: String,
+        /// The role the peer asked for.
+        role: Role,
+        /// The name it asked for.
+        name: String,
+        /// The signed certificate, its fingerprint, and its key's fingerprint.
+        cert: (String, String, String),
+        /// Where the answer goes.
+        reply: ReplyId,
+    },
+    /// Time passed; check deadlines.
+    Tick,
+}
+
+/// A state change to persist.
+#[derive(Debug, Clone)]
+pub enum Write {
+    /// Upsert a task.
+    Task(TaskRecord),
+    /// Upsert an attempt.
+    Attempt(AttemptRecord),
+    /// Upsert an agent.
+    Agent(AgentRecord),
+    /// Upsert an identity.
+    Identity(Identity),
+    /// Upsert a token by the hash of its secret.
+    Token(String, TokenRecord),
+    /// Record an idempotency key.
+    Key(String, TaskId),
+    /// Append an event.
+    Event(EventRecord),
+    /// The next task id to hand out.
+    NextTaskId(u64),
+}
+
+/// An answer to a request.
+#[derive(Debug)]
+pub enum Reply {
+    /// To an operator request.
+    Op(OpResponse),
+    /// To an enrollment.
+    Enroll(muster_protocol::msg::EnrollResponse),
+}
+
+/// Effects of the inputs since the last [`Core::take_output`].
+#[derive(Debug, Default)]
+#[must_use]
+pub struct Output {
+    /// Persist these first, in one transaction.
+    pub writes: Vec<Write>,
+    /// Then send these, in order per connection.
+    pub sends: Vec<(ConnId, HubMsg)>,
+    /// Then answer these.
+    pub replies: Vec<(ReplyId, Reply)>,
+    /// Then close these connections.
+    pub closes: Vec<ConnId>,
+}
+
+/// Coordination counters, for `stats`.
+#[derive(Debug, Default, Clone)]
+pub struct Counters {
+    /// Tasks that reached a terminal state.
+    pub finished: u64,
+    /// Tasks completed.
+    pub completed: u64,
+    /// Attempts ended, by outcome.
+    pub outcomes: HashMap<Outcome, u64>,
+    /// Assignments made.
+    pub assigned: u64,
+    /// Heartbeats received.
+    pub heartbeats: u64,
+    /// Reports refused as stale (answered with Abandon).
+    pub stale_reports: u64,
+    /// Reports that repeated one already handled.
+    pub duplicate_reports: u64,
+}
+
+/// A live (non-terminal) task and its current attempt.
+#[derive(Debug)]
+struct Live {
+    rec: TaskRecord,
+    attempt: Option<AttemptRecord>,
+    /// Report kinds already handled for the current generation.
+    seen: HashSet<ReportKind>,
+    /// Agents on which this task failed before, to prefer others.
+    failed_on: BTreeSet<String>,
+    /// Whether the task was attempted before (fresh work goes first).
+    retried: bool,
+}
+
+/// An agent in the registry, with its session.
+#[derive(Debug)]
+struct Agent {
+    rec: AgentRecord,
+    conn: Option<ConnId>,
+    /// Tasks the hub has assigned to it that are not yet terminal.
+    tasks: BTreeSet<TaskId>,
+    /// When the session ended (or the hub started), for the lost grace.
+    offline_since: Option<Millis>,
+    infra_failures: u32,
+    breaker_until: Option<Millis>,
+    breaker_trips: u32,
+    self_test_passed: bool,
+}
+
+/// The hub's decision core. See the module docs for the calling contract.
+pub struct Core {
+    policy: Policy,
+    limits: Limits,
+    started_at: Millis,
+    next_task_id: u64,
+    next_event_seq: u64,
+    rng: u64,
+    tasks: HashMap<TaskId, Live>,
+    sched: sched::ReadyQueue,
+    agents: HashMap<String, Agent>,
+    conns: HashMap<ConnId, String>,
+    identities: HashMap<String, Identity>,
+    tokens: HashMap<String, TokenRecord>,
+    keys: HashMap<String, TaskId>,
+    /// Blocked tasks by the dependency they wait on.
+    waiting_on: HashMap<TaskId, BTreeSet<TaskId>>,
+    /// Terminal within the current batch, not yet readable from the archive.
+    recent: HashMap<TaskId, TaskRecord>,
+    counters: Counters,
+    out: Output,
+    dirty_schedule: bool,
+}
+
+/// What the core is built from at startup.
+#[derive(Debug, Default)]
+pub struct Restored {
+    /// Every non-terminal task, with its current attempt.
+    pub live: Vec<(TaskRecord, Option<AttemptRecord>)>,
+    /// The registry.
+    pub agents: Vec<AgentRecord>,
+    /// Identities.
+    pub identities: Vec<Identity>,
+    /// Tokens not yet expired or used.
+    pub tokens: Vec<(String, TokenRecord)>,
+    /// Idempotency keys.
+    pub keys: Vec<(String, TaskId)>,
+    /// The next task id.
+    pub next_task_id: u64,
+    /// The next event sequence number.
+    pub next_event_seq: u64,
+}
+
+impl Core {
+    /// Builds the core from restored state. `now` is the hub's start: every agent
+    /// gets a full lost grace from it before its work is re-queued.
+    pub fn new(policy: Policy, limits: Limits, restored: Restored, now: Millis, seed: u64) -> Self {
+        let mut core = Core {
+            policy,
+            limits,
+            started_at: now,
+            next_task_id: restored.next_task_id.max(1),
+            next_event_seq: restored.next_event_seq.max(1),
+            rng: seed | 1,
+            tasks: HashMap::new(),
+            sched: sched::ReadyQueue::default(),
+            agents: HashMap::new(),
+            conns: HashMap::new(),
+            identities: restored
+                .identities
+                .into_iter()
+                .map(|i| (i.fingerprint.clone(), i))
+                .collect(),
+            tokens: restored.tokens.into_iter().collect(),
+            keys: restored.keys.into_iter().collect(),
+            waiting_on: HashMap::new(),
+            recent: HashMap::new(),
+            counters: Counters::default(),
+            out: Output::default(),
+            dirty_schedule: true,
+        };
+        for rec in restored.agents {
+            core.agents.insert(rec.name.clone(), Agent::new(rec, now));
+        }
+        for (rec, attempt) in restored.live {
+            if let (Some(a), true) = (&attempt, rec.state.has_live_attempt()) {
+                if let Some(agent) = core.agents.get_mut(&a.agent) {
+                    agent.tasks.insert(rec.id);
+                }
+            }
+            core.insert_live(rec, attempt);
+        }
+        core
+    }
+
+    /// Takes the effects accumulated since the last call. See the module docs.
+    pub fn take_output(&mut self) -> Output {
+        self.recent.clear();
+        std::mem::take(&mut self.out)
+    }
+
+    /// The identity behind a certificate fingerprint, if enrolled and not revoked.
+    pub fn identity(&self, fingerprint: &str) -> Option<&Identity> {
+        self.identities
+            .get(fingerprint)
+            .filter(|i| i.revoked_at.is_none())
+    }
+
+    /// Coordination counters.
+    pub fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    /// Number of live (non-terminal) tasks.
+    pub fn live_tasks(&self) -> usize {
+        self.tasks.len()
+    }
+
+    /// Handles one input at time `now`.
+    pub fn handle(&mut self, now: Millis, input: Input, archive: &dyn Archive) {
+        match input {
+            Input::Hello {
+                conn,
+                fingerprint,
+                hello,
+            } => self.on_hello(now, conn, &fingerprint, hello),
+            Input::Session { conn, msg } => match msg {
+                SessionMsg::Report(r) => self.on_report(now, conn, r),
+                SessionMsg::Heartbeat(hb) => self.on_heartbeat(now, conn, hb),
+            },
+            Input::Closed { conn } => self.on_closed(now, conn),
+            Input::Op {
+                fingerprint,
+                request,
+                reply,
+                token_secret,
+            } => {
+                let resp = self.on_op(now, &fingerprint, request, token_secret, archive);
+                self.out.replies.push((reply, Reply::Op(resp)));
+            }
+            Input::Enroll {
+                secret_hash,
+                role,
+                name,
+                cert,
+                reply,
+            } => {
+                let resp = self.on_enroll(now, &secret_hash, role, &name, cert);
+                self.out.replies.push((reply, Reply::Enroll(resp)));
+            }
+            Input::Tick => self.on_tick(now),
+        }
+        if self.dirty_schedule {
+            self.dirty_schedule = false;
+            self.schedule(now);
+        }
+    }
+
+    // === Sessions ===
+
+    fn on_hello(&mut self, now: Millis, conn: ConnId, fingerprint: &str, hello: Hello) {
+        let refuse = |core: &mut Core, r: Refused| {
+            core.out.sends.push((conn, HubMsg::Refused(r)));
+            core.out.closes.push(conn);
+        };
+        let Some(id) = self.identities.get(fingerprint).cloned() else {
+            return refuse(
+                self,
+                Refused::Forbidden {
+                    reason: "this certificate is not enrolled at this hub".into(),
+                },
+            );
+        };
+        if id.revoked_at.is_some() {
+            return refuse(self, Refused::Revoked);
+        }
+        if id.role != Role::Agent {
+            return refuse(
+                self,
+                Refused::Forbidden {
+                    reason: format!("a {} credential cannot open an agent session", id.role),
+                },
+            );
+        }
+        if hello.agent.as_str() != id.name {
+            return refuse(
+                self,
+                Refused::BadHello {
+                    reason: format!(
+                        "hello names agent {:?} but the certificate is for {:?}",
+                        hello.agent.as_str(),
+                        id.name
+                    ),
+                },
+            );
+        }
+        let name = id.name.clone();
+        let agent = self.agents.entry(name.clone()).or_insert_with(|| {
+            Agent::new(
+                AgentRecord {
+                    name: name.clone(),
+                    version: String::new(),
+                    capabilities: Vec::new(),
+                    slots: 0,
+                    enrolled_at: id.created_at,
+                    last_seen: None,
+                    host: None,
+                    self_test: None,
+                    drained: false,
+                    revoked: false,
+                },
+                now,
+            )
+        });
+        // A second session for the same agent replaces the first.
+        if let Some(old) = agent.conn.replace(conn) {
+            self.conns.remove(&old);
+            self.out.closes.push(old);
+        }
+        agent.offline_since = None;
+        agent.rec.version = hello.version.clone();
+        agent.rec.capabilities = hello.capabilities.clone();
+        agent.rec.slots = hello.slots;
+        agent.rec.last_seen = Some(now);
+        // Until its first heartbeat, trust the sidecar's own hello.
+        agent.self_test_passed = true;
+        let rec = agent.rec.clone();
+        self.conns.insert(conn, name.clone());
+        self.out.writes.push(Write::Agent(rec));
+        self.out.sends.push((
+            conn,
+            HubMsg::Welcome(Welcome {
+                hub_version: env!("CARGO_PKG_VERSION").into(),
+                heartbeat_interval_ms: self.policy.heartbeat_interval.as_millis() as u64,
+                limits: WireLimits {
+                    max_frame_bytes: self.limits.max_frame_bytes,
+                    max_result_bytes: self.limits.max_result_bytes,
+                },
+            }),
+        ));
+        self.event(now, "agent", &name, "online", "hello");
+        self.reconcile(now, &name, conn, &hello.resume, true);
+        self.dirty_schedule = true;
+    }
+
+    /// Compares what a sidecar holds with the hub's view: continue, abandon or re-send.
+    fn reconcile(&mut self, now: Millis, name: &str, conn: ConnId, held: &[HeldTask], hello: bool) {
+        let mut listed = HashSet::new();
+        for h in held {
+            listed.insert(h.task);
+            let current = self.tasks.get(&h.task).and_then(|l| {
+                l.attempt
+                    .as_ref()
+                    .filter(|a| a.generation == h.generation && a.agent == name)
+                    .map(|_| l.rec.state)
+            });
+            match current {
+                Some(_) => {}
+                None if h.phase == Phase::Finished => {
+                    // Its final report is in the outbox and will be replayed or was handled.
+                }
+                None => self.out.sends.push((
+                    conn,
+                    HubMsg::Abandon {
+                        task: h.task,
+                        generation: h.generation,
+                        reason: "the hub has no live attempt of this generation on this agent"
+                            .into(),
+                    },
+                )),
+            }
+        }
+        let Some(agent) = self.agents.get(name) else {
+            return;
+        };
+        let mine: Vec<TaskId> = agent.tasks.iter().copied().collect();
+        for id in mine {
+            if listed.contains(&id) {
+                continue;
+            }
+            let Some(live) = self.tasks.get(&id) else {
+                continue;
+            };
+            match live.rec.state {
+                TaskState::Assigned if hello => {
+                    if let Some(a) = &live.attempt {
+                        let msg = HubMsg::Assign(Assign {
+                            task: id,
+                            generation: a.generation,
+                            spec: spec_of(&live.rec),
+                        });
+                        self.out.sends.push((conn, msg));
+                    }
+                }
+                TaskState::Accepted | TaskState::Running => {
+                    let reason = if hello {
+                        "the sidecar came back without this task"
+                    } else {
+                        "the sidecar's heartbeat no longer lists this task"
+                    };
+                    self.end_attempt(now, id, Outcome::Lost, Some(failure(reason)), false);
+                }
+                _ => {}
+            }
+        }
+    }
+
+    fn on_closed(&mut self, now: Millis, conn: ConnId) {
+        let Some(name) = self.conns.remove(&conn) else {
+            return;
+        };
+        if let Some(agent) = self.agents.get_mut(&name) {
+            if agent.conn == Some(conn) {
+                agent.conn = None;
+                agent.offline_since = Some(now);
+                self.event(now, "agent", &name, "offline", "session closed");
+            }
+        }
+    }
+
+    fn agent_of_conn(&self, conn: ConnId) -> Option<String> {
+        self.conns.get(&conn).cloned()
+    }
+
+    fn on_heartbeat(&mut self, now: Millis, conn: ConnId, hb: muster_protocol::msg::Heartbeat) {
+        let Some(name) = self.agent_of_conn(conn) else {
+            return;
+        };
+        self.counters.heartbeats += 1;
+        let Some(agent) = self.agents.get_mut(&name) else {
+            return;
+        };
+        agent.rec.last_seen = Some(now);
+        agent.rec.host = Some(hb.host.clone());
+        let was = agent.self_test_passed;
+        agent.self_test_passed = hb.self_test.passed;
+        agent.rec.self_test = Some(hb.self_test.clone());
+        // Heartbeats update the registry in memory; it is persisted on state changes
+        // and periodically, not on every heartbeat, to keep the store quiet.
+        let mut events = Vec::new();
+        if was != hb.self_test.passed {
+            self.out.writes.push(Write::Agent(agent.rec.clone()));
+            events.push(if hb.self_test.passed {
+                ("healthy", "self-test passed")
+            } else {
+                ("unhealthy", "self-test failed")
+            });
+        }
+        if let Some(until) = agent.breaker_until {
+            if now >= until && hb.self_test.passed {
+                agent.breaker_until = None;
+                agent.infra_failures = 0;
+                events.push(("circuit_closed", "cooldown over and healthy heartbeat"));
+            }
+        }
+        if !events.is_empty() {
+            self.dirty_schedule = true;
+        }
+        for (state, why) in events {
+            self.event(now, "agent", &name, state, why);
+        }
+        self.reconcile(now, &name, conn, &hb.tasks, false);
+    }
+
+    fn on_report(&mut self, now: Millis, conn: ConnId, report: Report) {
+        let Some(name) = self.agent_of_conn(conn) else {
+            return;
+        };
+        self.ack(conn, report.id);
+        let kind = report.body.kind();
+        let Some(live) = self.tasks.get_mut(&report.task) else {
+            // Not live: a repeat for a task that already ended, or stale.
+            self.stale(conn, &report, "the task is no longer live at the hub");
+            return;
+        };
+        let current = live
+            .attempt
+            .as_ref()
+            .is_some_and(|a| a.generation == report.generation && a.agent == name);
+        if !current {
+            let reason = if report.generation < live.rec.generation {
+                "a newer attempt of this task exists"
+            } else {
+                "this agent has no such attempt"
+            };
+            self.stale(conn, &report, reason);
+            return;
+        }
+        if kind != ReportKind::Progress && !live.seen.insert(kind) {
+            self.counters.duplicate_reports += 1;
+            return;
+        }
+        let id = report.task;
+        match report.body {
+            ReportBody::Accepted => {
+                if live.rec.state == TaskState::Assigned {
+                    if let Some(a) = live.attempt.as_mut() {
+                        a.accepted_at = Some(now);
+                    }
+                    self.set_state(now, id, TaskState::Accepted, "accepted by the sidecar");
+                }
+            }
+            ReportBody::Started { pid, session } => {
+                if let Some(a) = live.attempt.as_mut() {
+                    a.accepted_at.get_or_insert(now);
+                    a.started_at = Some(now);
+                    a.pid = pid;
+                    a.session = session;
+                }
+                live.rec.progress_at = Some(now);
+                self.set_state(now, id, TaskState::Running, "start verified");
+            }
+            ReportBody::Progress { note } => {
+                live.rec.progress_at = Some(now);
+                live.rec.progress_note =
+                    Some(truncate(note, muster_protocol::limits::NOTE_BYTES_MAX));
+                live.rec.updated_at = now;
+                let rec = live.rec.clone();
+                self.out.writes.push(Write::Task(rec));
+            }
+            ReportBody::Finished {
+                outcome,
+                result,
+                error,
+            } => {
+                live.rec.result =
+                    result.map(|r| truncate(r, self.limits.max_result_bytes as usize));
+                let no_retry = error.as_ref().is_some_and(|e| e.no_retry);
+                self.end_attempt(now, id, outcome, error, no_retry);
+            }
+        }
+    }
+
+    fn stale(&mut self, conn: ConnId, report: &Report, reason: &str) {
+        self.counters.stale_reports += 1;
+        // A repeat of the final report of an attempt that already ended is harmless.
+        if let ReportBody::Finished { .. } = report.body {
+            if self
+                .recent
+                .get(&report.task)
+                .is_some_and(|r| r.generation == report.generation)
+            {
+                return;
+            }
+        }
+        self.out.sends.push((
+            conn,
+            HubMsg::Abandon {
+                task: report.task,
+                generation: report.generation,
+                reason: reason.into(),
+            },
+        ));
+    }
+
+    fn ack(&mut self, conn: ConnId, id: ReportId) {
+        // Acks are batched: one per connection per output, carrying the highest id.
+        if let Some((_, HubMsg::Ack { upto })) = self
+            .out
+            .sends
+            .iter_mut()
+            .rev()
+            .find(|(c, m)| *c == conn && matches!(m, HubMsg::Ack { .. }))
+        {
+            if id > *upto {
+                *upto = id;
+            }
+            return;
+        }
+        self.out.sends.push((conn, HubMsg::Ack { upto: id }));
+    }
+
+    // === Tasks ===
+
+    fn insert_live(&mut self, rec: TaskRecord, attempt: Option<AttemptRecord>) {
+        let id = rec.id;
+        let retried = rec.attempts > 0;
+        if rec.state == TaskState::Queued {
+            self.sched.insert(&rec, retried);
+        }
+        if rec.state == TaskState::Blocked {
+            for dep in &rec.after {
+                self.waiting_on.entry(*dep).or_default().insert(id);
+            }
+        }
+        self.tasks.insert(
+            id,
+            Live {
+                rec,
+                attempt,
+                seen: HashSet::new(),
+                failed_on: BTreeSet::new(),
+                retried,
+            },
+        );
+    }
+
+    fn set_state(&mut self, now: Millis, id: TaskId, to: TaskState, why: &str) {
+        let Some(live) = self.tasks.get_mut(&id) else {
+            return;
+        };
+        let from = live.rec.state;
+        if from == TaskState::Queued {
+            self.sched.remove(&live.rec, live.retried);
+        }
+        live.rec.state = to;
+        live.rec.updated_at = now;
+        if to == TaskState::Queued {
+            self.sched.insert(&live.rec, live.retried);
+            self.dirty_schedule = true;
+        }
+        self.out.writes.push(Write::Task(live.rec.clone()));
+        if let Some(a) = &live.attempt {
+            self.out.writes.push(Write::Attempt(a.clone()));
+        }
+        let json = views::task_event_json(&live.rec, from, why);
+        self.push_event(now, json);
+        if to.is_terminal() {
+            self.finish_task(now, id);
+        }
+    }
+
+    /// Ends the current attempt of a live task and decides what comes next.
+    fn end_attempt(
+        &mut self,
+        now: Millis,
+        id: TaskId,
+        outcome: Outcome,
+        error: Option<Failure>,
+        no_retry: bool,
+    ) {
+        let Some(live) = self.tasks.get_mut(&id) else {
+            return;
+        };
+        let Some(attempt) = live.attempt.as_mut().filter(|a| a.outcome.is_none()) else {
+            return;
+        };
+        attempt.ended_at = Some(now);
+        attempt.outcome = Some(outcome);
+        attempt.error = error.clone();
+        let agent_name = attempt.agent.clone();
+        let generation = attempt.generation;
+        *self.counters.outcomes.entry(outcome).or_default() += 1;
+        if outcome != Outcome::Completed {
+            live.failed_on.insert(agent_name.clone());
+            live.retried = true;
+        }
+        let reason = error.as_ref().map(|e| e.reason.clone());
+        let attempts = live.rec.attempts;
+        let max = live.rec.max_attempts;
+        let timeout_retry =
+            outcome == Outcome::TimedOut && live.rec.timeout_action == TimeoutAction::Retry;
+        let retryable = match outcome {
+            Outcome::Completed | Outcome::Cancelled => false,
+            Outcome::TimedOut => timeout_retry,
+            Outcome::Failed => !no_retry,
+            _ => true,
+        };
+        let superseded = !matches!(outcome, Outcome::Completed | Outcome::Failed);
+        // The agent's bookkeeping: slot, breaker, and stopping a superseded run.
+        let mut tripped = None;
+        if let Some(agent) = self.agents.get_mut(&agent_name) {
+            agent.tasks.remove(&id);
+            if outcome.is_infrastructure() {
+                agent.infra_failures += 1;
+                if agent.infra_failures >= self.policy.breaker_failures
+                    && agent.breaker_until.is_none()
+                {
+                    let factor = 1u32 << agent.breaker_trips.min(16);
+                    let cooldown = self
+                        .policy
+                        .breaker_cooldown
+                        .saturating_mul(factor)
+                        .min(self.policy.breaker_cooldown_max);
+                    agent.breaker_until = Some(now + cooldown.as_millis() as u64);
+                    agent.breaker_trips += 1;
+                    tripped = Some(format!(
+                        "{} consecutive infrastructure failures",
+                        agent.infra_failures
+                    ));
+                }
+            } else if outcome == Outcome::Completed || outcome == Outcome::Failed {
+                agent.infra_failures = 0;
+            }
+            if superseded {
+                if let Some(conn) = agent.conn {
+                    let msg = if outcome == Outcome::Cancelled {
+                        HubMsg::Cancel {
+                            task: id,
+                            generation,
+                        }
+                    } else {
+                        HubMsg::Abandon {
+                            task: id,
+                            generation,
+                            reason: format!("attempt ended at the hub: {}", outcome.as_str()),
+                        }
+                    };
+                    self.out.sends.push((conn, msg));
+                }
+            }
+        }
+        if let Some(why) = tripped {
+            self.event(now, "agent", &agent_name, "degraded", &why);
+        }
+        self.dirty_schedule = true;
+        let why = format!("attempt {generation} ended {}", outcome.as_str());
+        if outcome == Outcome::Completed {
+            self.set_state(now, id, TaskState::Completed, &why);
+        } else if outcome == Outcome::Cancelled {
+            if let Some(l) = self.tasks.get_mut(&id) {
+                l.rec.reason = reason.or(Some("cancelled".into()));
+            }
+            self.set_state(now, id, TaskState::Cancelled, &why);
+        } else if retryable && attempts < max {
+            let delay = self.backoff(attempts);
+            if let Some(l) = self.tasks.get_mut(&id) {
+                l.rec.not_before = Some(now + delay);
+                l.rec.reason = reason;
+            }
+            self.set_state(now, id, TaskState::Queued, &why);
+        } else {
+            if let Some(l) = self.tasks.get_mut(&id) {
+                let r = reason.unwrap_or_else(|| outcome.as_str().into());
+                l.rec.reason = Some(if retryable {
+                    format!("{r} (attempt {attempts} of {max}; no attempts left)")
+                } else {
+                    r
+                });
+            }
+            self.set_state(now, id, TaskState::Failed, &why);
+        }
+    }
+
+    /// Retry backoff: `backoff_initial × factor^(n-1)`, capped, ±20 % jitter.
+    fn backoff(&mut self, attempts: u32) -> Millis {
+        let base = self.policy.backoff_initial.as_millis() as u64;
+        let factor = u64::from(self.policy.backoff_factor.max(1));
+        let max = self.policy.backoff_max.as_millis() as u64;
+        let exp = attempts.saturating_sub(1).min(30);
+        let raw = base.saturating_mul(factor.saturating_pow(exp)).min(max);
+        let jitter = raw / 5;
+        if jitter == 0 {
+            return raw;
+        }
+        raw - jitter + self.random() % (2 * jitter + 1)
+    }
+
+    fn random(&mut self) -> u64 {
+        // xorshift64*: deterministic from the seed, good enough for jitter.
+        self.rng ^= self.rng >> 12;
+        self.rng ^= self.rng << 25;
+        self.rng ^= self.rng >> 27;
+        self.rng.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    /// A task reached a terminal state: drop it from memory, release dependants.
+    fn finish_task(&mut self, now: Millis, id: TaskId) {
+        let Some(live) = self.tasks.remove(&id) else {
+            return;
+        };
+        self.counters.finished += 1;
+        let state = live.rec.state;
+        if state == TaskState::Completed {
+            self.counters.completed += 1;
+        }
+        self.recent.insert(id, live.rec);
+        let Some(dependants) = self.waiting_on.remove(&id) else {
+            return;
+        };
+        for dep in dependants {
+            if state == TaskState::Completed {
+                self.maybe_unblock(now, dep);
+            } else if let Some(l) = self.tasks.get_mut(&dep) {
+                if l.rec.state == TaskState::Blocked {
+                    l.rec.reason = Some(format!("dependency {id} ended {}", state.as_str()));
+                    self.set_state(
+                        now,
+                        dep,
+                        TaskState::Cancelled,
+                        "a dependency did not complete",
+                    );
+                }
+            }
+        }
+    }
+
+    fn maybe_unblock(&mut self, now: Millis, id: TaskId) {
+        let Some(live) = self.tasks.get(&id) else {
+            return;
+        };
+        if live.rec.state != TaskState::Blocked {
+            return;
+        }
+        let pending = live.rec.after.iter().any(|d| self.tasks.contains_key(d));
+        if !pending {
+            self.set_state(now, id, TaskState::Queued, "dependencies completed");
+        }
+    }
+
+    // === Ticks: deadlines ===
+
+    fn on_tick(&mut self, now: Millis) {
+        let grace = self.policy.lost_grace.as_millis() as u64;
+        let accept = self.policy.accept_timeout.as_millis() as u64;
+        let start = self.policy.start_timeout.as_millis() as u64;
+        let mut lost = Vec::new();
+        for agent in self.agents.values() {
+            if let Some(since) = agent.offline_since {
+                // A restarted hub counts the grace from its own start.
+                if now >= since.max(self.started_at) + grace && !agent.tasks.is_empty() {
+                    lost.extend(agent.tasks.iter().copied());
+                }
+            }
+        }
+        for id in lost {
+            let failure = failure(&format!(
+                "the agent was offline for more than {} s",
+                grace / 1000
+            ));
+            self.end_attempt(now, id, Outcome::Lost, Some(failure), false);
+        }
+        let mut expired = Vec::new();
+        for live in self.tasks.values() {
+            let Some(a) = &live.attempt else { continue };
+            match live.rec.state {
+                TaskState::Assigned if now >= a.assigned_at + accept => {
+                    expired.push((
+                        live.rec.id,
+                        Outcome::AcceptTimeout,
+                        "the sidecar did not accept in time",
+                    ));
+                }
+                TaskState::Accepted if now >= a.accepted_at.unwrap_or(a.assigned_at) + start => {
+                    expired.push((
+                        live.rec.id,
+                        Outcome::StartTimeout,
+                        "the agent's start was not verified in time",
+                    ));
+                }
+                TaskState::Running => {
+                    if let (Some(t), Some(s)) = (live.rec.timeout_ms, a.started_at) {
+                        if now >= s + t {
+                            expired.push((
+                                live.rec.id,
+                                Outcome::TimedOut,
+                                "the task ran past its timeout",
+                            ));
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        for (id, outcome, why) in expired {
+            self.end_attempt(now, id, outcome, Some(failure(why)), false);
+        }
+        // Backoff deadlines and breaker cooldowns may have passed.
+        self.dirty_schedule = true;
+    }
+
+    // === Operators ===
+
+    fn on_op(
+        &mut self,
+        now: Millis,
+        fingerprint: &str,
+        request: OpRequest,
+        token_secret: Option<(String, String)>,
+        archive: &dyn Archive,
+    ) -> OpResponse {
+        let Some(who) = self.identity(fingerprint).cloned() else {
+            return op_error(
+                OpErrorCode::Forbidden,
+                "this credential is not enrolled at this hub or has been revoked",
+            );
+        };
+        let allowed = match who.role {
+            Role::Admin => true,
+            Role::Operator => !request.is_write(),
+            Role::Agent => false,
+        };
+        if !allowed {
+            let what = if request.is_write() {
+                "change state (role admin needed)"
+            } else {
+                "read (role operator or admin needed)"
+            };
+            return op_error(
+                OpErrorCode::Forbidden,
+                &format!("{} has role {} and may not {what}", who.name, who.role),
+            );
+        }
+        match request {
+            OpRequest::Agents => ok_json(&views::agents_json(self.agent_views(now))),
+            OpRequest::AgentShow { name } => match self.agent_view(now, &name) {
+                Some(v) => ok_json(&v),
+                None => not_found_agent(&name),
+            },
+            OpRequest::AgentRevoke { name } => self.revoke(now, &name, &who.name),
+            OpRequest::AgentDrain { name } => self.drain(now, &name, true, &who.name),
+            OpRequest::AgentUndrain { name } => self.drain(now, &name, false, &who.name),
+            OpRequest::TokenCreate { role, ttl_s } => {
+                let Some((secret, hash)) = token_secret else {
+                    return op_error(OpErrorCode::Internal, "token secret missing");
+                };
+                let rec = TokenRecord {
+                    role,
+                    created_by: who.name.clone(),
+                    created_at: now,
+                    expires_at: now.saturating_add(ttl_s.saturating_mul(1000)),
+                    used_at: None,
+                };
+                self.tokens.insert(hash.clone(), rec.clone());
+                self.out.writes.push(Write::Token(hash, rec));
+                let json = serde_json::json!({"kind": "audit", "action": "token_create", "who": who.name, "role": role.as_str(), "ttl_s": ttl_s});
+                self.push_event(now, json.to_string());
+                ok_json(
+                    &serde_json::json!({ "secret": secret, "role": role.as_str(), "expires_at": now + ttl_s * 1000 }),
+                )
+            }
+            OpRequest::Submit(req) => self.submit(now, req, &who.name, archive),
+            OpRequest::TaskCancel { id } => self.cancel(now, id, &who.name),
+            OpRequest::TaskRequeue { id } => self.requeue(now, id, &who.name, archive),
+            OpRequest::Stats => ok_json(&self.stats_json()),
+            OpRequest::Alerts => ok_json(&serde_json::json!({ "alerts": [] })),
+            OpRequest::Tasks { .. } | OpRequest::TaskShow { .. } | OpRequest::Watch { .. } => {
+                op_error(OpErrorCode::Internal, "served by the shell")
+            }
+        }
+    }
+
+    fn agent_views(&self, now: Millis) -> Vec<serde_json::Value> {
+        let mut names: Vec<&String> = self.agents.keys().collect();
+        names.sort();
+        names
+            .into_iter()
+            .filter_map(|n| self.agent_view(now, n))
+            .collect()
+    }
+
+    fn agent_view(&self, now: Millis, name: &str) -> Option<serde_json::Value> {
+        let a = self.agents.get(name)?;
+        let (state, why) = self.agent_state(now, a);
+        let (available, reason) = self.availability(now, a);
+        Some(views::agent_json(
+            &a.rec,
+            state,
+            &why,
+            available,
+            &reason,
+            a.tasks.len(),
+            now,
+        ))
+    }
+
+    /// online / suspect (missed 2 heartbeats) / offline, with the reason.
+    fn agent_state(&self, now: Millis, a: &Agent) -> (&'static str, String) {
+        if a.rec.revoked {
+            return ("offline", "revoked".into());
+        }
+        if a.conn.is_none() {
+            return ("offline", "no session".into());
+        }
+        let interval = self.policy.heartbeat_interval.as_millis() as u64;
+        let age = now.saturating_sub(a.rec.last_seen.unwrap_or(0));
+        let offline_after =
+            (3 * interval).max(muster_protocol::tls::IDLE_TIMEOUT.as_millis() as u64);
+        if age > offline_after {
+            ("offline", format!("no heartbeat for {} s", age / 1000))
+        } else if age > 2 * interval {
+            (
+                "suspect",
+                format!("missed heartbeats: last one {} s ago", age / 1000),
+            )
+        } else {
+            ("online", String::new())
+        }
+    }
+
+    /// Whether the agent may get work now, and why not.
+    fn availability(&self, now: Millis, a: &Agent) -> (bool, String) {
+        let (state, why) = self.agent_state(now, a);
+        if state != "online" {
+            return (false, format!("{state}: {why}"));
+        }
+        if a.rec.drained {
+            return (false, "draining".into());
+        }
+        if let Some(until) = a.breaker_until {
+            if now < until || !a.self_test_passed {
+                return (false, format!("degraded: circuit open until {until}"));
+            }
+        }
+        if !a.self_test_passed {
+            let problems = a
+                .rec
+                .self_test
+                .as_ref()
+                .map(|s| s.problems.join("; "))
+                .unwrap_or_default();
+            return (false, format!("self-test failed: {problems}"));
+        }
+        (true, String::new())
+    }
+
+    fn revoke(&mut self, now: Millis, name: &str, who: &str) -> OpResponse {
+        let fps: Vec<String> = self
+            .identities
+            .values()
+            .filter(|i| i.name == name && i.revoked_at.is_none())
+            .map(|i| i.fingerprint.clone())
+            .collect();
+        if fps.is_empty() && !self.agents.contains_key(name) {
+            return not_found_agent(name);
+        }
+        for fp in fps {
+            if let Some(i) = self.identities.get_mut(&fp) {
+                i.revoked_at = Some(now);
+                self.out.writes.push(Write::Identity(i.clone()));
+            }
+        }
+        if let Some(agent) = self.agents.get_mut(name) {
+            agent.rec.revoked = true;
+            self.out.writes.push(Write::Agent(agent.rec.clone()));
+            if let Some(conn) = agent.conn.take() {
+                self.conns.remove(&conn);
+                agent.offline_since = Some(now);
+                self.out
+                    .sends
+                    .push((conn, HubMsg::Refused(Refused::Revoked)));
+                self.out.closes.push(conn);
+            }
+        }
+        self.audit_event(now, who, "agent_revoke", name);
+        ok_json(&serde_json::json!({ "name": name, "revoked": true }))
+    }
+
+    fn drain(&mut self, now: Millis, name: &str, drained: bool, who: &str) -> OpResponse {
+        let Some(agent) = self.agents.get_mut(name) else {
+            return not_found_agent(name);
+        };
+        agent.rec.drained = drained;
+        self.out.writes.push(Write::Agent(agent.rec.clone()));
+        self.audit_event(
+            now,
+            who,
+            if drained {
+                "agent_drain"
+            } else {
+                "agent_undrain"
+            },
+            name,
+        );
+        self.dirty_schedule = true;
+        ok_json(&serde_json::json!({ "name": name, "drained": drained }))
+    }
+
+    fn submit(
+        &mut self,
+        now: Millis,
+        req: SubmitRequest,
+        who: &str,
+        archive: &dyn Archive,
+    ) -> OpResponse {
+        if let Some(key) = &req.key {
+            if let Some(id) = self.keys.get(key) {
+                let rec = self
+                    .tasks
+                    .get(id)
+                    .map(|l| l.rec.clone())
+                    .or_else(|| self.recent.get(id).cloned())
+                    .or_else(|| archive.task(*id));
+                if let Some(rec) = rec {
+                    let mut v = views::task_json(&rec);
+                    v["existing"] = serde_json::Value::Bool(true);
+                    return ok_json(&v);
+                }
+            }
+        }
+        if let Err(msg) = self.validate_submit(&req) {
+            return op_error(OpErrorCode::Invalid, &msg);
+        }
+        if self.tasks.len() as u64 >= self.limits.max_queued_tasks {
+            return op_error(
+                OpErrorCode::Busy,
+                &format!(
+                    "the hub holds {} unfinished tasks, the limit (limits.max_queued_tasks); wait for some to finish or raise the limit",
+                    self.limits.max_queued_tasks
+                ),
+            );
+        }
+        // Dependencies: each must exist; a failed or cancelled one refuses at once.
+        let mut blocked = false;
+        for dep in &req.after {
+            let state = self
+                .tasks
+                .get(dep)
+                .map(|l| l.rec.state)
+                .or_else(|| self.recent.get(dep).map(|r| r.state))
+                .or_else(|| archive.task(*dep).map(|r| r.state));
+            match state {
+                None => {
+                    return op_error(
+                        OpErrorCode::Invalid,
+                        &format!("--after {dep}: no such task"),
+                    );
+                }
+                Some(TaskState::Completed) => {}
+                Some(s) if s.is_terminal() => {
+                    return op_error(
+                        OpErrorCode::Conflict,
+                        &format!(
+                            "--after {dep}: that task already ended {}, so this one could never run",
+                            s.as_str()
+                        ),
+                    );
+                }
+                Some(_) => blocked = true,
+            }
+        }
+        let id = TaskId(self.next_task_id);
+        self.next_task_id += 1;
+        self.out.writes.push(Write::NextTaskId(self.next_task_id));
+        let rec = TaskRecord {
+            id,
+            title: req.title,
+            description: req.description,
+            capabilities: req.capabilities,
+            priority: req.priority,
+            max_attempts: req.max_attempts.unwrap_or(self.policy.max_attempts),
+            timeout_ms: req.timeout_ms,
+            timeout_action: req.timeout_action,
+            after: req.after,
+            key: req.key.clone(),
+            state: if blocked {
+                TaskState::Blocked
+            } else {
+                TaskState::Queued
+            },
+            generation: Generation(0),
+            attempts: 0,
+            not_before: None,
+            agent: None,
+            submitted_at: now,
+            updated_at: now,
+            progress_at: None,
+            progress_note: None,
+            result: None,
+            reason: None,
+            audit: vec![Audit {
+                at: now,
+                who: who.into(),
+                action: "submit".into(),
+            }],
+        };
+        if let Some(key) = req.key {
+            self.keys.insert(key.clone(), id);
+            self.out.writes.push(Write::Key(key, id));
+        }
+        let view = views::task_json(&rec);
+        self.out.writes.push(Write::Task(rec.clone()));
+        self.push_event(
+            now,
+            views::task_event_json(&rec, rec.state, &format!("submitted by {who}")),
+        );
+        self.insert_live(rec, None);
+        self.dirty_schedule = true;
+        ok_json(&view)
+    }
+
+    fn validate_submit(&self, req: &SubmitRequest) -> Result<(), String> {
+        use muster_protocol::limits::{CAPABILITIES_MAX, TITLE_BYTES_MAX};
+        if req.title.trim().is_empty() {
+            return Err("--title is empty; give the task a one-line title".into());
+        }
+        if req.title.len() > TITLE_BYTES_MAX {
+            return Err(format!(
+                "--title is {} bytes; the limit is {TITLE_BYTES_MAX}",
+                req.title.len()
+            ));
+        }
+        let max_desc = self.limits.max_description_bytes as usize;
+        if req.description.len() > max_desc {
+            return Err(format!(
+                "the description is {} bytes; the limit is {max_desc} (limits.max_description_bytes)",
+                req.description.len()
+            ));
+        }
+        if req.capabilities.len() > CAPABILITIES_MAX {
+            return Err(format!(
+                "{} capabilities; the limit is {CAPABILITIES_MAX}",
+                req.capabilities.len()
+            ));
+        }
+        if req.max_attempts == Some(0) {
+            return Err("--max-attempts 0 would never run the task; use 1 or more".into());
+        }
+        if req.after.len() > 64 {
+            return Err("more than 64 --after dependencies".into());
+        }
+        if let Some(k) = &req.key {
+            if k.is_empty() || k.len() > 256 {
+                return Err("--key must be 1 to 256 bytes".into());
+            }
+        }
+        Ok(())
+    }
+
+    fn cancel(&mut self, now: Millis, id: TaskId, who: &str) -> OpResponse {
+        let Some(live) = self.tasks.get_mut(&id) else {
+            return if self.recent.contains_key(&id) {
+                op_error(
+                    OpErrorCode::Conflict,
+                    &format!("task {id} has already ended"),
+                )
+            } else {
+                op_error(
+                    OpErrorCode::Conflict,
+                    &format!(
+                        "task {id} is not live (unknown or already ended); see `muster-hub task show {id}`"
+                    ),
+                )
+            };
+        };
+        push_audit(&mut live.rec, now, who, "cancel");
+        let reason = format!("cancelled by {who}");
+        if live.rec.state.has_live_attempt() {
+            self.end_attempt(now, id, Outcome::Cancelled, Some(failure(&reason)), true);
+        } else {
+            live.rec.reason = Some(reason);
+            self.set_state(now, id, TaskState::Cancelled, "cancelled by an operator");
+        }
+        self.audit_event(now, who, "task_cancel", &id.to_string());
+        let rec = self.recent.get(&id).cloned();
+        ok_json(&rec.map(|r| views::task_json(&r)).unwrap_or_default())
+    }
+
+    fn requeue(&mut self, now: Millis, id: TaskId, who: &str, archive: &dyn Archive) -> OpResponse {
+        if self.tasks.contains_key(&id) {
+            return op_error(
+                OpErrorCode::Conflict,
+                &format!(
+                    "task {id} has not ended; only a completed, failed or cancelled task can be requeued"
+                ),
+            );
+        }
+        let Some(mut rec) = self.recent.remove(&id).or_else(|| archive.task(id)) else {
+            return op_error(OpErrorCode::NotFound, &format!("no task {id}"));
+        };
+        if self.tasks.len() as u64 >= self.limits.max_queued_tasks {
+            return op_error(
+                OpErrorCode::Busy,
+                "the queue is full (limits.max_queued_tasks)",
+            );
+        }
+        rec.attempts = 0;
+        rec.not_before = None;
+        rec.reason = None;
+        rec.result = None;
+        rec.state = TaskState::Queued;
+        rec.updated_at = now;
+        push_audit(&mut rec, now, who, "requeue");
+        self.out.writes.push(Write::Task(rec.clone()));
+        self.push_event(
+            now,
+            views::task_event_json(&rec, rec.state, &format!("requeued by {who}")),
+        );
+        self.audit_event(now, who, "task_requeue", &id.to_string());
+        let view = views::task_json(&rec);
+        self.insert_live(rec, None);
+        self.dirty_schedule = true;
+        ok_json(&view)
+    }
+
+    fn stats_json(&self) -> serde_json::Value {
+        let c = &self.counters;
+        let outcomes: serde_json::Map<String, serde_json::Value> = c
+            .outcomes
+            .iter()
+            .map(|(o, n)| (o.as_str().to_string(), (*n).into()))
+            .collect();
+        let mut by_state: HashMap<&str, u64> = HashMap::new();
+        for l in self.tasks.values() {
+            *by_state.entry(l.rec.state.as_str()).or_default() += 1;
+        }
+        serde_json::json!({
+            "finished": c.finished,
+            "completed": c.completed,
+            "assigned": c.assigned,
+            "heartbeats": c.heartbeats,
+            "stale_reports": c.stale_reports,
+            "duplicate_reports": c.duplicate_reports,
+            "outcomes": outcomes,
+            "live_by_state": by_state,
+            "agents": self.agents.len(),
+        })
+    }
+
+    // === Enrollment ===
+
+    fn on_enroll(
+        &mut self,
+        now: Millis,
+        secret_hash: &str,
+        role: Role,
+        name: &str,
+        (cert_pem, fingerprint, key_fingerprint): (String, String, String),
+    ) -> muster_protocol::msg::EnrollResponse {
+        use muster_protocol::msg::EnrollResponse;
+        let refuse = EnrollResponse::Refused;
+        let Some(token) = self.tokens.get_mut(secret_hash) else {
+            return refuse(EnrollRefusal::UnknownToken);
+        };
+        if let Some(at) = token.used_at {
+            return refuse(EnrollRefusal::AlreadyUsed { at_unix: at / 1000 });
+        }
+        if now >= token.expires_at {
+            return refuse(EnrollRefusal::Expired {
+                at_unix: token.expires_at / 1000,
+            });
+        }
+        if token.role != role {
+            return refuse(EnrollRefusal::WrongRole {
+                token: token.role,
+                requested: role,
+            });
+        }
+        let revoked_key = self
+            .identities
+            .values()
+            .any(|i| i.key_fingerprint == key_fingerprint && i.revoked_at.is_some());
+        if revoked_key {
+            return refuse(EnrollRefusal::RevokedKey);
+        }
+        token.used_at = Some(now);
+        let token = token.clone();
+        self.out
+            .writes
+            .push(Write::Token(secret_hash.into(), token));
+        let id = Identity {
+            name: name.into(),
+            role,
+            fingerprint: fingerprint.clone(),
+            key_fingerprint,
+            created_at: now,
+            revoked_at: None,
+        };
+        self.identities.insert(fingerprint, id.clone());
+        self.out.writes.push(Write::Identity(id));
+        if role == Role::Agent {
+            if let Some(agent) = self.agents.get_mut(name) {
+                // Re-enrolled under a fresh key: no longer revoked.
+                agent.rec.revoked = false;
+                self.out.writes.push(Write::Agent(agent.rec.clone()));
+            }
+        }
+        let json = serde_json::json!({"kind": "audit", "action": "enroll", "who": name, "role": role.as_str()});
+        self.push_event(now, json.to_string());
+        EnrollResponse::Enrolled {
+            cert_pem,
+            ca_pem: String::new(),
+        }
+    }
+
+    // === Events ===
+
+    fn event(&mut self, now: Millis, kind: &str, subject: &str, state: &str, why: &str) {
+        let json = serde_json::json!({ "kind": kind, "name": subject, "state": state, "why": why });
+        self.push_event(now, json.to_string());
+    }
+
+    fn audit_event(&mut self, now: Millis, who: &str, action: &str, subject: &str) {
+        let json = serde_json::json!({ "kind": "audit", "who": who, "action": action, "subject": subject });
+        self.push_event(now, json.to_string());
+    }
+
+    fn push_event(&mut self, now: Millis, json: String) {
+        let seq = self.next_event_seq;
+        self.next_event_seq += 1;
+        self.out
+            .writes
+            .push(Write::Event(EventRecord { seq, at: now, json }));
+    }
+
+    /// Registers an identity created outside enrollment (the admin credential at init).
+    pub fn add_identity(&mut self, id: Identity) {
+        self.identities.insert(id.fingerprint.clone(), id.clone());
+        self.out.writes.push(Write::Identity(id));
+    }
+}
+
+impl Agent {
+    fn new(rec: AgentRecord, now: Millis) -> Self {
+        Agent {
+            rec,
+            conn: None,
+            tasks: BTreeSet::new(),
+            offline_since: Some(now),
+            infra_failures: 0,
+            breaker_until: None,
+            breaker_trips: 0,
+            self_test_passed: false,
+        }
+    }
+}
+
+fn push_audit(rec: &mut TaskRecord, now: Millis, who: &str, action: &str) {
+    if rec.audit.len() >= AUDIT_LEN_MAX {
+        rec.audit.remove(1);
+    }
+    rec.audit.push(Audit {
+        at: now,
+        who: who.into(),
+        action: action.into(),
+    });
+}
+
+fn spec_of(rec: &TaskRecord) -> TaskSpec {
+    TaskSpec {
+        title: rec.title.clone(),
+        description: rec.description.clone(),
+        capabilities: rec.capabilities.clone(),
+        priority: rec.priority,
+        timeout_ms: rec.timeout_ms,
+    }
+}
+
+fn failure(reason: &str) -> Failure {
+    Failure {
+        reason: reason.into(),
+        ..Failure::default()
+    }
+}
+
+fn truncate(mut s: String, max: usize) -> String {
+    if s.len() > max {
+        let mut cut = max;
+        while !s.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        s.truncate(cut);
+    }
+    s
+}
+
+fn ok_json(v: &serde_json::Value) -> OpResponse {
+    OpResponse::Ok {
+        json: v.to_string(),
+    }
+}
+
+fn op_error(code: OpErrorCode, message: &str) -> OpResponse {
+    OpResponse::Error(OpError {
+        code,
+        message: message.into(),
+    })
+}
+
+fn not_found_agent(name: &str) -> OpResponse {
+    op_error(
+        OpErrorCode::NotFound,
+        &format!("no agent named {name:?}; `muster-hub agents` lists them"),
+    )
+}
+
+/// The protocol version, re-exported for the shell's refusal messages.
+pub const PROTOCOL: u32 = PROTOCOL_VERSION;
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,172 @@
+//! The ready queue and the scheduler.
+//!
+//! Order: priority (higher first), then fresh before retried, then submission
+//! order. Tasks in backoff wait in `delayed` until their `not_before`. Only
+//! live tasks are here, so the cost never grows with the number of finished ones.
+
+use std::cmp::Reverse;
+use std::collections::BTreeSet;
+
+use muster_protocol::TaskId;
+use muster_protocol::msg::{Assign, HubMsg};
+
+use super::{AttemptRecord, Core, Millis, TaskRecord, TaskState};
+
+type Key = (Reverse<i32>, bool, TaskId);
+
+/// Queued tasks, ready or waiting out a backoff.
+#[derive(Debug, Default)]
+pub(super) struct ReadyQueue {
+    ready: BTreeSet<Key>,
+    delayed: BTreeSet<(Millis, Key)>,
+}
+
+impl ReadyQueue {
+    pub(super) fn insert(&mut self, rec: &TaskRecord, retried: bool) {
+        let key = (Reverse(rec.priority), retried, rec.id);
+        match rec.not_before {
+            Some(t) => {
+                self.delayed.insert((t, key));
+            }
+            None => {
+                self.ready.insert(key);
+            }
+        }
+    }
+
+    pub(super) fn remove(&mut self, rec: &TaskRecord, retried: bool) {
+        let key = (Reverse(rec.priority), retried, rec.id);
+        if !self.ready.remove(&key) {
+            if let Some(t) = rec.not_before {
+                self.delayed.remove(&(t, key));
+            }
+        }
+    }
+
+    /// Moves tasks whose backoff has passed into the ready set.
+    fn promote(&mut self, now: Millis) {
+        while let Some(&(t, key)) = self.delayed.first() {
+            if t > now {
+                break;
+            }
+            self.delayed.pop_first();
+            self.ready.insert(key);
+        }
+    }
+}
+
+impl Core {
+    /// Assigns ready tasks to eligible agents with free slots.
+    pub(super) fn schedule(&mut self, now: Millis) {
+        self.sched.promote(now);
+        if self.sched.ready.is_empty() {
+            return;
+        }
+        // (name, free slots, load) of every agent that may take work now.
+        let mut free: Vec<(String, usize, usize)> = self
+            .agents
+            .values()
+            .filter(|a| a.conn.is_some() && self.availability(now, a).0)
+            .filter_map(|a| {
+                let slots = a.rec.slots as usize;
+                let used = a.tasks.len();
+                (slots > used).then(|| (a.rec.name.clone(), slots - used, used))
+            })
+            .collect();
+        free.sort();
+        let mut total: usize = free.iter().map(|f| f.1).sum();
+        let mut picks = Vec::new();
+        for &(_, _, id) in &self.sched.ready {
+            if total == 0 {
+                break;
+            }
+            let Some(live) = self.tasks.get(&id) else {
+                continue;
+            };
+            let caps = &live.rec.capabilities;
+            let best = free
+                .iter()
+                .enumerate()
+                .filter(|(_, f)| f.1 > 0)
+                .filter(|(_, f)| {
+                    let a = &self.agents[&f.0];
+                    caps.iter().all(|c| a.rec.capabilities.contains(c))
+                })
+                // Prefer an agent that has not failed this task, then the least loaded.
+                .min_by_key(|(_, f)| (live.failed_on.contains(&f.0), f.2, f.0.clone()))
+                .map(|(i, _)| i);
+            if let Some(i) = best {
+                free[i].1 -= 1;
+                free[i].2 += 1;
+                total -= 1;
+                picks.push((id, free[i].0.clone()));
+            }
+        }
+        for (id, agent) in picks {
+            self.assign(now, id, &agent);
+        }
+    }
+
+    fn assign(&mut self, now: Millis, id: TaskId, agent_name: &str) {
+        let Some(conn) = self.agents.get(agent_name).and_then(|a| a.conn) else {
+            return;
+        };
+        let Some(live) = self.tasks.get_mut(&id) else {
+            return;
+        };
+        // Leave the ready queue under the old key before the record changes.
+        self.sched.remove(&live.rec, live.retried);
+        live.rec.not_before = None;
+        live.rec.generation.0 += 1;
+        live.rec.attempts += 1;
+        live.rec.agent = Some(agent_name.to_string());
+        live.seen.clear();
+        let generation = live.rec.generation;
+        live.attempt = Some(AttemptRecord {
+            task: id,
+            generation,
+            agent: agent_name.to_string(),
+            assigned_at: now,
+            accepted_at: None,
+            started_at: None,
+            ended_at: None,
+            outcome: None,
+            error: None,
+            pid: None,
+            session: None,
+        });
+        let spec = super::spec_of(&live.rec);
+        // set_state must not touch the ready queue again: mark the state first.
+        live.rec.state = TaskState::Assigned;
+        self.counters.assigned += 1;
+        if let Some(a) = self.agents.get_mut(agent_name) {
+            a.tasks.insert(id);
+        }
+        self.set_state_assigned(now, id, agent_name);
+        self.out.sends.push((
+            conn,
+            HubMsg::Assign(Assign {
+                task: id,
+                generation,
+                spec,
+            }),
+        ));
+    }
+
+    fn set_state_assigned(&mut self, now: Millis, id: TaskId, agent: &str) {
+        let Some(live) = self.tasks.get_mut(&id) else {
+            return;
+        };
+        live.rec.updated_at = now;
+        self.out.writes.push(super::Write::Task(live.rec.clone()));
+        if let Some(a) = &live.attempt {
+            self.out.writes.push(super::Write::Attempt(a.clone()));
+        }
+        let json = super::views::task_event_json(
+            &live.rec,
+            TaskState::Queued,
+            &format!("assigned to {agent}"),
+        );
+        self.push_event(now, json);
+    }
+}

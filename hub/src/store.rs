@@ -1,0 +1,457 @@
+//! The hub's durable store (redb).
+//!
+//! ```text
+//! meta        &str          -> u64            schema_version, next_task_id
+//! tasks       u64 task      -> TaskRecord      every task, live or finished
+//! live        u64 task      -> ()              non-terminal tasks: restart reads only these
+//! by_state    (u8, u64)     -> ()              (state, task) for `tasks --state`
+//! attempts    (u64, u64)    -> AttemptRecord   (task, generation)
+//! keys        &str          -> u64             idempotency key -> task
+//! events      u64 seq       -> EventRecord     the event log, pruned by count
+//! agents      &str name     -> AgentRecord     the registry
+//! identities  &str sha256   -> Identity        certificate fingerprint -> identity
+//! tokens      &str sha256   -> TokenRecord     hash of a join token's secret -> token
+//! ```
+//!
+//! Values are bincode ([`muster_protocol::encode`]). Every batch of core
+//! writes is one durable transaction ([`Store::commit`]): the group commit.
+
+use std::path::Path;
+
+use muster_protocol::{TaskId, decode, encode};
+use redb::{
+    Database, Durability, ReadTransaction, ReadableDatabase, ReadableTable, TableDefinition,
+};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::core::{
+    AgentRecord, Archive, AttemptRecord, EventRecord, Identity, Restored, TaskRecord, TaskState,
+    TokenRecord, Write,
+};
+
+/// The schema this build writes; older files are migrated, newer ones refused.
+pub const SCHEMA_VERSION: u64 = 1;
+/// The database file name in the data directory.
+pub const DB_FILE: &str = "hub.redb";
+
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+const TASKS: TableDefinition<u64, &[u8]> = TableDefinition::new("tasks");
+const LIVE: TableDefinition<u64, ()> = TableDefinition::new("live");
+const BY_STATE: TableDefinition<(u8, u64), ()> = TableDefinition::new("by_state");
+const ATTEMPTS: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("attempts");
+const KEYS: TableDefinition<&str, u64> = TableDefinition::new("keys");
+const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
+const AGENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("agents");
+const IDENTITIES: TableDefinition<&str, &[u8]> = TableDefinition::new("identities");
+const TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("tokens");
+
+/// A store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// redb failed (disk full, I/O error, corruption).
+    #[error("database: {0}")]
+    Db(String),
+    /// A record did not decode: the file is damaged or from an incompatible build.
+    #[error("database record in table {table} does not decode: {reason}")]
+    Corrupt {
+        /// The table.
+        table: &'static str,
+        /// The decode error.
+        reason: String,
+    },
+    /// The file was written by a newer muster.
+    #[error(
+        "the database has schema version {found}, newer than this build's {SCHEMA_VERSION}; run the newer muster-hub or restore a backup"
+    )]
+    TooNew {
+        /// The version found.
+        found: u64,
+    },
+}
+
+macro_rules! db_err {
+    ($($t:ty),*) => {$(
+        impl From<$t> for StoreError {
+            fn from(e: $t) -> Self {
+                StoreError::Db(e.to_string())
+            }
+        }
+    )*};
+}
+db_err!(
+    redb::Error,
+    redb::DatabaseError,
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError,
+    redb::SetDurabilityError
+);
+
+/// The hub's redb database.
+pub struct Store {
+    db: Database,
+}
+
+fn enc<T: Serialize>(v: &T) -> Vec<u8> {
+    // Our own record types always encode; a failure here is a bug, not input.
+    encode(v).expect("hub records always encode")
+}
+
+fn dec<T: DeserializeOwned>(table: &'static str, bytes: &[u8]) -> Result<T, StoreError> {
+    decode(bytes).map_err(|e| StoreError::Corrupt {
+        table,
+        reason: e.to_string(),
+    })
+}
+
+fn state_code(s: TaskState) -> u8 {
+    TaskState::ALL.iter().position(|x| *x == s).unwrap_or(0) as u8
+}
+
+impl Store {
+    /// Opens (or creates) the database and checks its schema version.
+    ///
+    /// # Errors
+    /// [`StoreError`] when the file cannot be opened or is from a newer build.
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        let db = Database::builder().create(path)?;
+        let store = Store { db };
+        store.init_schema()?;
+        Ok(store)
+    }
+
+    fn init_schema(&self) -> Result<(), StoreError> {
+        let tx = self.db.begin_write()?;
+        {
+            let mut meta = tx.open_table(META)?;
+            let found = meta.get("schema_version")?.map(|v| v.value());
+            match found {
+                Some(v) if v > SCHEMA_VERSION => return Err(StoreError::TooNew { found: v }),
+                Some(_) => {}
+                None => {
+                    meta.insert("schema_version", SCHEMA_VERSION)?;
+                }
+            }
+            // Create every table so read transactions never meet a missing one.
+            tx.open_table(TASKS)?;
+            tx.open_table(LIVE)?;
+            tx.open_table(BY_STATE)?;
+            tx.open_table(ATTEMPTS)?;
+            tx.open_table(KEYS)?;
+            tx.open_table(EVENTS)?;
+            tx.open_table(AGENTS)?;
+            tx.open_table(IDENTITIES)?;
+            tx.open_table(TOKENS)?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Applies one batch of core writes in one durable transaction.
+    ///
+    /// # Errors
+    /// [`StoreError`] when the commit fails; nothing of the batch is then durable.
+    pub fn commit(&self, writes: &[Write], events_max: u64) -> Result<(), StoreError> {
+        if writes.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.db.begin_write()?;
+        tx.set_durability(Durability::Immediate)?;
+        {
+            let mut tasks = tx.open_table(TASKS)?;
+            let mut live = tx.open_table(LIVE)?;
+            let mut by_state = tx.open_table(BY_STATE)?;
+            let mut attempts = tx.open_table(ATTEMPTS)?;
+            let mut keys = tx.open_table(KEYS)?;
+            let mut events = tx.open_table(EVENTS)?;
+            let mut agents = tx.open_table(AGENTS)?;
+            let mut identities = tx.open_table(IDENTITIES)?;
+            let mut tokens = tx.open_table(TOKENS)?;
+            let mut meta = tx.open_table(META)?;
+            let mut last_event = None;
+            for w in writes {
+                match w {
+                    Write::Task(t) => {
+                        let old = tasks
+                            .get(t.id.0)?
+                            .map(|v| dec::<TaskRecord>("tasks", v.value()))
+                            .transpose()?;
+                        if let Some(old) = old {
+                            by_state.remove((state_code(old.state), t.id.0))?;
+                        }
+                        by_state.insert((state_code(t.state), t.id.0), ())?;
+                        if t.state.is_terminal() {
+                            live.remove(t.id.0)?;
+                        } else {
+                            live.insert(t.id.0, ())?;
+                        }
+                        tasks.insert(t.id.0, enc(t).as_slice())?;
+                    }
+                    Write::Attempt(a) => {
+                        attempts.insert((a.task.0, a.generation.0), enc(a).as_slice())?;
+                    }
+                    Write::Agent(a) => {
+                        agents.insert(a.name.as_str(), enc(a).as_slice())?;
+                    }
+                    Write::Identity(i) => {
+                        identities.insert(i.fingerprint.as_str(), enc(i).as_slice())?;
+                    }
+                    Write::Token(hash, t) => {
+                        tokens.insert(hash.as_str(), enc(t).as_slice())?;
+                    }
+                    Write::Key(k, id) => {
+                        keys.insert(k.as_str(), id.0)?;
+                    }
+                    Write::Event(e) => {
+                        events.insert(e.seq, enc(e).as_slice())?;
+                        last_event = Some(e.seq);
+                    }
+                    Write::NextTaskId(n) => {
+                        meta.insert("next_task_id", *n)?;
+                    }
+                }
+            }
+            // The event log is pruned by count, oldest first.
+            if let Some(last) = last_event {
+                let floor = last.saturating_sub(events_max);
+                if floor > 0 {
+                    events.retain_in(..floor, |_, _| false)?;
+                }
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Reads what the core needs at startup: live tasks, registry, identities, tokens, keys.
+    ///
+    /// # Errors
+    /// [`StoreError`] when a table cannot be read or a record does not decode.
+    pub fn restore(&self, now: u64) -> Result<Restored, StoreError> {
+        let tx = self.db.begin_read()?;
+        let mut r = Restored::default();
+        let tasks = tx.open_table(TASKS)?;
+        let attempts = tx.open_table(ATTEMPTS)?;
+        for id in tx.open_table(LIVE)?.iter()? {
+            let id = id?.0.value();
+            let Some(bytes) = tasks.get(id)? else {
+                continue;
+            };
+            let rec: TaskRecord = dec("tasks", bytes.value())?;
+            let attempt = if rec.generation.0 > 0 {
+                attempts
+                    .get((id, rec.generation.0))?
+                    .map(|v| dec::<AttemptRecord>("attempts", v.value()))
+                    .transpose()?
+            } else {
+                None
+            };
+            r.live.push((rec, attempt));
+        }
+        for row in tx.open_table(AGENTS)?.iter()? {
+            r.agents.push(dec("agents", row?.1.value())?);
+        }
+        for row in tx.open_table(IDENTITIES)?.iter()? {
+            r.identities.push(dec("identities", row?.1.value())?);
+        }
+        for row in tx.open_table(TOKENS)?.iter()? {
+            let (k, v) = row?;
+            let t: TokenRecord = dec("tokens", v.value())?;
+            // Expired or used tokens still answer "expired"/"used" for a day, then go.
+            if t.expires_at + 86_400_000 > now {
+                r.tokens.push((k.value().to_string(), t));
+            }
+        }
+        for row in tx.open_table(KEYS)?.iter()? {
+            let (k, v) = row?;
+            r.keys.push((k.value().to_string(), TaskId(v.value())));
+        }
+        let meta = tx.open_table(META)?;
+        r.next_task_id = meta.get("next_task_id")?.map(|v| v.value()).unwrap_or(1);
+        r.next_event_seq = tx
+            .open_table(EVENTS)?
+            .last()?
+            .map(|(k, _)| k.value() + 1)
+            .unwrap_or(1);
+        Ok(r)
+    }
+
+    /// A read snapshot, for queries and the core's [`Archive`].
+    ///
+    /// # Errors
+    /// [`StoreError`] when redb cannot start a read transaction.
+    pub fn reader(&self) -> Result<Reader, StoreError> {
+        Ok(Reader {
+            tx: self.db.begin_read()?,
+        })
+    }
+
+    /// Writes and reads back a probe row: is the store writable?
+    ///
+    /// # Errors
+    /// [`StoreError`] when the write fails.
+    pub fn probe(&self) -> Result<(), StoreError> {
+        let tx = self.db.begin_write()?;
+        {
+            let mut meta = tx.open_table(META)?;
+            let n = meta.get("probe")?.map(|v| v.value()).unwrap_or(0);
+            meta.insert("probe", n + 1)?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+}
+
+/// A consistent read snapshot of the store.
+pub struct Reader {
+    tx: ReadTransaction,
+}
+
+/// One page of `tasks`.
+pub struct Page {
+    /// The tasks, newest first.
+    pub tasks: Vec<TaskRecord>,
+    /// Pass as `--cursor` for the next page; `None` at the end.
+    pub next_cursor: Option<u64>,
+}
+
+/// Rows examined per page at most when filtering by agent, so a page is bounded in time.
+const SCAN_ROWS_MAX: usize = 100_000;
+
+impl Reader {
+    /// A task by id.
+    ///
+    /// # Errors
+    /// [`StoreError`] on a read or decode failure.
+    pub fn task(&self, id: TaskId) -> Result<Option<TaskRecord>, StoreError> {
+        let t = self.tx.open_table(TASKS)?;
+        t.get(id.0)?.map(|v| dec("tasks", v.value())).transpose()
+    }
+
+    /// Every attempt of a task, oldest first.
+    ///
+    /// # Errors
+    /// [`StoreError`] on a read or decode failure.
+    pub fn attempts(&self, id: TaskId) -> Result<Vec<AttemptRecord>, StoreError> {
+        let t = self.tx.open_table(ATTEMPTS)?;
+        let mut out = Vec::new();
+        for row in t.range((id.0, 0)..=(id.0, u64::MAX))? {
+            out.push(dec("attempts", row?.1.value())?);
+        }
+        Ok(out)
+    }
+
+    /// A page of tasks, newest first, below `cursor`, optionally filtered.
+    ///
+    /// # Errors
+    /// [`StoreError`] on a read or decode failure.
+    pub fn tasks(
+        &self,
+        state: Option<TaskState>,
+        agent: Option<&str>,
+        limit: usize,
+        cursor: Option<u64>,
+    ) -> Result<Page, StoreError> {
+        let tasks = self.tx.open_table(TASKS)?;
+        let below = cursor.unwrap_or(u64::MAX);
+        let mut out = Vec::new();
+        let mut last = None;
+        let mut scanned = 0;
+        let push = |rec: TaskRecord, out: &mut Vec<TaskRecord>| {
+            if agent.is_none_or(|a| rec.agent.as_deref() == Some(a)) {
+                out.push(rec);
+            }
+        };
+        if let Some(s) = state {
+            let idx = self.tx.open_table(BY_STATE)?;
+            let code = state_code(s);
+            for row in idx.range((code, 0)..(code, below))?.rev() {
+                let id = row?.0.value().1;
+                last = Some(id);
+                scanned += 1;
+                if let Some(v) = tasks.get(id)? {
+                    push(dec("tasks", v.value())?, &mut out);
+                }
+                if out.len() >= limit || scanned >= SCAN_ROWS_MAX {
+                    break;
+                }
+            }
+        } else {
+            for row in tasks.range(..below)?.rev() {
+                let (k, v) = row?;
+                last = Some(k.value());
+                scanned += 1;
+                push(dec("tasks", v.value())?, &mut out);
+                if out.len() >= limit || scanned >= SCAN_ROWS_MAX {
+                    break;
+                }
+            }
+        }
+        let more = out.len() >= limit || scanned >= SCAN_ROWS_MAX;
+        Ok(Page {
+            tasks: out,
+            next_cursor: if more { last } else { None },
+        })
+    }
+
+    /// Events from `from` on, at most `limit`; also returns the oldest retained sequence.
+    ///
+    /// # Errors
+    /// [`StoreError`] on a read or decode failure.
+    pub fn events(
+        &self,
+        from: u64,
+        limit: usize,
+    ) -> Result<(Vec<EventRecord>, Option<u64>), StoreError> {
+        let t = self.tx.open_table(EVENTS)?;
+        let oldest = t.first()?.map(|(k, _)| k.value());
+        let mut out = Vec::new();
+        for row in t.range(from..)?.take(limit) {
+            out.push(dec("events", row?.1.value())?);
+        }
+        Ok((out, oldest))
+    }
+
+    /// The last event sequence number, if any.
+    ///
+    /// # Errors
+    /// [`StoreError`] on a read failure.
+    pub fn last_event(&self) -> Result<Option<u64>, StoreError> {
+        let t = self.tx.open_table(EVENTS)?;
+        Ok(t.last()?.map(|(k, _)| k.value()))
+    }
+
+    /// Every agent in the registry.
+    ///
+    /// # Errors
+    /// [`StoreError`] on a read or decode failure.
+    pub fn agents(&self) -> Result<Vec<AgentRecord>, StoreError> {
+        let t = self.tx.open_table(AGENTS)?;
+        let mut out = Vec::new();
+        for row in t.iter()? {
+            out.push(dec("agents", row?.1.value())?);
+        }
+        Ok(out)
+    }
+
+    /// Every identity.
+    ///
+    /// # Errors
+    /// [`StoreError`] on a read or decode failure.
+    pub fn identities(&self) -> Result<Vec<Identity>, StoreError> {
+        let t = self.tx.open_table(IDENTITIES)?;
+        let mut out = Vec::new();
+        for row in t.iter()? {
+            out.push(dec("identities", row?.1.value())?);
+        }
+        Ok(out)
+    }
+}
+
+impl Archive for Reader {
+    fn task(&self, id: TaskId) -> Option<TaskRecord> {
+        Reader::task(self, id).ok().flatten()
+    }
+}
