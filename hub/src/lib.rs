@@ -4,7 +4,9 @@
 //! [`core`] (pure decisions: registry, tasks, scheduler), [`store`] (redb with
 //! group commit), [`server`] (QUIC endpoint and the core loop that joins them).
 
+pub mod cli;
 pub mod config;
 pub mod core;
 pub mod pki;
+pub mod server;
 pub mod store;

@@ -1,1 +1,746 @@
-fn main() {}
+//! `muster-hub`: the hub daemon, its PKI, and the operator CLI.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use clap::{Parser, Subcommand};
+use muster_hub::cli::{self, CliError, ConnectArgs, print};
+use muster_hub::config::{CONFIG_FILE, HubConfig};
+use muster_hub::server::{Hub, hostname, init_data_dir};
+use muster_protocol::client::{self, JoinToken};
+use muster_protocol::duration::parse_duration;
+use muster_protocol::msg::{OpRequest, Role, SubmitRequest, TimeoutAction};
+use muster_protocol::{AgentName, EventSeq, TaskId};
+
+#[derive(Parser)]
+#[command(
+    name = "muster-hub",
+    version,
+    about = "The muster hub: schedules agent tasks across machines"
+)]
+struct Cli {
+    /// Log format for daemons.
+    #[arg(long, value_enum, default_value = "text", global = true)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create a hub data directory: CA, server certificate, admin credential, hub.toml, database.
+    Init {
+        /// Where the hub keeps its state.
+        #[arg(long, default_value = cli::DEFAULT_DATA_DIR)]
+        data_dir: PathBuf,
+        /// QUIC listen address.
+        #[arg(long)]
+        listen: Option<std::net::SocketAddr>,
+        /// Extra subject alternative names for the server certificate.
+        #[arg(long = "san")]
+        sans: Vec<String>,
+        /// Overwrite an existing data directory.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Run the hub daemon.
+    Serve {
+        /// hub.toml to use (default: <data-dir>/hub.toml).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// The data directory.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
+    /// Join tokens.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+        #[command(flatten)]
+        connect: ConnectArgs,
+    },
+    /// Enroll this machine as an operator and save the credential.
+    Login {
+        /// A join token from `muster-hub token create --role operator|admin`.
+        #[arg(long)]
+        token: String,
+        /// The name to enroll under (default: user@host).
+        #[arg(long)]
+        name: Option<String>,
+        /// The role the token grants.
+        #[arg(long, default_value = "operator")]
+        role: Role,
+        /// Where to save the credential (default: ~/.config/muster/operator.toml).
+        #[arg(long = "save-to")]
+        save_to: Option<PathBuf>,
+    },
+    /// Submit a task.
+    Submit(SubmitArgs),
+    /// List tasks, newest first.
+    Tasks {
+        /// Only this state.
+        #[arg(long)]
+        state: Option<String>,
+        /// Only tasks of this agent.
+        #[arg(long)]
+        agent: Option<String>,
+        /// Page length.
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        /// Continue from a previous page's cursor.
+        #[arg(long)]
+        cursor: Option<u64>,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        connect: ConnectArgs,
+    },
+    /// One task: show, cancel or requeue.
+    Task {
+        #[command(subcommand)]
+        command: TaskCommand,
+        #[arg(long, global = true)]
+        json: bool,
+        #[command(flatten)]
+        connect: ConnectArgs,
+    },
+    /// List agents with their state.
+    Agents {
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        connect: ConnectArgs,
+    },
+    /// One agent: show, drain, undrain or revoke.
+    Agent {
+        #[command(subcommand)]
+        command: AgentCommand,
+        #[arg(long, global = true)]
+        json: bool,
+        #[command(flatten)]
+        connect: ConnectArgs,
+    },
+    /// Stream task and agent events as they happen.
+    Watch {
+        /// Resume from this sequence number.
+        #[arg(long)]
+        from: Option<u64>,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        connect: ConnectArgs,
+    },
+    /// Open alerts.
+    Alerts {
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        connect: ConnectArgs,
+    },
+    /// Coordination figures: messages and bytes per task, commits.
+    Stats {
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        connect: ConnectArgs,
+    },
+    /// Check the hub's configuration, files and that it answers.
+    Doctor {
+        #[command(flatten)]
+        connect: ConnectArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Create a single-use join token; prints it alone on stdout.
+    Create {
+        /// The role it grants.
+        #[arg(long, default_value = "agent")]
+        role: Role,
+        /// How long it is valid.
+        #[arg(long, default_value = "1h")]
+        ttl: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum TaskCommand {
+    /// Show a task with its attempts and audit trail.
+    Show { id: u64 },
+    /// Cancel a task; a running agent is stopped.
+    Cancel { id: u64 },
+    /// Run a finished task again.
+    Requeue { id: u64 },
+}
+
+#[derive(Subcommand)]
+enum AgentCommand {
+    /// Show one agent.
+    Show { name: String },
+    /// Stop giving the agent new work.
+    Drain { name: String },
+    /// Give a drained agent work again.
+    Undrain { name: String },
+    /// Revoke the agent's credential and cut its session.
+    Revoke { name: String },
+}
+
+#[derive(clap::Args)]
+struct SubmitArgs {
+    /// One-line title.
+    #[arg(long)]
+    title: String,
+    /// Description text.
+    #[arg(long, conflicts_with = "description_file")]
+    description: Option<String>,
+    /// Read the description from a file ("-" for stdin).
+    #[arg(long)]
+    description_file: Option<PathBuf>,
+    /// A capability the agent must have (repeatable).
+    #[arg(long = "capability")]
+    capabilities: Vec<String>,
+    /// Higher runs first.
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
+    priority: i32,
+    /// Attempts in all.
+    #[arg(long)]
+    max_attempts: Option<u32>,
+    /// Task timeout, e.g. 30m.
+    #[arg(long)]
+    timeout: Option<String>,
+    /// On timeout: fail or retry.
+    #[arg(long, default_value = "fail")]
+    timeout_action: String,
+    /// Run only after this task completes (repeatable).
+    #[arg(long = "after")]
+    after: Vec<u64>,
+    /// Idempotency key: a second submit with it returns the first task.
+    #[arg(long)]
+    key: Option<String>,
+    /// Follow the task to its end; exit 0 only if it completed.
+    #[arg(long)]
+    wait: bool,
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    connect: ConnectArgs,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("muster-hub: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(run(cli.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("muster-hub: {}", e.message);
+            ExitCode::from(e.code.clamp(1, 255) as u8)
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn config_error(e: impl std::fmt::Display) -> CliError {
+    CliError {
+        code: 78,
+        message: e.to_string(),
+    }
+}
+
+async fn run(command: Command) -> Result<(), CliError> {
+    match command {
+        Command::Init {
+            data_dir,
+            listen,
+            sans,
+            force,
+        } => init(data_dir, listen, sans, force),
+        Command::Serve { config, data_dir } => serve(config, data_dir).await,
+        Command::Token {
+            command: TokenCommand::Create { role, ttl },
+            connect,
+        } => {
+            let ttl = parse_duration(&ttl).map_err(|e| CliError {
+                code: 2,
+                message: format!("--ttl: {e}"),
+            })?;
+            let s = connect.connect().await?;
+            let v = s
+                .call(OpRequest::TokenCreate {
+                    role,
+                    ttl_s: ttl.as_secs().max(1),
+                })
+                .await?;
+            s.close().await;
+            eprintln!(
+                "a single-use {role} token, valid for {}; enroll with it:",
+                muster_protocol::duration::format_duration(ttl)
+            );
+            println!("{}", v["token"].as_str().unwrap_or_default());
+            Ok(())
+        }
+        Command::Login {
+            token,
+            name,
+            role,
+            save_to,
+        } => login(&token, name, role, save_to).await,
+        Command::Submit(args) => submit(args).await,
+        Command::Tasks {
+            state,
+            agent,
+            limit,
+            cursor,
+            json,
+            connect,
+        } => {
+            let v = one(
+                &connect,
+                OpRequest::Tasks {
+                    state,
+                    agent,
+                    limit,
+                    cursor,
+                },
+            )
+            .await?;
+            print(&v, json, cli::tasks_table);
+            Ok(())
+        }
+        Command::Task {
+            command,
+            json,
+            connect,
+        } => {
+            let req = match command {
+                TaskCommand::Show { id } => OpRequest::TaskShow { id: TaskId(id) },
+                TaskCommand::Cancel { id } => OpRequest::TaskCancel { id: TaskId(id) },
+                TaskCommand::Requeue { id } => OpRequest::TaskRequeue { id: TaskId(id) },
+            };
+            let v = one(&connect, req).await?;
+            print(&v, json, cli::task_detail);
+            Ok(())
+        }
+        Command::Agents { json, connect } => {
+            let v = one(&connect, OpRequest::Agents).await?;
+            print(&v, json, cli::agents_table);
+            Ok(())
+        }
+        Command::Agent {
+            command,
+            json,
+            connect,
+        } => {
+            let (req, detail) = match command {
+                AgentCommand::Show { name } => (OpRequest::AgentShow { name }, true),
+                AgentCommand::Drain { name } => (OpRequest::AgentDrain { name }, false),
+                AgentCommand::Undrain { name } => (OpRequest::AgentUndrain { name }, false),
+                AgentCommand::Revoke { name } => (OpRequest::AgentRevoke { name }, false),
+            };
+            let v = one(&connect, req).await?;
+            print(&v, json, |v| {
+                if detail {
+                    cli::agent_detail(v)
+                } else {
+                    format!("{v}\n")
+                }
+            });
+            Ok(())
+        }
+        Command::Watch {
+            from,
+            json,
+            connect,
+        } => watch(&connect, from, json).await,
+        Command::Alerts { json, connect } => {
+            let v = one(&connect, OpRequest::Alerts).await?;
+            print(&v, json, |v| {
+                let list = v["alerts"].as_array().cloned().unwrap_or_default();
+                if list.is_empty() {
+                    "no open alerts\n".into()
+                } else {
+                    list.iter().map(|a| format!("{a}\n")).collect()
+                }
+            });
+            Ok(())
+        }
+        Command::Stats { json, connect } => {
+            let v = one(&connect, OpRequest::Stats).await?;
+            print(&v, json, |v| {
+                v.as_object()
+                    .map(|o| o.iter().map(|(k, x)| format!("{k:<28} {x}\n")).collect())
+                    .unwrap_or_default()
+            });
+            Ok(())
+        }
+        Command::Doctor { connect } => doctor(&connect).await,
+    }
+}
+
+async fn one(connect: &ConnectArgs, req: OpRequest) -> Result<serde_json::Value, CliError> {
+    let s = connect.connect().await?;
+    let v = s.call(req).await;
+    s.close().await;
+    v
+}
+
+fn init(
+    data_dir: PathBuf,
+    listen: Option<std::net::SocketAddr>,
+    mut sans: Vec<String>,
+    force: bool,
+) -> Result<(), CliError> {
+    let occupied = std::fs::read_dir(&data_dir).is_ok_and(|mut d| d.next().is_some());
+    if occupied && !force {
+        return Err(CliError::fail(format!(
+            "{} already exists and is not empty; refusing to touch it (pass --force to overwrite its PKI, config and database)",
+            data_dir.display()
+        )));
+    }
+    if occupied {
+        for f in [
+            "hub.redb",
+            "ca.crt",
+            "ca.key",
+            "server.crt",
+            "server.key",
+            "admin.crt",
+            "admin.key",
+            CONFIG_FILE,
+        ] {
+            let _ = std::fs::remove_file(data_dir.join(f));
+        }
+    }
+    let mut config = HubConfig {
+        data_dir: data_dir.clone(),
+        ..HubConfig::default()
+    };
+    if let Some(l) = listen {
+        config.listen = l;
+    }
+    for default in [
+        hostname(),
+        "localhost".into(),
+        "127.0.0.1".into(),
+        "::1".into(),
+    ] {
+        if !sans.contains(&default) {
+            sans.push(default);
+        }
+    }
+    let fp = init_data_dir(&data_dir, &config, &sans).map_err(CliError::fail)?;
+    eprintln!(
+        "initialised {} (listen {}, SANs {})",
+        data_dir.display(),
+        config.listen,
+        sans.join(", ")
+    );
+    eprintln!("CA fingerprint (SHA-256), pinned by join tokens:");
+    println!("{fp}");
+    Ok(())
+}
+
+async fn serve(config: Option<PathBuf>, data_dir: Option<PathBuf>) -> Result<(), CliError> {
+    let path = config.unwrap_or_else(|| {
+        data_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(cli::DEFAULT_DATA_DIR))
+            .join(CONFIG_FILE)
+    });
+    let mut cfg = HubConfig::load(&path).map_err(config_error)?;
+    if let Some(d) = data_dir {
+        cfg.data_dir = d;
+    }
+    let data_dir = cfg.data_dir.clone();
+    let hub = Hub {
+        config: cfg,
+        data_dir,
+    };
+    let running = hub
+        .start()
+        .await
+        .map_err(|e| CliError::fail(e.to_string()))?;
+    let _ = sd_notify::notify(&[
+        sd_notify::NotifyState::Ready,
+        sd_notify::NotifyState::Status("serving"),
+    ]);
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| CliError::fail(format!("cannot watch SIGTERM: {e}")))?;
+    let mut fatal = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = tokio::signal::ctrl_c() => break,
+            _ = fatal.tick() => {
+                if running.core_finished() {
+                    break;
+                }
+            }
+        }
+    }
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+    tracing::info!("shutting down");
+    running
+        .shutdown()
+        .await
+        .map_err(|e| CliError::fail(format!("fatal: {e}")))
+}
+
+async fn login(
+    token: &str,
+    name: Option<String>,
+    role: Role,
+    save_to: Option<PathBuf>,
+) -> Result<(), CliError> {
+    let token: JoinToken = token.parse()?;
+    let name = name.unwrap_or_else(|| {
+        let user = std::env::var("USER").unwrap_or_else(|_| "operator".into());
+        format!("{user}.{}", hostname())
+    });
+    let name = AgentName::new(name).map_err(|e| CliError {
+        code: 2,
+        message: format!("--name: {e}"),
+    })?;
+    let path = save_to.or_else(cli::saved_credential_path).ok_or_else(|| {
+        CliError::fail("no place to save the credential: set HOME or pass --save-to")
+    })?;
+    if path.exists() {
+        return Err(CliError::fail(format!(
+            "{} already exists; remove it to log in again",
+            path.display()
+        )));
+    }
+    let (key, csr) =
+        muster_hub::pki::make_csr(name.as_str()).map_err(|e| CliError::fail(e.to_string()))?;
+    let (cert, ca) = client::enroll(&token, &name, role, csr).await?;
+    let file = cli::CredentialFile {
+        hub: token.hub.clone(),
+        ca,
+        cert,
+        key: key.serialize_pem(),
+    };
+    let text = toml::to_string(&file).map_err(|e| CliError::fail(e.to_string()))?;
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)
+            .map_err(|e| CliError::fail(format!("{}: {e}", parent.display())))?;
+    }
+    muster_hub::pki::write_file(&path, text.as_bytes(), 0o600)
+        .map_err(|e| CliError::fail(e.to_string()))?;
+    eprintln!(
+        "logged in to {} as {name} ({role}); credential saved to {}",
+        token.hub,
+        path.display()
+    );
+    Ok(())
+}
+
+async fn submit(a: SubmitArgs) -> Result<(), CliError> {
+    let usage = |m: String| CliError {
+        code: 2,
+        message: m,
+    };
+    let description = match (&a.description, &a.description_file) {
+        (Some(d), _) => d.clone(),
+        (None, Some(p)) if p.as_os_str() == "-" => {
+            let mut s = String::new();
+            std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)
+                .map_err(|e| CliError::fail(format!("reading the description from stdin: {e}")))?;
+            s
+        }
+        (None, Some(p)) => std::fs::read_to_string(p)
+            .map_err(|e| CliError::fail(format!("--description-file {}: {e}", p.display())))?,
+        (None, None) => String::new(),
+    };
+    let timeout_ms = match &a.timeout {
+        Some(t) => Some(
+            parse_duration(t)
+                .map_err(|e| usage(format!("--timeout: {e}")))?
+                .as_millis() as u64,
+        ),
+        None => None,
+    };
+    let timeout_action = match a.timeout_action.as_str() {
+        "fail" => TimeoutAction::Fail,
+        "retry" => TimeoutAction::Retry,
+        other => {
+            return Err(usage(format!(
+                "--timeout-action {other:?}: use fail or retry"
+            )));
+        }
+    };
+    let req = SubmitRequest {
+        title: a.title,
+        description,
+        capabilities: a.capabilities,
+        priority: a.priority,
+        max_attempts: a.max_attempts,
+        timeout_ms,
+        timeout_action,
+        after: a.after.into_iter().map(TaskId).collect(),
+        key: a.key,
+    };
+    let s = a.connect.connect().await?;
+    let v = s.call(OpRequest::Submit(req)).await?;
+    if !a.wait {
+        s.close().await;
+        print(&v, a.json, |v| format!("submitted task {}\n", v["id"]));
+        return Ok(());
+    }
+    let id = TaskId(v["id"].as_u64().unwrap_or_default());
+    if !a.json {
+        eprintln!("submitted task {id}; waiting for it to end");
+    }
+    let started = Instant::now();
+    let mut last_state = String::new();
+    let v = loop {
+        let v = s.call(OpRequest::TaskShow { id }).await?;
+        let state = v["state"].as_str().unwrap_or_default().to_string();
+        if state != last_state && !a.json {
+            eprintln!(
+                "{:>7.1}s  {state}  {}",
+                started.elapsed().as_secs_f64(),
+                v["agent"].as_str().unwrap_or("")
+            );
+            last_state = state.clone();
+        }
+        if matches!(state.as_str(), "completed" | "failed" | "cancelled") {
+            break v;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    s.close().await;
+    print(&v, a.json, cli::task_detail);
+    if v["state"] == "completed" {
+        Ok(())
+    } else {
+        Err(CliError::fail(format!(
+            "task {id} ended {}",
+            v["state"].as_str().unwrap_or("?")
+        )))
+    }
+}
+
+async fn watch(connect: &ConnectArgs, from: Option<u64>, json: bool) -> Result<(), CliError> {
+    use bytes::Bytes;
+    use futures::{SinkExt, StreamExt};
+    use muster_protocol::msg::{OpResponse, Open, OpenBody};
+    let s = connect.connect().await?;
+    let (send, recv) = s.conn.open_bi().await.map_err(client::refused_or_lost)?;
+    let codec = || muster_protocol::frame_codec(muster_protocol::limits::FRAME_BYTES_MAX);
+    let mut wr = tokio_util::codec::FramedWrite::new(send, codec());
+    let mut rd = tokio_util::codec::FramedRead::new(recv, codec());
+    let open = Open {
+        protocol: muster_protocol::PROTOCOL_VERSION,
+        body: OpenBody::Request(OpRequest::Watch {
+            from: from.map(EventSeq),
+        }),
+    };
+    let bytes = muster_protocol::encode(&open).map_err(|e| CliError::fail(e.to_string()))?;
+    wr.send(Bytes::from(bytes))
+        .await
+        .map_err(|e| CliError::fail(e.to_string()))?;
+    while let Some(frame) = rd.next().await {
+        let frame = frame.map_err(|e| CliError::fail(format!("watch stream: {e}")))?;
+        match muster_protocol::decode::<OpResponse>(&frame) {
+            Ok(OpResponse::Event { seq, json: doc }) => {
+                if json {
+                    let mut v: serde_json::Value = serde_json::from_str(&doc).unwrap_or_default();
+                    v["seq"] = seq.0.into();
+                    println!("{v}");
+                } else {
+                    println!("{seq:>8}  {doc}");
+                }
+            }
+            Ok(OpResponse::Error(e)) => return Err(CliError::fail(e.message)),
+            Ok(OpResponse::Ok { .. }) => {}
+            Err(e) => return Err(CliError::fail(format!("watch stream: {e}"))),
+        }
+    }
+    Ok(())
+}
+
+async fn doctor(connect: &ConnectArgs) -> Result<(), CliError> {
+    let mut failed = false;
+    let mut check = |name: &str, r: Result<String, String>| match r {
+        Ok(m) => println!("ok    {name}: {m}"),
+        Err(m) => {
+            failed = true;
+            println!("fail  {name}: {m}");
+        }
+    };
+    if let Some(dir) = &connect.data_dir {
+        check(
+            "config",
+            HubConfig::load(&dir.join(CONFIG_FILE))
+                .map(|_| "valid".into())
+                .map_err(|e| e.to_string()),
+        );
+        for key in ["ca.key", "server.key", "admin.key"] {
+            use std::os::unix::fs::MetadataExt;
+            let p = dir.join(key);
+            check(
+                key,
+                match std::fs::metadata(&p) {
+                    Ok(m) if m.mode() & 0o077 == 0 => {
+                        Ok(format!("{} mode {:o}", p.display(), m.mode() & 0o777))
+                    }
+                    Ok(m) => Err(format!(
+                        "{} has mode {:o}; run chmod 600",
+                        p.display(),
+                        m.mode() & 0o777
+                    )),
+                    Err(e) => Err(format!("{}: {e}", p.display())),
+                },
+            );
+        }
+    }
+    let started = Instant::now();
+    let answer = match connect.connect().await {
+        Ok(s) => {
+            let r = s.call(OpRequest::Stats).await;
+            s.close().await;
+            r.map(|_| {
+                format!(
+                    "answered in {:.1} ms",
+                    started.elapsed().as_secs_f64() * 1000.0
+                )
+            })
+            .map_err(|e| e.message)
+        }
+        Err(e) => Err(e.message),
+    };
+    check("hub", answer);
+    if failed {
+        Err(CliError::fail("some checks failed"))
+    } else {
+        Ok(())
+    }
+}

@@ -10,6 +10,7 @@
 //! before allocation if it is larger than the limit) and [`decode`]s it, which
 //! returns an error, never a panic, on any byte string.
 
+pub mod client;
 pub mod codec;
 pub mod duration;
 pub mod ids;

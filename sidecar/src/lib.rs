@@ -1,1 +1,18 @@
-//! placeholder
+//! The muster sidecar: keeps this machine's share of the queue durably,
+//! wakes the local agent, verifies it started, watches it, and reports.
+//!
+//! Parts: [`config`] (sidecar.toml), [`keystore`] (where the private key
+//! lives), [`core`] (pure decisions: phases, outbox), [`queue`] (redb),
+//! [`agent`] (the runner: exec and wake modes, verification, probes),
+//! [`host`] (self-test and host figures), [`local`] (the agent's Unix socket),
+//! [`daemon`] (the IO shell that joins them to the hub session).
+
+pub mod agent;
+pub mod backoff;
+pub mod config;
+pub mod core;
+pub mod daemon;
+pub mod host;
+pub mod keystore;
+pub mod local;
+pub mod queue;

@@ -205,6 +205,8 @@ pub struct Core {
     counters: Counters,
     out: Output,
     dirty_schedule: bool,
+    /// `muster1/<advertise>/<ca fingerprint>/`, to which a token's secret is appended.
+    token_prefix: String,
 }
 
 /// What the core is built from at startup.
@@ -253,19 +255,25 @@ impl Core {
             counters: Counters::default(),
             out: Output::default(),
             dirty_schedule: true,
+            token_prefix: String::new(),
         };
         for rec in restored.agents {
             core.agents.insert(rec.name.clone(), Agent::new(rec, now));
         }
         for (rec, attempt) in restored.live {
-            if let (Some(a), true) = (&attempt, rec.state.has_live_attempt()) {
-                if let Some(agent) = core.agents.get_mut(&a.agent) {
-                    agent.tasks.insert(rec.id);
-                }
+            if let (Some(a), true) = (&attempt, rec.state.has_live_attempt())
+                && let Some(agent) = core.agents.get_mut(&a.agent)
+            {
+                agent.tasks.insert(rec.id);
             }
             core.insert_live(rec, attempt);
         }
         core
+    }
+
+    /// Sets what join tokens start with: `muster1/<advertise>/<ca fingerprint>/`.
+    pub fn set_token_prefix(&mut self, prefix: String) {
+        self.token_prefix = prefix;
     }
 
     /// Takes the effects accumulated since the last call. See the module docs.
@@ -484,12 +492,12 @@ impl Core {
         let Some(name) = self.conns.remove(&conn) else {
             return;
         };
-        if let Some(agent) = self.agents.get_mut(&name) {
-            if agent.conn == Some(conn) {
-                agent.conn = None;
-                agent.offline_since = Some(now);
-                self.event(now, "agent", &name, "offline", "session closed");
-            }
+        if let Some(agent) = self.agents.get_mut(&name)
+            && agent.conn == Some(conn)
+        {
+            agent.conn = None;
+            agent.offline_since = Some(now);
+            self.event(now, "agent", &name, "offline", "session closed");
         }
     }
 
@@ -521,12 +529,13 @@ impl Core {
                 ("unhealthy", "self-test failed")
             });
         }
-        if let Some(until) = agent.breaker_until {
-            if now >= until && hb.self_test.passed {
-                agent.breaker_until = None;
-                agent.infra_failures = 0;
-                events.push(("circuit_closed", "cooldown over and healthy heartbeat"));
-            }
+        if let Some(until) = agent.breaker_until
+            && now >= until
+            && hb.self_test.passed
+        {
+            agent.breaker_until = None;
+            agent.infra_failures = 0;
+            events.push(("circuit_closed", "cooldown over and healthy heartbeat"));
         }
         if !events.is_empty() {
             self.dirty_schedule = true;
@@ -609,14 +618,13 @@ impl Core {
     fn stale(&mut self, conn: ConnId, report: &Report, reason: &str) {
         self.counters.stale_reports += 1;
         // A repeat of the final report of an attempt that already ended is harmless.
-        if let ReportBody::Finished { .. } = report.body {
-            if self
+        if let ReportBody::Finished { .. } = report.body
+            && self
                 .recent
                 .get(&report.task)
                 .is_some_and(|r| r.generation == report.generation)
-            {
-                return;
-            }
+        {
+            return;
         }
         self.out.sends.push((
             conn,
@@ -757,22 +765,20 @@ impl Core {
             } else if outcome == Outcome::Completed || outcome == Outcome::Failed {
                 agent.infra_failures = 0;
             }
-            if superseded {
-                if let Some(conn) = agent.conn {
-                    let msg = if outcome == Outcome::Cancelled {
-                        HubMsg::Cancel {
-                            task: id,
-                            generation,
-                        }
-                    } else {
-                        HubMsg::Abandon {
-                            task: id,
-                            generation,
-                            reason: format!("attempt ended at the hub: {}", outcome.as_str()),
-                        }
-                    };
-                    self.out.sends.push((conn, msg));
-                }
+            if superseded && let Some(conn) = agent.conn {
+                let msg = if outcome == Outcome::Cancelled {
+                    HubMsg::Cancel {
+                        task: id,
+                        generation,
+                    }
+                } else {
+                    HubMsg::Abandon {
+                        task: id,
+                        generation,
+                        reason: format!("attempt ended at the hub: {}", outcome.as_str()),
+                    }
+                };
+                self.out.sends.push((conn, msg));
             }
         }
         if let Some(why) = tripped {
@@ -846,16 +852,16 @@ impl Core {
         for dep in dependants {
             if state == TaskState::Completed {
                 self.maybe_unblock(now, dep);
-            } else if let Some(l) = self.tasks.get_mut(&dep) {
-                if l.rec.state == TaskState::Blocked {
-                    l.rec.reason = Some(format!("dependency {id} ended {}", state.as_str()));
-                    self.set_state(
-                        now,
-                        dep,
-                        TaskState::Cancelled,
-                        "a dependency did not complete",
-                    );
-                }
+            } else if let Some(l) = self.tasks.get_mut(&dep)
+                && l.rec.state == TaskState::Blocked
+            {
+                l.rec.reason = Some(format!("dependency {id} ended {}", state.as_str()));
+                self.set_state(
+                    now,
+                    dep,
+                    TaskState::Cancelled,
+                    "a dependency did not complete",
+                );
             }
         }
     }
@@ -914,14 +920,14 @@ impl Core {
                     ));
                 }
                 TaskState::Running => {
-                    if let (Some(t), Some(s)) = (live.rec.timeout_ms, a.started_at) {
-                        if now >= s + t {
-                            expired.push((
-                                live.rec.id,
-                                Outcome::TimedOut,
-                                "the task ran past its timeout",
-                            ));
-                        }
+                    if let (Some(t), Some(s)) = (live.rec.timeout_ms, a.started_at)
+                        && now >= s + t
+                    {
+                        expired.push((
+                            live.rec.id,
+                            Outcome::TimedOut,
+                            "the task ran past its timeout",
+                        ));
                     }
                 }
                 _ => {}
@@ -990,9 +996,11 @@ impl Core {
                 self.out.writes.push(Write::Token(hash, rec));
                 let json = serde_json::json!({"kind": "audit", "action": "token_create", "who": who.name, "role": role.as_str(), "ttl_s": ttl_s});
                 self.push_event(now, json.to_string());
-                ok_json(
-                    &serde_json::json!({ "secret": secret, "role": role.as_str(), "expires_at": now + ttl_s * 1000 }),
-                )
+                ok_json(&serde_json::json!({
+                    "token": format!("{}{secret}", self.token_prefix),
+                    "role": role.as_str(),
+                    "expires_at": now.saturating_add(ttl_s.saturating_mul(1000)),
+                }))
             }
             OpRequest::Submit(req) => self.submit(now, req, &who.name, archive),
             OpRequest::TaskCancel { id } => self.cancel(now, id, &who.name),
@@ -1062,10 +1070,10 @@ impl Core {
         if a.rec.drained {
             return (false, "draining".into());
         }
-        if let Some(until) = a.breaker_until {
-            if now < until || !a.self_test_passed {
-                return (false, format!("degraded: circuit open until {until}"));
-            }
+        if let Some(until) = a.breaker_until
+            && (now < until || !a.self_test_passed)
+        {
+            return (false, format!("degraded: circuit open until {until}"));
         }
         if !a.self_test_passed {
             let problems = a
@@ -1138,19 +1146,19 @@ impl Core {
         who: &str,
         archive: &dyn Archive,
     ) -> OpResponse {
-        if let Some(key) = &req.key {
-            if let Some(id) = self.keys.get(key) {
-                let rec = self
-                    .tasks
-                    .get(id)
-                    .map(|l| l.rec.clone())
-                    .or_else(|| self.recent.get(id).cloned())
-                    .or_else(|| archive.task(*id));
-                if let Some(rec) = rec {
-                    let mut v = views::task_json(&rec);
-                    v["existing"] = serde_json::Value::Bool(true);
-                    return ok_json(&v);
-                }
+        if let Some(key) = &req.key
+            && let Some(id) = self.keys.get(key)
+        {
+            let rec = self
+                .tasks
+                .get(id)
+                .map(|l| l.rec.clone())
+                .or_else(|| self.recent.get(id).cloned())
+                .or_else(|| archive.task(*id));
+            if let Some(rec) = rec {
+                let mut v = views::task_json(&rec);
+                v["existing"] = serde_json::Value::Bool(true);
+                return ok_json(&v);
             }
         }
         if let Err(msg) = self.validate_submit(&req) {
@@ -1274,10 +1282,10 @@ impl Core {
         if req.after.len() > 64 {
             return Err("more than 64 --after dependencies".into());
         }
-        if let Some(k) = &req.key {
-            if k.is_empty() || k.len() > 256 {
-                return Err("--key must be 1 to 256 bytes".into());
-            }
+        if let Some(k) = &req.key
+            && (k.is_empty() || k.len() > 256)
+        {
+            return Err("--key must be 1 to 256 bytes".into());
         }
         Ok(())
     }
@@ -1423,12 +1431,12 @@ impl Core {
         };
         self.identities.insert(fingerprint, id.clone());
         self.out.writes.push(Write::Identity(id));
-        if role == Role::Agent {
-            if let Some(agent) = self.agents.get_mut(name) {
-                // Re-enrolled under a fresh key: no longer revoked.
-                agent.rec.revoked = false;
-                self.out.writes.push(Write::Agent(agent.rec.clone()));
-            }
+        if role == Role::Agent
+            && let Some(agent) = self.agents.get_mut(name)
+        {
+            // Re-enrolled under a fresh key: no longer revoked.
+            agent.rec.revoked = false;
+            self.out.writes.push(Write::Agent(agent.rec.clone()));
         }
         let json = serde_json::json!({"kind": "audit", "action": "enroll", "who": name, "role": role.as_str()});
         self.push_event(now, json.to_string());

@@ -36,10 +36,10 @@ impl ReadyQueue {
 
     pub(super) fn remove(&mut self, rec: &TaskRecord, retried: bool) {
         let key = (Reverse(rec.priority), retried, rec.id);
-        if !self.ready.remove(&key) {
-            if let Some(t) = rec.not_before {
-                self.delayed.remove(&(t, key));
-            }
+        if !self.ready.remove(&key)
+            && let Some(t) = rec.not_before
+        {
+            self.delayed.remove(&(t, key));
         }
     }
 

@@ -1,0 +1,364 @@
+//! The operator CLI: finds the hub and a credential, sends one request, prints the answer.
+//!
+//! Credential discovery, first match wins: `--hub`/`--credential` or
+//! `--data-dir D` (the admin credential of the hub whose data directory that
+//! is), then `MUSTER_HUB`/`MUSTER_CREDENTIAL`, then the credential saved by
+//! `login`, then the default data directory of a hub on this machine.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use muster_protocol::client::{self, ClientError, Credential};
+use muster_protocol::msg::{OpRequest, OpResponse};
+use serde_json::Value;
+
+use crate::config::{CONFIG_FILE, HubConfig};
+use crate::pki::{ADMIN_CERT, ADMIN_KEY, CA_CERT};
+
+/// Where a hub on this machine keeps its state by default.
+pub const DEFAULT_DATA_DIR: &str = "/var/lib/muster-hub";
+
+/// How the CLI reaches the hub.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct ConnectArgs {
+    /// Hub address (host:port); also MUSTER_HUB.
+    #[arg(long, env = "MUSTER_HUB", global = true)]
+    pub hub: Option<String>,
+    /// Operator credential file written by `login`; also MUSTER_CREDENTIAL.
+    #[arg(long, env = "MUSTER_CREDENTIAL", global = true)]
+    pub credential: Option<PathBuf>,
+    /// Use the admin credential of the hub whose data directory this is.
+    #[arg(long, global = true)]
+    pub data_dir: Option<PathBuf>,
+}
+
+/// A CLI failure with its exit code.
+#[derive(Debug)]
+pub struct CliError {
+    /// 1 failure, 2 usage, 78 configuration.
+    pub code: i32,
+    /// What to print.
+    pub message: String,
+}
+
+impl CliError {
+    /// A plain failure (exit 1).
+    pub fn fail(message: impl Into<String>) -> Self {
+        CliError {
+            code: 1,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<ClientError> for CliError {
+    fn from(e: ClientError) -> Self {
+        CliError::fail(e.to_string())
+    }
+}
+
+/// The saved operator credential: `$XDG_CONFIG_HOME/muster/operator.toml` or `~/.config/muster/operator.toml`.
+pub fn saved_credential_path() -> Option<PathBuf> {
+    let base = std::env::var_os("XDG_CONFIG_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".config")))?;
+    Some(base.join("muster").join("operator.toml"))
+}
+
+/// A credential file: the hub address and three PEMs.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct CredentialFile {
+    /// Hub address.
+    pub hub: String,
+    /// The hub's CA.
+    pub ca: String,
+    /// Our certificate.
+    pub cert: String,
+    /// Our private key.
+    pub key: String,
+}
+
+/// Reads a credential file, refusing one readable by others.
+///
+/// # Errors
+/// [`CliError`] naming the file and what is wrong.
+pub fn read_credential_file(path: &Path) -> Result<(String, Credential), CliError> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path)
+        .map_err(|e| CliError::fail(format!("credential {}: {e}", path.display())))?;
+    if meta.mode() & 0o077 != 0 {
+        return Err(CliError::fail(format!(
+            "credential {} has mode {:o}, readable by others; run `chmod 600 {}`",
+            path.display(),
+            meta.mode() & 0o777,
+            path.display()
+        )));
+    }
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| CliError::fail(format!("credential {}: {e}", path.display())))?;
+    let f: CredentialFile = toml::from_str(&text)
+        .map_err(|e| CliError::fail(format!("credential {}: {e}", path.display())))?;
+    Ok((
+        f.hub,
+        Credential {
+            ca_pem: f.ca,
+            cert_pem: f.cert,
+            key_pem: f.key,
+        },
+    ))
+}
+
+/// The admin credential and address of the hub whose data directory is `dir`.
+///
+/// # Errors
+/// [`CliError`] naming the missing file or bad config.
+pub fn data_dir_credential(dir: &Path) -> Result<(String, Credential), CliError> {
+    let read = |name: &str| {
+        std::fs::read_to_string(dir.join(name)).map_err(|e| {
+            CliError::fail(format!(
+                "{}: {e} (is {} a hub data directory? `muster-hub init` creates one)",
+                dir.join(name).display(),
+                dir.display()
+            ))
+        })
+    };
+    let cred = Credential {
+        ca_pem: read(CA_CERT)?,
+        cert_pem: read(ADMIN_CERT)?,
+        key_pem: read(ADMIN_KEY)?,
+    };
+    let config = HubConfig::load(&dir.join(CONFIG_FILE)).map_err(|e| CliError {
+        code: 78,
+        message: e.to_string(),
+    })?;
+    let mut addr = config.listen;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(if addr.is_ipv6() {
+            std::net::Ipv6Addr::LOCALHOST.into()
+        } else {
+            std::net::Ipv4Addr::LOCALHOST.into()
+        });
+    }
+    Ok((addr.to_string(), cred))
+}
+
+impl ConnectArgs {
+    /// Resolves the hub address and credential, in the documented order.
+    ///
+    /// # Errors
+    /// [`CliError`] saying where it looked.
+    pub fn resolve(&self) -> Result<(String, Credential), CliError> {
+        if let Some(dir) = &self.data_dir {
+            return data_dir_credential(dir);
+        }
+        if let Some(path) = &self.credential {
+            let (hub, cred) = read_credential_file(path)?;
+            return Ok((self.hub.clone().unwrap_or(hub), cred));
+        }
+        if let Some(path) = saved_credential_path().filter(|p| p.exists()) {
+            let (hub, cred) = read_credential_file(&path)?;
+            return Ok((self.hub.clone().unwrap_or(hub), cred));
+        }
+        let default = Path::new(DEFAULT_DATA_DIR);
+        if default.join(ADMIN_KEY).exists() {
+            return data_dir_credential(default);
+        }
+        Err(CliError::fail(
+            "no credential found: pass --data-dir of a hub, --credential FILE (or MUSTER_CREDENTIAL), or run `muster-hub login --token TOKEN` first",
+        ))
+    }
+
+    /// Connects to the hub.
+    ///
+    /// # Errors
+    /// [`CliError`] when the hub cannot be reached or the credential is bad.
+    pub async fn connect(&self) -> Result<Session, CliError> {
+        let (hub, cred) = self.resolve()?;
+        let (endpoint, conn) = client::connect(&hub, &cred).await?;
+        Ok(Session { endpoint, conn })
+    }
+}
+
+/// An operator connection.
+pub struct Session {
+    endpoint: quinn::Endpoint,
+    /// The QUIC connection.
+    pub conn: quinn::Connection,
+}
+
+impl Session {
+    /// Sends a request; an error answer becomes a [`CliError`].
+    ///
+    /// # Errors
+    /// [`CliError`] with the hub's message.
+    pub async fn call(&self, req: OpRequest) -> Result<Value, CliError> {
+        match client::request(&self.conn, req).await? {
+            OpResponse::Ok { json } => serde_json::from_str(&json)
+                .map_err(|e| CliError::fail(format!("the hub sent malformed JSON: {e}"))),
+            OpResponse::Error(e) => Err(CliError::fail(e.message)),
+            OpResponse::Event { .. } => Err(CliError::fail("unexpected event answer")),
+        }
+    }
+
+    /// Closes the connection politely.
+    pub async fn close(self) {
+        self.conn.close(0u32.into(), b"bye");
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
+    }
+}
+
+// === Printing ===
+
+/// Prints a value as JSON or through a human formatter.
+pub fn print(v: &Value, json: bool, human: impl Fn(&Value) -> String) {
+    if json {
+        println!("{v}");
+    } else {
+        print!("{}", human(v));
+    }
+}
+
+fn s(v: &Value, k: &str) -> String {
+    match &v[k] {
+        Value::Null => "-".into(),
+        Value::String(x) => x.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// The `agents` table.
+pub fn agents_table(v: &Value) -> String {
+    let mut out = format!(
+        "{:<20} {:<8} {:<9} {:>5} {:>7} {:>8} {:>10}  {}\n",
+        "NAME", "STATE", "AVAILABLE", "TASKS", "LOAD", "MEM(MB)", "HB AGE(s)", "WHY"
+    );
+    for a in v["agents"].as_array().into_iter().flatten() {
+        out.push_str(&agent_line(a));
+    }
+    out
+}
+
+fn agent_line(a: &Value) -> String {
+    let load = a["host"]["load1"]
+        .as_f64()
+        .map_or("-".into(), |l| format!("{l:.2}"));
+    let mem = a["host"]["mem_available_bytes"]
+        .as_u64()
+        .map_or("-".into(), |m| (m >> 20).to_string());
+    let age = a["last_heartbeat_age_ms"]
+        .as_u64()
+        .map_or("-".into(), |m| format!("{:.1}", m as f64 / 1000.0));
+    let why = [s(a, "why"), s(a, "unavailable_reason")]
+        .into_iter()
+        .filter(|x| !x.is_empty() && x != "-")
+        .collect::<Vec<_>>()
+        .join("; ");
+    format!(
+        "{:<20} {:<8} {:<9} {:>5} {:>7} {:>8} {:>10}  {}\n",
+        s(a, "name"),
+        s(a, "state"),
+        if a["available"].as_bool() == Some(true) {
+            "yes"
+        } else {
+            "no"
+        },
+        format!("{}/{}", s(a, "tasks"), s(a, "slots")),
+        load,
+        mem,
+        age,
+        why
+    )
+}
+
+/// One agent in detail.
+pub fn agent_detail(a: &Value) -> String {
+    let mut out = agent_line(a);
+    out.push_str(&format!(
+        "  version {}  capabilities {}  drained {}  revoked {}\n  self-test {}\n",
+        s(a, "version"),
+        a["capabilities"],
+        s(a, "drained"),
+        s(a, "revoked"),
+        a["self_test"]
+    ));
+    out
+}
+
+/// The `tasks` table.
+pub fn tasks_table(v: &Value) -> String {
+    let mut out = format!(
+        "{:>6} {:<10} {:>4} {:>4} {:<16} {}\n",
+        "ID", "STATE", "PRIO", "ATT", "AGENT", "TITLE"
+    );
+    for t in v["tasks"].as_array().into_iter().flatten() {
+        out.push_str(&format!(
+            "{:>6} {:<10} {:>4} {:>4} {:<16} {}\n",
+            s(t, "id"),
+            s(t, "state"),
+            s(t, "priority"),
+            s(t, "attempts"),
+            s(t, "agent"),
+            s(t, "title")
+        ));
+    }
+    if let Some(c) = v["next_cursor"].as_u64() {
+        out.push_str(&format!("more: --cursor {c}\n"));
+    }
+    out
+}
+
+/// One task with attempts and audit trail.
+pub fn task_detail(t: &Value) -> String {
+    let mut out = format!(
+        "task {}  {}\n  state {}  priority {}  attempts {}/{}  agent {}\n",
+        s(t, "id"),
+        s(t, "title"),
+        s(t, "state"),
+        s(t, "priority"),
+        s(t, "attempts"),
+        s(t, "max_attempts"),
+        s(t, "agent")
+    );
+    if !t["reason"].is_null() {
+        out.push_str(&format!("  reason: {}\n", s(t, "reason")));
+    }
+    if !t["result"].is_null() {
+        out.push_str(&format!("  result: {}\n", s(t, "result")));
+    }
+    for a in t["audit"].as_array().into_iter().flatten() {
+        out.push_str(&format!(
+            "  {} by {} at {}\n",
+            s(a, "action"),
+            s(a, "who"),
+            s(a, "at")
+        ));
+    }
+    for a in t["attempt_history"].as_array().into_iter().flatten() {
+        out.push_str(&format!(
+            "  attempt {} on {}: {}\n",
+            s(a, "generation"),
+            s(a, "agent"),
+            s(a, "outcome")
+        ));
+        let e = &a["error"];
+        if !e.is_null() {
+            out.push_str(&format!(
+                "    {} (exit {} signal {}) command {}\n",
+                s(e, "reason"),
+                s(e, "exit_code"),
+                s(e, "signal"),
+                e["command"]
+            ));
+            for (k, label) in [("stdout_tail", "stdout"), ("stderr_tail", "stderr")] {
+                let tail = s(e, k);
+                if !tail.is_empty() && tail != "-" {
+                    out.push_str(&format!(
+                        "    {label}: {}\n",
+                        tail.trim_end().replace('\n', "\n      ")
+                    ));
+                }
+            }
+        }
+    }
+    out
+}

@@ -1,0 +1,1050 @@
+//! The hub's IO shell: the QUIC endpoint, one driver per connection, and the
+//! core loop that joins them to the [`Core`].
+//!
+//! ```text
+//! connection tasks ──ToCore (bounded)──▶ core thread: batch ─▶ Core::handle ─▶ Store::commit ─▶ deliver
+//!        ▲                                                                                │
+//!        └──────────── per-session HubMsg channel (bounded) / oneshot replies ◀───────────┘
+//! ```
+//!
+//! The core thread is a plain OS thread: it blocks on redb commits, which must
+//! not run on the async workers. Everything that arrived while it committed
+//! forms the next batch, so concurrent events share one commit (group commit).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use futures::{SinkExt, StreamExt};
+use muster_protocol::msg::{
+    EnrollRefusal, EnrollRequest, EnrollResponse, HubMsg, OpError, OpErrorCode, OpRequest,
+    OpResponse, Open, OpenBody, Refused, SessionMsg,
+};
+use muster_protocol::{
+    ALPN_ENROLL, EventSeq, PROTOCOL_VERSION, TaskId, decode, encode, frame_codec, peek_protocol,
+};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
+use tracing::{debug, info, warn};
+
+use crate::config::HubConfig;
+use crate::core::{ConnId, Core, Input, Millis, Reply, ReplyId, TaskState, views};
+use crate::pki::{Pki, cert_key_fingerprint, csr_key_fingerprint};
+use crate::store::{Store, StoreError};
+
+/// Capacity of the channel into the core: bounds memory when the core falls behind;
+/// senders wait (sessions) or fail fast (ticks).
+const CORE_QUEUE_LEN: usize = 8192;
+/// Most inputs handled per commit, so one batch's latency stays bounded.
+const BATCH_LEN_MAX: usize = 4096;
+/// Per-session outgoing queue; a sidecar that falls this far behind is disconnected.
+const SESSION_QUEUE_LEN: usize = 4096;
+/// How often the core checks deadlines.
+const TICK: Duration = Duration::from_millis(250);
+/// Most `watch` events sent per read of the log.
+const WATCH_PAGE: usize = 512;
+
+/// Shared counters, for `stats` and metrics.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    /// Session messages received, heartbeats apart.
+    pub msgs_in: AtomicU64,
+    /// Session messages sent.
+    pub msgs_out: AtomicU64,
+    /// Bytes of the above, framing included.
+    pub bytes: AtomicU64,
+    /// Commits made.
+    pub commits: AtomicU64,
+    /// Writes committed.
+    pub writes: AtomicU64,
+    /// Total commit time, microseconds.
+    pub commit_us: AtomicU64,
+}
+
+/// Messages from the IO shell to the core thread.
+enum ToCore {
+    Hello {
+        conn: ConnId,
+        fingerprint: String,
+        hello: muster_protocol::msg::Hello,
+        tx: mpsc::Sender<HubMsg>,
+        connection: quinn::Connection,
+    },
+    Session {
+        conn: ConnId,
+        msg: SessionMsg,
+    },
+    Closed {
+        conn: ConnId,
+    },
+    Op {
+        fingerprint: String,
+        request: OpRequest,
+        reply: oneshot::Sender<OpResponse>,
+    },
+    Enroll {
+        secret_hash: String,
+        role: muster_protocol::msg::Role,
+        name: String,
+        cert: (String, String, String),
+        reply: oneshot::Sender<EnrollResponse>,
+    },
+    Tick,
+    Watch {
+        fingerprint: String,
+        tx: mpsc::Sender<OpResponse>,
+        from: Option<EventSeq>,
+    },
+}
+
+/// What `serve` needs.
+pub struct Hub {
+    /// The configuration.
+    pub config: HubConfig,
+    /// The data directory.
+    pub data_dir: PathBuf,
+}
+
+/// Wall-clock milliseconds that never go backwards (a clock stepped back is held).
+struct Clock {
+    last: Millis,
+}
+
+impl Clock {
+    fn now(&mut self) -> Millis {
+        let wall = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        self.last = self.last.max(wall);
+        self.last
+    }
+}
+
+/// A running hub.
+pub struct Running {
+    /// The bound QUIC address.
+    pub addr: SocketAddr,
+    endpoint: quinn::Endpoint,
+    to_core: mpsc::Sender<ToCore>,
+    core_thread: std::thread::JoinHandle<Result<(), StoreError>>,
+    accept: tokio::task::JoinHandle<()>,
+    ticker: tokio::task::JoinHandle<()>,
+}
+
+/// Why the hub could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The PKI files are missing or bad.
+    #[error("{0} (run `muster-hub init` first?)")]
+    Pki(#[from] crate::pki::PkiError),
+    /// The store could not be opened.
+    #[error("{0}")]
+    Store(#[from] StoreError),
+    /// TLS configuration.
+    #[error("{0}")]
+    Tls(#[from] muster_protocol::tls::TlsError),
+    /// The listener could not bind.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}
+
+/// Where a hub's token prefix points: `muster1/<advertise>/<ca fingerprint>/`.
+fn token_prefix(advertise: &str, ca_fp: &str) -> String {
+    format!("muster1/{advertise}/{ca_fp}/")
+}
+
+impl Hub {
+    /// Opens the store, loads the PKI, binds the listener and starts the core.
+    /// Returns once the listener is bound and the database open (the readiness point).
+    ///
+    /// # Errors
+    /// [`StartError`] naming what failed.
+    pub async fn start(self) -> Result<Running, StartError> {
+        let pki = Arc::new(Pki::load(&self.data_dir)?);
+        let store = Store::open(&self.data_dir.join(crate::store::DB_FILE))?;
+        let mut clock = Clock { last: 0 };
+        let now = clock.now();
+        let restored = store.restore(now)?;
+        let seed = now ^ u64::from(std::process::id()).rotate_left(32);
+        let mut core = Core::new(
+            self.config.policy.clone(),
+            self.config.limits.clone(),
+            restored,
+            now,
+            seed,
+        );
+        let host = hostname();
+        let advertise = self.config.advertise_addr(&host);
+        let server_cfg = muster_protocol::tls::server_config(
+            pki.ca_der.clone(),
+            pki.server_chain.clone(),
+            pki.server_key.clone_key(),
+        )?;
+        let endpoint =
+            quinn::Endpoint::server(server_cfg, self.config.listen).map_err(|source| {
+                StartError::Bind {
+                    addr: self.config.listen,
+                    source,
+                }
+            })?;
+        let addr = endpoint.local_addr().map_err(|source| StartError::Bind {
+            addr: self.config.listen,
+            source,
+        })?;
+        // The token must name the port really bound (listen may say :0 in tests).
+        let advertise = if advertise.ends_with(":0") {
+            addr.to_string()
+        } else {
+            advertise
+        };
+        core.set_token_prefix(token_prefix(&advertise, &pki.ca_fingerprint()));
+        let (to_core, rx) = mpsc::channel(CORE_QUEUE_LEN);
+        let metrics = Arc::new(Metrics::default());
+        let events_max = self.config.policy.events_max;
+        let m = metrics.clone();
+        let core_thread = std::thread::Builder::new()
+            .name("muster-core".into())
+            .spawn(move || core_loop(core, store, rx, m, clock, events_max))
+            .map_err(|source| StartError::Bind { addr, source })?;
+        let shared = Arc::new(Shared {
+            to_core: to_core.clone(),
+            pki,
+            metrics,
+            enroll_limit: Mutex::new(RateLimit::new(self.config.limits.enroll_per_minute)),
+            next_conn: AtomicU64::new(1),
+            max_frame: self.config.limits.max_frame_bytes as usize,
+        });
+        let accept = tokio::spawn(accept_loop(endpoint.clone(), shared));
+        let tick_tx = to_core.clone();
+        let ticker = tokio::spawn(async move {
+            let mut every = tokio::time::interval(TICK);
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                every.tick().await;
+                // A full queue already keeps the core busy; dropping a tick loses nothing.
+                if let Err(mpsc::error::TrySendError::Closed(_)) = tick_tx.try_send(ToCore::Tick) {
+                    break;
+                }
+            }
+        });
+        info!(%addr, advertise, "hub listening");
+        Ok(Running {
+            addr,
+            endpoint,
+            to_core,
+            core_thread,
+            accept,
+            ticker,
+        })
+    }
+}
+
+impl Running {
+    /// Stops taking connections, lets the core commit what it has, and closes.
+    ///
+    /// # Errors
+    /// The store error that stopped the core, if one did.
+    pub async fn shutdown(self) -> Result<(), StoreError> {
+        self.accept.abort();
+        self.ticker.abort();
+        self.endpoint.close(0u32.into(), b"hub shutting down");
+        drop(self.to_core);
+        let core = tokio::task::spawn_blocking(move || self.core_thread.join());
+        let result = match core.await {
+            Ok(Ok(r)) => r,
+            _ => Err(StoreError::Db("the core thread panicked".into())),
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+        result
+    }
+
+    /// Waits until the core stops on its own (a fatal store error).
+    pub fn core_finished(&self) -> bool {
+        self.core_thread.is_finished()
+    }
+}
+
+struct Shared {
+    to_core: mpsc::Sender<ToCore>,
+    pki: Arc<Pki>,
+    metrics: Arc<Metrics>,
+    enroll_limit: Mutex<RateLimit>,
+    next_conn: AtomicU64,
+    max_frame: usize,
+}
+
+/// A fixed-window limit on events per minute; pure, takes `now`.
+#[derive(Debug)]
+pub struct RateLimit {
+    per_minute: u32,
+    window_start: Millis,
+    count: u32,
+}
+
+impl RateLimit {
+    /// A limit of `per_minute` events.
+    pub fn new(per_minute: u32) -> Self {
+        RateLimit {
+            per_minute,
+            window_start: 0,
+            count: 0,
+        }
+    }
+
+    /// Counts one event at `now`; `Err(seconds to wait)` when over the limit.
+    pub fn check(&mut self, now: Millis) -> Result<(), u64> {
+        if now >= self.window_start + 60_000 {
+            self.window_start = now;
+            self.count = 0;
+        }
+        if self.count >= self.per_minute {
+            return Err((self.window_start + 60_000 - now).div_ceil(1000));
+        }
+        self.count += 1;
+        Ok(())
+    }
+}
+
+fn wall_ms() -> Millis {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// The machine's host name, for token addresses and default SANs.
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>) {
+    while let Some(incoming) = endpoint.accept().await {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            match incoming.await {
+                Ok(conn) => handle_connection(conn, shared).await,
+                Err(e) => debug!("handshake failed: {e}"),
+            }
+        });
+    }
+}
+
+async fn handle_connection(conn: quinn::Connection, shared: Arc<Shared>) {
+    let alpn = muster_protocol::tls::negotiated_alpn(&conn).unwrap_or_default();
+    if alpn == ALPN_ENROLL {
+        return handle_enroll_conn(conn, shared).await;
+    }
+    // muster/1 needs a client certificate issued by our CA (rustls checked the chain);
+    // without one the connection is closed before a byte is read.
+    let Some(leaf) = muster_protocol::tls::peer_leaf(&conn) else {
+        conn.close(1u32.into(), b"client certificate required");
+        return;
+    };
+    let fingerprint = muster_protocol::tls::fingerprint(leaf.as_ref());
+    let conn_id = ConnId(shared.next_conn.fetch_add(1, Ordering::Relaxed));
+    loop {
+        let (send, recv) = match conn.accept_bi().await {
+            Ok(s) => s,
+            Err(_) => break,
+        };
+        let shared = shared.clone();
+        let fingerprint = fingerprint.clone();
+        let conn = conn.clone();
+        tokio::spawn(async move {
+            handle_stream(conn, conn_id, fingerprint, send, recv, shared).await;
+        });
+    }
+}
+
+fn framed(
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    max: usize,
+) -> (
+    FramedWrite<quinn::SendStream, LengthDelimitedCodec>,
+    FramedRead<quinn::RecvStream, LengthDelimitedCodec>,
+) {
+    (
+        FramedWrite::new(send, frame_codec(max)),
+        FramedRead::new(recv, frame_codec(max)),
+    )
+}
+
+async fn send_frame<T: serde::Serialize>(
+    wr: &mut FramedWrite<quinn::SendStream, LengthDelimitedCodec>,
+    msg: &T,
+) -> Result<usize, String> {
+    let bytes = encode(msg).map_err(|e| e.to_string())?;
+    let n = bytes.len() + 4;
+    wr.send(Bytes::from(bytes))
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(n)
+}
+
+async fn handle_stream(
+    conn: quinn::Connection,
+    conn_id: ConnId,
+    fingerprint: String,
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    shared: Arc<Shared>,
+) {
+    let (mut wr, mut rd) = framed(send, recv, shared.max_frame);
+    let first = match rd.next().await {
+        Some(Ok(f)) => f,
+        Some(Err(e)) => {
+            warn!(peer = %conn.remote_address(), "closing stream: bad first frame: {e}");
+            return;
+        }
+        None => return,
+    };
+    if let Some(v) = peek_protocol(&first).filter(|v| *v != PROTOCOL_VERSION) {
+        let refusal = Refused::ProtocolMismatch {
+            hub: PROTOCOL_VERSION,
+            peer: v,
+        };
+        // The peer may be a session or an operator: both read the refusal text.
+        let _ = send_frame(&mut wr, &HubMsg::Refused(refusal)).await;
+        let _ = wr.get_mut().finish();
+        return;
+    }
+    let open: Open = match decode(&first) {
+        Ok(o) => o,
+        Err(e) => {
+            warn!(peer = %conn.remote_address(), "closing stream: {e}");
+            return;
+        }
+    };
+    match open.body {
+        OpenBody::Session(hello) => {
+            run_session(conn, conn_id, fingerprint, hello, wr, rd, shared).await;
+        }
+        OpenBody::Request(OpRequest::Watch { from }) => {
+            run_watch(fingerprint, from, wr, shared).await;
+        }
+        OpenBody::Request(request) => {
+            let (tx, rx) = oneshot::channel();
+            let msg = ToCore::Op {
+                fingerprint,
+                request,
+                reply: tx,
+            };
+            let resp = if shared.to_core.send(msg).await.is_err() {
+                internal("the hub is shutting down")
+            } else {
+                rx.await
+                    .unwrap_or_else(|_| internal("the hub is shutting down"))
+            };
+            let _ = send_frame(&mut wr, &resp).await;
+            let _ = wr.get_mut().finish();
+            // Let the peer read the answer before the stream is dropped.
+            let _ = tokio::time::timeout(Duration::from_secs(5), wr.get_mut().stopped()).await;
+        }
+    }
+}
+
+fn internal(msg: &str) -> OpResponse {
+    OpResponse::Error(OpError {
+        code: OpErrorCode::Internal,
+        message: msg.into(),
+    })
+}
+
+async fn run_session(
+    conn: quinn::Connection,
+    conn_id: ConnId,
+    fingerprint: String,
+    hello: muster_protocol::msg::Hello,
+    mut wr: FramedWrite<quinn::SendStream, LengthDelimitedCodec>,
+    mut rd: FramedRead<quinn::RecvStream, LengthDelimitedCodec>,
+    shared: Arc<Shared>,
+) {
+    let (tx, mut rx) = mpsc::channel::<HubMsg>(SESSION_QUEUE_LEN);
+    let agent = hello.agent.to_string();
+    let hello_msg = ToCore::Hello {
+        conn: conn_id,
+        fingerprint,
+        hello,
+        tx,
+        connection: conn.clone(),
+    };
+    if shared.to_core.send(hello_msg).await.is_err() {
+        return;
+    }
+    let metrics = shared.metrics.clone();
+    let writer = tokio::spawn(async move {
+        while let Some(msg) = rx.recv().await {
+            let last = matches!(msg, HubMsg::Refused(_));
+            match send_frame(&mut wr, &msg).await {
+                Ok(n) => {
+                    metrics.msgs_out.fetch_add(1, Ordering::Relaxed);
+                    metrics.bytes.fetch_add(n as u64, Ordering::Relaxed);
+                }
+                Err(_) => break,
+            }
+            if last {
+                let _ = wr.get_mut().finish();
+                break;
+            }
+        }
+    });
+    loop {
+        let frame = match rd.next().await {
+            Some(Ok(f)) => f,
+            Some(Err(e)) => {
+                warn!(agent, "closing session: {e}");
+                break;
+            }
+            None => break,
+        };
+        let msg: SessionMsg = match decode(&frame) {
+            Ok(m) => m,
+            Err(e) => {
+                warn!(agent, "closing session: {e}");
+                break;
+            }
+        };
+        if !matches!(msg, SessionMsg::Heartbeat(_)) {
+            shared.metrics.msgs_in.fetch_add(1, Ordering::Relaxed);
+            shared
+                .metrics
+                .bytes
+                .fetch_add(frame.len() as u64 + 4, Ordering::Relaxed);
+        }
+        if shared
+            .to_core
+            .send(ToCore::Session { conn: conn_id, msg })
+            .await
+            .is_err()
+        {
+            break;
+        }
+    }
+    let _ = shared.to_core.send(ToCore::Closed { conn: conn_id }).await;
+    writer.abort();
+    // A session stream that failed takes its connection with it: the sidecar reconnects.
+    conn.close(2u32.into(), b"session ended");
+}
+
+async fn run_watch(
+    fingerprint: String,
+    from: Option<EventSeq>,
+    mut wr: FramedWrite<quinn::SendStream, LengthDelimitedCodec>,
+    shared: Arc<Shared>,
+) {
+    let (tx, mut rx) = mpsc::channel(WATCH_PAGE * 2);
+    let msg = ToCore::Watch {
+        fingerprint,
+        tx,
+        from,
+    };
+    if shared.to_core.send(msg).await.is_err() {
+        return;
+    }
+    while let Some(ev) = rx.recv().await {
+        if send_frame(&mut wr, &ev).await.is_err() {
+            return;
+        }
+    }
+    let _ = wr.get_mut().finish();
+}
+
+async fn handle_enroll_conn(conn: quinn::Connection, shared: Arc<Shared>) {
+    let Ok((send, recv)) = conn.accept_bi().await else {
+        return;
+    };
+    let (mut wr, mut rd) = framed(send, recv, 64 * 1024);
+    let resp = match rd.next().await {
+        Some(Ok(frame)) => enroll(&frame, &shared).await,
+        _ => return,
+    };
+    let _ = send_frame(&mut wr, &resp).await;
+    let _ = wr.get_mut().finish();
+    let _ = tokio::time::timeout(Duration::from_secs(5), wr.get_mut().stopped()).await;
+}
+
+async fn enroll(frame: &[u8], shared: &Shared) -> EnrollResponse {
+    let refuse = EnrollResponse::Refused;
+    let limited = shared
+        .enroll_limit
+        .lock()
+        .map(|mut l| l.check(wall_ms()))
+        .unwrap_or(Ok(()));
+    if let Err(wait) = limited {
+        return refuse(EnrollRefusal::RateLimited {
+            retry_after_s: wait,
+        });
+    }
+    if let Some(v) = peek_protocol(frame).filter(|v| *v != PROTOCOL_VERSION) {
+        return refuse(EnrollRefusal::ProtocolMismatch {
+            hub: PROTOCOL_VERSION,
+            peer: v,
+        });
+    }
+    let req: EnrollRequest = match decode(frame) {
+        Ok(r) => r,
+        Err(e) => {
+            return refuse(EnrollRefusal::BadRequest {
+                reason: e.to_string(),
+            });
+        }
+    };
+    let bad = |reason: String| refuse(EnrollRefusal::BadRequest { reason });
+    let key_fp = match csr_key_fingerprint(&req.csr_pem) {
+        Ok(fp) => fp,
+        Err(e) => return bad(format!("certificate signing request: {e}")),
+    };
+    let (cert_pem, fingerprint) = match shared.pki.sign_csr(&req.csr_pem, req.name.as_str()) {
+        Ok(c) => c,
+        Err(e) => return bad(format!("certificate signing request: {e}")),
+    };
+    let _ = cert_key_fingerprint;
+    let secret_hash = muster_protocol::tls::fingerprint(req.secret.as_bytes());
+    let (tx, rx) = oneshot::channel();
+    let msg = ToCore::Enroll {
+        secret_hash,
+        role: req.role,
+        name: req.name.to_string(),
+        cert: (cert_pem, fingerprint, key_fp),
+        reply: tx,
+    };
+    if shared.to_core.send(msg).await.is_err() {
+        return bad("the hub is shutting down".into());
+    }
+    match rx.await {
+        Ok(EnrollResponse::Enrolled { cert_pem, .. }) => EnrollResponse::Enrolled {
+            cert_pem,
+            ca_pem: shared.pki.ca_pem.clone(),
+        },
+        Ok(other) => other,
+        Err(_) => bad("the hub is shutting down".into()),
+    }
+}
+
+// === The core loop ===
+
+struct SessionHandle {
+    tx: mpsc::Sender<HubMsg>,
+    connection: quinn::Connection,
+}
+
+struct Watcher {
+    tx: mpsc::Sender<OpResponse>,
+    next: u64,
+}
+
+enum Pending {
+    Op(oneshot::Sender<OpResponse>),
+    Enroll(oneshot::Sender<EnrollResponse>),
+}
+
+fn core_loop(
+    mut core: Core,
+    store: Store,
+    mut rx: mpsc::Receiver<ToCore>,
+    metrics: Arc<Metrics>,
+    mut clock: Clock,
+    events_max: u64,
+) -> Result<(), StoreError> {
+    let mut sessions: HashMap<ConnId, SessionHandle> = HashMap::new();
+    let mut pending: HashMap<u64, Pending> = HashMap::new();
+    let mut watchers: Vec<Watcher> = Vec::new();
+    let mut next_reply = 0u64;
+    let watchdog = watchdog_interval();
+    let mut last_watchdog = Instant::now();
+    let mut batch = Vec::with_capacity(BATCH_LEN_MAX);
+    while let Some(first) = rx.blocking_recv() {
+        batch.push(first);
+        while batch.len() < BATCH_LEN_MAX {
+            match rx.try_recv() {
+                Ok(m) => batch.push(m),
+                Err(_) => break,
+            }
+        }
+        let now = clock.now();
+        let mut queries = Vec::new();
+        {
+            let reader = store.reader()?;
+            for msg in batch.drain(..) {
+                let input = match msg {
+                    ToCore::Hello {
+                        conn,
+                        fingerprint,
+                        hello,
+                        tx,
+                        connection,
+                    } => {
+                        sessions.insert(conn, SessionHandle { tx, connection });
+                        Input::Hello {
+                            conn,
+                            fingerprint,
+                            hello,
+                        }
+                    }
+                    ToCore::Session { conn, msg } => Input::Session { conn, msg },
+                    ToCore::Closed { conn } => {
+                        sessions.remove(&conn);
+                        Input::Closed { conn }
+                    }
+                    ToCore::Op {
+                        fingerprint,
+                        request,
+                        reply,
+                    } => {
+                        if matches!(
+                            request,
+                            OpRequest::Tasks { .. } | OpRequest::TaskShow { .. }
+                        ) {
+                            queries.push((fingerprint, request, reply));
+                            continue;
+                        }
+                        let token_secret =
+                            matches!(request, OpRequest::TokenCreate { .. }).then(new_secret);
+                        next_reply += 1;
+                        pending.insert(next_reply, Pending::Op(reply));
+                        Input::Op {
+                            fingerprint,
+                            request,
+                            reply: ReplyId(next_reply),
+                            token_secret,
+                        }
+                    }
+                    ToCore::Enroll {
+                        secret_hash,
+                        role,
+                        name,
+                        cert,
+                        reply,
+                    } => {
+                        next_reply += 1;
+                        pending.insert(next_reply, Pending::Enroll(reply));
+                        Input::Enroll {
+                            secret_hash,
+                            role,
+                            name,
+                            cert,
+                            reply: ReplyId(next_reply),
+                        }
+                    }
+                    ToCore::Tick => Input::Tick,
+                    ToCore::Watch {
+                        fingerprint,
+                        tx,
+                        from,
+                    } => {
+                        start_watch(&core, &store, fingerprint, tx, from, &mut watchers);
+                        continue;
+                    }
+                };
+                core.handle(now, input, &reader);
+            }
+        }
+        let out = core.take_output();
+        let started = Instant::now();
+        // Commit before acknowledge: nothing below leaves until this returns Ok.
+        store.commit(&out.writes, events_max)?;
+        if !out.writes.is_empty() {
+            metrics.commits.fetch_add(1, Ordering::Relaxed);
+            metrics
+                .writes
+                .fetch_add(out.writes.len() as u64, Ordering::Relaxed);
+            metrics
+                .commit_us
+                .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+        }
+        for (conn, msg) in out.sends {
+            let Some(s) = sessions.get(&conn) else {
+                continue;
+            };
+            if s.tx.try_send(msg).is_err() {
+                warn!(?conn, "session queue full or closed; disconnecting it");
+                s.connection.close(3u32.into(), b"too slow");
+                sessions.remove(&conn);
+            }
+        }
+        for (id, reply) in out.replies {
+            match (pending.remove(&id.0), reply) {
+                (Some(Pending::Op(tx)), Reply::Op(mut r)) => {
+                    add_shell_stats(&mut r, &metrics, &core);
+                    let _ = tx.send(r);
+                }
+                (Some(Pending::Enroll(tx)), Reply::Enroll(r)) => {
+                    let _ = tx.send(r);
+                }
+                _ => {}
+            }
+        }
+        for conn in out.closes {
+            if let Some(s) = sessions.remove(&conn) {
+                // Let the refusal frame go out first; the close follows shortly.
+                let c = s.connection.clone();
+                drop(s);
+                std::thread::spawn(move || {
+                    std::thread::sleep(Duration::from_millis(50));
+                    c.close(4u32.into(), b"closed by the hub");
+                });
+            }
+        }
+        for (fingerprint, request, reply) in queries {
+            let _ = reply.send(query(&core, &store, &fingerprint, request));
+        }
+        feed_watchers(&store, &mut watchers);
+        if let Some(interval) = watchdog
+            && last_watchdog.elapsed() >= interval / 2
+        {
+            let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+            last_watchdog = Instant::now();
+        }
+    }
+    Ok(())
+}
+
+fn watchdog_interval() -> Option<Duration> {
+    sd_notify::watchdog_enabled()
+}
+
+fn new_secret() -> (String, String) {
+    use ring::rand::SecureRandom;
+    let mut bytes = [0u8; 32];
+    // The system RNG failing is unrecoverable for a PKI; an all-zero secret is never used.
+    if ring::rand::SystemRandom::new().fill(&mut bytes).is_err() {
+        panic!("the system random number generator failed");
+    }
+    let secret = muster_protocol::tls::hex(&bytes);
+    let hash = muster_protocol::tls::fingerprint(secret.as_bytes());
+    (secret, hash)
+}
+
+fn add_shell_stats(resp: &mut OpResponse, metrics: &Metrics, core: &Core) {
+    let OpResponse::Ok { json } = resp else {
+        return;
+    };
+    let Ok(mut v) = serde_json::from_str::<serde_json::Value>(json) else {
+        return;
+    };
+    if v.get("finished").is_none() || v.get("heartbeats").is_none() {
+        return;
+    }
+    let finished = core.counters().finished.max(1) as f64;
+    let msgs = metrics.msgs_in.load(Ordering::Relaxed) + metrics.msgs_out.load(Ordering::Relaxed);
+    let bytes = metrics.bytes.load(Ordering::Relaxed);
+    let commits = metrics.commits.load(Ordering::Relaxed);
+    let writes = metrics.writes.load(Ordering::Relaxed);
+    v["messages"] = msgs.into();
+    v["bytes"] = bytes.into();
+    v["messages_per_finished_task"] = (msgs as f64 / finished).into();
+    v["bytes_per_finished_task"] = (bytes as f64 / finished).into();
+    v["commits"] = commits.into();
+    v["mean_group_size"] = (writes as f64 / commits.max(1) as f64).into();
+    v["mean_commit_ms"] =
+        (metrics.commit_us.load(Ordering::Relaxed) as f64 / commits.max(1) as f64 / 1000.0).into();
+    *json = v.to_string();
+}
+
+fn authorize_read(core: &Core, fingerprint: &str) -> Result<(), OpResponse> {
+    match core.identity(fingerprint) {
+        Some(i) if i.role != muster_protocol::msg::Role::Agent => Ok(()),
+        Some(i) => Err(OpResponse::Error(OpError {
+            code: OpErrorCode::Forbidden,
+            message: format!(
+                "{} has role agent and may not read (role operator or admin needed)",
+                i.name
+            ),
+        })),
+        None => Err(OpResponse::Error(OpError {
+            code: OpErrorCode::Forbidden,
+            message: "this credential is not enrolled at this hub or has been revoked".into(),
+        })),
+    }
+}
+
+/// Serves the read-only task queries from the store, after the batch's commit.
+fn query(core: &Core, store: &Store, fingerprint: &str, request: OpRequest) -> OpResponse {
+    if let Err(e) = authorize_read(core, fingerprint) {
+        return e;
+    }
+    let result = (|| -> Result<OpResponse, StoreError> {
+        let reader = store.reader()?;
+        Ok(match request {
+            OpRequest::TaskShow { id } => match reader.task(id)? {
+                Some(t) => {
+                    let mut v = views::task_json(&t);
+                    let attempts: Vec<_> = reader
+                        .attempts(id)?
+                        .iter()
+                        .map(views::attempt_json)
+                        .collect();
+                    v["attempt_history"] = attempts.into();
+                    OpResponse::Ok {
+                        json: v.to_string(),
+                    }
+                }
+                None => not_found_task(id),
+            },
+            OpRequest::Tasks {
+                state,
+                agent,
+                limit,
+                cursor,
+            } => {
+                let state = match state.as_deref().map(|s| (s, TaskState::parse(s))) {
+                    Some((s, None)) => {
+                        return Ok(OpResponse::Error(OpError {
+                            code: OpErrorCode::Invalid,
+                            message: format!(
+                                "--state {s:?} is not a state; use one of blocked, queued, assigned, accepted, running, completed, failed, cancelled"
+                            ),
+                        }));
+                    }
+                    Some((_, Some(s))) => Some(s),
+                    None => None,
+                };
+                let limit = limit.clamp(1, muster_protocol::limits::PAGE_LEN_MAX) as usize;
+                let page = reader.tasks(state, agent.as_deref(), limit, cursor)?;
+                let tasks: Vec<_> = page.tasks.iter().map(views::task_json).collect();
+                OpResponse::Ok {
+                    json: serde_json::json!({ "tasks": tasks, "next_cursor": page.next_cursor })
+                        .to_string(),
+                }
+            }
+            _ => internal("not a query"),
+        })
+    })();
+    result.unwrap_or_else(|e| internal(&format!("store: {e}")))
+}
+
+fn not_found_task(id: TaskId) -> OpResponse {
+    OpResponse::Error(OpError {
+        code: OpErrorCode::NotFound,
+        message: format!("no task {id}; `muster-hub tasks` lists them"),
+    })
+}
+
+fn start_watch(
+    core: &Core,
+    store: &Store,
+    fingerprint: String,
+    tx: mpsc::Sender<OpResponse>,
+    from: Option<EventSeq>,
+    watchers: &mut Vec<Watcher>,
+) {
+    if let Err(e) = authorize_read(core, &fingerprint) {
+        let _ = tx.try_send(e);
+        return;
+    }
+    let Ok(reader) = store.reader() else { return };
+    let last = reader.last_event().ok().flatten().unwrap_or(0);
+    let next = match from {
+        None => last + 1,
+        Some(EventSeq(seq)) => {
+            let oldest = reader.events(0, 1).ok().and_then(|(_, o)| o).unwrap_or(1);
+            if seq < oldest {
+                // Pruned: say so, then send a fresh snapshot and continue from now.
+                let note =
+                    serde_json::json!({"kind": "pruned", "requested": seq, "oldest": oldest});
+                let _ = tx.try_send(OpResponse::Event {
+                    seq: EventSeq(0),
+                    json: note.to_string(),
+                });
+                snapshot(&reader, &tx);
+                last + 1
+            } else {
+                seq
+            }
+        }
+    };
+    watchers.push(Watcher { tx, next });
+}
+
+fn snapshot(reader: &crate::store::Reader, tx: &mpsc::Sender<OpResponse>) {
+    for state in TaskState::ALL.iter().filter(|s| !s.is_terminal()) {
+        if let Ok(page) = reader.tasks(Some(*state), None, 1000, None) {
+            for t in page.tasks {
+                let mut v = views::task_json(&t);
+                v["kind"] = "snapshot_task".into();
+                let _ = tx.try_send(OpResponse::Event {
+                    seq: EventSeq(0),
+                    json: v.to_string(),
+                });
+            }
+        }
+    }
+}
+
+fn feed_watchers(store: &Store, watchers: &mut Vec<Watcher>) {
+    if watchers.is_empty() {
+        return;
+    }
+    let Ok(reader) = store.reader() else { return };
+    watchers.retain_mut(|w| {
+        if w.tx.is_closed() {
+            return false;
+        }
+        let room = w.tx.capacity().min(WATCH_PAGE);
+        let Ok((events, _)) = reader.events(w.next, room) else {
+            return true;
+        };
+        for e in events {
+            let msg = OpResponse::Event {
+                seq: EventSeq(e.seq),
+                json: e.json,
+            };
+            if w.tx.try_send(msg).is_err() {
+                return true;
+            }
+            w.next = e.seq + 1;
+        }
+        true
+    });
+}
+
+/// Creates a data directory's PKI, config and database (`muster-hub init`).
+///
+/// # Errors
+/// A message naming what failed.
+pub fn init_data_dir(dir: &Path, config: &HubConfig, sans: &[String]) -> Result<String, String> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let (pki, admin) = Pki::create(dir, sans).map_err(|e| e.to_string())?;
+    crate::pki::write_file(
+        &dir.join(crate::config::CONFIG_FILE),
+        config.render().as_bytes(),
+        0o644,
+    )
+    .map_err(|e| e.to_string())?;
+    let store = Store::open(&dir.join(crate::store::DB_FILE)).map_err(|e| e.to_string())?;
+    let key_fp = x509_key_fp(&admin.cert_pem).unwrap_or_default();
+    let id = crate::core::Identity {
+        name: "admin".into(),
+        role: muster_protocol::msg::Role::Admin,
+        fingerprint: admin.fingerprint.clone(),
+        key_fingerprint: key_fp,
+        created_at: wall_ms(),
+        revoked_at: None,
+    };
+    store
+        .commit(&[crate::core::Write::Identity(id)], u64::MAX)
+        .map_err(|e| e.to_string())?;
+    Ok(pki.ca_fingerprint())
+}
+
+fn x509_key_fp(cert_pem: &str) -> Option<String> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let der = CertificateDer::from_pem_slice(cert_pem.as_bytes()).ok()?;
+    cert_key_fingerprint(der.as_ref())
+}

@@ -1,0 +1,340 @@
+//! The client side shared by the sidecar, the operator CLI and the tests:
+//! join tokens, enrollment, and one operator request per stream.
+
+use std::net::SocketAddr;
+use std::str::FromStr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::{SinkExt, StreamExt};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio_util::codec::{FramedRead, FramedWrite};
+
+use crate::limits::FRAME_BYTES_MAX;
+use crate::msg::{
+    EnrollRequest, EnrollResponse, HubMsg, OpRequest, OpResponse, Open, OpenBody, Role,
+};
+use crate::{AgentName, PROTOCOL_VERSION, decode, encode, frame_codec, tls};
+
+/// How long a connection attempt may take before it is reported as unreachable.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A client-side failure, phrased for the person at the terminal.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The join token is malformed.
+    #[error("bad join token: {0}")]
+    BadToken(String),
+    /// The hub address did not resolve.
+    #[error("cannot resolve hub address {0:?}: {1}")]
+    Resolve(String, String),
+    /// No QUIC connection could be made.
+    #[error("cannot reach the hub at {addr}: {reason}")]
+    Connect {
+        /// The address tried.
+        addr: String,
+        /// What failed.
+        reason: String,
+    },
+    /// The hub refused us (credential, version, enrollment).
+    #[error("{0}")]
+    Refused(String),
+    /// The hub's answer made no sense or the stream broke.
+    #[error("talking to the hub: {0}")]
+    Protocol(String),
+    /// A local credential is unusable.
+    #[error("credential: {0}")]
+    Credential(String),
+}
+
+/// A join token: `muster1/<hub address>/<CA SHA-256>/<secret>`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JoinToken {
+    /// Where the hub listens.
+    pub hub: String,
+    /// The CA fingerprint to pin.
+    pub ca_fingerprint: String,
+    /// The single-use secret.
+    pub secret: String,
+}
+
+impl FromStr for JoinToken {
+    type Err = ClientError;
+    fn from_str(s: &str) -> Result<Self, ClientError> {
+        let s = s.trim();
+        let bad = |why: &str| {
+            ClientError::BadToken(format!(
+                "{why}; a token looks like muster1/<hub>/<64 hex>/<64 hex>, as printed by `muster-hub token create`"
+            ))
+        };
+        let rest = s
+            .strip_prefix("muster1/")
+            .ok_or_else(|| bad("it does not start with muster1/"))?;
+        let mut parts = rest.rsplitn(3, '/');
+        let secret = parts.next().unwrap_or_default();
+        let fp = parts.next().unwrap_or_default();
+        let hub = parts.next().unwrap_or_default();
+        let hex64 = |x: &str| x.len() == 64 && x.bytes().all(|b| b.is_ascii_hexdigit());
+        if hub.is_empty() {
+            return Err(bad("it names no hub address"));
+        }
+        if !hex64(fp) {
+            return Err(bad("its CA fingerprint is not 64 hex digits"));
+        }
+        if !hex64(secret) {
+            return Err(bad("its secret is not 64 hex digits"));
+        }
+        Ok(JoinToken {
+            hub: hub.into(),
+            ca_fingerprint: fp.to_ascii_lowercase(),
+            secret: secret.into(),
+        })
+    }
+}
+
+/// Resolves `host:port` to a socket address.
+///
+/// # Errors
+/// [`ClientError::Resolve`].
+pub async fn resolve(hub: &str) -> Result<SocketAddr, ClientError> {
+    let mut addrs = tokio::net::lookup_host(hub)
+        .await
+        .map_err(|e| ClientError::Resolve(hub.into(), e.to_string()))?;
+    addrs
+        .next()
+        .ok_or_else(|| ClientError::Resolve(hub.into(), "no address".into()))
+}
+
+/// The TLS server name for a hub address: its host part.
+pub fn server_name(hub: &str) -> String {
+    let host = hub.rsplit_once(':').map_or(hub, |(h, _)| h);
+    host.trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string()
+}
+
+/// A client endpoint bound to an ephemeral port of the address family of `addr`.
+///
+/// # Errors
+/// [`ClientError::Connect`] when no UDP socket can be bound.
+pub fn endpoint_for(addr: SocketAddr) -> Result<quinn::Endpoint, ClientError> {
+    let bind: SocketAddr = if addr.is_ipv6() {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+    };
+    quinn::Endpoint::client(bind).map_err(|e| ClientError::Connect {
+        addr: addr.to_string(),
+        reason: format!("cannot bind a UDP socket: {e}"),
+    })
+}
+
+async fn dial(
+    endpoint: &quinn::Endpoint,
+    cfg: quinn::ClientConfig,
+    hub: &str,
+    addr: SocketAddr,
+) -> Result<quinn::Connection, ClientError> {
+    let connecting = endpoint
+        .connect_with(cfg, addr, &server_name(hub))
+        .map_err(|e| ClientError::Connect {
+            addr: hub.into(),
+            reason: e.to_string(),
+        })?;
+    match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
+        Ok(Ok(c)) => Ok(c),
+        Ok(Err(e)) => Err(ClientError::Connect {
+            addr: hub.into(),
+            reason: e.to_string(),
+        }),
+        Err(_) => Err(ClientError::Connect {
+            addr: hub.into(),
+            reason: format!(
+                "no answer within {} s (is the hub running and the UDP port open?)",
+                CONNECT_TIMEOUT.as_secs()
+            ),
+        }),
+    }
+}
+
+/// Enrolls with a join token: pins the CA, sends the CSR, returns (certificate PEM, CA PEM).
+///
+/// # Errors
+/// [`ClientError::Refused`] with the hub's reason (expired, used, unknown, wrong role, …).
+pub async fn enroll(
+    token: &JoinToken,
+    name: &AgentName,
+    role: Role,
+    csr_pem: String,
+) -> Result<(String, String), ClientError> {
+    let addr = resolve(&token.hub).await?;
+    let endpoint = endpoint_for(addr)?;
+    let cfg = tls::enroll_client_config(&token.ca_fingerprint)
+        .map_err(|e| ClientError::Credential(e.to_string()))?;
+    let conn = dial(&endpoint, cfg, &token.hub, addr).await.map_err(|e| match e {
+        ClientError::Connect { reason, .. } if reason.contains("fingerprint") => ClientError::Refused(
+            "the hub's CA does not match the fingerprint in the join token: refusing to send the secret (forged token, or the wrong hub)".into(),
+        ),
+        other => other,
+    })?;
+    let req = EnrollRequest {
+        protocol: PROTOCOL_VERSION,
+        secret: token.secret.clone(),
+        role,
+        name: name.clone(),
+        csr_pem,
+    };
+    let resp: EnrollResponse = exchange(&conn, &req).await?;
+    conn.close(0u32.into(), b"done");
+    endpoint.wait_idle().await;
+    match resp {
+        EnrollResponse::Enrolled { cert_pem, ca_pem } => {
+            // The CA we were given must be the one we pinned.
+            let der = CertificateDer::from_pem_slice(ca_pem.as_bytes())
+                .map_err(|_| ClientError::Protocol("the hub sent a malformed CA".into()))?;
+            if tls::fingerprint(der.as_ref()) != token.ca_fingerprint {
+                return Err(ClientError::Refused(
+                    "the hub sent a CA that does not match the token's fingerprint".into(),
+                ));
+            }
+            Ok((cert_pem, ca_pem))
+        }
+        EnrollResponse::Refused(r) => Err(ClientError::Refused(format!("enrollment refused: {r}"))),
+    }
+}
+
+/// PEM credentials for a `muster/1` connection.
+#[derive(Debug, Clone)]
+pub struct Credential {
+    /// The hub's CA.
+    pub ca_pem: String,
+    /// Our certificate.
+    pub cert_pem: String,
+    /// Our private key.
+    pub key_pem: String,
+}
+
+impl Credential {
+    /// The quinn client config for these credentials.
+    ///
+    /// # Errors
+    /// [`ClientError::Credential`] when a PEM does not parse.
+    pub fn client_config(&self) -> Result<quinn::ClientConfig, ClientError> {
+        let bad = |what: &str| ClientError::Credential(format!("the {what} is not valid PEM"));
+        let ca = CertificateDer::from_pem_slice(self.ca_pem.as_bytes())
+            .map_err(|_| bad("CA certificate"))?;
+        let cert = CertificateDer::from_pem_slice(self.cert_pem.as_bytes())
+            .map_err(|_| bad("certificate"))?;
+        let key = PrivateKeyDer::from_pem_slice(self.key_pem.as_bytes())
+            .map_err(|_| bad("private key"))?;
+        tls::session_client_config(ca, vec![cert], key)
+            .map_err(|e| ClientError::Credential(e.to_string()))
+    }
+}
+
+/// Connects with mutual TLS. A successful return does not yet prove the hub
+/// accepted the certificate: the first exchange does.
+///
+/// # Errors
+/// [`ClientError::Connect`] or [`ClientError::Credential`].
+pub async fn connect(
+    hub: &str,
+    cred: &Credential,
+) -> Result<(quinn::Endpoint, quinn::Connection), ClientError> {
+    let addr = resolve(hub).await?;
+    let endpoint = endpoint_for(addr)?;
+    let conn = dial(&endpoint, cred.client_config()?, hub, addr).await?;
+    Ok((endpoint, conn))
+}
+
+/// Sends one operator request on a new stream and reads the answer.
+///
+/// # Errors
+/// [`ClientError::Refused`] for a version mismatch or a refused credential.
+pub async fn request(conn: &quinn::Connection, req: OpRequest) -> Result<OpResponse, ClientError> {
+    let open = Open {
+        protocol: PROTOCOL_VERSION,
+        body: OpenBody::Request(req),
+    };
+    exchange(conn, &open).await
+}
+
+/// Opens a stream, sends one message, reads one answer, refusals decoded as such.
+async fn exchange<Q: serde::Serialize, A: serde::de::DeserializeOwned>(
+    conn: &quinn::Connection,
+    msg: &Q,
+) -> Result<A, ClientError> {
+    let (send, recv) = conn.open_bi().await.map_err(refused_or_lost)?;
+    let mut wr = FramedWrite::new(send, frame_codec(FRAME_BYTES_MAX));
+    let mut rd = FramedRead::new(recv, frame_codec(FRAME_BYTES_MAX));
+    let bytes = encode(msg).map_err(|e| ClientError::Protocol(e.to_string()))?;
+    wr.send(Bytes::from(bytes))
+        .await
+        .map_err(|e| io_err(conn, e))?;
+    let _ = wr.get_mut().finish();
+    let frame = match rd.next().await {
+        Some(Ok(f)) => f,
+        Some(Err(e)) => return Err(io_err(conn, e)),
+        None => {
+            return Err(match conn.close_reason() {
+                Some(r) => refused_or_lost(r),
+                None => ClientError::Protocol("the hub closed the stream without answering".into()),
+            });
+        }
+    };
+    decode::<A>(&frame).map_err(|e| match decode::<HubMsg>(&frame) {
+        Ok(HubMsg::Refused(r)) => ClientError::Refused(r.to_string()),
+        _ => ClientError::Protocol(format!("unexpected answer: {e}")),
+    })
+}
+
+/// A stream error: the connection's close reason explains it better when there is one.
+fn io_err(conn: &quinn::Connection, e: std::io::Error) -> ClientError {
+    match conn.close_reason() {
+        Some(r) => refused_or_lost(r),
+        None => ClientError::Protocol(e.to_string()),
+    }
+}
+
+/// Turns a connection error into a sentence: TLS refusals become "refused".
+pub fn refused_or_lost(e: quinn::ConnectionError) -> ClientError {
+    let text = e.to_string();
+    if text.contains("certificate")
+        || text.contains("UnknownIssuer")
+        || text.contains("116")
+        || text.contains("48")
+    {
+        ClientError::Refused(format!(
+            "the hub refused this credential ({text}); it may be from another hub or revoked, enroll again with a new token"
+        ))
+    } else {
+        ClientError::Protocol(format!("connection lost: {text}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_parse_and_refuse_garbage() {
+        let fp = "a".repeat(64);
+        let secret = "0".repeat(64);
+        let t: JoinToken = format!("muster1/[::1]:7440/{fp}/{secret}")
+            .parse()
+            .expect("token");
+        assert_eq!(t.hub, "[::1]:7440");
+        assert_eq!(server_name(&t.hub), "::1");
+        assert_eq!(server_name("hub.example.net:7440"), "hub.example.net");
+        for bad in [
+            "",
+            "muster1/",
+            "x/127.0.0.1:1/aa/bb",
+            &format!("muster1//{fp}/{secret}"),
+            &format!("muster1/h:1/{fp}/short"),
+        ] {
+            assert!(bad.parse::<JoinToken>().is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,432 @@
+//! What every agent command shares: the run directory and its files, the
+//! `MUSTER_*` environment, command resolution, exit statuses and output tails.
+//!
+//! Everything here that touches the disk is blocking and small; callers run
+//! it on the blocking pool.
+
+use std::ffi::OsString;
+use std::fs::{DirBuilder, File, OpenOptions};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::time::Duration;
+
+use muster_protocol::limits::TAIL_BYTES_MAX;
+use muster_protocol::msg::Failure;
+use serde::Serialize;
+use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::process::Command;
+
+use super::{AgentConfig, RunSpec};
+
+/// Largest status file read back; it holds one decimal number.
+const STATUS_BYTES_MAX: u64 = 64;
+
+/// Highest signal number a shell reports as `128 + N`.
+const SIGNAL_NUMBER_MAX: i32 = 64;
+
+/// How much of the health command's stderr is kept for the error message.
+const HEALTH_STDERR_BYTES_MAX: usize = 1024;
+
+/// Used when `PATH` is unset, as the shell would.
+const PATH_DEFAULT: &str = "/usr/local/bin:/usr/bin:/bin";
+
+/// The contents of `task.json`.
+#[derive(Serialize)]
+struct TaskFile<'a> {
+    id: u64,
+    generation: u64,
+    title: &'a str,
+    description: &'a str,
+    capabilities: &'a [String],
+    priority: i32,
+}
+
+/// The files and environment of one attempt.
+pub(super) struct Launch {
+    run_dir: PathBuf,
+    work_dir: PathBuf,
+    env: Vec<(&'static str, OsString)>,
+    /// `task.json`, or why it could not be encoded.
+    task_json: Result<Vec<u8>, String>,
+}
+
+impl Launch {
+    pub(super) fn new(run: &RunSpec, work_dir: &Path) -> Self {
+        let task_file = run.run_dir.join("task.json");
+        let task_json = serde_json::to_vec_pretty(&TaskFile {
+            id: run.task.0,
+            generation: run.generation.0,
+            title: &run.spec.title,
+            description: &run.spec.description,
+            capabilities: &run.spec.capabilities,
+            priority: run.spec.priority,
+        })
+        .map_err(|e| format!("could not encode task.json: {e}"));
+        let env = vec![
+            ("MUSTER_TASK_ID", run.task.0.to_string().into()),
+            ("MUSTER_GENERATION", run.generation.0.to_string().into()),
+            ("MUSTER_AGENT", run.agent.as_str().into()),
+            ("MUSTER_TASK_FILE", task_file.into_os_string()),
+            ("MUSTER_SOCKET", run.socket.clone().into_os_string()),
+        ];
+        Self {
+            run_dir: run.run_dir.clone(),
+            work_dir: work_dir.to_owned(),
+            env,
+            task_json,
+        }
+    }
+
+    pub(super) fn run_dir(&self) -> &Path {
+        &self.run_dir
+    }
+
+    pub(super) fn status_path(&self) -> PathBuf {
+        self.run_dir.join("status")
+    }
+
+    /// Creates the run and work directories and writes `task.json` (0600). Blocking.
+    pub(super) fn prepare(&self) -> Result<(), String> {
+        let json = self.task_json.as_ref().map_err(Clone::clone)?;
+        DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&self.run_dir)
+            .map_err(|e| {
+                format!(
+                    "could not create the run directory {}: {e}",
+                    self.run_dir.display()
+                )
+            })?;
+        std::fs::create_dir_all(&self.work_dir).map_err(|e| {
+            format!(
+                "could not create the working directory {}: {e}",
+                self.work_dir.display()
+            )
+        })?;
+        let path = self.run_dir.join("task.json");
+        create_private(&path)
+            .and_then(|mut f| f.write_all(json))
+            .map_err(|e| format!("could not write {}: {e}", path.display()))
+    }
+
+    /// Fresh `stdout` and `stderr` files in the run directory (0600). Blocking.
+    pub(super) fn output(&self) -> Result<(Stdio, Stdio), String> {
+        let open = |name: &str| {
+            let path = self.run_dir.join(name);
+            create_private(&path)
+                .map(Stdio::from)
+                .map_err(|e| format!("could not create {}: {e}", path.display()))
+        };
+        Ok((open("stdout")?, open("stderr")?))
+    }
+
+    /// A command with the `MUSTER_*` environment and working directory, stdin
+    /// closed, output discarded, in its own process group.
+    pub(super) fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut cmd = Command::new(program);
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)))
+            .current_dir(&self.work_dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .process_group(0);
+        cmd
+    }
+
+    /// The last bytes of the run's stdout and stderr. Blocking.
+    pub(super) fn tails(&self) -> (String, String) {
+        (
+            tail(&self.run_dir.join("stdout")),
+            tail(&self.run_dir.join("stderr")),
+        )
+    }
+
+    /// The exit status the exec wrapper recorded, if any. Blocking.
+    pub(super) fn recorded_status(&self) -> Option<i32> {
+        let mut text = String::new();
+        File::open(self.status_path())
+            .ok()?
+            .take(STATUS_BYTES_MAX)
+            .read_to_string(&mut text)
+            .ok()?;
+        text.trim().parse().ok()
+    }
+
+    /// A [`Failure`] for `command` with this run's tails. Blocking.
+    pub(super) fn failure(
+        &self,
+        reason: String,
+        exit: Option<Exit>,
+        command: &[String],
+    ) -> Failure {
+        let (stdout_tail, stderr_tail) = self.tails();
+        Failure {
+            reason,
+            exit_code: match exit {
+                Some(Exit::Code(code)) => Some(code),
+                _ => None,
+            },
+            signal: match exit {
+                Some(Exit::Signal(signal)) => Some(signal),
+                _ => None,
+            },
+            command: command.to_vec(),
+            stdout_tail,
+            stderr_tail,
+            no_retry: false,
+        }
+    }
+}
+
+fn create_private(path: &Path) -> io::Result<File> {
+    OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+}
+
+/// How a process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Exit {
+    /// It exited with this code.
+    Code(i32),
+    /// A signal ended it.
+    Signal(i32),
+}
+
+impl Exit {
+    /// From a status reported through `sh`, which turns "killed by signal N"
+    /// into exit code `128 + N`; codes in that range are read as signals.
+    pub(super) fn from_shell_code(code: i32) -> Self {
+        if (129..=128 + SIGNAL_NUMBER_MAX).contains(&code) {
+            Exit::Signal(code - 128)
+        } else {
+            Exit::Code(code)
+        }
+    }
+
+    /// From the status of the wrapper shell itself.
+    pub(super) fn from_wrapper(status: ExitStatus) -> Self {
+        use std::os::unix::process::ExitStatusExt;
+        match (status.code(), status.signal()) {
+            (Some(code), _) => Exit::from_shell_code(code),
+            (None, Some(signal)) => Exit::Signal(signal),
+            // Stopped or continued statuses never come out of wait for a child we do not trace.
+            (None, None) => Exit::Code(-1),
+        }
+    }
+
+    /// From the status of a command run directly (no shell in between).
+    pub(super) fn from_direct(status: ExitStatus) -> Self {
+        use std::os::unix::process::ExitStatusExt;
+        match (status.code(), status.signal()) {
+            (Some(code), _) => Exit::Code(code),
+            (None, Some(signal)) => Exit::Signal(signal),
+            (None, None) => Exit::Code(-1),
+        }
+    }
+
+    pub(super) fn success(self) -> bool {
+        self == Exit::Code(0)
+    }
+}
+
+impl std::fmt::Display for Exit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match *self {
+            Exit::Code(code) => write!(f, "exit status {code}"),
+            Exit::Signal(signal) => match signal_name(signal) {
+                Some(name) => write!(f, "killed by signal {signal} ({name})"),
+                None => write!(f, "killed by signal {signal}"),
+            },
+        }
+    }
+}
+
+fn signal_name(signal: i32) -> Option<&'static str> {
+    const NAMES: [(i32, &str); 14] = [
+        (libc::SIGHUP, "SIGHUP"),
+        (libc::SIGINT, "SIGINT"),
+        (libc::SIGQUIT, "SIGQUIT"),
+        (libc::SIGILL, "SIGILL"),
+        (libc::SIGTRAP, "SIGTRAP"),
+        (libc::SIGABRT, "SIGABRT"),
+        (libc::SIGBUS, "SIGBUS"),
+        (libc::SIGFPE, "SIGFPE"),
+        (libc::SIGKILL, "SIGKILL"),
+        (libc::SIGUSR1, "SIGUSR1"),
+        (libc::SIGSEGV, "SIGSEGV"),
+        (libc::SIGUSR2, "SIGUSR2"),
+        (libc::SIGPIPE, "SIGPIPE"),
+        (libc::SIGTERM, "SIGTERM"),
+    ];
+    NAMES
+        .iter()
+        .find(|(n, _)| *n == signal)
+        .map(|(_, name)| *name)
+}
+
+/// The last [`TAIL_BYTES_MAX`] bytes of a file as text, starting at a UTF-8
+/// boundary; invalid bytes become U+FFFD. Empty if the file cannot be read.
+pub(super) fn tail(path: &Path) -> String {
+    let Ok(mut file) = File::open(path) else {
+        return String::new();
+    };
+    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let start = len.saturating_sub(TAIL_BYTES_MAX as u64);
+    let mut bytes = Vec::with_capacity(TAIL_BYTES_MAX.min(len as usize));
+    if file.seek(SeekFrom::Start(start)).is_err()
+        || file
+            .take(TAIL_BYTES_MAX as u64)
+            .read_to_end(&mut bytes)
+            .is_err()
+    {
+        return String::new();
+    }
+    tail_text(&bytes, start > 0)
+}
+
+/// `bytes` as text of at most [`TAIL_BYTES_MAX`] bytes, keeping the end.
+pub(super) fn tail_text(bytes: &[u8], cut: bool) -> String {
+    let bytes = &bytes[bytes.len().saturating_sub(TAIL_BYTES_MAX)..];
+    // Skip the continuation bytes of a character cut by the window (at most 3).
+    let skip = if cut || bytes.len() == TAIL_BYTES_MAX {
+        bytes
+            .iter()
+            .take(3)
+            .take_while(|b| (**b & 0xC0) == 0x80)
+            .count()
+    } else {
+        0
+    };
+    let text = String::from_utf8_lossy(&bytes[skip..]);
+    if text.len() <= TAIL_BYTES_MAX {
+        return text.into_owned();
+    }
+    // Replacement characters are 3 bytes each: trim the front again.
+    let mut from = text.len() - TAIL_BYTES_MAX;
+    while !text.is_char_boundary(from) {
+        from += 1;
+    }
+    text[from..].to_owned()
+}
+
+/// Where `program` resolves: itself when it contains '/', else the first
+/// executable match in `PATH`. Blocking.
+///
+/// # Errors
+/// A fragment such as "not found in PATH (…): No such file or directory (os error 2)".
+pub(super) fn resolve(program: &str) -> Result<PathBuf, String> {
+    if program.is_empty() {
+        return Err("the program name is empty".into());
+    }
+    if program.contains('/') {
+        let path = PathBuf::from(program);
+        return executable(&path).map(|()| path).map_err(|e| e.to_string());
+    }
+    let search = std::env::var_os("PATH").unwrap_or_else(|| PATH_DEFAULT.into());
+    let mut denied = None;
+    for dir in std::env::split_paths(&search) {
+        let candidate = dir.join(program);
+        match executable(&candidate) {
+            Ok(()) => return Ok(candidate),
+            Err(e) if e.kind() == io::ErrorKind::PermissionDenied => denied = Some(candidate),
+            Err(_) => {}
+        }
+    }
+    let search = search.to_string_lossy();
+    match denied {
+        Some(path) => Err(format!(
+            "{} is not executable: {}",
+            path.display(),
+            io::Error::from_raw_os_error(libc::EACCES)
+        )),
+        None => Err(format!(
+            "not found in PATH ({search}): {}",
+            io::Error::from_raw_os_error(libc::ENOENT)
+        )),
+    }
+}
+
+/// Ok if `path` is a regular file with an execute bit set.
+fn executable(path: &Path) -> io::Result<()> {
+    let meta = std::fs::metadata(path)?;
+    if meta.is_dir() {
+        return Err(io::Error::from_raw_os_error(libc::EISDIR));
+    }
+    if !meta.is_file() || meta.permissions().mode() & 0o111 == 0 {
+        return Err(io::Error::from_raw_os_error(libc::EACCES));
+    }
+    Ok(())
+}
+
+/// Reads `reader` to its end, keeping only the last `max` bytes.
+pub(super) async fn read_tail<R: AsyncRead + Unpin>(mut reader: R, max: usize) -> Vec<u8> {
+    let mut kept = Vec::with_capacity(max.min(4096));
+    let mut buf = [0u8; 4096];
+    loop {
+        match reader.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                kept.extend_from_slice(&buf[..n]);
+                if kept.len() > 2 * max {
+                    kept.drain(..kept.len() - max);
+                }
+            }
+        }
+    }
+    let from = kept.len().saturating_sub(max);
+    kept.split_off(from)
+}
+
+/// See [`super::run_health`].
+pub(super) async fn run_health(config: &AgentConfig, limit: Duration) -> Result<(), String> {
+    let Some((program, args)) = config.health_command.split_first() else {
+        return Ok(());
+    };
+    let mut cmd = Command::new(program);
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    if let Some(dir) = &config.working_dir {
+        cmd.current_dir(dir);
+    }
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| format!("the health command `{program}` could not start: {e}"))?;
+    let stderr = child.stderr.take();
+    let run = async {
+        let tail = match stderr {
+            Some(stderr) => read_tail(stderr, HEALTH_STDERR_BYTES_MAX).await,
+            None => Vec::new(),
+        };
+        (child.wait().await, tail)
+    };
+    // On timeout the child is dropped, and kill_on_drop ends it.
+    let Ok((status, tail)) = tokio::time::timeout(limit, run).await else {
+        return Err(format!(
+            "the health command `{program}` did not finish within {limit:?}"
+        ));
+    };
+    let status = status
+        .map_err(|e| format!("the health command `{program}` could not be waited for: {e}"))?;
+    let exit = Exit::from_direct(status);
+    if exit.success() {
+        return Ok(());
+    }
+    let text = String::from_utf8_lossy(&tail);
+    match text.lines().rev().find(|l| !l.trim().is_empty()) {
+        Some(line) => Err(format!(
+            "the health command `{program}` failed: {exit}: {}",
+            line.trim()
+        )),
+        None => Err(format!("the health command `{program}` failed: {exit}")),
+    }
+}

@@ -1,0 +1,493 @@
+//! The agent runner: starts an attempt in exec or wake mode, verifies the
+//! start, probes the agent while it runs, stops it on cancel or abandon, and
+//! re-attaches to runs that outlived a sidecar restart.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// How the sidecar starts the agent (`[agent]` in sidecar.toml).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentConfig {
+    /// Exec (the command is the run) or wake (the command wakes an agent that lives elsewhere).
+    pub mode: Mode,
+    /// argv, never a shell string; gets the `MUSTER_*` variables.
+    pub command: Vec<String>,
+    /// Working directory; `None` is the state directory's `work/` folder.
+    pub working_dir: Option<PathBuf>,
+    /// Exec: alive this long after spawn counts as started.
+    pub settle: Duration,
+    /// Wake: how the start is verified.
+    pub verify: Verify,
+    /// `verify = "process"`: a name or command-line substring to look for.
+    pub verify_process: String,
+    /// `verify = "command"`: argv whose exit 0 means alive.
+    pub verify_command: Vec<String>,
+    /// Wake: argv that stops the agent; exec stops with SIGTERM.
+    pub stop_command: Vec<String>,
+    /// Time between SIGTERM (or the stop command) and SIGKILL.
+    pub stop_grace: Duration,
+    /// Optional self-test of the agent, run when idle.
+    pub health_command: Vec<String>,
+    /// Wake: how long the sidecar waits for verification before `start_timeout`.
+    pub start_timeout: Duration,
+}
+
+/// See [`AgentConfig::mode`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// The command is the agent run.
+    Exec,
+    /// The command only wakes the agent.
+    Wake,
+}
+
+/// See [`AgentConfig::verify`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verify {
+    /// The agent runs `muster-sidecar task start` itself.
+    AgentAck,
+    /// A process matching `verify_process` appears.
+    Process,
+    /// `verify_command` exits 0.
+    Command,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        Self {
+            mode: Mode::Exec,
+            command: vec!["/usr/local/bin/run-agent".into()],
+            working_dir: None,
+            settle: Duration::from_millis(500),
+            verify: Verify::AgentAck,
+            verify_process: String::new(),
+            verify_command: Vec::new(),
+            stop_command: Vec::new(),
+            stop_grace: Duration::from_secs(10),
+            health_command: Vec::new(),
+            start_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+// === The runner API ===
+//
+// Everything above is configuration (parsed elsewhere from sidecar.toml).
+// Below: what the sidecar hands the runner (`RunSpec`), what it persists
+// (`RunHandle`), what comes back (`RunEvent`), and the real runner
+// (`ProcessRunner`). The submodules split the work by mode:
+//
+// ```text
+//   start/recover ──► Attempt (one per run, owns the event sender)
+//                       ├─ exec.rs   sh wrapper, settle, wait, stop by process group
+//                       └─ wake.rs   wake command, verify (process/command), probe loop
+//   launch.rs  run directory, task.json, env, tails, status file
+//   sys.rs     signals, /proc, sysinfo process search
+// ```
+
+mod exec;
+mod launch;
+mod sys;
+mod wake;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use muster_protocol::msg::{Failure, Outcome, TaskSpec};
+use muster_protocol::{AgentName, Generation, TaskId};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, watch};
+
+/// How long [`run_health`] lets the health command run.
+pub const HEALTH_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Everything the runner needs to start one attempt.
+#[derive(Debug, Clone)]
+pub struct RunSpec {
+    /// The task.
+    pub task: TaskId,
+    /// The attempt's generation.
+    pub generation: Generation,
+    /// This sidecar's agent name (`MUSTER_AGENT`).
+    pub agent: AgentName,
+    /// What to do; written to `task.json`, never onto a command line.
+    pub spec: TaskSpec,
+    /// Per-attempt directory the runner creates: `task.json`, `stdout`, `stderr`, `status`.
+    pub run_dir: PathBuf,
+    /// The sidecar's local Unix socket, passed as `MUSTER_SOCKET`.
+    pub socket: PathBuf,
+    /// How often to probe a running wake-mode agent (the heartbeat interval).
+    pub probe_interval: Duration,
+}
+
+/// What a restarted sidecar needs to re-attach to a run; persisted on
+/// [`RunEvent::Spawned`], before the run can report anything else.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct RunHandle {
+    /// Exec: the process group leader (the wrapper shell; its pid is the group id).
+    pub pid: Option<u32>,
+    /// A session name for wake-mode agents that have one; the process runner records none.
+    pub session: Option<String>,
+    /// The attempt's run directory (holds the exit status an exec run leaves behind).
+    pub run_dir: PathBuf,
+    /// The mode the run was started in.
+    pub mode: RunMode,
+    /// Linux: the leader's start time in clock ticks since boot, so a reused pid is not
+    /// mistaken for the run after a restart.
+    #[serde(default)]
+    pub start_ticks: Option<u64>,
+}
+
+/// [`Mode`] as persisted in a [`RunHandle`].
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum RunMode {
+    /// The command is the run.
+    Exec,
+    /// The command woke an agent that lives elsewhere.
+    Wake,
+}
+
+impl From<Mode> for RunMode {
+    fn from(mode: Mode) -> Self {
+        match mode {
+            Mode::Exec => RunMode::Exec,
+            Mode::Wake => RunMode::Wake,
+        }
+    }
+}
+
+/// What the runner tells the sidecar about one attempt, in this order:
+/// `Spawned`, then `Started`, then `Finished`; any prefix may be skipped
+/// (a spawn error goes straight to `Finished`), and `Finished` comes at most once.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RunEvent {
+    /// The process is spawned (exec) or the wake command succeeded (wake):
+    /// persist the handle before anything else.
+    Spawned {
+        /// The task.
+        task: TaskId,
+        /// The attempt.
+        generation: Generation,
+        /// What [`Runner::recover`] needs after a restart.
+        handle: RunHandle,
+    },
+    /// The start is verified: exec alive after `settle` (or exited 0 before it);
+    /// wake verified by process or command. Not sent for `verify = agent-ack`.
+    /// [`Runner::recover`] sends it again once it sees the run alive: treat it as idempotent.
+    Started {
+        /// The task.
+        task: TaskId,
+        /// The attempt.
+        generation: Generation,
+        /// Exec: the group leader; wake with `verify = process`: the matching process.
+        pid: Option<u32>,
+        /// A session name, when known.
+        session: Option<String>,
+    },
+    /// The attempt ended on this machine.
+    Finished {
+        /// The task.
+        task: TaskId,
+        /// The attempt.
+        generation: Generation,
+        /// How it ended.
+        outcome: Outcome,
+        /// A result, when the runner has one (the process runner never does: results come over the socket).
+        result: Option<String>,
+        /// What went wrong (or, for `Cancelled`, how it was stopped).
+        error: Option<Failure>,
+    },
+}
+
+impl RunEvent {
+    /// The attempt the event is about.
+    pub fn attempt(&self) -> (TaskId, Generation) {
+        match self {
+            RunEvent::Spawned {
+                task, generation, ..
+            }
+            | RunEvent::Started {
+                task, generation, ..
+            }
+            | RunEvent::Finished {
+                task, generation, ..
+            } => (*task, *generation),
+        }
+    }
+}
+
+/// Starts, watches, stops and re-attaches agent runs.
+///
+/// A trait so the benchmark can supply an in-process runner that completes at
+/// once. Contract for every implementation: events for one attempt arrive in
+/// the order documented on [`RunEvent`], and at most one `Finished` per attempt
+/// whatever mix of `stop`, `forget` and natural ends happens.
+pub trait Runner: Send + Sync + 'static {
+    /// Starts one attempt; events go to `events`.
+    fn start(&self, run: RunSpec, events: mpsc::Sender<RunEvent>);
+    /// After a sidecar restart: re-attach to a run recorded before. Still
+    /// running → carry on watching (`Started` again, then `Finished` when it
+    /// ends, with its real exit status if it can be known); gone → `Finished`
+    /// with the recorded status if one was written, else `AgentExited`.
+    fn recover(&self, run: RunSpec, handle: RunHandle, events: mpsc::Sender<RunEvent>);
+    /// Cancel or abandon: exec → SIGTERM to the run's process group, SIGKILL
+    /// after `stop_grace`; wake → `stop_command`. Then `Finished{Cancelled}`,
+    /// unless the run already finished (or was forgotten). Unknown runs are ignored.
+    fn stop(&self, task: TaskId, generation: Generation);
+    /// The attempt ended by a report over the local socket: stop watching it,
+    /// kill nothing, and emit no `Finished`.
+    fn forget(&self, task: TaskId, generation: Generation);
+}
+
+/// The real runner: spawns processes as `[agent]` in sidecar.toml says.
+///
+/// Owns a map of active runs (bounded by the sidecar's slots); each run is one
+/// tokio task that alone emits that run's events, so `stop` and `forget` only
+/// flip a flag the run task acts on. `start` and `recover` spawn tokio
+/// tasks, so they must be called from within a Tokio runtime.
+pub struct ProcessRunner {
+    shared: Arc<Shared>,
+}
+
+/// State shared by the runner and its run tasks.
+struct Shared {
+    config: AgentConfig,
+    /// `working_dir`, or `<data_dir>/work`.
+    work_dir: PathBuf,
+    /// One control channel per active run; the run task removes its entry when it ends.
+    runs: Mutex<HashMap<(TaskId, Generation), watch::Sender<Ctl>>>,
+}
+
+/// What the sidecar asked of a run; flags only ever turn on.
+#[derive(Debug, Clone, Copy, Default)]
+struct Ctl {
+    stop: bool,
+    forget: bool,
+}
+
+impl ProcessRunner {
+    /// A runner for `config`; runs use `<data_dir>/work` unless `working_dir` is set.
+    pub fn new(config: AgentConfig, data_dir: PathBuf) -> Self {
+        let work_dir = config
+            .working_dir
+            .clone()
+            .unwrap_or_else(|| data_dir.join("work"));
+        Self {
+            shared: Arc::new(Shared {
+                config,
+                work_dir,
+                runs: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+
+    /// How many runs are being watched now.
+    pub fn active(&self) -> usize {
+        self.shared.lock_runs().len()
+    }
+
+    fn register(&self, run: RunSpec, events: mpsc::Sender<RunEvent>) -> Option<Attempt> {
+        let key = (run.task, run.generation);
+        let (tx, rx) = watch::channel(Ctl::default());
+        let mut runs = self.shared.lock_runs();
+        if runs.contains_key(&key) {
+            tracing::error!(
+                task = key.0.0,
+                generation = key.1.0,
+                "run started twice; ignored"
+            );
+            return None;
+        }
+        runs.insert(key, tx);
+        drop(runs);
+        Some(Attempt {
+            shared: Arc::clone(&self.shared),
+            launch: Arc::new(launch::Launch::new(&run, &self.shared.work_dir)),
+            run,
+            ctl: rx,
+            events,
+        })
+    }
+
+    fn control(&self, task: TaskId, generation: Generation, set: impl FnOnce(&mut Ctl)) {
+        match self.shared.lock_runs().get(&(task, generation)) {
+            Some(tx) => tx.send_modify(set),
+            None => tracing::debug!(task = task.0, generation = generation.0, "no such run"),
+        }
+    }
+}
+
+impl Runner for ProcessRunner {
+    fn start(&self, run: RunSpec, events: mpsc::Sender<RunEvent>) {
+        let Some(attempt) = self.register(run, events) else {
+            return;
+        };
+        match self.shared.config.mode {
+            Mode::Exec => tokio::spawn(exec::run(attempt)),
+            Mode::Wake => tokio::spawn(wake::run(attempt)),
+        };
+    }
+
+    fn recover(&self, run: RunSpec, handle: RunHandle, events: mpsc::Sender<RunEvent>) {
+        let Some(attempt) = self.register(run, events) else {
+            return;
+        };
+        match handle.mode {
+            RunMode::Exec => tokio::spawn(exec::recover(attempt, handle)),
+            RunMode::Wake => tokio::spawn(wake::recover(attempt)),
+        };
+    }
+
+    fn stop(&self, task: TaskId, generation: Generation) {
+        self.control(task, generation, |c| c.stop = true);
+    }
+
+    fn forget(&self, task: TaskId, generation: Generation) {
+        self.control(task, generation, |c| c.forget = true);
+    }
+}
+
+impl Shared {
+    fn lock_runs(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<(TaskId, Generation), watch::Sender<Ctl>>> {
+        // Critical sections are a map lookup or insert, never an await; a
+        // poisoned lock still holds a consistent map.
+        self.runs.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+// === impl Attempt ===
+
+/// One run in progress: owns the event sender, and emits `Finished` by
+/// consuming itself, so a run cannot finish twice. Dropping it unregisters the run.
+struct Attempt {
+    shared: Arc<Shared>,
+    run: RunSpec,
+    launch: Arc<launch::Launch>,
+    ctl: watch::Receiver<Ctl>,
+    events: mpsc::Sender<RunEvent>,
+}
+
+/// What happened while waiting on something else.
+enum Wait<T> {
+    /// The thing finished.
+    Done(T),
+    /// `stop` was called.
+    Stop,
+    /// `forget` was called (and not `stop`).
+    Forget,
+}
+
+impl Attempt {
+    fn config(&self) -> &AgentConfig {
+        &self.shared.config
+    }
+
+    async fn emit(&self, event: RunEvent) {
+        // A closed channel means the sidecar is shutting down; the run itself
+        // carries on and is recovered after the restart.
+        if self.events.send(event).await.is_err() {
+            tracing::debug!(task = self.run.task.0, "event receiver gone");
+        }
+    }
+
+    async fn spawned(&self, handle: RunHandle) {
+        self.emit(RunEvent::Spawned {
+            task: self.run.task,
+            generation: self.run.generation,
+            handle,
+        })
+        .await;
+    }
+
+    async fn started(&self, pid: Option<u32>) {
+        self.emit(RunEvent::Started {
+            task: self.run.task,
+            generation: self.run.generation,
+            pid,
+            session: None,
+        })
+        .await;
+    }
+
+    /// Emits the one `Finished` of this run, unless it was forgotten.
+    async fn finish(self, outcome: Outcome, error: Option<Failure>) {
+        if self.ctl.borrow().forget {
+            return;
+        }
+        tracing::debug!(
+            task = self.run.task.0,
+            generation = self.run.generation.0,
+            outcome = outcome.as_str(),
+            "run finished"
+        );
+        self.emit(RunEvent::Finished {
+            task: self.run.task,
+            generation: self.run.generation,
+            outcome,
+            result: None,
+            error,
+        })
+        .await;
+    }
+
+    /// Resolves once `stop` or `forget` was called; cancel safe.
+    async fn ctl_changed(&mut self) -> Ctl {
+        let ctl = self.ctl.wait_for(|c| c.stop || c.forget).await.map(|c| *c);
+        match ctl {
+            Ok(ctl) => ctl,
+            // The sender lives in the map until this attempt drops; never here.
+            Err(_) => std::future::pending().await,
+        }
+    }
+
+    /// Runs `fut` unless `stop` or `forget` comes first.
+    async fn or_ctl<F: Future>(&mut self, fut: F) -> Wait<F::Output> {
+        tokio::select! {
+            out = fut => Wait::Done(out),
+            ctl = self.ctl_changed() => if ctl.stop { Wait::Stop } else { Wait::Forget },
+        }
+    }
+
+    /// Sleeps `period` unless `stop` or `forget` comes first.
+    async fn pause(&mut self, period: Duration) -> Wait<()> {
+        self.or_ctl(tokio::time::sleep(period)).await
+    }
+}
+
+impl Drop for Attempt {
+    fn drop(&mut self) {
+        self.shared
+            .lock_runs()
+            .remove(&(self.run.task, self.run.generation));
+    }
+}
+
+// === Self-test helpers ===
+
+/// Whether `command[0]` exists and is executable (searching `PATH` when it has
+/// no '/'), for heartbeats and `doctor`.
+///
+/// # Errors
+/// A sentence naming the command and what is wrong with it.
+pub fn check_command(config: &AgentConfig) -> Result<(), String> {
+    let Some(program) = config.command.first() else {
+        return Err("the agent command is empty; set [agent] command in sidecar.toml".into());
+    };
+    launch::resolve(program)
+        .map(|_| ())
+        .map_err(|e| format!("the agent command `{program}` cannot run: {e}"))
+}
+
+/// Runs `health_command` (if set) for at most [`HEALTH_TIMEOUT`].
+///
+/// # Errors
+/// A sentence naming the command and how it failed, with the last line of its stderr.
+pub async fn run_health(config: &AgentConfig) -> Result<(), String> {
+    launch::run_health(config, HEALTH_TIMEOUT).await
+}

@@ -1,0 +1,184 @@
+//! The operating system underneath: signals to process groups, process state
+//! from `/proc` (Linux) and the process search behind `verify = "process"`.
+
+use std::io;
+
+use sysinfo::{ProcessRefreshKind, ProcessStatus, ProcessesToUpdate, System, UpdateKind};
+
+/// What is known about one pid.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum ProcState {
+    /// No such process.
+    Gone,
+    /// Exited, not yet reaped by its parent.
+    Zombie,
+    /// Running (or sleeping, stopped…), with its start time when known.
+    Alive { start_ticks: Option<u64> },
+}
+
+/// Sends `signal` to every process in group `pgid`. Refuses group ids 0 and 1,
+/// which `kill(2)` would read as "my group" and "every process". Returns
+/// whether the signal was delivered to at least one process.
+pub(super) fn signal_group(pgid: u32, signal: i32) -> bool {
+    match i32::try_from(pgid) {
+        Ok(pgid) if pgid > 1 => kill(-pgid, signal),
+        _ => false,
+    }
+}
+
+/// Whether group `pgid` still has a process that is not a zombie.
+pub(super) fn group_alive(pgid: u32) -> bool {
+    let Ok(id) = i32::try_from(pgid) else {
+        return false;
+    };
+    if id <= 1 {
+        return false;
+    }
+    // Signal 0 checks existence; EPERM means it exists but is not ours.
+    if !kill(-id, 0) && io::Error::last_os_error().raw_os_error() != Some(libc::EPERM) {
+        return false;
+    }
+    group_has_live_member(pgid)
+}
+
+/// The state of `pid`.
+pub(super) fn process_state(pid: u32) -> ProcState {
+    #[cfg(target_os = "linux")]
+    {
+        match proc_stat(pid) {
+            None => ProcState::Gone,
+            Some(stat) if stat.state == 'Z' || stat.state == 'X' => ProcState::Zombie,
+            Some(stat) => ProcState::Alive {
+                start_ticks: Some(stat.start_ticks),
+            },
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        match i32::try_from(pid) {
+            Ok(id) if id > 0 && kill(id, 0) => ProcState::Alive { start_ticks: None },
+            _ => ProcState::Gone,
+        }
+    }
+}
+
+/// The start time of `pid` in clock ticks since boot (Linux), to recognise it after a restart.
+pub(super) fn start_ticks(pid: u32) -> Option<u64> {
+    #[cfg(target_os = "linux")]
+    {
+        proc_stat(pid).map(|s| s.start_ticks)
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = pid;
+        None
+    }
+}
+
+/// The lowest pid (other than this process) whose name equals `pattern` or
+/// whose command line contains it, ignoring zombies. Blocking: a full
+/// process scan costs about 20 µs per process.
+///
+/// # Errors
+/// The process table could not be read.
+pub(super) fn find_process(pattern: &str) -> Result<Option<u32>, String> {
+    let mut system = System::new().map_err(|e| format!("could not read the process table: {e}"))?;
+    system.refresh_processes_specifics(
+        ProcessesToUpdate::All,
+        true,
+        ProcessRefreshKind::nothing()
+            .without_tasks()
+            .with_cmd(UpdateKind::Always),
+    );
+    let me = std::process::id();
+    let found = system
+        .processes()
+        .iter()
+        .filter(|(pid, p)| {
+            pid.as_u32() != me
+                && p.thread_kind().is_none()
+                && !matches!(p.status(), ProcessStatus::Zombie | ProcessStatus::Dead)
+        })
+        .filter(|(_, p)| {
+            p.name() == pattern || {
+                let cmd: Vec<_> = p.cmd().iter().map(|a| a.to_string_lossy()).collect();
+                cmd.join(" ").contains(pattern)
+            }
+        })
+        .map(|(pid, _)| pid.as_u32())
+        .min();
+    Ok(found)
+}
+
+#[allow(unsafe_code)]
+fn kill(pid: i32, signal: i32) -> bool {
+    // SAFETY: kill(2) takes two integers and touches no memory of this
+    // process. Callers never pass pid -1 (every process) or 0 (our own group).
+    unsafe { libc::kill(pid, signal) == 0 }
+}
+
+#[cfg(target_os = "linux")]
+struct ProcStat {
+    state: char,
+    pgrp: u32,
+    start_ticks: u64,
+}
+
+/// Fields of `/proc/<pid>/stat` (see proc(5)): state is field 3, pgrp 5, starttime 22.
+#[cfg(target_os = "linux")]
+fn proc_stat(pid: u32) -> Option<ProcStat> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    parse_stat(&text)
+}
+
+#[cfg(target_os = "linux")]
+fn parse_stat(text: &str) -> Option<ProcStat> {
+    // The command name (field 2) is in parentheses and may contain anything,
+    // so fields are counted from the last ')'.
+    let rest = text.get(text.rfind(')')? + 1..)?;
+    let fields: Vec<&str> = rest.split_whitespace().take(20).collect();
+    Some(ProcStat {
+        state: fields.first()?.chars().next()?,
+        pgrp: fields.get(2)?.parse().ok()?,
+        start_ticks: fields.get(19)?.parse().ok()?,
+    })
+}
+
+#[cfg(target_os = "linux")]
+fn group_has_live_member(pgid: u32) -> bool {
+    // Zombies (an orphan waiting for an init that does not reap) still answer
+    // kill(2); only /proc tells them apart.
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return true;
+    };
+    dir.filter_map(Result::ok)
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(proc_stat)
+        .any(|s| s.pgrp == pgid && s.state != 'Z' && s.state != 'X')
+}
+
+#[cfg(not(target_os = "linux"))]
+fn group_has_live_member(_pgid: u32) -> bool {
+    true
+}
+
+#[cfg(all(test, target_os = "linux"))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stat_with_parentheses_in_the_name() {
+        let text = "42 (a) b (c)) S 1 42 42 0 -1 4194560 100 0 0 0 0 0 0 0 20 0 1 0 123456 1000 10";
+        let stat = parse_stat(text).expect("parses");
+        assert_eq!(stat.state, 'S');
+        assert_eq!(stat.pgrp, 42);
+        assert_eq!(stat.start_ticks, 123456);
+    }
+
+    #[test]
+    fn never_signals_everything() {
+        assert!(!signal_group(0, 0));
+        assert!(!signal_group(1, 0));
+        assert!(!signal_group(u32::MAX, 0));
+    }
+}

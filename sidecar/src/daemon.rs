@@ -1,0 +1,617 @@
+//! The sidecar's IO shell: the hub session (connect, hello, welcome, reconnect),
+//! heartbeats, the agent runner, the local socket, and the queue, joined around
+//! the [`Core`] by one loop that owns it.
+//!
+//! ```text
+//! session task ──ToMain──┐
+//! runner events ─────────┼─▶ daemon loop: batch ─▶ Core ─▶ Queue::apply (one commit) ─▶ sends, runs, answers
+//! local socket ──────────┘
+//! ```
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::{SinkExt, StreamExt};
+use muster_protocol::client::{self, Credential};
+use muster_protocol::msg::{
+    Heartbeat, Hello, HubMsg, Open, OpenBody, Refused, SelfTest, SessionMsg, SidecarState, Welcome,
+};
+use muster_protocol::{PROTOCOL_VERSION, decode, encode, frame_codec};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::codec::{FramedRead, FramedWrite};
+use tracing::{error, info, warn};
+
+use crate::agent::{RunSpec, Runner};
+use crate::backoff::{Backoff, LogLimiter};
+use crate::config::SidecarConfig;
+use crate::core::{Core, Effect};
+use crate::local::{self, Answer, Incoming, Request};
+use crate::queue::{Queue, QueueError};
+
+/// Outgoing session queue; a hub this far behind gets the connection closed.
+const SEND_QUEUE_LEN: usize = 1024;
+/// Events handled per commit at most.
+const BATCH_LEN_MAX: usize = 1024;
+/// How long the hub may take to answer a hello.
+const WELCOME_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long SIGTERM waits for the hub to acknowledge the outbox.
+const DRAIN_GRACE: Duration = Duration::from_secs(3);
+
+/// What the daemon needs.
+pub struct Options {
+    /// The configuration.
+    pub config: SidecarConfig,
+    /// The credential for `muster/1`.
+    pub credential: Credential,
+    /// The agent runner.
+    pub runner: Arc<dyn Runner>,
+    /// Whether to bind the local socket (benchmarks with many sessions per process don't).
+    pub local_socket: bool,
+}
+
+/// The daemon could not start or hit a fatal error.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// The queue failed.
+    #[error("{0}")]
+    Queue(#[from] QueueError),
+    /// Startup failed.
+    #[error("{0}")]
+    Start(String),
+}
+
+enum ToMain {
+    HelloWanted(oneshot::Sender<Hello>),
+    Connected {
+        tx: mpsc::Sender<SessionMsg>,
+        welcome: Welcome,
+        conn: quinn::Connection,
+    },
+    Disconnected,
+    Hub(HubMsg),
+}
+
+/// Runs the sidecar until `shutdown` resolves. Calls `ready` once the queue is
+/// open and the local socket bound.
+///
+/// # Errors
+/// [`DaemonError`] on a startup failure or a failed commit (state stays as last committed).
+pub async fn run(
+    opts: Options,
+    ready: impl FnOnce(),
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), DaemonError> {
+    let cfg = opts.config;
+    let data_dir = cfg.data_dir.clone();
+    std::fs::create_dir_all(data_dir.join("runs"))
+        .map_err(|e| DaemonError::Start(format!("{}: {e}", data_dir.display())))?;
+    let queue = Arc::new(Queue::open(&data_dir.join(crate::queue::DB_FILE))?);
+    let loaded = queue.load()?;
+    let mut core = Core::new(loaded.tasks, loaded.outbox, loaded.next_report);
+    let (local_tx, mut local_rx) = mpsc::channel::<Incoming>(64);
+    let socket_path = data_dir.join(local::SOCKET_FILE);
+    let local_task = if opts.local_socket {
+        let (listener, _) = local::bind(&data_dir).map_err(DaemonError::Start)?;
+        Some(tokio::spawn(local::serve(listener, local_tx.clone())))
+    } else {
+        None
+    };
+    let (run_tx, mut run_rx) = mpsc::channel(256);
+    let (to_main, mut from_session) = mpsc::channel::<ToMain>(1024);
+    let session = tokio::spawn(session_loop(
+        cfg.hub.clone(),
+        opts.credential.clone(),
+        to_main,
+    ));
+    let runner = opts.runner;
+    let (health_tx, mut health_rx) = mpsc::channel(1);
+    let mut d = Daemon {
+        cfg,
+        runner,
+        run_tx,
+        socket_path,
+        tx: None,
+        conn: None,
+        interval: Duration::from_secs(10),
+        hb_seq: 0,
+        rng: seed(),
+        system: sysinfo::System::new(),
+        last_self_test: SelfTest::default(),
+        health: Ok(()),
+        health_running: false,
+        health_tx,
+        draining: false,
+    };
+    d.recover(&core);
+    ready();
+    info!(name = %d.cfg.name, hub = d.cfg.hub, "sidecar started");
+    let mut next_hb = tokio::time::Instant::now() + d.interval;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tokio::pin!(shutdown);
+    let mut events: Vec<Ev> = Vec::with_capacity(BATCH_LEN_MAX);
+    loop {
+        tokio::select! {
+            Some(m) = from_session.recv() => events.push(Ev::Session(m)),
+            Some(e) = run_rx.recv() => events.push(Ev::Run(e)),
+            Some(l) = local_rx.recv() => events.push(Ev::Local(l)),
+            _ = tokio::time::sleep_until(next_hb) => {
+                d.heartbeat(&core);
+                next_hb = tokio::time::Instant::now() + d.jittered();
+                continue;
+            }
+            Some(h) = health_rx.recv() => {
+                d.health = h;
+                d.health_running = false;
+                continue;
+            }
+            _ = tick.tick() => {
+                let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+                continue;
+            }
+            _ = &mut shutdown => break,
+        }
+        while events.len() < BATCH_LEN_MAX {
+            if let Ok(m) = from_session.try_recv() {
+                events.push(Ev::Session(m));
+            } else if let Ok(e) = run_rx.try_recv() {
+                events.push(Ev::Run(e));
+            } else {
+                break;
+            }
+        }
+        let mut answers = Vec::new();
+        let mut connected = false;
+        for ev in events.drain(..) {
+            match ev {
+                Ev::Session(ToMain::HelloWanted(reply)) => {
+                    let _ = reply.send(d.hello(&core));
+                }
+                Ev::Session(ToMain::Connected { tx, welcome, conn }) => {
+                    d.interval = Duration::from_millis(welcome.heartbeat_interval_ms.max(100));
+                    core.set_max_result_bytes(welcome.limits.max_result_bytes as usize);
+                    d.tx = Some(tx);
+                    d.conn = Some(conn);
+                    connected = true;
+                }
+                Ev::Session(ToMain::Disconnected) => {
+                    d.tx = None;
+                    d.conn = None;
+                }
+                Ev::Session(ToMain::Hub(msg)) => core.handle_hub(msg),
+                Ev::Run(e) => core.handle_run(e),
+                Ev::Local((req, reply)) => answers.push((d.answer(&mut core, req), reply)),
+            }
+        }
+        let effects = core.take_effects();
+        // Commit before acknowledge: store effects are durable before anything is sent.
+        let q = queue.clone();
+        let store: Vec<Effect> = effects.iter().filter(|e| e.is_store()).cloned().collect();
+        if !store.is_empty() {
+            let result = tokio::task::spawn_blocking(move || q.apply(&store))
+                .await
+                .map_err(|e| DaemonError::Start(format!("commit task: {e}")))?;
+            if let Err(e) = result {
+                error!("fatal: {e}");
+                return Err(e.into());
+            }
+        }
+        if connected {
+            // Replay what the hub has not acknowledged, then tell it our state at once.
+            let replay: Vec<SessionMsg> = core.outbox().cloned().map(SessionMsg::Report).collect();
+            for m in replay {
+                d.send(m);
+            }
+            d.heartbeat(&core);
+            next_hb = tokio::time::Instant::now() + d.jittered();
+        }
+        for e in effects {
+            d.perform(e);
+        }
+        for (answer, reply) in answers {
+            let _ = reply.send(answer);
+        }
+    }
+    // Drain: stop taking work, tell the hub, give it a moment to acknowledge.
+    info!("draining");
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+    d.draining = true;
+    d.heartbeat(&core);
+    let deadline = tokio::time::Instant::now() + DRAIN_GRACE;
+    while core.outbox().next().is_some() && d.tx.is_some() {
+        let Ok(Some(m)) = tokio::time::timeout_at(deadline, from_session.recv()).await else {
+            break;
+        };
+        if let ToMain::Hub(msg @ HubMsg::Ack { .. }) = m {
+            core.handle_hub(msg);
+            let effects = core.take_effects();
+            let q = queue.clone();
+            let _ = tokio::task::spawn_blocking(move || q.apply(&effects)).await;
+        }
+    }
+    session.abort();
+    if let Some(c) = &d.conn {
+        c.close(0u32.into(), b"sidecar stopping");
+    }
+    if let Some(t) = local_task {
+        t.abort();
+    }
+    let _ = std::fs::remove_file(&d.socket_path);
+    Ok(())
+}
+
+enum Ev {
+    Session(ToMain),
+    Run(crate::agent::RunEvent),
+    Local(Incoming),
+}
+
+struct Daemon {
+    cfg: SidecarConfig,
+    runner: Arc<dyn Runner>,
+    run_tx: mpsc::Sender<crate::agent::RunEvent>,
+    socket_path: PathBuf,
+    tx: Option<mpsc::Sender<SessionMsg>>,
+    conn: Option<quinn::Connection>,
+    interval: Duration,
+    hb_seq: u64,
+    rng: u64,
+    system: Result<sysinfo::System, sysinfo::Error>,
+    last_self_test: SelfTest,
+    health: Result<(), String>,
+    health_running: bool,
+    health_tx: mpsc::Sender<Result<(), String>>,
+    draining: bool,
+}
+
+impl Daemon {
+    fn random(&mut self) -> f64 {
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        (self.rng >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    /// The heartbeat interval with ±10 % jitter, so agents spread their load.
+    fn jittered(&mut self) -> Duration {
+        let f = 0.9 + 0.2 * self.random();
+        self.interval.mul_f64(f)
+    }
+
+    fn hello(&self, core: &Core) -> Hello {
+        Hello {
+            version: env!("CARGO_PKG_VERSION").into(),
+            agent: self.cfg.name.clone(),
+            capabilities: self.cfg.capabilities.clone(),
+            slots: self.cfg.slots,
+            resume: core.held(),
+        }
+    }
+
+    fn run_spec(
+        &self,
+        task: muster_protocol::TaskId,
+        generation: muster_protocol::Generation,
+        spec: muster_protocol::msg::TaskSpec,
+    ) -> RunSpec {
+        RunSpec {
+            task,
+            generation,
+            agent: self.cfg.name.clone(),
+            spec,
+            run_dir: self
+                .cfg
+                .data_dir
+                .join("runs")
+                .join(format!("{task}-{generation}")),
+            socket: self.socket_path.clone(),
+            probe_interval: self.interval,
+        }
+    }
+
+    /// After a restart: re-attach to runs that outlived us, start what was accepted.
+    fn recover(&self, core: &Core) {
+        use muster_protocol::msg::Phase;
+        for t in core.tasks() {
+            let spec = self.run_spec(t.task, t.generation, t.spec.clone());
+            match (t.phase, &t.handle) {
+                (Phase::Finished, _) => {}
+                (_, Some(h)) => self.runner.recover(spec, h.clone(), self.run_tx.clone()),
+                // Accepted but the spawn was never recorded: start it (at least once).
+                (_, None) => self.runner.start(spec, self.run_tx.clone()),
+            }
+        }
+        self.sweep_runs(core);
+    }
+
+    /// Removes run directories of tasks no longer held.
+    fn sweep_runs(&self, core: &Core) {
+        let keep: std::collections::HashSet<String> = core
+            .tasks()
+            .map(|t| format!("{}-{}", t.task, t.generation))
+            .collect();
+        let dir = self.cfg.data_dir.join("runs");
+        tokio::task::spawn_blocking(move || {
+            let Ok(entries) = std::fs::read_dir(&dir) else {
+                return;
+            };
+            for e in entries.flatten() {
+                if !keep.contains(&e.file_name().to_string_lossy().to_string()) {
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+            }
+        });
+    }
+
+    fn send(&mut self, msg: SessionMsg) {
+        let Some(tx) = &self.tx else { return };
+        if tx.try_send(msg).is_err() {
+            // The hub is not reading; drop the session, the outbox replays on reconnect.
+            warn!("send queue to the hub is full; reconnecting");
+            if let Some(c) = &self.conn {
+                c.close(5u32.into(), b"send queue full");
+            }
+            self.tx = None;
+        }
+    }
+
+    fn perform(&mut self, e: Effect) {
+        match e {
+            Effect::Send(m) => self.send(m),
+            Effect::StartRun(task, generation, spec) => {
+                let spec = self.run_spec(task, generation, spec);
+                self.runner.start(spec, self.run_tx.clone());
+            }
+            Effect::StopRun(task, generation) => self.runner.stop(task, generation),
+            Effect::ForgetRun(task, generation) => self.runner.forget(task, generation),
+            _ => {}
+        }
+    }
+
+    fn heartbeat(&mut self, core: &Core) {
+        if self.tx.is_none() {
+            return;
+        }
+        let rtt = self.conn.as_ref().map(|c| c.rtt().as_micros() as u64);
+        let host = match &mut self.system {
+            Ok(s) => crate::host::figures(s, &self.cfg.data_dir),
+            Err(_) => muster_protocol::msg::HostFigures::default(),
+        };
+        self.last_self_test = crate::host::self_test(
+            &self.cfg.agent,
+            rtt,
+            host.disk_free_bytes,
+            self.cfg.disk_floor_mb,
+            self.health.clone(),
+        );
+        self.hb_seq += 1;
+        let busy = core.busy() as u32;
+        let hb = Heartbeat {
+            seq: self.hb_seq,
+            state: if self.draining {
+                SidecarState::Draining
+            } else {
+                SidecarState::Ready
+            },
+            tasks: core.held(),
+            free_slots: self.cfg.slots.saturating_sub(busy),
+            self_test: self.last_self_test.clone(),
+            host,
+        };
+        self.send(SessionMsg::Heartbeat(hb));
+        if self.hb_seq % 6 == 1 {
+            self.sweep_runs(core);
+        }
+        if busy == 0 && !self.cfg.agent.health_command.is_empty() && !self.health_running {
+            // The health command runs when idle, off the loop; its result joins the next heartbeat.
+            self.health_running = true;
+            let agent = self.cfg.agent.clone();
+            let tx = self.health_tx.clone();
+            tokio::spawn(async move {
+                let _ = tx.send(crate::agent::run_health(&agent).await).await;
+            });
+        }
+    }
+
+    fn answer(&mut self, core: &mut Core, req: Request) -> Answer {
+        match req {
+            Request::Agent(cmd) => match core.handle_agent(cmd) {
+                Ok(m) => Answer::ok(m, serde_json::Value::Null),
+                Err(m) => Answer::err(&m),
+            },
+            Request::Query { cmd } if cmd == "status" => Answer::ok("status", self.status(core)),
+            Request::Query { cmd } if cmd == "whoami" => Answer::ok(
+                self.cfg.name.to_string(),
+                serde_json::json!({ "name": self.cfg.name.as_str(), "hub": self.cfg.hub, "capabilities": self.cfg.capabilities }),
+            ),
+            Request::Query { cmd } => Answer::err(&format!("unknown request {cmd:?}")),
+        }
+    }
+
+    fn status(&self, core: &Core) -> serde_json::Value {
+        let tasks: Vec<_> = core
+            .tasks()
+            .map(|t| serde_json::json!({ "id": t.task.0, "generation": t.generation.0, "phase": t.phase, "title": t.spec.title, "pid": t.handle.as_ref().and_then(|h| h.pid) }))
+            .collect();
+        serde_json::json!({
+            "name": self.cfg.name.as_str(),
+            "hub": self.cfg.hub,
+            "connected": self.tx.is_some(),
+            "state": if self.draining { "draining" } else { "ready" },
+            "slots": self.cfg.slots,
+            "free_slots": self.cfg.slots.saturating_sub(core.busy() as u32),
+            "tasks": tasks,
+            "outbox": core.outbox().count(),
+            "heartbeat_interval_ms": self.interval.as_millis() as u64,
+            "self_test": self.last_self_test,
+        })
+    }
+}
+
+fn seed() -> u64 {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    (t ^ u64::from(std::process::id()).rotate_left(40)) | 1
+}
+
+/// Keeps one session to the hub, reconnecting with backoff.
+async fn session_loop(hub: String, cred: Credential, to_main: mpsc::Sender<ToMain>) {
+    let mut backoff = Backoff::reconnect();
+    let mut storm = LogLimiter::new(Duration::from_secs(30));
+    let origin = Instant::now();
+    let mut rng = seed();
+    loop {
+        let (htx, hrx) = oneshot::channel();
+        if to_main.send(ToMain::HelloWanted(htx)).await.is_err() {
+            return;
+        }
+        let Ok(hello) = hrx.await else { return };
+        match connect(&hub, &cred, hello).await {
+            Ok((endpoint, conn, welcome, wr, rd)) => {
+                if backoff.failures() > 0 {
+                    info!(
+                        hub,
+                        "reconnected after {} failed attempts",
+                        backoff.failures()
+                    );
+                } else {
+                    info!(hub, "connected");
+                }
+                backoff.reset();
+                let (tx, rx) = mpsc::channel(SEND_QUEUE_LEN);
+                let connected = ToMain::Connected {
+                    tx,
+                    welcome,
+                    conn: conn.clone(),
+                };
+                if to_main.send(connected).await.is_err() {
+                    return;
+                }
+                let reason = pump(wr, rd, rx, &to_main).await;
+                conn.close(0u32.into(), b"session over");
+                drop(endpoint);
+                if to_main.send(ToMain::Disconnected).await.is_err() {
+                    return;
+                }
+                warn!(hub, "session ended: {reason}");
+            }
+            Err(e) => {
+                if let Some(suppressed) = storm.allow(origin.elapsed()) {
+                    let more = if suppressed > 0 {
+                        format!(" ({suppressed} more failures not logged)")
+                    } else {
+                        String::new()
+                    };
+                    warn!(
+                        hub,
+                        attempt = backoff.failures() + 1,
+                        "cannot connect: {e}{more}"
+                    );
+                }
+            }
+        }
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        let unit = (rng >> 11) as f64 / (1u64 << 53) as f64;
+        tokio::time::sleep(backoff.next_delay(unit)).await;
+    }
+}
+
+type Writer = FramedWrite<quinn::SendStream, tokio_util::codec::LengthDelimitedCodec>;
+type Reader = FramedRead<quinn::RecvStream, tokio_util::codec::LengthDelimitedCodec>;
+
+/// Connects, sends the hello and waits for the welcome: only then is the session up.
+async fn connect(
+    hub: &str,
+    cred: &Credential,
+    hello: Hello,
+) -> Result<(quinn::Endpoint, quinn::Connection, Welcome, Writer, Reader), String> {
+    let (endpoint, conn) = client::connect(hub, cred)
+        .await
+        .map_err(|e| e.to_string())?;
+    let (send, recv) = conn
+        .open_bi()
+        .await
+        .map_err(|e| client::refused_or_lost(e).to_string())?;
+    let max = muster_protocol::limits::FRAME_BYTES_MAX;
+    let mut wr = FramedWrite::new(send, frame_codec(max));
+    let mut rd = FramedRead::new(recv, frame_codec(max));
+    let open = Open {
+        protocol: PROTOCOL_VERSION,
+        body: OpenBody::Session(hello),
+    };
+    let bytes = encode(&open).map_err(|e| e.to_string())?;
+    wr.send(Bytes::from(bytes))
+        .await
+        .map_err(|e| e.to_string())?;
+    let frame = match tokio::time::timeout(WELCOME_TIMEOUT, rd.next()).await {
+        Ok(Some(Ok(f))) => f,
+        Ok(Some(Err(e))) => {
+            return Err(match conn.close_reason() {
+                Some(r) => client::refused_or_lost(r).to_string(),
+                None => e.to_string(),
+            });
+        }
+        Ok(None) => {
+            return Err(match conn.close_reason() {
+                Some(r) => client::refused_or_lost(r).to_string(),
+                None => "the hub closed the session before welcoming it".into(),
+            });
+        }
+        Err(_) => return Err("no welcome from the hub within 10 s".into()),
+    };
+    match decode::<HubMsg>(&frame) {
+        Ok(HubMsg::Welcome(w)) => Ok((endpoint, conn, w, wr, rd)),
+        Ok(HubMsg::Refused(r)) => Err(match r {
+            Refused::Revoked => format!(
+                "refused: {r} (this sidecar's credential no longer works; run `muster-sidecar enroll` with a new token)"
+            ),
+            other => format!("refused: {other}"),
+        }),
+        Ok(other) => Err(format!("expected a welcome, got {other:?}")),
+        Err(e) => Err(format!("malformed welcome: {e}")),
+    }
+}
+
+/// Moves frames both ways until either side fails; returns why.
+async fn pump(
+    mut wr: Writer,
+    mut rd: Reader,
+    mut rx: mpsc::Receiver<SessionMsg>,
+    to_main: &mpsc::Sender<ToMain>,
+) -> String {
+    loop {
+        tokio::select! {
+            msg = rx.recv() => {
+                let Some(msg) = msg else { return "closed locally".into() };
+                let bytes = match encode(&msg) {
+                    Ok(b) => b,
+                    Err(e) => return e.to_string(),
+                };
+                if let Err(e) = wr.send(Bytes::from(bytes)).await {
+                    return format!("send: {e}");
+                }
+            }
+            frame = rd.next() => {
+                let frame = match frame {
+                    Some(Ok(f)) => f,
+                    Some(Err(e)) => return format!("receive: {e}"),
+                    None => return "the hub closed the session".into(),
+                };
+                match decode::<HubMsg>(&frame) {
+                    Ok(HubMsg::Refused(r)) => return format!("refused: {r}"),
+                    Ok(m) => {
+                        if to_main.send(ToMain::Hub(m)).await.is_err() {
+                            return "stopping".into();
+                        }
+                    }
+                    Err(e) => return format!("malformed message from the hub: {e}"),
+                }
+            }
+        }
+    }
+}
