@@ -207,7 +207,15 @@ pub struct Core {
     dirty_schedule: bool,
     /// `muster1/<advertise>/<ca fingerprint>/`, to which a token's secret is appended.
     token_prefix: String,
+    /// How long an ack may wait to be combined with later ones (the final report's ack
+    /// goes at once): this keeps the happy path at 5 messages per task.
+    ack_delay: Millis,
+    /// Per connection: the highest report id not yet acknowledged, and since when.
+    pending_acks: HashMap<ConnId, (ReportId, Millis)>,
 }
+
+/// Default for [`Core::set_ack_delay`].
+pub const ACK_DELAY: Millis = 1000;
 
 /// What the core is built from at startup.
 #[derive(Debug, Default)]
@@ -256,6 +264,8 @@ impl Core {
             out: Output::default(),
             dirty_schedule: true,
             token_prefix: String::new(),
+            ack_delay: ACK_DELAY,
+            pending_acks: HashMap::new(),
         };
         for rec in restored.agents {
             core.agents.insert(rec.name.clone(), Agent::new(rec, now));
@@ -274,6 +284,11 @@ impl Core {
     /// Sets what join tokens start with: `muster1/<advertise>/<ca fingerprint>/`.
     pub fn set_token_prefix(&mut self, prefix: String) {
         self.token_prefix = prefix;
+    }
+
+    /// Sets how long acks of non-final reports may wait to be combined (0: at once).
+    pub fn set_ack_delay(&mut self, ms: Millis) {
+        self.ack_delay = ms;
     }
 
     /// Takes the effects accumulated since the last call. See the module docs.
@@ -308,7 +323,7 @@ impl Core {
                 hello,
             } => self.on_hello(now, conn, &fingerprint, hello),
             Input::Session { conn, msg } => match msg {
-                SessionMsg::Report(r) => self.on_report(now, conn, r),
+                SessionMsg::Report(r) => self.on_report(now, conn, r, archive),
                 SessionMsg::Heartbeat(hb) => self.on_heartbeat(now, conn, hb),
             },
             Input::Closed { conn } => self.on_closed(now, conn),
@@ -489,6 +504,7 @@ impl Core {
     }
 
     fn on_closed(&mut self, now: Millis, conn: ConnId) {
+        self.pending_acks.remove(&conn);
         let Some(name) = self.conns.remove(&conn) else {
             return;
         };
@@ -546,15 +562,30 @@ impl Core {
         self.reconcile(now, &name, conn, &hb.tasks, false);
     }
 
-    fn on_report(&mut self, now: Millis, conn: ConnId, report: Report) {
+    fn on_report(&mut self, now: Millis, conn: ConnId, report: Report, archive: &dyn Archive) {
         let Some(name) = self.agent_of_conn(conn) else {
             return;
         };
-        self.ack(conn, report.id);
+        let urgent = matches!(report.body, ReportBody::Finished { .. });
+        self.ack(conn, report.id, now, urgent);
         let kind = report.body.kind();
         let Some(live) = self.tasks.get_mut(&report.task) else {
-            // Not live: a repeat for a task that already ended, or stale.
-            self.stale(conn, &report, "the task is no longer live at the hub");
+            // Not live: a repeat about the attempt that ended the task is a duplicate;
+            // anything else is stale.
+            let ended_here = self
+                .recent
+                .get(&report.task)
+                .map(|r| (r.generation, r.agent.clone()))
+                .or_else(|| archive.task(report.task).map(|r| (r.generation, r.agent)))
+                .is_some_and(|(g, a)| {
+                    g == report.generation && a.as_deref() == Some(name.as_str())
+                });
+            if ended_here {
+                self.counters.duplicate_reports += 1;
+                self.flush_ack(conn);
+            } else {
+                self.stale(conn, &report, "the task is no longer live at the hub");
+            }
             return;
         };
         let current = live
@@ -572,6 +603,7 @@ impl Core {
         }
         if kind != ReportKind::Progress && !live.seen.insert(kind) {
             self.counters.duplicate_reports += 1;
+            self.flush_ack(conn);
             return;
         }
         let id = report.task;
@@ -617,15 +649,7 @@ impl Core {
 
     fn stale(&mut self, conn: ConnId, report: &Report, reason: &str) {
         self.counters.stale_reports += 1;
-        // A repeat of the final report of an attempt that already ended is harmless.
-        if let ReportBody::Finished { .. } = report.body
-            && self
-                .recent
-                .get(&report.task)
-                .is_some_and(|r| r.generation == report.generation)
-        {
-            return;
-        }
+        self.flush_ack(conn);
         self.out.sends.push((
             conn,
             HubMsg::Abandon {
@@ -636,8 +660,20 @@ impl Core {
         ));
     }
 
-    fn ack(&mut self, conn: ConnId, id: ReportId) {
-        // Acks are batched: one per connection per output, carrying the highest id.
+    /// Notes a report to acknowledge; sends the ack now if `urgent` or acks are not delayed.
+    fn ack(&mut self, conn: ConnId, id: ReportId, now: Millis, urgent: bool) {
+        let e = self.pending_acks.entry(conn).or_insert((id, now));
+        e.0 = e.0.max(id);
+        if urgent || self.ack_delay == 0 {
+            self.flush_ack(conn);
+        }
+    }
+
+    fn flush_ack(&mut self, conn: ConnId) {
+        let Some((id, _)) = self.pending_acks.remove(&conn) else {
+            return;
+        };
+        // One ack per connection per output, carrying the highest id.
         if let Some((_, HubMsg::Ack { upto })) = self
             .out
             .sends
@@ -882,6 +918,15 @@ impl Core {
     // === Ticks: deadlines ===
 
     fn on_tick(&mut self, now: Millis) {
+        let due: Vec<ConnId> = self
+            .pending_acks
+            .iter()
+            .filter(|(_, (_, since))| now >= since + self.ack_delay)
+            .map(|(c, _)| *c)
+            .collect();
+        for conn in due {
+            self.flush_ack(conn);
+        }
         let grace = self.policy.lost_grace.as_millis() as u64;
         let accept = self.policy.accept_timeout.as_millis() as u64;
         let start = self.policy.start_timeout.as_millis() as u64;
@@ -904,15 +949,22 @@ impl Core {
         let mut expired = Vec::new();
         for live in self.tasks.values() {
             let Some(a) = &live.attempt else { continue };
+            // An agent that is away is the lost grace's business, and a restarted hub
+            // counts these deadlines from its own start, never from before it.
+            let connected = self.agents.get(&a.agent).is_some_and(|g| g.conn.is_some());
+            let since = |t: Millis| t.max(self.started_at);
             match live.rec.state {
-                TaskState::Assigned if now >= a.assigned_at + accept => {
+                TaskState::Assigned | TaskState::Accepted if !connected => {}
+                TaskState::Assigned if now >= since(a.assigned_at) + accept => {
                     expired.push((
                         live.rec.id,
                         Outcome::AcceptTimeout,
                         "the sidecar did not accept in time",
                     ));
                 }
-                TaskState::Accepted if now >= a.accepted_at.unwrap_or(a.assigned_at) + start => {
+                TaskState::Accepted
+                    if now >= since(a.accepted_at.unwrap_or(a.assigned_at)) + start =>
+                {
                     expired.push((
                         live.rec.id,
                         Outcome::StartTimeout,
@@ -1070,10 +1122,14 @@ impl Core {
         if a.rec.drained {
             return (false, "draining".into());
         }
-        if let Some(until) = a.breaker_until
-            && (now < until || !a.self_test_passed)
-        {
-            return (false, format!("degraded: circuit open until {until}"));
+        if let Some(until) = a.breaker_until {
+            // Only a healthy heartbeat after the cooldown closes the circuit (see on_heartbeat).
+            let when = if now < until {
+                "until its cooldown ends at"
+            } else {
+                "until a healthy heartbeat; cooldown ended at"
+            };
+            return (false, format!("degraded: circuit open {when} {until}"));
         }
         if !a.self_test_passed {
             let problems = a
