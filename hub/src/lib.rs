@@ -7,6 +7,7 @@
 pub mod cli;
 pub mod config;
 pub mod core;
+pub mod demo;
 pub mod pki;
 pub mod server;
 pub mod store;

@@ -151,6 +151,12 @@ enum Command {
         #[command(flatten)]
         connect: ConnectArgs,
     },
+    /// A local fleet on loopback running sample tasks end to end (no set-up needed).
+    Demo {
+        /// How many sample tasks to run.
+        #[arg(long, default_value_t = 20)]
+        tasks: usize,
+    },
     /// Check the hub's configuration, files and that it answers.
     Doctor {
         #[command(flatten)]
@@ -235,6 +241,15 @@ struct SubmitArgs {
 }
 
 fn main() -> ExitCode {
+    // `muster-hub sidecar …` is the sidecar's own command line, so a single
+    // executable can run the demo's fleet and its sample agents.
+    let mut args = std::env::args_os();
+    if std::env::args_os().nth(1).is_some_and(|a| a == "sidecar") {
+        let rest = args.by_ref().skip(2);
+        return muster_sidecar::cli::main_from(
+            std::iter::once("muster-sidecar".into()).chain(rest),
+        );
+    }
     let cli = Cli::parse();
     init_logging(cli.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -402,6 +417,7 @@ async fn run(command: Command) -> Result<(), CliError> {
             Ok(())
         }
         Command::Doctor { connect } => doctor(&connect).await,
+        Command::Demo { tasks } => muster_hub::demo::run(tasks).await,
     }
 }
 

@@ -9,6 +9,7 @@
 
 pub mod agent;
 pub mod backoff;
+pub mod cli;
 pub mod config;
 pub mod core;
 pub mod daemon;

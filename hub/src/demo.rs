@@ -1,0 +1,370 @@
+//! `muster-hub demo`: a local fleet on loopback running sample tasks end to end.
+//!
+//! A hub (in this process) and three sidecars (child processes of this same
+//! executable, via the hidden `muster-hub sidecar …` entry) in a temporary
+//! directory: real QUIC with mutual TLS, real redb files, real enrollment with
+//! join tokens. Sample agents run in both modes; one fails now and then, one
+//! needs a capability only one sidecar has. Everything is removed at the end,
+//! also on Ctrl-C.
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use muster_protocol::TaskId;
+use muster_protocol::msg::{OpRequest, Role, SubmitRequest, TimeoutAction};
+use serde_json::Value;
+use tokio::process::{Child, Command};
+
+use crate::cli::{CliError, ConnectArgs, Session};
+use crate::config::HubConfig;
+use crate::server::{Hub, init_data_dir};
+
+/// How long the demo waits for all tasks before giving up.
+const DEMO_DEADLINE: Duration = Duration::from_secs(180);
+
+/// The sidecars: name, capabilities, mode, slots.
+const FLEET: [(&str, &[&str], &str, u32); 3] = [
+    ("alpha", &["rust"], "exec", 2),
+    ("beta", &["rust", "review"], "exec", 2),
+    ("gamma", &["gpu", "review"], "wake", 2),
+];
+
+/// Runs the demo with `tasks` sample tasks. Returns an error if any step fails
+/// or if not every task reached a terminal state in time.
+///
+/// # Errors
+/// [`CliError`] naming the step that failed.
+pub async fn run(tasks: usize) -> Result<(), CliError> {
+    let tmp = tempfile::Builder::new()
+        .prefix("muster-demo-")
+        .tempdir()
+        .map_err(|e| CliError::fail(format!("cannot create a temporary directory: {e}")))?;
+    let result = tokio::select! {
+        r = fleet(tmp.path(), tasks) => r,
+        _ = tokio::signal::ctrl_c() => Err(CliError::fail("interrupted; cleaned up")),
+    };
+    // Children were started with kill_on_drop; the temporary directory goes with `tmp`.
+    drop(tmp);
+    result
+}
+
+fn fail(step: &str) -> impl Fn(String) -> CliError + '_ {
+    move |e| CliError::fail(format!("demo: {step}: {e}"))
+}
+
+async fn fleet(dir: &Path, tasks: usize) -> Result<(), CliError> {
+    let exe =
+        std::env::current_exe().map_err(|e| fail("locating this executable")(e.to_string()))?;
+    let hub_dir = dir.join("hub");
+    let port = free_udp_port().map_err(fail("finding a free port"))?;
+    let mut config = HubConfig {
+        data_dir: hub_dir.clone(),
+        listen: ([127, 0, 0, 1], port).into(),
+        ..HubConfig::default()
+    };
+    // Quicker than production so the demo's retries and heartbeats show in seconds.
+    config.policy.heartbeat_interval = Duration::from_secs(2);
+    config.policy.backoff_initial = Duration::from_secs(1);
+    config.policy.lost_grace = Duration::from_secs(10);
+    let sans = ["localhost".to_string(), "127.0.0.1".into()];
+    let fp = init_data_dir(&hub_dir, &config, &sans).map_err(fail("initialising the hub"))?;
+    println!(
+        "muster demo: a hub and {} sidecars on 127.0.0.1:{port} in {}",
+        FLEET.len(),
+        dir.display()
+    );
+    println!("  hub CA fingerprint {}…", &fp[..16]);
+    let hub = Hub {
+        config: config.clone(),
+        data_dir: hub_dir.clone(),
+    };
+    let running = hub
+        .start()
+        .await
+        .map_err(|e| fail("starting the hub")(e.to_string()))?;
+    let connect = ConnectArgs {
+        data_dir: Some(hub_dir.clone()),
+        ..ConnectArgs::default()
+    };
+    let session = connect.connect().await?;
+    let agents_dir = dir.join("agents");
+    write_agents(&agents_dir, &exe).map_err(fail("writing the sample agents"))?;
+    let mut children = Vec::new();
+    for (name, caps, mode, slots) in FLEET {
+        let child =
+            start_sidecar(&exe, &session, dir, &agents_dir, name, caps, mode, slots).await?;
+        children.push(child);
+    }
+    wait_online(&session).await?;
+    println!("  fleet online: alpha (exec), beta (exec), gamma (wake, the only one with `gpu`)\n");
+    let outcome = run_tasks(&session, tasks).await;
+    let stats = session.call(OpRequest::Stats).await;
+    for c in &mut children {
+        if let Some(pid) = c.id() {
+            // SIGTERM: the sidecars drain and exit 0.
+            let _ = Command::new("kill").arg(pid.to_string()).status().await;
+        }
+    }
+    for c in &mut children {
+        let _ = tokio::time::timeout(Duration::from_secs(5), c.wait()).await;
+    }
+    session.close().await;
+    let _ = running.shutdown().await;
+    let stats = stats?;
+    println!("\nstats");
+    for key in [
+        "finished",
+        "completed",
+        "messages_per_finished_task",
+        "bytes_per_finished_task",
+        "commits",
+        "mean_group_size",
+        "mean_commit_ms",
+    ] {
+        let v = &stats[key];
+        let shown = v
+            .as_f64()
+            .filter(|_| v.is_f64())
+            .map_or(v.to_string(), |f| format!("{f:.2}"));
+        println!("  {key:<28} {shown}");
+    }
+    outcome
+}
+
+fn free_udp_port() -> Result<u16, String> {
+    let s = std::net::UdpSocket::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+    s.local_addr().map(|a| a.port()).map_err(|e| e.to_string())
+}
+
+/// Writes the sample agents: shell scripts that use only the `MUSTER_*`
+/// variables and the task file, never task text on a command line.
+fn write_agents(dir: &Path, exe: &Path) -> Result<(), String> {
+    std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+    let cli = format!("'{}' sidecar", exe.display());
+    // exec mode: the script is the run. Tasks titled "flaky" fail their first attempt.
+    let exec = format!(
+        r#"#!/bin/sh
+# Sample exec-mode agent: the command is the run; exit 0 = completed.
+{cli} task progress "reading $MUSTER_TASK_FILE" >/dev/null
+case "$(cat "$MUSTER_TASK_FILE")" in
+  *flaky*) if [ "$MUSTER_GENERATION" = 1 ]; then echo "flaky: the first attempt always fails" >&2; exit 3; fi ;;
+esac
+sleep 0.$(( ($$ % 7) + 2 ))
+{cli} task progress "done thinking" >/dev/null
+exit 0
+"#
+    );
+    // wake mode: the command only wakes a worker that lives on, which acknowledges
+    // its start and reports completion itself.
+    let wake = format!(
+        r#"#!/bin/sh
+# Sample wake-mode agent: start a worker in the background and return at once.
+nohup sh -c '{cli} task start >/dev/null; sleep 0.4; {cli} task progress "half way" >/dev/null; sleep 0.4; {cli} task complete --result "ok from $MUSTER_AGENT" >/dev/null' >/dev/null 2>&1 &
+exit 0
+"#
+    );
+    for (name, text) in [("exec-agent.sh", exec), ("wake-agent.sh", wake)] {
+        let p = dir.join(name);
+        std::fs::write(&p, text).map_err(|e| e.to_string())?;
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755))
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn start_sidecar(
+    exe: &Path,
+    session: &Session,
+    dir: &Path,
+    agents: &Path,
+    name: &str,
+    caps: &[&str],
+    mode: &str,
+    slots: u32,
+) -> Result<Child, CliError> {
+    let token = session
+        .call(OpRequest::TokenCreate {
+            role: Role::Agent,
+            ttl_s: 600,
+        })
+        .await?;
+    let token = token["token"].as_str().unwrap_or_default().to_string();
+    let data = dir.join(name);
+    let mut enroll = Command::new(exe);
+    enroll
+        .arg("sidecar")
+        .arg("enroll")
+        .arg("--token")
+        .arg(&token)
+        .arg("--data-dir")
+        .arg(&data)
+        .arg("--name")
+        .arg(name);
+    for c in caps {
+        enroll.arg("--capability").arg(c);
+    }
+    let out = enroll
+        .output()
+        .await
+        .map_err(|e| fail("enrolling")(e.to_string()))?;
+    if !out.status.success() {
+        return Err(fail("enrolling")(
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ));
+    }
+    let path = data.join(muster_sidecar::config::CONFIG_FILE);
+    let mut cfg = muster_sidecar::config::SidecarConfig::load(&path)
+        .map_err(|e| fail("reading sidecar.toml")(e.to_string()))?;
+    cfg.slots = slots;
+    cfg.disk_floor_mb = 0;
+    if mode == "wake" {
+        cfg.agent.mode = muster_sidecar::agent::Mode::Wake;
+        cfg.agent.command = vec![agents.join("wake-agent.sh").display().to_string()];
+        cfg.agent.verify = muster_sidecar::agent::Verify::AgentAck;
+        cfg.agent.start_timeout = Duration::from_secs(20);
+    } else {
+        cfg.agent.command = vec![agents.join("exec-agent.sh").display().to_string()];
+        cfg.agent.settle = Duration::from_millis(100);
+    }
+    std::fs::write(&path, cfg.render()).map_err(|e| fail("writing sidecar.toml")(e.to_string()))?;
+    let log = std::fs::File::create(data.join("sidecar.log"))
+        .map_err(|e| fail("creating a log")(e.to_string()))?;
+    Command::new(exe)
+        .arg("sidecar")
+        .arg("run")
+        .arg("--data-dir")
+        .arg(&data)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| fail("starting a sidecar")(e.to_string()))
+}
+
+async fn wait_online(session: &Session) -> Result<(), CliError> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let v = session.call(OpRequest::Agents).await?;
+        let online = v["agents"]
+            .as_array()
+            .map_or(0, |a| a.iter().filter(|a| a["available"] == true).count());
+        if online == FLEET.len() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(CliError::fail(format!(
+                "demo: only {online} of {} sidecars came online within 30 s",
+                FLEET.len()
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn sample(i: usize) -> SubmitRequest {
+    let kinds: [(&str, &[&str], i32); 6] = [
+        ("refactor the parser", &["rust"], 0),
+        ("review pull request", &["review"], 5),
+        ("train the ranking model", &["gpu"], 1),
+        ("flaky integration test", &["rust"], 2),
+        ("write release notes", &[], -1),
+        ("fix CI: \"; rm -rf / # $(reboot) `id`", &[], 3),
+    ];
+    let (title, caps, priority) = kinds[i % kinds.len()];
+    SubmitRequest {
+        title: format!("{title} #{i}"),
+        description: format!(
+            "Sample task {i}. Shell metacharacters stay data: $(whoami) `id` \"; exit 1"
+        ),
+        capabilities: caps.iter().map(|c| c.to_string()).collect(),
+        priority,
+        max_attempts: Some(3),
+        timeout_ms: Some(60_000),
+        timeout_action: TimeoutAction::Retry,
+        after: Vec::new(),
+        key: None,
+    }
+}
+
+async fn run_tasks(session: &Session, n: usize) -> Result<(), CliError> {
+    let started = Instant::now();
+    let mut ids = Vec::new();
+    for i in 0..n {
+        let v = session.call(OpRequest::Submit(sample(i))).await?;
+        ids.push(TaskId(v["id"].as_u64().unwrap_or_default()));
+    }
+    println!("submitted {n} tasks with mixed priorities and capabilities\n");
+    let mut last: BTreeMap<u64, String> = BTreeMap::new();
+    let mut finished: BTreeMap<u64, Value> = BTreeMap::new();
+    while finished.len() < ids.len() {
+        if started.elapsed() > DEMO_DEADLINE {
+            return Err(CliError::fail(format!(
+                "demo: only {} of {} tasks ended within {} s",
+                finished.len(),
+                ids.len(),
+                DEMO_DEADLINE.as_secs()
+            )));
+        }
+        for id in &ids {
+            if finished.contains_key(&id.0) {
+                continue;
+            }
+            let v = session.call(OpRequest::TaskShow { id: *id }).await?;
+            let state = v["state"].as_str().unwrap_or("?").to_string();
+            let agent = v["agent"].as_str().unwrap_or("-").to_string();
+            let key = format!("{state}/{agent}/{}", v["generation"]);
+            if last.get(&id.0) != Some(&key) {
+                println!(
+                    "{:>7.2}s  task {:>2}  {:<9} {:<6} gen {}  {}",
+                    started.elapsed().as_secs_f64(),
+                    id.0,
+                    state,
+                    agent,
+                    v["generation"],
+                    v["title"].as_str().unwrap_or("")
+                );
+                last.insert(id.0, key);
+            }
+            if matches!(state.as_str(), "completed" | "failed" | "cancelled") {
+                finished.insert(id.0, v);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    summary(&finished);
+    let bad = finished
+        .values()
+        .filter(|v| v["state"] != "completed")
+        .count();
+    if bad > 0 {
+        return Err(CliError::fail(format!(
+            "demo: {bad} tasks did not complete"
+        )));
+    }
+    Ok(())
+}
+
+fn summary(tasks: &BTreeMap<u64, Value>) {
+    println!(
+        "\n{:>4}  {:<48} {:<6} {:>8} {:<10} {:>7}",
+        "TASK", "TITLE", "AGENT", "ATTEMPTS", "OUTCOME", "TIME"
+    );
+    for (id, v) in tasks {
+        let secs = v["updated_at"]
+            .as_u64()
+            .unwrap_or(0)
+            .saturating_sub(v["submitted_at"].as_u64().unwrap_or(0)) as f64
+            / 1000.0;
+        let title: String = v["title"].as_str().unwrap_or("").chars().take(48).collect();
+        println!(
+            "{id:>4}  {title:<48} {:<6} {:>8} {:<10} {secs:>6.2}s",
+            v["agent"].as_str().unwrap_or("-"),
+            v["attempts"],
+            v["state"].as_str().unwrap_or("?"),
+        );
+    }
+}
