@@ -47,6 +47,10 @@ const SESSION_QUEUE_LEN: usize = 4096;
 const TICK: Duration = Duration::from_millis(250);
 /// Most `watch` events sent per read of the log.
 const WATCH_PAGE: usize = 512;
+/// Alerts waiting for `alert_command`; past this they are dropped (they stay in the event log).
+const ALERT_QUEUE_LEN: usize = 256;
+/// How long one run of `alert_command` may take before it is killed.
+const ALERT_COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Shared counters, for `stats` and metrics.
 #[derive(Debug, Default)]
@@ -212,9 +216,14 @@ impl Hub {
         let metrics = Arc::new(Metrics::default());
         let events_max = self.config.policy.events_max;
         let m = metrics.clone();
+        let alert_tx = (!self.config.alert_command.is_empty()).then(|| {
+            let (tx, rx) = mpsc::channel(ALERT_QUEUE_LEN);
+            tokio::spawn(alert_worker(self.config.alert_command.clone(), rx));
+            tx
+        });
         let core_thread = std::thread::Builder::new()
             .name("muster-core".into())
-            .spawn(move || core_loop(core, store, rx, m, clock, events_max))
+            .spawn(move || core_loop(core, store, rx, m, clock, events_max, alert_tx))
             .map_err(|source| StartError::Bind { addr, source })?;
         let shared = Arc::new(Shared {
             to_core: to_core.clone(),
@@ -660,6 +669,7 @@ fn core_loop(
     metrics: Arc<Metrics>,
     mut clock: Clock,
     events_max: u64,
+    alert_tx: Option<mpsc::Sender<serde_json::Value>>,
 ) -> Result<(), StoreError> {
     let mut sessions: HashMap<ConnId, SessionHandle> = HashMap::new();
     let mut pending: HashMap<u64, Pending> = HashMap::new();
@@ -789,6 +799,16 @@ fn core_loop(
                 _ => {}
             }
         }
+        for alert in out.alerts {
+            warn!(alert = %alert, "alert");
+            if let Some(tx) = &alert_tx
+                && tx.try_send(alert).is_err()
+            {
+                warn!(
+                    "alert_command is falling behind; an alert was not passed to it (it is in the event log)"
+                );
+            }
+        }
         for conn in out.closes {
             if let Some(s) = sessions.remove(&conn) {
                 // Let the refusal frame go out first; the close follows shortly.
@@ -812,6 +832,49 @@ fn core_loop(
         }
     }
     Ok(())
+}
+
+/// Runs `alert_command` once per alert with the alert as JSON on stdin, one at a time,
+/// each bounded in time; failures are logged and never reach the core.
+async fn alert_worker(argv: Vec<String>, mut rx: mpsc::Receiver<serde_json::Value>) {
+    use tokio::io::AsyncWriteExt;
+    while let Some(alert) = rx.recv().await {
+        let Some((program, args)) = argv.split_first() else {
+            return;
+        };
+        let spawned = tokio::process::Command::new(program)
+            .args(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn();
+        let mut child = match spawned {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(command = ?argv, "alert_command cannot start: {e}");
+                continue;
+            }
+        };
+        if let Some(mut stdin) = child.stdin.take() {
+            let mut line = alert.to_string().into_bytes();
+            line.push(b'\n');
+            let _ = stdin.write_all(&line).await;
+        }
+        match tokio::time::timeout(ALERT_COMMAND_TIMEOUT, child.wait_with_output()).await {
+            Ok(Ok(out)) if out.status.success() => {}
+            Ok(Ok(out)) => warn!(
+                command = ?argv,
+                "alert_command failed ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+            Ok(Err(e)) => warn!(command = ?argv, "alert_command: {e}"),
+            Err(_) => {
+                warn!(command = ?argv, "alert_command did not finish within {} s; killed", ALERT_COMMAND_TIMEOUT.as_secs())
+            }
+        }
+    }
 }
 
 fn watchdog_interval() -> Option<Duration> {

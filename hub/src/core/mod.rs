@@ -10,6 +10,7 @@
 //! the clock, spawns, or touches a socket or file; tasks that are no longer
 //! live are read through the [`Archive`] trait.
 
+pub mod alerts;
 pub mod model;
 mod sched;
 pub mod views;
@@ -134,6 +135,8 @@ pub struct Output {
     pub replies: Vec<(ReplyId, Reply)>,
     /// Then close these connections.
     pub closes: Vec<ConnId>,
+    /// Alerts raised or cleared, as JSON, for `alert_command` (they are in the event log too).
+    pub alerts: Vec<serde_json::Value>,
 }
 
 /// Coordination counters, for `stats`.
@@ -212,6 +215,9 @@ pub struct Core {
     ack_delay: Millis,
     /// Per connection: the highest report id not yet acknowledged, and since when.
     pending_acks: HashMap<ConnId, (ReportId, Millis)>,
+    alerts: alerts::Alerts,
+    /// The `now` of the latest input, for records made without one at hand.
+    last_now: Millis,
 }
 
 /// Default for [`Core::set_ack_delay`].
@@ -266,6 +272,8 @@ impl Core {
             token_prefix: String::new(),
             ack_delay: ACK_DELAY,
             pending_acks: HashMap::new(),
+            alerts: alerts::Alerts::default(),
+            last_now: now,
         };
         for rec in restored.agents {
             core.agents.insert(rec.name.clone(), Agent::new(rec, now));
@@ -316,6 +324,7 @@ impl Core {
 
     /// Handles one input at time `now`.
     pub fn handle(&mut self, now: Millis, input: Input, archive: &dyn Archive) {
+        self.last_now = now;
         match input {
             Input::Hello {
                 conn,
@@ -733,7 +742,18 @@ impl Core {
             self.out.writes.push(Write::Attempt(a.clone()));
         }
         let json = views::task_event_json(&live.rec, from, why);
+        let (title, reason) = (live.rec.title.clone(), live.rec.reason.clone());
         self.push_event(now, json);
+        if to == TaskState::Failed {
+            let msg = format!(
+                "task {id} ({title}) failed for good: {}",
+                reason.unwrap_or_default()
+            );
+            self.alert_raise(now, "task_failed", &id.to_string(), msg);
+        }
+        if to == TaskState::Completed {
+            self.alerts.note_completion(now);
+        }
         if to.is_terminal() {
             self.finish_task(now, id);
         }
@@ -988,6 +1008,7 @@ impl Core {
         for (id, outcome, why) in expired {
             self.end_attempt(now, id, outcome, Some(failure(why)), false);
         }
+        self.evaluate_alerts(now);
         // Backoff deadlines and breaker cooldowns may have passed.
         self.dirty_schedule = true;
     }
@@ -1058,7 +1079,10 @@ impl Core {
             OpRequest::TaskCancel { id } => self.cancel(now, id, &who.name),
             OpRequest::TaskRequeue { id } => self.requeue(now, id, &who.name, archive),
             OpRequest::Stats => ok_json(&self.stats_json()),
-            OpRequest::Alerts => ok_json(&serde_json::json!({ "alerts": [] })),
+            OpRequest::Alerts => {
+                let list: Vec<_> = self.alerts.list().iter().map(|a| a.json("open")).collect();
+                ok_json(&serde_json::json!({ "alerts": list }))
+            }
             OpRequest::Tasks { .. } | OpRequest::TaskShow { .. } | OpRequest::Watch { .. } => {
                 op_error(OpErrorCode::Internal, "served by the shell")
             }
@@ -1400,6 +1424,7 @@ impl Core {
         rec.state = TaskState::Queued;
         rec.updated_at = now;
         push_audit(&mut rec, now, who, "requeue");
+        self.alert_clear("task_failed", &id.to_string());
         self.out.writes.push(Write::Task(rec.clone()));
         self.push_event(
             now,
@@ -1520,6 +1545,89 @@ impl Core {
         self.out
             .writes
             .push(Write::Event(EventRecord { seq, at: now, json }));
+    }
+
+    fn alert_raise(&mut self, now: Millis, kind: &'static str, subject: &str, message: String) {
+        let mut changes = Vec::new();
+        self.alerts.raise(now, kind, subject, message, &mut changes);
+        self.alert_changes(now, changes);
+    }
+
+    fn alert_clear(&mut self, kind: &'static str, subject: &str) {
+        let mut changes = Vec::new();
+        self.alerts.clear(kind, subject, &mut changes);
+        // Clearing needs no `now` in the record; the event carries the batch's time.
+        self.alert_changes(self.last_now, changes);
+    }
+
+    fn alert_changes(&mut self, now: Millis, changes: alerts::Changes) {
+        for c in changes {
+            self.push_event(now, c.to_string());
+            self.out.alerts.push(c);
+        }
+    }
+
+    /// Re-derives the alerts whose cause is a condition: agent down, stalled, circuit, storm.
+    fn evaluate_alerts(&mut self, now: Millis) {
+        let down_after = self.policy.agent_down_alert.as_millis() as u64;
+        let mut down = Vec::new();
+        let mut circuit = Vec::new();
+        for a in self.agents.values() {
+            if a.rec.revoked {
+                continue;
+            }
+            let since = if a.conn.is_none() {
+                a.offline_since.map(|t| t.max(self.started_at))
+            } else {
+                None
+            };
+            if let Some(t) = since
+                && now >= t + down_after
+            {
+                down.push((
+                    a.rec.name.clone(),
+                    format!(
+                        "agent {} has been offline for {} s",
+                        a.rec.name,
+                        (now - t) / 1000
+                    ),
+                ));
+            }
+            if let Some(until) = a.breaker_until {
+                circuit.push((a.rec.name.clone(), format!("agent {} is degraded after repeated infrastructure failures; circuit open until {until}", a.rec.name)));
+            }
+        }
+        let stall_after = self.policy.stall_alert.as_millis() as u64;
+        let stalled: Vec<(String, String)> = self
+            .tasks
+            .values()
+            .filter(|l| l.rec.state == TaskState::Running)
+            .filter_map(|l| {
+                let last = l.rec.progress_at?;
+                (now >= last + stall_after).then(|| {
+                    (
+                        l.rec.id.to_string(),
+                        format!(
+                            "task {} ({}) has run {} min without progress",
+                            l.rec.id,
+                            l.rec.title,
+                            (now - last) / 60_000
+                        ),
+                    )
+                })
+            })
+            .collect();
+        let mut changes = Vec::new();
+        self.alerts.sync(now, "agent_down", down, &mut changes);
+        self.alerts.sync(now, "circuit_open", circuit, &mut changes);
+        self.alerts.sync(now, "stalled", stalled, &mut changes);
+        self.alerts.check_storm(now, &mut changes);
+        self.alert_changes(now, changes);
+    }
+
+    /// Open alerts by kind, for metrics.
+    pub fn alert_count(&self, kind: &str) -> usize {
+        self.alerts.count(kind)
     }
 
     /// Registers an identity created outside enrollment (the admin credential at init).

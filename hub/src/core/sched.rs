@@ -117,6 +117,9 @@ impl Core {
         // Leave the ready queue under the old key before the record changes.
         self.sched.remove(&live.rec, live.retried);
         live.rec.not_before = None;
+        if live.retried {
+            self.alerts.note_retry(now);
+        }
         live.rec.generation.0 += 1;
         live.rec.attempts += 1;
         live.rec.agent = Some(agent_name.to_string());

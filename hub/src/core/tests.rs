@@ -2573,3 +2573,99 @@ fn a_restart_from_the_store_continues_where_it_left_off() {
         vec![t2]
     );
 }
+
+// === Alerts ===
+
+fn open_alerts(h: &mut H) -> Vec<(String, String)> {
+    let (resp, _) = h.op(ADMIN, OpRequest::Alerts);
+    json_ok(&resp)["alerts"]
+        .as_array()
+        .expect("alerts")
+        .iter()
+        .map(|a| {
+            (
+                a["alert"].as_str().unwrap_or_default().to_string(),
+                a["subject"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn agent_down_is_raised_after_the_policy_time_and_cleared_on_return() {
+    let mut h = H::new();
+    let (c, _) = h.connect(1, "a", &[], 1);
+    h.close(c);
+    let out = h.pass(115_000);
+    assert!(out.alerts.is_empty(), "not before agent_down_alert");
+    let out = h.pass(10_000);
+    assert_eq!(out.alerts.len(), 1);
+    assert_eq!(out.alerts[0]["alert"], "agent_down");
+    assert_eq!(open_alerts(&mut h), vec![("agent_down".into(), "a".into())]);
+    // The raise is in the event log, with the state change that caused it.
+    assert!(
+        out.writes
+            .iter()
+            .any(|w| matches!(w, Write::Event(e) if e.json.contains("agent_down")))
+    );
+    h.connect(2, "a", &[], 1);
+    let out = h.tick();
+    assert_eq!(out.alerts[0]["state"], "cleared");
+    assert!(open_alerts(&mut h).is_empty());
+}
+
+#[test]
+fn a_task_failed_for_good_raises_an_alert_that_requeue_clears() {
+    let mut h = H::new();
+    let (c, _) = h.connect(1, "a", &[], 1);
+    let (t, _) = h.submit(req("t"));
+    h.accept(c, t, 1);
+    h.start(c, t, 1);
+    let out = h.fail(c, t, 1, true);
+    assert!(out.alerts.iter().any(|a| a["alert"] == "task_failed"));
+    assert_eq!(
+        open_alerts(&mut h),
+        vec![("task_failed".into(), t.to_string())]
+    );
+    let (resp, _) = h.op(ADMIN, OpRequest::TaskRequeue { id: t });
+    json_ok(&resp);
+    assert!(open_alerts(&mut h).is_empty());
+}
+
+#[test]
+fn a_running_task_without_progress_is_stalled_not_failed() {
+    let mut h = H::new();
+    let (c, _) = h.connect(1, "a", &[], 1);
+    let (t, _) = h.submit(req("t"));
+    h.accept(c, t, 1);
+    h.start(c, t, 1);
+    h.online.insert(
+        c,
+        vec![HeldTask {
+            task: t,
+            generation: Generation(1),
+            phase: Phase::Running,
+        }],
+    );
+    let out = h.pass(31 * 60_000);
+    assert!(
+        out.alerts
+            .iter()
+            .any(|a| a["alert"] == "stalled" && a["subject"] == t.to_string())
+    );
+    assert_eq!(
+        h.task(t).state,
+        TaskState::Running,
+        "a stall is an alert, not a failure"
+    );
+    h.report(
+        c,
+        t,
+        1,
+        ReportBody::Progress {
+            note: "alive".into(),
+        },
+    );
+    h.tick();
+    assert!(open_alerts(&mut h).is_empty(), "progress clears the stall");
+}

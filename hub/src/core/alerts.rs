@@ -1,0 +1,214 @@
+//! Alerts: raised when their cause appears, cleared when it goes. Pure.
+//!
+//! Kinds: `agent_down` (offline past `agent_down_alert`), `task_failed` (a task
+//! failed for good; cleared by requeue), `stalled` (running past `stall_alert`
+//! without progress), `circuit_open` (an agent's breaker tripped), and
+//! `retry_storm` (retries far outrun completions).
+
+use std::collections::{BTreeMap, VecDeque};
+
+use serde_json::{Value, json};
+
+use super::Millis;
+
+/// The window the retry-storm rule looks at.
+pub const STORM_WINDOW: Millis = 5 * 60 * 1000;
+/// Retries in the window below which there is no storm, whatever the ratio.
+pub const STORM_RETRIES_MIN: usize = 20;
+/// A storm: more than this many retries per completion in the window.
+pub const STORM_RATIO: usize = 3;
+/// Most open `task_failed` alerts kept; older ones are dropped (they stay in the event log).
+pub const FAILED_ALERTS_MAX: usize = 1000;
+/// Most samples kept for the storm rule, so a burst cannot grow memory without bound.
+const SAMPLES_MAX: usize = 100_000;
+
+/// One open alert.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Alert {
+    /// `agent_down`, `task_failed`, `stalled`, `circuit_open`, `retry_storm`.
+    pub kind: &'static str,
+    /// The agent name or task id it is about (empty for fleet-wide ones).
+    pub subject: String,
+    /// A sentence for the operator.
+    pub message: String,
+    /// When it was raised.
+    pub since: Millis,
+}
+
+impl Alert {
+    /// The alert as JSON (what `alerts --json` lists and `alert_command` gets).
+    pub fn json(&self, state: &str) -> Value {
+        json!({ "kind": "alert", "alert": self.kind, "subject": self.subject, "message": self.message, "since": self.since, "state": state })
+    }
+}
+
+/// Open alerts and the samples the storm rule needs.
+#[derive(Debug, Default)]
+pub struct Alerts {
+    open: BTreeMap<(&'static str, String), Alert>,
+    retries: VecDeque<Millis>,
+    completions: VecDeque<Millis>,
+}
+
+/// What changed: alerts raised and cleared, as JSON.
+pub type Changes = Vec<Value>;
+
+impl Alerts {
+    /// Open alerts, oldest first.
+    pub fn list(&self) -> Vec<&Alert> {
+        let mut v: Vec<&Alert> = self.open.values().collect();
+        v.sort_by_key(|a| a.since);
+        v
+    }
+
+    /// Open alerts by kind, for metrics.
+    pub fn count(&self, kind: &str) -> usize {
+        self.open.keys().filter(|(k, _)| *k == kind).count()
+    }
+
+    /// Raises an alert unless it is open already.
+    pub fn raise(
+        &mut self,
+        now: Millis,
+        kind: &'static str,
+        subject: &str,
+        message: String,
+        changes: &mut Changes,
+    ) {
+        let key = (kind, subject.to_string());
+        if self.open.contains_key(&key) {
+            return;
+        }
+        if kind == "task_failed" && self.count("task_failed") >= FAILED_ALERTS_MAX {
+            let oldest = self
+                .open
+                .iter()
+                .filter(|((k, _), _)| *k == "task_failed")
+                .min_by_key(|(_, a)| a.since)
+                .map(|(k, _)| k.clone());
+            if let Some(k) = oldest {
+                self.open.remove(&k);
+            }
+        }
+        let alert = Alert {
+            kind,
+            subject: subject.into(),
+            message,
+            since: now,
+        };
+        changes.push(alert.json("raised"));
+        self.open.insert(key, alert);
+    }
+
+    /// Clears an alert if it is open.
+    pub fn clear(&mut self, kind: &'static str, subject: &str, changes: &mut Changes) {
+        if let Some(a) = self.open.remove(&(kind, subject.to_string())) {
+            changes.push(a.json("cleared"));
+        }
+    }
+
+    /// Sets the alerts of one kind to exactly `wanted` (subject, message): raises new, clears gone.
+    pub fn sync(
+        &mut self,
+        now: Millis,
+        kind: &'static str,
+        wanted: Vec<(String, String)>,
+        changes: &mut Changes,
+    ) {
+        let keep: std::collections::HashSet<&String> = wanted.iter().map(|(s, _)| s).collect();
+        let gone: Vec<String> = self
+            .open
+            .keys()
+            .filter(|(k, s)| *k == kind && !keep.contains(s))
+            .map(|(_, s)| s.clone())
+            .collect();
+        for s in gone {
+            self.clear(kind, &s, changes);
+        }
+        for (subject, message) in wanted {
+            self.raise(now, kind, &subject, message, changes);
+        }
+    }
+
+    /// Counts a retry (an assignment of a task attempted before).
+    pub fn note_retry(&mut self, now: Millis) {
+        push_bounded(&mut self.retries, now);
+    }
+
+    /// Counts a completion.
+    pub fn note_completion(&mut self, now: Millis) {
+        push_bounded(&mut self.completions, now);
+    }
+
+    /// The retry-storm rule over the last [`STORM_WINDOW`].
+    pub fn check_storm(&mut self, now: Millis, changes: &mut Changes) {
+        let floor = now.saturating_sub(STORM_WINDOW);
+        for q in [&mut self.retries, &mut self.completions] {
+            while q.front().is_some_and(|t| *t < floor) {
+                q.pop_front();
+            }
+        }
+        let (r, c) = (self.retries.len(), self.completions.len());
+        let wanted = if r >= STORM_RETRIES_MIN && r > STORM_RATIO * c {
+            vec![(
+                String::new(),
+                format!(
+                    "{r} retries but {c} completions in the last 5 minutes: something fails over and over"
+                ),
+            )]
+        } else {
+            Vec::new()
+        };
+        self.sync(now, "retry_storm", wanted, changes);
+    }
+}
+
+fn push_bounded(q: &mut VecDeque<Millis>, now: Millis) {
+    if q.len() >= SAMPLES_MAX {
+        q.pop_front();
+    }
+    q.push_back(now);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn raise_is_idempotent_and_sync_clears_what_is_gone() {
+        let mut a = Alerts::default();
+        let mut ch = Vec::new();
+        a.raise(1, "agent_down", "x", "down".into(), &mut ch);
+        a.raise(2, "agent_down", "x", "down".into(), &mut ch);
+        assert_eq!(ch.len(), 1);
+        a.sync(3, "agent_down", vec![("y".into(), "down".into())], &mut ch);
+        assert_eq!(ch.len(), 3, "x cleared, y raised");
+        assert_eq!(a.list().len(), 1);
+        assert_eq!(a.list()[0].subject, "y");
+    }
+
+    #[test]
+    fn storm_needs_many_retries_and_few_completions() {
+        let mut a = Alerts::default();
+        let mut ch = Vec::new();
+        for t in 0..25 {
+            a.note_retry(t);
+        }
+        for t in 0..5 {
+            a.note_completion(t);
+        }
+        a.check_storm(100, &mut ch);
+        assert_eq!(a.count("retry_storm"), 1);
+        for t in 0..10 {
+            a.note_completion(200 + t);
+        }
+        a.check_storm(300, &mut ch);
+        assert_eq!(
+            a.count("retry_storm"),
+            0,
+            "25 retries vs 15 completions is no storm"
+        );
+        a.check_storm(STORM_WINDOW * 3, &mut ch);
+        assert_eq!(a.count("retry_storm"), 0);
+    }
+}
