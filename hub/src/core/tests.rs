@@ -2595,7 +2595,7 @@ fn open_alerts(h: &mut H) -> Vec<(String, String)> {
 fn agent_down_is_raised_after_the_policy_time_and_cleared_on_return() {
     let mut h = H::new();
     let (c, _) = h.connect(1, "a", &[], 1);
-    h.close(c);
+    let _ = h.close(c);
     let out = h.pass(115_000);
     assert!(out.alerts.is_empty(), "not before agent_down_alert");
     let out = h.pass(10_000);
@@ -2608,7 +2608,7 @@ fn agent_down_is_raised_after_the_policy_time_and_cleared_on_return() {
             .iter()
             .any(|w| matches!(w, Write::Event(e) if e.json.contains("agent_down")))
     );
-    h.connect(2, "a", &[], 1);
+    let _ = h.connect(2, "a", &[], 1);
     let out = h.tick();
     assert_eq!(out.alerts[0]["state"], "cleared");
     assert!(open_alerts(&mut h).is_empty());
@@ -2619,8 +2619,8 @@ fn a_task_failed_for_good_raises_an_alert_that_requeue_clears() {
     let mut h = H::new();
     let (c, _) = h.connect(1, "a", &[], 1);
     let (t, _) = h.submit(req("t"));
-    h.accept(c, t, 1);
-    h.start(c, t, 1);
+    let _ = h.accept(c, t, 1);
+    let _ = h.start(c, t, 1);
     let out = h.fail(c, t, 1, true);
     assert!(out.alerts.iter().any(|a| a["alert"] == "task_failed"));
     assert_eq!(
@@ -2637,8 +2637,8 @@ fn a_running_task_without_progress_is_stalled_not_failed() {
     let mut h = H::new();
     let (c, _) = h.connect(1, "a", &[], 1);
     let (t, _) = h.submit(req("t"));
-    h.accept(c, t, 1);
-    h.start(c, t, 1);
+    let _ = h.accept(c, t, 1);
+    let _ = h.start(c, t, 1);
     h.online.insert(
         c,
         vec![HeldTask {
@@ -2666,6 +2666,6 @@ fn a_running_task_without_progress_is_stalled_not_failed() {
             note: "alive".into(),
         },
     );
-    h.tick();
+    let _ = h.tick();
     assert!(open_alerts(&mut h).is_empty(), "progress clears the stall");
 }

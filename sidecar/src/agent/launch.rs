@@ -127,6 +127,18 @@ impl Launch {
     /// closed, output discarded, in its own process group.
     pub(super) fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
         let mut cmd = Command::new(program);
+        // The supervisor's hand-off to the sidecar is not the agent's: an agent that
+        // inherited NOTIFY_SOCKET could confuse systemd, and the credentials are ours.
+        for var in [
+            "NOTIFY_SOCKET",
+            "WATCHDOG_USEC",
+            "WATCHDOG_PID",
+            "CREDENTIALS_DIRECTORY",
+            "LISTEN_FDS",
+            "LISTEN_PID",
+        ] {
+            cmd.env_remove(var);
+        }
         cmd.envs(self.env.iter().map(|(k, v)| (k, v)))
             .current_dir(&self.work_dir)
             .stdin(Stdio::null())
