@@ -2658,7 +2658,7 @@ fn a_running_task_without_progress_is_stalled_not_failed() {
         TaskState::Running,
         "a stall is an alert, not a failure"
     );
-    h.report(
+    let _ = h.report(
         c,
         t,
         1,
