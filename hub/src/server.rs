@@ -677,8 +677,14 @@ fn core_loop(
     let mut next_reply = 0u64;
     let watchdog = watchdog_interval();
     let mut last_watchdog = Instant::now();
+    // Test hook: while this file exists the core loop stops making progress, so
+    // tests can show that a stuck core stops the watchdog pings.
+    let stall_file = std::env::var_os("MUSTER_TEST_STALL_FILE").map(PathBuf::from);
     let mut batch = Vec::with_capacity(BATCH_LEN_MAX);
     while let Some(first) = rx.blocking_recv() {
+        while stall_file.as_ref().is_some_and(|f| f.exists()) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
         batch.push(first);
         while batch.len() < BATCH_LEN_MAX {
             match rx.try_recv() {
