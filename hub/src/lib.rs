@@ -8,6 +8,7 @@ pub mod cli;
 pub mod config;
 pub mod core;
 pub mod demo;
+pub mod metrics;
 pub mod pki;
 pub mod server;
 pub mod store;

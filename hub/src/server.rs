@@ -103,6 +103,10 @@ enum ToCore {
         tx: mpsc::Sender<OpResponse>,
         from: Option<EventSeq>,
     },
+    /// `/metrics`: render the registry from a fresh core snapshot.
+    Scrape(oneshot::Sender<String>),
+    /// `/healthz`: is the store writable?
+    Health(oneshot::Sender<Result<(), String>>),
 }
 
 /// What `serve` needs.
@@ -133,6 +137,7 @@ impl Clock {
 pub struct Running {
     /// The bound QUIC address.
     pub addr: SocketAddr,
+    http: Option<tokio::task::JoinHandle<()>>,
     endpoint: quinn::Endpoint,
     to_core: mpsc::Sender<ToCore>,
     core_thread: std::thread::JoinHandle<Result<(), StoreError>>,
@@ -216,6 +221,9 @@ impl Hub {
         let metrics = Arc::new(Metrics::default());
         let events_max = self.config.policy.events_max;
         let m = metrics.clone();
+        let hub_metrics = Arc::new(crate::metrics::HubMetrics::default());
+        let hm = hub_metrics.clone();
+        let data_dir = self.data_dir.clone();
         let alert_tx = (!self.config.alert_command.is_empty()).then(|| {
             let (tx, rx) = mpsc::channel(ALERT_QUEUE_LEN);
             tokio::spawn(alert_worker(self.config.alert_command.clone(), rx));
@@ -223,7 +231,16 @@ impl Hub {
         });
         let core_thread = std::thread::Builder::new()
             .name("muster-core".into())
-            .spawn(move || core_loop(core, store, rx, m, clock, events_max, alert_tx))
+            .spawn(move || {
+                let shell = Shell {
+                    metrics: m,
+                    hub_metrics: hm,
+                    data_dir,
+                    events_max,
+                    alert_tx,
+                };
+                core_loop(core, store, rx, clock, shell)
+            })
             .map_err(|source| StartError::Bind { addr, source })?;
         let shared = Arc::new(Shared {
             to_core: to_core.clone(),
@@ -234,6 +251,17 @@ impl Hub {
             max_frame: self.config.limits.max_frame_bytes as usize,
         });
         let accept = tokio::spawn(accept_loop(endpoint.clone(), shared));
+        let http = match self.config.http_listen {
+            Some(addr) => Some(
+                muster_sidecar::http::serve(addr, http_handler(to_core.clone()))
+                    .await
+                    .map_err(|e| StartError::Bind {
+                        addr,
+                        source: std::io::Error::other(e),
+                    })?,
+            ),
+            None => None,
+        };
         let tick_tx = to_core.clone();
         let ticker = tokio::spawn(async move {
             let mut every = tokio::time::interval(TICK);
@@ -249,6 +277,7 @@ impl Hub {
         info!(%addr, advertise, "hub listening");
         Ok(Running {
             addr,
+            http,
             endpoint,
             to_core,
             core_thread,
@@ -266,6 +295,9 @@ impl Running {
     pub async fn shutdown(self) -> Result<(), StoreError> {
         self.accept.abort();
         self.ticker.abort();
+        if let Some(h) = &self.http {
+            h.abort();
+        }
         self.endpoint.close(0u32.into(), b"hub shutting down");
         drop(self.to_core);
         let core = tokio::task::spawn_blocking(move || self.core_thread.join());
@@ -662,15 +694,88 @@ enum Pending {
     Enroll(oneshot::Sender<EnrollResponse>),
 }
 
+/// What the core loop needs besides the core and the store.
+struct Shell {
+    metrics: Arc<Metrics>,
+    hub_metrics: Arc<crate::metrics::HubMetrics>,
+    data_dir: PathBuf,
+    events_max: u64,
+    alert_tx: Option<mpsc::Sender<serde_json::Value>>,
+}
+
+/// How long `/healthz` and `/metrics` wait for the core before answering 503.
+const CORE_ANSWER_TIMEOUT: Duration = Duration::from_secs(2);
+
+fn http_handler(to_core: mpsc::Sender<ToCore>) -> muster_sidecar::http::Handler {
+    use muster_sidecar::http::{PROMETHEUS, TEXT};
+    Arc::new(move |path: String| {
+        let to_core = to_core.clone();
+        Box::pin(async move {
+            match path.as_str() {
+                "/metrics" => {
+                    let (tx, rx) = oneshot::channel();
+                    if to_core.try_send(ToCore::Scrape(tx)).is_err() {
+                        return (503, TEXT, "the core is not taking requests\n".into());
+                    }
+                    match tokio::time::timeout(CORE_ANSWER_TIMEOUT, rx).await {
+                        Ok(Ok(text)) => (200, PROMETHEUS, text),
+                        _ => (503, TEXT, "the core did not answer within 2 s\n".into()),
+                    }
+                }
+                "/healthz" => {
+                    let (tx, rx) = oneshot::channel();
+                    if to_core.try_send(ToCore::Health(tx)).is_err() {
+                        return (
+                            503,
+                            TEXT,
+                            "unhealthy: the core is not taking requests\n".into(),
+                        );
+                    }
+                    match tokio::time::timeout(CORE_ANSWER_TIMEOUT, rx).await {
+                        Ok(Ok(Ok(()))) => (200, TEXT, "ok: store writable, listener up\n".into()),
+                        Ok(Ok(Err(e))) => (503, TEXT, format!("unhealthy: {e}\n")),
+                        _ => (
+                            503,
+                            TEXT,
+                            "unhealthy: the core did not answer within 2 s\n".into(),
+                        ),
+                    }
+                }
+                _ => (404, TEXT, "try /metrics or /healthz\n".into()),
+            }
+        })
+    })
+}
+
+/// The store is writable: a redb commit and a synced probe file in the data directory.
+fn health(store: &Store, dir: &Path) -> Result<(), String> {
+    store
+        .probe()
+        .map_err(|e| format!("store not writable: {e}"))?;
+    let probe = dir.join(".healthz");
+    let write = || -> std::io::Result<()> {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&probe)?;
+        f.write_all(b"ok")?;
+        f.sync_all()
+    };
+    write().map_err(|e| format!("data directory not writable ({}): {e}", probe.display()))
+}
+
 fn core_loop(
     mut core: Core,
     store: Store,
     mut rx: mpsc::Receiver<ToCore>,
-    metrics: Arc<Metrics>,
     mut clock: Clock,
-    events_max: u64,
-    alert_tx: Option<mpsc::Sender<serde_json::Value>>,
+    shell: Shell,
 ) -> Result<(), StoreError> {
+    let Shell {
+        metrics,
+        hub_metrics,
+        data_dir,
+        events_max,
+        alert_tx,
+    } = shell;
     let mut sessions: HashMap<ConnId, SessionHandle> = HashMap::new();
     let mut pending: HashMap<u64, Pending> = HashMap::new();
     let mut watchers: Vec<Watcher> = Vec::new();
@@ -758,6 +863,14 @@ fn core_loop(
                         }
                     }
                     ToCore::Tick => Input::Tick,
+                    ToCore::Scrape(tx) => {
+                        let _ = tx.send(hub_metrics.render(&core.snapshot(now), &metrics));
+                        continue;
+                    }
+                    ToCore::Health(tx) => {
+                        let _ = tx.send(health(&store, &data_dir));
+                        continue;
+                    }
                     ToCore::Watch {
                         fingerprint,
                         tx,
@@ -774,7 +887,13 @@ fn core_loop(
         let started = Instant::now();
         // Commit before acknowledge: nothing below leaves until this returns Ok.
         store.commit(&out.writes, events_max)?;
+        for ms in &out.dispatch_ms {
+            hub_metrics.dispatch.observe(*ms as f64 / 1000.0);
+        }
         if !out.writes.is_empty() {
+            hub_metrics.commit.observe(started.elapsed().as_secs_f64());
+            hub_metrics.group.observe(out.writes.len() as f64);
+            hub_metrics.commits.inc();
             metrics.commits.fetch_add(1, Ordering::Relaxed);
             metrics
                 .writes

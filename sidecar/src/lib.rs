@@ -14,6 +14,7 @@ pub mod config;
 pub mod core;
 pub mod daemon;
 pub mod host;
+pub mod http;
 pub mod keystore;
 pub mod local;
 pub mod queue;

@@ -137,6 +137,8 @@ pub struct Output {
     pub closes: Vec<ConnId>,
     /// Alerts raised or cleared, as JSON, for `alert_command` (they are in the event log too).
     pub alerts: Vec<serde_json::Value>,
+    /// Submit → running latency of each task that started running, for the histogram.
+    pub dispatch_ms: Vec<Millis>,
 }
 
 /// Coordination counters, for `stats`.
@@ -156,6 +158,21 @@ pub struct Counters {
     pub stale_reports: u64,
     /// Reports that repeated one already handled.
     pub duplicate_reports: u64,
+    /// Tasks that reached each terminal state.
+    pub finished_by_state: HashMap<TaskState, u64>,
+}
+
+/// What `/metrics` shows of the core, taken when scraped.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    /// Live tasks by state.
+    pub tasks: Vec<(TaskState, u64)>,
+    /// Agents by derived state (`online`, `suspect`, `offline`, `degraded`, `draining`).
+    pub agents: Vec<(&'static str, u64)>,
+    /// Open alerts by kind.
+    pub alerts: Vec<(&'static str, u64)>,
+    /// The counters.
+    pub counters: Counters,
 }
 
 /// A live (non-terminal) task and its current attempt.
@@ -753,6 +770,13 @@ impl Core {
         }
         if to == TaskState::Completed {
             self.alerts.note_completion(now);
+        }
+        if to == TaskState::Running && from != TaskState::Running {
+            let submitted = self.tasks.get(&id).map_or(now, |l| l.rec.submitted_at);
+            self.out.dispatch_ms.push(now.saturating_sub(submitted));
+        }
+        if to.is_terminal() {
+            *self.counters.finished_by_state.entry(to).or_default() += 1;
         }
         if to.is_terminal() {
             self.finish_task(now, id);
@@ -1625,9 +1649,49 @@ impl Core {
         self.alert_changes(now, changes);
     }
 
-    /// Open alerts by kind, for metrics.
-    pub fn alert_count(&self, kind: &str) -> usize {
-        self.alerts.count(kind)
+    /// What `/metrics` shows: task, agent and alert counts, and the counters.
+    pub fn snapshot(&self, now: Millis) -> Snapshot {
+        let mut tasks: HashMap<TaskState, u64> = HashMap::new();
+        for l in self.tasks.values() {
+            *tasks.entry(l.rec.state).or_default() += 1;
+        }
+        let mut agents: HashMap<&'static str, u64> = HashMap::new();
+        for a in self.agents.values() {
+            let (state, _) = self.agent_state(now, a);
+            let derived = if state != "online" {
+                state
+            } else if a.breaker_until.is_some() {
+                "degraded"
+            } else if a.rec.drained {
+                "draining"
+            } else {
+                "online"
+            };
+            *agents.entry(derived).or_default() += 1;
+        }
+        let kinds = [
+            "agent_down",
+            "task_failed",
+            "stalled",
+            "circuit_open",
+            "retry_storm",
+        ];
+        Snapshot {
+            tasks: TaskState::ALL
+                .iter()
+                .filter(|s| !s.is_terminal())
+                .map(|s| (*s, tasks.get(s).copied().unwrap_or(0)))
+                .collect(),
+            agents: ["online", "suspect", "offline", "degraded", "draining"]
+                .into_iter()
+                .map(|k| (k, agents.get(k).copied().unwrap_or(0)))
+                .collect(),
+            alerts: kinds
+                .into_iter()
+                .map(|k| (k, self.alerts.count(k) as u64))
+                .collect(),
+            counters: self.counters.clone(),
+        }
     }
 
     /// Registers an identity created outside enrollment (the admin credential at init).

@@ -1,0 +1,158 @@
+//! The hub's Prometheus metrics. Histograms are observed by the core loop as it
+//! commits; gauges and totals are filled from a core [`Snapshot`] when scraped,
+//! so a busy hub pays nothing per task for them.
+
+use std::sync::atomic::Ordering;
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::core::Snapshot;
+use crate::server::Metrics;
+
+type Labels = Vec<(&'static str, String)>;
+
+/// Every metric the hub exports.
+pub struct HubMetrics {
+    registry: Registry,
+    tasks: Family<Labels, Gauge>,
+    finished: Family<Labels, Gauge>,
+    agents: Family<Labels, Gauge>,
+    alerts: Family<Labels, Gauge>,
+    attempts: Family<Labels, Gauge>,
+    heartbeats: Gauge,
+    messages: Gauge,
+    bytes: Gauge,
+    per_task_messages: Gauge<f64, std::sync::atomic::AtomicU64>,
+    per_task_bytes: Gauge<f64, std::sync::atomic::AtomicU64>,
+    /// Submit → running, seconds.
+    pub dispatch: Histogram,
+    /// Commit latency, seconds.
+    pub commit: Histogram,
+    /// Writes per commit.
+    pub group: Histogram,
+    /// Commits made.
+    pub commits: Counter,
+}
+
+impl Default for HubMetrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("muster");
+        let m = HubMetrics {
+            tasks: Family::default(),
+            finished: Family::default(),
+            agents: Family::default(),
+            alerts: Family::default(),
+            attempts: Family::default(),
+            heartbeats: Gauge::default(),
+            messages: Gauge::default(),
+            bytes: Gauge::default(),
+            per_task_messages: Gauge::default(),
+            per_task_bytes: Gauge::default(),
+            dispatch: Histogram::new(exponential_buckets(0.0005, 2.0, 20)),
+            commit: Histogram::new(exponential_buckets(0.00005, 2.0, 18)),
+            group: Histogram::new(exponential_buckets(1.0, 2.0, 14)),
+            commits: Counter::default(),
+            registry: Registry::default(),
+        };
+        registry.register("tasks", "Live tasks by state", m.tasks.clone());
+        registry.register(
+            "tasks_finished",
+            "Tasks that reached a terminal state since the hub started, by state",
+            m.finished.clone(),
+        );
+        registry.register("agents", "Agents by derived state", m.agents.clone());
+        registry.register("alerts_open", "Open alerts by kind", m.alerts.clone());
+        registry.register(
+            "attempts_ended",
+            "Attempts ended since the hub started, by outcome",
+            m.attempts.clone(),
+        );
+        registry.register(
+            "heartbeats_received",
+            "Heartbeats received since the hub started",
+            m.heartbeats.clone(),
+        );
+        registry.register(
+            "protocol_messages",
+            "Session messages, heartbeats apart, since the hub started",
+            m.messages.clone(),
+        );
+        registry.register(
+            "protocol_bytes",
+            "Bytes of those messages, framing included",
+            m.bytes.clone(),
+        );
+        registry.register(
+            "messages_per_finished_task",
+            "Protocol messages per finished task",
+            m.per_task_messages.clone(),
+        );
+        registry.register(
+            "bytes_per_finished_task",
+            "Protocol bytes per finished task",
+            m.per_task_bytes.clone(),
+        );
+        registry.register(
+            "dispatch_latency_seconds",
+            "Submit to running",
+            m.dispatch.clone(),
+        );
+        registry.register(
+            "commit_latency_seconds",
+            "Durable commit of one batch",
+            m.commit.clone(),
+        );
+        registry.register("commit_group_size", "Writes per commit", m.group.clone());
+        registry.register("commits", "Durable commits", m.commits.clone());
+        HubMetrics { registry, ..m }
+    }
+}
+
+impl HubMetrics {
+    /// Fills the gauges from a snapshot and the shell's counters, and renders the text format.
+    pub fn render(&self, snap: &Snapshot, shell: &Metrics) -> String {
+        for (state, n) in &snap.tasks {
+            self.tasks
+                .get_or_create(&vec![("state", state.as_str().to_string())])
+                .set(*n as i64);
+        }
+        for (state, n) in &snap.counters.finished_by_state {
+            self.finished
+                .get_or_create(&vec![("state", state.as_str().to_string())])
+                .set(*n as i64);
+        }
+        for (state, n) in &snap.agents {
+            self.agents
+                .get_or_create(&vec![("state", state.to_string())])
+                .set(*n as i64);
+        }
+        for (kind, n) in &snap.alerts {
+            self.alerts
+                .get_or_create(&vec![("kind", kind.to_string())])
+                .set(*n as i64);
+        }
+        for (outcome, n) in &snap.counters.outcomes {
+            self.attempts
+                .get_or_create(&vec![("outcome", outcome.as_str().to_string())])
+                .set(*n as i64);
+        }
+        self.heartbeats.set(snap.counters.heartbeats as i64);
+        let msgs = shell.msgs_in.load(Ordering::Relaxed) + shell.msgs_out.load(Ordering::Relaxed);
+        let bytes = shell.bytes.load(Ordering::Relaxed);
+        self.messages.set(msgs as i64);
+        self.bytes.set(bytes as i64);
+        let finished = snap.counters.finished.max(1) as f64;
+        self.per_task_messages.set(msgs as f64 / finished);
+        self.per_task_bytes.set(bytes as f64 / finished);
+        let mut out = String::new();
+        if encode(&mut out, &self.registry).is_err() {
+            out.push_str("# encoding failed\n");
+        }
+        out
+    }
+}
