@@ -171,6 +171,11 @@ impl Core {
         self.outbox.values()
     }
 
+    /// The next report id (persisted as is by a no-op write, e.g. a health probe).
+    pub fn next_report(&self) -> u64 {
+        self.next_report
+    }
+
     /// Tasks occupying a slot (not yet finished).
     pub fn busy(&self) -> usize {
         self.tasks

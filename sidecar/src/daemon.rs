@@ -107,6 +107,15 @@ pub async fn run(
     ));
     let runner = opts.runner;
     let (health_tx, mut health_rx) = mpsc::channel(1);
+    let (scrape_tx, mut scrape_rx) = mpsc::channel::<Scrape>(8);
+    let http = match cfg.http_listen {
+        Some(addr) => Some(
+            crate::http::serve(addr, http_handler(scrape_tx))
+                .await
+                .map_err(DaemonError::Start)?,
+        ),
+        None => None,
+    };
     let mut d = Daemon {
         cfg,
         runner,
@@ -123,6 +132,8 @@ pub async fn run(
         health_running: false,
         health_tx,
         draining: false,
+        stats: SidecarStats::default(),
+        starting: std::collections::HashMap::new(),
     };
     d.recover(&core);
     ready();
@@ -139,6 +150,17 @@ pub async fn run(
             _ = tokio::time::sleep_until(next_hb) => {
                 d.heartbeat(&core);
                 next_hb = tokio::time::Instant::now() + d.jittered();
+                continue;
+            }
+            Some(req) = scrape_rx.recv() => {
+                let metrics = d.render_metrics(&core);
+                let q = queue.clone();
+                let probe = [Effect::NextReport(core.next_report())];
+                // The write probe is a redb commit: off the async workers.
+                tokio::spawn(async move {
+                    let healthy = tokio::task::spawn_blocking(move || q.apply(&probe).is_ok()).await.unwrap_or(false);
+                    let _ = req.send((healthy, metrics));
+                });
                 continue;
             }
             Some(h) = health_rx.recv() => {
@@ -169,6 +191,9 @@ pub async fn run(
                     let _ = reply.send(d.hello(&core));
                 }
                 Ev::Session(ToMain::Connected { tx, welcome, conn }) => {
+                    if d.hb_seq > 0 {
+                        d.stats.reconnects.inc();
+                    }
                     d.interval = Duration::from_millis(welcome.heartbeat_interval_ms.max(100));
                     core.set_max_result_bytes(welcome.limits.max_result_bytes as usize);
                     d.tx = Some(tx);
@@ -180,7 +205,10 @@ pub async fn run(
                     d.conn = None;
                 }
                 Ev::Session(ToMain::Hub(msg)) => core.handle_hub(msg),
-                Ev::Run(e) => core.handle_run(e),
+                Ev::Run(e) => {
+                    d.observe_run(&e);
+                    core.handle_run(e)
+                }
                 Ev::Local((req, reply)) => answers.push((d.answer(&mut core, req), reply)),
             }
         }
@@ -237,6 +265,9 @@ pub async fn run(
     if let Some(t) = local_task {
         t.abort();
     }
+    if let Some(h) = http {
+        h.abort();
+    }
     let _ = std::fs::remove_file(&d.socket_path);
     Ok(())
 }
@@ -263,6 +294,106 @@ struct Daemon {
     health_running: bool,
     health_tx: mpsc::Sender<Result<(), String>>,
     draining: bool,
+    stats: SidecarStats,
+    /// When each run was started, for the wake latency.
+    starting:
+        std::collections::HashMap<(muster_protocol::TaskId, muster_protocol::Generation), Instant>,
+}
+
+/// The sidecar's metrics: counters and a histogram updated as events pass,
+/// gauges set when scraped.
+struct SidecarStats {
+    registry: prometheus_client::registry::Registry,
+    queue_depth: prometheus_client::metrics::gauge::Gauge,
+    busy: prometheus_client::metrics::gauge::Gauge,
+    outbox: prometheus_client::metrics::gauge::Gauge,
+    connected: prometheus_client::metrics::gauge::Gauge,
+    runs_started: prometheus_client::metrics::counter::Counter,
+    probe_failures: prometheus_client::metrics::counter::Counter,
+    reconnects: prometheus_client::metrics::counter::Counter,
+    wake_latency: prometheus_client::metrics::histogram::Histogram,
+}
+
+impl Default for SidecarStats {
+    fn default() -> Self {
+        use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+        let s = SidecarStats {
+            registry: prometheus_client::registry::Registry::with_prefix("muster_sidecar"),
+            queue_depth: Default::default(),
+            busy: Default::default(),
+            outbox: Default::default(),
+            connected: Default::default(),
+            runs_started: Default::default(),
+            probe_failures: Default::default(),
+            reconnects: Default::default(),
+            wake_latency: Histogram::new(exponential_buckets(0.001, 2.0, 18)),
+        };
+        let mut r = prometheus_client::registry::Registry::with_prefix("muster_sidecar");
+        r.register(
+            "queue_depth",
+            "Tasks held by this sidecar",
+            s.queue_depth.clone(),
+        );
+        r.register("busy_slots", "Slots in use", s.busy.clone());
+        r.register(
+            "outbox_depth",
+            "Reports awaiting the hub's acknowledgement",
+            s.outbox.clone(),
+        );
+        r.register(
+            "connected",
+            "1 while the hub session is up",
+            s.connected.clone(),
+        );
+        r.register("runs_started", "Agent runs started", s.runs_started.clone());
+        r.register(
+            "probe_failures",
+            "Runs that ended agent_exited: the agent was gone",
+            s.probe_failures.clone(),
+        );
+        r.register(
+            "reconnects",
+            "Sessions established after the first",
+            s.reconnects.clone(),
+        );
+        r.register(
+            "wake_latency_seconds",
+            "Start of a run to its verified start",
+            s.wake_latency.clone(),
+        );
+        SidecarStats { registry: r, ..s }
+    }
+}
+
+/// A `/metrics` or `/healthz` request to the daemon loop.
+type Scrape = oneshot::Sender<(bool, String)>;
+
+fn http_handler(tx: mpsc::Sender<Scrape>) -> crate::http::Handler {
+    use crate::http::{PROMETHEUS, TEXT};
+    Arc::new(move |path: String| {
+        let tx = tx.clone();
+        Box::pin(async move {
+            let (otx, orx) = oneshot::channel();
+            if tx.try_send(otx).is_err() {
+                return (503, TEXT, "the sidecar loop is busy\n".into());
+            }
+            let Ok(Ok((healthy, metrics))) =
+                tokio::time::timeout(Duration::from_secs(2), orx).await
+            else {
+                return (
+                    503,
+                    TEXT,
+                    "unhealthy: the sidecar loop did not answer within 2 s\n".into(),
+                );
+            };
+            match path.as_str() {
+                "/metrics" => (200, PROMETHEUS, metrics),
+                "/healthz" if healthy => (200, TEXT, "ok\n".into()),
+                "/healthz" => (503, TEXT, "unhealthy: the queue is not writable\n".into()),
+                _ => (404, TEXT, "try /metrics or /healthz\n".into()),
+            }
+        })
+    })
 }
 
 impl Daemon {
@@ -277,6 +408,31 @@ impl Daemon {
     fn jittered(&mut self) -> Duration {
         let f = 0.9 + 0.2 * self.random();
         self.interval.mul_f64(f)
+    }
+
+    fn observe_run(&mut self, e: &crate::agent::RunEvent) {
+        use crate::agent::RunEvent;
+        match e {
+            RunEvent::Started {
+                task, generation, ..
+            } => {
+                if let Some(t) = self.starting.remove(&(*task, *generation)) {
+                    self.stats.wake_latency.observe(t.elapsed().as_secs_f64());
+                }
+            }
+            RunEvent::Finished {
+                task,
+                generation,
+                outcome,
+                ..
+            } => {
+                self.starting.remove(&(*task, *generation));
+                if *outcome == muster_protocol::msg::Outcome::AgentExited {
+                    self.stats.probe_failures.inc();
+                }
+            }
+            RunEvent::Spawned { .. } => {}
+        }
     }
 
     fn hello(&self, core: &Core) -> Hello {
@@ -356,10 +512,26 @@ impl Daemon {
         }
     }
 
+    /// Renders the sidecar's metrics from its current state.
+    fn render_metrics(&self, core: &Core) -> String {
+        let m = &self.stats;
+        m.queue_depth.set(core.tasks().count() as i64);
+        m.busy.set(core.busy() as i64);
+        m.outbox.set(core.outbox().count() as i64);
+        m.connected.set(i64::from(self.tx.is_some()));
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &m.registry).is_err() {
+            out.push_str("# encoding failed\n");
+        }
+        out
+    }
+
     fn perform(&mut self, e: Effect) {
         match e {
             Effect::Send(m) => self.send(m),
             Effect::StartRun(task, generation, spec) => {
+                self.stats.runs_started.inc();
+                self.starting.insert((task, generation), Instant::now());
                 let spec = self.run_spec(task, generation, spec);
                 self.runner.start(spec, self.run_tx.clone());
             }
