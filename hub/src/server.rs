@@ -249,6 +249,8 @@ impl Hub {
             enroll_limit: Mutex::new(RateLimit::new(self.config.limits.enroll_per_minute)),
             next_conn: AtomicU64::new(1),
             max_frame: self.config.limits.max_frame_bytes as usize,
+            max_connections: self.config.limits.max_connections as usize,
+            messages_per_second: self.config.limits.messages_per_second,
         });
         let accept = tokio::spawn(accept_loop(endpoint.clone(), shared));
         let http = match self.config.http_listen {
@@ -322,6 +324,10 @@ struct Shared {
     enroll_limit: Mutex<RateLimit>,
     next_conn: AtomicU64,
     max_frame: usize,
+    /// Most connections at once; past it new ones are refused before the handshake.
+    max_connections: usize,
+    /// Session messages per second per connection; a sidecar past it is disconnected.
+    messages_per_second: u32,
 }
 
 /// A fixed-window limit on events per minute; pure, takes `now`.
@@ -373,7 +379,18 @@ pub fn hostname() -> String {
 }
 
 async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>) {
+    let mut refused = crate::server::RateLimit::new(1);
     while let Some(incoming) = endpoint.accept().await {
+        if endpoint.open_connections() >= shared.max_connections {
+            if refused.check(wall_ms()).is_ok() {
+                warn!(
+                    limit = shared.max_connections,
+                    "connection limit reached (limits.max_connections); refusing new connections"
+                );
+            }
+            incoming.refuse();
+            continue;
+        }
         let shared = shared.clone();
         tokio::spawn(async move {
             match incoming.await {
@@ -544,6 +561,9 @@ async fn run_session(
             }
         }
     });
+    // A one-second window: a sidecar sends a few messages per task and a heartbeat
+    // per interval, so this bound only stops a peer that floods.
+    let mut window = (Instant::now(), 0u32);
     loop {
         let frame = match rd.next().await {
             Some(Ok(f)) => f,
@@ -553,6 +573,18 @@ async fn run_session(
             }
             None => break,
         };
+        if window.0.elapsed() >= Duration::from_secs(1) {
+            window = (Instant::now(), 0);
+        }
+        window.1 += 1;
+        if window.1 > shared.messages_per_second {
+            warn!(
+                agent,
+                limit = shared.messages_per_second,
+                "closing session: more messages per second than limits.messages_per_second"
+            );
+            break;
+        }
         let msg: SessionMsg = match decode(&frame) {
             Ok(m) => m,
             Err(e) => {

@@ -233,6 +233,8 @@ pub struct Core {
     /// Per connection: the highest report id not yet acknowledged, and since when.
     pending_acks: HashMap<ConnId, (ReportId, Millis)>,
     alerts: alerts::Alerts,
+    /// Live tasks per submitter, for `limits.max_tasks_per_submitter`.
+    per_submitter: HashMap<String, u64>,
     /// The `now` of the latest input, for records made without one at hand.
     last_now: Millis,
 }
@@ -290,6 +292,7 @@ impl Core {
             ack_delay: ACK_DELAY,
             pending_acks: HashMap::new(),
             alerts: alerts::Alerts::default(),
+            per_submitter: HashMap::new(),
             last_now: now,
         };
         for rec in restored.agents {
@@ -719,6 +722,10 @@ impl Core {
 
     fn insert_live(&mut self, rec: TaskRecord, attempt: Option<AttemptRecord>) {
         let id = rec.id;
+        *self
+            .per_submitter
+            .entry(submitter(&rec).to_string())
+            .or_default() += 1;
         let retried = rec.attempts > 0;
         if rec.state == TaskState::Queued {
             self.sched.insert(&rec, retried);
@@ -920,6 +927,12 @@ impl Core {
         let Some(live) = self.tasks.remove(&id) else {
             return;
         };
+        if let Some(n) = self.per_submitter.get_mut(submitter(&live.rec)) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.per_submitter.remove(submitter(&live.rec));
+            }
+        }
         self.counters.finished += 1;
         let state = live.rec.state;
         if state == TaskState::Completed {
@@ -1274,6 +1287,15 @@ impl Core {
                 &format!(
                     "the hub holds {} unfinished tasks, the limit (limits.max_queued_tasks); wait for some to finish or raise the limit",
                     self.limits.max_queued_tasks
+                ),
+            );
+        }
+        let mine = self.per_submitter.get(who).copied().unwrap_or(0);
+        if mine >= self.limits.max_tasks_per_submitter {
+            return op_error(
+                OpErrorCode::Busy,
+                &format!(
+                    "{who} has {mine} unfinished tasks, the limit per submitter (limits.max_tasks_per_submitter); wait for some to finish"
                 ),
             );
         }
@@ -1725,6 +1747,11 @@ fn push_audit(rec: &mut TaskRecord, now: Millis, who: &str, action: &str) {
         who: who.into(),
         action: action.into(),
     });
+}
+
+/// Who submitted a task: the first entry of its audit trail.
+fn submitter(rec: &TaskRecord) -> &str {
+    rec.audit.first().map_or("", |a| a.who.as_str())
 }
 
 fn spec_of(rec: &TaskRecord) -> TaskSpec {

@@ -664,6 +664,8 @@ fn merge(into: &mut Output, from: Output) {
     into.sends.extend(from.sends);
     into.replies.extend(from.replies);
     into.closes.extend(from.closes);
+    into.alerts.extend(from.alerts);
+    into.dispatch_ms.extend(from.dispatch_ms);
 }
 
 fn json_ok(resp: &OpResponse) -> Value {
@@ -2668,4 +2670,28 @@ fn a_running_task_without_progress_is_stalled_not_failed() {
     );
     let _ = h.tick();
     assert!(open_alerts(&mut h).is_empty(), "progress clears the stall");
+}
+
+#[test]
+fn a_submitter_past_its_limit_is_busy_and_others_are_not() {
+    let limits = Limits {
+        max_tasks_per_submitter: 2,
+        ..Limits::default()
+    };
+    let mut h = H::with(Policy::default(), limits);
+    let _ = h.submit(req("1"));
+    let _ = h.submit(req("2"));
+    let (resp, out) = h.submit_resp(req("3"));
+    let e = op_err(&resp);
+    assert_eq!(e.code, OpErrorCode::Busy);
+    assert!(
+        e.message.contains("max_tasks_per_submitter"),
+        "{}",
+        e.message
+    );
+    assert!(
+        !out.writes.iter().any(|w| matches!(w, Write::Task(_))),
+        "nothing accepted"
+    );
+    assert_eq!(h.core.live_tasks(), 2);
 }
