@@ -201,6 +201,8 @@ struct Agent {
     breaker_until: Option<Millis>,
     breaker_trips: u32,
     self_test_passed: bool,
+    /// The sidecar said it is shutting down (SIGTERM): no new work until its next session.
+    stopping: bool,
 }
 
 /// The hub's decision core. See the module docs for the calling contract.
@@ -445,6 +447,7 @@ impl Core {
             self.out.closes.push(old);
         }
         agent.offline_since = None;
+        agent.stopping = false;
         agent.rec.version = hello.version.clone();
         agent.rec.capabilities = hello.capabilities.clone();
         agent.rec.slots = hello.slots;
@@ -560,6 +563,11 @@ impl Core {
         };
         agent.rec.last_seen = Some(now);
         agent.rec.host = Some(hb.host.clone());
+        let stopping = hb.state == muster_protocol::msg::SidecarState::Draining;
+        if stopping && !agent.stopping {
+            self.dirty_schedule = true;
+        }
+        agent.stopping = stopping;
         let was = agent.self_test_passed;
         agent.self_test_passed = hb.self_test.passed;
         agent.rec.self_test = Some(hb.self_test.clone());
@@ -1183,6 +1191,9 @@ impl Core {
         if a.rec.drained {
             return (false, "draining".into());
         }
+        if a.stopping {
+            return (false, "the sidecar is shutting down".into());
+        }
         if let Some(until) = a.breaker_until {
             // Only a healthy heartbeat after the cooldown closes the circuit (see on_heartbeat).
             let when = if now < until {
@@ -1734,6 +1745,7 @@ impl Agent {
             breaker_until: None,
             breaker_trips: 0,
             self_test_passed: false,
+            stopping: false,
         }
     }
 }

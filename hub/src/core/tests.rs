@@ -2695,3 +2695,45 @@ fn a_submitter_past_its_limit_is_busy_and_others_are_not() {
     );
     assert_eq!(h.core.live_tasks(), 2);
 }
+
+#[test]
+fn a_sidecar_shutting_down_gets_no_new_work_until_it_says_hello_again() {
+    let mut h = H::new();
+    let (c, _) = h.connect(1, "a", &[], 2);
+    let out = h.step(Input::Session {
+        conn: c,
+        msg: SessionMsg::Heartbeat(Heartbeat {
+            seq: 2,
+            state: SidecarState::Draining,
+            tasks: Vec::new(),
+            free_slots: 2,
+            self_test: SelfTest {
+                passed: true,
+                hub_rtt_us: Some(100),
+                command_ok: true,
+                disk_ok: true,
+                problems: Vec::new(),
+            },
+            host: HostFigures::default(),
+        }),
+    });
+    assert!(all_assigns(&out).is_empty());
+    let (t, out) = h.submit(req("t"));
+    assert!(
+        assigns(&out, c).is_empty(),
+        "no work for a sidecar that is stopping"
+    );
+    assert_eq!(h.task(t).state, TaskState::Queued);
+    assert!(
+        h.agent_json("a")["unavailable_reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("shutting down")
+    );
+    let (c2, out) = h.connect(2, "a", &[], 2);
+    assert_eq!(
+        assigns(&out, c2).len(),
+        1,
+        "its next session takes work again"
+    );
+}
