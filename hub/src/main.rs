@@ -251,7 +251,9 @@ fn main() -> ExitCode {
         );
     }
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    // The demo prints its own progress; the hub inside it only speaks up for problems.
+    let quiet = matches!(cli.command, Command::Demo { .. });
+    init_logging(cli.log_format, if quiet { "warn" } else { "info" });
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -271,9 +273,9 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging(format: LogFormat) {
+fn init_logging(format: LogFormat, default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

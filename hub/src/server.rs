@@ -167,6 +167,33 @@ pub enum StartError {
     },
 }
 
+/// UDP receive buffer asked of the OS: a burst of thousands of handshakes (a fleet
+/// reconnecting after a hub restart) overflows the default 208 KiB and stalls them.
+const UDP_RECV_BUFFER: usize = 4 << 20;
+/// Handshakes in flight at once; more wait in quinn's queue instead of timing out together.
+const HANDSHAKES_MAX: usize = 16;
+
+/// Binds the QUIC endpoint on a socket with a larger receive buffer (where the OS allows).
+fn bind_endpoint(cfg: quinn::ServerConfig, addr: SocketAddr) -> std::io::Result<quinn::Endpoint> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if addr.is_ipv6() {
+        let _ = socket.set_only_v6(false);
+    }
+    if let Err(e) = socket.set_recv_buffer_size(UDP_RECV_BUFFER) {
+        warn!("cannot raise the UDP receive buffer to {UDP_RECV_BUFFER} bytes: {e}");
+    }
+    socket.bind(&addr.into())?;
+    let runtime = quinn::default_runtime()
+        .ok_or_else(|| std::io::Error::other("no async runtime for QUIC"))?;
+    quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        Some(cfg),
+        socket.into(),
+        runtime,
+    )
+}
+
 /// Where a hub's token prefix points: `muster1/<advertise>/<ca fingerprint>/`.
 fn token_prefix(advertise: &str, ca_fp: &str) -> String {
     format!("muster1/{advertise}/{ca_fp}/")
@@ -200,11 +227,9 @@ impl Hub {
             pki.server_key.clone_key(),
         )?;
         let endpoint =
-            quinn::Endpoint::server(server_cfg, self.config.listen).map_err(|source| {
-                StartError::Bind {
-                    addr: self.config.listen,
-                    source,
-                }
+            bind_endpoint(server_cfg, self.config.listen).map_err(|source| StartError::Bind {
+                addr: self.config.listen,
+                source,
             })?;
         let addr = endpoint.local_addr().map_err(|source| StartError::Bind {
             addr: self.config.listen,
@@ -380,6 +405,7 @@ pub fn hostname() -> String {
 
 async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>) {
     let mut refused = crate::server::RateLimit::new(1);
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(HANDSHAKES_MAX));
     while let Some(incoming) = endpoint.accept().await {
         if endpoint.open_connections() >= shared.max_connections {
             if refused.check(wall_ms()).is_ok() {
@@ -392,8 +418,13 @@ async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>) {
             continue;
         }
         let shared = shared.clone();
+        let Ok(permit) = handshakes.clone().acquire_owned().await else {
+            return;
+        };
         tokio::spawn(async move {
-            match incoming.await {
+            let handshake = incoming.await;
+            drop(permit);
+            match handshake {
                 Ok(conn) => handle_connection(conn, shared).await,
                 Err(e) => debug!("handshake failed: {e}"),
             }
@@ -471,14 +502,25 @@ async fn handle_stream(
         }
         None => return,
     };
-    if let Some(v) = peek_protocol(&first).filter(|v| *v != PROTOCOL_VERSION) {
+    if let Some((v, kind)) =
+        muster_protocol::peek_open(&first).filter(|(v, _)| *v != PROTOCOL_VERSION)
+    {
         let refusal = Refused::ProtocolMismatch {
             hub: PROTOCOL_VERSION,
             peer: v,
         };
-        // The peer may be a session or an operator: both read the refusal text.
-        let _ = send_frame(&mut wr, &HubMsg::Refused(refusal)).await;
+        // Answer in the form the peer reads: a sidecar a hub message, an operator a response.
+        let _ = if kind == 1 {
+            let resp = OpResponse::Error(OpError {
+                code: OpErrorCode::ProtocolMismatch,
+                message: refusal.to_string(),
+            });
+            send_frame(&mut wr, &resp).await
+        } else {
+            send_frame(&mut wr, &HubMsg::Refused(refusal)).await
+        };
         let _ = wr.get_mut().finish();
+        let _ = tokio::time::timeout(Duration::from_secs(5), wr.get_mut().stopped()).await;
         return;
     }
     let open: Open = match decode(&first) {
@@ -916,6 +958,11 @@ fn core_loop(
             }
         }
         let out = core.take_output();
+        for w in &out.writes {
+            if let crate::core::Write::Event(e) = w {
+                info!(target: "muster::events", seq = e.seq, "{}", e.json);
+            }
+        }
         let started = Instant::now();
         // Commit before acknowledge: nothing below leaves until this returns Ok.
         store.commit(&out.writes, events_max)?;

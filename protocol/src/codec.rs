@@ -57,6 +57,15 @@ pub fn peek_protocol(bytes: &[u8]) -> Option<u32> {
         .map(|(v, _)| v)
 }
 
+/// Reads the protocol version and the body kind (0 = session, 1 = request) of an
+/// `Open` frame. Both lead the frame in every version (variants are append-only),
+/// so a peer of another version can be answered in the form it expects.
+pub fn peek_open(bytes: &[u8]) -> Option<(u32, u32)> {
+    bincode::serde::decode_from_slice::<(u32, u32), _>(bytes, CONFIG)
+        .ok()
+        .map(|(v, _)| v)
+}
+
 /// The framing codec: a u32 big-endian length prefix, refused above `max_frame_bytes`.
 pub fn frame_codec(max_frame_bytes: usize) -> LengthDelimitedCodec {
     LengthDelimitedCodec::builder()
@@ -309,6 +318,18 @@ mod tests {
         for mut open in opens {
             open.protocol = 99;
             assert_eq!(peek_protocol(&encode(&open).expect("encode")), Some(99));
+        }
+    }
+
+    #[test]
+    fn open_kind_is_readable_from_any_open() {
+        let (opens, ..) = samples();
+        for open in opens {
+            let kind = match open.body {
+                OpenBody::Session(_) => 0,
+                OpenBody::Request(_) => 1,
+            };
+            assert_eq!(peek_open(&encode(&open).expect("encode")), Some((1, kind)));
         }
     }
 

@@ -18,7 +18,7 @@ pub mod limits;
 pub mod msg;
 pub mod tls;
 
-pub use codec::{DecodeError, EncodeError, decode, encode, frame_codec, peek_protocol};
+pub use codec::{DecodeError, EncodeError, decode, encode, frame_codec, peek_open, peek_protocol};
 pub use ids::{AgentName, EventSeq, Generation, NameError, ReportId, TaskId};
 
 /// The protocol version this build speaks; carried in every `Open` frame.

@@ -432,7 +432,11 @@ fn load_credential(data_dir: &Path) -> Result<(Credential, keystore::KeySource),
 
 async fn serve(config: Option<PathBuf>, data_dir: Option<PathBuf>) -> Result<(), Failure> {
     let cfg = load_config(config, data_dir)?;
-    let (credential, source) = load_credential(&cfg.data_dir)?;
+    // Keychain calls block: off the async workers.
+    let dir = cfg.data_dir.clone();
+    let (credential, source) = tokio::task::spawn_blocking(move || load_credential(&dir))
+        .await
+        .map_err(|e| fail(format!("loading the key: {e}")))??;
     tracing::info!("private key from {source}");
     let runner = Arc::new(ProcessRunner::new(cfg.agent.clone(), cfg.data_dir.clone()));
     let opts = daemon::Options {

@@ -1,1 +1,1007 @@
-//! placeholder
+//! Black-box test harness for muster: real `muster-hub` and `muster-sidecar`
+//! binaries on 127.0.0.1, each in its own temporary directory.
+//!
+//! - [`bins`] builds both binaries once per test process and returns their paths.
+//!   Set `MUSTER_TESTS_NO_BUILD=1` to use the binaries already in `target/`.
+//! - [`Hub`] is one hub: `init` on a free UDP port, config edits, `serve`,
+//!   `kill -9`, SIGTERM, restart, and the operator CLI against it.
+//! - [`Sidecar`] is one sidecar: enrollment, config edits, `run`, `kill -9`,
+//!   SIGTERM, `status --json` and any other subcommand.
+//! - [`wait_until`] and [`wait_for`] poll a condition with a deadline; tests never
+//!   sleep to wait for an outcome.
+//! - A global limit ([`FleetPermit`], taken by every [`Hub`]) keeps at most
+//!   [`FLEETS_MAX`] tests' fleets running at once on this 2-core machine.
+//!
+//! Fixtures clean up in `Drop` (SIGKILL to their processes; the temporary
+//! directories go away). When a test panics, the fixtures print the tails of
+//! their logs, so a failure shows what the daemons said.
+
+use std::cell::Cell;
+use std::fmt::Write as _;
+use std::fs::OpenOptions;
+use std::net::{SocketAddr, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::{Condvar, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use muster_protocol::client::Credential;
+use serde_json::Value;
+use tempfile::TempDir;
+
+/// How often [`wait_until`] polls.
+pub const POLL: Duration = Duration::from_millis(75);
+/// How long a hub may take to answer after `serve` starts.
+pub const HUB_READY: Duration = Duration::from_secs(20);
+/// How long a CLI command may run before the harness kills it and fails the test.
+pub const CLI_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long SIGTERM may take before the harness gives up and kills.
+pub const STOP_TIMEOUT: Duration = Duration::from_secs(15);
+/// Most tests whose fleets (hub + sidecars) run at once.
+pub const FLEETS_MAX: usize = 3;
+/// Bytes of each log printed when a test fails.
+const LOG_TAIL_BYTES: usize = 6000;
+
+// === Binaries ===
+
+/// Paths of the binaries under test.
+#[derive(Debug, Clone)]
+pub struct Bins {
+    /// `muster-hub`.
+    pub hub: PathBuf,
+    /// `muster-sidecar`.
+    pub sidecar: PathBuf,
+}
+
+/// Builds `muster-hub` and `muster-sidecar` once per test process (same
+/// profile as the test) and returns their paths in `target/<profile>/`.
+///
+/// # Panics
+/// When the build fails (with cargo's output) or a binary is missing.
+pub fn bins() -> &'static Bins {
+    static BINS: OnceLock<Bins> = OnceLock::new();
+    BINS.get_or_init(|| {
+        let exe = std::env::current_exe().expect("the test executable has a path");
+        // …/target/<profile>/deps/<test> → …/target/<profile>
+        let profile_dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("the test executable lives in target/<profile>/deps")
+            .to_path_buf();
+        let release = profile_dir.file_name().is_some_and(|n| n == "release");
+        if std::env::var_os("MUSTER_TESTS_NO_BUILD").is_none() {
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            let mut cmd = Command::new(cargo);
+            cmd.args([
+                "build",
+                "-p",
+                "muster-hub",
+                "-p",
+                "muster-sidecar",
+                "--bins",
+            ]);
+            if release {
+                cmd.arg("--release");
+            }
+            let out = cmd
+                .stdin(Stdio::null())
+                .output()
+                .expect("cargo can be run to build the binaries under test");
+            assert!(
+                out.status.success(),
+                "building muster-hub and muster-sidecar failed ({}):\n{}",
+                out.status,
+                tail(&String::from_utf8_lossy(&out.stderr), 8000)
+            );
+        }
+        let bins = Bins {
+            hub: profile_dir.join("muster-hub"),
+            sidecar: profile_dir.join("muster-sidecar"),
+        };
+        for b in [&bins.hub, &bins.sidecar] {
+            assert!(
+                b.is_file(),
+                "{} does not exist after the build",
+                b.display()
+            );
+        }
+        bins
+    })
+}
+
+// === Waiting ===
+
+/// Polls `f` every [`POLL`] until it returns `Some`, for at most `timeout`.
+///
+/// # Panics
+/// When the deadline passes, naming `what`.
+pub fn wait_until<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    wait_for(timeout, what, || f().ok_or_else(|| "not yet".to_string()))
+}
+
+/// Polls `f` every [`POLL`] until it returns `Ok`, for at most `timeout`; `Err`
+/// carries the last observation, which the panic message shows.
+///
+/// # Panics
+/// When the deadline passes, naming `what` and the last observation.
+pub fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Result<T, String>) -> T {
+    let start = Instant::now();
+    loop {
+        match f() {
+            Ok(v) => return v,
+            Err(last) => {
+                if start.elapsed() >= timeout {
+                    panic!(
+                        "timed out after {:.1} s waiting for {what}; last observation: {last}",
+                        start.elapsed().as_secs_f64()
+                    );
+                }
+            }
+        }
+        std::thread::sleep(POLL);
+    }
+}
+
+/// Runs a command to its end, killing it (and failing the test) after `timeout`.
+///
+/// # Panics
+/// When the command cannot start or runs past `timeout`.
+pub fn run_bounded(cmd: &mut Command, timeout: Duration) -> Output {
+    let what = format!("{cmd:?}");
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {what}: {e}"));
+    // Read the pipes on threads so a chatty command cannot block on a full pipe.
+    let mut out = child.stdout.take().expect("stdout is piped");
+    let mut err = child.stderr.take().expect("stderr is piped");
+    let out_t = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut out, &mut v);
+        v
+    });
+    let err_t = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut err, &mut v);
+        v
+    });
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("try_wait on a child") {
+            break s;
+        }
+        if start.elapsed() > timeout {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{what} still running after {} s", timeout.as_secs());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    Output {
+        status,
+        stdout: out_t.join().unwrap_or_default(),
+        stderr: err_t.join().unwrap_or_default(),
+    }
+}
+
+/// Runs a future to completion on a fresh single-threaded tokio runtime.
+pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime")
+        .block_on(f)
+}
+
+/// stdout of an [`Output`] as text.
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// stderr of an [`Output`] as text.
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// A free UDP port on 127.0.0.1 (bound, read, released).
+pub fn free_udp_port() -> u16 {
+    UdpSocket::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .expect("bind a UDP socket on 127.0.0.1")
+        .port()
+}
+
+/// Some pseudo-random bytes (not for cryptography): a xorshift seeded from the clock.
+pub fn noise(len: usize) -> Vec<u8> {
+    let mut x = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0x9e37_79b9_7f4a_7c15)
+        | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+/// Lower-case hex of some pseudo-random bytes.
+pub fn noise_hex(bytes: usize) -> String {
+    noise(bytes).iter().fold(String::new(), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
+}
+
+// === Config files ===
+
+/// Sets `key = value` in `section` of a TOML file written by `init`/`enroll`
+/// (one `key = value` per line; `section` `""` is the top level). `value` is
+/// TOML as written, e.g. `"\"1s\""` or `"[\"/bin/true\"]"`.
+///
+/// # Panics
+/// When the file cannot be read or written, or has no such key there.
+pub fn set_toml_key(path: &Path, section: &str, key: &str, value: &str) {
+    let text = std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    let mut current = String::new();
+    let mut found = false;
+    let mut out = String::with_capacity(text.len() + value.len());
+    for line in text.lines() {
+        let t = line.trim();
+        if t.starts_with('[') && t.ends_with(']') {
+            current = t.trim_matches(['[', ']']).trim().to_string();
+        }
+        let is_key = t
+            .strip_prefix(key)
+            .is_some_and(|rest| rest.trim_start().starts_with('='));
+        if !found && current == section && is_key {
+            let _ = writeln!(out, "{key} = {value}");
+            found = true;
+        } else {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    assert!(
+        found,
+        "{} has no key {key:?} in section [{section}]",
+        path.display()
+    );
+    std::fs::write(path, out).unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
+}
+
+/// Appends a raw line to the end of `section` (before the next section header).
+///
+/// # Panics
+/// When the file cannot be read or written.
+pub fn add_toml_line(path: &Path, section: &str, line: &str) {
+    let text = std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    let mut out = String::new();
+    let mut current = String::new();
+    let mut done = false;
+    for l in text.lines() {
+        let t = l.trim();
+        if t.starts_with('[') && t.ends_with(']') {
+            if !done && current == section {
+                out.push_str(line);
+                out.push('\n');
+                done = true;
+            }
+            current = t.trim_matches(['[', ']']).trim().to_string();
+        }
+        out.push_str(l);
+        out.push('\n');
+    }
+    if !done {
+        if current != section {
+            let _ = writeln!(out, "[{section}]");
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    std::fs::write(path, out).unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
+}
+
+// === Fleet limit ===
+
+static FLEETS: Mutex<usize> = Mutex::new(0);
+static FLEETS_FREE: Condvar = Condvar::new();
+
+thread_local! {
+    static HELD_HERE: Cell<usize> = const { Cell::new(0) };
+}
+
+/// One of [`FLEETS_MAX`] slots for running daemons. Every [`Hub`] takes one;
+/// further fixtures on the same test thread share the thread's slot, so a test
+/// with two hubs cannot deadlock against others.
+#[derive(Debug)]
+pub struct FleetPermit {
+    _private: (),
+}
+
+impl FleetPermit {
+    /// Waits for a slot (or joins the one this thread holds).
+    pub fn acquire() -> Self {
+        let held = HELD_HERE.with(Cell::get);
+        if held == 0 {
+            let mut n = FLEETS.lock().unwrap_or_else(|p| p.into_inner());
+            while *n >= FLEETS_MAX {
+                n = FLEETS_FREE.wait(n).unwrap_or_else(|p| p.into_inner());
+            }
+            *n += 1;
+        }
+        HELD_HERE.with(|h| h.set(held + 1));
+        FleetPermit { _private: () }
+    }
+}
+
+impl Drop for FleetPermit {
+    fn drop(&mut self) {
+        let held = HELD_HERE.with(Cell::get);
+        HELD_HERE.with(|h| h.set(held.saturating_sub(1)));
+        if held == 1 {
+            let mut n = FLEETS.lock().unwrap_or_else(|p| p.into_inner());
+            *n = n.saturating_sub(1);
+            FLEETS_FREE.notify_one();
+        }
+    }
+}
+
+// === Processes ===
+
+/// Environment every daemon and CLI call gets: plain logs, no inherited muster settings.
+fn clean_env(cmd: &mut Command) -> &mut Command {
+    cmd.env("NO_COLOR", "1")
+        .env_remove("CREDENTIALS_DIRECTORY")
+        .env_remove("MUSTER_HUB")
+        .env_remove("MUSTER_CREDENTIAL")
+        .env_remove("MUSTER_SOCKET")
+        .env_remove("MUSTER_TASK_ID")
+        .env_remove("MUSTER_GENERATION");
+    if std::env::var_os("RUST_LOG").is_none() {
+        cmd.env("RUST_LOG", "info");
+    }
+    cmd
+}
+
+/// A daemon process with its stderr appended to a log file.
+#[derive(Debug)]
+struct Daemon {
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Daemon {
+    fn new(log: PathBuf) -> Self {
+        Daemon { child: None, log }
+    }
+
+    fn spawn(&mut self, mut cmd: Command) {
+        assert!(self.child.is_none(), "the daemon is already running");
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap_or_else(|e| panic!("cannot open {}: {e}", self.log.display()));
+        let log2 = log.try_clone().expect("clone the log file handle");
+        let child = clean_env(&mut cmd)
+            .stdin(Stdio::null())
+            .stdout(log2)
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot spawn {cmd:?}: {e}"));
+        self.child = Some(child);
+    }
+
+    fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// `Some(status)` if the process has exited.
+    fn exited(&mut self) -> Option<ExitStatus> {
+        let c = self.child.as_mut()?;
+        c.try_wait().ok().flatten()
+    }
+
+    fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn stop(&mut self) -> ExitStatus {
+        let mut c = self.child.take().expect("the daemon is running");
+        signal(&c.id().to_string(), "TERM");
+        let start = Instant::now();
+        loop {
+            if let Some(s) = c.try_wait().expect("try_wait on a daemon") {
+                return s;
+            }
+            if start.elapsed() > STOP_TIMEOUT {
+                let _ = c.kill();
+                let _ = c.wait();
+                panic!(
+                    "the daemon did not stop within {} s of SIGTERM",
+                    STOP_TIMEOUT.as_secs()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read(&self.log)
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default()
+    }
+}
+
+/// Sends a signal with kill(1): `target` is a pid, or `-pgid` for a process group.
+fn signal(target: &str, sig: &str) {
+    let _ = Command::new("kill")
+        .args([&format!("-{sig}"), "--", target])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+}
+
+/// The last `max` bytes of `s`, on a character boundary.
+pub fn tail(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut start = s.len() - max;
+    while !s.is_char_boundary(start) {
+        start += 1;
+    }
+    &s[start..]
+}
+
+// === Hub ===
+
+/// One hub in its own temporary directory, listening on 127.0.0.1.
+#[derive(Debug)]
+pub struct Hub {
+    daemon: Daemon,
+    addr: SocketAddr,
+    data: PathBuf,
+    started_once: bool,
+    // Dropped last: the directory outlives the process killed in Drop.
+    _permit: FleetPermit,
+    dir: TempDir,
+}
+
+impl Hub {
+    /// `muster-hub init` on a free UDP port of 127.0.0.1; not started.
+    ///
+    /// # Panics
+    /// When `init` fails.
+    pub fn init() -> Hub {
+        let permit = FleetPermit::acquire();
+        let dir = tempfile::Builder::new()
+            .prefix("muster-hub-")
+            .tempdir()
+            .expect("a temporary directory");
+        let data = dir.path().join("hub");
+        let addr: SocketAddr = ([127, 0, 0, 1], free_udp_port()).into();
+        let out = run_bounded(
+            clean_env(&mut Command::new(&bins().hub)).args([
+                "init",
+                "--data-dir",
+                &data.to_string_lossy(),
+                "--listen",
+                &addr.to_string(),
+            ]),
+            CLI_TIMEOUT,
+        );
+        assert!(
+            out.status.success(),
+            "muster-hub init failed ({}): {}",
+            out.status,
+            stderr(&out)
+        );
+        Hub {
+            daemon: Daemon::new(dir.path().join("hub.log")),
+            addr,
+            data,
+            started_once: false,
+            _permit: permit,
+            dir,
+        }
+    }
+
+    /// [`Hub::init`], a one-second heartbeat interval (so liveness tests are
+    /// quick), then [`Hub::start`].
+    pub fn started() -> Hub {
+        let mut hub = Hub::init();
+        hub.set_policy("heartbeat_interval", "\"1s\"");
+        hub.start();
+        hub
+    }
+
+    /// The address the hub listens on.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The hub's data directory (CA, admin credential, hub.toml, database).
+    pub fn data_dir(&self) -> &Path {
+        &self.data
+    }
+
+    /// The temporary directory holding the data directory and the log.
+    pub fn root(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// hub.toml.
+    pub fn config_path(&self) -> PathBuf {
+        self.data.join("hub.toml")
+    }
+
+    /// Sets a key in hub.toml's `[policy]`; `value` is TOML, e.g. `"\"1s\""`.
+    pub fn set_policy(&self, key: &str, value: &str) {
+        set_toml_key(&self.config_path(), "policy", key, value);
+    }
+
+    /// Sets a key in hub.toml's `[limits]`.
+    pub fn set_limit(&self, key: &str, value: &str) {
+        set_toml_key(&self.config_path(), "limits", key, value);
+    }
+
+    /// Spawns `muster-hub serve` and waits (at most [`HUB_READY`]) until it answers `stats`.
+    /// On the first start, a listen port taken meanwhile by another process is replaced.
+    ///
+    /// # Panics
+    /// When the hub exits or does not answer in time (with its log).
+    pub fn start(&mut self) {
+        for attempt in 0..5 {
+            let before = self.daemon.log_text().len();
+            self.spawn_serve();
+            match self.wait_ready(before) {
+                Ok(()) => {
+                    self.started_once = true;
+                    return;
+                }
+                Err(log) if !self.started_once && attempt < 4 && log.contains("in use") => {
+                    self.daemon.kill9();
+                    self.addr.set_port(free_udp_port());
+                    let listen = format!("\"{}\"", self.addr);
+                    set_toml_key(&self.config_path(), "", "listen", &listen);
+                }
+                Err(log) => panic!("the hub did not become ready:\n{}", tail(&log, 4000)),
+            }
+        }
+    }
+
+    fn spawn_serve(&mut self) {
+        let mut cmd = Command::new(&bins().hub);
+        cmd.args(["serve", "--data-dir", &self.data.to_string_lossy()]);
+        self.daemon.spawn(cmd);
+    }
+
+    /// Waits for "hub listening" in the log written since `from`, then for one `stats` answer.
+    fn wait_ready(&mut self, from: usize) -> Result<(), String> {
+        let start = Instant::now();
+        loop {
+            let log = self.daemon.log_text();
+            let new = log.get(from..).unwrap_or_default();
+            if let Some(s) = self.daemon.exited() {
+                return Err(format!("the hub exited ({s}):\n{new}"));
+            }
+            if new.contains("hub listening") {
+                let out = self.cli(&["stats", "--json"]);
+                if out.status.success() {
+                    return Ok(());
+                }
+            }
+            if start.elapsed() > HUB_READY {
+                return Err(format!(
+                    "no answer within {} s:\n{new}",
+                    HUB_READY.as_secs()
+                ));
+            }
+            std::thread::sleep(POLL);
+        }
+    }
+
+    /// Runs `muster-hub serve` in the foreground (for configuration errors) and
+    /// returns its output; fails the test if it runs longer than `timeout`.
+    pub fn serve_output(&self, timeout: Duration) -> Output {
+        run_bounded(
+            clean_env(&mut Command::new(&bins().hub)).args([
+                "serve",
+                "--data-dir",
+                &self.data.to_string_lossy(),
+            ]),
+            timeout,
+        )
+    }
+
+    /// The hub process id, if running.
+    pub fn pid(&self) -> Option<u32> {
+        self.daemon.pid()
+    }
+
+    /// SIGKILL, then reap.
+    pub fn kill9(&mut self) {
+        self.daemon.kill9();
+    }
+
+    /// SIGTERM and wait (at most [`STOP_TIMEOUT`]); returns the exit status.
+    pub fn stop(&mut self) -> ExitStatus {
+        self.daemon.stop()
+    }
+
+    /// SIGTERM, then [`Hub::start`] again on the same port and data.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.start();
+    }
+
+    /// Runs `muster-hub <args> --data-dir D` (the admin credential) to its end.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        run_bounded(
+            clean_env(&mut Command::new(&bins().hub))
+                .args(args)
+                .args(["--data-dir", &self.data.to_string_lossy()]),
+            CLI_TIMEOUT,
+        )
+    }
+
+    /// Runs `muster-hub <args> --json`, asserts success and parses stdout.
+    ///
+    /// # Panics
+    /// When the command fails or prints something that is not JSON.
+    pub fn json(&self, args: &[&str]) -> Value {
+        let mut all = args.to_vec();
+        all.push("--json");
+        let out = self.cli(&all);
+        assert!(
+            out.status.success(),
+            "muster-hub {} failed ({}): {}",
+            all.join(" "),
+            out.status,
+            stderr(&out)
+        );
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "muster-hub {} printed no JSON ({e}): {}",
+                all.join(" "),
+                stdout(&out)
+            )
+        })
+    }
+
+    /// A single-use join token for `role` (`agent`, `operator`, `admin`) valid for an hour.
+    pub fn token(&self, role: &str) -> String {
+        self.token_ttl(role, "1h")
+    }
+
+    /// A single-use join token for `role` valid for `ttl` (e.g. `"1s"`).
+    ///
+    /// # Panics
+    /// When `token create` fails.
+    pub fn token_ttl(&self, role: &str, ttl: &str) -> String {
+        let out = self.cli(&["token", "create", "--role", role, "--ttl", ttl]);
+        assert!(
+            out.status.success(),
+            "token create failed ({}): {}",
+            out.status,
+            stderr(&out)
+        );
+        let token = stdout(&out).trim().to_string();
+        assert!(token.starts_with("muster1/"), "not a token: {token:?}");
+        token
+    }
+
+    /// `agents --json` entry of `name`, if listed.
+    pub fn agent(&self, name: &str) -> Option<Value> {
+        let v = self.json(&["agents"]);
+        v["agents"]
+            .as_array()?
+            .iter()
+            .find(|a| a["name"] == name)
+            .cloned()
+    }
+
+    /// The `state` (`online`, `suspect`, `offline`) of `name` per `agents --json`.
+    pub fn agent_state(&self, name: &str) -> Option<String> {
+        self.agent(name)
+            .and_then(|a| a["state"].as_str().map(str::to_owned))
+    }
+
+    /// Waits until `name` is `state`, at most `timeout`.
+    pub fn wait_agent_state(&self, name: &str, state: &str, timeout: Duration) -> Value {
+        wait_for(
+            timeout,
+            &format!("agent {name} {state} at the hub"),
+            || match self.agent(name) {
+                Some(a) if a["state"] == state => Ok(a),
+                Some(a) => Err(a.to_string()),
+                None => Err("not listed".into()),
+            },
+        )
+    }
+
+    /// The admin credential from the data directory, for protocol-level tests.
+    pub fn admin_credential(&self) -> Credential {
+        let read = |f: &str| {
+            std::fs::read_to_string(self.data.join(f))
+                .unwrap_or_else(|e| panic!("{}: {e}", self.data.join(f).display()))
+        };
+        Credential {
+            ca_pem: read("ca.crt"),
+            cert_pem: read("admin.crt"),
+            key_pem: read("admin.key"),
+        }
+    }
+
+    /// The CA fingerprint printed by `init` (SHA-256 of ca.crt, hex).
+    pub fn ca_fingerprint(&self) -> String {
+        use rustls::pki_types::CertificateDer;
+        use rustls::pki_types::pem::PemObject;
+        let der = CertificateDer::from_pem_file(self.data.join("ca.crt")).expect("ca.crt is PEM");
+        muster_protocol::tls::fingerprint(der.as_ref())
+    }
+
+    /// Everything the hub logged so far.
+    pub fn log(&self) -> String {
+        self.daemon.log_text()
+    }
+}
+
+impl Drop for Hub {
+    fn drop(&mut self) {
+        self.daemon.kill9();
+        if std::thread::panicking() {
+            eprintln!(
+                "----- hub log ({}) -----\n{}\n----- end of hub log -----",
+                self.daemon.log.display(),
+                tail(&self.daemon.log_text(), LOG_TAIL_BYTES)
+            );
+        }
+    }
+}
+
+// === Sidecar ===
+
+/// One sidecar in its own temporary directory.
+#[derive(Debug)]
+pub struct Sidecar {
+    daemon: Daemon,
+    name: String,
+    data: PathBuf,
+    dir: TempDir,
+}
+
+impl Sidecar {
+    /// A sidecar directory, not enrolled.
+    pub fn new(name: &str) -> Sidecar {
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("muster-sidecar-{name}-"))
+            .tempdir()
+            .expect("a temporary directory");
+        let data = dir.path().join("state");
+        Sidecar {
+            daemon: Daemon::new(dir.path().join("sidecar.log")),
+            name: name.into(),
+            data,
+            dir,
+        }
+    }
+
+    /// A new token from `hub`, `muster-sidecar enroll` with it, then the test
+    /// defaults in sidecar.toml (exec mode running `/bin/true`, a 1 MiB disk floor).
+    ///
+    /// # Panics
+    /// When enrollment fails.
+    pub fn enroll(hub: &Hub, name: &str, capabilities: &[&str]) -> Sidecar {
+        let s = Sidecar::new(name);
+        let out = s.enroll_with(&hub.token("agent"), capabilities);
+        assert!(
+            out.status.success(),
+            "muster-sidecar enroll failed ({}): {}",
+            out.status,
+            stderr(&out)
+        );
+        s.set("", "disk_floor_mb", "1");
+        s.set_agent("command", "[\"/bin/true\"]");
+        s
+    }
+
+    /// Runs `muster-sidecar enroll --token T --data-dir D --name N --capability C…`.
+    pub fn enroll_with(&self, token: &str, capabilities: &[&str]) -> Output {
+        let data = self.data.to_string_lossy().into_owned();
+        let mut args = vec![
+            "enroll",
+            "--token",
+            token,
+            "--data-dir",
+            &data,
+            "--name",
+            &self.name,
+        ];
+        for c in capabilities {
+            args.extend(["--capability", c]);
+        }
+        run_bounded(
+            clean_env(&mut Command::new(&bins().sidecar)).args(&args),
+            CLI_TIMEOUT,
+        )
+    }
+
+    /// The agent name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The state directory.
+    pub fn data_dir(&self) -> &Path {
+        &self.data
+    }
+
+    /// The temporary directory holding the state directory and the log.
+    pub fn root(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// sidecar.toml.
+    pub fn config_path(&self) -> PathBuf {
+        self.data.join("sidecar.toml")
+    }
+
+    /// Sets `key = value` in sidecar.toml's `section` (`""` = top level); `value` is TOML.
+    pub fn set(&self, section: &str, key: &str, value: &str) {
+        set_toml_key(&self.config_path(), section, key, value);
+    }
+
+    /// Sets a key of `[agent]` (mode, command, settle, verify, …); `value` is TOML.
+    pub fn set_agent(&self, key: &str, value: &str) {
+        self.set("agent", key, value);
+    }
+
+    /// Spawns `muster-sidecar run --data-dir D`, stderr to the log.
+    pub fn start(&mut self) {
+        let mut cmd = Command::new(&bins().sidecar);
+        cmd.args(["run", "--data-dir", &self.data.to_string_lossy()]);
+        self.daemon.spawn(cmd);
+    }
+
+    /// [`Sidecar::start`], then waits until `status --json` says connected.
+    pub fn start_connected(&mut self, timeout: Duration) -> Value {
+        self.start();
+        self.wait_connected(true, timeout)
+    }
+
+    /// Waits until `status --json` says `connected == want`.
+    ///
+    /// # Panics
+    /// When the deadline passes or the daemon exits.
+    pub fn wait_connected(&mut self, want: bool, timeout: Duration) -> Value {
+        let what = format!("sidecar {} connected == {want}", self.name);
+        wait_for(timeout, &what, || {
+            if let Some(s) = self.daemon.exited() {
+                panic!("sidecar {} exited ({s})", self.name);
+            }
+            match self.status_json() {
+                Some(v) if v["connected"] == want => Ok(v),
+                Some(v) => Err(v.to_string()),
+                None => Err("status does not answer".into()),
+            }
+        })
+    }
+
+    /// Runs `muster-sidecar run` in the foreground and returns its output; fails
+    /// the test if it runs longer than `timeout` (for startup refusals).
+    pub fn run_output(&self, timeout: Duration) -> Output {
+        run_bounded(
+            clean_env(&mut Command::new(&bins().sidecar)).args([
+                "run",
+                "--data-dir",
+                &self.data.to_string_lossy(),
+            ]),
+            timeout,
+        )
+    }
+
+    /// Runs `muster-sidecar <args>` (add `--data-dir` yourself where needed).
+    pub fn cli(&self, args: &[&str]) -> Output {
+        run_bounded(
+            clean_env(&mut Command::new(&bins().sidecar)).args(args),
+            CLI_TIMEOUT,
+        )
+    }
+
+    /// `muster-sidecar status --json`; `None` when the daemon does not answer.
+    pub fn status_json(&self) -> Option<Value> {
+        let out = self.cli(&[
+            "status",
+            "--json",
+            "--data-dir",
+            &self.data.to_string_lossy(),
+        ]);
+        if !out.status.success() {
+            return None;
+        }
+        serde_json::from_slice(&out.stdout).ok()
+    }
+
+    /// `muster-sidecar doctor --data-dir D`.
+    pub fn doctor(&self) -> Output {
+        self.cli(&["doctor", "--data-dir", &self.data.to_string_lossy()])
+    }
+
+    /// The sidecar process id, if running.
+    pub fn pid(&self) -> Option<u32> {
+        self.daemon.pid()
+    }
+
+    /// `Some(status)` once the daemon has exited.
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        self.daemon.exited()
+    }
+
+    /// SIGKILL, then reap. Agent runs (own process groups) are left running.
+    pub fn kill9(&mut self) {
+        self.daemon.kill9();
+    }
+
+    /// SIGTERM and wait (at most [`STOP_TIMEOUT`]); returns the exit status.
+    pub fn stop(&mut self) -> ExitStatus {
+        self.daemon.stop()
+    }
+
+    /// Everything the sidecar logged so far.
+    pub fn log(&self) -> String {
+        self.daemon.log_text()
+    }
+
+    /// Kills the process groups of the agent runs the daemon reports (exec mode).
+    fn kill_agent_runs(&self) {
+        if self.daemon.child.is_none() {
+            return;
+        }
+        let Some(v) = self.status_json() else { return };
+        for t in v["tasks"].as_array().into_iter().flatten() {
+            if let Some(pid) = t["pid"].as_u64().filter(|p| *p > 1) {
+                signal(&format!("-{pid}"), "KILL");
+            }
+        }
+    }
+}
+
+impl Drop for Sidecar {
+    fn drop(&mut self) {
+        self.kill_agent_runs();
+        self.daemon.kill9();
+        if std::thread::panicking() {
+            eprintln!(
+                "----- sidecar {} log ({}) -----\n{}\n----- end of sidecar {} log -----",
+                self.name,
+                self.daemon.log.display(),
+                tail(&self.daemon.log_text(), LOG_TAIL_BYTES),
+                self.name
+            );
+        }
+    }
+}
+
+/// Writes an executable script (mode 0755), e.g. a sample agent for exec mode.
+///
+/// # Panics
+/// When the file cannot be written.
+pub fn write_script(path: &Path, body: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, body).unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755))
+        .unwrap_or_else(|e| panic!("cannot chmod {}: {e}", path.display()));
+}
