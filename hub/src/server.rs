@@ -245,6 +245,7 @@ impl Hub {
         let (to_core, rx) = mpsc::channel(CORE_QUEUE_LEN);
         let metrics = Arc::new(Metrics::default());
         let events_max = self.config.policy.events_max;
+        let retention_ms = self.config.policy.retention.as_millis() as u64;
         let m = metrics.clone();
         let hub_metrics = Arc::new(crate::metrics::HubMetrics::default());
         let hm = hub_metrics.clone();
@@ -262,6 +263,7 @@ impl Hub {
                     hub_metrics: hm,
                     data_dir,
                     events_max,
+                    retention_ms,
                     alert_tx,
                 };
                 core_loop(core, store, rx, clock, shell)
@@ -774,8 +776,14 @@ struct Shell {
     hub_metrics: Arc<crate::metrics::HubMetrics>,
     data_dir: PathBuf,
     events_max: u64,
+    retention_ms: u64,
     alert_tx: Option<mpsc::Sender<serde_json::Value>>,
 }
+
+/// How often finished tasks past their retention are pruned.
+const PRUNE_EVERY: Duration = Duration::from_secs(60);
+/// Tasks pruned per sweep at most, so a sweep never holds the core for long.
+const PRUNE_BATCH: usize = 10_000;
 
 /// How long `/healthz` and `/metrics` wait for the core before answering 503.
 const CORE_ANSWER_TIMEOUT: Duration = Duration::from_secs(2);
@@ -848,6 +856,7 @@ fn core_loop(
         hub_metrics,
         data_dir,
         events_max,
+        retention_ms,
         alert_tx,
     } = shell;
     let mut sessions: HashMap<ConnId, SessionHandle> = HashMap::new();
@@ -860,6 +869,7 @@ fn core_loop(
     // tests can show that a stuck core stops the watchdog pings.
     let stall_file = std::env::var_os("MUSTER_TEST_STALL_FILE").map(PathBuf::from);
     let mut batch = Vec::with_capacity(BATCH_LEN_MAX);
+    let mut last_prune = Instant::now();
     while let Some(first) = rx.blocking_recv() {
         while stall_file.as_ref().is_some_and(|f| f.exists()) {
             std::thread::sleep(Duration::from_millis(50));
@@ -1028,6 +1038,21 @@ fn core_loop(
             let _ = reply.send(query(&core, &store, &fingerprint, request));
         }
         feed_watchers(&store, &mut watchers);
+        if last_prune.elapsed() >= PRUNE_EVERY {
+            last_prune = Instant::now();
+            let before = now.saturating_sub(retention_ms);
+            match store.prune(before, PRUNE_BATCH) {
+                Ok(ids) if !ids.is_empty() => {
+                    info!(
+                        pruned = ids.len(),
+                        "pruned finished tasks past their retention"
+                    );
+                    core.forget_keys(&ids);
+                }
+                Ok(_) => {}
+                Err(e) => warn!("pruning finished tasks: {e}"),
+            }
+        }
         if let Some(interval) = watchdog
             && last_watchdog.elapsed() >= interval / 2
         {

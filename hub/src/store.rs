@@ -5,6 +5,7 @@
 //! tasks       u64 task      -> TaskRecord      every task, live or finished
 //! live        u64 task      -> ()              non-terminal tasks: restart reads only these
 //! by_state    (u8, u64)     -> ()              (state, task) for `tasks --state`
+//! finished    (u64, u64)    -> ()              (finished at, task): retention pruning reads only what expired
 //! attempts    (u64, u64)    -> AttemptRecord   (task, generation)
 //! keys        &str          -> u64             idempotency key -> task
 //! events      u64 seq       -> EventRecord     the event log, pruned by count
@@ -39,6 +40,7 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const TASKS: TableDefinition<u64, &[u8]> = TableDefinition::new("tasks");
 const LIVE: TableDefinition<u64, ()> = TableDefinition::new("live");
 const BY_STATE: TableDefinition<(u8, u64), ()> = TableDefinition::new("by_state");
+const FINISHED: TableDefinition<(u64, u64), ()> = TableDefinition::new("finished");
 const ATTEMPTS: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("attempts");
 const KEYS: TableDefinition<&str, u64> = TableDefinition::new("keys");
 const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
@@ -138,6 +140,7 @@ impl Store {
             tx.open_table(TASKS)?;
             tx.open_table(LIVE)?;
             tx.open_table(BY_STATE)?;
+            tx.open_table(FINISHED)?;
             tx.open_table(ATTEMPTS)?;
             tx.open_table(KEYS)?;
             tx.open_table(EVENTS)?;
@@ -163,6 +166,7 @@ impl Store {
             let mut tasks = tx.open_table(TASKS)?;
             let mut live = tx.open_table(LIVE)?;
             let mut by_state = tx.open_table(BY_STATE)?;
+            let mut finished = tx.open_table(FINISHED)?;
             let mut attempts = tx.open_table(ATTEMPTS)?;
             let mut keys = tx.open_table(KEYS)?;
             let mut events = tx.open_table(EVENTS)?;
@@ -180,6 +184,12 @@ impl Store {
                             .transpose()?;
                         if let Some(old) = old {
                             by_state.remove((state_code(old.state), t.id.0))?;
+                            if old.state.is_terminal() {
+                                finished.remove((old.updated_at, t.id.0))?;
+                            }
+                        }
+                        if t.state.is_terminal() {
+                            finished.insert((t.updated_at, t.id.0), ())?;
                         }
                         by_state.insert((state_code(t.state), t.id.0), ())?;
                         if t.state.is_terminal() {
@@ -223,6 +233,45 @@ impl Store {
         }
         tx.commit()?;
         Ok(())
+    }
+
+    /// Deletes up to `max` tasks that finished before `before` (their attempts, indexes
+    /// and idempotency keys too). Returns the ids pruned.
+    ///
+    /// # Errors
+    /// [`StoreError`] when the transaction fails; nothing is then deleted.
+    pub fn prune(&self, before: u64, max: usize) -> Result<Vec<TaskId>, StoreError> {
+        let tx = self.db.begin_write()?;
+        let mut pruned = Vec::new();
+        {
+            let mut finished = tx.open_table(FINISHED)?;
+            let mut tasks = tx.open_table(TASKS)?;
+            let mut by_state = tx.open_table(BY_STATE)?;
+            let mut attempts = tx.open_table(ATTEMPTS)?;
+            let mut keys = tx.open_table(KEYS)?;
+            let expired: Vec<(u64, u64)> = finished
+                .range((0, 0)..(before, 0))?
+                .take(max)
+                .map(|r| r.map(|(k, _)| k.value()))
+                .collect::<Result<_, _>>()?;
+            for (at, id) in expired {
+                finished.remove((at, id))?;
+                let rec = tasks
+                    .remove(id)?
+                    .map(|v| dec::<TaskRecord>("tasks", v.value()))
+                    .transpose()?;
+                if let Some(rec) = rec {
+                    by_state.remove((state_code(rec.state), id))?;
+                    if let Some(k) = &rec.key {
+                        keys.remove(k.as_str())?;
+                    }
+                }
+                attempts.retain_in((id, 0)..=(id, u64::MAX), |_, _| false)?;
+                pruned.push(TaskId(id));
+            }
+        }
+        tx.commit()?;
+        Ok(pruned)
     }
 
     /// Reads what the core needs at startup: live tasks, registry, identities, tokens, keys.
@@ -453,5 +502,97 @@ impl Reader {
 impl Archive for Reader {
     fn task(&self, id: TaskId) -> Option<TaskRecord> {
         Reader::task(self, id).ok().flatten()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use muster_protocol::Generation;
+    use muster_protocol::msg::TimeoutAction;
+
+    use super::*;
+
+    fn task(id: u64, state: TaskState, at: u64, key: Option<&str>) -> TaskRecord {
+        TaskRecord {
+            id: TaskId(id),
+            title: format!("t{id}"),
+            description: String::new(),
+            capabilities: vec![],
+            priority: 0,
+            max_attempts: 3,
+            timeout_ms: None,
+            timeout_action: TimeoutAction::Fail,
+            after: vec![],
+            key: key.map(str::to_string),
+            state,
+            generation: Generation(1),
+            attempts: 1,
+            not_before: None,
+            agent: None,
+            submitted_at: at,
+            updated_at: at,
+            progress_at: None,
+            progress_note: None,
+            result: None,
+            reason: None,
+            audit: vec![],
+        }
+    }
+
+    #[test]
+    fn indexes_follow_state_and_pruning_takes_only_expired_finished_tasks() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = Store::open(&dir.path().join(DB_FILE)).expect("open");
+        let writes = vec![
+            Write::Task(task(1, TaskState::Queued, 100, None)),
+            Write::Task(task(2, TaskState::Completed, 100, Some("k2"))),
+            Write::Key("k2".into(), TaskId(2)),
+            Write::Task(task(3, TaskState::Failed, 5_000, None)),
+            Write::Task(task(4, TaskState::Running, 100, None)),
+        ];
+        store.commit(&writes, 1000).expect("commit");
+        // A task that finished and was requeued leaves the finished index.
+        store
+            .commit(
+                &[Write::Task(task(1, TaskState::Completed, 200, None))],
+                1000,
+            )
+            .expect("commit");
+        store
+            .commit(&[Write::Task(task(1, TaskState::Queued, 300, None))], 1000)
+            .expect("commit");
+        let r = store.restore(0).expect("restore");
+        let mut live: Vec<u64> = r.live.iter().map(|(t, _)| t.id.0).collect();
+        live.sort();
+        assert_eq!(live, vec![1, 4]);
+        let page = store
+            .reader()
+            .expect("reader")
+            .tasks(Some(TaskState::Completed), None, 10, None)
+            .expect("page");
+        assert_eq!(
+            page.tasks.iter().map(|t| t.id.0).collect::<Vec<_>>(),
+            vec![2]
+        );
+        let pruned = store.prune(1_000, 10).expect("prune");
+        assert_eq!(
+            pruned,
+            vec![TaskId(2)],
+            "only the completed task older than the cutoff"
+        );
+        let reader = store.reader().expect("reader");
+        assert!(reader.task(TaskId(2)).expect("read").is_none());
+        assert!(
+            reader.task(TaskId(3)).expect("read").is_some(),
+            "finished after the cutoff: kept"
+        );
+        assert!(
+            reader.task(TaskId(1)).expect("read").is_some(),
+            "requeued: live, kept"
+        );
+        assert!(
+            store.restore(0).expect("restore").keys.is_empty(),
+            "its key is gone too"
+        );
     }
 }

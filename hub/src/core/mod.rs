@@ -482,6 +482,7 @@ impl Core {
                 l.attempt
                     .as_ref()
                     .filter(|a| a.generation == h.generation && a.agent == name)
+                    .filter(|a| a.outcome.is_none())
                     .map(|_| l.rec.state)
             });
             match current {
@@ -625,11 +626,24 @@ impl Core {
             }
             return;
         };
-        let current = live
+        let attempt = live
             .attempt
             .as_ref()
-            .is_some_and(|a| a.generation == report.generation && a.agent == name);
-        if !current {
+            .filter(|a| a.generation == report.generation && a.agent == name);
+        // An attempt the hub already ended (timeout, loss) is not current any more:
+        // its late final report is a harmless repeat, anything else is stale.
+        if let Some(a) = attempt
+            && a.outcome.is_some()
+        {
+            if matches!(report.body, ReportBody::Finished { .. }) {
+                self.counters.duplicate_reports += 1;
+                self.flush_ack(conn);
+            } else {
+                self.stale(conn, &report, "this attempt has already ended at the hub");
+            }
+            return;
+        }
+        if attempt.is_none() {
             let reason = if report.generation < live.rec.generation {
                 "a newer attempt of this task exists"
             } else {
@@ -989,6 +1003,9 @@ impl Core {
             .filter(|(_, (_, since))| now >= since + self.ack_delay)
             .map(|(c, _)| *c)
             .collect();
+        // HashMap order varies per process; sort so a run replays exactly from its inputs.
+        let mut due = due;
+        due.sort();
         for conn in due {
             self.flush_ack(conn);
         }
@@ -1004,6 +1021,7 @@ impl Core {
                 }
             }
         }
+        lost.sort();
         for id in lost {
             let failure = failure(&format!(
                 "the agent was offline for more than {} s",
@@ -1050,6 +1068,7 @@ impl Core {
                 _ => {}
             }
         }
+        expired.sort_by_key(|(id, ..)| *id);
         for (id, outcome, why) in expired {
             self.end_attempt(now, id, outcome, Some(failure(why)), false);
         }
@@ -1490,6 +1509,16 @@ impl Core {
         self.audit_event(now, who, "task_requeue", &id.to_string());
         let view = views::task_json(&rec);
         self.insert_live(rec, None);
+        // Tasks still blocked on it must hear when it ends again.
+        let dependants: Vec<TaskId> = self
+            .tasks
+            .values()
+            .filter(|l| l.rec.state == TaskState::Blocked && l.rec.after.contains(&id))
+            .map(|l| l.rec.id)
+            .collect();
+        if !dependants.is_empty() {
+            self.waiting_on.entry(id).or_default().extend(dependants);
+        }
         self.dirty_schedule = true;
         ok_json(&view)
     }
@@ -1674,6 +1703,10 @@ impl Core {
                 })
             })
             .collect();
+        down.sort();
+        circuit.sort();
+        let mut stalled = stalled;
+        stalled.sort();
         let mut changes = Vec::new();
         self.alerts.sync(now, "agent_down", down, &mut changes);
         self.alerts.sync(now, "circuit_open", circuit, &mut changes);
@@ -1725,6 +1758,12 @@ impl Core {
                 .collect(),
             counters: self.counters.clone(),
         }
+    }
+
+    /// Forgets the idempotency keys of pruned tasks.
+    pub fn forget_keys(&mut self, pruned: &[TaskId]) {
+        let gone: HashSet<TaskId> = pruned.iter().copied().collect();
+        self.keys.retain(|_, id| !gone.contains(id));
     }
 
     /// Registers an identity created outside enrollment (the admin credential at init).

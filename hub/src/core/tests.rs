@@ -2737,3 +2737,76 @@ fn a_sidecar_shutting_down_gets_no_new_work_until_it_says_hello_again() {
         "its next session takes work again"
     );
 }
+
+// === Regressions found by the simulation ===
+
+#[test]
+fn a_late_report_for_an_attempt_the_hub_ended_is_stale_not_current() {
+    let (mut h, c, t) = one_assigned();
+    let _ = h.accept(c, t, 1);
+    h.advance(61_000);
+    let out = h.tick();
+    assert_eq!(
+        abandons(&out, c),
+        vec![(t, Generation(1))],
+        "start timeout abandons attempt 1"
+    );
+    assert_eq!(h.attempt(t, 1).outcome, Some(Outcome::StartTimeout));
+    let (_, late) = h.report_input(
+        c,
+        t,
+        1,
+        ReportBody::Started {
+            pid: None,
+            session: None,
+        },
+    );
+    let out = h.step(late);
+    assert_eq!(
+        abandons(&out, c),
+        vec![(t, Generation(1))],
+        "the late Started is told to abandon"
+    );
+    assert_ne!(
+        h.task(t).state,
+        TaskState::Running,
+        "an ended attempt cannot make the task run"
+    );
+    let finished = ReportBody::Finished {
+        outcome: Outcome::Completed,
+        result: None,
+        error: None,
+    };
+    let (_, late) = h.report_input(c, t, 1, finished);
+    let out = h.step(late);
+    assert!(
+        abandons(&out, c).is_empty(),
+        "a late final report is a harmless repeat"
+    );
+    assert_ne!(h.task(t).state, TaskState::Completed);
+}
+
+#[test]
+fn a_requeued_dependency_still_releases_its_dependants() {
+    let mut h = H::new();
+    let (c, _) = h.connect(1, "a", &[], 1);
+    let (a, _) = h.submit(req("a"));
+    let _ = h.run_ok(c, a, 1);
+    let (other, _) = h.submit(req("c"));
+    let mut r = req("b");
+    r.after = vec![a, other];
+    let (b, _) = h.submit(r);
+    assert_eq!(h.task(b).state, TaskState::Blocked);
+    let (resp, _) = h.op(ADMIN, OpRequest::TaskRequeue { id: a });
+    json_ok(&resp);
+    let g = h.task(other).generation.0;
+    let _ = h.run_ok(c, other, g);
+    assert_eq!(h.task(b).state, TaskState::Blocked, "a is live again");
+    let g = h.task(a).generation.0;
+    let _ = h.run_ok(c, a, g);
+    assert_ne!(
+        h.task(b).state,
+        TaskState::Blocked,
+        "a completed again: b runs"
+    );
+}
