@@ -130,6 +130,9 @@ async fn fleet(dir: &Path, tasks: usize) -> Result<(), CliError> {
             .map_or(v.to_string(), |f| format!("{f:.2}"));
         println!("  {key:<28} {shown}");
     }
+    println!(
+        "  (messages include the sample agents' two progress reports per exec task and the\n   retried attempts; a task whose agent reports nothing costs 5: Assign, Accepted,\n   Started, Finished, Ack)"
+    );
     outcome
 }
 
