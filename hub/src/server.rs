@@ -592,11 +592,15 @@ async fn run_session(
     let writer = tokio::spawn(async move {
         while let Some(msg) = rx.recv().await {
             let last = matches!(msg, HubMsg::Refused(_));
+            // Per-task coordination cost: the session's own Welcome is not a task message,
+            // as the sidecar's Hello and heartbeats are not counted either.
+            let counted = !matches!(msg, HubMsg::Welcome(_) | HubMsg::Refused(_));
             match send_frame(&mut wr, &msg).await {
-                Ok(n) => {
+                Ok(n) if counted => {
                     metrics.msgs_out.fetch_add(1, Ordering::Relaxed);
                     metrics.bytes.fetch_add(n as u64, Ordering::Relaxed);
                 }
+                Ok(_) => {}
                 Err(_) => break,
             }
             if last {
