@@ -1180,12 +1180,11 @@ fn stats_when_finished(hub: &Hub, n: usize) -> Value {
     })
 }
 
-/// Happy path: Assign, Accepted, Started, Finished and one Ack per task. The
-/// hub's `messages_per_finished_task` also counts the session's opening (its
-/// Welcome): 1 message over all tasks, so tasks run strictly one after the other
-/// cost 5 + 1/N. Phase 1 is a queue of work (the usual case: acknowledgements of
-/// concurrent tasks share an Ack) and checks the hub's own figure; phase 2 runs
-/// tasks one by one and checks the marginal cost of a task.
+/// Happy path: Assign, Accepted, Started, Finished and one Ack per task (the
+/// hub counts task messages only, not the session's hello and welcome). Phase 1
+/// is a queue of work (acknowledgements of concurrent tasks may share an Ack) and
+/// checks the hub's own figure; phase 2 runs tasks one by one and checks the
+/// marginal cost of a task.
 #[test]
 fn happy_path_costs_at_most_five_messages_per_task() {
     const BURST: usize = 20;
