@@ -11,7 +11,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-use crate::core::Snapshot;
+use crate::core::{Snapshot, TaskState};
 use crate::server::Metrics;
 
 type Labels = Vec<(&'static str, String)>;
@@ -20,13 +20,13 @@ type Labels = Vec<(&'static str, String)>;
 pub struct HubMetrics {
     registry: Registry,
     tasks: Family<Labels, Gauge>,
-    finished: Family<Labels, Gauge>,
+    finished: Family<Labels, Counter>,
     agents: Family<Labels, Gauge>,
     alerts: Family<Labels, Gauge>,
-    attempts: Family<Labels, Gauge>,
-    heartbeats: Gauge,
-    messages: Gauge,
-    bytes: Gauge,
+    attempts: Family<Labels, Counter>,
+    heartbeats: Counter,
+    messages: Counter,
+    bytes: Counter,
     per_task_messages: Gauge<f64, std::sync::atomic::AtomicU64>,
     per_task_bytes: Gauge<f64, std::sync::atomic::AtomicU64>,
     /// Submit → running, seconds.
@@ -48,9 +48,9 @@ impl Default for HubMetrics {
             agents: Family::default(),
             alerts: Family::default(),
             attempts: Family::default(),
-            heartbeats: Gauge::default(),
-            messages: Gauge::default(),
-            bytes: Gauge::default(),
+            heartbeats: Counter::default(),
+            messages: Counter::default(),
+            bytes: Counter::default(),
             per_task_messages: Gauge::default(),
             per_task_bytes: Gauge::default(),
             dispatch: Histogram::new(exponential_buckets(0.0005, 2.0, 20)),
@@ -109,7 +109,27 @@ impl Default for HubMetrics {
         );
         registry.register("commit_group_size", "Writes per commit", m.group.clone());
         registry.register("commits", "Durable commits", m.commits.clone());
+        // Every label known in advance is exported from the start, at 0, so a query
+        // for a kind that never happened returns 0 rather than nothing.
+        for o in muster_protocol::msg::Outcome::ALL {
+            let _ = m
+                .attempts
+                .get_or_create(&vec![("outcome", o.as_str().to_string())]);
+        }
+        for t in TaskState::ALL.iter().filter(|t| t.is_terminal()) {
+            let _ = m
+                .finished
+                .get_or_create(&vec![("state", t.as_str().to_string())]);
+        }
         HubMetrics { registry, ..m }
+    }
+}
+
+/// Raises a counter to `total` (counters only go up; the core's totals only grow).
+fn advance(counter: &Counter, total: u64) {
+    let now = counter.get();
+    if total > now {
+        counter.inc_by(total - now);
     }
 }
 
@@ -122,9 +142,12 @@ impl HubMetrics {
                 .set(*n as i64);
         }
         for (state, n) in &snap.counters.finished_by_state {
-            self.finished
-                .get_or_create(&vec![("state", state.as_str().to_string())])
-                .set(*n as i64);
+            advance(
+                &self
+                    .finished
+                    .get_or_create(&vec![("state", state.as_str().to_string())]),
+                *n,
+            );
         }
         for (state, n) in &snap.agents {
             self.agents
@@ -137,15 +160,18 @@ impl HubMetrics {
                 .set(*n as i64);
         }
         for (outcome, n) in &snap.counters.outcomes {
-            self.attempts
-                .get_or_create(&vec![("outcome", outcome.as_str().to_string())])
-                .set(*n as i64);
+            advance(
+                &self
+                    .attempts
+                    .get_or_create(&vec![("outcome", outcome.as_str().to_string())]),
+                *n,
+            );
         }
-        self.heartbeats.set(snap.counters.heartbeats as i64);
+        advance(&self.heartbeats, snap.counters.heartbeats);
         let msgs = shell.msgs_in.load(Ordering::Relaxed) + shell.msgs_out.load(Ordering::Relaxed);
         let bytes = shell.bytes.load(Ordering::Relaxed);
-        self.messages.set(msgs as i64);
-        self.bytes.set(bytes as i64);
+        advance(&self.messages, msgs);
+        advance(&self.bytes, bytes);
         let finished = snap.counters.finished.max(1) as f64;
         self.per_task_messages.set(msgs as f64 / finished);
         self.per_task_bytes.set(bytes as f64 / finished);

@@ -139,7 +139,11 @@ pub async fn run(
     ready();
     info!(name = %d.cfg.name, hub = d.cfg.hub, "sidecar started");
     let mut next_hb = tokio::time::Instant::now() + d.interval;
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    // Watchdog pings from this loop, at half the interval systemd asked for (at most 1 s apart).
+    let ping = sd_notify::watchdog_enabled().map_or(Duration::from_secs(1), |w| {
+        (w / 2).min(Duration::from_secs(1))
+    });
+    let mut tick = tokio::time::interval(ping.max(Duration::from_millis(10)));
     tokio::pin!(shutdown);
     let mut events: Vec<Ev> = Vec::with_capacity(BATCH_LEN_MAX);
     loop {

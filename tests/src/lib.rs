@@ -364,7 +364,11 @@ fn clean_env(cmd: &mut Command) -> &mut Command {
         .env_remove("MUSTER_CREDENTIAL")
         .env_remove("MUSTER_SOCKET")
         .env_remove("MUSTER_TASK_ID")
-        .env_remove("MUSTER_GENERATION");
+        .env_remove("MUSTER_GENERATION")
+        // A test run under a notify-type unit must not have its daemons talk to that unit.
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("WATCHDOG_USEC")
+        .env_remove("WATCHDOG_PID");
     if std::env::var_os("RUST_LOG").is_none() {
         cmd.env("RUST_LOG", "info");
     }

@@ -353,13 +353,17 @@ fn metrics_parse_as_prometheus_text_and_counters_move_when_tasks_run() {
     hub.start();
     let before = scrape(http, "muster_");
 
-    // Every family issue 6 names is declared (attempts by outcome and tasks
-    // finished by state only once something ended: checked after the tasks).
+    // Every family issue 6 names is declared from the start, totals as counters
+    // (at 0 for every known outcome and terminal state before anything ended).
     let families = [
         ("muster_tasks", "gauge"),
         ("muster_agents", "gauge"),
         ("muster_dispatch_latency_seconds", "histogram"),
-        ("muster_heartbeats_received", "gauge"),
+        ("muster_heartbeats_received", "counter"),
+        ("muster_attempts_ended", "counter"),
+        ("muster_tasks_finished", "counter"),
+        ("muster_protocol_messages", "counter"),
+        ("muster_protocol_bytes", "counter"),
         ("muster_messages_per_finished_task", "gauge"),
         ("muster_bytes_per_finished_task", "gauge"),
         ("muster_commit_latency_seconds", "histogram"),
@@ -428,7 +432,7 @@ fn metrics_parse_as_prometheus_text_and_counters_move_when_tasks_run() {
     wait_all_completed(&hub, &ids);
 
     let completed =
-        |e: &Exposition| e.value_or_0("muster_attempts_ended", &[("outcome", "completed")]);
+        |e: &Exposition| e.value_or_0("muster_attempts_ended_total", &[("outcome", "completed")]);
     let after = wait_for(
         Duration::from_secs(10),
         "the metrics to show 3 completed attempts",
@@ -451,9 +455,14 @@ fn metrics_parse_as_prometheus_text_and_counters_move_when_tasks_run() {
             "{name}{labels:?} went from {b} to {a}; expected a rise of at least {by}"
         );
     };
+    assert_eq!(
+        before.value("muster_attempts_ended_total", &[("outcome", "failed")]),
+        Some(0.0),
+        "an outcome that never happened is exported as 0"
+    );
     for (name, ty) in [
-        ("muster_attempts_ended", "gauge"),
-        ("muster_tasks_finished", "gauge"),
+        ("muster_attempts_ended", "counter"),
+        ("muster_tasks_finished", "counter"),
     ] {
         assert_eq!(
             after.types.get(name).map(String::as_str),
@@ -466,8 +475,12 @@ fn metrics_parse_as_prometheus_text_and_counters_move_when_tasks_run() {
     rose("muster_commits_total", &[], 1.0);
     rose("muster_commit_latency_seconds_count", &[], 1.0);
     rose("muster_commit_group_size_count", &[], 1.0);
-    rose("muster_heartbeats_received", &[], 1.0);
-    rose("muster_tasks_finished", &[("state", "completed")], 3.0);
+    rose("muster_heartbeats_received_total", &[], 1.0);
+    rose(
+        "muster_tasks_finished_total",
+        &[("state", "completed")],
+        3.0,
+    );
     assert_eq!(
         after.value("muster_agents", &[("state", "online")]),
         Some(1.0),

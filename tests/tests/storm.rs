@@ -1,0 +1,900 @@
+//! Issue 4, the process-level storm: hundreds of tasks across real sidecars on
+//! 127.0.0.1 while sidecars are killed with SIGKILL every few seconds (and
+//! restarted), one sidecar stays away long enough for its work to be `lost`,
+//! and the hub itself is killed with SIGKILL and restarted twice. Then
+//! everything is healed, every task must end, and an invariant checker reads
+//! `tasks --json` (all pages), every task's attempt history and the whole
+//! event stream (`watch --json --from 1`):
+//!
+//! - no acknowledged task lost: every id a `submit --json` printed exists,
+//!   and each idempotency key maps to exactly one task (no duplicates);
+//! - no task with two accepted completions (at most one attempt `completed`,
+//!   and at most one transition to `completed` in the event stream);
+//! - every task terminal, every attempt of it ended with its outcome recorded,
+//!   generations strictly increasing, never more attempts than allowed;
+//! - the event stream has no gaps and agrees with the final task states.
+//!
+//! Size and randomness come from the environment (see tests/README.md):
+//! `MUSTER_STORM_TASKS` (500), `MUSTER_STORM_SIDECARS` (4), `MUSTER_STORM_SLOTS`
+//! (4 per sidecar), `MUSTER_STORM_HUB_KILLS` (2), `MUSTER_STORM_SUBMITTERS`
+//! (4 parallel submitting clients), `MUSTER_STORM_SEED` (default: from the
+//! clock; always printed).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use muster_hub::cli::ConnectArgs;
+use muster_protocol::TaskId;
+use muster_protocol::msg::OpRequest;
+use muster_tests::{Hub, Sidecar, bins, block_on, wait_for, write_script};
+use serde_json::Value;
+
+/// How long a fresh (or restarted) sidecar may take to connect and show up online.
+const CONNECT: Duration = Duration::from_secs(30);
+/// Lost grace of the storm's hub.
+const LOST_GRACE_S: u64 = 5;
+/// Longest a submitting client's single `submit` may run before it is retried.
+const SUBMIT_CALL: Duration = Duration::from_secs(15);
+/// Pause between retries of a refused or failed submission (paces the client, waits for nothing).
+const SUBMIT_RETRY_PAUSE: Duration = Duration::from_millis(250);
+/// The chaos goes on at least this long (while the last tasks run), however fast the submissions.
+const MIN_CHAOS: Duration = Duration::from_secs(20);
+/// Share of tasks (per thousand) whose first attempt fails on purpose.
+const FAIL_FIRST_PER_MILLE: u64 = 50;
+
+// === configuration ===
+
+fn env_u64(name: &str) -> Option<u64> {
+    let v = std::env::var(name).ok()?;
+    match v.trim().parse() {
+        Ok(n) => Some(n),
+        Err(e) => panic!("{name}={v:?} is not a number: {e}"),
+    }
+}
+
+#[derive(Debug, Clone)]
+struct StormConfig {
+    seed: u64,
+    tasks: usize,
+    sidecars: usize,
+    slots: u64,
+    hub_kills: usize,
+    submitters: usize,
+}
+
+impl StormConfig {
+    fn from_env() -> Self {
+        let seed = env_u64("MUSTER_STORM_SEED").unwrap_or_else(|| {
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64 % 1_000_000_007)
+                .unwrap_or(1)
+        });
+        let sidecars = env_u64("MUSTER_STORM_SIDECARS").unwrap_or(4).max(2) as usize;
+        StormConfig {
+            seed,
+            tasks: env_u64("MUSTER_STORM_TASKS").unwrap_or(500).max(1) as usize,
+            sidecars,
+            slots: env_u64("MUSTER_STORM_SLOTS").unwrap_or(4).clamp(1, 256),
+            hub_kills: env_u64("MUSTER_STORM_HUB_KILLS").unwrap_or(2) as usize,
+            submitters: env_u64("MUSTER_STORM_SUBMITTERS").unwrap_or(4).max(1) as usize,
+        }
+    }
+}
+
+/// splitmix64: small, seeded, good enough to pick victims and delays.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `lo..=hi`.
+    fn range(&mut self, lo: u64, hi: u64) -> u64 {
+        lo + self.next() % (hi - lo + 1)
+    }
+
+    fn millis(&mut self, lo: u64, hi: u64) -> Duration {
+        Duration::from_millis(self.range(lo, hi))
+    }
+}
+
+/// What one task does, fixed by the seed and the task's index.
+fn task_plan(seed: u64, i: usize) -> (u64, bool) {
+    let mut r = Rng(seed ^ (i as u64).wrapping_mul(0xA24B_AED4_963E_E407));
+    let sleep_ms = r.range(0, 300);
+    let fail_first = r.range(0, 999) < FAIL_FIRST_PER_MILLE;
+    (sleep_ms, fail_first)
+}
+
+// === processes outside the fixtures ===
+
+/// `muster-hub <args> --data-dir D` in a clean environment (for threads that
+/// must not hold the fixture while the main thread kills and restarts the hub).
+fn hub_cmd(data: &Path, args: &[&str]) -> Command {
+    let mut cmd = Command::new(&bins().hub);
+    cmd.args(args)
+        .arg("--data-dir")
+        .arg(data)
+        .env("NO_COLOR", "1")
+        .env_remove("MUSTER_HUB")
+        .env_remove("MUSTER_CREDENTIAL")
+        .env_remove("MUSTER_SOCKET")
+        .env_remove("MUSTER_TASK_ID")
+        .env_remove("MUSTER_GENERATION");
+    cmd
+}
+
+/// Runs a command to its end, or kills it after `timeout` (`None` then); never panics.
+fn run_quiet(mut cmd: Command, timeout: Duration) -> Option<Output> {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .ok()?;
+    let start = Instant::now();
+    loop {
+        match child.try_wait() {
+            Ok(Some(_)) => return child.wait_with_output().ok(),
+            Ok(None) if start.elapsed() > timeout => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return None;
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(10)),
+            Err(_) => return None,
+        }
+    }
+}
+
+// === submitting ===
+
+/// One acknowledged submission.
+#[derive(Debug, Clone)]
+struct Ack {
+    index: usize,
+    key: String,
+    id: u64,
+    existing: bool,
+}
+
+#[derive(Debug, Default)]
+struct SubmitLog {
+    acks: Vec<Ack>,
+    /// Calls that failed (hub down, timeout, refusal) and were retried.
+    retries: usize,
+    /// The last few failure messages, for the summary.
+    last_errors: Vec<String>,
+}
+
+/// Submits task `i` until the hub acknowledges it (same idempotency key every
+/// time, so a retry after a lost answer cannot make a second task), or until
+/// `deadline`.
+fn submit_one(data: &Path, seed: u64, i: usize, deadline: Instant, log: &Mutex<SubmitLog>) {
+    let (sleep_ms, fail_first) = task_plan(seed, i);
+    let key = format!("storm-{seed}-{i}");
+    let title = format!("storm {i}");
+    let description = format!(
+        "sleep_ms={sleep_ms}{}",
+        if fail_first { " fail_first" } else { "" }
+    );
+    loop {
+        let cmd = hub_cmd(
+            data,
+            &[
+                "submit",
+                "--title",
+                &title,
+                "--description",
+                &description,
+                "--key",
+                &key,
+                "--json",
+            ],
+        );
+        let failure = match run_quiet(cmd, SUBMIT_CALL) {
+            Some(out) if out.status.success() => {
+                match serde_json::from_slice::<Value>(&out.stdout) {
+                    Ok(v) if v["id"].as_u64().is_some() => {
+                        let ack = Ack {
+                            index: i,
+                            key: key.clone(),
+                            id: v["id"].as_u64().unwrap_or_default(),
+                            existing: v["existing"] == true,
+                        };
+                        log.lock().unwrap_or_else(|p| p.into_inner()).acks.push(ack);
+                        return;
+                    }
+                    _ => format!(
+                        "submit succeeded but printed no id: {}",
+                        String::from_utf8_lossy(&out.stdout)
+                    ),
+                }
+            }
+            Some(out) => String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            None => format!("submit ran past {} s", SUBMIT_CALL.as_secs()),
+        };
+        {
+            let mut l = log.lock().unwrap_or_else(|p| p.into_inner());
+            l.retries += 1;
+            if l.last_errors.len() >= 8 {
+                l.last_errors.remove(0);
+            }
+            l.last_errors.push(failure);
+        }
+        if Instant::now() >= deadline {
+            return;
+        }
+        std::thread::sleep(SUBMIT_RETRY_PAUSE);
+    }
+}
+
+// === reading the hub ===
+
+/// Every task the hub lists, all pages (`tasks --json --limit 1000 --cursor …`).
+fn all_tasks(hub: &Hub) -> BTreeMap<u64, Value> {
+    let mut out = BTreeMap::new();
+    let mut cursor: Option<u64> = None;
+    loop {
+        let c = cursor.map(|c| c.to_string());
+        let mut args = vec!["tasks", "--limit", "1000"];
+        if let Some(c) = &c {
+            args.extend(["--cursor", c]);
+        }
+        let v = hub.json(&args);
+        let page = v["tasks"].as_array().cloned().unwrap_or_default();
+        for t in &page {
+            if let Some(id) = t["id"].as_u64() {
+                assert!(
+                    out.insert(id, t.clone()).is_none(),
+                    "task {id} listed on two pages"
+                );
+            }
+        }
+        match v["next_cursor"].as_u64() {
+            Some(c) if !page.is_empty() => cursor = Some(c),
+            _ => break,
+        }
+    }
+    out
+}
+
+/// `task show --json` of every id, over one admin session (500 CLI processes would be slow).
+fn task_shows(hub: &Hub, ids: &[u64]) -> BTreeMap<u64, Value> {
+    let connect = ConnectArgs {
+        hub: None,
+        credential: None,
+        data_dir: Some(hub.data_dir().to_path_buf()),
+    };
+    let result: Result<BTreeMap<u64, Value>, String> = block_on(async {
+        let s = connect.connect().await.map_err(|e| e.message)?;
+        let mut out = BTreeMap::new();
+        for id in ids {
+            let call = s.call(OpRequest::TaskShow { id: TaskId(*id) });
+            let v = tokio::time::timeout(Duration::from_secs(30), call)
+                .await
+                .map_err(|_| format!("task show {id} did not answer within 30 s"))?
+                .map_err(|e| format!("task show {id}: {}", e.message))?;
+            out.insert(*id, v);
+        }
+        s.close().await;
+        Ok(out)
+    });
+    result.unwrap_or_else(|e| panic!("reading the attempt histories failed: {e}"))
+}
+
+/// The event stream from sequence 1 up to a marker event made now (an `agent
+/// undrain` of an agent that is not drained, which only writes an audit event):
+/// once the marker arrives, the stream has caught up with everything before it.
+fn events_until_marker(hub: &Hub, agent: &str, timeout: Duration) -> Vec<Value> {
+    let out = hub.cli(&["agent", "undrain", agent, "--json"]);
+    assert!(
+        out.status.success(),
+        "agent undrain {agent} (the marker event) failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut child = hub_cmd(hub.data_dir(), &["watch", "--json", "--from", "1"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run muster-hub watch: {e}"));
+    let stdout = child.stdout.take().expect("watch's stdout is piped");
+    let (tx, rx) = mpsc::channel::<String>();
+    let reader = std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let start = Instant::now();
+    let mut events = Vec::new();
+    let mut found = false;
+    while !found && start.elapsed() < timeout {
+        let Ok(line) = rx.recv_timeout(Duration::from_millis(250)) else {
+            if let Ok(Some(s)) = child.try_wait() {
+                panic!(
+                    "watch exited ({s}) after {} events, before the marker",
+                    events.len()
+                );
+            }
+            continue;
+        };
+        let v: Value = serde_json::from_str(&line).unwrap_or_else(|e| {
+            panic!("watch --json printed a line that is not JSON ({e}): {line}")
+        });
+        found = v["kind"] == "audit" && v["action"] == "agent_undrain" && v["subject"] == agent;
+        events.push(v);
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = reader.join();
+    assert!(
+        found,
+        "the event stream did not reach the marker within {} s ({} events read, last: {})",
+        timeout.as_secs(),
+        events.len(),
+        events.last().map(Value::to_string).unwrap_or_default()
+    );
+    events
+}
+
+// === the invariant checker ===
+
+#[derive(Debug, Default)]
+struct Verdict {
+    violations: Vec<String>,
+    attempts: usize,
+    outcomes: BTreeMap<String, usize>,
+    states: BTreeMap<String, usize>,
+    events: usize,
+    max_attempts_seen: usize,
+}
+
+impl Verdict {
+    fn violation(&mut self, v: String) {
+        if self.violations.len() < 50 {
+            self.violations.push(v);
+        } else if self.violations.len() == 50 {
+            self.violations.push("… (more violations not shown)".into());
+        }
+    }
+}
+
+const TERMINAL: [&str; 3] = ["completed", "failed", "cancelled"];
+
+fn check_invariants(
+    acks: &[Ack],
+    tasks: &BTreeMap<u64, Value>,
+    shows: &BTreeMap<u64, Value>,
+    events: &[Value],
+) -> Verdict {
+    let mut v = Verdict::default();
+
+    // No acknowledged task lost; one task per idempotency key.
+    let mut by_key: BTreeMap<&str, BTreeSet<u64>> = BTreeMap::new();
+    for a in acks {
+        by_key.entry(&a.key).or_default().insert(a.id);
+        if !tasks.contains_key(&a.id) {
+            v.violation(format!(
+                "acknowledged task {} (index {}, key {}) is missing from tasks --json",
+                a.id, a.index, a.key
+            ));
+        }
+    }
+    for (key, ids) in &by_key {
+        if ids.len() > 1 {
+            v.violation(format!(
+                "key {key} was acknowledged as several tasks: {ids:?}"
+            ));
+        }
+    }
+    let acked: BTreeSet<u64> = acks.iter().map(|a| a.id).collect();
+    for (id, t) in tasks {
+        if !acked.contains(id) {
+            v.violation(format!(
+                "task {id} exists but no submit acknowledged it (a duplicate?): key {} title {}",
+                t["key"], t["title"]
+            ));
+        }
+    }
+
+    // Every task terminal; attempts all ended, at most one completed.
+    for (id, t) in tasks {
+        let state = t["state"].as_str().unwrap_or("?").to_string();
+        *v.states.entry(state.clone()).or_default() += 1;
+        if !TERMINAL.contains(&state.as_str()) {
+            v.violation(format!("task {id} is not terminal: {state}"));
+        }
+        let Some(show) = shows.get(id) else {
+            v.violation(format!("task {id}: no task show"));
+            continue;
+        };
+        if show["state"] != t["state"] {
+            v.violation(format!(
+                "task {id}: tasks says {state}, task show says {}",
+                show["state"]
+            ));
+        }
+        let history = show["attempt_history"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        v.attempts += history.len();
+        v.max_attempts_seen = v.max_attempts_seen.max(history.len());
+        let mut completed = 0;
+        let mut last_gen = 0;
+        for a in &history {
+            let outcome = a["outcome"].as_str();
+            *v.outcomes
+                .entry(outcome.unwrap_or("(none)").to_string())
+                .or_default() += 1;
+            match outcome {
+                None => v.violation(format!(
+                    "task {id} ({state}): attempt generation {} has no outcome: {a}",
+                    a["generation"]
+                )),
+                Some("completed") => completed += 1,
+                Some(_) => {}
+            }
+            if a["ended_at"].as_u64().is_none() {
+                v.violation(format!(
+                    "task {id} ({state}): attempt generation {} has no end time: {a}",
+                    a["generation"]
+                ));
+            }
+            let g = a["generation"].as_u64().unwrap_or(0);
+            if g <= last_gen {
+                v.violation(format!(
+                    "task {id}: attempt generations do not increase: {last_gen} then {g}"
+                ));
+            }
+            last_gen = g;
+        }
+        if completed > 1 {
+            v.violation(format!(
+                "task {id} has {completed} completed attempts: {}",
+                show["attempt_history"]
+            ));
+        }
+        if state == "completed" && completed != 1 {
+            v.violation(format!(
+                "task {id} is completed but {completed} of its attempts completed"
+            ));
+        }
+        if state == "completed" && history.last().is_some_and(|a| a["outcome"] != "completed") {
+            v.violation(format!(
+                "task {id} is completed but its last attempt is not: {}",
+                show["attempt_history"]
+            ));
+        }
+        let allowed = t["max_attempts"].as_u64().unwrap_or(u64::MAX) as usize;
+        if history.len() > allowed {
+            v.violation(format!(
+                "task {id} has {} attempts, more than its max_attempts {allowed}",
+                history.len()
+            ));
+        }
+        if t["attempts"].as_u64() != Some(history.len() as u64) {
+            v.violation(format!(
+                "task {id}: attempts = {} but the history lists {}",
+                t["attempts"],
+                history.len()
+            ));
+        }
+    }
+
+    // The event stream: gapless, one completion per task, agrees with the end states.
+    v.events = events.len();
+    let mut expected_seq: Option<u64> = None;
+    let mut last_state: BTreeMap<u64, String> = BTreeMap::new();
+    let mut completions: BTreeMap<u64, usize> = BTreeMap::new();
+    let mut submitted: BTreeSet<u64> = BTreeSet::new();
+    for e in events {
+        let seq = e["seq"].as_u64().unwrap_or(0);
+        if e["kind"] == "pruned" {
+            v.violation(format!("the event stream was pruned: {e}"));
+            continue;
+        }
+        match expected_seq {
+            None if seq != 1 => v.violation(format!("the event stream starts at {seq}, not 1")),
+            Some(want) if seq != want => {
+                v.violation(format!(
+                    "event sequence gap or repeat: {want} expected, got {seq}"
+                ));
+            }
+            _ => {}
+        }
+        expected_seq = Some(seq + 1);
+        if e["kind"] != "task" {
+            continue;
+        }
+        let Some(id) = e["id"].as_u64() else { continue };
+        let state = e["state"].as_str().unwrap_or("?").to_string();
+        if e["why"]
+            .as_str()
+            .is_some_and(|w| w.starts_with("submitted"))
+        {
+            submitted.insert(id);
+        }
+        if state == "completed" && e["from"] != "completed" {
+            *completions.entry(id).or_default() += 1;
+        }
+        last_state.insert(id, state);
+    }
+    for (id, n) in &completions {
+        if *n > 1 {
+            v.violation(format!(
+                "the event stream shows task {id} completed {n} times"
+            ));
+        }
+    }
+    for id in &acked {
+        if !submitted.contains(id) {
+            v.violation(format!("the event stream has no submission of task {id}"));
+        }
+    }
+    for (id, t) in tasks {
+        let end = t["state"].as_str().unwrap_or("?");
+        match last_state.get(id) {
+            Some(s) if s == end => {}
+            Some(s) => v.violation(format!(
+                "task {id}: the event stream ends in {s}, the task is {end}"
+            )),
+            None => v.violation(format!("task {id}: no event in the stream")),
+        }
+    }
+    v
+}
+
+// === the agent ===
+
+/// The exec agent every sidecar runs: sleeps the task's `sleep_ms`, and for a
+/// `fail_first` task fails the first attempt (whichever sidecar runs it).
+fn agent_script(dir: &Path) -> PathBuf {
+    let path = dir.join("storm-agent.sh");
+    let marks = dir.join("first-failures");
+    std::fs::create_dir_all(&marks).expect("create the first-failures directory");
+    write_script(
+        &path,
+        &format!(
+            r#"#!/bin/sh
+f="$MUSTER_TASK_FILE"
+ms=$(grep -o 'sleep_ms=[0-9]*' "$f" | head -n 1 | cut -d= -f2)
+[ -n "$ms" ] || ms=0
+if grep -q 'fail_first' "$f" && mkdir '{marks}'/"$MUSTER_TASK_ID" 2>/dev/null; then
+  sleep 0.15
+  echo "task $MUSTER_TASK_ID: the first attempt fails on purpose" >&2
+  exit 3
+fi
+sleep "$(printf '0.%03d' "$ms")"
+exit 0
+"#,
+            marks = marks.display()
+        ),
+    );
+    path
+}
+
+// === the storm ===
+
+#[derive(Debug, Default)]
+struct Chaos {
+    sidecar_kills: usize,
+    long_outages: usize,
+    hub_kills: usize,
+    hub_restart_s: Vec<f64>,
+}
+
+#[test]
+fn storm_of_tasks_under_sidecar_and_hub_kills_keeps_every_invariant() {
+    let cfg = StormConfig::from_env();
+    eprintln!(
+        "storm: seed {} ({} tasks, {} sidecars × {} slots, {} hub kills, {} submitters); reproduce with MUSTER_STORM_SEED={}",
+        cfg.seed, cfg.tasks, cfg.sidecars, cfg.slots, cfg.hub_kills, cfg.submitters, cfg.seed
+    );
+    let built = Instant::now();
+    bins();
+    let build_s = built.elapsed().as_secs_f64();
+    let t0 = Instant::now();
+    let mut rng = Rng(cfg.seed);
+
+    let mut hub = Hub::init();
+    for (k, val) in [
+        ("heartbeat_interval", "\"1s\""),
+        ("lost_grace", &format!("\"{LOST_GRACE_S}s\"")),
+        ("accept_timeout", "\"4s\""),
+        ("start_timeout", "\"5s\""),
+        ("backoff_initial", "\"200ms\""),
+        ("backoff_max", "\"2s\""),
+        ("max_attempts", "6"),
+        ("breaker_cooldown", "\"1s\""),
+        ("breaker_cooldown_max", "\"2s\""),
+        ("events_max", &(100_000 + cfg.tasks as u64 * 40).to_string()),
+    ] {
+        hub.set_policy(k, val);
+    }
+    hub.set_limit("max_queued_tasks", &(cfg.tasks as u64 + 1000).to_string());
+    hub.set_limit(
+        "max_tasks_per_submitter",
+        &(cfg.tasks as u64 + 1000).to_string(),
+    );
+    hub.start();
+
+    let script = agent_script(hub.root());
+    let script_toml = serde_json::Value::String(script.to_string_lossy().into_owned()).to_string();
+    let mut sidecars: Vec<Sidecar> = (0..cfg.sidecars)
+        .map(|n| {
+            let sc = Sidecar::enroll(&hub, &format!("storm-{n}"), &[]);
+            sc.set("", "slots", &cfg.slots.to_string());
+            sc.set_agent("command", &format!("[{script_toml}]"));
+            sc.set_agent("settle", "\"100ms\"");
+            sc.set_agent("stop_grace", "\"1s\"");
+            sc
+        })
+        .collect();
+    for sc in &mut sidecars {
+        sc.start();
+    }
+    for sc in &mut sidecars {
+        sc.wait_connected(true, CONNECT);
+        hub.wait_agent_state(sc.name(), "online", CONNECT);
+    }
+    let setup_s = t0.elapsed().as_secs_f64();
+
+    // --- storm: submitters on threads, chaos on this one ---
+    let storm_start = Instant::now();
+    let submit_deadline = storm_start + Duration::from_secs(180 + cfg.tasks as u64 / 2);
+    let log = Mutex::new(SubmitLog::default());
+    let next_index = AtomicUsize::new(0);
+    let submitters_done = AtomicUsize::new(0);
+    let stop = AtomicBool::new(false);
+    let data = hub.data_dir().to_path_buf();
+    let idle = muster_protocol::tls::IDLE_TIMEOUT;
+    let long_outage = idle + Duration::from_secs(LOST_GRACE_S + 3);
+    let mut chaos = Chaos::default();
+
+    let (total_tasks, seed) = (cfg.tasks, cfg.seed);
+    std::thread::scope(|scope| {
+        for _ in 0..cfg.submitters {
+            let (data, log, next_index, done, stop) =
+                (&data, &log, &next_index, &submitters_done, &stop);
+            scope.spawn(move || {
+                loop {
+                    let i = next_index.fetch_add(1, Ordering::SeqCst);
+                    if i >= total_tasks || stop.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    submit_one(data, seed, i, submit_deadline, log);
+                }
+                done.fetch_add(1, Ordering::SeqCst);
+            });
+        }
+
+        // The chaos loop: restarts due sidecars, kills one every 1.5–4 s (the
+        // first kill is a long outage, past idle timeout + lost grace), and kills
+        // the hub when a third, then two thirds, of the tasks are acknowledged.
+        let mut down_until: Vec<Option<Instant>> = vec![None; cfg.sidecars];
+        let mut next_kill = Instant::now() + rng.millis(1500, 3000);
+        let max_down = (cfg.sidecars / 2).max(1);
+        let acked = || log.lock().unwrap_or_else(|p| p.into_inner()).acks.len();
+        loop {
+            let now = Instant::now();
+            for (n, until) in down_until.iter_mut().enumerate() {
+                if until.is_some_and(|u| now >= u) {
+                    sidecars[n].start();
+                    *until = None;
+                }
+            }
+            let all_submitted = submitters_done.load(Ordering::SeqCst) == cfg.submitters;
+            if chaos.hub_kills < cfg.hub_kills {
+                let threshold = cfg.tasks * (chaos.hub_kills + 1) / (cfg.hub_kills + 1);
+                if acked() >= threshold || all_submitted {
+                    hub.kill9();
+                    let pause = rng.millis(200, 1500);
+                    std::thread::sleep(pause); // the hub stays down a moment (fault pacing)
+                    let restart = Instant::now();
+                    hub.start();
+                    chaos.hub_kills += 1;
+                    chaos
+                        .hub_restart_s
+                        .push(restart.elapsed().as_secs_f64() + pause.as_secs_f64());
+                    eprintln!(
+                        "storm: {:5.1} s  hub killed (-9) and restarted ({} acknowledged)",
+                        storm_start.elapsed().as_secs_f64(),
+                        acked()
+                    );
+                    continue;
+                }
+            }
+            if all_submitted
+                && chaos.hub_kills >= cfg.hub_kills
+                && storm_start.elapsed() >= MIN_CHAOS
+            {
+                break;
+            }
+            if Instant::now() >= submit_deadline + Duration::from_secs(30) {
+                stop.store(true, Ordering::SeqCst);
+                break;
+            }
+            let down = down_until.iter().filter(|d| d.is_some()).count();
+            if now >= next_kill && down < max_down {
+                let up: Vec<usize> = (0..cfg.sidecars)
+                    .filter(|n| down_until[*n].is_none())
+                    .collect();
+                let victim = up[rng.range(0, up.len() as u64 - 1) as usize];
+                let long = chaos.long_outages == 0;
+                let downtime = if long {
+                    long_outage
+                } else {
+                    rng.millis(300, 3000)
+                };
+                sidecars[victim].kill9();
+                down_until[victim] = Some(Instant::now() + downtime);
+                chaos.sidecar_kills += 1;
+                if long {
+                    chaos.long_outages += 1;
+                }
+                eprintln!(
+                    "storm: {:5.1} s  sidecar {} killed (-9), back in {:.1} s ({} acknowledged)",
+                    storm_start.elapsed().as_secs_f64(),
+                    sidecars[victim].name(),
+                    downtime.as_secs_f64(),
+                    acked()
+                );
+                next_kill = Instant::now() + rng.millis(1500, 4000);
+            }
+            std::thread::sleep(Duration::from_millis(50)); // paces the chaos loop
+        }
+        // Heal: every sidecar back (the submitters may still be retrying).
+        for (n, until) in down_until.iter_mut().enumerate() {
+            if until.take().is_some() {
+                sidecars[n].start();
+            }
+        }
+    });
+    let storm_s = storm_start.elapsed().as_secs_f64();
+    let log = log.into_inner().unwrap_or_else(|p| p.into_inner());
+    eprintln!(
+        "storm: submissions done after {storm_s:.1} s: {} acknowledged of {}, {} retried calls; last errors: {:?}",
+        log.acks.len(),
+        cfg.tasks,
+        log.retries,
+        log.last_errors
+    );
+    let acked_indices: BTreeSet<usize> = log.acks.iter().map(|a| a.index).collect();
+    assert_eq!(
+        acked_indices.len(),
+        cfg.tasks,
+        "not every task was acknowledged before the deadline; last errors: {:?}",
+        log.last_errors
+    );
+
+    // --- heal and drain: every sidecar online, every task terminal ---
+    let heal = Instant::now();
+    for sc in &mut sidecars {
+        sc.wait_connected(true, CONNECT);
+        hub.wait_agent_state(sc.name(), "online", CONNECT);
+    }
+    let drain_limit = Duration::from_secs(120 + cfg.tasks as u64 / 5);
+    let mut last_counts = String::new();
+    wait_for(drain_limit, "every storm task terminal", || {
+        let tasks = all_tasks(&hub);
+        let open: Vec<(&u64, &Value)> = tasks
+            .iter()
+            .filter(|(_, t)| !TERMINAL.iter().any(|s| t["state"] == *s))
+            .collect();
+        let counts = format!("{} tasks, {} not terminal", tasks.len(), open.len());
+        if counts != last_counts {
+            eprintln!(
+                "storm: {:5.1} s  {counts}",
+                storm_start.elapsed().as_secs_f64()
+            );
+            last_counts = counts.clone();
+        }
+        if open.is_empty() {
+            Ok(())
+        } else {
+            Err(format!(
+                "{counts}; e.g. {}",
+                open.iter()
+                    .take(3)
+                    .map(|(_, t)| t.to_string())
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            ))
+        }
+    });
+    let drain_s = heal.elapsed().as_secs_f64();
+
+    // --- the invariant checker ---
+    let check = Instant::now();
+    let tasks = all_tasks(&hub);
+    let ids: Vec<u64> = tasks.keys().copied().collect();
+    let shows = task_shows(&hub, &ids);
+    let events = events_until_marker(&hub, sidecars[0].name(), Duration::from_secs(120));
+    let verdict = check_invariants(&log.acks, &tasks, &shows, &events);
+    let check_s = check.elapsed().as_secs_f64();
+
+    // Every process survived (the sidecars that were not killed last, the hub).
+    assert!(hub.pid().is_some(), "the hub is not running");
+    for sc in &mut sidecars {
+        assert!(
+            sc.exited().is_none(),
+            "sidecar {} exited by itself:\n{}",
+            sc.name(),
+            sc.log()
+        );
+    }
+    let hub_log = hub.log();
+    assert!(!hub_log.contains("panicked"), "the hub panicked");
+    for sc in &sidecars {
+        assert!(
+            !sc.log().contains("panicked"),
+            "sidecar {} panicked",
+            sc.name()
+        );
+    }
+
+    let existing = log.acks.iter().filter(|a| a.existing).count();
+    eprintln!(
+        "storm summary: seed {seed}, {tasks} tasks on {sc} sidecars × {slots} slots\n  \
+         final states: {states:?}\n  \
+         attempts: {attempts} (at most {maxa} for one task), outcomes: {outcomes:?}\n  \
+         events read: {events}\n  \
+         chaos: {kills} sidecar kills ({long} long outage of {long_s:.0} s), {hub_kills} hub kills (down/restart {restarts:?} s)\n  \
+         submissions: {retries} retried calls, {existing} answered by an existing key\n  \
+         time: build {build_s:.1} s, setup {setup_s:.1} s, storm {storm_s:.1} s, heal and drain {drain_s:.1} s, check {check_s:.1} s, total {total:.1} s\n  \
+         invariants: {verdict}",
+        seed = cfg.seed,
+        tasks = tasks.len(),
+        sc = cfg.sidecars,
+        slots = cfg.slots,
+        states = verdict.states,
+        attempts = verdict.attempts,
+        maxa = verdict.max_attempts_seen,
+        outcomes = verdict.outcomes,
+        events = verdict.events,
+        kills = chaos.sidecar_kills,
+        long = chaos.long_outages,
+        long_s = long_outage.as_secs_f64(),
+        hub_kills = chaos.hub_kills,
+        restarts = chaos
+            .hub_restart_s
+            .iter()
+            .map(|s| (s * 10.0).round() / 10.0)
+            .collect::<Vec<_>>(),
+        retries = log.retries,
+        total = t0.elapsed().as_secs_f64(),
+        verdict = if verdict.violations.is_empty() {
+            "all hold".to_string()
+        } else {
+            format!("{} VIOLATED", verdict.violations.len())
+        },
+    );
+    assert!(
+        verdict.violations.is_empty(),
+        "storm seed {} broke invariants (reproduce with MUSTER_STORM_SEED={}):\n{}",
+        cfg.seed,
+        cfg.seed,
+        verdict.violations.join("\n")
+    );
+    assert_eq!(
+        chaos.hub_kills, cfg.hub_kills,
+        "the storm did not kill the hub as often as asked"
+    );
+}
