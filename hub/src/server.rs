@@ -173,8 +173,41 @@ const UDP_RECV_BUFFER: usize = 4 << 20;
 /// Handshakes in flight at once; more wait in quinn's queue instead of timing out together.
 const HANDSHAKES_MAX: usize = 16;
 
+/// The file holding the key for QUIC stateless resets.
+const RESET_KEY_FILE: &str = "reset.key";
+
+/// The stateless-reset key, kept across restarts: a restarted hub then answers
+/// packets of connections it no longer knows with a reset the sidecar trusts, so
+/// sidecars reconnect at once instead of waiting out the idle timeout.
+fn load_reset_key(dir: &Path) -> std::io::Result<(ring::hmac::Key, u64)> {
+    use ring::rand::SecureRandom;
+    let path = dir.join(RESET_KEY_FILE);
+    let bytes = match std::fs::read(&path) {
+        Ok(b) if b.len() == 64 => b,
+        _ => {
+            let mut b = vec![0u8; 64];
+            ring::rand::SystemRandom::new()
+                .fill(&mut b)
+                .map_err(|_| std::io::Error::other("the system random number generator failed"))?;
+            crate::pki::write_file(&path, &b, 0o600)
+                .map_err(|e| std::io::Error::other(e.to_string()))?;
+            b
+        }
+    };
+    let mut cid_key = [0u8; 8];
+    cid_key.copy_from_slice(&bytes[56..64]);
+    Ok((
+        ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &bytes[..56]),
+        u64::from_le_bytes(cid_key),
+    ))
+}
+
 /// Binds the QUIC endpoint on a socket with a larger receive buffer (where the OS allows).
-fn bind_endpoint(cfg: quinn::ServerConfig, addr: SocketAddr) -> std::io::Result<quinn::Endpoint> {
+fn bind_endpoint(
+    cfg: quinn::ServerConfig,
+    reset_key: (ring::hmac::Key, u64),
+    addr: SocketAddr,
+) -> std::io::Result<quinn::Endpoint> {
     use socket2::{Domain, Protocol, Socket, Type};
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
     if addr.is_ipv6() {
@@ -186,12 +219,14 @@ fn bind_endpoint(cfg: quinn::ServerConfig, addr: SocketAddr) -> std::io::Result<
     socket.bind(&addr.into())?;
     let runtime = quinn::default_runtime()
         .ok_or_else(|| std::io::Error::other("no async runtime for QUIC"))?;
-    quinn::Endpoint::new(
-        quinn::EndpointConfig::default(),
-        Some(cfg),
-        socket.into(),
-        runtime,
-    )
+    let mut endpoint_cfg = quinn::EndpointConfig::new(Arc::new(reset_key.0));
+    // Connection IDs signed with a key that survives restarts: the restarted hub then
+    // recognises its old IDs and answers them with a stateless reset instead of dropping them.
+    let cid_key = reset_key.1;
+    endpoint_cfg.cid_generator(move || {
+        Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+    });
+    quinn::Endpoint::new(endpoint_cfg, Some(cfg), socket.into(), runtime)
 }
 
 /// Where a hub's token prefix points: `muster1/<advertise>/<ca fingerprint>/`.
@@ -226,10 +261,16 @@ impl Hub {
             pki.server_chain.clone(),
             pki.server_key.clone_key(),
         )?;
+        let reset_key = load_reset_key(&self.data_dir).map_err(|source| StartError::Bind {
+            addr: self.config.listen,
+            source,
+        })?;
         let endpoint =
-            bind_endpoint(server_cfg, self.config.listen).map_err(|source| StartError::Bind {
-                addr: self.config.listen,
-                source,
+            bind_endpoint(server_cfg, reset_key, self.config.listen).map_err(|source| {
+                StartError::Bind {
+                    addr: self.config.listen,
+                    source,
+                }
             })?;
         let addr = endpoint.local_addr().map_err(|source| StartError::Bind {
             addr: self.config.listen,

@@ -1694,10 +1694,10 @@ impl Core {
                     (
                         l.rec.id.to_string(),
                         format!(
-                            "task {} ({}) has run {} min without progress",
+                            "task {} ({}) has run {} without progress",
                             l.rec.id,
                             l.rec.title,
-                            (now - last) / 60_000
+                            format_age(now - last)
                         ),
                     )
                 })
@@ -1798,6 +1798,15 @@ fn push_audit(rec: &mut TaskRecord, now: Millis, who: &str, action: &str) {
         who: who.into(),
         action: action.into(),
     });
+}
+
+/// "42 s" or "31 min", for alert messages.
+fn format_age(ms: Millis) -> String {
+    if ms < 120_000 {
+        format!("{} s", ms / 1000)
+    } else {
+        format!("{} min", ms / 60_000)
+    }
 }
 
 /// Who submitted a task: the first entry of its audit trail.
