@@ -1,0 +1,130 @@
+//! `muster-bench`: measures a real `muster-hub` over real QUIC with mutual TLS.
+//!
+//! ```text
+//! cargo run --release -p muster-tests --bin muster-bench -- <mode> [options] [--json]
+//!   throughput --sidecars K --tasks N --agent instant|exec [--slots S]
+//!   latency    [--tasks N] [--agent exec|instant]
+//!   scale      --sessions S [--heartbeat-ms MS] [--restart term|kill]
+//!   backlog    --finished M [--sample N]
+//! ```
+//!
+//! Every mode starts `muster-hub init` + `serve` in a temporary directory on a
+//! free port of 127.0.0.1, drives it as an operator with the admin credential,
+//! runs sidecars from the sidecar library in this process (real redb files,
+//! real enrollment), prints one JSON object (`--json`) or a table, and removes
+//! everything it made. Each phase has a deadline; exceeding it fails the run.
+
+#[path = "muster_bench/fleet.rs"]
+mod fleet;
+#[path = "muster_bench/hub.rs"]
+mod hub;
+#[path = "muster_bench/modes.rs"]
+mod modes;
+#[path = "muster_bench/scale.rs"]
+mod scale;
+#[path = "muster_bench/util.rs"]
+mod util;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "muster-bench",
+    about = "Benchmarks a real muster hub on loopback"
+)]
+struct Cli {
+    /// Print one JSON object instead of a table.
+    #[arg(long, global = true)]
+    json: bool,
+    /// The muster-hub binary (default: next to this executable, built first under cargo).
+    #[arg(long, global = true)]
+    hub_bin: Option<PathBuf>,
+    /// Keep the temporary directory (its path is printed to stderr).
+    #[arg(long, global = true)]
+    keep: bool,
+    #[command(subcommand)]
+    mode: Mode,
+}
+
+#[derive(Subcommand)]
+enum Mode {
+    /// Many tasks through K sidecars: tasks/s, latencies, messages and bytes per task, hub CPU and memory, commits.
+    Throughput(modes::ThroughputArgs),
+    /// One task at a time through one sidecar: submit → running and → completed.
+    Latency(modes::LatencyArgs),
+    /// Many idle sessions: hub CPU and memory per session, then a restart and the time until all are back.
+    Scale(scale::ScaleArgs),
+    /// Submit → running with M finished tasks in the store against an empty store, and restart time.
+    Backlog(modes::BacklogArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("muster-bench: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let result = runtime.block_on(run(&cli));
+    // Sessions and daemons still running are cancelled with the runtime.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(2));
+    match result {
+        Ok(v) => {
+            util::print(&v, cli.json);
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("muster-bench: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn run(cli: &Cli) -> anyhow::Result<serde_json::Value> {
+    let bin = hub::hub_binary(cli.hub_bin.clone())?;
+    let tmp = tempfile::Builder::new().prefix("muster-bench-").tempdir()?;
+    let root = tmp.path().to_path_buf();
+    if cli.keep {
+        eprintln!("muster-bench: working in {}", root.display());
+    }
+    let result = tokio::select! {
+        r = async {
+            match &cli.mode {
+                Mode::Throughput(a) => modes::throughput(&bin, &root, a).await,
+                Mode::Latency(a) => modes::latency(&bin, &root, a).await,
+                Mode::Scale(a) => scale::scale(&bin, &root, a).await,
+                Mode::Backlog(a) => modes::backlog(&bin, &root, a).await,
+            }
+        } => r,
+        _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
+    };
+    // The hub child is killed on drop (kill_on_drop); the directory goes with `tmp`.
+    if cli.keep {
+        let _ = tmp.keep();
+    }
+    let mut v = result?;
+    v["machine"] = machine();
+    Ok(v)
+}
+
+/// The machine the figures come from.
+fn machine() -> serde_json::Value {
+    let cpus = std::thread::available_parallelism().map_or(0, usize::from);
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .map(|m| m.trim_start_matches([' ', '\t', ':']).to_string())
+        })
+        .unwrap_or_default();
+    serde_json::json!({ "cpus": cpus, "cpu_model": model })
+}

@@ -1,0 +1,563 @@
+//! The `throughput`, `latency` and `backlog` modes.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result, anyhow, bail};
+use bytes::Bytes;
+use futures::{SinkExt, StreamExt};
+use muster_protocol::msg::{OpRequest, OpResponse, Open, OpenBody};
+use muster_protocol::{PROTOCOL_VERSION, TaskId};
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+
+use crate::fleet::{self, Agent, Fleet, Identity};
+use crate::hub::{HubProc, Ops, Stop};
+use crate::util::{ms, num, phase, round3, submit, summary};
+
+/// How long the hub may take to answer after `serve` starts.
+const HUB_READY: Duration = Duration::from_secs(60);
+
+/// Closes the operator connections (and with them any `watch` stream), then
+/// makes the hub log one event: a hub-side watch task whose client is gone
+/// only notices when it next sends, and until then keeps a SIGTERM shutdown
+/// from finishing.
+async fn close(ops: Arc<Ops>, hub: &HubProc) {
+    match Arc::try_unwrap(ops) {
+        Ok(o) => o.close().await,
+        Err(shared) => {
+            for c in shared.conns() {
+                c.close(0u32.into(), b"bye");
+            }
+        }
+    }
+    if let Ok(o) = hub.ops(1).await {
+        let _ = o
+            .call(OpRequest::TokenCreate {
+                role: muster_protocol::msg::Role::Agent,
+                ttl_s: 1,
+            })
+            .await;
+        o.close().await;
+    }
+}
+
+// === throughput ===
+
+/// `throughput` options.
+#[derive(Debug, Clone, clap::Args)]
+pub(crate) struct ThroughputArgs {
+    /// Sidecars (full daemons in this process, each with its own redb).
+    #[arg(long, default_value_t = 64)]
+    pub(crate) sidecars: usize,
+    /// Tasks to run.
+    #[arg(long, default_value_t = 20_000)]
+    pub(crate) tasks: usize,
+    /// The runner.
+    #[arg(long, value_enum, default_value = "instant")]
+    pub(crate) agent: Agent,
+    /// Slots per sidecar.
+    #[arg(long, default_value_t = 16)]
+    pub(crate) slots: u32,
+    /// Submissions in flight at once.
+    #[arg(long, default_value_t = 1024)]
+    pub(crate) window: usize,
+    /// Operator connections the submissions share (the hub allows 64 streams on each).
+    #[arg(long, default_value_t = 16)]
+    pub(crate) connections: usize,
+}
+
+/// What one pass of tasks measured.
+struct Pass {
+    tasks: usize,
+    elapsed: Duration,
+    submit_elapsed: Duration,
+    submit_ack_ms: Vec<f64>,
+    ids: Vec<u64>,
+}
+
+/// Submits `n` tasks with `window` in flight and waits until the hub counts them finished.
+async fn run_pass(ops: &Arc<Ops>, n: usize, window: usize, limit: Duration) -> Result<Pass> {
+    let base = num(&ops.stats().await?, "finished") as u64;
+    let sem = Arc::new(tokio::sync::Semaphore::new(window.max(1)));
+    let started = Instant::now();
+    let mut set = tokio::task::JoinSet::new();
+    for i in 0..n {
+        let permit = sem.clone().acquire_owned().await?;
+        let ops = ops.clone();
+        set.spawn(async move {
+            let t = Instant::now();
+            let id = submit(&ops, format!("bench task {i}")).await;
+            drop(permit);
+            id.map(|id| (id, ms(t.elapsed())))
+        });
+    }
+    let mut ids = Vec::with_capacity(n);
+    let mut acks = Vec::with_capacity(n);
+    while let Some(r) = set.join_next().await {
+        let (id, ack) = r??;
+        ids.push(id);
+        acks.push(ack);
+    }
+    let submit_elapsed = started.elapsed();
+    // The end: the hub counts all of them finished. Polled every 5 ms.
+    let until = Instant::now() + limit;
+    loop {
+        let finished = num(&ops.stats().await?, "finished") as u64;
+        if finished >= base + n as u64 {
+            break;
+        }
+        if Instant::now() > until {
+            bail!(
+                "{} of {n} tasks finished within {} s",
+                finished - base,
+                limit.as_secs()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    Ok(Pass {
+        tasks: n,
+        elapsed: started.elapsed(),
+        submit_elapsed,
+        submit_ack_ms: acks,
+        ids,
+    })
+}
+
+/// Reads every task's record back: (states by name, submit→running ms, submit→completed ms),
+/// from the hub's own timestamps (millisecond resolution).
+async fn hub_latencies(
+    ops: &Arc<Ops>,
+    ids: &[u64],
+) -> Result<(HashMap<String, usize>, Vec<f64>, Vec<f64>)> {
+    let docs: Vec<Result<Value>> = futures::stream::iter(ids.iter().copied())
+        .map(|id| {
+            let ops = ops.clone();
+            async move { ops.call(OpRequest::TaskShow { id: TaskId(id) }).await }
+        })
+        .buffer_unordered(64)
+        .collect()
+        .await;
+    let mut states: HashMap<String, usize> = HashMap::new();
+    let (mut running, mut completed) = (Vec::new(), Vec::new());
+    for d in docs {
+        let d = d?;
+        *states
+            .entry(d["state"].as_str().unwrap_or("?").to_string())
+            .or_default() += 1;
+        let submitted = d["submitted_at"].as_f64().unwrap_or(0.0);
+        if let Some(last) = d["attempt_history"].as_array().and_then(|a| a.last()) {
+            if let Some(s) = last["started_at"].as_f64() {
+                running.push(s - submitted);
+            }
+            if let Some(e) = last["ended_at"].as_f64() {
+                completed.push(e - submitted);
+            }
+        }
+    }
+    Ok((states, running, completed))
+}
+
+/// Hub figures before and after a pass, turned into per-task and per-second rates.
+struct Snapshot {
+    stats: Value,
+    cpu: f64,
+    at: Instant,
+}
+
+impl Snapshot {
+    async fn take(hub: &HubProc, ops: &Ops) -> Result<Snapshot> {
+        Ok(Snapshot {
+            stats: ops.stats().await?,
+            cpu: hub.cpu_seconds()?,
+            at: Instant::now(),
+        })
+    }
+
+    fn delta(&self, after: &Snapshot) -> Value {
+        let d = |k: &str| num(&after.stats, k) - num(&self.stats, k);
+        let writes = |s: &Value| num(s, "mean_group_size") * num(s, "commits");
+        let finished = d("finished").max(1.0);
+        let commits = d("commits");
+        let secs = (after.at - self.at).as_secs_f64();
+        json!({
+            "finished": d("finished"),
+            "completed": d("completed"),
+            "messages_per_task": round3(d("messages") / finished),
+            "bytes_per_task": round3(d("bytes") / finished),
+            "commits": commits,
+            "commits_per_s": round3(commits / secs),
+            "mean_group_size": round3((writes(&after.stats) - writes(&self.stats)) / commits.max(1.0)),
+            "hub_mean_commit_ms_cumulative": round3(num(&after.stats, "mean_commit_ms")),
+            "hub_cpu_s": round3(after.cpu - self.cpu),
+            "hub_cpu_pct_of_one_core": round3((after.cpu - self.cpu) / secs * 100.0),
+        })
+    }
+}
+
+pub(crate) async fn throughput(bin: &Path, root: &Path, a: &ThroughputArgs) -> Result<Value> {
+    if a.tasks == 0 || a.sidecars == 0 {
+        bail!("--tasks and --sidecars must be at least 1");
+    }
+    let n = a.tasks;
+    let mut hub = HubProc::init(bin, &root.join("hub"), |c| {
+        c.limits.max_queued_tasks = c.limits.max_queued_tasks.max(n as u64);
+        c.limits.max_tasks_per_submitter = c.limits.max_tasks_per_submitter.max(n as u64);
+    })
+    .await?;
+    let ready = phase("hub start", HUB_READY, hub.start(HUB_READY)).await?;
+    let ops = Arc::new(hub.ops(a.connections).await?);
+    let mut fleet = Fleet::new();
+    let fleet_limit = Duration::from_secs(60) + Duration::from_millis(200) * a.sidecars as u32;
+    let t = Instant::now();
+    phase("enroll and start sidecars", fleet_limit, async {
+        fleet::start_fleet(
+            &ops,
+            &mut fleet,
+            &hub.addr,
+            &root.join("sidecars"),
+            a.sidecars,
+            a.slots,
+            a.agent,
+        )
+        .await?;
+        fleet::wait_available(&ops, &fleet, a.sidecars, fleet_limit).await
+    })
+    .await?;
+    let fleet_ready = t.elapsed();
+    let before = Snapshot::take(&hub, &ops).await?;
+    // At least 200 tasks/s, or fail.
+    let limit = Duration::from_secs(60) + Duration::from_millis(5) * n as u32;
+    let pass = phase("run tasks", limit, run_pass(&ops, n, a.window, limit)).await?;
+    let after = Snapshot::take(&hub, &ops).await?;
+    let peak_rss = hub.mem_kib("VmHWM")?;
+    let rss = hub.mem_kib("VmRSS")?;
+    let (states, running, completed) = phase(
+        "read task records",
+        Duration::from_secs(60) + Duration::from_millis(5) * n as u32,
+        hub_latencies(&ops, &pass.ids),
+    )
+    .await?;
+    fleet.shutdown().await?;
+    close(ops, &hub).await;
+    hub.stop(Stop::Term).await?;
+    let done = states.get("completed").copied().unwrap_or(0);
+    if done != n {
+        bail!("only {done} of {n} tasks completed: {states:?}");
+    }
+    Ok(json!({
+        "mode": "throughput",
+        "agent": a.agent.as_str(),
+        "sidecars": a.sidecars,
+        "slots": a.slots,
+        "tasks": pass.tasks,
+        "completed": done,
+        "task_states": states,
+        "elapsed_s": round3(pass.elapsed.as_secs_f64()),
+        "tasks_per_s": round3(n as f64 / pass.elapsed.as_secs_f64()),
+        "submit_elapsed_s": round3(pass.submit_elapsed.as_secs_f64()),
+        "submit_ack": summary(pass.submit_ack_ms),
+        "submit_to_running": summary(running),
+        "submit_to_completed": summary(completed),
+        "latency_source": "hub task records (submitted_at, attempt started_at/ended_at), 1 ms resolution",
+        "hub": before.delta(&after),
+        "hub_peak_rss_kib": peak_rss,
+        "hub_rss_kib": rss,
+        "hub_ready_s": round3(ready.as_secs_f64()),
+        "fleet_ready_s": round3(fleet_ready.as_secs_f64()),
+    }))
+}
+
+// === latency ===
+
+/// `latency` options.
+#[derive(Debug, Clone, clap::Args)]
+pub(crate) struct LatencyArgs {
+    /// Tasks, one at a time.
+    #[arg(long, default_value_t = 200)]
+    pub(crate) tasks: usize,
+    /// Untimed tasks first.
+    #[arg(long, default_value_t = 10)]
+    pub(crate) warmup: usize,
+    /// The runner.
+    #[arg(long, value_enum, default_value = "exec")]
+    pub(crate) agent: Agent,
+}
+
+/// A `watch` stream: (task id, state, when seen) for every task event.
+async fn watch(ops: &Ops) -> Result<mpsc::UnboundedReceiver<(u64, String, Instant)>> {
+    let (send, recv) = ops.conn().open_bi().await?;
+    let codec = || muster_protocol::frame_codec(muster_protocol::limits::FRAME_BYTES_MAX);
+    let mut wr = tokio_util::codec::FramedWrite::new(send, codec());
+    let mut rd = tokio_util::codec::FramedRead::new(recv, codec());
+    let open = Open {
+        protocol: PROTOCOL_VERSION,
+        body: OpenBody::Request(OpRequest::Watch { from: None }),
+    };
+    wr.send(Bytes::from(muster_protocol::encode(&open)?))
+        .await?;
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let _wr = wr;
+        while let Some(Ok(frame)) = rd.next().await {
+            let at = Instant::now();
+            if let Ok(OpResponse::Event { json, .. }) = muster_protocol::decode(&frame) {
+                let Ok(v) = serde_json::from_str::<Value>(&json) else {
+                    continue;
+                };
+                if v["kind"] == "task"
+                    && let (Some(id), Some(state)) = (v["id"].as_u64(), v["state"].as_str())
+                    && tx.send((id, state.to_string(), at)).is_err()
+                {
+                    return;
+                }
+            }
+        }
+    });
+    Ok(rx)
+}
+
+/// Client-side latencies of tasks run one at a time: submit sent → `running`
+/// and → `completed` events seen on `watch`, and the submit reply.
+struct Sequential {
+    ack: Vec<f64>,
+    running: Vec<f64>,
+    completed: Vec<f64>,
+    first_id: u64,
+}
+
+async fn sequential(ops: &Ops, n: usize, warmup: usize) -> Result<Sequential> {
+    let mut events = watch(ops).await?;
+    // Let the watch register before the first submit.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut seen: HashMap<u64, (Option<Instant>, Option<Instant>)> = HashMap::new();
+    let mut out = Sequential {
+        ack: Vec::new(),
+        running: Vec::new(),
+        completed: Vec::new(),
+        first_id: 0,
+    };
+    for i in 0..warmup + n {
+        let t0 = Instant::now();
+        let id = submit(ops, format!("latency task {i}")).await?;
+        let ack = t0.elapsed();
+        if i == warmup {
+            out.first_id = id;
+        }
+        let until = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some((r, Some(c))) = seen.get(&id).copied() {
+                if i >= warmup {
+                    out.ack.push(ms(ack));
+                    // An instant run may go running → completed in one commit: same instant.
+                    out.running.push(ms(r.unwrap_or(c) - t0));
+                    out.completed.push(ms(c - t0));
+                }
+                seen.remove(&id);
+                break;
+            }
+            let ev = tokio::time::timeout_at(until, events.recv())
+                .await
+                .map_err(|_| anyhow!("task {id} did not complete within 30 s"))?
+                .ok_or_else(|| anyhow!("the watch stream ended"))?;
+            let (eid, state, at) = ev;
+            let e = seen.entry(eid).or_default();
+            match state.as_str() {
+                "running" => e.0 = Some(at),
+                "completed" => e.1 = Some(at),
+                "failed" | "cancelled" => bail!("task {eid} ended {state}"),
+                _ => {}
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// One hub, one sidecar; returns (hub, ops, fleet, identity, sidecar dir).
+async fn single(
+    bin: &Path,
+    root: &Path,
+    agent: Agent,
+    tweak: impl FnOnce(&mut muster_hub::config::HubConfig),
+) -> Result<(HubProc, Arc<Ops>, Fleet, Identity, PathBuf)> {
+    let mut hub = HubProc::init(bin, &root.join("hub"), tweak).await?;
+    phase("hub start", HUB_READY, hub.start(HUB_READY)).await?;
+    let ops = Arc::new(hub.ops(1).await?);
+    let id = fleet::enroll(&ops, "bench-0").await?;
+    let dir = root.join("sidecar");
+    let mut fleet = Fleet::new();
+    fleet.spawn(&id, &hub.addr, dir.clone(), 1, agent)?;
+    phase(
+        "sidecar online",
+        Duration::from_secs(60),
+        fleet::wait_available(&ops, &fleet, 1, Duration::from_secs(60)),
+    )
+    .await?;
+    Ok((hub, ops, fleet, id, dir))
+}
+
+pub(crate) async fn latency(bin: &Path, root: &Path, a: &LatencyArgs) -> Result<Value> {
+    let (mut hub, ops, fleet, _, _) = single(bin, root, a.agent, |_| {}).await?;
+    let before = Snapshot::take(&hub, &ops).await?;
+    let limit = Duration::from_secs(60) + Duration::from_millis(100) * (a.tasks + a.warmup) as u32;
+    let s = phase("run tasks", limit, sequential(&ops, a.tasks, a.warmup)).await?;
+    let after = Snapshot::take(&hub, &ops).await?;
+    fleet.shutdown().await?;
+    close(ops, &hub).await;
+    hub.stop(Stop::Term).await?;
+    Ok(json!({
+        "mode": "latency",
+        "agent": a.agent.as_str(),
+        "tasks": a.tasks,
+        "completed": s.completed.len(),
+        "warmup": a.warmup,
+        "submit_ack": summary(s.ack),
+        "submit_to_running": summary(s.running),
+        "submit_to_completed": summary(s.completed),
+        "latency_source": "client: submit sent -> event seen on a watch stream",
+        "hub": before.delta(&after),
+    }))
+}
+
+// === backlog ===
+
+/// `backlog` options.
+#[derive(Debug, Clone, clap::Args)]
+pub(crate) struct BacklogArgs {
+    /// Finished tasks to put in the store.
+    #[arg(long, default_value_t = 100_000)]
+    pub(crate) finished: u64,
+    /// Tasks timed, one at a time, on the empty and on the full store.
+    #[arg(long, default_value_t = 200)]
+    pub(crate) sample: usize,
+    /// Untimed tasks before each sample.
+    #[arg(long, default_value_t = 10)]
+    pub(crate) warmup: usize,
+    /// The runner for the timed tasks.
+    #[arg(long, value_enum, default_value = "instant")]
+    pub(crate) agent: Agent,
+}
+
+/// Writes `m` finished tasks straight into the stopped hub's redb, each a copy
+/// (new id, new title) of the newest completed task with its attempts, through
+/// the hub's own `Store::commit`, 20,000 tasks per transaction.
+fn fill_store(hub_dir: &Path, m: u64) -> Result<(u64, u64)> {
+    use muster_hub::core::{TaskState, Write};
+    use muster_hub::store::{DB_FILE, Store};
+    let store = Store::open(&hub_dir.join(DB_FILE))?;
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    let next = store.restore(now)?.next_task_id;
+    let (template, attempts) = {
+        let reader = store.reader()?;
+        let page = reader.tasks(Some(TaskState::Completed), None, 1, None)?;
+        let t = page
+            .tasks
+            .into_iter()
+            .next()
+            .ok_or_else(|| anyhow!("no completed task to copy"))?;
+        let a = reader.attempts(t.id)?;
+        (t, a)
+    };
+    let mut id = next;
+    let end = next + m;
+    while id < end {
+        let stop = (id + 20_000).min(end);
+        let mut writes = Vec::with_capacity(((stop - id) * 2 + 1) as usize);
+        for i in id..stop {
+            let mut t = template.clone();
+            t.id = TaskId(i);
+            t.title = format!("backlog task {i}");
+            writes.push(Write::Task(t));
+            for a in &attempts {
+                let mut a = a.clone();
+                a.task = TaskId(i);
+                writes.push(Write::Attempt(a));
+            }
+        }
+        writes.push(Write::NextTaskId(stop));
+        store.commit(&writes, u64::MAX)?;
+        id = stop;
+    }
+    Ok((next, end - 1))
+}
+
+pub(crate) async fn backlog(bin: &Path, root: &Path, a: &BacklogArgs) -> Result<Value> {
+    let (mut hub, ops, fleet, id, dir) = single(bin, root, a.agent, |_| {}).await?;
+    let limit = Duration::from_secs(60) + Duration::from_millis(100) * (a.sample + a.warmup) as u32;
+    let empty = phase(
+        "sample on the empty store",
+        limit,
+        sequential(&ops, a.sample, a.warmup),
+    )
+    .await?;
+    fleet.shutdown().await?;
+    close(ops, &hub).await;
+    hub.stop(Stop::Term).await?;
+    let ready_empty = phase("hub restart (empty)", HUB_READY, hub.start(HUB_READY)).await?;
+    hub.stop(Stop::Term).await?;
+    let t = Instant::now();
+    let hub_dir = hub.dir.clone();
+    let m = a.finished;
+    let fill_limit = Duration::from_secs(120) + Duration::from_millis(1) * m as u32;
+    let (first, last) = phase("fill the store", fill_limit, async move {
+        tokio::task::spawn_blocking(move || fill_store(&hub_dir, m))
+            .await
+            .context("fill task")?
+    })
+    .await?;
+    let fill = t.elapsed();
+    let db_bytes = std::fs::metadata(hub.dir.join(muster_hub::store::DB_FILE))?.len();
+    let ready_full = phase("hub restart (full)", HUB_READY, hub.start(HUB_READY)).await?;
+    let ops = Arc::new(hub.ops(1).await?);
+    let mut fleet = Fleet::new();
+    fleet.spawn(&id, &hub.addr, dir, 1, a.agent)?;
+    phase(
+        "sidecar online again",
+        Duration::from_secs(60),
+        fleet::wait_available(&ops, &fleet, 1, Duration::from_secs(60)),
+    )
+    .await?;
+    let full = phase(
+        "sample on the full store",
+        limit,
+        sequential(&ops, a.sample, a.warmup),
+    )
+    .await?;
+    if full.first_id <= last {
+        bail!(
+            "the hub handed out task id {} after the fill up to {last}: the fill was not seen",
+            full.first_id
+        );
+    }
+    let ratio = |f: &Value, e: &Value, k: &str| {
+        round3(f[k].as_f64().unwrap_or(0.0) / e[k].as_f64().unwrap_or(1.0).max(1e-9))
+    };
+    let (e_run, f_run) = (summary(empty.running), summary(full.running));
+    let completed = empty.completed.len() + full.completed.len();
+    let (e_done, f_done) = (summary(empty.completed), summary(full.completed));
+    fleet.shutdown().await?;
+    close(ops, &hub).await;
+    hub.stop(Stop::Term).await?;
+    Ok(json!({
+        "mode": "backlog",
+        "agent": a.agent.as_str(),
+        "finished": m,
+        "filled_ids": [first, last],
+        "fill_method": "direct: copies of a real completed task and its attempts written with the hub's Store::commit while the hub is stopped, 20,000 per transaction",
+        "fill_s": round3(fill.as_secs_f64()),
+        "db_bytes": db_bytes,
+        "sample": a.sample,
+        "completed": completed,
+        "empty": { "submit_to_running": e_run, "submit_to_completed": e_done, "ready_s": round3(ready_empty.as_secs_f64()) },
+        "full": { "submit_to_running": f_run, "submit_to_completed": f_done, "ready_s": round3(ready_full.as_secs_f64()) },
+        "ratio_running_p50": ratio(&f_run, &e_run, "p50_ms"),
+        "ratio_running_p99": ratio(&f_run, &e_run, "p99_ms"),
+        "ratio_completed_p50": ratio(&f_done, &e_done, "p50_ms"),
+    }))
+}
