@@ -235,6 +235,12 @@ pub fn agents_table(v: &Value) -> String {
     for a in v["agents"].as_array().into_iter().flatten() {
         out.push_str(&agent_line(a));
     }
+    if v["truncated"] == true {
+        out.push_str(&format!(
+            "… {} agents in all ({}); `muster-hub agent show NAME` shows any one\n",
+            v["total"], v["by_state"]
+        ));
+    }
     out
 }
 

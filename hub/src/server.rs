@@ -107,6 +107,8 @@ enum ToCore {
     Scrape(oneshot::Sender<String>),
     /// `/healthz`: is the store writable?
     Health(oneshot::Sender<Result<(), String>>),
+    /// Finish the current batch, commit it, and stop.
+    Shutdown,
 }
 
 /// What `serve` needs.
@@ -369,6 +371,9 @@ impl Running {
             h.abort();
         }
         self.endpoint.close(0u32.into(), b"hub shutting down");
+        // Connection tasks (a `watch` stream, say) may still hold senders: tell the core
+        // to stop rather than waiting for every sender to go away.
+        let _ = self.to_core.send(ToCore::Shutdown).await;
         drop(self.to_core);
         let core = tokio::task::spawn_blocking(move || self.core_thread.join());
         let result = match core.await {
@@ -718,7 +723,13 @@ async fn run_watch(
     if shared.to_core.send(msg).await.is_err() {
         return;
     }
-    while let Some(ev) = rx.recv().await {
+    loop {
+        // End when the watcher goes away, not only when the next event fails to send.
+        let ev = tokio::select! {
+            ev = rx.recv() => ev,
+            _ = wr.get_mut().stopped() => return,
+        };
+        let Some(ev) = ev else { break };
         if send_frame(&mut wr, &ev).await.is_err() {
             return;
         }
@@ -915,7 +926,11 @@ fn core_loop(
     let stall_file = std::env::var_os("MUSTER_TEST_STALL_FILE").map(PathBuf::from);
     let mut batch = Vec::with_capacity(BATCH_LEN_MAX);
     let mut last_prune = Instant::now();
-    while let Some(first) = rx.blocking_recv() {
+    let mut stopping = false;
+    while !stopping {
+        let Some(first) = rx.blocking_recv() else {
+            break;
+        };
         while stall_file.as_ref().is_some_and(|f| f.exists()) {
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -1000,6 +1015,10 @@ fn core_loop(
                         let _ = tx.send(health(&store, &data_dir));
                         continue;
                     }
+                    ToCore::Shutdown => {
+                        stopping = true;
+                        continue;
+                    }
                     ToCore::Watch {
                         fingerprint,
                         tx,
@@ -1015,7 +1034,13 @@ fn core_loop(
         let out = core.take_output();
         for w in &out.writes {
             if let crate::core::Write::Event(e) = w {
-                info!(target: "muster::events", seq = e.seq, "{}", e.json);
+                // Task transitions come several per task: at debug, so a busy hub does not
+                // spend its core thread writing logs. Agents, alerts and audit at info.
+                if e.json.contains("\"kind\":\"task\"") {
+                    debug!(target: "muster::events", seq = e.seq, "{}", e.json);
+                } else {
+                    info!(target: "muster::events", seq = e.seq, "{}", e.json);
+                }
             }
         }
         let started = Instant::now();

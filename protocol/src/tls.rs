@@ -57,6 +57,10 @@ pub fn hex(bytes: &[u8]) -> String {
 
 /// Transport settings for every muster connection.
 pub fn transport() -> Arc<quinn::TransportConfig> {
+    Arc::new(transport_base())
+}
+
+fn transport_base() -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
     t.keep_alive_interval(Some(KEEP_ALIVE));
     // 15 s fits the VarInt range, so this conversion cannot fail.
@@ -69,7 +73,7 @@ pub fn transport() -> Arc<quinn::TransportConfig> {
     t.send_window(4 << 20);
     t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(64));
     t.max_concurrent_uni_streams(quinn::VarInt::from_u32(0));
-    Arc::new(t)
+    t
 }
 
 /// The hub's server config: both ALPNs; client certificates optional at the TLS layer
@@ -94,7 +98,11 @@ pub fn server_config(
         .with_single_cert(chain, key)?;
     tls.alpn_protocols = vec![ALPN_SESSION.to_vec(), ALPN_ENROLL.to_vec()];
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(QuicServerConfig::try_from(tls)?));
-    cfg.transport_config(transport());
+    // Clients keep their connections alive; one side is enough, and with thousands
+    // of idle sessions the hub's own pings would double the packets it handles.
+    let mut t = transport_base();
+    t.keep_alive_interval(None);
+    cfg.transport_config(Arc::new(t));
     Ok(cfg)
 }
 

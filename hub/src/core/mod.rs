@@ -241,6 +241,10 @@ pub struct Core {
     last_now: Millis,
 }
 
+/// Bytes of agent documents in one `agents` answer; the rest is counted, not listed
+/// (a frame is at most 1 MiB; `agent show NAME` gives any one agent).
+pub const AGENTS_REPLY_BYTES_MAX: usize = 768 * 1024;
+
 /// Default for [`Core::set_ack_delay`].
 pub const ACK_DELAY: Millis = 1000;
 
@@ -324,7 +328,9 @@ impl Core {
     /// Takes the effects accumulated since the last call. See the module docs.
     pub fn take_output(&mut self) -> Output {
         self.recent.clear();
-        std::mem::take(&mut self.out)
+        let mut out = std::mem::take(&mut self.out);
+        out.writes = last_write_wins(std::mem::take(&mut out.writes));
+        out
     }
 
     /// The identity behind a certificate fingerprint, if enrolled and not revoked.
@@ -1110,7 +1116,7 @@ impl Core {
             );
         }
         match request {
-            OpRequest::Agents => ok_json(&views::agents_json(self.agent_views(now))),
+            OpRequest::Agents => ok_json(&self.agents_reply(now)),
             OpRequest::AgentShow { name } => match self.agent_view(now, &name) {
                 Some(v) => ok_json(&v),
                 None => not_found_agent(&name),
@@ -1151,6 +1157,33 @@ impl Core {
                 op_error(OpErrorCode::Internal, "served by the shell")
             }
         }
+    }
+
+    /// The `agents` answer: counts by state for the whole fleet, and the agents
+    /// themselves up to a byte budget, so a fleet of any size fits in one frame.
+    fn agents_reply(&self, now: Millis) -> serde_json::Value {
+        let views = self.agent_views(now);
+        let total = views.len();
+        let mut by_state: std::collections::BTreeMap<String, u64> =
+            std::collections::BTreeMap::new();
+        let mut shown = Vec::new();
+        let mut bytes = 0;
+        for v in views {
+            *by_state
+                .entry(v["state"].as_str().unwrap_or("?").to_string())
+                .or_default() += 1;
+            let n = v.to_string().len();
+            if bytes + n <= AGENTS_REPLY_BYTES_MAX {
+                bytes += n;
+                shown.push(v);
+            }
+        }
+        let truncated = shown.len() < total;
+        let mut reply = views::agents_json(shown);
+        reply["total"] = total.into();
+        reply["by_state"] = serde_json::json!(by_state);
+        reply["truncated"] = truncated.into();
+        reply
     }
 
     fn agent_views(&self, now: Millis) -> Vec<serde_json::Value> {
@@ -1798,6 +1831,44 @@ fn push_audit(rec: &mut TaskRecord, now: Millis, who: &str, action: &str) {
         who: who.into(),
         action: action.into(),
     });
+}
+
+/// Keeps only the last upsert of each record (a task changes several times in a
+/// busy batch; only its final state needs writing). Events are all kept, in order.
+fn last_write_wins(writes: Vec<Write>) -> Vec<Write> {
+    #[derive(PartialEq, Eq, Hash)]
+    enum Key<'a> {
+        Task(TaskId),
+        Attempt(TaskId, Generation),
+        Agent(&'a str),
+        Identity(&'a str),
+        Token(&'a str),
+        Key(&'a str),
+        NextTaskId,
+    }
+    fn key(w: &Write) -> Option<Key<'_>> {
+        Some(match w {
+            Write::Task(t) => Key::Task(t.id),
+            Write::Attempt(a) => Key::Attempt(a.task, a.generation),
+            Write::Agent(a) => Key::Agent(&a.name),
+            Write::Identity(i) => Key::Identity(&i.fingerprint),
+            Write::Token(h, _) => Key::Token(h),
+            Write::Key(k, _) => Key::Key(k),
+            Write::NextTaskId(_) => Key::NextTaskId,
+            Write::Event(_) => return None,
+        })
+    }
+    let mut seen = HashSet::new();
+    let keep: Vec<bool> = writes
+        .iter()
+        .rev()
+        .map(|w| key(w).is_none_or(|k| seen.insert(k)))
+        .collect();
+    writes
+        .into_iter()
+        .zip(keep.into_iter().rev())
+        .filter_map(|(w, k)| k.then_some(w))
+        .collect()
 }
 
 /// "42 s" or "31 min", for alert messages.

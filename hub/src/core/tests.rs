@@ -2810,3 +2810,76 @@ fn a_requeued_dependency_still_releases_its_dependants() {
         "a completed again: b runs"
     );
 }
+
+#[test]
+fn the_agents_answer_stays_bounded_for_a_large_fleet_and_counts_everyone() {
+    let mut h = H::new();
+    for i in 0..3000u64 {
+        let _ = h.connect(
+            i + 1,
+            &format!("agent-{i:05}"),
+            &["a-capability-with-a-long-name"],
+            4,
+        );
+    }
+    let (resp, _) = h.op(ADMIN, OpRequest::Agents);
+    let OpResponse::Ok { json } = &resp else {
+        panic!("expected Ok")
+    };
+    assert!(
+        json.len() <= super::AGENTS_REPLY_BYTES_MAX + 4096,
+        "{} bytes",
+        json.len()
+    );
+    let v: Value = serde_json::from_str(json).expect("json");
+    assert_eq!(v["total"], 3000);
+    assert_eq!(v["by_state"]["online"], 3000);
+    let listed = v["agents"].as_array().expect("agents").len();
+    assert_eq!(v["truncated"], listed < 3000);
+}
+
+#[test]
+fn a_batch_writes_each_record_once_in_its_final_state_and_keeps_every_event() {
+    let mut h = H::new();
+    let (c, _) = h.connect(1, "a", &[], 1);
+    let (t, _) = h.submit(req("t"));
+    let mk = |id: u64, body: ReportBody| Input::Session {
+        conn: c,
+        msg: SessionMsg::Report(Report {
+            id: ReportId(id),
+            task: t,
+            generation: Generation(1),
+            body,
+        }),
+    };
+    let out = h.batch(vec![
+        mk(1, ReportBody::Accepted),
+        mk(
+            2,
+            ReportBody::Started {
+                pid: None,
+                session: None,
+            },
+        ),
+        mk(
+            3,
+            ReportBody::Finished {
+                outcome: Outcome::Completed,
+                result: None,
+                error: None,
+            },
+        ),
+    ]);
+    let tasks = task_writes(&out, t);
+    assert_eq!(tasks.len(), 1, "one write of the task per batch");
+    assert_eq!(tasks[0].state, TaskState::Completed, "its final state");
+    let events = out
+        .writes
+        .iter()
+        .filter(|w| matches!(w, Write::Event(_)))
+        .count();
+    assert!(
+        events >= 3,
+        "every transition is still in the event log ({events})"
+    );
+}
