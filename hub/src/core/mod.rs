@@ -1843,7 +1843,7 @@ fn last_write_wins(writes: Vec<Write>) -> Vec<Write> {
         Agent(&'a str),
         Identity(&'a str),
         Token(&'a str),
-        IdempotencyKey(&'a str),
+        Idempotency(&'a str),
         NextTaskId,
     }
     fn key(w: &Write) -> Option<Key<'_>> {
@@ -1853,7 +1853,7 @@ fn last_write_wins(writes: Vec<Write>) -> Vec<Write> {
             Write::Agent(a) => Key::Agent(&a.name),
             Write::Identity(i) => Key::Identity(&i.fingerprint),
             Write::Token(h, _) => Key::Token(h),
-            Write::Key(k, _) => Key::IdempotencyKey(k),
+            Write::Key(k, _) => Key::Idempotency(k),
             Write::NextTaskId(_) => Key::NextTaskId,
             Write::Event(_) => return None,
         })
