@@ -978,8 +978,9 @@ fn core_loop(
                             queries.push((fingerprint, request, reply));
                             continue;
                         }
-                        let token_secret =
-                            matches!(request, OpRequest::TokenCreate { .. }).then(new_secret);
+                        let token_secret = matches!(request, OpRequest::TokenCreate { .. })
+                            .then(new_secret)
+                            .flatten();
                         next_reply += 1;
                         pending.insert(next_reply, Pending::Op(reply));
                         Input::Op {
@@ -1180,16 +1181,18 @@ fn watchdog_interval() -> Option<Duration> {
     sd_notify::watchdog_enabled()
 }
 
-fn new_secret() -> (String, String) {
+/// A fresh token secret and its hash; `None` if the system RNG fails, which the
+/// core answers with an error rather than a weak secret.
+fn new_secret() -> Option<(String, String)> {
     use ring::rand::SecureRandom;
     let mut bytes = [0u8; 32];
-    // The system RNG failing is unrecoverable for a PKI; an all-zero secret is never used.
     if ring::rand::SystemRandom::new().fill(&mut bytes).is_err() {
-        panic!("the system random number generator failed");
+        warn!("the system random number generator failed; no token created");
+        return None;
     }
     let secret = muster_protocol::tls::hex(&bytes);
     let hash = muster_protocol::tls::fingerprint(secret.as_bytes());
-    (secret, hash)
+    Some((secret, hash))
 }
 
 fn add_shell_stats(resp: &mut OpResponse, metrics: &Metrics, core: &Core) {

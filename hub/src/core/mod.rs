@@ -1126,7 +1126,10 @@ impl Core {
             OpRequest::AgentUndrain { name } => self.drain(now, &name, false, &who.name),
             OpRequest::TokenCreate { role, ttl_s } => {
                 let Some((secret, hash)) = token_secret else {
-                    return op_error(OpErrorCode::Internal, "token secret missing");
+                    return op_error(
+                        OpErrorCode::Internal,
+                        "the hub could not draw a random secret (system RNG failed); see its log and try again",
+                    );
                 };
                 let rec = TokenRecord {
                     role,
