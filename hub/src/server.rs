@@ -786,7 +786,6 @@ async fn enroll(frame: &[u8], shared: &Shared) -> EnrollResponse {
         Ok(c) => c,
         Err(e) => return bad(format!("certificate signing request: {e}")),
     };
-    let _ = cert_key_fingerprint;
     let secret_hash = muster_protocol::tls::fingerprint(req.secret.as_bytes());
     let (tx, rx) = oneshot::channel();
     let msg = ToCore::Enroll {

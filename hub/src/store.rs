@@ -501,7 +501,11 @@ impl Reader {
 
 impl Archive for Reader {
     fn task(&self, id: TaskId) -> Option<TaskRecord> {
-        Reader::task(self, id).ok().flatten()
+        // The core can only hear "not found"; the cause of a failed read is logged here.
+        Reader::task(self, id).unwrap_or_else(|e| {
+            tracing::warn!(task = %id, "reading a finished task: {e}");
+            None
+        })
     }
 }
 

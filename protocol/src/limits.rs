@@ -24,5 +24,29 @@ pub const HELD_TASKS_MAX: usize = 1024;
 /// Largest page `tasks --limit` returns.
 pub const PAGE_LEN_MAX: u32 = 1000;
 
+/// Cuts `s` to at most `max` bytes at a character boundary, so bounded text stays valid UTF-8.
+pub fn truncate_utf8(mut s: String, max: usize) -> String {
+    if s.len() > max {
+        let mut cut = max;
+        while !s.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        s.truncate(cut);
+    }
+    s
+}
+
 const _: () =
     assert!(DESCRIPTION_BYTES_MAX + RESULT_BYTES_MAX + 4 * TAIL_BYTES_MAX < FRAME_BYTES_MAX);
+
+#[cfg(test)]
+mod tests {
+    use super::truncate_utf8;
+
+    #[test]
+    fn truncation_keeps_whole_characters() {
+        assert_eq!(truncate_utf8("héllo".into(), 2), "h");
+        assert_eq!(truncate_utf8("héllo".into(), 3), "hé");
+        assert_eq!(truncate_utf8("abc".into(), 10), "abc");
+    }
+}

@@ -8,6 +8,7 @@
 
 use std::collections::BTreeMap;
 
+use muster_protocol::limits::truncate_utf8;
 use muster_protocol::msg::{
     Assign, Failure, HeldTask, HubMsg, Outcome, Phase, Report, ReportBody, SessionMsg, TaskSpec,
 };
@@ -355,16 +356,7 @@ impl Core {
         error: Option<Failure>,
     ) {
         self.set_phase(task, Phase::Finished);
-        let result = result.map(|mut r| {
-            if r.len() > self.max_result_bytes {
-                let mut cut = self.max_result_bytes;
-                while !r.is_char_boundary(cut) {
-                    cut -= 1;
-                }
-                r.truncate(cut);
-            }
-            r
-        });
+        let result = result.map(|r| truncate_utf8(r, self.max_result_bytes));
         self.report(
             task,
             generation,
@@ -415,15 +407,7 @@ impl Core {
                 Ok(format!("task {task} started"))
             }
             AgentCmd::Progress { message, .. } => {
-                let mut note = message;
-                let max = muster_protocol::limits::NOTE_BYTES_MAX;
-                if note.len() > max {
-                    let mut cut = max;
-                    while !note.is_char_boundary(cut) {
-                        cut -= 1;
-                    }
-                    note.truncate(cut);
-                }
+                let note = truncate_utf8(message, muster_protocol::limits::NOTE_BYTES_MAX);
                 self.report(task, generation, ReportBody::Progress { note });
                 Ok(format!("progress recorded for task {task}"))
             }

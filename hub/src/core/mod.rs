@@ -17,6 +17,7 @@ pub mod views;
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 
+use muster_protocol::limits::truncate_utf8;
 use muster_protocol::msg::{
     Assign, EnrollRefusal, Failure, HeldTask, Hello, HubMsg, OpError, OpErrorCode, OpRequest,
     OpResponse, Outcome, Phase, Refused, Report, ReportBody, ReportKind, Role, SessionMsg,
@@ -686,7 +687,7 @@ impl Core {
             ReportBody::Progress { note } => {
                 live.rec.progress_at = Some(now);
                 live.rec.progress_note =
-                    Some(truncate(note, muster_protocol::limits::NOTE_BYTES_MAX));
+                    Some(truncate_utf8(note, muster_protocol::limits::NOTE_BYTES_MAX));
                 live.rec.updated_at = now;
                 let rec = live.rec.clone();
                 self.out.writes.push(Write::Task(rec));
@@ -697,7 +698,7 @@ impl Core {
                 error,
             } => {
                 live.rec.result =
-                    result.map(|r| truncate(r, self.limits.max_result_bytes as usize));
+                    result.map(|r| truncate_utf8(r, self.limits.max_result_bytes as usize));
                 let no_retry = error.as_ref().is_some_and(|e| e.no_retry);
                 self.end_attempt(now, id, outcome, error, no_retry);
             }
@@ -1903,17 +1904,6 @@ fn failure(reason: &str) -> Failure {
         reason: reason.into(),
         ..Failure::default()
     }
-}
-
-fn truncate(mut s: String, max: usize) -> String {
-    if s.len() > max {
-        let mut cut = max;
-        while !s.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        s.truncate(cut);
-    }
-    s
 }
 
 fn ok_json(v: &serde_json::Value) -> OpResponse {
