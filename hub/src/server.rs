@@ -821,7 +821,8 @@ struct Watcher {
 }
 
 enum Pending {
-    Op(oneshot::Sender<OpResponse>),
+    /// An operator's answer; `true` for `stats`, which the shell adds its own figures to.
+    Op(oneshot::Sender<OpResponse>, bool),
     Enroll(oneshot::Sender<EnrollResponse>),
 }
 
@@ -981,7 +982,8 @@ fn core_loop(
                             .then(new_secret)
                             .flatten();
                         next_reply += 1;
-                        pending.insert(next_reply, Pending::Op(reply));
+                        let stats = matches!(request, OpRequest::Stats);
+                        pending.insert(next_reply, Pending::Op(reply, stats));
                         Input::Op {
                             fingerprint,
                             request,
@@ -1073,8 +1075,10 @@ fn core_loop(
         }
         for (id, reply) in out.replies {
             match (pending.remove(&id.0), reply) {
-                (Some(Pending::Op(tx)), Reply::Op(mut r)) => {
-                    add_shell_stats(&mut r, &metrics, &core);
+                (Some(Pending::Op(tx, stats)), Reply::Op(mut r)) => {
+                    if stats {
+                        add_shell_stats(&mut r, &metrics, &core);
+                    }
                     let _ = tx.send(r);
                 }
                 (Some(Pending::Enroll(tx)), Reply::Enroll(r)) => {

@@ -17,7 +17,9 @@
 //! Values are bincode ([`muster_protocol::encode`]). Every batch of core
 //! writes is one durable transaction ([`Store::commit`]): the group commit.
 
+use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Mutex;
 
 use muster_protocol::{TaskId, decode, encode};
 use redb::{
@@ -94,6 +96,9 @@ db_err!(
 /// The hub's redb database.
 pub struct Store {
     db: Database,
+    /// The committed state of the unfinished tasks this process has written, so a
+    /// commit can move their index entries without reading and decoding the old record.
+    live_states: Mutex<HashMap<u64, TaskState>>,
 }
 
 fn enc<T: Serialize>(v: &T) -> Vec<u8> {
@@ -119,7 +124,10 @@ impl Store {
     /// [`StoreError`] when the file cannot be opened or is from a newer build.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
         let db = Database::builder().create(path)?;
-        let store = Store { db };
+        let store = Store {
+            db,
+            live_states: Mutex::new(HashMap::new()),
+        };
         store.init_schema()?;
         Ok(store)
     }
@@ -162,6 +170,12 @@ impl Store {
         }
         let mut tx = self.db.begin_write()?;
         tx.set_durability(Durability::Immediate)?;
+        let mut live_states = self
+            .live_states
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // Applied to `live_states` only once the transaction has committed.
+        let mut states: Vec<(u64, TaskState)> = Vec::new();
         {
             let mut tasks = tx.open_table(TASKS)?;
             let mut live = tx.open_table(LIVE)?;
@@ -178,26 +192,33 @@ impl Store {
             for w in writes {
                 match w {
                     Write::Task(t) => {
-                        let old = tasks
-                            .get(t.id.0)?
-                            .map(|v| dec::<TaskRecord>("tasks", v.value()))
-                            .transpose()?;
-                        if let Some(old) = old {
-                            by_state.remove((state_code(old.state), t.id.0))?;
-                            if old.state.is_terminal() {
-                                finished.remove((old.updated_at, t.id.0))?;
+                        let id = t.id.0;
+                        // (state, finished at) of what is stored now, if anything.
+                        let old = match live_states.get(&id) {
+                            Some(state) => Some((*state, 0)),
+                            None => tasks
+                                .get(id)?
+                                .map(|v| dec::<TaskRecord>("tasks", v.value()))
+                                .transpose()?
+                                .map(|old| (old.state, old.updated_at)),
+                        };
+                        if let Some((state, updated_at)) = old {
+                            by_state.remove((state_code(state), id))?;
+                            if state.is_terminal() {
+                                finished.remove((updated_at, id))?;
                             }
                         }
                         if t.state.is_terminal() {
-                            finished.insert((t.updated_at, t.id.0), ())?;
+                            finished.insert((t.updated_at, id), ())?;
                         }
-                        by_state.insert((state_code(t.state), t.id.0), ())?;
+                        by_state.insert((state_code(t.state), id), ())?;
                         if t.state.is_terminal() {
-                            live.remove(t.id.0)?;
+                            live.remove(id)?;
                         } else {
-                            live.insert(t.id.0, ())?;
+                            live.insert(id, ())?;
                         }
-                        tasks.insert(t.id.0, enc(t).as_slice())?;
+                        tasks.insert(id, enc(t).as_slice())?;
+                        states.push((id, t.state));
                     }
                     Write::Attempt(a) => {
                         attempts.insert((a.task.0, a.generation.0), enc(a).as_slice())?;
@@ -232,6 +253,13 @@ impl Store {
             }
         }
         tx.commit()?;
+        for (id, state) in states {
+            if state.is_terminal() {
+                live_states.remove(&id);
+            } else {
+                live_states.insert(id, state);
+            }
+        }
         Ok(())
     }
 
@@ -598,5 +626,53 @@ mod tests {
             store.restore(0).expect("restore").keys.is_empty(),
             "its key is gone too"
         );
+    }
+
+    /// Each task is listed under exactly one state, whether its old index entry came
+    /// from the in-memory cache of committed states or from reading the record back
+    /// (a fresh process, a finished task requeued).
+    #[test]
+    fn each_task_is_indexed_under_exactly_its_current_state() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join(DB_FILE);
+        let listed = |store: &Store| -> Vec<(TaskState, Vec<u64>)> {
+            let reader = store.reader().expect("reader");
+            TaskState::ALL
+                .iter()
+                .map(|s| {
+                    let page = reader.tasks(Some(*s), None, 100, None).expect("page");
+                    (*s, page.tasks.iter().map(|t| t.id.0).collect())
+                })
+                .filter(|(_, ids): &(TaskState, Vec<u64>)| !ids.is_empty())
+                .collect()
+        };
+        let store = Store::open(&path).expect("open");
+        let steps = [
+            (TaskState::Queued, 100),
+            (TaskState::Assigned, 110),
+            (TaskState::Running, 120),
+        ];
+        for (state, at) in steps {
+            store
+                .commit(&[Write::Task(task(7, state, at, None))], 1000)
+                .expect("commit");
+            assert_eq!(listed(&store), vec![(state, vec![7])]);
+        }
+        drop(store);
+        // A new process knows nothing of what was committed: it reads the record back.
+        let store = Store::open(&path).expect("reopen");
+        for (state, at) in [
+            (TaskState::Completed, 130),
+            (TaskState::Queued, 140),
+            (TaskState::Running, 150),
+            (TaskState::Failed, 160),
+        ] {
+            store
+                .commit(&[Write::Task(task(7, state, at, None))], 1000)
+                .expect("commit");
+            assert_eq!(listed(&store), vec![(state, vec![7])], "after {state:?}");
+        }
+        let pruned = store.prune(1_000, 10).expect("prune");
+        assert_eq!(pruned, vec![TaskId(7)], "one finished-index entry, the last");
     }
 }

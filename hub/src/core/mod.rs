@@ -225,6 +225,9 @@ pub struct Core {
     waiting_on: HashMap<TaskId, BTreeSet<TaskId>>,
     /// Terminal within the current batch, not yet readable from the archive.
     recent: HashMap<TaskId, TaskRecord>,
+    /// Tasks changed since the last output, in first-change order.
+    dirty: Vec<TaskId>,
+    dirty_set: HashSet<TaskId>,
     counters: Counters,
     out: Output,
     dirty_schedule: bool,
@@ -292,6 +295,8 @@ impl Core {
             keys: restored.keys.into_iter().collect(),
             waiting_on: HashMap::new(),
             recent: HashMap::new(),
+            dirty: Vec::new(),
+            dirty_set: HashSet::new(),
             counters: Counters::default(),
             out: Output::default(),
             dirty_schedule: true,
@@ -328,10 +333,31 @@ impl Core {
 
     /// Takes the effects accumulated since the last call. See the module docs.
     pub fn take_output(&mut self) -> Output {
+        // Each changed task is written once, in its final state: a task changes
+        // several times in a busy batch, and cloning it at every change was a
+        // large share of the core thread's time.
+        self.dirty_set.clear();
+        for id in std::mem::take(&mut self.dirty) {
+            let rec = self
+                .tasks
+                .get(&id)
+                .map(|l| &l.rec)
+                .or_else(|| self.recent.get(&id));
+            if let Some(rec) = rec {
+                self.out.writes.push(Write::Task(rec.clone()));
+            }
+        }
         self.recent.clear();
         let mut out = std::mem::take(&mut self.out);
         out.writes = last_write_wins(std::mem::take(&mut out.writes));
         out
+    }
+
+    /// Marks a task (live, or ended in this batch) to be written at [`Core::take_output`].
+    fn touch(&mut self, id: TaskId) {
+        if self.dirty_set.insert(id) {
+            self.dirty.push(id);
+        }
     }
 
     /// The identity behind a certificate fingerprint, if enrolled and not revoked.
@@ -689,8 +715,7 @@ impl Core {
                 live.rec.progress_note =
                     Some(truncate_utf8(note, muster_protocol::limits::NOTE_BYTES_MAX));
                 live.rec.updated_at = now;
-                let rec = live.rec.clone();
-                self.out.writes.push(Write::Task(rec));
+                self.touch(id);
             }
             ReportBody::Finished {
                 outcome,
@@ -790,18 +815,20 @@ impl Core {
             self.sched.insert(&live.rec, live.retried);
             self.dirty_schedule = true;
         }
-        self.out.writes.push(Write::Task(live.rec.clone()));
         if let Some(a) = &live.attempt {
             self.out.writes.push(Write::Attempt(a.clone()));
         }
         let json = views::task_event_json(&live.rec, from, why);
-        let (title, reason) = (live.rec.title.clone(), live.rec.reason.clone());
+        let failed = (to == TaskState::Failed).then(|| {
+            format!(
+                "task {id} ({}) failed for good: {}",
+                live.rec.title,
+                live.rec.reason.as_deref().unwrap_or_default()
+            )
+        });
+        self.touch(id);
         self.push_event(now, json);
-        if to == TaskState::Failed {
-            let msg = format!(
-                "task {id} ({title}) failed for good: {}",
-                reason.unwrap_or_default()
-            );
+        if let Some(msg) = failed {
             self.alert_raise(now, "task_failed", &id.to_string(), msg);
         }
         if to == TaskState::Completed {
@@ -1434,15 +1461,15 @@ impl Core {
             self.keys.insert(key.clone(), id);
             self.out.writes.push(Write::Key(key, id));
         }
-        let view = views::task_json(&rec);
-        self.out.writes.push(Write::Task(rec.clone()));
+        let view = views::task_json_string(&rec);
         self.push_event(
             now,
             views::task_event_json(&rec, rec.state, &format!("submitted by {who}")),
         );
         self.insert_live(rec, None);
+        self.touch(id);
         self.dirty_schedule = true;
-        ok_json(&view)
+        OpResponse::Ok { json: view }
     }
 
     fn validate_submit(&self, req: &SubmitRequest) -> Result<(), String> {
@@ -1538,7 +1565,6 @@ impl Core {
         rec.updated_at = now;
         push_audit(&mut rec, now, who, "requeue");
         self.alert_clear("task_failed", &id.to_string());
-        self.out.writes.push(Write::Task(rec.clone()));
         self.push_event(
             now,
             views::task_event_json(&rec, rec.state, &format!("requeued by {who}")),
@@ -1546,6 +1572,7 @@ impl Core {
         self.audit_event(now, who, "task_requeue", &id.to_string());
         let view = views::task_json(&rec);
         self.insert_live(rec, None);
+        self.touch(id);
         // Tasks still blocked on it must hear when it ends again.
         let dependants: Vec<TaskId> = self
             .tasks

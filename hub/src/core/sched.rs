@@ -161,7 +161,6 @@ impl Core {
             return;
         };
         live.rec.updated_at = now;
-        self.out.writes.push(super::Write::Task(live.rec.clone()));
         if let Some(a) = &live.attempt {
             self.out.writes.push(super::Write::Attempt(a.clone()));
         }
@@ -170,6 +169,7 @@ impl Core {
             TaskState::Queued,
             &format!("assigned to {agent}"),
         );
+        self.touch(id);
         self.push_event(now, json);
     }
 }

@@ -1,34 +1,87 @@
 //! JSON documents the CLI prints, with stable field names.
 
+use serde::Serialize;
 use serde_json::{Value, json};
 
 use super::{AgentRecord, AttemptRecord, Millis, TaskRecord, TaskState};
 
 /// A task as `tasks --json` and `task show --json` print it.
 pub fn task_json(t: &TaskRecord) -> Value {
-    json!({
-        "id": t.id.0,
-        "title": t.title,
-        "description": t.description,
-        "state": t.state.as_str(),
-        "priority": t.priority,
-        "capabilities": t.capabilities,
-        "generation": t.generation.0,
-        "attempts": t.attempts,
-        "max_attempts": t.max_attempts,
-        "agent": t.agent,
-        "after": t.after.iter().map(|d| d.0).collect::<Vec<_>>(),
-        "key": t.key,
-        "timeout_ms": t.timeout_ms,
-        "not_before": t.not_before,
-        "submitted_at": t.submitted_at,
-        "updated_at": t.updated_at,
-        "progress_at": t.progress_at,
-        "progress_note": t.progress_note,
-        "result": t.result,
-        "reason": t.reason,
-        "audit": t.audit.iter().map(|a| json!({"at": a.at, "who": a.who, "action": a.action})).collect::<Vec<_>>(),
-    })
+    serde_json::to_value(TaskView::of(t)).unwrap_or_default()
+}
+
+/// [`task_json`] as text, without building the `Value` first (the submit answer).
+pub fn task_json_string(t: &TaskRecord) -> String {
+    serde_json::to_string(&TaskView::of(t)).unwrap_or_default()
+}
+
+/// The fields of [`task_json`], borrowed; keys in alphabetical order, as `json!` printed them.
+#[derive(Serialize)]
+struct TaskView<'a> {
+    after: Vec<u64>,
+    agent: &'a Option<String>,
+    attempts: u32,
+    audit: Vec<AuditView<'a>>,
+    capabilities: &'a [String],
+    description: &'a str,
+    generation: u64,
+    id: u64,
+    key: &'a Option<String>,
+    max_attempts: u32,
+    not_before: Option<Millis>,
+    priority: i32,
+    progress_at: Option<Millis>,
+    progress_note: &'a Option<String>,
+    reason: &'a Option<String>,
+    result: &'a Option<String>,
+    state: &'static str,
+    submitted_at: Millis,
+    timeout_ms: Option<u64>,
+    title: &'a str,
+    updated_at: Millis,
+}
+
+#[derive(Serialize)]
+struct AuditView<'a> {
+    action: &'a str,
+    at: Millis,
+    who: &'a str,
+}
+
+impl<'a> TaskView<'a> {
+    fn of(t: &'a TaskRecord) -> Self {
+        TaskView {
+            after: t.after.iter().map(|d| d.0).collect(),
+            agent: &t.agent,
+            attempts: t.attempts,
+            audit: t
+                .audit
+                .iter()
+                .map(|a| AuditView {
+                    action: &a.action,
+                    at: a.at,
+                    who: &a.who,
+                })
+                .collect(),
+            capabilities: &t.capabilities,
+            description: &t.description,
+            generation: t.generation.0,
+            id: t.id.0,
+            key: &t.key,
+            max_attempts: t.max_attempts,
+            not_before: t.not_before,
+            priority: t.priority,
+            progress_at: t.progress_at,
+            progress_note: &t.progress_note,
+            reason: &t.reason,
+            result: &t.result,
+            state: t.state.as_str(),
+            submitted_at: t.submitted_at,
+            timeout_ms: t.timeout_ms,
+            title: &t.title,
+            updated_at: t.updated_at,
+        }
+    }
 }
 
 /// An attempt as `task show --json` prints it.
@@ -56,18 +109,33 @@ pub fn attempt_json(a: &AttemptRecord) -> Value {
 }
 
 /// A task state change for the event log and `watch`.
+///
+/// Written once per transition on the core thread, so it is serialized straight
+/// from borrowed fields (no intermediate `Value` map); keys stay in the
+/// alphabetical order `json!` printed before.
 pub fn task_event_json(t: &TaskRecord, from: TaskState, why: &str) -> String {
-    json!({
-        "kind": "task",
-        "id": t.id.0,
-        "title": t.title,
-        "from": from.as_str(),
-        "state": t.state.as_str(),
-        "generation": t.generation.0,
-        "agent": t.agent,
-        "why": why,
+    #[derive(Serialize)]
+    struct TaskEvent<'a> {
+        agent: Option<&'a str>,
+        from: &'static str,
+        generation: u64,
+        id: u64,
+        kind: &'static str,
+        state: &'static str,
+        title: &'a str,
+        why: &'a str,
+    }
+    serde_json::to_string(&TaskEvent {
+        agent: t.agent.as_deref(),
+        from: from.as_str(),
+        generation: t.generation.0,
+        id: t.id.0,
+        kind: "task",
+        state: t.state.as_str(),
+        title: &t.title,
+        why,
     })
-    .to_string()
+    .unwrap_or_default()
 }
 
 /// An agent as `agents --json` and `agent show --json` print it.
