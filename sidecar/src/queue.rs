@@ -137,7 +137,19 @@ impl Queue {
             return Ok(());
         }
         let mut tx = self.db.begin_write()?;
-        tx.set_durability(Durability::Immediate)?;
+        // A batch that only forgets (acknowledged reports, finished or dropped tasks)
+        // need not reach the disk before anything else happens: if it is lost in a
+        // crash, the restarted sidecar replays reports the hub already has and offers
+        // tasks it already ended, and the hub answers both as repeats. Such batches
+        // ride on the next durable commit; it saves one flush per acknowledgement.
+        let forget_only = effects
+            .iter()
+            .all(|e| matches!(e, Effect::DeleteReport(_) | Effect::DeleteTask(_)) || !e.is_store());
+        tx.set_durability(if forget_only {
+            Durability::None
+        } else {
+            Durability::Immediate
+        })?;
         {
             let mut tasks = tx.open_table(TASKS)?;
             let mut outbox = tx.open_table(OUTBOX)?;
