@@ -673,6 +673,10 @@ mod tests {
             assert_eq!(listed(&store), vec![(state, vec![7])], "after {state:?}");
         }
         let pruned = store.prune(1_000, 10).expect("prune");
-        assert_eq!(pruned, vec![TaskId(7)], "one finished-index entry, the last");
+        assert_eq!(
+            pruned,
+            vec![TaskId(7)],
+            "one finished-index entry, the last"
+        );
     }
 }

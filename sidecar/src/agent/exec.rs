@@ -60,33 +60,38 @@ pub(super) async fn run(mut at: Attempt) {
         Ok(Err(reason)) => return fail_to_start(at, reason, argv).await,
         Err(e) => return fail_to_start(at, format!("the spawn task failed: {e}"), argv).await,
     };
-    at.spawned(RunHandle {
+    let handle = RunHandle {
         pid: Some(pid),
         session: None,
         run_dir: at.launch.run_dir().to_owned(),
         mode: RunMode::Exec,
         start_ticks,
-    })
-    .await;
-
+    };
     let settle = at.config().settle;
-    let early = match at.or_ctl(timeout(settle, child.wait())).await {
-        Wait::Done(Ok(status)) => Some(status),
-        Wait::Done(Err(_elapsed)) => None,
-        Wait::Stop => return stop(at, Some(child), pid, argv).await,
-        Wait::Forget => return,
+    let early = if settle.is_zero() {
+        // Spawned counts as started: one event pair, usually one commit.
+        at.spawned_and_started(handle, Some(pid)).await;
+        None
+    } else {
+        at.spawned(handle).await;
+        match at.or_ctl(timeout(settle, child.wait())).await {
+            Wait::Done(Ok(status)) => Some(status),
+            Wait::Done(Err(_elapsed)) => {
+                at.started(Some(pid)).await;
+                None
+            }
+            Wait::Stop => return stop(at, Some(child), pid, argv).await,
+            Wait::Forget => return,
+        }
     };
     let exited_early = early.is_some();
     let status = match early {
         Some(status) => status,
-        None => {
-            at.started(Some(pid)).await;
-            match at.or_ctl(child.wait()).await {
-                Wait::Done(status) => status,
-                Wait::Stop => return stop(at, Some(child), pid, argv).await,
-                Wait::Forget => return,
-            }
-        }
+        None => match at.or_ctl(child.wait()).await {
+            Wait::Done(status) => status,
+            Wait::Stop => return stop(at, Some(child), pid, argv).await,
+            Wait::Forget => return,
+        },
     };
     let exit = match status {
         Ok(status) => Exit::from_wrapper(status),

@@ -405,6 +405,31 @@ impl Attempt {
         .await;
     }
 
+    /// `Spawned` then `Started` at once (exec with no settle time): both go into the
+    /// channel back to back, so the sidecar usually persists them in one commit.
+    async fn spawned_and_started(&self, handle: RunHandle, pid: Option<u32>) {
+        let Ok(mut permits) = self.events.reserve_many(2).await else {
+            tracing::debug!(task = self.run.task.0, "event receiver gone");
+            return;
+        };
+        let (task, generation) = (self.run.task, self.run.generation);
+        if let Some(p) = permits.next() {
+            p.send(RunEvent::Spawned {
+                task,
+                generation,
+                handle,
+            });
+        }
+        if let Some(p) = permits.next() {
+            p.send(RunEvent::Started {
+                task,
+                generation,
+                pid,
+                session: None,
+            });
+        }
+    }
+
     async fn started(&self, pid: Option<u32>) {
         self.emit(RunEvent::Started {
             task: self.run.task,
