@@ -37,8 +37,8 @@ pub struct LocalTask {
 pub enum Effect {
     /// Persist a task.
     PutTask(LocalTask),
-    /// Forget a task.
-    DeleteTask(TaskId),
+    /// Forget a task; the shell also removes that attempt's run directory.
+    DeleteTask(TaskId, Generation),
     /// Persist a report in the outbox.
     PutReport(Report),
     /// Drop an acknowledged or obsolete report.
@@ -61,7 +61,7 @@ impl Effect {
         matches!(
             self,
             Effect::PutTask(_)
-                | Effect::DeleteTask(_)
+                | Effect::DeleteTask(..)
                 | Effect::PutReport(_)
                 | Effect::DeleteReport(_)
                 | Effect::NextReport(_)
@@ -237,7 +237,7 @@ impl Core {
             self.effects.push(Effect::StopRun(task, generation));
         }
         self.tasks.remove(&task);
-        self.effects.push(Effect::DeleteTask(task));
+        self.effects.push(Effect::DeleteTask(task, generation));
         // Reports about a superseded attempt are obsolete.
         let obsolete: Vec<ReportId> = self
             .outbox
@@ -265,11 +265,12 @@ impl Core {
             let done = self
                 .tasks
                 .get(&task)
-                .is_some_and(|t| t.phase == Phase::Finished)
-                && !self.outbox.values().any(|r| r.task == task);
-            if done {
+                .filter(|t| t.phase == Phase::Finished)
+                .map(|t| t.generation)
+                .filter(|_| !self.outbox.values().any(|r| r.task == task));
+            if let Some(generation) = done {
                 self.tasks.remove(&task);
-                self.effects.push(Effect::DeleteTask(task));
+                self.effects.push(Effect::DeleteTask(task, generation));
             }
         }
     }
@@ -557,7 +558,7 @@ mod tests {
         assert_eq!(c.outbox().count(), 3);
         c.handle_hub(HubMsg::Ack { upto: ReportId(3) });
         let e = c.take_effects();
-        assert!(e.contains(&Effect::DeleteTask(TaskId(1))));
+        assert!(e.contains(&Effect::DeleteTask(TaskId(1), Generation(1))));
         assert_eq!(c.outbox().count(), 0);
         assert!(c.held().is_empty());
     }

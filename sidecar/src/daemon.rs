@@ -460,14 +460,21 @@ impl Daemon {
             generation,
             agent: self.cfg.name.clone(),
             spec,
-            run_dir: self
-                .cfg
-                .data_dir
-                .join("runs")
-                .join(format!("{task}-{generation}")),
+            run_dir: self.run_dir(task, generation),
             socket: self.socket_path.clone(),
             probe_interval: self.interval,
         }
+    }
+
+    fn run_dir(
+        &self,
+        task: muster_protocol::TaskId,
+        generation: muster_protocol::Generation,
+    ) -> PathBuf {
+        self.cfg
+            .data_dir
+            .join("runs")
+            .join(format!("{task}-{generation}"))
     }
 
     /// After a restart: re-attach to runs that outlived us, start what was accepted.
@@ -541,6 +548,18 @@ impl Daemon {
             }
             Effect::StopRun(task, generation) => self.runner.stop(task, generation),
             Effect::ForgetRun(task, generation) => self.runner.forget(task, generation),
+            Effect::DeleteTask(task, generation) => {
+                // Nothing of ours reads the directory once the task is forgotten; a run
+                // still stopping keeps its open files. Without this, every attempt would
+                // leave its files behind until the next restart's sweep.
+                let dir = self.run_dir(task, generation);
+                tokio::task::spawn_blocking(move || match std::fs::remove_dir_all(&dir) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                        warn!("could not remove the run directory {}: {e}", dir.display());
+                    }
+                    _ => {}
+                });
+            }
             _ => {}
         }
     }

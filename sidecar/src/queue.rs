@@ -142,9 +142,9 @@ impl Queue {
         // crash, the restarted sidecar replays reports the hub already has and offers
         // tasks it already ended, and the hub answers both as repeats. Such batches
         // ride on the next durable commit; it saves one flush per acknowledgement.
-        let forget_only = effects
-            .iter()
-            .all(|e| matches!(e, Effect::DeleteReport(_) | Effect::DeleteTask(_)) || !e.is_store());
+        let forget_only = effects.iter().all(|e| {
+            matches!(e, Effect::DeleteReport(_) | Effect::DeleteTask(..)) || !e.is_store()
+        });
         tx.set_durability(if forget_only {
             Durability::None
         } else {
@@ -160,7 +160,7 @@ impl Queue {
                         let bytes = encode(t).map_err(|e| QueueError::Db(e.to_string()))?;
                         tasks.insert(t.task.0, bytes.as_slice())?;
                     }
-                    Effect::DeleteTask(id) => {
+                    Effect::DeleteTask(id, _) => {
                         tasks.remove(id.0)?;
                     }
                     Effect::PutReport(r) => {

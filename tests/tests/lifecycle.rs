@@ -302,6 +302,24 @@ fn exec_task_completes_and_requeue_runs_a_new_generation() {
         .filter_map(|e| e["action"].as_str())
         .collect();
     assert_eq!(actions, ["submit", "requeue"], "{t}");
+
+    // Once the hub has acknowledged the end, the sidecar forgets the attempts and
+    // their run directories go too: nothing piles up between restarts.
+    let run_dirs = sc.data_dir().join("runs");
+    wait_for(TASK_END, "run directories removed", || {
+        let left: Vec<String> = std::fs::read_dir(&run_dirs)
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        if left.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("still in {}: {left:?}", run_dirs.display()))
+        }
+    });
 }
 
 #[test]

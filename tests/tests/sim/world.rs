@@ -953,7 +953,7 @@ impl World {
                 Effect::PutTask(t) => {
                     d.tasks.insert(t.task, t.clone());
                 }
-                Effect::DeleteTask(id) => {
+                Effect::DeleteTask(id, _) => {
                     d.tasks.remove(id);
                 }
                 Effect::PutReport(r) => {
