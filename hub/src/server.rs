@@ -174,6 +174,11 @@ pub enum StartError {
 const UDP_RECV_BUFFER: usize = 4 << 20;
 /// Handshakes in flight at once; more wait in quinn's queue instead of timing out together.
 const HANDSHAKES_MAX: usize = 16;
+/// How long one handshake may hold its place. On loopback a handshake takes about a
+/// millisecond; one that has not finished in this time is usually for a client that
+/// gave up while it waited in the queue, and would otherwise hold the place until the
+/// idle timeout (15 s) while live clients time out behind it.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// The file holding the key for QUIC stateless resets.
 const RESET_KEY_FILE: &str = "reset.key";
@@ -470,11 +475,12 @@ async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>) {
             return;
         };
         tokio::spawn(async move {
-            let handshake = incoming.await;
+            let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, incoming).await;
             drop(permit);
             match handshake {
-                Ok(conn) => handle_connection(conn, shared).await,
-                Err(e) => debug!("handshake failed: {e}"),
+                Ok(Ok(conn)) => handle_connection(conn, shared).await,
+                Ok(Err(e)) => debug!("handshake failed: {e}"),
+                Err(_) => debug!("handshake abandoned after {HANDSHAKE_TIMEOUT:?}"),
             }
         });
     }

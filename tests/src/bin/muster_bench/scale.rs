@@ -67,6 +67,8 @@ struct Shared {
     capped: std::sync::atomic::AtomicBool,
     online: AtomicUsize,
     attempt_failures: AtomicU64,
+    /// Failed connect attempts by reason, for telling a slow hub from a refusing one.
+    failure_reasons: std::sync::Mutex<std::collections::BTreeMap<String, u64>>,
     drops: AtomicU64,
     origin: Instant,
 }
@@ -204,8 +206,13 @@ async fn session(
                 }
                 sh.drops.fetch_add(1, Ordering::Relaxed);
             }
-            Err(_) => {
+            Err(e) => {
                 sh.attempt_failures.fetch_add(1, Ordering::Relaxed);
+                let mut reasons = sh
+                    .failure_reasons
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                *reasons.entry(e.to_string()).or_default() += 1;
                 failures += 1;
             }
         }
@@ -276,6 +283,7 @@ pub(crate) async fn scale(bin: &Path, root: &Path, a: &ScaleArgs) -> Result<Valu
         capped: std::sync::atomic::AtomicBool::new(true),
         online: AtomicUsize::new(0),
         attempt_failures: AtomicU64::new(0),
+        failure_reasons: Default::default(),
         drops: AtomicU64::new(0),
         origin: Instant::now(),
     });
@@ -330,6 +338,10 @@ pub(crate) async fn scale(bin: &Path, root: &Path, a: &ScaleArgs) -> Result<Valu
 
     // Restart and wait for everyone to come back.
     let failures0 = sh.attempt_failures.load(Ordering::Relaxed);
+    sh.failure_reasons
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clear();
     let restart_mark = sh.origin.elapsed().as_millis() as u64;
     let t = Instant::now();
     hub.stop(a.restart).await?;
@@ -387,6 +399,7 @@ pub(crate) async fn scale(bin: &Path, root: &Path, a: &ScaleArgs) -> Result<Valu
             "online_again": back,
             "failed": s - back,
             "failed_connect_attempts": sh.attempt_failures.load(Ordering::Relaxed) - failures0,
+            "failure_reasons": *sh.failure_reasons.lock().unwrap_or_else(std::sync::PoisonError::into_inner),
             "hub_online": hub_online.as_ref().ok(),
             "hub_online_error": hub_online.err(),
         },
