@@ -19,7 +19,7 @@ use muster_protocol::duration::{format_duration, parse_duration};
 use muster_protocol::limits::{CAPABILITIES_MAX, NAME_BYTES_MAX};
 use toml::{Table, Value};
 
-use crate::agent::{AgentConfig, Mode, Verify};
+use crate::agent::{AgentConfig, ExecStatus, Mode, Verify};
 
 /// The file name under the configuration directory.
 pub const CONFIG_FILE: &str = "sidecar.toml";
@@ -116,6 +116,7 @@ const AGENT_KEYS: &[&str] = &[
     "stop_grace",
     "health_command",
     "start_timeout",
+    "exec_status",
 ];
 
 const DATA_DIR_DEFAULT: &str = "/var/lib/muster-sidecar";
@@ -328,6 +329,12 @@ impl SidecarConfig {
             da.start_timeout,
             "wake: how long to wait for the start to be verified.",
         );
+        w.string(
+            "exec_status",
+            exec_status_text(a.exec_status),
+            exec_status_text(da.exec_status),
+            "exec: \"recorded\" (a sh wrapper keeps the exit status through a sidecar restart) or \"waited\" (one exec fewer per run; a run that ends while the sidecar is down has no status).",
+        );
         w.out
     }
 }
@@ -336,6 +343,13 @@ fn mode_text(m: Mode) -> &'static str {
     match m {
         Mode::Exec => "exec",
         Mode::Wake => "wake",
+    }
+}
+
+fn exec_status_text(e: ExecStatus) -> &'static str {
+    match e {
+        ExecStatus::Recorded => "recorded",
+        ExecStatus::Waited => "waited",
     }
 }
 
@@ -378,6 +392,15 @@ fn parse_agent(table: Table, problems: &mut Vec<Problem>) -> AgentConfig {
         stop_grace: t.duration("stop_grace").unwrap_or(d.stop_grace),
         health_command: t.argv("health_command").unwrap_or(d.health_command),
         start_timeout: t.duration("start_timeout").unwrap_or(d.start_timeout),
+        exec_status: t
+            .choice(
+                "exec_status",
+                &[
+                    ("recorded", ExecStatus::Recorded),
+                    ("waited", ExecStatus::Waited),
+                ],
+            )
+            .unwrap_or(d.exec_status),
         command: command.unwrap_or(d.command),
     };
     t.finish(AGENT_KEYS, &[]);
@@ -963,6 +986,7 @@ mod tests {
             stop_grace: Duration::from_secs(3),
             health_command: vec!["/bin/true".into()],
             start_timeout: Duration::from_secs(90),
+            exec_status: ExecStatus::Waited,
         };
         assert_eq!(parse(&c.render()).expect("round trip"), c);
     }

@@ -9,8 +9,11 @@
 //!
 //! The agent's argv are positional parameters: the shell expands `"$@"` and
 //! never parses them, so no task or config text is ever interpreted. The
-//! wrapper costs one extra exec per run (measured: about 0.9 ms of CPU per run
-//! with dash), the price of surviving a restart with the status intact.
+//! wrapper costs one extra exec per run (measured: about 1 ms of CPU per run
+//! with dash on the benchmark VM), the price of surviving a restart with the
+//! status intact. With `exec_status = "waited"` the agent is spawned directly
+//! (same process group, environment and files) and its status comes from
+//! `wait` alone.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,7 +23,7 @@ use tokio::process::Child;
 use tokio::time::{Instant, sleep, timeout};
 
 use super::launch::{Exit, Launch, resolve};
-use super::{Attempt, RunHandle, RunMode, Wait, sys};
+use super::{Attempt, ExecStatus, RunHandle, RunMode, Wait, sys};
 
 /// The only shell the runner uses, with the only script it runs.
 const SHELL: &str = "/bin/sh";
@@ -50,7 +53,8 @@ pub(super) async fn run(mut at: Attempt) {
     let spawn_argv = argv.clone();
     // Preparing the run directory and spawning block for a fraction of a
     // millisecond; keep that off the async workers.
-    let spawned = tokio::task::spawn_blocking(move || spawn(&launch, &spawn_argv)).await;
+    let status = at.config().exec_status;
+    let spawned = tokio::task::spawn_blocking(move || spawn(&launch, &spawn_argv, status)).await;
     let Spawned {
         mut child,
         pid,
@@ -85,16 +89,17 @@ pub(super) async fn run(mut at: Attempt) {
         }
     };
     let exited_early = early.is_some();
-    let status = match early {
-        Some(status) => status,
+    let exited = match early {
+        Some(exited) => exited,
         None => match at.or_ctl(child.wait()).await {
             Wait::Done(status) => status,
             Wait::Stop => return stop(at, Some(child), pid, argv).await,
             Wait::Forget => return,
         },
     };
-    let exit = match status {
-        Ok(status) => Exit::from_wrapper(status),
+    let exit = match exited {
+        Ok(exited) if at.config().exec_status == ExecStatus::Waited => Exit::from_direct(exited),
+        Ok(exited) => Exit::from_wrapper(exited),
         Err(e) => {
             // Only possible if something else reaped our child; the wrapper
             // still wrote the status file.
@@ -154,7 +159,7 @@ pub(super) async fn recover(mut at: Attempt, handle: RunHandle) {
 }
 
 /// Prepares the run directory and spawns the wrapper. Blocking.
-fn spawn(launch: &Launch, argv: &[String]) -> Result<Spawned, String> {
+fn spawn(launch: &Launch, argv: &[String], status: ExecStatus) -> Result<Spawned, String> {
     let (program, args) = argv
         .split_first()
         .ok_or_else(|| "the agent command is empty".to_owned())?;
@@ -168,20 +173,26 @@ fn spawn(launch: &Launch, argv: &[String]) -> Result<Spawned, String> {
         _ => {}
     }
     let (stdout, stderr) = launch.output()?;
-    let mut cmd = launch.command(SHELL);
-    cmd.arg("-c")
-        .arg(WRAPPER)
-        .arg(WRAPPER_NAME)
-        .arg(&status_path)
-        .arg(resolved)
-        .args(args)
+    let (mut cmd, through) = match status {
+        ExecStatus::Recorded => {
+            let mut cmd = launch.command(SHELL);
+            cmd.arg("-c")
+                .arg(WRAPPER)
+                .arg(WRAPPER_NAME)
+                .arg(&status_path)
+                .arg(resolved);
+            (cmd, format!(" through {SHELL}"))
+        }
+        ExecStatus::Waited => (launch.command(resolved), String::new()),
+    };
+    cmd.args(args)
         .stdout(stdout)
         .stderr(stderr)
         // The run must outlive the sidecar.
         .kill_on_drop(false);
     let child = cmd
         .spawn()
-        .map_err(|e| format!("could not start `{program}` through {SHELL}: {e}"))?;
+        .map_err(|e| format!("could not start `{program}`{through}: {e}"))?;
     let pid = child
         .id()
         .ok_or_else(|| format!("`{program}` was spawned but has no pid"))?;

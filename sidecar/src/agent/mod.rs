@@ -30,6 +30,20 @@ pub struct AgentConfig {
     pub health_command: Vec<String>,
     /// Wake: how long the sidecar waits for verification before `start_timeout`.
     pub start_timeout: Duration,
+    /// Exec: how the run's exit status is kept.
+    pub exec_status: ExecStatus,
+}
+
+/// See [`AgentConfig::exec_status`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExecStatus {
+    /// A `/bin/sh` wrapper writes the exit status to the run directory, so it is known
+    /// even when the run ends while the sidecar is down. Two execs per run.
+    Recorded,
+    /// The command is spawned directly and the sidecar waits for it: one exec per run
+    /// (about 1 ms of CPU less here), but a run that ends while the sidecar is down
+    /// ends `agent_exited` without its status.
+    Waited,
 }
 
 /// See [`AgentConfig::mode`].
@@ -66,6 +80,7 @@ impl Default for AgentConfig {
             stop_grace: Duration::from_secs(10),
             health_command: Vec::new(),
             start_timeout: Duration::from_secs(60),
+            exec_status: ExecStatus::Recorded,
         }
     }
 }

@@ -166,6 +166,57 @@ async fn exec_killed_by_signal_records_the_signal() {
     assert_eq!((error.exit_code, error.signal), (None, Some(9)));
 }
 
+/// `exec_status = "waited"`: no wrapper, so the run's pid is the agent itself, no
+/// status file is written, and exit codes and signals come from `wait` directly.
+#[tokio::test]
+async fn exec_waited_spawns_the_agent_itself_and_maps_its_status() {
+    let waited = |argv: &[&str]| AgentConfig {
+        exec_status: ExecStatus::Waited,
+        ..config(Mode::Exec, argv)
+    };
+    let (dir, r) = runner(waited(&["/bin/sh", "-c", "echo $$ > pid; exit 0"]));
+    let run = spec(&dir, 21);
+    let work = dir.path().join("work");
+    let run_dir = run.run_dir.clone();
+    let (tx, rx) = mpsc::channel(8);
+    r.start(run, tx);
+    let events = collect(rx).await;
+    assert_eq!(finished(&events), (Outcome::Completed, None));
+    let RunEvent::Spawned { handle, .. } = &events[0] else {
+        panic!("spawned first: {events:?}")
+    };
+    let own_pid: u32 = std::fs::read_to_string(work.join("pid"))
+        .expect("the agent wrote its pid")
+        .trim()
+        .parse()
+        .expect("a pid");
+    assert_eq!(
+        handle.pid,
+        Some(own_pid),
+        "the recorded pid is the agent's own"
+    );
+    assert!(
+        !run_dir.join("status").exists(),
+        "no wrapper, no status file"
+    );
+
+    let (dir, r) = runner(waited(&["sh", "-c", "exit 129"]));
+    let (tx, rx) = mpsc::channel(8);
+    r.start(spec(&dir, 22), tx);
+    let error = finished(&collect(rx).await).1.expect("a failure");
+    assert_eq!(
+        (error.exit_code, error.signal),
+        (Some(129), None),
+        "a plain exit code, not read as a signal the way a shell's 128+N is"
+    );
+
+    let (dir, r) = runner(waited(&["sh", "-c", "kill -9 $$"]));
+    let (tx, rx) = mpsc::channel(8);
+    r.start(spec(&dir, 23), tx);
+    let error = finished(&collect(rx).await).1.expect("a failure");
+    assert_eq!((error.exit_code, error.signal), (None, Some(9)));
+}
+
 #[tokio::test]
 async fn exec_missing_command_names_it() {
     for program in ["/nonexistent/muster-agent", "muster-no-such-agent"] {

@@ -10,7 +10,9 @@ use anyhow::{Context, Result, anyhow, bail};
 use muster_protocol::client::{self, Credential, JoinToken};
 use muster_protocol::msg::{OpRequest, Outcome, Role};
 use muster_protocol::{AgentName, Generation, TaskId};
-use muster_sidecar::agent::{Mode, ProcessRunner, RunEvent, RunHandle, RunSpec, Runner};
+use muster_sidecar::agent::{
+    ExecStatus, Mode, ProcessRunner, RunEvent, RunHandle, RunSpec, Runner,
+};
 use muster_sidecar::config::SidecarConfig;
 use muster_sidecar::daemon::{self, Options};
 use tokio::sync::mpsc;
@@ -24,8 +26,11 @@ use crate::hub::Ops;
 pub(crate) enum Agent {
     /// In-process: `Started` and `Finished{completed}` at once.
     Instant,
-    /// The real process runner spawning `/bin/true` (exec mode, settle 0).
+    /// The real process runner spawning `/bin/true` (exec mode, settle 0) under the
+    /// status-recording `sh` wrapper (the default `exec_status = "recorded"`).
     Exec,
+    /// As `exec`, with `exec_status = "waited"`: `/bin/true` spawned directly.
+    ExecWaited,
 }
 
 impl Agent {
@@ -33,6 +38,7 @@ impl Agent {
         match self {
             Agent::Instant => "instant",
             Agent::Exec => "exec",
+            Agent::ExecWaited => "exec-waited",
         }
     }
 }
@@ -159,10 +165,13 @@ impl Fleet {
         slots: u32,
         agent: Agent,
     ) -> Result<()> {
-        let config = sidecar_config(id, hub, dir, slots);
+        let mut config = sidecar_config(id, hub, dir, slots);
+        if agent == Agent::ExecWaited {
+            config.agent.exec_status = ExecStatus::Waited;
+        }
         let runner: Arc<dyn Runner> = match agent {
             Agent::Instant => Arc::new(InstantRunner),
-            Agent::Exec => Arc::new(ProcessRunner::new(
+            Agent::Exec | Agent::ExecWaited => Arc::new(ProcessRunner::new(
                 config.agent.clone(),
                 config.data_dir.clone(),
             )),
