@@ -19,6 +19,8 @@ use muster_protocol::msg::{
     Heartbeat, Hello, HubMsg, Open, OpenBody, Refused, SelfTest, SessionMsg, SidecarState, Welcome,
 };
 use muster_protocol::{PROTOCOL_VERSION, decode, encode, frame_codec};
+
+use crate::rundirs::RunDirs;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::codec::{FramedRead, FramedWrite};
 use tracing::{error, info, warn};
@@ -32,6 +34,8 @@ use crate::queue::{Queue, QueueError};
 
 /// Outgoing session queue; a hub this far behind gets the connection closed.
 const SEND_QUEUE_LEN: usize = 1024;
+/// Run handles remembered for reusing run directories, at most.
+const HANDLES_MAX: usize = 4096;
 /// Events handled per commit at most.
 const BATCH_LEN_MAX: usize = 1024;
 /// How long the hub may take to answer a hello.
@@ -116,7 +120,15 @@ pub async fn run(
         ),
         None => None,
     };
+    // Reading the pool is a directory listing: off the async workers.
+    let runs_root = cfg.data_dir.join("runs");
+    let pool_cap = (cfg.slots as usize * 2).max(8);
+    let run_dirs = tokio::task::spawn_blocking(move || RunDirs::new(runs_root, pool_cap))
+        .await
+        .map_err(|e| DaemonError::Start(format!("run directories: {e}")))?;
     let mut d = Daemon {
+        run_dirs: Arc::new(run_dirs),
+        handles: std::collections::HashMap::new(),
         cfg,
         runner,
         run_tx,
@@ -284,6 +296,13 @@ enum Ev {
 
 struct Daemon {
     cfg: SidecarConfig,
+    run_dirs: Arc<RunDirs>,
+    /// The run handle of each attempt that has one, for deciding whether its
+    /// directory can be reused once the task is forgotten.
+    handles: std::collections::HashMap<
+        (muster_protocol::TaskId, muster_protocol::Generation),
+        crate::agent::RunHandle,
+    >,
     runner: Arc<dyn Runner>,
     run_tx: mpsc::Sender<crate::agent::RunEvent>,
     socket_path: PathBuf,
@@ -435,7 +454,18 @@ impl Daemon {
                     self.stats.probe_failures.inc();
                 }
             }
-            RunEvent::Spawned { .. } => {}
+            RunEvent::Spawned {
+                task,
+                generation,
+                handle,
+            } => {
+                // Stale entries (a run spawned after its task was dropped) only cost a
+                // reuse; the bound keeps them from piling up.
+                if self.handles.len() >= HANDLES_MAX {
+                    self.handles.clear();
+                }
+                self.handles.insert((*task, *generation), handle.clone());
+            }
         }
     }
 
@@ -460,31 +490,23 @@ impl Daemon {
             generation,
             agent: self.cfg.name.clone(),
             spec,
-            run_dir: self.run_dir(task, generation),
+            run_dir: self.run_dirs.take(task, generation),
             socket: self.socket_path.clone(),
             probe_interval: self.interval,
         }
     }
 
-    fn run_dir(
-        &self,
-        task: muster_protocol::TaskId,
-        generation: muster_protocol::Generation,
-    ) -> PathBuf {
-        self.cfg
-            .data_dir
-            .join("runs")
-            .join(format!("{task}-{generation}"))
-    }
-
     /// After a restart: re-attach to runs that outlived us, start what was accepted.
-    fn recover(&self, core: &Core) {
+    fn recover(&mut self, core: &Core) {
         use muster_protocol::msg::Phase;
         for t in core.tasks() {
             let spec = self.run_spec(t.task, t.generation, t.spec.clone());
             match (t.phase, &t.handle) {
                 (Phase::Finished, _) => {}
-                (_, Some(h)) => self.runner.recover(spec, h.clone(), self.run_tx.clone()),
+                (_, Some(h)) => {
+                    self.handles.insert((t.task, t.generation), h.clone());
+                    self.runner.recover(spec, h.clone(), self.run_tx.clone())
+                }
                 // Accepted but the spawn was never recorded: start it (at least once).
                 (_, None) => self.runner.start(spec, self.run_tx.clone()),
             }
@@ -504,7 +526,9 @@ impl Daemon {
                 return;
             };
             for e in entries.flatten() {
-                if !keep.contains(&e.file_name().to_string_lossy().to_string()) {
+                let name = e.file_name().to_string_lossy().to_string();
+                // `.free` is the pool of directories to reuse.
+                if !name.starts_with('.') && !keep.contains(&name) {
                     let _ = std::fs::remove_dir_all(e.path());
                 }
             }
@@ -552,13 +576,10 @@ impl Daemon {
                 // Nothing of ours reads the directory once the task is forgotten; a run
                 // still stopping keeps its open files. Without this, every attempt would
                 // leave its files behind until the next restart's sweep.
-                let dir = self.run_dir(task, generation);
-                tokio::task::spawn_blocking(move || match std::fs::remove_dir_all(&dir) {
-                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                        warn!("could not remove the run directory {}: {e}", dir.display());
-                    }
-                    _ => {}
-                });
+                let dir = self.run_dirs.path(task, generation);
+                let handle = self.handles.remove(&(task, generation));
+                let run_dirs = Arc::clone(&self.run_dirs);
+                tokio::task::spawn_blocking(move || run_dirs.release(&dir, handle.as_ref()));
             }
             _ => {}
         }

@@ -18,3 +18,4 @@ pub mod http;
 pub mod keystore;
 pub mod local;
 pub mod queue;
+pub mod rundirs;

@@ -304,13 +304,15 @@ fn exec_task_completes_and_requeue_runs_a_new_generation() {
     assert_eq!(actions, ["submit", "requeue"], "{t}");
 
     // Once the hub has acknowledged the end, the sidecar forgets the attempts and
-    // their run directories go too: nothing piles up between restarts.
+    // their run directories go too (into the small pool `.free/` for reuse):
+    // nothing piles up between restarts.
     let run_dirs = sc.data_dir().join("runs");
-    wait_for(TASK_END, "run directories removed", || {
+    wait_for(TASK_END, "run directories released", || {
         let left: Vec<String> = std::fs::read_dir(&run_dirs)
             .map(|d| {
                 d.flatten()
                     .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| !n.starts_with('.'))
                     .collect()
             })
             .unwrap_or_default();

@@ -28,7 +28,9 @@ use super::{Attempt, ExecStatus, RunHandle, RunMode, Wait, sys};
 /// The only shell the runner uses, with the only script it runs.
 const SHELL: &str = "/bin/sh";
 /// Runs `"$@"`, records its status in the file named by `$1`, exits with it.
-const WRAPPER: &str = r#"s=$1; shift; "$@"; rc=$?; echo "$rc" >"$s"; exit "$rc""#;
+/// `1<>` opens the record without truncating it, so its block is reused (see
+/// `Launch::clear_status`).
+const WRAPPER: &str = r#"s=$1; shift; "$@"; rc=$?; printf '%-3s\n' "$rc" 1<>"$s"; exit "$rc""#;
 /// `$0` of the wrapper, which is what `ps` shows for it.
 const WRAPPER_NAME: &str = "muster-run";
 
@@ -165,13 +167,9 @@ fn spawn(launch: &Launch, argv: &[String], status: ExecStatus) -> Result<Spawned
         .ok_or_else(|| "the agent command is empty".to_owned())?;
     launch.prepare()?;
     let resolved = resolve(program).map_err(|e| format!("could not start `{program}`: {e}"))?;
+    // Also in "waited" mode: a reused run directory may hold an earlier run's record.
+    launch.clear_status()?;
     let status_path = launch.status_path();
-    match std::fs::remove_file(&status_path) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-            return Err(format!("could not clear {}: {e}", status_path.display()));
-        }
-        _ => {}
-    }
     let (stdout, stderr) = launch.output()?;
     let (mut cmd, through) = match status {
         ExecStatus::Recorded => {

@@ -116,6 +116,11 @@ use muster_protocol::{AgentName, Generation, TaskId};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 
+/// Whether any process of the process group `pgid` is still alive.
+pub fn group_alive(pgid: u32) -> bool {
+    sys::group_alive(pgid)
+}
+
 /// How long [`run_health`] lets the health command run.
 pub const HEALTH_TIMEOUT: Duration = Duration::from_secs(10);
 

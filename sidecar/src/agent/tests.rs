@@ -178,6 +178,9 @@ async fn exec_waited_spawns_the_agent_itself_and_maps_its_status() {
     let run = spec(&dir, 21);
     let work = dir.path().join("work");
     let run_dir = run.run_dir.clone();
+    // As if the directory were reused from an earlier run that recorded status 3.
+    std::fs::create_dir_all(&run_dir).expect("run dir");
+    std::fs::write(run_dir.join("status"), "3  \n").expect("old status");
     let (tx, rx) = mpsc::channel(8);
     r.start(run, tx);
     let events = collect(rx).await;
@@ -195,9 +198,10 @@ async fn exec_waited_spawns_the_agent_itself_and_maps_its_status() {
         Some(own_pid),
         "the recorded pid is the agent's own"
     );
-    assert!(
-        !run_dir.join("status").exists(),
-        "no wrapper, no status file"
+    assert_eq!(
+        std::fs::read_to_string(run_dir.join("status")).expect("status record"),
+        "   \n",
+        "the earlier run's status is blanked and no wrapper writes a new one"
     );
 
     let (dir, r) = runner(waited(&["sh", "-c", "exit 129"]));
