@@ -19,8 +19,6 @@ use muster_protocol::msg::{
     Heartbeat, Hello, HubMsg, Open, OpenBody, Refused, SelfTest, SessionMsg, SidecarState, Welcome,
 };
 use muster_protocol::{PROTOCOL_VERSION, decode, encode, frame_codec};
-
-use crate::rundirs::RunDirs;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::codec::{FramedRead, FramedWrite};
 use tracing::{error, info, warn};
@@ -31,6 +29,7 @@ use crate::config::SidecarConfig;
 use crate::core::{Core, Effect};
 use crate::local::{self, Answer, Incoming, Request};
 use crate::queue::{Queue, QueueError};
+use crate::rundirs::RunDirs;
 
 /// Outgoing session queue; a hub this far behind gets the connection closed.
 const SEND_QUEUE_LEN: usize = 1024;
@@ -484,13 +483,14 @@ impl Daemon {
         task: muster_protocol::TaskId,
         generation: muster_protocol::Generation,
         spec: muster_protocol::msg::TaskSpec,
+        run_dir: PathBuf,
     ) -> RunSpec {
         RunSpec {
             task,
             generation,
             agent: self.cfg.name.clone(),
             spec,
-            run_dir: self.run_dirs.take(task, generation),
+            run_dir,
             socket: self.socket_path.clone(),
             probe_interval: self.interval,
         }
@@ -500,15 +500,22 @@ impl Daemon {
     fn recover(&mut self, core: &Core) {
         use muster_protocol::msg::Phase;
         for t in core.tasks() {
-            let spec = self.run_spec(t.task, t.generation, t.spec.clone());
             match (t.phase, &t.handle) {
                 (Phase::Finished, _) => {}
                 (_, Some(h)) => {
+                    // Its own directory, never a pooled one: that would hold another
+                    // run's exit status.
+                    let dir = self.run_dirs.path(t.task, t.generation);
+                    let spec = self.run_spec(t.task, t.generation, t.spec.clone(), dir);
                     self.handles.insert((t.task, t.generation), h.clone());
-                    self.runner.recover(spec, h.clone(), self.run_tx.clone())
+                    self.runner.recover(spec, h.clone(), self.run_tx.clone());
                 }
                 // Accepted but the spawn was never recorded: start it (at least once).
-                (_, None) => self.runner.start(spec, self.run_tx.clone()),
+                (_, None) => {
+                    let dir = self.run_dirs.take(t.task, t.generation);
+                    let spec = self.run_spec(t.task, t.generation, t.spec.clone(), dir);
+                    self.runner.start(spec, self.run_tx.clone());
+                }
             }
         }
         self.sweep_runs(core);
@@ -567,7 +574,8 @@ impl Daemon {
             Effect::StartRun(task, generation, spec) => {
                 self.stats.runs_started.inc();
                 self.starting.insert((task, generation), Instant::now());
-                let spec = self.run_spec(task, generation, spec);
+                let dir = self.run_dirs.take(task, generation);
+                let spec = self.run_spec(task, generation, spec, dir);
                 self.runner.start(spec, self.run_tx.clone());
             }
             Effect::StopRun(task, generation) => self.runner.stop(task, generation),
