@@ -513,6 +513,17 @@ async fn handle_connection(conn: quinn::Connection, shared: Arc<Shared>) {
     }
 }
 
+/// Whether a read failed because the peer closed the connection itself.
+fn closed_by_peer(e: &std::io::Error) -> bool {
+    matches!(
+        e.get_ref()
+            .and_then(|inner| inner.downcast_ref::<quinn::ReadError>()),
+        Some(quinn::ReadError::ConnectionLost(
+            quinn::ConnectionError::ApplicationClosed(_)
+        ))
+    )
+}
+
 fn framed(
     send: quinn::SendStream,
     recv: quinn::RecvStream,
@@ -667,6 +678,11 @@ async fn run_session(
     loop {
         let frame = match rd.next().await {
             Some(Ok(f)) => f,
+            Some(Err(e)) if closed_by_peer(&e) => {
+                // A sidecar stopping (SIGTERM, upgrade) closes its connection on purpose.
+                info!(agent, "session closed by the sidecar");
+                break;
+            }
             Some(Err(e)) => {
                 warn!(agent, "closing session: {e}");
                 break;
