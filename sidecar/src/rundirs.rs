@@ -10,7 +10,8 @@
 //! place; the launcher rewrites `task.json` and the status record in place and
 //! truncates `stdout` and `stderr`, so nothing of the earlier run can be read
 //! as this one's. A directory whose process group may still be alive is
-//! removed instead: a leftover process could write into the reused files.
+//! removed instead (a leftover process could write into the reused files), and
+//! so is one holding anything but those four files.
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -85,7 +86,7 @@ impl RunDirs {
         let over = handle.is_some_and(|h| {
             h.mode == RunMode::Exec && h.pid.is_some_and(|p| !crate::agent::group_alive(p))
         });
-        if over && self.lock().len() < self.cap {
+        if over && self.lock().len() < self.cap && only_our_files(dir) {
             let slot = self
                 .pool
                 .join(self.next.fetch_add(1, Ordering::Relaxed).to_string());
@@ -115,6 +116,17 @@ impl RunDirs {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
+}
+
+/// The files the launcher writes, and nothing else: anything an agent left
+/// behind must not reach the next run.
+fn only_our_files(dir: &Path) -> bool {
+    const OURS: [&str; 4] = ["task.json", "stdout", "stderr", "status"];
+    std::fs::read_dir(dir).is_ok_and(|entries| {
+        entries
+            .map(|e| e.map(|e| e.file_name()))
+            .all(|name| name.is_ok_and(|n| OURS.iter().any(|o| n == *o)))
+    })
 }
 
 #[cfg(test)]
@@ -181,6 +193,15 @@ mod tests {
         }
         let _ = leader.kill();
         let _ = leader.wait();
+
+        // Something an agent left behind: removed, so the next run cannot see it.
+        let d = dirs.take(TaskId(7), Generation(1));
+        std::fs::create_dir_all(&d).expect("mkdir");
+        std::fs::write(d.join("stdout"), "").expect("write");
+        std::fs::write(d.join("result.txt"), "secret").expect("write");
+        dirs.release(&d, Some(&handle(&d, Some(dead_pid()), RunMode::Exec)));
+        assert!(!d.exists());
+        assert_eq!(dirs.pooled(), 0);
 
         // Past the cap: removed.
         let a = dirs.take(TaskId(4), Generation(1));
