@@ -1065,6 +1065,62 @@ fn sidecar_killed_mid_run_finishes_the_attempt_exactly_once() {
     assert_eq!(stats["completed"], 1, "{stats}");
 }
 
+/// A run that ends while its sidecar is down: with the default
+/// `exec_status = "recorded"` the wrapper's status file tells the restarted
+/// sidecar that it completed; with `"waited"` nobody kept the status, so the
+/// attempt ends `agent_exited` and the task is retried. Returns the outcomes.
+fn run_that_ends_while_the_sidecar_is_down(exec_status: &str) -> (Value, Vec<String>) {
+    let hub = hub_with(&[]);
+    let mut sc = sidecar(&hub, &format!("down-{exec_status}"), &[]);
+    sc.set_agent("exec_status", &format!("\"{exec_status}\""));
+    let dir = sc.root().to_path_buf();
+    let script = agent_script(
+        &sc,
+        "agent.sh",
+        &format!(
+            "#!/bin/sh\nsleep 1\necho \"$MUSTER_GENERATION\" >> '{}/done'\nexit 0\n",
+            dir.display()
+        ),
+    );
+    use_command(&sc, &script);
+    go_online(&hub, &mut sc);
+
+    let id = submit(&hub, "outlives its sidecar", &[]);
+    wait_state(&hub, id, &["running"], TASK_END);
+    sc.kill9();
+    // The agent is in its own process group: it finishes without the sidecar.
+    wait_until(
+        TASK_END,
+        "the agent finished while the sidecar was down",
+        || {
+            std::fs::read_to_string(dir.join("done"))
+                .ok()
+                .filter(|d| d == "1\n")
+        },
+    );
+    sc.start_connected(CONNECT);
+    let t = wait_state(&hub, id, &["completed"], Duration::from_secs(40));
+    let o = outcomes(&t);
+    (t, o)
+}
+
+#[test]
+fn recorded_exit_status_survives_a_sidecar_restart() {
+    let (t, o) = run_that_ends_while_the_sidecar_is_down("recorded");
+    assert_eq!(o, ["completed"], "{t}");
+    assert_eq!(t["generation"], 1, "{t}");
+}
+
+#[test]
+fn waited_exit_status_is_lost_with_the_sidecar_and_the_task_is_retried() {
+    let (t, o) = run_that_ends_while_the_sidecar_is_down("waited");
+    assert_eq!(o.first().map(String::as_str), Some("agent_exited"), "{t}");
+    assert_eq!(o.last().map(String::as_str), Some("completed"), "{t}");
+    let first = &attempts(&t)[0];
+    let reason = first["error"]["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("left no exit status"), "{first}");
+}
+
 #[test]
 fn hub_killed_during_200_submissions_loses_no_acknowledged_task() {
     const TASKS: usize = 200;
