@@ -225,7 +225,9 @@ pub struct Core {
     waiting_on: HashMap<TaskId, BTreeSet<TaskId>>,
     /// Terminal within the current batch, not yet readable from the archive.
     recent: HashMap<TaskId, TaskRecord>,
-    /// Tasks changed since the last output, in first-change order.
+    /// Tasks changed since the last output, in first-change order: a batch's
+    /// writes then read in causal order (a slot is freed before it is reused),
+    /// which per-write checkers such as the fault simulation's store rely on.
     dirty: Vec<TaskId>,
     dirty_set: HashSet<TaskId>,
     counters: Counters,
@@ -1864,8 +1866,9 @@ fn push_audit(rec: &mut TaskRecord, now: Millis, who: &str, action: &str) {
     });
 }
 
-/// Keeps only the last upsert of each record (a task changes several times in a
-/// busy batch; only its final state needs writing). Events are all kept, in order.
+/// Keeps only the last upsert of each record (an agent or an attempt can change
+/// several times in a busy batch; only its final state needs writing). Tasks are
+/// already written once, by [`Core::take_output`]. Events are all kept, in order.
 fn last_write_wins(writes: Vec<Write>) -> Vec<Write> {
     #[derive(PartialEq, Eq, Hash)]
     enum Key<'a> {
