@@ -7,11 +7,12 @@
 //! benchmark VM's ext4 a new file costs about 0.5 ms, a write after a truncate
 //! 0.3 ms, and a rename or an in-place overwrite about 10 µs. So a finished
 //! run's directory goes to `runs/.free/` and the next attempt renames it into
-//! place; the launcher rewrites `task.json` and the status record in place and
-//! truncates `stdout` and `stderr`, so nothing of the earlier run can be read
-//! as this one's. A directory whose process group may still be alive is
-//! removed instead (a leftover process could write into the reused files), and
-//! so is one holding anything but those four files.
+//! place; the launcher rewrites `task.json`, the status record and the run
+//! handle in place and truncates `stdout` and `stderr`, so nothing of the
+//! earlier run can be read as this one's (a handle names its own directory, so
+//! an earlier run's is never taken for this one's). A directory whose process
+//! group may still be alive is removed instead (a leftover process could write
+//! into the reused files), and so is one holding anything but those five files.
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -121,7 +122,13 @@ impl RunDirs {
 /// The files the launcher writes, and nothing else: anything an agent left
 /// behind must not reach the next run.
 fn only_our_files(dir: &Path) -> bool {
-    const OURS: [&str; 4] = ["task.json", "stdout", "stderr", "status"];
+    const OURS: [&str; 5] = [
+        "task.json",
+        "stdout",
+        "stderr",
+        "status",
+        crate::agent::HANDLE_FILE,
+    ];
     std::fs::read_dir(dir).is_ok_and(|entries| {
         entries
             .map(|e| e.map(|e| e.file_name()))

@@ -1121,6 +1121,65 @@ fn waited_exit_status_is_lost_with_the_sidecar_and_the_task_is_retried() {
     assert!(reason.contains("left no exit status"), "{first}");
 }
 
+/// What a sidecar that dies between spawning a run and committing it leaves
+/// behind ("Launch before commit" in sidecar/src/daemon.rs): a run directory
+/// holding the run's handle, and a queue that never heard of the task. The
+/// restarted sidecar must end that run before it takes the task again.
+#[test]
+fn a_run_its_sidecar_died_before_recording_is_ended_at_restart_and_the_task_runs_once() {
+    let hub = hub_with(&[]);
+    let mut sc = sidecar(&hub, "crash-window", &[]);
+    let root = sc.root().to_path_buf();
+    let script = agent_script(
+        &sc,
+        "agent.sh",
+        &format!(
+            "#!/bin/sh\necho \"$MUSTER_GENERATION\" >> '{}/done'\nexit 0\n",
+            root.display()
+        ),
+    );
+    use_command(&sc, &script);
+    go_online(&hub, &mut sc);
+    sc.kill9();
+    // No close reached the hub, so it still counts the session and assigns to it.
+    let id = submit(&hub, "spawned, never recorded", &[]);
+    wait_state(&hub, id, &["assigned"], TASK_END);
+
+    let run_dir = sc.data_dir().join("runs").join(format!("{id}-1"));
+    std::fs::create_dir_all(&run_dir).expect("run dir");
+    use std::os::unix::process::CommandExt;
+    let mut orphan = Command::new("sleep")
+        .arg("60")
+        .process_group(0)
+        .spawn()
+        .expect("spawn the orphan");
+    let handle = serde_json::json!({
+        "pid": orphan.id(),
+        "session": null,
+        "run_dir": run_dir,
+        "mode": "exec",
+    });
+    std::fs::write(run_dir.join("handle"), handle.to_string()).expect("write the handle");
+
+    sc.start_connected(CONNECT);
+    let ended = wait_until(TASK_END, "the orphan is ended", || {
+        orphan.try_wait().expect("try_wait")
+    });
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(ended.signal(), Some(libc::SIGTERM), "{ended:?}");
+    let t = wait_state(&hub, id, &["completed"], TASK_END);
+    assert_eq!(outcomes(&t), ["completed"], "{t}");
+    assert_eq!(
+        t["generation"], 1,
+        "the hub resent the same assignment: {t}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(root.join("done")).expect("done"),
+        "1\n",
+        "ran exactly once"
+    );
+}
+
 #[test]
 fn hub_killed_during_200_submissions_loses_no_acknowledged_task() {
     const TASKS: usize = 200;

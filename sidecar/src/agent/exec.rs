@@ -45,7 +45,7 @@ const REAP_WAIT: Duration = Duration::from_secs(5);
 struct Spawned {
     child: Child,
     pid: u32,
-    start_ticks: Option<u64>,
+    handle: RunHandle,
 }
 
 /// Starts an exec run and watches it to the end.
@@ -60,18 +60,11 @@ pub(super) async fn run(mut at: Attempt) {
     let Spawned {
         mut child,
         pid,
-        start_ticks,
+        handle,
     } = match spawned {
         Ok(Ok(spawned)) => spawned,
         Ok(Err(reason)) => return fail_to_start(at, reason, argv).await,
         Err(e) => return fail_to_start(at, format!("the spawn task failed: {e}"), argv).await,
-    };
-    let handle = RunHandle {
-        pid: Some(pid),
-        session: None,
-        run_dir: at.launch.run_dir().to_owned(),
-        mode: RunMode::Exec,
-        start_ticks,
     };
     let settle = at.config().settle;
     let early = if settle.is_zero() {
@@ -194,11 +187,22 @@ fn spawn(launch: &Launch, argv: &[String], status: ExecStatus) -> Result<Spawned
     let pid = child
         .id()
         .ok_or_else(|| format!("`{program}` was spawned but has no pid"))?;
-    Ok(Spawned {
-        child,
-        pid,
+    let handle = RunHandle {
+        pid: Some(pid),
+        session: None,
+        run_dir: launch.run_dir().to_owned(),
+        mode: RunMode::Exec,
         start_ticks: sys::start_ticks(pid),
-    })
+    };
+    // Before anyone hears of the run: a sidecar that dies before its commit
+    // finds the run by this at its restart and ends it.
+    if let Err(e) = launch.write_handle(&handle) {
+        tracing::warn!(
+            pid,
+            "{e}; a crash before the next commit would leave this run unwatched"
+        );
+    }
+    Ok(Spawned { child, pid, handle })
 }
 
 /// SIGTERM to the group, SIGKILL after `stop_grace`, then `Cancelled`.

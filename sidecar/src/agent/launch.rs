@@ -26,6 +26,9 @@ const STATUS_BYTES_MAX: u64 = 64;
 /// `printf '%-3s\n'` (statuses are 0–255), so the record is never truncated.
 const STATUS_BLANK: &[u8] = b"   \n";
 
+/// Largest run handle record read back (a few hundred bytes of JSON).
+pub(super) const HANDLE_BYTES_MAX: u64 = 16 * 1024;
+
 /// Highest signal number a shell reports as `128 + N`.
 const SIGNAL_NUMBER_MAX: i32 = 64;
 
@@ -120,6 +123,16 @@ impl Launch {
         let path = self.status_path();
         overwrite_private(&path, STATUS_BLANK)
             .map_err(|e| format!("could not clear {}: {e}", path.display()))
+    }
+
+    /// Records the run's handle in its directory, in place. Not synced: it
+    /// only has to outlive a crash of the sidecar process, and a crash of the
+    /// machine ends the run with it. Blocking.
+    pub(super) fn write_handle(&self, handle: &super::RunHandle) -> Result<(), String> {
+        let path = self.run_dir.join(super::HANDLE_FILE);
+        let json = serde_json::to_vec(handle).map_err(|e| format!("encode the run handle: {e}"))?;
+        overwrite_private(&path, &json)
+            .map_err(|e| format!("could not write {}: {e}", path.display()))
     }
 
     /// Fresh `stdout` and `stderr` files in the run directory (0600). Blocking.

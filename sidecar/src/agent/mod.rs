@@ -121,6 +121,67 @@ pub fn group_alive(pgid: u32) -> bool {
     sys::group_alive(pgid)
 }
 
+/// The file in a run directory that names the run's process, written right
+/// after the spawn and before the sidecar's commit (see `daemon.rs`, "Launch
+/// before commit"): a restarted sidecar finds with it a run it never recorded.
+pub const HANDLE_FILE: &str = "handle";
+
+/// The handle an exec run wrote into `dir`, if it is this directory's own (a
+/// pooled directory may still hold an earlier run's). Blocking.
+pub fn recorded_handle(dir: &std::path::Path) -> Option<RunHandle> {
+    use std::io::Read;
+    let mut text = Vec::new();
+    std::fs::File::open(dir.join(HANDLE_FILE))
+        .ok()?
+        .take(launch::HANDLE_BYTES_MAX)
+        .read_to_end(&mut text)
+        .ok()?;
+    let handle: RunHandle = serde_json::from_slice(&text).ok()?;
+    (handle.run_dir == dir && handle.mode == RunMode::Exec && handle.pid.is_some())
+        .then_some(handle)
+}
+
+/// Ends exec runs nobody watches (each handle from [`recorded_handle`]):
+/// SIGTERM to each live process group, SIGKILL to those still alive after
+/// `grace`. Returns how many were alive. Blocking for up to `grace`.
+pub fn end_orphans(handles: &[RunHandle], grace: Duration) -> usize {
+    let groups: Vec<u32> = handles
+        .iter()
+        .filter_map(|h| {
+            let pid = h.pid?;
+            // A reused pid must not be mistaken for the run; an exited leader
+            // may still have children in its group.
+            let same = match sys::process_state(pid) {
+                sys::ProcState::Alive { start_ticks } => {
+                    start_ticks.zip(h.start_ticks).is_none_or(|(a, b)| a == b)
+                }
+                sys::ProcState::Zombie | sys::ProcState::Gone => true,
+            };
+            (same && sys::group_alive(pid)).then_some(pid)
+        })
+        .collect();
+    for &pgid in &groups {
+        sys::signal_group(pgid, libc::SIGTERM);
+    }
+    let deadline = std::time::Instant::now() + grace;
+    let mut left = groups.clone();
+    while !left.is_empty() {
+        left.retain(|&g| sys::group_alive(g));
+        let now = std::time::Instant::now();
+        if now >= deadline {
+            for &pgid in &left {
+                sys::signal_group(pgid, libc::SIGKILL);
+            }
+            break;
+        }
+        std::thread::sleep(ORPHAN_POLL.min(deadline - now));
+    }
+    groups.len()
+}
+
+/// How often [`end_orphans`] checks whether the groups are gone.
+const ORPHAN_POLL: Duration = Duration::from_millis(20);
+
 /// How long [`run_health`] lets the health command run.
 pub const HEALTH_TIMEOUT: Duration = Duration::from_secs(10);
 

@@ -638,3 +638,82 @@ async fn exec_throughput() {
         RUNS as f64 / wrapped.as_secs_f64()
     );
 }
+
+// === runs the sidecar never recorded ===
+
+#[tokio::test]
+async fn an_exec_run_records_its_handle_in_its_directory_before_it_reports() {
+    let (dir, runner) = runner(config(Mode::Exec, &["/bin/true"]));
+    let run = spec(&dir, 31);
+    let run_dir = run.run_dir.clone();
+    let (tx, mut rx) = mpsc::channel(8);
+    runner.start(run, tx);
+    let RunEvent::Spawned { handle, .. } = next(&mut rx).await else {
+        panic!("spawned first")
+    };
+    assert_eq!(recorded_handle(&run_dir), Some(handle.clone()));
+
+    // Renamed into another attempt's place (the pool), the record is not that attempt's.
+    let other = dir.path().join("runs").join("32-7");
+    std::fs::rename(&run_dir, &other).expect("rename");
+    assert_eq!(recorded_handle(&other), None);
+    // Nor is a damaged one.
+    std::fs::write(other.join(HANDLE_FILE), b"{\"pid\":").expect("write");
+    assert_eq!(recorded_handle(&other), None);
+}
+
+/// A process group led by `sh -c script`, and its handle as a run would record it.
+fn orphan(dir: &std::path::Path, script: &str) -> (std::process::Child, RunHandle) {
+    use std::os::unix::process::CommandExt;
+    let child = std::process::Command::new("/bin/sh")
+        .arg("-c")
+        .arg(script)
+        .stdout(std::process::Stdio::piped())
+        .process_group(0)
+        .spawn()
+        .expect("spawn");
+    let handle = RunHandle {
+        pid: Some(child.id()),
+        session: None,
+        run_dir: dir.to_owned(),
+        mode: RunMode::Exec,
+        start_ticks: sys::start_ticks(child.id()),
+    };
+    (child, handle)
+}
+
+#[test]
+fn orphans_get_sigterm_then_sigkill_after_the_grace() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (mut polite, polite_handle) = orphan(dir.path(), "exec sleep 30");
+    let (mut stubborn, stubborn_handle) = orphan(
+        dir.path(),
+        "trap '' TERM; echo trapped; while :; do sleep 1; done",
+    );
+    // Once it says so, the trap is set and SIGTERM cannot arrive before it.
+    let mut line = String::new();
+    let out = stubborn.stdout.take().expect("piped");
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(out), &mut line).expect("read");
+    assert_eq!(line, "trapped\n");
+    // A handle whose pid now names another process (start time differs) is left alone.
+    let (mut bystander, mut reused) = orphan(dir.path(), "exec sleep 30");
+    reused.start_ticks = reused.start_ticks.map(|t| t + 1);
+
+    let ended = end_orphans(
+        &[polite_handle, stubborn_handle, reused],
+        Duration::from_millis(300),
+    );
+    assert_eq!(ended, 2);
+    let polite = polite.wait().expect("reaped");
+    let stubborn = stubborn.wait().expect("reaped");
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(polite.signal(), Some(libc::SIGTERM));
+    assert_eq!(stubborn.signal(), Some(libc::SIGKILL));
+    assert_eq!(
+        bystander.try_wait().expect("try_wait"),
+        None,
+        "still running"
+    );
+    let _ = bystander.kill();
+    let _ = bystander.wait();
+}
