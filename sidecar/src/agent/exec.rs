@@ -303,10 +303,7 @@ async fn group_alive(pgid: u32) -> bool {
 async fn still_running(launch: &Arc<Launch>, pid: u32, ticks: Option<u64>) -> bool {
     let launch = Arc::clone(launch);
     tokio::task::spawn_blocking(move || match sys::process_state(pid) {
-        sys::ProcState::Alive { start_ticks } => match (start_ticks, ticks) {
-            (Some(now), Some(then)) => now == then,
-            _ => true,
-        },
+        sys::ProcState::Alive { start_ticks } => sys::same_start(start_ticks, ticks),
         sys::ProcState::Zombie | sys::ProcState::Gone => {
             launch.recorded_status().is_none() && sys::group_alive(pid)
         }

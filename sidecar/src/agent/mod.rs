@@ -149,15 +149,8 @@ pub fn end_orphans(handles: &[RunHandle], grace: Duration) -> usize {
         .iter()
         .filter_map(|h| {
             let pid = h.pid?;
-            // A reused pid must not be mistaken for the run; an exited leader
-            // may still have children in its group.
-            let same = match sys::process_state(pid) {
-                sys::ProcState::Alive { start_ticks } => {
-                    start_ticks.zip(h.start_ticks).is_none_or(|(a, b)| a == b)
-                }
-                sys::ProcState::Zombie | sys::ProcState::Gone => true,
-            };
-            (same && sys::group_alive(pid)).then_some(pid)
+            // An exited leader may still have children in its group.
+            (!sys::pid_reused(pid, h.start_ticks) && sys::group_alive(pid)).then_some(pid)
         })
         .collect();
     for &pgid in &groups {

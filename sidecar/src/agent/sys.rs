@@ -62,6 +62,20 @@ pub(super) fn process_state(pid: u32) -> ProcState {
     }
 }
 
+/// Whether `pid` now names a different process than the one that started at
+/// `ticks` (a reused pid). One `/proc` read.
+pub(super) fn pid_reused(pid: u32, ticks: Option<u64>) -> bool {
+    match process_state(pid) {
+        ProcState::Alive { start_ticks } => !same_start(start_ticks, ticks),
+        ProcState::Zombie | ProcState::Gone => false,
+    }
+}
+
+/// Whether two start times name the same process; an unknown one counts as the same.
+pub(super) fn same_start(now: Option<u64>, then: Option<u64>) -> bool {
+    now.zip(then).is_none_or(|(a, b)| a == b)
+}
+
 /// The start time of `pid` in clock ticks since boot (Linux), to recognise it after a restart.
 pub(super) fn start_ticks(pid: u32) -> Option<u64> {
     #[cfg(target_os = "linux")]
