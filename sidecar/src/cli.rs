@@ -87,6 +87,10 @@ enum Command {
     },
     /// Which agent this is.
     Whoami,
+    /// Internal: the helper that parents exec runs and records their exit
+    /// statuses; started by `run`, talks to it on stdin and stdout.
+    #[command(hide = true)]
+    Reaper,
 }
 
 #[derive(Subcommand)]
@@ -139,6 +143,10 @@ where
         Ok(c) => c,
         Err(e) => e.exit(),
     };
+    // No runtime and no logger: it only spawns, waits and writes small files.
+    if matches!(cli.command, Command::Reaper) {
+        return crate::agent::reaper_main();
+    }
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let logs = tracing_subscriber::fmt()
@@ -212,6 +220,10 @@ async fn run(command: Command) -> Result<(), Failure> {
             }
             Ok(())
         }
+        Command::Reaper => Err(Failure {
+            code: 2,
+            message: "the reaper runs before the runtime starts".into(),
+        }),
         Command::Doctor { data_dir } => doctor(&data_dir).await,
         Command::Task { command } => task(command).await,
         Command::Whoami => {
@@ -438,7 +450,15 @@ async fn serve(config: Option<PathBuf>, data_dir: Option<PathBuf>) -> Result<(),
         .await
         .map_err(|e| fail(format!("loading the key: {e}")))??;
     tracing::info!("private key from {source}");
-    let runner = Arc::new(ProcessRunner::new(cfg.agent.clone(), cfg.data_dir.clone()));
+    let runner = Arc::new(match std::env::current_exe() {
+        Ok(exe) => ProcessRunner::with_reaper(cfg.agent.clone(), cfg.data_dir.clone(), exe),
+        Err(e) => {
+            tracing::warn!(
+                "cannot find this binary to start the reaper ({e}); exec runs use the /bin/sh wrapper"
+            );
+            ProcessRunner::new(cfg.agent.clone(), cfg.data_dir.clone())
+        }
+    });
     let opts = daemon::Options {
         config: cfg,
         credential,

@@ -1,28 +1,34 @@
 //! Exec mode: the command is the run.
 //!
-//! The agent runs under a fixed `/bin/sh` wrapper, in its own process group,
-//! so it outlives a sidecar restart and still leaves its exit status behind:
+//! Every run has its own process group, so it outlives a sidecar restart, and
+//! it leaves its exit status in its run directory, so the status is known even
+//! when the run ends while the sidecar is down. What writes the status:
+//!
+//! - the reaper (`reaper.rs`), when the runner has one: a long-lived helper
+//!   process that is the run's parent. One exec per run.
+//! - otherwise a fixed `/bin/sh` wrapper per run, which costs a second exec
+//!   (about 1 ms of CPU per run with dash on the benchmark VM):
 //!
 //! ```text
 //! /bin/sh -c 'WRAPPER' muster-run <run_dir>/status <agent argv…>
 //! ```
 //!
 //! The agent's argv are positional parameters: the shell expands `"$@"` and
-//! never parses them, so no task or config text is ever interpreted. The
-//! wrapper costs one extra exec per run (measured: about 1 ms of CPU per run
-//! with dash on the benchmark VM), the price of surviving a restart with the
-//! status intact. With `exec_status = "waited"` the agent is spawned directly
-//! (same process group, environment and files) and its status comes from
-//! `wait` alone.
+//! never parses them, so no task or config text is ever interpreted. With
+//! `exec_status = "waited"` the agent is spawned directly as our child (same
+//! process group, environment and files) and its status comes from `wait` alone.
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use muster_protocol::msg::{Failure, Outcome};
 use tokio::process::Child;
+use tokio::sync::oneshot;
 use tokio::time::{Instant, sleep, timeout};
 
 use super::launch::{Exit, Launch, resolve};
+use super::reaper::SpawnError;
 use super::{Attempt, ExecStatus, RunHandle, RunMode, Wait, sys};
 
 /// The only shell the runner uses, with the only script it runs.
@@ -41,31 +47,84 @@ const RECOVER_POLL: Duration = Duration::from_millis(200);
 /// How long to wait for the killed wrapper to be reaped.
 const REAP_WAIT: Duration = Duration::from_secs(5);
 
-/// A spawned wrapper.
-struct Spawned {
-    child: Child,
-    pid: u32,
-    handle: RunHandle,
+/// How the end of a run is learned.
+enum Watch {
+    /// Our child: the wrapper (whose status carries the agent's) or, with
+    /// `exec_status = "waited"`, the agent itself.
+    Child(Child, ExecStatus),
+    /// A run the reaper spawned: it sends the exit code.
+    Reaper(oneshot::Receiver<i32>),
+    /// Nobody tells us: poll the process and read the status record.
+    Poll,
+}
+
+impl Watch {
+    /// Resolves when the run has ended: its exit, or why it is unknown. Cancel safe.
+    async fn wait(
+        &mut self,
+        launch: &Arc<Launch>,
+        pid: u32,
+        ticks: Option<u64>,
+    ) -> Result<Exit, String> {
+        loop {
+            match self {
+                Watch::Child(child, status) => {
+                    return match child.wait().await {
+                        Ok(exited) if *status == ExecStatus::Waited => {
+                            Ok(Exit::from_direct(exited))
+                        }
+                        Ok(exited) => Ok(Exit::from_wrapper(exited)),
+                        Err(e) => {
+                            // Only possible if something else reaped our child; the wrapper
+                            // still wrote the status file.
+                            tracing::warn!(pid, "could not wait for the agent: {e}");
+                            read_status(launch)
+                                .await
+                                .map(Exit::from_shell_code)
+                                .ok_or_else(|| {
+                                    format!("could not wait for the agent process {pid}: {e}")
+                                })
+                        }
+                    };
+                }
+                Watch::Reaper(exited) => match exited.await {
+                    Ok(code) if code >= 0 => return Ok(Exit::from_shell_code(code)),
+                    // The reaper is gone (or lost the run): watch it ourselves.
+                    _ => *self = Watch::Poll,
+                },
+                Watch::Poll => {
+                    while still_running(launch, pid, ticks).await {
+                        sleep(RECOVER_POLL).await;
+                    }
+                    return read_status(launch)
+                        .await
+                        .map(Exit::from_shell_code)
+                        .ok_or_else(|| {
+                            format!("the agent process {pid} exited and left no exit status")
+                        });
+                }
+            }
+        }
+    }
+
+    /// The child to reap after a stop, if the run is ours.
+    fn into_child(self) -> Option<Child> {
+        match self {
+            Watch::Child(child, _) => Some(child),
+            Watch::Reaper(_) | Watch::Poll => None,
+        }
+    }
 }
 
 /// Starts an exec run and watches it to the end.
 pub(super) async fn run(mut at: Attempt) {
     let argv = at.config().command.clone();
-    let launch = Arc::clone(&at.launch);
-    let spawn_argv = argv.clone();
-    // Preparing the run directory and spawning block for a fraction of a
-    // millisecond; keep that off the async workers.
-    let status = at.config().exec_status;
-    let spawned = tokio::task::spawn_blocking(move || spawn(&launch, &spawn_argv, status)).await;
-    let Spawned {
-        mut child,
-        pid,
-        handle,
-    } = match spawned {
-        Ok(Ok(spawned)) => spawned,
-        Ok(Err(reason)) => return fail_to_start(at, reason, argv).await,
-        Err(e) => return fail_to_start(at, format!("the spawn task failed: {e}"), argv).await,
+    let (mut watch, handle) = match launch(&at, &argv).await {
+        Ok(launched) => launched,
+        Err(reason) => return fail_to_start(at, reason, argv).await,
     };
+    let (pid, ticks) = (handle.pid.unwrap_or_default(), handle.start_ticks);
+    let launch = Arc::clone(&at.launch);
     let settle = at.config().settle;
     let early = if settle.is_zero() {
         // Spawned counts as started: one event pair, usually one commit.
@@ -73,49 +132,99 @@ pub(super) async fn run(mut at: Attempt) {
         None
     } else {
         at.spawned(handle).await;
-        match at.or_ctl(timeout(settle, child.wait())).await {
-            Wait::Done(Ok(status)) => Some(status),
+        match at
+            .or_ctl(timeout(settle, watch.wait(&launch, pid, ticks)))
+            .await
+        {
+            Wait::Done(Ok(exit)) => Some(exit),
             Wait::Done(Err(_elapsed)) => {
                 at.started(Some(pid)).await;
                 None
             }
-            Wait::Stop => return stop(at, Some(child), pid, argv).await,
+            Wait::Stop => return stop(at, watch.into_child(), pid, argv).await,
             Wait::Forget => return,
         }
     };
     let exited_early = early.is_some();
-    let exited = match early {
-        Some(exited) => exited,
-        None => match at.or_ctl(child.wait()).await {
-            Wait::Done(status) => status,
-            Wait::Stop => return stop(at, Some(child), pid, argv).await,
+    let exit = match early {
+        Some(exit) => exit,
+        None => match at.or_ctl(watch.wait(&launch, pid, ticks)).await {
+            Wait::Done(exit) => exit,
+            Wait::Stop => return stop(at, watch.into_child(), pid, argv).await,
             Wait::Forget => return,
         },
     };
-    let exit = match exited {
-        Ok(exited) if at.config().exec_status == ExecStatus::Waited => Exit::from_direct(exited),
-        Ok(exited) => Exit::from_wrapper(exited),
-        Err(e) => {
-            // Only possible if something else reaped our child; the wrapper
-            // still wrote the status file.
-            tracing::warn!(pid, "could not wait for the agent: {e}");
-            match read_status(&at.launch).await {
-                Some(code) => Exit::from_shell_code(code),
-                None => {
-                    return exited_without_status(
-                        at,
-                        argv,
-                        format!("could not wait for the agent process {pid}: {e}"),
-                    )
-                    .await;
-                }
-            }
-        }
+    let exit = match exit {
+        Ok(exit) => exit,
+        Err(reason) => return exited_without_status(at, argv, reason).await,
     };
     if exited_early && exit.success() {
         at.started(Some(pid)).await;
     }
     finish_exit(at, exit, argv).await;
+}
+
+/// Prepares the run directory and spawns the run: through the reaper when it
+/// keeps the status (and one is running), else as our own child.
+async fn launch(at: &Attempt, argv: &[String]) -> Result<(Watch, RunHandle), String> {
+    let status = at.config().exec_status;
+    let launch = Arc::clone(&at.launch);
+    let owned = argv.to_vec();
+    let reaper = match status {
+        ExecStatus::Recorded => at.shared.reaper.clone(),
+        ExecStatus::Waited => None,
+    };
+    // Preparing and spawning block for a fraction of a millisecond; keep that
+    // off the async workers.
+    let Some(reaper) = reaper else {
+        return blocking(move || {
+            let program = prepare(&launch, &owned)?;
+            spawn_child(&launch, &program, &owned[1..], status)
+        })
+        .await;
+    };
+    let program = {
+        let launch = Arc::clone(&launch);
+        blocking(move || prepare(&launch, &owned)).await?
+    };
+    let request = launch.reaper_request(&program, &argv[1..]);
+    if let Some(spawned) = match request {
+        Some(request) => reaper.spawn(request).await,
+        None => None,
+    } {
+        return match spawned {
+            Ok(s) => {
+                let handle = RunHandle {
+                    pid: Some(s.pid),
+                    session: None,
+                    run_dir: launch.run_dir().to_owned(),
+                    mode: RunMode::Exec,
+                    start_ticks: s.start_ticks,
+                };
+                Ok((Watch::Reaper(s.exited), handle))
+            }
+            Err(SpawnError::Refused(reason)) => Err(reason),
+            Err(SpawnError::Lost) => {
+                // The reaper died mid-spawn: the run exists if it left its handle.
+                let dir = launch.run_dir().to_owned();
+                blocking(move || Ok(super::recorded_handle(&dir)))
+                    .await?
+                    .map(|handle| (Watch::Poll, handle))
+                    .ok_or_else(|| "the reaper stopped before it confirmed the spawn".to_owned())
+            }
+        };
+    }
+    let args = argv[1..].to_vec();
+    blocking(move || spawn_child(&launch, &program, &args, status)).await
+}
+
+/// Runs `f` on the blocking pool.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, String> + Send + 'static,
+) -> Result<T, String> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .unwrap_or_else(|e| Err(format!("the spawn task failed: {e}")))
 }
 
 /// Re-attaches to an exec run after a sidecar restart.
@@ -153,15 +262,26 @@ pub(super) async fn recover(mut at: Attempt, handle: RunHandle) {
     }
 }
 
-/// Prepares the run directory and spawns the wrapper. Blocking.
-fn spawn(launch: &Launch, argv: &[String], status: ExecStatus) -> Result<Spawned, String> {
-    let (program, args) = argv
-        .split_first()
+/// Creates the run directory and its files; returns the resolved program. Blocking.
+fn prepare(launch: &Launch, argv: &[String]) -> Result<PathBuf, String> {
+    let program = argv
+        .first()
         .ok_or_else(|| "the agent command is empty".to_owned())?;
     launch.prepare()?;
     let resolved = resolve(program).map_err(|e| format!("could not start `{program}`: {e}"))?;
     // Also in "waited" mode: a reused run directory may hold an earlier run's record.
     launch.clear_status()?;
+    Ok(resolved)
+}
+
+/// Spawns the run as our child: under the wrapper, or directly with
+/// `exec_status = "waited"`. Blocking.
+fn spawn_child(
+    launch: &Launch,
+    program: &Path,
+    args: &[String],
+    status: ExecStatus,
+) -> Result<(Watch, RunHandle), String> {
     let status_path = launch.status_path();
     let (stdout, stderr) = launch.output()?;
     let (mut cmd, through) = match status {
@@ -171,22 +291,23 @@ fn spawn(launch: &Launch, argv: &[String], status: ExecStatus) -> Result<Spawned
                 .arg(WRAPPER)
                 .arg(WRAPPER_NAME)
                 .arg(&status_path)
-                .arg(resolved);
+                .arg(program);
             (cmd, format!(" through {SHELL}"))
         }
-        ExecStatus::Waited => (launch.command(resolved), String::new()),
+        ExecStatus::Waited => (launch.command(program), String::new()),
     };
     cmd.args(args)
         .stdout(stdout)
         .stderr(stderr)
         // The run must outlive the sidecar.
         .kill_on_drop(false);
+    let shown = program.display();
     let child = cmd
         .spawn()
-        .map_err(|e| format!("could not start `{program}`{through}: {e}"))?;
+        .map_err(|e| format!("could not start `{shown}`{through}: {e}"))?;
     let pid = child
         .id()
-        .ok_or_else(|| format!("`{program}` was spawned but has no pid"))?;
+        .ok_or_else(|| format!("`{shown}` was spawned but has no pid"))?;
     let handle = RunHandle {
         pid: Some(pid),
         session: None,
@@ -202,7 +323,7 @@ fn spawn(launch: &Launch, argv: &[String], status: ExecStatus) -> Result<Spawned
             "{e}; a crash before the next commit would leave this run unwatched"
         );
     }
-    Ok(Spawned { child, pid, handle })
+    Ok((Watch::Child(child, status), handle))
 }
 
 /// SIGTERM to the group, SIGKILL after `stop_grace`, then `Cancelled`.

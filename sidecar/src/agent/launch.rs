@@ -20,6 +20,17 @@ use tokio::process::Command;
 
 use super::{AgentConfig, RunSpec};
 
+/// The supervisor's hand-off to the sidecar, which is not the agent's: an agent
+/// that inherited `NOTIFY_SOCKET` could confuse systemd, and the credentials are ours.
+pub(super) const SUPERVISOR_VARS: [&str; 6] = [
+    "NOTIFY_SOCKET",
+    "WATCHDOG_USEC",
+    "WATCHDOG_PID",
+    "CREDENTIALS_DIRECTORY",
+    "LISTEN_FDS",
+    "LISTEN_PID",
+];
+
 /// Largest status file read back; it holds one decimal number.
 const STATUS_BYTES_MAX: u64 = 64;
 /// An empty exit-status record: the exec wrapper overwrites these four bytes with
@@ -150,16 +161,7 @@ impl Launch {
     /// closed, output discarded, in its own process group.
     pub(super) fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
         let mut cmd = Command::new(program);
-        // The supervisor's hand-off to the sidecar is not the agent's: an agent that
-        // inherited NOTIFY_SOCKET could confuse systemd, and the credentials are ours.
-        for var in [
-            "NOTIFY_SOCKET",
-            "WATCHDOG_USEC",
-            "WATCHDOG_PID",
-            "CREDENTIALS_DIRECTORY",
-            "LISTEN_FDS",
-            "LISTEN_PID",
-        ] {
+        for var in SUPERVISOR_VARS {
             cmd.env_remove(var);
         }
         cmd.envs(self.env.iter().map(|(k, v)| (k, v)))
@@ -169,6 +171,27 @@ impl Launch {
             .stderr(Stdio::null())
             .process_group(0);
         cmd
+    }
+
+    /// What the reaper needs to spawn this run of `program`; `None` when a path
+    /// or variable is not UTF-8, which the reaper's JSON cannot carry.
+    pub(super) fn reaper_request(
+        &self,
+        program: &Path,
+        args: &[String],
+    ) -> Option<super::reaper::Request> {
+        let env = self
+            .env
+            .iter()
+            .map(|(k, v)| Some(((*k).to_owned(), v.to_str()?.to_owned())))
+            .collect::<Option<Vec<_>>>()?;
+        Some(super::reaper::Request {
+            program: program.to_str()?.to_owned(),
+            args: args.to_vec(),
+            env,
+            cwd: self.work_dir.to_str()?.to_owned(),
+            run_dir: self.run_dir.to_str()?.to_owned(),
+        })
     }
 
     /// The last bytes of the run's stdout and stderr. Blocking.
@@ -219,7 +242,13 @@ impl Launch {
 /// Writes `bytes` over the file's start and cuts it to that length. Unlike a
 /// truncate-and-write, this reuses the file's block: on ext4 that is about 10 µs
 /// against 0.3 ms.
-fn overwrite_private(path: &Path, bytes: &[u8]) -> io::Result<()> {
+/// The exit-status record for a shell-style `code`, as the wrapper writes it.
+pub(super) fn status_record(code: i32) -> Vec<u8> {
+    format!("{code:<3}\n").into_bytes()
+}
+
+/// Writes `bytes` over the file at `path` (0600), reusing its blocks.
+pub(super) fn overwrite_private(path: &Path, bytes: &[u8]) -> io::Result<()> {
     let mut f = OpenOptions::new()
         .write(true)
         .create(true)
@@ -230,7 +259,8 @@ fn overwrite_private(path: &Path, bytes: &[u8]) -> io::Result<()> {
     f.set_len(bytes.len() as u64)
 }
 
-fn create_private(path: &Path) -> io::Result<File> {
+/// A new, empty file at `path` (0600).
+pub(super) fn create_private(path: &Path) -> io::Result<File> {
     OpenOptions::new()
         .write(true)
         .create(true)

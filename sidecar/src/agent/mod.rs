@@ -37,8 +37,9 @@ pub struct AgentConfig {
 /// See [`AgentConfig::exec_status`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ExecStatus {
-    /// A `/bin/sh` wrapper writes the exit status to the run directory, so it is known
-    /// even when the run ends while the sidecar is down. Two execs per run.
+    /// The exit status is written to the run directory, so it is known even when the
+    /// run ends while the sidecar is down: by the runner's reaper (one exec per run),
+    /// or without one by a `/bin/sh` wrapper (two execs per run).
     Recorded,
     /// The command is spawned directly and the sidecar waits for it: one exec per run
     /// (about 1 ms of CPU less here), but a run that ends while the sidecar is down
@@ -94,7 +95,8 @@ impl Default for AgentConfig {
 //
 // ```text
 //   start/recover ──► Attempt (one per run, owns the event sender)
-//                       ├─ exec.rs   sh wrapper, settle, wait, stop by process group
+//                       ├─ exec.rs   spawn (reaper or sh wrapper), settle, wait, stop by process group
+//                       │    └─ reaper.rs  the helper process that parents exec runs and records their statuses
 //                       └─ wake.rs   wake command, verify (process/command), probe loop
 //   launch.rs  run directory, task.json, env, tails, status file
 //   sys.rs     signals, /proc, sysinfo process search
@@ -102,8 +104,11 @@ impl Default for AgentConfig {
 
 mod exec;
 mod launch;
+mod reaper;
 mod sys;
 mod wake;
+
+pub use reaper::{SUBCOMMAND as REAPER_SUBCOMMAND, main as reaper_main};
 
 #[cfg(test)]
 mod tests;
@@ -334,6 +339,9 @@ struct Shared {
     work_dir: PathBuf,
     /// One control channel per active run; the run task removes its entry when it ends.
     runs: Mutex<HashMap<(TaskId, Generation), watch::Sender<Ctl>>>,
+    /// Spawns exec runs and keeps their statuses (`exec_status = "recorded"`);
+    /// without one, a `/bin/sh` wrapper per run does.
+    reaper: Option<Arc<reaper::Reaper>>,
 }
 
 /// What the sidecar asked of a run; flags only ever turn on.
@@ -355,8 +363,20 @@ impl ProcessRunner {
                 config,
                 work_dir,
                 runs: Mutex::new(HashMap::new()),
+                reaper: None,
             }),
         }
+    }
+
+    /// The same runner, spawning exec runs through a reaper started as
+    /// `exe reaper` (a binary whose `main` calls [`reaper_main`] for that
+    /// subcommand), so a run costs one exec instead of two.
+    pub fn with_reaper(config: AgentConfig, data_dir: PathBuf, exe: PathBuf) -> Self {
+        let mut runner = Self::new(config, data_dir);
+        if let Some(shared) = Arc::get_mut(&mut runner.shared) {
+            shared.reaper = Some(Arc::new(reaper::Reaper::new(exe)));
+        }
+        runner
     }
 
     /// How many runs are being watched now.

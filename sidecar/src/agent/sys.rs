@@ -124,6 +124,56 @@ pub(super) fn find_process(pattern: &str) -> Result<Option<u32>, String> {
     Ok(found)
 }
 
+/// How a waited-for child ended, as a shell reports it: the exit code, or
+/// 128 + the signal that ended it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Reaped {
+    /// The child's pid.
+    pub(super) pid: u32,
+    /// Exit code, or 128 + signal.
+    pub(super) code: i32,
+}
+
+/// What [`wait_any`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum WaitAny {
+    /// A child ended and is reaped.
+    Reaped(Reaped),
+    /// This process has no children.
+    NoChildren,
+    /// Interrupted, or a status that is not an end: try again.
+    Again,
+}
+
+/// Blocks until any child of this process ends, and reaps it.
+pub(super) fn wait_any() -> WaitAny {
+    let mut status: libc::c_int = 0;
+    let pid = waitpid_any(&mut status);
+    if pid < 0 {
+        return match io::Error::last_os_error().raw_os_error() {
+            Some(libc::ECHILD) => WaitAny::NoChildren,
+            _ => WaitAny::Again,
+        };
+    }
+    let code = if libc::WIFEXITED(status) {
+        libc::WEXITSTATUS(status)
+    } else if libc::WIFSIGNALED(status) {
+        128 + libc::WTERMSIG(status)
+    } else {
+        return WaitAny::Again;
+    };
+    WaitAny::Reaped(Reaped {
+        pid: pid as u32,
+        code,
+    })
+}
+
+#[allow(unsafe_code)]
+fn waitpid_any(status: &mut libc::c_int) -> libc::pid_t {
+    // SAFETY: waitpid(2) writes one int through a pointer to a live local.
+    unsafe { libc::waitpid(-1, status, 0) }
+}
+
 #[allow(unsafe_code)]
 fn kill(pid: i32, signal: i32) -> bool {
     // SAFETY: kill(2) takes two integers and touches no memory of this

@@ -62,6 +62,12 @@ enum Mode {
 }
 
 fn main() -> ExitCode {
+    // The exec sidecars start this binary as their reaper (see `fleet.rs`).
+    if std::env::args_os().nth(1).as_deref()
+        == Some(muster_sidecar::agent::REAPER_SUBCOMMAND.as_ref())
+    {
+        return muster_sidecar::agent::reaper_main();
+    }
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

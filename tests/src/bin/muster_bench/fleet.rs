@@ -171,9 +171,11 @@ impl Fleet {
         }
         let runner: Arc<dyn Runner> = match agent {
             Agent::Instant => Arc::new(InstantRunner),
-            Agent::Exec | Agent::ExecWaited => Arc::new(ProcessRunner::new(
+            // This binary is its own reaper, as `muster-sidecar` is.
+            Agent::Exec | Agent::ExecWaited => Arc::new(ProcessRunner::with_reaper(
                 config.agent.clone(),
                 config.data_dir.clone(),
+                std::env::current_exe()?,
             )),
         };
         let opts = Options {
