@@ -149,6 +149,17 @@ mod tests {
             OpRequest::Watch {
                 from: Some(EventSeq(4)),
             },
+            OpRequest::SubmitBatch(vec![SubmitRequest {
+                title: "b".into(),
+                description: String::new(),
+                capabilities: vec!["rust".into()],
+                priority: 0,
+                max_attempts: None,
+                timeout_ms: Some(5),
+                timeout_action: TimeoutAction::Fail,
+                after: vec![],
+                key: None,
+            }]),
         ];
         let mut opens = vec![Open {
             protocol: 1,

@@ -23,6 +23,8 @@ pub const NOTE_BYTES_MAX: usize = 4096;
 pub const HELD_TASKS_MAX: usize = 1024;
 /// Largest page `tasks --limit` returns.
 pub const PAGE_LEN_MAX: u32 = 1000;
+/// Tasks in one `SubmitBatch` request, at most.
+pub const SUBMIT_BATCH_MAX: usize = 1000;
 
 /// Cuts `s` to at most `max` bytes at a character boundary, so bounded text stays valid UTF-8.
 pub fn truncate_utf8(mut s: String, max: usize) -> String {

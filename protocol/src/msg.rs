@@ -641,6 +641,11 @@ pub enum OpRequest {
         /// First sequence wanted; `None` is "from now".
         from: Option<EventSeq>,
     },
+    /// Submit several tasks in one request (at most
+    /// [`crate::limits::SUBMIT_BATCH_MAX`]); each is accepted or refused on its
+    /// own, in order, and all accepted ones share one commit. Last, so the
+    /// variants before it keep their encoding.
+    SubmitBatch(Vec<SubmitRequest>),
 }
 
 impl OpRequest {
@@ -653,6 +658,7 @@ impl OpRequest {
                 | OpRequest::AgentUndrain { .. }
                 | OpRequest::TokenCreate { .. }
                 | OpRequest::Submit(_)
+                | OpRequest::SubmitBatch(_)
                 | OpRequest::TaskCancel { .. }
                 | OpRequest::TaskRequeue { .. }
         )

@@ -1179,6 +1179,7 @@ impl Core {
                 }))
             }
             OpRequest::Submit(req) => self.submit(now, req, &who.name, archive),
+            OpRequest::SubmitBatch(reqs) => self.submit_batch(now, reqs, &who.name, archive),
             OpRequest::TaskCancel { id } => self.cancel(now, id, &who.name),
             OpRequest::TaskRequeue { id } => self.requeue(now, id, &who.name, archive),
             OpRequest::Stats => ok_json(&self.stats_json()),
@@ -1352,6 +1353,7 @@ impl Core {
         ok_json(&serde_json::json!({ "name": name, "drained": drained }))
     }
 
+    /// One submission: the task's view, or why it was refused.
     fn submit(
         &mut self,
         now: Millis,
@@ -1359,6 +1361,79 @@ impl Core {
         who: &str,
         archive: &dyn Archive,
     ) -> OpResponse {
+        match self.admit(now, req, who, archive) {
+            Ok(Admitted::New(id)) => match self.tasks.get(&id) {
+                Some(live) => OpResponse::Ok {
+                    json: views::task_json_string(&live.rec),
+                },
+                None => op_error(OpErrorCode::Internal, "the new task vanished"),
+            },
+            Ok(Admitted::Existing(rec)) => {
+                let mut v = views::task_json(&rec);
+                v["existing"] = serde_json::Value::Bool(true);
+                ok_json(&v)
+            }
+            Err(refused) => OpResponse::Error(refused),
+        }
+    }
+
+    /// Several submissions, each accepted or refused on its own, in order:
+    /// `{"results": [{"id", "state"[, "existing"]} | {"error", "code"}], "accepted", "refused"}`.
+    fn submit_batch(
+        &mut self,
+        now: Millis,
+        reqs: Vec<SubmitRequest>,
+        who: &str,
+        archive: &dyn Archive,
+    ) -> OpResponse {
+        use muster_protocol::limits::SUBMIT_BATCH_MAX;
+        if reqs.len() > SUBMIT_BATCH_MAX {
+            return op_error(
+                OpErrorCode::Invalid,
+                &format!(
+                    "a batch of {} tasks; the limit is {SUBMIT_BATCH_MAX} per request, so split it",
+                    reqs.len()
+                ),
+            );
+        }
+        let mut results = Vec::with_capacity(reqs.len());
+        let mut refused = 0;
+        for req in reqs {
+            results.push(match self.admit(now, req, who, archive) {
+                Ok(Admitted::New(id)) => {
+                    let state = self.tasks.get(&id).map_or("queued", |l| l.rec.state.as_str());
+                    serde_json::json!({ "id": id.0, "state": state })
+                }
+                Ok(Admitted::Existing(rec)) => {
+                    serde_json::json!({ "id": rec.id.0, "state": rec.state.as_str(), "existing": true })
+                }
+                Err(e) => {
+                    refused += 1;
+                    serde_json::json!({ "error": e.message, "code": e.code })
+                }
+            });
+        }
+        let accepted = results.len() - refused;
+        ok_json(&serde_json::json!({
+            "results": results,
+            "accepted": accepted,
+            "refused": refused,
+        }))
+    }
+
+    /// Checks a submission against the limits and records the new task; a
+    /// repeated idempotency key names the task it made before.
+    fn admit(
+        &mut self,
+        now: Millis,
+        req: SubmitRequest,
+        who: &str,
+        archive: &dyn Archive,
+    ) -> Result<Admitted, OpError> {
+        let refuse = |code: OpErrorCode, message: &str| OpError {
+            code,
+            message: message.into(),
+        };
         if let Some(key) = &req.key
             && let Some(id) = self.keys.get(key)
         {
@@ -1369,31 +1444,29 @@ impl Core {
                 .or_else(|| self.recent.get(id).cloned())
                 .or_else(|| archive.task(*id));
             if let Some(rec) = rec {
-                let mut v = views::task_json(&rec);
-                v["existing"] = serde_json::Value::Bool(true);
-                return ok_json(&v);
+                return Ok(Admitted::Existing(Box::new(rec)));
             }
         }
         if let Err(msg) = self.validate_submit(&req) {
-            return op_error(OpErrorCode::Invalid, &msg);
+            return Err(refuse(OpErrorCode::Invalid, &msg));
         }
         if self.tasks.len() as u64 >= self.limits.max_queued_tasks {
-            return op_error(
+            return Err(refuse(
                 OpErrorCode::Busy,
                 &format!(
                     "the hub holds {} unfinished tasks, the limit (limits.max_queued_tasks); wait for some to finish or raise the limit",
                     self.limits.max_queued_tasks
                 ),
-            );
+            ));
         }
         let mine = self.per_submitter.get(who).copied().unwrap_or(0);
         if mine >= self.limits.max_tasks_per_submitter {
-            return op_error(
+            return Err(refuse(
                 OpErrorCode::Busy,
                 &format!(
                     "{who} has {mine} unfinished tasks, the limit per submitter (limits.max_tasks_per_submitter); wait for some to finish"
                 ),
-            );
+            ));
         }
         // Dependencies: each must exist; a failed or cancelled one refuses at once.
         let mut blocked = false;
@@ -1406,20 +1479,20 @@ impl Core {
                 .or_else(|| archive.task(*dep).map(|r| r.state));
             match state {
                 None => {
-                    return op_error(
+                    return Err(refuse(
                         OpErrorCode::Invalid,
                         &format!("--after {dep}: no such task"),
-                    );
+                    ));
                 }
                 Some(TaskState::Completed) => {}
                 Some(s) if s.is_terminal() => {
-                    return op_error(
+                    return Err(refuse(
                         OpErrorCode::Conflict,
                         &format!(
                             "--after {dep}: that task already ended {}, so this one could never run",
                             s.as_str()
                         ),
-                    );
+                    ));
                 }
                 Some(_) => blocked = true,
             }
@@ -1463,7 +1536,6 @@ impl Core {
             self.keys.insert(key.clone(), id);
             self.out.writes.push(Write::Key(key, id));
         }
-        let view = views::task_json_string(&rec);
         self.push_event(
             now,
             views::task_event_json(&rec, rec.state, &format!("submitted by {who}")),
@@ -1471,7 +1543,7 @@ impl Core {
         self.insert_live(rec, None);
         self.touch(id);
         self.dirty_schedule = true;
-        OpResponse::Ok { json: view }
+        Ok(Admitted::New(id))
     }
 
     fn validate_submit(&self, req: &SubmitRequest) -> Result<(), String> {
@@ -1915,6 +1987,14 @@ fn format_age(ms: Millis) -> String {
 }
 
 /// Who submitted a task: the first entry of its audit trail.
+/// What [`Core::admit`] did with a submission.
+enum Admitted {
+    /// A new task.
+    New(TaskId),
+    /// The task an earlier submission with the same idempotency key made.
+    Existing(Box<TaskRecord>),
+}
+
 fn submitter(rec: &TaskRecord) -> &str {
     rec.audit.first().map_or("", |a| a.who.as_str())
 }

@@ -2184,6 +2184,67 @@ fn an_overlong_description_is_refused_naming_the_limit() {
 }
 
 #[test]
+fn a_batch_accepts_or_refuses_each_task_on_its_own_and_assigns_in_one_step() {
+    let mut h = H::new();
+    let (c, _) = h.connect(1, "a", &[], 4);
+    let keyed = SubmitRequest {
+        key: Some("k-1".into()),
+        ..req("keyed")
+    };
+    let (resp, out) = h.op(
+        ADMIN,
+        OpRequest::SubmitBatch(vec![
+            req("first"),
+            req("  "),
+            keyed.clone(),
+            keyed,
+            req_caps("needs gpu", &["gpu"]),
+        ]),
+    );
+    let v = json_ok(&resp);
+    let results = v["results"].as_array().expect("results");
+    assert_eq!(results.len(), 5, "one result per task, in order: {v}");
+    assert_eq!(
+        (v["accepted"].as_u64(), v["refused"].as_u64()),
+        (Some(4), Some(1))
+    );
+    let first = TaskId(results[0]["id"].as_u64().expect("an id"));
+    assert_eq!(results[1]["code"], "invalid");
+    assert!(
+        results[1]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("--title is empty")),
+        "{v}"
+    );
+    // The key's second use names the task its first use made, in the same batch.
+    assert_eq!(results[3]["id"], results[2]["id"]);
+    assert_eq!(results[3]["existing"], true);
+    assert_eq!(h.core.live_tasks(), 3);
+    // Both runnable tasks went out in the batch's own step; the gpu one waits.
+    let sent: Vec<TaskId> = assigns(&out, c).iter().map(|a| a.task).collect();
+    assert_eq!(
+        sent,
+        [first, TaskId(results[2]["id"].as_u64().expect("an id"))]
+    );
+    assert_eq!(results[4]["state"], "queued");
+}
+
+#[test]
+fn a_batch_over_the_limit_is_refused_whole() {
+    let mut h = H::new();
+    let n = muster_protocol::limits::SUBMIT_BATCH_MAX + 1;
+    let (resp, out) = h.op(ADMIN, OpRequest::SubmitBatch(vec![req("t"); n]));
+    let e = op_err(&resp);
+    assert_eq!(e.code, OpErrorCode::Invalid);
+    assert!(e.message.contains("split it"), "{}", e.message);
+    assert!(out.writes.is_empty());
+    assert_eq!(h.core.live_tasks(), 0);
+    // An operator may not submit in batches either.
+    let (resp, _) = h.op(OPERATOR, OpRequest::SubmitBatch(vec![req("t")]));
+    assert_eq!(op_err(&resp).code, OpErrorCode::Forbidden);
+}
+
+#[test]
 fn invalid_submissions_are_refused() {
     let mut h = H::new();
     for r in [

@@ -15,7 +15,7 @@ use tokio::sync::mpsc;
 
 use crate::fleet::{self, Agent, Fleet, Identity};
 use crate::hub::{HubProc, Ops, Stop};
-use crate::util::{ms, num, phase, round3, submit, summary};
+use crate::util::{ms, num, phase, round3, submit, submit_batch, summary};
 
 /// How long the hub may take to answer after `serve` starts.
 const HUB_READY: Duration = Duration::from_secs(60);
@@ -61,9 +61,12 @@ pub(crate) struct ThroughputArgs {
     /// Slots per sidecar.
     #[arg(long, default_value_t = 16)]
     pub(crate) slots: u32,
-    /// Submissions in flight at once.
+    /// Tasks submitted and not yet answered, at most.
     #[arg(long, default_value_t = 1024)]
     pub(crate) window: usize,
+    /// Tasks per submit request (`SubmitBatch`); 1 submits each on its own stream.
+    #[arg(long, default_value_t = 64)]
+    pub(crate) batch: usize,
     /// Operator connections the submissions share (the hub allows 64 streams on each).
     #[arg(long, default_value_t = 16)]
     pub(crate) connections: usize,
@@ -78,28 +81,45 @@ struct Pass {
     ids: Vec<u64>,
 }
 
-/// Submits `n` tasks with `window` in flight and waits until the hub counts them finished.
-async fn run_pass(ops: &Arc<Ops>, n: usize, window: usize, limit: Duration) -> Result<Pass> {
+/// Submits `n` tasks, `batch` per request, with at most `window` tasks in
+/// flight, and waits until the hub counts them finished.
+async fn run_pass(
+    ops: &Arc<Ops>,
+    n: usize,
+    window: usize,
+    batch: usize,
+    limit: Duration,
+) -> Result<Pass> {
     let base = num(&ops.stats().await?, "finished") as u64;
-    let sem = Arc::new(tokio::sync::Semaphore::new(window.max(1)));
+    let batch = batch.clamp(1, muster_protocol::limits::SUBMIT_BATCH_MAX);
+    let sem = Arc::new(tokio::sync::Semaphore::new(window.max(batch)));
     let started = Instant::now();
     let mut set = tokio::task::JoinSet::new();
-    for i in 0..n {
-        let permit = sem.clone().acquire_owned().await?;
+    for first in (0..n).step_by(batch) {
+        let count = batch.min(n - first);
+        let permit = sem.clone().acquire_many_owned(count as u32).await?;
         let ops = ops.clone();
         set.spawn(async move {
             let t = Instant::now();
-            let id = submit(&ops, format!("bench task {i}")).await;
+            let titles = (first..first + count).map(|i| format!("bench task {i}"));
+            let ids = if count == 1 {
+                submit(&ops, format!("bench task {first}"))
+                    .await
+                    .map(|id| vec![id])
+            } else {
+                submit_batch(&ops, titles.collect()).await
+            };
             drop(permit);
-            id.map(|id| (id, ms(t.elapsed())))
+            ids.map(|ids| (ids, ms(t.elapsed())))
         });
     }
     let mut ids = Vec::with_capacity(n);
     let mut acks = Vec::with_capacity(n);
     while let Some(r) = set.join_next().await {
-        let (id, ack) = r??;
-        ids.push(id);
-        acks.push(ack);
+        let (batch_ids, ack) = r??;
+        // Every task of a batch is answered when the batch is.
+        acks.extend(std::iter::repeat_n(ack, batch_ids.len()));
+        ids.extend(batch_ids);
     }
     let submit_elapsed = started.elapsed();
     // The end: the hub counts all of them finished. Polled every 5 ms.
@@ -231,7 +251,12 @@ pub(crate) async fn throughput(bin: &Path, root: &Path, a: &ThroughputArgs) -> R
     let before = Snapshot::take(&hub, &ops).await?;
     // At least 200 tasks/s, or fail.
     let limit = Duration::from_secs(60) + Duration::from_millis(5) * n as u32;
-    let pass = phase("run tasks", limit, run_pass(&ops, n, a.window, limit)).await?;
+    let pass = phase(
+        "run tasks",
+        limit,
+        run_pass(&ops, n, a.window, a.batch, limit),
+    )
+    .await?;
     let after = Snapshot::take(&hub, &ops).await?;
     let peak_rss = hub.mem_kib("VmHWM")?;
     let rss = hub.mem_kib("VmRSS")?;
@@ -254,6 +279,7 @@ pub(crate) async fn throughput(bin: &Path, root: &Path, a: &ThroughputArgs) -> R
         "sidecars": a.sidecars,
         "slots": a.slots,
         "tasks": pass.tasks,
+        "batch": a.batch,
         "completed": done,
         "task_states": states,
         "elapsed_s": round3(pass.elapsed.as_secs_f64()),

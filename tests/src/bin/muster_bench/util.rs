@@ -71,6 +71,34 @@ pub(crate) async fn submit(ops: &Ops, title: String) -> Result<u64> {
     }
 }
 
+/// Submits one task per title in one `SubmitBatch`; returns their ids in order.
+pub(crate) async fn submit_batch(ops: &Ops, titles: Vec<String>) -> Result<Vec<u64>> {
+    let n = titles.len();
+    let reqs = titles
+        .into_iter()
+        .map(|title| SubmitRequest {
+            title,
+            description: String::new(),
+            capabilities: Vec::new(),
+            priority: 0,
+            max_attempts: None,
+            timeout_ms: None,
+            timeout_action: TimeoutAction::Fail,
+            after: Vec::new(),
+            key: None,
+        })
+        .collect();
+    let v = ops.call(OpRequest::SubmitBatch(reqs)).await?;
+    let ids: Option<Vec<u64>> = v["results"]
+        .as_array()
+        .map(|rs| rs.iter().map(|r| r["id"].as_u64()).collect())
+        .unwrap_or(None);
+    match ids {
+        Some(ids) if ids.len() == n => Ok(ids),
+        _ => bail!("the batch of {n} was not accepted whole: {v}"),
+    }
+}
+
 /// A number from a stats document (0 if absent).
 pub(crate) fn num(v: &Value, key: &str) -> f64 {
     v[key].as_f64().unwrap_or(0.0)
