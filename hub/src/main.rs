@@ -202,8 +202,13 @@ enum AgentCommand {
 #[derive(clap::Args)]
 struct SubmitArgs {
     /// One-line title.
-    #[arg(long)]
-    title: String,
+    #[arg(long, required_unless_present = "batch")]
+    title: Option<String>,
+    /// Submit many tasks from a file ("-" for stdin), one JSON object per line:
+    /// {"title": …, "description", "capabilities", "priority", "max_attempts",
+    /// "timeout", "timeout_action", "after", "key"} (all but title optional).
+    #[arg(long, conflicts_with_all = ["title", "description", "description_file", "wait"])]
+    batch: Option<PathBuf>,
     /// Description text.
     #[arg(long, conflicts_with = "description_file")]
     description: Option<String>,
@@ -249,6 +254,12 @@ fn main() -> ExitCode {
         return muster_sidecar::cli::main_from(
             std::iter::once("muster-sidecar".into()).chain(rest),
         );
+    }
+    // The demo's sidecars run from this executable, so it is their reaper too.
+    if std::env::args_os().nth(1).as_deref()
+        == Some(muster_sidecar::agent::REAPER_SUBCOMMAND.as_ref())
+    {
+        return muster_sidecar::agent::reaper_main();
     }
     let cli = Cli::parse();
     // The demo prints its own progress; the hub inside it only speaks up for problems.
@@ -585,6 +596,9 @@ async fn submit(a: SubmitArgs) -> Result<(), CliError> {
         code: 2,
         message: m,
     };
+    let Some(title) = a.title.clone() else {
+        return submit_batch(a).await;
+    };
     let description = match (&a.description, &a.description_file) {
         (Some(d), _) => d.clone(),
         (None, Some(p)) if p.as_os_str() == "-" => {
@@ -597,25 +611,10 @@ async fn submit(a: SubmitArgs) -> Result<(), CliError> {
             .map_err(|e| CliError::fail(format!("--description-file {}: {e}", p.display())))?,
         (None, None) => String::new(),
     };
-    let timeout_ms = match &a.timeout {
-        Some(t) => Some(
-            parse_duration(t)
-                .map_err(|e| usage(format!("--timeout: {e}")))?
-                .as_millis() as u64,
-        ),
-        None => None,
-    };
-    let timeout_action = match a.timeout_action.as_str() {
-        "fail" => TimeoutAction::Fail,
-        "retry" => TimeoutAction::Retry,
-        other => {
-            return Err(usage(format!(
-                "--timeout-action {other:?}: use fail or retry"
-            )));
-        }
-    };
+    let (timeout_ms, timeout_action) =
+        timeout_fields(a.timeout.as_deref(), &a.timeout_action).map_err(usage)?;
     let req = SubmitRequest {
-        title: a.title,
+        title,
         description,
         capabilities: a.capabilities,
         priority: a.priority,
@@ -664,6 +663,181 @@ async fn submit(a: SubmitArgs) -> Result<(), CliError> {
             v["state"].as_str().unwrap_or("?")
         )))
     }
+}
+
+/// `--timeout` and `--timeout-action` as the request carries them.
+fn timeout_fields(
+    timeout: Option<&str>,
+    action: &str,
+) -> Result<(Option<u64>, TimeoutAction), String> {
+    let timeout_ms = match timeout {
+        Some(t) => Some(
+            parse_duration(t)
+                .map_err(|e| format!("--timeout: {e}"))?
+                .as_millis() as u64,
+        ),
+        None => None,
+    };
+    let action = match action {
+        "fail" => TimeoutAction::Fail,
+        "retry" => TimeoutAction::Retry,
+        other => return Err(format!("--timeout-action {other:?}: use fail or retry")),
+    };
+    Ok((timeout_ms, action))
+}
+
+/// One line of a `submit --batch` file.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BatchLine {
+    title: String,
+    #[serde(default)]
+    description: String,
+    #[serde(default)]
+    capabilities: Vec<String>,
+    #[serde(default)]
+    priority: i32,
+    max_attempts: Option<u32>,
+    timeout: Option<String>,
+    timeout_action: Option<String>,
+    #[serde(default)]
+    after: Vec<u64>,
+    key: Option<String>,
+}
+
+/// Bytes of task text per `SubmitBatch` request, at most, so each fits in a frame.
+const BATCH_TEXT_BYTES_MAX: usize = 512 * 1024;
+
+/// `submit --batch FILE`: every line is checked before anything is sent; then
+/// the tasks go in requests of at most `SUBMIT_BATCH_MAX`, and each line's
+/// answer is printed. Exit 1 if the hub refused any.
+async fn submit_batch(a: SubmitArgs) -> Result<(), CliError> {
+    use muster_protocol::limits::SUBMIT_BATCH_MAX;
+    let path = a.batch.unwrap_or_default();
+    let text = if path.as_os_str() == "-" {
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)
+            .map_err(|e| CliError::fail(format!("reading the batch from stdin: {e}")))?;
+        s
+    } else {
+        std::fs::read_to_string(&path)
+            .map_err(|e| CliError::fail(format!("--batch {}: {e}", path.display())))?
+    };
+    let mut tasks = Vec::new();
+    let mut errors = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let parsed = serde_json::from_str::<BatchLine>(line)
+            .map_err(|e| e.to_string())
+            .and_then(|l| {
+                let (timeout_ms, timeout_action) = timeout_fields(
+                    l.timeout.as_deref(),
+                    l.timeout_action.as_deref().unwrap_or("fail"),
+                )?;
+                Ok(SubmitRequest {
+                    title: l.title,
+                    description: l.description,
+                    capabilities: l.capabilities,
+                    priority: l.priority,
+                    max_attempts: l.max_attempts,
+                    timeout_ms,
+                    timeout_action,
+                    after: l.after.into_iter().map(TaskId).collect(),
+                    key: l.key,
+                })
+            });
+        match parsed {
+            Ok(req) => tasks.push((i + 1, req)),
+            Err(e) => errors.push(format!("line {}: {e}", i + 1)),
+        }
+    }
+    if !errors.is_empty() {
+        return Err(CliError {
+            code: 2,
+            message: format!(
+                "--batch {}: nothing was submitted:\n  {}",
+                path.display(),
+                errors.join("\n  ")
+            ),
+        });
+    }
+    if tasks.is_empty() {
+        return Err(CliError {
+            code: 2,
+            message: format!("--batch {}: no tasks in it", path.display()),
+        });
+    }
+    let s = a.connect.connect().await?;
+    let mut results = Vec::with_capacity(tasks.len());
+    let mut rest = tasks.into_iter().peekable();
+    while rest.peek().is_some() {
+        let (mut lines, mut reqs, mut bytes) = (Vec::new(), Vec::new(), 0);
+        while let Some((_, next)) = rest.peek() {
+            let size = next.title.len() + next.description.len() + 256;
+            if reqs.len() == SUBMIT_BATCH_MAX
+                || (!reqs.is_empty() && bytes + size > BATCH_TEXT_BYTES_MAX)
+            {
+                break;
+            }
+            let Some((line, req)) = rest.next() else {
+                break;
+            };
+            bytes += size;
+            lines.push(line);
+            reqs.push(req);
+        }
+        let v = s.call(OpRequest::SubmitBatch(reqs)).await?;
+        let answers = v["results"].as_array().cloned().unwrap_or_default();
+        if answers.len() != lines.len() {
+            return Err(CliError::fail(format!(
+                "the hub answered {} of {} tasks; `muster-hub tasks` shows what it took",
+                answers.len(),
+                lines.len()
+            )));
+        }
+        for (line, mut r) in lines.into_iter().zip(answers) {
+            r["line"] = line.into();
+            results.push(r);
+        }
+    }
+    s.close().await;
+    let refused = results.iter().filter(|r| r.get("error").is_some()).count();
+    let v = serde_json::json!({
+        "results": results,
+        "accepted": results.len() - refused,
+        "refused": refused,
+    });
+    print(&v, a.json, |v| {
+        let mut out = String::new();
+        for r in v["results"].as_array().into_iter().flatten() {
+            match r.get("error") {
+                Some(e) => {
+                    out += &format!(
+                        "line {}: refused: {}\n",
+                        r["line"],
+                        e.as_str().unwrap_or("?")
+                    )
+                }
+                None => {
+                    out += &format!(
+                        "line {}: task {} ({})\n",
+                        r["line"],
+                        r["id"],
+                        r["state"].as_str().unwrap_or("?")
+                    )
+                }
+            }
+        }
+        out + &format!("{} submitted, {} refused\n", v["accepted"], v["refused"])
+    });
+    if refused > 0 {
+        return Err(CliError::fail(format!(
+            "the hub refused {refused} of the tasks"
+        )));
+    }
+    Ok(())
 }
 
 async fn watch(connect: &ConnectArgs, from: Option<u64>, json: bool) -> Result<(), CliError> {

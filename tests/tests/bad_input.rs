@@ -519,3 +519,64 @@ fn sidecar_session_sending_garbage_after_hello_is_closed_and_others_keep_working
     assert_eq!(t["attempts"], 1, "{t}");
     assert_hub_healthy(&hub);
 }
+
+// === batch submission ===
+
+#[test]
+fn a_batch_file_is_checked_whole_before_anything_is_sent_and_each_refusal_names_its_line() {
+    let hub = hub_with_limits(&[("max_queued_tasks", "3")]);
+    let bad = hub.root().join("bad.jsonl");
+    std::fs::write(
+        &bad,
+        "{\"title\": \"fine\"}\n{\"titel\": \"a typo\"}\n\n{\"title\": \"t\", \"timeout\": \"soon\"}\n",
+    )
+    .expect("write the batch");
+    let out = hub.cli(&["submit", "--batch", &bad.to_string_lossy()]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "a usage error: {err}");
+    assert!(err.contains("nothing was submitted"), "{err}");
+    assert!(err.contains("line 2") && err.contains("titel"), "{err}");
+    assert!(err.contains("line 4") && err.contains("--timeout"), "{err}");
+    let v = hub.json(&["tasks"]);
+    assert_eq!(v["tasks"].as_array().map(Vec::len), Some(0), "{v}");
+
+    // Four good lines against a queue of three: three go in, the fourth is
+    // refused naming the limit, and what went in is exactly what the file says.
+    let good = hub.root().join("good.jsonl");
+    std::fs::write(
+        &good,
+        concat!(
+            "{\"title\": \"first\", \"priority\": 5, \"capabilities\": [\"rust\"], \"key\": \"k1\"}\n",
+            "{\"title\": \"second\", \"description\": \"two\", \"timeout\": \"30m\", \"timeout_action\": \"retry\"}\n",
+            "{\"title\": \"third\", \"max_attempts\": 1}\n",
+            "{\"title\": \"fourth\"}\n",
+        ),
+    )
+    .expect("write the batch");
+    let out = hub.cli(&["submit", "--batch", &good.to_string_lossy(), "--json"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let v: Value = serde_json::from_slice(&out.stdout).expect("JSON results");
+    assert_eq!(
+        (v["accepted"].as_u64(), v["refused"].as_u64()),
+        (Some(3), Some(1)),
+        "{v}"
+    );
+    let results = v["results"].as_array().expect("results");
+    let lines: Vec<u64> = results.iter().filter_map(|r| r["line"].as_u64()).collect();
+    assert_eq!(lines, [1, 2, 3, 4]);
+    assert!(
+        results[3]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("max_queued_tasks")),
+        "{v}"
+    );
+    let first = hub.json(&["task", "show", &results[0]["id"].to_string()]);
+    assert_eq!(first["title"], "first", "{first}");
+    assert_eq!(first["priority"], 5, "{first}");
+    assert_eq!(first["capabilities"][0], "rust", "{first}");
+    let second = hub.json(&["task", "show", &results[1]["id"].to_string()]);
+    assert_eq!(second["description"], "two", "{second}");
+    assert_eq!(second["timeout_ms"], 1_800_000, "{second}");
+    let v = hub.json(&["tasks"]);
+    assert_eq!(v["tasks"].as_array().map(Vec::len), Some(3), "{v}");
+}
