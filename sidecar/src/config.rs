@@ -333,7 +333,7 @@ impl SidecarConfig {
             "exec_status",
             exec_status_text(a.exec_status),
             exec_status_text(da.exec_status),
-            "exec: \"recorded\" (a sh wrapper keeps the exit status through a sidecar restart) or \"waited\" (one exec fewer per run; a run that ends while the sidecar is down has no status).",
+            "exec: \"recorded\" (the sidecar's reaper process keeps the exit status through a sidecar restart) or \"waited\" (the sidecar is the run's parent; a run that ends while the sidecar is down has no status).",
         );
         w.out
     }

@@ -132,6 +132,7 @@ fn check_throughput(v: &Value, tasks: u64) {
         v,
         &[
             "tasks_per_s",
+            "batch",
             "elapsed_s",
             "hub.messages_per_task",
             "hub.bytes_per_task",
