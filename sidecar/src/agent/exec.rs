@@ -18,7 +18,7 @@
 //! `exec_status = "waited"` the agent is spawned directly as our child (same
 //! process group, environment and files) and its status comes from `wait` alone.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,7 +27,7 @@ use tokio::process::Child;
 use tokio::sync::oneshot;
 use tokio::time::{Instant, sleep, timeout};
 
-use super::launch::{Exit, Launch, resolve};
+use super::launch::{Exit, Launch};
 use super::reaper::SpawnError;
 use super::{Attempt, ExecStatus, RunHandle, RunMode, Wait, sys};
 
@@ -35,7 +35,7 @@ use super::{Attempt, ExecStatus, RunHandle, RunMode, Wait, sys};
 const SHELL: &str = "/bin/sh";
 /// Runs `"$@"`, records its status in the file named by `$1`, exits with it.
 /// `1<>` opens the record without truncating it, so its block is reused (see
-/// `Launch::clear_status`).
+/// `launch::prepare_exec`).
 const WRAPPER: &str = r#"s=$1; shift; "$@"; rc=$?; printf '%-3s\n' "$rc" 1<>"$s"; exit "$rc""#;
 /// `$0` of the wrapper, which is what `ps` shows for it.
 const WRAPPER_NAME: &str = "muster-run";
@@ -174,24 +174,12 @@ async fn launch(at: &Attempt, argv: &[String]) -> Result<(Watch, RunHandle), Str
         ExecStatus::Recorded => at.shared.reaper.clone(),
         ExecStatus::Waited => None,
     };
-    // Preparing and spawning block for a fraction of a millisecond; keep that
-    // off the async workers.
-    let Some(reaper) = reaper else {
-        return blocking(move || {
-            let program = prepare(&launch, &owned)?;
-            spawn_child(&launch, &program, &owned[1..], status)
-        })
-        .await;
+    // The reaper prepares the run directory itself: nothing here blocks.
+    let spawned = match (reaper, launch.reaper_request(argv)) {
+        (Some(reaper), Some(request)) => reaper.spawn(request).await,
+        _ => None,
     };
-    let program = {
-        let launch = Arc::clone(&launch);
-        blocking(move || prepare(&launch, &owned)).await?
-    };
-    let request = launch.reaper_request(&program, &argv[1..]);
-    if let Some(spawned) = match request {
-        Some(request) => reaper.spawn(request).await,
-        None => None,
-    } {
+    if let Some(spawned) = spawned {
         return match spawned {
             Ok(s) => {
                 let handle = RunHandle {
@@ -214,8 +202,13 @@ async fn launch(at: &Attempt, argv: &[String]) -> Result<(Watch, RunHandle), Str
             }
         };
     }
-    let args = argv[1..].to_vec();
-    blocking(move || spawn_child(&launch, &program, &args, status)).await
+    // Preparing and spawning block for a fraction of a millisecond; keep that
+    // off the async workers.
+    blocking(move || {
+        let program = launch.prepare_exec(&owned)?;
+        spawn_child(&launch, &program, &owned[1..], status)
+    })
+    .await
 }
 
 /// Runs `f` on the blocking pool.
@@ -260,18 +253,6 @@ pub(super) async fn recover(mut at: Attempt, handle: RunHandle) {
             exited_without_status(at, argv, reason).await
         }
     }
-}
-
-/// Creates the run directory and its files; returns the resolved program. Blocking.
-fn prepare(launch: &Launch, argv: &[String]) -> Result<PathBuf, String> {
-    let program = argv
-        .first()
-        .ok_or_else(|| "the agent command is empty".to_owned())?;
-    launch.prepare()?;
-    let resolved = resolve(program).map_err(|e| format!("could not start `{program}`: {e}"))?;
-    // Also in "waited" mode: a reused run directory may hold an earlier run's record.
-    launch.clear_status()?;
-    Ok(resolved)
 }
 
 /// Spawns the run as our child: under the wrapper, or directly with

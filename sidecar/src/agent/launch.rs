@@ -107,33 +107,13 @@ impl Launch {
     /// Creates the run and work directories and writes `task.json` (0600). Blocking.
     pub(super) fn prepare(&self) -> Result<(), String> {
         let json = self.task_json.as_ref().map_err(Clone::clone)?;
-        DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&self.run_dir)
-            .map_err(|e| {
-                format!(
-                    "could not create the run directory {}: {e}",
-                    self.run_dir.display()
-                )
-            })?;
-        std::fs::create_dir_all(&self.work_dir).map_err(|e| {
-            format!(
-                "could not create the working directory {}: {e}",
-                self.work_dir.display()
-            )
-        })?;
-        let path = self.run_dir.join("task.json");
-        overwrite_private(&path, json)
-            .map_err(|e| format!("could not write {}: {e}", path.display()))
+        prepare_dirs(&self.run_dir, &self.work_dir, json)
     }
 
-    /// Blanks the exit-status record before a run, in place: a reused run
-    /// directory must not show the earlier run's status. Blocking.
-    pub(super) fn clear_status(&self) -> Result<(), String> {
-        let path = self.status_path();
-        overwrite_private(&path, STATUS_BLANK)
-            .map_err(|e| format!("could not clear {}: {e}", path.display()))
+    /// [`prepare_exec`] for this run. Blocking.
+    pub(super) fn prepare_exec(&self, argv: &[String]) -> Result<PathBuf, String> {
+        let json = self.task_json.as_ref().map_err(Clone::clone)?;
+        prepare_exec(&self.run_dir, &self.work_dir, json, argv)
     }
 
     /// Records the run's handle in its directory, in place. Not synced: it
@@ -173,24 +153,22 @@ impl Launch {
         cmd
     }
 
-    /// What the reaper needs to spawn this run of `program`; `None` when a path
-    /// or variable is not UTF-8, which the reaper's JSON cannot carry.
-    pub(super) fn reaper_request(
-        &self,
-        program: &Path,
-        args: &[String],
-    ) -> Option<super::reaper::Request> {
+    /// What the reaper needs to prepare and spawn this run of `argv`; `None`
+    /// when a path or variable is not UTF-8, which the reaper's JSON cannot
+    /// carry, or `task.json` could not be made (the local path reports why).
+    pub(super) fn reaper_request(&self, argv: &[String]) -> Option<super::reaper::Request> {
         let env = self
             .env
             .iter()
             .map(|(k, v)| Some(((*k).to_owned(), v.to_str()?.to_owned())))
             .collect::<Option<Vec<_>>>()?;
+        let task_json = String::from_utf8(self.task_json.as_ref().ok()?.clone()).ok()?;
         Some(super::reaper::Request {
-            program: program.to_str()?.to_owned(),
-            args: args.to_vec(),
+            argv: argv.to_vec(),
             env,
             cwd: self.work_dir.to_str()?.to_owned(),
             run_dir: self.run_dir.to_str()?.to_owned(),
+            task_json,
         })
     }
 
@@ -242,6 +220,53 @@ impl Launch {
 /// Writes `bytes` over the file's start and cuts it to that length. Unlike a
 /// truncate-and-write, this reuses the file's block: on ext4 that is about 10 µs
 /// against 0.3 ms.
+/// Everything an exec run needs before its spawn: the directories, `task.json`,
+/// a blank status record; returns the program resolved. Blocking. The reaper
+/// runs this too, so a run it spawns is prepared in one place.
+pub(super) fn prepare_exec(
+    run_dir: &Path,
+    work_dir: &Path,
+    task_json: &[u8],
+    argv: &[String],
+) -> Result<PathBuf, String> {
+    let program = argv
+        .first()
+        .ok_or_else(|| "the agent command is empty".to_owned())?;
+    prepare_dirs(run_dir, work_dir, task_json)?;
+    let resolved = resolve(program).map_err(|e| format!("could not start `{program}`: {e}"))?;
+    // Also in "waited" mode: a reused run directory may hold an earlier run's record.
+    clear_status(run_dir)?;
+    Ok(resolved)
+}
+
+fn prepare_dirs(run_dir: &Path, work_dir: &Path, task_json: &[u8]) -> Result<(), String> {
+    DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(run_dir)
+        .map_err(|e| {
+            format!(
+                "could not create the run directory {}: {e}",
+                run_dir.display()
+            )
+        })?;
+    std::fs::create_dir_all(work_dir).map_err(|e| {
+        format!(
+            "could not create the working directory {}: {e}",
+            work_dir.display()
+        )
+    })?;
+    let path = run_dir.join("task.json");
+    overwrite_private(&path, task_json)
+        .map_err(|e| format!("could not write {}: {e}", path.display()))
+}
+
+fn clear_status(run_dir: &Path) -> Result<(), String> {
+    let path = run_dir.join("status");
+    overwrite_private(&path, STATUS_BLANK)
+        .map_err(|e| format!("could not clear {}: {e}", path.display()))
+}
+
 /// The exit-status record for a shell-style `code`, as the wrapper writes it.
 pub(super) fn status_record(code: i32) -> Vec<u8> {
     format!("{code:<3}\n").into_bytes()

@@ -11,8 +11,8 @@
 //!
 //! ```text
 //! sidecar ══ socketpair: the reaper's stdin and stdout, JSON lines ══ muster-sidecar reaper
-//!   ─▶ Spawn { id, program, args, env, cwd, run_dir }     spawn in its own process group,
-//!   ◀─ Spawned { id, pid, start_ticks } | Refused { id }   write the handle file, then answer
+//!   ─▶ Spawn { id, argv, env, cwd, run_dir, task_json }   prepare the run directory, spawn in
+//!   ◀─ Spawned { id, pid, start_ticks } | Refused { id }   its own process group, write the handle
 //!   ◀─ Exited { id, code }                                after the status record is written
 //! ```
 //!
@@ -37,7 +37,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 use tokio_util::codec::{FramedRead, FramedWrite, LinesCodec};
 
-use super::launch::{create_private, overwrite_private, status_record};
+use super::launch::{create_private, overwrite_private, prepare_exec, status_record};
 use super::{HANDLE_FILE, RunHandle, RunMode, sys};
 
 /// Bumped when the messages below change; a reaper of another version is not used.
@@ -51,17 +51,18 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 /// After a reaper failed to start, how long runs use the wrapper before the next try.
 const RETRY_AFTER: Duration = Duration::from_secs(60);
 
-/// One run to spawn: `stdout` and `stderr` go to files in `run_dir`, the
-/// environment is the reaper's (the sidecar's at its start, less the
-/// supervisor's variables) plus `env`. Text only: a path that is not UTF-8
-/// makes the run use the wrapper.
+/// One run to prepare and spawn: the reaper creates `run_dir` with
+/// `task.json` and a blank status record, resolves `argv[0]` on its `PATH`,
+/// and sends `stdout` and `stderr` to files in `run_dir`. The environment is
+/// the reaper's (the sidecar's at its start, less the supervisor's variables)
+/// plus `env`. Text only: a path that is not UTF-8 makes the run use the wrapper.
 #[derive(Serialize, Deserialize, Debug, Clone)]
 pub(super) struct Request {
-    pub(super) program: String,
-    pub(super) args: Vec<String>,
+    pub(super) argv: Vec<String>,
     pub(super) env: Vec<(String, String)>,
     pub(super) cwd: String,
     pub(super) run_dir: String,
+    pub(super) task_json: String,
 }
 
 /// Sidecar → reaper.
@@ -233,14 +234,20 @@ impl State {
 fn spawn_run(run: &Request) -> Result<(u32, Option<u64>), String> {
     use std::os::unix::process::CommandExt;
     let run_dir = Path::new(&run.run_dir);
+    let program = prepare_exec(
+        run_dir,
+        Path::new(&run.cwd),
+        run.task_json.as_bytes(),
+        &run.argv,
+    )?;
     let open = |name: &str| {
         let path = run_dir.join(name);
         create_private(&path)
             .map(Stdio::from)
             .map_err(|e| format!("could not create {}: {e}", path.display()))
     };
-    let child = std::process::Command::new(&run.program)
-        .args(&run.args)
+    let child = std::process::Command::new(&program)
+        .args(&run.argv[1..])
         .envs(run.env.iter().map(|(k, v)| (k, v)))
         .current_dir(&run.cwd)
         .stdin(Stdio::null())
@@ -248,7 +255,7 @@ fn spawn_run(run: &Request) -> Result<(u32, Option<u64>), String> {
         .stderr(open("stderr")?)
         .process_group(0)
         .spawn()
-        .map_err(|e| format!("could not start `{}`: {e}", run.program))?;
+        .map_err(|e| format!("could not start `{}`: {e}", program.display()))?;
     // Reaped by `State::reap`; a std `Child` neither kills nor waits on drop.
     let pid = child.id();
     let start_ticks = sys::start_ticks(pid);
