@@ -258,11 +258,11 @@ pub async fn run(
         }
         // Commit before acknowledge: store effects are durable before anything is sent.
         let store: Vec<Effect> = effects.iter().filter(|e| e.is_store()).cloned().collect();
-        if !store.is_empty() {
-            if let Err(e) = commit(&queue, store).await? {
-                error!("fatal: {e}");
-                return Err(e.into());
-            }
+        if !store.is_empty()
+            && let Err(e) = commit(&queue, store).await?
+        {
+            error!("fatal: {e}");
+            return Err(e.into());
         }
         if connected {
             // Replay what the hub has not acknowledged, then tell it our state at once.
