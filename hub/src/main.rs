@@ -207,7 +207,10 @@ struct SubmitArgs {
     /// Submit many tasks from a file ("-" for stdin), one JSON object per line:
     /// {"title": …, "description", "capabilities", "priority", "max_attempts",
     /// "timeout", "timeout_action", "after", "key"} (all but title optional).
-    #[arg(long, conflicts_with_all = ["title", "description", "description_file", "wait"])]
+    #[arg(long, conflicts_with_all = [
+        "title", "description", "description_file", "capabilities", "priority",
+        "max_attempts", "timeout", "timeout_action", "after", "key", "wait",
+    ])]
     batch: Option<PathBuf>,
     /// Description text.
     #[arg(long, conflicts_with = "description_file")]

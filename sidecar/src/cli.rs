@@ -450,7 +450,7 @@ async fn serve(config: Option<PathBuf>, data_dir: Option<PathBuf>) -> Result<(),
         .await
         .map_err(|e| fail(format!("loading the key: {e}")))??;
     tracing::info!("private key from {source}");
-    let runner = Arc::new(match std::env::current_exe() {
+    let runner = Arc::new(match crate::agent::own_executable() {
         Ok(exe) => ProcessRunner::with_reaper(cfg.agent.clone(), cfg.data_dir.clone(), exe),
         Err(e) => {
             tracing::warn!(

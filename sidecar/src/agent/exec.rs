@@ -175,9 +175,9 @@ async fn launch(at: &Attempt, argv: &[String]) -> Result<(Watch, RunHandle), Str
         ExecStatus::Waited => None,
     };
     // The reaper prepares the run directory itself: nothing here blocks.
-    let spawned = match (reaper, launch.reaper_request(argv)) {
-        (Some(reaper), Some(request)) => reaper.spawn(request).await,
-        _ => None,
+    let spawned = match reaper.and_then(|r| Some((r, launch.reaper_request(argv)?))) {
+        Some((reaper, request)) => reaper.spawn(request).await,
+        None => None,
     };
     if let Some(spawned) = spawned {
         return match spawned {
@@ -229,20 +229,12 @@ pub(super) async fn recover(mut at: Attempt, handle: RunHandle) {
     let ticks = handle.start_ticks;
     if still_running(&at.launch, pid, ticks).await {
         at.started(Some(pid)).await;
-        loop {
-            match at.pause(RECOVER_POLL).await {
-                Wait::Done(()) if still_running(&at.launch, pid, ticks).await => {}
-                Wait::Done(()) => break,
-                Wait::Stop => return stop(at, None, pid, argv).await,
-                Wait::Forget => return,
-            }
-        }
-        return match read_status(&at.launch).await {
-            Some(code) => finish_exit(at, Exit::from_shell_code(code), argv).await,
-            None => {
-                let reason = format!("the agent process {pid} exited and left no exit status");
-                exited_without_status(at, argv, reason).await
-            }
+        let launch = Arc::clone(&at.launch);
+        return match at.or_ctl(Watch::Poll.wait(&launch, pid, ticks)).await {
+            Wait::Done(Ok(exit)) => finish_exit(at, exit, argv).await,
+            Wait::Done(Err(reason)) => exited_without_status(at, argv, reason).await,
+            Wait::Stop => stop(at, None, pid, argv).await,
+            Wait::Forget => {}
         };
     }
     match read_status(&at.launch).await {

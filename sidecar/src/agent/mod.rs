@@ -110,6 +110,19 @@ mod wake;
 
 pub use reaper::{SUBCOMMAND as REAPER_SUBCOMMAND, main as reaper_main};
 
+/// This process's own executable, to start its reaper from: on Linux
+/// `/proc/self/exe`, which still names the running binary after an upgrade
+/// replaced the file on disk.
+///
+/// # Errors
+/// Elsewhere, when [`std::env::current_exe`] cannot tell.
+pub fn own_executable() -> std::io::Result<PathBuf> {
+    if cfg!(target_os = "linux") {
+        return Ok(PathBuf::from("/proc/self/exe"));
+    }
+    std::env::current_exe()
+}
+
 #[cfg(test)]
 mod tests;
 
@@ -354,6 +367,17 @@ struct Ctl {
 impl ProcessRunner {
     /// A runner for `config`; runs use `<data_dir>/work` unless `working_dir` is set.
     pub fn new(config: AgentConfig, data_dir: PathBuf) -> Self {
+        Self::build(config, data_dir, None)
+    }
+
+    /// The same runner, spawning exec runs through a reaper started as
+    /// `exe reaper` (a binary whose `main` calls [`reaper_main`] for that
+    /// subcommand), so a run costs one exec instead of two.
+    pub fn with_reaper(config: AgentConfig, data_dir: PathBuf, exe: PathBuf) -> Self {
+        Self::build(config, data_dir, Some(exe))
+    }
+
+    fn build(config: AgentConfig, data_dir: PathBuf, reaper: Option<PathBuf>) -> Self {
         let work_dir = config
             .working_dir
             .clone()
@@ -363,20 +387,9 @@ impl ProcessRunner {
                 config,
                 work_dir,
                 runs: Mutex::new(HashMap::new()),
-                reaper: None,
+                reaper: reaper.map(|exe| Arc::new(reaper::Reaper::new(exe))),
             }),
         }
-    }
-
-    /// The same runner, spawning exec runs through a reaper started as
-    /// `exe reaper` (a binary whose `main` calls [`reaper_main`] for that
-    /// subcommand), so a run costs one exec instead of two.
-    pub fn with_reaper(config: AgentConfig, data_dir: PathBuf, exe: PathBuf) -> Self {
-        let mut runner = Self::new(config, data_dir);
-        if let Some(shared) = Arc::get_mut(&mut runner.shared) {
-            shared.reaper = Some(Arc::new(reaper::Reaper::new(exe)));
-        }
-        runner
     }
 
     /// How many runs are being watched now.

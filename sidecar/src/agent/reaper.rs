@@ -379,6 +379,10 @@ async fn start(exe: &Path) -> Result<Arc<Client>, String> {
     let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(|e| e.to_string())?;
     let theirs_out = theirs.try_clone().map_err(|e| e.to_string())?;
     let mut cmd = tokio::process::Command::new(exe);
+    // `ps` shows the binary's name, not `/proc/self/exe` (see `own_executable`).
+    if let Ok(name) = std::env::current_exe() {
+        cmd.arg0(name);
+    }
     cmd.arg(SUBCOMMAND)
         .stdin(Stdio::from(std::os::fd::OwnedFd::from(theirs)))
         .stdout(Stdio::from(std::os::fd::OwnedFd::from(theirs_out)))
@@ -412,7 +416,8 @@ async fn start(exe: &Path) -> Result<Arc<Client>, String> {
                 "it speaks protocol {protocol}, this sidecar {PROTOCOL} (is the binary from another version?)"
             ));
         }
-        Some(Ok(other)) => return Err(format!("unexpected first line {other:?}")),
+        Some(Ok(Ok(other))) => return Err(format!("it began with {other:?}, not a hello")),
+        Some(Ok(Err(e))) => return Err(format!("a malformed hello: {e}")),
         Some(Err(e)) => return Err(format!("reading its hello: {e}")),
         None => return Err("it exited at once".into()),
     }

@@ -175,7 +175,7 @@ impl Fleet {
             Agent::Exec | Agent::ExecWaited => Arc::new(ProcessRunner::with_reaper(
                 config.agent.clone(),
                 config.data_dir.clone(),
-                std::env::current_exe()?,
+                muster_sidecar::agent::own_executable()?,
             )),
         };
         let opts = Options {
