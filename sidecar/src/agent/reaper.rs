@@ -97,6 +97,8 @@ enum FromReaper {
 /// binary that embeds the sidecar and passes its own path to
 /// [`super::ProcessRunner::with_reaper`].
 pub fn main() -> std::process::ExitCode {
+    // Started as `/proc/self/exe`, it would be called "exe" in `top`.
+    sys::set_process_name(c"muster-reaper");
     let state = Arc::new(State::default());
     state.send(&FromReaper::Hello { protocol: PROTOCOL });
     let waiter = {

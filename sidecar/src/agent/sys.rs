@@ -168,6 +168,24 @@ pub(super) fn wait_any() -> WaitAny {
     })
 }
 
+/// Names this process for `top` and `ps -o comm` (Linux; elsewhere a no-op).
+pub(super) fn set_process_name(name: &std::ffi::CStr) {
+    #[cfg(target_os = "linux")]
+    prctl_set_name(name);
+    #[cfg(not(target_os = "linux"))]
+    let _ = name;
+}
+
+#[cfg(target_os = "linux")]
+#[allow(unsafe_code)]
+fn prctl_set_name(name: &std::ffi::CStr) {
+    // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16 bytes
+    // from a pointer that stays valid for the call; longer names are cut.
+    unsafe {
+        libc::prctl(libc::PR_SET_NAME, name.as_ptr());
+    }
+}
+
 #[allow(unsafe_code)]
 fn waitpid_any(status: &mut libc::c_int) -> libc::pid_t {
     // SAFETY: waitpid(2) writes one int through a pointer to a live local.
