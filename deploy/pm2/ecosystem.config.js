@@ -84,7 +84,7 @@ module.exports = {
       args: ['run', '--data-dir', env('MUSTER_SIDECAR_DIR', '/var/lib/muster-sidecar')],
       cwd: env('MUSTER_SIDECAR_DIR', '/var/lib/muster-sidecar'),
       // Signal only the sidecar itself on stop/restart, never its process tree:
-      // agent runs (own process groups, children of the sidecar) must survive a
+      // agent runs (own process groups, children of the sidecar's reaper) must survive a
       // sidecar restart; the restarted sidecar collects their exit status from
       // its state directory. pm2's default (treekill: true) would kill them,
       // like systemd's KillMode=control-group. (Same reasoning as
