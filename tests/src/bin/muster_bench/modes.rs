@@ -101,13 +101,13 @@ async fn run_pass(
         let ops = ops.clone();
         set.spawn(async move {
             let t = Instant::now();
-            let titles = (first..first + count).map(|i| format!("bench task {i}"));
-            let ids = if count == 1 {
-                submit(&ops, format!("bench task {first}"))
-                    .await
-                    .map(|id| vec![id])
-            } else {
-                submit_batch(&ops, titles.collect()).await
+            let titles: Vec<String> = (first..first + count)
+                .map(|i| format!("bench task {i}"))
+                .collect();
+            // One task goes on its own stream, as `--batch 1` promises.
+            let ids = match titles.as_slice() {
+                [only] => submit(&ops, only.clone()).await.map(|id| vec![id]),
+                _ => submit_batch(&ops, titles).await,
             };
             drop(permit);
             ids.map(|ids| (ids, ms(t.elapsed())))

@@ -50,21 +50,24 @@ pub(crate) fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
+/// A bench task: a title and every other field at its default.
+fn bench_task(title: String) -> SubmitRequest {
+    SubmitRequest {
+        title,
+        description: String::new(),
+        capabilities: Vec::new(),
+        priority: 0,
+        max_attempts: None,
+        timeout_ms: None,
+        timeout_action: TimeoutAction::Fail,
+        after: Vec::new(),
+        key: None,
+    }
+}
+
 /// Submits one bench task; returns its id.
 pub(crate) async fn submit(ops: &Ops, title: String) -> Result<u64> {
-    let v = ops
-        .call(OpRequest::Submit(SubmitRequest {
-            title,
-            description: String::new(),
-            capabilities: Vec::new(),
-            priority: 0,
-            max_attempts: None,
-            timeout_ms: None,
-            timeout_action: TimeoutAction::Fail,
-            after: Vec::new(),
-            key: None,
-        }))
-        .await?;
+    let v = ops.call(OpRequest::Submit(bench_task(title))).await?;
     match v["id"].as_u64() {
         Some(id) => Ok(id),
         None => bail!("submit answered without an id: {v}"),
@@ -74,20 +77,7 @@ pub(crate) async fn submit(ops: &Ops, title: String) -> Result<u64> {
 /// Submits one task per title in one `SubmitBatch`; returns their ids in order.
 pub(crate) async fn submit_batch(ops: &Ops, titles: Vec<String>) -> Result<Vec<u64>> {
     let n = titles.len();
-    let reqs = titles
-        .into_iter()
-        .map(|title| SubmitRequest {
-            title,
-            description: String::new(),
-            capabilities: Vec::new(),
-            priority: 0,
-            max_attempts: None,
-            timeout_ms: None,
-            timeout_action: TimeoutAction::Fail,
-            after: Vec::new(),
-            key: None,
-        })
-        .collect();
+    let reqs = titles.into_iter().map(bench_task).collect();
     let v = ops.call(OpRequest::SubmitBatch(reqs)).await?;
     let ids: Option<Vec<u64>> = v["results"]
         .as_array()
