@@ -305,3 +305,55 @@ async fn a_command_that_cannot_start_fails_with_the_reason() {
         "nothing was spawned: {events:?}"
     );
 }
+
+/// With no usable reaper the runner falls back to the `/bin/sh` wrapper, whose
+/// parent is the sidecar, and the status is still recorded.
+async fn falls_back_to_the_wrapper(exe: PathBuf) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let gate = dir.path().join("go");
+    let runner = ProcessRunner::with_reaper(
+        config(&["/bin/sh", "-c", &gated(&gate, 5)]),
+        dir.path().to_owned(),
+        exe,
+    );
+    let run = spec(&dir, 1);
+    let run_dir = run.run_dir.clone();
+    let (tx, mut rx) = mpsc::channel(8);
+    runner.start(run, tx);
+    let pid = spawned(&mut rx).await.pid.expect("a pid");
+    assert_eq!(
+        parent_of(pid),
+        std::process::id(),
+        "the wrapper is our own child"
+    );
+    assert!(!is_reaper(pid));
+    std::fs::write(&gate, b"").expect("open the gate");
+    let events = until_finished(&mut rx).await;
+    let (outcome, code, _, _) = ended(&events);
+    assert_eq!((outcome, code), (Outcome::Failed, Some(5)));
+    assert_eq!(
+        status_record(&run_dir),
+        "5",
+        "the wrapper recorded the status"
+    );
+}
+
+#[tokio::test]
+async fn a_reaper_that_cannot_start_leaves_runs_to_the_wrapper() {
+    falls_back_to_the_wrapper(PathBuf::from("/nonexistent/muster-sidecar")).await;
+}
+
+#[tokio::test]
+async fn a_reaper_of_another_protocol_is_not_used() {
+    let bin = tempfile::tempdir().expect("temp dir");
+    let fake = bin.path().join("old-sidecar");
+    // Says hello in another protocol version, then waits for its stdin to close.
+    std::fs::write(
+        &fake,
+        "#!/bin/sh\necho '{\"Hello\":{\"protocol\":999}}'\nexec cat >/dev/null\n",
+    )
+    .expect("write the fake reaper");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    falls_back_to_the_wrapper(fake).await;
+}
