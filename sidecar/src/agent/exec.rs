@@ -392,15 +392,20 @@ async fn group_alive(pgid: u32) -> bool {
 }
 
 /// Whether a run we are not the parent of still runs: its leader is alive
-/// (and is the same process), or the leader is gone without a recorded
-/// status while other members of its group live on.
-async fn still_running(launch: &Arc<Launch>, pid: u32, ticks: Option<u64>) -> bool {
+/// (and is the same process); or it has ended without a recorded status and
+/// either other members of its group live on or it is a zombie whose live
+/// parent (its reaper, which records before it reaps) has yet to reap it.
+pub(super) async fn still_running(launch: &Arc<Launch>, pid: u32, ticks: Option<u64>) -> bool {
     let launch = Arc::clone(launch);
     tokio::task::spawn_blocking(move || match sys::process_state(pid) {
         sys::ProcState::Alive { start_ticks } => sys::same_start(start_ticks, ticks),
-        sys::ProcState::Zombie | sys::ProcState::Gone => {
-            launch.recorded_status().is_none() && sys::group_alive(pid)
+        // A zombie whose live parent (the reaper) has yet to reap it: the
+        // reaper records the status first, so wait for it.
+        sys::ProcState::Zombie { ppid } => {
+            launch.recorded_status().is_none()
+                && (sys::parent_will_reap(ppid) || sys::group_alive(pid))
         }
+        sys::ProcState::Gone => launch.recorded_status().is_none() && sys::group_alive(pid),
     })
     .await
     .unwrap_or(false)

@@ -206,7 +206,10 @@ impl State {
             match sys::wait_any() {
                 sys::WaitAny::Reaped(r) => {
                     let mut inner = self.lock();
-                    if let Some((id, dir)) = inner.runs.remove(&r.pid) {
+                    let run = inner.runs.remove(&r.pid);
+                    // Recorded while the run is still a zombie: whoever sees it gone
+                    // (a restarted sidecar polling) finds its status already there.
+                    if let Some((_, dir)) = &run {
                         let path = dir.join("status");
                         if let Err(e) = overwrite_private(&path, &status_record(r.code)) {
                             eprintln!(
@@ -215,6 +218,9 @@ impl State {
                                 path.display()
                             );
                         }
+                    }
+                    sys::reap(r.pid);
+                    if let Some((id, _)) = run {
                         self.send(&FromReaper::Exited { id, code: r.code });
                     }
                 }

@@ -10,8 +10,8 @@ use sysinfo::{ProcessRefreshKind, ProcessStatus, ProcessesToUpdate, System, Upda
 pub(super) enum ProcState {
     /// No such process.
     Gone,
-    /// Exited, not yet reaped by its parent.
-    Zombie,
+    /// Exited, not yet reaped by its parent (`ppid`).
+    Zombie { ppid: u32 },
     /// Running (or sleeping, stopped…), with its start time when known.
     Alive { start_ticks: Option<u64> },
 }
@@ -47,7 +47,9 @@ pub(super) fn process_state(pid: u32) -> ProcState {
     {
         match proc_stat(pid) {
             None => ProcState::Gone,
-            Some(stat) if stat.state == 'Z' || stat.state == 'X' => ProcState::Zombie,
+            Some(stat) if stat.state == 'Z' || stat.state == 'X' => {
+                ProcState::Zombie { ppid: stat.ppid }
+            }
             Some(stat) => ProcState::Alive {
                 start_ticks: Some(stat.start_ticks),
             },
@@ -67,8 +69,15 @@ pub(super) fn process_state(pid: u32) -> ProcState {
 pub(super) fn pid_reused(pid: u32, ticks: Option<u64>) -> bool {
     match process_state(pid) {
         ProcState::Alive { start_ticks } => !same_start(start_ticks, ticks),
-        ProcState::Zombie | ProcState::Gone => false,
+        ProcState::Zombie { .. } | ProcState::Gone => false,
     }
+}
+
+/// Whether a zombie whose parent is `ppid` is still to be reaped by a live
+/// parent other than init: for a run, its reaper, which records the status
+/// before it reaps.
+pub(super) fn parent_will_reap(ppid: u32) -> bool {
+    ppid > 1 && matches!(process_state(ppid), ProcState::Alive { .. })
 }
 
 /// Whether two start times name the same process; an unknown one counts as the same.
@@ -145,27 +154,24 @@ pub(super) enum WaitAny {
     Again,
 }
 
-/// Blocks until any child of this process ends, and reaps it.
+/// Blocks until any child of this process has ended, and leaves it unreaped
+/// (a zombie), so its status can be recorded before it is gone; then call [`reap`].
 pub(super) fn wait_any() -> WaitAny {
-    let mut status: libc::c_int = 0;
-    let pid = waitpid_any(&mut status);
-    if pid < 0 {
-        return match io::Error::last_os_error().raw_os_error() {
-            Some(libc::ECHILD) => WaitAny::NoChildren,
+    match waitid_any() {
+        Err(e) if e.raw_os_error() == Some(libc::ECHILD) => WaitAny::NoChildren,
+        Err(_) | Ok(None) => WaitAny::Again,
+        Ok(Some((pid, code))) => match u32::try_from(pid) {
+            Ok(pid) if pid > 0 => WaitAny::Reaped(Reaped { pid, code }),
             _ => WaitAny::Again,
-        };
+        },
     }
-    let code = if libc::WIFEXITED(status) {
-        libc::WEXITSTATUS(status)
-    } else if libc::WIFSIGNALED(status) {
-        128 + libc::WTERMSIG(status)
-    } else {
-        return WaitAny::Again;
-    };
-    WaitAny::Reaped(Reaped {
-        pid: pid as u32,
-        code,
-    })
+}
+
+/// Reaps the ended child `pid` that [`wait_any`] reported.
+pub(super) fn reap(pid: u32) {
+    if let Ok(pid) = libc::pid_t::try_from(pid) {
+        waitpid(pid);
+    }
 }
 
 /// Names this process for `top` and `ps -o comm` (Linux; elsewhere a no-op).
@@ -186,10 +192,35 @@ fn prctl_set_name(name: &std::ffi::CStr) {
     }
 }
 
+/// `waitid(P_ALL, WEXITED | WNOWAIT)`: the pid and shell-style code of an ended child.
 #[allow(unsafe_code)]
-fn waitpid_any(status: &mut libc::c_int) -> libc::pid_t {
+fn waitid_any() -> io::Result<Option<(libc::pid_t, i32)>> {
+    // SAFETY: an all-zero siginfo_t is a valid value of this plain C struct.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    // SAFETY: waitid(2) writes into `info` through a pointer to this live
+    // local and reads nothing of ours.
+    let rc = unsafe { libc::waitid(libc::P_ALL, 0, &mut info, libc::WEXITED | libc::WNOWAIT) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: after a successful waitid for WEXITED the kernel filled in the
+    // child fields, which these accessors read.
+    let (pid, status) = unsafe { (info.si_pid(), info.si_status()) };
+    let code = match info.si_code {
+        libc::CLD_EXITED => status,
+        libc::CLD_KILLED | libc::CLD_DUMPED => 128 + status,
+        _ => return Ok(None),
+    };
+    Ok(Some((pid, code)))
+}
+
+#[allow(unsafe_code)]
+fn waitpid(pid: libc::pid_t) {
+    let mut status: libc::c_int = 0;
     // SAFETY: waitpid(2) writes one int through a pointer to a live local.
-    unsafe { libc::waitpid(-1, status, 0) }
+    unsafe {
+        libc::waitpid(pid, &mut status, 0);
+    }
 }
 
 #[allow(unsafe_code)]
@@ -202,11 +233,12 @@ fn kill(pid: i32, signal: i32) -> bool {
 #[cfg(target_os = "linux")]
 struct ProcStat {
     state: char,
+    ppid: u32,
     pgrp: u32,
     start_ticks: u64,
 }
 
-/// Fields of `/proc/<pid>/stat` (see proc(5)): state is field 3, pgrp 5, starttime 22.
+/// Fields of `/proc/<pid>/stat` (see proc(5)): state is field 3, ppid 4, pgrp 5, starttime 22.
 #[cfg(target_os = "linux")]
 fn proc_stat(pid: u32) -> Option<ProcStat> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -221,6 +253,7 @@ fn parse_stat(text: &str) -> Option<ProcStat> {
     let fields: Vec<&str> = rest.split_whitespace().take(20).collect();
     Some(ProcStat {
         state: fields.first()?.chars().next()?,
+        ppid: fields.get(1)?.parse().ok()?,
         pgrp: fields.get(2)?.parse().ok()?,
         start_ticks: fields.get(19)?.parse().ok()?,
     })
@@ -253,6 +286,7 @@ mod tests {
         let text = "42 (a) b (c)) S 1 42 42 0 -1 4194560 100 0 0 0 0 0 0 0 20 0 1 0 123456 1000 10";
         let stat = parse_stat(text).expect("parses");
         assert_eq!(stat.state, 'S');
+        assert_eq!(stat.ppid, 1);
         assert_eq!(stat.pgrp, 42);
         assert_eq!(stat.start_ticks, 123456);
     }

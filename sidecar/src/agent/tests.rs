@@ -717,3 +717,41 @@ fn orphans_get_sigterm_then_sigkill_after_the_grace() {
     let _ = bystander.kill();
     let _ = bystander.wait();
 }
+
+#[tokio::test]
+async fn an_ended_run_not_yet_reaped_by_a_live_parent_counts_as_running_until_its_status_is_recorded()
+ {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let run = spec(&dir, 1);
+    let launch = Arc::new(launch::Launch::new(&run, &dir.path().join("work")));
+    launch
+        .prepare_exec(&["/bin/true".to_owned()])
+        .expect("prepared");
+    // Our own child, left unreaped: a zombie whose parent (this test) lives,
+    // as a run is between its end and its reaper's wait.
+    let mut child = std::process::Command::new("/bin/true")
+        .spawn()
+        .expect("spawn true");
+    let pid = child.id();
+    let ticks = sys::start_ticks(pid);
+    let deadline = std::time::Instant::now() + LIMIT;
+    while !matches!(sys::process_state(pid), sys::ProcState::Zombie { .. }) {
+        assert!(std::time::Instant::now() < deadline, "true never ended");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    assert!(
+        exec::still_running(&launch, pid, ticks).await,
+        "no status yet, and its parent will reap it"
+    );
+    std::fs::write(run.run_dir.join("status"), launch::status_record(0)).expect("record");
+    assert!(
+        !exec::still_running(&launch, pid, ticks).await,
+        "with its status recorded it has ended"
+    );
+    child.wait().expect("reap");
+    std::fs::write(run.run_dir.join("status"), b"   \n").expect("blank");
+    assert!(
+        !exec::still_running(&launch, pid, ticks).await,
+        "reaped, no status, no group: ended without a status"
+    );
+}
