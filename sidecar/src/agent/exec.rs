@@ -198,7 +198,10 @@ async fn launch(at: &Attempt, argv: &[String]) -> Result<(Watch, RunHandle), Str
                 blocking(move || Ok(super::recorded_handle(&dir)))
                     .await?
                     .map(|handle| (Watch::Poll, handle))
-                    .ok_or_else(|| "the reaper stopped before it confirmed the spawn".to_owned())
+                    .ok_or_else(|| {
+                        "the reaper stopped or did not answer before it confirmed the spawn"
+                            .to_owned()
+                    })
             }
         };
     }

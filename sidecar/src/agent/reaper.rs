@@ -48,6 +48,9 @@ pub const SUBCOMMAND: &str = "reaper";
 const LINE_BYTES_MAX: usize = 1024 * 1024;
 /// How long a new reaper may take to say hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a spawn may wait for the reaper's answer (it takes milliseconds);
+/// a reaper that does not answer is replaced.
+const SPAWN_TIMEOUT: Duration = Duration::from_secs(10);
 /// After a reaper failed to start, how long runs use the wrapper before the next try.
 const RETRY_AFTER: Duration = Duration::from_secs(60);
 
@@ -303,7 +306,7 @@ pub(super) struct Spawned {
 pub(super) enum SpawnError {
     /// The reaper tried and the spawn failed (the agent command is wrong).
     Refused(String),
-    /// The reaper went away before it answered; the run may or may not exist.
+    /// The reaper went away, or did not answer in time; the run may or may not exist.
     Lost,
 }
 
@@ -527,14 +530,22 @@ impl Client {
             self.alive.store(false, Ordering::Release);
             return Err(SpawnError::Lost);
         }
-        match spawned_rx.await {
-            Ok(Ok((pid, start_ticks))) => Ok(Spawned {
+        match tokio::time::timeout(SPAWN_TIMEOUT, spawned_rx).await {
+            Ok(Ok(Ok((pid, start_ticks)))) => Ok(Spawned {
                 pid,
                 start_ticks,
                 exited: exited_rx,
             }),
-            Ok(Err(error)) => Err(SpawnError::Refused(error)),
-            Err(_) => Err(SpawnError::Lost),
+            Ok(Ok(Err(error))) => Err(SpawnError::Refused(error)),
+            Ok(Err(_)) => Err(SpawnError::Lost),
+            Err(_) => {
+                tracing::warn!(
+                    "the reaper did not answer a spawn within {SPAWN_TIMEOUT:?}; starting another"
+                );
+                self.lock().remove(&id);
+                self.alive.store(false, Ordering::Release);
+                Err(SpawnError::Lost)
+            }
         }
     }
 }
