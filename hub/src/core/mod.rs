@@ -1986,7 +1986,6 @@ fn format_age(ms: Millis) -> String {
     }
 }
 
-/// Who submitted a task: the first entry of its audit trail.
 /// What [`Core::admit`] did with a submission.
 enum Admitted {
     /// A new task.
@@ -1995,6 +1994,7 @@ enum Admitted {
     Existing(Box<TaskRecord>),
 }
 
+/// Who submitted a task: the first entry of its audit trail.
 fn submitter(rec: &TaskRecord) -> &str {
     rec.audit.first().map_or("", |a| a.who.as_str())
 }

@@ -120,21 +120,12 @@ impl Launch {
     /// only has to outlive a crash of the sidecar process, and a crash of the
     /// machine ends the run with it. Blocking.
     pub(super) fn write_handle(&self, handle: &super::RunHandle) -> Result<(), String> {
-        let path = self.run_dir.join(super::HANDLE_FILE);
-        let json = serde_json::to_vec(handle).map_err(|e| format!("encode the run handle: {e}"))?;
-        overwrite_private(&path, &json)
-            .map_err(|e| format!("could not write {}: {e}", path.display()))
+        write_handle(&self.run_dir, handle)
     }
 
     /// Fresh `stdout` and `stderr` files in the run directory (0600). Blocking.
     pub(super) fn output(&self) -> Result<(Stdio, Stdio), String> {
-        let open = |name: &str| {
-            let path = self.run_dir.join(name);
-            create_private(&path)
-                .map(Stdio::from)
-                .map_err(|e| format!("could not create {}: {e}", path.display()))
-        };
-        Ok((open("stdout")?, open("stderr")?))
+        output(&self.run_dir)
     }
 
     /// A command with the `MUSTER_*` environment and working directory, stdin
@@ -267,6 +258,24 @@ fn clear_status(run_dir: &Path) -> Result<(), String> {
         .map_err(|e| format!("could not clear {}: {e}", path.display()))
 }
 
+/// Writes `handle` into `run_dir`, in place; see [`Launch::write_handle`]. Blocking.
+pub(super) fn write_handle(run_dir: &Path, handle: &super::RunHandle) -> Result<(), String> {
+    let path = run_dir.join(super::HANDLE_FILE);
+    let json = serde_json::to_vec(handle).map_err(|e| format!("encode the run handle: {e}"))?;
+    overwrite_private(&path, &json).map_err(|e| format!("could not write {}: {e}", path.display()))
+}
+
+/// Fresh `stdout` and `stderr` files in `run_dir` (0600). Blocking.
+pub(super) fn output(run_dir: &Path) -> Result<(Stdio, Stdio), String> {
+    let open = |name: &str| {
+        let path = run_dir.join(name);
+        create_private(&path)
+            .map(Stdio::from)
+            .map_err(|e| format!("could not create {}: {e}", path.display()))
+    };
+    Ok((open("stdout")?, open("stderr")?))
+}
+
 /// The exit-status record for a shell-style `code`, as the wrapper writes it.
 pub(super) fn status_record(code: i32) -> Vec<u8> {
     format!("{code:<3}\n").into_bytes()
@@ -284,8 +293,7 @@ pub(super) fn overwrite_private(path: &Path, bytes: &[u8]) -> io::Result<()> {
     f.set_len(bytes.len() as u64)
 }
 
-/// A new, empty file at `path` (0600).
-pub(super) fn create_private(path: &Path) -> io::Result<File> {
+fn create_private(path: &Path) -> io::Result<File> {
     OpenOptions::new()
         .write(true)
         .create(true)

@@ -37,8 +37,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 use tokio_util::codec::{FramedRead, FramedWrite, LinesCodec};
 
-use super::launch::{create_private, overwrite_private, prepare_exec, status_record};
-use super::{HANDLE_FILE, RunHandle, RunMode, sys};
+use super::launch::{output, overwrite_private, prepare_exec, status_record, write_handle};
+use super::{RunHandle, RunMode, sys};
 
 /// Bumped when the messages below change; a reaper of another version is not used.
 const PROTOCOL: u32 = 1;
@@ -89,7 +89,8 @@ enum FromReaper {
     /// The run could not be spawned.
     Refused { id: u64, error: String },
     /// The run ended with this shell-style code (128 + N for signal N); the
-    /// status record is written.
+    /// status record is written. -1: it was not our child after all, and its
+    /// end is unknown.
     Exited { id: u64, code: i32 },
 }
 
@@ -251,19 +252,14 @@ fn spawn_run(run: &Request) -> Result<(u32, Option<u64>), String> {
         run.task_json.as_bytes(),
         &run.argv,
     )?;
-    let open = |name: &str| {
-        let path = run_dir.join(name);
-        create_private(&path)
-            .map(Stdio::from)
-            .map_err(|e| format!("could not create {}: {e}", path.display()))
-    };
+    let (stdout, stderr) = output(run_dir)?;
     let child = std::process::Command::new(&program)
         .args(&run.argv[1..])
         .envs(run.env.iter().map(|(k, v)| (k, v)))
         .current_dir(&run.cwd)
         .stdin(Stdio::null())
-        .stdout(open("stdout")?)
-        .stderr(open("stderr")?)
+        .stdout(stdout)
+        .stderr(stderr)
         .process_group(0)
         .spawn()
         .map_err(|e| format!("could not start `{}`: {e}", program.display()))?;
@@ -279,14 +275,9 @@ fn spawn_run(run: &Request) -> Result<(u32, Option<u64>), String> {
     };
     // Before anyone hears of the run: a sidecar that dies before its commit
     // finds the run by this at its restart (see `daemon.rs`, "Launch before commit").
-    let path = run_dir.join(HANDLE_FILE);
-    let written = serde_json::to_vec(&handle)
-        .map_err(|e| e.to_string())
-        .and_then(|json| overwrite_private(&path, &json).map_err(|e| e.to_string()));
-    if let Err(e) = written {
+    if let Err(e) = write_handle(run_dir, &handle) {
         eprintln!(
-            "muster-sidecar reaper: could not write {}: {e}; a crash before the next commit would leave this run unwatched",
-            path.display()
+            "muster-sidecar reaper: {e}; a crash before the next commit would leave this run unwatched"
         );
     }
     Ok((pid, start_ticks))
