@@ -192,6 +192,9 @@ async fn start_sidecar(
         .call(OpRequest::TokenCreate {
             role: Role::Agent,
             ttl_s: 600,
+            name: None,
+            capabilities: None,
+            slots: None,
         })
         .await?;
     let token = token["token"].as_str().unwrap_or_default().to_string();

@@ -328,6 +328,9 @@ async fn run(command: Command) -> Result<(), CliError> {
                 .call(OpRequest::TokenCreate {
                     role,
                     ttl_s: ttl.as_secs().max(1),
+                    name: None,
+                    capabilities: None,
+                    slots: None,
                 })
                 .await?;
             s.close().await;
@@ -572,7 +575,7 @@ async fn login(
     }
     let (key, csr) =
         muster_hub::pki::make_csr(name.as_str()).map_err(|e| CliError::fail(e.to_string()))?;
-    let (cert, ca) = client::enroll(&token, &name, role, csr).await?;
+    let (cert, ca) = client::enroll(&token, &name, role, csr, (Vec::new(), 0)).await?;
     let file = cli::CredentialFile {
         hub: token.hub.clone(),
         ca,

@@ -158,7 +158,8 @@ async fn dial(
     }
 }
 
-/// Enrolls with a join token: pins the CA, sends the CSR, returns (certificate PEM, CA PEM).
+/// Enrolls with a join token: pins the CA, sends the CSR and the grant asked for
+/// (capabilities, slots; empty and 0 for operators), returns (certificate PEM, CA PEM).
 ///
 /// # Errors
 /// [`ClientError::Refused`] with the hub's reason (expired, used, unknown, wrong role, …).
@@ -167,6 +168,7 @@ pub async fn enroll(
     name: &AgentName,
     role: Role,
     csr_pem: String,
+    grant: (Vec<String>, u32),
 ) -> Result<(String, String), ClientError> {
     let addr = resolve(&token.hub).await?;
     let endpoint = endpoint_for(addr)?;
@@ -184,6 +186,8 @@ pub async fn enroll(
         role,
         name: name.clone(),
         csr_pem,
+        capabilities: grant.0,
+        slots: grant.1,
     };
     let resp: EnrollResponse = exchange(&conn, &req).await?;
     conn.close(0u32.into(), b"done");

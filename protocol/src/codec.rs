@@ -123,6 +123,26 @@ mod tests {
             OpRequest::TokenCreate {
                 role: Role::Operator,
                 ttl_s: 3600,
+                name: None,
+                capabilities: None,
+                slots: None,
+            },
+            OpRequest::TokenCreate {
+                role: Role::Agent,
+                ttl_s: 60,
+                name: Some(name("build-01")),
+                capabilities: Some(vec!["rust".into()]),
+                slots: Some(2),
+            },
+            OpRequest::IdentityRevoke(crate::msg::IdentityTarget::Fingerprint("ab12".into())),
+            OpRequest::IdentityRevoke(crate::msg::IdentityTarget::Named {
+                role: Role::Operator,
+                name: "alice".into(),
+            }),
+            OpRequest::AgentSet {
+                name: "a".into(),
+                capabilities: Some(vec!["gpu".into()]),
+                slots: None,
             },
             OpRequest::Submit(SubmitRequest {
                 title: "t".into(),
@@ -299,6 +319,8 @@ mod tests {
             role: Role::Agent,
             name: name("n"),
             csr_pem: "pem".into(),
+            capabilities: vec!["rust".into()],
+            slots: 2,
         };
         round_trip(&[enroll]);
         let refusals = vec![

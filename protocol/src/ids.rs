@@ -33,9 +33,25 @@ pub struct ReportId(pub u64);
 pub struct EventSeq(pub u64);
 
 /// An agent's (or operator's) enrolled name: 1 to 64 of `[A-Za-z0-9._-]`.
+///
+/// Deserializing checks it too, so a name from the network is as valid as one
+/// from [`AgentName::new`].
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(transparent)]
+#[serde(try_from = "String", into = "String")]
 pub struct AgentName(String);
+
+impl TryFrom<String> for AgentName {
+    type Error = NameError;
+    fn try_from(s: String) -> Result<Self, NameError> {
+        AgentName::new(s)
+    }
+}
+
+impl From<AgentName> for String {
+    fn from(n: AgentName) -> String {
+        n.0
+    }
+}
 
 /// Why a string is not a valid [`AgentName`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -106,5 +122,23 @@ mod tests {
         assert_eq!(AgentName::new(""), Err(NameError::Empty));
         assert_eq!(AgentName::new("a b"), Err(NameError::BadChar(' ')));
         assert_eq!(AgentName::new("x".repeat(65)), Err(NameError::TooLong(65)));
+    }
+
+    #[test]
+    fn decoded_names_are_validated() {
+        let good = crate::encode(&"build-01".to_string()).expect("encode");
+        assert_eq!(
+            crate::decode::<AgentName>(&good)
+                .expect("valid name")
+                .as_str(),
+            "build-01"
+        );
+        for bad in ["", "a/b", "a\nb", "\u{1b}[31m", "admin x"] {
+            let bytes = crate::encode(&bad.to_string()).expect("encode");
+            assert!(
+                crate::decode::<AgentName>(&bytes).is_err(),
+                "{bad:?} decoded as a name"
+            );
+        }
     }
 }

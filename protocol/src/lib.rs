@@ -22,7 +22,9 @@ pub use codec::{DecodeError, EncodeError, decode, encode, frame_codec, peek_open
 pub use ids::{AgentName, EventSeq, Generation, NameError, ReportId, TaskId};
 
 /// The protocol version this build speaks; carried in every `Open` frame.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// Version 2: enrollment carries the requested grant, tokens carry a name and a
+/// grant, identities are revoked one at a time (issue 12).
+pub const PROTOCOL_VERSION: u32 = 2;
 /// ALPN for sessions (sidecars) and operator requests; always mutual TLS.
 pub const ALPN_SESSION: &[u8] = b"muster/1";
 /// ALPN for enrollment: the only thing an unauthenticated peer may reach.

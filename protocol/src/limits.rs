@@ -19,6 +19,24 @@ pub const NAME_BYTES_MAX: usize = 64;
 pub const CAPABILITIES_MAX: usize = 32;
 /// Longest progress note.
 pub const NOTE_BYTES_MAX: usize = 4096;
+/// Most slots an agent may be granted.
+pub const SLOTS_MAX: u32 = 256;
+/// Longest capability name.
+pub const CAPABILITY_BYTES_MAX: usize = 64;
+/// Longest task timeout accepted at submission (30 days); time math on it cannot overflow.
+pub const TIMEOUT_MS_MAX: u64 = 30 * 24 * 3600 * 1000;
+/// Most attempts a task may ask for.
+pub const ATTEMPTS_MAX: u32 = 100;
+/// Longest sidecar version string kept from a hello.
+pub const VERSION_BYTES_MAX: usize = 64;
+/// Longest failure reason kept from a report.
+pub const REASON_BYTES_MAX: usize = 1024;
+/// Longest session name kept from a `Started` report.
+pub const SESSION_BYTES_MAX: usize = 256;
+/// Most words of a failed command kept from a report, each at most [`REASON_BYTES_MAX`].
+pub const COMMAND_WORDS_MAX: usize = 64;
+/// Most self-test problems kept from a heartbeat, each at most [`REASON_BYTES_MAX`].
+pub const PROBLEMS_MAX: usize = 16;
 /// Most tasks a hello or heartbeat may list (a sidecar holds at most its slots plus finished ones awaiting ack).
 pub const HELD_TASKS_MAX: usize = 1024;
 /// Largest page `tasks --limit` returns.

@@ -475,6 +475,10 @@ pub struct EnrollRequest {
     pub name: AgentName,
     /// A PEM certificate signing request for the locally generated key.
     pub csr_pem: String,
+    /// Capabilities asked for (agents); the hub grants them only within the token's grant.
+    pub capabilities: Vec<String>,
+    /// Slots asked for (agents); the hub grants them only within the token's grant.
+    pub slots: u32,
 }
 
 /// The hub's answer to an enrollment.
@@ -532,6 +536,25 @@ pub enum EnrollRefusal {
         /// What the peer sent.
         peer: u32,
     },
+    /// Another live identity holds this name.
+    NameTaken {
+        /// The name.
+        name: String,
+        /// The holder's certificate fingerprint (first 16 hex digits).
+        holder: String,
+        /// When the holder enrolled, Unix seconds.
+        enrolled_at_unix: u64,
+    },
+    /// The name is reserved (`admin`) or the token is bound to another name.
+    NameRefused {
+        /// Explanation.
+        reason: String,
+    },
+    /// The request asks for more than the token grants.
+    NotGranted {
+        /// Explanation.
+        reason: String,
+    },
 }
 
 impl std::fmt::Display for EnrollRefusal {
@@ -566,6 +589,19 @@ impl std::fmt::Display for EnrollRefusal {
                 f,
                 "protocol version mismatch: this client speaks version {peer}, the hub speaks version {hub}"
             ),
+            EnrollRefusal::NameTaken {
+                name,
+                holder,
+                enrolled_at_unix,
+            } => write!(
+                f,
+                "the name {name} is held by another identity (certificate {holder}…, enrolled at {enrolled_at_unix} Unix time); pick another --name, or replace that host with a token from `muster-hub token create --name {name}`"
+            ),
+            EnrollRefusal::NameRefused { reason } => write!(f, "name refused: {reason}"),
+            EnrollRefusal::NotGranted { reason } => write!(
+                f,
+                "not granted: {reason}; ask for less, or create a token that grants it (`muster-hub token create --capability C --slots N`)"
+            ),
         }
     }
 }
@@ -582,7 +618,7 @@ pub enum OpRequest {
         /// Its name.
         name: String,
     },
-    /// Revoke an agent's credential and cut its session.
+    /// Revoke the live agent identity of this name and cut its session.
     AgentRevoke {
         /// Its name.
         name: String,
@@ -603,6 +639,13 @@ pub enum OpRequest {
         role: Role,
         /// Its lifetime in seconds.
         ttl_s: u64,
+        /// Only this name may enroll with it; it replaces that name's live
+        /// identity, which is revoked in the same commit.
+        name: Option<AgentName>,
+        /// Agents: the capabilities it grants at most (`None`: what the host asks for).
+        capabilities: Option<Vec<String>>,
+        /// Agents: the slots it grants at most (`None`: what the host asks for).
+        slots: Option<u32>,
     },
     /// Submit a task.
     Submit(SubmitRequest),
@@ -646,6 +689,31 @@ pub enum OpRequest {
     /// own, in order, and all accepted ones share one commit. Last, so the
     /// variants before it keep their encoding.
     SubmitBatch(Vec<SubmitRequest>),
+    /// Revoke one identity, agent or operator. The last admin cannot be revoked.
+    IdentityRevoke(IdentityTarget),
+    /// Change what an agent is granted; its session is checked against it at once.
+    AgentSet {
+        /// The agent.
+        name: String,
+        /// The capabilities it may claim, if changed.
+        capabilities: Option<Vec<String>>,
+        /// The slots it may claim, if changed.
+        slots: Option<u32>,
+    },
+}
+
+/// Which identity an [`OpRequest::IdentityRevoke`] means.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum IdentityTarget {
+    /// The identity with this certificate fingerprint (or a unique prefix of at least 8 hex digits).
+    Fingerprint(String),
+    /// The live identity of this role and name.
+    Named {
+        /// Its role (agents and operators have separate namespaces).
+        role: Role,
+        /// Its name.
+        name: String,
+    },
 }
 
 impl OpRequest {
@@ -661,6 +729,8 @@ impl OpRequest {
                 | OpRequest::SubmitBatch(_)
                 | OpRequest::TaskCancel { .. }
                 | OpRequest::TaskRequeue { .. }
+                | OpRequest::IdentityRevoke(_)
+                | OpRequest::AgentSet { .. }
         )
     }
 }

@@ -359,7 +359,8 @@ async fn enroll(
         .serialize_request(&key)
         .and_then(|c| c.pem())
         .map_err(|e| fail(e.to_string()))?;
-    let (cert, ca) = client::enroll(&token, &name, Role::Agent, csr)
+    let grant = (config.capabilities.clone(), config.slots);
+    let (cert, ca) = client::enroll(&token, &name, Role::Agent, csr, grant)
         .await
         .map_err(|e| fail(e.to_string()))?;
     let key_pem = key.serialize_pem();

@@ -634,6 +634,8 @@ fn protocol_mismatch_is_refused_naming_both_versions() {
             role: Role::Agent,
             name: AgentName::new("future").expect("name"),
             csr_pem: String::new(),
+            capabilities: Vec::new(),
+            slots: 1,
         };
         wr.send(Bytes::from(encode(&req).expect("encode")))
             .await

@@ -140,6 +140,9 @@ pub struct Output {
     pub alerts: Vec<serde_json::Value>,
     /// Submit → running latency of each task that started running, for the histogram.
     pub dispatch_ms: Vec<Millis>,
+    /// Certificate fingerprints revoked in this batch: after the commit the shell
+    /// closes every connection and stream they hold.
+    pub revoked: Vec<String>,
 }
 
 /// Coordination counters, for `stats`.
@@ -1154,7 +1157,7 @@ impl Core {
             OpRequest::AgentRevoke { name } => self.revoke(now, &name, &who.name),
             OpRequest::AgentDrain { name } => self.drain(now, &name, true, &who.name),
             OpRequest::AgentUndrain { name } => self.drain(now, &name, false, &who.name),
-            OpRequest::TokenCreate { role, ttl_s } => {
+            OpRequest::TokenCreate { role, ttl_s, .. } => {
                 let Some((secret, hash)) = token_secret else {
                     return op_error(
                         OpErrorCode::Internal,
@@ -1186,6 +1189,9 @@ impl Core {
             OpRequest::Alerts => {
                 let list: Vec<_> = self.alerts.list().iter().map(|a| a.json("open")).collect();
                 ok_json(&serde_json::json!({ "alerts": list }))
+            }
+            OpRequest::IdentityRevoke(_) | OpRequest::AgentSet { .. } => {
+                op_error(OpErrorCode::Invalid, "not yet served by this hub")
             }
             OpRequest::Tasks { .. } | OpRequest::TaskShow { .. } | OpRequest::Watch { .. } => {
                 op_error(OpErrorCode::Internal, "served by the shell")
@@ -1315,6 +1321,7 @@ impl Core {
             if let Some(i) = self.identities.get_mut(&fp) {
                 i.revoked_at = Some(now);
                 self.out.writes.push(Write::Identity(i.clone()));
+                self.out.revoked.push(fp);
             }
         }
         if let Some(agent) = self.agents.get_mut(name) {

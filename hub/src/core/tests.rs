@@ -2425,7 +2425,13 @@ fn an_agent_credential_may_neither_read_nor_write() {
 fn token(h: &mut H, role: Role, ttl_s: u64, hash: &str) {
     let (resp, out) = h.op_with(
         ADMIN,
-        OpRequest::TokenCreate { role, ttl_s },
+        OpRequest::TokenCreate {
+            role,
+            ttl_s,
+            name: None,
+            capabilities: None,
+            slots: None,
+        },
         Some((format!("secret-{hash}"), hash.to_string())),
     );
     let v = json_ok(&resp);
@@ -2528,6 +2534,9 @@ fn only_an_admin_creates_tokens() {
         OpRequest::TokenCreate {
             role: Role::Admin,
             ttl_s: 60,
+            name: None,
+            capabilities: None,
+            slots: None,
         },
         Some(("s".into(), "h".into())),
     );

@@ -95,6 +95,9 @@ pub(crate) async fn enroll(ops: &Ops, name: &str) -> Result<Identity> {
         .call(OpRequest::TokenCreate {
             role: Role::Agent,
             ttl_s: 3600,
+            name: None,
+            capabilities: None,
+            slots: None,
         })
         .await
         .context("token create")?;
@@ -109,7 +112,9 @@ pub(crate) async fn enroll(ops: &Ops, name: &str) -> Result<Identity> {
         .distinguished_name
         .push(rcgen::DnType::CommonName, name.as_str());
     let csr = params.serialize_request(&key)?.pem()?;
-    let (cert, ca) = client::enroll(&token, &name, Role::Agent, csr)
+    // The bench's sidecars set their slots after enrollment: ask for the most.
+    let grant = (Vec::new(), muster_protocol::limits::SLOTS_MAX);
+    let (cert, ca) = client::enroll(&token, &name, Role::Agent, csr, grant)
         .await
         .with_context(|| format!("enrolling {name}"))?;
     Ok(Identity {

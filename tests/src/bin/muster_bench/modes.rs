@@ -38,6 +38,9 @@ async fn close(ops: Arc<Ops>, hub: &HubProc) {
             .call(OpRequest::TokenCreate {
                 role: muster_protocol::msg::Role::Agent,
                 ttl_s: 1,
+                name: None,
+                capabilities: None,
+                slots: None,
             })
             .await;
         o.close().await;
