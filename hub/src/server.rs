@@ -95,6 +95,7 @@ enum ToCore {
         role: muster_protocol::msg::Role,
         name: String,
         cert: (String, String, String),
+        grant: (Vec<String>, u32),
         reply: oneshot::Sender<EnrollResponse>,
     },
     Tick,
@@ -815,6 +816,7 @@ async fn enroll(frame: &[u8], shared: &Shared) -> EnrollResponse {
         role: req.role,
         name: req.name.to_string(),
         cert: (cert_pem, fingerprint, key_fp),
+        grant: (req.capabilities, req.slots),
         reply: tx,
     };
     if shared.to_core.send(msg).await.is_err() {
@@ -1018,6 +1020,7 @@ fn core_loop(
                         role,
                         name,
                         cert,
+                        grant,
                         reply,
                     } => {
                         next_reply += 1;
@@ -1027,6 +1030,7 @@ fn core_loop(
                             role,
                             name,
                             cert,
+                            grant,
                             reply: ReplyId(next_reply),
                         }
                     }
@@ -1425,6 +1429,8 @@ pub fn init_data_dir(dir: &Path, config: &HubConfig, sans: &[String]) -> Result<
         key_fingerprint: key_fp,
         created_at: wall_ms(),
         revoked_at: None,
+        capabilities: Vec::new(),
+        slots: 0,
     };
     store
         .commit(&[crate::core::Write::Identity(id)], u64::MAX)

@@ -34,7 +34,9 @@ use crate::core::{
 };
 
 /// The schema this build writes; older files are migrated, newer ones refused.
-pub const SCHEMA_VERSION: u64 = 1;
+///
+/// 2: identities carry their grant (capabilities, slots); tokens carry a name and a grant.
+pub const SCHEMA_VERSION: u64 = 2;
 /// The database file name in the data directory.
 pub const DB_FILE: &str = "hub.redb";
 
@@ -113,6 +115,89 @@ fn dec<T: DeserializeOwned>(table: &'static str, bytes: &[u8]) -> Result<T, Stor
     })
 }
 
+/// Schema 1 → 2: identities gain a grant, tokens a name and a grant. An agent
+/// keeps what its last hello claimed (its registry record), so an upgraded fleet
+/// keeps working; one that never connected gets no capabilities and one slot
+/// until `muster-hub agent set` grants more.
+fn migrate_v1(tx: &redb::WriteTransaction) -> Result<(), StoreError> {
+    #[derive(serde::Deserialize)]
+    struct IdentityV1 {
+        name: String,
+        role: muster_protocol::msg::Role,
+        fingerprint: String,
+        key_fingerprint: String,
+        created_at: u64,
+        revoked_at: Option<u64>,
+    }
+    #[derive(serde::Deserialize)]
+    struct TokenV1 {
+        role: muster_protocol::msg::Role,
+        created_by: String,
+        created_at: u64,
+        expires_at: u64,
+        used_at: Option<u64>,
+    }
+    let agents: HashMap<String, AgentRecord> = {
+        let t = tx.open_table(AGENTS)?;
+        let mut m = HashMap::new();
+        for row in t.iter()? {
+            let a: AgentRecord = dec("agents", row?.1.value())?;
+            m.insert(a.name.clone(), a);
+        }
+        m
+    };
+    let mut identities = tx.open_table(IDENTITIES)?;
+    let old: Vec<(String, IdentityV1)> = identities
+        .iter()?
+        .map(|row| {
+            let (k, v) = row?;
+            Ok((k.value().to_string(), dec("identities", v.value())?))
+        })
+        .collect::<Result<_, StoreError>>()?;
+    for (k, i) in old {
+        let (capabilities, slots) = match (i.role, agents.get(&i.name)) {
+            (muster_protocol::msg::Role::Agent, Some(a)) => {
+                (a.capabilities.clone(), a.slots.max(1))
+            }
+            (muster_protocol::msg::Role::Agent, None) => (Vec::new(), 1),
+            _ => (Vec::new(), 0),
+        };
+        let new = Identity {
+            name: i.name,
+            role: i.role,
+            fingerprint: i.fingerprint,
+            key_fingerprint: i.key_fingerprint,
+            created_at: i.created_at,
+            revoked_at: i.revoked_at,
+            capabilities,
+            slots,
+        };
+        identities.insert(k.as_str(), enc(&new).as_slice())?;
+    }
+    let mut tokens = tx.open_table(TOKENS)?;
+    let old: Vec<(String, TokenV1)> = tokens
+        .iter()?
+        .map(|row| {
+            let (k, v) = row?;
+            Ok((k.value().to_string(), dec("tokens", v.value())?))
+        })
+        .collect::<Result<_, StoreError>>()?;
+    for (k, t) in old {
+        let new = TokenRecord {
+            role: t.role,
+            created_by: t.created_by,
+            created_at: t.created_at,
+            expires_at: t.expires_at,
+            used_at: t.used_at,
+            name: None,
+            capabilities: None,
+            slots: None,
+        };
+        tokens.insert(k.as_str(), enc(&new).as_slice())?;
+    }
+    Ok(())
+}
+
 fn state_code(s: TaskState) -> u8 {
     TaskState::ALL.iter().position(|x| *x == s).unwrap_or(0) as u8
 }
@@ -139,6 +224,12 @@ impl Store {
             let found = meta.get("schema_version")?.map(|v| v.value());
             match found {
                 Some(v) if v > SCHEMA_VERSION => return Err(StoreError::TooNew { found: v }),
+                Some(1) => {
+                    drop(meta);
+                    migrate_v1(&tx)?;
+                    tx.open_table(META)?
+                        .insert("schema_version", SCHEMA_VERSION)?;
+                }
                 Some(_) => {}
                 None => {
                     meta.insert("schema_version", SCHEMA_VERSION)?;

@@ -17,7 +17,7 @@ pub mod views;
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 
-use muster_protocol::limits::truncate_utf8;
+use muster_protocol::limits::{self, truncate_utf8};
 use muster_protocol::msg::{
     Assign, EnrollRefusal, Failure, HeldTask, Hello, HubMsg, OpError, OpErrorCode, OpRequest,
     OpResponse, Outcome, Phase, Refused, Report, ReportBody, ReportKind, Role, SessionMsg,
@@ -87,6 +87,8 @@ pub enum Input {
         name: String,
         /// The signed certificate, its fingerprint, and its key's fingerprint.
         cert: (String, String, String),
+        /// The capabilities and slots asked for (agents).
+        grant: (Vec<String>, u32),
         /// Where the answer goes.
         reply: ReplyId,
     },
@@ -410,9 +412,10 @@ impl Core {
                 role,
                 name,
                 cert,
+                grant,
                 reply,
             } => {
-                let resp = self.on_enroll(now, &secret_hash, role, &name, cert);
+                let resp = self.on_enroll(now, &secret_hash, role, &name, cert, grant);
                 self.out.replies.push((reply, Reply::Enroll(resp)));
             }
             Input::Tick => self.on_tick(now),
@@ -461,6 +464,9 @@ impl Core {
                 },
             );
         }
+        if let Err(reason) = check_claim(&id, &hello) {
+            return refuse(self, Refused::BadHello { reason });
+        }
         let name = id.name.clone();
         let agent = self.agents.entry(name.clone()).or_insert_with(|| {
             Agent::new(
@@ -486,8 +492,8 @@ impl Core {
         }
         agent.offline_since = None;
         agent.stopping = false;
-        agent.rec.version = hello.version.clone();
-        agent.rec.capabilities = hello.capabilities.clone();
+        agent.rec.version = truncate_utf8(hello.version, limits::VERSION_BYTES_MAX);
+        agent.rec.capabilities = hello.capabilities;
         agent.rec.slots = hello.slots;
         agent.rec.last_seen = Some(now);
         // Until its first heartbeat, trust the sidecar's own hello.
@@ -592,10 +598,28 @@ impl Core {
         self.conns.get(&conn).cloned()
     }
 
-    fn on_heartbeat(&mut self, now: Millis, conn: ConnId, hb: muster_protocol::msg::Heartbeat) {
+    fn on_heartbeat(&mut self, now: Millis, conn: ConnId, mut hb: muster_protocol::msg::Heartbeat) {
         let Some(name) = self.agent_of_conn(conn) else {
             return;
         };
+        if hb.tasks.len() > limits::HELD_TASKS_MAX {
+            // No honest sidecar holds this many: it is broken or hostile, so end the session.
+            let reason = format!(
+                "a heartbeat listed {} tasks; the limit is {}",
+                hb.tasks.len(),
+                limits::HELD_TASKS_MAX
+            );
+            self.out.sends.push((
+                conn,
+                HubMsg::Refused(Refused::BadHello {
+                    reason: reason.clone(),
+                }),
+            ));
+            self.out.closes.push(conn);
+            self.event(now, "agent", &name, "refused", &reason);
+            return;
+        }
+        bound_self_test(&mut hb.self_test);
         self.counters.heartbeats += 1;
         let Some(agent) = self.agents.get_mut(&name) else {
             return;
@@ -642,6 +666,7 @@ impl Core {
         let Some(name) = self.agent_of_conn(conn) else {
             return;
         };
+        let report = bound_report(report);
         let urgent = matches!(report.body, ReportBody::Finished { .. });
         self.ack(conn, report.id, now, urgent);
         let kind = report.body.kind();
@@ -1095,7 +1120,7 @@ impl Core {
                 }
                 TaskState::Running => {
                     if let (Some(t), Some(s)) = (live.rec.timeout_ms, a.started_at)
-                        && now >= s + t
+                        && now >= s.saturating_add(t)
                     {
                         expired.push((
                             live.rec.id,
@@ -1157,7 +1182,18 @@ impl Core {
             OpRequest::AgentRevoke { name } => self.revoke(now, &name, &who.name),
             OpRequest::AgentDrain { name } => self.drain(now, &name, true, &who.name),
             OpRequest::AgentUndrain { name } => self.drain(now, &name, false, &who.name),
-            OpRequest::TokenCreate { role, ttl_s, .. } => {
+            OpRequest::TokenCreate {
+                role,
+                ttl_s,
+                name,
+                capabilities,
+                slots,
+            } => {
+                if let Err(msg) =
+                    check_token_grant(role, name.as_ref(), capabilities.as_deref(), slots)
+                {
+                    return op_error(OpErrorCode::Invalid, &msg);
+                }
                 let Some((secret, hash)) = token_secret else {
                     return op_error(
                         OpErrorCode::Internal,
@@ -1170,15 +1206,21 @@ impl Core {
                     created_at: now,
                     expires_at: now.saturating_add(ttl_s.saturating_mul(1000)),
                     used_at: None,
+                    name: name.map(String::from),
+                    capabilities,
+                    slots,
                 };
                 self.tokens.insert(hash.clone(), rec.clone());
-                self.out.writes.push(Write::Token(hash, rec));
-                let json = serde_json::json!({"kind": "audit", "action": "token_create", "who": who.name, "role": role.as_str(), "ttl_s": ttl_s});
+                self.out.writes.push(Write::Token(hash, rec.clone()));
+                let json = serde_json::json!({"kind": "audit", "action": "token_create", "who": who.name, "role": role.as_str(), "ttl_s": ttl_s, "name": rec.name});
                 self.push_event(now, json.to_string());
                 ok_json(&serde_json::json!({
                     "token": format!("{}{secret}", self.token_prefix),
                     "role": role.as_str(),
-                    "expires_at": now.saturating_add(ttl_s.saturating_mul(1000)),
+                    "expires_at": rec.expires_at,
+                    "name": rec.name,
+                    "capabilities": rec.capabilities,
+                    "slots": rec.slots,
                 }))
             }
             OpRequest::Submit(req) => self.submit(now, req, &who.name, archive),
@@ -1190,9 +1232,12 @@ impl Core {
                 let list: Vec<_> = self.alerts.list().iter().map(|a| a.json("open")).collect();
                 ok_json(&serde_json::json!({ "alerts": list }))
             }
-            OpRequest::IdentityRevoke(_) | OpRequest::AgentSet { .. } => {
-                op_error(OpErrorCode::Invalid, "not yet served by this hub")
-            }
+            OpRequest::IdentityRevoke(target) => self.revoke_target(now, target, &who.name),
+            OpRequest::AgentSet {
+                name,
+                capabilities,
+                slots,
+            } => self.agent_set(now, &name, capabilities, slots, &who.name),
             OpRequest::Tasks { .. } | OpRequest::TaskShow { .. } | OpRequest::Watch { .. } => {
                 op_error(OpErrorCode::Internal, "served by the shell")
             }
@@ -1307,24 +1352,135 @@ impl Core {
         (true, String::new())
     }
 
+    /// `agent revoke NAME`: the live agent identity of that name (never an operator's).
     fn revoke(&mut self, now: Millis, name: &str, who: &str) -> OpResponse {
-        let fps: Vec<String> = self
-            .identities
-            .values()
-            .filter(|i| i.name == name && i.revoked_at.is_none())
-            .map(|i| i.fingerprint.clone())
-            .collect();
-        if fps.is_empty() && !self.agents.contains_key(name) {
+        let fp = self
+            .live_identity(Role::Agent, name)
+            .map(|i| i.fingerprint.clone());
+        if fp.is_none() && !self.agents.contains_key(name) {
             return not_found_agent(name);
         }
-        for fp in fps {
-            if let Some(i) = self.identities.get_mut(&fp) {
-                i.revoked_at = Some(now);
-                self.out.writes.push(Write::Identity(i.clone()));
-                self.out.revoked.push(fp);
+        if let Some(fp) = fp {
+            self.revoke_identity(now, &fp);
+        } else if let Some(agent) = self.agents.get_mut(name) {
+            // Registered but with no live identity: mark the registry entry all the same.
+            agent.rec.revoked = true;
+            self.out.writes.push(Write::Agent(agent.rec.clone()));
+        }
+        self.audit_event(now, who, "agent_revoke", name);
+        ok_json(&serde_json::json!({ "name": name, "role": "agent", "revoked": true }))
+    }
+
+    /// `identity revoke`: one identity by role and name, or by fingerprint.
+    fn revoke_target(
+        &mut self,
+        now: Millis,
+        target: muster_protocol::msg::IdentityTarget,
+        who: &str,
+    ) -> OpResponse {
+        use muster_protocol::msg::IdentityTarget;
+        let found = match &target {
+            IdentityTarget::Named { role, name } => self
+                .identities
+                .values()
+                .find(|i| i.role == *role && i.name == *name && i.revoked_at.is_none())
+                .cloned()
+                .ok_or_else(|| {
+                    format!(
+                        "no live {role} identity named {name}; `muster-hub identities` lists them"
+                    )
+                }),
+            IdentityTarget::Fingerprint(prefix) => {
+                let prefix = prefix.to_ascii_lowercase();
+                if prefix.len() < 8 {
+                    return op_error(
+                        OpErrorCode::Invalid,
+                        "give at least 8 hex digits of the fingerprint",
+                    );
+                }
+                let mut hits = self
+                    .identities
+                    .values()
+                    .filter(|i| i.fingerprint.starts_with(&prefix));
+                match (hits.next(), hits.next()) {
+                    (Some(i), None) => Ok(i.clone()),
+                    (None, _) => Err(format!("no identity has a fingerprint starting {prefix}")),
+                    (Some(_), Some(_)) => {
+                        return op_error(
+                            OpErrorCode::Invalid,
+                            &format!("{prefix} matches several fingerprints; give more digits"),
+                        );
+                    }
+                }
+            }
+        };
+        let id = match found {
+            Ok(i) => i,
+            Err(msg) => return op_error(OpErrorCode::NotFound, &msg),
+        };
+        if id.revoked_at.is_some() {
+            return op_error(
+                OpErrorCode::Conflict,
+                &format!("{} {} is already revoked", id.role, id.name),
+            );
+        }
+        if id.role == Role::Admin {
+            let admins = self
+                .identities
+                .values()
+                .filter(|i| i.role == Role::Admin && i.revoked_at.is_none())
+                .count();
+            if admins <= 1 {
+                return op_error(
+                    OpErrorCode::Conflict,
+                    &format!(
+                        "{} is the last admin identity; enroll another admin (`muster-hub token create --role admin`, then `login`) before revoking this one",
+                        id.name
+                    ),
+                );
             }
         }
-        if let Some(agent) = self.agents.get_mut(name) {
+        self.revoke_identity(now, &id.fingerprint);
+        self.audit_event(
+            now,
+            who,
+            "identity_revoke",
+            &format!(
+                "{} {} {}",
+                id.role,
+                id.name,
+                &id.fingerprint[..16.min(id.fingerprint.len())]
+            ),
+        );
+        ok_json(&serde_json::json!({
+            "name": id.name,
+            "role": id.role.as_str(),
+            "fingerprint": id.fingerprint,
+            "revoked": true,
+        }))
+    }
+
+    /// The live identity holding `name` in `role`'s namespace.
+    fn live_identity(&self, role: Role, name: &str) -> Option<&Identity> {
+        self.identities
+            .values()
+            .find(|i| i.name == name && i.same_namespace(role) && i.revoked_at.is_none())
+    }
+
+    /// Revokes one identity and cuts what it holds: an agent's session at once, and
+    /// (through `Output::revoked`) every connection and stream of that certificate.
+    fn revoke_identity(&mut self, now: Millis, fingerprint: &str) {
+        let Some(i) = self.identities.get_mut(fingerprint) else {
+            return;
+        };
+        i.revoked_at = Some(now);
+        let id = i.clone();
+        self.out.writes.push(Write::Identity(id.clone()));
+        self.out.revoked.push(id.fingerprint.clone());
+        if id.role != Role::Agent {
+            return;
+        }
+        if let Some(agent) = self.agents.get_mut(&id.name) {
             agent.rec.revoked = true;
             self.out.writes.push(Write::Agent(agent.rec.clone()));
             if let Some(conn) = agent.conn.take() {
@@ -1336,8 +1492,60 @@ impl Core {
                 self.out.closes.push(conn);
             }
         }
-        self.audit_event(now, who, "agent_revoke", name);
-        ok_json(&serde_json::json!({ "name": name, "revoked": true }))
+        self.dirty_schedule = true;
+    }
+
+    /// `agent set`: changes an agent's grant; its live session keeps only what the
+    /// new grant allows, at once.
+    fn agent_set(
+        &mut self,
+        now: Millis,
+        name: &str,
+        capabilities: Option<Vec<String>>,
+        slots: Option<u32>,
+        who: &str,
+    ) -> OpResponse {
+        if let Err(msg) = check_token_grant(Role::Agent, None, capabilities.as_deref(), slots) {
+            return op_error(OpErrorCode::Invalid, &msg);
+        }
+        if capabilities.is_none() && slots.is_none() {
+            return op_error(
+                OpErrorCode::Invalid,
+                "nothing to change; give --capability C (repeatable), --no-capabilities or --slots N",
+            );
+        }
+        let Some(fp) = self
+            .live_identity(Role::Agent, name)
+            .map(|i| i.fingerprint.clone())
+        else {
+            return not_found_agent(name);
+        };
+        let Some(id) = self.identities.get_mut(&fp) else {
+            return not_found_agent(name);
+        };
+        if let Some(c) = capabilities {
+            id.capabilities = c;
+        }
+        if let Some(s) = slots {
+            id.slots = s;
+        }
+        let id = id.clone();
+        self.out.writes.push(Write::Identity(id.clone()));
+        if let Some(agent) = self.agents.get_mut(name) {
+            agent
+                .rec
+                .capabilities
+                .retain(|c| id.capabilities.contains(c));
+            agent.rec.slots = agent.rec.slots.min(id.slots);
+            self.out.writes.push(Write::Agent(agent.rec.clone()));
+        }
+        self.audit_event(now, who, "agent_set", name);
+        self.dirty_schedule = true;
+        ok_json(&serde_json::json!({
+            "name": name,
+            "capabilities": id.capabilities,
+            "slots": id.slots,
+        }))
     }
 
     fn drain(&mut self, now: Millis, name: &str, drained: bool, who: &str) -> OpResponse {
@@ -1580,6 +1788,23 @@ impl Core {
         if req.max_attempts == Some(0) {
             return Err("--max-attempts 0 would never run the task; use 1 or more".into());
         }
+        if let Some(n) = req.max_attempts
+            && n > limits::ATTEMPTS_MAX
+        {
+            return Err(format!(
+                "--max-attempts {n}: the limit is {}",
+                limits::ATTEMPTS_MAX
+            ));
+        }
+        if let Some(t) = req.timeout_ms
+            && !(1..=limits::TIMEOUT_MS_MAX).contains(&t)
+        {
+            return Err(format!(
+                "--timeout of {t} ms: use 1 ms to {} days",
+                limits::TIMEOUT_MS_MAX / 86_400_000
+            ));
+        }
+        check_capabilities(&req.capabilities).map_err(|e| format!("--capability: {e}"))?;
         if req.after.len() > 64 {
             return Err("more than 64 --after dependencies".into());
         }
@@ -1701,10 +1926,11 @@ impl Core {
         role: Role,
         name: &str,
         (cert_pem, fingerprint, key_fingerprint): (String, String, String),
+        (asked_caps, asked_slots): (Vec<String>, u32),
     ) -> muster_protocol::msg::EnrollResponse {
         use muster_protocol::msg::EnrollResponse;
         let refuse = EnrollResponse::Refused;
-        let Some(token) = self.tokens.get_mut(secret_hash) else {
+        let Some(token) = self.tokens.get(secret_hash) else {
             return refuse(EnrollRefusal::UnknownToken);
         };
         if let Some(at) = token.used_at {
@@ -1721,6 +1947,37 @@ impl Core {
                 requested: role,
             });
         }
+        // Names are checked again here: the core must not trust its shell's decoding.
+        if let Err(e) = muster_protocol::AgentName::new(name) {
+            return refuse(EnrollRefusal::BadRequest {
+                reason: format!("name: {e}"),
+            });
+        }
+        if name == RESERVED_NAME {
+            return refuse(EnrollRefusal::NameRefused {
+                reason: format!(
+                    "{RESERVED_NAME:?} is reserved for the hub's own admin credential; pick another --name"
+                ),
+            });
+        }
+        if let Some(bound) = token.name.as_deref().filter(|b| *b != name) {
+            return refuse(EnrollRefusal::NameRefused {
+                reason: format!(
+                    "this token is for the name {bound}, not {name}; enroll with --name {bound}"
+                ),
+            });
+        }
+        let replaces = token.name.is_some();
+        let holder = self.live_identity(role, name).cloned();
+        if let Some(h) = &holder
+            && !replaces
+        {
+            return refuse(EnrollRefusal::NameTaken {
+                name: name.into(),
+                holder: h.fingerprint.chars().take(16).collect(),
+                enrolled_at_unix: h.created_at / 1000,
+            });
+        }
         let revoked_key = self
             .identities
             .values()
@@ -1728,11 +1985,26 @@ impl Core {
         if revoked_key {
             return refuse(EnrollRefusal::RevokedKey);
         }
+        let (capabilities, slots) = if role == Role::Agent {
+            match grant_for(token, asked_caps, asked_slots) {
+                Ok(g) => g,
+                Err(reason) => return refuse(EnrollRefusal::NotGranted { reason }),
+            }
+        } else {
+            (Vec::new(), 0)
+        };
+        let mut token = token.clone();
         token.used_at = Some(now);
-        let token = token.clone();
+        self.tokens.insert(secret_hash.into(), token.clone());
         self.out
             .writes
             .push(Write::Token(secret_hash.into(), token));
+        // Replacing a host: the old identity goes in the same commit as the new one.
+        if let Some(h) = holder {
+            self.revoke_identity(now, &h.fingerprint);
+            let json = serde_json::json!({"kind": "audit", "action": "identity_replaced", "who": name, "role": role.as_str(), "old_fingerprint": h.fingerprint});
+            self.push_event(now, json.to_string());
+        }
         let id = Identity {
             name: name.into(),
             role,
@@ -1740,6 +2012,8 @@ impl Core {
             key_fingerprint,
             created_at: now,
             revoked_at: None,
+            capabilities,
+            slots,
         };
         self.identities.insert(fingerprint, id.clone());
         self.out.writes.push(Write::Identity(id));
@@ -2041,6 +2315,192 @@ fn not_found_agent(name: &str) -> OpResponse {
         OpErrorCode::NotFound,
         &format!("no agent named {name:?}; `muster-hub agents` lists them"),
     )
+}
+
+/// The name of the hub's own admin credential; nobody may enroll under it.
+pub const RESERVED_NAME: &str = "admin";
+
+/// Checks capability names: at most [`limits::CAPABILITIES_MAX`], each a valid name.
+fn check_capabilities(caps: &[String]) -> Result<(), String> {
+    if caps.len() > limits::CAPABILITIES_MAX {
+        return Err(format!(
+            "{} capabilities; the limit is {}",
+            caps.len(),
+            limits::CAPABILITIES_MAX
+        ));
+    }
+    for c in caps {
+        if let Err(e) = muster_protocol::AgentName::new(c.as_str()) {
+            let shown: String = c.chars().take(64).collect();
+            return Err(format!("capability {shown:?}: {e}"));
+        }
+    }
+    Ok(())
+}
+
+/// Checks what a token (or `agent set`) grants.
+fn check_token_grant(
+    role: Role,
+    name: Option<&muster_protocol::AgentName>,
+    caps: Option<&[String]>,
+    slots: Option<u32>,
+) -> Result<(), String> {
+    if name.is_some_and(|n| n.as_str() == RESERVED_NAME) {
+        return Err(format!(
+            "{RESERVED_NAME:?} is reserved for the hub's own admin credential; pick another name"
+        ));
+    }
+    if role != Role::Agent && (caps.is_some() || slots.is_some()) {
+        return Err(format!(
+            "capabilities and slots are granted to agents only, not to role {role}"
+        ));
+    }
+    if let Some(c) = caps {
+        check_capabilities(c)?;
+    }
+    if let Some(s) = slots
+        && !(1..=limits::SLOTS_MAX).contains(&s)
+    {
+        return Err(format!("--slots {s}: use 1 to {}", limits::SLOTS_MAX));
+    }
+    Ok(())
+}
+
+/// What an agent enrollment is granted: the token's grant where it sets one, else
+/// what the host asked for; asking beyond the token's grant is refused.
+fn grant_for(
+    token: &TokenRecord,
+    asked_caps: Vec<String>,
+    asked_slots: u32,
+) -> Result<(Vec<String>, u32), String> {
+    check_capabilities(&asked_caps)?;
+    let asked_slots = asked_slots.max(1);
+    if asked_slots > limits::SLOTS_MAX {
+        return Err(format!(
+            "{asked_slots} slots asked; the limit is {}",
+            limits::SLOTS_MAX
+        ));
+    }
+    let caps = match &token.capabilities {
+        Some(granted) => {
+            let extra: Vec<&str> = asked_caps
+                .iter()
+                .filter(|c| !granted.contains(c))
+                .map(String::as_str)
+                .collect();
+            if !extra.is_empty() {
+                return Err(format!(
+                    "capabilities {} asked, but the token grants only [{}]",
+                    extra.join(", "),
+                    granted.join(", ")
+                ));
+            }
+            granted.clone()
+        }
+        None => asked_caps,
+    };
+    let slots = match token.slots {
+        Some(granted) if asked_slots > granted => {
+            return Err(format!(
+                "{asked_slots} slots asked, but the token grants {granted}"
+            ));
+        }
+        Some(granted) => granted,
+        None => asked_slots,
+    };
+    Ok((caps, slots))
+}
+
+/// Checks a hello against the identity's grant and the declared limits.
+fn check_claim(id: &Identity, hello: &Hello) -> Result<(), String> {
+    if hello.resume.len() > limits::HELD_TASKS_MAX {
+        return Err(format!(
+            "the hello lists {} held tasks; the limit is {}",
+            hello.resume.len(),
+            limits::HELD_TASKS_MAX
+        ));
+    }
+    check_capabilities(&hello.capabilities)?;
+    let extra: Vec<&str> = hello
+        .capabilities
+        .iter()
+        .filter(|c| !id.capabilities.contains(c))
+        .map(String::as_str)
+        .collect();
+    if !extra.is_empty() {
+        return Err(format!(
+            "{} claims capabilities [{}] that are not granted to it (granted: [{}]); remove them from sidecar.toml, or grant them with `muster-hub agent set {} --capability …`",
+            id.name,
+            extra.join(", "),
+            id.capabilities.join(", "),
+            id.name
+        ));
+    }
+    if hello.slots > id.slots {
+        return Err(format!(
+            "{} claims {} slots but is granted {}; lower slots in sidecar.toml, or grant more with `muster-hub agent set {} --slots {}`",
+            id.name, hello.slots, id.slots, id.name, hello.slots
+        ));
+    }
+    Ok(())
+}
+
+/// Cuts a failure's agent-supplied text to the documented limits.
+fn bound_failure(mut f: Failure) -> Failure {
+    f.reason = truncate_utf8(f.reason, limits::REASON_BYTES_MAX);
+    f.command.truncate(limits::COMMAND_WORDS_MAX);
+    f.command = f
+        .command
+        .into_iter()
+        .map(|w| truncate_utf8(w, limits::REASON_BYTES_MAX))
+        .collect();
+    f.stdout_tail = tail_utf8(f.stdout_tail, limits::TAIL_BYTES_MAX);
+    f.stderr_tail = tail_utf8(f.stderr_tail, limits::TAIL_BYTES_MAX);
+    f
+}
+
+/// Keeps the last `max` bytes of `s` at a character boundary (a tail's end matters most).
+fn tail_utf8(s: String, max: usize) -> String {
+    if s.len() <= max {
+        return s;
+    }
+    let mut start = s.len() - max;
+    while !s.is_char_boundary(start) {
+        start += 1;
+    }
+    s[start..].to_string()
+}
+
+/// Cuts a report's agent-supplied text to the documented limits, on arrival.
+fn bound_report(mut r: Report) -> Report {
+    r.body = match r.body {
+        ReportBody::Started { pid, session } => ReportBody::Started {
+            pid,
+            session: session.map(|s| truncate_utf8(s, limits::SESSION_BYTES_MAX)),
+        },
+        ReportBody::Progress { note } => ReportBody::Progress {
+            note: truncate_utf8(note, limits::NOTE_BYTES_MAX),
+        },
+        ReportBody::Finished {
+            outcome,
+            result,
+            error,
+        } => ReportBody::Finished {
+            outcome,
+            result,
+            error: error.map(bound_failure),
+        },
+        other => other,
+    };
+    r
+}
+
+/// Cuts a self-test's problem lines to the documented limits.
+fn bound_self_test(t: &mut muster_protocol::msg::SelfTest) {
+    t.problems.truncate(limits::PROBLEMS_MAX);
+    for p in &mut t.problems {
+        *p = truncate_utf8(std::mem::take(p), limits::REASON_BYTES_MAX);
+    }
 }
 
 /// The protocol version, re-exported for the shell's refusal messages.

@@ -185,6 +185,17 @@ pub struct Identity {
     pub created_at: Millis,
     /// When it was revoked.
     pub revoked_at: Option<Millis>,
+    /// Agents: the capabilities it may claim (granted at enrollment or by `agent set`).
+    pub capabilities: Vec<String>,
+    /// Agents: the slots it may claim.
+    pub slots: u32,
+}
+
+impl Identity {
+    /// Agents and operators have separate namespaces: a name is unique within one.
+    pub fn same_namespace(&self, role: Role) -> bool {
+        (self.role == Role::Agent) == (role == Role::Agent)
+    }
 }
 
 /// A join token, keyed by the SHA-256 of its secret.
@@ -200,6 +211,12 @@ pub struct TokenRecord {
     pub expires_at: Millis,
     /// When it was used, if it was.
     pub used_at: Option<Millis>,
+    /// Only this name may enroll with it, replacing that name's live identity.
+    pub name: Option<String>,
+    /// Agents: the most capabilities it grants (`None`: what the host asks for).
+    pub capabilities: Option<Vec<String>>,
+    /// Agents: the most slots it grants (`None`: what the host asks for).
+    pub slots: Option<u32>,
 }
 
 /// An agent as stored in the registry.

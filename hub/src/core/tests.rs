@@ -155,7 +155,29 @@ impl H {
             key_fingerprint: format!("key-{fingerprint}"),
             created_at: self.now,
             revoked_at: None,
+            capabilities: Vec::new(),
+            slots: 0,
         });
+    }
+
+    /// Grants an agent identity what its next hello claims (the grant itself is
+    /// tested on its own; most tests are about what happens after the hello).
+    fn grant(&mut self, fingerprint: &str, caps: &[&str], slots: u32) {
+        if let Some(mut id) = self
+            .store
+            .identities
+            .get(fingerprint)
+            .cloned()
+            .filter(|i| i.role == Role::Agent)
+        {
+            for c in caps {
+                if !id.capabilities.iter().any(|x| x == c) {
+                    id.capabilities.push(c.to_string());
+                }
+            }
+            id.slots = id.slots.max(slots);
+            self.core.add_identity(id);
+        }
     }
 
     /// Enrolls an agent identity; its fingerprint is `fp-<name>`.
@@ -348,6 +370,7 @@ impl H {
         slots: u32,
         resume: Vec<HeldTask>,
     ) -> Output {
+        self.grant(fingerprint, caps, slots);
         let conn = ConnId(conn);
         self.conn_agent.insert(conn, name.to_string());
         self.online.insert(conn, resume.clone());
@@ -607,6 +630,7 @@ impl H {
             role,
             name: name.into(),
             cert: (format!("PEM {name}"), format!("fp-{name}"), key.to_string()),
+            grant: (Vec::new(), 1),
             reply,
         });
         let (_, resp) = out.replies.pop().expect("an enrollment answer");
@@ -821,6 +845,8 @@ fn hello_with_revoked_identity_is_refused_and_closed() {
         key_fingerprint: "key-a".into(),
         created_at: T0,
         revoked_at: Some(T0),
+        capabilities: Vec::new(),
+        slots: 1,
     });
     let _ = h.flush();
     let out = h.hello(1, "a", &[], 1, Vec::new());

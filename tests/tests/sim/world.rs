@@ -491,11 +491,12 @@ impl World {
             let fp = self.sides[i].fp.clone();
             let name = self.sides[i].name.clone();
             self.store.slots.insert(name.clone(), self.sides[i].slots);
-            self.add_identity(&name, Role::Agent, &fp)?;
+            let grant = (self.sides[i].caps.clone(), self.sides[i].slots);
+            self.add_identity(&name, Role::Agent, &fp, grant)?;
             let d = self.rng.below(2_000);
             self.schedule_connect(i, d);
         }
-        self.add_identity("admin", Role::Admin, ADMIN_FP)?;
+        self.add_identity("admin", Role::Admin, ADMIN_FP, (Vec::new(), 0))?;
         self.push(0, Ev::Tick);
         self.push(1_000, Ev::Fault);
         self.push(500, Ev::Op);
@@ -649,7 +650,13 @@ impl World {
         self.after(d, Ev::HubRestart);
     }
 
-    fn add_identity(&mut self, name: &str, role: Role, fp: &str) -> Res {
+    fn add_identity(
+        &mut self,
+        name: &str,
+        role: Role,
+        fp: &str,
+        (capabilities, slots): (Vec<String>, u32),
+    ) -> Res {
         let Some(core) = self.hub.as_mut() else {
             return Err("no hub".into());
         };
@@ -660,6 +667,8 @@ impl World {
             key_fingerprint: format!("key-{fp}"),
             created_at: T0,
             revoked_at: None,
+            capabilities,
+            slots,
         });
         let out = core.take_output();
         self.store.commit(&out.writes)
