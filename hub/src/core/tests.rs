@@ -12,7 +12,7 @@ use muster_protocol::msg::{
     HubMsg, OpError, OpErrorCode, OpRequest, OpResponse, Outcome, Phase, Refused, Report,
     ReportBody, Role, SelfTest, SessionMsg, SidecarState, SubmitRequest, TimeoutAction,
 };
-use muster_protocol::{AgentName, Generation, ReportId, TaskId};
+use muster_protocol::{AgentName, Generation, ReportId, TaskId, limits};
 use serde_json::Value;
 
 use super::{
@@ -623,14 +623,31 @@ impl H {
     }
 
     fn enroll_input(&mut self, hash: &str, role: Role, name: &str, key: &str) -> EnrollResponse {
+        self.enroll_asking(hash, role, name, key, (Vec::new(), 1))
+    }
+
+    /// An enrollment asking for a grant; the certificate fingerprint is `fp-<name>-<key>`
+    /// when `key` starts with `k:` (several identities of one name), else `fp-<name>`.
+    fn enroll_asking(
+        &mut self,
+        hash: &str,
+        role: Role,
+        name: &str,
+        key: &str,
+        grant: (Vec<String>, u32),
+    ) -> EnrollResponse {
+        let fp = match key.strip_prefix("k:") {
+            Some(k) => format!("fp-{name}-{k}"),
+            None => format!("fp-{name}"),
+        };
         let reply = ReplyId(self.next_reply);
         self.next_reply += 1;
         let mut out = self.step(Input::Enroll {
             secret_hash: hash.into(),
             role,
             name: name.into(),
-            cert: (format!("PEM {name}"), format!("fp-{name}"), key.to_string()),
-            grant: (Vec::new(), 1),
+            cert: (format!("PEM {name}"), fp, key.to_string()),
+            grant,
             reply,
         });
         let (_, resp) = out.replies.pop().expect("an enrollment answer");
@@ -2978,4 +2995,342 @@ fn a_batch_writes_each_record_once_in_its_final_state_and_keeps_every_event() {
         events >= 3,
         "every transition is still in the event log ({events})"
     );
+}
+
+// === Identity and grants (issue 12) ===
+
+fn token_for(
+    h: &mut H,
+    hash: &str,
+    role: Role,
+    name: Option<&str>,
+    caps: Option<&[&str]>,
+    slots: Option<u32>,
+) -> OpResponse {
+    h.op_with(
+        ADMIN,
+        OpRequest::TokenCreate {
+            role,
+            ttl_s: 600,
+            name: name.map(|n| AgentName::new(n).expect("valid name")),
+            capabilities: caps.map(|c| c.iter().map(|s| s.to_string()).collect()),
+            slots,
+        },
+        Some((format!("secret-{hash}"), hash.to_string())),
+    )
+    .0
+}
+
+fn caps(c: &[&str]) -> Vec<String> {
+    c.iter().map(|s| s.to_string()).collect()
+}
+
+#[test]
+fn a_held_name_is_refused_naming_its_holder() {
+    let mut h = H::new();
+    token(&mut h, Role::Agent, 600, "h1");
+    token(&mut h, Role::Agent, 600, "h2");
+    let r = h.enroll_input("h1", Role::Agent, "build-01", "k:one");
+    assert!(matches!(r, EnrollResponse::Enrolled { .. }), "{r:?}");
+    h.advance(1_000);
+    let r = h.enroll_input("h2", Role::Agent, "build-01", "k:two");
+    match r {
+        EnrollResponse::Refused(EnrollRefusal::NameTaken {
+            name,
+            holder,
+            enrolled_at_unix,
+        }) => {
+            assert_eq!(name, "build-01");
+            assert!("fp-build-01-one".starts_with(&holder), "{holder}");
+            assert_eq!(enrolled_at_unix, T0 / 1000);
+        }
+        other => panic!("a second holder of build-01 was not refused: {other:?}"),
+    }
+    // The refusal spent nothing and changed nothing.
+    assert!(h.store.tokens["h2"].used_at.is_none());
+    assert!(!h.store.identities.contains_key("fp-build-01-two"));
+    assert!(h.store.identities["fp-build-01-one"].revoked_at.is_none());
+}
+
+#[test]
+fn a_token_made_for_a_name_replaces_its_holder_in_the_same_commit() {
+    let mut h = H::new();
+    token(&mut h, Role::Agent, 600, "h1");
+    let _ = h.enroll_input("h1", Role::Agent, "build-01", "k:old");
+    let _ = json_ok(&token_for(
+        &mut h,
+        "h2",
+        Role::Agent,
+        Some("build-01"),
+        None,
+        None,
+    ));
+    // Bound to its name: another name cannot use it.
+    let r = h.enroll_input("h2", Role::Agent, "build-02", "k:x");
+    assert!(
+        matches!(
+            r,
+            EnrollResponse::Refused(EnrollRefusal::NameRefused { .. })
+        ),
+        "{r:?}"
+    );
+    let reply = ReplyId(h.next_reply);
+    h.next_reply += 1;
+    h.core.handle(
+        h.now,
+        Input::Enroll {
+            secret_hash: "h2".into(),
+            role: Role::Agent,
+            name: "build-01".into(),
+            cert: ("PEM".into(), "fp-build-01-new".into(), "k:new".into()),
+            grant: (Vec::new(), 1),
+            reply,
+        },
+        &h.store,
+    );
+    let out = h.flush();
+    // One output (one commit) revokes the old identity and adds the new one.
+    let ids: Vec<&Identity> = out
+        .writes
+        .iter()
+        .filter_map(|w| match w {
+            Write::Identity(i) => Some(i),
+            _ => None,
+        })
+        .collect();
+    assert!(
+        ids.iter()
+            .any(|i| i.fingerprint == "fp-build-01-old" && i.revoked_at.is_some())
+    );
+    assert!(
+        ids.iter()
+            .any(|i| i.fingerprint == "fp-build-01-new" && i.revoked_at.is_none())
+    );
+    assert_eq!(out.revoked, vec!["fp-build-01-old".to_string()]);
+}
+
+#[test]
+fn admin_is_reserved_and_agents_and_operators_have_separate_namespaces() {
+    let mut h = H::new();
+    token(&mut h, Role::Agent, 600, "h1");
+    let r = h.enroll_input("h1", Role::Agent, "admin", "k:evil");
+    assert!(
+        matches!(
+            r,
+            EnrollResponse::Refused(EnrollRefusal::NameRefused { .. })
+        ),
+        "{r:?}"
+    );
+    assert_eq!(
+        op_err(&token_for(
+            &mut h,
+            "h9",
+            Role::Agent,
+            Some("admin"),
+            None,
+            None
+        ))
+        .code,
+        OpErrorCode::Invalid
+    );
+    // An agent and an operator may share a name; revoking the agent leaves the operator.
+    token(&mut h, Role::Operator, 600, "h2");
+    let _ = h.enroll_input("h1", Role::Agent, "alice", "k:agent");
+    let r = h.enroll_input("h2", Role::Operator, "alice", "k:op");
+    assert!(matches!(r, EnrollResponse::Enrolled { .. }), "{r:?}");
+    let (resp, _) = h.op(
+        ADMIN,
+        OpRequest::AgentRevoke {
+            name: "alice".into(),
+        },
+    );
+    let _ = json_ok(&resp);
+    assert!(h.store.identities["fp-alice-agent"].revoked_at.is_some());
+    assert!(h.store.identities["fp-alice-op"].revoked_at.is_none());
+    // `agent revoke admin` cannot touch the hub's admin credential.
+    let (resp, _) = h.op(
+        ADMIN,
+        OpRequest::AgentRevoke {
+            name: "admin".into(),
+        },
+    );
+    assert_eq!(op_err(&resp).code, OpErrorCode::NotFound);
+    let (resp, _) = h.op(ADMIN, OpRequest::Agents);
+    let _ = json_ok(&resp);
+}
+
+#[test]
+fn the_last_admin_cannot_be_revoked() {
+    use muster_protocol::msg::IdentityTarget;
+    let mut h = H::new();
+    let (resp, _) = h.op(
+        ADMIN,
+        OpRequest::IdentityRevoke(IdentityTarget::Named {
+            role: Role::Admin,
+            name: "admin".into(),
+        }),
+    );
+    let e = op_err(&resp);
+    assert_eq!(e.code, OpErrorCode::Conflict);
+    assert!(e.message.contains("last admin"), "{}", e.message);
+    assert!(h.core.identity(ADMIN).is_some());
+    // With a second admin, the first can go, by fingerprint prefix.
+    token(&mut h, Role::Admin, 600, "h1");
+    let _ = h.enroll_input("h1", Role::Admin, "root2", "k:r");
+    let (resp, out) = h.op(
+        "fp-root2-r",
+        OpRequest::IdentityRevoke(IdentityTarget::Fingerprint("fp-admin".into())),
+    );
+    let v = json_ok(&resp);
+    assert_eq!(v["revoked"], true);
+    assert_eq!(out.revoked, vec![ADMIN.to_string()]);
+    assert!(h.core.identity(ADMIN).is_none());
+}
+
+#[test]
+fn capabilities_and_slots_are_granted_not_claimed() {
+    let mut h = H::new();
+    let _ = json_ok(&token_for(
+        &mut h,
+        "h1",
+        Role::Agent,
+        None,
+        Some(&["rust"]),
+        Some(2),
+    ));
+    // Asking beyond the token's grant is refused without spending it.
+    let r = h.enroll_asking("h1", Role::Agent, "b1", "k:1", (caps(&["rust", "gpu"]), 1));
+    assert!(
+        matches!(r, EnrollResponse::Refused(EnrollRefusal::NotGranted { .. })),
+        "{r:?}"
+    );
+    let r = h.enroll_asking("h1", Role::Agent, "b1", "k:1", (caps(&["rust"]), 3));
+    assert!(
+        matches!(r, EnrollResponse::Refused(EnrollRefusal::NotGranted { .. })),
+        "{r:?}"
+    );
+    assert!(h.store.tokens["h1"].used_at.is_none());
+    let r = h.enroll_asking("h1", Role::Agent, "b1", "k:1", (caps(&["rust"]), 1));
+    assert!(matches!(r, EnrollResponse::Enrolled { .. }), "{r:?}");
+    let id = &h.store.identities["fp-b1-1"];
+    assert_eq!((id.capabilities.clone(), id.slots), (caps(&["rust"]), 2));
+    // A hello that claims more than the grant is refused and closed.
+    let hello = |caps: &[&str], slots: u32| Input::Hello {
+        conn: ConnId(7),
+        fingerprint: "fp-b1-1".into(),
+        hello: Hello {
+            version: "x".repeat(10_000),
+            agent: AgentName::new("b1").expect("name"),
+            capabilities: caps.iter().map(|c| c.to_string()).collect(),
+            slots,
+            resume: Vec::new(),
+        },
+    };
+    let out = h.step(hello(&["rust", "gpu"], 1));
+    assert!(
+        matches!(refused(&out, ConnId(7)), Some(Refused::BadHello { reason }) if reason.contains("gpu"))
+    );
+    assert_eq!(out.closes, vec![ConnId(7)]);
+    let out = h.step(hello(&["rust"], 4_000_000_000));
+    assert!(
+        matches!(refused(&out, ConnId(7)), Some(Refused::BadHello { reason }) if reason.contains("slots"))
+    );
+    // Within the grant it is welcome, and its version string is cut to the limit.
+    let out = h.step(hello(&["rust"], 2));
+    assert!(matches!(
+        sends_to(&out, ConnId(7)).first(),
+        Some(HubMsg::Welcome(_))
+    ));
+    assert_eq!(
+        h.store.agents["b1"].version.len(),
+        limits::VERSION_BYTES_MAX
+    );
+    // An operator narrows the grant: the live registry entry follows at once.
+    let (resp, _) = h.op(
+        ADMIN,
+        OpRequest::AgentSet {
+            name: "b1".into(),
+            capabilities: Some(Vec::new()),
+            slots: Some(1),
+        },
+    );
+    let _ = json_ok(&resp);
+    assert!(h.store.agents["b1"].capabilities.is_empty());
+    assert_eq!(h.store.agents["b1"].slots, 1);
+    let (resp, _) = h.op(
+        OPERATOR,
+        OpRequest::AgentSet {
+            name: "b1".into(),
+            capabilities: None,
+            slots: Some(256),
+        },
+    );
+    assert_eq!(op_err(&resp).code, OpErrorCode::Forbidden);
+}
+
+#[test]
+fn a_heartbeat_listing_too_many_tasks_ends_the_session() {
+    let mut h = H::new();
+    let _ = h.connect(1, "a", &[], 1);
+    let held: Vec<HeldTask> = (0..=limits::HELD_TASKS_MAX as u64)
+        .map(|i| HeldTask {
+            task: TaskId(i + 1_000_000),
+            generation: Generation(1),
+            phase: Phase::Running,
+        })
+        .collect();
+    let out = h.step(Input::Session {
+        conn: ConnId(1),
+        msg: SessionMsg::Heartbeat(muster_protocol::msg::Heartbeat {
+            seq: 1,
+            state: muster_protocol::msg::SidecarState::Ready,
+            tasks: held,
+            free_slots: 1,
+            self_test: Default::default(),
+            host: Default::default(),
+        }),
+    });
+    assert_eq!(out.closes, vec![ConnId(1)]);
+    // No Abandon storm for a thousand made-up tasks.
+    assert!(sends_to(&out, ConnId(1)).len() <= 1);
+}
+
+#[test]
+fn agent_text_is_bounded_on_arrival_and_timeouts_at_admission() {
+    let mut h = H::new();
+    let (conn, _) = h.connect(1, "a", &[], 1);
+    let (id, _) = h.submit(req("t"));
+    let big = "x".repeat(500_000);
+    let out = h.report(
+        conn,
+        id,
+        1,
+        ReportBody::Finished {
+            outcome: Outcome::Failed,
+            result: None,
+            error: Some(Failure {
+                reason: big.clone(),
+                command: vec![big.clone(); 1000],
+                stdout_tail: big.clone(),
+                stderr_tail: format!("{big}END"),
+                ..Default::default()
+            }),
+        },
+    );
+    drop(out);
+    let a = h.attempt(id, 1);
+    let e = a.error.as_ref().expect("the failure is kept");
+    assert_eq!(e.reason.len(), limits::REASON_BYTES_MAX);
+    assert_eq!(e.command.len(), limits::COMMAND_WORDS_MAX);
+    assert!(e.stderr_tail.ends_with("END"));
+    assert_eq!(e.stderr_tail.len(), limits::TAIL_BYTES_MAX);
+    // A timeout past the maximum is refused at admission (it used to wrap `start + timeout`).
+    let mut r = req("forever");
+    r.timeout_ms = Some(u64::MAX);
+    let (resp, _) = h.op(ADMIN, OpRequest::Submit(r));
+    assert_eq!(op_err(&resp).code, OpErrorCode::Invalid);
+    let mut r = req("many");
+    r.max_attempts = Some(u32::MAX);
+    let (resp, _) = h.op(ADMIN, OpRequest::Submit(r));
+    assert_eq!(op_err(&resp).code, OpErrorCode::Invalid);
 }
