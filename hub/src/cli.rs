@@ -125,7 +125,8 @@ pub fn data_dir_credential(dir: &Path) -> Result<(String, Credential), CliError>
     let cred = Credential {
         ca_pem: read(CA_CERT)?,
         cert_pem: read(ADMIN_CERT)?,
-        key_pem: read(ADMIN_KEY)?,
+        key_pem: crate::pki::read_secret(&dir.join(ADMIN_KEY))
+            .map_err(|e| CliError::fail(e.to_string()))?,
     };
     let config = HubConfig::load(&dir.join(CONFIG_FILE)).map_err(|e| CliError {
         code: 78,
@@ -209,13 +210,62 @@ impl Session {
 
 // === Printing ===
 
-/// Prints a value as JSON or through a human formatter.
+/// Prints a value as JSON or through a human formatter. Human output shows
+/// control characters escaped, so text from agents cannot drive the terminal.
 pub fn print(v: &Value, json: bool, human: impl Fn(&Value) -> String) {
     if json {
         println!("{v}");
     } else {
-        print!("{}", human(v));
+        print!("{}", human(&sanitize(v)));
     }
+}
+
+/// Fields whose text is shown on several lines; their newlines and tabs are kept.
+const MULTILINE: [&str; 5] = [
+    "description",
+    "result",
+    "stdout_tail",
+    "stderr_tail",
+    "progress_note",
+];
+
+/// A copy of `v` with every string's control characters escaped (`\u{1b}`), and
+/// newlines too except in the [`MULTILINE`] fields.
+pub fn sanitize(v: &Value) -> Value {
+    fn walk(v: &Value, keep_lines: bool) -> Value {
+        match v {
+            Value::String(s) => Value::String(escape_controls(s, keep_lines)),
+            Value::Array(a) => Value::Array(a.iter().map(|x| walk(x, keep_lines)).collect()),
+            Value::Object(o) => Value::Object(
+                o.iter()
+                    .map(|(k, x)| (k.clone(), walk(x, MULTILINE.contains(&k.as_str()))))
+                    .collect(),
+            ),
+            other => other.clone(),
+        }
+    }
+    walk(v, false)
+}
+
+/// Escapes C0/C1 control characters and the Unicode bidirectional overrides,
+/// which could rewrite what a terminal shows; `keep_lines` keeps `\n` and `\t`.
+pub fn escape_controls(s: &str, keep_lines: bool) -> String {
+    let risky = |c: char| {
+        (c.is_control() && !(keep_lines && matches!(c, '\n' | '\t')))
+            || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+    };
+    if !s.chars().any(risky) {
+        return s.to_string();
+    }
+    s.chars()
+        .map(|c| {
+            if risky(c) {
+                c.escape_unicode().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
 }
 
 fn s(v: &Value, k: &str) -> String {
@@ -367,4 +417,28 @@ pub fn task_detail(t: &Value) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn human_output_escapes_terminal_controls() {
+        let v = serde_json::json!({
+            "agents": [{"name": "a\u{1b}]0;pwned\u{7}", "why": "x\ny", "version": "\u{202e}evil"}],
+            "stdout_tail": "line 1\nline 2\u{1b}[2J",
+        });
+        let clean = sanitize(&v);
+        let text = clean.to_string();
+        assert!(
+            !text.contains('\u{1b}') && !text.contains('\u{202e}'),
+            "{text}"
+        );
+        assert_eq!(clean["agents"][0]["why"], "x\\u{a}y");
+        assert_eq!(clean["stdout_tail"], "line 1\nline 2\\u{1b}[2J");
+        let table = agents_table(&clean);
+        assert_eq!(table.lines().count(), 2, "{table}");
+        assert!(table.contains("\\u{1b}]0;pwned"), "{table}");
+    }
 }

@@ -12,8 +12,8 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use muster_protocol::TaskId;
 use muster_protocol::msg::{OpRequest, Role, SubmitRequest, TimeoutAction};
+use muster_protocol::{AgentName, TaskId};
 use serde_json::Value;
 use tokio::process::{Child, Command};
 
@@ -192,9 +192,9 @@ async fn start_sidecar(
         .call(OpRequest::TokenCreate {
             role: Role::Agent,
             ttl_s: 600,
-            name: None,
-            capabilities: None,
-            slots: None,
+            name: AgentName::new(name).ok(),
+            capabilities: Some(caps.iter().map(|c| c.to_string()).collect()),
+            slots: Some(slots),
         })
         .await?;
     let token = token["token"].as_str().unwrap_or_default().to_string();

@@ -118,7 +118,16 @@ enum Command {
         #[command(flatten)]
         connect: ConnectArgs,
     },
-    /// One agent: show, drain, undrain or revoke.
+    /// Revoke one identity, agent or operator (the last admin cannot be revoked).
+    Identity {
+        #[command(subcommand)]
+        command: IdentityCommand,
+        #[arg(long, global = true)]
+        json: bool,
+        #[command(flatten)]
+        connect: ConnectArgs,
+    },
+    /// One agent: show, drain, undrain, revoke, or change its grant.
     Agent {
         #[command(subcommand)]
         command: AgentCommand,
@@ -174,6 +183,33 @@ enum TokenCommand {
         /// How long it is valid.
         #[arg(long, default_value = "1h")]
         ttl: String,
+        /// Only this name may enroll with it; enrolling replaces the name's
+        /// current identity (use it to replace a host), which is revoked at once.
+        #[arg(long)]
+        name: Option<String>,
+        /// Agents: a capability it grants (repeatable); without any, the host's
+        /// own list at enrollment is granted.
+        #[arg(long = "capability")]
+        capabilities: Vec<String>,
+        /// Agents: the slots it grants at most; without it, what the host asks for.
+        #[arg(long)]
+        slots: Option<u32>,
+    },
+}
+
+#[derive(Subcommand)]
+enum IdentityCommand {
+    /// Revoke one identity by role and name, or by certificate fingerprint.
+    #[command(group(clap::ArgGroup::new("which").required(true).args(["name", "fingerprint"])))]
+    Revoke {
+        /// Its name.
+        name: Option<String>,
+        /// Its role (agents and operators have separate namespaces).
+        #[arg(long, default_value = "operator", requires = "name")]
+        role: Role,
+        /// Its certificate fingerprint, or a unique prefix of at least 8 hex digits.
+        #[arg(long, conflicts_with = "name")]
+        fingerprint: Option<String>,
     },
 }
 
@@ -197,6 +233,19 @@ enum AgentCommand {
     Undrain { name: String },
     /// Revoke the agent's credential and cut its session.
     Revoke { name: String },
+    /// Change what the agent is granted; its session keeps only what the new grant allows.
+    Set {
+        name: String,
+        /// A capability it may claim (repeatable); replaces the granted list.
+        #[arg(long = "capability", conflicts_with = "no_capabilities")]
+        capabilities: Vec<String>,
+        /// Grant no capabilities at all.
+        #[arg(long)]
+        no_capabilities: bool,
+        /// The slots it may claim (1 to 256).
+        #[arg(long)]
+        slots: Option<u32>,
+    },
 }
 
 #[derive(clap::Args)]
@@ -281,7 +330,7 @@ fn main() -> ExitCode {
     match runtime.block_on(run(cli.command)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("muster-hub: {}", e.message);
+            eprintln!("muster-hub: {}", cli::escape_controls(&e.message, true));
             ExitCode::from(e.code.clamp(1, 255) as u8)
         }
     }
@@ -316,9 +365,20 @@ async fn run(command: Command) -> Result<(), CliError> {
         } => init(data_dir, listen, sans, force),
         Command::Serve { config, data_dir } => serve(config, data_dir).await,
         Command::Token {
-            command: TokenCommand::Create { role, ttl },
+            command:
+                TokenCommand::Create {
+                    role,
+                    ttl,
+                    name,
+                    capabilities,
+                    slots,
+                },
             connect,
         } => {
+            let name = name.map(AgentName::new).transpose().map_err(|e| CliError {
+                code: 2,
+                message: format!("--name: {e}"),
+            })?;
             let ttl = parse_duration(&ttl).map_err(|e| CliError {
                 code: 2,
                 message: format!("--ttl: {e}"),
@@ -328,9 +388,9 @@ async fn run(command: Command) -> Result<(), CliError> {
                 .call(OpRequest::TokenCreate {
                     role,
                     ttl_s: ttl.as_secs().max(1),
-                    name: None,
-                    capabilities: None,
-                    slots: None,
+                    name,
+                    capabilities: (!capabilities.is_empty()).then_some(capabilities),
+                    slots,
                 })
                 .await?;
             s.close().await;
@@ -398,6 +458,23 @@ async fn run(command: Command) -> Result<(), CliError> {
                 AgentCommand::Drain { name } => (OpRequest::AgentDrain { name }, false),
                 AgentCommand::Undrain { name } => (OpRequest::AgentUndrain { name }, false),
                 AgentCommand::Revoke { name } => (OpRequest::AgentRevoke { name }, false),
+                AgentCommand::Set {
+                    name,
+                    capabilities,
+                    no_capabilities,
+                    slots,
+                } => {
+                    let capabilities =
+                        (no_capabilities || !capabilities.is_empty()).then_some(capabilities);
+                    (
+                        OpRequest::AgentSet {
+                            name,
+                            capabilities,
+                            slots,
+                        },
+                        false,
+                    )
+                }
             };
             let v = one(&connect, req).await?;
             print(&v, json, |v| {
@@ -406,6 +483,38 @@ async fn run(command: Command) -> Result<(), CliError> {
                 } else {
                     format!("{v}\n")
                 }
+            });
+            Ok(())
+        }
+        Command::Identity {
+            command:
+                IdentityCommand::Revoke {
+                    name,
+                    role,
+                    fingerprint,
+                },
+            json,
+            connect,
+        } => {
+            use muster_protocol::msg::IdentityTarget;
+            let target = match (fingerprint, name) {
+                (Some(fp), _) => IdentityTarget::Fingerprint(fp),
+                (None, Some(name)) => IdentityTarget::Named { role, name },
+                (None, None) => {
+                    return Err(CliError {
+                        code: 2,
+                        message: "give NAME or --fingerprint FP".into(),
+                    });
+                }
+            };
+            let v = one(&connect, OpRequest::IdentityRevoke(target)).await?;
+            print(&v, json, |v| {
+                format!(
+                    "revoked {} {} ({})\n",
+                    v["role"].as_str().unwrap_or("?"),
+                    v["name"].as_str().unwrap_or("?"),
+                    v["fingerprint"].as_str().unwrap_or("?")
+                )
             });
             Ok(())
         }
@@ -874,7 +983,7 @@ async fn watch(connect: &ConnectArgs, from: Option<u64>, json: bool) -> Result<(
                     v["seq"] = seq.0.into();
                     println!("{v}");
                 } else {
-                    println!("{seq:>8}  {doc}");
+                    println!("{seq:>8}  {}", cli::escape_controls(&doc, false));
                 }
             }
             Ok(OpResponse::Error(e)) => return Err(CliError::fail(e.message)),

@@ -57,6 +57,16 @@ pub enum PkiError {
     /// rcgen refused to build or sign a certificate.
     #[error("certificate: {0}")]
     Rcgen(#[from] rcgen::Error),
+    /// A private key is readable by group or others.
+    #[error(
+        "{path} has mode {mode:o}: a private key must not be readable by group or others; run `chmod 600 {path}`"
+    )]
+    Exposed {
+        /// The file.
+        path: PathBuf,
+        /// Its permission bits.
+        mode: u32,
+    },
     /// A PEM file did not hold what it should.
     #[error("{path}: not a valid PEM {what}")]
     BadPem {
@@ -143,19 +153,17 @@ impl Pki {
     /// [`PkiError`] when a file is missing or malformed.
     pub fn load(dir: &Path) -> Result<Pki, PkiError> {
         let ca_pem = read(&dir.join(CA_CERT))?;
-        let ca_key_pem = read(&credential_or(dir, "hub-ca-key", CA_KEY))?;
+        let ca_key_pem = read_secret(&credential_or(dir, "hub-ca-key", CA_KEY))?;
         let ca_key = KeyPair::from_pem(&ca_key_pem)?;
         let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key)?;
         let ca_der = pem_cert(&dir.join(CA_CERT), &ca_pem)?;
         let server_path = dir.join(SERVER_CERT);
         let server_der = pem_cert(&server_path, &read(&server_path)?)?;
         let key_path = credential_or(dir, "hub-server-key", SERVER_KEY);
-        let server_key =
-            PrivateKeyDer::from_pem_slice(read(&key_path)?.as_bytes()).map_err(|_| {
-                PkiError::BadPem {
-                    path: key_path.clone(),
-                    what: "private key",
-                }
+        let server_key = PrivateKeyDer::from_pem_slice(read_secret(&key_path)?.as_bytes())
+            .map_err(|_| PkiError::BadPem {
+                path: key_path.clone(),
+                what: "private key",
             })?;
         Ok(Pki {
             issuer,
@@ -261,6 +269,25 @@ fn pem_cert(path: &Path, pem: &str) -> Result<CertificateDer<'static>, PkiError>
         path: path.to_owned(),
         what: "certificate",
     })
+}
+
+/// Reads a private key, refusing one that group or others can read.
+///
+/// # Errors
+/// [`PkiError::Exposed`] naming the file and the `chmod` to run, or [`PkiError::Io`].
+pub fn read_secret(path: &Path) -> Result<String, PkiError> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = fs::metadata(path).map_err(|source| PkiError::Io {
+        path: path.to_owned(),
+        source,
+    })?;
+    if meta.mode() & 0o077 != 0 {
+        return Err(PkiError::Exposed {
+            path: path.to_owned(),
+            mode: meta.mode() & 0o777,
+        });
+    }
+    read(path)
 }
 
 fn read(path: &Path) -> Result<String, PkiError> {

@@ -49,6 +49,8 @@ const TICK: Duration = Duration::from_millis(250);
 const WATCH_PAGE: usize = 512;
 /// Alerts waiting for `alert_command`; past this they are dropped (they stay in the event log).
 const ALERT_QUEUE_LEN: usize = 256;
+/// Most attempts `task show` lists (newest first; the rest are counted).
+const ATTEMPTS_SHOWN_MAX: usize = 100;
 /// How long one run of `alert_command` may take before it is killed.
 const ALERT_COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -250,7 +252,14 @@ impl Hub {
     /// [`StartError`] naming what failed.
     pub async fn start(self) -> Result<Running, StartError> {
         let pki = Arc::new(Pki::load(&self.data_dir)?);
-        let store = Store::open(&self.data_dir.join(crate::store::DB_FILE))?;
+        let db_path = self.data_dir.join(crate::store::DB_FILE);
+        let store = Store::open(&db_path)?;
+        if let Err(e) = restrict_db(&db_path) {
+            warn!(
+                "cannot make {} readable by this user only: {e}",
+                db_path.display()
+            );
+        }
         let mut clock = Clock { last: 0 };
         let now = clock.now();
         let restored = store.restore(now)?;
@@ -616,7 +625,9 @@ async fn handle_stream(
                 rx.await
                     .unwrap_or_else(|_| internal("the hub is shutting down"))
             };
-            let _ = send_frame(&mut wr, &resp).await;
+            if let Err(e) = send_frame(&mut wr, &resp).await {
+                warn!(peer = %conn.remote_address(), "an operator answer was not sent: {e}");
+            }
             let _ = wr.get_mut().finish();
             // Let the peer read the answer before the stream is dropped.
             let _ = tokio::time::timeout(Duration::from_secs(5), wr.get_mut().stopped()).await;
@@ -1185,12 +1196,18 @@ async fn alert_worker(argv: Vec<String>, mut rx: mpsc::Receiver<serde_json::Valu
                 continue;
             }
         };
-        if let Some(mut stdin) = child.stdin.take() {
-            let mut line = alert.to_string().into_bytes();
-            line.push(b'\n');
-            let _ = stdin.write_all(&line).await;
-        }
-        match tokio::time::timeout(ALERT_COMMAND_TIMEOUT, child.wait_with_output()).await {
+        let mut line = alert.to_string().into_bytes();
+        line.push(b'\n');
+        let stdin = child.stdin.take();
+        // The write is inside the time limit too: a command that never reads its
+        // stdin must not hold the worker (and every later alert) forever.
+        let run = async move {
+            if let Some(mut stdin) = stdin {
+                let _ = stdin.write_all(&line).await;
+            }
+            child.wait_with_output().await
+        };
+        match tokio::time::timeout(ALERT_COMMAND_TIMEOUT, run).await {
             Ok(Ok(out)) if out.status.success() => {}
             Ok(Ok(out)) => warn!(
                 command = ?argv,
@@ -1278,12 +1295,15 @@ fn query(core: &Core, store: &Store, fingerprint: &str, request: OpRequest) -> O
             OpRequest::TaskShow { id } => match reader.task(id)? {
                 Some(t) => {
                     let mut v = views::task_json(&t);
-                    let attempts: Vec<_> = reader
-                        .attempts(id)?
-                        .iter()
-                        .map(views::attempt_json)
-                        .collect();
+                    let budget = views::REPLY_BYTES_MAX.saturating_sub(v.to_string().len());
+                    let newest = reader.newest_attempts(id, ATTEMPTS_SHOWN_MAX)?;
+                    let (mut attempts, left_out) =
+                        views::fit(newest.iter().map(views::attempt_json), budget);
+                    attempts.reverse();
                     v["attempt_history"] = attempts.into();
+                    // Older attempts than those shown (by count or by size) are counted.
+                    let older = t.generation.0.saturating_sub(newest.len() as u64);
+                    v["attempts_not_shown"] = (left_out as u64 + older).into();
                     OpResponse::Ok {
                         json: v.to_string(),
                     }
@@ -1310,10 +1330,23 @@ fn query(core: &Core, store: &Store, fingerprint: &str, request: OpRequest) -> O
                 };
                 let limit = limit.clamp(1, muster_protocol::limits::PAGE_LEN_MAX) as usize;
                 let page = reader.tasks(state, agent.as_deref(), limit, cursor)?;
-                let tasks: Vec<_> = page.tasks.iter().map(views::task_json).collect();
+                let (tasks, left_out) = views::fit(
+                    page.tasks.iter().map(views::task_json),
+                    views::REPLY_BYTES_MAX,
+                );
+                // Cut short by size: the next page starts below the last task shown.
+                let next_cursor = if left_out > 0 {
+                    tasks.last().and_then(|t| t["id"].as_u64())
+                } else {
+                    page.next_cursor
+                };
                 OpResponse::Ok {
-                    json: serde_json::json!({ "tasks": tasks, "next_cursor": page.next_cursor })
-                        .to_string(),
+                    json: serde_json::json!({
+                        "tasks": tasks,
+                        "next_cursor": next_cursor,
+                        "truncated": left_out > 0,
+                    })
+                    .to_string(),
                 }
             }
             _ => internal("not a query"),
@@ -1412,7 +1445,11 @@ fn feed_watchers(store: &Store, watchers: &mut Vec<Watcher>) {
 /// # Errors
 /// A message naming what failed.
 pub fn init_data_dir(dir: &Path, config: &HubConfig, sans: &[String]) -> Result<String, String> {
+    use std::os::unix::fs::PermissionsExt;
     std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    // Task text and keys live here: group may read (a backup user), others nothing.
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o750))
+        .map_err(|e| format!("{}: {e}", dir.display()))?;
     let (pki, admin) = Pki::create(dir, sans).map_err(|e| e.to_string())?;
     crate::pki::write_file(
         &dir.join(crate::config::CONFIG_FILE),
@@ -1421,6 +1458,7 @@ pub fn init_data_dir(dir: &Path, config: &HubConfig, sans: &[String]) -> Result<
     )
     .map_err(|e| e.to_string())?;
     let store = Store::open(&dir.join(crate::store::DB_FILE)).map_err(|e| e.to_string())?;
+    restrict_db(&dir.join(crate::store::DB_FILE)).map_err(|e| e.to_string())?;
     let key_fp = x509_key_fp(&admin.cert_pem).unwrap_or_default();
     let id = crate::core::Identity {
         name: "admin".into(),
@@ -1436,6 +1474,15 @@ pub fn init_data_dir(dir: &Path, config: &HubConfig, sans: &[String]) -> Result<
         .commit(&[crate::core::Write::Identity(id)], u64::MAX)
         .map_err(|e| e.to_string())?;
     Ok(pki.ca_fingerprint())
+}
+
+/// Makes the database readable by the hub's user only: it holds every task's text.
+fn restrict_db(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    if std::fs::metadata(path)?.mode() & 0o077 != 0 {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    }
+    Ok(())
 }
 
 fn x509_key_fp(cert_pem: &str) -> Option<String> {

@@ -511,6 +511,24 @@ impl Reader {
         Ok(out)
     }
 
+    /// A task's newest attempts, at most `max`, newest first (requeues keep adding
+    /// generations, so a task's history has no bound of its own).
+    ///
+    /// # Errors
+    /// [`StoreError`] on a read or decode failure.
+    pub fn newest_attempts(
+        &self,
+        id: TaskId,
+        max: usize,
+    ) -> Result<Vec<AttemptRecord>, StoreError> {
+        let t = self.tx.open_table(ATTEMPTS)?;
+        let mut out = Vec::new();
+        for row in t.range((id.0, 0)..=(id.0, u64::MAX))?.rev().take(max) {
+            out.push(dec("attempts", row?.1.value())?);
+        }
+        Ok(out)
+    }
+
     /// A page of tasks, newest first, below `cursor`, optionally filtered.
     ///
     /// # Errors

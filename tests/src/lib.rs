@@ -873,6 +873,22 @@ impl Sidecar {
         self.set("agent", key, value);
     }
 
+    /// Grants `slots` at the hub (`muster-hub agent set NAME --slots N`) and sets them
+    /// in sidecar.toml: slots are granted, not claimed, so a hello claiming more is refused.
+    ///
+    /// # Panics
+    /// When the hub refuses the grant.
+    pub fn set_slots(&self, hub: &Hub, slots: u32) {
+        let n = slots.to_string();
+        let out = hub.cli(&["agent", "set", &self.name, "--slots", &n]);
+        assert!(
+            out.status.success(),
+            "agent set --slots {n} failed: {}",
+            stderr(&out)
+        );
+        self.set("", "slots", &n);
+    }
+
     /// Spawns `muster-sidecar run --data-dir D`, stderr to the log.
     pub fn start(&mut self) {
         let mut cmd = Command::new(&bins().sidecar);

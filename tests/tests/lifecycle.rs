@@ -596,7 +596,7 @@ fn capability_routing_sends_tasks_only_where_the_capability_is() {
     let mut gpu = sidecar(&hub, "has-gpu", &["gpu", "rust"]);
     let mut plain = sidecar(&hub, "plain", &["rust"]);
     for sc in [&gpu, &plain] {
-        sc.set("", "slots", "2");
+        sc.set_slots(&hub, 2);
     }
     go_online(&hub, &mut gpu);
     go_online(&hub, &mut plain);
@@ -1187,7 +1187,7 @@ fn hub_killed_during_200_submissions_loses_no_acknowledged_task() {
     let mut fleet = Vec::new();
     for name in ["busy-a", "busy-b", "busy-c"] {
         let mut sc = sidecar(&hub, name, &[]);
-        sc.set("", "slots", "4");
+        sc.set_slots(&hub, 4);
         go_online(&hub, &mut sc);
         fleet.push(sc);
     }
@@ -1337,7 +1337,7 @@ fn happy_path_costs_at_most_five_messages_per_task() {
     const ONE_BY_ONE: usize = 10;
     let hub = hub_with(&[]);
     let mut sc = sidecar(&hub, "frugal", &[]);
-    sc.set("", "slots", "2");
+    sc.set_slots(&hub, 2);
     go_online(&hub, &mut sc);
 
     // Phase 1: a queue of work.
@@ -1568,7 +1568,7 @@ fn shell_metacharacters_reach_the_agent_byte_for_byte_and_never_run() {
 fn idempotency_key_and_pagination_without_repeats_or_gaps() {
     let hub = hub_with(&[]);
     let mut sc = sidecar(&hub, "pager", &[]);
-    sc.set("", "slots", "3");
+    sc.set_slots(&hub, 3);
     go_online(&hub, &mut sc);
 
     let a = submit(&hub, "keyed", &["--key", "K-1"]);

@@ -640,7 +640,7 @@ fn storm_of_tasks_under_sidecar_and_hub_kills_keeps_every_invariant() {
     let mut sidecars: Vec<Sidecar> = (0..cfg.sidecars)
         .map(|n| {
             let sc = Sidecar::enroll(&hub, &format!("storm-{n}"), &[]);
-            sc.set("", "slots", &cfg.slots.to_string());
+            sc.set_slots(&hub, cfg.slots as u32);
             sc.set_agent("command", &format!("[{script_toml}]"));
             sc.set_agent("settle", "\"100ms\"");
             sc.set_agent("stop_grace", "\"1s\"");

@@ -1229,8 +1229,15 @@ impl Core {
             OpRequest::TaskRequeue { id } => self.requeue(now, id, &who.name, archive),
             OpRequest::Stats => ok_json(&self.stats_json()),
             OpRequest::Alerts => {
-                let list: Vec<_> = self.alerts.list().iter().map(|a| a.json("open")).collect();
-                ok_json(&serde_json::json!({ "alerts": list }))
+                let all = self.alerts.list();
+                let total = all.len();
+                let (list, left_out) =
+                    views::fit(all.iter().map(|a| a.json("open")), views::REPLY_BYTES_MAX);
+                ok_json(&serde_json::json!({
+                    "alerts": list,
+                    "total": total,
+                    "truncated": left_out > 0,
+                }))
             }
             OpRequest::IdentityRevoke(target) => self.revoke_target(now, target, &who.name),
             OpRequest::AgentSet {

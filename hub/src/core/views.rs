@@ -172,3 +172,28 @@ pub fn agent_json(
 pub fn agents_json(agents: Vec<Value>) -> Value {
     json!({ "agents": agents })
 }
+
+/// Bytes of listed documents in one operator answer (a frame is at most 1 MiB;
+/// the rest of the answer and its framing fit in what is left).
+pub const REPLY_BYTES_MAX: usize = 768 * 1024;
+
+/// Takes documents in order while their JSON fits in `budget` bytes; returns them
+/// and how many did not fit, so every listing answer fits in one frame.
+pub fn fit(
+    items: impl IntoIterator<Item = serde_json::Value>,
+    budget: usize,
+) -> (Vec<serde_json::Value>, usize) {
+    let mut kept = Vec::new();
+    let mut left_out = 0;
+    let mut used = 0;
+    for v in items {
+        let n = v.to_string().len() + 1;
+        if left_out == 0 && used + n <= budget {
+            used += n;
+            kept.push(v);
+        } else {
+            left_out += 1;
+        }
+    }
+    (kept, left_out)
+}
