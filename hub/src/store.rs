@@ -788,4 +788,102 @@ mod tests {
             "one finished-index entry, the last"
         );
     }
+
+    #[test]
+    fn a_schema_1_database_is_migrated_keeping_each_agents_claims_as_its_grant() {
+        use muster_protocol::msg::Role;
+        #[derive(serde::Serialize)]
+        struct IdentityV1<'a> {
+            name: &'a str,
+            role: Role,
+            fingerprint: &'a str,
+            key_fingerprint: &'a str,
+            created_at: u64,
+            revoked_at: Option<u64>,
+        }
+        #[derive(serde::Serialize)]
+        struct TokenV1 {
+            role: Role,
+            created_by: String,
+            created_at: u64,
+            expires_at: u64,
+            used_at: Option<u64>,
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join(DB_FILE);
+        {
+            let db = Database::builder().create(&path).expect("create");
+            let tx = db.begin_write().expect("write");
+            {
+                tx.open_table(META)
+                    .expect("meta")
+                    .insert("schema_version", 1)
+                    .expect("insert");
+                let mut ids = tx.open_table(IDENTITIES).expect("identities");
+                for (name, role, fp) in [
+                    ("b1", Role::Agent, "fp1"),
+                    ("new", Role::Agent, "fp2"),
+                    ("admin", Role::Admin, "fp3"),
+                ] {
+                    let v = IdentityV1 {
+                        name,
+                        role,
+                        fingerprint: fp,
+                        key_fingerprint: "k",
+                        created_at: 1,
+                        revoked_at: None,
+                    };
+                    ids.insert(fp, enc(&v).as_slice()).expect("insert");
+                }
+                let t = TokenV1 {
+                    role: Role::Agent,
+                    created_by: "admin".into(),
+                    created_at: 1,
+                    expires_at: u64::MAX / 2,
+                    used_at: None,
+                };
+                tx.open_table(TOKENS)
+                    .expect("tokens")
+                    .insert("hash", enc(&t).as_slice())
+                    .expect("insert");
+                let agent = AgentRecord {
+                    name: "b1".into(),
+                    version: "0.1.0".into(),
+                    capabilities: vec!["rust".into()],
+                    slots: 3,
+                    enrolled_at: 1,
+                    last_seen: None,
+                    host: None,
+                    self_test: None,
+                    drained: false,
+                    revoked: false,
+                };
+                tx.open_table(AGENTS)
+                    .expect("agents")
+                    .insert("b1", enc(&agent).as_slice())
+                    .expect("insert");
+            }
+            tx.commit().expect("commit");
+        }
+        let store = Store::open(&path).expect("the old file opens and migrates");
+        let r = store.restore(2).expect("restore");
+        let by_fp = |fp: &str| {
+            r.identities
+                .iter()
+                .find(|i| i.fingerprint == fp)
+                .cloned()
+                .expect("identity kept")
+        };
+        let b1 = by_fp("fp1");
+        assert_eq!((b1.capabilities, b1.slots), (vec!["rust".to_string()], 3));
+        let new = by_fp("fp2");
+        assert_eq!((new.capabilities.len(), new.slots), (0, 1));
+        assert_eq!(by_fp("fp3").role, Role::Admin);
+        let (_, t) = &r.tokens[0];
+        assert_eq!((t.name.clone(), t.slots), (None, None));
+        drop(store);
+        // Opening again finds version 2 and changes nothing.
+        let store = Store::open(&path).expect("reopen");
+        assert_eq!(store.restore(2).expect("restore").identities.len(), 3);
+    }
 }
