@@ -445,7 +445,7 @@ fn load_credential(data_dir: &Path) -> Result<(Credential, keystore::KeySource),
 
 async fn serve(config: Option<PathBuf>, data_dir: Option<PathBuf>) -> Result<(), Failure> {
     let cfg = load_config(config, data_dir)?;
-    // Keychain calls block: off the async workers.
+    // File reads block: off the async workers.
     let dir = cfg.data_dir.clone();
     let (credential, source) = tokio::task::spawn_blocking(move || load_credential(&dir))
         .await
@@ -505,7 +505,7 @@ async fn doctor(data_dir: &Path) -> Result<(), Failure> {
     check(
         "key",
         cred.as_ref()
-            .map(|(_, s)| format!("readable, safe permissions, from {s}"))
+            .map(|(_, s)| format!("store in use: {s} (readable, safe permissions)"))
             .map_err(|f| f.message.clone()),
     );
     if let Ok(cfg) = &cfg {
