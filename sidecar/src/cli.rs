@@ -10,7 +10,7 @@ use std::time::Instant;
 use crate::agent::ProcessRunner;
 use crate::config::{CONFIG_FILE, SidecarConfig};
 use crate::core::AgentCmd;
-use crate::local::{self, Request};
+use crate::local::{self, AgentRequest, Request};
 use crate::{daemon, keystore};
 use clap::{Parser, Subcommand};
 use muster_protocol::AgentName;
@@ -264,57 +264,34 @@ fn env_u64(name: &str) -> Option<u64> {
 }
 
 async fn task(command: TaskCommand) -> Result<(), Failure> {
-    let task = env_u64("MUSTER_TASK_ID");
-    let generation = env_u64("MUSTER_GENERATION");
     let cmd = match command {
-        TaskCommand::Current => {
-            let a = local::call(
-                &socket(None),
-                &Request::Query {
-                    cmd: "status".into(),
-                },
-            )
-            .await
-            .map_err(fail)?;
-            let tasks = a.data["tasks"].as_array().cloned().unwrap_or_default();
-            let current = tasks.iter().find(|t| {
-                task.is_none_or(|id| t["id"].as_u64() == Some(id)) && t["phase"] != "finished"
-            });
-            return match current {
-                Some(t) => {
-                    println!("{t}");
-                    Ok(())
-                }
-                None => Err(fail("no current task on this sidecar")),
-            };
-        }
-        TaskCommand::Start => AgentCmd::Start { task, generation },
-        TaskCommand::Progress { message } => AgentCmd::Progress {
-            task,
-            generation,
-            message,
-        },
-        TaskCommand::Complete { result } => AgentCmd::Complete {
-            task,
-            generation,
-            result,
-        },
-        TaskCommand::Fail { reason, no_retry } => AgentCmd::Fail {
-            task,
-            generation,
-            reason,
-            no_retry,
-        },
+        TaskCommand::Current => AgentCmd::Current,
+        TaskCommand::Start => AgentCmd::Start,
+        TaskCommand::Progress { message } => AgentCmd::Progress { message },
+        TaskCommand::Complete { result } => AgentCmd::Complete { result },
+        TaskCommand::Fail { reason, no_retry } => AgentCmd::Fail { reason, no_retry },
     };
-    let a = local::call(&socket(None), &Request::Agent(cmd))
+    let current = matches!(cmd, AgentCmd::Current);
+    // The attempt and its secret come from the environment the sidecar gave
+    // the agent, never from the command line, where `ps` would show the token.
+    let req = AgentRequest {
+        task: env_u64("MUSTER_TASK_ID"),
+        generation: env_u64("MUSTER_GENERATION"),
+        token: std::env::var("MUSTER_TASK_TOKEN").ok(),
+        cmd,
+    };
+    let a = local::call(&socket(None), &Request::Agent(req))
         .await
         .map_err(fail)?;
-    if a.ok {
-        println!("{}", a.message);
-        Ok(())
-    } else {
-        Err(fail(a.message))
+    if !a.ok {
+        return Err(fail(a.message));
     }
+    if current {
+        println!("{}", a.data);
+    } else {
+        println!("{}", a.message);
+    }
+    Ok(())
 }
 
 async fn enroll(

@@ -304,7 +304,7 @@ pub fn check_file_mode(path: &Path) -> Result<(), KeyError> {
     check_metadata(path, &meta)
 }
 
-fn check_metadata(path: &Path, meta: &fs::Metadata) -> Result<(), KeyError> {
+pub(crate) fn check_metadata(path: &Path, meta: &fs::Metadata) -> Result<(), KeyError> {
     if !meta.is_file() {
         return Err(KeyError::NotAFile {
             path: path.to_owned(),
@@ -496,8 +496,7 @@ mod tests {
     fn missing_key_says_where_it_looked() {
         let tmp = TempDir::new("missing");
         let creds = tmp.0.join("creds");
-        let err =
-            load_key_from(&tmp.0, Some(&creds)).expect_err("missing");
+        let err = load_key_from(&tmp.0, Some(&creds)).expect_err("missing");
         let KeyError::Missing { looked } = &err else {
             panic!("expected Missing, got {err:?}");
         };
@@ -557,8 +556,7 @@ mod tests {
     fn store_creates_0600_and_never_overwrites() {
         let tmp = TempDir::new("store");
         let data = tmp.0.join("state");
-        let source =
-            store_key_to(&data, None, PEM).expect("store creates");
+        let source = store_key_to(&data, None, PEM).expect("store creates");
         let path = data.join(KEY_FILE);
         assert_eq!(source, KeySource::File(path.clone()));
         let mode = fs::metadata(&path).expect("meta").permissions().mode() & 0o777;
@@ -578,8 +576,7 @@ mod tests {
     fn store_refuses_when_a_credential_would_shadow_it() {
         let tmp = TempDir::new("store-cred");
         fs::write(tmp.0.join(CREDENTIAL_NAME), PEM).expect("write credential");
-        let err = store_key_to(&tmp.0, Some(&tmp.0), PEM)
-            .expect_err("shadowed");
+        let err = store_key_to(&tmp.0, Some(&tmp.0), PEM).expect_err("shadowed");
         assert!(matches!(err, KeyError::ShadowedByCredential { .. }));
     }
 

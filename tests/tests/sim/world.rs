@@ -1279,7 +1279,6 @@ impl World {
             Run(RunEvent),
             Agent(AgentCmd),
         }
-        let (t, g) = (Some(task.0), Some(generation.0));
         let to = match step {
             Step::Stopped => {
                 if !run.stopping || !run.alive {
@@ -1341,14 +1340,9 @@ impl World {
             }
             Step::AgentStart => {
                 run.started = true;
-                To::Agent(AgentCmd::Start {
-                    task: t,
-                    generation: g,
-                })
+                To::Agent(AgentCmd::Start)
             }
             Step::Progress => To::Agent(AgentCmd::Progress {
-                task: t,
-                generation: g,
                 message: "half way".into(),
             }),
             Step::Finish(o) => {
@@ -1359,16 +1353,12 @@ impl World {
             Step::AgentComplete => {
                 run.alive = false;
                 To::Agent(AgentCmd::Complete {
-                    task: t,
-                    generation: g,
                     result: Some("done".into()),
                 })
             }
             Step::AgentFail { no_retry } => {
                 run.alive = false;
                 To::Agent(AgentCmd::Fail {
-                    task: t,
-                    generation: g,
                     reason: "the agent gave up".into(),
                     no_retry,
                 })
@@ -1381,7 +1371,7 @@ impl World {
             To::Run(ev) => core.handle_run(ev),
             To::Agent(cmd) => {
                 // A refusal (stale generation, already ended) is what the agent would print.
-                let _ = core.handle_agent(cmd);
+                let _ = core.handle_agent(task, generation, cmd);
             }
         }
         self.side_effects(agent)
