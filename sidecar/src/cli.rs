@@ -46,9 +46,18 @@ enum LogFormat {
 enum Command {
     /// Enroll this machine with a join token: generates its key, gets a certificate, writes sidecar.toml.
     Enroll {
-        /// A join token from `muster-hub token create`.
+        /// A join token from `muster-hub token create`, or `-` to read it from
+        /// stdin (first line). A literal token is visible to every user in `ps`
+        /// while enroll runs: prefer `--token -` or `--token-file`.
         #[arg(long)]
-        token: String,
+        token: Option<String>,
+        /// A file whose first line is the join token (keep it mode 0600).
+        #[arg(long, value_name = "FILE")]
+        token_file: Option<PathBuf>,
+        /// Agent runs this sidecar may supervise at once (asked of the hub,
+        /// which grants at most what the token allows), written to sidecar.toml.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=i64::from(muster_protocol::limits::SLOTS_MAX)))]
+        slots: u32,
         /// The state directory.
         #[arg(long, default_value = DEFAULT_DATA_DIR)]
         data_dir: PathBuf,
@@ -179,10 +188,18 @@ async fn run(command: Command) -> Result<(), Failure> {
     match command {
         Command::Enroll {
             token,
+            token_file,
+            slots,
             data_dir,
             name,
             capabilities,
-        } => enroll(&token, &data_dir, name, capabilities).await,
+        } => {
+            let token = read_join_token(token, token_file).map_err(|m| Failure {
+                code: 2,
+                message: m,
+            })?;
+            enroll(&token, &data_dir, name, capabilities, slots).await
+        }
         Command::Run { config, data_dir } => serve(config, data_dir).await,
         Command::Status { json, data_dir } => {
             let a = local::call(
@@ -294,11 +311,56 @@ async fn task(command: TaskCommand) -> Result<(), Failure> {
     Ok(())
 }
 
+/// Longest join token read from a file or stdin; real ones are a few hundred bytes.
+const TOKEN_BYTES_MAX: u64 = 4096;
+
+/// The join token from exactly one source: `--token T` (visible in `ps`),
+/// `--token -` (stdin) or `--token-file F`; the first line, trimmed. Shared
+/// with `muster-hub login`.
+///
+/// # Errors
+/// A sentence saying which source is wrong and what to pass instead.
+pub fn read_join_token(token: Option<String>, file: Option<PathBuf>) -> Result<String, String> {
+    use std::io::Read;
+    let (text, from) = match (token, file) {
+        (Some(_), Some(_)) => {
+            return Err("give the join token once: --token or --token-file, not both".into());
+        }
+        (None, None) => {
+            return Err("no join token: pass --token-file FILE, or --token - to read it from stdin (a literal --token TOKEN works too, but is visible in `ps`)".into());
+        }
+        (Some(t), None) if t == "-" => {
+            let mut text = String::new();
+            std::io::stdin()
+                .take(TOKEN_BYTES_MAX)
+                .read_to_string(&mut text)
+                .map_err(|e| format!("--token -: cannot read the token from stdin: {e}"))?;
+            (text, "stdin (--token -)".to_string())
+        }
+        (Some(t), None) => (t, "--token".to_string()),
+        (None, Some(path)) => {
+            let mut text = String::new();
+            std::fs::File::open(&path)
+                .and_then(|f| f.take(TOKEN_BYTES_MAX).read_to_string(&mut text))
+                .map_err(|e| format!("--token-file {}: {e}", path.display()))?;
+            (text, format!("--token-file {}", path.display()))
+        }
+    };
+    let line = text.lines().next().unwrap_or("").trim();
+    if line.is_empty() {
+        return Err(format!(
+            "{from}: no join token there (the first line is empty); create one with `muster-hub token create`"
+        ));
+    }
+    Ok(line.to_owned())
+}
+
 async fn enroll(
     token: &str,
     data_dir: &Path,
     name: Option<String>,
     capabilities: Vec<String>,
+    slots: u32,
 ) -> Result<(), Failure> {
     let usage = |m: String| Failure {
         code: 2,
@@ -322,10 +384,25 @@ async fn enroll(
     let name = AgentName::new(name).map_err(|e| usage(format!("--name: {e}")))?;
     let mut config = SidecarConfig::new(name.clone(), token.hub.clone(), data_dir.to_path_buf());
     config.capabilities = capabilities;
-    // Validate the whole file before anything is sent, so a bad capability loses no token.
+    config.slots = slots;
+    // Check everything that can fail here before the token is spent: the hub
+    // uses it up on the first try, so a failure after that needs a new token.
+    // First the whole config file, so a bad capability loses no token.
     let rendered = config.render();
     SidecarConfig::parse(&rendered, &data_dir.join(CONFIG_FILE))
         .map_err(|e| usage(e.to_string()))?;
+    // Then the state directory and the key's place: created if missing,
+    // writable, nothing there yet (a probe file is written and removed).
+    let dir = data_dir.to_path_buf();
+    let key_path = tokio::task::spawn_blocking(move || keystore::probe_store(&dir))
+        .await
+        .map_err(|e| fail(e.to_string()))?
+        .map_err(|e| {
+            fail(format!(
+                "cannot store the key, so the token was not used: {e}"
+            ))
+        })?;
+    tracing::debug!(key = %key_path.display(), "the key's place is writable");
     let key = rcgen::KeyPair::generate().map_err(|e| fail(e.to_string()))?;
     let mut params =
         rcgen::CertificateParams::new(Vec::<String>::new()).map_err(|e| fail(e.to_string()))?;
