@@ -12,7 +12,8 @@ umask 022
 
 usage() {
     cat <<EOF
-Usage: $PROG --token TOKEN [options]
+Usage: $PROG --token-file FILE [options]
+       ... | $PROG --token - [options]
        $PROG --uninstall [--purge] [--root DIR] [--supervisor S]
 
 Installs the muster sidecar on this host:
@@ -29,8 +30,14 @@ Safe to run again, e.g. to upgrade the binary (running agents survive the
 sidecar's restart).
 
 Options:
-  --token TOKEN         join token from 'muster-hub token create' on the hub
-                        (needed only for the first enrollment)
+  --token-file FILE     a file whose first line is the join token from
+                        'muster-hub token create' on the hub (keep it 0600);
+                        needed only for the first enrollment
+  --token -             read the join token from stdin instead
+  --token TOKEN         the join token itself; works, but every user can see
+                        it in 'ps' while this script runs: prefer the above
+                        The token reaches 'muster-sidecar enroll' through a
+                        pipe, never on its command line.
   --name NAME           agent name to enroll as (default: the host name)
   --capability C        a capability of this host (repeatable), e.g. rust
   --supervisor S        systemd (default), pm2 or none
@@ -50,6 +57,8 @@ EOF
 }
 
 TOKEN=""
+TOKEN_ARG=""
+TOKEN_FILE=""
 NAME=""
 CAPS=()
 SUPERVISOR=systemd
@@ -62,8 +71,10 @@ need_value() { [[ $# -ge 2 && -n "$2" ]] || usage_error "$1 needs a value"; }
 
 while [[ $# -gt 0 ]]; do
     case "$1" in
-    --token) need_value "$@"; TOKEN=$2; shift 2 ;;
-    --token=*) TOKEN=${1#*=}; shift ;;
+    --token) need_value "$@"; TOKEN_ARG=$2; shift 2 ;;
+    --token=*) TOKEN_ARG=${1#*=}; shift ;;
+    --token-file) need_value "$@"; TOKEN_FILE=$2; shift 2 ;;
+    --token-file=*) TOKEN_FILE=${1#*=}; shift ;;
     --name) need_value "$@"; NAME=$2; shift 2 ;;
     --name=*) NAME=${1#*=}; shift ;;
     --capability) need_value "$@"; CAPS+=("$2"); shift 2 ;;
@@ -86,6 +97,28 @@ systemd | pm2 | none) ;;
 *) usage_error "--supervisor must be systemd, pm2 or none, got '$SUPERVISOR'" ;;
 esac
 [[ $PURGE -eq 0 || $UNINSTALL -eq 1 ]] || usage_error "--purge only goes with --uninstall"
+[[ -z "$TOKEN_ARG" || -z "$TOKEN_FILE" ]] || usage_error "give the join token once: --token-file FILE or --token -, not both"
+if [[ -n "$TOKEN_ARG" && "$TOKEN_ARG" != "-" ]]; then
+    warn "--token TOKEN puts the token on this script's command line, where 'ps' shows it; next time use --token-file FILE or --token -"
+fi
+
+# read_token: sets TOKEN from --token-file, stdin (--token -) or --token; the
+# first line, trimmed. Only called when enrolling, so a second run reads nothing.
+read_token() {
+    local line=""
+    if [[ -n "$TOKEN_FILE" ]]; then
+        [[ -r "$TOKEN_FILE" ]] || die "--token-file $TOKEN_FILE: cannot read it"
+        IFS= read -r line <"$TOKEN_FILE" || [[ -n "$line" ]] || die "--token-file $TOKEN_FILE: empty"
+    elif [[ "$TOKEN_ARG" == "-" ]]; then
+        IFS= read -r line || [[ -n "$line" ]] || die "--token -: nothing on stdin"
+    else
+        line=$TOKEN_ARG
+    fi
+    # Trim surrounding whitespace (a trailing CR from a file edited elsewhere too).
+    line="${line#"${line%%[![:space:]]*}"}"
+    line="${line%"${line##*[![:space:]]}"}"
+    TOKEN=$line
+}
 
 # The binary first (install only), so a missing build fails before anything
 # is created.
@@ -172,19 +205,20 @@ fi
 # 4. enrollment (once)
 if [[ -e "$STATE/sidecar.crt" ]]; then
     say "already enrolled ($STATE/sidecar.crt exists): skipping enrollment, keeping sidecar.toml and the key"
-    [[ -z "$TOKEN" ]] || say "the --token given was not used (it stays valid until it expires)"
+    [[ -z "$TOKEN_ARG$TOKEN_FILE" ]] || say "the join token given was not used (it stays valid until it expires)"
 else
-    [[ -n "$TOKEN" ]] || die "this host is not enrolled yet: pass --token TOKEN (create one on the hub with 'muster-hub token create')"
-    args=(enroll --token "$TOKEN" --data-dir "$STATE")
+    [[ -n "$TOKEN_ARG$TOKEN_FILE" ]] || die "this host is not enrolled yet: pass --token-file FILE or --token - (create a token on the hub with 'muster-hub token create')"
+    read_token
+    [[ -n "$TOKEN" ]] || die "the join token is empty"
+    # The token goes through a pipe: never on enroll's command line, where 'ps' would show it.
+    args=(enroll --token - --data-dir "$STATE")
     [[ -z "$NAME" ]] || args+=(--name "$NAME")
     for c in ${CAPS[@]+"${CAPS[@]}"}; do
         args+=(--capability "$c")
     done
-    # Echo the command without the secret.
-    shown=("${args[@]}")
-    shown[2]='<token>'
-    printf '+ %s\n' "$(quote_cmd "$BIN_DEST" "${shown[@]}")"
-    if ! as_user "$SERVICE" "$BIN_DEST" "${args[@]}"; then
+    printf '+ <token> | %s\n' "$(quote_cmd "$BIN_DEST" "${args[@]}")"
+    # printf is a shell builtin, so the token appears in no process's argv.
+    if ! printf '%s\n' "$TOKEN" | as_user "$SERVICE" "$BIN_DEST" "${args[@]}"; then
         die "enrollment failed (see the message above). Check that the hub is reachable from here over UDP and that the token is fresh and unused (create a new one with 'muster-hub token create')."
     fi
     [[ -e "$STATE/sidecar.crt" ]] || die "enroll reported success but $STATE/sidecar.crt is missing"

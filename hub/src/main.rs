@@ -68,9 +68,14 @@ enum Command {
     },
     /// Enroll this machine as an operator and save the credential.
     Login {
-        /// A join token from `muster-hub token create --role operator|admin`.
+        /// A join token from `muster-hub token create --role operator|admin`,
+        /// or `-` to read it from stdin. A literal token is visible in `ps`:
+        /// prefer `--token -` or `--token-file`.
         #[arg(long)]
-        token: String,
+        token: Option<String>,
+        /// A file whose first line is the join token.
+        #[arg(long, value_name = "FILE")]
+        token_file: Option<PathBuf>,
         /// The name to enroll under (default: user@host).
         #[arg(long)]
         name: Option<String>,
@@ -403,10 +408,15 @@ async fn run(command: Command) -> Result<(), CliError> {
         }
         Command::Login {
             token,
+            token_file,
             name,
             role,
             save_to,
-        } => login(&token, name, role, save_to).await,
+        } => {
+            let token = muster_sidecar::cli::read_join_token(token, token_file)
+                .map_err(|message| CliError { code: 2, message })?;
+            login(&token, name, role, save_to).await
+        }
         Command::Submit(args) => submit(args).await,
         Command::Tasks {
             state,

@@ -10,7 +10,7 @@ use std::time::Instant;
 use crate::agent::ProcessRunner;
 use crate::config::{CONFIG_FILE, SidecarConfig};
 use crate::core::AgentCmd;
-use crate::local::{self, Request};
+use crate::local::{self, AgentRequest, Request};
 use crate::{daemon, keystore};
 use clap::{Parser, Subcommand};
 use muster_protocol::AgentName;
@@ -46,9 +46,18 @@ enum LogFormat {
 enum Command {
     /// Enroll this machine with a join token: generates its key, gets a certificate, writes sidecar.toml.
     Enroll {
-        /// A join token from `muster-hub token create`.
+        /// A join token from `muster-hub token create`, or `-` to read it from
+        /// stdin (first line). A literal token is visible to every user in `ps`
+        /// while enroll runs: prefer `--token -` or `--token-file`.
         #[arg(long)]
-        token: String,
+        token: Option<String>,
+        /// A file whose first line is the join token (keep it mode 0600).
+        #[arg(long, value_name = "FILE")]
+        token_file: Option<PathBuf>,
+        /// Agent runs this sidecar may supervise at once (asked of the hub,
+        /// which grants at most what the token allows), written to sidecar.toml.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=i64::from(muster_protocol::limits::SLOTS_MAX)))]
+        slots: u32,
         /// The state directory.
         #[arg(long, default_value = DEFAULT_DATA_DIR)]
         data_dir: PathBuf,
@@ -179,10 +188,18 @@ async fn run(command: Command) -> Result<(), Failure> {
     match command {
         Command::Enroll {
             token,
+            token_file,
+            slots,
             data_dir,
             name,
             capabilities,
-        } => enroll(&token, &data_dir, name, capabilities).await,
+        } => {
+            let token = read_join_token(token, token_file).map_err(|m| Failure {
+                code: 2,
+                message: m,
+            })?;
+            enroll(&token, &data_dir, name, capabilities, slots).await
+        }
         Command::Run { config, data_dir } => serve(config, data_dir).await,
         Command::Status { json, data_dir } => {
             let a = local::call(
@@ -264,57 +281,78 @@ fn env_u64(name: &str) -> Option<u64> {
 }
 
 async fn task(command: TaskCommand) -> Result<(), Failure> {
-    let task = env_u64("MUSTER_TASK_ID");
-    let generation = env_u64("MUSTER_GENERATION");
     let cmd = match command {
-        TaskCommand::Current => {
-            let a = local::call(
-                &socket(None),
-                &Request::Query {
-                    cmd: "status".into(),
-                },
-            )
-            .await
-            .map_err(fail)?;
-            let tasks = a.data["tasks"].as_array().cloned().unwrap_or_default();
-            let current = tasks.iter().find(|t| {
-                task.is_none_or(|id| t["id"].as_u64() == Some(id)) && t["phase"] != "finished"
-            });
-            return match current {
-                Some(t) => {
-                    println!("{t}");
-                    Ok(())
-                }
-                None => Err(fail("no current task on this sidecar")),
-            };
-        }
-        TaskCommand::Start => AgentCmd::Start { task, generation },
-        TaskCommand::Progress { message } => AgentCmd::Progress {
-            task,
-            generation,
-            message,
-        },
-        TaskCommand::Complete { result } => AgentCmd::Complete {
-            task,
-            generation,
-            result,
-        },
-        TaskCommand::Fail { reason, no_retry } => AgentCmd::Fail {
-            task,
-            generation,
-            reason,
-            no_retry,
-        },
+        TaskCommand::Current => AgentCmd::Current,
+        TaskCommand::Start => AgentCmd::Start,
+        TaskCommand::Progress { message } => AgentCmd::Progress { message },
+        TaskCommand::Complete { result } => AgentCmd::Complete { result },
+        TaskCommand::Fail { reason, no_retry } => AgentCmd::Fail { reason, no_retry },
     };
-    let a = local::call(&socket(None), &Request::Agent(cmd))
+    let current = matches!(cmd, AgentCmd::Current);
+    // The attempt and its secret come from the environment the sidecar gave
+    // the agent, never from the command line, where `ps` would show the token.
+    let req = AgentRequest {
+        task: env_u64("MUSTER_TASK_ID"),
+        generation: env_u64("MUSTER_GENERATION"),
+        token: std::env::var("MUSTER_TASK_TOKEN").ok(),
+        cmd,
+    };
+    let a = local::call(&socket(None), &Request::Agent(req))
         .await
         .map_err(fail)?;
-    if a.ok {
-        println!("{}", a.message);
-        Ok(())
-    } else {
-        Err(fail(a.message))
+    if !a.ok {
+        return Err(fail(a.message));
     }
+    if current {
+        println!("{}", a.data);
+    } else {
+        println!("{}", a.message);
+    }
+    Ok(())
+}
+
+/// Longest join token read from a file or stdin; real ones are a few hundred bytes.
+const TOKEN_BYTES_MAX: u64 = 4096;
+
+/// The join token from exactly one source: `--token T` (visible in `ps`),
+/// `--token -` (stdin) or `--token-file F`; the first line, trimmed. Shared
+/// with `muster-hub login`.
+///
+/// # Errors
+/// A sentence saying which source is wrong and what to pass instead.
+pub fn read_join_token(token: Option<String>, file: Option<PathBuf>) -> Result<String, String> {
+    use std::io::Read;
+    let (text, from) = match (token, file) {
+        (Some(_), Some(_)) => {
+            return Err("give the join token once: --token or --token-file, not both".into());
+        }
+        (None, None) => {
+            return Err("no join token: pass --token-file FILE, or --token - to read it from stdin (a literal --token TOKEN works too, but is visible in `ps`)".into());
+        }
+        (Some(t), None) if t == "-" => {
+            let mut text = String::new();
+            std::io::stdin()
+                .take(TOKEN_BYTES_MAX)
+                .read_to_string(&mut text)
+                .map_err(|e| format!("--token -: cannot read the token from stdin: {e}"))?;
+            (text, "stdin (--token -)".to_string())
+        }
+        (Some(t), None) => (t, "--token".to_string()),
+        (None, Some(path)) => {
+            let mut text = String::new();
+            std::fs::File::open(&path)
+                .and_then(|f| f.take(TOKEN_BYTES_MAX).read_to_string(&mut text))
+                .map_err(|e| format!("--token-file {}: {e}", path.display()))?;
+            (text, format!("--token-file {}", path.display()))
+        }
+    };
+    let line = text.lines().next().unwrap_or("").trim();
+    if line.is_empty() {
+        return Err(format!(
+            "{from}: no join token there (the first line is empty); create one with `muster-hub token create`"
+        ));
+    }
+    Ok(line.to_owned())
 }
 
 async fn enroll(
@@ -322,6 +360,7 @@ async fn enroll(
     data_dir: &Path,
     name: Option<String>,
     capabilities: Vec<String>,
+    slots: u32,
 ) -> Result<(), Failure> {
     let usage = |m: String| Failure {
         code: 2,
@@ -345,10 +384,25 @@ async fn enroll(
     let name = AgentName::new(name).map_err(|e| usage(format!("--name: {e}")))?;
     let mut config = SidecarConfig::new(name.clone(), token.hub.clone(), data_dir.to_path_buf());
     config.capabilities = capabilities;
-    // Validate the whole file before anything is sent, so a bad capability loses no token.
+    config.slots = slots;
+    // Check everything that can fail here before the token is spent: the hub
+    // uses it up on the first try, so a failure after that needs a new token.
+    // First the whole config file, so a bad capability loses no token.
     let rendered = config.render();
     SidecarConfig::parse(&rendered, &data_dir.join(CONFIG_FILE))
         .map_err(|e| usage(e.to_string()))?;
+    // Then the state directory and the key's place: created if missing,
+    // writable, nothing there yet (a probe file is written and removed).
+    let dir = data_dir.to_path_buf();
+    let key_path = tokio::task::spawn_blocking(move || keystore::probe_store(&dir))
+        .await
+        .map_err(|e| fail(e.to_string()))?
+        .map_err(|e| {
+            fail(format!(
+                "cannot store the key, so the token was not used: {e}"
+            ))
+        })?;
+    tracing::debug!(key = %key_path.display(), "the key's place is writable");
     let key = rcgen::KeyPair::generate().map_err(|e| fail(e.to_string()))?;
     let mut params =
         rcgen::CertificateParams::new(Vec::<String>::new()).map_err(|e| fail(e.to_string()))?;
@@ -445,7 +499,7 @@ fn load_credential(data_dir: &Path) -> Result<(Credential, keystore::KeySource),
 
 async fn serve(config: Option<PathBuf>, data_dir: Option<PathBuf>) -> Result<(), Failure> {
     let cfg = load_config(config, data_dir)?;
-    // Keychain calls block: off the async workers.
+    // File reads block: off the async workers.
     let dir = cfg.data_dir.clone();
     let (credential, source) = tokio::task::spawn_blocking(move || load_credential(&dir))
         .await
@@ -505,7 +559,7 @@ async fn doctor(data_dir: &Path) -> Result<(), Failure> {
     check(
         "key",
         cred.as_ref()
-            .map(|(_, s)| format!("readable, safe permissions, from {s}"))
+            .map(|(_, s)| format!("store in use: {s} (readable, safe permissions)"))
             .map_err(|f| f.message.clone()),
     );
     if let Ok(cfg) = &cfg {

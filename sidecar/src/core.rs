@@ -69,41 +69,27 @@ impl Effect {
     }
 }
 
-/// A command from the agent over the local socket.
+/// A command from the agent over the local socket, about the attempt that the
+/// shell has already authenticated (task, generation and task token).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "cmd")]
 pub enum AgentCmd {
+    /// The agent asks which task it works on (read only).
+    Current,
     /// The agent says it started (verify = agent-ack).
-    Start {
-        /// The task (from `MUSTER_TASK_ID`).
-        task: Option<u64>,
-        /// The generation (from `MUSTER_GENERATION`).
-        generation: Option<u64>,
-    },
+    Start,
     /// The agent reports progress.
     Progress {
-        /// The task.
-        task: Option<u64>,
-        /// The generation.
-        generation: Option<u64>,
         /// The note.
         message: String,
     },
     /// The agent finished the work.
     Complete {
-        /// The task.
-        task: Option<u64>,
-        /// The generation.
-        generation: Option<u64>,
         /// Its result.
         result: Option<String>,
     },
     /// The agent failed.
     Fail {
-        /// The task.
-        task: Option<u64>,
-        /// The generation.
-        generation: Option<u64>,
         /// Why.
         reason: String,
         /// Do not retry.
@@ -369,30 +355,28 @@ impl Core {
         );
     }
 
-    /// Handles a command from the agent; `Err` is the plain message to show it.
+    /// Handles a command from the agent about its attempt (task, generation);
+    /// `Err` is the plain message to show it. The shell checks the attempt's
+    /// token before calling this.
     ///
     /// # Errors
     /// A sentence when the command makes no sense now (no such task, stale generation, ended).
-    pub fn handle_agent(&mut self, cmd: AgentCmd) -> Result<String, String> {
-        let (task, generation) = match &cmd {
-            AgentCmd::Start { task, generation }
-            | AgentCmd::Progress {
-                task, generation, ..
-            }
-            | AgentCmd::Complete {
-                task, generation, ..
-            }
-            | AgentCmd::Fail {
-                task, generation, ..
-            } => (*task, *generation),
-        };
-        let t = self.current(task, generation)?;
-        let (task, generation, phase) = (t.task, t.generation, t.phase);
+    pub fn handle_agent(
+        &mut self,
+        task: TaskId,
+        generation: Generation,
+        cmd: AgentCmd,
+    ) -> Result<String, String> {
+        let phase = self.attempt(task, generation)?.phase;
+        if matches!(cmd, AgentCmd::Current) {
+            return Ok(format!("task {task} generation {generation}"));
+        }
         if phase == Phase::Finished {
             return Err(format!("task {task} has already ended on this sidecar"));
         }
         match cmd {
-            AgentCmd::Start { .. } => {
+            AgentCmd::Current => Ok(String::new()),
+            AgentCmd::Start => {
                 if phase == Phase::Running {
                     return Ok(format!("task {task} is already running"));
                 }
@@ -407,12 +391,12 @@ impl Core {
                 );
                 Ok(format!("task {task} started"))
             }
-            AgentCmd::Progress { message, .. } => {
+            AgentCmd::Progress { message } => {
                 let note = truncate_utf8(message, muster_protocol::limits::NOTE_BYTES_MAX);
                 self.report(task, generation, ReportBody::Progress { note });
                 Ok(format!("progress recorded for task {task}"))
             }
-            AgentCmd::Complete { result, .. } => {
+            AgentCmd::Complete { result } => {
                 if phase != Phase::Running {
                     self.set_phase(task, Phase::Running);
                     self.report(
@@ -428,9 +412,7 @@ impl Core {
                 self.finish(task, generation, Outcome::Completed, result, None);
                 Ok(format!("task {task} completed"))
             }
-            AgentCmd::Fail {
-                reason, no_retry, ..
-            } => {
+            AgentCmd::Fail { reason, no_retry } => {
                 self.effects.push(Effect::ForgetRun(task, generation));
                 let error = Failure {
                     reason: format!("the agent reported failure: {reason}"),
@@ -443,34 +425,21 @@ impl Core {
         }
     }
 
-    /// The task an agent command refers to: the one named, or the only one running.
-    fn current(&self, task: Option<u64>, generation: Option<u64>) -> Result<&LocalTask, String> {
-        match task {
-            Some(id) => {
-                let t = self.tasks.get(&TaskId(id)).ok_or_else(|| {
-                    format!("task {id} is not held by this sidecar (it ended, was cancelled, or was never assigned here)")
-                })?;
-                if let Some(g) = generation
-                    && g != t.generation.0
-                {
-                    return Err(format!(
-                        "task {id} generation {g} is stale: this sidecar works on generation {}; stop working on it",
-                        t.generation
-                    ));
-                }
-                Ok(t)
-            }
-            None => {
-                let mut live = self.tasks.values().filter(|t| t.phase != Phase::Finished);
-                match (live.next(), live.next()) {
-                    (Some(t), None) => Ok(t),
-                    (None, _) => Err("no current task on this sidecar".into()),
-                    (Some(_), Some(_)) => Err(
-                        "several tasks run on this sidecar; set MUSTER_TASK_ID and MUSTER_GENERATION".into(),
-                    ),
-                }
-            }
+    /// The attempt an agent command refers to, if this sidecar holds it.
+    ///
+    /// # Errors
+    /// A sentence when the task is not held here or the generation is stale.
+    pub fn attempt(&self, task: TaskId, generation: Generation) -> Result<&LocalTask, String> {
+        let t = self.tasks.get(&task).ok_or_else(|| {
+            format!("task {task} is not held by this sidecar (it ended, was cancelled, or was never assigned here)")
+        })?;
+        if generation != t.generation {
+            return Err(format!(
+                "task {task} generation {generation} is stale: this sidecar works on generation {}; stop working on it",
+                t.generation
+            ));
         }
+        Ok(t)
     }
 }
 
@@ -591,46 +560,28 @@ mod tests {
     #[test]
     fn agent_commands_check_task_and_generation() {
         let mut c = Core::new(vec![], vec![], 1);
+        let (t, g) = (TaskId(3), Generation(2));
         assert!(
-            c.handle_agent(AgentCmd::Start {
-                task: None,
-                generation: None
-            })
-            .expect_err("refused")
-            .contains("no current task")
+            c.handle_agent(t, g, AgentCmd::Start)
+                .expect_err("refused")
+                .contains("not held")
         );
         c.handle_hub(assign(3, 2));
         let _ = c.take_effects();
-        let stale = c.handle_agent(AgentCmd::Start {
-            task: Some(3),
-            generation: Some(1),
-        });
+        let stale = c.handle_agent(t, Generation(1), AgentCmd::Start);
         assert!(stale.expect_err("refused").contains("stale"));
+        assert!(c.handle_agent(t, g, AgentCmd::Start).is_ok());
+        assert!(c.handle_agent(t, g, AgentCmd::Current).is_ok());
         assert!(
-            c.handle_agent(AgentCmd::Start {
-                task: Some(3),
-                generation: Some(2)
-            })
-            .is_ok()
-        );
-        assert!(
-            c.handle_agent(AgentCmd::Complete {
-                task: None,
-                generation: None,
-                result: None
-            })
-            .is_ok()
+            c.handle_agent(t, g, AgentCmd::Complete { result: None })
+                .is_ok()
         );
         let e = c.take_effects();
-        assert!(e.contains(&Effect::ForgetRun(TaskId(3), Generation(2))));
+        assert!(e.contains(&Effect::ForgetRun(t, g)));
         assert!(
-            c.handle_agent(AgentCmd::Complete {
-                task: Some(3),
-                generation: None,
-                result: None
-            })
-            .expect_err("refused")
-            .contains("already ended")
+            c.handle_agent(t, g, AgentCmd::Complete { result: None })
+                .expect_err("refused")
+                .contains("already ended")
         );
     }
 

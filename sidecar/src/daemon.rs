@@ -113,6 +113,9 @@ pub async fn run(
     std::fs::create_dir_all(data_dir.join("runs"))
         .map_err(|e| DaemonError::Start(format!("{}: {e}", data_dir.display())))?;
     let queue = Arc::new(Queue::open(&data_dir.join(crate::queue::DB_FILE))?);
+    // Before any run starts or re-attaches: every attempt's token derives from it.
+    let token_key =
+        crate::tasktoken::TokenKey::load_or_create(&data_dir).map_err(DaemonError::Start)?;
     let loaded = queue.load()?;
     let mut core = Core::new(loaded.tasks, loaded.outbox, loaded.next_report);
     let (local_tx, mut local_rx) = mpsc::channel::<Incoming>(64);
@@ -143,6 +146,7 @@ pub async fn run(
         .await
         .map_err(|e| DaemonError::Start(format!("run directories: {e}")))?;
     let mut d = Daemon {
+        token_key,
         run_dirs: Arc::new(run_dirs),
         handles: std::collections::HashMap::new(),
         cfg,
@@ -337,6 +341,8 @@ enum Ev {
 
 struct Daemon {
     cfg: SidecarConfig,
+    /// Derives each attempt's `MUSTER_TASK_TOKEN` and checks agent requests against it.
+    token_key: crate::tasktoken::TokenKey,
     run_dirs: Arc<RunDirs>,
     /// The run handle of each attempt that has one, for deciding whether its
     /// directory can be reused once the task is forgotten.
@@ -533,6 +539,7 @@ impl Daemon {
             spec,
             run_dir,
             socket: self.socket_path.clone(),
+            token: self.token_key.token(task, generation),
             probe_interval: self.interval,
         }
     }
@@ -727,16 +734,54 @@ impl Daemon {
 
     fn answer(&mut self, core: &mut Core, req: Request) -> Answer {
         match req {
-            Request::Agent(cmd) => match core.handle_agent(cmd) {
-                Ok(m) => Answer::ok(m, serde_json::Value::Null),
-                Err(m) => Answer::err(&m),
-            },
+            Request::Agent(req) => self.agent(core, req),
             Request::Query { cmd } if cmd == "status" => Answer::ok("status", self.status(core)),
             Request::Query { cmd } if cmd == "whoami" => Answer::ok(
                 self.cfg.name.to_string(),
                 serde_json::json!({ "name": self.cfg.name.as_str(), "hub": self.cfg.hub, "capabilities": self.cfg.capabilities }),
             ),
             Request::Query { cmd } => Answer::err(&format!("unknown request {cmd:?}")),
+        }
+    }
+
+    /// An agent request: only for the attempt whose token it carries.
+    fn agent(&mut self, core: &mut Core, req: local::AgentRequest) -> Answer {
+        use muster_protocol::{Generation, TaskId};
+        let (Some(task), Some(generation)) = (req.task, req.generation) else {
+            warn!(
+                task = req.task,
+                generation = req.generation,
+                "local socket: refused an agent request that names no attempt"
+            );
+            return Answer::err(
+                "this request does not say which attempt it is about: run it from the agent's environment, where MUSTER_TASK_ID, MUSTER_GENERATION and MUSTER_TASK_TOKEN are set",
+            );
+        };
+        let (task, generation) = (TaskId(task), Generation(generation));
+        let Some(token) = req.token else {
+            warn!(%task, %generation, "local socket: refused an agent request without a task token");
+            return Answer::err(&format!(
+                "this request carries no task token for task {task} generation {generation}: run it from the agent's environment, where MUSTER_TASK_TOKEN is set (the agent may only report on its own attempt)"
+            ));
+        };
+        if !self.token_key.verify(task, generation, &token) {
+            warn!(%task, %generation, "local socket: refused an agent request whose task token does not match");
+            return Answer::err(&format!(
+                "this request's task token does not match task {task} generation {generation}; the agent may only report on its own attempt"
+            ));
+        }
+        if matches!(req.cmd, crate::core::AgentCmd::Current) {
+            return match core.attempt(task, generation) {
+                Ok(t) => Answer::ok(
+                    format!("task {task} generation {generation}"),
+                    serde_json::json!({ "id": t.task.0, "generation": t.generation.0, "phase": t.phase, "title": t.spec.title, "pid": t.handle.as_ref().and_then(|h| h.pid) }),
+                ),
+                Err(m) => Answer::err(&m),
+            };
+        }
+        match core.handle_agent(task, generation, req.cmd) {
+            Ok(m) => Answer::ok(m, serde_json::Value::Null),
+            Err(m) => Answer::err(&m),
         }
     }
 

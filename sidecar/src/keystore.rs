@@ -5,15 +5,17 @@
 //! 1. a systemd credential, `$CREDENTIALS_DIRECTORY/sidecar-key`
 //!    (`LoadCredentialEncrypted=`); systemd decrypts it at each start and makes
 //!    it readable by the service only, so its mode is not checked here;
-//! 2. the OS keychain, where one answers ([`OsKeychain`]);
-//! 3. `<data_dir>/sidecar.key`, which must be a regular file owned by this user
+//! 2. `<data_dir>/sidecar.key`, which must be a regular file owned by this user
 //!    with no permission bits for group or others.
 //!
-//! [`store_key`] (used by `enroll`) writes to the keychain if one stores, else
-//! creates the key file with mode 0600, never replacing an existing one.
+//! [`store_key`] (used by `enroll`) creates the key file with mode 0600, never
+//! replacing an existing one; [`probe_store`] checks beforehand that it could.
 //!
-//! The calls block (file IO, keychain IPC): call them from `spawn_blocking` in
-//! async code. The environment is read only by the thin wrappers
+//! There is no OS keychain path: agent hosts are headless, where Secret
+//! Service needs a desktop session, and the kernel keyring forgets on reboot,
+//! so it could never be the only copy (README.md, "Keys").
+//!
+//! The calls block (file IO): call them from `spawn_blocking` in async code. The environment is read only by the thin wrappers
 //! [`load_key`] and [`store_key`]; the `_from`/`_to` cores take it as arguments
 //! so tests can feed it.
 
@@ -23,16 +25,10 @@ use std::io::{self, Read, Write};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-use keyring_core::{CredentialPersistence, Entry};
-
 /// File name of the systemd credential under `$CREDENTIALS_DIRECTORY`.
 pub const CREDENTIAL_NAME: &str = "sidecar-key";
 /// File name of the key file under the state directory.
 pub const KEY_FILE: &str = "sidecar.key";
-/// Service name of the keychain entry.
-pub const KEYCHAIN_SERVICE: &str = "muster-sidecar";
-/// User (account) name of the keychain entry.
-pub const KEYCHAIN_USER: &str = "sidecar-key";
 
 /// Largest key file read; a PEM private key is a few hundred bytes, so
 /// anything near this is not a key, and the bound keeps a wrong path (a log
@@ -44,8 +40,6 @@ const KEY_BYTES_MAX: u64 = 64 * 1024;
 pub enum KeySource {
     /// A systemd credential at this path.
     SystemdCredential(PathBuf),
-    /// The OS keychain.
-    Keychain,
     /// A 0600 file at this path.
     File(PathBuf),
 }
@@ -54,10 +48,6 @@ impl fmt::Display for KeySource {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::SystemdCredential(p) => write!(f, "systemd credential {}", p.display()),
-            Self::Keychain => write!(
-                f,
-                "OS keychain (service {KEYCHAIN_SERVICE:?}, account {KEYCHAIN_USER:?})"
-            ),
             Self::File(p) => write!(f, "key file {}", p.display()),
         }
     }
@@ -142,85 +132,16 @@ pub enum KeyError {
     },
 }
 
-/// A keychain holding one key; [`OsKeychain`] in production, a fake in tests.
-///
-/// Both calls answer "no keychain here" rather than failing where no store is
-/// available, so the caller moves on to the next source.
-pub trait Keychain {
-    /// The stored key; `Ok(None)` if there is none or no keychain answers.
-    ///
-    /// # Errors
-    /// A description of a keychain that answered but failed.
-    fn get(&self) -> Result<Option<String>, String>;
-
-    /// Stores the key; `Ok(false)` if no keychain answers, so the caller writes a file.
-    ///
-    /// # Errors
-    /// A description of a keychain that answered but failed.
-    fn set(&self, pem: &str) -> Result<bool, String>;
-}
-
-/// The OS keychain through keyring-core's default store.
-///
-/// Answers only when the process has set a default store that persists until
-/// deleted (macOS Keychain, Windows Credential Manager, Secret Service). A store
-/// that forgets on reboot or logout, such as the Linux kernel keyring, is
-/// ignored: it must never be the only copy of the key. This build sets no
-/// default store on Linux, so here the sidecar uses the credential or the file.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct OsKeychain;
-
-impl OsKeychain {
-    /// The entry, or `None` when no persistent store is set.
-    fn entry(self) -> Result<Option<Entry>, String> {
-        let Some(store) = keyring_core::get_default_store() else {
-            return Ok(None);
-        };
-        if !matches!(store.persistence(), CredentialPersistence::UntilDelete) {
-            return Ok(None);
-        }
-        match Entry::new(KEYCHAIN_SERVICE, KEYCHAIN_USER) {
-            Ok(entry) => Ok(Some(entry)),
-            Err(keyring_core::Error::NoDefaultStore) => Ok(None),
-            Err(e) => Err(e.to_string()),
-        }
-    }
-}
-
-impl Keychain for OsKeychain {
-    fn get(&self) -> Result<Option<String>, String> {
-        let Some(entry) = self.entry()? else {
-            return Ok(None);
-        };
-        match entry.get_password() {
-            Ok(pem) => Ok(Some(pem)),
-            Err(keyring_core::Error::NoEntry | keyring_core::Error::NoDefaultStore) => Ok(None),
-            Err(e) => Err(e.to_string()),
-        }
-    }
-
-    fn set(&self, pem: &str) -> Result<bool, String> {
-        let Some(entry) = self.entry()? else {
-            return Ok(false);
-        };
-        match entry.set_password(pem) {
-            Ok(()) => Ok(true),
-            Err(keyring_core::Error::NoDefaultStore) => Ok(false),
-            Err(e) => Err(e.to_string()),
-        }
-    }
-}
-
 /// Loads the private key (PEM) from the first source that has one.
 ///
 /// # Errors
 /// See [`load_key_from`].
 pub fn load_key(data_dir: &Path) -> Result<(String, KeySource), KeyError> {
     let credentials = std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from);
-    load_key_from(data_dir, credentials.as_deref(), &OsKeychain)
+    load_key_from(data_dir, credentials.as_deref())
 }
 
-/// [`load_key`] with the credentials directory and keychain given.
+/// [`load_key`] with the credentials directory given.
 ///
 /// # Errors
 /// [`KeyError::Missing`] naming every place looked; for a key file that exists,
@@ -230,7 +151,6 @@ pub fn load_key(data_dir: &Path) -> Result<(String, KeySource), KeyError> {
 pub fn load_key_from(
     data_dir: &Path,
     credentials_dir: Option<&Path>,
-    keychain: &dyn Keychain,
 ) -> Result<(String, KeySource), KeyError> {
     let mut looked = Vec::new();
 
@@ -252,24 +172,6 @@ pub fn load_key_from(
         None => looked.push(format!(
             "systemd credential $CREDENTIALS_DIRECTORY/{CREDENTIAL_NAME} (CREDENTIALS_DIRECTORY not set)"
         )),
-    }
-
-    match keychain.get() {
-        Ok(Some(pem)) => {
-            if !looks_like_pem_key(&pem) {
-                return Err(KeyError::NotAKey {
-                    location: KeySource::Keychain,
-                });
-            }
-            return Ok((pem, KeySource::Keychain));
-        }
-        Ok(None) => looked.push("OS keychain (none answers, or no entry)".into()),
-        Err(e) => {
-            // A keychain that fails is treated like one that is absent, so a
-            // locked desktop keyring cannot stop a sidecar that has a key file.
-            tracing::warn!(error = %e, "OS keychain failed; trying the key file");
-            looked.push(format!("OS keychain (failed: {e})"));
-        }
     }
 
     let path = data_dir.join(KEY_FILE);
@@ -298,12 +200,12 @@ pub fn load_key_from(
 /// See [`store_key_to`].
 pub fn store_key(data_dir: &Path, pem: &str) -> Result<KeySource, KeyError> {
     let credentials = std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from);
-    store_key_to(data_dir, credentials.as_deref(), &OsKeychain, pem)
+    store_key_to(data_dir, credentials.as_deref(), pem)
 }
 
-/// [`store_key`] with the credentials directory and keychain given.
+/// [`store_key`] with the credentials directory given.
 ///
-/// Stores in the keychain if one stores, else creates `<data_dir>/sidecar.key`
+/// Creates `<data_dir>/sidecar.key`
 /// with mode 0600: written under a temporary name, synced, then linked into
 /// place, so a crash never leaves half a key and an existing key is never replaced.
 ///
@@ -314,9 +216,55 @@ pub fn store_key(data_dir: &Path, pem: &str) -> Result<KeySource, KeyError> {
 pub fn store_key_to(
     data_dir: &Path,
     credentials_dir: Option<&Path>,
-    keychain: &dyn Keychain,
     pem: &str,
 ) -> Result<KeySource, KeyError> {
+    let path = check_free(data_dir, credentials_dir)?;
+    write_new_key_file(data_dir, &path, pem)?;
+    Ok(KeySource::File(path))
+}
+
+/// Checks that [`store_key`] would succeed, without storing anything: no
+/// credential shadows the file, no key file exists, and the state directory
+/// exists (created 0750 if missing) and takes a 0600 file (a probe file is
+/// written, synced and removed). `enroll` calls it before it spends the token.
+///
+/// # Errors
+/// As [`store_key_to`].
+pub fn probe_store(data_dir: &Path) -> Result<PathBuf, KeyError> {
+    let credentials = std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from);
+    probe_store_to(data_dir, credentials.as_deref())
+}
+
+/// [`probe_store`] with the credentials directory given; returns where the key will go.
+///
+/// # Errors
+/// As [`store_key_to`].
+pub fn probe_store_to(
+    data_dir: &Path,
+    credentials_dir: Option<&Path>,
+) -> Result<PathBuf, KeyError> {
+    let path = check_free(data_dir, credentials_dir)?;
+    create_state_dir(data_dir)?;
+    let probe = data_dir.join(format!(".{KEY_FILE}.probe-{}", std::process::id()));
+    let result = (|| {
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&probe)?;
+        file.write_all(b"probe")?;
+        file.sync_all()
+    })();
+    let _ = fs::remove_file(&probe);
+    result.map_err(|source| KeyError::Io {
+        path: probe,
+        source,
+    })?;
+    Ok(path)
+}
+
+/// Where a new key file goes, if nothing is in the way.
+fn check_free(data_dir: &Path, credentials_dir: Option<&Path>) -> Result<PathBuf, KeyError> {
     if let Some(dir) = credentials_dir {
         let path = dir.join(CREDENTIAL_NAME);
         if path.exists() {
@@ -324,18 +272,23 @@ pub fn store_key_to(
         }
     }
     let path = data_dir.join(KEY_FILE);
-    // Refuse before touching the keychain too: the file would win over nothing,
-    // but a stale file next to a keychain entry would confuse `doctor` and people.
     if fs::symlink_metadata(&path).is_ok() {
         return Err(KeyError::Exists { path });
     }
-    match keychain.set(pem) {
-        Ok(true) => return Ok(KeySource::Keychain),
-        Ok(false) => {}
-        Err(e) => tracing::warn!(error = %e, "OS keychain failed; writing the key file"),
-    }
-    write_new_key_file(data_dir, &path, pem)?;
-    Ok(KeySource::File(path))
+    Ok(path)
+}
+
+/// Creates the state directory if missing.
+fn create_state_dir(data_dir: &Path) -> Result<(), KeyError> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        // Group may enter (the agent reaches the local socket here); others may not.
+        .mode(0o750)
+        .create(data_dir)
+        .map_err(|source| KeyError::Io {
+            path: data_dir.to_owned(),
+            source,
+        })
 }
 
 /// Refuses a key file whose mode grants anything to group or others.
@@ -351,7 +304,7 @@ pub fn check_file_mode(path: &Path) -> Result<(), KeyError> {
     check_metadata(path, &meta)
 }
 
-fn check_metadata(path: &Path, meta: &fs::Metadata) -> Result<(), KeyError> {
+pub(crate) fn check_metadata(path: &Path, meta: &fs::Metadata) -> Result<(), KeyError> {
     if !meta.is_file() {
         return Err(KeyError::NotAFile {
             path: path.to_owned(),
@@ -408,12 +361,7 @@ fn write_new_key_file(data_dir: &Path, path: &Path, pem: &str) -> Result<(), Key
         let p = p.to_owned();
         move |source| KeyError::Io { path: p, source }
     };
-    fs::DirBuilder::new()
-        .recursive(true)
-        // Group may enter (the agent reaches the local socket here); others may not.
-        .mode(0o750)
-        .create(data_dir)
-        .map_err(io_err(data_dir))?;
+    create_state_dir(data_dir)?;
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.subsec_nanos());
@@ -453,7 +401,6 @@ fn write_new_key_file(data_dir: &Path, path: &Path, pem: &str) -> Result<(), Key
 
 #[cfg(test)]
 mod tests {
-    use std::cell::RefCell;
     use std::os::unix::fs::PermissionsExt;
 
     use super::*;
@@ -485,34 +432,6 @@ mod tests {
         }
     }
 
-    /// A keychain that answers from memory, or never answers.
-    #[derive(Default)]
-    struct FakeKeychain {
-        answers: bool,
-        fails: bool,
-        stored: RefCell<Option<String>>,
-    }
-
-    impl Keychain for FakeKeychain {
-        fn get(&self) -> Result<Option<String>, String> {
-            if self.fails {
-                return Err("locked".into());
-            }
-            Ok(self.stored.borrow().clone())
-        }
-
-        fn set(&self, pem: &str) -> Result<bool, String> {
-            if self.fails {
-                return Err("locked".into());
-            }
-            if !self.answers {
-                return Ok(false);
-            }
-            *self.stored.borrow_mut() = Some(pem.to_owned());
-            Ok(true)
-        }
-    }
-
     fn write_key(dir: &Path, mode: u32) -> PathBuf {
         let path = dir.join(KEY_FILE);
         fs::write(&path, PEM).expect("write key");
@@ -524,7 +443,7 @@ mod tests {
     fn file_0644_is_refused_with_mode_and_fix() {
         let tmp = TempDir::new("0644");
         let path = write_key(&tmp.0, 0o644);
-        let err = load_key_from(&tmp.0, None, &FakeKeychain::default()).expect_err("refused");
+        let err = load_key_from(&tmp.0, None).expect_err("refused");
         assert!(matches!(
             err,
             KeyError::UnsafePermissions { mode: 0o644, .. }
@@ -548,27 +467,23 @@ mod tests {
         let tmp = TempDir::new("0600");
         let path = write_key(&tmp.0, 0o600);
         check_file_mode(&path).expect("0600 is fine");
-        let (pem, source) = load_key_from(&tmp.0, None, &FakeKeychain::default()).expect("load");
+        let (pem, source) = load_key_from(&tmp.0, None).expect("load");
         assert_eq!(pem, PEM);
         assert_eq!(source, KeySource::File(path.clone()));
         assert!(source.to_string().starts_with("key file "));
         fs::set_permissions(&path, fs::Permissions::from_mode(0o400)).expect("chmod");
-        load_key_from(&tmp.0, None, &FakeKeychain::default()).expect("0400 loads too");
+        load_key_from(&tmp.0, None).expect("0400 loads too");
     }
 
     #[test]
-    fn credential_wins_over_keychain_and_file() {
+    fn credential_wins_over_the_file() {
         let tmp = TempDir::new("cred");
         write_key(&tmp.0, 0o644); // would be refused, but is never reached
         let creds = tmp.0.join("creds");
         fs::create_dir(&creds).expect("creds dir");
         let cred = creds.join(CREDENTIAL_NAME);
         fs::write(&cred, PEM).expect("write credential");
-        let keychain = FakeKeychain {
-            stored: RefCell::new(Some("other".into())),
-            ..FakeKeychain::default()
-        };
-        let (pem, source) = load_key_from(&tmp.0, Some(&creds), &keychain).expect("load");
+        let (pem, source) = load_key_from(&tmp.0, Some(&creds)).expect("load");
         assert_eq!(pem, PEM);
         assert_eq!(source, KeySource::SystemdCredential(cred.clone()));
         assert_eq!(
@@ -578,44 +493,24 @@ mod tests {
     }
 
     #[test]
-    fn keychain_wins_over_file_and_a_failing_one_is_skipped() {
-        let tmp = TempDir::new("keychain");
-        write_key(&tmp.0, 0o600);
-        let keychain = FakeKeychain {
-            stored: RefCell::new(Some(PEM.into())),
-            ..FakeKeychain::default()
-        };
-        let (_, source) = load_key_from(&tmp.0, None, &keychain).expect("load");
-        assert_eq!(source, KeySource::Keychain);
-        let failing = FakeKeychain {
-            fails: true,
-            ..FakeKeychain::default()
-        };
-        let (_, source) = load_key_from(&tmp.0, None, &failing).expect("load");
-        assert!(matches!(source, KeySource::File(_)));
-    }
-
-    #[test]
     fn missing_key_says_where_it_looked() {
         let tmp = TempDir::new("missing");
         let creds = tmp.0.join("creds");
-        let err =
-            load_key_from(&tmp.0, Some(&creds), &FakeKeychain::default()).expect_err("missing");
+        let err = load_key_from(&tmp.0, Some(&creds)).expect_err("missing");
         let KeyError::Missing { looked } = &err else {
             panic!("expected Missing, got {err:?}");
         };
-        assert_eq!(looked.len(), 3);
+        assert_eq!(looked.len(), 2);
         let msg = err.to_string();
         assert!(
             msg.contains(&creds.join(CREDENTIAL_NAME).display().to_string()),
             "{msg}"
         );
-        assert!(msg.contains("OS keychain"), "{msg}");
         assert!(
             msg.contains(&tmp.0.join(KEY_FILE).display().to_string()),
             "{msg}"
         );
-        let err = load_key_from(&tmp.0, None, &FakeKeychain::default()).expect_err("missing");
+        let err = load_key_from(&tmp.0, None).expect_err("missing");
         assert!(err.to_string().contains("CREDENTIALS_DIRECTORY not set"));
     }
 
@@ -628,7 +523,7 @@ mod tests {
         let tmp = TempDir::new("owner");
         let path = write_key(&tmp.0, 0o600);
         std::os::unix::fs::chown(&path, Some(65534), None).expect("chown");
-        let err = load_key_from(&tmp.0, None, &FakeKeychain::default()).expect_err("not owned");
+        let err = load_key_from(&tmp.0, None).expect_err("not owned");
         assert!(
             matches!(
                 err,
@@ -648,12 +543,12 @@ mod tests {
         let path = tmp.0.join(KEY_FILE);
         fs::write(&path, "hello").expect("write");
         fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).expect("chmod");
-        let err = load_key_from(&tmp.0, None, &FakeKeychain::default()).expect_err("garbage");
+        let err = load_key_from(&tmp.0, None).expect_err("garbage");
         assert!(matches!(err, KeyError::NotAKey { .. }), "{err:?}");
         fs::remove_file(&path).expect("rm");
         fs::create_dir(&path).expect("dir");
         fs::set_permissions(&path, fs::Permissions::from_mode(0o700)).expect("chmod");
-        let err = load_key_from(&tmp.0, None, &FakeKeychain::default()).expect_err("dir");
+        let err = load_key_from(&tmp.0, None).expect_err("dir");
         assert!(matches!(err, KeyError::NotAFile { .. }), "{err:?}");
     }
 
@@ -661,16 +556,15 @@ mod tests {
     fn store_creates_0600_and_never_overwrites() {
         let tmp = TempDir::new("store");
         let data = tmp.0.join("state");
-        let source =
-            store_key_to(&data, None, &FakeKeychain::default(), PEM).expect("store creates");
+        let source = store_key_to(&data, None, PEM).expect("store creates");
         let path = data.join(KEY_FILE);
         assert_eq!(source, KeySource::File(path.clone()));
         let mode = fs::metadata(&path).expect("meta").permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
         assert_eq!(fs::read_to_string(&path).expect("read"), PEM);
-        let (pem, _) = load_key_from(&data, None, &FakeKeychain::default()).expect("load");
+        let (pem, _) = load_key_from(&data, None).expect("load");
         assert_eq!(pem, PEM);
-        let err = store_key_to(&data, None, &FakeKeychain::default(), "other").expect_err("exists");
+        let err = store_key_to(&data, None, "other").expect_err("exists");
         assert!(matches!(err, KeyError::Exists { .. }));
         assert!(err.to_string().contains(&path.display().to_string()));
         assert_eq!(fs::read_to_string(&path).expect("read"), PEM);
@@ -679,36 +573,29 @@ mod tests {
     }
 
     #[test]
-    fn store_prefers_a_keychain_that_stores() {
-        let tmp = TempDir::new("store-kc");
-        let keychain = FakeKeychain {
-            answers: true,
-            ..FakeKeychain::default()
-        };
-        let source = store_key_to(&tmp.0, None, &keychain, PEM).expect("store");
-        assert_eq!(source, KeySource::Keychain);
-        assert!(!tmp.0.join(KEY_FILE).exists());
-        let failing = FakeKeychain {
-            fails: true,
-            ..FakeKeychain::default()
-        };
-        let source = store_key_to(&tmp.0, None, &failing, PEM).expect("falls back");
-        assert!(matches!(source, KeySource::File(_)));
-    }
-
-    #[test]
     fn store_refuses_when_a_credential_would_shadow_it() {
         let tmp = TempDir::new("store-cred");
         fs::write(tmp.0.join(CREDENTIAL_NAME), PEM).expect("write credential");
-        let err = store_key_to(&tmp.0, Some(&tmp.0), &FakeKeychain::default(), PEM)
-            .expect_err("shadowed");
+        let err = store_key_to(&tmp.0, Some(&tmp.0), PEM).expect_err("shadowed");
         assert!(matches!(err, KeyError::ShadowedByCredential { .. }));
     }
 
     #[test]
-    fn os_keychain_without_a_store_does_not_answer() {
-        // No test in this crate sets a default store, so nothing answers.
-        assert_eq!(OsKeychain.get(), Ok(None));
-        assert_eq!(OsKeychain.set(PEM), Ok(false));
+    fn probe_checks_the_place_without_leaving_anything() {
+        let tmp = TempDir::new("probe");
+        let data = tmp.0.join("state");
+        let path = probe_store_to(&data, None).expect("probe creates the directory");
+        assert_eq!(path, data.join(KEY_FILE));
+        assert_eq!(fs::read_dir(&data).expect("ls").count(), 0, "no probe left");
+        fs::set_permissions(&data, fs::Permissions::from_mode(0o500)).expect("chmod");
+        // Root writes anyway; the refusal is only observable for other users.
+        if effective_uid() != 0 {
+            let err = probe_store_to(&data, None).expect_err("read-only directory");
+            assert!(matches!(err, KeyError::Io { .. }), "{err:?}");
+        }
+        fs::set_permissions(&data, fs::Permissions::from_mode(0o700)).expect("chmod");
+        write_key(&data, 0o600);
+        let err = probe_store_to(&data, None).expect_err("a key exists");
+        assert!(matches!(err, KeyError::Exists { .. }), "{err:?}");
     }
 }

@@ -5,6 +5,7 @@
 //! lives), [`core`] (pure decisions: phases, outbox), [`queue`] (redb),
 //! [`agent`] (the runner: exec and wake modes, verification, probes),
 //! [`host`] (self-test and host figures), [`local`] (the agent's Unix socket),
+//! [`tasktoken`] (each attempt's secret for that socket),
 //! [`daemon`] (the IO shell that joins them to the hub session).
 
 pub mod agent;
@@ -19,3 +20,4 @@ pub mod keystore;
 pub mod local;
 pub mod queue;
 pub mod rundirs;
+pub mod tasktoken;

@@ -47,6 +47,7 @@ fn spec(dir: &TempDir, task: u64) -> RunSpec {
         },
         run_dir: dir.path().join("runs").join(format!("{task}-1")),
         socket: dir.path().join("muster.sock"),
+        token: "0".repeat(64),
         probe_interval: Duration::from_millis(50),
     }
 }

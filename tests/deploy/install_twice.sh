@@ -22,7 +22,9 @@
 #                  answers `token create`.
 #   sidecar      - without --token on a fresh root: exit 1 with a message;
 #                  with a token, twice (--supervisor none, the same, now used,
-#                  token): identical tree, sidecar.toml/sidecar.crt/key
+#                  token, first from a 0600 --token-file, then on stdin with
+#                  --token -, never on a command line):
+#                  identical tree, sidecar.toml/sidecar.crt/key
 #                  unchanged, output says enrollment was skipped, the hub
 #                  lists the agent at most once; key 0600, state dir 0750;
 #                  twice more with --supervisor systemd: the unit is
@@ -229,7 +231,11 @@ else
     fail "without a token: exit $rc (expected 1 with a message naming --token)"
 fi
 
-step "install-sidecar.sh (1st run)" "$TMP/side1.out" "$INSTALL_SIDECAR" --token "$TOKEN" "${SIDE_ARGS[@]}" ||
+# The token travels in a 0600 file (1st run) or on stdin (2nd run), never on a command line.
+TOKEN_FILE="$TMP/join-token"
+(umask 077 && printf '%s\n' "$TOKEN" >"$TOKEN_FILE")
+mode_is "$TOKEN_FILE" 600
+step "install-sidecar.sh (1st run, --token-file)" "$TMP/side1.out" "$INSTALL_SIDECAR" --token-file "$TOKEN_FILE" "${SIDE_ARGS[@]}" ||
     die "install-sidecar.sh failed on the first run"
 [[ -f "$SDIR/sidecar.crt" ]] || die "not enrolled: no $SDIR/sidecar.crt"
 if grep -qF -- "$TOKEN" "$TMP/side1.out"; then fail "the join token appears in the script's output"; else pass "the token is not echoed"; fi
@@ -237,7 +243,7 @@ snapshot "$SROOT" >"$TMP/side1.snap"
 cfg_sum=$(sum "$SDIR/sidecar.toml")
 crt_sum=$(sum "$SDIR/sidecar.crt")
 
-step "install-sidecar.sh (2nd run, same token)" "$TMP/side2.out" "$INSTALL_SIDECAR" --token "$TOKEN" "${SIDE_ARGS[@]}" ||
+step "install-sidecar.sh (2nd run, same token on stdin)" "$TMP/side2.out" "$INSTALL_SIDECAR" --token - "${SIDE_ARGS[@]}" <"$TOKEN_FILE" ||
     die "install-sidecar.sh failed on the second run"
 snapshot "$SROOT" >"$TMP/side2.snap"
 same_tree "install-sidecar.sh twice" "$TMP/side1.snap" "$TMP/side2.snap"

@@ -147,13 +147,32 @@ pub fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Result<
 /// # Panics
 /// When the command cannot start or runs past `timeout`.
 pub fn run_bounded(cmd: &mut Command, timeout: Duration) -> Output {
+    run_bounded_input(cmd, None, timeout)
+}
+
+/// [`run_bounded`] with `input` written to the command's stdin (then closed).
+///
+/// # Panics
+/// When the command cannot start or runs past `timeout`.
+pub fn run_bounded_input(cmd: &mut Command, input: Option<&[u8]>, timeout: Duration) -> Output {
     let what = format!("{cmd:?}");
     let mut child = cmd
-        .stdin(Stdio::null())
+        .stdin(if input.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap_or_else(|e| panic!("cannot run {what}: {e}"));
+    if let (Some(input), Some(mut pipe)) = (input, child.stdin.take()) {
+        let input = input.to_vec();
+        // On a thread, so a command that never reads cannot block the test.
+        std::thread::spawn(move || {
+            let _ = std::io::Write::write_all(&mut pipe, &input);
+        });
+    }
     // Read the pipes on threads so a chatty command cannot block on a full pipe.
     let mut out = child.stdout.take().expect("stdout is piped");
     let mut err = child.stderr.take().expect("stderr is piped");
@@ -365,6 +384,7 @@ fn clean_env(cmd: &mut Command) -> &mut Command {
         .env_remove("MUSTER_SOCKET")
         .env_remove("MUSTER_TASK_ID")
         .env_remove("MUSTER_GENERATION")
+        .env_remove("MUSTER_TASK_TOKEN")
         // A test run under a notify-type unit must not have its daemons talk to that unit.
         .env_remove("NOTIFY_SOCKET")
         .env_remove("WATCHDOG_USEC")
@@ -820,6 +840,41 @@ impl Sidecar {
         s.set("", "disk_floor_mb", "1");
         s.set_agent("command", "[\"/bin/true\"]");
         s
+    }
+
+    /// [`Sidecar::enroll`] asking the hub for `slots` slots (`enroll --slots`),
+    /// so sidecar.toml and the grant agree.
+    ///
+    /// # Panics
+    /// When enrollment fails.
+    pub fn enroll_slots(hub: &Hub, name: &str, slots: u32) -> Sidecar {
+        let s = Sidecar::new(name);
+        let token = hub.token("agent");
+        let slots = slots.to_string();
+        let out = s.enroll_args(&["--token", "-", "--slots", &slots], Some(&token));
+        assert!(
+            out.status.success(),
+            "muster-sidecar enroll --slots failed ({}): {}",
+            out.status,
+            stderr(&out)
+        );
+        s.set("", "disk_floor_mb", "1");
+        s.set_agent("command", "[\"/bin/true\"]");
+        s
+    }
+
+    /// Runs `muster-sidecar enroll --data-dir D --name N <args>`, with `stdin`
+    /// (a line, e.g. the token for `--token -`) on its standard input.
+    pub fn enroll_args(&self, args: &[&str], stdin: Option<&str>) -> Output {
+        let data = self.data.to_string_lossy().into_owned();
+        let input = stdin.map(|s| format!("{s}\n").into_bytes());
+        run_bounded_input(
+            clean_env(&mut Command::new(&bins().sidecar))
+                .args(["enroll", "--data-dir", &data, "--name", &self.name])
+                .args(args),
+            input.as_deref(),
+            CLI_TIMEOUT,
+        )
     }
 
     /// Runs `muster-sidecar enroll --token T --data-dir D --name N --capability C…`.

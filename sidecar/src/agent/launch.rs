@@ -58,6 +58,8 @@ struct TaskFile<'a> {
     description: &'a str,
     capabilities: &'a [String],
     priority: i32,
+    /// The attempt's secret, as in `MUSTER_TASK_TOKEN`; the file is 0600.
+    token: &'a str,
 }
 
 /// The files and environment of one attempt.
@@ -79,6 +81,7 @@ impl Launch {
             description: &run.spec.description,
             capabilities: &run.spec.capabilities,
             priority: run.spec.priority,
+            token: &run.token,
         })
         .map_err(|e| format!("could not encode task.json: {e}"));
         let env = vec![
@@ -87,6 +90,7 @@ impl Launch {
             ("MUSTER_AGENT", run.agent.as_str().into()),
             ("MUSTER_TASK_FILE", task_file.into_os_string()),
             ("MUSTER_SOCKET", run.socket.clone().into_os_string()),
+            ("MUSTER_TASK_TOKEN", run.token.clone().into()),
         ];
         Self {
             run_dir: run.run_dir.clone(),
@@ -248,7 +252,9 @@ fn prepare_dirs(run_dir: &Path, work_dir: &Path, task_json: &[u8]) -> Result<(),
         )
     })?;
     let path = run_dir.join("task.json");
+    // It holds the attempt's token: 0600 even in a reused directory.
     overwrite_private(&path, task_json)
+        .and_then(|()| std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)))
         .map_err(|e| format!("could not write {}: {e}", path.display()))
 }
 

@@ -211,6 +211,9 @@ pub struct RunSpec {
     pub run_dir: PathBuf,
     /// The sidecar's local Unix socket, passed as `MUSTER_SOCKET`.
     pub socket: PathBuf,
+    /// The attempt's secret for that socket, passed as `MUSTER_TASK_TOKEN` and
+    /// written into `task.json` (see [`crate::tasktoken`]).
+    pub token: String,
     /// How often to probe a running wake-mode agent (the heartbeat interval).
     pub probe_interval: Duration,
 }

@@ -44,6 +44,7 @@ fn spec(dir: &TempDir, task: u64) -> RunSpec {
         },
         run_dir: dir.path().join("runs").join(format!("{task}-7")),
         socket: dir.path().join("muster.sock"),
+        token: "0".repeat(64),
         probe_interval: Duration::from_millis(50),
     }
 }

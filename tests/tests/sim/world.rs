@@ -1288,7 +1288,6 @@ impl World {
             Run(RunEvent),
             Agent(AgentCmd),
         }
-        let (t, g) = (Some(task.0), Some(generation.0));
         let to = match step {
             Step::Stopped => {
                 if !run.stopping || !run.alive {
@@ -1350,14 +1349,9 @@ impl World {
             }
             Step::AgentStart => {
                 run.started = true;
-                To::Agent(AgentCmd::Start {
-                    task: t,
-                    generation: g,
-                })
+                To::Agent(AgentCmd::Start)
             }
             Step::Progress => To::Agent(AgentCmd::Progress {
-                task: t,
-                generation: g,
                 message: "half way".into(),
             }),
             Step::Finish(o) => {
@@ -1368,16 +1362,12 @@ impl World {
             Step::AgentComplete => {
                 run.alive = false;
                 To::Agent(AgentCmd::Complete {
-                    task: t,
-                    generation: g,
                     result: Some("done".into()),
                 })
             }
             Step::AgentFail { no_retry } => {
                 run.alive = false;
                 To::Agent(AgentCmd::Fail {
-                    task: t,
-                    generation: g,
                     reason: "the agent gave up".into(),
                     no_retry,
                 })
@@ -1390,7 +1380,7 @@ impl World {
             To::Run(ev) => core.handle_run(ev),
             To::Agent(cmd) => {
                 // A refusal (stale generation, already ended) is what the agent would print.
-                let _ = core.handle_agent(cmd);
+                let _ = core.handle_agent(task, generation, cmd);
             }
         }
         self.side_effects(agent)
