@@ -16,7 +16,7 @@ mod admission;
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -360,6 +360,7 @@ impl Hub {
             next_conn: AtomicU64::new(1),
             max_frame: self.config.limits.max_frame_bytes as usize,
             max_connections: self.config.limits.max_connections as usize,
+            live: AtomicUsize::new(0),
             messages_per_second: self.config.limits.messages_per_second,
         });
         let accept = tokio::spawn(accept_loop(endpoint.clone(), shared));
@@ -442,6 +443,11 @@ struct Shared {
     max_frame: usize,
     /// Most connections at once; past it new ones are refused before the handshake.
     max_connections: usize,
+    /// Connections counted against `max_connections`: from the start of the handshake
+    /// to the end of the connection's task. Unlike quinn's own count it leaves out
+    /// connections already closed and draining (a few round trips), which would
+    /// otherwise let a burst of refused peers fill the cap for a moment.
+    live: AtomicUsize,
     /// Session messages per second per connection; a sidecar past it is disconnected.
     messages_per_second: u32,
 }
@@ -479,6 +485,22 @@ impl Shared {
         if let Some(left_out) = allowed {
             warn!(%peer, left_out, "refused {what}: {reason}");
         }
+    }
+}
+
+/// One connection counted in [`Shared::live`] until dropped.
+struct Live(Arc<Shared>);
+
+impl Live {
+    fn new(shared: Arc<Shared>) -> Self {
+        shared.live.fetch_add(1, Ordering::Relaxed);
+        Live(shared)
+    }
+}
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        self.0.live.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -525,7 +547,7 @@ pub fn hostname() -> String {
 async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>) {
     while let Some(incoming) = endpoint.accept().await {
         let peer = incoming.remote_address();
-        if endpoint.open_connections() >= shared.max_connections {
+        if shared.live.load(Ordering::Relaxed) >= shared.max_connections {
             shared.log_refusal(
                 peer,
                 "a connection",
@@ -561,8 +583,10 @@ async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>) {
             ip: peer.ip(),
             kind: SlotKind::Handshake,
         };
+        let live = Live::new(shared.clone());
         let shared = shared.clone();
         tokio::spawn(async move {
+            let _live = live;
             let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, incoming).await;
             drop(slot);
             match handshake {
