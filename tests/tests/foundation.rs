@@ -458,7 +458,7 @@ fn garbage_and_oversized_frames_close_only_their_stream() {
         }),
         ("garbage after a valid protocol number", {
             let mut v = 16u32.to_be_bytes().to_vec();
-            v.extend([1u8, 0x7f, 0xff, 0xfe]);
+            v.extend([PROTOCOL_VERSION as u8, 0x7f, 0xff, 0xfe]);
             v.extend(noise(12));
             v
         }),
