@@ -88,10 +88,18 @@ pub struct Limits {
     pub max_frame_bytes: u64,
     /// Unfinished tasks one submitter may hold.
     pub max_tasks_per_submitter: u64,
-    /// Enrollment attempts accepted per minute.
+    /// Failed enrollment attempts accepted per minute from one source address.
     pub enroll_per_minute: u32,
-    /// Connections without a client certificate accepted per minute.
+    /// Connections without a client certificate accepted per minute from one source address.
     pub unauthenticated_per_minute: u32,
+    /// Connections without a client certificate accepted per minute from all sources together.
+    pub unauthenticated_per_minute_total: u32,
+    /// Connections without a client certificate open at once from one source address.
+    pub unauthenticated_per_source: u32,
+    /// Connections without a client certificate open at once; at most half of `max_connections`.
+    pub unauthenticated_max: u32,
+    /// QUIC handshakes in flight at once from one source address.
+    pub handshakes_per_source: u32,
     /// Messages accepted per second on one connection.
     pub messages_per_second: u32,
     /// Open connections at once.
@@ -178,6 +186,10 @@ const LIMITS_KEYS: &[&str] = &[
     "max_tasks_per_submitter",
     "enroll_per_minute",
     "unauthenticated_per_minute",
+    "unauthenticated_per_minute_total",
+    "unauthenticated_per_source",
+    "unauthenticated_max",
+    "handshakes_per_source",
     "messages_per_second",
     "max_connections",
 ];
@@ -228,6 +240,10 @@ impl Default for Limits {
             max_tasks_per_submitter: 100_000,
             enroll_per_minute: 30,
             unauthenticated_per_minute: 120,
+            unauthenticated_per_minute_total: 1200,
+            unauthenticated_per_source: 8,
+            unauthenticated_max: 256,
+            handshakes_per_source: 16,
             messages_per_second: 2000,
             max_connections: 20_000,
         }
@@ -458,13 +474,37 @@ impl HubConfig {
             "enroll_per_minute",
             l.enroll_per_minute,
             dl.enroll_per_minute,
-            "Enrollment attempts accepted per minute.",
+            "Failed enrollment attempts per minute from one source address (successes are free).",
         );
         w.int(
             "unauthenticated_per_minute",
             l.unauthenticated_per_minute,
             dl.unauthenticated_per_minute,
-            "Connections without a client certificate per minute.",
+            "Connections without a client certificate per minute from one source address.",
+        );
+        w.int(
+            "unauthenticated_per_minute_total",
+            l.unauthenticated_per_minute_total,
+            dl.unauthenticated_per_minute_total,
+            "Connections without a client certificate per minute from all sources.",
+        );
+        w.int(
+            "unauthenticated_per_source",
+            l.unauthenticated_per_source,
+            dl.unauthenticated_per_source,
+            "Connections without a client certificate open at once from one source address.",
+        );
+        w.int(
+            "unauthenticated_max",
+            l.unauthenticated_max,
+            dl.unauthenticated_max,
+            "Connections without a client certificate open at once (at most max_connections / 2).",
+        );
+        w.int(
+            "handshakes_per_source",
+            l.handshakes_per_source,
+            dl.handshakes_per_source,
+            "QUIC handshakes in flight at once from one source address; more are refused\n# and the client retries. Raise it when many sidecars share one address (NAT).",
         );
         w.int(
             "messages_per_second",
@@ -583,6 +623,18 @@ fn parse_limits(table: Table, problems: &mut Vec<Problem>) -> Limits {
         unauthenticated_per_minute: t
             .uint("unauthenticated_per_minute", 1)
             .unwrap_or(d.unauthenticated_per_minute),
+        unauthenticated_per_minute_total: t
+            .uint("unauthenticated_per_minute_total", 1)
+            .unwrap_or(d.unauthenticated_per_minute_total),
+        unauthenticated_per_source: t
+            .uint("unauthenticated_per_source", 1)
+            .unwrap_or(d.unauthenticated_per_source),
+        unauthenticated_max: t
+            .uint("unauthenticated_max", 1)
+            .unwrap_or(d.unauthenticated_max),
+        handshakes_per_source: t
+            .uint("handshakes_per_source", 1)
+            .unwrap_or(d.handshakes_per_source),
         messages_per_second: t
             .uint("messages_per_second", 1)
             .unwrap_or(d.messages_per_second),
@@ -1051,6 +1103,8 @@ mod tests {
         c.policy.stall_alert = Duration::from_millis(1500);
         c.policy.max_attempts = 7;
         c.limits.max_connections = 5;
+        c.limits.handshakes_per_source = 3;
+        c.limits.unauthenticated_per_minute_total = 9;
         assert_eq!(parse(&c.render()).expect("round trip"), c);
     }
 

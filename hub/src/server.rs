@@ -11,10 +11,12 @@
 //! not run on the async workers. Everything that arrived while it committed
 //! forms the next batch, so concurrent events share one commit (group commit).
 
+mod admission;
+
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -35,6 +37,7 @@ use crate::config::HubConfig;
 use crate::core::{ConnId, Core, Input, Millis, Reply, ReplyId, TaskState, views};
 use crate::pki::{Pki, cert_key_fingerprint, csr_key_fingerprint};
 use crate::store::{Store, StoreError};
+use admission::{Admission, AdmissionLimits, Handshake, LogBudget};
 
 /// Capacity of the channel into the core: bounds memory when the core falls behind;
 /// senders wait (sessions) or fail fast (ticks).
@@ -85,6 +88,18 @@ enum ToCore {
         msg: SessionMsg,
     },
     Closed {
+        conn: ConnId,
+    },
+    /// A `muster/1` connection finished its handshake: is `fingerprint` a live
+    /// identity? If so the connection is registered (to be closed when revoked).
+    Accept {
+        conn: ConnId,
+        fingerprint: String,
+        connection: quinn::Connection,
+        reply: oneshot::Sender<bool>,
+    },
+    /// A registered `muster/1` connection ended.
+    Disconnected {
         conn: ConnId,
     },
     Op {
@@ -175,13 +190,29 @@ pub enum StartError {
 /// UDP receive buffer asked of the OS: a burst of thousands of handshakes (a fleet
 /// reconnecting after a hub restart) overflows the default 208 KiB and stalls them.
 const UDP_RECV_BUFFER: usize = 4 << 20;
-/// Handshakes in flight at once; more wait in quinn's queue instead of timing out together.
-const HANDSHAKES_MAX: usize = 16;
+/// Handshakes in flight at once from all sources. Past it a new one is never queued
+/// behind stalled ones: an unvalidated address gets a stateless Retry, a validated one
+/// is refused and its client backs off. `limits.handshakes_per_source` keeps one
+/// source from holding them all.
+const HANDSHAKES_MAX: u32 = 64;
 /// How long one handshake may hold its place. On loopback a handshake takes about a
-/// millisecond; one that has not finished in this time is usually for a client that
-/// gave up while it waited in the queue, and would otherwise hold the place until the
-/// idle timeout (15 s) while live clients time out behind it.
+/// millisecond; one that has not finished in this time is for a client that gave up or
+/// never meant to finish, and would otherwise hold the place until the idle timeout (15 s).
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
+/// The whole enrollment exchange (accept the stream, read one request, answer, close);
+/// an enrollment connection still open past it is closed.
+const ENROLL_DEADLINE: Duration = Duration::from_secs(10);
+/// Largest enrollment request frame (a CSR, a token and a name fit in a few KiB).
+const ENROLL_FRAME_MAX: usize = 64 * 1024;
+/// How long a new `muster/1` connection waits for the core to say whose it is.
+const ACCEPT_CHECK_TIMEOUT: Duration = Duration::from_secs(10);
+/// Refusals logged per [`REFUSAL_LOG_WINDOW`]; the rest are counted and the count logged
+/// with the next line, so an attack cannot flood the log.
+const REFUSAL_LOG_LINES: u32 = 10;
+/// See [`REFUSAL_LOG_LINES`].
+const REFUSAL_LOG_WINDOW: Duration = Duration::from_secs(60);
+/// How often the core drops registered connections that closed without saying so.
+const REGISTRY_SWEEP: Duration = Duration::from_secs(5);
 
 /// The file holding the key for QUIC stateless resets.
 const RESET_KEY_FILE: &str = "reset.key";
@@ -331,10 +362,15 @@ impl Hub {
             to_core: to_core.clone(),
             pki,
             metrics,
-            enroll_limit: Mutex::new(RateLimit::new(self.config.limits.enroll_per_minute)),
+            admission: Mutex::new(Admission::new(
+                admission_limits(&self.config.limits),
+                Instant::now(),
+            )),
+            refusals: Mutex::new(LogBudget::new(REFUSAL_LOG_LINES, REFUSAL_LOG_WINDOW)),
             next_conn: AtomicU64::new(1),
             max_frame: self.config.limits.max_frame_bytes as usize,
             max_connections: self.config.limits.max_connections as usize,
+            live: AtomicUsize::new(0),
             messages_per_second: self.config.limits.messages_per_second,
         });
         let accept = tokio::spawn(accept_loop(endpoint.clone(), shared));
@@ -409,44 +445,96 @@ struct Shared {
     to_core: mpsc::Sender<ToCore>,
     pki: Arc<Pki>,
     metrics: Arc<Metrics>,
-    enroll_limit: Mutex<RateLimit>,
+    /// Handshakes, unauthenticated connections and enrollments per source and in total.
+    admission: Mutex<Admission>,
+    /// Bounds the log lines refusals write.
+    refusals: Mutex<LogBudget>,
     next_conn: AtomicU64,
     max_frame: usize,
     /// Most connections at once; past it new ones are refused before the handshake.
     max_connections: usize,
+    /// Connections counted against `max_connections`: from the start of the handshake
+    /// to the end of the connection's task. Unlike quinn's own count it leaves out
+    /// connections already closed and draining (a few round trips), which would
+    /// otherwise let a burst of refused peers fill the cap for a moment.
+    live: AtomicUsize,
     /// Session messages per second per connection; a sidecar past it is disconnected.
     messages_per_second: u32,
 }
 
-/// A fixed-window limit on events per minute; pure, takes `now`.
-#[derive(Debug)]
-pub struct RateLimit {
-    per_minute: u32,
-    window_start: Millis,
-    count: u32,
+/// The listener's admission bounds from `[limits]`: the unauthenticated total is at
+/// most half of `max_connections`, so authenticated peers always find room.
+fn admission_limits(l: &crate::config::Limits) -> AdmissionLimits {
+    AdmissionLimits {
+        handshakes_max: HANDSHAKES_MAX,
+        handshakes_per_source: l.handshakes_per_source,
+        unauthenticated_max: l.unauthenticated_max.min(l.max_connections / 2).max(1),
+        unauthenticated_per_source: l.unauthenticated_per_source,
+        unauthenticated_per_minute: l.unauthenticated_per_minute,
+        unauthenticated_per_minute_total: l.unauthenticated_per_minute_total,
+        enroll_per_minute: l.enroll_per_minute,
+    }
 }
 
-impl RateLimit {
-    /// A limit of `per_minute` events.
-    pub fn new(per_minute: u32) -> Self {
-        RateLimit {
-            per_minute,
-            window_start: 0,
-            count: 0,
-        }
+impl Shared {
+    fn admission(&self) -> std::sync::MutexGuard<'_, Admission> {
+        // The critical sections cannot panic half-way; a poisoned lock still holds
+        // consistent counts.
+        self.admission
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Counts one event at `now`; `Err(seconds to wait)` when over the limit.
-    pub fn check(&mut self, now: Millis) -> Result<(), u64> {
-        if now >= self.window_start + 60_000 {
-            self.window_start = now;
-            self.count = 0;
+    /// Logs a refusal, at most [`REFUSAL_LOG_LINES`] per [`REFUSAL_LOG_WINDOW`].
+    fn log_refusal(&self, peer: SocketAddr, what: &str, reason: &dyn std::fmt::Display) {
+        let allowed = self
+            .refusals
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .allow(Instant::now());
+        if let Some(left_out) = allowed {
+            warn!(%peer, left_out, "refused {what}: {reason}");
         }
-        if self.count >= self.per_minute {
-            return Err((self.window_start + 60_000 - now).div_ceil(1000));
+    }
+}
+
+/// One connection counted in [`Shared::live`] until dropped.
+struct Live(Arc<Shared>);
+
+impl Live {
+    fn new(shared: Arc<Shared>) -> Self {
+        shared.live.fetch_add(1, Ordering::Relaxed);
+        Live(shared)
+    }
+}
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        self.0.live.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Holds one admitted handshake or unauthenticated connection; gives it back on drop,
+/// however the task holding it ends.
+struct Slot {
+    shared: Arc<Shared>,
+    ip: IpAddr,
+    kind: SlotKind,
+}
+
+#[derive(Clone, Copy)]
+enum SlotKind {
+    Handshake,
+    Unauthenticated,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut a = self.shared.admission();
+        match self.kind {
+            SlotKind::Handshake => a.handshake_done(self.ip),
+            SlotKind::Unauthenticated => a.unauthenticated_done(self.ip),
         }
-        self.count += 1;
-        Ok(())
     }
 }
 
@@ -467,48 +555,112 @@ pub fn hostname() -> String {
 }
 
 async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>) {
-    let mut refused = crate::server::RateLimit::new(1);
-    let handshakes = Arc::new(tokio::sync::Semaphore::new(HANDSHAKES_MAX));
     while let Some(incoming) = endpoint.accept().await {
-        if endpoint.open_connections() >= shared.max_connections {
-            if refused.check(wall_ms()).is_ok() {
-                warn!(
-                    limit = shared.max_connections,
-                    "connection limit reached (limits.max_connections); refusing new connections"
-                );
-            }
+        let peer = incoming.remote_address();
+        if shared.live.load(Ordering::Relaxed) >= shared.max_connections {
+            shared.log_refusal(
+                peer,
+                "a connection",
+                &format_args!(
+                    "connection limit reached (limits.max_connections = {})",
+                    shared.max_connections
+                ),
+            );
             incoming.refuse();
             continue;
         }
-        let shared = shared.clone();
-        let Ok(permit) = handshakes.clone().acquire_owned().await else {
-            return;
+        let validated = incoming.remote_address_validated();
+        let verdict = shared
+            .admission()
+            .handshake(peer.ip(), validated, Instant::now());
+        match verdict {
+            Handshake::Accept => {}
+            Handshake::Retry => {
+                // Stateless: nothing is kept until the client comes back with the token.
+                if let Err(e) = incoming.retry() {
+                    e.into_incoming().refuse();
+                }
+                continue;
+            }
+            Handshake::Refuse(r) => {
+                shared.log_refusal(peer, "a handshake", &format_args!("{r} ({})", r.limit()));
+                incoming.refuse();
+                continue;
+            }
+        }
+        let slot = Slot {
+            shared: shared.clone(),
+            ip: peer.ip(),
+            kind: SlotKind::Handshake,
         };
+        let live = Live::new(shared.clone());
+        let shared = shared.clone();
         tokio::spawn(async move {
+            let _live = live;
             let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, incoming).await;
-            drop(permit);
+            drop(slot);
             match handshake {
                 Ok(Ok(conn)) => handle_connection(conn, shared).await,
-                Ok(Err(e)) => debug!("handshake failed: {e}"),
-                Err(_) => debug!("handshake abandoned after {HANDSHAKE_TIMEOUT:?}"),
+                Ok(Err(e)) => debug!(%peer, "handshake failed: {e}"),
+                Err(_) => debug!(%peer, "handshake abandoned after {HANDSHAKE_TIMEOUT:?}"),
             }
         });
     }
 }
 
 async fn handle_connection(conn: quinn::Connection, shared: Arc<Shared>) {
+    let peer = conn.remote_address();
     let alpn = muster_protocol::tls::negotiated_alpn(&conn).unwrap_or_default();
-    if alpn == ALPN_ENROLL {
-        return handle_enroll_conn(conn, shared).await;
-    }
-    // muster/1 needs a client certificate issued by our CA (rustls checked the chain);
-    // without one the connection is closed before a byte is read.
-    let Some(leaf) = muster_protocol::tls::peer_leaf(&conn) else {
-        conn.close(1u32.into(), b"client certificate required");
+    let leaf = muster_protocol::tls::peer_leaf(&conn);
+    let (Some(leaf), false) = (leaf, alpn == ALPN_ENROLL) else {
+        // No client certificate, or enrollment: capped per source and in total, small
+        // windows, one stream, a deadline.
+        let admitted = shared
+            .admission()
+            .unauthenticated(peer.ip(), Instant::now());
+        if let Err(r) = admitted {
+            shared.log_refusal(
+                peer,
+                "a connection without a client certificate",
+                &format_args!("{r} ({})", r.limit()),
+            );
+            conn.close(5u32.into(), r.to_string().as_bytes());
+            return;
+        }
+        let _slot = Slot {
+            shared: shared.clone(),
+            ip: peer.ip(),
+            kind: SlotKind::Unauthenticated,
+        };
+        if alpn != ALPN_ENROLL {
+            // muster/1 needs a client certificate issued by our CA (rustls checked the
+            // chain); without one the connection is closed before a byte is read.
+            conn.close(1u32.into(), b"client certificate required");
+            return;
+        }
+        match tokio::time::timeout(ENROLL_DEADLINE, handle_enroll_conn(&conn, &shared)).await {
+            Ok(()) => conn.close(0u32.into(), b"enrollment answered"),
+            Err(_) => {
+                shared.log_refusal(
+                    peer,
+                    "an enrollment",
+                    &format_args!("not finished within {} s", ENROLL_DEADLINE.as_secs()),
+                );
+                conn.close(5u32.into(), b"enrollment not finished in time");
+            }
+        }
         return;
     };
     let fingerprint = muster_protocol::tls::fingerprint(leaf.as_ref());
     let conn_id = ConnId(shared.next_conn.fetch_add(1, Ordering::Relaxed));
+    // Nothing is served before the core says this certificate is a live identity.
+    if !accept_identity(&conn, conn_id, &fingerprint, &shared).await {
+        return;
+    }
+    conn.set_receive_window(quinn::VarInt::from_u32(
+        muster_protocol::tls::HUB_CONNECTION_WINDOW,
+    ));
+    conn.set_max_concurrent_bi_streams(quinn::VarInt::from_u32(muster_protocol::tls::HUB_STREAMS));
     loop {
         let (send, recv) = match conn.accept_bi().await {
             Ok(s) => s,
@@ -521,7 +673,54 @@ async fn handle_connection(conn: quinn::Connection, shared: Arc<Shared>) {
             handle_stream(conn, conn_id, fingerprint, send, recv, shared).await;
         });
     }
+    let _ = shared
+        .to_core
+        .send(ToCore::Disconnected { conn: conn_id })
+        .await;
 }
+
+/// Asks the core whether `fingerprint` is a live identity (registering the connection
+/// if so); closes the connection with the reason if not.
+async fn accept_identity(
+    conn: &quinn::Connection,
+    conn_id: ConnId,
+    fingerprint: &str,
+    shared: &Shared,
+) -> bool {
+    let (tx, rx) = oneshot::channel();
+    let ask = ToCore::Accept {
+        conn: conn_id,
+        fingerprint: fingerprint.to_owned(),
+        connection: conn.clone(),
+        reply: tx,
+    };
+    let answer = tokio::time::timeout(ACCEPT_CHECK_TIMEOUT, async {
+        shared.to_core.send(ask).await.ok()?;
+        rx.await.ok()
+    })
+    .await;
+    match answer {
+        Ok(Some(true)) => true,
+        Ok(Some(false)) => {
+            shared.log_refusal(
+                conn.remote_address(),
+                "a connection",
+                &format_args!("certificate {fingerprint} is not a live identity"),
+            );
+            conn.close(6u32.into(), REVOKED_REASON);
+            false
+        }
+        _ => {
+            conn.close(7u32.into(), b"the hub is busy or shutting down; try again");
+            false
+        }
+    }
+}
+
+/// The close reason for a certificate that is unknown or revoked (clients recognise
+/// "certificate" and "revoked" in it).
+const REVOKED_REASON: &[u8] =
+    b"this client certificate is not enrolled at this hub or has been revoked";
 
 /// Whether a read failed because the peer closed the connection itself.
 fn closed_by_peer(e: &std::io::Error) -> bool {
@@ -771,32 +970,47 @@ async fn run_watch(
     let _ = wr.get_mut().finish();
 }
 
-async fn handle_enroll_conn(conn: quinn::Connection, shared: Arc<Shared>) {
+/// One enrollment exchange: one stream, one request, one answer. The caller bounds it
+/// in time and closes the connection after.
+async fn handle_enroll_conn(conn: &quinn::Connection, shared: &Shared) {
     let Ok((send, recv)) = conn.accept_bi().await else {
         return;
     };
-    let (mut wr, mut rd) = framed(send, recv, 64 * 1024);
+    let (mut wr, mut rd) = framed(send, recv, ENROLL_FRAME_MAX);
     let resp = match rd.next().await {
-        Some(Ok(frame)) => enroll(&frame, &shared).await,
+        Some(Ok(frame)) => enroll(&frame, shared, conn.remote_address()).await,
         _ => return,
     };
     let _ = send_frame(&mut wr, &resp).await;
     let _ = wr.get_mut().finish();
-    let _ = tokio::time::timeout(Duration::from_secs(5), wr.get_mut().stopped()).await;
+    // Let the peer read the answer before the connection is closed.
+    let _ = wr.get_mut().stopped().await;
 }
 
-async fn enroll(frame: &[u8], shared: &Shared) -> EnrollResponse {
+async fn enroll(frame: &[u8], shared: &Shared, peer: SocketAddr) -> EnrollResponse {
     let refuse = EnrollResponse::Refused;
-    let limited = shared
-        .enroll_limit
-        .lock()
-        .map(|mut l| l.check(wall_ms()))
-        .unwrap_or(Ok(()));
+    // Every attempt counts against its source until it succeeds; one source's
+    // failures never use up another's budget.
+    let limited = shared.admission().enroll(peer.ip(), Instant::now());
     if let Err(wait) = limited {
+        shared.log_refusal(
+            peer,
+            "an enrollment",
+            &format_args!("too many failed attempts from this address (limits.enroll_per_minute); retry in {wait} s"),
+        );
         return refuse(EnrollRefusal::RateLimited {
             retry_after_s: wait,
         });
     }
+    let resp = enroll_checked(frame, shared).await;
+    if matches!(resp, EnrollResponse::Enrolled { .. }) {
+        shared.admission().enrolled(peer.ip());
+    }
+    resp
+}
+
+async fn enroll_checked(frame: &[u8], shared: &Shared) -> EnrollResponse {
+    let refuse = EnrollResponse::Refused;
     if let Some(v) = peek_protocol(frame).filter(|v| *v != PROTOCOL_VERSION) {
         return refuse(EnrollRefusal::ProtocolMismatch {
             hub: PROTOCOL_VERSION,
@@ -851,8 +1065,16 @@ struct SessionHandle {
 }
 
 struct Watcher {
+    /// Whose stream this is: a revoked identity's watch ends.
+    fingerprint: String,
     tx: mpsc::Sender<OpResponse>,
     next: u64,
+}
+
+/// A `muster/1` connection of a live identity, kept so revocation can close it.
+struct Registered {
+    fingerprint: String,
+    connection: quinn::Connection,
 }
 
 enum Pending {
@@ -953,6 +1175,10 @@ fn core_loop(
     let mut sessions: HashMap<ConnId, SessionHandle> = HashMap::new();
     let mut pending: HashMap<u64, Pending> = HashMap::new();
     let mut watchers: Vec<Watcher> = Vec::new();
+    // Bounded by the open connections (limits.max_connections): an entry goes when its
+    // connection reports its end, or at the next sweep if that message was lost.
+    let mut registry: HashMap<ConnId, Registered> = HashMap::new();
+    let mut last_sweep = Instant::now();
     let mut next_reply = 0u64;
     let watchdog = watchdog_interval();
     let mut last_watchdog = Instant::now();
@@ -978,6 +1204,7 @@ fn core_loop(
         }
         let now = clock.now();
         let mut queries = Vec::new();
+        let mut accepts = Vec::new();
         {
             let reader = store.reader()?;
             for msg in batch.drain(..) {
@@ -997,6 +1224,20 @@ fn core_loop(
                         }
                     }
                     ToCore::Session { conn, msg } => Input::Session { conn, msg },
+                    ToCore::Accept {
+                        conn,
+                        fingerprint,
+                        connection,
+                        reply,
+                    } => {
+                        // Answered after the commit, with this batch's revocations applied.
+                        accepts.push((conn, fingerprint, connection, reply));
+                        continue;
+                    }
+                    ToCore::Disconnected { conn } => {
+                        registry.remove(&conn);
+                        continue;
+                    }
                     ToCore::Closed { conn } => {
                         sessions.remove(&conn);
                         Input::Closed { conn }
@@ -1134,6 +1375,29 @@ fn core_loop(
                 );
             }
         }
+        if !out.revoked.is_empty() {
+            cut_off(&out.revoked, &mut registry, &mut watchers);
+        }
+        for (conn, fingerprint, connection, reply) in accepts {
+            let live = core.identity(&fingerprint).is_some();
+            if live {
+                registry.insert(
+                    conn,
+                    Registered {
+                        fingerprint,
+                        connection,
+                    },
+                );
+            }
+            if reply.send(live).is_err() {
+                // The connection task gave up waiting; it closes the connection itself.
+                registry.remove(&conn);
+            }
+        }
+        if last_sweep.elapsed() >= REGISTRY_SWEEP {
+            last_sweep = Instant::now();
+            registry.retain(|_, r| r.connection.close_reason().is_none());
+        }
         for conn in out.closes {
             if let Some(s) = sessions.remove(&conn) {
                 // Let the refusal frame go out first; the close follows shortly.
@@ -1172,6 +1436,40 @@ fn core_loop(
         }
     }
     Ok(())
+}
+
+/// Closes every connection of the revoked certificates and ends their `watch` streams.
+fn cut_off(
+    revoked: &[String],
+    registry: &mut HashMap<ConnId, Registered>,
+    watchers: &mut Vec<Watcher>,
+) {
+    // Dropping a watcher's sender ends its stream (the stream task finishes it).
+    watchers.retain(|w| !revoked.contains(&w.fingerprint));
+    let mut closing = Vec::new();
+    registry.retain(|_, r| {
+        if revoked.contains(&r.fingerprint) {
+            closing.push(r.connection.clone());
+            false
+        } else {
+            true
+        }
+    });
+    info!(
+        certificates = revoked.len(),
+        connections = closing.len(),
+        "revoked: closing their connections"
+    );
+    if closing.is_empty() {
+        return;
+    }
+    // A moment for a session's refusal frame to go out first, as for `closes`.
+    std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(50));
+        for c in closing {
+            c.close(6u32.into(), REVOKED_REASON);
+        }
+    });
 }
 
 /// Runs `alert_command` once per alert with the alert as JSON on stdin, one at a time,
@@ -1395,7 +1693,11 @@ fn start_watch(
             }
         }
     };
-    watchers.push(Watcher { tx, next });
+    watchers.push(Watcher {
+        fingerprint,
+        tx,
+        next,
+    });
 }
 
 fn snapshot(reader: &crate::store::Reader, tx: &mpsc::Sender<OpResponse>) {

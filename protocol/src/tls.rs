@@ -26,6 +26,21 @@ pub const KEEP_ALIVE: Duration = Duration::from_secs(12);
 /// QUIC idle timeout: a dead peer is noticed this long after its last packet.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(15);
 
+/// Per-stream receive window on the hub, for every connection. It cannot be raised
+/// once a connection is up, so it is small: a frame of up to 1 MiB then takes a few
+/// flow-control updates, while a peer that never reads parks at most this per stream.
+pub const HUB_STREAM_WINDOW: u32 = 128 << 10;
+/// Connection receive window on the hub until the peer is known to be a live identity:
+/// what an unauthenticated peer can park in hub memory, whatever it sends.
+pub const HUB_CONNECTION_WINDOW_UNAUTHENTICATED: u32 = 256 << 10;
+/// Connection receive window on the hub once the peer is a live identity.
+pub const HUB_CONNECTION_WINDOW: u32 = 4 << 20;
+/// Bidirectional streams a peer may open on the hub before it is known (enrollment
+/// needs one; a `muster/1` peer waits the few milliseconds the hub takes to check it).
+pub const HUB_STREAMS_UNAUTHENTICATED: u32 = 1;
+/// Bidirectional streams a live identity may have open at once.
+pub const HUB_STREAMS: u32 = 64;
+
 /// A TLS configuration could not be built.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -108,6 +123,13 @@ pub fn server_config(
     // of idle sessions the hub's own pings would double the packets it handles.
     let mut t = transport_base();
     t.keep_alive_interval(None);
+    // Small until the hub knows the peer; it raises the connection window and the
+    // stream count for a `muster/1` connection of a live identity.
+    t.stream_receive_window(quinn::VarInt::from_u32(HUB_STREAM_WINDOW));
+    t.receive_window(quinn::VarInt::from_u32(
+        HUB_CONNECTION_WINDOW_UNAUTHENTICATED,
+    ));
+    t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(HUB_STREAMS_UNAUTHENTICATED));
     cfg.transport_config(Arc::new(t));
     Ok(cfg)
 }

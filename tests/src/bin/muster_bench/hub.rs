@@ -119,6 +119,12 @@ impl HubProc {
         // lift the limits meant for hostile peers, keep every other default.
         cfg.limits.enroll_per_minute = 10_000_000;
         cfg.limits.unauthenticated_per_minute = 10_000_000;
+        cfg.limits.unauthenticated_per_minute_total = 10_000_000;
+        // Every bench client comes from 127.0.0.1: one source may use every
+        // unauthenticated and handshake place (the hub's own totals still hold).
+        cfg.limits.unauthenticated_per_source = 100_000;
+        cfg.limits.unauthenticated_max = 100_000;
+        cfg.limits.handshakes_per_source = 100_000;
         tweak(&mut cfg);
         std::fs::write(&path, cfg.render()).with_context(|| path.display().to_string())?;
         let (addr, cred) =
