@@ -30,7 +30,9 @@ fn script(sc: &Sidecar, name: &str, body: &str) -> PathBuf {
 fn submit(hub: &Hub, title: &str, extra: &[&str]) -> u64 {
     let mut args = vec!["submit", "--title", title];
     args.extend_from_slice(extra);
-    hub.json(&args)["id"].as_u64().expect("submit printed an id")
+    hub.json(&args)["id"]
+        .as_u64()
+        .expect("submit printed an id")
 }
 
 fn wait_state(hub: &Hub, id: u64, state: &str) -> Value {
@@ -80,8 +82,15 @@ fn a_held_name_cannot_be_taken_and_a_named_token_replaces_the_host() {
     let named = stdout(&out).trim().to_string();
     let wrong = Sidecar::new("build-02");
     let out = wrong.enroll_with(&named, &[]);
-    assert!(!out.status.success(), "a token for build-01 enrolled build-02");
-    assert!(stderr(&out).contains("for the name build-01"), "{}", stderr(&out));
+    assert!(
+        !out.status.success(),
+        "a token for build-01 enrolled build-02"
+    );
+    assert!(
+        stderr(&out).contains("for the name build-01"),
+        "{}",
+        stderr(&out)
+    );
     let mut replacement = Sidecar::new("build-01");
     let out = replacement.enroll_with(&named, &[]);
     assert!(out.status.success(), "{}", stderr(&out));
@@ -137,8 +146,7 @@ fn a_hand_made_enrollment_with_a_bad_name_is_refused() {
         slots: u32,
     }
     let hub = Hub::started();
-    let token: muster_protocol::client::JoinToken =
-        hub.token("agent").parse().expect("a token");
+    let token: muster_protocol::client::JoinToken = hub.token("agent").parse().expect("a token");
     let addr = hub.addr();
     let fp = hub.ca_fingerprint();
     for bad in ["a/b", "line\nbreak", "esc\u{1b}[2J", ""] {
@@ -166,9 +174,11 @@ fn a_hand_made_enrollment_with_a_bad_name_is_refused() {
             let codec = || muster_protocol::frame_codec(64 * 1024);
             let mut wr = tokio_util::codec::FramedWrite::new(send, codec());
             let mut rd = tokio_util::codec::FramedRead::new(recv, codec());
-            wr.send(bytes::Bytes::from(muster_protocol::encode(&req).expect("encode")))
-                .await
-                .expect("send");
+            wr.send(bytes::Bytes::from(
+                muster_protocol::encode(&req).expect("encode"),
+            ))
+            .await
+            .expect("send");
             let frame = tokio::time::timeout(Duration::from_secs(10), rd.next())
                 .await
                 .expect("an answer in time")
@@ -178,14 +188,20 @@ fn a_hand_made_enrollment_with_a_bad_name_is_refused() {
             muster_protocol::decode::<EnrollResponse>(&frame).expect("an enroll answer")
         });
         assert!(
-            matches!(answer, EnrollResponse::Refused(EnrollRefusal::BadRequest { .. })),
+            matches!(
+                answer,
+                EnrollResponse::Refused(EnrollRefusal::BadRequest { .. })
+            ),
             "name {bad:?}: {answer:?}"
         );
     }
     // The token was not spent on any of them.
     let _ = token;
     let honest = Sidecar::new("honest");
-    let out = honest.enroll_with(&format!("muster1/{}/{}/{}", token.hub, fp, token.secret), &[]);
+    let out = honest.enroll_with(
+        &format!("muster1/{}/{}/{}", token.hub, fp, token.secret),
+        &[],
+    );
     assert!(out.status.success(), "{}", stderr(&out));
 }
 
@@ -194,15 +210,16 @@ fn a_hand_made_enrollment_with_a_bad_name_is_refused() {
 #[test]
 fn a_sidecar_claiming_more_than_its_grant_is_refused() {
     let hub = Hub::started();
-    let out = hub.cli(&[
-        "token", "create", "--capability", "rust", "--slots", "2",
-    ]);
+    let out = hub.cli(&["token", "create", "--capability", "rust", "--slots", "2"]);
     assert!(out.status.success(), "{}", stderr(&out));
     let token = stdout(&out).trim().to_string();
     // Asking beyond the token at enrollment is refused and spends nothing.
     let greedy = Sidecar::new("greedy");
     let out = greedy.enroll_with(&token, &["rust", "gpu"]);
-    assert!(!out.status.success(), "enrolled with an ungranted capability");
+    assert!(
+        !out.status.success(),
+        "enrolled with an ungranted capability"
+    );
     assert!(stderr(&out).contains("not granted"), "{}", stderr(&out));
     let out = greedy.enroll_with(&token, &["rust"]);
     assert!(out.status.success(), "{}", stderr(&out));
@@ -238,7 +255,15 @@ fn a_sidecar_claiming_more_than_its_grant_is_refused() {
     let t = hub.json(&["task", "show", &gpu.to_string()]);
     assert_eq!(t["state"], "queued", "{t}");
     // An operator grants gpu; after a restart of the sidecar with it, the task runs.
-    let out = hub.cli(&["agent", "set", "greedy", "--capability", "rust", "--capability", "gpu"]);
+    let out = hub.cli(&[
+        "agent",
+        "set",
+        "greedy",
+        "--capability",
+        "rust",
+        "--capability",
+        "gpu",
+    ]);
     assert!(out.status.success(), "{}", stderr(&out));
     greedy.stop();
     greedy.set("", "capabilities", "[\"rust\", \"gpu\"]");
@@ -256,7 +281,11 @@ fn listings_fit_one_answer_whatever_the_text() {
     std::fs::write(&big, "d".repeat(64 * 1024)).expect("write");
     let big = big.to_string_lossy().into_owned();
     for i in 0..17 {
-        submit(&hub, &format!("big {i}"), &["--description-file", &big, "--capability", "none"]);
+        submit(
+            &hub,
+            &format!("big {i}"),
+            &["--description-file", &big, "--capability", "none"],
+        );
     }
     let mut seen = 0;
     let mut cursor: Option<u64> = None;
@@ -277,7 +306,10 @@ fn listings_fit_one_answer_whatever_the_text() {
         assert!(pages < 10, "the pages never end: {v}");
     }
     assert_eq!(seen, 17, "every task is listed across {pages} pages");
-    assert!(pages >= 2, "17 × 64 KiB cannot fit one frame, yet one page came back");
+    assert!(
+        pages >= 2,
+        "17 × 64 KiB cannot fit one frame, yet one page came back"
+    );
 
     // Failure reasons of 120 KB each, from the agent's own `task fail`.
     let mut sc = Sidecar::enroll(&hub, "loud", &["loud"]);
@@ -303,9 +335,9 @@ fn listings_fit_one_answer_whatever_the_text() {
         );
     }
     let v = hub.json(&["alerts"]);
-    let failed = v["alerts"]
-        .as_array()
-        .map_or(0, |a| a.iter().filter(|x| x["alert"] == "task_failed").count());
+    let failed = v["alerts"].as_array().map_or(0, |a| {
+        a.iter().filter(|x| x["alert"] == "task_failed").count()
+    });
     assert_eq!(failed, 10, "{v}");
     let out = hub.cli(&["alerts"]);
     assert!(out.status.success(), "{}", stderr(&out));
@@ -327,14 +359,20 @@ fn hub_files_are_private_and_an_exposed_key_is_refused() {
         let out = hub.serve_output(Duration::from_secs(20));
         assert!(!out.status.success(), "the hub started with {key} mode 644");
         let err = stderr(&out);
-        assert!(err.contains(&format!("chmod 600 {}", path.display())), "{err}");
+        assert!(
+            err.contains(&format!("chmod 600 {}", path.display())),
+            "{err}"
+        );
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
     }
     hub.start();
     let admin = d.join("admin.key");
     std::fs::set_permissions(&admin, std::fs::Permissions::from_mode(0o640)).expect("chmod");
     let out = hub.cli(&["agents"]);
-    assert!(!out.status.success(), "the CLI used a group-readable admin key");
+    assert!(
+        !out.status.success(),
+        "the CLI used a group-readable admin key"
+    );
     assert!(stderr(&out).contains("chmod 600"), "{}", stderr(&out));
     std::fs::set_permissions(&admin, std::fs::Permissions::from_mode(0o600)).expect("chmod");
     hub.json(&["agents"]);
@@ -352,7 +390,11 @@ fn a_timeout_beyond_the_maximum_is_refused_and_the_hub_keeps_serving() {
     }
     let v = hub.json(&["tasks"]);
     assert_eq!(v["tasks"].as_array().map(Vec::len), Some(0), "{v}");
-    let id = submit(&hub, "a sane timeout", &["--timeout", "30d", "--capability", "none"]);
+    let id = submit(
+        &hub,
+        "a sane timeout",
+        &["--timeout", "30d", "--capability", "none"],
+    );
     let t = hub.json(&["task", "show", &id.to_string()]);
     assert_eq!(t["state"], "queued", "{t}");
 }
@@ -374,11 +416,18 @@ fn terminal_escapes_from_agents_are_shown_escaped() {
     // The hub keeps the text as the agent sent it (JSON shows it as is)…
     assert!(t.to_string().contains("\\u001b]0;pwned"), "{t}");
     // …and human output never sends the escape byte to the terminal.
-    for args in [vec!["task", "show", &*id.to_string()], vec!["alerts"], vec!["tasks"]] {
+    for args in [
+        vec!["task", "show", &*id.to_string()],
+        vec!["alerts"],
+        vec!["tasks"],
+    ] {
         let out = hub.cli(&args);
         assert!(out.status.success(), "{}", stderr(&out));
         let text = stdout(&out);
-        assert!(!text.contains('\u{1b}') && !text.contains('\u{7}'), "{args:?}: {text:?}");
+        assert!(
+            !text.contains('\u{1b}') && !text.contains('\u{7}'),
+            "{args:?}: {text:?}"
+        );
     }
     let show = stdout(&hub.cli(&["task", "show", &id.to_string()]));
     assert!(show.contains("\\u{1b}]0;pwned"), "{show}");
