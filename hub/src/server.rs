@@ -707,7 +707,7 @@ async fn accept_identity(
                 "a connection",
                 &format_args!("certificate {fingerprint} is not a live identity"),
             );
-            conn.close(6u32.into(), REVOKED_REASON);
+            conn.close(muster_protocol::CLOSE_NOT_ENROLLED.into(), REVOKED_REASON);
             false
         }
         _ => {
@@ -1467,7 +1467,7 @@ fn cut_off(
     std::thread::spawn(move || {
         std::thread::sleep(Duration::from_millis(50));
         for c in closing {
-            c.close(6u32.into(), REVOKED_REASON);
+            c.close(muster_protocol::CLOSE_NOT_ENROLLED.into(), REVOKED_REASON);
         }
     });
 }

@@ -303,6 +303,13 @@ fn io_err(conn: &quinn::Connection, e: std::io::Error) -> ClientError {
 
 /// Turns a connection error into a sentence: TLS refusals become "refused".
 pub fn refused_or_lost(e: quinn::ConnectionError) -> ClientError {
+    if let quinn::ConnectionError::ApplicationClosed(c) = &e
+        && c.error_code == quinn::VarInt::from_u32(crate::CLOSE_NOT_ENROLLED)
+    {
+        return ClientError::Refused(
+            "the hub refused this credential: it is not enrolled at this hub or has been revoked; enroll again with a new token".into(),
+        );
+    }
     let text = e.to_string();
     if text.contains("certificate")
         || text.contains("UnknownIssuer")

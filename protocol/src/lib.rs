@@ -25,6 +25,9 @@ pub use ids::{AgentName, EventSeq, Generation, NameError, ReportId, TaskId};
 /// Version 2: enrollment carries the requested grant, tokens carry a name and a
 /// grant, identities are revoked one at a time (issue 12).
 pub const PROTOCOL_VERSION: u32 = 2;
+/// QUIC application close code: the client certificate is not (or no longer) a
+/// live identity at the hub. Clients read the code, never the reason text.
+pub const CLOSE_NOT_ENROLLED: u32 = 6;
 /// ALPN for sessions (sidecars) and operator requests; always mutual TLS.
 pub const ALPN_SESSION: &[u8] = b"muster/1";
 /// ALPN for enrollment: the only thing an unauthenticated peer may reach.

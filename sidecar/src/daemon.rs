@@ -934,9 +934,14 @@ async fn connect(
         body: OpenBody::Session(hello),
     };
     let bytes = encode(&open).map_err(|e| e.to_string())?;
+    // A hub that refused the certificate at accept closes the connection with a
+    // code that says so: report that rather than the bare write error.
     wr.send(Bytes::from(bytes))
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| match conn.close_reason() {
+            Some(r) => client::refused_or_lost(r).to_string(),
+            None => e.to_string(),
+        })?;
     let frame = match tokio::time::timeout(WELCOME_TIMEOUT, rd.next()).await {
         Ok(Some(Ok(f))) => f,
         Ok(Some(Err(e))) => {
