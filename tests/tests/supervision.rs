@@ -718,13 +718,27 @@ fn hub_store_failure_is_fatal_exit_1_and_acknowledged_tasks_survive() {
 
     // Without the limit the hub starts again with every acknowledged task.
     hub.start();
-    let v = hub.json(&["tasks", "--limit", "1000"]);
-    let listed: Vec<u64> = v["tasks"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|t| t["id"].as_u64())
-        .collect();
+    // 60 KB descriptions: a listing answer holds about a dozen, so follow the cursor.
+    let mut listed: Vec<u64> = Vec::new();
+    let mut cursor: Option<String> = None;
+    for _ in 0..100 {
+        let mut args = vec!["tasks", "--limit", "1000"];
+        if let Some(c) = &cursor {
+            args.extend(["--cursor", c.as_str()]);
+        }
+        let v = hub.json(&args);
+        listed.extend(
+            v["tasks"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|t| t["id"].as_u64()),
+        );
+        match v["next_cursor"].as_u64() {
+            Some(c) => cursor = Some(c.to_string()),
+            None => break,
+        }
+    }
     let lost: Vec<&u64> = acked.iter().filter(|id| !listed.contains(id)).collect();
     assert!(
         lost.is_empty(),
