@@ -1223,7 +1223,12 @@ fn core_loop(
                             hello,
                         }
                     }
-                    ToCore::Session { conn, msg } => Input::Session { conn, msg },
+                    ToCore::Session { conn, msg } => {
+                        if let SessionMsg::Report(r) = &msg {
+                            debug!(target: "muster::latency", task = r.task.0, point = "hub_report_in", kind = ?r.body.kind(), at_us = muster_protocol::wall_us());
+                        }
+                        Input::Session { conn, msg }
+                    }
                     ToCore::Accept {
                         conn,
                         fingerprint,
@@ -1340,6 +1345,19 @@ fn core_loop(
             metrics
                 .commit_us
                 .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+        }
+        if tracing::enabled!(target: "muster::latency", tracing::Level::DEBUG) {
+            let at_us = muster_protocol::wall_us();
+            for w in &out.writes {
+                if let crate::core::Write::Task(t) = w {
+                    debug!(target: "muster::latency", task = t.id.0, point = "hub_commit", state = t.state.as_str(), at_us);
+                }
+            }
+            for (_, msg) in &out.sends {
+                if let HubMsg::Assign(a) = msg {
+                    debug!(target: "muster::latency", task = a.task.0, point = "hub_assign_out", at_us);
+                }
+            }
         }
         for (conn, msg) in out.sends {
             let Some(s) = sessions.get(&conn) else {

@@ -25,6 +25,18 @@ pub use ids::{AgentName, EventSeq, Generation, NameError, ReportId, TaskId};
 /// Version 2: enrollment carries the requested grant, tokens carry a name and a
 /// grant, identities are revoked one at a time (issue 12).
 pub const PROTOCOL_VERSION: u32 = 2;
+/// Tracing target of the latency points (`muster-bench latency --breakdown`
+/// turns it on at debug level in the hub and the sidecars and reads them back).
+pub const LATENCY_TARGET: &str = "muster::latency";
+
+/// Wall-clock microseconds since the Unix epoch, for latency points compared
+/// across processes on one machine.
+pub fn wall_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
 /// QUIC application close code: the client certificate is not (or no longer) a
 /// live identity at the hub. Clients read the code, never the reason text.
 pub const CLOSE_NOT_ENROLLED: u32 = 6;

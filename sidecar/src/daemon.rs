@@ -41,7 +41,7 @@ use muster_protocol::msg::{
 use muster_protocol::{PROTOCOL_VERSION, decode, encode, frame_codec};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::codec::{FramedRead, FramedWrite};
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::agent::{RunEvent, RunSpec, Runner};
 use crate::backoff::{Backoff, LogLimiter};
@@ -248,7 +248,12 @@ pub async fn run(
                     d.tx = None;
                     d.conn = None;
                 }
-                Ev::Session(ToMain::Hub(msg)) => core.handle_hub(msg),
+                Ev::Session(ToMain::Hub(msg)) => {
+                    if let HubMsg::Assign(a) = &msg {
+                        debug!(target: "muster::latency", task = a.task.0, point = "sc_assign_in", at_us = muster_protocol::wall_us());
+                    }
+                    core.handle_hub(msg)
+                }
                 Ev::Run(e) => {
                     d.observe_run(&e);
                     core.handle_run(e)
@@ -505,6 +510,7 @@ impl Daemon {
                 generation,
                 handle,
             } => {
+                debug!(target: "muster::latency", task = task.0, point = "sc_spawned", at_us = muster_protocol::wall_us());
                 // Stale entries (a run spawned after its task was dropped) only cost a
                 // reuse; the bound keeps them from piling up.
                 if self.handles.len() >= HANDLES_MAX {
@@ -667,7 +673,12 @@ impl Daemon {
 
     fn perform(&mut self, e: Effect) {
         match e {
-            Effect::Send(m) => self.send(m),
+            Effect::Send(m) => {
+                if let SessionMsg::Report(r) = &m {
+                    debug!(target: "muster::latency", task = r.task.0, point = "sc_report_out", kind = ?r.body.kind(), at_us = muster_protocol::wall_us());
+                }
+                self.send(m)
+            }
             Effect::StartRun(task, generation, spec) => {
                 self.stats.runs_started.inc();
                 self.starting.insert((task, generation), Instant::now());

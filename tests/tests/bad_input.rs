@@ -23,8 +23,9 @@ const CONNECT: Duration = Duration::from_secs(20);
 /// How long a short task may take from submission to its end.
 const TASK_END: Duration = Duration::from_secs(20);
 /// What "answers quickly" means for another client during a flood (a CLI
-/// process with its own QUIC handshake, on a busy 2-core machine).
-const QUICK: Duration = Duration::from_secs(3);
+/// process with its own QUIC handshake, on a 2-core machine the flood and other
+/// test binaries load; unloaded it takes about 0.1 s, and the tests print it).
+const QUICK: Duration = Duration::from_secs(6);
 
 // === helpers ===
 

@@ -632,8 +632,18 @@ fn priority_order_high_then_mid_then_low() {
     let low = submit(&hub, "low", &["--priority", "1"]);
     let high = submit(&hub, "high", &["--priority", "9"]);
     let mid = submit(&hub, "mid", &["--priority", "5"]);
-    // Nothing runs on a drained agent.
-    std::thread::sleep(Duration::from_millis(500));
+    // Nothing runs on a drained agent: scheduling ran at each submission and runs
+    // at every tick; two heartbeats (several ticks) later the tasks are still queued.
+    let beats = |s: &Value| s["heartbeats"].as_u64().unwrap_or(0);
+    let before = beats(&hub.json(&["stats"]));
+    wait_for(TASK_END, "two more heartbeats", || {
+        let s = hub.json(&["stats"]);
+        if beats(&s) >= before + 2 {
+            Ok(())
+        } else {
+            Err(s.to_string())
+        }
+    });
     for id in [low, high, mid] {
         let t = show(&hub, id);
         assert_eq!(t["state"], "queued", "a drained agent got work: {t}");

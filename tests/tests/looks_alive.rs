@@ -28,8 +28,9 @@ use serde_json::Value;
 /// How long a fresh sidecar may take to connect and show up online.
 const CONNECT: Duration = Duration::from_secs(20);
 /// Slack on top of a policy time: hub ticks (250 ms), probe polls (200 ms),
-/// a report's trip, and a busy 2-core machine.
-const SLACK_MS: u64 = 3000;
+/// a report's trip, and a 2-core CI machine that other test binaries load
+/// (the figure each test prints is what to compare with the policy).
+const SLACK_MS: u64 = 6000;
 /// Heartbeat interval of every hub here (also the wake-mode probe interval).
 const HEARTBEAT_MS: u64 = 1000;
 

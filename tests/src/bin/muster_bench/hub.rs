@@ -86,6 +86,8 @@ pub(crate) struct HubProc {
     /// The admin credential.
     pub(crate) cred: Credential,
     log: PathBuf,
+    /// Log the latency points (`muster::latency` at debug, JSON lines) for `latency --breakdown`.
+    pub(crate) trace_latency: bool,
 }
 
 impl HubProc {
@@ -137,6 +139,7 @@ impl HubProc {
             addr,
             cred,
             log,
+            trace_latency: false,
         })
     }
 
@@ -147,7 +150,12 @@ impl HubProc {
             .append(true)
             .open(&self.log)?;
         let started = Instant::now();
-        let child = Command::new(&self.bin)
+        let mut cmd = Command::new(&self.bin);
+        if self.trace_latency {
+            cmd.env("RUST_LOG", "info,muster::latency=debug")
+                .args(["--log-format", "json"]);
+        }
+        let child = cmd
             .arg("serve")
             .arg("--data-dir")
             .arg(&self.dir)
@@ -238,6 +246,11 @@ impl HubProc {
             }
         }
         Ok(())
+    }
+
+    /// The hub's log file.
+    pub(crate) fn log_path(&self) -> &Path {
+        &self.log
     }
 
     /// The last lines of the hub's log, for error messages.

@@ -314,6 +314,11 @@ pub(crate) struct LatencyArgs {
     /// The runner.
     #[arg(long, value_enum, default_value = "exec")]
     pub(crate) agent: Agent,
+    /// Also break submit → running down into its steps, from latency points the
+    /// hub and the sidecar log (`muster::latency` at debug level) with wall-clock
+    /// microseconds; the points cost a little time themselves.
+    #[arg(long)]
+    pub(crate) breakdown: bool,
 }
 
 /// A `watch` stream: (task id, state, when seen) for every task event.
@@ -356,6 +361,8 @@ struct Sequential {
     running: Vec<f64>,
     completed: Vec<f64>,
     first_id: u64,
+    /// Per timed task: wall-clock µs of the submit sent and of `running` seen.
+    wall: Vec<(u64, u64, u64)>,
 }
 
 async fn sequential(ops: &Ops, n: usize, warmup: usize) -> Result<Sequential> {
@@ -368,9 +375,11 @@ async fn sequential(ops: &Ops, n: usize, warmup: usize) -> Result<Sequential> {
         running: Vec::new(),
         completed: Vec::new(),
         first_id: 0,
+        wall: Vec::new(),
     };
     for i in 0..warmup + n {
         let t0 = Instant::now();
+        let t0_us = muster_protocol::wall_us();
         let id = submit(ops, format!("latency task {i}")).await?;
         let ack = t0.elapsed();
         if i == warmup {
@@ -384,6 +393,8 @@ async fn sequential(ops: &Ops, n: usize, warmup: usize) -> Result<Sequential> {
                     // An instant run may go running → completed in one commit: same instant.
                     out.running.push(ms(r.unwrap_or(c) - t0));
                     out.completed.push(ms(c - t0));
+                    let seen_us = t0_us + (r.unwrap_or(c) - t0).as_micros() as u64;
+                    out.wall.push((id, t0_us, seen_us));
                 }
                 seen.remove(&id);
                 break;
@@ -429,7 +440,15 @@ async fn single(
 }
 
 pub(crate) async fn latency(bin: &Path, root: &Path, a: &LatencyArgs) -> Result<Value> {
-    let (mut hub, ops, fleet, _, _) = single(bin, root, a.agent, |_| {}).await?;
+    let points = root.join("latency-points.jsonl");
+    if a.breakdown {
+        trace_latency_to(&points)?;
+    }
+    let (mut hub, ops, fleet, _, _) = if a.breakdown {
+        single_traced(bin, root, a.agent).await?
+    } else {
+        single(bin, root, a.agent, |_| {}).await?
+    };
     let before = Snapshot::take(&hub, &ops).await?;
     let limit = Duration::from_secs(60) + Duration::from_millis(100) * (a.tasks + a.warmup) as u32;
     let s = phase("run tasks", limit, sequential(&ops, a.tasks, a.warmup)).await?;
@@ -437,7 +456,13 @@ pub(crate) async fn latency(bin: &Path, root: &Path, a: &LatencyArgs) -> Result<
     fleet.shutdown().await?;
     close(ops, &hub).await;
     hub.stop(Stop::Term).await?;
+    let breakdown = if a.breakdown {
+        breakdown(&[hub.log_path(), &points], &s.wall)?
+    } else {
+        Value::Null
+    };
     Ok(json!({
+        "breakdown": breakdown,
         "mode": "latency",
         "agent": a.agent.as_str(),
         "tasks": a.tasks,
@@ -448,6 +473,158 @@ pub(crate) async fn latency(bin: &Path, root: &Path, a: &LatencyArgs) -> Result<
         "submit_to_completed": summary(s.completed),
         "latency_source": "client: submit sent -> event seen on a watch stream",
         "hub": before.delta(&after),
+    }))
+}
+
+/// [`single`] with the hub logging its latency points.
+async fn single_traced(
+    bin: &Path,
+    root: &Path,
+    agent: Agent,
+) -> Result<(HubProc, Arc<Ops>, Fleet, Identity, PathBuf)> {
+    let mut hub = HubProc::init(bin, &root.join("hub"), |_| {}).await?;
+    hub.trace_latency = true;
+    phase("hub start", HUB_READY, hub.start(HUB_READY)).await?;
+    let ops = Arc::new(hub.ops(1).await?);
+    let id = fleet::enroll(&ops, "bench-0").await?;
+    let dir = root.join("sidecar");
+    let mut fleet = Fleet::new();
+    fleet.spawn(&id, &hub.addr, dir.clone(), 1, agent)?;
+    phase(
+        "sidecar online",
+        Duration::from_secs(60),
+        fleet::wait_available(&ops, &fleet, 1, Duration::from_secs(60)),
+    )
+    .await?;
+    Ok((hub, ops, fleet, id, dir))
+}
+
+/// Writes this process's latency points (the in-process sidecars') as JSON lines to `path`.
+fn trace_latency_to(path: &Path) -> Result<()> {
+    let file = std::fs::File::create(path).with_context(|| path.display().to_string())?;
+    tracing_subscriber::fmt()
+        .json()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(format!(
+            "off,{}=debug",
+            muster_protocol::LATENCY_TARGET
+        )))
+        .with_writer(std::sync::Mutex::new(file))
+        .try_init()
+        .map_err(|e| anyhow!("cannot install the latency trace: {e}"))
+}
+
+/// The steps of submit → running, each from one latency point to the next, in order.
+const STEPS: [(&str, &str, &str); 8] = [
+    (
+        "client to the hub's commit of the submission",
+        "client_submit",
+        "hub_commit:first",
+    ),
+    (
+        "hub: commit to Assign released",
+        "hub_commit:first",
+        "hub_assign_out",
+    ),
+    (
+        "Assign: hub to the sidecar's loop",
+        "hub_assign_out",
+        "sc_assign_in",
+    ),
+    (
+        "sidecar: assignment to run spawned",
+        "sc_assign_in",
+        "sc_spawned",
+    ),
+    (
+        "sidecar: spawned to Started sent (its commit)",
+        "sc_spawned",
+        "sc_report_out:Started",
+    ),
+    (
+        "Started: sidecar to the hub's loop",
+        "sc_report_out:Started",
+        "hub_report_in:Started",
+    ),
+    (
+        "hub: Started to its commit",
+        "hub_report_in:Started",
+        "hub_commit:started",
+    ),
+    (
+        "hub commit to the client's watch event",
+        "hub_commit:started",
+        "client_running",
+    ),
+];
+
+/// Reads the latency points from the JSON-lines `logs` and the client's own times,
+/// and returns the median (and p99) of each step in [`STEPS`] over the timed tasks.
+fn breakdown(logs: &[&Path], client: &[(u64, u64, u64)]) -> Result<Value> {
+    let mut at: HashMap<(u64, String), u64> = HashMap::new();
+    let mut commits: HashMap<u64, Vec<u64>> = HashMap::new();
+    for log in logs {
+        let text = std::fs::read_to_string(log).with_context(|| log.display().to_string())?;
+        for line in text.lines() {
+            let Ok(v) = serde_json::from_str::<Value>(line) else {
+                continue;
+            };
+            if v["target"] != muster_protocol::LATENCY_TARGET {
+                continue;
+            }
+            let f = &v["fields"];
+            let (Some(task), Some(point), Some(us)) =
+                (f["task"].as_u64(), f["point"].as_str(), f["at_us"].as_u64())
+            else {
+                continue;
+            };
+            let key = match (f["kind"].as_str(), f["state"].as_str()) {
+                (Some(k), _) => format!("{point}:{k}"),
+                (_, Some(s)) => format!("{point}:{s}"),
+                _ => point.to_string(),
+            };
+            // The first commit of a task is its submission's (written once, in its final state).
+            if point == "hub_commit" {
+                at.entry((task, "hub_commit:first".into())).or_insert(us);
+                commits.entry(task).or_default().push(us);
+            }
+            at.entry((task, key)).or_insert(us);
+        }
+    }
+    for (id, sent, seen) in client {
+        at.insert((*id, "client_submit".into()), *sent);
+        at.insert((*id, "client_running".into()), *seen);
+        // The commit that made it running: the first after Started arrived (an instant
+        // run may be written once, already completed, in that commit).
+        let started = at.get(&(*id, "hub_report_in:Started".to_string())).copied();
+        if let (Some(s), Some(c)) = (started, commits.get(id))
+            && let Some(first) = c.iter().filter(|t| **t >= s).min()
+        {
+            at.insert((*id, "hub_commit:started".into()), *first);
+        }
+    }
+    let mut steps = Vec::new();
+    let mut total_p50 = 0.0;
+    let mut total_mean = 0.0;
+    for (label, from, to) in STEPS {
+        let ms: Vec<f64> = client
+            .iter()
+            .filter_map(|(id, _, _)| {
+                let a = at.get(&(*id, from.to_string()))?;
+                let b = at.get(&(*id, to.to_string()))?;
+                Some(b.saturating_sub(*a) as f64 / 1000.0)
+            })
+            .collect();
+        let s = summary(ms);
+        total_p50 += s["p50_ms"].as_f64().unwrap_or(0.0);
+        total_mean += s["mean_ms"].as_f64().unwrap_or(0.0);
+        steps.push(json!({ "step": label, "from": from, "to": to, "ms": s }));
+    }
+    Ok(json!({
+        "steps": steps,
+        "sum_of_p50_ms": round3(total_p50),
+        // Means add up to the mean end to end; medians of the steps need not.
+        "sum_of_means_ms": round3(total_mean),
+        "source": "wall-clock µs latency points (hub log, in-process sidecar trace) and the client's own times; one machine, one clock",
     }))
 }
 
