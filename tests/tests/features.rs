@@ -464,7 +464,7 @@ fn after_waits_for_its_dependency_and_a_failed_dependency_cancels_the_dependant(
     let agent = agent_script(
         &sc,
         "agent.sh",
-        "#!/bin/sh\nif grep -q '\"title\": \"bad' \"$MUSTER_TASK_FILE\"; then exit 1; fi\nif grep -q '\"title\": \"first' \"$MUSTER_TASK_FILE\"; then sleep 1.5; fi\nexit 0\n",
+        "#!/bin/sh\nif grep -q '\"title\": \"bad' \"$MUSTER_TASK_FILE\"; then sleep 3; exit 1; fi\nif grep -q '\"title\": \"first' \"$MUSTER_TASK_FILE\"; then sleep 3; fi\nexit 0\n",
     );
     use_command(&sc, &agent);
     go_online(&hub, &mut sc);
@@ -472,9 +472,10 @@ fn after_waits_for_its_dependency_and_a_failed_dependency_cancels_the_dependant(
     // Two slots are free, yet `second` waits until `first` has completed.
     let first = submit(&hub, "first", &[]);
     let first_s = first.to_string();
-    let second = submit(&hub, "second", &["--after", &first_s]);
-    let t = show(&hub, second);
+    let t = hub.json(&["submit", "--title", "second", "--after", &first_s]);
+    let second = t["id"].as_u64().expect("an id");
     assert_eq!(t["after"], serde_json::json!([first]), "{t}");
+    assert_eq!(t["state"], "blocked", "{t}");
     let a = wait_ended(&hub, first);
     let b = wait_ended(&hub, second);
     assert_eq!(a["state"], "completed", "{a}");
@@ -491,10 +492,13 @@ fn after_waits_for_its_dependency_and_a_failed_dependency_cancels_the_dependant(
     );
     assert_eq!(attempts(&b).len(), 1, "{b}");
 
-    // A dependency that fails for good cancels its dependant, naming why.
+    // A dependency that fails for good (after 3 s of running) cancels its
+    // dependant, naming why.
     let bad = submit(&hub, "bad one", &["--max-attempts", "1"]);
     let bad_s = bad.to_string();
-    let child = submit(&hub, "child of bad", &["--after", &bad_s]);
+    let t = hub.json(&["submit", "--title", "child of bad", "--after", &bad_s]);
+    let child = t["id"].as_u64().expect("an id");
+    assert_eq!(t["state"], "blocked", "{t}");
     let c = wait_state(
         &hub,
         child,
@@ -509,6 +513,16 @@ fn after_waits_for_its_dependency_and_a_failed_dependency_cancels_the_dependant(
         c["reason"].as_str(),
         Some(format!("dependency {bad} ended failed").as_str()),
         "{c}"
+    );
+    // Once the dependency has failed, a new dependant is refused at submission.
+    let out = hub.cli(&["submit", "--title", "too late", "--after", &bad_s]);
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    assert!(
+        stderr(&out).contains(&format!(
+            "--after {bad}: that task already ended failed, so this one could never run"
+        )),
+        "{}",
+        stderr(&out)
     );
 }
 
@@ -532,9 +546,16 @@ fn three_infrastructure_failures_open_the_circuit_and_work_goes_elsewhere() {
         .map(|i| submit(&hub, &format!("breaker {i}"), &[]))
         .collect();
     let tripped = Instant::now();
+    // `agents` lists it online (connected, heartbeating) but unavailable: degraded.
     let a = wait_for(EVENTUALLY, "broken degraded at the hub", || {
         match hub.agent("broken") {
-            Some(a) if a["state"] == "degraded" => Ok(a),
+            Some(a)
+                if a["unavailable_reason"]
+                    .as_str()
+                    .is_some_and(|r| r.starts_with("degraded")) =>
+            {
+                Ok(a)
+            }
             Some(a) => Err(a.to_string()),
             None => Err("not listed".into()),
         }
@@ -544,10 +565,11 @@ fn three_infrastructure_failures_open_the_circuit_and_work_goes_elsewhere() {
         tripped.elapsed().as_millis()
     );
     assert_eq!(a["available"], false, "{a}");
+    assert_eq!(a["state"], "online", "{a}");
     assert!(
         a["unavailable_reason"]
             .as_str()
-            .is_some_and(|r| r.starts_with("degraded: circuit open")),
+            .is_some_and(|r| r.starts_with("degraded: circuit open until its cooldown ends")),
         "{a}"
     );
     let al = alert(&hub, "circuit_open", "broken").unwrap_or_else(|| {
@@ -620,14 +642,14 @@ fn agent_down_and_stalled_alerts_are_listed_by_alerts_json_and_cleared() {
         ("stall_alert", "\"2s\""),
         ("lost_grace", "\"60s\""),
     ]);
-    let mut runner = sidecar(&hub, "runner", &[]);
+    let mut runner = sidecar(&hub, "runner", &["run"]);
     let hang = agent_script(&runner, "hang.sh", "#!/bin/sh\nexec sleep 60\n");
     use_command(&runner, &hang);
     let mut leaver = sidecar(&hub, "leaver", &["leaver"]);
     go_online(&hub, &mut runner);
     go_online(&hub, &mut leaver);
 
-    let id = submit(&hub, "hangs without progress", &[]);
+    let id = submit(&hub, "hangs without progress", &["--capability", "run"]);
     wait_state(&hub, id, &["running"], EVENTUALLY);
     // The leaver stops on purpose: it is offline at once.
     let stopped = Instant::now();
@@ -790,7 +812,10 @@ exit 0
     assert_eq!(h["max_attempts"], 3, "{h}");
     assert_eq!(outcomes(&h), ["failed"], "{h}");
     let e = &attempts(&h)[0]["error"];
-    assert_eq!(e["reason"], "cannot be done here", "{h}");
+    assert_eq!(
+        e["reason"], "the agent reported failure: cannot be done here",
+        "{h}"
+    );
     assert_eq!(e["no_retry"], true, "{h}");
     let rc = std::fs::read_to_string(dir.join(format!("fail-{hopeless}-1.rc"))).unwrap_or_default();
     assert_eq!(
