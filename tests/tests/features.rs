@@ -572,8 +572,9 @@ fn three_infrastructure_failures_open_the_circuit_and_work_goes_elsewhere() {
             .is_some_and(|r| r.starts_with("degraded: circuit open until its cooldown ends")),
         "{a}"
     );
-    let al = alert(&hub, "circuit_open", "broken").unwrap_or_else(|| {
-        panic!("no circuit_open alert: {:?}", open_alerts(&hub));
+    // The alert is raised at the hub's next evaluation of alerts (its tick).
+    let al = wait_for(EVENTUALLY, "a circuit_open alert", || {
+        alert(&hub, "circuit_open", "broken").ok_or_else(|| format!("{:?}", open_alerts(&hub)))
     });
     assert!(
         al["message"].as_str().is_some_and(|m| m.contains("broken")),
