@@ -587,9 +587,18 @@ impl Hub {
     /// # Panics
     /// When the hub exits or does not answer in time (with its log).
     pub fn start(&mut self) {
+        self.start_with_env(&[]);
+    }
+
+    /// [`Hub::start`] with extra environment variables for this run of `serve` only
+    /// (e.g. `LD_PRELOAD` of libfaketime to shift the hub's clock).
+    ///
+    /// # Panics
+    /// When the hub exits or does not answer in time (with its log).
+    pub fn start_with_env(&mut self, env: &[(&str, &str)]) {
         for attempt in 0..5 {
             let before = self.daemon.log_text().len();
-            self.spawn_serve();
+            self.spawn_serve(env);
             match self.wait_ready(before) {
                 Ok(()) => {
                     self.started_once = true;
@@ -606,9 +615,10 @@ impl Hub {
         }
     }
 
-    fn spawn_serve(&mut self) {
+    fn spawn_serve(&mut self, env: &[(&str, &str)]) {
         let mut cmd = Command::new(&bins().hub);
         cmd.args(["serve", "--data-dir", &self.data.to_string_lossy()]);
+        cmd.envs(env.iter().copied());
         self.daemon.spawn(cmd);
     }
 

@@ -317,7 +317,9 @@ impl Core {
         for rec in restored.agents {
             core.agents.insert(rec.name.clone(), Agent::new(rec, now));
         }
-        for (rec, attempt) in restored.live {
+        let backoff_max = core.policy.backoff_max.as_millis() as Millis;
+        for (mut rec, mut attempt) in restored.live {
+            cap_restored_times(now, backoff_max, &mut rec, attempt.as_mut());
             if let (Some(a), true) = (&attempt, rec.state.has_live_attempt())
                 && let Some(agent) = core.agents.get_mut(&a.agent)
             {
@@ -2212,6 +2214,33 @@ impl Agent {
             self_test_passed: false,
             stopping: false,
         }
+    }
+}
+
+/// A restored task whose times lie after `now` (the hub's start) was written by a
+/// hub whose clock has since stepped back. Its deadlines (accept, start, task
+/// timeout, stall alert, backoff) would wait for the length of the step, so they
+/// count from the restart instead: times of past events are capped at `now`, and
+/// a backoff at `now + backoff_max`, the longest one the hub sets.
+fn cap_restored_times(
+    now: Millis,
+    backoff_max: Millis,
+    rec: &mut TaskRecord,
+    attempt: Option<&mut AttemptRecord>,
+) {
+    if let Some(t) = rec.not_before.as_mut() {
+        *t = (*t).min(now.saturating_add(backoff_max));
+    }
+    let mut past = vec![rec.progress_at.as_mut()];
+    if let Some(a) = attempt {
+        past.extend([
+            Some(&mut a.assigned_at),
+            a.accepted_at.as_mut(),
+            a.started_at.as_mut(),
+        ]);
+    }
+    for t in past.into_iter().flatten() {
+        *t = (*t).min(now);
     }
 }
 

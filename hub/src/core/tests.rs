@@ -1695,6 +1695,49 @@ fn a_restarted_hub_keeps_the_work_of_an_agent_that_returns_in_time() {
 }
 
 #[test]
+fn a_hub_restarted_on_a_clock_stepped_back_counts_restored_deadlines_from_its_start() {
+    let policy = Policy {
+        backoff_max: Duration::from_secs(30),
+        ..Policy::default()
+    };
+    let mut h = H::with(policy.clone(), Limits::default());
+    let (c, _) = h.connect(1, "a", &[], 2);
+    let (t, _) = h.submit(SubmitRequest {
+        timeout_ms: Some(10_000),
+        ..req("hangs")
+    });
+    let _ = h.accept(c, t, 1);
+    let _ = h.start(c, t, 1);
+    let (f, _) = h.submit(req("flaky"));
+    let _ = h.accept(c, f, 1);
+    let _ = h.fail(c, f, 1, false);
+    assert_eq!(h.task(f).state, TaskState::Queued);
+    assert!(h.task(f).not_before.is_some_and(|n| n > h.now));
+    // The hub restarts with its clock 10 minutes behind every stored time.
+    let start = h.now - 10 * 60_000;
+    h.restart(policy, start);
+    let out = h.hello(2, "a", &[], 2, vec![held(t, 1, Phase::Running)]);
+    let c2 = ConnId(2);
+    assert!(abandons(&out, c2).is_empty());
+    // The task timeout counts from the restart: not yet at 9.999 s, at 10 s.
+    h.advance(9_999);
+    let _ = h.heartbeat(c2, true);
+    let _ = h.tick();
+    assert_eq!(h.task(t).state, TaskState::Running);
+    h.advance(1);
+    let out = h.tick();
+    assert_eq!(abandons(&out, c2), vec![(t, Generation(1))]);
+    assert_eq!(h.attempt(t, 1).outcome, Some(Outcome::TimedOut));
+    // The retry waits at most `backoff_max` from the restart, not 10 minutes more.
+    let out = h.pass(20_001);
+    let sent: Vec<(TaskId, Generation)> = assigns(&out, c2)
+        .iter()
+        .map(|a| (a.task, a.generation))
+        .collect();
+    assert_eq!(sent, vec![(f, Generation(2))]);
+}
+
+#[test]
 fn a_restarted_hub_does_not_time_out_assignments_within_the_grace() {
     let mut h = H::new();
     let (c, _) = h.connect(1, "a", &[], 2);
