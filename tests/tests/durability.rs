@@ -80,7 +80,13 @@ fn strace(db: &Path, trace: &Path, delay: Option<Duration>) -> Vec<OsString> {
         args.push("-e".into());
         args.push(format!("inject=fdatasync,fsync:delay_enter={}", d.as_micros()).into());
     }
-    args.extend(["-P".into(), db.into(), "-o".into(), trace.into(), "--".into()]);
+    args.extend([
+        "-P".into(),
+        db.into(),
+        "-o".into(),
+        trace.into(),
+        "--".into(),
+    ]);
     args
 }
 
@@ -303,14 +309,16 @@ fn sidecar_run(delay: Option<Duration>) -> SidecarRun {
     let ended = at(&a, "ended_at");
     let report_flushes = flushes_within(&trace, told, ended).len();
 
-    wait_for(STEP, "the sidecar applied the acknowledgement", || {
-        match sc.status_json() {
+    wait_for(
+        STEP,
+        "the sidecar applied the acknowledgement",
+        || match sc.status_json() {
             Some(v) if v["outbox"] == 0 && v["tasks"].as_array().is_some_and(Vec::is_empty) => {
                 Ok(())
             }
             other => Err(format!("{other:?}")),
-        }
-    });
+        },
+    );
     let ack_flushes = flushes_within(&trace, ended, now_ms()).len();
     SidecarRun {
         accept: accepted.saturating_sub(assigned),

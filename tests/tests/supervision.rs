@@ -457,11 +457,19 @@ fn hub_watchdog_pings_stop_while_the_core_is_stalled_and_resume_after() {
         ],
     );
 
-    let log = std::fs::read_to_string(&p.log).unwrap_or_default();
-    assert!(
-        log.contains("test hook"),
-        "the hub does not announce its stall hook: it was built without \
-         `--features muster-hub/test-hooks` (MUSTER_TESTS_NO_BUILD=1 after a plain build?)"
+    // The core loop announces the hook as it starts (around "hub listening").
+    wait_for(
+        Duration::from_secs(10),
+        "the hub announces its stall hook (a build without `--features \
+         muster-hub/test-hooks`, e.g. MUSTER_TESTS_NO_BUILD=1 after a plain build, has none)",
+        || {
+            let log = std::fs::read_to_string(&p.log).unwrap_or_default();
+            if log.contains("test hook") {
+                Ok(())
+            } else {
+                Err(tail(&log, 2000).to_string())
+            }
+        },
     );
 
     // Healthy: pings at about half the watchdog interval.
