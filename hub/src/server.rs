@@ -1157,6 +1157,17 @@ fn health(store: &Store, dir: &Path) -> Result<(), String> {
     write().map_err(|e| format!("data directory not writable ({}): {e}", probe.display()))
 }
 
+/// Test hook, only in builds with the `test-hooks` feature: while the file named by
+/// `MUSTER_TEST_STALL_FILE` exists the core loop stops making progress, so tests
+/// can show that a stuck core stops the watchdog pings. Logged when set, so a
+/// test can tell a build with the hook from one without.
+#[cfg(feature = "test-hooks")]
+fn stall_hook() -> Option<PathBuf> {
+    let file = std::env::var_os("MUSTER_TEST_STALL_FILE").map(PathBuf::from)?;
+    warn!(file = %file.display(), "test hook: the core loop stalls while this file exists");
+    Some(file)
+}
+
 fn core_loop(
     mut core: Core,
     store: Store,
@@ -1182,9 +1193,8 @@ fn core_loop(
     let mut next_reply = 0u64;
     let watchdog = watchdog_interval();
     let mut last_watchdog = Instant::now();
-    // Test hook: while this file exists the core loop stops making progress, so
-    // tests can show that a stuck core stops the watchdog pings.
-    let stall_file = std::env::var_os("MUSTER_TEST_STALL_FILE").map(PathBuf::from);
+    #[cfg(feature = "test-hooks")]
+    let stall_file = stall_hook();
     let mut batch = Vec::with_capacity(BATCH_LEN_MAX);
     let mut last_prune = Instant::now();
     let mut stopping = false;
@@ -1192,6 +1202,7 @@ fn core_loop(
         let Some(first) = rx.blocking_recv() else {
             break;
         };
+        #[cfg(feature = "test-hooks")]
         while stall_file.as_ref().is_some_and(|f| f.exists()) {
             std::thread::sleep(Duration::from_millis(50));
         }

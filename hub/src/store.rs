@@ -40,6 +40,45 @@ pub const SCHEMA_VERSION: u64 = 2;
 /// The database file name in the data directory.
 pub const DB_FILE: &str = "hub.redb";
 
+/// Whether and how a batch of core writes is committed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CommitKind {
+    /// No writes: no transaction.
+    Nothing,
+    /// One transaction flushed to the disk (redb `Durability::Immediate`, which
+    /// calls `fdatasync`) before [`Store::commit`] returns, so before anything the
+    /// batch guards (an answer, an assignment, an acknowledgement) is sent.
+    Flushed,
+}
+
+/// How [`Store::commit`] commits `writes`: every kind of write is flushed, because
+/// every batch guards something the core loop sends once the commit returns
+/// (tasks and keys: the answer to a submission; attempts: the assignment and the
+/// `Ack` of a report; agents, identities and tokens: the welcome, enrollment and
+/// token answers; events: what `watch` shows). Listed per kind, so a new kind of
+/// write needs a decision here.
+pub fn commit_kind(writes: &[Write]) -> CommitKind {
+    if writes.iter().any(needs_flush) {
+        CommitKind::Flushed
+    } else {
+        CommitKind::Nothing
+    }
+}
+
+/// Whether a batch holding `w` must reach the disk before its sends (see [`commit_kind`]).
+fn needs_flush(w: &Write) -> bool {
+    match w {
+        Write::Task(_)
+        | Write::Attempt(_)
+        | Write::Agent(_)
+        | Write::Identity(_)
+        | Write::Token(..)
+        | Write::Key(..)
+        | Write::Event(_)
+        | Write::NextTaskId(_) => true,
+    }
+}
+
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const TASKS: TableDefinition<u64, &[u8]> = TableDefinition::new("tasks");
 const LIVE: TableDefinition<u64, ()> = TableDefinition::new("live");
@@ -256,8 +295,9 @@ impl Store {
     /// # Errors
     /// [`StoreError`] when the commit fails; nothing of the batch is then durable.
     pub fn commit(&self, writes: &[Write], events_max: u64) -> Result<(), StoreError> {
-        if writes.is_empty() {
-            return Ok(());
+        match commit_kind(writes) {
+            CommitKind::Nothing => return Ok(()),
+            CommitKind::Flushed => {}
         }
         let mut tx = self.db.begin_write()?;
         tx.set_durability(Durability::Immediate)?;
@@ -678,6 +718,84 @@ mod tests {
             reason: None,
             audit: vec![],
         }
+    }
+
+    /// One write of every kind the core produces.
+    fn one_of_each_write() -> Vec<(&'static str, Write)> {
+        let attempt = AttemptRecord {
+            task: TaskId(1),
+            generation: Generation(1),
+            agent: "a1".into(),
+            assigned_at: 1,
+            accepted_at: None,
+            started_at: None,
+            ended_at: None,
+            outcome: None,
+            error: None,
+            pid: None,
+            session: None,
+        };
+        let agent = AgentRecord {
+            name: "a1".into(),
+            version: "0.1.0".into(),
+            capabilities: vec![],
+            slots: 1,
+            enrolled_at: 1,
+            last_seen: Some(2),
+            host: None,
+            self_test: None,
+            drained: false,
+            revoked: false,
+        };
+        let identity = Identity {
+            name: "a1".into(),
+            role: muster_protocol::msg::Role::Agent,
+            fingerprint: "fp".into(),
+            key_fingerprint: "kfp".into(),
+            created_at: 1,
+            revoked_at: None,
+            capabilities: vec![],
+            slots: 1,
+        };
+        let token = TokenRecord {
+            role: muster_protocol::msg::Role::Agent,
+            created_by: "admin".into(),
+            created_at: 1,
+            expires_at: 2,
+            used_at: None,
+            name: None,
+            capabilities: None,
+            slots: None,
+        };
+        let event = EventRecord {
+            seq: 1,
+            at: 1,
+            json: "{}".into(),
+        };
+        vec![
+            ("task", Write::Task(task(1, TaskState::Queued, 1, None))),
+            ("attempt", Write::Attempt(attempt)),
+            ("agent", Write::Agent(agent)),
+            ("identity", Write::Identity(identity)),
+            ("token", Write::Token("hash".into(), token)),
+            ("key", Write::Key("k".into(), TaskId(1))),
+            ("event", Write::Event(event)),
+            ("next task id", Write::NextTaskId(2)),
+        ]
+    }
+
+    #[test]
+    fn every_kind_of_write_is_committed_with_a_flush_and_nothing_without_a_transaction() {
+        assert_eq!(commit_kind(&[]), CommitKind::Nothing);
+        for (kind, w) in one_of_each_write() {
+            assert_eq!(
+                commit_kind(std::slice::from_ref(&w)),
+                CommitKind::Flushed,
+                "a batch of one {kind} write"
+            );
+        }
+        let all: Vec<Write> = one_of_each_write().into_iter().map(|(_, w)| w).collect();
+        assert_eq!(commit_kind(&all), CommitKind::Flushed, "a mixed batch");
     }
 
     #[test]

@@ -21,6 +21,46 @@ pub const SCHEMA_VERSION: u64 = 1;
 /// The database file in the data directory.
 pub const DB_FILE: &str = "sidecar.redb";
 
+/// Whether and how one batch of effects is committed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CommitKind {
+    /// No store effect: no transaction.
+    Nothing,
+    /// Only forgetting (acknowledged reports, ended or dropped tasks): committed
+    /// without a flush (redb `Durability::None`); it reaches the disk with the next
+    /// flushed commit.
+    Unflushed,
+    /// Anything else: flushed (redb `Durability::Immediate`, which calls
+    /// `fdatasync`) before [`Queue::apply`] returns, so before the loop sends the
+    /// `Accepted`, `Started` or `Finished` report the batch guards.
+    Flushed,
+}
+
+/// How [`Queue::apply`] commits `effects`.
+///
+/// A batch that only forgets need not reach the disk before anything else
+/// happens: if it is lost in a crash, the restarted sidecar replays reports the
+/// hub already has and offers tasks it already ended, and the hub answers both
+/// as repeats. Such batches ride on the next durable commit; it saves one flush
+/// per acknowledgement. Everything else a batch stores (a task, a report, the
+/// next report id) is what a report sent after the commit promises.
+pub fn commit_kind(effects: &[Effect]) -> CommitKind {
+    let mut kind = CommitKind::Nothing;
+    for e in effects {
+        match e {
+            Effect::PutTask(_) | Effect::PutReport(_) | Effect::NextReport(_) => {
+                return CommitKind::Flushed;
+            }
+            Effect::DeleteTask(..) | Effect::DeleteReport(_) => kind = CommitKind::Unflushed,
+            Effect::Send(_)
+            | Effect::StartRun(..)
+            | Effect::StopRun(..)
+            | Effect::ForgetRun(..) => {}
+        }
+    }
+    kind
+}
+
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const TASKS: TableDefinition<u64, &[u8]> = TableDefinition::new("tasks");
 const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
@@ -133,23 +173,13 @@ impl Queue {
     /// # Errors
     /// [`QueueError`] when the commit fails; then nothing of the batch is durable.
     pub fn apply(&self, effects: &[Effect]) -> Result<(), QueueError> {
-        if !effects.iter().any(Effect::is_store) {
-            return Ok(());
-        }
+        let durability = match commit_kind(effects) {
+            CommitKind::Nothing => return Ok(()),
+            CommitKind::Unflushed => Durability::None,
+            CommitKind::Flushed => Durability::Immediate,
+        };
         let mut tx = self.db.begin_write()?;
-        // A batch that only forgets (acknowledged reports, finished or dropped tasks)
-        // need not reach the disk before anything else happens: if it is lost in a
-        // crash, the restarted sidecar replays reports the hub already has and offers
-        // tasks it already ended, and the hub answers both as repeats. Such batches
-        // ride on the next durable commit; it saves one flush per acknowledgement.
-        let forget_only = effects.iter().all(|e| {
-            matches!(e, Effect::DeleteReport(_) | Effect::DeleteTask(..)) || !e.is_store()
-        });
-        tx.set_durability(if forget_only {
-            Durability::None
-        } else {
-            Durability::Immediate
-        })?;
+        tx.set_durability(durability)?;
         {
             let mut tasks = tx.open_table(TASKS)?;
             let mut outbox = tx.open_table(OUTBOX)?;
@@ -179,5 +209,183 @@ impl Queue {
         }
         tx.commit()?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use muster_protocol::msg::{Assign, HubMsg, Outcome, SessionMsg, TaskSpec};
+    use muster_protocol::{Generation, ReportId, TaskId};
+
+    use super::*;
+    use crate::agent::RunEvent;
+    use crate::core::Core;
+
+    const T: TaskId = TaskId(1);
+    const G: Generation = Generation(1);
+
+    fn assign() -> HubMsg {
+        HubMsg::Assign(Assign {
+            task: T,
+            generation: G,
+            spec: TaskSpec {
+                title: "t".into(),
+                description: String::new(),
+                capabilities: vec![],
+                priority: 0,
+                timeout_ms: None,
+            },
+        })
+    }
+
+    fn started() -> RunEvent {
+        RunEvent::Started {
+            task: T,
+            generation: G,
+            pid: Some(9),
+            session: None,
+        }
+    }
+
+    fn finished() -> RunEvent {
+        RunEvent::Finished {
+            task: T,
+            generation: G,
+            outcome: Outcome::Completed,
+            result: None,
+            error: None,
+        }
+    }
+
+    /// The batch the core produces for `step`, after `before` on a fresh core.
+    fn batch(before: &[&dyn Fn(&mut Core)], step: &dyn Fn(&mut Core)) -> Vec<Effect> {
+        let mut c = Core::new(vec![], vec![], 1);
+        for b in before {
+            b(&mut c);
+            let _ = c.take_effects();
+        }
+        step(&mut c);
+        c.take_effects()
+    }
+
+    #[test]
+    fn accepting_starting_and_finishing_are_flushed_before_their_report() {
+        let accept = |c: &mut Core| c.handle_hub(assign());
+        let start = |c: &mut Core| c.handle_run(started());
+        let finish = |c: &mut Core| c.handle_run(finished());
+        for (kind, effects) in [
+            ("accept", batch(&[], &accept)),
+            ("start", batch(&[&accept], &start)),
+            ("finish", batch(&[&accept, &start], &finish)),
+        ] {
+            assert!(
+                effects
+                    .iter()
+                    .any(|e| matches!(e, Effect::Send(SessionMsg::Report(_)))),
+                "the {kind} batch sends a report: {effects:?}"
+            );
+            assert_eq!(commit_kind(&effects), CommitKind::Flushed, "{kind}");
+        }
+    }
+
+    #[test]
+    fn acknowledgements_cancels_and_abandons_only_forget_and_are_not_flushed() {
+        let accept = |c: &mut Core| c.handle_hub(assign());
+        let start = |c: &mut Core| c.handle_run(started());
+        let finish = |c: &mut Core| c.handle_run(finished());
+        // Reports 1 (accepted) and 2 (started) are acknowledged: only the outbox shrinks.
+        let ack_some = batch(&[&accept, &start], &|c: &mut Core| {
+            c.handle_hub(HubMsg::Ack { upto: ReportId(2) });
+        });
+        assert_eq!(
+            ack_some,
+            vec![
+                Effect::DeleteReport(ReportId(1)),
+                Effect::DeleteReport(ReportId(2))
+            ]
+        );
+        // The final acknowledgement also forgets the ended task.
+        let ack_all = batch(&[&accept, &start, &finish], &|c: &mut Core| {
+            c.handle_hub(HubMsg::Ack { upto: ReportId(3) });
+        });
+        assert!(ack_all.contains(&Effect::DeleteTask(T, G)), "{ack_all:?}");
+        let cancel = batch(&[&accept], &|c: &mut Core| {
+            c.handle_hub(HubMsg::Cancel {
+                task: T,
+                generation: G,
+            });
+        });
+        let abandon = batch(&[&accept, &start], &|c: &mut Core| {
+            c.handle_hub(HubMsg::Abandon {
+                task: T,
+                generation: G,
+                reason: "superseded".into(),
+            });
+        });
+        for (kind, effects) in [
+            ("ack of non-final reports", ack_some),
+            ("final ack", ack_all),
+            ("cancel", cancel),
+            ("abandon", abandon),
+        ] {
+            assert_eq!(
+                commit_kind(&effects),
+                CommitKind::Unflushed,
+                "{kind}: {effects:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_forget_batch_with_anything_stored_is_flushed_and_no_store_effect_means_no_commit() {
+        // A new assignment in the same batch as an acknowledgement: the Accepted it
+        // sends must be durable, so the whole batch is flushed.
+        let mixed = batch(
+            &[&|c: &mut Core| c.handle_hub(assign())],
+            &|c: &mut Core| {
+                c.handle_hub(HubMsg::Ack { upto: ReportId(1) });
+                c.handle_hub(HubMsg::Assign(Assign {
+                    task: TaskId(2),
+                    generation: G,
+                    spec: TaskSpec {
+                        title: "u".into(),
+                        description: String::new(),
+                        capabilities: vec![],
+                        priority: 0,
+                        timeout_ms: None,
+                    },
+                }));
+            },
+        );
+        assert!(mixed.contains(&Effect::DeleteReport(ReportId(1))));
+        assert_eq!(commit_kind(&mixed), CommitKind::Flushed);
+        // The write probe of /healthz and /metrics: one flushed commit.
+        assert_eq!(commit_kind(&[Effect::NextReport(7)]), CommitKind::Flushed);
+        assert_eq!(commit_kind(&[]), CommitKind::Nothing);
+        let no_store = [
+            Effect::StopRun(T, G),
+            Effect::ForgetRun(T, G),
+            Effect::Send(SessionMsg::Report(Report {
+                id: ReportId(1),
+                task: T,
+                generation: G,
+                body: muster_protocol::msg::ReportBody::Accepted,
+            })),
+        ];
+        assert_eq!(commit_kind(&no_store), CommitKind::Nothing);
+    }
+
+    #[test]
+    fn apply_commits_what_commit_kind_chose() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let q = Queue::open(&dir.path().join(DB_FILE)).expect("open");
+        let accept = batch(&[], &|c: &mut Core| c.handle_hub(assign()));
+        q.apply(&accept).expect("flushed commit");
+        let loaded = q.load().expect("load");
+        assert_eq!(loaded.tasks.len(), 1);
+        assert_eq!(loaded.outbox.len(), 1);
+        q.apply(&[Effect::DeleteReport(ReportId(1))])
+            .expect("unflushed commit");
+        assert!(q.load().expect("load").outbox.is_empty());
     }
 }

@@ -9,7 +9,8 @@
 #   MUSTER_SIDECAR_BIN=target/release/muster-sidecar \
 #   tests/deploy/install_twice.sh
 #
-# Without both variables it prints "SKIPPED: ..." and exits 0. KEEP_TMP=1 keeps
+# Without both variables it prints "SKIPPED: ..." and exits 0 (in CI, CI=true,
+# it fails instead, as it does when a tool it needs is missing). KEEP_TMP=1 keeps
 # the temporary directory for inspection.
 #
 # What it checks:
@@ -36,9 +37,18 @@
 # Everything is bounded by `timeout`; the hub is killed on exit (trap).
 set -euo pipefail
 
-if [[ -z "${MUSTER_HUB_BIN:-}" || -z "${MUSTER_SIDECAR_BIN:-}" ]]; then
-    echo "SKIPPED: set MUSTER_HUB_BIN and MUSTER_SIDECAR_BIN to the built binaries (e.g. target/release/muster-hub and target/release/muster-sidecar) to run the install-script test."
+# Outside CI a test that cannot run says SKIPPED and passes; in CI it fails.
+skip() {
+    if [[ "${CI:-}" == "true" ]]; then
+        echo "FAIL (CI=true, cannot skip): $*"
+        exit 1
+    fi
+    echo "SKIPPED: $*"
     exit 0
+}
+
+if [[ -z "${MUSTER_HUB_BIN:-}" || -z "${MUSTER_SIDECAR_BIN:-}" ]]; then
+    skip "set MUSTER_HUB_BIN and MUSTER_SIDECAR_BIN to the built binaries (e.g. target/release/muster-hub and target/release/muster-sidecar) to run the install-script test."
 fi
 
 HERE=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd -P)

@@ -17,6 +17,7 @@
 //! their logs, so a failure shows what the daemons said.
 
 use std::cell::Cell;
+use std::ffi::{OsStr, OsString};
 use std::fmt::Write as _;
 use std::fs::OpenOptions;
 use std::net::{SocketAddr, UdpSocket};
@@ -53,8 +54,9 @@ pub struct Bins {
     pub sidecar: PathBuf,
 }
 
-/// Builds `muster-hub` and `muster-sidecar` once per test process (same
-/// profile as the test) and returns their paths in `target/<profile>/`.
+/// Builds `muster-hub` (with its `test-hooks` feature) and `muster-sidecar`
+/// once per test process (same profile as the test) and returns their paths in
+/// `target/<profile>/`.
 ///
 /// # Panics
 /// When the build fails (with cargo's output) or a binary is missing.
@@ -72,6 +74,7 @@ pub fn bins() -> &'static Bins {
         if std::env::var_os("MUSTER_TESTS_NO_BUILD").is_none() {
             let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
             let mut cmd = Command::new(cargo);
+            // The hub's test hooks (`MUSTER_TEST_STALL_FILE`) exist only in this build.
             cmd.args([
                 "build",
                 "-p",
@@ -79,6 +82,8 @@ pub fn bins() -> &'static Bins {
                 "-p",
                 "muster-sidecar",
                 "--bins",
+                "--features",
+                "muster-hub/test-hooks",
             ]);
             if release {
                 cmd.arg("--release");
@@ -107,6 +112,34 @@ pub fn bins() -> &'static Bins {
         }
         bins
     })
+}
+
+// === Tools ===
+
+/// Whether the external tool a test needs runs: `probe` (e.g. `strace -V`) exits 0.
+/// Outside CI a missing tool prints `SKIPPED: …` (with `why`) and gives `false`, so
+/// the test can return; in CI (`CI=true`) it fails the test instead, so a green CI
+/// run never hides a test that did not run.
+///
+/// # Panics
+/// When the tool is missing and `CI=true`.
+pub fn tool_available(probe: &mut Command, why: &str) -> bool {
+    let ok = probe
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if ok {
+        return true;
+    }
+    let tool = probe.get_program().to_string_lossy().into_owned();
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "{tool} is missing and CI=true, so this test cannot be skipped: {why} (.ci/run installs it)"
+    );
+    eprintln!("SKIPPED: {tool} is not installed: {why}");
+    false
 }
 
 // === Waiting ===
@@ -400,15 +433,38 @@ fn clean_env(cmd: &mut Command) -> &mut Command {
 struct Daemon {
     child: Option<Child>,
     log: PathBuf,
+    /// A program and its arguments the daemon is launched through (`strace …`);
+    /// empty for the daemon itself, the default.
+    wrapper: Vec<OsString>,
 }
 
 impl Daemon {
     fn new(log: PathBuf) -> Self {
-        Daemon { child: None, log }
+        Daemon {
+            child: None,
+            log,
+            wrapper: Vec::new(),
+        }
+    }
+
+    /// A command for `program`, through the wrapper if there is one.
+    fn command(&self, program: &Path) -> Command {
+        let Some((first, rest)) = self.wrapper.split_first() else {
+            return Command::new(program);
+        };
+        let mut cmd = Command::new(first);
+        cmd.args(rest).arg(program);
+        cmd
     }
 
     fn spawn(&mut self, mut cmd: Command) {
         assert!(self.child.is_none(), "the daemon is already running");
+        if !self.wrapper.is_empty() {
+            // Its own process group, so kill9 reaches the daemon behind the wrapper too
+            // (a SIGKILLed tracer leaves its tracee running).
+            use std::os::unix::process::CommandExt;
+            cmd.process_group(0);
+        }
         let log = OpenOptions::new()
             .create(true)
             .append(true)
@@ -424,8 +480,15 @@ impl Daemon {
         self.child = Some(child);
     }
 
+    /// The daemon's pid: the child itself, or the wrapper's child when wrapped.
     fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
+        let child = self.child.as_ref()?.id();
+        if self.wrapper.is_empty() {
+            return Some(child);
+        }
+        let children =
+            std::fs::read_to_string(format!("/proc/{child}/task/{child}/children")).ok()?;
+        children.split_whitespace().next()?.parse().ok()
     }
 
     /// `Some(status)` if the process has exited.
@@ -436,14 +499,19 @@ impl Daemon {
 
     fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
+            if !self.wrapper.is_empty() {
+                signal(&format!("-{}", c.id()), "KILL");
+            }
             let _ = c.kill();
             let _ = c.wait();
         }
     }
 
+    /// SIGTERM to the daemon (behind its wrapper, which exits with it), then waits.
     fn stop(&mut self) -> ExitStatus {
+        let target = self.pid().expect("the daemon is running");
         let mut c = self.child.take().expect("the daemon is running");
-        signal(&c.id().to_string(), "TERM");
+        signal(&target.to_string(), "TERM");
         let start = Instant::now();
         loop {
             if let Some(s) = c.try_wait().expect("try_wait on a daemon") {
@@ -615,8 +683,15 @@ impl Hub {
         }
     }
 
+    /// Launches `serve` through `prefix` from now on (e.g. `strace -f -o F`, the
+    /// binary follows); an empty prefix restores the default, the binary itself.
+    /// [`Hub::pid`] stays the hub's own pid; SIGKILL reaches both.
+    pub fn wrap<S: AsRef<OsStr>>(&mut self, prefix: &[S]) {
+        self.daemon.wrapper = prefix.iter().map(|s| s.as_ref().to_owned()).collect();
+    }
+
     fn spawn_serve(&mut self, env: &[(&str, &str)]) {
-        let mut cmd = Command::new(&bins().hub);
+        let mut cmd = self.daemon.command(&bins().hub);
         cmd.args(["serve", "--data-dir", &self.data.to_string_lossy()]);
         cmd.envs(env.iter().copied());
         self.daemon.spawn(cmd);
@@ -954,9 +1029,14 @@ impl Sidecar {
         self.set("", "slots", &n);
     }
 
+    /// Launches `run` through `prefix` from now on, as [`Hub::wrap`] does.
+    pub fn wrap<S: AsRef<OsStr>>(&mut self, prefix: &[S]) {
+        self.daemon.wrapper = prefix.iter().map(|s| s.as_ref().to_owned()).collect();
+    }
+
     /// Spawns `muster-sidecar run --data-dir D`, stderr to the log.
     pub fn start(&mut self) {
-        let mut cmd = Command::new(&bins().sidecar);
+        let mut cmd = self.daemon.command(&bins().sidecar);
         cmd.args(["run", "--data-dir", &self.data.to_string_lossy()]);
         self.daemon.spawn(cmd);
     }

@@ -14,8 +14,8 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use muster_tests::{
-    Hub, Sidecar, bins, free_udp_port, set_toml_key, stderr, tail, wait_for, wait_until,
-    write_script,
+    Hub, Sidecar, bins, free_udp_port, set_toml_key, stderr, tail, tool_available, wait_for,
+    wait_until, write_script,
 };
 use serde_json::Value;
 use tempfile::TempDir;
@@ -457,6 +457,21 @@ fn hub_watchdog_pings_stop_while_the_core_is_stalled_and_resume_after() {
         ],
     );
 
+    // The core loop announces the hook as it starts (around "hub listening").
+    wait_for(
+        Duration::from_secs(10),
+        "the hub announces its stall hook (a build without `--features \
+         muster-hub/test-hooks`, e.g. MUSTER_TESTS_NO_BUILD=1 after a plain build, has none)",
+        || {
+            let log = std::fs::read_to_string(&p.log).unwrap_or_default();
+            if log.contains("test hook") {
+                Ok(())
+            } else {
+                Err(tail(&log, 2000).to_string())
+            }
+        },
+    );
+
     // Healthy: pings at about half the watchdog interval.
     let pings = notify.collect("WATCHDOG=1", Instant::now() + Duration::from_secs(3));
     assert!(
@@ -646,16 +661,10 @@ fn hub_serve_with_a_bad_listen_address_exits_78() {
 
 #[test]
 fn hub_store_failure_is_fatal_exit_1_and_acknowledged_tasks_survive() {
-    let has_prlimit = Command::new("prlimit")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !has_prlimit {
-        eprintln!(
-            "SKIPPED: prlimit (util-linux) is not installed, so the store cannot be made to fail"
-        );
+    if !tool_available(
+        Command::new("prlimit").arg("--version"),
+        "prlimit (util-linux) makes the store fail",
+    ) {
         return;
     }
     let mut hub = Hub::init();
