@@ -1181,3 +1181,35 @@ pub fn read_run_log(log: &Path) -> Result<Vec<LoggedRun>, String> {
     }
     Ok(runs)
 }
+
+// === Attempt histories ===
+
+/// `task show` of every id in `ids`, over one admin session of `hub` (hundreds
+/// of CLI processes would be slow): the task's JSON with its `attempt_history`.
+///
+/// # Panics
+/// When the session cannot be opened or a task does not answer within 30 s.
+pub fn task_shows(hub: &Hub, ids: &[u64]) -> std::collections::BTreeMap<u64, Value> {
+    use muster_protocol::TaskId;
+    use muster_protocol::msg::OpRequest;
+    let connect = muster_hub::cli::ConnectArgs {
+        hub: None,
+        credential: None,
+        data_dir: Some(hub.data_dir().to_path_buf()),
+    };
+    let result: Result<std::collections::BTreeMap<u64, Value>, String> = block_on(async {
+        let s = connect.connect().await.map_err(|e| e.message)?;
+        let mut out = std::collections::BTreeMap::new();
+        for id in ids {
+            let call = s.call(OpRequest::TaskShow { id: TaskId(*id) });
+            let v = tokio::time::timeout(Duration::from_secs(30), call)
+                .await
+                .map_err(|_| format!("task show {id} did not answer within 30 s"))?
+                .map_err(|e| format!("task show {id}: {}", e.message))?;
+            out.insert(*id, v);
+        }
+        s.close().await;
+        Ok(out)
+    });
+    result.unwrap_or_else(|e| panic!("reading the attempt histories failed: {e}"))
+}

@@ -41,11 +41,9 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use muster_hub::cli::ConnectArgs;
-use muster_protocol::TaskId;
-use muster_protocol::msg::OpRequest;
 use muster_tests::{
-    Hub, LoggedRun, Sidecar, bins, block_on, read_run_log, run_log_prelude, wait_for, write_script,
+    Hub, LoggedRun, Sidecar, bins, read_run_log, run_log_prelude, task_shows, wait_for,
+    write_script,
 };
 use serde_json::Value;
 
@@ -286,30 +284,6 @@ fn all_tasks(hub: &Hub) -> BTreeMap<u64, Value> {
         }
     }
     out
-}
-
-/// `task show --json` of every id, over one admin session (500 CLI processes would be slow).
-fn task_shows(hub: &Hub, ids: &[u64]) -> BTreeMap<u64, Value> {
-    let connect = ConnectArgs {
-        hub: None,
-        credential: None,
-        data_dir: Some(hub.data_dir().to_path_buf()),
-    };
-    let result: Result<BTreeMap<u64, Value>, String> = block_on(async {
-        let s = connect.connect().await.map_err(|e| e.message)?;
-        let mut out = BTreeMap::new();
-        for id in ids {
-            let call = s.call(OpRequest::TaskShow { id: TaskId(*id) });
-            let v = tokio::time::timeout(Duration::from_secs(30), call)
-                .await
-                .map_err(|_| format!("task show {id} did not answer within 30 s"))?
-                .map_err(|e| format!("task show {id}: {}", e.message))?;
-            out.insert(*id, v);
-        }
-        s.close().await;
-        Ok(out)
-    });
-    result.unwrap_or_else(|e| panic!("reading the attempt histories failed: {e}"))
 }
 
 /// The event stream from sequence 1 up to a marker event made now (an `agent
