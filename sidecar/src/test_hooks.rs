@@ -27,34 +27,35 @@ use crate::core::Effect;
 pub const HOLD_HANDLE_FILE: &str = "test-hook-hold-handle-commit";
 /// Written (with the held attempts, one `task-generation` a line) once a handle's commit is held.
 pub const HOLD_REACHED_FILE: &str = "test-hook-hold-handle-commit.reached";
-#[cfg(feature = "test-hooks")]
 /// How often a held commit looks whether the hold file is gone.
+#[cfg(feature = "test-hooks")]
 const HOLD_POLL: Duration = Duration::from_millis(10);
 
-#[cfg(feature = "test-hooks")]
 /// Whether the hold is on (one `stat`; only in builds with the feature).
+#[cfg(feature = "test-hooks")]
 pub(crate) fn holding(data_dir: &Path) -> bool {
     data_dir.join(HOLD_HANDLE_FILE).exists()
 }
 
-#[cfg(feature = "test-hooks")]
 /// Holds a commit that would record a run handle for as long as the hold file exists.
+#[cfg(feature = "test-hooks")]
 pub(crate) async fn hold_before_handle_commit(data_dir: &Path, store: &[Effect]) {
     let held: Vec<String> = store
         .iter()
         .filter_map(|e| match e {
-            Effect::PutTask(t) if t.handle.is_some() => Some(format!("{}-{}\n", t.task, t.generation)),
+            Effect::PutTask(t) if t.handle.is_some() => Some(format!("{}-{}", t.task, t.generation)),
             _ => None,
         })
         .collect();
     if held.is_empty() || !holding(data_dir) {
         return;
     }
+    let held = held.join("\n") + "\n";
     warn!(
-        "test hook: holding the commit of run handle(s) {held:?} until {} is removed",
-        HOLD_HANDLE_FILE
+        "test hook: holding the commit of the run handle of {} until {HOLD_HANDLE_FILE} is removed",
+        held.trim()
     );
-    if let Err(e) = std::fs::write(data_dir.join(HOLD_REACHED_FILE), held.concat()) {
+    if let Err(e) = std::fs::write(data_dir.join(HOLD_REACHED_FILE), held) {
         warn!("test hook: cannot write {HOLD_REACHED_FILE}: {e}");
     }
     while holding(data_dir) {

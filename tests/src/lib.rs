@@ -1114,6 +1114,38 @@ trap 'fin 143' TERM"#
     )
 }
 
+/// Appends `note TEXT` to a run log in one `O_APPEND` write, so the test's own
+/// events (a kill, say) take their place in the order of the runs.
+///
+/// # Panics
+/// When the log cannot be written.
+pub fn run_log_note(log: &Path, text: &str) {
+    use std::io::Write as _;
+    let mut f = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap_or_else(|e| panic!("cannot open {}: {e}", log.display()));
+    f.write_all(format!("note {text}\n").as_bytes())
+        .unwrap_or_else(|e| panic!("cannot write {}: {e}", log.display()));
+}
+
+/// The notes of a run log (see [`run_log_note`]), each with its line number.
+///
+/// # Panics
+/// When the log exists but cannot be read.
+pub fn run_log_notes(log: &Path) -> Vec<(usize, String)> {
+    let text = match std::fs::read_to_string(log) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => panic!("cannot read the run log {}: {e}", log.display()),
+    };
+    text.lines()
+        .enumerate()
+        .filter_map(|(n, l)| Some((n, l.strip_prefix("note ")?.to_owned())))
+        .collect()
+}
+
 /// One agent run in a run log (see [`run_log_prelude`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LoggedRun {
@@ -1133,6 +1165,8 @@ pub struct LoggedRun {
 
 /// Reads a run log written through [`run_log_prelude`] (none yet: no runs). A
 /// start is paired with the next end of the same task, generation and agent.
+/// Lines that begin with `note ` are the test's own marks (see [`run_log_note`])
+/// and are skipped here.
 ///
 /// # Errors
 /// A line that is not a start or an end, or an end without its start.
@@ -1146,6 +1180,9 @@ pub fn read_run_log(log: &Path) -> Result<Vec<LoggedRun>, String> {
     let mut open: std::collections::BTreeMap<(u64, u64, String), Vec<usize>> =
         std::collections::BTreeMap::new();
     for (n, line) in text.lines().enumerate() {
+        if line.starts_with("note ") {
+            continue;
+        }
         let f: Vec<&str> = line.split(' ').collect();
         let parsed = match f.as_slice() {
             [kind @ ("start" | "end"), t, g, a, x] => match (t.parse(), g.parse(), x.parse()) {

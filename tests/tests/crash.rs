@@ -74,7 +74,7 @@ fn sidecar_killed_between_spawn_and_handle_commit_reattaches_instead_of_running_
         STEP,
         "the sidecar to hold the commit of the run's handle \
          (is muster-sidecar built with --features muster-sidecar/test-hooks?)",
-        || std::fs::read_to_string(&reached).ok(),
+        || std::fs::read_to_string(&reached).ok().filter(|s| s.ends_with('\n')),
     );
     assert_eq!(held.trim(), format!("{id}-1"), "the held commit is not this attempt's");
 

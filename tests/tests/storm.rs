@@ -42,8 +42,8 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use muster_tests::{
-    Hub, LoggedRun, Sidecar, bins, read_run_log, run_log_prelude, task_shows, wait_for,
-    write_script,
+    Hub, LoggedRun, Sidecar, bins, read_run_log, run_log_note, run_log_notes, run_log_prelude,
+    task_shows, wait_for, write_script,
 };
 use serde_json::Value;
 
@@ -361,6 +361,12 @@ struct Verdict {
     superseded_successes: usize,
     /// Pairs of runs of one task alive at once (a superseded one still ending).
     superseded_overlaps: usize,
+    /// Runs of an attempt that ran again after its sidecar restarted: started
+    /// just before a kill and before the acceptance was committed, so the hub
+    /// sent the same attempt again ("Launch before commit" in the sidecar).
+    orphan_reruns: usize,
+    /// Of those, the runs that had already exited 0 before the restart.
+    orphan_successes: usize,
     /// `fail_first` tasks, and those whose attempt 1 ran and failed by its exit code.
     fail_first: usize,
     fail_first_failed: usize,
@@ -388,11 +394,13 @@ fn attempts_of(show: &Value) -> BTreeMap<u64, &Value> {
         .collect()
 }
 
-/// Compares the hub's attempt histories with the run log (see the module docs).
+/// Compares the hub's attempt histories with the run log (see the module docs);
+/// `restarts` are the run log's `restart AGENT` notes with their line numbers.
 fn check_runs(
     v: &mut Verdict,
     shows: &BTreeMap<u64, Value>,
     runs: &[LoggedRun],
+    restarts: &[(usize, String)],
     fail_first: &BTreeSet<u64>,
 ) {
     v.runs = runs.len();
@@ -427,32 +435,53 @@ fn check_runs(
                 )),
             }
         }
-        // Every completion: exactly one run of it that exited 0.
+        // Every completion: exactly one run of it that exited 0, unless the
+        // same attempt ran again after its sidecar restarted (see `orphan_reruns`).
         for (generation, a) in &attempts {
-            let ok: Vec<&&LoggedRun> = task_runs
+            let runs_g: Vec<&&LoggedRun> = task_runs
                 .iter()
-                .filter(|r| r.generation == *generation && r.ended.is_some_and(|(_, c)| c == 0))
+                .filter(|r| r.generation == *generation)
                 .collect();
-            if a["outcome"] == "completed" {
-                if ok.len() != 1 {
+            let ok = runs_g
+                .iter()
+                .filter(|r| r.ended.is_some_and(|(_, c)| c == 0))
+                .count();
+            if a["outcome"] != "completed" {
+                v.superseded_successes += ok;
+                if ok > 0 && *generation == last_gen {
                     v.violation(format!(
-                        "task {id}: generation {generation} completed at the hub but {} runs of it exited 0: {ok:?}",
-                        ok.len()
-                    ));
-                } else if a["agent"] != ok[0].agent.as_str()
-                    || a["pid"].as_u64().is_some_and(|p| p != ok[0].pid)
-                {
-                    v.violation(format!(
-                        "task {id}: the completed attempt {a} is not the run that exited 0: {:?}",
-                        ok[0]
+                        "task {id}: its last attempt {a} did not complete, yet a run of it exited 0: {runs_g:?}"
                     ));
                 }
-            } else {
-                v.superseded_successes += ok.len();
-                if !ok.is_empty() && *generation == last_gen {
+                continue;
+            }
+            let Some(last) = runs_g.last() else {
+                v.violation(format!("task {id}: generation {generation} completed at the hub but never ran"));
+                continue;
+            };
+            if last.ended.map(|(_, c)| c) != Some(0)
+                || a["agent"] != last.agent.as_str()
+                || a["pid"].as_u64().is_some_and(|p| p != last.pid)
+            {
+                v.violation(format!(
+                    "task {id}: the completed attempt {a} is not its last run, which exited 0: {last:?}"
+                ));
+            }
+            for pair in runs_g.windows(2) {
+                let (r1, r2) = (pair[0], pair[1]);
+                let restarted = r1.agent == r2.agent
+                    && restarts.iter().any(|(n, agent)| {
+                        *agent == r1.agent && r1.started < *n && *n < r2.started
+                    });
+                if !restarted {
                     v.violation(format!(
-                        "task {id}: its last attempt {a} did not complete, yet its run exited 0: {ok:?}"
+                        "task {id}: generation {generation} ran twice with no restart of its sidecar between: {r1:?} then {r2:?}"
                     ));
+                    continue;
+                }
+                v.orphan_reruns += 1;
+                if r1.ended.is_some_and(|(_, c)| c == 0) {
+                    v.orphan_successes += 1;
                 }
             }
         }
@@ -898,6 +927,7 @@ fn storm_of_tasks_under_sidecar_and_hub_kills_keeps_every_invariant() {
                             sidecars[n].name()
                         );
                     } else {
+                        run_log_note(&run_log, &format!("restart {}", sidecars[n].name()));
                         sidecars[n].start();
                     }
                     *until = None;
@@ -922,6 +952,7 @@ fn storm_of_tasks_under_sidecar_and_hub_kills_keeps_every_invariant() {
                     // Its counters restart with it: keep what it counted so far.
                     chaos.stale_reports += stale_reports(&hub);
                     hub.kill9();
+                    run_log_note(&run_log, "kill hub");
                     let pause = rng.millis(200, 1500);
                     std::thread::sleep(pause); // the hub stays down a moment (fault pacing)
                     let restart = Instant::now();
@@ -975,6 +1006,7 @@ fn storm_of_tasks_under_sidecar_and_hub_kills_keeps_every_invariant() {
                     let victim = up[rng.range(0, up.len() as u64 - 1) as usize];
                     let downtime = rng.millis(300, 3000);
                     sidecars[victim].kill9();
+                    run_log_note(&run_log, &format!("kill {}", sidecars[victim].name()));
                     down_until[victim] = Some(Instant::now() + downtime);
                     chaos.sidecar_kills += 1;
                     eprintln!(
@@ -993,6 +1025,7 @@ fn storm_of_tasks_under_sidecar_and_hub_kills_keeps_every_invariant() {
         drop(frozen);
         for (n, until) in down_until.iter_mut().enumerate() {
             if until.take().is_some() && sidecars[n].pid().is_none() {
+                run_log_note(&run_log, &format!("restart {}", sidecars[n].name()));
                 sidecars[n].start();
             }
         }
@@ -1073,7 +1106,11 @@ fn storm_of_tasks_under_sidecar_and_hub_kills_keeps_every_invariant() {
         .map(|(_, id)| *id)
         .collect();
     let mut verdict = check_invariants(&log.acks, &tasks, &shows, &events);
-    check_runs(&mut verdict, &shows, &runs, &fail_first);
+    let restarts: Vec<(usize, String)> = run_log_notes(&run_log)
+        .into_iter()
+        .filter_map(|(n, note)| Some((n, note.strip_prefix("restart ")?.to_owned())))
+        .collect();
+    check_runs(&mut verdict, &shows, &runs, &restarts, &fail_first);
     let check_s = check.elapsed().as_secs_f64();
 
     // Every process survived (the sidecars that were not killed last, the hub).
@@ -1106,7 +1143,8 @@ fn storm_of_tasks_under_sidecar_and_hub_kills_keeps_every_invariant() {
          submitted {submitted}, acknowledged {acked}, completed {completed}; final states: {states:?}\n  \
          attempts: {attempts} (at most {maxa} for one task), by outcome: {outcomes:?}\n  \
          runs logged: {runs}, by exit code: {run_ends:?}; {superseded} exited 0 for a superseded attempt, \
-         {overlaps} overlapped the next attempt\n  \
+         {overlaps} overlapped the next attempt; \
+         {orphans} attempts ran again after their sidecar's restart ({orphans_ok} of the first runs had exited 0)\n  \
          fail_first: {ff} tasks, attempt 1 failed by its exit code in {fff}\n  \
          lost attempts: {lost}, late reports refused: {stale}\n  \
          chaos: {kills} sidecar kills, {freezes} freeze of {freeze_s:.0} s, {hub_kills} hub kills (down/restart {restarts:?} s)\n  \
@@ -1127,6 +1165,8 @@ fn storm_of_tasks_under_sidecar_and_hub_kills_keeps_every_invariant() {
         run_ends = verdict.run_ends,
         superseded = verdict.superseded_successes,
         overlaps = verdict.superseded_overlaps,
+        orphans = verdict.orphan_reruns,
+        orphans_ok = verdict.orphan_successes,
         ff = verdict.fail_first,
         fff = verdict.fail_first_failed,
         stale = chaos.stale_reports,
@@ -1165,8 +1205,8 @@ fn storm_of_tasks_under_sidecar_and_hub_kills_keeps_every_invariant() {
     );
     assert_eq!(
         exited_0,
-        cfg.tasks + verdict.superseded_successes,
-        "runs that exited 0: one per task, plus those of superseded attempts {why}"
+        cfg.tasks + verdict.superseded_successes + verdict.orphan_successes,
+        "runs that exited 0: one per task, plus those of superseded attempts and of runs repeated after a restart {why}"
     );
     assert!(verdict.runs >= cfg.tasks, "runs logged {why}");
     assert!(lost >= 1, "no attempt ended lost {why}");
