@@ -43,7 +43,9 @@ pub(crate) async fn hold_before_handle_commit(data_dir: &Path, store: &[Effect])
     let held: Vec<String> = store
         .iter()
         .filter_map(|e| match e {
-            Effect::PutTask(t) if t.handle.is_some() => Some(format!("{}-{}", t.task, t.generation)),
+            Effect::PutTask(t) if t.handle.is_some() => {
+                Some(format!("{}-{}", t.task, t.generation))
+            }
             _ => None,
         })
         .collect();

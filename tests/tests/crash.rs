@@ -17,7 +17,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use muster_sidecar::test_hooks::{HOLD_HANDLE_FILE, HOLD_REACHED_FILE};
-use muster_tests::{Hub, Sidecar, read_run_log, run_log_prelude, wait_for, wait_until, write_script};
+use muster_tests::{
+    Hub, Sidecar, read_run_log, run_log_prelude, wait_for, wait_until, write_script,
+};
 use serde_json::Value;
 
 /// How long a fresh sidecar may take to connect and show up online.
@@ -74,18 +76,34 @@ fn sidecar_killed_between_spawn_and_handle_commit_reattaches_instead_of_running_
         STEP,
         "the sidecar to hold the commit of the run's handle \
          (is muster-sidecar built with --features muster-sidecar/test-hooks?)",
-        || std::fs::read_to_string(&reached).ok().filter(|s| s.ends_with('\n')),
+        || {
+            std::fs::read_to_string(&reached)
+                .ok()
+                .filter(|s| s.ends_with('\n'))
+        },
     );
-    assert_eq!(held.trim(), format!("{id}-1"), "the held commit is not this attempt's");
+    assert_eq!(
+        held.trim(),
+        format!("{id}-1"),
+        "the held commit is not this attempt's"
+    );
 
     // The state the restart must handle: accepted at the hub (the acceptance
     // committed and was sent), the run alive with its handle file written.
     let t = wait_for(STEP, "the hub to hear the acceptance", || {
         let t = show(&hub, id);
-        if t["state"] == "accepted" { Ok(t) } else { Err(t.to_string()) }
+        if t["state"] == "accepted" {
+            Ok(t)
+        } else {
+            Err(t.to_string())
+        }
     });
     assert_eq!(t["generation"], 1, "{t}");
-    let handle_file = sc.data_dir().join("runs").join(format!("{id}-1")).join("handle");
+    let handle_file = sc
+        .data_dir()
+        .join("runs")
+        .join(format!("{id}-1"))
+        .join("handle");
     assert!(
         handle_file.is_file(),
         "the run wrote no handle file at {}",
@@ -101,13 +119,20 @@ fn sidecar_killed_between_spawn_and_handle_commit_reattaches_instead_of_running_
     // Re-attached: the hub hears the start of the same attempt from the restarted sidecar.
     let t = wait_for(STEP, "the re-attached run reported running", || {
         let t = show(&hub, id);
-        if t["state"] == "running" { Ok(t) } else { Err(t.to_string()) }
+        if t["state"] == "running" {
+            Ok(t)
+        } else {
+            Err(t.to_string())
+        }
     });
     assert_eq!(t["generation"], 1, "{t}");
     std::fs::write(&go, b"").expect("write the go file");
     let t = wait_for(STEP, "the task to end", || {
         let t = show(&hub, id);
-        if ["completed", "failed", "cancelled"].iter().any(|s| t["state"] == *s) {
+        if ["completed", "failed", "cancelled"]
+            .iter()
+            .any(|s| t["state"] == *s)
+        {
             Ok(t)
         } else {
             Err(t.to_string())

@@ -999,14 +999,18 @@ fn hub_refuses_a_replayed_completion_of_a_superseded_generation() {
         (logged_runs(&log, id) == [(1, "first".to_string(), Some(0))]).then_some(())
     });
     // Past idle timeout and lost grace, generation 2 runs on the other sidecar.
-    let t = wait_for(Duration::from_secs(40), "generation 2 running on second", || {
-        let t = show(&hub, id);
-        if t["generation"] == 2 && t["state"] == "running" {
-            Ok(t)
-        } else {
-            Err(t.to_string())
-        }
-    });
+    let t = wait_for(
+        Duration::from_secs(40),
+        "generation 2 running on second",
+        || {
+            let t = show(&hub, id);
+            if t["generation"] == 2 && t["state"] == "running" {
+                Ok(t)
+            } else {
+                Err(t.to_string())
+            }
+        },
+    );
     assert_eq!(t["agent"], "second", "{t}");
     assert_eq!(hub.json(&["stats"])["stale_reports"], 0);
     // Continued, the sidecar handles its run's end (the completion goes into its
@@ -1084,7 +1088,11 @@ fn sidecar_killed_mid_run_finishes_the_attempt_exactly_once() {
     assert_eq!(t["state"], t2["state"], "{t} then {t2}");
     let t = t2;
     assert_eq!(t["state"], "completed", "{t}");
-    assert_eq!(outcomes(&t), ["completed"], "the one attempt completes: {t}");
+    assert_eq!(
+        outcomes(&t),
+        ["completed"],
+        "the one attempt completes: {t}"
+    );
     assert_eq!(t["generation"], 1, "{t}");
     assert_eq!(
         logged_runs(&log, id),

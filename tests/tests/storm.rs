@@ -51,8 +51,10 @@ use serde_json::Value;
 const CONNECT: Duration = Duration::from_secs(30);
 /// Lost grace of the storm's hub.
 const LOST_GRACE_S: u64 = 5;
-/// Longest a submitting client's single `submit` may run before it is retried.
-const SUBMIT_CALL: Duration = Duration::from_secs(15);
+/// Longest a submitting client's single `submit` may run before it is retried
+/// (same idempotency key, so safe): a call whose hub was killed under it would
+/// otherwise wait out the QUIC idle timeout (15 s) and stretch the storm.
+const SUBMIT_CALL: Duration = Duration::from_secs(6);
 /// Pause between retries of a refused or failed submission (paces the client, waits for nothing).
 const SUBMIT_RETRY_PAUSE: Duration = Duration::from_millis(250);
 /// The chaos goes on at least this long (while the last tasks run), however fast the submissions.
@@ -65,6 +67,8 @@ const DEFAULT_SEED: u64 = 4242;
 const FAIL_FIRST_CODE: i64 = 3;
 /// How long the frozen sidecar's return may take to produce a refused late report.
 const LATE_REPORT_WAIT: Duration = Duration::from_secs(30);
+/// How often the chaos loop asks the hub's `stats` while it waits on the freeze.
+const HUB_POLL: Duration = Duration::from_millis(250);
 /// How long the checker waits for every logged run to log its end.
 const RUNS_END_WAIT: Duration = Duration::from_secs(15);
 
@@ -367,6 +371,8 @@ struct Verdict {
     orphan_reruns: usize,
     /// Of those, the runs that had already exited 0 before the restart.
     orphan_successes: usize,
+    /// The first few of them, for the summary.
+    orphan_examples: Vec<String>,
     /// `fail_first` tasks, and those whose attempt 1 ran and failed by its exit code.
     fail_first: usize,
     fail_first_failed: usize,
@@ -456,7 +462,9 @@ fn check_runs(
                 continue;
             }
             let Some(last) = runs_g.last() else {
-                v.violation(format!("task {id}: generation {generation} completed at the hub but never ran"));
+                v.violation(format!(
+                    "task {id}: generation {generation} completed at the hub but never ran"
+                ));
                 continue;
             };
             if last.ended.map(|(_, c)| c) != Some(0)
@@ -470,9 +478,9 @@ fn check_runs(
             for pair in runs_g.windows(2) {
                 let (r1, r2) = (pair[0], pair[1]);
                 let restarted = r1.agent == r2.agent
-                    && restarts.iter().any(|(n, agent)| {
-                        *agent == r1.agent && r1.started < *n && *n < r2.started
-                    });
+                    && restarts
+                        .iter()
+                        .any(|(n, agent)| *agent == r1.agent && r1.started < *n && *n < r2.started);
                 if !restarted {
                     v.violation(format!(
                         "task {id}: generation {generation} ran twice with no restart of its sidecar between: {r1:?} then {r2:?}"
@@ -482,6 +490,9 @@ fn check_runs(
                 v.orphan_reruns += 1;
                 if r1.ended.is_some_and(|(_, c)| c == 0) {
                     v.orphan_successes += 1;
+                }
+                if v.orphan_examples.len() < 5 {
+                    v.orphan_examples.push(format!("{r1:?} then {r2:?}"));
                 }
             }
         }
@@ -510,11 +521,14 @@ fn check_runs(
             v.fail_first += 1;
             let runs1: Vec<&&LoggedRun> = task_runs.iter().filter(|r| r.generation == 1).collect();
             match attempts.get(&1) {
-                Some(a) if a["outcome"] == "completed" => v.violation(format!(
-                    "task {id} (fail_first): attempt 1 completed: {a}"
-                )),
+                Some(a) if a["outcome"] == "completed" => {
+                    v.violation(format!("task {id} (fail_first): attempt 1 completed: {a}"))
+                }
                 Some(a) if a["outcome"] == "failed" => {
-                    if runs1.iter().any(|r| r.ended.is_some_and(|(_, c)| c == FAIL_FIRST_CODE)) {
+                    if runs1
+                        .iter()
+                        .any(|r| r.ended.is_some_and(|(_, c)| c == FAIL_FIRST_CODE))
+                    {
                         v.fail_first_failed += 1;
                     } else {
                         v.violation(format!(
@@ -534,7 +548,9 @@ fn check_runs(
     }
     for id in by_task.keys() {
         if !shows.contains_key(id) {
-            v.violation(format!("the run log has runs of task {id}, which the hub does not list"));
+            v.violation(format!(
+                "the run log has runs of task {id}, which the hub does not list"
+            ));
         }
     }
 }
@@ -761,6 +777,8 @@ struct Chaos {
     freezes: usize,
     hub_kills: usize,
     hub_restart_s: Vec<f64>,
+    /// How long the sidecar stayed frozen.
+    freeze_s: f64,
     /// Late reports refused, summed over the hub's lives (its counters restart with it).
     stale_reports: u64,
 }
@@ -793,14 +811,32 @@ fn stale_reports(hub: &Hub) -> u64 {
         .unwrap_or_default()
 }
 
-/// Whether the sidecar holds an attempt whose run is under way.
+/// Whether the hub lists a task running on `agent`.
+fn hub_shows_running(hub: &Hub, agent: &str) -> bool {
+    hub.json(&[
+        "tasks", "--agent", agent, "--state", "running", "--limit", "1",
+    ])["tasks"]
+        .as_array()
+        .is_some_and(|t| !t.is_empty())
+}
+
+/// The hub's count of attempts ended `lost` (since its last start).
+fn lost_attempts(hub: &Hub) -> u64 {
+    hub.json(&["stats"])["outcomes"]["lost"]
+        .as_u64()
+        .unwrap_or_default()
+}
+
+/// Whether the sidecar holds an attempt whose run is under way and reported
+/// started (a run still in its settle time would end `start_timeout` at the
+/// hub, not `lost`).
 fn holds_a_run(sc: &Sidecar) -> bool {
     sc.status_json().is_some_and(|v| {
         v["tasks"]
             .as_array()
             .into_iter()
             .flatten()
-            .any(|t| t["pid"].is_u64() && t["phase"] != "finished")
+            .any(|t| t["pid"].is_u64() && t["phase"] == "running")
     })
 }
 
@@ -879,7 +915,9 @@ fn storm_of_tasks_under_sidecar_and_hub_kills_keeps_every_invariant() {
     let stop = AtomicBool::new(false);
     let data = hub.data_dir().to_path_buf();
     let idle = muster_protocol::tls::IDLE_TIMEOUT;
-    let freeze_for = idle + Duration::from_secs(LOST_GRACE_S + 2);
+    // The freeze ends once the hub has ended the victim's attempts `lost` (after
+    // idle timeout + lost grace), or at the latest after this long.
+    let freeze_max = idle + Duration::from_secs(LOST_GRACE_S + 15);
     let mut chaos = Chaos::default();
 
     let (total_tasks, seed) = (cfg.tasks, cfg.seed);
@@ -900,26 +938,34 @@ fn storm_of_tasks_under_sidecar_and_hub_kills_keeps_every_invariant() {
         }
 
         // The chaos loop: restarts due sidecars; kills one every 1.5–4 s, except
-        // that the first fault freezes a sidecar that holds a run (SIGSTOP) past
-        // idle timeout + lost grace, so its attempts end `lost` while its runs
-        // finish, and continues it, so its outbox replays their completions,
-        // which the hub must refuse (no hub kill meanwhile: its counters would
-        // restart); kills the hub when a third, then two thirds, of the tasks
-        // are acknowledged.
+        // that the first fault freezes a sidecar that holds a started run
+        // (SIGSTOP) until the hub has ended its attempts `lost` (idle timeout +
+        // lost grace) while its runs finished, then continues it, so its outbox
+        // replays their completions, which the hub must refuse (no hub kill
+        // meanwhile: a restarted hub counts the grace from its start, and its
+        // counters restart); kills the hub when a third, then two thirds, of the
+        // tasks are acknowledged.
         let mut down_until: Vec<Option<Instant>> = vec![None; cfg.sidecars];
         let mut frozen: Option<(usize, Frozen)> = None;
         // After the continue: the hub's stale count then, and how long to wait for more.
         let mut awaiting_late: Option<(u64, Instant)> = None;
         let mut late_done = false;
+        // While frozen, no hub kill until the hub has ended its attempts `lost`:
+        // a restarted hub counts the lost grace from its own start.
+        let mut lost_seen = false;
+        let mut frozen_at: Option<Instant> = None;
+        let mut next_poll = Instant::now();
         let mut next_kill = Instant::now() + rng.millis(1500, 3000);
         let max_down = (cfg.sidecars / 2).max(1);
         let acked = || log.lock().unwrap_or_else(|p| p.into_inner()).acks.len();
         loop {
             let now = Instant::now();
             for (n, until) in down_until.iter_mut().enumerate() {
-                if until.is_some_and(|u| now >= u) {
-                    if frozen.as_ref().is_some_and(|(v, _)| *v == n) {
+                let is_frozen = frozen.as_ref().is_some_and(|(v, _)| *v == n);
+                if until.is_some_and(|u| now >= u) || (is_frozen && lost_seen) {
+                    if is_frozen {
                         frozen = None; // continues it
+                        chaos.freeze_s = frozen_at.map_or(0.0, |t| t.elapsed().as_secs_f64());
                         awaiting_late = Some((stale_reports(&hub), now + LATE_REPORT_WAIT));
                         eprintln!(
                             "storm: {:5.1} s  sidecar {} continued (SIGCONT)",
@@ -933,7 +979,20 @@ fn storm_of_tasks_under_sidecar_and_hub_kills_keeps_every_invariant() {
                     *until = None;
                 }
             }
-            if let Some((before, until)) = awaiting_late {
+            let poll = now >= next_poll;
+            if poll {
+                next_poll = now + HUB_POLL;
+            }
+            if poll && frozen.is_some() && !lost_seen {
+                lost_seen = lost_attempts(&hub) > 0;
+                if lost_seen {
+                    eprintln!(
+                        "storm: {:5.1} s  the frozen sidecar's attempts ended lost",
+                        storm_start.elapsed().as_secs_f64()
+                    );
+                }
+            }
+            if let Some((before, until)) = awaiting_late.filter(|_| poll) {
                 let stale = stale_reports(&hub);
                 if stale > before || now >= until {
                     eprintln!(
@@ -946,7 +1005,8 @@ fn storm_of_tasks_under_sidecar_and_hub_kills_keeps_every_invariant() {
                 }
             }
             let all_submitted = submitters_done.load(Ordering::SeqCst) == cfg.submitters;
-            if chaos.hub_kills < cfg.hub_kills && awaiting_late.is_none() {
+            let hub_kill_ok = awaiting_late.is_none() && (frozen.is_none() || lost_seen);
+            if chaos.hub_kills < cfg.hub_kills && hub_kill_ok {
                 let threshold = cfg.tasks * (chaos.hub_kills + 1) / (cfg.hub_kills + 1);
                 if acked() >= threshold || all_submitted {
                     // Its counters restart with it: keep what it counted so far.
@@ -990,16 +1050,24 @@ fn storm_of_tasks_under_sidecar_and_hub_kills_keeps_every_invariant() {
                     if let Some(&victim) = up.iter().find(|n| holds_a_run(&sidecars[**n])) {
                         let pid = sidecars[victim].pid().expect("an up sidecar has a pid");
                         signal(pid, "STOP");
-                        frozen = Some((victim, Frozen { pid }));
-                        down_until[victim] = Some(Instant::now() + freeze_for);
+                        let guard = Frozen { pid };
+                        // Its run may have ended between the look and the stop: then try again.
+                        if !hub_shows_running(&hub, sidecars[victim].name()) {
+                            drop(guard);
+                            std::thread::sleep(Duration::from_millis(50)); // paces the retries
+                            continue;
+                        }
+                        frozen = Some((victim, guard));
+                        down_until[victim] = Some(Instant::now() + freeze_max);
                         chaos.freezes += 1;
                         eprintln!(
-                            "storm: {:5.1} s  sidecar {} frozen (SIGSTOP) for {:.1} s ({} acknowledged)",
+                            "storm: {:5.1} s  sidecar {} frozen (SIGSTOP) until its attempts are lost (at most {:.0} s; {} acknowledged)",
                             storm_start.elapsed().as_secs_f64(),
                             sidecars[victim].name(),
-                            freeze_for.as_secs_f64(),
+                            freeze_max.as_secs_f64(),
                             acked()
                         );
+                        frozen_at = Some(Instant::now());
                         next_kill = Instant::now() + rng.millis(1500, 4000);
                     }
                 } else {
@@ -1145,9 +1213,10 @@ fn storm_of_tasks_under_sidecar_and_hub_kills_keeps_every_invariant() {
          runs logged: {runs}, by exit code: {run_ends:?}; {superseded} exited 0 for a superseded attempt, \
          {overlaps} overlapped the next attempt; \
          {orphans} attempts ran again after their sidecar's restart ({orphans_ok} of the first runs had exited 0)\n  \
+         attempts run again after a restart: {orphan_examples:?}\n  \
          fail_first: {ff} tasks, attempt 1 failed by its exit code in {fff}\n  \
          lost attempts: {lost}, late reports refused: {stale}\n  \
-         chaos: {kills} sidecar kills, {freezes} freeze of {freeze_s:.0} s, {hub_kills} hub kills (down/restart {restarts:?} s)\n  \
+         chaos: {kills} sidecar kills, {freezes} freeze of {freeze_s:.1} s, {hub_kills} hub kills (down/restart {restarts:?} s)\n  \
          events read: {events}\n  \
          submissions: {retries} retried calls, {existing} answered by an existing key\n  \
          time: build {build_s:.1} s, setup {setup_s:.1} s, storm {storm_s:.1} s, heal and drain {drain_s:.1} s, check {check_s:.1} s, total {total:.1} s\n  \
@@ -1167,13 +1236,14 @@ fn storm_of_tasks_under_sidecar_and_hub_kills_keeps_every_invariant() {
         overlaps = verdict.superseded_overlaps,
         orphans = verdict.orphan_reruns,
         orphans_ok = verdict.orphan_successes,
+        orphan_examples = verdict.orphan_examples,
         ff = verdict.fail_first,
         fff = verdict.fail_first_failed,
         stale = chaos.stale_reports,
         events = verdict.events,
         kills = chaos.sidecar_kills,
         freezes = chaos.freezes,
-        freeze_s = freeze_for.as_secs_f64(),
+        freeze_s = chaos.freeze_s,
         hub_kills = chaos.hub_kills,
         restarts = chaos
             .hub_restart_s
