@@ -1294,3 +1294,144 @@ fn storm_of_tasks_under_sidecar_and_hub_kills_keeps_every_invariant() {
         );
     }
 }
+
+/// The run-log checker is not vacuous: each contradiction between the hub's
+/// histories and the run log that it exists to catch is reported.
+#[test]
+fn run_log_checker_reports_runs_that_contradict_the_hub() {
+    fn run(
+        task: u64,
+        generation: u64,
+        agent: &str,
+        started: usize,
+        end: Option<(usize, i64)>,
+    ) -> LoggedRun {
+        LoggedRun {
+            task,
+            generation,
+            agent: agent.into(),
+            pid: 100 + started as u64,
+            started,
+            ended: end,
+        }
+    }
+    fn show(attempts: Value) -> Value {
+        serde_json::json!({ "state": "completed", "attempt_history": attempts, "attempts_not_shown": 0 })
+    }
+    let completed_once = |pid: u64| {
+        show(
+            serde_json::json!([{ "generation": 1, "agent": "a", "outcome": "completed", "pid": pid }]),
+        )
+    };
+    let check =
+        |shows: &[(u64, Value)], runs: &[LoggedRun], restarts: &[(usize, String)], ff: &[u64]| {
+            let mut v = Verdict::default();
+            let shows: BTreeMap<u64, Value> = shows.iter().cloned().collect();
+            check_runs(
+                &mut v,
+                &shows,
+                runs,
+                restarts,
+                &ff.iter().copied().collect(),
+            );
+            v
+        };
+    // The honest case holds.
+    let v = check(
+        &[(1, completed_once(100))],
+        &[run(1, 1, "a", 0, Some((1, 0)))],
+        &[],
+        &[],
+    );
+    assert!(v.violations.is_empty(), "{:?}", v.violations);
+    // Cases that must be reported, each with what it breaks.
+    let cases: Vec<(
+        &str,
+        Vec<(u64, Value)>,
+        Vec<LoggedRun>,
+        Vec<(usize, String)>,
+        Vec<u64>,
+    )> = vec![
+        (
+            "a completion with no run",
+            vec![(1, completed_once(100))],
+            vec![],
+            vec![],
+            vec![],
+        ),
+        (
+            "a completion whose run failed",
+            vec![(1, completed_once(100))],
+            vec![run(1, 1, "a", 0, Some((1, 1)))],
+            vec![],
+            vec![],
+        ),
+        (
+            "one attempt run twice with no restart between",
+            vec![(1, completed_once(102))],
+            vec![
+                run(1, 1, "a", 0, Some((1, 0))),
+                run(1, 1, "a", 2, Some((3, 0))),
+            ],
+            vec![],
+            vec![],
+        ),
+        (
+            "two runs of one attempt alive at once",
+            vec![(1, completed_once(101))],
+            vec![
+                run(1, 1, "a", 0, Some((2, 143))),
+                run(1, 1, "a", 1, Some((3, 0))),
+            ],
+            vec![],
+            vec![],
+        ),
+        (
+            "a run the hub never assigned",
+            vec![(1, completed_once(100))],
+            vec![
+                run(1, 1, "a", 0, Some((1, 0))),
+                run(1, 2, "a", 2, Some((3, 0))),
+            ],
+            vec![],
+            vec![],
+        ),
+        (
+            "a run that never ended",
+            vec![(1, completed_once(100))],
+            vec![run(1, 1, "a", 0, Some((1, 0))), run(2, 1, "a", 2, None)],
+            vec![],
+            vec![],
+        ),
+        (
+            "a fail_first task whose attempt 1 completed",
+            vec![(1, completed_once(100))],
+            vec![run(1, 1, "a", 0, Some((1, 0)))],
+            vec![],
+            vec![1],
+        ),
+        (
+            "the completion is another run than the one that exited 0 (pid)",
+            vec![(1, completed_once(7))],
+            vec![run(1, 1, "a", 0, Some((1, 0)))],
+            vec![],
+            vec![],
+        ),
+    ];
+    for (what, shows, runs, restarts, ff) in cases {
+        let v = check(&shows, &runs, &restarts, &ff);
+        assert!(!v.violations.is_empty(), "not reported: {what}");
+    }
+    // One attempt run again across a restart of its sidecar is counted, not a violation.
+    let v = check(
+        &[(1, completed_once(103))],
+        &[
+            run(1, 1, "a", 0, Some((1, 0))),
+            run(1, 1, "a", 3, Some((4, 0))),
+        ],
+        &[(2, "a".to_string())],
+        &[],
+    );
+    assert!(v.violations.is_empty(), "{:?}", v.violations);
+    assert_eq!((v.orphan_reruns, v.orphan_successes), (1, 1));
+}
