@@ -1345,13 +1345,15 @@ fn run_log_checker_reports_runs_that_contradict_the_hub() {
     );
     assert!(v.violations.is_empty(), "{:?}", v.violations);
     // Cases that must be reported, each with what it breaks.
-    let cases: Vec<(
-        &str,
+    /// What is wrong, the histories, the runs, the restarts, the `fail_first` tasks.
+    type Case = (
+        &'static str,
         Vec<(u64, Value)>,
         Vec<LoggedRun>,
         Vec<(usize, String)>,
         Vec<u64>,
-    )> = vec![
+    );
+    let cases: Vec<Case> = vec![
         (
             "a completion with no run",
             vec![(1, completed_once(100))],
