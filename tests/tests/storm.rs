@@ -1,7 +1,7 @@
 //! Issue 4, the process-level storm: hundreds of tasks across real sidecars on
 //! 127.0.0.1 while sidecars are killed with SIGKILL every few seconds (and
-//! restarted), one sidecar is frozen (SIGSTOP) long enough for its work to be
-//! `lost` while its runs finish, and the hub itself is killed with SIGKILL and
+//! restarted), one sidecar is frozen (SIGSTOP) until its work is `lost` while
+//! its runs finish, and the hub itself is killed with SIGKILL and
 //! restarted twice. Then everything is healed, every task must complete, and a
 //! checker compares the hub's records (`tasks --json`, every task's attempt
 //! history, the whole event stream, `stats --json`) with evidence the hub never
@@ -12,8 +12,12 @@
 //! - every task `completed`, with exactly one `completed` attempt (its last),
 //!   and one transition to `completed` in the event stream;
 //! - every completion matches exactly one logged run of that task, generation
-//!   and agent that exited 0 (and the pid the hub recorded, when it has one);
-//!   every logged run belongs to an attempt the hub made; every run ended;
+//!   and agent that exited 0 (and the pid the hub recorded, when it has one),
+//!   except that an attempt may run again after its sidecar restarted if the
+//!   hub heard its acceptance only from the restarted sidecar (the killed one
+//!   spawned the run but never committed the acceptance); those are counted
+//!   and printed; every logged run belongs to an attempt the hub made; every
+//!   run ended;
 //! - no two runs of one task alive at once, except a superseded generation's
 //!   run (its attempt ended other than `completed`, a later one exists) still
 //!   ending while the next one runs;
@@ -390,6 +394,36 @@ impl Verdict {
 
 const TERMINAL: [&str; 3] = ["completed", "failed", "cancelled"];
 
+/// A sidecar restart, from the run log's `note restart AGENT MS` line.
+#[derive(Debug, Clone)]
+struct Restart {
+    /// Its line in the run log (runs before it were started by the killed sidecar).
+    line: usize,
+    agent: String,
+    /// Wall-clock milliseconds, comparable with the hub's attempt times.
+    at_ms: u64,
+}
+
+/// The sidecar restarts noted in a run log.
+fn restarts_in(log: &Path) -> Vec<Restart> {
+    run_log_notes(log)
+        .into_iter()
+        .filter_map(|(line, note)| {
+            let mut f = note.strip_prefix("restart ")?.split(' ');
+            let agent = f.next()?.to_owned();
+            let at_ms = f.next()?.parse().ok()?;
+            Some(Restart { line, agent, at_ms })
+        })
+        .collect()
+}
+
+/// Milliseconds since the epoch (the hub's attempt times are on the same clock).
+fn epoch_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 /// The attempt history of a task, by generation.
 fn attempts_of(show: &Value) -> BTreeMap<u64, &Value> {
     show["attempt_history"]
@@ -401,12 +435,12 @@ fn attempts_of(show: &Value) -> BTreeMap<u64, &Value> {
 }
 
 /// Compares the hub's attempt histories with the run log (see the module docs);
-/// `restarts` are the run log's `restart AGENT` notes with their line numbers.
+/// `restarts` are the sidecar restarts noted in the run log.
 fn check_runs(
     v: &mut Verdict,
     shows: &BTreeMap<u64, Value>,
     runs: &[LoggedRun],
-    restarts: &[(usize, String)],
+    restarts: &[Restart],
     fail_first: &BTreeSet<u64>,
 ) {
     v.runs = runs.len();
@@ -475,15 +509,28 @@ fn check_runs(
                     "task {id}: the completed attempt {a} is not its last run, which exited 0: {last:?}"
                 ));
             }
+            // A second run of one attempt is the launch-before-commit window only
+            // if its sidecar restarted between the two and the hub heard the
+            // acceptance from the restarted sidecar (else an accepted attempt ran again).
+            let accepted_at = a["accepted_at"].as_u64();
             for pair in runs_g.windows(2) {
                 let (r1, r2) = (pair[0], pair[1]);
-                let restarted = r1.agent == r2.agent
-                    && restarts
-                        .iter()
-                        .any(|(n, agent)| *agent == r1.agent && r1.started < *n && *n < r2.started);
-                if !restarted {
+                let restart = restarts.iter().find(|x| {
+                    x.agent == r1.agent
+                        && r1.agent == r2.agent
+                        && r1.started < x.line
+                        && x.line < r2.started
+                });
+                let Some(restart) = restart else {
                     v.violation(format!(
                         "task {id}: generation {generation} ran twice with no restart of its sidecar between: {r1:?} then {r2:?}"
+                    ));
+                    continue;
+                };
+                if accepted_at.is_some_and(|t| t < restart.at_ms) {
+                    v.violation(format!(
+                        "task {id}: generation {generation} was accepted (at {accepted_at:?} ms) before its sidecar restarted (at {} ms) and ran again: {r1:?} then {r2:?}",
+                        restart.at_ms
                     ));
                     continue;
                 }
@@ -973,7 +1020,10 @@ fn storm_of_tasks_under_sidecar_and_hub_kills_keeps_every_invariant() {
                             sidecars[n].name()
                         );
                     } else {
-                        run_log_note(&run_log, &format!("restart {}", sidecars[n].name()));
+                        run_log_note(
+                            &run_log,
+                            &format!("restart {} {}", sidecars[n].name(), epoch_ms()),
+                        );
                         sidecars[n].start();
                     }
                     *until = None;
@@ -1093,7 +1143,10 @@ fn storm_of_tasks_under_sidecar_and_hub_kills_keeps_every_invariant() {
         drop(frozen);
         for (n, until) in down_until.iter_mut().enumerate() {
             if until.take().is_some() && sidecars[n].pid().is_none() {
-                run_log_note(&run_log, &format!("restart {}", sidecars[n].name()));
+                run_log_note(
+                    &run_log,
+                    &format!("restart {} {}", sidecars[n].name(), epoch_ms()),
+                );
                 sidecars[n].start();
             }
         }
@@ -1174,10 +1227,7 @@ fn storm_of_tasks_under_sidecar_and_hub_kills_keeps_every_invariant() {
         .map(|(_, id)| *id)
         .collect();
     let mut verdict = check_invariants(&log.acks, &tasks, &shows, &events);
-    let restarts: Vec<(usize, String)> = run_log_notes(&run_log)
-        .into_iter()
-        .filter_map(|(n, note)| Some((n, note.strip_prefix("restart ")?.to_owned())))
-        .collect();
+    let restarts = restarts_in(&run_log);
     check_runs(&mut verdict, &shows, &runs, &restarts, &fail_first);
     let check_s = check.elapsed().as_secs_f64();
 
@@ -1323,19 +1373,18 @@ fn run_log_checker_reports_runs_that_contradict_the_hub() {
             serde_json::json!([{ "generation": 1, "agent": "a", "outcome": "completed", "pid": pid }]),
         )
     };
-    let check =
-        |shows: &[(u64, Value)], runs: &[LoggedRun], restarts: &[(usize, String)], ff: &[u64]| {
-            let mut v = Verdict::default();
-            let shows: BTreeMap<u64, Value> = shows.iter().cloned().collect();
-            check_runs(
-                &mut v,
-                &shows,
-                runs,
-                restarts,
-                &ff.iter().copied().collect(),
-            );
-            v
-        };
+    let check = |shows: &[(u64, Value)], runs: &[LoggedRun], restarts: &[Restart], ff: &[u64]| {
+        let mut v = Verdict::default();
+        let shows: BTreeMap<u64, Value> = shows.iter().cloned().collect();
+        check_runs(
+            &mut v,
+            &shows,
+            runs,
+            restarts,
+            &ff.iter().copied().collect(),
+        );
+        v
+    };
     // The honest case holds.
     let v = check(
         &[(1, completed_once(100))],
@@ -1350,7 +1399,7 @@ fn run_log_checker_reports_runs_that_contradict_the_hub() {
         &'static str,
         Vec<(u64, Value)>,
         Vec<LoggedRun>,
-        Vec<(usize, String)>,
+        Vec<Restart>,
         Vec<u64>,
     );
     let cases: Vec<Case> = vec![
@@ -1424,16 +1473,33 @@ fn run_log_checker_reports_runs_that_contradict_the_hub() {
         let v = check(&shows, &runs, &restarts, &ff);
         assert!(!v.violations.is_empty(), "not reported: {what}");
     }
-    // One attempt run again across a restart of its sidecar is counted, not a violation.
+    // One attempt run again across a restart of its sidecar, accepted by the
+    // restarted one, is counted, not a violation; accepted before, it is one.
+    let restart = Restart {
+        line: 2,
+        agent: "a".into(),
+        at_ms: 5_000,
+    };
+    let rerun = [
+        run(1, 1, "a", 0, Some((1, 0))),
+        run(1, 1, "a", 3, Some((4, 0))),
+    ];
+    let accepted = |at: u64| {
+        show(
+            serde_json::json!([{ "generation": 1, "agent": "a", "outcome": "completed", "pid": 103, "accepted_at": at }]),
+        )
+    };
     let v = check(
-        &[(1, completed_once(103))],
-        &[
-            run(1, 1, "a", 0, Some((1, 0))),
-            run(1, 1, "a", 3, Some((4, 0))),
-        ],
-        &[(2, "a".to_string())],
+        &[(1, accepted(6_000))],
+        &rerun,
+        std::slice::from_ref(&restart),
         &[],
     );
     assert!(v.violations.is_empty(), "{:?}", v.violations);
     assert_eq!((v.orphan_reruns, v.orphan_successes), (1, 1));
+    let v = check(&[(1, accepted(4_000))], &rerun, &[restart], &[]);
+    assert!(
+        !v.violations.is_empty(),
+        "not reported: an accepted attempt run again"
+    );
 }
