@@ -649,6 +649,9 @@ impl Daemon {
             self.perform(e);
         }
         #[cfg(feature = "test-hooks")]
+        crate::test_hooks::hold_before_accept_commit(&self.cfg.data_dir, waiting.iter().copied())
+            .await;
+        #[cfg(feature = "test-hooks")]
         if crate::test_hooks::holding(&self.cfg.data_dir) {
             // The acceptance commits without its spawn (see `test_hooks`).
             return;
