@@ -2,7 +2,8 @@
 //! binaries on 127.0.0.1, each in its own temporary directory.
 //!
 //! - [`bins`] builds both binaries once per test process and returns their paths.
-//!   Set `MUSTER_TESTS_NO_BUILD=1` to use the binaries already in `target/`.
+//!   Set `MUSTER_TESTS_NO_BUILD=1` to use the binaries already in `target/`
+//!   (built with `--features muster-sidecar/test-hooks`, as [`bins`] does).
 //! - [`Hub`] is one hub: `init` on a free UDP port, config edits, `serve`,
 //!   `kill -9`, SIGTERM, restart, and the operator CLI against it.
 //! - [`Sidecar`] is one sidecar: enrollment, config edits, `run`, `kill -9`,
