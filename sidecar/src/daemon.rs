@@ -267,6 +267,8 @@ pub async fn run(
         }
         // Commit before acknowledge: store effects are durable before anything is sent.
         let store: Vec<Effect> = effects.iter().filter(|e| e.is_store()).cloned().collect();
+        #[cfg(feature = "test-hooks")]
+        crate::test_hooks::hold_before_handle_commit(&d.cfg.data_dir, &store).await;
         if !store.is_empty()
             && let Err(e) = commit(&queue, store).await?
         {
@@ -651,6 +653,14 @@ impl Daemon {
                 waiting.insert((*task, *generation));
             }
             self.perform(e);
+        }
+        #[cfg(feature = "test-hooks")]
+        crate::test_hooks::hold_before_accept_commit(&self.cfg.data_dir, waiting.iter().copied())
+            .await;
+        #[cfg(feature = "test-hooks")]
+        if crate::test_hooks::holding(&self.cfg.data_dir) {
+            // The acceptance commits without its spawn (see `test_hooks`).
+            return;
         }
         let deadline = tokio::time::Instant::now() + LAUNCH_WAIT;
         while !waiting.is_empty() {

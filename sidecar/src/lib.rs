@@ -6,7 +6,8 @@
 //! [`agent`] (the runner: exec and wake modes, verification, probes),
 //! [`host`] (self-test and host figures), [`local`] (the agent's Unix socket),
 //! [`tasktoken`] (each attempt's secret for that socket),
-//! [`daemon`] (the IO shell that joins them to the hub session).
+//! [`daemon`] (the IO shell that joins them to the hub session); [`test_hooks`]
+//! (acting only with the `test-hooks` feature, for the crash tests).
 
 pub mod agent;
 pub mod backoff;
@@ -21,3 +22,4 @@ pub mod local;
 pub mod queue;
 pub mod rundirs;
 pub mod tasktoken;
+pub mod test_hooks;

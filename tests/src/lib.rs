@@ -2,13 +2,17 @@
 //! binaries on 127.0.0.1, each in its own temporary directory.
 //!
 //! - [`bins`] builds both binaries once per test process and returns their paths.
-//!   Set `MUSTER_TESTS_NO_BUILD=1` to use the binaries already in `target/`.
+//!   Set `MUSTER_TESTS_NO_BUILD=1` to use the binaries already in `target/`
+//!   (built with `--features muster-sidecar/test-hooks`, as [`bins`] does).
 //! - [`Hub`] is one hub: `init` on a free UDP port, config edits, `serve`,
 //!   `kill -9`, SIGTERM, restart, and the operator CLI against it.
 //! - [`Sidecar`] is one sidecar: enrollment, config edits, `run`, `kill -9`,
 //!   SIGTERM, `status --json` and any other subcommand.
 //! - [`wait_until`] and [`wait_for`] poll a condition with a deadline; tests never
 //!   sleep to wait for an outcome.
+//! - [`run_log_prelude`] and [`read_run_log`] give exec agents a run log outside
+//!   every daemon's state: independent evidence of which runs happened and how
+//!   each ended.
 //! - A global limit ([`FleetPermit`], taken by every [`Hub`]) keeps at most
 //!   [`FLEETS_MAX`] tests' fleets running at once on this 2-core machine.
 //!
@@ -54,9 +58,9 @@ pub struct Bins {
     pub sidecar: PathBuf,
 }
 
-/// Builds `muster-hub` (with its `test-hooks` feature) and `muster-sidecar`
-/// once per test process (same profile as the test) and returns their paths in
-/// `target/<profile>/`.
+/// Builds `muster-hub` and `muster-sidecar` once per test process (same
+/// profile as the test, with their `test-hooks` features) and returns their
+/// paths in `target/<profile>/`.
 ///
 /// # Panics
 /// When the build fails (with cargo's output) or a binary is missing.
@@ -82,8 +86,9 @@ pub fn bins() -> &'static Bins {
                 "-p",
                 "muster-sidecar",
                 "--bins",
+                // Test-only hooks (the stall file, crash points); inert unless a test arms them.
                 "--features",
-                "muster-hub/test-hooks",
+                "muster-hub/test-hooks,muster-sidecar/test-hooks",
             ]);
             if release {
                 cmd.arg("--release");
@@ -1169,4 +1174,167 @@ pub fn write_script(path: &Path, body: &str) {
     std::fs::write(path, body).unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755))
         .unwrap_or_else(|e| panic!("cannot chmod {}: {e}", path.display()));
+}
+
+// === Run log ===
+
+/// Shell text for the top of an exec agent script (`/bin/sh`): sets `t`, `g`
+/// and `a` to the task, generation and agent, appends `start TASK GEN AGENT PID`
+/// to `log`, and defines `fin CODE`, which appends `end TASK GEN AGENT CODE`
+/// and exits with CODE. SIGTERM (a stop) ends the run with `fin 143`.
+///
+/// Each line is one `printf` of a short line to a file opened with `>>`
+/// (`O_APPEND`): one write, so the runs of every sidecar append whole lines
+/// in one order, the order in which they happened.
+pub fn run_log_prelude(log: &Path) -> String {
+    let log = log.display().to_string().replace('\'', r"'\''");
+    format!(
+        r#"log='{log}'
+t="$MUSTER_TASK_ID" g="$MUSTER_GENERATION" a="$MUSTER_AGENT"
+line="start $t $g $a $$"
+printf '%s\n' "$line" >> "$log"
+fin() {{
+  line="end $t $g $a $1"
+  printf '%s\n' "$line" >> "$log"
+  exit "$1"
+}}
+trap 'fin 143' TERM"#
+    )
+}
+
+/// Appends `note TEXT` to a run log in one `O_APPEND` write, so the test's own
+/// events (a kill, say) take their place in the order of the runs.
+///
+/// # Panics
+/// When the log cannot be written.
+pub fn run_log_note(log: &Path, text: &str) {
+    use std::io::Write as _;
+    let mut f = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap_or_else(|e| panic!("cannot open {}: {e}", log.display()));
+    f.write_all(format!("note {text}\n").as_bytes())
+        .unwrap_or_else(|e| panic!("cannot write {}: {e}", log.display()));
+}
+
+/// The notes of a run log (see [`run_log_note`]), each with its line number.
+///
+/// # Panics
+/// When the log exists but cannot be read.
+pub fn run_log_notes(log: &Path) -> Vec<(usize, String)> {
+    let text = match std::fs::read_to_string(log) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => panic!("cannot read the run log {}: {e}", log.display()),
+    };
+    text.lines()
+        .enumerate()
+        .filter_map(|(n, l)| Some((n, l.strip_prefix("note ")?.to_owned())))
+        .collect()
+}
+
+/// One agent run in a run log (see [`run_log_prelude`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoggedRun {
+    /// The task.
+    pub task: u64,
+    /// The generation.
+    pub generation: u64,
+    /// The agent (sidecar) that ran it.
+    pub agent: String,
+    /// The run's pid (the script's `$$`).
+    pub pid: u64,
+    /// Line number of its start: the log's line order is the order of the appends.
+    pub started: usize,
+    /// Line number of its end and its exit code; `None` while it has not logged one.
+    pub ended: Option<(usize, i64)>,
+}
+
+/// Reads a run log written through [`run_log_prelude`] (none yet: no runs). A
+/// start is paired with the next end of the same task, generation and agent.
+/// Lines that begin with `note ` are the test's own marks (see [`run_log_note`])
+/// and are skipped here.
+///
+/// # Errors
+/// A line that is not a start or an end, or an end without its start.
+pub fn read_run_log(log: &Path) -> Result<Vec<LoggedRun>, String> {
+    let text = match std::fs::read_to_string(log) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(format!("cannot read the run log {}: {e}", log.display())),
+    };
+    let mut runs: Vec<LoggedRun> = Vec::new();
+    let mut open: std::collections::BTreeMap<(u64, u64, String), Vec<usize>> =
+        std::collections::BTreeMap::new();
+    for (n, line) in text.lines().enumerate() {
+        if line.starts_with("note ") {
+            continue;
+        }
+        let f: Vec<&str> = line.split(' ').collect();
+        let parsed = match f.as_slice() {
+            [kind @ ("start" | "end"), t, g, a, x] => match (t.parse(), g.parse(), x.parse()) {
+                (Ok(t), Ok(g), Ok(x)) => Some((*kind, t, g, (*a).to_owned(), x)),
+                _ => None,
+            },
+            _ => None,
+        };
+        let Some((kind, task, generation, agent, x)) = parsed else {
+            return Err(format!("run log line {} is malformed: {line:?}", n + 1));
+        };
+        let key = (task, generation, agent.clone());
+        if kind == "start" {
+            open.entry(key).or_default().push(runs.len());
+            runs.push(LoggedRun {
+                task,
+                generation,
+                agent,
+                pid: u64::try_from(x).unwrap_or_default(),
+                started: n,
+                ended: None,
+            });
+            continue;
+        }
+        let pending = open.get_mut(&key).filter(|v| !v.is_empty());
+        let Some(i) = pending.map(|v| v.remove(0)) else {
+            return Err(format!(
+                "run log line {}: an end without a start: {line:?}",
+                n + 1
+            ));
+        };
+        runs[i].ended = Some((n, x));
+    }
+    Ok(runs)
+}
+
+// === Attempt histories ===
+
+/// `task show` of every id in `ids`, over one admin session of `hub` (hundreds
+/// of CLI processes would be slow): the task's JSON with its `attempt_history`.
+///
+/// # Panics
+/// When the session cannot be opened or a task does not answer within 30 s.
+pub fn task_shows(hub: &Hub, ids: &[u64]) -> std::collections::BTreeMap<u64, Value> {
+    use muster_protocol::TaskId;
+    use muster_protocol::msg::OpRequest;
+    let connect = muster_hub::cli::ConnectArgs {
+        hub: None,
+        credential: None,
+        data_dir: Some(hub.data_dir().to_path_buf()),
+    };
+    let result: Result<std::collections::BTreeMap<u64, Value>, String> = block_on(async {
+        let s = connect.connect().await.map_err(|e| e.message)?;
+        let mut out = std::collections::BTreeMap::new();
+        for id in ids {
+            let call = s.call(OpRequest::TaskShow { id: TaskId(*id) });
+            let v = tokio::time::timeout(Duration::from_secs(30), call)
+                .await
+                .map_err(|_| format!("task show {id} did not answer within 30 s"))?
+                .map_err(|e| format!("task show {id}: {}", e.message))?;
+            out.insert(*id, v);
+        }
+        s.close().await;
+        Ok(out)
+    });
+    result.unwrap_or_else(|e| panic!("reading the attempt histories failed: {e}"))
 }

@@ -1,24 +1,40 @@
 //! Issue 4, the process-level storm: hundreds of tasks across real sidecars on
 //! 127.0.0.1 while sidecars are killed with SIGKILL every few seconds (and
-//! restarted), one sidecar stays away long enough for its work to be `lost`,
-//! and the hub itself is killed with SIGKILL and restarted twice. Then
-//! everything is healed, every task must end, and an invariant checker reads
-//! `tasks --json` (all pages), every task's attempt history and the whole
-//! event stream (`watch --json --from 1`):
+//! restarted), one sidecar is frozen (SIGSTOP) until its work is `lost` while
+//! its runs finish, and the hub itself is killed with SIGKILL and
+//! restarted twice. Then everything is healed, every task must complete, and a
+//! checker compares the hub's records (`tasks --json`, every task's attempt
+//! history, the whole event stream, `stats --json`) with evidence the hub never
+//! sees: a run log that every agent run appends to, outside the sidecars' state.
 //!
 //! - no acknowledged task lost: every id a `submit --json` printed exists,
 //!   and each idempotency key maps to exactly one task (no duplicates);
-//! - no task with two accepted completions (at most one attempt `completed`,
-//!   and at most one transition to `completed` in the event stream);
-//! - every task terminal, every attempt of it ended with its outcome recorded,
-//!   generations strictly increasing, never more attempts than allowed;
-//! - the event stream has no gaps and agrees with the final task states.
+//! - every task `completed`, with exactly one `completed` attempt (its last),
+//!   and one transition to `completed` in the event stream;
+//! - every completion matches exactly one logged run of that task, generation
+//!   and agent that exited 0 (and the pid the hub recorded, when it has one),
+//!   except that an attempt may run again after its sidecar restarted if the
+//!   hub heard its acceptance only from the restarted sidecar (the killed one
+//!   spawned the run but never committed the acceptance); those are counted
+//!   and printed; every logged run belongs to an attempt the hub made; every
+//!   run ended;
+//! - no two runs of one task alive at once, except a superseded generation's
+//!   run (its attempt ended other than `completed`, a later one exists) still
+//!   ending while the next one runs;
+//! - every `fail_first` task's attempt 1 did not complete, and its runs exited
+//!   non-zero;
+//! - at least one attempt `lost` and at least one late report refused (the
+//!   frozen sidecar's outbox replays the completions of superseded attempts);
+//! - every attempt ended with its outcome recorded, generations strictly
+//!   increasing, never more attempts than allowed; the event stream has no
+//!   gaps and agrees with the final task states.
 //!
-//! Size and randomness come from the environment (see tests/README.md):
-//! `MUSTER_STORM_TASKS` (500), `MUSTER_STORM_SIDECARS` (4), `MUSTER_STORM_SLOTS`
-//! (4 per sidecar), `MUSTER_STORM_HUB_KILLS` (2), `MUSTER_STORM_SUBMITTERS`
-//! (4 parallel submitting clients), `MUSTER_STORM_SEED` (default: from the
-//! clock; always printed).
+//! It prints and asserts its totals. Size and randomness come from the
+//! environment (see tests/README.md): `MUSTER_STORM_TASKS` (500),
+//! `MUSTER_STORM_SIDECARS` (4), `MUSTER_STORM_SLOTS` (4 per sidecar),
+//! `MUSTER_STORM_HUB_KILLS` (2), `MUSTER_STORM_SUBMITTERS` (4 parallel
+//! submitting clients), `MUSTER_STORM_SEED` (default [`DEFAULT_SEED`]; always
+//! printed with the command that repeats the run).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::BufRead;
@@ -27,26 +43,38 @@ use std::process::{Command, Output, Stdio};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
-use muster_hub::cli::ConnectArgs;
-use muster_protocol::TaskId;
-use muster_protocol::msg::OpRequest;
-use muster_tests::{Hub, Sidecar, bins, block_on, wait_for, write_script};
+use muster_tests::{
+    Hub, LoggedRun, Sidecar, bins, read_run_log, run_log_note, run_log_notes, run_log_prelude,
+    task_shows, wait_for, write_script,
+};
 use serde_json::Value;
 
 /// How long a fresh (or restarted) sidecar may take to connect and show up online.
 const CONNECT: Duration = Duration::from_secs(30);
 /// Lost grace of the storm's hub.
 const LOST_GRACE_S: u64 = 5;
-/// Longest a submitting client's single `submit` may run before it is retried.
-const SUBMIT_CALL: Duration = Duration::from_secs(15);
+/// Longest a submitting client's single `submit` may run before it is retried
+/// (same idempotency key, so safe): a call whose hub was killed under it would
+/// otherwise wait out the QUIC idle timeout (15 s) and stretch the storm.
+const SUBMIT_CALL: Duration = Duration::from_secs(6);
 /// Pause between retries of a refused or failed submission (paces the client, waits for nothing).
 const SUBMIT_RETRY_PAUSE: Duration = Duration::from_millis(250);
 /// The chaos goes on at least this long (while the last tasks run), however fast the submissions.
 const MIN_CHAOS: Duration = Duration::from_secs(20);
 /// Share of tasks (per thousand) whose first attempt fails on purpose.
 const FAIL_FIRST_PER_MILLE: u64 = 50;
+/// The seed when `MUSTER_STORM_SEED` is not set: a CI failure can be repeated.
+const DEFAULT_SEED: u64 = 4242;
+/// Exit code of a `fail_first` task's attempt 1.
+const FAIL_FIRST_CODE: i64 = 3;
+/// How long the frozen sidecar's return may take to produce a refused late report.
+const LATE_REPORT_WAIT: Duration = Duration::from_secs(30);
+/// How often the chaos loop asks the hub's `stats` while it waits on the freeze.
+const HUB_POLL: Duration = Duration::from_millis(250);
+/// How long the checker waits for every logged run to log its end.
+const RUNS_END_WAIT: Duration = Duration::from_secs(15);
 
 // === configuration ===
 
@@ -70,12 +98,7 @@ struct StormConfig {
 
 impl StormConfig {
     fn from_env() -> Self {
-        let seed = env_u64("MUSTER_STORM_SEED").unwrap_or_else(|| {
-            SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map(|d| d.as_nanos() as u64 % 1_000_000_007)
-                .unwrap_or(1)
-        });
+        let seed = env_u64("MUSTER_STORM_SEED").unwrap_or(DEFAULT_SEED);
         let sidecars = env_u64("MUSTER_STORM_SIDECARS").unwrap_or(4).max(2) as usize;
         StormConfig {
             seed,
@@ -271,30 +294,6 @@ fn all_tasks(hub: &Hub) -> BTreeMap<u64, Value> {
     out
 }
 
-/// `task show --json` of every id, over one admin session (500 CLI processes would be slow).
-fn task_shows(hub: &Hub, ids: &[u64]) -> BTreeMap<u64, Value> {
-    let connect = ConnectArgs {
-        hub: None,
-        credential: None,
-        data_dir: Some(hub.data_dir().to_path_buf()),
-    };
-    let result: Result<BTreeMap<u64, Value>, String> = block_on(async {
-        let s = connect.connect().await.map_err(|e| e.message)?;
-        let mut out = BTreeMap::new();
-        for id in ids {
-            let call = s.call(OpRequest::TaskShow { id: TaskId(*id) });
-            let v = tokio::time::timeout(Duration::from_secs(30), call)
-                .await
-                .map_err(|_| format!("task show {id} did not answer within 30 s"))?
-                .map_err(|e| format!("task show {id}: {}", e.message))?;
-            out.insert(*id, v);
-        }
-        s.close().await;
-        Ok(out)
-    });
-    result.unwrap_or_else(|e| panic!("reading the attempt histories failed: {e}"))
-}
-
 /// The event stream from sequence 1 up to a marker event made now (an `agent
 /// undrain` of an agent that is not drained, which only writes an audit event):
 /// once the marker arrives, the stream has caught up with everything before it.
@@ -363,6 +362,24 @@ struct Verdict {
     states: BTreeMap<String, usize>,
     events: usize,
     max_attempts_seen: usize,
+    /// Runs in the run log, and how they ended (exit code, or `none`).
+    runs: usize,
+    run_ends: BTreeMap<String, usize>,
+    /// Runs that exited 0 for an attempt the hub did not complete (superseded).
+    superseded_successes: usize,
+    /// Pairs of runs of one task alive at once (a superseded one still ending).
+    superseded_overlaps: usize,
+    /// Runs of an attempt that ran again after its sidecar restarted: started
+    /// just before a kill and before the acceptance was committed, so the hub
+    /// sent the same attempt again ("Launch before commit" in the sidecar).
+    orphan_reruns: usize,
+    /// Of those, the runs that had already exited 0 before the restart.
+    orphan_successes: usize,
+    /// The first few of them, for the summary.
+    orphan_examples: Vec<String>,
+    /// `fail_first` tasks, and those whose attempt 1 ran and failed by its exit code.
+    fail_first: usize,
+    fail_first_failed: usize,
 }
 
 impl Verdict {
@@ -376,6 +393,214 @@ impl Verdict {
 }
 
 const TERMINAL: [&str; 3] = ["completed", "failed", "cancelled"];
+
+/// A sidecar restart, from the run log's `note restart AGENT MS` line.
+#[derive(Debug, Clone)]
+struct Restart {
+    /// Its line in the run log (runs before it were started by the killed sidecar).
+    line: usize,
+    agent: String,
+    /// Wall-clock milliseconds, comparable with the hub's attempt times.
+    at_ms: u64,
+}
+
+/// The sidecar restarts noted in a run log.
+fn restarts_in(log: &Path) -> Vec<Restart> {
+    run_log_notes(log)
+        .into_iter()
+        .filter_map(|(line, note)| {
+            let mut f = note.strip_prefix("restart ")?.split(' ');
+            let agent = f.next()?.to_owned();
+            let at_ms = f.next()?.parse().ok()?;
+            Some(Restart { line, agent, at_ms })
+        })
+        .collect()
+}
+
+/// Milliseconds since the epoch (the hub's attempt times are on the same clock).
+fn epoch_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The attempt history of a task, by generation.
+fn attempts_of(show: &Value) -> BTreeMap<u64, &Value> {
+    show["attempt_history"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|a| Some((a["generation"].as_u64()?, a)))
+        .collect()
+}
+
+/// Compares the hub's attempt histories with the run log (see the module docs);
+/// `restarts` are the sidecar restarts noted in the run log.
+fn check_runs(
+    v: &mut Verdict,
+    shows: &BTreeMap<u64, Value>,
+    runs: &[LoggedRun],
+    restarts: &[Restart],
+    fail_first: &BTreeSet<u64>,
+) {
+    v.runs = runs.len();
+    let mut by_task: BTreeMap<u64, Vec<&LoggedRun>> = BTreeMap::new();
+    for r in runs {
+        by_task.entry(r.task).or_default().push(r);
+        let end = r.ended.map_or("none".to_string(), |(_, c)| c.to_string());
+        *v.run_ends.entry(end).or_default() += 1;
+        if r.ended.is_none() {
+            v.violation(format!("run never logged its end: {r:?}"));
+        }
+    }
+    let none = Vec::new();
+    for (id, show) in shows {
+        let attempts = attempts_of(show);
+        let task_runs = by_task.get(id).unwrap_or(&none);
+        let last_gen = attempts.keys().next_back().copied().unwrap_or(0);
+        if show["attempts_not_shown"].as_u64().unwrap_or(0) > 0 {
+            v.violation(format!("task {id}: task show left attempts out: {show}"));
+        }
+        // Every run belongs to an attempt the hub made, on that agent.
+        for r in task_runs {
+            match attempts.get(&r.generation) {
+                Some(a) if a["agent"] == r.agent.as_str() => {}
+                Some(a) => v.violation(format!(
+                    "run {r:?} ran on {} but the hub gave generation {} to {}",
+                    r.agent, r.generation, a["agent"]
+                )),
+                None => v.violation(format!(
+                    "run {r:?} has no attempt at the hub (generations {:?})",
+                    attempts.keys().collect::<Vec<_>>()
+                )),
+            }
+        }
+        // Every completion: exactly one run of it that exited 0, unless the
+        // same attempt ran again after its sidecar restarted (see `orphan_reruns`).
+        for (generation, a) in &attempts {
+            let runs_g: Vec<&&LoggedRun> = task_runs
+                .iter()
+                .filter(|r| r.generation == *generation)
+                .collect();
+            let ok = runs_g
+                .iter()
+                .filter(|r| r.ended.is_some_and(|(_, c)| c == 0))
+                .count();
+            if a["outcome"] != "completed" {
+                v.superseded_successes += ok;
+                if ok > 0 && *generation == last_gen {
+                    v.violation(format!(
+                        "task {id}: its last attempt {a} did not complete, yet a run of it exited 0: {runs_g:?}"
+                    ));
+                }
+                continue;
+            }
+            let Some(last) = runs_g.last() else {
+                v.violation(format!(
+                    "task {id}: generation {generation} completed at the hub but never ran"
+                ));
+                continue;
+            };
+            if last.ended.map(|(_, c)| c) != Some(0)
+                || a["agent"] != last.agent.as_str()
+                || a["pid"].as_u64().is_some_and(|p| p != last.pid)
+            {
+                v.violation(format!(
+                    "task {id}: the completed attempt {a} is not its last run, which exited 0: {last:?}"
+                ));
+            }
+            // A second run of one attempt is the launch-before-commit window only
+            // if its sidecar restarted between the two and the hub heard the
+            // acceptance from the restarted sidecar (else an accepted attempt ran again).
+            let accepted_at = a["accepted_at"].as_u64();
+            for pair in runs_g.windows(2) {
+                let (r1, r2) = (pair[0], pair[1]);
+                let restart = restarts.iter().find(|x| {
+                    x.agent == r1.agent
+                        && r1.agent == r2.agent
+                        && r1.started < x.line
+                        && x.line < r2.started
+                });
+                let Some(restart) = restart else {
+                    v.violation(format!(
+                        "task {id}: generation {generation} ran twice with no restart of its sidecar between: {r1:?} then {r2:?}"
+                    ));
+                    continue;
+                };
+                if accepted_at.is_some_and(|t| t < restart.at_ms) {
+                    v.violation(format!(
+                        "task {id}: generation {generation} was accepted (at {accepted_at:?} ms) before its sidecar restarted (at {} ms) and ran again: {r1:?} then {r2:?}",
+                        restart.at_ms
+                    ));
+                    continue;
+                }
+                v.orphan_reruns += 1;
+                if r1.ended.is_some_and(|(_, c)| c == 0) {
+                    v.orphan_successes += 1;
+                }
+                if v.orphan_examples.len() < 5 {
+                    v.orphan_examples.push(format!("{r1:?} then {r2:?}"));
+                }
+            }
+        }
+        // No two runs alive at once, unless the earlier one's attempt was superseded.
+        for (i, r1) in task_runs.iter().enumerate() {
+            let end1 = r1.ended.map_or(usize::MAX, |(n, _)| n);
+            for r2 in &task_runs[i + 1..] {
+                if r2.started > end1 {
+                    continue;
+                }
+                let superseded = r1.generation < r2.generation
+                    && attempts
+                        .get(&r1.generation)
+                        .is_some_and(|a| a["outcome"].is_string() && a["outcome"] != "completed");
+                if superseded {
+                    v.superseded_overlaps += 1;
+                } else {
+                    v.violation(format!(
+                        "task {id}: two runs alive at once: {r1:?} and {r2:?}"
+                    ));
+                }
+            }
+        }
+        // A fail_first task's attempt 1 failed, and no run of it exited 0.
+        if fail_first.contains(id) {
+            v.fail_first += 1;
+            let runs1: Vec<&&LoggedRun> = task_runs.iter().filter(|r| r.generation == 1).collect();
+            match attempts.get(&1) {
+                Some(a) if a["outcome"] == "completed" => {
+                    v.violation(format!("task {id} (fail_first): attempt 1 completed: {a}"))
+                }
+                Some(a) if a["outcome"] == "failed" => {
+                    if runs1
+                        .iter()
+                        .any(|r| r.ended.is_some_and(|(_, c)| c == FAIL_FIRST_CODE))
+                    {
+                        v.fail_first_failed += 1;
+                    } else {
+                        v.violation(format!(
+                            "task {id} (fail_first): attempt 1 failed at the hub but no run of it exited {FAIL_FIRST_CODE}: {runs1:?}"
+                        ));
+                    }
+                }
+                Some(_) => {}
+                None => v.violation(format!("task {id} (fail_first) has no attempt 1")),
+            }
+            if runs1.iter().any(|r| r.ended.is_some_and(|(_, c)| c == 0)) {
+                v.violation(format!(
+                    "task {id} (fail_first): a run of attempt 1 exited 0: {runs1:?}"
+                ));
+            }
+        }
+    }
+    for id in by_task.keys() {
+        if !shows.contains_key(id) {
+            v.violation(format!(
+                "the run log has runs of task {id}, which the hub does not list"
+            ));
+        }
+    }
+}
 
 fn check_invariants(
     acks: &[Ack],
@@ -417,8 +642,8 @@ fn check_invariants(
     for (id, t) in tasks {
         let state = t["state"].as_str().unwrap_or("?").to_string();
         *v.states.entry(state.clone()).or_default() += 1;
-        if !TERMINAL.contains(&state.as_str()) {
-            v.violation(format!("task {id} is not terminal: {state}"));
+        if state != "completed" {
+            v.violation(format!("task {id} did not complete: {state}"));
         }
         let Some(show) = shows.get(id) else {
             v.violation(format!("task {id}: no task show"));
@@ -561,30 +786,31 @@ fn check_invariants(
     v
 }
 
-// === the agent ===
+// === the agent and its run log ===
 
-/// The exec agent every sidecar runs: sleeps the task's `sleep_ms`, and for a
-/// `fail_first` task fails the first attempt (whichever sidecar runs it).
-fn agent_script(dir: &Path) -> PathBuf {
+/// The exec agent every sidecar runs: logs its start to `log`, sleeps the
+/// task's `sleep_ms` (a `fail_first` task's generation 1 fails instead), logs
+/// its end with the exit code, and exits with it (see [`run_log_prelude`]).
+fn agent_script(dir: &Path, log: &Path) -> PathBuf {
     let path = dir.join("storm-agent.sh");
-    let marks = dir.join("first-failures");
-    std::fs::create_dir_all(&marks).expect("create the first-failures directory");
     write_script(
         &path,
         &format!(
             r#"#!/bin/sh
+{prelude}
 f="$MUSTER_TASK_FILE"
 ms=$(grep -o 'sleep_ms=[0-9]*' "$f" | head -n 1 | cut -d= -f2)
 [ -n "$ms" ] || ms=0
-if grep -q 'fail_first' "$f" && mkdir '{marks}'/"$MUSTER_TASK_ID" 2>/dev/null; then
+if [ "$g" = 1 ] && grep -q 'fail_first' "$f"; then
   sleep 0.15
-  echo "task $MUSTER_TASK_ID: the first attempt fails on purpose" >&2
-  exit 3
+  echo "task $t: attempt 1 fails on purpose" >&2
+  fin {code}
 fi
 sleep "$(printf '0.%03d' "$ms")"
-exit 0
+fin 0
 "#,
-            marks = marks.display()
+            prelude = run_log_prelude(log),
+            code = FAIL_FIRST_CODE,
         ),
     );
     path
@@ -595,17 +821,82 @@ exit 0
 #[derive(Debug, Default)]
 struct Chaos {
     sidecar_kills: usize,
-    long_outages: usize,
+    freezes: usize,
     hub_kills: usize,
     hub_restart_s: Vec<f64>,
+    /// How long the sidecar stayed frozen.
+    freeze_s: f64,
+    /// Late reports refused, summed over the hub's lives (its counters restart with it).
+    stale_reports: u64,
+}
+
+/// Sends `sig` to `pid` with kill(1) (the workspace forbids `unsafe`).
+fn signal(pid: u32, sig: &str) {
+    let _ = Command::new("kill")
+        .args([&format!("-{sig}"), "--", &pid.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+}
+
+/// A sidecar stopped with SIGSTOP; continued when dropped, so a failing test
+/// never leaves a frozen process (whose `status` would hang) to the fixtures.
+struct Frozen {
+    pid: u32,
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        signal(self.pid, "CONT");
+    }
+}
+
+/// The hub's `stale_reports` (since its last start).
+fn stale_reports(hub: &Hub) -> u64 {
+    hub.json(&["stats"])["stale_reports"]
+        .as_u64()
+        .unwrap_or_default()
+}
+
+/// Whether the hub lists a task running on `agent`.
+fn hub_shows_running(hub: &Hub, agent: &str) -> bool {
+    hub.json(&[
+        "tasks", "--agent", agent, "--state", "running", "--limit", "1",
+    ])["tasks"]
+        .as_array()
+        .is_some_and(|t| !t.is_empty())
+}
+
+/// The hub's count of attempts ended `lost` (since its last start).
+fn lost_attempts(hub: &Hub) -> u64 {
+    hub.json(&["stats"])["outcomes"]["lost"]
+        .as_u64()
+        .unwrap_or_default()
+}
+
+/// Whether the sidecar holds an attempt whose run is under way and reported
+/// started (a run still in its settle time would end `start_timeout` at the
+/// hub, not `lost`).
+fn holds_a_run(sc: &Sidecar) -> bool {
+    sc.status_json().is_some_and(|v| {
+        v["tasks"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|t| t["pid"].is_u64() && t["phase"] == "running")
+    })
 }
 
 #[test]
 fn storm_of_tasks_under_sidecar_and_hub_kills_keeps_every_invariant() {
     let cfg = StormConfig::from_env();
+    let repeat = format!(
+        "MUSTER_STORM_SEED={} MUSTER_STORM_TASKS={} MUSTER_STORM_SIDECARS={} MUSTER_STORM_SLOTS={} MUSTER_STORM_HUB_KILLS={} MUSTER_STORM_SUBMITTERS={} cargo test -p muster-tests --test storm -- --nocapture",
+        cfg.seed, cfg.tasks, cfg.sidecars, cfg.slots, cfg.hub_kills, cfg.submitters
+    );
     eprintln!(
-        "storm: seed {} ({} tasks, {} sidecars × {} slots, {} hub kills, {} submitters); reproduce with MUSTER_STORM_SEED={}",
-        cfg.seed, cfg.tasks, cfg.sidecars, cfg.slots, cfg.hub_kills, cfg.submitters, cfg.seed
+        "storm: seed {} ({} tasks, {} sidecars × {} slots, {} hub kills, {} submitters); repeat with:\n  {repeat}",
+        cfg.seed, cfg.tasks, cfg.sidecars, cfg.slots, cfg.hub_kills, cfg.submitters
     );
     let built = Instant::now();
     bins();
@@ -635,7 +926,13 @@ fn storm_of_tasks_under_sidecar_and_hub_kills_keeps_every_invariant() {
     );
     hub.start();
 
-    let script = agent_script(hub.root());
+    // The evidence outside every daemon's state: the run log.
+    let evidence = tempfile::Builder::new()
+        .prefix("muster-storm-evidence-")
+        .tempdir()
+        .expect("a temporary directory");
+    let run_log = evidence.path().join("runs.log");
+    let script = agent_script(evidence.path(), &run_log);
     let script_toml = serde_json::Value::String(script.to_string_lossy().into_owned()).to_string();
     let mut sidecars: Vec<Sidecar> = (0..cfg.sidecars)
         .map(|n| {
@@ -665,7 +962,9 @@ fn storm_of_tasks_under_sidecar_and_hub_kills_keeps_every_invariant() {
     let stop = AtomicBool::new(false);
     let data = hub.data_dir().to_path_buf();
     let idle = muster_protocol::tls::IDLE_TIMEOUT;
-    let long_outage = idle + Duration::from_secs(LOST_GRACE_S + 3);
+    // The freeze ends once the hub has ended the victim's attempts `lost` (after
+    // idle timeout + lost grace), or at the latest after this long.
+    let freeze_max = idle + Duration::from_secs(LOST_GRACE_S + 30);
     let mut chaos = Chaos::default();
 
     let (total_tasks, seed) = (cfg.tasks, cfg.seed);
@@ -685,26 +984,84 @@ fn storm_of_tasks_under_sidecar_and_hub_kills_keeps_every_invariant() {
             });
         }
 
-        // The chaos loop: restarts due sidecars, kills one every 1.5–4 s (the
-        // first kill is a long outage, past idle timeout + lost grace), and kills
-        // the hub when a third, then two thirds, of the tasks are acknowledged.
+        // The chaos loop: restarts due sidecars; kills one every 1.5–4 s, except
+        // that the first fault freezes a sidecar that holds a started run
+        // (SIGSTOP) until the hub has ended its attempts `lost` while its runs
+        // finished, then continues it, so its outbox replays their completions,
+        // which the hub must refuse (no hub kill until it has: the hub's counters
+        // restart with it); kills the hub when a third, then two thirds, of the
+        // tasks are acknowledged.
         let mut down_until: Vec<Option<Instant>> = vec![None; cfg.sidecars];
+        let mut frozen: Option<(usize, Frozen)> = None;
+        // After the continue: the hub's stale count then, and how long to wait for more.
+        let mut awaiting_late: Option<(u64, Instant)> = None;
+        let mut late_done = false;
+        // Whether the hub has ended the frozen sidecar's attempts `lost` (after idle
+        // timeout + lost grace, or lost grace after a hub restart: a restarted hub
+        // counts the grace from its own start).
+        let mut lost_seen = false;
+        let mut frozen_at: Option<Instant> = None;
+        let mut next_poll = Instant::now();
         let mut next_kill = Instant::now() + rng.millis(1500, 3000);
         let max_down = (cfg.sidecars / 2).max(1);
         let acked = || log.lock().unwrap_or_else(|p| p.into_inner()).acks.len();
         loop {
             let now = Instant::now();
             for (n, until) in down_until.iter_mut().enumerate() {
-                if until.is_some_and(|u| now >= u) {
-                    sidecars[n].start();
+                let is_frozen = frozen.as_ref().is_some_and(|(v, _)| *v == n);
+                if until.is_some_and(|u| now >= u) || (is_frozen && lost_seen) {
+                    if is_frozen {
+                        frozen = None; // continues it
+                        chaos.freeze_s = frozen_at.map_or(0.0, |t| t.elapsed().as_secs_f64());
+                        awaiting_late = Some((stale_reports(&hub), now + LATE_REPORT_WAIT));
+                        eprintln!(
+                            "storm: {:5.1} s  sidecar {} continued (SIGCONT)",
+                            storm_start.elapsed().as_secs_f64(),
+                            sidecars[n].name()
+                        );
+                    } else {
+                        run_log_note(
+                            &run_log,
+                            &format!("restart {} {}", sidecars[n].name(), epoch_ms()),
+                        );
+                        sidecars[n].start();
+                    }
                     *until = None;
                 }
             }
+            let poll = now >= next_poll;
+            if poll {
+                next_poll = now + HUB_POLL;
+            }
+            if poll && frozen.is_some() && !lost_seen {
+                lost_seen = lost_attempts(&hub) > 0;
+                if lost_seen {
+                    eprintln!(
+                        "storm: {:5.1} s  the frozen sidecar's attempts ended lost",
+                        storm_start.elapsed().as_secs_f64()
+                    );
+                }
+            }
+            if let Some((before, until)) = awaiting_late.filter(|_| poll) {
+                let stale = stale_reports(&hub);
+                if stale > before || now >= until {
+                    eprintln!(
+                        "storm: {:5.1} s  {} late report(s) refused since the continue",
+                        storm_start.elapsed().as_secs_f64(),
+                        stale.saturating_sub(before)
+                    );
+                    awaiting_late = None;
+                    late_done = true;
+                }
+            }
             let all_submitted = submitters_done.load(Ordering::SeqCst) == cfg.submitters;
-            if chaos.hub_kills < cfg.hub_kills {
+            if chaos.hub_kills < cfg.hub_kills && awaiting_late.is_none() {
                 let threshold = cfg.tasks * (chaos.hub_kills + 1) / (cfg.hub_kills + 1);
                 if acked() >= threshold || all_submitted {
+                    // Its counters restart with it: keep what it counted so far.
+                    chaos.stale_reports += stale_reports(&hub);
                     hub.kill9();
+                    run_log_note(&run_log, "kill hub");
                     let pause = rng.millis(200, 1500);
                     std::thread::sleep(pause); // the hub stays down a moment (fault pacing)
                     let restart = Instant::now();
@@ -724,6 +1081,7 @@ fn storm_of_tasks_under_sidecar_and_hub_kills_keeps_every_invariant() {
             if all_submitted
                 && chaos.hub_kills >= cfg.hub_kills
                 && storm_start.elapsed() >= MIN_CHAOS
+                && late_done
             {
                 break;
             }
@@ -736,33 +1094,58 @@ fn storm_of_tasks_under_sidecar_and_hub_kills_keeps_every_invariant() {
                 let up: Vec<usize> = (0..cfg.sidecars)
                     .filter(|n| down_until[*n].is_none())
                     .collect();
-                let victim = up[rng.range(0, up.len() as u64 - 1) as usize];
-                let long = chaos.long_outages == 0;
-                let downtime = if long {
-                    long_outage
+                if chaos.freezes == 0 {
+                    // The first fault waits for a sidecar with a run under way.
+                    if let Some(&victim) = up.iter().find(|n| holds_a_run(&sidecars[**n])) {
+                        let pid = sidecars[victim].pid().expect("an up sidecar has a pid");
+                        signal(pid, "STOP");
+                        let guard = Frozen { pid };
+                        // Its run may have ended between the look and the stop: then try again.
+                        if !hub_shows_running(&hub, sidecars[victim].name()) {
+                            drop(guard);
+                            std::thread::sleep(Duration::from_millis(50)); // paces the retries
+                            continue;
+                        }
+                        frozen = Some((victim, guard));
+                        down_until[victim] = Some(Instant::now() + freeze_max);
+                        chaos.freezes += 1;
+                        eprintln!(
+                            "storm: {:5.1} s  sidecar {} frozen (SIGSTOP) until its attempts are lost (at most {:.0} s; {} acknowledged)",
+                            storm_start.elapsed().as_secs_f64(),
+                            sidecars[victim].name(),
+                            freeze_max.as_secs_f64(),
+                            acked()
+                        );
+                        frozen_at = Some(Instant::now());
+                        next_kill = Instant::now() + rng.millis(1500, 4000);
+                    }
                 } else {
-                    rng.millis(300, 3000)
-                };
-                sidecars[victim].kill9();
-                down_until[victim] = Some(Instant::now() + downtime);
-                chaos.sidecar_kills += 1;
-                if long {
-                    chaos.long_outages += 1;
+                    let victim = up[rng.range(0, up.len() as u64 - 1) as usize];
+                    let downtime = rng.millis(300, 3000);
+                    sidecars[victim].kill9();
+                    run_log_note(&run_log, &format!("kill {}", sidecars[victim].name()));
+                    down_until[victim] = Some(Instant::now() + downtime);
+                    chaos.sidecar_kills += 1;
+                    eprintln!(
+                        "storm: {:5.1} s  sidecar {} killed (-9), back in {:.1} s ({} acknowledged)",
+                        storm_start.elapsed().as_secs_f64(),
+                        sidecars[victim].name(),
+                        downtime.as_secs_f64(),
+                        acked()
+                    );
+                    next_kill = Instant::now() + rng.millis(1500, 4000);
                 }
-                eprintln!(
-                    "storm: {:5.1} s  sidecar {} killed (-9), back in {:.1} s ({} acknowledged)",
-                    storm_start.elapsed().as_secs_f64(),
-                    sidecars[victim].name(),
-                    downtime.as_secs_f64(),
-                    acked()
-                );
-                next_kill = Instant::now() + rng.millis(1500, 4000);
             }
             std::thread::sleep(Duration::from_millis(50)); // paces the chaos loop
         }
         // Heal: every sidecar back (the submitters may still be retrying).
+        drop(frozen);
         for (n, until) in down_until.iter_mut().enumerate() {
-            if until.take().is_some() {
+            if until.take().is_some() && sidecars[n].pid().is_none() {
+                run_log_note(
+                    &run_log,
+                    &format!("restart {} {}", sidecars[n].name(), epoch_ms()),
+                );
                 sidecars[n].start();
             }
         }
@@ -821,13 +1204,30 @@ fn storm_of_tasks_under_sidecar_and_hub_kills_keeps_every_invariant() {
     });
     let drain_s = heal.elapsed().as_secs_f64();
 
-    // --- the invariant checker ---
+    // --- the checker ---
     let check = Instant::now();
     let tasks = all_tasks(&hub);
     let ids: Vec<u64> = tasks.keys().copied().collect();
     let shows = task_shows(&hub, &ids);
     let events = events_until_marker(&hub, sidecars[0].name(), Duration::from_secs(120));
-    let verdict = check_invariants(&log.acks, &tasks, &shows, &events);
+    chaos.stale_reports += stale_reports(&hub);
+    // Every run logs its end by itself (a stopped one on SIGTERM); wait for the last ones.
+    let runs = wait_for(RUNS_END_WAIT, "every logged run ended", || {
+        let runs = read_run_log(&run_log).unwrap_or_else(|e| panic!("{e}"));
+        match runs.iter().find(|r| r.ended.is_none()) {
+            None => Ok(runs),
+            Some(r) => Err(format!("{r:?} has not ended")),
+        }
+    });
+    let by_index: BTreeMap<usize, u64> = log.acks.iter().map(|a| (a.index, a.id)).collect();
+    let fail_first: BTreeSet<u64> = by_index
+        .iter()
+        .filter(|(i, _)| task_plan(cfg.seed, **i).1)
+        .map(|(_, id)| *id)
+        .collect();
+    let mut verdict = check_invariants(&log.acks, &tasks, &shows, &events);
+    let restarts = restarts_in(&run_log);
+    check_runs(&mut verdict, &shows, &runs, &restarts, &fail_first);
     let check_s = check.elapsed().as_secs_f64();
 
     // Every process survived (the sidecars that were not killed last, the hub).
@@ -851,27 +1251,48 @@ fn storm_of_tasks_under_sidecar_and_hub_kills_keeps_every_invariant() {
     }
 
     let existing = log.acks.iter().filter(|a| a.existing).count();
+    let completed = verdict.states.get("completed").copied().unwrap_or(0);
+    let lost = verdict.outcomes.get("lost").copied().unwrap_or(0);
+    let completed_attempts = verdict.outcomes.get("completed").copied().unwrap_or(0);
+    let exited_0 = verdict.run_ends.get("0").copied().unwrap_or(0);
     eprintln!(
-        "storm summary: seed {seed}, {tasks} tasks on {sc} sidecars × {slots} slots\n  \
-         final states: {states:?}\n  \
-         attempts: {attempts} (at most {maxa} for one task), outcomes: {outcomes:?}\n  \
+        "storm summary: seed {seed}, {sc} sidecars × {slots} slots\n  \
+         submitted {submitted}, acknowledged {acked}, completed {completed}; final states: {states:?}\n  \
+         attempts: {attempts} (at most {maxa} for one task), by outcome: {outcomes:?}\n  \
+         runs logged: {runs}, by exit code: {run_ends:?}; {superseded} exited 0 for a superseded attempt, \
+         {overlaps} overlapped the next attempt; \
+         {orphans} attempts ran again after their sidecar's restart ({orphans_ok} of the first runs had exited 0)\n  \
+         attempts run again after a restart: {orphan_examples:?}\n  \
+         fail_first: {ff} tasks, attempt 1 failed by its exit code in {fff}\n  \
+         lost attempts: {lost}, late reports refused: {stale}\n  \
+         chaos: {kills} sidecar kills, {freezes} freeze of {freeze_s:.1} s, {hub_kills} hub kills (down/restart {restarts:?} s)\n  \
          events read: {events}\n  \
-         chaos: {kills} sidecar kills ({long} long outage of {long_s:.0} s), {hub_kills} hub kills (down/restart {restarts:?} s)\n  \
          submissions: {retries} retried calls, {existing} answered by an existing key\n  \
          time: build {build_s:.1} s, setup {setup_s:.1} s, storm {storm_s:.1} s, heal and drain {drain_s:.1} s, check {check_s:.1} s, total {total:.1} s\n  \
-         invariants: {verdict}",
+         invariants: {verdict_text}",
         seed = cfg.seed,
-        tasks = tasks.len(),
         sc = cfg.sidecars,
         slots = cfg.slots,
+        submitted = cfg.tasks,
+        acked = acked_indices.len(),
         states = verdict.states,
         attempts = verdict.attempts,
         maxa = verdict.max_attempts_seen,
         outcomes = verdict.outcomes,
+        runs = verdict.runs,
+        run_ends = verdict.run_ends,
+        superseded = verdict.superseded_successes,
+        overlaps = verdict.superseded_overlaps,
+        orphans = verdict.orphan_reruns,
+        orphans_ok = verdict.orphan_successes,
+        orphan_examples = verdict.orphan_examples,
+        ff = verdict.fail_first,
+        fff = verdict.fail_first_failed,
+        stale = chaos.stale_reports,
         events = verdict.events,
         kills = chaos.sidecar_kills,
-        long = chaos.long_outages,
-        long_s = long_outage.as_secs_f64(),
+        freezes = chaos.freezes,
+        freeze_s = chaos.freeze_s,
         hub_kills = chaos.hub_kills,
         restarts = chaos
             .hub_restart_s
@@ -880,7 +1301,7 @@ fn storm_of_tasks_under_sidecar_and_hub_kills_keeps_every_invariant() {
             .collect::<Vec<_>>(),
         retries = log.retries,
         total = t0.elapsed().as_secs_f64(),
-        verdict = if verdict.violations.is_empty() {
+        verdict_text = if verdict.violations.is_empty() {
             "all hold".to_string()
         } else {
             format!("{} VIOLATED", verdict.violations.len())
@@ -888,13 +1309,196 @@ fn storm_of_tasks_under_sidecar_and_hub_kills_keeps_every_invariant() {
     );
     assert!(
         verdict.violations.is_empty(),
-        "storm seed {} broke invariants (reproduce with MUSTER_STORM_SEED={}):\n{}",
-        cfg.seed,
+        "storm seed {} broke invariants (repeat with: {repeat}):\n{}",
         cfg.seed,
         verdict.violations.join("\n")
     );
+    // The totals, so a storm that did little cannot pass.
+    let why = format!("(repeat with: {repeat})");
+    assert_eq!(completed, cfg.tasks, "tasks completed {why}");
+    assert_eq!(completed_attempts, cfg.tasks, "completed attempts {why}");
+    assert_eq!(
+        verdict.outcomes.values().sum::<usize>(),
+        verdict.attempts,
+        "attempts by outcome add up {why}"
+    );
+    assert_eq!(
+        exited_0,
+        cfg.tasks + verdict.superseded_successes + verdict.orphan_successes,
+        "runs that exited 0: one per task, plus those of superseded attempts and of runs repeated after a restart {why}"
+    );
+    assert!(verdict.runs >= cfg.tasks, "runs logged {why}");
+    assert!(lost >= 1, "no attempt ended lost {why}");
+    assert!(chaos.stale_reports >= 1, "no late report was refused {why}");
+    assert_eq!(chaos.freezes, 1, "the sidecar freeze did not happen {why}");
+    assert!(chaos.sidecar_kills >= 1, "no sidecar was killed {why}");
     assert_eq!(
         chaos.hub_kills, cfg.hub_kills,
-        "the storm did not kill the hub as often as asked"
+        "the storm did not kill the hub as often as asked {why}"
+    );
+    if verdict.fail_first > 0 {
+        assert!(
+            verdict.fail_first_failed >= 1,
+            "no fail_first task's attempt 1 failed by its exit code {why}"
+        );
+    }
+}
+
+/// The run-log checker is not vacuous: each contradiction between the hub's
+/// histories and the run log that it exists to catch is reported.
+#[test]
+fn run_log_checker_reports_runs_that_contradict_the_hub() {
+    fn run(
+        task: u64,
+        generation: u64,
+        agent: &str,
+        started: usize,
+        end: Option<(usize, i64)>,
+    ) -> LoggedRun {
+        LoggedRun {
+            task,
+            generation,
+            agent: agent.into(),
+            pid: 100 + started as u64,
+            started,
+            ended: end,
+        }
+    }
+    fn show(attempts: Value) -> Value {
+        serde_json::json!({ "state": "completed", "attempt_history": attempts, "attempts_not_shown": 0 })
+    }
+    let completed_once = |pid: u64| {
+        show(
+            serde_json::json!([{ "generation": 1, "agent": "a", "outcome": "completed", "pid": pid }]),
+        )
+    };
+    let check = |shows: &[(u64, Value)], runs: &[LoggedRun], restarts: &[Restart], ff: &[u64]| {
+        let mut v = Verdict::default();
+        let shows: BTreeMap<u64, Value> = shows.iter().cloned().collect();
+        check_runs(
+            &mut v,
+            &shows,
+            runs,
+            restarts,
+            &ff.iter().copied().collect(),
+        );
+        v
+    };
+    // The honest case holds.
+    let v = check(
+        &[(1, completed_once(100))],
+        &[run(1, 1, "a", 0, Some((1, 0)))],
+        &[],
+        &[],
+    );
+    assert!(v.violations.is_empty(), "{:?}", v.violations);
+    // Cases that must be reported, each with what it breaks.
+    /// What is wrong, the histories, the runs, the restarts, the `fail_first` tasks.
+    type Case = (
+        &'static str,
+        Vec<(u64, Value)>,
+        Vec<LoggedRun>,
+        Vec<Restart>,
+        Vec<u64>,
+    );
+    let cases: Vec<Case> = vec![
+        (
+            "a completion with no run",
+            vec![(1, completed_once(100))],
+            vec![],
+            vec![],
+            vec![],
+        ),
+        (
+            "a completion whose run failed",
+            vec![(1, completed_once(100))],
+            vec![run(1, 1, "a", 0, Some((1, 1)))],
+            vec![],
+            vec![],
+        ),
+        (
+            "one attempt run twice with no restart between",
+            vec![(1, completed_once(102))],
+            vec![
+                run(1, 1, "a", 0, Some((1, 0))),
+                run(1, 1, "a", 2, Some((3, 0))),
+            ],
+            vec![],
+            vec![],
+        ),
+        (
+            "two runs of one attempt alive at once",
+            vec![(1, completed_once(101))],
+            vec![
+                run(1, 1, "a", 0, Some((2, 143))),
+                run(1, 1, "a", 1, Some((3, 0))),
+            ],
+            vec![],
+            vec![],
+        ),
+        (
+            "a run the hub never assigned",
+            vec![(1, completed_once(100))],
+            vec![
+                run(1, 1, "a", 0, Some((1, 0))),
+                run(1, 2, "a", 2, Some((3, 0))),
+            ],
+            vec![],
+            vec![],
+        ),
+        (
+            "a run that never ended",
+            vec![(1, completed_once(100))],
+            vec![run(1, 1, "a", 0, Some((1, 0))), run(2, 1, "a", 2, None)],
+            vec![],
+            vec![],
+        ),
+        (
+            "a fail_first task whose attempt 1 completed",
+            vec![(1, completed_once(100))],
+            vec![run(1, 1, "a", 0, Some((1, 0)))],
+            vec![],
+            vec![1],
+        ),
+        (
+            "the completion is another run than the one that exited 0 (pid)",
+            vec![(1, completed_once(7))],
+            vec![run(1, 1, "a", 0, Some((1, 0)))],
+            vec![],
+            vec![],
+        ),
+    ];
+    for (what, shows, runs, restarts, ff) in cases {
+        let v = check(&shows, &runs, &restarts, &ff);
+        assert!(!v.violations.is_empty(), "not reported: {what}");
+    }
+    // One attempt run again across a restart of its sidecar, accepted by the
+    // restarted one, is counted, not a violation; accepted before, it is one.
+    let restart = Restart {
+        line: 2,
+        agent: "a".into(),
+        at_ms: 5_000,
+    };
+    let rerun = [
+        run(1, 1, "a", 0, Some((1, 0))),
+        run(1, 1, "a", 3, Some((4, 0))),
+    ];
+    let accepted = |at: u64| {
+        show(
+            serde_json::json!([{ "generation": 1, "agent": "a", "outcome": "completed", "pid": 103, "accepted_at": at }]),
+        )
+    };
+    let v = check(
+        &[(1, accepted(6_000))],
+        &rerun,
+        std::slice::from_ref(&restart),
+        &[],
+    );
+    assert!(v.violations.is_empty(), "{:?}", v.violations);
+    assert_eq!((v.orphan_reruns, v.orphan_successes), (1, 1));
+    let v = check(&[(1, accepted(4_000))], &rerun, &[restart], &[]);
+    assert!(
+        !v.violations.is_empty(),
+        "not reported: an accepted attempt run again"
     );
 }
