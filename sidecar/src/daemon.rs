@@ -166,6 +166,8 @@ pub async fn run(
         draining: false,
         stats: SidecarStats::default(),
         starting: std::collections::HashMap::new(),
+        orphans: std::collections::HashMap::new(),
+        orphan_deadline: None,
     };
     // Both before the session starts: the hub resends assignments not yet
     // accepted, and their runs must not meet an orphan or lose their directory.
@@ -191,6 +193,10 @@ pub async fn run(
             Some(m) = from_session.recv() => events.push(Ev::Session(m)),
             Some(e) = run_rx.recv() => events.push(Ev::Run(e)),
             Some(l) = local_rx.recv() => events.push(Ev::Local(l)),
+            _ = tokio::time::sleep_until(d.orphan_deadline.unwrap_or(next_hb)), if d.orphan_deadline.is_some() => {
+                d.end_orphans();
+                continue;
+            }
             _ = tokio::time::sleep_until(next_hb) => {
                 d.heartbeat(&core);
                 next_hb = tokio::time::Instant::now() + d.jittered();
@@ -243,6 +249,9 @@ pub async fn run(
                     d.tx = Some(tx);
                     d.conn = Some(conn);
                     connected = true;
+                    if !d.orphans.is_empty() && d.orphan_deadline.is_none() {
+                        d.orphan_deadline = Some(tokio::time::Instant::now() + ORPHAN_CLAIM);
+                    }
                 }
                 Ev::Session(ToMain::Disconnected) => {
                     d.tx = None;
@@ -375,7 +384,21 @@ struct Daemon {
     /// When each run was started, for the wake latency.
     starting:
         std::collections::HashMap<(muster_protocol::TaskId, muster_protocol::Generation), Instant>,
+    /// Runs found at startup for attempts the store never recorded (spawned, then
+    /// the sidecar died before the acceptance's commit). The hub resends such an
+    /// assignment when the session opens; the run is then adopted instead of
+    /// started a second time. Those not claimed by [`ORPHAN_CLAIM`] are ended.
+    orphans: std::collections::HashMap<
+        (muster_protocol::TaskId, muster_protocol::Generation),
+        crate::agent::RunHandle,
+    >,
+    /// When the orphans not claimed are ended (set at the first welcome).
+    orphan_deadline: Option<tokio::time::Instant>,
 }
+
+/// How long after the first welcome the hub's resent assignments may claim
+/// orphaned runs; it resends them right behind the welcome, so this is ample.
+const ORPHAN_CLAIM: Duration = Duration::from_secs(5);
 
 /// The sidecar's metrics: counters and a histogram updated as events pass,
 /// gauges set when scraped.
@@ -590,22 +613,59 @@ impl Daemon {
         }
     }
 
-    /// At startup: ends the runs of tasks no longer held (spawned, then the
-    /// sidecar died before its commit) and removes their directories.
-    async fn sweep_runs(&self, core: &Core) {
+    /// At startup: the run directories of tasks no longer held. One whose run was
+    /// spawned (spawned, then the sidecar died before its commit) is kept as an
+    /// orphan for the hub's resent assignment to claim; the others are removed.
+    async fn sweep_runs(&mut self, core: &Core) {
         let keep: std::collections::HashSet<String> = core
             .tasks()
             .map(|t| format!("{}-{}", t.task, t.generation))
             .collect();
         let dir = self.cfg.data_dir.join("runs");
-        let grace = self.cfg.agent.stop_grace;
-        let swept = tokio::task::spawn_blocking(move || sweep(&dir, &keep, grace)).await;
-        if let Ok(n @ 1..) = swept {
+        let found = tokio::task::spawn_blocking(move || sweep(&dir, &keep))
+            .await
+            .unwrap_or_default();
+        if !found.is_empty() {
             warn!(
-                "ended {n} run(s) started just before a crash and never recorded; \
-                 the hub assigns those tasks again"
+                "{} run(s) were started just before a crash and never recorded; \
+                 each is adopted if the hub assigns its attempt again, else ended",
+                found.len()
             );
         }
+        self.orphans = found;
+    }
+
+    /// Ends the orphans no resent assignment claimed, and removes their directories.
+    fn end_orphans(&mut self) {
+        self.orphan_deadline = None;
+        let all: Vec<_> = self.orphans.keys().copied().collect();
+        self.end_orphans_of(&all);
+    }
+
+    fn end_orphans_of(&mut self, which: &[(muster_protocol::TaskId, muster_protocol::Generation)]) {
+        let mut ending = Vec::new();
+        for k in which {
+            if let Some(h) = self.orphans.remove(k) {
+                ending.push((self.run_dirs.path(k.0, k.1), h));
+            }
+        }
+        if ending.is_empty() {
+            return;
+        }
+        warn!(
+            "ending {} run(s) started before a crash whose attempts the hub did not assign again",
+            ending.len()
+        );
+        let grace = self.cfg.agent.stop_grace;
+        tokio::task::spawn_blocking(move || {
+            let handles: Vec<_> = ending.iter().map(|(_, h)| h.clone()).collect();
+            crate::agent::end_orphans(&handles, grace);
+            for (dir, _) in ending {
+                if let Err(e) = std::fs::remove_dir_all(&dir) {
+                    warn!("could not remove the run directory {}: {e}", dir.display());
+                }
+            }
+        });
     }
 
     fn send(&mut self, msg: SessionMsg) {
@@ -692,6 +752,25 @@ impl Daemon {
             Effect::StartRun(task, generation, spec) => {
                 self.stats.runs_started.inc();
                 self.starting.insert((task, generation), Instant::now());
+                if let Some(handle) = self.orphans.remove(&(task, generation)) {
+                    // The same attempt, spawned before a crash: adopt it, never run it twice.
+                    info!(%task, %generation, "adopting the run started before the crash");
+                    let dir = self.run_dirs.path(task, generation);
+                    let spec = self.run_spec(task, generation, spec, dir);
+                    self.handles.insert((task, generation), handle.clone());
+                    self.runner.recover(spec, handle, self.run_tx.clone());
+                    return;
+                }
+                // An older attempt of this task orphaned by the crash is superseded.
+                let older: Vec<_> = self
+                    .orphans
+                    .keys()
+                    .filter(|(t, g)| *t == task && *g < generation)
+                    .copied()
+                    .collect();
+                if !older.is_empty() {
+                    self.end_orphans_of(&older);
+                }
                 let dir = self.run_dirs.take(task, generation);
                 let spec = self.run_spec(task, generation, spec, dir);
                 self.runner.start(spec, self.run_tx.clone());
@@ -829,34 +908,51 @@ impl Daemon {
 /// Ends orphaned runs under `runs` (directories not in `keep`) and removes
 /// those directories; the pool (`.free`) stays. Returns how many runs were
 /// still alive. Blocking, for up to `grace` when there are any.
+/// Removes the run directories of attempts not in `keep` that never spawned a
+/// run, and returns those that did (by attempt, parsed from `<task>-<generation>`).
 fn sweep(
     runs: &std::path::Path,
     keep: &std::collections::HashSet<String>,
-    grace: Duration,
-) -> usize {
+) -> std::collections::HashMap<
+    (muster_protocol::TaskId, muster_protocol::Generation),
+    crate::agent::RunHandle,
+> {
+    let mut orphans = std::collections::HashMap::new();
     let Ok(entries) = std::fs::read_dir(runs) else {
-        return 0;
+        return orphans;
     };
-    let gone: Vec<PathBuf> = entries
-        .flatten()
-        .filter(|e| {
-            let name = e.file_name();
-            let name = name.to_string_lossy();
-            !name.starts_with('.') && !keep.contains(name.as_ref())
-        })
-        .map(|e| e.path())
-        .collect();
-    let orphans: Vec<_> = gone
-        .iter()
-        .filter_map(|d| crate::agent::recorded_handle(d))
-        .collect();
-    let ended = crate::agent::end_orphans(&orphans, grace);
-    for d in gone {
-        if let Err(e) = std::fs::remove_dir_all(&d) {
-            warn!("could not remove the run directory {}: {e}", d.display());
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let name = name.to_string_lossy().into_owned();
+        if name.starts_with('.') || keep.contains(&name) {
+            continue;
+        }
+        let dir = e.path();
+        let attempt = name.split_once('-').and_then(|(t, g)| {
+            Some((
+                muster_protocol::TaskId(t.parse().ok()?),
+                muster_protocol::Generation(g.parse().ok()?),
+            ))
+        });
+        match (attempt, crate::agent::recorded_handle(&dir)) {
+            (Some(a), Some(h)) => {
+                orphans.insert(a, h);
+            }
+            (None, Some(h)) => {
+                // Not an attempt's directory name: nothing can claim it.
+                crate::agent::end_orphans(&[h], Duration::from_secs(10));
+                if let Err(e) = std::fs::remove_dir_all(&dir) {
+                    warn!("could not remove the run directory {}: {e}", dir.display());
+                }
+            }
+            _ => {
+                if let Err(e) = std::fs::remove_dir_all(&dir) {
+                    warn!("could not remove the run directory {}: {e}", dir.display());
+                }
+            }
         }
     }
-    ended
+    orphans
 }
 
 fn seed() -> u64 {

@@ -166,12 +166,10 @@ fn sidecar_killed_between_spawn_and_handle_commit_reattaches_instead_of_running_
 
 /// A sidecar killed after its run's spawn and before it commits the acceptance,
 /// where the run completes before the restart: the hub never heard `Accepted`,
-/// so it sends the same attempt again, and today the restarted sidecar runs it
-/// a second time (the sweep removed the finished run's directory). What should
-/// happen: the agent's work is done once, so the task completes from the
+/// so it sends the same attempt again. The restarted sidecar kept the run (an
+/// orphan) and adopts it for that assignment: the task completes from the
 /// recorded exit status of the first run, without a second run.
 #[test]
-#[ignore = "known bug (issue 13): an attempt whose run ended before its sidecar committed the acceptance runs again"]
 fn sidecar_killed_before_committing_the_acceptance_does_not_run_a_finished_attempt_again() {
     let mut hub = Hub::init();
     hub.set_policy("heartbeat_interval", "\"1s\"");
