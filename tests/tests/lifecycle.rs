@@ -137,6 +137,23 @@ fn completed_attempts(t: &Value) -> usize {
         .count()
 }
 
+/// Waits until the hub has counted `n` more heartbeats. A sidecar sends its
+/// reports and heartbeats on one ordered stream, so whatever it sent before
+/// has reached the hub by then: the event to await before a "nothing else
+/// arrived" check, instead of a fixed sleep.
+fn await_heartbeats(hub: &Hub, n: u64) {
+    let beats = |s: &Value| s["heartbeats"].as_u64().unwrap_or(0);
+    let before = beats(&hub.json(&["stats"]));
+    wait_for(TASK_END, &format!("{n} more heartbeats"), || {
+        let s = hub.json(&["stats"]);
+        if beats(&s) >= before + n {
+            Ok(())
+        } else {
+            Err(s.to_string())
+        }
+    });
+}
+
 /// Milliseconds since the epoch (the hub's clock is the same machine's).
 fn now_ms() -> u64 {
     SystemTime::now()
@@ -635,16 +652,7 @@ fn priority_order_high_then_mid_then_low() {
     let mid = submit(&hub, "mid", &["--priority", "5"]);
     // Nothing runs on a drained agent: scheduling ran at each submission and runs
     // at every tick; two heartbeats (several ticks) later the tasks are still queued.
-    let beats = |s: &Value| s["heartbeats"].as_u64().unwrap_or(0);
-    let before = beats(&hub.json(&["stats"]));
-    wait_for(TASK_END, "two more heartbeats", || {
-        let s = hub.json(&["stats"]);
-        if beats(&s) >= before + 2 {
-            Ok(())
-        } else {
-            Err(s.to_string())
-        }
-    });
+    await_heartbeats(&hub, 2);
     for id in [low, high, mid] {
         let t = show(&hub, id);
         assert_eq!(t["state"], "queued", "a drained agent got work: {t}");
@@ -904,8 +912,8 @@ exit 0
         "{}",
         read("complete-2.out")
     );
-    // Give any stray report a moment to reach the hub, then look again.
-    std::thread::sleep(Duration::from_millis(1500));
+    // Any stray report was sent before the next heartbeats: await them, then look again.
+    await_heartbeats(&hub, 2);
     let t = show(&hub, id);
     assert_eq!(t["state"], "completed", "{t}");
     assert_eq!(t["generation"], 2, "{t}");
@@ -1365,8 +1373,9 @@ fn hub_killed_during_200_submissions_loses_no_acknowledged_task() {
 
 /// `stats --json` once `finished` has reached `n` and the last delayed Ack is out.
 fn stats_when_finished(hub: &Hub, n: usize) -> Value {
-    // Acks may be held back up to a second to be shared; let the last one go out.
-    std::thread::sleep(Duration::from_millis(1500));
+    // Acks may be held back up to a second to be shared: two heartbeats (1 s
+    // apart here) later, the hub's ticks have sent the last one.
+    await_heartbeats(hub, 2);
     wait_for(TASK_END, &format!("{n} tasks counted finished"), || {
         let s = hub.json(&["stats"]);
         if s["finished"].as_u64() == Some(n as u64) {
