@@ -133,11 +133,12 @@ fn run_seeds(seeds: impl Iterator<Item = u64>, agents: Option<usize>, mixed: boo
 /// The summary line: what was done, what was injected, how it ended.
 fn totals(s: &sim::Summary) -> String {
     format!(
-        "{} steps, {} virtual s; submitted {}, acknowledged {}, completed {}, failed {}, cancelled {}, requeues {}; hub: {} commits of {} inputs (largest batch {}); {} runs ({} survived a sidecar crash), plans {:?}, attempt outcomes {:?}; {} ticks with two sidecars running one task; faults {:?}",
+        "{} steps, {} virtual s; submitted {}, acknowledged {} (refused for a failed dependency {}), completed {}, failed {}, cancelled {}, requeues {}; hub: {} commits of {} inputs (largest batch {}); {} runs ({} survived a sidecar crash), plans {:?}, attempt outcomes {:?}; {} ticks with two sidecars running one task; faults {:?}",
         s.steps,
         s.virtual_ms / 1000,
         s.submitted,
         s.acked,
+        s.refused_submits,
         s.completed,
         s.failed,
         s.cancelled,
@@ -159,6 +160,7 @@ fn add(total: &mut sim::Summary, s: &sim::Summary) {
     total.virtual_ms += s.virtual_ms;
     total.submitted += s.submitted;
     total.acked += s.acked;
+    total.refused_submits += s.refused_submits;
     total.completed += s.completed;
     total.failed += s.failed;
     total.cancelled += s.cancelled;

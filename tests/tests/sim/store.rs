@@ -117,6 +117,11 @@ impl HubStore {
         Ok(())
     }
 
+    /// Whether the committed registry has `agent`.
+    pub(crate) fn knows_agent(&self, agent: &str) -> bool {
+        self.agents.contains_key(agent)
+    }
+
     /// Whether the committed registry has `agent` drained.
     pub(crate) fn drained(&self, agent: &str) -> bool {
         self.agents.get(agent).is_some_and(|a| a.drained)
@@ -252,7 +257,13 @@ impl HubStore {
     }
 
     /// Checks a message the hub sends to `agent` against what it has committed.
-    pub(crate) fn check_send(&mut self, agent: &str, msg: &HubMsg) -> Result<(), String> {
+    /// `stopped_later`: the same batch also sends this attempt's Abandon or Cancel.
+    pub(crate) fn check_send(
+        &mut self,
+        agent: &str,
+        msg: &HubMsg,
+        stopped_later: bool,
+    ) -> Result<(), String> {
         match msg {
             HubMsg::Assign(a) => {
                 let Some(t) = self.tasks.get(&a.task) else {
@@ -261,7 +272,13 @@ impl HubStore {
                         a.task
                     ));
                 };
-                if t.state != TaskState::Assigned
+                let ended_in_batch = stopped_later
+                    && self
+                        .attempts
+                        .get(&(a.task, a.generation))
+                        .is_some_and(|r| r.agent == agent && r.outcome.is_some());
+                if !ended_in_batch
+                    && t.state != TaskState::Assigned
                     || t.generation != a.generation
                     || t.agent.as_deref() != Some(agent)
                 {

@@ -104,6 +104,9 @@ pub(crate) struct Summary {
     pub(crate) virtual_ms: u64,
     pub(crate) submitted: u64,
     pub(crate) acked: u64,
+    /// Submissions refused because a dependency had already failed or been cancelled
+    /// (mixed workload only).
+    pub(crate) refused_submits: u64,
     pub(crate) completed: u64,
     pub(crate) failed: u64,
     pub(crate) cancelled: u64,
@@ -858,10 +861,27 @@ impl World {
             self.crash_hub("hub_crash_after_commit_before_send");
             return Ok(());
         }
+        // Within one batch an attempt may be assigned (or re-sent on a hello) and then
+        // ended (a tick's timeout): its Assign still leaves, followed by its Abandon.
+        let stopped: BTreeSet<(ConnId, TaskId, Generation)> = out
+            .sends
+            .iter()
+            .filter_map(|(c, m)| match m {
+                HubMsg::Abandon {
+                    task, generation, ..
+                }
+                | HubMsg::Cancel { task, generation } => Some((*c, *task, *generation)),
+                _ => None,
+            })
+            .collect();
         for (conn, msg) in out.sends {
             if let Some(&agent) = self.conn_agent.get(&conn) {
                 let name = self.sides[agent].name.clone();
-                self.store.check_send(&name, &msg)?;
+                let stopped_later = match &msg {
+                    HubMsg::Assign(a) => stopped.contains(&(conn, a.task, a.generation)),
+                    _ => false,
+                };
+                self.store.check_send(&name, &msg, stopped_later)?;
             }
             self.send_to_side(conn, msg);
         }
@@ -964,7 +984,14 @@ impl World {
         };
         let json = match resp {
             OpResponse::Ok { json } => json,
-            refused => return self.check_refusal(Some(&op), &refused),
+            refused => {
+                self.check_refusal(Some(&op), &refused)?;
+                if matches!(op.kind, OpKind::Submit { .. }) {
+                    // Mixed workload: refused for a dependency that ended badly.
+                    self.stats.refused_submits += 1;
+                }
+                return Ok(());
+            }
         };
         match op.kind {
             OpKind::Submit { key } | OpKind::SubmitRepeat { key } => {
@@ -1013,7 +1040,18 @@ impl World {
         };
         let state_race = *code == OpErrorCode::Conflict
             && op.is_none_or(|o| matches!(o.kind, OpKind::Cancel | OpKind::Requeue { .. }));
-        if state_race {
+        // An agent is in the registry from its first hello on: a drain before that
+        // finds no such agent.
+        let unknown_agent = *code == OpErrorCode::NotFound
+            && matches!(op, Some(PendingOp { kind: OpKind::Drain { name, .. }, .. }) if !self.store.knows_agent(name));
+        // Mixed workload: a dependency that already ended failed or cancelled.
+        let dead_dependency = *code == OpErrorCode::Conflict
+            && matches!(op, Some(PendingOp { request: OpRequest::Submit(req), .. }) if req.after.iter().any(|d| {
+                self.store.tasks.get(d).is_some_and(|t| {
+                    matches!(t.state, TaskState::Failed | TaskState::Cancelled)
+                })
+            }));
+        if state_race || unknown_agent || (self.cfg.mixed && dead_dependency) {
             return Ok(());
         }
         let mut why = format!(
@@ -2216,16 +2254,17 @@ impl World {
                 self.cfg.tasks
             ));
         }
-        if self.acked.len() as u64 != submitted || self.keys.len() as u64 != submitted {
+        let refused = self.stats.refused_submits;
+        let acked = self.acked.len() as u64;
+        if acked + refused != submitted || self.keys.len() as u64 != acked {
             return Err(format!(
-                "{submitted} submitted but {} acknowledged under {} keys",
-                self.acked.len(),
+                "{submitted} submitted but {acked} acknowledged under {} keys and {refused} refused",
                 self.keys.len()
             ));
         }
-        if self.store.tasks.len() as u64 != submitted {
+        if self.store.tasks.len() as u64 != acked {
             return Err(format!(
-                "{submitted} submitted but the store holds {} tasks",
+                "{acked} acknowledged but the store holds {} tasks",
                 self.store.tasks.len()
             ));
         }
