@@ -1,9 +1,12 @@
 //! One hub core, N sidecar cores, a network and a fleet of simulated agent runs,
-//! driven by one event queue in virtual time.
+//! driven by one event queue in virtual time, the way today's daemons drive them
+//! (`tests/README.md` lists what is modelled and what is not).
 //!
 //! ```text
-//!  queue (time, seq) ─▶ dispatch ─▶ hub core ─▶ commit (checks) ─▶ sends / replies / closes
-//!                               └─▶ sidecar core ─▶ durable effects ─▶ sends / runs
+//!  queue (time, seq) ─▶ dispatch ─▶ hub channel ─▶ batch ─▶ hub core ─▶ one commit (checks)
+//!                               │                                     ─▶ sends / replies / closes
+//!                               └─▶ sidecar core ─▶ launch runs (handle files) ─▶ commit
+//!                                                  (flushed unless forget-only) ─▶ sends / stops
 //! ```
 
 use std::cmp::Ordering;
