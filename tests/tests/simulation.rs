@@ -116,7 +116,10 @@ fn run_seeds(seeds: impl Iterator<Item = u64>, agents: Option<usize>, mixed: boo
         failures.is_empty(),
         "{label}: seeds {failures:?} failed (see stderr for each trace)"
     );
-    assert!(n == 0 || total.submitted > 0, "{label}: nothing was submitted");
+    assert!(
+        n == 0 || total.submitted > 0,
+        "{label}: nothing was submitted"
+    );
     if n >= FAULT_KINDS_MIN_SEEDS {
         let missing: Vec<&str> = sim::FAULT_KINDS
             .iter()

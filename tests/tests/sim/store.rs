@@ -277,8 +277,7 @@ impl HubStore {
                         .attempts
                         .get(&(a.task, a.generation))
                         .is_some_and(|r| r.agent == agent && r.outcome.is_some());
-                if !ended_in_batch
-                    && t.state != TaskState::Assigned
+                if !ended_in_batch && t.state != TaskState::Assigned
                     || t.generation != a.generation
                     || t.agent.as_deref() != Some(agent)
                 {

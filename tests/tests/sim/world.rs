@@ -17,8 +17,9 @@ use std::time::Duration;
 use muster_hub::config::{Limits, Policy};
 use muster_hub::core::{ConnId, Core as HubCore, Identity, Input, Reply, ReplyId, TaskState};
 use muster_protocol::msg::{
-    Failure, Heartbeat, Hello, HostFigures, HubMsg, OpError, OpErrorCode, OpRequest, OpResponse, Outcome, Phase, Role,
-    SelfTest, SessionMsg, SidecarState, SubmitRequest, TaskSpec, TimeoutAction, Welcome,
+    Failure, Heartbeat, Hello, HostFigures, HubMsg, OpError, OpErrorCode, OpRequest, OpResponse,
+    Outcome, Phase, Role, SelfTest, SessionMsg, SidecarState, SubmitRequest, TaskSpec,
+    TimeoutAction, Welcome,
 };
 use muster_protocol::{AgentName, Generation, ReportId, TaskId};
 use muster_sidecar::agent::{RunEvent, RunHandle, RunMode};
@@ -378,12 +379,21 @@ struct Side {
 #[derive(Debug, Clone)]
 enum OpKind {
     /// A new task, under an idempotency key (the client retries until acknowledged).
-    Submit { key: String },
+    Submit {
+        key: String,
+    },
     /// A second submission under a key already acknowledged: must return that task.
-    SubmitRepeat { key: String },
+    SubmitRepeat {
+        key: String,
+    },
     Cancel,
-    Requeue { id: TaskId },
-    Drain { name: String, drained: bool },
+    Requeue {
+        id: TaskId,
+    },
+    Drain {
+        name: String,
+        drained: bool,
+    },
 }
 
 /// An operator request a client holds until it is answered (or gives up).
@@ -420,6 +430,8 @@ struct World {
     /// Inputs queued for the hub's core loop.
     inbox: VecDeque<Input>,
     batch_scheduled: bool,
+    /// Agents not in the committed registry when the current batch began.
+    unregistered: BTreeSet<String>,
     next_reply: u64,
     next_op: u64,
     ops: HashMap<u64, PendingOp>,
@@ -525,6 +537,7 @@ impl World {
             store: HubStore::default(),
             inbox: VecDeque::new(),
             batch_scheduled: false,
+            unregistered: BTreeSet::new(),
             next_reply: 0,
             next_op: 0,
             ops: HashMap::new(),
@@ -858,6 +871,14 @@ impl World {
                 _ => None,
             })
             .collect();
+        // Agents the registry held before this batch: a drain handled ahead of the
+        // agent's first hello in the same batch finds no such agent.
+        self.unregistered = self
+            .sides
+            .iter()
+            .filter(|s| !self.store.knows_agent(&s.name))
+            .map(|s| s.name.clone())
+            .collect();
         self.store.commit(&out.writes, &requeued)?;
         self.stats.hub_commits += 1;
         if self.faults && self.rng.chance(p) {
@@ -1046,7 +1067,7 @@ impl World {
         // An agent is in the registry from its first hello on: a drain before that
         // finds no such agent.
         let unknown_agent = *code == OpErrorCode::NotFound
-            && matches!(op, Some(PendingOp { kind: OpKind::Drain { name, .. }, .. }) if !self.store.knows_agent(name));
+            && matches!(op, Some(PendingOp { kind: OpKind::Drain { name, .. }, .. }) if self.unregistered.contains(name));
         // Mixed workload: a dependency that already ended failed or cancelled.
         let dead_dependency = *code == OpErrorCode::Conflict
             && matches!(op, Some(PendingOp { request: OpRequest::Submit(req), .. }) if req.after.iter().any(|d| {
@@ -1910,11 +1931,7 @@ impl World {
             let i = self.rng.index(self.keys.len());
             if let Some(key) = self.keys.keys().nth(i).cloned() {
                 let req = self.submit_request(&key);
-                self.op(
-                    OpRequest::Submit(req),
-                    OpKind::SubmitRepeat { key },
-                    true,
-                );
+                self.op(OpRequest::Submit(req), OpKind::SubmitRepeat { key }, true);
             }
             let d = self.rng.range(1, 1_000);
             self.after(d, Ev::Submit);
@@ -1977,11 +1994,7 @@ impl World {
             }
         } else if r < 60 {
             if let Some(id) = self.random_acked() {
-                self.op(
-                    OpRequest::TaskRequeue { id },
-                    OpKind::Requeue { id },
-                    false,
-                );
+                self.op(OpRequest::TaskRequeue { id }, OpKind::Requeue { id }, false);
             }
         } else if r < 80 {
             if self.drained.len() * 5 < self.sides.len() {
@@ -2277,9 +2290,7 @@ impl World {
         let not_completed: Vec<String> = self
             .acked
             .iter()
-            .filter(|id| {
-                self.store.tasks.get(id).map(|t| t.state) != Some(TaskState::Completed)
-            })
+            .filter(|id| self.store.tasks.get(id).map(|t| t.state) != Some(TaskState::Completed))
             .take(10)
             .map(|id| self.store.describe(*id))
             .collect();
