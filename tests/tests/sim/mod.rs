@@ -4,4 +4,4 @@ mod rng;
 mod store;
 mod world;
 
-pub(crate) use world::{Config, Summary, run};
+pub(crate) use world::{Config, FAULT_KINDS, Summary, run};

@@ -28,7 +28,7 @@ pub(crate) struct HubStore {
     completions: HashMap<TaskId, u32>,
     /// Per task, attempts that ended `completed`.
     completed_attempts: HashMap<TaskId, u32>,
-    /// Per task, transitions from a terminal state back to a live one (operator requeues).
+    /// Per task, operator requeues the hub acknowledged.
     pub(crate) requeues: HashMap<TaskId, u32>,
     /// Per task, the generation and agent of the latest `Assign` the hub sent.
     last_assign: HashMap<TaskId, (Generation, String)>,
@@ -45,14 +45,27 @@ impl Archive for HubStore {
 }
 
 impl HubStore {
-    /// Commits one batch and checks the records it touched.
-    pub(crate) fn commit(&mut self, writes: &[Write]) -> Result<(), String> {
+    /// Commits one batch (one transaction) and checks the records it touched once
+    /// the whole batch is in. `requeued`: tasks whose operator requeue this batch
+    /// acknowledges; only those may go from a terminal state back to a live one.
+    pub(crate) fn commit(
+        &mut self,
+        writes: &[Write],
+        requeued: &BTreeSet<TaskId>,
+    ) -> Result<(), String> {
         let mut touched = BTreeSet::new();
+        let mut agents = BTreeSet::new();
+        for id in requeued {
+            *self.requeues.entry(*id).or_default() += 1;
+        }
         for w in writes {
             match w {
                 Write::Task(t) => {
-                    self.put_task(t)?;
+                    self.put_task(t, requeued)?;
                     touched.insert(t.id);
+                    if let Some(a) = &t.agent {
+                        agents.insert(a.clone());
+                    }
                 }
                 Write::Attempt(a) => {
                     self.put_attempt(a)?;
@@ -89,10 +102,32 @@ impl HubStore {
         for id in touched {
             self.check_task(id)?;
         }
+        // Slots are checked on the whole transaction: within a batch a slot may be
+        // reused by a task written before the one that freed it.
+        for agent in agents {
+            let n = self.load.get(&agent).map_or(0, BTreeSet::len) as u32;
+            let slots = self.slots.get(&agent).copied().unwrap_or(0);
+            if n > slots {
+                return Err(format!(
+                    "agent {agent} has {n} live attempts in the store but {slots} slots: {:?}",
+                    self.load.get(&agent)
+                ));
+            }
+        }
         Ok(())
     }
 
-    fn put_task(&mut self, t: &TaskRecord) -> Result<(), String> {
+    /// Whether the committed registry has `agent`.
+    pub(crate) fn knows_agent(&self, agent: &str) -> bool {
+        self.agents.contains_key(agent)
+    }
+
+    /// Whether the committed registry has `agent` drained.
+    pub(crate) fn drained(&self, agent: &str) -> bool {
+        self.agents.get(agent).is_some_and(|a| a.drained)
+    }
+
+    fn put_task(&mut self, t: &TaskRecord, requeued: &BTreeSet<TaskId>) -> Result<(), String> {
         let id = t.id;
         if let Some(old) = self.tasks.get(&id) {
             if t.generation < old.generation {
@@ -101,12 +136,10 @@ impl HubStore {
                     old.generation, t.generation
                 ));
             }
-            if old.state.is_terminal() && !t.state.is_terminal() {
-                *self.requeues.entry(id).or_default() += 1;
-            }
-            if old.state.is_terminal() && t.state.is_terminal() && old.state != t.state {
+            let revived = !t.state.is_terminal() || old.state != t.state;
+            if old.state.is_terminal() && revived && !requeued.contains(&id) {
                 return Err(format!(
-                    "task {id}: ended {} and then {} without a requeue",
+                    "task {id}: ended {} and then became {} without an acknowledged requeue",
                     old.state.as_str(),
                     t.state.as_str()
                 ));
@@ -127,15 +160,7 @@ impl HubStore {
             let Some(agent) = &t.agent else {
                 return Err(format!("task {id} is {} with no agent", t.state.as_str()));
             };
-            let set = self.load.entry(agent.clone()).or_default();
-            set.insert(id);
-            let slots = self.slots.get(agent).copied().unwrap_or(0);
-            if set.len() as u32 > slots {
-                return Err(format!(
-                    "agent {agent} has {} live attempts in the store but {slots} slots: {set:?}",
-                    set.len()
-                ));
-            }
+            self.load.entry(agent.clone()).or_default().insert(id);
         }
         if t.state.is_terminal() {
             self.live.remove(&id);
@@ -232,7 +257,13 @@ impl HubStore {
     }
 
     /// Checks a message the hub sends to `agent` against what it has committed.
-    pub(crate) fn check_send(&mut self, agent: &str, msg: &HubMsg) -> Result<(), String> {
+    /// `stopped_later`: the same batch also sends this attempt's Abandon or Cancel.
+    pub(crate) fn check_send(
+        &mut self,
+        agent: &str,
+        msg: &HubMsg,
+        stopped_later: bool,
+    ) -> Result<(), String> {
         match msg {
             HubMsg::Assign(a) => {
                 let Some(t) = self.tasks.get(&a.task) else {
@@ -241,7 +272,12 @@ impl HubStore {
                         a.task
                     ));
                 };
-                if t.state != TaskState::Assigned
+                let ended_in_batch = stopped_later
+                    && self
+                        .attempts
+                        .get(&(a.task, a.generation))
+                        .is_some_and(|r| r.agent == agent && r.outcome.is_some());
+                if !ended_in_batch && t.state != TaskState::Assigned
                     || t.generation != a.generation
                     || t.agent.as_deref() != Some(agent)
                 {

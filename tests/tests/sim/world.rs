@@ -1,9 +1,12 @@
 //! One hub core, N sidecar cores, a network and a fleet of simulated agent runs,
-//! driven by one event queue in virtual time.
+//! driven by one event queue in virtual time, the way today's daemons drive them
+//! (`tests/README.md` lists what is modelled and what is not).
 //!
 //! ```text
-//!  queue (time, seq) ─▶ dispatch ─▶ hub core ─▶ commit (checks) ─▶ sends / replies / closes
-//!                               └─▶ sidecar core ─▶ durable effects ─▶ sends / runs
+//!  queue (time, seq) ─▶ dispatch ─▶ hub channel ─▶ batch ─▶ hub core ─▶ one commit (checks)
+//!                               │                                     ─▶ sends / replies / closes
+//!                               └─▶ sidecar core ─▶ launch runs (handle files) ─▶ commit
+//!                                                  (flushed unless forget-only) ─▶ sends / stops
 //! ```
 
 use std::cmp::Ordering;
@@ -14,8 +17,9 @@ use std::time::Duration;
 use muster_hub::config::{Limits, Policy};
 use muster_hub::core::{ConnId, Core as HubCore, Identity, Input, Reply, ReplyId, TaskState};
 use muster_protocol::msg::{
-    Failure, Heartbeat, Hello, HostFigures, HubMsg, OpRequest, OpResponse, Outcome, Phase, Role,
-    SelfTest, SessionMsg, SidecarState, SubmitRequest, TaskSpec, TimeoutAction, Welcome,
+    Failure, Heartbeat, Hello, HostFigures, HubMsg, OpError, OpErrorCode, OpRequest, OpResponse,
+    Outcome, Phase, Role, SelfTest, SessionMsg, SidecarState, SubmitRequest, TaskSpec,
+    TimeoutAction, Welcome,
 };
 use muster_protocol::{AgentName, Generation, ReportId, TaskId};
 use muster_sidecar::agent::{RunEvent, RunHandle, RunMode};
@@ -30,10 +34,48 @@ const T0: u64 = 1_700_000_000_000;
 const TICK_MS: u64 = 250;
 /// The slowest one-way delivery on a connection.
 const MAX_LAT: u64 = 1_500;
+/// The longest an input waits in the hub's channel before its batch is handled
+/// (usually under 20 ms; now and then a slow commit holds the loop, so inputs pile up
+/// into large batches).
+const BATCH_WAIT_MAX: u64 = 1_000;
+/// Inputs handled per commit at most (as `hub::server` `BATCH_LEN_MAX`).
+const HUB_BATCH_LEN_MAX: usize = 4096;
 /// How long a welcomed sidecar may keep running an attempt the hub has moved on from:
 /// the Abandon is in flight behind the Welcome or was sent when the attempt ended,
-/// so it arrives within one delivery; plus the granularity of the check (one tick).
-const ABANDON_BOUND: u64 = MAX_LAT + 2 * TICK_MS;
+/// so it arrives within one delivery; plus the wait for the batch that decided it
+/// and for the one that handles the sidecar's next message, and the granularity of
+/// the check (one tick).
+const ABANDON_BOUND: u64 = MAX_LAT + 2 * BATCH_WAIT_MAX + 2 * TICK_MS;
+/// Duplicates that may arrive late do so within this long of the original.
+const DUP_DELAY_MAX: u64 = 10_000;
+/// How much later than planned the in-flight messages of a broken connection may reach
+/// the hub's core (its stream task drains them after the new session started).
+const LATE_MAX: u64 = 8_000;
+/// Fault kinds each run counts; the aggregate of a large run must have seen every one.
+pub(crate) const FAULT_KINDS: [&str; 22] = [
+    "connection_break",
+    "late_delivery_old_connection",
+    "message_lost",
+    "sidecar_crash",
+    "sidecar_crash_after_launch_before_commit",
+    "sidecar_crash_lost_unflushed_batch",
+    "run_reattached_by_handle_file",
+    "run_swept_at_restart",
+    "hub_crash_between_batches",
+    "hub_crash_before_commit",
+    "hub_crash_after_commit_before_send",
+    "hub_clock_restart_behind",
+    "clock_step_forward",
+    "clock_step_backward",
+    "dup_report",
+    "dup_heartbeat",
+    "dup_assign",
+    "dup_ack",
+    "dup_abandon_or_cancel",
+    "dup_welcome",
+    "dup_operator_request",
+    "operator_retry",
+];
 /// After every task is terminal, time allowed for sidecars to drain and forget.
 const SETTLE_MS: u64 = 120_000;
 /// The liveness phase may take this long (virtual time) before the run fails.
@@ -52,6 +94,9 @@ pub(crate) struct Config {
     pub(crate) tasks: usize,
     /// Length of the fault phase, virtual ms; then faults stop and liveness is checked.
     pub(crate) fault_ms: u64,
+    /// The mixed workload: operators cancel, agents fail for good, timeouts fail,
+    /// attempts run out. Without it (the default) every task must complete.
+    pub(crate) mixed: bool,
     /// Events processed at most.
     pub(crate) max_steps: u64,
 }
@@ -63,17 +108,20 @@ pub(crate) struct Summary {
     pub(crate) virtual_ms: u64,
     pub(crate) submitted: u64,
     pub(crate) acked: u64,
+    /// Submissions refused because a dependency had already failed or been cancelled
+    /// (mixed workload only).
+    pub(crate) refused_submits: u64,
     pub(crate) completed: u64,
     pub(crate) failed: u64,
     pub(crate) cancelled: u64,
     pub(crate) requeued: u64,
-    pub(crate) conn_breaks: u64,
-    pub(crate) sidecar_crashes: u64,
+    /// Hub commits (one per batch) and the inputs they held.
+    pub(crate) hub_commits: u64,
+    pub(crate) hub_inputs: u64,
+    pub(crate) largest_batch: u64,
     pub(crate) runs_survived: u64,
-    pub(crate) hub_restarts: u64,
-    pub(crate) clock_jumps: u64,
-    pub(crate) dup_reports: u64,
-    pub(crate) lost_messages: u64,
+    /// Faults injected, by kind (see [`FAULT_KINDS`]).
+    pub(crate) faults: BTreeMap<&'static str, u64>,
     pub(crate) runs: u64,
     pub(crate) plans: BTreeMap<&'static str, u64>,
     pub(crate) outcomes: BTreeMap<&'static str, u64>,
@@ -141,9 +189,25 @@ pub(crate) fn run(cfg: Config) -> Result<Summary, Failed> {
 #[derive(Debug, Clone)]
 enum Ev {
     Tick,
+    /// The hub's core loop wakes up and handles a batch of what is queued for it.
+    HubBatch {
+        hub_inc: u64,
+    },
     ToHub {
         conn: ConnId,
         msg: ToHub,
+        /// Re-queued behind a broken connection: the hub's stream task drains it late.
+        late: bool,
+    },
+    /// An operator client (re)sends request `id`.
+    OpSend {
+        id: u64,
+    },
+    /// The request reaches the hub's core channel (over its own stream).
+    OpArrive {
+        id: u64,
+        reply: u64,
+        hub_inc: u64,
     },
     /// The hub's shell notices a session ended.
     Closed {
@@ -269,6 +333,8 @@ enum Step {
 #[derive(Debug)]
 struct Run {
     serial: u64,
+    /// The run wrote its handle file at spawn (durable apart from the sidecar's store).
+    handle_file: bool,
     alive: bool,
     /// A live sidecar's runner watches it (false while the sidecar is down).
     watched: bool,
@@ -281,7 +347,10 @@ struct Run {
 
 // === Sidecars ===
 
-#[derive(Debug, Default)]
+/// The sidecar's redb: what a commit wrote. `flushed` is what survives a crash:
+/// a batch that only forgets is committed without a flush (as `Queue::apply`), so
+/// it is lost unless a later durable commit carries it.
+#[derive(Debug, Default, Clone)]
 struct Durable {
     tasks: BTreeMap<TaskId, LocalTask>,
     outbox: BTreeMap<ReportId, muster_protocol::msg::Report>,
@@ -296,6 +365,9 @@ struct Side {
     slots: u32,
     core: Option<SideCore>,
     durable: Durable,
+    flushed: Durable,
+    /// A forget-only batch was committed since the last flush.
+    unflushed: bool,
     conn: Option<ConnId>,
     welcomed: bool,
     /// Bumped on every (re)connect schedule, so stale timers do nothing.
@@ -306,10 +378,31 @@ struct Side {
 
 #[derive(Debug, Clone)]
 enum OpKind {
-    Submit { key: Option<String> },
+    /// A new task, under an idempotency key (the client retries until acknowledged).
+    Submit {
+        key: String,
+    },
+    /// A second submission under a key already acknowledged: must return that task.
+    SubmitRepeat {
+        key: String,
+    },
     Cancel,
-    Requeue,
-    Drain { name: String, drained: bool },
+    Requeue {
+        id: TaskId,
+    },
+    Drain {
+        name: String,
+        drained: bool,
+    },
+}
+
+/// An operator request a client holds until it is answered (or gives up).
+#[derive(Debug, Clone)]
+struct PendingOp {
+    request: OpRequest,
+    kind: OpKind,
+    /// Resent after the hub was down or crashed before answering.
+    retry: bool,
 }
 
 struct World {
@@ -329,17 +422,30 @@ struct World {
     // The hub.
     hub: Option<HubCore>,
     hub_inc: u64,
-    skew: u64,
+    /// Wall-clock steps so far (both ways).
+    skew: i64,
+    /// The hub process's held clock (`hub::server::Clock`): restarts with the hub.
     hub_last: u64,
     store: HubStore,
+    /// Inputs queued for the hub's core loop.
+    inbox: VecDeque<Input>,
+    batch_scheduled: bool,
+    /// Agents not in the committed registry when the current batch began.
+    unregistered: BTreeSet<String>,
     next_reply: u64,
-    pending_ops: HashMap<u64, OpKind>,
+    next_op: u64,
+    ops: HashMap<u64, PendingOp>,
+    /// Reply id (this hub incarnation) -> operator request.
+    replies: HashMap<u64, u64>,
     // The network.
     next_conn: u64,
     live: BTreeSet<ConnId>,
     conn_agent: HashMap<ConnId, usize>,
     fifo_hub: HashMap<ConnId, u64>,
     fifo_side: HashMap<ConnId, u64>,
+    /// Broken connections: messages to the hub planned up to `.0` still reach it,
+    /// `.1` ms late, if the hub incarnation `.2` lives.
+    closing: HashMap<ConnId, (u64, u64, u64)>,
     // The fleet.
     sides: Vec<Side>,
     runs: BTreeMap<(usize, TaskId, Generation), Run>,
@@ -365,6 +471,9 @@ impl World {
             breaker_cooldown: Duration::from_secs(60),
             breaker_cooldown_max: Duration::from_secs(8 * 60),
             backoff_max: Duration::from_secs(3 * 60),
+            // In the default workload every task must complete, so a run of bad luck in
+            // the fault phase must not use up its attempts; the mixed workload keeps 3.
+            max_attempts: if cfg.mixed { 3 } else { 20 },
             ..Policy::default()
         };
         let ack_delay = if rng.chance(0.5) { 0 } else { 1000 };
@@ -394,6 +503,11 @@ impl World {
                     next_report: 1,
                     ..Durable::default()
                 },
+                flushed: Durable {
+                    next_report: 1,
+                    ..Durable::default()
+                },
+                unflushed: false,
                 conn: None,
                 welcomed: false,
                 epoch: 0,
@@ -419,15 +533,21 @@ impl World {
             hub: None,
             hub_inc: 0,
             skew: 0,
-            hub_last: T0,
+            hub_last: 0,
             store: HubStore::default(),
+            inbox: VecDeque::new(),
+            batch_scheduled: false,
+            unregistered: BTreeSet::new(),
             next_reply: 0,
-            pending_ops: HashMap::new(),
+            next_op: 0,
+            ops: HashMap::new(),
+            replies: HashMap::new(),
             next_conn: 0,
             live: BTreeSet::new(),
             conn_agent: HashMap::new(),
             fifo_hub: HashMap::new(),
             fifo_side: HashMap::new(),
+            closing: HashMap::new(),
             sides,
             runs: BTreeMap::new(),
             next_serial: 0,
@@ -477,10 +597,21 @@ impl World {
         self.push(self.now + delay, ev);
     }
 
+    /// The machine's wall clock (steps both ways).
+    fn wall(&self) -> u64 {
+        (T0 as i64 + self.now as i64 + self.skew).max(0) as u64
+    }
+
+    /// The hub's clock: the wall clock, held so it never goes back within one process.
     fn hub_now(&mut self) -> u64 {
-        let t = (T0 + self.now + self.skew).max(self.hub_last);
+        let t = self.wall().max(self.hub_last);
         self.hub_last = t;
         t
+    }
+
+    fn fault(&mut self, kind: &'static str) {
+        debug_assert!(FAULT_KINDS.contains(&kind), "{kind}");
+        *self.stats.faults.entry(kind).or_default() += 1;
     }
 
     // === The main loop ===
@@ -517,7 +648,7 @@ impl World {
             if self.faults && item.t >= self.fault_end {
                 self.queue.push(item);
                 self.now = self.fault_end;
-                self.heal()?;
+                self.heal();
                 continue;
             }
             self.now = item.t;
@@ -539,34 +670,25 @@ impl World {
         match ev {
             Ev::Tick => {
                 if self.hub.is_some() {
-                    self.hub_input(Input::Tick)?;
+                    self.hub_input(Input::Tick);
                     self.check_fleet()?;
                 }
                 self.after(TICK_MS, Ev::Tick);
             }
-            Ev::ToHub { conn, msg } => {
-                if self.hub.is_none() || !self.live.contains(&conn) {
-                    self.stats.lost_messages += 1;
-                    return Ok(());
+            Ev::HubBatch { hub_inc } => {
+                if hub_inc == self.hub_inc {
+                    self.batch_scheduled = false;
+                    self.hub_batch()?;
                 }
-                let input = match msg {
-                    ToHub::Hello(hello) => {
-                        let agent = self.conn_agent.get(&conn).copied().unwrap_or(0);
-                        Input::Hello {
-                            conn,
-                            fingerprint: self.sides[agent].fp.clone(),
-                            hello,
-                        }
-                    }
-                    ToHub::Msg(msg) => Input::Session { conn, msg },
-                };
-                self.hub_input(input)?;
             }
+            Ev::ToHub { conn, msg, late } => self.deliver_to_hub(conn, msg, late),
             Ev::Closed { conn, hub_inc } => {
                 if self.hub.is_some() && hub_inc == self.hub_inc {
-                    self.hub_input(Input::Closed { conn })?;
+                    self.hub_input(Input::Closed { conn });
                 }
             }
+            Ev::OpSend { id } => self.op_send(id),
+            Ev::OpArrive { id, reply, hub_inc } => self.op_arrive(id, reply, hub_inc),
             Ev::ToSide { agent, conn, msg } => self.deliver_to_side(agent, conn, msg)?,
             Ev::Heartbeat { agent, epoch } => {
                 let s = &self.sides[agent];
@@ -586,22 +708,22 @@ impl World {
                 serial,
                 step,
             } => self.run_step(agent, task, generation, serial, step)?,
-            Ev::Submit => self.submit()?,
+            Ev::Submit => self.submit(),
             Ev::Op => {
                 if self.faults {
-                    self.random_op()?;
+                    self.random_op();
                     let d = self.rng.range(500, 8_000);
                     self.after(d, Ev::Op);
                 }
             }
             Ev::Fault => {
                 if self.faults {
-                    self.inject_faults()?;
+                    self.inject_faults();
                     self.after(1_000, Ev::Fault);
                 }
             }
             Ev::Sweep => {
-                self.sweep_hung()?;
+                self.sweep_hung();
                 self.after(30_000, Ev::Sweep);
             }
         }
@@ -610,7 +732,14 @@ impl World {
 
     // === The hub ===
 
+    /// Starts a hub process: its clock starts from the wall clock again (a restarted
+    /// hub may be behind the time its predecessor held), its core from the store.
     fn start_hub(&mut self) -> Res {
+        let behind = self.wall() < self.hub_last;
+        self.hub_last = 0;
+        if behind {
+            self.fault("hub_clock_restart_behind");
+        }
         let now = self.hub_now();
         let seed = self.rng.next_u64();
         let restored = self.store.restored();
@@ -637,11 +766,19 @@ impl World {
         Ok(())
     }
 
-    fn crash_hub(&mut self) {
+    /// The hub process dies: its core, its channel (inputs not yet handled) and
+    /// whatever it has not sent go; the store keeps what was committed.
+    fn crash_hub(&mut self, kind: &'static str) {
+        self.fault(kind);
         self.hub = None;
         self.hub_inc += 1;
-        self.stats.hub_restarts += 1;
-        self.pending_ops.clear();
+        self.inbox.clear();
+        self.batch_scheduled = false;
+        // Operator clients see their connection break and try again.
+        let waiting: Vec<u64> = self.replies.drain().map(|(_, id)| id).collect();
+        for id in waiting {
+            self.op_retry(id);
+        }
         let conns: Vec<ConnId> = self.live.iter().copied().collect();
         for c in conns {
             self.close_conn(c, 0);
@@ -671,22 +808,104 @@ impl World {
             slots,
         });
         let out = core.take_output();
-        self.store.commit(&out.writes)
+        self.store.commit(&out.writes, &BTreeSet::new())
     }
 
-    /// One input: handle, commit (with the checks), then deliver.
-    fn hub_input(&mut self, input: Input) -> Res {
+    /// Queues an input on the hub's core channel; the core loop wakes up shortly.
+    fn hub_input(&mut self, input: Input) {
+        if self.hub.is_none() {
+            return;
+        }
+        self.inbox.push_back(input);
+        if !self.batch_scheduled {
+            self.batch_scheduled = true;
+            let d = self.batch_wait();
+            let hub_inc = self.hub_inc;
+            self.after(d, Ev::HubBatch { hub_inc });
+        }
+    }
+
+    fn batch_wait(&mut self) -> u64 {
+        if self.rng.chance(0.03) {
+            self.rng.range(100, BATCH_WAIT_MAX)
+        } else {
+            self.rng.range(0, 20)
+        }
+    }
+
+    /// As `hub::server::core_loop`: take what is queued (a random share of it, at
+    /// most 4096), handle it all with one `now`, commit once (with the checks), and
+    /// only then deliver the batch's sends, replies and closes. A crash before the
+    /// commit loses the batch; one after it loses the unsent messages.
+    fn hub_batch(&mut self) -> Res {
         let now = self.hub_now();
+        let len = self.inbox.len().min(HUB_BATCH_LEN_MAX);
+        let take = if self.rng.chance(0.5) {
+            len
+        } else {
+            self.rng.range(1, len as u64) as usize
+        };
+        let batch: Vec<Input> = self.inbox.drain(..take).collect();
         let Some(core) = self.hub.as_mut() else {
             return Ok(());
         };
-        core.handle(now, input, &self.store);
+        self.stats.hub_inputs += batch.len() as u64;
+        self.stats.largest_batch = self.stats.largest_batch.max(batch.len() as u64);
+        for input in batch {
+            core.handle(now, input, &self.store);
+        }
         let out = core.take_output();
-        self.store.commit(&out.writes)?;
+        let p = self.intensity / 600.0;
+        if self.faults && self.rng.chance(p) {
+            self.crash_hub("hub_crash_before_commit");
+            return Ok(());
+        }
+        // Requeues this batch acknowledges: the store allows those tasks to live again.
+        let requeued: BTreeSet<TaskId> = out
+            .replies
+            .iter()
+            .filter(|(_, r)| matches!(r, Reply::Op(OpResponse::Ok { .. })))
+            .filter_map(|(id, _)| self.replies.get(&id.0))
+            .filter_map(|op| match self.ops.get(op).map(|o| &o.kind) {
+                Some(OpKind::Requeue { id }) => Some(*id),
+                _ => None,
+            })
+            .collect();
+        // Agents the registry held before this batch: a drain handled ahead of the
+        // agent's first hello in the same batch finds no such agent.
+        self.unregistered = self
+            .sides
+            .iter()
+            .filter(|s| !self.store.knows_agent(&s.name))
+            .map(|s| s.name.clone())
+            .collect();
+        self.store.commit(&out.writes, &requeued)?;
+        self.stats.hub_commits += 1;
+        if self.faults && self.rng.chance(p) {
+            self.crash_hub("hub_crash_after_commit_before_send");
+            return Ok(());
+        }
+        // Within one batch an attempt may be assigned (or re-sent on a hello) and then
+        // ended (a tick's timeout): its Assign still leaves, followed by its Abandon.
+        let stopped: BTreeSet<(ConnId, TaskId, Generation)> = out
+            .sends
+            .iter()
+            .filter_map(|(c, m)| match m {
+                HubMsg::Abandon {
+                    task, generation, ..
+                }
+                | HubMsg::Cancel { task, generation } => Some((*c, *task, *generation)),
+                _ => None,
+            })
+            .collect();
         for (conn, msg) in out.sends {
             if let Some(&agent) = self.conn_agent.get(&conn) {
                 let name = self.sides[agent].name.clone();
-                self.store.check_send(&name, &msg)?;
+                let stopped_later = match &msg {
+                    HubMsg::Assign(a) => stopped.contains(&(conn, a.task, a.generation)),
+                    _ => false,
+                };
+                self.store.check_send(&name, &msg, stopped_later)?;
             }
             self.send_to_side(conn, msg);
         }
@@ -697,35 +916,109 @@ impl World {
             let d = self.rng.range(1, 100);
             self.close_conn(conn, d);
         }
+        if !self.inbox.is_empty() && !self.batch_scheduled {
+            self.batch_scheduled = true;
+            let d = self.batch_wait();
+            let hub_inc = self.hub_inc;
+            self.after(d, Ev::HubBatch { hub_inc });
+        }
         Ok(())
     }
 
-    fn op(&mut self, request: OpRequest, kind: OpKind) -> Res {
+    // === Operator clients ===
+
+    /// An operator runs a command; `retry`: the client tries again until answered.
+    fn op(&mut self, request: OpRequest, kind: OpKind, retry: bool) {
+        self.next_op += 1;
+        let id = self.next_op;
+        self.ops.insert(
+            id,
+            PendingOp {
+                request,
+                kind,
+                retry,
+            },
+        );
+        self.op_send(id);
+    }
+
+    fn op_send(&mut self, id: u64) {
+        if !self.ops.contains_key(&id) {
+            return;
+        }
         if self.hub.is_none() {
-            return Ok(());
+            self.op_retry(id);
+            return;
         }
         self.next_reply += 1;
-        self.pending_ops.insert(self.next_reply, kind);
+        let reply = self.next_reply;
+        let hub_inc = self.hub_inc;
+        let lat = self.latency();
+        self.push(self.now + lat, Ev::OpArrive { id, reply, hub_inc });
+        // A duplicate: the operator runs the same command again (or a client retries
+        // after a timeout), on a stream of its own.
+        if self.faults && self.rng.chance(0.02 * self.intensity) {
+            self.fault("dup_operator_request");
+            self.next_reply += 1;
+            let reply = self.next_reply;
+            let d = self.rng.range(1, DUP_DELAY_MAX);
+            self.push(self.now + d, Ev::OpArrive { id, reply, hub_inc });
+        }
+    }
+
+    /// The client's connection failed (hub down, or it crashed before answering).
+    fn op_retry(&mut self, id: u64) {
+        let Some(op) = self.ops.get(&id) else { return };
+        if !op.retry {
+            self.ops.remove(&id);
+            return;
+        }
+        self.fault("operator_retry");
+        let d = self.rng.range(500, 5_000);
+        self.after(d, Ev::OpSend { id });
+    }
+
+    fn op_arrive(&mut self, id: u64, reply: u64, hub_inc: u64) {
+        let Some(op) = self.ops.get(&id) else { return };
+        if hub_inc != self.hub_inc || self.hub.is_none() {
+            // The hub this request went to is gone: the stream broke.
+            self.op_retry(id);
+            return;
+        }
+        let request = op.request.clone();
+        self.replies.insert(reply, id);
         self.hub_input(Input::Op {
             fingerprint: ADMIN_FP.into(),
             request,
-            reply: ReplyId(self.next_reply),
+            reply: ReplyId(reply),
             token_secret: None,
-        })
+        });
     }
 
-    fn on_reply(&mut self, id: ReplyId, reply: Reply) -> Res {
-        let Some(kind) = self.pending_ops.remove(&id.0) else {
-            return Err(format!("a reply to unknown request {}", id.0));
+    fn on_reply(&mut self, reply: ReplyId, answer: Reply) -> Res {
+        let Some(id) = self.replies.remove(&reply.0) else {
+            return Err(format!("a reply to unknown request {}", reply.0));
         };
-        let Reply::Op(resp) = reply else {
+        let Reply::Op(resp) = answer else {
             return Err("an enrollment reply to an operator request".into());
         };
-        let OpResponse::Ok { json } = resp else {
-            return Ok(());
+        let Some(op) = self.ops.remove(&id) else {
+            // The duplicate of a request already answered.
+            return self.check_refusal(None, &resp);
         };
-        match kind {
-            OpKind::Submit { key } => {
+        let json = match resp {
+            OpResponse::Ok { json } => json,
+            refused => {
+                self.check_refusal(Some(&op), &refused)?;
+                if matches!(op.kind, OpKind::Submit { .. }) {
+                    // Mixed workload: refused for a dependency that ended badly.
+                    self.stats.refused_submits += 1;
+                }
+                return Ok(());
+            }
+        };
+        match op.kind {
+            OpKind::Submit { key } | OpKind::SubmitRepeat { key } => {
                 let v: serde_json::Value =
                     serde_json::from_str(&json).map_err(|e| format!("submit reply: {e}"))?;
                 let Some(tid) = v.get("id").and_then(serde_json::Value::as_u64) else {
@@ -737,24 +1030,14 @@ impl World {
                         "submit of task {tid} acknowledged before it was committed"
                     ));
                 }
-                let existing = v.get("existing").is_some();
-                if let Some(k) = key {
-                    match self.keys.get(&k) {
-                        Some(prev) if *prev != tid => {
-                            return Err(format!(
-                                "key {k:?} returned task {tid}, but it was task {prev} before"
-                            ));
-                        }
-                        None if existing => {
-                            return Err(format!(
-                                "key {k:?} returned an existing task {tid} never acknowledged before"
-                            ));
-                        }
-                        _ => {
-                            self.keys.insert(k, tid);
-                        }
-                    }
+                if let Some(prev) = self.keys.get(&key)
+                    && *prev != tid
+                {
+                    return Err(format!(
+                        "key {key:?} returned task {tid}, but it was task {prev} before"
+                    ));
                 }
+                self.keys.insert(key, tid);
                 if self.acked_set.insert(tid) {
                     self.acked.push(tid);
                 }
@@ -768,9 +1051,48 @@ impl World {
                     }
                 }
             }
-            OpKind::Cancel | OpKind::Requeue => {}
+            OpKind::Cancel | OpKind::Requeue { .. } => {}
         }
         Ok(())
+    }
+
+    /// A refusal fails the run unless the request could be refused by the task's
+    /// state (cancel or requeue racing the task, or a duplicate of either).
+    fn check_refusal(&self, op: Option<&PendingOp>, resp: &OpResponse) -> Res {
+        let OpResponse::Error(OpError { code, message }) = resp else {
+            return Ok(());
+        };
+        let state_race = *code == OpErrorCode::Conflict
+            && op.is_none_or(|o| matches!(o.kind, OpKind::Cancel | OpKind::Requeue { .. }));
+        // An agent is in the registry from its first hello on: a drain before that
+        // finds no such agent.
+        let unknown_agent = *code == OpErrorCode::NotFound
+            && matches!(op, Some(PendingOp { kind: OpKind::Drain { name, .. }, .. }) if self.unregistered.contains(name));
+        // Mixed workload: a dependency that already ended failed or cancelled.
+        let dead_dependency = *code == OpErrorCode::Conflict
+            && matches!(op, Some(PendingOp { request: OpRequest::Submit(req), .. }) if req.after.iter().any(|d| {
+                self.store.tasks.get(d).is_some_and(|t| {
+                    matches!(t.state, TaskState::Failed | TaskState::Cancelled)
+                })
+            }));
+        if state_race || unknown_agent || (self.cfg.mixed && dead_dependency) {
+            return Ok(());
+        }
+        let mut why = format!(
+            "the hub refused an operator request: {:?}: {code:?} {message}",
+            op.map(|o| &o.request)
+        );
+        if let Some(PendingOp {
+            request: OpRequest::Submit(req),
+            ..
+        }) = op
+        {
+            for dep in &req.after {
+                why.push_str("\n  dependency ");
+                why.push_str(&self.store.describe(*dep));
+            }
+        }
+        Err(why)
     }
 
     // === The network ===
@@ -783,6 +1105,7 @@ impl World {
         }
     }
 
+    /// One stream per connection: FIFO.
     fn send_to_hub(&mut self, conn: ConnId, msg: ToHub) {
         if !self.live.contains(&conn) {
             return;
@@ -791,9 +1114,58 @@ impl World {
         let last = self.fifo_hub.get(&conn).copied().unwrap_or(0);
         let at = (self.now + lat).max(last);
         self.fifo_hub.insert(conn, at);
-        self.push(at, Ev::ToHub { conn, msg });
+        self.push(
+            at,
+            Ev::ToHub {
+                conn,
+                msg,
+                late: false,
+            },
+        );
     }
 
+    fn deliver_to_hub(&mut self, conn: ConnId, msg: ToHub, late: bool) {
+        if self.hub.is_none() {
+            self.fault("message_lost");
+            return;
+        }
+        if !late && !self.live.contains(&conn) {
+            // The connection broke with this in flight: a prefix of the stream still
+            // reaches the hub's core, late (its stream task drains it), possibly after
+            // the sidecar's next session has started; the rest is lost.
+            match self.closing.get(&conn) {
+                Some(&(cutoff, delay, inc)) if self.now <= cutoff && inc == self.hub_inc => {
+                    self.after(
+                        delay,
+                        Ev::ToHub {
+                            conn,
+                            msg,
+                            late: true,
+                        },
+                    );
+                }
+                _ => self.fault("message_lost"),
+            }
+            return;
+        }
+        if late {
+            self.fault("late_delivery_old_connection");
+        }
+        let input = match msg {
+            ToHub::Hello(hello) => {
+                let agent = self.conn_agent.get(&conn).copied().unwrap_or(0);
+                Input::Hello {
+                    conn,
+                    fingerprint: self.sides[agent].fp.clone(),
+                    hello,
+                }
+            }
+            ToHub::Msg(msg) => Input::Session { conn, msg },
+        };
+        self.hub_input(input);
+    }
+
+    /// One stream per connection: FIFO. `dup_at`: also deliver a copy at that time.
     fn send_to_side(&mut self, conn: ConnId, msg: HubMsg) {
         if !self.live.contains(&conn) {
             return;
@@ -805,17 +1177,56 @@ impl World {
         let last = self.fifo_side.get(&conn).copied().unwrap_or(0);
         let at = (self.now + lat).max(last);
         self.fifo_side.insert(conn, at);
+        let dup = self.faults && self.rng.chance(0.02 * self.intensity);
+        if dup {
+            // What a late copy could do: acks, abandons and cancels are harmless at any
+            // time; a late Assign would revive an abandoned attempt, and a late Welcome
+            // cannot be read, so those are repeated right behind the original.
+            let (kind, late) = match &msg {
+                HubMsg::Assign(_) => ("dup_assign", false),
+                HubMsg::Ack { .. } => ("dup_ack", true),
+                HubMsg::Abandon { .. } | HubMsg::Cancel { .. } => ("dup_abandon_or_cancel", true),
+                HubMsg::Welcome(_) => ("dup_welcome", false),
+                HubMsg::Refused(_) => ("", false),
+            };
+            if !kind.is_empty() {
+                self.fault(kind);
+                let t = if late {
+                    at + self.rng.range(1, DUP_DELAY_MAX)
+                } else {
+                    at
+                };
+                let ev = Ev::ToSide {
+                    agent,
+                    conn,
+                    msg: msg.clone(),
+                };
+                self.push(at, Ev::ToSide { agent, conn, msg });
+                self.push(t, ev);
+                return;
+            }
+        }
         self.push(at, Ev::ToSide { agent, conn, msg });
     }
 
-    /// The connection is gone both ways: what is in flight is lost; the hub's
-    /// shell notices after `closed_after`; the sidecar reconnects after a backoff.
+    /// The connection is gone both ways. Toward the hub a prefix of what is in flight
+    /// still arrives, late; toward the sidecar it is lost (the sidecar handles one
+    /// session at a time, so nothing of an old session reaches it after a new one).
+    /// The hub's shell notices after `closed_after`, and after the last late message;
+    /// the sidecar reconnects after a backoff.
     fn close_conn(&mut self, conn: ConnId, closed_after: u64) {
         if !self.live.remove(&conn) {
             return;
         }
-        self.fifo_hub.remove(&conn);
+        let last = self.fifo_hub.remove(&conn).unwrap_or(0);
         self.fifo_side.remove(&conn);
+        let mut closed_at = self.now + closed_after;
+        if last > self.now && self.hub.is_some() && self.rng.chance(0.5) {
+            let cutoff = self.rng.range(self.now, last);
+            let delay = self.rng.range(0, LATE_MAX);
+            self.closing.insert(conn, (cutoff, delay, self.hub_inc));
+            closed_at = closed_at.max(cutoff + delay + 1);
+        }
         if let Some(&agent) = self.conn_agent.get(&conn)
             && self.sides[agent].conn == Some(conn)
         {
@@ -829,7 +1240,7 @@ impl World {
         }
         if self.hub.is_some() {
             let hub_inc = self.hub_inc;
-            self.after(closed_after, Ev::Closed { conn, hub_inc });
+            self.push(closed_at, Ev::Closed { conn, hub_inc });
         }
     }
 
@@ -870,11 +1281,11 @@ impl World {
     fn deliver_to_side(&mut self, agent: usize, conn: ConnId, msg: HubMsg) -> Res {
         let s = &self.sides[agent];
         if !self.live.contains(&conn) || s.conn != Some(conn) || s.core.is_none() {
-            self.stats.lost_messages += 1;
+            self.fault("message_lost");
             return Ok(());
         }
         match msg {
-            HubMsg::Welcome(w) => self.welcome(agent, &w),
+            HubMsg::Welcome(w) if !s.welcomed => self.welcome(agent, &w),
             HubMsg::Refused(r) => Err(format!("the hub refused {}: {r}", s.name)),
             msg => {
                 if let Some(core) = self.sides[agent].core.as_mut() {
@@ -931,33 +1342,90 @@ impl World {
         self.side_send(agent, SessionMsg::Heartbeat(hb));
     }
 
-    /// A sidecar sends on its session (dropped when not connected, as the daemon does);
-    /// in the fault phase a report is sometimes delivered twice.
+    /// A sidecar sends on its session (dropped when not connected, as the daemon does).
+    /// In the fault phase a message is sometimes delivered twice: a report's copy at a
+    /// random later time (as an outbox replay would), a heartbeat's right behind it (a
+    /// late one would report stale state, which one ordered stream cannot do).
     fn side_send(&mut self, agent: usize, msg: SessionMsg) {
         let s = &self.sides[agent];
         let Some(conn) = s.conn.filter(|_| s.welcomed) else {
             return;
         };
-        let dup = self.faults
-            && matches!(msg, SessionMsg::Report(_))
-            && self.rng.chance(0.03 * self.intensity);
+        let dup = self.faults && self.rng.chance(0.03 * self.intensity);
         if dup {
-            self.stats.dup_reports += 1;
-            self.send_to_hub(conn, ToHub::Msg(msg.clone()));
+            let copy = ToHub::Msg(msg.clone());
+            match msg {
+                SessionMsg::Report(_) => {
+                    self.fault("dup_report");
+                    let lat = self.latency();
+                    let t = self.now + lat + self.rng.range(0, DUP_DELAY_MAX);
+                    self.send_to_hub(conn, ToHub::Msg(msg));
+                    self.push(
+                        t,
+                        Ev::ToHub {
+                            conn,
+                            msg: copy,
+                            late: false,
+                        },
+                    );
+                }
+                SessionMsg::Heartbeat(_) => {
+                    self.fault("dup_heartbeat");
+                    self.send_to_hub(conn, ToHub::Msg(msg));
+                    self.send_to_hub(conn, copy);
+                }
+            }
+            return;
         }
         self.send_to_hub(conn, ToHub::Msg(msg));
     }
 
     // === Sidecars ===
 
-    /// Applies the durable effects first, then the others in order (commit before send).
+    /// As the daemon's loop after its core: launch the runs first (each writes its
+    /// handle file at spawn; the spawn often joins this batch), then commit the store
+    /// effects in one transaction (flushed unless the batch only forgets), then send,
+    /// stop and forget. In the fault phase the sidecar may die between the launch and
+    /// the commit.
     fn side_effects(&mut self, agent: usize) -> Res {
         let Some(core) = self.sides[agent].core.as_mut() else {
             return Ok(());
         };
-        let effects = core.take_effects();
-        let d = &mut self.sides[agent].durable;
-        for e in &effects {
+        let mut effects = core.take_effects();
+        let mut launched = false;
+        if effects.iter().any(|e| matches!(e, Effect::StartRun(..))) {
+            launched = true;
+            let (starts, rest): (Vec<Effect>, Vec<Effect>) = effects
+                .into_iter()
+                .partition(|e| matches!(e, Effect::StartRun(..)));
+            effects = rest;
+            let mut spawned = Vec::new();
+            for e in starts {
+                if let Effect::StartRun(task, generation, spec) = e
+                    && let Some(ev) = self.run_start(agent, task, generation, &spec)
+                {
+                    spawned.push(ev);
+                }
+            }
+            if let Some(core) = self.sides[agent].core.as_mut() {
+                for ev in spawned {
+                    core.handle_run(ev);
+                }
+                effects.extend(core.take_effects());
+            }
+        }
+        if launched && self.faults && self.rng.chance(0.02 * self.intensity) {
+            self.fault("sidecar_crash_after_launch_before_commit");
+            self.crash_side(agent);
+            return Ok(());
+        }
+        let s = &mut self.sides[agent];
+        let store: Vec<&Effect> = effects.iter().filter(|e| e.is_store()).collect();
+        let forget_only = store
+            .iter()
+            .all(|e| matches!(e, Effect::DeleteReport(_) | Effect::DeleteTask(..)));
+        let d = &mut s.durable;
+        for e in &store {
             match e {
                 Effect::PutTask(t) => {
                     d.tasks.insert(t.task, t.clone());
@@ -975,12 +1443,18 @@ impl World {
                 _ => {}
             }
         }
+        if !store.is_empty() {
+            if forget_only {
+                s.unflushed = true;
+            } else {
+                // A durable commit carries every earlier one to the disk.
+                s.flushed = s.durable.clone();
+                s.unflushed = false;
+            }
+        }
         for e in effects {
             match e {
                 Effect::Send(m) => self.side_send(agent, m),
-                Effect::StartRun(task, generation, spec) => {
-                    self.run_start(agent, task, generation, &spec);
-                }
                 Effect::StopRun(task, generation) => self.run_stop(agent, task, generation),
                 Effect::ForgetRun(task, generation) => {
                     if let Some(r) = self.runs.get_mut(&(agent, task, generation)) {
@@ -994,35 +1468,40 @@ impl World {
         Ok(())
     }
 
-    /// The sidecar process dies: its memory and session go; its durable state and
-    /// (some of) the agent runs it started stay.
+    /// The sidecar process dies: its memory and session go, and so does a batch that
+    /// was committed without a flush; the flushed store, the handle files and (some
+    /// of) the agent runs it started stay.
     fn crash_side(&mut self, agent: usize) {
-        self.stats.sidecar_crashes += 1;
-        self.sides[agent].core = None;
-        self.sides[agent].welcomed = false;
-        if let Some(c) = self.sides[agent].conn {
+        self.fault("sidecar_crash");
+        let s = &mut self.sides[agent];
+        if s.unflushed {
+            s.durable = s.flushed.clone();
+            s.unflushed = false;
+            self.fault("sidecar_crash_lost_unflushed_batch");
+        }
+        let s = &mut self.sides[agent];
+        s.core = None;
+        s.welcomed = false;
+        if let Some(c) = s.conn {
             let d = self.rng.range(0, 20_000);
             self.close_conn(c, d);
         }
         self.sides[agent].conn = None;
         let lo = (agent, TaskId(0), Generation(0));
         let hi = (agent + 1, TaskId(0), Generation(0));
-        let durable = &self.sides[agent].durable;
-        for ((_, task, generation), run) in self.runs.range_mut(lo..hi) {
+        for (_, run) in self.runs.range_mut(lo..hi) {
             run.watched = false;
             if run.forgotten || !run.alive {
                 continue;
             }
-            let spawned = durable
-                .tasks
-                .get(task)
-                .is_some_and(|t| t.generation == *generation && t.handle.is_some());
             if run.stopping {
                 run.alive = false;
                 run.exit = Some(Outcome::Cancelled);
-            } else if spawned && self.rng.chance(0.6) {
+            } else if run.handle_file && self.rng.chance(0.6) {
+                // Own process group, parented by the reaper: it outlives the sidecar.
                 self.stats.runs_survived += 1;
             } else {
+                // The machine went down with it, or a wake-mode agent died with it.
                 run.alive = false;
                 run.exit = None;
             }
@@ -1031,7 +1510,10 @@ impl World {
         self.after(d, Ev::SideRestart { agent });
     }
 
-    /// As `sidecar::daemon::run` at startup: load the queue, recover runs, connect.
+    /// As `sidecar::daemon::run` at startup: load the queue, end the runs of tasks it
+    /// does not hold (spawned before a commit that never happened), re-attach to the
+    /// others through the recorded handle or, failing that, the handle file, start
+    /// what never spawned, then connect.
     fn side_restart(&mut self, agent: usize) -> Res {
         let d = &self.sides[agent].durable;
         let tasks: Vec<LocalTask> = d.tasks.values().cloned().collect();
@@ -1041,15 +1523,38 @@ impl World {
             d.next_report,
         );
         self.sides[agent].core = Some(core);
+        let held: BTreeSet<(TaskId, Generation)> =
+            tasks.iter().map(|t| (t.task, t.generation)).collect();
+        let lo = (agent, TaskId(0), Generation(0));
+        let hi = (agent + 1, TaskId(0), Generation(0));
+        let mut swept = 0;
+        for ((_, task, generation), run) in self.runs.range_mut(lo..hi) {
+            if run.alive && !run.forgotten && !held.contains(&(*task, *generation)) {
+                run.alive = false;
+                run.forgotten = true;
+                swept += 1;
+            }
+        }
+        for _ in 0..swept {
+            self.fault("run_swept_at_restart");
+        }
         for t in tasks {
             if t.phase == Phase::Finished {
                 continue;
             }
             let key = (agent, t.task, t.generation);
-            if t.handle.is_none() {
-                // Accepted but the spawn was never recorded: start it (at least once).
-                self.run_start(agent, t.task, t.generation, &t.spec);
+            let file = self.runs.get(&key).is_some_and(|r| r.handle_file);
+            if t.handle.is_none() && !file {
+                // Accepted but never spawned: start it (at least once).
+                if let Some(ev) = self.run_start(agent, t.task, t.generation, &t.spec)
+                    && let Some(core) = self.sides[agent].core.as_mut()
+                {
+                    core.handle_run(ev);
+                }
                 continue;
+            }
+            if t.handle.is_none() {
+                self.fault("run_reattached_by_handle_file");
             }
             let delay = self.rng.range(10, 300);
             let serial = match self.runs.get_mut(&key) {
@@ -1069,6 +1574,7 @@ impl World {
                         key,
                         Run {
                             serial,
+                            handle_file: true,
                             alive: false,
                             watched: true,
                             started: false,
@@ -1101,11 +1607,14 @@ impl World {
 
     // === The simulated runner ===
 
-    fn choose_plan(&mut self) -> Plan {
+    /// In the default workload every failure is one a retry gets past: no `fail
+    /// --no-retry`, and runs hang only when the task has a timeout (with action retry).
+    fn choose_plan(&mut self, has_timeout: bool) -> Plan {
         let via_agent = self.rng.chance(0.5);
         if !self.faults {
             return Plan::Complete { via_agent };
         }
+        let mixed = self.cfg.mixed;
         let p = self.intensity / 1.5;
         let r = self.rng.unit();
         let mut acc = 0.0;
@@ -1117,12 +1626,15 @@ impl World {
                     sidecar_timeout: via_agent,
                 },
             ),
-            (0.03 * p, Plan::Hang),
+            (
+                if mixed || has_timeout { 0.03 * p } else { 0.0 },
+                Plan::Hang,
+            ),
             (
                 0.06 * p,
                 Plan::Fail {
                     via_agent,
-                    no_retry: self.rng.chance(0.3),
+                    no_retry: mixed && self.rng.chance(0.3),
                 },
             ),
             (0.04 * p, Plan::Exit),
@@ -1136,14 +1648,23 @@ impl World {
         Plan::Complete { via_agent }
     }
 
-    fn run_start(&mut self, agent: usize, task: TaskId, generation: Generation, spec: &TaskSpec) {
+    /// Starts a run. The spawn happens at once and writes the handle file; its
+    /// `Spawned` event is returned when it arrives within the launch wait (the
+    /// caller hands it to the core before the commit), else it comes later.
+    fn run_start(
+        &mut self,
+        agent: usize,
+        task: TaskId,
+        generation: Generation,
+        spec: &TaskSpec,
+    ) -> Option<RunEvent> {
         let key = (agent, task, generation);
         if let Some(old) = self.runs.get_mut(&key) {
             // A start "at least once" after a restart: the old process is presumed gone.
             old.alive = false;
             old.watched = false;
         }
-        let plan = self.choose_plan();
+        let plan = self.choose_plan(spec.timeout_ms.is_some());
         self.stats.runs += 1;
         *self.stats.plans.entry(plan.name()).or_default() += 1;
         self.next_serial += 1;
@@ -1152,6 +1673,7 @@ impl World {
             key,
             Run {
                 serial,
+                handle_file: plan != Plan::WakeFail,
                 alive: true,
                 watched: true,
                 started: false,
@@ -1161,15 +1683,23 @@ impl World {
             },
         );
         let mut steps = Vec::new();
-        let spawned = self.now + self.rng.range(10, 500);
+        let inline = plan != Plan::WakeFail && self.rng.chance(0.7);
+        let spawned = self.now + self.rng.range(1, 500);
         let started = spawned + self.rng.range(100, 3_000);
-        let long = spec.timeout_ms.is_some() && self.rng.chance(0.15);
+        let long = self.faults && spec.timeout_ms.is_some() && self.rng.chance(0.15);
+        // After the faults, a run ends well within its task's timeout.
+        let short_max = spec.timeout_ms.map_or(40_000, |t| (t / 2).min(40_000));
         let ends = started
             + if long {
                 self.rng.range(60_000, 240_000)
             } else {
-                self.rng.range(1_000, 40_000)
+                self.rng.range(1_000, short_max)
             };
+        let spawned_ev = RunEvent::Spawned {
+            task,
+            generation,
+            handle: sim_handle(agent, task, generation, serial),
+        };
         let start_step = if self.rng.chance(0.5) {
             Step::Started
         } else {
@@ -1178,17 +1708,23 @@ impl World {
         match plan {
             Plan::WakeFail => steps.push((spawned, Step::Finish(Outcome::WakeFailed))),
             Plan::NeverStart { sidecar_timeout } => {
-                steps.push((spawned, Step::Spawned));
+                if !inline {
+                    steps.push((spawned, Step::Spawned));
+                }
                 if sidecar_timeout {
                     steps.push((spawned + 60_000, Step::Finish(Outcome::StartTimeout)));
                 }
             }
             Plan::Hang => {
-                steps.push((spawned, Step::Spawned));
+                if !inline {
+                    steps.push((spawned, Step::Spawned));
+                }
                 steps.push((started, start_step));
             }
             Plan::Complete { via_agent } => {
-                steps.push((spawned, Step::Spawned));
+                if !inline {
+                    steps.push((spawned, Step::Spawned));
+                }
                 steps.push((started, start_step));
                 if self.rng.chance(0.3) {
                     steps.push(((started + ends) / 2, Step::Progress));
@@ -1206,7 +1742,9 @@ impl World {
                 via_agent,
                 no_retry,
             } => {
-                steps.push((spawned, Step::Spawned));
+                if !inline {
+                    steps.push((spawned, Step::Spawned));
+                }
                 steps.push((started, start_step));
                 steps.push((
                     ends,
@@ -1218,7 +1756,9 @@ impl World {
                 ));
             }
             Plan::Exit => {
-                steps.push((spawned, Step::Spawned));
+                if !inline {
+                    steps.push((spawned, Step::Spawned));
+                }
                 steps.push((started, start_step));
                 steps.push((ends, Step::Finish(Outcome::AgentExited)));
             }
@@ -1235,6 +1775,7 @@ impl World {
                 },
             );
         }
+        inline.then_some(spawned_ev)
     }
 
     fn run_stop(&mut self, agent: usize, task: TaskId, generation: Generation) {
@@ -1330,13 +1871,7 @@ impl World {
             Step::Spawned => To::Run(RunEvent::Spawned {
                 task,
                 generation,
-                handle: RunHandle {
-                    pid: Some(serial as u32),
-                    session: None,
-                    run_dir: PathBuf::from(format!("/sim/{agent}/{task}-{generation}")),
-                    mode: RunMode::Exec,
-                    start_ticks: None,
-                },
+                handle: sim_handle(agent, task, generation, serial),
             }),
             Step::Started => {
                 run.started = true;
@@ -1388,13 +1923,32 @@ impl World {
 
     // === Operators ===
 
-    fn submit(&mut self) -> Res {
+    /// A new task under its own idempotency key, resent by its client until the hub
+    /// acknowledges it; now and then instead a second submission under a key already
+    /// acknowledged, which must return that task.
+    fn submit(&mut self) {
+        if !self.keys.is_empty() && self.rng.chance(0.05) {
+            let i = self.rng.index(self.keys.len());
+            if let Some(key) = self.keys.keys().nth(i).cloned() {
+                let req = self.submit_request(&key);
+                self.op(OpRequest::Submit(req), OpKind::SubmitRepeat { key }, true);
+            }
+            let d = self.rng.range(1, 1_000);
+            self.after(d, Ev::Submit);
+            return;
+        }
         if self.submits_left == 0 {
-            return Ok(());
+            return;
         }
         self.submits_left -= 1;
         self.stats.submitted += 1;
-        let n = self.stats.submitted;
+        let key = format!("key-{}", self.stats.submitted);
+        let req = self.submit_request(&key);
+        self.op(OpRequest::Submit(req), OpKind::Submit { key }, true);
+    }
+
+    fn submit_request(&mut self, key: &str) -> SubmitRequest {
+        let mixed = self.cfg.mixed;
         let rng = &mut self.rng;
         let mut capabilities = Vec::new();
         if rng.chance(0.25) {
@@ -1410,44 +1964,37 @@ impl World {
             after.sort();
             after.dedup();
         }
-        let key = if rng.chance(0.2) {
-            if !self.keys.is_empty() && rng.chance(0.3) {
-                let i = rng.index(self.keys.len());
-                self.keys.keys().nth(i).cloned()
-            } else {
-                Some(format!("key-{n}"))
-            }
-        } else {
-            None
-        };
         let timeout_ms = rng.chance(0.2).then(|| rng.range(15_000, 120_000));
-        let req = SubmitRequest {
-            title: format!("task {n}"),
+        SubmitRequest {
+            title: format!("task {key}"),
             description: "simulated work".into(),
             capabilities,
             priority: rng.range(0, 4) as i32 - 2,
-            max_attempts: rng.chance(0.2).then(|| rng.range(1, 5) as u32),
+            max_attempts: (mixed && rng.chance(0.2)).then(|| rng.range(1, 5) as u32),
             timeout_ms,
-            timeout_action: if rng.chance(0.5) {
+            timeout_action: if !mixed || rng.chance(0.5) {
                 TimeoutAction::Retry
             } else {
                 TimeoutAction::Fail
             },
             after,
-            key: key.clone(),
-        };
-        self.op(OpRequest::Submit(req), OpKind::Submit { key })
+            key: Some(key.to_string()),
+        }
     }
 
-    fn random_op(&mut self) -> Res {
+    /// Operators at work: cancel (mixed workload only), requeue, drain, undrain. A
+    /// client gives up on these when the hub is down.
+    fn random_op(&mut self) {
         let r = self.rng.below(100);
         if r < 40 {
-            if let Some(id) = self.random_acked() {
-                self.op(OpRequest::TaskCancel { id }, OpKind::Cancel)?;
+            if self.cfg.mixed
+                && let Some(id) = self.random_acked()
+            {
+                self.op(OpRequest::TaskCancel { id }, OpKind::Cancel, false);
             }
         } else if r < 60 {
             if let Some(id) = self.random_acked() {
-                self.op(OpRequest::TaskRequeue { id }, OpKind::Requeue)?;
+                self.op(OpRequest::TaskRequeue { id }, OpKind::Requeue { id }, false);
             }
         } else if r < 80 {
             if self.drained.len() * 5 < self.sides.len() {
@@ -1459,19 +2006,19 @@ impl World {
                         name,
                         drained: true,
                     },
-                )?;
+                    false,
+                );
             }
         } else if let Some(&i) = self
             .drained
             .iter()
             .nth(self.rng.index(self.drained.len().max(1)))
         {
-            self.undrain(i)?;
+            self.undrain(i, false);
         }
-        Ok(())
     }
 
-    fn undrain(&mut self, i: usize) -> Res {
+    fn undrain(&mut self, i: usize, retry: bool) {
         let name = self.sides[i].name.clone();
         self.op(
             OpRequest::AgentUndrain { name: name.clone() },
@@ -1479,7 +2026,8 @@ impl World {
                 name,
                 drained: false,
             },
-        )
+            retry,
+        );
     }
 
     fn random_acked(&mut self) -> Option<TaskId> {
@@ -1490,12 +2038,27 @@ impl World {
         Some(self.acked[i])
     }
 
-    /// Liveness phase: drained agents come back (an undrain sent while the hub was
-    /// down never arrived), and hung runs of tasks without a timeout need an operator.
-    fn sweep_hung(&mut self) -> Res {
+    /// Liveness phase: drained agents come back (a drain may have been committed
+    /// with its answer lost), and in the mixed workload hung runs of tasks without a
+    /// timeout need an operator.
+    fn sweep_hung(&mut self) {
+        if self.hub.is_none() {
+            return;
+        }
         let drained: Vec<usize> = self.drained.iter().copied().collect();
         for i in drained {
-            self.undrain(i)?;
+            self.undrain(i, true);
+        }
+        // Drains whose answer was lost in a crash are not in `drained`: undrain everyone
+        // the store has drained.
+        let names: Vec<usize> = (0..self.sides.len())
+            .filter(|i| self.store.drained(&self.sides[*i].name))
+            .collect();
+        for i in names {
+            self.undrain(i, true);
+        }
+        if !self.cfg.mixed {
+            return;
         }
         let hub_now = self.hub_now();
         let hung: Vec<TaskId> = self
@@ -1514,20 +2077,19 @@ impl World {
             .map(|t| t.id)
             .collect();
         for id in hung {
-            self.op(OpRequest::TaskCancel { id }, OpKind::Cancel)?;
+            self.op(OpRequest::TaskCancel { id }, OpKind::Cancel, false);
         }
-        Ok(())
     }
 
     // === Faults ===
 
-    fn inject_faults(&mut self) -> Res {
+    fn inject_faults(&mut self) {
         let n = self.sides.len() as f64;
         let k = self.intensity;
         for _ in 0..self.rng.count(n * k / 400.0) {
             let i = self.rng.index(self.sides.len());
             if let Some(c) = self.sides[i].conn {
-                self.stats.conn_breaks += 1;
+                self.fault("connection_break");
                 let d = self.rng.range(0, 20_000);
                 self.close_conn(c, d);
             }
@@ -1539,24 +2101,29 @@ impl World {
             }
         }
         if self.hub.is_some() && self.rng.chance(k / 300.0) {
-            self.crash_hub();
+            self.crash_hub("hub_crash_between_batches");
         }
         if self.rng.chance(k / 200.0) {
-            self.stats.clock_jumps += 1;
-            self.skew += self.rng.range(1_000, 180_000);
+            // The machine's wall clock is stepped (NTP, an operator): either way.
+            let step = self.rng.range(1_000, 180_000) as i64;
+            if self.rng.chance(0.5) {
+                self.fault("clock_step_forward");
+                self.skew += step;
+            } else {
+                self.fault("clock_step_backward");
+                self.skew -= step;
+            }
         }
-        Ok(())
     }
 
     /// Ends the fault phase: faults stop, drained agents come back, hung tasks get swept.
-    fn heal(&mut self) -> Res {
+    fn heal(&mut self) {
         self.faults = false;
         let drained: Vec<usize> = self.drained.iter().copied().collect();
         for i in drained {
-            self.undrain(i)?;
+            self.undrain(i, true);
         }
         self.after(30_000, Ev::Sweep);
-        Ok(())
     }
 
     // === Checks ===
@@ -1636,7 +2203,14 @@ impl World {
                 HEAL_MAX_MS / 60_000
             )));
         }
-        let idle = self.hub.is_some() && self.submits_left == 0 && self.store.live.is_empty();
+        let submitting = self
+            .ops
+            .values()
+            .any(|o| matches!(o.kind, OpKind::Submit { .. }));
+        let idle = self.hub.is_some()
+            && self.submits_left == 0
+            && !submitting
+            && self.store.live.is_empty();
         if !idle {
             self.all_terminal_since = None;
             return Ok(false);
@@ -1682,7 +2256,51 @@ impl World {
                 self.sides[*a].name
             ));
         }
+        self.check_totals()?;
         Ok(true)
+    }
+
+    /// The run's own totals: it submitted work, every submission was acknowledged
+    /// and (in the default workload) completed; it cannot pass by doing nothing.
+    fn check_totals(&self) -> Res {
+        let submitted = self.stats.submitted;
+        if submitted == 0 || submitted != self.cfg.tasks as u64 {
+            return Err(format!(
+                "submitted {submitted} tasks, the workload has {}",
+                self.cfg.tasks
+            ));
+        }
+        let refused = self.stats.refused_submits;
+        let acked = self.acked.len() as u64;
+        if acked + refused != submitted || self.keys.len() as u64 != acked {
+            return Err(format!(
+                "{submitted} submitted but {acked} acknowledged under {} keys and {refused} refused",
+                self.keys.len()
+            ));
+        }
+        if self.store.tasks.len() as u64 != acked {
+            return Err(format!(
+                "{acked} acknowledged but the store holds {} tasks",
+                self.store.tasks.len()
+            ));
+        }
+        if self.cfg.mixed {
+            return Ok(());
+        }
+        let not_completed: Vec<String> = self
+            .acked
+            .iter()
+            .filter(|id| self.store.tasks.get(id).map(|t| t.state) != Some(TaskState::Completed))
+            .take(10)
+            .map(|id| self.store.describe(*id))
+            .collect();
+        if !not_completed.is_empty() {
+            return Err(format!(
+                "the default workload must complete every task; these did not:\n  {}",
+                not_completed.join("\n  ")
+            ));
+        }
+        Ok(())
     }
 
     fn liveness_failure(&self, why: &str) -> String {
@@ -1715,5 +2333,16 @@ impl World {
             self.drained
         ));
         msg
+    }
+}
+
+/// The handle a simulated run records (in its handle file and, once committed, in the store).
+fn sim_handle(agent: usize, task: TaskId, generation: Generation, serial: u64) -> RunHandle {
+    RunHandle {
+        pid: Some(serial as u32),
+        session: None,
+        run_dir: PathBuf::from(format!("/sim/{agent}/{task}-{generation}")),
+        mode: RunMode::Exec,
+        start_ticks: None,
     }
 }
