@@ -1179,10 +1179,12 @@ fn waited_exit_status_is_lost_with_the_sidecar_and_the_task_is_retried() {
 
 /// What a sidecar that dies between spawning a run and committing it leaves
 /// behind ("Launch before commit" in sidecar/src/daemon.rs): a run directory
-/// holding the run's handle, and a queue that never heard of the task. The
-/// restarted sidecar must end that run before it takes the task again.
+/// holding the run's handle, and a queue that never heard of the task. The hub
+/// never heard `Accepted` and resends the same attempt; the restarted sidecar
+/// must adopt that run (never start the agent a second time), and stopping the
+/// task stops the adopted run.
 #[test]
-fn a_run_its_sidecar_died_before_recording_is_ended_at_restart_and_the_task_runs_once() {
+fn a_run_its_sidecar_died_before_recording_is_adopted_when_the_hub_resends_it() {
     let hub = hub_with(&[]);
     let mut sc = sidecar(&hub, "crash-window", &[]);
     let root = sc.root().to_path_buf();
@@ -1218,21 +1220,34 @@ fn a_run_its_sidecar_died_before_recording_is_ended_at_restart_and_the_task_runs
     std::fs::write(run_dir.join("handle"), handle.to_string()).expect("write the handle");
 
     sc.start_connected(CONNECT);
-    let ended = wait_until(TASK_END, "the orphan is ended", || {
-        orphan.try_wait().expect("try_wait")
-    });
-    use std::os::unix::process::ExitStatusExt;
-    assert_eq!(ended.signal(), Some(libc::SIGTERM), "{ended:?}");
-    let t = wait_state(&hub, id, &["completed"], TASK_END);
-    assert_eq!(outcomes(&t), ["completed"], "{t}");
+    // The resent attempt adopts the orphan: running, generation 1, the orphan's pid.
+    let t = wait_state(&hub, id, &["running"], TASK_END);
     assert_eq!(
         t["generation"], 1,
         "the hub resent the same assignment: {t}"
     );
     assert_eq!(
-        std::fs::read_to_string(root.join("done")).expect("done"),
-        "1\n",
-        "ran exactly once"
+        attempts(&t)[0]["pid"],
+        orphan.id(),
+        "the running attempt is not the orphan: {t}"
+    );
+    assert!(
+        orphan.try_wait().expect("try_wait").is_none(),
+        "the adopted run was ended"
+    );
+    // Cancelling stops the adopted run; the agent never ran a second time.
+    let out = hub.cli(&["task", "cancel", &id.to_string()]);
+    assert!(out.status.success(), "cancel: {}", stderr(&out));
+    let ended = wait_until(TASK_END, "the adopted run is stopped", || {
+        orphan.try_wait().expect("try_wait")
+    });
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(ended.signal(), Some(libc::SIGTERM), "{ended:?}");
+    let t = wait_state(&hub, id, &["cancelled"], TASK_END);
+    assert_eq!(outcomes(&t), ["cancelled"], "{t}");
+    assert!(
+        !root.join("done").exists(),
+        "the agent ran although its attempt's run was adopted"
     );
 }
 
