@@ -168,6 +168,7 @@ pub async fn run(
         starting: std::collections::HashMap::new(),
         orphans: std::collections::HashMap::new(),
         orphan_deadline: None,
+        releases: Vec::new(),
     };
     // Both before the session starts: the hub resends assignments not yet
     // accepted, and their runs must not meet an orphan or lose their directory.
@@ -276,6 +277,7 @@ pub async fn run(
         }
         // Commit before acknowledge: store effects are durable before anything is sent.
         let store: Vec<Effect> = effects.iter().filter(|e| e.is_store()).cloned().collect();
+        let flushed = crate::queue::commit_kind(&store) == crate::queue::CommitKind::Flushed;
         #[cfg(feature = "test-hooks")]
         crate::test_hooks::hold_before_handle_commit(&d.cfg.data_dir, &store).await;
         if !store.is_empty()
@@ -295,6 +297,10 @@ pub async fn run(
         }
         for e in effects {
             d.perform(e);
+        }
+        if flushed {
+            // Every earlier unflushed commit is durable now too.
+            d.release_run_dirs();
         }
         for (answer, reply) in answers {
             let _ = reply.send(answer);
@@ -394,6 +400,11 @@ struct Daemon {
     >,
     /// When the orphans not claimed are ended (set at the first welcome).
     orphan_deadline: Option<tokio::time::Instant>,
+    /// Run directories of forgotten tasks, removed once the forgetting is durable:
+    /// it commits without a flush, and a directory removed while a crash can still
+    /// undo that commit would leave a held task with no trace of its run, which
+    /// the restart would then start a second time.
+    releases: Vec<(PathBuf, Option<crate::agent::RunHandle>)>,
 }
 
 /// How long after the first welcome the hub's resent assignments may claim
@@ -583,6 +594,7 @@ impl Daemon {
                 continue;
             }
             let dir = self.run_dirs.path(t.task, t.generation);
+            let from_file = t.handle.is_none();
             let handle = match &t.handle {
                 Some(h) => Some(h.clone()),
                 // Accepted, and the spawn not recorded: the run may have left its
@@ -601,6 +613,9 @@ impl Daemon {
                     // run's exit status.
                     let spec = self.run_spec(t.task, t.generation, t.spec.clone(), dir);
                     self.handles.insert((t.task, t.generation), h.clone());
+                    if from_file {
+                        self.record_handle(t.task, t.generation, &h);
+                    }
                     self.runner.recover(spec, h, self.run_tx.clone());
                 }
                 // Never spawned: start it (at least once).
@@ -633,6 +648,39 @@ impl Daemon {
             );
         }
         self.orphans = found;
+    }
+
+    /// Removes the run directories whose tasks' forgetting is now durable.
+    fn release_run_dirs(&mut self) {
+        if self.releases.is_empty() {
+            return;
+        }
+        let releases = std::mem::take(&mut self.releases);
+        let run_dirs = Arc::clone(&self.run_dirs);
+        tokio::task::spawn_blocking(move || {
+            for (dir, handle) in releases {
+                run_dirs.release(&dir, handle.as_ref());
+            }
+        });
+    }
+
+    /// Records at the core the handle of a run re-attached through its handle
+    /// file, so the store holds it: the file alone would be the run's only trace,
+    /// and a restart that found neither would start the attempt again.
+    fn record_handle(
+        &self,
+        task: muster_protocol::TaskId,
+        generation: muster_protocol::Generation,
+        handle: &crate::agent::RunHandle,
+    ) {
+        let ev = RunEvent::Spawned {
+            task,
+            generation,
+            handle: handle.clone(),
+        };
+        if self.run_tx.try_send(ev).is_err() {
+            warn!(%task, %generation, "could not record a re-attached run's handle now; its handle file still holds it");
+        }
     }
 
     /// Ends the orphans no resent assignment claimed, and removes their directories.
@@ -758,6 +806,7 @@ impl Daemon {
                     let dir = self.run_dirs.path(task, generation);
                     let spec = self.run_spec(task, generation, spec, dir);
                     self.handles.insert((task, generation), handle.clone());
+                    self.record_handle(task, generation, &handle);
                     self.runner.recover(spec, handle, self.run_tx.clone());
                     return;
                 }
@@ -780,11 +829,11 @@ impl Daemon {
             Effect::DeleteTask(task, generation) => {
                 // Nothing of ours reads the directory once the task is forgotten; a run
                 // still stopping keeps its open files. Without this, every attempt would
-                // leave its files behind until the next restart's sweep.
+                // leave its files behind until the next restart's sweep. It goes once
+                // the forgetting is durable (see `releases`).
                 let dir = self.run_dirs.path(task, generation);
                 let handle = self.handles.remove(&(task, generation));
-                let run_dirs = Arc::clone(&self.run_dirs);
-                tokio::task::spawn_blocking(move || run_dirs.release(&dir, handle.as_ref()));
+                self.releases.push((dir, handle));
             }
             _ => {}
         }
