@@ -136,7 +136,7 @@ fn run_seeds(seeds: impl Iterator<Item = u64>, agents: Option<usize>, mixed: boo
 /// The summary line: what was done, what was injected, how it ended.
 fn totals(s: &sim::Summary) -> String {
     format!(
-        "{} steps, {} virtual s; submitted {}, acknowledged {} (refused for a failed dependency {}), completed {}, failed {}, cancelled {}, requeues {}; hub: {} commits of {} inputs (largest batch {}); {} runs ({} survived a sidecar crash), plans {:?}, attempt outcomes {:?}; {} ticks with two sidecars running one task; faults {:?}",
+        "{} steps, {} virtual s; submitted {}, acknowledged {} (refused for a failed dependency {}), completed {}, failed {}, cancelled {}, requeues {}; hub: {} commits of {} inputs (largest batch {}); {} runs ({} survived a sidecar crash), plans {:?}, attempt outcomes {:?}; {} ticks with two sidecars running one task; {} attempts spawned again after their orphan went unclaimed; faults {:?}",
         s.steps,
         s.virtual_ms / 1000,
         s.submitted,
@@ -154,6 +154,7 @@ fn totals(s: &sim::Summary) -> String {
         s.plans,
         s.outcomes,
         s.overlap_ticks,
+        s.orphan_respawns,
         s.faults,
     )
 }
@@ -174,6 +175,7 @@ fn add(total: &mut sim::Summary, s: &sim::Summary) {
     total.runs_survived += s.runs_survived;
     total.runs += s.runs;
     total.overlap_ticks += s.overlap_ticks;
+    total.orphan_respawns += s.orphan_respawns;
     for (k, v) in &s.plans {
         *total.plans.entry(k).or_default() += v;
     }

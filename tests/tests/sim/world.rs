@@ -52,7 +52,7 @@ const DUP_DELAY_MAX: u64 = 10_000;
 /// the hub's core (its stream task drains them after the new session started).
 const LATE_MAX: u64 = 8_000;
 /// Fault kinds each run counts; the aggregate of a large run must have seen every one.
-pub(crate) const FAULT_KINDS: [&str; 22] = [
+pub(crate) const FAULT_KINDS: [&str; 24] = [
     "connection_break",
     "late_delivery_old_connection",
     "message_lost",
@@ -60,7 +60,9 @@ pub(crate) const FAULT_KINDS: [&str; 22] = [
     "sidecar_crash_after_launch_before_commit",
     "sidecar_crash_lost_unflushed_batch",
     "run_reattached_by_handle_file",
-    "run_swept_at_restart",
+    "orphan_adopted",
+    "orphan_ended_unclaimed",
+    "orphan_superseded",
     "hub_crash_between_batches",
     "hub_crash_before_commit",
     "hub_crash_after_commit_before_send",
@@ -76,6 +78,9 @@ pub(crate) const FAULT_KINDS: [&str; 22] = [
     "dup_operator_request",
     "operator_retry",
 ];
+/// How long after the first welcome since a restart the hub's resent assignments
+/// may claim orphaned runs (as `sidecar::daemon` `ORPHAN_CLAIM`).
+const ORPHAN_CLAIM_MS: u64 = 5_000;
 /// After every task is terminal, time allowed for sidecars to drain and forget.
 const SETTLE_MS: u64 = 120_000;
 /// The liveness phase may take this long (virtual time) before the run fails.
@@ -127,6 +132,8 @@ pub(crate) struct Summary {
     pub(crate) outcomes: BTreeMap<&'static str, u64>,
     /// Ticks at which two sidecars ran one task (allowed while the older one is unreachable).
     pub(crate) overlap_ticks: u64,
+    /// Attempts spawned again after their first run was ended as an unclaimed orphan.
+    pub(crate) orphan_respawns: u64,
     pub(crate) digest: u64,
 }
 
@@ -229,6 +236,11 @@ enum Ev {
     },
     SideRestart {
         agent: usize,
+    },
+    /// The orphans of sidecar incarnation `inc` not claimed by now are ended.
+    OrphanDeadline {
+        agent: usize,
+        inc: u64,
     },
     HubRestart,
     Run {
@@ -335,6 +347,9 @@ struct Run {
     serial: u64,
     /// The run wrote its handle file at spawn (durable apart from the sidecar's store).
     handle_file: bool,
+    /// Its run directory (with the handle file) is still there: removed when its task
+    /// is deleted or it is ended as an orphan.
+    dir: bool,
     alive: bool,
     /// A live sidecar's runner watches it (false while the sidecar is down).
     watched: bool,
@@ -374,6 +389,13 @@ struct Side {
     epoch: u64,
     interval: u64,
     hb_seq: u64,
+    /// Bumped at every restart, so a dead incarnation's timers do nothing.
+    inc: u64,
+    /// Runs found at restart for attempts the store never recorded, kept for the
+    /// hub's resent assignment to claim (`Daemon::orphans`).
+    orphans: BTreeSet<(TaskId, Generation)>,
+    /// The claim deadline was set (at the first welcome after the restart).
+    orphan_deadline: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -450,6 +472,10 @@ struct World {
     sides: Vec<Side>,
     runs: BTreeMap<(usize, TaskId, Generation), Run>,
     next_serial: u64,
+    /// Every attempt a run was spawned for (at most one run per attempt), and the
+    /// attempts whose run was ended as an unclaimed orphan.
+    spawned: BTreeSet<(TaskId, Generation)>,
+    ended_orphans: BTreeSet<(TaskId, Generation)>,
     drained: BTreeSet<usize>,
     // Operators.
     submits_left: usize,
@@ -513,6 +539,9 @@ impl World {
                 epoch: 0,
                 interval: 10_000,
                 hb_seq: 0,
+                inc: 0,
+                orphans: BTreeSet::new(),
+                orphan_deadline: false,
             });
         }
         let fault_end = cfg.fault_ms;
@@ -551,6 +580,8 @@ impl World {
             sides,
             runs: BTreeMap::new(),
             next_serial: 0,
+            spawned: BTreeSet::new(),
+            ended_orphans: BTreeSet::new(),
             drained: BTreeSet::new(),
             acked: Vec::new(),
             acked_set: BTreeSet::new(),
@@ -700,6 +731,13 @@ impl World {
             }
             Ev::Connect { agent, epoch } => self.connect(agent, epoch),
             Ev::SideRestart { agent } => self.side_restart(agent)?,
+            Ev::OrphanDeadline { agent, inc } => {
+                let s = &self.sides[agent];
+                if s.inc == inc && s.core.is_some() {
+                    let all: Vec<_> = s.orphans.iter().copied().collect();
+                    self.end_orphans(agent, &all, "orphan_ended_unclaimed");
+                }
+            }
             Ev::HubRestart => self.start_hub()?,
             Ev::Run {
                 agent,
@@ -1301,6 +1339,12 @@ impl World {
         let s = &mut self.sides[agent];
         s.welcomed = true;
         s.interval = w.heartbeat_interval_ms.max(100);
+        if !s.orphans.is_empty() && !s.orphan_deadline {
+            s.orphan_deadline = true;
+            let inc = s.inc;
+            self.after(ORPHAN_CLAIM_MS, Ev::OrphanDeadline { agent, inc });
+        }
+        let s = &mut self.sides[agent];
         let Some(core) = s.core.as_mut() else {
             return Ok(());
         };
@@ -1401,9 +1445,24 @@ impl World {
             effects = rest;
             let mut spawned = Vec::new();
             for e in starts {
-                if let Effect::StartRun(task, generation, spec) = e
-                    && let Some(ev) = self.run_start(agent, task, generation, &spec)
-                {
+                let Effect::StartRun(task, generation, spec) = e else {
+                    continue;
+                };
+                if self.sides[agent].orphans.remove(&(task, generation)) {
+                    // The same attempt, spawned before a crash: adopt it, never run it twice.
+                    self.fault("orphan_adopted");
+                    self.reattach(agent, task, generation);
+                    continue;
+                }
+                // An older attempt of this task orphaned by the crash is superseded.
+                let older: Vec<_> = self.sides[agent]
+                    .orphans
+                    .iter()
+                    .filter(|(t, g)| *t == task && *g < generation)
+                    .copied()
+                    .collect();
+                self.end_orphans(agent, &older, "orphan_superseded");
+                if let Some(ev) = self.run_start(agent, task, generation, &spec)? {
                     spawned.push(ev);
                 }
             }
@@ -1462,6 +1521,12 @@ impl World {
                         r.alive = false;
                     }
                 }
+                Effect::DeleteTask(task, generation) => {
+                    // The daemon removes the run directory (handle file included).
+                    if let Some(r) = self.runs.get_mut(&(agent, task, generation)) {
+                        r.dir = false;
+                    }
+                }
                 _ => {}
             }
         }
@@ -1482,6 +1547,8 @@ impl World {
         let s = &mut self.sides[agent];
         s.core = None;
         s.welcomed = false;
+        s.orphans.clear();
+        s.orphan_deadline = false;
         if let Some(c) = s.conn {
             let d = self.rng.range(0, 20_000);
             self.close_conn(c, d);
@@ -1510,10 +1577,11 @@ impl World {
         self.after(d, Ev::SideRestart { agent });
     }
 
-    /// As `sidecar::daemon::run` at startup: load the queue, end the runs of tasks it
-    /// does not hold (spawned before a commit that never happened), re-attach to the
-    /// others through the recorded handle or, failing that, the handle file, start
-    /// what never spawned, then connect.
+    /// As `sidecar::daemon::run` at startup: load the queue, keep the runs of tasks it
+    /// does not hold as orphans (spawned before a commit that never happened; a resent
+    /// assignment adopts them, `Daemon::sweep_runs`), re-attach to the held ones through
+    /// the recorded handle or, failing that, the handle file, start what never spawned,
+    /// then connect.
     fn side_restart(&mut self, agent: usize) -> Res {
         let d = &self.sides[agent].durable;
         let tasks: Vec<LocalTask> = d.tasks.values().cloned().collect();
@@ -1522,31 +1590,32 @@ impl World {
             d.outbox.values().cloned().collect(),
             d.next_report,
         );
-        self.sides[agent].core = Some(core);
         let held: BTreeSet<(TaskId, Generation)> =
             tasks.iter().map(|t| (t.task, t.generation)).collect();
         let lo = (agent, TaskId(0), Generation(0));
         let hi = (agent + 1, TaskId(0), Generation(0));
-        let mut swept = 0;
-        for ((_, task, generation), run) in self.runs.range_mut(lo..hi) {
-            if run.alive && !run.forgotten && !held.contains(&(*task, *generation)) {
-                run.alive = false;
-                run.forgotten = true;
-                swept += 1;
-            }
-        }
-        for _ in 0..swept {
-            self.fault("run_swept_at_restart");
-        }
+        let orphans: BTreeSet<(TaskId, Generation)> = self
+            .runs
+            .range(lo..hi)
+            .filter(|((_, t, g), r)| {
+                r.handle_file && r.dir && !r.forgotten && !held.contains(&(*t, *g))
+            })
+            .map(|((_, t, g), _)| (*t, *g))
+            .collect();
+        let s = &mut self.sides[agent];
+        s.core = Some(core);
+        s.inc += 1;
+        s.orphans = orphans;
+        s.orphan_deadline = false;
         for t in tasks {
             if t.phase == Phase::Finished {
                 continue;
             }
             let key = (agent, t.task, t.generation);
-            let file = self.runs.get(&key).is_some_and(|r| r.handle_file);
+            let file = self.runs.get(&key).is_some_and(|r| r.handle_file && r.dir);
             if t.handle.is_none() && !file {
                 // Accepted but never spawned: start it (at least once).
-                if let Some(ev) = self.run_start(agent, t.task, t.generation, &t.spec)
+                if let Some(ev) = self.run_start(agent, t.task, t.generation, &t.spec)?
                     && let Some(core) = self.sides[agent].core.as_mut()
                 {
                     core.handle_run(ev);
@@ -1556,53 +1625,80 @@ impl World {
             if t.handle.is_none() {
                 self.fault("run_reattached_by_handle_file");
             }
-            let delay = self.rng.range(10, 300);
-            let serial = match self.runs.get_mut(&key) {
-                Some(run) if !run.forgotten => {
-                    run.watched = true;
-                    if run.alive {
-                        run.started.then_some((run.serial, Step::Started))
-                    } else {
-                        let o = run.exit.unwrap_or(Outcome::AgentExited);
-                        Some((run.serial, Step::Exited(o)))
-                    }
-                }
-                _ => {
-                    self.next_serial += 1;
-                    let serial = self.next_serial;
-                    self.runs.insert(
-                        key,
-                        Run {
-                            serial,
-                            handle_file: true,
-                            alive: false,
-                            watched: true,
-                            started: false,
-                            stopping: false,
-                            forgotten: false,
-                            exit: None,
-                        },
-                    );
-                    Some((serial, Step::Exited(Outcome::AgentExited)))
-                }
-            };
-            if let Some((serial, step)) = serial {
-                self.after(
-                    delay,
-                    Ev::Run {
-                        agent,
-                        task: t.task,
-                        generation: t.generation,
-                        serial,
-                        step,
-                    },
-                );
-            }
+            self.reattach(agent, t.task, t.generation);
         }
         self.side_effects(agent)?;
         let d = self.rng.range(0, 500);
         self.schedule_connect(agent, d);
         Ok(())
+    }
+
+    /// The runner's `recover` through a handle: the run is watched again and reports
+    /// what it is doing (started) or how it ended (its exit status, if it left one).
+    /// It never starts a process.
+    fn reattach(&mut self, agent: usize, task: TaskId, generation: Generation) {
+        let key = (agent, task, generation);
+        let delay = self.rng.range(10, 300);
+        let serial = match self.runs.get_mut(&key) {
+            Some(run) if !run.forgotten => {
+                run.watched = true;
+                if run.alive {
+                    run.started.then_some((run.serial, Step::Started))
+                } else {
+                    let o = run.exit.unwrap_or(Outcome::AgentExited);
+                    Some((run.serial, Step::Exited(o)))
+                }
+            }
+            _ => {
+                self.next_serial += 1;
+                let serial = self.next_serial;
+                self.runs.insert(
+                    key,
+                    Run {
+                        serial,
+                        handle_file: true,
+                        dir: true,
+                        alive: false,
+                        watched: true,
+                        started: false,
+                        stopping: false,
+                        forgotten: false,
+                        exit: None,
+                    },
+                );
+                Some((serial, Step::Exited(Outcome::AgentExited)))
+            }
+        };
+        if let Some((serial, step)) = serial {
+            self.after(
+                delay,
+                Ev::Run {
+                    agent,
+                    task,
+                    generation,
+                    serial,
+                    step,
+                },
+            );
+        }
+    }
+
+    /// `Daemon::end_orphans_of`: kills the orphans' processes and removes their
+    /// directories; nothing is reported (their attempts are not held).
+    fn end_orphans(&mut self, agent: usize, which: &[(TaskId, Generation)], kind: &'static str) {
+        for &(task, generation) in which {
+            if !self.sides[agent].orphans.remove(&(task, generation)) {
+                continue;
+            }
+            self.fault(kind);
+            self.ended_orphans.insert((task, generation));
+            if let Some(r) = self.runs.get_mut(&(agent, task, generation)) {
+                r.alive = false;
+                r.watched = false;
+                r.forgotten = true;
+                r.dir = false;
+            }
+        }
     }
 
     // === The simulated runner ===
@@ -1657,7 +1753,7 @@ impl World {
         task: TaskId,
         generation: Generation,
         spec: &TaskSpec,
-    ) -> Option<RunEvent> {
+    ) -> Result<Option<RunEvent>, String> {
         let key = (agent, task, generation);
         if let Some(old) = self.runs.get_mut(&key) {
             // A start "at least once" after a restart: the old process is presumed gone.
@@ -1665,6 +1761,21 @@ impl World {
             old.watched = false;
         }
         let plan = self.choose_plan(spec.timeout_ms.is_some());
+        // A wake that fails spawns nothing; any other plan spawns a process.
+        if plan != Plan::WakeFail && !self.spawned.insert((task, generation)) {
+            if self.ended_orphans.contains(&(task, generation)) {
+                // Legitimate: its first run was ended as an unclaimed orphan (the
+                // resent assignment came after the claim window), so never two at once.
+                self.stats.orphan_respawns += 1;
+            } else {
+                return Err(format!(
+                    "attempt {task}/{generation} spawned a second run (on {}); earlier: {:?}; held: {:?}",
+                    self.sides[agent].name,
+                    self.runs.get(&key),
+                    self.sides[agent].durable.tasks.get(&task)
+                ));
+            }
+        }
         self.stats.runs += 1;
         *self.stats.plans.entry(plan.name()).or_default() += 1;
         self.next_serial += 1;
@@ -1674,6 +1785,7 @@ impl World {
             Run {
                 serial,
                 handle_file: plan != Plan::WakeFail,
+                dir: plan != Plan::WakeFail,
                 alive: true,
                 watched: true,
                 started: false,
@@ -1775,7 +1887,7 @@ impl World {
                 },
             );
         }
-        inline.then_some(spawned_ev)
+        Ok(inline.then_some(spawned_ev))
     }
 
     fn run_stop(&mut self, agent: usize, task: TaskId, generation: Generation) {
