@@ -394,6 +394,8 @@ struct Side {
     /// Runs found at restart for attempts the store never recorded, kept for the
     /// hub's resent assignment to claim (`Daemon::orphans`).
     orphans: BTreeSet<(TaskId, Generation)>,
+    /// Run directories of forgotten tasks, removed at the next flushed commit.
+    releases: Vec<(TaskId, Generation)>,
     /// The claim deadline was set (at the first welcome after the restart).
     orphan_deadline: bool,
 }
@@ -541,6 +543,7 @@ impl World {
                 hb_seq: 0,
                 inc: 0,
                 orphans: BTreeSet::new(),
+                releases: Vec::new(),
                 orphan_deadline: false,
             });
         }
@@ -1451,6 +1454,7 @@ impl World {
                 if self.sides[agent].orphans.remove(&(task, generation)) {
                     // The same attempt, spawned before a crash: adopt it, never run it twice.
                     self.fault("orphan_adopted");
+                    self.record_handle(agent, task, generation);
                     self.reattach(agent, task, generation);
                     continue;
                 }
@@ -1502,6 +1506,7 @@ impl World {
                 _ => {}
             }
         }
+        let flushed = !store.is_empty() && !forget_only;
         if !store.is_empty() {
             if forget_only {
                 s.unflushed = true;
@@ -1522,15 +1527,37 @@ impl World {
                     }
                 }
                 Effect::DeleteTask(task, generation) => {
-                    // The daemon removes the run directory (handle file included).
-                    if let Some(r) = self.runs.get_mut(&(agent, task, generation)) {
-                        r.dir = false;
-                    }
+                    // The daemon removes the run directory (handle file included)
+                    // once the forgetting is durable.
+                    self.sides[agent].releases.push((task, generation));
                 }
                 _ => {}
             }
         }
+        if flushed {
+            for (task, generation) in std::mem::take(&mut self.sides[agent].releases) {
+                if let Some(r) = self.runs.get_mut(&(agent, task, generation)) {
+                    r.dir = false;
+                }
+            }
+        }
         Ok(())
+    }
+
+    /// As the daemon's `record_handle`: a run re-attached through its handle file
+    /// has its handle put in the store (the core hears `Spawned`).
+    fn record_handle(&mut self, agent: usize, task: TaskId, generation: Generation) {
+        let serial = self
+            .runs
+            .get(&(agent, task, generation))
+            .map_or(0, |r| r.serial);
+        if let Some(core) = self.sides[agent].core.as_mut() {
+            core.handle_run(RunEvent::Spawned {
+                task,
+                generation,
+                handle: sim_handle(agent, task, generation, serial),
+            });
+        }
     }
 
     /// The sidecar process dies: its memory and session go, and so does a batch that
@@ -1548,6 +1575,7 @@ impl World {
         s.core = None;
         s.welcomed = false;
         s.orphans.clear();
+        s.releases.clear();
         s.orphan_deadline = false;
         if let Some(c) = s.conn {
             let d = self.rng.range(0, 20_000);
@@ -1624,6 +1652,7 @@ impl World {
             }
             if t.handle.is_none() {
                 self.fault("run_reattached_by_handle_file");
+                self.record_handle(agent, t.task, t.generation);
             }
             self.reattach(agent, t.task, t.generation);
         }
