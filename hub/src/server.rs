@@ -190,11 +190,19 @@ pub enum StartError {
 /// UDP receive buffer asked of the OS: a burst of thousands of handshakes (a fleet
 /// reconnecting after a hub restart) overflows the default 208 KiB and stalls them.
 const UDP_RECV_BUFFER: usize = 4 << 20;
-/// Handshakes in flight at once from all sources. Past it a new one is never queued
-/// behind stalled ones: an unvalidated address gets a stateless Retry, a validated one
-/// is refused and its client backs off. `limits.handshakes_per_source` keeps one
-/// source from holding them all.
-const HANDSHAKES_MAX: u32 = 64;
+/// Handshakes worked on at once (crypto, timers). Admitted handshakes past it wait
+/// at most [`HANDSHAKE_QUEUE_WAIT`] for a place, then are refused: a fleet
+/// reconnecting after a hub restart flows through at full speed instead of
+/// retrying against refusals, and a stalled handshake holds its place at most
+/// [`HANDSHAKE_TIMEOUT`].
+const HANDSHAKES_WORKING: usize = 64;
+/// Handshakes admitted at once, working or waiting. Past it an unvalidated address
+/// gets a stateless Retry and a validated one is refused at once; one source never
+/// holds more than `limits.handshakes_per_source` of them, so a source that stalls
+/// its handshakes waits behind its own, not others behind it.
+const HANDSHAKES_MAX: u32 = 4096;
+/// How long an admitted handshake may wait for one of the working places.
+const HANDSHAKE_QUEUE_WAIT: Duration = Duration::from_secs(5);
 /// How long one handshake may hold its place. On loopback a handshake takes about a
 /// millisecond; one that has not finished in this time is for a client that gave up or
 /// never meant to finish, and would otherwise hold the place until the idle timeout (15 s).
@@ -555,6 +563,7 @@ pub fn hostname() -> String {
 }
 
 async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>) {
+    let working = Arc::new(tokio::sync::Semaphore::new(HANDSHAKES_WORKING));
     while let Some(incoming) = endpoint.accept().await {
         let peer = incoming.remote_address();
         if shared.live.load(Ordering::Relaxed) >= shared.max_connections {
@@ -595,9 +604,25 @@ async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>) {
         };
         let live = Live::new(shared.clone());
         let shared = shared.clone();
+        let working = working.clone();
         tokio::spawn(async move {
             let _live = live;
+            let place = tokio::time::timeout(HANDSHAKE_QUEUE_WAIT, working.acquire_owned()).await;
+            let Ok(Ok(place)) = place else {
+                shared.log_refusal(
+                    peer,
+                    "a handshake",
+                    &format_args!(
+                        "no handshake place free within {} s ({HANDSHAKES_WORKING} at once)",
+                        HANDSHAKE_QUEUE_WAIT.as_secs()
+                    ),
+                );
+                incoming.refuse();
+                return;
+            };
             let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, incoming).await;
+            // The place is for the handshake only, never for the connection's life.
+            drop(place);
             drop(slot);
             match handshake {
                 Ok(Ok(conn)) => handle_connection(conn, shared).await,

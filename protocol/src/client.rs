@@ -37,6 +37,12 @@ pub enum ClientError {
         /// What failed.
         reason: String,
     },
+    /// The hub refused the connection before its handshake: it is at a cap
+    /// (connections, handshakes in flight). Not a failure of ours: try again soon.
+    #[error(
+        "the hub at {0} is busy (it refused a new connection at its connection or handshake cap); try again in a moment"
+    )]
+    Busy(String),
     /// The hub refused us (credential, version, enrollment).
     #[error("{0}")]
     Refused(String),
@@ -144,6 +150,11 @@ async fn dial(
         })?;
     match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
         Ok(Ok(c)) => Ok(c),
+        Ok(Err(quinn::ConnectionError::ConnectionClosed(c)))
+            if c.error_code == quinn::TransportErrorCode::CONNECTION_REFUSED =>
+        {
+            Err(ClientError::Busy(hub.into()))
+        }
         Ok(Err(e)) => Err(ClientError::Connect {
             addr: hub.into(),
             reason: e.to_string(),

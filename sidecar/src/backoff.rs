@@ -17,6 +17,13 @@ impl Backoff {
         Backoff::new(Duration::from_secs(1), Duration::from_secs(60))
     }
 
+    /// Retries after the hub refused a connection at a cap: 250 ms doubling to
+    /// at most 4 s, jittered, so a fleet reconnecting at once spreads out
+    /// without waiting the reconnect backoff's minute.
+    pub fn busy() -> Self {
+        Backoff::new(Duration::from_millis(250), Duration::from_secs(4))
+    }
+
     /// A backoff between `floor` and `ceiling`.
     pub fn new(floor: Duration, ceiling: Duration) -> Self {
         Backoff {

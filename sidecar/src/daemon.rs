@@ -1015,6 +1015,10 @@ fn seed() -> u64 {
 /// Keeps one session to the hub, reconnecting with backoff.
 async fn session_loop(hub: String, cred: Credential, to_main: mpsc::Sender<ToMain>) {
     let mut backoff = Backoff::reconnect();
+    // A hub at its handshake or connection cap (a whole fleet reconnecting after
+    // its restart) refuses at once: those retries come soon, jittered, and do not
+    // grow the backoff that real failures use.
+    let mut busy = Backoff::busy();
     let mut storm = LogLimiter::new(Duration::from_secs(30));
     let origin = Instant::now();
     let mut rng = seed();
@@ -1036,6 +1040,7 @@ async fn session_loop(hub: String, cred: Credential, to_main: mpsc::Sender<ToMai
                     info!(hub, "connected");
                 }
                 backoff.reset();
+                busy.reset();
                 let (tx, rx) = mpsc::channel(SEND_QUEUE_LEN);
                 let connected = ToMain::Connected {
                     tx,
@@ -1053,7 +1058,16 @@ async fn session_loop(hub: String, cred: Credential, to_main: mpsc::Sender<ToMai
                 }
                 warn!(hub, "session ended: {reason}");
             }
-            Err(e) => {
+            Err(ConnectFailure::Busy(e)) => {
+                debug!(hub, "{e}");
+                rng ^= rng << 13;
+                rng ^= rng >> 7;
+                rng ^= rng << 17;
+                let unit = (rng >> 11) as f64 / (1u64 << 53) as f64;
+                tokio::time::sleep(busy.next_delay(unit)).await;
+                continue;
+            }
+            Err(ConnectFailure::Failed(e)) => {
                 if let Some(suppressed) = storm.allow(origin.elapsed()) {
                     let more = if suppressed > 0 {
                         format!(" ({suppressed} more failures not logged)")
@@ -1079,15 +1093,50 @@ async fn session_loop(hub: String, cred: Credential, to_main: mpsc::Sender<ToMai
 type Writer = FramedWrite<quinn::SendStream, tokio_util::codec::LengthDelimitedCodec>;
 type Reader = FramedRead<quinn::RecvStream, tokio_util::codec::LengthDelimitedCodec>;
 
+/// Why a connection attempt failed.
+enum ConnectFailure {
+    /// The hub refused the connection at a cap (a fleet reconnecting at once):
+    /// retry soon, without the growing backoff.
+    Busy(String),
+    /// Anything else.
+    Failed(String),
+}
+
+impl From<String> for ConnectFailure {
+    fn from(s: String) -> Self {
+        ConnectFailure::Failed(s)
+    }
+}
+
+impl std::fmt::Display for ConnectFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ConnectFailure::Busy(s) | ConnectFailure::Failed(s) => f.write_str(s),
+        }
+    }
+}
+
 /// Connects, sends the hello and waits for the welcome: only then is the session up.
 async fn connect(
     hub: &str,
     cred: &Credential,
     hello: Hello,
-) -> Result<(quinn::Endpoint, quinn::Connection, Welcome, Writer, Reader), String> {
-    let (endpoint, conn) = client::connect(hub, cred)
+) -> Result<(quinn::Endpoint, quinn::Connection, Welcome, Writer, Reader), ConnectFailure> {
+    let (endpoint, conn) = client::connect(hub, cred).await.map_err(|e| match e {
+        client::ClientError::Busy(_) => ConnectFailure::Busy(e.to_string()),
+        e => ConnectFailure::Failed(e.to_string()),
+    })?;
+    let (welcome, wr, rd) = open_session(&conn, hello)
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(ConnectFailure::Failed)?;
+    Ok((endpoint, conn, welcome, wr, rd))
+}
+
+/// Opens the session stream on `conn`: the hello, then the hub's welcome or refusal.
+async fn open_session(
+    conn: &quinn::Connection,
+    hello: Hello,
+) -> Result<(Welcome, Writer, Reader), String> {
     let (send, recv) = conn
         .open_bi()
         .await
@@ -1125,7 +1174,7 @@ async fn connect(
         Err(_) => return Err("no welcome from the hub within 10 s".into()),
     };
     match decode::<HubMsg>(&frame) {
-        Ok(HubMsg::Welcome(w)) => Ok((endpoint, conn, w, wr, rd)),
+        Ok(HubMsg::Welcome(w)) => Ok((w, wr, rd)),
         Ok(HubMsg::Refused(r)) => Err(match r {
             Refused::Revoked => format!(
                 "refused: {r} (this sidecar's credential no longer works; run `muster-sidecar enroll` with a new token)"

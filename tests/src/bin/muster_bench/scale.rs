@@ -158,7 +158,10 @@ async fn session(
         sh.attempt_failures.fetch_add(1, Ordering::Relaxed);
         return;
     };
-    let mut failures = 0u32;
+    // The sidecar's reconnect policy: refusals at the hub's caps retry soon
+    // (`Backoff::busy`), other failures back off (`Backoff::reconnect`).
+    let mut backoff = muster_sidecar::backoff::Backoff::reconnect();
+    let mut busy = muster_sidecar::backoff::Backoff::busy();
     let mut seq = 0u64;
     loop {
         let permit = if sh.capped.load(Ordering::Relaxed) {
@@ -173,7 +176,8 @@ async fn session(
         drop(permit);
         match opened {
             Ok((conn, mut wr, mut rd, interval)) => {
-                failures = 0;
+                backoff.reset();
+                busy.reset();
                 welcomed_at.store(
                     sh.origin.elapsed().as_millis() as u64 + 1,
                     Ordering::Relaxed,
@@ -208,18 +212,31 @@ async fn session(
             }
             Err(e) => {
                 sh.attempt_failures.fetch_add(1, Ordering::Relaxed);
-                let mut reasons = sh
-                    .failure_reasons
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner);
-                *reasons.entry(e.to_string()).or_default() += 1;
-                failures += 1;
+                {
+                    let mut reasons = sh
+                        .failure_reasons
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    *reasons.entry(e.to_string()).or_default() += 1;
+                }
+                let refused = matches!(
+                    e.downcast_ref::<quinn::ConnectionError>(),
+                    Some(quinn::ConnectionError::ConnectionClosed(c))
+                        if c.error_code == quinn::TransportErrorCode::CONNECTION_REFUSED
+                );
+                let delay = if refused {
+                    busy.next_delay(next_unit(&mut rng))
+                } else {
+                    backoff.next_delay(next_unit(&mut rng))
+                };
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = sh.stop.cancelled() => return,
+                }
+                continue;
             }
         }
-        let base = Duration::from_secs(1)
-            .saturating_mul(1u32 << failures.min(6))
-            .min(Duration::from_secs(60));
-        let delay = base.mul_f64(0.5 + 0.5 * next_unit(&mut rng));
+        let delay = backoff.next_delay(next_unit(&mut rng));
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
             _ = sh.stop.cancelled() => return,
