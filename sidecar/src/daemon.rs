@@ -201,6 +201,16 @@ pub async fn run(
             _ = tokio::time::sleep_until(next_hb) => {
                 d.heartbeat(&core);
                 next_hb = tokio::time::Instant::now() + d.jittered();
+                if !d.releases.is_empty() {
+                    // Nothing flushed since tasks were forgotten (an idle sidecar):
+                    // one small durable commit makes their forgetting durable, so
+                    // their run directories can go.
+                    let probe = vec![Effect::NextReport(core.next_report())];
+                    match commit(&queue, probe).await? {
+                        Ok(()) => d.release_run_dirs(),
+                        Err(e) => warn!("cannot flush the queue to release run directories: {e}"),
+                    }
+                }
                 continue;
             }
             Some(req) = scrape_rx.recv() => {
