@@ -30,6 +30,9 @@ use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::{Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+pub mod attack;
+pub mod tasks;
+
 use muster_protocol::client::Credential;
 use serde_json::Value;
 use tempfile::TempDir;

@@ -6,16 +6,17 @@
 //! clients keep working. Attackers use 127.0.0.2 and up as their source
 //! addresses so the honest CLI (127.0.0.1) is another source.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
+use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::{SinkExt, StreamExt};
 use muster_protocol::msg::{EnrollRefusal, EnrollResponse};
 use muster_protocol::{decode, frame_codec};
+use muster_tests::attack::{HandshakeFlood, capture_initials, endpoint_on, lo};
 use muster_tests::{Hub, Sidecar, bins, block_on, noise, stderr, wait_for};
 use tokio_util::codec::{FramedRead, FramedWrite};
 
@@ -28,10 +29,6 @@ const MARGIN: Duration = Duration::from_secs(3);
 
 // === attacker helpers ===
 
-fn lo(last: u8) -> IpAddr {
-    IpAddr::V4(Ipv4Addr::new(127, 0, 0, last))
-}
-
 /// A hub with `[limits]` edits, started.
 fn hub_with(limits: &[(&str, &str)]) -> Hub {
     let mut hub = Hub::init();
@@ -40,11 +37,6 @@ fn hub_with(limits: &[(&str, &str)]) -> Hub {
     }
     hub.start();
     hub
-}
-
-/// A quinn client endpoint bound to `ip` (the attacker's source address).
-fn endpoint_on(ip: IpAddr) -> quinn::Endpoint {
-    quinn::Endpoint::client(SocketAddr::new(ip, 0)).expect("bind a client endpoint on loopback")
 }
 
 /// The enrollment client config (no client certificate, ALPN `muster-enroll/1`),
@@ -109,88 +101,6 @@ fn proc_kib(pid: u32, field: &str) -> u64 {
         .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
-}
-
-/// Real QUIC Initial packets (each with a fresh connection ID and a ClientHello for
-/// ALPN `muster-enroll/1`), captured by pointing a quinn client at a local socket.
-fn capture_initials(hub: &Hub, n: usize, ip: IpAddr) -> Vec<Vec<u8>> {
-    let cfg = enroll_config(hub);
-    block_on(async move {
-        let sink = tokio::net::UdpSocket::bind(SocketAddr::new(ip, 0))
-            .await
-            .expect("bind the capture socket");
-        let target = sink.local_addr().expect("capture address");
-        let ep = endpoint_on(ip);
-        let mut initials = Vec::with_capacity(n);
-        let mut buf = vec![0u8; 65536];
-        let mut pending = Vec::new();
-        while initials.len() < n {
-            pending.push(ep.connect_with(cfg.clone(), target, "localhost"));
-            let (len, _) = tokio::time::timeout(Duration::from_secs(5), sink.recv_from(&mut buf))
-                .await
-                .expect("the quinn client sends its Initial")
-                .expect("read the Initial");
-            // A long-header Initial (first byte 0b11xx_xxxx, type 0).
-            if len >= 1200 && buf[0] & 0xf0 == 0xc0 {
-                initials.push(buf[..len].to_vec());
-            }
-        }
-        drop(pending);
-        ep.close(0u32.into(), b"");
-        initials
-    })
-}
-
-/// Replays captured Initials at the hub from a raw UDP socket that never answers:
-/// every handshake it starts stalls. Counts what the hub sent back.
-struct HandshakeFlood {
-    stop: Arc<AtomicBool>,
-    sent: Arc<AtomicU64>,
-    answers: Arc<AtomicU64>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl HandshakeFlood {
-    fn start(initials: Vec<Vec<u8>>, from: IpAddr, hub: SocketAddr, per_second: u32) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let sent = Arc::new(AtomicU64::new(0));
-        let answers = Arc::new(AtomicU64::new(0));
-        let sock = UdpSocket::bind(SocketAddr::new(from, 0)).expect("bind the flood socket");
-        sock.set_nonblocking(true).expect("nonblocking");
-        let (s, n, a) = (stop.clone(), sent.clone(), answers.clone());
-        let gap = Duration::from_secs(1) / per_second;
-        let thread = std::thread::spawn(move || {
-            let mut buf = vec![0u8; 65536];
-            let mut next = Instant::now();
-            for packet in initials.iter().cycle() {
-                if s.load(Ordering::Relaxed) {
-                    break;
-                }
-                let _ = sock.send_to(packet, hub);
-                n.fetch_add(1, Ordering::Relaxed);
-                while sock.recv_from(&mut buf).is_ok() {
-                    a.fetch_add(1, Ordering::Relaxed);
-                }
-                next += gap;
-                std::thread::sleep(next.saturating_duration_since(Instant::now()));
-            }
-        });
-        HandshakeFlood {
-            stop,
-            sent,
-            answers,
-            thread: Some(thread),
-        }
-    }
-}
-
-impl Drop for HandshakeFlood {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
 }
 
 // === item 2: idle unauthenticated connections ===

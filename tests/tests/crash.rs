@@ -24,20 +24,15 @@ use std::time::Duration;
 use muster_sidecar::test_hooks::{
     HOLD_ACCEPT_FILE, HOLD_ACCEPT_REACHED_FILE, HOLD_HANDLE_FILE, HOLD_REACHED_FILE,
 };
+use muster_tests::tasks::*;
 use muster_tests::{
     Hub, Sidecar, read_run_log, run_log_prelude, wait_for, wait_until, write_script,
 };
-use serde_json::Value;
 
 /// How long a fresh sidecar may take to connect and show up online.
 const CONNECT: Duration = Duration::from_secs(30);
 /// How long a step of a short task may take (assignment, spawn, completion).
 const STEP: Duration = Duration::from_secs(30);
-
-/// `task show ID --json`.
-fn show(hub: &Hub, id: u64) -> Value {
-    hub.json(&["task", "show", &id.to_string()])
-}
 
 /// An exec agent that logs its run to `log`, waits (at most 60 s) until `go`
 /// exists, and exits 0.

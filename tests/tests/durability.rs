@@ -29,6 +29,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use muster_tests::tasks::submit;
 use muster_tests::{Hub, Sidecar, tool_available, wait_for, write_script};
 use serde_json::Value;
 
@@ -165,13 +166,6 @@ fn waiting_sidecar(hub: &Hub, name: &str) -> (Sidecar, PathBuf) {
     (sc, go)
 }
 
-fn submit(hub: &Hub, title: &str) -> u64 {
-    let v = hub.json(&["submit", "--title", title]);
-    v["id"]
-        .as_u64()
-        .unwrap_or_else(|| panic!("submit printed no id: {v}"))
-}
-
 /// The task's only attempt once `field` is set on it.
 fn wait_attempt(hub: &Hub, id: u64, field: &str) -> Value {
     wait_for(STEP, &format!("task {id}: {field} recorded"), || {
@@ -297,7 +291,7 @@ fn sidecar_run(delay: Option<Duration>) -> SidecarRun {
     sc.start_connected(STEP);
     hub.wait_agent_state("flusher", "online", STEP);
 
-    let id = submit(&hub, "accept me");
+    let id = submit(&hub, "accept me", &[]);
     let a = wait_attempt(&hub, id, "started_at");
     let (assigned, accepted) = (at(&a, "assigned_at"), at(&a, "accepted_at"));
     let accept_flushes = flushes_within(&trace, assigned, accepted).len();
@@ -395,7 +389,7 @@ fn ack_run(delay: Option<Duration>) -> AckRun {
     let (mut sc, go) = waiting_sidecar(&hub, "acked");
     sc.start_connected(STEP);
     hub.wait_agent_state("acked", "online", STEP);
-    let id = submit(&hub, "ack me");
+    let id = submit(&hub, "ack me", &[]);
     wait_attempt(&hub, id, "started_at");
     // Accepted and Started are acknowledged first, so the outbox holds only Finished.
     wait_for(STEP, "Accepted and Started acknowledged", || {

@@ -14,12 +14,10 @@
 //! something does NOT happen, it first waits for a positive event that comes
 //! after it (a later heartbeat, another task's end), never a fixed sleep.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::{SinkExt, StreamExt};
@@ -29,6 +27,8 @@ use muster_protocol::msg::{
     SessionMsg, SidecarState, SubmitRequest, TimeoutAction,
 };
 use muster_protocol::{AgentName, PROTOCOL_VERSION, TaskId, decode, encode, frame_codec};
+use muster_tests::attack::{HandshakeFlood, capture_initials, lo};
+use muster_tests::tasks::*;
 use muster_tests::{
     FleetPermit, Hub, Sidecar, bins, block_on, run_bounded, set_toml_key, stderr, stdout, wait_for,
     wait_until, write_script,
@@ -43,7 +43,7 @@ const EVENTUALLY: Duration = Duration::from_secs(45);
 /// How long a CLI call made outside the fixtures may run.
 const CLI: Duration = Duration::from_secs(30);
 
-// === helpers (small ones copied from lifecycle.rs) ===
+// === helpers (the shared ones are in `muster_tests::tasks`) ===
 
 /// A started hub (heartbeat 1 s, quick retries) after `policy` edits.
 fn hub_with(policy: &[(&str, &str)]) -> Hub {
@@ -56,86 +56,6 @@ fn hub_with(policy: &[(&str, &str)]) -> Hub {
     }
     hub.start();
     hub
-}
-
-/// An enrolled sidecar in exec mode with a short settle time; not started.
-fn sidecar(hub: &Hub, name: &str, caps: &[&str]) -> Sidecar {
-    let sc = Sidecar::enroll(hub, name, caps);
-    sc.set_agent("settle", "\"100ms\"");
-    sc.set_agent("stop_grace", "\"2s\"");
-    sc
-}
-
-/// Starts `sc` and waits until the hub lists it online.
-fn go_online(hub: &Hub, sc: &mut Sidecar) {
-    sc.start_connected(CONNECT);
-    hub.wait_agent_state(sc.name(), "online", CONNECT);
-}
-
-/// A TOML argv array of plain strings.
-fn argv(items: &[&str]) -> String {
-    let quoted: Vec<String> = items
-        .iter()
-        .map(|s| Value::String((*s).to_string()).to_string())
-        .collect();
-    format!("[{}]", quoted.join(", "))
-}
-
-/// Writes `body` as an executable script in the sidecar's temporary directory.
-fn agent_script(sc: &Sidecar, name: &str, body: &str) -> PathBuf {
-    let path = sc.root().join(name);
-    write_script(&path, body);
-    path
-}
-
-/// Makes `script` the sidecar's agent command.
-fn use_command(sc: &Sidecar, script: &Path) {
-    sc.set_agent("command", &argv(&[&script.to_string_lossy()]));
-}
-
-/// The sidecar binary, single-quoted for a shell script.
-fn sidecar_bin() -> String {
-    format!("'{}'", bins().sidecar.display())
-}
-
-/// `submit --title T <extra> --json` with the admin credential; returns the id.
-fn submit(hub: &Hub, title: &str, extra: &[&str]) -> u64 {
-    let mut args = vec!["submit", "--title", title];
-    args.extend_from_slice(extra);
-    let v = hub.json(&args);
-    v["id"]
-        .as_u64()
-        .unwrap_or_else(|| panic!("submit printed no id: {v}"))
-}
-
-/// `task show ID --json`.
-fn show(hub: &Hub, id: u64) -> Value {
-    hub.json(&["task", "show", &id.to_string()])
-}
-
-/// The attempt history of a `task show` document.
-fn attempts(t: &Value) -> Vec<Value> {
-    t["attempt_history"].as_array().cloned().unwrap_or_default()
-}
-
-/// Outcomes of a task's attempts, in generation order.
-fn outcomes(t: &Value) -> Vec<String> {
-    attempts(t)
-        .iter()
-        .map(|a| a["outcome"].as_str().unwrap_or("-").to_string())
-        .collect()
-}
-
-/// Waits until task `id` is in one of `states`; returns its `task show`.
-fn wait_state(hub: &Hub, id: u64, states: &[&str], timeout: Duration) -> Value {
-    wait_for(timeout, &format!("task {id} in {states:?}"), || {
-        let t = show(hub, id);
-        if states.iter().any(|s| t["state"] == *s) {
-            Ok(t)
-        } else {
-            Err(t.to_string())
-        }
-    })
 }
 
 /// Waits until task `id` is terminal and every attempt has an outcome.
@@ -151,14 +71,6 @@ fn wait_ended(hub: &Hub, id: u64) -> Value {
             Err(t.to_string())
         }
     })
-}
-
-/// Milliseconds since the epoch (the hub's clock is the same machine's).
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 /// Whether `pid` is a live process (not gone, not a zombie).
@@ -1100,92 +1012,6 @@ fn connections_past_max_connections_are_refused_and_open_ones_keep_working() {
 
 // === the handshake cap ===
 
-fn lo(last: u8) -> IpAddr {
-    IpAddr::V4(Ipv4Addr::new(127, 0, 0, last))
-}
-
-/// Real QUIC Initial packets (each with a fresh connection ID), captured by
-/// pointing a quinn enrollment client at a local socket.
-fn capture_initials(hub: &Hub, n: usize, ip: IpAddr) -> Vec<Vec<u8>> {
-    let cfg = muster_protocol::tls::enroll_client_config(&hub.ca_fingerprint())
-        .expect("an enrollment client config");
-    block_on(async move {
-        let sink = tokio::net::UdpSocket::bind(SocketAddr::new(ip, 0))
-            .await
-            .expect("bind the capture socket");
-        let target = sink.local_addr().expect("capture address");
-        let ep = quinn::Endpoint::client(SocketAddr::new(ip, 0)).expect("a client endpoint");
-        let mut initials = Vec::with_capacity(n);
-        let mut buf = vec![0u8; 65536];
-        let mut pending = Vec::new();
-        while initials.len() < n {
-            pending.push(ep.connect_with(cfg.clone(), target, "localhost"));
-            let (len, _) = tokio::time::timeout(Duration::from_secs(5), sink.recv_from(&mut buf))
-                .await
-                .expect("the quinn client sends its Initial")
-                .expect("read the Initial");
-            if len >= 1200 && buf[0] & 0xf0 == 0xc0 {
-                initials.push(buf[..len].to_vec());
-            }
-        }
-        drop(pending);
-        ep.close(0u32.into(), b"");
-        initials
-    })
-}
-
-/// Replays captured Initials from a socket that never answers: every handshake
-/// it starts stalls until the hub gives up on it.
-struct StalledHandshakes {
-    stop: Arc<AtomicBool>,
-    sent: Arc<AtomicU64>,
-    answers: Arc<AtomicU64>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl StalledHandshakes {
-    fn start(initials: Vec<Vec<u8>>, from: IpAddr, hub: SocketAddr, per_second: u32) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let sent = Arc::new(AtomicU64::new(0));
-        let answers = Arc::new(AtomicU64::new(0));
-        let sock = UdpSocket::bind(SocketAddr::new(from, 0)).expect("bind the stalling socket");
-        sock.set_nonblocking(true).expect("nonblocking");
-        let (s, n, a) = (stop.clone(), sent.clone(), answers.clone());
-        let gap = Duration::from_secs(1) / per_second;
-        let thread = std::thread::spawn(move || {
-            let mut buf = vec![0u8; 65536];
-            let mut next = Instant::now();
-            for packet in initials.iter().cycle() {
-                if s.load(Ordering::Relaxed) {
-                    break;
-                }
-                let _ = sock.send_to(packet, hub);
-                n.fetch_add(1, Ordering::Relaxed);
-                while sock.recv_from(&mut buf).is_ok() {
-                    a.fetch_add(1, Ordering::Relaxed);
-                }
-                next += gap;
-                std::thread::sleep(next.saturating_duration_since(Instant::now()));
-            }
-        });
-        StalledHandshakes {
-            stop,
-            sent,
-            answers,
-            thread: Some(thread),
-        }
-    }
-}
-
-impl Drop for StalledHandshakes {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
 #[test]
 fn concurrent_honest_handshakes_never_wait_behind_stalled_ones() {
     // How long the hub lets one handshake hold its place (server.rs `HANDSHAKE_TIMEOUT`):
@@ -1195,8 +1021,8 @@ fn concurrent_honest_handshakes_never_wait_behind_stalled_ones() {
     let hub = hub_with(&[]);
     let addr = hub.addr();
     // Stalled handshakes from three other addresses keep up to 3 × 16 places taken.
-    let floods: Vec<StalledHandshakes> = (2..5u8)
-        .map(|src| StalledHandshakes::start(capture_initials(&hub, 40, lo(src)), lo(src), addr, 20))
+    let floods: Vec<HandshakeFlood> = (2..5u8)
+        .map(|src| HandshakeFlood::start(capture_initials(&hub, 40, lo(src)), lo(src), addr, 20))
         .collect();
     wait_for(EVENTUALLY, "the stalled handshakes have run 2 s", || {
         let sent: u64 = floods.iter().map(|f| f.sent.load(Ordering::Relaxed)).sum();

@@ -9,15 +9,16 @@
 //! fixtures also kill the agent process groups when a test ends).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
+use muster_tests::tasks::*;
 use muster_tests::{
     Hub, Sidecar, bins, noise_hex, read_run_log, run_bounded, run_log_prelude, stderr, stdout,
-    task_shows, wait_for, wait_until, write_script,
+    task_shows, wait_for, wait_until,
 };
 use serde_json::Value;
 
@@ -42,20 +43,6 @@ fn hub_with(policy: &[(&str, &str)]) -> Hub {
     hub
 }
 
-/// An enrolled sidecar in exec mode with a short settle time; not started.
-fn sidecar(hub: &Hub, name: &str, caps: &[&str]) -> Sidecar {
-    let sc = Sidecar::enroll(hub, name, caps);
-    sc.set_agent("settle", "\"100ms\"");
-    sc.set_agent("stop_grace", "\"2s\"");
-    sc
-}
-
-/// Starts `sc` and waits until the hub lists it online.
-fn go_online(hub: &Hub, sc: &mut Sidecar) {
-    sc.start_connected(CONNECT);
-    hub.wait_agent_state(sc.name(), "online", CONNECT);
-}
-
 /// A TOML argv array of plain strings.
 fn argv(items: &[&str]) -> String {
     let quoted: Vec<String> = items
@@ -65,68 +52,11 @@ fn argv(items: &[&str]) -> String {
     format!("[{}]", quoted.join(", "))
 }
 
-/// Writes `body` as an executable script in the sidecar's temporary directory.
-fn agent_script(sc: &Sidecar, name: &str, body: &str) -> PathBuf {
-    let path = sc.root().join(name);
-    write_script(&path, body);
-    path
-}
-
-/// Makes `script` the sidecar's agent command.
-fn use_command(sc: &Sidecar, script: &Path) {
-    sc.set_agent("command", &argv(&[&script.to_string_lossy()]));
-}
-
-/// The sidecar binary, single-quoted for a shell script.
-fn sidecar_bin() -> String {
-    format!("'{}'", bins().sidecar.display())
-}
-
-/// `submit --title T <extra> --json` with the admin credential; returns the id.
-fn submit(hub: &Hub, title: &str, extra: &[&str]) -> u64 {
-    let mut args = vec!["submit", "--title", title];
-    args.extend_from_slice(extra);
-    let v = hub.json(&args);
-    v["id"]
-        .as_u64()
-        .unwrap_or_else(|| panic!("submit printed no id: {v}"))
-}
-
-/// `task show ID --json`.
-fn show(hub: &Hub, id: u64) -> Value {
-    hub.json(&["task", "show", &id.to_string()])
-}
-
-/// The attempt history of a `task show` document.
-fn attempts(t: &Value) -> Vec<Value> {
-    t["attempt_history"].as_array().cloned().unwrap_or_default()
-}
-
-/// Waits until task `id` is in one of `states`; returns its `task show`.
-fn wait_state(hub: &Hub, id: u64, states: &[&str], timeout: Duration) -> Value {
-    wait_for(timeout, &format!("task {id} in {states:?}"), || {
-        let t = show(hub, id);
-        if states.iter().any(|s| t["state"] == *s) {
-            Ok(t)
-        } else {
-            Err(t.to_string())
-        }
-    })
-}
-
 /// Waits until task `id` has completed; returns its `task show`.
 fn wait_completed(hub: &Hub, id: u64) -> Value {
     let t = wait_state(hub, id, &["completed", "failed", "cancelled"], TASK_END);
     assert_eq!(t["state"], "completed", "task {id}: {t}");
     t
-}
-
-/// Outcomes of a task's attempts, in generation order.
-fn outcomes(t: &Value) -> Vec<String> {
-    attempts(t)
-        .iter()
-        .map(|a| a["outcome"].as_str().unwrap_or("-").to_string())
-        .collect()
 }
 
 /// How many attempts of `t` completed.
@@ -152,14 +82,6 @@ fn await_heartbeats(hub: &Hub, n: u64) {
             Err(s.to_string())
         }
     });
-}
-
-/// Milliseconds since the epoch (the hub's clock is the same machine's).
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 /// Whether `pid` is a live process (not gone, not a zombie).

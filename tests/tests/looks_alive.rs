@@ -20,13 +20,12 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
-use muster_tests::{Hub, Sidecar, bins, noise_hex, wait_for, wait_until, write_script};
+use muster_tests::tasks::*;
+use muster_tests::{Hub, Sidecar, noise_hex, wait_for, wait_until, write_script};
 use serde_json::Value;
 
-/// How long a fresh sidecar may take to connect and show up online.
-const CONNECT: Duration = Duration::from_secs(20);
 /// Slack on top of a policy time: hub ticks (250 ms), probe polls (200 ms),
 /// a report's trip, and a 2-core CI machine that other test binaries load
 /// (the figure each test prints is what to compare with the policy).
@@ -64,46 +63,6 @@ fn wake_mode(sc: &Sidecar, verify: &str, start_timeout: &str) {
     sc.set_agent("mode", "\"wake\"");
     sc.set_agent("verify", &format!("\"{verify}\""));
     sc.set_agent("start_timeout", &format!("\"{start_timeout}\""));
-}
-
-/// Starts `sc` and waits until the hub lists it online.
-fn go_online(hub: &Hub, sc: &mut Sidecar) {
-    sc.start_connected(CONNECT);
-    hub.wait_agent_state(sc.name(), "online", CONNECT);
-}
-
-/// A TOML argv array of plain strings.
-fn argv(items: &[&str]) -> String {
-    let quoted: Vec<String> = items
-        .iter()
-        .map(|s| Value::String((*s).to_string()).to_string())
-        .collect();
-    format!("[{}]", quoted.join(", "))
-}
-
-/// The sidecar binary, single-quoted for a shell script.
-fn sidecar_bin() -> String {
-    format!("'{}'", bins().sidecar.display())
-}
-
-/// `submit --title T <extra> --json`; returns the id.
-fn submit(hub: &Hub, title: &str, extra: &[&str]) -> u64 {
-    let mut args = vec!["submit", "--title", title];
-    args.extend_from_slice(extra);
-    let v = hub.json(&args);
-    v["id"]
-        .as_u64()
-        .unwrap_or_else(|| panic!("submit printed no id: {v}"))
-}
-
-/// `task show ID --json`.
-fn show(hub: &Hub, id: u64) -> Value {
-    hub.json(&["task", "show", &id.to_string()])
-}
-
-/// The attempt history of a `task show` document.
-fn attempts(t: &Value) -> Vec<Value> {
-    t["attempt_history"].as_array().cloned().unwrap_or_default()
 }
 
 /// Waits until attempt `n` (0-based) of task `id` has ended; returns the task.
@@ -153,14 +112,6 @@ fn ms(a: &Value, field: &str) -> u64 {
     a[field]
         .as_u64()
         .unwrap_or_else(|| panic!("the attempt has no {field}: {a}"))
-}
-
-/// Milliseconds since the epoch (the hub runs on the same clock).
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 /// Asserts `measured` is within `[expected - early, expected + SLACK_MS]` and prints it.

@@ -12,6 +12,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use muster_tests::tasks::*;
 use muster_tests::{Hub, Sidecar, bins, set_toml_key, tail, wait_for};
 use serde_json::Value;
 
@@ -320,16 +321,6 @@ fn online_sidecar(hub: &Hub, name: &str, http: Option<SocketAddr>) -> Sidecar {
     sc.start_connected(CONNECT);
     hub.wait_agent_state(name, "online", CONNECT);
     sc
-}
-
-/// `submit --title T <extra> --json`; returns the id.
-fn submit(hub: &Hub, title: &str, extra: &[&str]) -> u64 {
-    let mut args = vec!["submit", "--title", title];
-    args.extend_from_slice(extra);
-    let v = hub.json(&args);
-    v["id"]
-        .as_u64()
-        .unwrap_or_else(|| panic!("submit printed no id: {v}"))
 }
 
 /// Waits until every task in `ids` has completed.

@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+use muster_tests::tasks::*;
 use muster_tests::{
     Hub, Sidecar, bins, free_udp_port, set_toml_key, stderr, tail, tool_available, wait_for,
     wait_until, write_script,
@@ -341,23 +342,6 @@ fn pid_alive(pid: u32) -> bool {
 /// A TOML argv array holding one path.
 fn argv_of(path: &Path) -> String {
     format!("[{}]", Value::String(path.to_string_lossy().into_owned()))
-}
-
-/// `task show ID --json`.
-fn show(hub: &Hub, id: u64) -> Value {
-    hub.json(&["task", "show", &id.to_string()])
-}
-
-/// Waits until task `id` is in one of `states`; returns its `task show`.
-fn wait_state(hub: &Hub, id: u64, states: &[&str], timeout: Duration) -> Value {
-    wait_for(timeout, &format!("task {id} in {states:?}"), || {
-        let t = show(hub, id);
-        if states.iter().any(|s| t["state"] == *s) {
-            Ok(t)
-        } else {
-            Err(t.to_string())
-        }
-    })
 }
 
 // === readiness and stopping ===

@@ -1771,7 +1771,7 @@ impl Core {
     }
 
     fn validate_submit(&self, req: &SubmitRequest) -> Result<(), String> {
-        use muster_protocol::limits::{CAPABILITIES_MAX, TITLE_BYTES_MAX};
+        use muster_protocol::limits::TITLE_BYTES_MAX;
         if req.title.trim().is_empty() {
             return Err("--title is empty; give the task a one-line title".into());
         }
@@ -1788,12 +1788,7 @@ impl Core {
                 req.description.len()
             ));
         }
-        if req.capabilities.len() > CAPABILITIES_MAX {
-            return Err(format!(
-                "{} capabilities; the limit is {CAPABILITIES_MAX}",
-                req.capabilities.len()
-            ));
-        }
+        check_capabilities(&req.capabilities).map_err(|e| format!("--capability: {e}"))?;
         if req.max_attempts == Some(0) {
             return Err("--max-attempts 0 would never run the task; use 1 or more".into());
         }
@@ -1813,7 +1808,6 @@ impl Core {
                 limits::TIMEOUT_MS_MAX / 86_400_000
             ));
         }
-        check_capabilities(&req.capabilities).map_err(|e| format!("--capability: {e}"))?;
         if req.after.len() > 64 {
             return Err("more than 64 --after dependencies".into());
         }

@@ -1,50 +1,14 @@
 //! Identities, grants, bounded text, hub files and hostile numbers (items 1, 3, 4, 8, 9, 10).
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
-use muster_tests::{Hub, Sidecar, bins, stderr, stdout, wait_for, write_script};
-use serde_json::Value;
+use muster_tests::tasks::{ONLINE, agent_script, argv, go_online, submit, wait_state};
+use muster_tests::{Hub, Sidecar, bins, stderr, stdout, wait_for};
 
-/// How long a sidecar may take to connect and show up online.
-const CONNECT: Duration = Duration::from_secs(20);
 /// How long a short task may take from submission to its end.
 const TASK_END: Duration = Duration::from_secs(30);
-
-fn online(hub: &Hub, sc: &mut Sidecar) {
-    sc.start_connected(CONNECT);
-    hub.wait_agent_state(sc.name(), "online", CONNECT);
-}
-
-fn argv(items: &[&str]) -> String {
-    serde_json::to_string(items).expect("argv is JSON")
-}
-
-fn script(sc: &Sidecar, name: &str, body: &str) -> PathBuf {
-    let path = sc.root().join(name);
-    write_script(&path, body);
-    path
-}
-
-fn submit(hub: &Hub, title: &str, extra: &[&str]) -> u64 {
-    let mut args = vec!["submit", "--title", title];
-    args.extend_from_slice(extra);
-    hub.json(&args)["id"]
-        .as_u64()
-        .expect("submit printed an id")
-}
-
-fn wait_state(hub: &Hub, id: u64, state: &str) -> Value {
-    wait_for(TASK_END, &format!("task {id} {state}"), || {
-        let t = hub.json(&["task", "show", &id.to_string()]);
-        if t["state"] == state {
-            Ok(t)
-        } else {
-            Err(t.to_string())
-        }
-    })
-}
 
 fn mode(p: &Path) -> u32 {
     std::fs::metadata(p)
@@ -60,7 +24,7 @@ fn mode(p: &Path) -> u32 {
 fn a_held_name_cannot_be_taken_and_a_named_token_replaces_the_host() {
     let hub = Hub::started();
     let mut real = Sidecar::enroll(&hub, "build-01", &[]);
-    online(&hub, &mut real);
+    go_online(&hub, &mut real);
 
     let impostor = Sidecar::new("build-01");
     let out = impostor.enroll_with(&hub.token("agent"), &[]);
@@ -73,7 +37,7 @@ fn a_held_name_cannot_be_taken_and_a_named_token_replaces_the_host() {
     assert!(!impostor.data_dir().join("sidecar.crt").exists());
     // The real agent is untouched and still does work.
     let id = submit(&hub, "still mine", &[]);
-    let t = wait_state(&hub, id, "completed");
+    let t = wait_state(&hub, id, &["completed"], TASK_END);
     assert_eq!(t["agent"], "build-01");
 
     // Replacing the host takes a token made for its name.
@@ -97,7 +61,7 @@ fn a_held_name_cannot_be_taken_and_a_named_token_replaces_the_host() {
     replacement.set("", "disk_floor_mb", "1");
     replacement.set_agent("command", &argv(&["/bin/true"]));
     // The old host's session is cut and its credential refused.
-    wait_for(CONNECT, "the old build-01 refused", || {
+    wait_for(ONLINE, "the old build-01 refused", || {
         let log = real.log();
         if log.contains("revoked") {
             Ok(())
@@ -105,9 +69,9 @@ fn a_held_name_cannot_be_taken_and_a_named_token_replaces_the_host() {
             Err(muster_tests::tail(&log, 2000).to_string())
         }
     });
-    online(&hub, &mut replacement);
+    go_online(&hub, &mut replacement);
     let id = submit(&hub, "for the new host", &[]);
-    wait_state(&hub, id, "completed");
+    wait_state(&hub, id, &["completed"], TASK_END);
     let ids = hub.json(&["agent", "show", "build-01"]);
     assert_eq!(ids["state"], "online", "{ids}");
 }
@@ -230,7 +194,7 @@ fn a_sidecar_claiming_more_than_its_grant_is_refused() {
     greedy.set("", "slots", "200");
     let mut greedy = greedy;
     greedy.start();
-    wait_for(CONNECT, "the greedy hello refused", || {
+    wait_for(ONLINE, "the greedy hello refused", || {
         let log = greedy.log();
         if log.contains("not granted") {
             Ok(())
@@ -248,7 +212,7 @@ fn a_sidecar_claiming_more_than_its_grant_is_refused() {
     greedy.stop();
     greedy.set("", "capabilities", "[\"rust\"]");
     greedy.set("", "slots", "2");
-    online(&hub, &mut greedy);
+    go_online(&hub, &mut greedy);
     let v = hub.agent("greedy").expect("listed");
     assert_eq!(v["slots"], 2, "{v}");
     assert_eq!(v["capabilities"], serde_json::json!(["rust"]), "{v}");
@@ -267,8 +231,8 @@ fn a_sidecar_claiming_more_than_its_grant_is_refused() {
     assert!(out.status.success(), "{}", stderr(&out));
     greedy.stop();
     greedy.set("", "capabilities", "[\"rust\", \"gpu\"]");
-    online(&hub, &mut greedy);
-    wait_state(&hub, gpu, "completed");
+    go_online(&hub, &mut greedy);
+    wait_state(&hub, gpu, &["completed"], TASK_END);
 }
 
 /// Item 4: text at its legal limits cannot make a listing fail: 17 tasks with
@@ -317,14 +281,14 @@ fn listings_fit_one_answer_whatever_the_text() {
         "#!/bin/sh\nr=$(head -c 120000 /dev/zero | tr '\\0' r)\nexec '{}' task fail --no-retry --reason \"$r\"\n",
         bins().sidecar.display()
     );
-    let path = script(&sc, "loud.sh", &body);
+    let path = agent_script(&sc, "loud.sh", &body);
     sc.set_agent("command", &argv(&[&path.to_string_lossy()]));
-    online(&hub, &mut sc);
+    go_online(&hub, &mut sc);
     let ids: Vec<u64> = (0..10)
         .map(|i| submit(&hub, &format!("loud {i}"), &["--capability", "loud"]))
         .collect();
     for id in &ids {
-        let t = wait_state(&hub, *id, "failed");
+        let t = wait_state(&hub, *id, &["failed"], TASK_END);
         let reason = t["attempt_history"][0]["error"]["reason"]
             .as_str()
             .unwrap_or_default();
@@ -408,11 +372,11 @@ fn terminal_escapes_from_agents_are_shown_escaped() {
         "#!/bin/sh\nexec '{}' task fail --no-retry --reason \"$(printf 'boom\\033]0;pwned\\007\\033[2J')\"\n",
         bins().sidecar.display()
     );
-    let path = script(&sc, "paint.sh", &body);
+    let path = agent_script(&sc, "paint.sh", &body);
     sc.set_agent("command", &argv(&[&path.to_string_lossy()]));
-    online(&hub, &mut sc);
+    go_online(&hub, &mut sc);
     let id = submit(&hub, "paint", &[]);
-    let t = wait_state(&hub, id, "failed");
+    let t = wait_state(&hub, id, &["failed"], TASK_END);
     // The hub keeps the text as the agent sent it (JSON shows it as is)…
     assert!(t.to_string().contains("\\u001b]0;pwned"), "{t}");
     // …and human output never sends the escape byte to the terminal.

@@ -8,10 +8,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use muster_tests::{
-    Hub, Sidecar, bins, run_bounded, stderr, stdout, wait_for, wait_until, write_script,
-};
-use serde_json::Value;
+use muster_tests::tasks::{submit, wait_state};
+use muster_tests::{Hub, Sidecar, bins, run_bounded, stderr, stdout, wait_until, write_script};
 
 /// How long a fresh sidecar may take to connect and show up online.
 const CONNECT: Duration = Duration::from_secs(20);
@@ -48,25 +46,6 @@ fn waiting_agent(sc: &Sidecar) {
 }
 
 /// Submits a task; returns its id.
-fn submit(hub: &Hub, title: &str) -> u64 {
-    let v = hub.json(&["submit", "--title", title]);
-    v["id"]
-        .as_u64()
-        .unwrap_or_else(|| panic!("submit printed no id: {v}"))
-}
-
-/// Waits until task `id` is in `state`; returns its `task show`.
-fn wait_state(hub: &Hub, id: u64, state: &str) -> Value {
-    wait_for(TASK_STATE, &format!("task {id} {state}"), || {
-        let t = hub.json(&["task", "show", &id.to_string()]);
-        if t["state"] == state {
-            Ok(t)
-        } else {
-            Err(t.to_string())
-        }
-    })
-}
-
 /// The `MUSTER_*` environment the agent of task `id` was given.
 fn agent_env(dir: &Path, id: u64) -> BTreeMap<String, String> {
     let path = dir.join(format!("env-{id}"));
@@ -133,11 +112,11 @@ fn an_agent_cannot_report_on_another_attempt() {
     hub.wait_agent_state(sc.name(), "online", CONNECT);
     let dir = sc.root().to_path_buf();
 
-    let a = submit(&hub, "task A");
-    let b = submit(&hub, "task B");
+    let a = submit(&hub, "task A", &[]);
+    let b = submit(&hub, "task B", &[]);
     let env_a = agent_env(&dir, a);
     let env_b = agent_env(&dir, b);
-    wait_state(&hub, b, "running");
+    wait_state(&hub, b, &["running"], TASK_STATE);
     let token_a = env_a
         .get("MUSTER_TASK_TOKEN")
         .expect("agent A has MUSTER_TASK_TOKEN")
@@ -231,12 +210,12 @@ fn an_agent_cannot_report_on_another_attempt() {
         "agent B's own complete: {}",
         stderr(&out)
     );
-    let t = wait_state(&hub, b, "completed");
+    let t = wait_state(&hub, b, &["completed"], TASK_STATE);
     assert_eq!(t["result"], "honest", "{t}");
     for id in [a, b] {
         std::fs::write(dir.join(format!("stop-{id}")), b"").expect("stop file");
     }
-    wait_state(&hub, a, "completed");
+    wait_state(&hub, a, &["completed"], TASK_STATE);
 }
 
 #[test]
@@ -247,7 +226,7 @@ fn silent_connections_are_closed_and_the_agent_is_still_heard() {
     sc.start_connected(CONNECT);
     hub.wait_agent_state(sc.name(), "online", CONNECT);
     let dir = sc.root().to_path_buf();
-    let id = submit(&hub, "under siege");
+    let id = submit(&hub, "under siege", &[]);
     let env = agent_env(&dir, id);
     let socket = PathBuf::from(&env["MUSTER_SOCKET"]);
 
@@ -291,5 +270,5 @@ fn silent_connections_are_closed_and_the_agent_is_still_heard() {
     );
     assert!(sc.status_json().is_some(), "status still answers");
     std::fs::write(dir.join(format!("stop-{id}")), b"").expect("stop file");
-    wait_state(&hub, id, "completed");
+    wait_state(&hub, id, &["completed"], TASK_STATE);
 }

@@ -423,7 +423,16 @@ async fn single(
     agent: Agent,
     tweak: impl FnOnce(&mut muster_hub::config::HubConfig),
 ) -> Result<(HubProc, Arc<Ops>, Fleet, Identity, PathBuf)> {
-    let mut hub = HubProc::init(bin, &root.join("hub"), tweak).await?;
+    let hub = HubProc::init(bin, &root.join("hub"), tweak).await?;
+    start_single(hub, root, agent).await
+}
+
+/// Starts `hub` and one sidecar beside it (see [`single`]).
+async fn start_single(
+    mut hub: HubProc,
+    root: &Path,
+    agent: Agent,
+) -> Result<(HubProc, Arc<Ops>, Fleet, Identity, PathBuf)> {
     phase("hub start", HUB_READY, hub.start(HUB_READY)).await?;
     let ops = Arc::new(hub.ops(1).await?);
     let id = fleet::enroll(&ops, "bench-0").await?;
@@ -484,19 +493,7 @@ async fn single_traced(
 ) -> Result<(HubProc, Arc<Ops>, Fleet, Identity, PathBuf)> {
     let mut hub = HubProc::init(bin, &root.join("hub"), |_| {}).await?;
     hub.trace_latency = true;
-    phase("hub start", HUB_READY, hub.start(HUB_READY)).await?;
-    let ops = Arc::new(hub.ops(1).await?);
-    let id = fleet::enroll(&ops, "bench-0").await?;
-    let dir = root.join("sidecar");
-    let mut fleet = Fleet::new();
-    fleet.spawn(&id, &hub.addr, dir.clone(), 1, agent)?;
-    phase(
-        "sidecar online",
-        Duration::from_secs(60),
-        fleet::wait_available(&ops, &fleet, 1, Duration::from_secs(60)),
-    )
-    .await?;
-    Ok((hub, ops, fleet, id, dir))
+    start_single(hub, root, agent).await
 }
 
 /// Writes this process's latency points (the in-process sidecars') as JSON lines to `path`.
