@@ -14,6 +14,7 @@ use futures::{SinkExt, StreamExt};
 use muster_protocol::client::{self, Credential};
 use muster_protocol::msg::{Hello, HubMsg, Open, OpenBody};
 use muster_protocol::{AgentName, PROTOCOL_VERSION, decode, encode, frame_codec};
+use muster_tests::tasks::pid_alive;
 use muster_tests::{Hub, Sidecar, noise, noise_hex, stderr, wait_for};
 use serde_json::Value;
 use tokio_util::codec::{FramedRead, FramedWrite};
@@ -47,21 +48,6 @@ fn online_sidecar(hub: &Hub, name: &str, capabilities: &[&str]) -> Sidecar {
     sc.start_connected(CONNECT);
     hub.wait_agent_state(name, "online", CONNECT);
     sc
-}
-
-/// Whether `pid` is a live process (not gone, not a zombie).
-fn pid_alive(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Err(_) => false,
-        Ok(stat) => {
-            let state = stat
-                .rfind(')')
-                .and_then(|i| stat.get(i + 1..))
-                .and_then(|s| s.split_whitespace().next())
-                .unwrap_or("?");
-            state != "Z" && state != "X"
-        }
-    }
 }
 
 /// The hub process is alive, answers `stats`, and never panicked.

@@ -14,7 +14,7 @@
 //! something does NOT happen, it first waits for a positive event that comes
 //! after it (a later heartbeat, another task's end), never a fixed sleep.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -71,25 +71,6 @@ fn wait_ended(hub: &Hub, id: u64) -> Value {
             Err(t.to_string())
         }
     })
-}
-
-/// Whether `pid` is a live process (not gone, not a zombie).
-fn pid_alive(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Err(_) => false,
-        Ok(stat) => {
-            let state = stat
-                .rfind(')')
-                .and_then(|i| stat[i + 1..].split_whitespace().next())
-                .unwrap_or("?");
-            state != "Z" && state != "X"
-        }
-    }
-}
-
-/// Reads a pid written by an agent script.
-fn read_pid(path: &Path) -> Option<u32> {
-    std::fs::read_to_string(path).ok()?.trim().parse().ok()
 }
 
 /// `alerts --json`: the open alerts.

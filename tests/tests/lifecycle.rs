@@ -84,26 +84,6 @@ fn await_heartbeats(hub: &Hub, n: u64) {
     });
 }
 
-/// Whether `pid` is a live process (not gone, not a zombie).
-fn pid_alive(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Err(_) => false,
-        Ok(stat) => {
-            // "pid (comm) S …": the state follows the last ')'.
-            let state = stat
-                .rfind(')')
-                .and_then(|i| stat[i + 1..].split_whitespace().next())
-                .unwrap_or("?");
-            state != "Z" && state != "X"
-        }
-    }
-}
-
-/// Reads a pid written by an agent script.
-fn read_pid(path: &Path) -> Option<u32> {
-    std::fs::read_to_string(path).ok()?.trim().parse().ok()
-}
-
 /// `muster-hub <args>` without the fixture's `--data-dir`, in a clean environment.
 fn hub_cmd(args: &[&str]) -> Command {
     let mut cmd = Command::new(&bins().hub);

@@ -147,26 +147,6 @@ fn kill_pid(pid: u32) {
         .status();
 }
 
-/// Whether `pid` is a live process (not gone, not a zombie).
-fn pid_alive(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Err(_) => false,
-        Ok(stat) => {
-            let state = stat
-                .rfind(')')
-                .and_then(|i| stat.get(i + 1..))
-                .and_then(|s| s.split_whitespace().next())
-                .unwrap_or("?");
-            state != "Z" && state != "X"
-        }
-    }
-}
-
-/// A pid an agent script wrote.
-fn read_pid(path: &Path) -> Option<u32> {
-    std::fs::read_to_string(path).ok()?.trim().parse().ok()
-}
-
 /// An exec agent that writes its pid, then waits (at most `max_s` seconds) for
 /// `<dir>/go`; with `progress`, it reports progress once `<dir>/nudge` appears.
 fn waiting_agent(dir: &Path, max_s: u32, progress: bool) -> String {

@@ -324,21 +324,6 @@ fn stats_once(hub: &Hub) -> Result<Value, String> {
     serde_json::from_slice(&out.stdout).map_err(|e| format!("stats printed no JSON: {e}"))
 }
 
-/// Whether `pid` is a live process (not gone, not a zombie).
-fn pid_alive(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Err(_) => false,
-        Ok(stat) => {
-            let state = stat
-                .rfind(')')
-                .and_then(|i| stat.get(i + 1..))
-                .and_then(|s| s.split_whitespace().next())
-                .unwrap_or("?");
-            state != "Z" && state != "X"
-        }
-    }
-}
-
 /// A TOML argv array holding one path.
 fn argv_of(path: &Path) -> String {
     format!("[{}]", Value::String(path.to_string_lossy().into_owned()))
