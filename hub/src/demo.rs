@@ -1,8 +1,8 @@
 //! `muster-hub demo`: a local fleet on loopback running sample tasks end to end.
 //!
-//! A hub (in this process) and three sidecars (child processes of this same
-//! executable, via the hidden `muster-hub sidecar …` entry) in a temporary
-//! directory: real QUIC with mutual TLS, real redb files, real enrollment with
+//! A hub (in this process) and three sidecars (child processes of the
+//! `muster-sidecar` binary beside this one, built first when run under cargo)
+//! in a temporary directory: real QUIC with mutual TLS, real redb files, real enrollment with
 //! join tokens. Sample agents run in both modes; one fails now and then, one
 //! needs a capability only one sidecar has. Everything is removed at the end,
 //! also on Ctrl-C.
@@ -55,8 +55,7 @@ fn fail(step: &str) -> impl Fn(String) -> CliError + '_ {
 }
 
 async fn fleet(dir: &Path, tasks: usize) -> Result<(), CliError> {
-    let exe =
-        std::env::current_exe().map_err(|e| fail("locating this executable")(e.to_string()))?;
+    let exe = sidecar_binary().map_err(fail("finding muster-sidecar"))?;
     let hub_dir = dir.join("hub");
     let port = free_udp_port().map_err(fail("finding a free port"))?;
     let mut config = HubConfig {
@@ -145,7 +144,7 @@ fn free_udp_port() -> Result<u16, String> {
 /// variables and the task file, never task text on a command line.
 fn write_agents(dir: &Path, exe: &Path) -> Result<(), String> {
     std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
-    let cli = format!("'{}' sidecar", exe.display());
+    let cli = format!("'{}'", exe.display());
     // exec mode: the script is the run. Tasks titled "flaky" fail their first attempt.
     let exec = format!(
         r#"#!/bin/sh
@@ -201,7 +200,6 @@ async fn start_sidecar(
     let data = dir.join(name);
     let mut enroll = Command::new(exe);
     enroll
-        .arg("sidecar")
         .arg("enroll")
         .arg("--token")
         .arg(&token)
@@ -221,25 +219,16 @@ async fn start_sidecar(
             String::from_utf8_lossy(&out.stderr).into_owned(),
         ));
     }
-    let path = data.join(muster_sidecar::config::CONFIG_FILE);
-    let mut cfg = muster_sidecar::config::SidecarConfig::load(&path)
-        .map_err(|e| fail("reading sidecar.toml")(e.to_string()))?;
-    cfg.slots = slots;
-    cfg.disk_floor_mb = 0;
-    if mode == "wake" {
-        cfg.agent.mode = muster_sidecar::agent::Mode::Wake;
-        cfg.agent.command = vec![agents.join("wake-agent.sh").display().to_string()];
-        cfg.agent.verify = muster_sidecar::agent::Verify::AgentAck;
-        cfg.agent.start_timeout = Duration::from_secs(20);
+    let path = data.join(SIDECAR_CONFIG);
+    let command = agents.join(if mode == "wake" {
+        "wake-agent.sh"
     } else {
-        cfg.agent.command = vec![agents.join("exec-agent.sh").display().to_string()];
-        cfg.agent.settle = Duration::from_millis(100);
-    }
-    std::fs::write(&path, cfg.render()).map_err(|e| fail("writing sidecar.toml")(e.to_string()))?;
+        "exec-agent.sh"
+    });
+    edit_sidecar_config(&path, slots, mode, &command).map_err(fail("editing sidecar.toml"))?;
     let log = std::fs::File::create(data.join("sidecar.log"))
         .map_err(|e| fail("creating a log")(e.to_string()))?;
     Command::new(exe)
-        .arg("sidecar")
         .arg("run")
         .arg("--data-dir")
         .arg(&data)
@@ -249,6 +238,81 @@ async fn start_sidecar(
         .kill_on_drop(true)
         .spawn()
         .map_err(|e| fail("starting a sidecar")(e.to_string()))
+}
+
+/// The sidecar's config file in its data directory (written by `enroll`).
+const SIDECAR_CONFIG: &str = "sidecar.toml";
+
+/// Sets the demo's keys in the `sidecar.toml` that `enroll` wrote: slots, no
+/// disk floor, and the sample agent in its mode. The file is edited as TOML,
+/// so the demo needs nothing of the sidecar's code but its binary.
+fn edit_sidecar_config(path: &Path, slots: u32, mode: &str, command: &Path) -> Result<(), String> {
+    use toml::Value;
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut doc: toml::Table = text
+        .parse()
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    doc.insert("slots".into(), Value::Integer(slots.into()));
+    doc.insert("disk_floor_mb".into(), Value::Integer(0));
+    let agent = doc
+        .entry("agent")
+        .or_insert_with(|| Value::Table(toml::Table::new()));
+    let Value::Table(agent) = agent else {
+        return Err(format!("{}: [agent] is not a table", path.display()));
+    };
+    agent.insert("mode".into(), Value::String(mode.into()));
+    agent.insert(
+        "command".into(),
+        Value::Array(vec![Value::String(command.display().to_string())]),
+    );
+    if mode == "wake" {
+        agent.insert("verify".into(), Value::String("agent-ack".into()));
+        agent.insert("start_timeout".into(), Value::String("20s".into()));
+    } else {
+        agent.insert("settle".into(), Value::String("100ms".into()));
+    }
+    let text = toml::to_string(&doc).map_err(|e| e.to_string())?;
+    std::fs::write(path, text).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// The `muster-sidecar` binary beside this executable. Under `cargo run` it is
+/// built first (a no-op when up to date), so the demo's sidecars match the source.
+fn sidecar_binary() -> Result<std::path::PathBuf, String> {
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let dir = exe
+        .parent()
+        .ok_or_else(|| format!("{} has no directory", exe.display()))?;
+    let sidecar = dir.join("muster-sidecar");
+    // Only under `cargo run -p muster-hub`: a test harness that runs this binary
+    // has built its own sidecar (with its own features) and must keep it.
+    let under_cargo_run = std::env::var("CARGO_PKG_NAME").is_ok_and(|p| p == "muster-hub");
+    if let (Some(cargo), Ok(manifest), true) = (
+        std::env::var_os("CARGO"),
+        std::env::var("CARGO_MANIFEST_DIR"),
+        under_cargo_run,
+    ) {
+        let mut build = std::process::Command::new(cargo);
+        build
+            .args(["build", "--quiet", "--manifest-path"])
+            .arg(Path::new(&manifest).join("Cargo.toml"))
+            .args(["-p", "muster-sidecar", "--bin", "muster-sidecar"]);
+        if dir.ends_with("release") {
+            build.arg("--release");
+        }
+        println!("muster demo: building muster-sidecar (cargo build -p muster-sidecar)");
+        let status = build.status().map_err(|e| format!("running cargo: {e}"))?;
+        if !status.success() {
+            return Err(format!("cargo build -p muster-sidecar failed ({status})"));
+        }
+    }
+    if sidecar.is_file() {
+        Ok(sidecar)
+    } else {
+        Err(format!(
+            "{} does not exist; build it with `cargo build --release -p muster-sidecar` (the demo runs its sidecars from it)",
+            sidecar.display()
+        ))
+    }
 }
 
 async fn wait_online(session: &Session) -> Result<(), CliError> {

@@ -6,9 +6,11 @@
 
 pub mod cli;
 pub mod config;
-pub mod core;
 pub mod demo;
 pub mod metrics;
 pub mod pki;
 pub mod server;
 pub mod store;
+
+/// The decision core, a crate of its own so that it cannot reach IO.
+pub use muster_hub_core as core;

@@ -303,21 +303,6 @@ struct SubmitArgs {
 }
 
 fn main() -> ExitCode {
-    // `muster-hub sidecar …` is the sidecar's own command line, so a single
-    // executable can run the demo's fleet and its sample agents.
-    let mut args = std::env::args_os();
-    if std::env::args_os().nth(1).is_some_and(|a| a == "sidecar") {
-        let rest = args.by_ref().skip(2);
-        return muster_sidecar::cli::main_from(
-            std::iter::once("muster-sidecar".into()).chain(rest),
-        );
-    }
-    // The demo's sidecars run from this executable, so it is their reaper too.
-    if std::env::args_os().nth(1).as_deref()
-        == Some(muster_sidecar::agent::REAPER_SUBCOMMAND.as_ref())
-    {
-        return muster_sidecar::agent::reaper_main();
-    }
     let cli = Cli::parse();
     // The demo prints its own progress; the hub inside it only speaks up for problems.
     let quiet = matches!(cli.command, Command::Demo { .. });
@@ -413,7 +398,7 @@ async fn run(command: Command) -> Result<(), CliError> {
             role,
             save_to,
         } => {
-            let token = muster_sidecar::cli::read_join_token(token, token_file)
+            let token = muster_protocol::join_token::read(token, token_file)
                 .map_err(|message| CliError { code: 2, message })?;
             login(&token, name, role, save_to).await
         }

@@ -384,7 +384,7 @@ impl Hub {
         let accept = tokio::spawn(accept_loop(endpoint.clone(), shared));
         let http = match self.config.http_listen {
             Some(addr) => Some(
-                muster_sidecar::http::serve(addr, http_handler(to_core.clone()))
+                muster_protocol::http::serve(addr, http_handler(to_core.clone()))
                     .await
                     .map_err(|e| StartError::Bind {
                         addr,
@@ -1126,8 +1126,8 @@ const PRUNE_BATCH: usize = 10_000;
 /// How long `/healthz` and `/metrics` wait for the core before answering 503.
 const CORE_ANSWER_TIMEOUT: Duration = Duration::from_secs(2);
 
-fn http_handler(to_core: mpsc::Sender<ToCore>) -> muster_sidecar::http::Handler {
-    use muster_sidecar::http::{PROMETHEUS, TEXT};
+fn http_handler(to_core: mpsc::Sender<ToCore>) -> muster_protocol::http::Handler {
+    use muster_protocol::http::{PROMETHEUS, TEXT};
     Arc::new(move |path: String| {
         let to_core = to_core.clone();
         Box::pin(async move {

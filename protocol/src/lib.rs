@@ -1,9 +1,10 @@
 //! The muster wire contract, shared by the hub, the sidecar and the operator CLI.
 //!
-//! Parts: [`ids`] (typed identities), [`msg`] (every message that crosses the
-//! wire), [`codec`] (bincode 2 behind [`encode`]/[`decode`] and length-delimited
-//! framing with a size limit), [`tls`] (rustls/quinn builders shared by both
-//! ends) and [`limits`]. Nothing here holds runtime state.
+//! Parts: the wire types of `muster-wire`, re-exported ([`ids`], [`msg`],
+//! [`codec`] with [`encode`]/[`decode`], [`limits`]), [`framing`]
+//! (length-delimited frames with a size limit), [`tls`] (rustls/quinn builders
+//! shared by both ends) and [`client`], [`http`] (the small `/metrics` endpoint both daemons serve) and
+//! [`join_token`]. Nothing here holds runtime state.
 //!
 //! Data flow: a peer builds a message from [`msg`], [`encode`]s it, and writes
 //! it as one frame with [`frame_codec`]; the receiver reads one frame (refused
@@ -11,20 +12,16 @@
 //! returns an error, never a panic, on any byte string.
 
 pub mod client;
-pub mod codec;
-pub mod duration;
-pub mod ids;
-pub mod limits;
-pub mod msg;
+pub mod framing;
+pub mod http;
+pub mod join_token;
 pub mod tls;
 
-pub use codec::{DecodeError, EncodeError, decode, encode, frame_codec, peek_open, peek_protocol};
-pub use ids::{AgentName, EventSeq, Generation, NameError, ReportId, TaskId};
-
-/// The protocol version this build speaks; carried in every `Open` frame.
-/// Version 2: enrollment carries the requested grant, tokens carry a name and a
-/// grant, identities are revoked one at a time (issue 12).
-pub const PROTOCOL_VERSION: u32 = 2;
+pub use framing::frame_codec;
+pub use muster_wire::{
+    AgentName, DecodeError, EncodeError, EventSeq, Generation, NameError, PROTOCOL_VERSION,
+    ReportId, TaskId, codec, decode, duration, encode, ids, limits, msg, peek_open, peek_protocol,
+};
 /// Tracing target of the latency points (`muster-bench latency --breakdown`
 /// turns it on at debug level in the hub and the sidecars and reads them back).
 pub const LATENCY_TARGET: &str = "muster::latency";

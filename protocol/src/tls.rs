@@ -23,8 +23,7 @@ use crate::{ALPN_ENROLL, ALPN_SESSION};
 /// and at 10,000 sessions those pings and their acknowledgements were two thirds of
 /// the packets the hub handled.
 pub const KEEP_ALIVE: Duration = Duration::from_secs(12);
-/// QUIC idle timeout: a dead peer is noticed this long after its last packet.
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(15);
+pub use crate::limits::IDLE_TIMEOUT;
 
 /// Per-stream receive window on the hub, for every connection. It cannot be raised
 /// once a connection is up, so it is small: a frame of up to 1 MiB then takes a few

@@ -133,7 +133,7 @@ pub async fn run(
     let (scrape_tx, mut scrape_rx) = mpsc::channel::<Scrape>(8);
     let http = match cfg.http_listen {
         Some(addr) => Some(
-            crate::http::serve(addr, http_handler(scrape_tx))
+            muster_protocol::http::serve(addr, http_handler(scrape_tx))
                 .await
                 .map_err(DaemonError::Start)?,
         ),
@@ -489,8 +489,8 @@ impl Default for SidecarStats {
 /// A `/metrics` or `/healthz` request to the daemon loop.
 type Scrape = oneshot::Sender<(bool, String)>;
 
-fn http_handler(tx: mpsc::Sender<Scrape>) -> crate::http::Handler {
-    use crate::http::{PROMETHEUS, TEXT};
+fn http_handler(tx: mpsc::Sender<Scrape>) -> muster_protocol::http::Handler {
+    use muster_protocol::http::{PROMETHEUS, TEXT};
     Arc::new(move |path: String| {
         let tx = tx.clone();
         Box::pin(async move {

@@ -13,13 +13,14 @@ pub mod agent;
 pub mod backoff;
 pub mod cli;
 pub mod config;
-pub mod core;
 pub mod daemon;
 pub mod host;
-pub mod http;
 pub mod keystore;
 pub mod local;
 pub mod queue;
 pub mod rundirs;
 pub mod tasktoken;
 pub mod test_hooks;
+
+/// The decision core, a crate of its own so that it cannot reach IO.
+pub use muster_sidecar_core as core;

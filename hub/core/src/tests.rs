@@ -7,19 +7,19 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
-use muster_protocol::msg::{
+use muster_wire::msg::{
     Assign, EnrollRefusal, EnrollResponse, Failure, Heartbeat, HeldTask, Hello, HostFigures,
     HubMsg, OpError, OpErrorCode, OpRequest, OpResponse, Outcome, Phase, Refused, Report,
     ReportBody, Role, SelfTest, SessionMsg, SidecarState, SubmitRequest, TimeoutAction,
 };
-use muster_protocol::{AgentName, Generation, ReportId, TaskId, limits};
+use muster_wire::{AgentName, Generation, ReportId, TaskId, limits};
 use serde_json::Value;
 
 use super::{
     AgentRecord, Archive, AttemptRecord, ConnId, Core, Identity, Input, Millis, Output, Reply,
     ReplyId, Restored, TaskRecord, TaskState, TokenRecord, Write,
 };
-use crate::config::{Limits, Policy};
+use crate::policy::{Limits, Policy};
 
 /// A fixed wall-clock start, in milliseconds since the epoch.
 const T0: Millis = 1_700_000_000_000;
@@ -2318,7 +2318,7 @@ fn a_batch_accepts_or_refuses_each_task_on_its_own_and_assigns_in_one_step() {
 #[test]
 fn a_batch_over_the_limit_is_refused_whole() {
     let mut h = H::new();
-    let n = muster_protocol::limits::SUBMIT_BATCH_MAX + 1;
+    let n = muster_wire::limits::SUBMIT_BATCH_MAX + 1;
     let (resp, out) = h.op(ADMIN, OpRequest::SubmitBatch(vec![req("t"); n]));
     let e = op_err(&resp);
     assert_eq!(e.code, OpErrorCode::Invalid);
@@ -3204,7 +3204,7 @@ fn admin_is_reserved_and_agents_and_operators_have_separate_namespaces() {
 
 #[test]
 fn the_last_admin_cannot_be_revoked() {
-    use muster_protocol::msg::IdentityTarget;
+    use muster_wire::msg::IdentityTarget;
     let mut h = H::new();
     let (resp, _) = h.op(
         ADMIN,
@@ -3324,9 +3324,9 @@ fn a_heartbeat_listing_too_many_tasks_ends_the_session() {
         .collect();
     let out = h.step(Input::Session {
         conn: ConnId(1),
-        msg: SessionMsg::Heartbeat(muster_protocol::msg::Heartbeat {
+        msg: SessionMsg::Heartbeat(muster_wire::msg::Heartbeat {
             seq: 1,
-            state: muster_protocol::msg::SidecarState::Ready,
+            state: muster_wire::msg::SidecarState::Ready,
             tasks: held,
             free_slots: 1,
             self_test: Default::default(),

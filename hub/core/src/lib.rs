@@ -12,20 +12,21 @@
 
 pub mod alerts;
 pub mod model;
+pub mod policy;
 mod sched;
 pub mod views;
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 
-use muster_protocol::limits::{self, truncate_utf8};
-use muster_protocol::msg::{
+use muster_wire::limits::{self, truncate_utf8};
+use muster_wire::msg::{
     Assign, EnrollRefusal, Failure, HeldTask, Hello, HubMsg, OpError, OpErrorCode, OpRequest,
     OpResponse, Outcome, Phase, Refused, Report, ReportBody, ReportKind, Role, SessionMsg,
     SubmitRequest, TaskSpec, TimeoutAction, Welcome, WireLimits,
 };
-use muster_protocol::{Generation, PROTOCOL_VERSION, ReportId, TaskId};
+use muster_wire::{Generation, PROTOCOL_VERSION, ReportId, TaskId};
 
-use crate::config::{Limits, Policy};
+use crate::policy::{Limits, Policy};
 pub use model::*;
 
 /// A connection, numbered by the shell.
@@ -123,7 +124,7 @@ pub enum Reply {
     /// To an operator request.
     Op(OpResponse),
     /// To an enrollment.
-    Enroll(muster_protocol::msg::EnrollResponse),
+    Enroll(muster_wire::msg::EnrollResponse),
 }
 
 /// Effects of the inputs since the last [`Core::take_output`].
@@ -600,7 +601,7 @@ impl Core {
         self.conns.get(&conn).cloned()
     }
 
-    fn on_heartbeat(&mut self, now: Millis, conn: ConnId, mut hb: muster_protocol::msg::Heartbeat) {
+    fn on_heartbeat(&mut self, now: Millis, conn: ConnId, mut hb: muster_wire::msg::Heartbeat) {
         let Some(name) = self.agent_of_conn(conn) else {
             return;
         };
@@ -628,7 +629,7 @@ impl Core {
         };
         agent.rec.last_seen = Some(now);
         agent.rec.host = Some(hb.host.clone());
-        let stopping = hb.state == muster_protocol::msg::SidecarState::Draining;
+        let stopping = hb.state == muster_wire::msg::SidecarState::Draining;
         if stopping && !agent.stopping {
             self.dirty_schedule = true;
         }
@@ -745,7 +746,7 @@ impl Core {
             ReportBody::Progress { note } => {
                 live.rec.progress_at = Some(now);
                 live.rec.progress_note =
-                    Some(truncate_utf8(note, muster_protocol::limits::NOTE_BYTES_MAX));
+                    Some(truncate_utf8(note, muster_wire::limits::NOTE_BYTES_MAX));
                 live.rec.updated_at = now;
                 self.touch(id);
             }
@@ -1314,8 +1315,7 @@ impl Core {
         }
         let interval = self.policy.heartbeat_interval.as_millis() as u64;
         let age = now.saturating_sub(a.rec.last_seen.unwrap_or(0));
-        let offline_after =
-            (3 * interval).max(muster_protocol::tls::IDLE_TIMEOUT.as_millis() as u64);
+        let offline_after = (3 * interval).max(limits::IDLE_TIMEOUT.as_millis() as u64);
         if age > offline_after {
             ("offline", format!("no heartbeat for {} s", age / 1000))
         } else if age > 2 * interval {
@@ -1384,10 +1384,10 @@ impl Core {
     fn revoke_target(
         &mut self,
         now: Millis,
-        target: muster_protocol::msg::IdentityTarget,
+        target: muster_wire::msg::IdentityTarget,
         who: &str,
     ) -> OpResponse {
-        use muster_protocol::msg::IdentityTarget;
+        use muster_wire::msg::IdentityTarget;
         let found = match &target {
             IdentityTarget::Named { role, name } => self
                 .identities
@@ -1610,7 +1610,7 @@ impl Core {
         who: &str,
         archive: &dyn Archive,
     ) -> OpResponse {
-        use muster_protocol::limits::SUBMIT_BATCH_MAX;
+        use muster_wire::limits::SUBMIT_BATCH_MAX;
         if reqs.len() > SUBMIT_BATCH_MAX {
             return op_error(
                 OpErrorCode::Invalid,
@@ -1771,7 +1771,7 @@ impl Core {
     }
 
     fn validate_submit(&self, req: &SubmitRequest) -> Result<(), String> {
-        use muster_protocol::limits::TITLE_BYTES_MAX;
+        use muster_wire::limits::TITLE_BYTES_MAX;
         if req.title.trim().is_empty() {
             return Err("--title is empty; give the task a one-line title".into());
         }
@@ -1930,8 +1930,8 @@ impl Core {
         name: &str,
         (cert_pem, fingerprint, key_fingerprint): (String, String, String),
         (asked_caps, asked_slots): (Vec<String>, u32),
-    ) -> muster_protocol::msg::EnrollResponse {
-        use muster_protocol::msg::EnrollResponse;
+    ) -> muster_wire::msg::EnrollResponse {
+        use muster_wire::msg::EnrollResponse;
         let refuse = EnrollResponse::Refused;
         let Some(token) = self.tokens.get(secret_hash) else {
             return refuse(EnrollRefusal::UnknownToken);
@@ -1951,7 +1951,7 @@ impl Core {
             });
         }
         // Names are checked again here: the core must not trust its shell's decoding.
-        if let Err(e) = muster_protocol::AgentName::new(name) {
+        if let Err(e) = muster_wire::AgentName::new(name) {
             return refuse(EnrollRefusal::BadRequest {
                 reason: format!("name: {e}"),
             });
@@ -2360,7 +2360,7 @@ fn check_capabilities(caps: &[String]) -> Result<(), String> {
         ));
     }
     for c in caps {
-        if let Err(e) = muster_protocol::AgentName::new(c.as_str()) {
+        if let Err(e) = muster_wire::AgentName::new(c.as_str()) {
             let shown: String = c.chars().take(64).collect();
             return Err(format!("capability {shown:?}: {e}"));
         }
@@ -2371,7 +2371,7 @@ fn check_capabilities(caps: &[String]) -> Result<(), String> {
 /// Checks what a token (or `agent set`) grants.
 fn check_token_grant(
     role: Role,
-    name: Option<&muster_protocol::AgentName>,
+    name: Option<&muster_wire::AgentName>,
     caps: Option<&[String]>,
     slots: Option<u32>,
 ) -> Result<(), String> {
@@ -2526,7 +2526,7 @@ fn bound_report(mut r: Report) -> Report {
 }
 
 /// Cuts a self-test's problem lines to the documented limits.
-fn bound_self_test(t: &mut muster_protocol::msg::SelfTest) {
+fn bound_self_test(t: &mut muster_wire::msg::SelfTest) {
     t.problems.truncate(limits::PROBLEMS_MAX);
     for p in &mut t.problems {
         *p = truncate_utf8(std::mem::take(p), limits::REASON_BYTES_MAX);

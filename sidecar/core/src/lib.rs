@@ -8,14 +8,16 @@
 
 use std::collections::BTreeMap;
 
-use muster_protocol::limits::truncate_utf8;
-use muster_protocol::msg::{
+use muster_wire::limits::truncate_utf8;
+use muster_wire::msg::{
     Assign, Failure, HeldTask, HubMsg, Outcome, Phase, Report, ReportBody, SessionMsg, TaskSpec,
 };
-use muster_protocol::{Generation, ReportId, TaskId};
+use muster_wire::{Generation, ReportId, TaskId};
 use serde::{Deserialize, Serialize};
 
-use crate::agent::{RunEvent, RunHandle};
+pub mod run;
+
+use run::{RunEvent, RunHandle};
 
 /// A task as this sidecar holds it (persisted).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -121,13 +123,13 @@ impl Core {
             outbox: outbox.into_iter().map(|r| (r.id, r)).collect(),
             next_report: next,
             effects: Vec::new(),
-            max_result_bytes: muster_protocol::limits::RESULT_BYTES_MAX,
+            max_result_bytes: muster_wire::limits::RESULT_BYTES_MAX,
         }
     }
 
     /// Sets the result limit announced in the hub's welcome.
     pub fn set_max_result_bytes(&mut self, n: usize) {
-        self.max_result_bytes = n.min(muster_protocol::limits::RESULT_BYTES_MAX);
+        self.max_result_bytes = n.min(muster_wire::limits::RESULT_BYTES_MAX);
     }
 
     /// Effects since the last call, in order.
@@ -392,7 +394,7 @@ impl Core {
                 Ok(format!("task {task} started"))
             }
             AgentCmd::Progress { message } => {
-                let note = truncate_utf8(message, muster_protocol::limits::NOTE_BYTES_MAX);
+                let note = truncate_utf8(message, muster_wire::limits::NOTE_BYTES_MAX);
                 self.report(task, generation, ReportBody::Progress { note });
                 Ok(format!("progress recorded for task {task}"))
             }

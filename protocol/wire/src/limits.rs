@@ -3,6 +3,9 @@
 //! The hub may configure tighter values in `hub.toml`; these are the ceilings
 //! the codec enforces whatever the configuration says.
 
+/// QUIC idle timeout: a dead peer is noticed this long after its last packet
+/// (the core's agent view counts on it too).
+pub const IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
 /// Largest frame either side reads: a length prefix above this is refused before allocation.
 pub const FRAME_BYTES_MAX: usize = 1 << 20;
 /// Largest task title; titles are one line for listings.

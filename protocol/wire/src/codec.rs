@@ -1,11 +1,10 @@
-//! bincode 2 (serde API) behind two functions, and length-delimited framing.
+//! bincode 2 (serde API) behind two functions.
 //!
 //! The codec sits behind [`encode`]/[`decode`] so it can be swapped: bincode
 //! is unmaintained (RUSTSEC-2025-0141, accepted as a documented exception).
 
 use bincode::config::{Configuration, Limit, LittleEndian, Varint};
 use serde::{Serialize, de::DeserializeOwned};
-use tokio_util::codec::LengthDelimitedCodec;
 
 use crate::limits::FRAME_BYTES_MAX;
 
@@ -66,18 +65,8 @@ pub fn peek_open(bytes: &[u8]) -> Option<(u32, u32)> {
         .map(|(v, _)| v)
 }
 
-/// The framing codec: a u32 big-endian length prefix, refused above `max_frame_bytes`.
-pub fn frame_codec(max_frame_bytes: usize) -> LengthDelimitedCodec {
-    LengthDelimitedCodec::builder()
-        .length_field_type::<u32>()
-        .max_frame_length(max_frame_bytes.min(FRAME_BYTES_MAX))
-        .new_codec()
-}
-
 #[cfg(test)]
 mod tests {
-    use bytes::BytesMut;
-    use tokio_util::codec::{Decoder, Encoder};
 
     use super::*;
     use crate::ids::*;
@@ -392,27 +381,6 @@ mod tests {
         bytes.push(0xfd);
         bytes.extend_from_slice(&(1u64 << 40).to_le_bytes());
         assert!(decode::<Open>(&bytes).is_err());
-    }
-
-    #[test]
-    fn oversized_frames_are_refused_by_the_framer() {
-        let mut codec = frame_codec(1024);
-        let mut buf = BytesMut::new();
-        buf.extend_from_slice(&(2048u32).to_be_bytes());
-        buf.extend_from_slice(&[0u8; 16]);
-        assert!(codec.decode(&mut buf).is_err());
-
-        let mut out = BytesMut::new();
-        assert!(
-            codec
-                .encode(bytes::Bytes::from(vec![0u8; 2048]), &mut out)
-                .is_err()
-        );
-        codec
-            .encode(bytes::Bytes::from(vec![7u8; 10]), &mut out)
-            .expect("small frame");
-        let frame = codec.decode(&mut out).expect("decode").expect("frame");
-        assert_eq!(&frame[..], &[7u8; 10]);
     }
 
     #[test]

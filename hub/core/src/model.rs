@@ -2,8 +2,8 @@
 //! milliseconds since the Unix epoch ([`Millis`]), since they must mean the
 //! same after a restart; the shell never lets `now` go backwards.
 
-use muster_protocol::msg::{Failure, HostFigures, Outcome, Role, SelfTest, TimeoutAction};
-use muster_protocol::{Generation, TaskId};
+use muster_wire::msg::{Failure, HostFigures, Outcome, Role, SelfTest, TimeoutAction};
+use muster_wire::{Generation, TaskId};
 use serde::{Deserialize, Serialize};
 
 /// Wall-clock milliseconds since the Unix epoch.

@@ -7,8 +7,8 @@
 use std::cmp::Reverse;
 use std::collections::BTreeSet;
 
-use muster_protocol::TaskId;
-use muster_protocol::msg::{Assign, HubMsg};
+use muster_wire::TaskId;
+use muster_wire::msg::{Assign, HubMsg};
 
 use super::{AttemptRecord, Core, Millis, TaskRecord, TaskState};
 

@@ -1,0 +1,23 @@
+//! The muster wire types, shared by the hub, the sidecar, their cores and the
+//! operator CLI: [`ids`] (typed identities), [`msg`] (every message that
+//! crosses the wire), [`limits`], [`duration`] (the duration syntax of config
+//! files and command lines) and [`codec`] (bincode 2 behind
+//! [`encode`]/[`decode`]).
+//!
+//! No runtime, network, clock or IO: the decision cores depend on this crate
+//! and on nothing that could block. Framing, TLS and the client live in
+//! `muster-protocol`, which re-exports everything here.
+
+pub mod codec;
+pub mod duration;
+pub mod ids;
+pub mod limits;
+pub mod msg;
+
+pub use codec::{DecodeError, EncodeError, decode, encode, peek_open, peek_protocol};
+pub use ids::{AgentName, EventSeq, Generation, NameError, ReportId, TaskId};
+
+/// The protocol version this build speaks; carried in every `Open` frame.
+/// Version 2: enrollment carries the requested grant, tokens carry a name and a
+/// grant, identities are revoked one at a time (issue 12).
+pub const PROTOCOL_VERSION: u32 = 2;
