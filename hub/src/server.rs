@@ -11,8 +11,6 @@
 //! not run on the async workers. Everything that arrived while it committed
 //! forms the next batch, so concurrent events share one commit (group commit).
 
-mod admission;
-
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -37,7 +35,8 @@ use crate::config::HubConfig;
 use crate::core::{ConnId, Core, Input, Millis, Reply, ReplyId, TaskState, views};
 use crate::pki::{Pki, cert_key_fingerprint, csr_key_fingerprint};
 use crate::store::{Store, StoreError};
-use admission::{Admission, AdmissionLimits, Handshake, LogBudget};
+use muster_hub_core::admission::{Admission, AdmissionLimits, Handshake};
+use muster_protocol::pace::{LogBudget, Window};
 
 /// Capacity of the channel into the core: bounds memory when the core falls behind;
 /// senders wait (sessions) or fail fast (ticks).
@@ -370,9 +369,10 @@ impl Hub {
             to_core: to_core.clone(),
             pki,
             metrics,
+            started: Instant::now(),
             admission: Mutex::new(Admission::new(
-                admission_limits(&self.config.limits),
-                Instant::now(),
+                AdmissionLimits::from_limits(&self.config.limits, HANDSHAKES_MAX),
+                Duration::ZERO,
             )),
             refusals: Mutex::new(LogBudget::new(REFUSAL_LOG_LINES, REFUSAL_LOG_WINDOW)),
             next_conn: AtomicU64::new(1),
@@ -453,6 +453,8 @@ struct Shared {
     to_core: mpsc::Sender<ToCore>,
     pki: Arc<Pki>,
     metrics: Arc<Metrics>,
+    /// The origin of the monotonic `now` the admission policy is given.
+    started: Instant,
     /// Handshakes, unauthenticated connections and enrollments per source and in total.
     admission: Mutex<Admission>,
     /// Bounds the log lines refusals write.
@@ -470,21 +472,12 @@ struct Shared {
     messages_per_second: u32,
 }
 
-/// The listener's admission bounds from `[limits]`: the unauthenticated total is at
-/// most half of `max_connections`, so authenticated peers always find room.
-fn admission_limits(l: &crate::config::Limits) -> AdmissionLimits {
-    AdmissionLimits {
-        handshakes_max: HANDSHAKES_MAX,
-        handshakes_per_source: l.handshakes_per_source,
-        unauthenticated_max: l.unauthenticated_max.min(l.max_connections / 2).max(1),
-        unauthenticated_per_source: l.unauthenticated_per_source,
-        unauthenticated_per_minute: l.unauthenticated_per_minute,
-        unauthenticated_per_minute_total: l.unauthenticated_per_minute_total,
-        enroll_per_minute: l.enroll_per_minute,
-    }
-}
-
 impl Shared {
+    /// Monotonic time since the listener started, for the pure policies.
+    fn now(&self) -> Duration {
+        self.started.elapsed()
+    }
+
     fn admission(&self) -> std::sync::MutexGuard<'_, Admission> {
         // The critical sections cannot panic half-way; a poisoned lock still holds
         // consistent counts.
@@ -499,7 +492,7 @@ impl Shared {
             .refusals
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .allow(Instant::now());
+            .allow(self.now());
         if let Some(left_out) = allowed {
             warn!(%peer, left_out, "refused {what}: {reason}");
         }
@@ -581,7 +574,7 @@ async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>) {
         let validated = incoming.remote_address_validated();
         let verdict = shared
             .admission()
-            .handshake(peer.ip(), validated, Instant::now());
+            .handshake(peer.ip(), validated, shared.now());
         match verdict {
             Handshake::Accept => {}
             Handshake::Retry => {
@@ -640,9 +633,7 @@ async fn handle_connection(conn: quinn::Connection, shared: Arc<Shared>) {
     let (Some(leaf), false) = (leaf, alpn == ALPN_ENROLL) else {
         // No client certificate, or enrollment: capped per source and in total, small
         // windows, one stream, a deadline.
-        let admitted = shared
-            .admission()
-            .unauthenticated(peer.ip(), Instant::now());
+        let admitted = shared.admission().unauthenticated(peer.ip(), shared.now());
         if let Err(r) = admitted {
             shared.log_refusal(
                 peer,
@@ -910,7 +901,7 @@ async fn run_session(
     });
     // A one-second window: a sidecar sends a few messages per task and a heartbeat
     // per interval, so this bound only stops a peer that floods.
-    let mut window = (Instant::now(), 0u32);
+    let mut window = Window::new(Duration::from_secs(1), shared.now());
     loop {
         let frame = match rd.next().await {
             Some(Ok(f)) => f,
@@ -925,11 +916,10 @@ async fn run_session(
             }
             None => break,
         };
-        if window.0.elapsed() >= Duration::from_secs(1) {
-            window = (Instant::now(), 0);
-        }
-        window.1 += 1;
-        if window.1 > shared.messages_per_second {
+        if window
+            .take(shared.now(), shared.messages_per_second)
+            .is_err()
+        {
             warn!(
                 agent,
                 limit = shared.messages_per_second,
@@ -1016,7 +1006,8 @@ async fn enroll(frame: &[u8], shared: &Shared, peer: SocketAddr) -> EnrollRespon
     let refuse = EnrollResponse::Refused;
     // Every attempt counts against its source until it succeeds; one source's
     // failures never use up another's budget.
-    let limited = shared.admission().enroll(peer.ip(), Instant::now());
+    let now = shared.now();
+    let limited = shared.admission().enroll(peer.ip(), now);
     if let Err(wait) = limited {
         shared.log_refusal(
             peer,

@@ -20,7 +20,8 @@ pub mod tls;
 pub use framing::frame_codec;
 pub use muster_wire::{
     AgentName, DecodeError, EncodeError, EventSeq, Generation, NameError, PROTOCOL_VERSION,
-    ReportId, TaskId, codec, decode, duration, encode, ids, limits, msg, peek_open, peek_protocol,
+    ReportId, TaskId, codec, decode, duration, encode, ids, limits, msg, pace, peek_open,
+    peek_protocol,
 };
 /// Tracing target of the latency points (`muster-bench latency --breakdown`
 /// turns it on at debug level in the hub and the sidecars and reads them back).

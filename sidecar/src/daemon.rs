@@ -44,12 +44,13 @@ use tokio_util::codec::{FramedRead, FramedWrite};
 use tracing::{debug, error, info, warn};
 
 use crate::agent::{RunEvent, RunSpec, Runner};
-use crate::backoff::{Backoff, LogLimiter};
+use crate::backoff;
 use crate::config::SidecarConfig;
 use crate::core::{Core, Effect};
 use crate::local::{self, Answer, Incoming, Request};
 use crate::queue::{Queue, QueueError};
 use crate::rundirs::RunDirs;
+use muster_protocol::pace::{LogBudget, Rng};
 
 /// Outgoing session queue; a hub this far behind gets the connection closed.
 const SEND_QUEUE_LEN: usize = 1024;
@@ -157,7 +158,7 @@ pub async fn run(
         conn: None,
         interval: Duration::from_secs(10),
         hb_seq: 0,
-        rng: seed(),
+        rng: Rng::new(seed()),
         system: sysinfo::System::new(),
         last_self_test: SelfTest::default(),
         health: Ok(()),
@@ -389,7 +390,7 @@ struct Daemon {
     conn: Option<quinn::Connection>,
     interval: Duration,
     hb_seq: u64,
-    rng: u64,
+    rng: Rng,
     system: Result<sysinfo::System, sysinfo::Error>,
     last_self_test: SelfTest,
     health: Result<(), String>,
@@ -518,16 +519,9 @@ fn http_handler(tx: mpsc::Sender<Scrape>) -> muster_protocol::http::Handler {
 }
 
 impl Daemon {
-    fn random(&mut self) -> f64 {
-        self.rng ^= self.rng << 13;
-        self.rng ^= self.rng >> 7;
-        self.rng ^= self.rng << 17;
-        (self.rng >> 11) as f64 / (1u64 << 53) as f64
-    }
-
     /// The heartbeat interval with ±10 % jitter, so agents spread their load.
     fn jittered(&mut self) -> Duration {
-        let f = 0.9 + 0.2 * self.random();
+        let f = 0.9 + 0.2 * self.rng.unit();
         self.interval.mul_f64(f)
     }
 
@@ -1024,14 +1018,14 @@ fn seed() -> u64 {
 
 /// Keeps one session to the hub, reconnecting with backoff.
 async fn session_loop(hub: String, cred: Credential, to_main: mpsc::Sender<ToMain>) {
-    let mut backoff = Backoff::reconnect();
+    let mut backoff = backoff::reconnect();
     // A hub at its handshake or connection cap (a whole fleet reconnecting after
     // its restart) refuses at once: those retries come soon, jittered, and do not
     // grow the backoff that real failures use.
-    let mut busy = Backoff::busy();
-    let mut storm = LogLimiter::new(Duration::from_secs(30));
+    let mut busy = backoff::busy();
+    let mut storm = LogBudget::new(1, Duration::from_secs(30));
     let origin = Instant::now();
-    let mut rng = seed();
+    let mut rng = Rng::new(seed());
     loop {
         let (htx, hrx) = oneshot::channel();
         if to_main.send(ToMain::HelloWanted(htx)).await.is_err() {
@@ -1070,11 +1064,7 @@ async fn session_loop(hub: String, cred: Credential, to_main: mpsc::Sender<ToMai
             }
             Err(ConnectFailure::Busy(e)) => {
                 debug!(hub, "{e}");
-                rng ^= rng << 13;
-                rng ^= rng >> 7;
-                rng ^= rng << 17;
-                let unit = (rng >> 11) as f64 / (1u64 << 53) as f64;
-                tokio::time::sleep(busy.next_delay(unit)).await;
+                tokio::time::sleep(busy.next_delay(rng.unit())).await;
                 continue;
             }
             Err(ConnectFailure::Failed(e)) => {
@@ -1092,11 +1082,7 @@ async fn session_loop(hub: String, cred: Credential, to_main: mpsc::Sender<ToMai
                 }
             }
         }
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        let unit = (rng >> 11) as f64 / (1u64 << 53) as f64;
-        tokio::time::sleep(backoff.next_delay(unit)).await;
+        tokio::time::sleep(backoff.next_delay(rng.unit())).await;
     }
 }
 

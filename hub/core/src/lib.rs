@@ -10,6 +10,7 @@
 //! the clock, spawns, or touches a socket or file; tasks that are no longer
 //! live are read through the [`Archive`] trait.
 
+pub mod admission;
 pub mod alerts;
 pub mod model;
 pub mod policy;
@@ -24,6 +25,7 @@ use muster_wire::msg::{
     OpResponse, Outcome, Phase, Refused, Report, ReportBody, ReportKind, Role, SessionMsg,
     SubmitRequest, TaskSpec, TimeoutAction, Welcome, WireLimits,
 };
+use muster_wire::pace::{Backoff, Rng};
 use muster_wire::{Generation, PROTOCOL_VERSION, ReportId, TaskId};
 
 use crate::policy::{Limits, Policy};
@@ -219,7 +221,7 @@ pub struct Core {
     started_at: Millis,
     next_task_id: u64,
     next_event_seq: u64,
-    rng: u64,
+    rng: Rng,
     tasks: HashMap<TaskId, Live>,
     sched: sched::ReadyQueue,
     agents: HashMap<String, Agent>,
@@ -289,7 +291,7 @@ impl Core {
             started_at: now,
             next_task_id: restored.next_task_id.max(1),
             next_event_seq: restored.next_event_seq.max(1),
-            rng: seed | 1,
+            rng: Rng::new(seed | 1),
             tasks: HashMap::new(),
             sched: sched::ReadyQueue::default(),
             agents: HashMap::new(),
@@ -991,24 +993,12 @@ impl Core {
 
     /// Retry backoff: `backoff_initial × factor^(n-1)`, capped, ±20 % jitter.
     fn backoff(&mut self, attempts: u32) -> Millis {
-        let base = self.policy.backoff_initial.as_millis() as u64;
-        let factor = u64::from(self.policy.backoff_factor.max(1));
-        let max = self.policy.backoff_max.as_millis() as u64;
-        let exp = attempts.saturating_sub(1).min(30);
-        let raw = base.saturating_mul(factor.saturating_pow(exp)).min(max);
-        let jitter = raw / 5;
-        if jitter == 0 {
-            return raw;
-        }
-        raw - jitter + self.random() % (2 * jitter + 1)
-    }
-
-    fn random(&mut self) -> u64 {
-        // xorshift64*: deterministic from the seed, good enough for jitter.
-        self.rng ^= self.rng >> 12;
-        self.rng ^= self.rng << 25;
-        self.rng ^= self.rng >> 27;
-        self.rng.wrapping_mul(0x2545_F491_4F6C_DD1D)
+        let unit = self.rng.unit();
+        Backoff::new(self.policy.backoff_initial, self.policy.backoff_max)
+            .factor(self.policy.backoff_factor)
+            .jitter(0.8, 1.2)
+            .delay(attempts, unit)
+            .as_millis() as u64
     }
 
     /// A task reached a terminal state: drop it from memory, release dependants.

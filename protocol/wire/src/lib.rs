@@ -1,7 +1,8 @@
 //! The muster wire types, shared by the hub, the sidecar, their cores and the
 //! operator CLI: [`ids`] (typed identities), [`msg`] (every message that
 //! crosses the wire), [`limits`], [`duration`] (the duration syntax of config
-//! files and command lines) and [`codec`] (bincode 2 behind
+//! files and command lines), [`pace`] (backoff, rate windows, a seeded RNG)
+//! and [`codec`] (bincode 2 behind
 //! [`encode`]/[`decode`]).
 //!
 //! No runtime, network, clock or IO: the decision cores depend on this crate
@@ -13,6 +14,7 @@ pub mod duration;
 pub mod ids;
 pub mod limits;
 pub mod msg;
+pub mod pace;
 
 pub use codec::{DecodeError, EncodeError, decode, encode, peek_open, peek_protocol};
 pub use ids::{AgentName, EventSeq, Generation, NameError, ReportId, TaskId};

@@ -160,8 +160,8 @@ async fn session(
     };
     // The sidecar's reconnect policy: refusals at the hub's caps retry soon
     // (`Backoff::busy`), other failures back off (`Backoff::reconnect`).
-    let mut backoff = muster_sidecar::backoff::Backoff::reconnect();
-    let mut busy = muster_sidecar::backoff::Backoff::busy();
+    let mut backoff = muster_sidecar::backoff::reconnect();
+    let mut busy = muster_sidecar::backoff::busy();
     let mut seq = 0u64;
     loop {
         let permit = if sh.capped.load(Ordering::Relaxed) {

@@ -2,43 +2,62 @@
 //! flight, connections without a client certificate, and enrollment attempts, each
 //! counted per source address and in total.
 //!
-//! Pure policy: no sockets, no clock; every decision takes `now`. The shell keeps one
+//! Pure policy: no sockets, no clock; every decision takes `now` (a [`Duration`]
+//! since the shell's start). The shell keeps one
 //! [`Admission`] behind a mutex (short critical sections, no `.await` inside) and
 //! releases what it took with the `*_done` calls when a handshake or a connection ends.
 
 use std::collections::HashMap;
 use std::fmt;
 use std::net::IpAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use muster_wire::pace::{Window, retry_after_s};
 
 /// Sources remembered at once. Past it, idle sources are forgotten (expired ones
 /// first, then the least recently seen); a source with something in flight never is.
-pub(crate) const SOURCES_MAX: usize = 4096;
+pub const SOURCES_MAX: usize = 4096;
 /// The length of every per-minute window.
 const MINUTE: Duration = Duration::from_secs(60);
 
 /// The bounds [`Admission`] enforces.
 #[derive(Debug, Clone)]
-pub(crate) struct AdmissionLimits {
+pub struct AdmissionLimits {
     /// Handshakes in flight from all sources.
-    pub(crate) handshakes_max: u32,
+    pub handshakes_max: u32,
     /// Handshakes in flight from one source.
-    pub(crate) handshakes_per_source: u32,
+    pub handshakes_per_source: u32,
     /// Unauthenticated connections open from all sources.
-    pub(crate) unauthenticated_max: u32,
+    pub unauthenticated_max: u32,
     /// Unauthenticated connections open from one source.
-    pub(crate) unauthenticated_per_source: u32,
+    pub unauthenticated_per_source: u32,
     /// Unauthenticated connections accepted per minute from one source.
-    pub(crate) unauthenticated_per_minute: u32,
+    pub unauthenticated_per_minute: u32,
     /// Unauthenticated connections accepted per minute from all sources.
-    pub(crate) unauthenticated_per_minute_total: u32,
+    pub unauthenticated_per_minute_total: u32,
     /// Failed enrollment attempts per minute from one source.
-    pub(crate) enroll_per_minute: u32,
+    pub enroll_per_minute: u32,
+}
+
+impl AdmissionLimits {
+    /// The listener's bounds from `[limits]`: the unauthenticated total is at most
+    /// half of `max_connections`, so authenticated peers always find room.
+    pub fn from_limits(l: &crate::policy::Limits, handshakes_max: u32) -> Self {
+        AdmissionLimits {
+            handshakes_max,
+            handshakes_per_source: l.handshakes_per_source,
+            unauthenticated_max: l.unauthenticated_max.min(l.max_connections / 2).max(1),
+            unauthenticated_per_source: l.unauthenticated_per_source,
+            unauthenticated_per_minute: l.unauthenticated_per_minute,
+            unauthenticated_per_minute_total: l.unauthenticated_per_minute_total,
+            enroll_per_minute: l.enroll_per_minute,
+        }
+    }
 }
 
 /// What to do with a new handshake.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Handshake {
+pub enum Handshake {
     /// Go ahead; counted until [`Admission::handshake_done`].
     Accept,
     /// Over a bound, and the address is not validated: answer with a stateless QUIC
@@ -50,7 +69,7 @@ pub(crate) enum Handshake {
 
 /// Why the listener turned a peer away.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Refusal {
+pub enum Refusal {
     /// Too many handshakes in flight from all sources.
     HandshakesBusy,
     /// Too many handshakes in flight from this source.
@@ -75,7 +94,7 @@ pub(crate) enum Refusal {
 
 impl Refusal {
     /// Which `[limits]` key (or built-in bound) was hit, for logs.
-    pub(crate) fn limit(&self) -> &'static str {
+    pub fn limit(&self) -> &'static str {
         match self {
             Refusal::HandshakesBusy => "handshakes in flight (built in)",
             Refusal::HandshakesPerSource => "limits.handshakes_per_source",
@@ -119,39 +138,6 @@ impl fmt::Display for Refusal {
     }
 }
 
-/// A fixed one-minute window of counted events.
-#[derive(Debug, Clone, Copy)]
-struct Window {
-    start: Instant,
-    count: u32,
-}
-
-impl Window {
-    fn new(now: Instant) -> Self {
-        Window {
-            start: now,
-            count: 0,
-        }
-    }
-
-    fn expired(&self, now: Instant) -> bool {
-        now.saturating_duration_since(self.start) >= MINUTE
-    }
-
-    /// Counts one event; `Err(seconds until the window ends)` at `max`.
-    fn take(&mut self, now: Instant, max: u32) -> Result<(), u64> {
-        if self.expired(now) {
-            *self = Window::new(now);
-        }
-        if self.count >= max {
-            let left = MINUTE.saturating_sub(now.saturating_duration_since(self.start));
-            return Err(left.as_millis().div_ceil(1000).max(1) as u64);
-        }
-        self.count += 1;
-        Ok(())
-    }
-}
-
 /// What is known about one source address.
 #[derive(Debug, Clone, Copy)]
 struct Source {
@@ -159,16 +145,16 @@ struct Source {
     unauthenticated: u32,
     minute: Window,
     enroll: Window,
-    seen: Instant,
+    seen: Duration,
 }
 
 impl Source {
-    fn new(now: Instant) -> Self {
+    fn new(now: Duration) -> Self {
         Source {
             handshakes: 0,
             unauthenticated: 0,
-            minute: Window::new(now),
-            enroll: Window::new(now),
+            minute: Window::new(MINUTE, now),
+            enroll: Window::new(MINUTE, now),
             seen: now,
         }
     }
@@ -177,7 +163,7 @@ impl Source {
         self.handshakes > 0 || self.unauthenticated > 0
     }
 
-    fn expired(&self, now: Instant) -> bool {
+    fn expired(&self, now: Duration) -> bool {
         !self.busy() && self.minute.expired(now) && self.enroll.expired(now)
     }
 }
@@ -185,7 +171,7 @@ impl Source {
 /// Handshake, unauthenticated-connection and enrollment bounds per source and in
 /// total. See the module docs.
 #[derive(Debug)]
-pub(crate) struct Admission {
+pub struct Admission {
     limits: AdmissionLimits,
     sources: HashMap<IpAddr, Source>,
     handshakes: u32,
@@ -195,7 +181,7 @@ pub(crate) struct Admission {
 
 /// The address a peer is counted under: an IPv4 address (IPv4-mapped IPv6 included)
 /// as is, an IPv6 address by its /64, which is what one host usually controls.
-pub(crate) fn source_of(ip: IpAddr) -> IpAddr {
+pub fn source_of(ip: IpAddr) -> IpAddr {
     match ip {
         IpAddr::V4(_) => ip,
         IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
@@ -211,26 +197,26 @@ pub(crate) fn source_of(ip: IpAddr) -> IpAddr {
 
 impl Admission {
     /// An empty table enforcing `limits`.
-    pub(crate) fn new(limits: AdmissionLimits, now: Instant) -> Self {
+    pub fn new(limits: AdmissionLimits, now: Duration) -> Self {
         Admission {
             limits,
             sources: HashMap::new(),
             handshakes: 0,
             unauthenticated: 0,
-            minute: Window::new(now),
+            minute: Window::new(MINUTE, now),
         }
     }
 
     /// Handshakes in flight, unauthenticated connections open, sources remembered.
     #[cfg(test)]
-    pub(crate) fn counts(&self) -> (u32, u32, usize) {
+    pub fn counts(&self) -> (u32, u32, usize) {
         (self.handshakes, self.unauthenticated, self.sources.len())
     }
 
     /// A new handshake from `ip`; `validated` when the client proved its address
     /// (it answered a Retry). On [`Handshake::Accept`] the caller must call
     /// [`Admission::handshake_done`] when the handshake ends, however it ends.
-    pub(crate) fn handshake(&mut self, ip: IpAddr, validated: bool, now: Instant) -> Handshake {
+    pub fn handshake(&mut self, ip: IpAddr, validated: bool, now: Duration) -> Handshake {
         let over = |r| {
             if validated {
                 Handshake::Refuse(r)
@@ -254,7 +240,7 @@ impl Admission {
     }
 
     /// A handshake accepted by [`Admission::handshake`] ended.
-    pub(crate) fn handshake_done(&mut self, ip: IpAddr) {
+    pub fn handshake_done(&mut self, ip: IpAddr) {
         self.handshakes = self.handshakes.saturating_sub(1);
         if let Some(s) = self.sources.get_mut(&source_of(ip)) {
             s.handshakes = s.handshakes.saturating_sub(1);
@@ -263,18 +249,19 @@ impl Admission {
 
     /// A connection without a client certificate from `ip` finished its handshake.
     /// On `Ok` the caller must call [`Admission::unauthenticated_done`] when it closes.
-    pub(crate) fn unauthenticated(&mut self, ip: IpAddr, now: Instant) -> Result<(), Refusal> {
+    pub fn unauthenticated(&mut self, ip: IpAddr, now: Duration) -> Result<(), Refusal> {
         let l = self.limits.clone();
         if self.unauthenticated >= l.unauthenticated_max {
             return Err(Refusal::UnauthenticatedBusy);
         }
         if self.minute.expired(now) {
-            self.minute = Window::new(now);
+            self.minute = Window::new(MINUTE, now);
         }
-        if self.minute.count >= l.unauthenticated_per_minute_total {
+        if self.minute.count() >= l.unauthenticated_per_minute_total {
             let retry_after_s = self
                 .minute
                 .take(now, l.unauthenticated_per_minute_total)
+                .map_err(retry_after_s)
                 .err()
                 .unwrap_or(1);
             return Err(Refusal::UnauthenticatedRateTotal { retry_after_s });
@@ -286,15 +273,16 @@ impl Admission {
         source
             .minute
             .take(now, l.unauthenticated_per_minute)
+            .map_err(retry_after_s)
             .map_err(|retry_after_s| Refusal::UnauthenticatedRate { retry_after_s })?;
         source.unauthenticated += 1;
-        self.minute.count += 1;
+        let _ = self.minute.take(now, u32::MAX);
         self.unauthenticated += 1;
         Ok(())
     }
 
     /// A connection admitted by [`Admission::unauthenticated`] closed.
-    pub(crate) fn unauthenticated_done(&mut self, ip: IpAddr) {
+    pub fn unauthenticated_done(&mut self, ip: IpAddr) {
         self.unauthenticated = self.unauthenticated.saturating_sub(1);
         if let Some(s) = self.sources.get_mut(&source_of(ip)) {
             s.unauthenticated = s.unauthenticated.saturating_sub(1);
@@ -305,23 +293,23 @@ impl Admission {
     /// used up its failures this minute. Every attempt counts until
     /// [`Admission::enrolled`] gives back the ones that succeeded, so only failures
     /// weigh, and one source's failures never touch another's budget.
-    pub(crate) fn enroll(&mut self, ip: IpAddr, now: Instant) -> Result<(), u64> {
+    pub fn enroll(&mut self, ip: IpAddr, now: Duration) -> Result<(), u64> {
         let max = self.limits.enroll_per_minute;
         // With every source busy there is nowhere to count: refuse for a moment.
         let source = self.source(ip, now).ok_or(1u64)?;
-        source.enroll.take(now, max)
+        source.enroll.take(now, max).map_err(retry_after_s)
     }
 
     /// An enrollment from `ip` succeeded: it does not use up the source's budget.
-    pub(crate) fn enrolled(&mut self, ip: IpAddr) {
+    pub fn enrolled(&mut self, ip: IpAddr) {
         if let Some(s) = self.sources.get_mut(&source_of(ip)) {
-            s.enroll.count = s.enroll.count.saturating_sub(1);
+            s.enroll.give_back();
         }
     }
 
     /// The entry for `ip`, made room for if needed; `None` when every remembered
     /// source has something in flight.
-    fn source(&mut self, ip: IpAddr, now: Instant) -> Option<&mut Source> {
+    fn source(&mut self, ip: IpAddr, now: Duration) -> Option<&mut Source> {
         let key = source_of(ip);
         if !self.sources.contains_key(&key) && self.sources.len() >= SOURCES_MAX {
             self.sources.retain(|_, s| !s.expired(now));
@@ -338,47 +326,6 @@ impl Admission {
         let s = self.sources.entry(key).or_insert_with(|| Source::new(now));
         s.seen = now;
         Some(s)
-    }
-}
-
-/// A bounded log: at most `per_window` lines per window; the first line after a
-/// quiet spell says how many were left out. Pure; takes `now`.
-#[derive(Debug)]
-pub(crate) struct LogBudget {
-    per_window: u32,
-    window: Duration,
-    start: Option<Instant>,
-    logged: u32,
-    suppressed: u64,
-}
-
-impl LogBudget {
-    /// At most `per_window` lines per `window`.
-    pub(crate) fn new(per_window: u32, window: Duration) -> Self {
-        LogBudget {
-            per_window,
-            window,
-            start: None,
-            logged: 0,
-            suppressed: 0,
-        }
-    }
-
-    /// `Some(lines left out since the last one logged)` if a line may be logged now.
-    pub(crate) fn allow(&mut self, now: Instant) -> Option<u64> {
-        let fresh = self
-            .start
-            .is_none_or(|s| now.saturating_duration_since(s) >= self.window);
-        if fresh {
-            self.start = Some(now);
-            self.logged = 0;
-        }
-        if self.logged >= self.per_window {
-            self.suppressed += 1;
-            return None;
-        }
-        self.logged += 1;
-        Some(std::mem::take(&mut self.suppressed))
     }
 }
 
@@ -404,7 +351,7 @@ mod tests {
 
     #[test]
     fn one_source_cannot_hold_every_handshake() {
-        let t0 = Instant::now();
+        let t0 = Duration::ZERO;
         let mut a = Admission::new(limits(), t0);
         let (x, y) = (ip("127.0.0.2"), ip("127.0.0.1"));
         assert_eq!(a.handshake(x, false, t0), Handshake::Accept);
@@ -431,7 +378,7 @@ mod tests {
 
     #[test]
     fn unauthenticated_connections_are_capped_per_source_in_total_and_per_minute() {
-        let t0 = Instant::now();
+        let t0 = Duration::ZERO;
         let mut a = Admission::new(limits(), t0);
         let x = ip("127.0.0.2");
         assert!(a.unauthenticated(x, t0).is_ok());
@@ -464,7 +411,7 @@ mod tests {
 
     #[test]
     fn the_total_per_minute_bounds_many_sources_and_does_not_charge_the_source() {
-        let t0 = Instant::now();
+        let t0 = Duration::ZERO;
         let mut a = Admission::new(limits(), t0);
         for i in 0..6 {
             let peer = ip(&format!("10.0.1.{i}"));
@@ -486,7 +433,7 @@ mod tests {
 
     #[test]
     fn enrollment_failures_count_per_source_and_successes_are_free() {
-        let t0 = Instant::now();
+        let t0 = Duration::ZERO;
         let mut a = Admission::new(limits(), t0);
         let (flood, honest) = (ip("127.0.0.2"), ip("127.0.0.1"));
         assert!(a.enroll(flood, t0).is_ok());
@@ -508,7 +455,7 @@ mod tests {
     fn ipv6_sources_count_by_their_64_and_mapped_ipv4_as_ipv4() {
         assert_eq!(source_of(ip("2001:db8:1:2:aaaa::1")), ip("2001:db8:1:2::"));
         assert_eq!(source_of(ip("::ffff:10.1.2.3")), ip("10.1.2.3"));
-        let t0 = Instant::now();
+        let t0 = Duration::ZERO;
         let mut a = Admission::new(limits(), t0);
         assert!(a.enroll(ip("2001:db8::1"), t0).is_ok());
         assert!(a.enroll(ip("2001:db8::2"), t0).is_ok());
@@ -517,7 +464,7 @@ mod tests {
 
     #[test]
     fn the_source_table_is_bounded_and_never_forgets_a_busy_source() {
-        let t0 = Instant::now();
+        let t0 = Duration::ZERO;
         let mut l = limits();
         l.handshakes_max = u32::MAX;
         let mut a = Admission::new(l, t0);
@@ -534,18 +481,5 @@ mod tests {
         assert_eq!(a.sources.get(&busy).map(|s| s.handshakes), Some(1));
         a.handshake_done(busy);
         assert_eq!(a.counts().0, 0);
-    }
-
-    #[test]
-    fn log_budget_says_how_many_lines_it_left_out() {
-        let t0 = Instant::now();
-        let mut b = LogBudget::new(2, Duration::from_secs(10));
-        assert_eq!(b.allow(t0), Some(0));
-        assert_eq!(b.allow(t0), Some(0));
-        for _ in 0..5 {
-            assert_eq!(b.allow(t0 + Duration::from_secs(1)), None);
-        }
-        assert_eq!(b.allow(t0 + Duration::from_secs(10)), Some(5));
-        assert_eq!(b.allow(t0 + Duration::from_secs(10)), Some(0));
     }
 }
