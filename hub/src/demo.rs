@@ -19,7 +19,8 @@ use tokio::process::{Child, Command};
 
 use crate::cli::{CliError, ConnectArgs, Session};
 use crate::config::HubConfig;
-use crate::server::{Hub, init_data_dir};
+use crate::init::init_data_dir;
+use crate::server::Hub;
 
 /// How long the demo waits for all tasks before giving up.
 const DEMO_DEADLINE: Duration = Duration::from_secs(180);

@@ -7,6 +7,7 @@
 pub mod cli;
 pub mod config;
 pub mod demo;
+pub mod init;
 pub mod metrics;
 pub mod pki;
 pub mod server;

@@ -2,7 +2,7 @@
 //! commits; gauges and totals are filled from a core [`Snapshot`] when scraped,
 //! so a busy hub pays nothing per task for them.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
@@ -12,7 +12,6 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 use crate::core::{Snapshot, TaskState};
-use crate::server::Metrics;
 
 type Labels = Vec<(&'static str, String)>;
 
@@ -135,7 +134,7 @@ fn advance(counter: &Counter, total: u64) {
 
 impl HubMetrics {
     /// Fills the gauges from a snapshot and the shell's counters, and renders the text format.
-    pub fn render(&self, snap: &Snapshot, shell: &Metrics) -> String {
+    pub fn render(&self, snap: &Snapshot, shell: &Counters) -> String {
         for (state, n) in &snap.tasks {
             self.tasks
                 .get_or_create(&vec![("state", state.as_str().to_string())])
@@ -181,4 +180,21 @@ impl HubMetrics {
         }
         out
     }
+}
+
+/// Shared counters, for `stats` and metrics.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Session messages received, heartbeats apart.
+    pub msgs_in: AtomicU64,
+    /// Session messages sent.
+    pub msgs_out: AtomicU64,
+    /// Bytes of the above, framing included.
+    pub bytes: AtomicU64,
+    /// Commits made.
+    pub commits: AtomicU64,
+    /// Writes committed.
+    pub writes: AtomicU64,
+    /// Total commit time, microseconds.
+    pub commit_us: AtomicU64,
 }

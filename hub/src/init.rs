@@ -1,0 +1,60 @@
+//! `muster-hub init`: a new data directory with its PKI, config and database.
+
+use std::path::Path;
+
+use crate::config::HubConfig;
+use crate::pki::{Pki, cert_key_fingerprint};
+use crate::server::wall_ms;
+use crate::store::Store;
+
+/// Creates a data directory's PKI, config and database (`muster-hub init`).
+///
+/// # Errors
+/// A message naming what failed.
+pub fn init_data_dir(dir: &Path, config: &HubConfig, sans: &[String]) -> Result<String, String> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    // Task text and keys live here: group may read (a backup user), others nothing.
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o750))
+        .map_err(|e| format!("{}: {e}", dir.display()))?;
+    let (pki, admin) = Pki::create(dir, sans).map_err(|e| e.to_string())?;
+    crate::pki::write_file(
+        &dir.join(crate::config::CONFIG_FILE),
+        config.render().as_bytes(),
+        0o644,
+    )
+    .map_err(|e| e.to_string())?;
+    let store = Store::open(&dir.join(crate::store::DB_FILE)).map_err(|e| e.to_string())?;
+    restrict_db(&dir.join(crate::store::DB_FILE)).map_err(|e| e.to_string())?;
+    let key_fp = x509_key_fp(&admin.cert_pem).unwrap_or_default();
+    let id = crate::core::Identity {
+        name: "admin".into(),
+        role: muster_protocol::msg::Role::Admin,
+        fingerprint: admin.fingerprint.clone(),
+        key_fingerprint: key_fp,
+        created_at: wall_ms(),
+        revoked_at: None,
+        capabilities: Vec::new(),
+        slots: 0,
+    };
+    store
+        .commit(&[crate::core::Write::Identity(id)], u64::MAX)
+        .map_err(|e| e.to_string())?;
+    Ok(pki.ca_fingerprint())
+}
+
+/// Makes the database readable by the hub's user only: it holds every task's text.
+pub(crate) fn restrict_db(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    if std::fs::metadata(path)?.mode() & 0o077 != 0 {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    }
+    Ok(())
+}
+
+fn x509_key_fp(cert_pem: &str) -> Option<String> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let der = CertificateDer::from_pem_slice(cert_pem.as_bytes()).ok()?;
+    cert_key_fingerprint(der.as_ref())
+}

@@ -1,0 +1,359 @@
+//! The hub's IO shell: the QUIC endpoint, one driver per connection, and the
+//! core loop that joins them to the [`Core`].
+//!
+//! ```text
+//! connection tasks ──ToCore (bounded)──▶ core thread: batch ─▶ Core::handle ─▶ Store::commit ─▶ deliver
+//!        ▲                                                                                │
+//!        └──────────── per-session HubMsg channel (bounded) / oneshot replies ◀───────────┘
+//! ```
+//!
+//! The core thread is a plain OS thread: it blocks on redb commits, which must
+//! not run on the async workers. Everything that arrived while it committed
+//! forms the next batch, so concurrent events share one commit (group commit).
+
+mod alerts;
+mod driver;
+mod endpoint;
+mod enroll;
+mod http;
+mod queries;
+mod session;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, AtomicUsize};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use muster_protocol::EventSeq;
+use muster_protocol::msg::{EnrollResponse, HubMsg, OpRequest, OpResponse, SessionMsg};
+use tokio::sync::{mpsc, oneshot};
+use tracing::{info, warn};
+
+use crate::config::HubConfig;
+use crate::core::{ConnId, Core, Millis};
+use crate::init::restrict_db;
+use crate::metrics::Counters;
+use crate::pki::Pki;
+use crate::store::{Store, StoreError};
+use alerts::{ALERT_QUEUE_LEN, alert_worker};
+use driver::Shell;
+use driver::core_loop;
+use endpoint::Shared;
+use endpoint::{
+    HANDSHAKES_MAX, REFUSAL_LOG_LINES, REFUSAL_LOG_WINDOW, accept_loop, bind_endpoint,
+    load_reset_key,
+};
+use http::http_handler;
+use muster_hub_core::admission::{Admission, AdmissionLimits};
+use muster_protocol::pace::LogBudget;
+
+/// Capacity of the channel into the core: bounds memory when the core falls behind;
+/// senders wait (sessions) or fail fast (ticks).
+const CORE_QUEUE_LEN: usize = 8192;
+/// Most inputs handled per commit, so one batch's latency stays bounded.
+const BATCH_LEN_MAX: usize = 4096;
+/// Per-session outgoing queue; a sidecar that falls this far behind is disconnected.
+const SESSION_QUEUE_LEN: usize = 4096;
+/// How often the core checks deadlines.
+const TICK: Duration = Duration::from_millis(250);
+/// Messages from the IO shell to the core thread.
+enum ToCore {
+    Hello {
+        conn: ConnId,
+        fingerprint: String,
+        hello: muster_protocol::msg::Hello,
+        tx: mpsc::Sender<HubMsg>,
+        connection: quinn::Connection,
+    },
+    Session {
+        conn: ConnId,
+        msg: SessionMsg,
+    },
+    Closed {
+        conn: ConnId,
+    },
+    /// A `muster/1` connection finished its handshake: is `fingerprint` a live
+    /// identity? If so the connection is registered (to be closed when revoked).
+    Accept {
+        conn: ConnId,
+        fingerprint: String,
+        connection: quinn::Connection,
+        reply: oneshot::Sender<bool>,
+    },
+    /// A registered `muster/1` connection ended.
+    Disconnected {
+        conn: ConnId,
+    },
+    Op {
+        fingerprint: String,
+        request: OpRequest,
+        reply: oneshot::Sender<OpResponse>,
+    },
+    Enroll {
+        secret_hash: String,
+        role: muster_protocol::msg::Role,
+        name: String,
+        cert: (String, String, String),
+        grant: (Vec<String>, u32),
+        reply: oneshot::Sender<EnrollResponse>,
+    },
+    Tick,
+    Watch {
+        fingerprint: String,
+        tx: mpsc::Sender<OpResponse>,
+        from: Option<EventSeq>,
+    },
+    /// `/metrics`: render the registry from a fresh core snapshot.
+    Scrape(oneshot::Sender<String>),
+    /// `/healthz`: is the store writable?
+    Health(oneshot::Sender<Result<(), String>>),
+    /// Finish the current batch, commit it, and stop.
+    Shutdown,
+}
+
+/// What `serve` needs.
+pub struct Hub {
+    /// The configuration.
+    pub config: HubConfig,
+    /// The data directory.
+    pub data_dir: PathBuf,
+}
+
+/// Wall-clock milliseconds that never go backwards (a clock stepped back is held).
+struct Clock {
+    last: Millis,
+}
+
+impl Clock {
+    fn now(&mut self) -> Millis {
+        let wall = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        self.last = self.last.max(wall);
+        self.last
+    }
+}
+
+/// A running hub.
+pub struct Running {
+    /// The bound QUIC address.
+    pub addr: SocketAddr,
+    http: Option<tokio::task::JoinHandle<()>>,
+    endpoint: quinn::Endpoint,
+    to_core: mpsc::Sender<ToCore>,
+    core_thread: std::thread::JoinHandle<Result<(), StoreError>>,
+    accept: tokio::task::JoinHandle<()>,
+    ticker: tokio::task::JoinHandle<()>,
+}
+
+/// Why the hub could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The PKI files are missing or bad.
+    #[error("{0} (run `muster-hub init` first?)")]
+    Pki(#[from] crate::pki::PkiError),
+    /// The store could not be opened.
+    #[error("{0}")]
+    Store(#[from] StoreError),
+    /// TLS configuration.
+    #[error("{0}")]
+    Tls(#[from] muster_protocol::tls::TlsError),
+    /// The listener could not bind.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}
+
+/// Where a hub's token prefix points: `muster1/<advertise>/<ca fingerprint>/`.
+fn token_prefix(advertise: &str, ca_fp: &str) -> String {
+    format!("muster1/{advertise}/{ca_fp}/")
+}
+
+impl Hub {
+    /// Opens the store, loads the PKI, binds the listener and starts the core.
+    /// Returns once the listener is bound and the database open (the readiness point).
+    ///
+    /// # Errors
+    /// [`StartError`] naming what failed.
+    pub async fn start(self) -> Result<Running, StartError> {
+        let pki = Arc::new(Pki::load(&self.data_dir)?);
+        let db_path = self.data_dir.join(crate::store::DB_FILE);
+        let store = Store::open(&db_path)?;
+        if let Err(e) = restrict_db(&db_path) {
+            warn!(
+                "cannot make {} readable by this user only: {e}",
+                db_path.display()
+            );
+        }
+        let mut clock = Clock { last: 0 };
+        let now = clock.now();
+        let restored = store.restore(now)?;
+        let seed = now ^ u64::from(std::process::id()).rotate_left(32);
+        let mut core = Core::new(
+            self.config.policy.clone(),
+            self.config.limits.clone(),
+            restored,
+            now,
+            seed,
+        );
+        let host = hostname();
+        let advertise = self.config.advertise_addr(&host);
+        let server_cfg = muster_protocol::tls::server_config(
+            pki.ca_der.clone(),
+            pki.server_chain.clone(),
+            pki.server_key.clone_key(),
+        )?;
+        let reset_key = load_reset_key(&self.data_dir).map_err(|source| StartError::Bind {
+            addr: self.config.listen,
+            source,
+        })?;
+        let endpoint =
+            bind_endpoint(server_cfg, reset_key, self.config.listen).map_err(|source| {
+                StartError::Bind {
+                    addr: self.config.listen,
+                    source,
+                }
+            })?;
+        let addr = endpoint.local_addr().map_err(|source| StartError::Bind {
+            addr: self.config.listen,
+            source,
+        })?;
+        // The token must name the port really bound (listen may say :0 in tests).
+        let advertise = if advertise.ends_with(":0") {
+            addr.to_string()
+        } else {
+            advertise
+        };
+        core.set_token_prefix(token_prefix(&advertise, &pki.ca_fingerprint()));
+        let (to_core, rx) = mpsc::channel(CORE_QUEUE_LEN);
+        let metrics = Arc::new(Counters::default());
+        let events_max = self.config.policy.events_max;
+        let retention_ms = self.config.policy.retention.as_millis() as u64;
+        let m = metrics.clone();
+        let hub_metrics = Arc::new(crate::metrics::HubMetrics::default());
+        let hm = hub_metrics.clone();
+        let data_dir = self.data_dir.clone();
+        let alert_tx = (!self.config.alert_command.is_empty()).then(|| {
+            let (tx, rx) = mpsc::channel(ALERT_QUEUE_LEN);
+            tokio::spawn(alert_worker(self.config.alert_command.clone(), rx));
+            tx
+        });
+        let core_thread = std::thread::Builder::new()
+            .name("muster-core".into())
+            .spawn(move || {
+                let shell = Shell {
+                    metrics: m,
+                    hub_metrics: hm,
+                    data_dir,
+                    events_max,
+                    retention_ms,
+                    alert_tx,
+                };
+                core_loop(core, store, rx, clock, shell)
+            })
+            .map_err(|source| StartError::Bind { addr, source })?;
+        let shared = Arc::new(Shared {
+            to_core: to_core.clone(),
+            pki,
+            metrics,
+            started: Instant::now(),
+            admission: Mutex::new(Admission::new(
+                AdmissionLimits::from_limits(&self.config.limits, HANDSHAKES_MAX),
+                Duration::ZERO,
+            )),
+            refusals: Mutex::new(LogBudget::new(REFUSAL_LOG_LINES, REFUSAL_LOG_WINDOW)),
+            next_conn: AtomicU64::new(1),
+            max_frame: self.config.limits.max_frame_bytes as usize,
+            max_connections: self.config.limits.max_connections as usize,
+            live: AtomicUsize::new(0),
+            messages_per_second: self.config.limits.messages_per_second,
+        });
+        let accept = tokio::spawn(accept_loop(endpoint.clone(), shared));
+        let http = match self.config.http_listen {
+            Some(addr) => Some(
+                muster_protocol::http::serve(addr, http_handler(to_core.clone()))
+                    .await
+                    .map_err(|e| StartError::Bind {
+                        addr,
+                        source: std::io::Error::other(e),
+                    })?,
+            ),
+            None => None,
+        };
+        let tick_tx = to_core.clone();
+        let ticker = tokio::spawn(async move {
+            let mut every = tokio::time::interval(TICK);
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                every.tick().await;
+                // A full queue already keeps the core busy; dropping a tick loses nothing.
+                if let Err(mpsc::error::TrySendError::Closed(_)) = tick_tx.try_send(ToCore::Tick) {
+                    break;
+                }
+            }
+        });
+        info!(%addr, advertise, "hub listening");
+        Ok(Running {
+            addr,
+            http,
+            endpoint,
+            to_core,
+            core_thread,
+            accept,
+            ticker,
+        })
+    }
+}
+
+impl Running {
+    /// Stops taking connections, lets the core commit what it has, and closes.
+    ///
+    /// # Errors
+    /// The store error that stopped the core, if one did.
+    pub async fn shutdown(self) -> Result<(), StoreError> {
+        self.accept.abort();
+        self.ticker.abort();
+        if let Some(h) = &self.http {
+            h.abort();
+        }
+        self.endpoint.close(0u32.into(), b"hub shutting down");
+        // Connection tasks (a `watch` stream, say) may still hold senders: tell the core
+        // to stop rather than waiting for every sender to go away.
+        let _ = self.to_core.send(ToCore::Shutdown).await;
+        drop(self.to_core);
+        let core = tokio::task::spawn_blocking(move || self.core_thread.join());
+        let result = match core.await {
+            Ok(Ok(r)) => r,
+            _ => Err(StoreError::Db("the core thread panicked".into())),
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+        result
+    }
+
+    /// Waits until the core stops on its own (a fatal store error).
+    pub fn core_finished(&self) -> bool {
+        self.core_thread.is_finished()
+    }
+}
+
+pub(crate) fn wall_ms() -> Millis {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// The machine's host name, for token addresses and default SANs.
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "localhost".into())
+}

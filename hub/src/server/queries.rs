@@ -1,0 +1,226 @@
+//! Read-only operator queries served from the store after the batch commit, and
+//! the `watch` streams fed from the event log.
+
+use std::sync::atomic::Ordering;
+
+use muster_protocol::msg::{OpError, OpErrorCode, OpRequest, OpResponse};
+use muster_protocol::{EventSeq, TaskId};
+use tokio::sync::mpsc;
+
+use super::driver::Watcher;
+use super::session::internal;
+use crate::core::{Core, TaskState, views};
+use crate::metrics::Counters;
+use crate::store::{Store, StoreError};
+
+/// Most `watch` events sent per read of the log.
+pub(super) const WATCH_PAGE: usize = 512;
+/// Most attempts `task show` lists (newest first; the rest are counted).
+pub(super) const ATTEMPTS_SHOWN_MAX: usize = 100;
+pub(super) fn add_shell_stats(resp: &mut OpResponse, metrics: &Counters, core: &Core) {
+    let OpResponse::Ok { json } = resp else {
+        return;
+    };
+    let Ok(mut v) = serde_json::from_str::<serde_json::Value>(json) else {
+        return;
+    };
+    if v.get("finished").is_none() || v.get("heartbeats").is_none() {
+        return;
+    }
+    let finished = core.counters().finished.max(1) as f64;
+    let msgs = metrics.msgs_in.load(Ordering::Relaxed) + metrics.msgs_out.load(Ordering::Relaxed);
+    let bytes = metrics.bytes.load(Ordering::Relaxed);
+    let commits = metrics.commits.load(Ordering::Relaxed);
+    let writes = metrics.writes.load(Ordering::Relaxed);
+    v["messages"] = msgs.into();
+    v["bytes"] = bytes.into();
+    v["messages_per_finished_task"] = (msgs as f64 / finished).into();
+    v["bytes_per_finished_task"] = (bytes as f64 / finished).into();
+    v["commits"] = commits.into();
+    v["mean_group_size"] = (writes as f64 / commits.max(1) as f64).into();
+    v["mean_commit_ms"] =
+        (metrics.commit_us.load(Ordering::Relaxed) as f64 / commits.max(1) as f64 / 1000.0).into();
+    *json = v.to_string();
+}
+
+pub(super) fn authorize_read(core: &Core, fingerprint: &str) -> Result<(), OpResponse> {
+    match core.identity(fingerprint) {
+        Some(i) if i.role != muster_protocol::msg::Role::Agent => Ok(()),
+        Some(i) => Err(OpResponse::Error(OpError {
+            code: OpErrorCode::Forbidden,
+            message: format!(
+                "{} has role agent and may not read (role operator or admin needed)",
+                i.name
+            ),
+        })),
+        None => Err(OpResponse::Error(OpError {
+            code: OpErrorCode::Forbidden,
+            message: "this credential is not enrolled at this hub or has been revoked".into(),
+        })),
+    }
+}
+
+/// Serves the read-only task queries from the store, after the batch's commit.
+pub(super) fn query(
+    core: &Core,
+    store: &Store,
+    fingerprint: &str,
+    request: OpRequest,
+) -> OpResponse {
+    if let Err(e) = authorize_read(core, fingerprint) {
+        return e;
+    }
+    let result = (|| -> Result<OpResponse, StoreError> {
+        let reader = store.reader()?;
+        Ok(match request {
+            OpRequest::TaskShow { id } => match reader.task(id)? {
+                Some(t) => {
+                    let mut v = views::task_json(&t);
+                    let budget = views::REPLY_BYTES_MAX.saturating_sub(v.to_string().len());
+                    let newest = reader.newest_attempts(id, ATTEMPTS_SHOWN_MAX)?;
+                    let (mut attempts, left_out) =
+                        views::fit(newest.iter().map(views::attempt_json), budget);
+                    attempts.reverse();
+                    v["attempt_history"] = attempts.into();
+                    // Older attempts than those shown (by count or by size) are counted.
+                    let older = t.generation.0.saturating_sub(newest.len() as u64);
+                    v["attempts_not_shown"] = (left_out as u64 + older).into();
+                    OpResponse::Ok {
+                        json: v.to_string(),
+                    }
+                }
+                None => not_found_task(id),
+            },
+            OpRequest::Tasks {
+                state,
+                agent,
+                limit,
+                cursor,
+            } => {
+                let state = match state.as_deref().map(|s| (s, TaskState::parse(s))) {
+                    Some((s, None)) => {
+                        return Ok(OpResponse::Error(OpError {
+                            code: OpErrorCode::Invalid,
+                            message: format!(
+                                "--state {s:?} is not a state; use one of blocked, queued, assigned, accepted, running, completed, failed, cancelled"
+                            ),
+                        }));
+                    }
+                    Some((_, Some(s))) => Some(s),
+                    None => None,
+                };
+                let limit = limit.clamp(1, muster_protocol::limits::PAGE_LEN_MAX) as usize;
+                let page = reader.tasks(state, agent.as_deref(), limit, cursor)?;
+                let (tasks, left_out) = views::fit(
+                    page.tasks.iter().map(views::task_json),
+                    views::REPLY_BYTES_MAX,
+                );
+                // Cut short by size: the next page starts below the last task shown.
+                let next_cursor = if left_out > 0 {
+                    tasks.last().and_then(|t| t["id"].as_u64())
+                } else {
+                    page.next_cursor
+                };
+                OpResponse::Ok {
+                    json: serde_json::json!({
+                        "tasks": tasks,
+                        "next_cursor": next_cursor,
+                        "truncated": left_out > 0,
+                    })
+                    .to_string(),
+                }
+            }
+            _ => internal("not a query"),
+        })
+    })();
+    result.unwrap_or_else(|e| internal(&format!("store: {e}")))
+}
+
+pub(super) fn not_found_task(id: TaskId) -> OpResponse {
+    OpResponse::Error(OpError {
+        code: OpErrorCode::NotFound,
+        message: format!("no task {id}; `muster-hub tasks` lists them"),
+    })
+}
+
+pub(super) fn start_watch(
+    core: &Core,
+    store: &Store,
+    fingerprint: String,
+    tx: mpsc::Sender<OpResponse>,
+    from: Option<EventSeq>,
+    watchers: &mut Vec<Watcher>,
+) {
+    if let Err(e) = authorize_read(core, &fingerprint) {
+        let _ = tx.try_send(e);
+        return;
+    }
+    let Ok(reader) = store.reader() else { return };
+    let last = reader.last_event().ok().flatten().unwrap_or(0);
+    let next = match from {
+        None => last + 1,
+        Some(EventSeq(seq)) => {
+            let oldest = reader.events(0, 1).ok().and_then(|(_, o)| o).unwrap_or(1);
+            if seq < oldest {
+                // Pruned: say so, then send a fresh snapshot and continue from now.
+                let note =
+                    serde_json::json!({"kind": "pruned", "requested": seq, "oldest": oldest});
+                let _ = tx.try_send(OpResponse::Event {
+                    seq: EventSeq(0),
+                    json: note.to_string(),
+                });
+                snapshot(&reader, &tx);
+                last + 1
+            } else {
+                seq
+            }
+        }
+    };
+    watchers.push(Watcher {
+        fingerprint,
+        tx,
+        next,
+    });
+}
+
+pub(super) fn snapshot(reader: &crate::store::Reader, tx: &mpsc::Sender<OpResponse>) {
+    for state in TaskState::ALL.iter().filter(|s| !s.is_terminal()) {
+        if let Ok(page) = reader.tasks(Some(*state), None, 1000, None) {
+            for t in page.tasks {
+                let mut v = views::task_json(&t);
+                v["kind"] = "snapshot_task".into();
+                let _ = tx.try_send(OpResponse::Event {
+                    seq: EventSeq(0),
+                    json: v.to_string(),
+                });
+            }
+        }
+    }
+}
+
+pub(super) fn feed_watchers(store: &Store, watchers: &mut Vec<Watcher>) {
+    if watchers.is_empty() {
+        return;
+    }
+    let Ok(reader) = store.reader() else { return };
+    watchers.retain_mut(|w| {
+        if w.tx.is_closed() {
+            return false;
+        }
+        let room = w.tx.capacity().min(WATCH_PAGE);
+        let Ok((events, _)) = reader.events(w.next, room) else {
+            return true;
+        };
+        for e in events {
+            let msg = OpResponse::Event {
+                seq: EventSeq(e.seq),
+                json: e.json,
+            };
+            if w.tx.try_send(msg).is_err() {
+                return true;
+            }
+            w.next = e.seq + 1;
+        }
+        true
+    });
+}
