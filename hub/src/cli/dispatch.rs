@@ -1,0 +1,228 @@
+//! Runs one parsed command: the small ones inline, the rest in their modules.
+
+use crate::cli::args::{AgentCommand, Command, IdentityCommand, TaskCommand, TokenCommand};
+use crate::cli::daemon::{init, serve};
+use crate::cli::doctor::doctor;
+use crate::cli::login::login;
+use crate::cli::submit::submit;
+use crate::cli::watch::watch;
+use crate::cli::{CliError, ConnectArgs, print};
+use muster_protocol::duration::parse_duration;
+use muster_protocol::msg::OpRequest;
+use muster_protocol::{AgentName, TaskId};
+
+pub(crate) fn config_error(e: impl std::fmt::Display) -> CliError {
+    CliError {
+        code: 78,
+        message: e.to_string(),
+    }
+}
+
+pub(crate) async fn run(command: Command) -> Result<(), CliError> {
+    match command {
+        Command::Init {
+            data_dir,
+            listen,
+            sans,
+            force,
+        } => init(data_dir, listen, sans, force),
+        Command::Serve { config, data_dir } => serve(config, data_dir).await,
+        Command::Token {
+            command:
+                TokenCommand::Create {
+                    role,
+                    ttl,
+                    name,
+                    capabilities,
+                    slots,
+                },
+            connect,
+        } => {
+            let name = name.map(AgentName::new).transpose().map_err(|e| CliError {
+                code: 2,
+                message: format!("--name: {e}"),
+            })?;
+            let ttl = parse_duration(&ttl).map_err(|e| CliError {
+                code: 2,
+                message: format!("--ttl: {e}"),
+            })?;
+            let s = connect.connect().await?;
+            let v = s
+                .call(OpRequest::TokenCreate {
+                    role,
+                    ttl_s: ttl.as_secs().max(1),
+                    name,
+                    capabilities: (!capabilities.is_empty()).then_some(capabilities),
+                    slots,
+                })
+                .await?;
+            s.close().await;
+            eprintln!(
+                "a single-use {role} token, valid for {}; enroll with it:",
+                muster_protocol::duration::format_duration(ttl)
+            );
+            println!("{}", v["token"].as_str().unwrap_or_default());
+            Ok(())
+        }
+        Command::Login {
+            token,
+            token_file,
+            name,
+            role,
+            save_to,
+        } => {
+            let token = muster_protocol::join_token::read(token, token_file)
+                .map_err(|message| CliError { code: 2, message })?;
+            login(&token, name, role, save_to).await
+        }
+        Command::Submit(args) => submit(args).await,
+        Command::Tasks {
+            state,
+            agent,
+            limit,
+            cursor,
+            json,
+            connect,
+        } => {
+            let v = one(
+                &connect,
+                OpRequest::Tasks {
+                    state,
+                    agent,
+                    limit,
+                    cursor,
+                },
+            )
+            .await?;
+            print(&v, json, crate::cli::tasks_table);
+            Ok(())
+        }
+        Command::Task {
+            command,
+            json,
+            connect,
+        } => {
+            let req = match command {
+                TaskCommand::Show { id } => OpRequest::TaskShow { id: TaskId(id) },
+                TaskCommand::Cancel { id } => OpRequest::TaskCancel { id: TaskId(id) },
+                TaskCommand::Requeue { id } => OpRequest::TaskRequeue { id: TaskId(id) },
+            };
+            let v = one(&connect, req).await?;
+            print(&v, json, crate::cli::task_detail);
+            Ok(())
+        }
+        Command::Agents { json, connect } => {
+            let v = one(&connect, OpRequest::Agents).await?;
+            print(&v, json, crate::cli::agents_table);
+            Ok(())
+        }
+        Command::Agent {
+            command,
+            json,
+            connect,
+        } => {
+            let (req, detail) = match command {
+                AgentCommand::Show { name } => (OpRequest::AgentShow { name }, true),
+                AgentCommand::Drain { name } => (OpRequest::AgentDrain { name }, false),
+                AgentCommand::Undrain { name } => (OpRequest::AgentUndrain { name }, false),
+                AgentCommand::Revoke { name } => (OpRequest::AgentRevoke { name }, false),
+                AgentCommand::Set {
+                    name,
+                    capabilities,
+                    no_capabilities,
+                    slots,
+                } => {
+                    let capabilities =
+                        (no_capabilities || !capabilities.is_empty()).then_some(capabilities);
+                    (
+                        OpRequest::AgentSet {
+                            name,
+                            capabilities,
+                            slots,
+                        },
+                        false,
+                    )
+                }
+            };
+            let v = one(&connect, req).await?;
+            print(&v, json, |v| {
+                if detail {
+                    crate::cli::agent_detail(v)
+                } else {
+                    format!("{v}\n")
+                }
+            });
+            Ok(())
+        }
+        Command::Identity {
+            command:
+                IdentityCommand::Revoke {
+                    name,
+                    role,
+                    fingerprint,
+                },
+            json,
+            connect,
+        } => {
+            use muster_protocol::msg::IdentityTarget;
+            let target = match (fingerprint, name) {
+                (Some(fp), _) => IdentityTarget::Fingerprint(fp),
+                (None, Some(name)) => IdentityTarget::Named { role, name },
+                (None, None) => {
+                    return Err(CliError {
+                        code: 2,
+                        message: "give NAME or --fingerprint FP".into(),
+                    });
+                }
+            };
+            let v = one(&connect, OpRequest::IdentityRevoke(target)).await?;
+            print(&v, json, |v| {
+                format!(
+                    "revoked {} {} ({})\n",
+                    v["role"].as_str().unwrap_or("?"),
+                    v["name"].as_str().unwrap_or("?"),
+                    v["fingerprint"].as_str().unwrap_or("?")
+                )
+            });
+            Ok(())
+        }
+        Command::Watch {
+            from,
+            json,
+            connect,
+        } => watch(&connect, from, json).await,
+        Command::Alerts { json, connect } => {
+            let v = one(&connect, OpRequest::Alerts).await?;
+            print(&v, json, |v| {
+                let list = v["alerts"].as_array().cloned().unwrap_or_default();
+                if list.is_empty() {
+                    "no open alerts\n".into()
+                } else {
+                    list.iter().map(|a| format!("{a}\n")).collect()
+                }
+            });
+            Ok(())
+        }
+        Command::Stats { json, connect } => {
+            let v = one(&connect, OpRequest::Stats).await?;
+            print(&v, json, |v| {
+                v.as_object()
+                    .map(|o| o.iter().map(|(k, x)| format!("{k:<28} {x}\n")).collect())
+                    .unwrap_or_default()
+            });
+            Ok(())
+        }
+        Command::Doctor { connect } => doctor(&connect).await,
+        Command::Demo { tasks } => crate::demo::run(tasks).await,
+    }
+}
+
+pub(crate) async fn one(
+    connect: &ConnectArgs,
+    req: OpRequest,
+) -> Result<serde_json::Value, CliError> {
+    let s = connect.connect().await?;
+    let v = s.call(req).await;
+    s.close().await;
+    v
+}

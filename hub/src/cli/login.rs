@@ -1,0 +1,59 @@
+//! `login`: enroll this operator with a join token and save the credential.
+
+use std::path::PathBuf;
+
+use crate::cli::CliError;
+use crate::server::hostname;
+use muster_protocol::AgentName;
+use muster_protocol::client::{self, JoinToken};
+use muster_protocol::msg::Role;
+
+pub(crate) async fn login(
+    token: &str,
+    name: Option<String>,
+    role: Role,
+    save_to: Option<PathBuf>,
+) -> Result<(), CliError> {
+    let token: JoinToken = token.parse()?;
+    let name = name.unwrap_or_else(|| {
+        let user = std::env::var("USER").unwrap_or_else(|_| "operator".into());
+        format!("{user}.{}", hostname())
+    });
+    let name = AgentName::new(name).map_err(|e| CliError {
+        code: 2,
+        message: format!("--name: {e}"),
+    })?;
+    let path = save_to
+        .or_else(crate::cli::saved_credential_path)
+        .ok_or_else(|| {
+            CliError::fail("no place to save the credential: set HOME or pass --save-to")
+        })?;
+    if path.exists() {
+        return Err(CliError::fail(format!(
+            "{} already exists; remove it to log in again",
+            path.display()
+        )));
+    }
+    let (key, csr) =
+        crate::pki::make_csr(name.as_str()).map_err(|e| CliError::fail(e.to_string()))?;
+    let (cert, ca) = client::enroll(&token, &name, role, csr, (Vec::new(), 0)).await?;
+    let file = crate::cli::CredentialFile {
+        hub: token.hub.clone(),
+        ca,
+        cert,
+        key: key.serialize_pem(),
+    };
+    let text = toml::to_string(&file).map_err(|e| CliError::fail(e.to_string()))?;
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)
+            .map_err(|e| CliError::fail(format!("{}: {e}", parent.display())))?;
+    }
+    crate::pki::write_file(&path, text.as_bytes(), 0o600)
+        .map_err(|e| CliError::fail(e.to_string()))?;
+    eprintln!(
+        "logged in to {} as {name} ({role}); credential saved to {}",
+        token.hub,
+        path.display()
+    );
+    Ok(())
+}

@@ -1,0 +1,59 @@
+//! The operator CLI of `muster-hub`, one module per command group: [`args`]
+//! (the command line), [`connect`] (finding the hub and a credential),
+//! [`dispatch`] (running one command), and `daemon` (`init`, `serve`),
+//! `login`, `submit`, `watch`, `doctor`.
+
+mod args;
+mod connect;
+mod daemon;
+mod dispatch;
+mod doctor;
+mod login;
+mod submit;
+mod watch;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use args::{Cli, Command, LogFormat};
+pub use connect::*;
+use dispatch::run;
+
+/// The `muster-hub` command line: parses, runs one command, maps the result to
+/// an exit code (1 failure, 2 usage, 78 configuration error).
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // The demo prints its own progress; the hub inside it only speaks up for problems.
+    let quiet = matches!(cli.command, Command::Demo { .. });
+    init_logging(cli.log_format, if quiet { "warn" } else { "info" });
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("muster-hub: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(run(cli.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("muster-hub: {}", escape_controls(&e.message, true));
+            ExitCode::from(e.code.clamp(1, 255) as u8)
+        }
+    }
+}
+
+fn init_logging(format: LogFormat, default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
