@@ -138,7 +138,7 @@ impl Core {
             pid: None,
             session: None,
         });
-        let spec = super::spec_of(&live.rec);
+        let spec = crate::tasks::spec_of(&live.rec);
         // set_state must not touch the ready queue again: mark the state first.
         live.rec.state = TaskState::Assigned;
         self.counters.assigned += 1;

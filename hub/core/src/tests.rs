@@ -19,6 +19,7 @@ use super::{
     AgentRecord, Archive, AttemptRecord, ConnId, Core, Identity, Input, Millis, Output, Reply,
     ReplyId, Restored, TaskRecord, TaskState, TokenRecord, Write,
 };
+use crate::ops::AGENTS_REPLY_BYTES_MAX;
 use crate::policy::{Limits, Policy};
 
 /// A fixed wall-clock start, in milliseconds since the epoch.
@@ -2983,7 +2984,7 @@ fn the_agents_answer_stays_bounded_for_a_large_fleet_and_counts_everyone() {
         panic!("expected Ok")
     };
     assert!(
-        json.len() <= super::AGENTS_REPLY_BYTES_MAX + 4096,
+        json.len() <= AGENTS_REPLY_BYTES_MAX + 4096,
         "{} bytes",
         json.len()
     );

@@ -1,0 +1,289 @@
+//! Operator requests: dispatch, and the agent views and stats they answer with.
+
+use std::collections::HashMap;
+
+use muster_wire::limits::{self};
+use muster_wire::msg::{OpError, OpErrorCode, OpRequest, OpResponse, Role};
+
+use crate::model::*;
+
+use crate::Archive;
+use crate::identity::check_token_grant;
+use crate::views;
+use crate::{Agent, Core, Write};
+
+impl Core {
+    pub(crate) fn on_op(
+        &mut self,
+        now: Millis,
+        fingerprint: &str,
+        request: OpRequest,
+        token_secret: Option<(String, String)>,
+        archive: &dyn Archive,
+    ) -> OpResponse {
+        let Some(who) = self.identity(fingerprint).cloned() else {
+            return op_error(
+                OpErrorCode::Forbidden,
+                "this credential is not enrolled at this hub or has been revoked",
+            );
+        };
+        let allowed = match who.role {
+            Role::Admin => true,
+            Role::Operator => !request.is_write(),
+            Role::Agent => false,
+        };
+        if !allowed {
+            let what = if request.is_write() {
+                "change state (role admin needed)"
+            } else {
+                "read (role operator or admin needed)"
+            };
+            return op_error(
+                OpErrorCode::Forbidden,
+                &format!("{} has role {} and may not {what}", who.name, who.role),
+            );
+        }
+        match request {
+            OpRequest::Agents => ok_json(&self.agents_reply(now)),
+            OpRequest::AgentShow { name } => match self.agent_view(now, &name) {
+                Some(v) => ok_json(&v),
+                None => not_found_agent(&name),
+            },
+            OpRequest::AgentRevoke { name } => self.revoke(now, &name, &who.name),
+            OpRequest::AgentDrain { name } => self.drain(now, &name, true, &who.name),
+            OpRequest::AgentUndrain { name } => self.drain(now, &name, false, &who.name),
+            OpRequest::TokenCreate {
+                role,
+                ttl_s,
+                name,
+                capabilities,
+                slots,
+            } => {
+                if let Err(msg) =
+                    check_token_grant(role, name.as_ref(), capabilities.as_deref(), slots)
+                {
+                    return op_error(OpErrorCode::Invalid, &msg);
+                }
+                let Some((secret, hash)) = token_secret else {
+                    return op_error(
+                        OpErrorCode::Internal,
+                        "the hub could not draw a random secret (system RNG failed); see its log and try again",
+                    );
+                };
+                let rec = TokenRecord {
+                    role,
+                    created_by: who.name.clone(),
+                    created_at: now,
+                    expires_at: now.saturating_add(ttl_s.saturating_mul(1000)),
+                    used_at: None,
+                    name: name.map(String::from),
+                    capabilities,
+                    slots,
+                };
+                self.tokens.insert(hash.clone(), rec.clone());
+                self.out.writes.push(Write::Token(hash, rec.clone()));
+                let json = serde_json::json!({"kind": "audit", "action": "token_create", "who": who.name, "role": role.as_str(), "ttl_s": ttl_s, "name": rec.name});
+                self.push_event(now, json.to_string());
+                ok_json(&serde_json::json!({
+                    "token": format!("{}{secret}", self.token_prefix),
+                    "role": role.as_str(),
+                    "expires_at": rec.expires_at,
+                    "name": rec.name,
+                    "capabilities": rec.capabilities,
+                    "slots": rec.slots,
+                }))
+            }
+            OpRequest::Submit(req) => self.submit(now, req, &who.name, archive),
+            OpRequest::SubmitBatch(reqs) => self.submit_batch(now, reqs, &who.name, archive),
+            OpRequest::TaskCancel { id } => self.cancel(now, id, &who.name),
+            OpRequest::TaskRequeue { id } => self.requeue(now, id, &who.name, archive),
+            OpRequest::Stats => ok_json(&self.stats_json()),
+            OpRequest::Alerts => {
+                let all = self.alerts.list();
+                let total = all.len();
+                let (list, left_out) =
+                    views::fit(all.iter().map(|a| a.json("open")), views::REPLY_BYTES_MAX);
+                ok_json(&serde_json::json!({
+                    "alerts": list,
+                    "total": total,
+                    "truncated": left_out > 0,
+                }))
+            }
+            OpRequest::IdentityRevoke(target) => self.revoke_target(now, target, &who.name),
+            OpRequest::AgentSet {
+                name,
+                capabilities,
+                slots,
+            } => self.agent_set(now, &name, capabilities, slots, &who.name),
+            OpRequest::Tasks { .. } | OpRequest::TaskShow { .. } | OpRequest::Watch { .. } => {
+                op_error(OpErrorCode::Internal, "served by the shell")
+            }
+        }
+    }
+
+    /// The `agents` answer: counts by state for the whole fleet, and the agents
+    /// themselves up to a byte budget, so a fleet of any size fits in one frame.
+    pub(crate) fn agents_reply(&self, now: Millis) -> serde_json::Value {
+        let views = self.agent_views(now);
+        let total = views.len();
+        let mut by_state: std::collections::BTreeMap<String, u64> =
+            std::collections::BTreeMap::new();
+        let mut shown = Vec::new();
+        let mut bytes = 0;
+        for v in views {
+            *by_state
+                .entry(v["state"].as_str().unwrap_or("?").to_string())
+                .or_default() += 1;
+            let n = v.to_string().len();
+            if bytes + n <= AGENTS_REPLY_BYTES_MAX {
+                bytes += n;
+                shown.push(v);
+            }
+        }
+        let truncated = shown.len() < total;
+        let mut reply = views::agents_json(shown);
+        reply["total"] = total.into();
+        reply["by_state"] = serde_json::json!(by_state);
+        reply["truncated"] = truncated.into();
+        reply
+    }
+
+    pub(crate) fn agent_views(&self, now: Millis) -> Vec<serde_json::Value> {
+        let mut names: Vec<&String> = self.agents.keys().collect();
+        names.sort();
+        names
+            .into_iter()
+            .filter_map(|n| self.agent_view(now, n))
+            .collect()
+    }
+
+    pub(crate) fn agent_view(&self, now: Millis, name: &str) -> Option<serde_json::Value> {
+        let a = self.agents.get(name)?;
+        let (state, why) = self.agent_state(now, a);
+        let (available, reason) = self.availability(now, a);
+        Some(views::agent_json(
+            &a.rec,
+            state,
+            &why,
+            available,
+            &reason,
+            a.tasks.len(),
+            now,
+        ))
+    }
+
+    /// online / suspect (missed 2 heartbeats) / offline, with the reason.
+    pub(crate) fn agent_state(&self, now: Millis, a: &Agent) -> (&'static str, String) {
+        if a.rec.revoked {
+            return ("offline", "revoked".into());
+        }
+        if a.conn.is_none() {
+            return ("offline", "no session".into());
+        }
+        let interval = self.policy.heartbeat_interval.as_millis() as u64;
+        let age = now.saturating_sub(a.rec.last_seen.unwrap_or(0));
+        let offline_after = (3 * interval).max(limits::IDLE_TIMEOUT.as_millis() as u64);
+        if age > offline_after {
+            ("offline", format!("no heartbeat for {} s", age / 1000))
+        } else if age > 2 * interval {
+            (
+                "suspect",
+                format!("missed heartbeats: last one {} s ago", age / 1000),
+            )
+        } else {
+            ("online", String::new())
+        }
+    }
+
+    /// Whether the agent may get work now, and why not.
+    pub(crate) fn availability(&self, now: Millis, a: &Agent) -> (bool, String) {
+        let (state, why) = self.agent_state(now, a);
+        if state != "online" {
+            return (false, format!("{state}: {why}"));
+        }
+        if a.rec.drained {
+            return (false, "draining".into());
+        }
+        if a.stopping {
+            return (false, "the sidecar is shutting down".into());
+        }
+        if let Some(until) = a.breaker_until {
+            // Only a healthy heartbeat after the cooldown closes the circuit (see on_heartbeat).
+            let when = if now < until {
+                "until its cooldown ends at"
+            } else {
+                "until a healthy heartbeat; cooldown ended at"
+            };
+            return (false, format!("degraded: circuit open {when} {until}"));
+        }
+        if !a.self_test_passed {
+            let problems = a
+                .rec
+                .self_test
+                .as_ref()
+                .map(|s| s.problems.join("; "))
+                .unwrap_or_default();
+            return (false, format!("self-test failed: {problems}"));
+        }
+        (true, String::new())
+    }
+
+    pub(crate) fn stats_json(&self) -> serde_json::Value {
+        let c = &self.counters;
+        let outcomes: serde_json::Map<String, serde_json::Value> = c
+            .outcomes
+            .iter()
+            .map(|(o, n)| (o.as_str().to_string(), (*n).into()))
+            .collect();
+        let mut by_state: HashMap<&str, u64> = HashMap::new();
+        for l in self.tasks.values() {
+            *by_state.entry(l.rec.state.as_str()).or_default() += 1;
+        }
+        serde_json::json!({
+            "finished": c.finished,
+            "completed": c.completed,
+            "assigned": c.assigned,
+            "heartbeats": c.heartbeats,
+            "stale_reports": c.stale_reports,
+            "duplicate_reports": c.duplicate_reports,
+            "outcomes": outcomes,
+            "live_by_state": by_state,
+            "agents": self.agents.len(),
+        })
+    }
+
+    // === Enrollment ===
+}
+
+/// Bytes of agent documents in one `agents` answer; the rest is counted, not listed
+/// (a frame is at most 1 MiB; `agent show NAME` gives any one agent).
+pub(crate) const AGENTS_REPLY_BYTES_MAX: usize = 768 * 1024;
+
+/// "42 s" or "31 min", for alert messages.
+pub(crate) fn format_age(ms: Millis) -> String {
+    if ms < 120_000 {
+        format!("{} s", ms / 1000)
+    } else {
+        format!("{} min", ms / 60_000)
+    }
+}
+
+pub(crate) fn ok_json(v: &serde_json::Value) -> OpResponse {
+    OpResponse::Ok {
+        json: v.to_string(),
+    }
+}
+
+pub(crate) fn op_error(code: OpErrorCode, message: &str) -> OpResponse {
+    OpResponse::Error(OpError {
+        code,
+        message: message.into(),
+    })
+}
+
+pub(crate) fn not_found_agent(name: &str) -> OpResponse {
+    op_error(
+        OpErrorCode::NotFound,
+        &format!("no agent named {name:?}; `muster-hub agents` lists them"),
+    )
+}
