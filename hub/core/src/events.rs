@@ -52,7 +52,11 @@ impl Core {
     }
 
     /// Re-derives the alerts whose cause is a condition: agent down, stalled, circuit, storm.
-    pub(crate) fn evaluate_alerts(&mut self, now: Millis) {
+    /// One pass over agents and running tasks: opens and closes the alerts that
+    /// depend on time. Returns when the next one could open, if any could.
+    pub(crate) fn evaluate_alerts(&mut self, now: Millis) -> Option<Millis> {
+        let mut next: Option<Millis> = None;
+        let mut later = |t: Millis| next = Some(next.map_or(t, |n: Millis| n.min(t)));
         let down_after = self.policy.agent_down_alert.as_millis() as u64;
         let mut down = Vec::new();
         let mut circuit = Vec::new();
@@ -65,6 +69,11 @@ impl Core {
             } else {
                 None
             };
+            if let Some(t) = since
+                && now < t + down_after
+            {
+                later(t + down_after);
+            }
             if let Some(t) = since
                 && now >= t + down_after
             {
@@ -88,6 +97,9 @@ impl Core {
             .filter(|l| l.rec.state == TaskState::Running)
             .filter_map(|l| {
                 let last = l.rec.progress_at?;
+                if now < last + stall_after {
+                    later(last + stall_after);
+                }
                 (now >= last + stall_after).then(|| {
                     (
                         l.rec.id.to_string(),
@@ -111,6 +123,7 @@ impl Core {
         self.alerts.sync(now, "stalled", stalled, &mut changes);
         self.alerts.check_storm(now, &mut changes);
         self.alert_changes(now, changes);
+        next
     }
 }
 

@@ -150,6 +150,7 @@ impl Core {
                 self.out.closes.push(conn);
             }
         }
+        self.arm_offline(&id.name);
         self.dirty_schedule = true;
     }
 

@@ -16,6 +16,7 @@ mod identity;
 pub mod model;
 mod ops;
 pub mod policy;
+pub mod retention;
 mod sched;
 mod session;
 mod tasks;
@@ -150,6 +151,8 @@ pub struct Output {
     /// Certificate fingerprints revoked in this batch: after the commit the shell
     /// closes every connection and stream they hold.
     pub revoked: Vec<String>,
+    /// Invariants found broken after this batch (empty unless there is a bug).
+    pub violations: Vec<String>,
 }
 
 /// Coordination counters, for `stats`.
@@ -197,6 +200,11 @@ struct Live {
     failed_on: BTreeSet<String>,
     /// Whether the task was attempted before (fresh work goes first).
     retried: bool,
+    /// The generation seen by the last invariant check; it never goes back.
+    checked_generation: Generation,
+    /// The attempt deadline armed in the index for this task, so that re-arming
+    /// replaces it and the index holds at most one entry per task.
+    armed_at: Option<Millis>,
 }
 
 /// An agent in the registry, with its session.
@@ -255,6 +263,16 @@ pub struct Core {
     per_submitter: HashMap<String, u64>,
     /// The `now` of the latest input, for records made without one at hand.
     last_now: Millis,
+    /// Every deadline, ordered (see [`timers`]).
+    deadlines: timers::Deadlines,
+    /// The next alert pass, if one is wanted: one slot, not one entry per task.
+    alerts_at: Option<Millis>,
+    /// When the next retention prune is due.
+    prune_at: Millis,
+    /// When alerts were last evaluated.
+    last_alert_eval: Millis,
+    /// Invariant breaches found after batches (see [`Core::check_invariants`]).
+    violations: u64,
 }
 
 /// Default for [`Core::set_ack_delay`].
@@ -314,6 +332,11 @@ impl Core {
             alerts: alerts::Alerts::default(),
             per_submitter: HashMap::new(),
             last_now: now,
+            deadlines: timers::Deadlines::default(),
+            alerts_at: None,
+            prune_at: now + retention::PRUNE_EVERY,
+            last_alert_eval: 0,
+            violations: 0,
         };
         for rec in restored.agents {
             core.agents.insert(rec.name.clone(), Agent::new(rec, now));
@@ -328,6 +351,10 @@ impl Core {
             }
             core.insert_live(rec, attempt);
         }
+        let names: Vec<String> = core.agents.keys().cloned().collect();
+        for name in names {
+            core.arm_offline(&name);
+        }
         core
     }
     /// Sets what join tokens start with: `muster1/<advertise>/<ca fingerprint>/`.
@@ -340,11 +367,25 @@ impl Core {
     }
     /// Takes the effects accumulated since the last call. See the module docs.
     pub fn take_output(&mut self) -> Output {
+        // One scheduling pass per batch, after every input of it.
+        if self.dirty_schedule {
+            self.dirty_schedule = false;
+            self.schedule(self.last_now);
+        }
+        let changed = std::mem::take(&mut self.dirty);
+        self.arm_changed(&changed);
+        if let Err(breach) = self.check_invariants(&changed) {
+            // Tests and debug builds stop here; a release hub keeps serving,
+            // logs the breach loudly and counts it in `stats` and `/metrics`.
+            debug_assert!(false, "core invariant broken: {breach}");
+            self.violations += 1;
+            self.out.violations.push(breach);
+        }
         // Each changed task is written once, in its final state: a task changes
         // several times in a busy batch, and cloning it at every change was a
         // large share of the core thread's time.
         self.dirty_set.clear();
-        for id in std::mem::take(&mut self.dirty) {
+        for id in changed {
             let rec = self
                 .tasks
                 .get(&id)
@@ -359,6 +400,68 @@ impl Core {
         out.writes = last_write_wins(std::mem::take(&mut out.writes));
         out
     }
+    /// Checks, after a batch, what must always hold for the tasks it changed:
+    /// a task with a live attempt has one, on an agent that counts it, in the
+    /// same generation; generations never go back; a queued task is in the
+    /// queue (ready, or waiting out a recorded backoff). Costs O(changed).
+    ///
+    /// # Errors
+    /// The first breach found, naming the task.
+    pub fn check_invariants(&mut self, changed: &[TaskId]) -> Result<(), String> {
+        for id in changed {
+            let Some(live) = self.tasks.get_mut(id) else {
+                continue;
+            };
+            let rec = &live.rec;
+            if rec.generation < live.checked_generation {
+                return Err(format!(
+                    "task {id}: generation went back from {} to {}",
+                    live.checked_generation.0, rec.generation.0
+                ));
+            }
+            live.checked_generation = rec.generation;
+            if rec.state.has_live_attempt() {
+                let Some(a) = &live.attempt else {
+                    return Err(format!(
+                        "task {id} is {} without an attempt",
+                        rec.state.as_str()
+                    ));
+                };
+                if a.generation != rec.generation {
+                    return Err(format!(
+                        "task {id}: attempt generation {} is not the task's {}",
+                        a.generation.0, rec.generation.0
+                    ));
+                }
+                if !self
+                    .agents
+                    .get(&a.agent)
+                    .is_some_and(|g| g.tasks.contains(id))
+                {
+                    return Err(format!(
+                        "task {id} is {} on {}, which does not count it",
+                        rec.state.as_str(),
+                        a.agent
+                    ));
+                }
+            }
+            if rec.state == TaskState::Queued && !self.sched.holds(rec, live.retried) {
+                return Err(format!("task {id} is queued but not in the queue"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Invariant breaches found since the start (0 unless there is a bug).
+    pub fn violations(&self) -> u64 {
+        self.violations
+    }
+
+    /// Deadlines held in the index, for tests and metrics.
+    pub fn deadlines_held(&self) -> usize {
+        self.deadlines.len()
+    }
+
     /// Marks a task (live, or ended in this batch) to be written at [`Core::take_output`].
     fn touch(&mut self, id: TaskId) {
         if self.dirty_set.insert(id) {
@@ -414,10 +517,6 @@ impl Core {
                 self.out.replies.push((reply, Reply::Enroll(resp)));
             }
             Input::Tick => self.on_tick(now),
-        }
-        if self.dirty_schedule {
-            self.dirty_schedule = false;
-            self.schedule(now);
         }
     }
 

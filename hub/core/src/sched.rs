@@ -43,6 +43,20 @@ impl ReadyQueue {
         }
     }
 
+    /// When the first task waiting out its backoff becomes ready.
+    pub(super) fn next_delayed(&self) -> Option<Millis> {
+        self.delayed.first().map(|(t, _)| *t)
+    }
+
+    /// Whether a queued task is in the queue, ready or waiting out its backoff.
+    pub(super) fn holds(&self, rec: &TaskRecord, retried: bool) -> bool {
+        let key = (Reverse(rec.priority), retried, rec.id);
+        self.ready.contains(&key)
+            || rec
+                .not_before
+                .is_some_and(|t| self.delayed.contains(&(t, key)))
+    }
+
     /// Moves tasks whose backoff has passed into the ready set.
     fn promote(&mut self, now: Millis) {
         while let Some(&(t, key)) = self.delayed.first() {
@@ -117,7 +131,8 @@ impl Core {
         // Leave the ready queue under the old key before the record changes.
         self.sched.remove(&live.rec, live.retried);
         live.rec.not_before = None;
-        if live.retried {
+        let retried = live.retried;
+        if retried {
             self.alerts.note_retry(now);
         }
         live.rec.generation.0 += 1;
@@ -154,6 +169,9 @@ impl Core {
                 spec,
             }),
         ));
+        if retried {
+            self.arm_alerts(now);
+        }
     }
 
     fn set_state_assigned(&mut self, now: Millis, id: TaskId, agent: &str) {

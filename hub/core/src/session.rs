@@ -103,6 +103,18 @@ impl Core {
         ));
         self.event(now, "agent", &name, "online", "hello");
         self.reconcile(now, &name, conn, &hello.resume, true);
+        // Deadlines skipped while it was away count again.
+        let held: Vec<TaskId> = self
+            .agents
+            .get(&name)
+            .map(|a| a.tasks.iter().copied().collect())
+            .unwrap_or_default();
+        for id in held {
+            self.arm_attempt(id);
+        }
+        if !self.alerts.list().is_empty() {
+            self.arm_alerts_now(now);
+        }
         self.dirty_schedule = true;
     }
 
@@ -187,6 +199,7 @@ impl Core {
             agent.conn = None;
             agent.offline_since = Some(now);
             self.event(now, "agent", &name, "offline", "session closed");
+            self.arm_offline(&name);
         }
     }
 
@@ -256,6 +269,9 @@ impl Core {
         }
         if !events.is_empty() {
             self.dirty_schedule = true;
+            if !self.alerts.list().is_empty() {
+                self.arm_alerts_now(now);
+            }
         }
         for (state, why) in events {
             self.event(now, "agent", &name, state, why);
@@ -384,8 +400,11 @@ impl Core {
     pub(crate) fn ack(&mut self, conn: ConnId, id: ReportId, now: Millis, urgent: bool) {
         let e = self.pending_acks.entry(conn).or_insert((id, now));
         e.0 = e.0.max(id);
+        let due = e.1 + self.ack_delay;
         if urgent || self.ack_delay == 0 {
             self.flush_ack(conn);
+        } else {
+            self.deadlines.arm(due, crate::timers::Due::Ack(conn));
         }
     }
 

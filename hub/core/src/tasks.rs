@@ -16,6 +16,7 @@ use crate::model::*;
 use crate::Archive;
 use crate::events::push_audit;
 use crate::ops::{ok_json, op_error};
+use crate::timers::Due;
 use crate::views;
 use crate::{Core, Live, Write};
 
@@ -35,6 +36,7 @@ impl Core {
                 self.waiting_on.entry(*dep).or_default().insert(id);
             }
         }
+        let checked_generation = rec.generation;
         self.tasks.insert(
             id,
             Live {
@@ -43,8 +45,11 @@ impl Core {
                 seen: HashSet::new(),
                 failed_on: BTreeSet::new(),
                 retried,
+                checked_generation,
+                armed_at: None,
             },
         );
+        self.arm_attempt(id);
     }
 
     pub(crate) fn set_state(&mut self, now: Millis, id: TaskId, to: TaskState, why: &str) {
@@ -171,6 +176,7 @@ impl Core {
             }
         }
         if let Some(why) = tripped {
+            self.arm_alerts_now(now);
             self.event(now, "agent", &agent_name, "degraded", &why);
         }
         self.dirty_schedule = true;
@@ -217,6 +223,9 @@ impl Core {
         let Some(live) = self.tasks.remove(&id) else {
             return;
         };
+        if let Some(at) = live.armed_at {
+            self.deadlines.disarm(at, &Due::Attempt(id));
+        }
         if let Some(n) = self.per_submitter.get_mut(submitter(&live.rec)) {
             *n = n.saturating_sub(1);
             if *n == 0 {

@@ -2825,7 +2825,8 @@ fn a_running_task_without_progress_is_stalled_not_failed() {
             note: "alive".into(),
         },
     );
-    let _ = h.tick();
+    // A busy hub passes over its alerts at most once per ALERT_EVERY.
+    let _ = h.pass(crate::timers::ALERT_EVERY);
     assert!(open_alerts(&mut h).is_empty(), "progress clears the stall");
 }
 
@@ -3377,4 +3378,120 @@ fn agent_text_is_bounded_on_arrival_and_timeouts_at_admission() {
     r.max_attempts = Some(u32::MAX);
     let (resp, _) = h.op(ADMIN, OpRequest::Submit(r));
     assert_eq!(op_err(&resp).code, OpErrorCode::Invalid);
+}
+
+// === Timers as data ===
+
+#[test]
+fn the_core_names_its_next_deadline_and_a_tick_before_it_changes_nothing() {
+    let mut h = H::new();
+    let (_c, _) = h.connect(1, "a", &[], 1);
+    let (t, _) = h.submit(req("t"));
+    assert_eq!(h.task(t).state, TaskState::Assigned);
+    let accept = Policy::default().accept_timeout.as_millis() as u64;
+    assert_eq!(
+        h.core.poll_timeout(),
+        Some(h.now + accept),
+        "the accept timeout is the only deadline"
+    );
+    h.advance(accept - 1);
+    let out = h.tick();
+    assert!(
+        out.writes.is_empty() && out.sends.is_empty(),
+        "nothing due yet"
+    );
+    assert_eq!(h.task(t).state, TaskState::Assigned);
+    h.advance(1);
+    let _ = h.tick();
+    let rec = h.task(t);
+    assert_ne!(
+        rec.state,
+        TaskState::Assigned,
+        "the accept timeout ended the attempt"
+    );
+}
+
+#[test]
+fn an_idle_core_has_no_deadline_and_stale_entries_go_when_they_come_due() {
+    let mut h = H::new();
+    let sweep = T0 + crate::retention::PRUNE_EVERY;
+    assert_eq!(
+        h.core.poll_timeout(),
+        Some(sweep),
+        "only the retention sweep"
+    );
+    let (c, _) = h.connect(1, "a", &[], 4);
+    assert_eq!(
+        h.core.poll_timeout(),
+        Some(sweep),
+        "an idle agent needs no tick"
+    );
+    let ids: Vec<TaskId> = (0..4).map(|i| h.submit(req(&format!("t{i}"))).0).collect();
+    for &t in &ids {
+        let _ = h.accept(c, t, 1);
+        let _ = h.start(c, t, 1);
+        let _ = h.complete(c, t, 1);
+    }
+    // Every accept and start deadline was armed and is now stale: ticking past
+    // them drops them without touching a task.
+    h.advance(Policy::default().start_timeout.as_millis() as u64 * 2);
+    let out = h.tick();
+    assert!(out.writes.is_empty(), "{:?}", out.writes);
+    assert_eq!(
+        h.core.deadlines_held(),
+        0,
+        "one entry per live task, none for finished ones"
+    );
+    // What is left is the one alert pass a running task's progress asked for;
+    // it finds nothing and asks for no other.
+    let stall = Policy::default().stall_alert.as_millis() as u64;
+    let at = h.core.poll_timeout().expect("the stall check");
+    assert!(at <= T0 + stall + 1000, "{at}");
+    h.now = at;
+    let out = h.tick();
+    assert!(out.writes.is_empty() && out.alerts.is_empty());
+    assert!(
+        h.core.retention_due(h.now).is_some(),
+        "the shell prunes after the batch"
+    );
+    assert_eq!(
+        h.core.poll_timeout(),
+        Some(h.now + crate::retention::PRUNE_EVERY),
+        "then only the next sweep"
+    );
+}
+
+#[test]
+fn a_retry_in_backoff_wakes_the_core_when_it_is_due() {
+    let mut h = H::new();
+    let (c, _) = h.connect(1, "a", &[], 1);
+    let (t, _) = h.submit(req("t"));
+    let _ = h.accept(c, t, 1);
+    let _ = h.start(c, t, 1);
+    let _ = h.fail(c, t, 1, false);
+    let rec = h.task(t);
+    assert_eq!(rec.state, TaskState::Queued);
+    let not_before = rec.not_before.expect("a backoff");
+    assert_eq!(h.core.poll_timeout(), Some(not_before));
+    h.now = not_before;
+    let _ = h.tick();
+    assert_eq!(h.task(t).state, TaskState::Assigned, "assigned when due");
+}
+
+#[test]
+fn invariants_hold_after_every_batch_and_a_breach_is_named() {
+    let mut h = H::new();
+    let (c, _) = h.connect(1, "a", &[], 1);
+    let (t, _) = h.submit(req("t"));
+    let _ = h.accept(c, t, 1);
+    assert_eq!(h.core.violations(), 0);
+    // Break the books on purpose: the agent forgets the task it holds.
+    if let Some(a) = h.core.agents.get_mut("a") {
+        a.tasks.clear();
+    }
+    let err = h.core.check_invariants(&[t]).expect_err("a breach");
+    assert!(
+        err.contains(&format!("task {t}")) && err.contains("does not count it"),
+        "{err}"
+    );
 }

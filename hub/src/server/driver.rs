@@ -8,14 +8,14 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use muster_protocol::msg::{EnrollResponse, HubMsg, OpRequest, OpResponse, SessionMsg};
-use tokio::sync::{mpsc, oneshot};
-use tracing::{debug, info, warn};
+use tokio::sync::{mpsc, oneshot, watch};
+use tracing::{debug, error, info, warn};
 
 use super::endpoint::REVOKED_REASON;
 use super::http::health;
 use super::queries::{add_shell_stats, feed_watchers, query, start_watch};
 use super::{BATCH_LEN_MAX, Clock, ToCore};
-use crate::core::{ConnId, Core, Input, Reply, ReplyId};
+use crate::core::{ConnId, Core, Input, Millis, Reply, ReplyId};
 use crate::metrics::Counters;
 use crate::store::{Store, StoreError};
 
@@ -52,14 +52,12 @@ pub(super) struct Shell {
     pub(super) hub_metrics: Arc<crate::metrics::HubMetrics>,
     pub(super) data_dir: PathBuf,
     pub(super) events_max: u64,
-    pub(super) retention_ms: u64,
+    /// Where the core's next deadline is published for the ticker.
+    pub(super) deadline_tx: watch::Sender<Option<Millis>>,
+    /// The runtime, for the short delayed closes (no thread per close).
+    pub(super) runtime: tokio::runtime::Handle,
     pub(super) alert_tx: Option<mpsc::Sender<serde_json::Value>>,
 }
-
-/// How often finished tasks past their retention are pruned.
-pub(super) const PRUNE_EVERY: Duration = Duration::from_secs(60);
-/// Tasks pruned per sweep at most, so a sweep never holds the core for long.
-pub(super) const PRUNE_BATCH: usize = 10_000;
 
 /// Test hook, only in builds with the `test-hooks` feature: while the file named by
 /// `MUSTER_TEST_STALL_FILE` exists the core loop stops making progress, so tests
@@ -84,8 +82,9 @@ pub(super) fn core_loop(
         hub_metrics,
         data_dir,
         events_max,
-        retention_ms,
         alert_tx,
+        deadline_tx,
+        runtime,
     } = shell;
     let mut sessions: HashMap<ConnId, SessionHandle> = HashMap::new();
     let mut pending: HashMap<u64, Pending> = HashMap::new();
@@ -100,7 +99,6 @@ pub(super) fn core_loop(
     #[cfg(feature = "test-hooks")]
     let stall_file = stall_hook();
     let mut batch = Vec::with_capacity(BATCH_LEN_MAX);
-    let mut last_prune = Instant::now();
     let mut stopping = false;
     while !stopping {
         let Some(first) = rx.blocking_recv() else {
@@ -232,6 +230,12 @@ pub(super) fn core_loop(
             }
         }
         let out = core.take_output();
+        for breach in &out.violations {
+            error!(
+                breach,
+                "a core invariant is broken: this is a bug; please report it with the log"
+            );
+        }
         for w in &out.writes {
             if let crate::core::Write::Event(e) = w {
                 // Task transitions come several per task: at debug, so a busy hub does not
@@ -309,7 +313,7 @@ pub(super) fn core_loop(
             }
         }
         if !out.revoked.is_empty() {
-            cut_off(&out.revoked, &mut registry, &mut watchers);
+            cut_off(&runtime, &out.revoked, &mut registry, &mut watchers);
         }
         for (conn, fingerprint, connection, reply) in accepts {
             let live = core.identity(&fingerprint).is_some();
@@ -336,8 +340,8 @@ pub(super) fn core_loop(
                 // Let the refusal frame go out first; the close follows shortly.
                 let c = s.connection.clone();
                 drop(s);
-                std::thread::spawn(move || {
-                    std::thread::sleep(Duration::from_millis(50));
+                runtime.spawn(async move {
+                    tokio::time::sleep(CLOSE_DELAY).await;
                     c.close(4u32.into(), b"closed by the hub");
                 });
             }
@@ -346,21 +350,22 @@ pub(super) fn core_loop(
             let _ = reply.send(query(&core, &store, &fingerprint, request));
         }
         feed_watchers(&store, &mut watchers);
-        if last_prune.elapsed() >= PRUNE_EVERY {
-            last_prune = Instant::now();
-            let before = now.saturating_sub(retention_ms);
-            match store.prune(before, PRUNE_BATCH) {
-                Ok(ids) if !ids.is_empty() => {
-                    info!(
-                        pruned = ids.len(),
-                        "pruned finished tasks past their retention"
-                    );
-                    core.forget_keys(&ids);
+        if let Some(prune) = core.retention_due(now) {
+            match store.prune(prune.before, prune.limit) {
+                Ok(ids) => {
+                    if !ids.is_empty() {
+                        info!(
+                            pruned = ids.len(),
+                            "pruned finished tasks past their retention"
+                        );
+                    }
+                    core.pruned(now, &ids, prune.limit);
                 }
-                Ok(_) => {}
                 Err(e) => warn!("pruning finished tasks: {e}"),
             }
         }
+        // The ticker sleeps until this (or the next batch publishes another).
+        deadline_tx.send_replace(core.poll_timeout());
         if let Some(interval) = watchdog
             && last_watchdog.elapsed() >= interval / 2
         {
@@ -373,6 +378,7 @@ pub(super) fn core_loop(
 
 /// Closes every connection of the revoked certificates and ends their `watch` streams.
 pub(super) fn cut_off(
+    runtime: &tokio::runtime::Handle,
     revoked: &[String],
     registry: &mut HashMap<ConnId, Registered>,
     watchers: &mut Vec<Watcher>,
@@ -397,13 +403,16 @@ pub(super) fn cut_off(
         return;
     }
     // A moment for a session's refusal frame to go out first, as for `closes`.
-    std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_millis(50));
+    runtime.spawn(async move {
+        tokio::time::sleep(CLOSE_DELAY).await;
         for c in closing {
             c.close(muster_protocol::CLOSE_NOT_ENROLLED.into(), REVOKED_REASON);
         }
     });
 }
+
+/// How long a closing connection waits so its last frame (a refusal) goes out first.
+const CLOSE_DELAY: Duration = Duration::from_millis(50);
 
 pub(super) fn watchdog_interval() -> Option<Duration> {
     sd_notify::watchdog_enabled()

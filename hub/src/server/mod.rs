@@ -27,7 +27,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use muster_protocol::EventSeq;
 use muster_protocol::msg::{EnrollResponse, HubMsg, OpRequest, OpResponse, SessionMsg};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{info, warn};
 
 use crate::config::HubConfig;
@@ -55,8 +55,9 @@ const CORE_QUEUE_LEN: usize = 8192;
 const BATCH_LEN_MAX: usize = 4096;
 /// Per-session outgoing queue; a sidecar that falls this far behind is disconnected.
 const SESSION_QUEUE_LEN: usize = 4096;
-/// How often the core checks deadlines.
-const TICK: Duration = Duration::from_millis(250);
+/// The longest the ticker sleeps without looking at the clock again (a wall
+/// clock stepped forward brings deadlines closer).
+const TICK_WAIT_MAX: Duration = Duration::from_secs(5);
 /// Messages from the IO shell to the core thread.
 enum ToCore {
     Hello {
@@ -110,6 +111,38 @@ enum ToCore {
     Health(oneshot::Sender<Result<(), String>>),
     /// Finish the current batch, commit it, and stop.
     Shutdown,
+}
+
+/// Timers as data: sends the core a tick when its next deadline (published after
+/// every batch) comes, and sleeps otherwise, so an idle hub does no work at all.
+async fn tick_at_deadlines(
+    to_core: mpsc::Sender<ToCore>,
+    mut deadline: watch::Receiver<Option<Millis>>,
+) {
+    loop {
+        let next = *deadline.borrow_and_update();
+        let now = wall_ms();
+        match next {
+            Some(at) if at <= now => {
+                if to_core.send(ToCore::Tick).await.is_err() {
+                    return;
+                }
+                // The batch with that tick publishes the next deadline.
+                if let Ok(Err(_)) = tokio::time::timeout(TICK_WAIT_MAX, deadline.changed()).await {
+                    return;
+                }
+            }
+            _ => {
+                let wait = next.map_or(TICK_WAIT_MAX, |at| {
+                    Duration::from_millis(at - now).min(TICK_WAIT_MAX)
+                });
+                tokio::select! {
+                    () = tokio::time::sleep(wait) => {}
+                    changed = deadline.changed() => if changed.is_err() { return },
+                }
+            }
+        }
+    }
 }
 
 /// What `serve` needs.
@@ -234,7 +267,8 @@ impl Hub {
         let (to_core, rx) = mpsc::channel(CORE_QUEUE_LEN);
         let metrics = Arc::new(Counters::default());
         let events_max = self.config.policy.events_max;
-        let retention_ms = self.config.policy.retention.as_millis() as u64;
+        let (deadline_tx, deadline_rx) = watch::channel(Some(0));
+        let runtime = tokio::runtime::Handle::current();
         let m = metrics.clone();
         let hub_metrics = Arc::new(crate::metrics::HubMetrics::default());
         let hm = hub_metrics.clone();
@@ -252,8 +286,9 @@ impl Hub {
                     hub_metrics: hm,
                     data_dir,
                     events_max,
-                    retention_ms,
                     alert_tx,
+                    deadline_tx,
+                    runtime,
                 };
                 core_loop(core, store, rx, clock, shell)
             })
@@ -286,18 +321,7 @@ impl Hub {
             ),
             None => None,
         };
-        let tick_tx = to_core.clone();
-        let ticker = tokio::spawn(async move {
-            let mut every = tokio::time::interval(TICK);
-            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                every.tick().await;
-                // A full queue already keeps the core busy; dropping a tick loses nothing.
-                if let Err(mpsc::error::TrySendError::Closed(_)) = tick_tx.try_send(ToCore::Tick) {
-                    break;
-                }
-            }
-        });
+        let ticker = tokio::spawn(tick_at_deadlines(to_core.clone(), deadline_rx));
         info!(%addr, advertise, "hub listening");
         Ok(Running {
             addr,

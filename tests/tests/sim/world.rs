@@ -32,6 +32,8 @@ use super::store::HubStore;
 const T0: u64 = 1_700_000_000_000;
 /// The hub shell ticks this often.
 const TICK_MS: u64 = 250;
+/// The longest the hub's ticker sleeps at once (`TICK_WAIT_MAX` in the hub).
+const TICK_WAIT_MAX: u64 = 5_000;
 /// The slowest one-way delivery on a connection.
 const MAX_LAT: u64 = 1_500;
 /// The longest an input waits in the hub's channel before its batch is handled
@@ -195,7 +197,13 @@ pub(crate) fn run(cfg: Config) -> Result<Summary, Failed> {
 
 #[derive(Debug, Clone)]
 enum Ev {
+    /// The harness's own cadence: fleet checks and the end-of-run test.
     Tick,
+    /// The hub's ticker: the core's next deadline (`poll_timeout`) came.
+    HubTick {
+        hub_inc: u64,
+        at: u64,
+    },
     /// The hub's core loop wakes up and handles a batch of what is queued for it.
     HubBatch {
         hub_inc: u64,
@@ -454,6 +462,8 @@ struct World {
     /// Inputs queued for the hub's core loop.
     inbox: VecDeque<Input>,
     batch_scheduled: bool,
+    /// The simulated time of the next hub tick the ticker sleeps until, if any.
+    hub_tick_at: Option<u64>,
     /// Agents not in the committed registry when the current batch began.
     unregistered: BTreeSet<String>,
     next_reply: u64,
@@ -569,6 +579,7 @@ impl World {
             store: HubStore::default(),
             inbox: VecDeque::new(),
             batch_scheduled: false,
+            hub_tick_at: None,
             unregistered: BTreeSet::new(),
             next_reply: 0,
             next_op: 0,
@@ -704,10 +715,15 @@ impl World {
         match ev {
             Ev::Tick => {
                 if self.hub.is_some() {
-                    self.hub_input(Input::Tick);
                     self.check_fleet()?;
                 }
                 self.after(TICK_MS, Ev::Tick);
+            }
+            Ev::HubTick { hub_inc, at } => {
+                if hub_inc == self.hub_inc && self.hub_tick_at == Some(at) {
+                    self.hub_tick_at = None;
+                    self.hub_input(Input::Tick);
+                }
             }
             Ev::HubBatch { hub_inc } => {
                 if hub_inc == self.hub_inc {
@@ -804,7 +820,28 @@ impl World {
         }
         self.hub = Some(core);
         self.hub_inc += 1;
+        self.hub_tick_at = None;
+        self.arm_hub_tick();
         Ok(())
+    }
+
+    /// As `hub::server::tick_at_deadlines`: the ticker sleeps until the core's next
+    /// deadline by the wall clock (at most 5 s at a time), then sends a tick.
+    fn arm_hub_tick(&mut self) {
+        let Some(core) = self.hub.as_ref() else {
+            return;
+        };
+        let Some(deadline) = core.poll_timeout() else {
+            return;
+        };
+        let wait = deadline.saturating_sub(self.wall()).min(TICK_WAIT_MAX);
+        let at = self.now + wait;
+        if self.hub_tick_at.is_some_and(|t| t <= at) {
+            return;
+        }
+        self.hub_tick_at = Some(at);
+        let hub_inc = self.hub_inc;
+        self.push(at, Ev::HubTick { hub_inc, at });
     }
 
     /// The hub process dies: its core, its channel (inputs not yet handled) and
@@ -963,6 +1000,14 @@ impl World {
             let hub_inc = self.hub_inc;
             self.after(d, Ev::HubBatch { hub_inc });
         }
+        if let Some(core) = self.hub.as_mut() {
+            // The shell prunes nothing here (the model store keeps every task), but
+            // it takes the sweep the core asks for, as the real shell does.
+            if let Some(prune) = core.retention_due(now) {
+                core.pruned(now, &[], prune.limit);
+            }
+        }
+        self.arm_hub_tick();
         Ok(())
     }
 
