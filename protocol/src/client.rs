@@ -36,6 +36,8 @@ pub enum ClientError {
         addr: String,
         /// What failed.
         reason: String,
+        /// The TLS alert that ended the handshake, if one did (see [`tls_alert`]).
+        alert: Option<u8>,
     },
     /// The hub refused the connection before its handshake: it is at a cap
     /// (connections, handshakes in flight). Not a failure of ours: try again soon.
@@ -131,6 +133,7 @@ pub fn endpoint_for(addr: SocketAddr) -> Result<quinn::Endpoint, ClientError> {
         (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
     };
     quinn::Endpoint::client(bind).map_err(|e| ClientError::Connect {
+        alert: None,
         addr: addr.to_string(),
         reason: format!("cannot bind a UDP socket: {e}"),
     })
@@ -145,6 +148,7 @@ async fn dial(
     let connecting = endpoint
         .connect_with(cfg, addr, &server_name(hub))
         .map_err(|e| ClientError::Connect {
+            alert: None,
             addr: hub.into(),
             reason: e.to_string(),
         })?;
@@ -156,10 +160,12 @@ async fn dial(
             Err(ClientError::Busy(hub.into()))
         }
         Ok(Err(e)) => Err(ClientError::Connect {
+            alert: tls_alert(&e),
             addr: hub.into(),
             reason: e.to_string(),
         }),
         Err(_) => Err(ClientError::Connect {
+            alert: None,
             addr: hub.into(),
             reason: format!(
                 "no answer within {} s (is the hub running and the UDP port open?)",
@@ -186,7 +192,10 @@ pub async fn enroll(
     let cfg = tls::enroll_client_config(&token.ca_fingerprint)
         .map_err(|e| ClientError::Credential(e.to_string()))?;
     let conn = dial(&endpoint, cfg, &token.hub, addr).await.map_err(|e| match e {
-        ClientError::Connect { reason, .. } if reason.contains("fingerprint") => ClientError::Refused(
+        ClientError::Connect {
+            alert: Some(ALERT_UNKNOWN_CA),
+            ..
+        } => ClientError::Refused(
             "the hub's CA does not match the fingerprint in the join token: refusing to send the secret (forged token, or the wrong hub)".into(),
         ),
         other => other,
@@ -312,6 +321,26 @@ fn io_err(conn: &quinn::Connection, e: std::io::Error) -> ClientError {
     }
 }
 
+/// TLS alert `unknown_ca`: the peer's certificate is not from the CA we trust
+/// (a client certificate from another hub, or a hub that is not the token's).
+pub const ALERT_UNKNOWN_CA: u8 = 48;
+/// TLS alerts that mean "this credential is refused": bad_certificate (42),
+/// certificate_revoked (44), certificate_expired (45), certificate_unknown (46),
+/// unknown_ca (48), certificate_required (116).
+const CREDENTIAL_ALERTS: [u8; 6] = [42, 44, 45, 46, ALERT_UNKNOWN_CA, 116];
+
+/// The TLS alert a QUIC connection ended with, read from its error code (QUIC
+/// carries a TLS alert as the CRYPTO_ERROR code 0x100 + alert), never from text.
+pub fn tls_alert(e: &quinn::ConnectionError) -> Option<u8> {
+    let code = match e {
+        quinn::ConnectionError::TransportError(t) => t.code,
+        quinn::ConnectionError::ConnectionClosed(c) => c.error_code,
+        _ => return None,
+    };
+    let raw = u64::from(code);
+    (0x100..0x200).contains(&raw).then(|| (raw - 0x100) as u8)
+}
+
 /// Turns a connection error into a sentence: TLS refusals become "refused".
 pub fn refused_or_lost(e: quinn::ConnectionError) -> ClientError {
     if let quinn::ConnectionError::ApplicationClosed(c) = &e
@@ -322,11 +351,7 @@ pub fn refused_or_lost(e: quinn::ConnectionError) -> ClientError {
         );
     }
     let text = e.to_string();
-    if text.contains("certificate")
-        || text.contains("UnknownIssuer")
-        || text.contains("116")
-        || text.contains("48")
-    {
+    if tls_alert(&e).is_some_and(|a| CREDENTIAL_ALERTS.contains(&a)) {
         ClientError::Refused(format!(
             "the hub refused this credential ({text}); it may be from another hub or revoked, enroll again with a new token"
         ))

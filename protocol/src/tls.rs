@@ -198,11 +198,11 @@ impl ServerCertVerifier for PinnedCaVerifier {
         let ca = intermediates
             .iter()
             .find(|c| fingerprint(c.as_ref()) == self.fingerprint)
-            .ok_or_else(|| {
-                rustls::Error::General(
-                    "the hub's CA does not match the fingerprint in the join token".into(),
-                )
-            })?;
+            // An unknown issuer: the handshake ends with the unknown_ca alert,
+            // which the client reads as "not the token's hub" by its code.
+            .ok_or(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::UnknownIssuer,
+            ))?;
         let mut roots = RootCertStore::empty();
         roots.add(ca.clone().into_owned())?;
         let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(

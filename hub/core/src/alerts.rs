@@ -22,11 +22,48 @@ pub const FAILED_ALERTS_MAX: usize = 1000;
 /// Most samples kept for the storm rule, so a burst cannot grow memory without bound.
 const SAMPLES_MAX: usize = 100_000;
 
+/// What an alert is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum AlertKind {
+    /// An agent offline past `agent_down_alert`.
+    AgentDown,
+    /// A task failed for good; cleared by requeue.
+    TaskFailed,
+    /// A task running past `stall_alert` without progress.
+    Stalled,
+    /// An agent's circuit breaker tripped.
+    CircuitOpen,
+    /// Retries far outrun completions.
+    RetryStorm,
+}
+
+impl AlertKind {
+    /// Every kind, in the order `/metrics` lists them.
+    pub const ALL: [AlertKind; 5] = [
+        AlertKind::AgentDown,
+        AlertKind::TaskFailed,
+        AlertKind::Stalled,
+        AlertKind::CircuitOpen,
+        AlertKind::RetryStorm,
+    ];
+
+    /// The stable name (JSON, metrics labels).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AlertKind::AgentDown => "agent_down",
+            AlertKind::TaskFailed => "task_failed",
+            AlertKind::Stalled => "stalled",
+            AlertKind::CircuitOpen => "circuit_open",
+            AlertKind::RetryStorm => "retry_storm",
+        }
+    }
+}
+
 /// One open alert.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Alert {
-    /// `agent_down`, `task_failed`, `stalled`, `circuit_open`, `retry_storm`.
-    pub kind: &'static str,
+    /// What it is about.
+    pub kind: AlertKind,
     /// The agent name or task id it is about (empty for fleet-wide ones).
     pub subject: String,
     /// A sentence for the operator.
@@ -38,14 +75,14 @@ pub struct Alert {
 impl Alert {
     /// The alert as JSON (what `alerts --json` lists and `alert_command` gets).
     pub fn json(&self, state: &str) -> Value {
-        json!({ "kind": "alert", "alert": self.kind, "subject": self.subject, "message": self.message, "since": self.since, "state": state })
+        json!({ "kind": "alert", "alert": self.kind.as_str(), "subject": self.subject, "message": self.message, "since": self.since, "state": state })
     }
 }
 
 /// Open alerts and the samples the storm rule needs.
 #[derive(Debug, Default)]
 pub struct Alerts {
-    open: BTreeMap<(&'static str, String), Alert>,
+    open: BTreeMap<(AlertKind, String), Alert>,
     retries: VecDeque<Millis>,
     completions: VecDeque<Millis>,
 }
@@ -62,7 +99,7 @@ impl Alerts {
     }
 
     /// Open alerts by kind, for metrics.
-    pub fn count(&self, kind: &str) -> usize {
+    pub fn count(&self, kind: AlertKind) -> usize {
         self.open.keys().filter(|(k, _)| *k == kind).count()
     }
 
@@ -70,7 +107,7 @@ impl Alerts {
     pub fn raise(
         &mut self,
         now: Millis,
-        kind: &'static str,
+        kind: AlertKind,
         subject: &str,
         message: String,
         changes: &mut Changes,
@@ -79,11 +116,11 @@ impl Alerts {
         if self.open.contains_key(&key) {
             return;
         }
-        if kind == "task_failed" && self.count("task_failed") >= FAILED_ALERTS_MAX {
+        if kind == AlertKind::TaskFailed && self.count(AlertKind::TaskFailed) >= FAILED_ALERTS_MAX {
             let oldest = self
                 .open
                 .iter()
-                .filter(|((k, _), _)| *k == "task_failed")
+                .filter(|((k, _), _)| *k == AlertKind::TaskFailed)
                 .min_by_key(|(_, a)| a.since)
                 .map(|(k, _)| k.clone());
             if let Some(k) = oldest {
@@ -101,7 +138,7 @@ impl Alerts {
     }
 
     /// Clears an alert if it is open.
-    pub fn clear(&mut self, kind: &'static str, subject: &str, changes: &mut Changes) {
+    pub fn clear(&mut self, kind: AlertKind, subject: &str, changes: &mut Changes) {
         if let Some(a) = self.open.remove(&(kind, subject.to_string())) {
             changes.push(a.json("cleared"));
         }
@@ -111,7 +148,7 @@ impl Alerts {
     pub fn sync(
         &mut self,
         now: Millis,
-        kind: &'static str,
+        kind: AlertKind,
         wanted: Vec<(String, String)>,
         changes: &mut Changes,
     ) {
@@ -159,7 +196,7 @@ impl Alerts {
         } else {
             Vec::new()
         };
-        self.sync(now, "retry_storm", wanted, changes);
+        self.sync(now, AlertKind::RetryStorm, wanted, changes);
     }
 }
 
@@ -178,10 +215,15 @@ mod tests {
     fn raise_is_idempotent_and_sync_clears_what_is_gone() {
         let mut a = Alerts::default();
         let mut ch = Vec::new();
-        a.raise(1, "agent_down", "x", "down".into(), &mut ch);
-        a.raise(2, "agent_down", "x", "down".into(), &mut ch);
+        a.raise(1, AlertKind::AgentDown, "x", "down".into(), &mut ch);
+        a.raise(2, AlertKind::AgentDown, "x", "down".into(), &mut ch);
         assert_eq!(ch.len(), 1);
-        a.sync(3, "agent_down", vec![("y".into(), "down".into())], &mut ch);
+        a.sync(
+            3,
+            AlertKind::AgentDown,
+            vec![("y".into(), "down".into())],
+            &mut ch,
+        );
         assert_eq!(ch.len(), 3, "x cleared, y raised");
         assert_eq!(a.list().len(), 1);
         assert_eq!(a.list()[0].subject, "y");
@@ -198,17 +240,17 @@ mod tests {
             a.note_completion(t);
         }
         a.check_storm(100, &mut ch);
-        assert_eq!(a.count("retry_storm"), 1);
+        assert_eq!(a.count(AlertKind::RetryStorm), 1);
         for t in 0..10 {
             a.note_completion(200 + t);
         }
         a.check_storm(300, &mut ch);
         assert_eq!(
-            a.count("retry_storm"),
+            a.count(AlertKind::RetryStorm),
             0,
             "25 retries vs 15 completions is no storm"
         );
         a.check_storm(STORM_WINDOW * 3, &mut ch);
-        assert_eq!(a.count("retry_storm"), 0);
+        assert_eq!(a.count(AlertKind::RetryStorm), 0);
     }
 }

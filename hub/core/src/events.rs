@@ -2,7 +2,7 @@
 
 use crate::model::*;
 
-use crate::alerts;
+use crate::alerts::{self, AlertKind};
 use crate::ops::format_age;
 use crate::{Core, Write};
 
@@ -28,7 +28,7 @@ impl Core {
     pub(crate) fn alert_raise(
         &mut self,
         now: Millis,
-        kind: &'static str,
+        kind: AlertKind,
         subject: &str,
         message: String,
     ) {
@@ -37,7 +37,7 @@ impl Core {
         self.alert_changes(now, changes);
     }
 
-    pub(crate) fn alert_clear(&mut self, kind: &'static str, subject: &str) {
+    pub(crate) fn alert_clear(&mut self, kind: AlertKind, subject: &str) {
         let mut changes = Vec::new();
         self.alerts.clear(kind, subject, &mut changes);
         // Clearing needs no `now` in the record; the event carries the batch's time.
@@ -118,9 +118,12 @@ impl Core {
         let mut stalled = stalled;
         stalled.sort();
         let mut changes = Vec::new();
-        self.alerts.sync(now, "agent_down", down, &mut changes);
-        self.alerts.sync(now, "circuit_open", circuit, &mut changes);
-        self.alerts.sync(now, "stalled", stalled, &mut changes);
+        self.alerts
+            .sync(now, AlertKind::AgentDown, down, &mut changes);
+        self.alerts
+            .sync(now, AlertKind::CircuitOpen, circuit, &mut changes);
+        self.alerts
+            .sync(now, AlertKind::Stalled, stalled, &mut changes);
         self.alerts.check_storm(now, &mut changes);
         self.alert_changes(now, changes);
         next

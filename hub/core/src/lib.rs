@@ -541,13 +541,6 @@ impl Core {
             };
             *agents.entry(derived).or_default() += 1;
         }
-        let kinds = [
-            "agent_down",
-            "task_failed",
-            "stalled",
-            "circuit_open",
-            "retry_storm",
-        ];
         Snapshot {
             tasks: TaskState::ALL
                 .iter()
@@ -558,9 +551,9 @@ impl Core {
                 .into_iter()
                 .map(|k| (k, agents.get(k).copied().unwrap_or(0)))
                 .collect(),
-            alerts: kinds
+            alerts: alerts::AlertKind::ALL
                 .into_iter()
-                .map(|k| (k, self.alerts.count(k) as u64))
+                .map(|k| (k.as_str(), self.alerts.count(k) as u64))
                 .collect(),
             counters: self.counters.clone(),
         }

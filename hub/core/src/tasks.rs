@@ -14,6 +14,7 @@ use muster_wire::{Generation, TaskId};
 use crate::model::*;
 
 use crate::Archive;
+use crate::alerts::AlertKind;
 use crate::events::push_audit;
 use crate::ops::{ok_json, op_error};
 use crate::timers::Due;
@@ -80,7 +81,7 @@ impl Core {
         self.touch(id);
         self.push_event(now, json);
         if let Some(msg) = failed {
-            self.alert_raise(now, "task_failed", &id.to_string(), msg);
+            self.alert_raise(now, AlertKind::TaskFailed, &id.to_string(), msg);
         }
         if to == TaskState::Completed {
             self.alerts.note_completion(now);
@@ -575,7 +576,7 @@ impl Core {
         rec.state = TaskState::Queued;
         rec.updated_at = now;
         push_audit(&mut rec, now, who, "requeue");
-        self.alert_clear("task_failed", &id.to_string());
+        self.alert_clear(AlertKind::TaskFailed, &id.to_string());
         self.push_event(
             now,
             views::task_event_json(&rec, rec.state, &format!("requeued by {who}")),
