@@ -317,7 +317,7 @@ impl Core {
         if let Some(h) = holder {
             self.revoke_identity(now, &h.fingerprint);
             let json = serde_json::json!({"kind": "audit", "action": "identity_replaced", "who": name, "role": role.as_str(), "old_fingerprint": h.fingerprint});
-            self.push_event(now, json.to_string());
+            self.push_event(now, EventKind::Audit, json.to_string());
         }
         let id = Identity {
             name: name.into(),
@@ -339,7 +339,7 @@ impl Core {
             self.out.writes.push(Write::Agent(agent.rec.clone()));
         }
         let json = serde_json::json!({"kind": "audit", "action": "enroll", "who": name, "role": role.as_str()});
-        self.push_event(now, json.to_string());
+        self.push_event(now, EventKind::Audit, json.to_string());
         EnrollResponse::Enrolled {
             cert_pem,
             ca_pem: String::new(),

@@ -118,7 +118,7 @@ pub enum Write {
     /// Record an idempotency key.
     Key(String, TaskId),
     /// Append an event.
-    Event(EventRecord),
+    Event(EventRecord, EventKind),
     /// The next task id to hand out.
     NextTaskId(u64),
 }
@@ -130,6 +130,31 @@ pub enum Reply {
     Op(OpResponse),
     /// To an enrollment.
     Enroll(muster_wire::msg::EnrollResponse),
+    /// To `stats`: the shell adds its own figures and renders it.
+    Stats(Box<Stats>),
+}
+
+/// The core's part of the `stats` answer.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Stats {
+    /// Attempts that reached an outcome.
+    pub finished: u64,
+    /// Of those, completed ones.
+    pub completed: u64,
+    /// Assignments sent.
+    pub assigned: u64,
+    /// Heartbeats received.
+    pub heartbeats: u64,
+    /// Reports about an attempt that was no longer current.
+    pub stale_reports: u64,
+    /// Reports received twice.
+    pub duplicate_reports: u64,
+    /// Finished attempts by outcome.
+    pub outcomes: std::collections::BTreeMap<&'static str, u64>,
+    /// Live tasks by state.
+    pub live_by_state: std::collections::BTreeMap<&'static str, u64>,
+    /// Agents known.
+    pub agents: usize,
 }
 
 /// Effects of the inputs since the last [`Core::take_output`].
@@ -181,10 +206,10 @@ pub struct Counters {
 pub struct Snapshot {
     /// Live tasks by state.
     pub tasks: Vec<(TaskState, u64)>,
-    /// Agents by derived state (`online`, `suspect`, `offline`, `degraded`, `draining`).
-    pub agents: Vec<(&'static str, u64)>,
+    /// Agents by derived state.
+    pub agents: Vec<(AgentState, u64)>,
     /// Open alerts by kind.
-    pub alerts: Vec<(&'static str, u64)>,
+    pub alerts: Vec<(alerts::AlertKind, u64)>,
     /// The counters.
     pub counters: Counters,
 }
@@ -503,7 +528,7 @@ impl Core {
                 token_secret,
             } => {
                 let resp = self.on_op(now, &fingerprint, request, token_secret, archive);
-                self.out.replies.push((reply, Reply::Op(resp)));
+                self.out.replies.push((reply, resp));
             }
             Input::Enroll {
                 secret_hash,
@@ -527,17 +552,17 @@ impl Core {
         for l in self.tasks.values() {
             *tasks.entry(l.rec.state).or_default() += 1;
         }
-        let mut agents: HashMap<&'static str, u64> = HashMap::new();
+        let mut agents: HashMap<AgentState, u64> = HashMap::new();
         for a in self.agents.values() {
             let (state, _) = self.agent_state(now, a);
-            let derived = if state != "online" {
+            let derived = if state != AgentState::Online {
                 state
             } else if a.breaker_until.is_some() {
-                "degraded"
+                AgentState::Degraded
             } else if a.rec.drained {
-                "draining"
+                AgentState::Draining
             } else {
-                "online"
+                AgentState::Online
             };
             *agents.entry(derived).or_default() += 1;
         }
@@ -547,13 +572,13 @@ impl Core {
                 .filter(|s| !s.is_terminal())
                 .map(|s| (*s, tasks.get(s).copied().unwrap_or(0)))
                 .collect(),
-            agents: ["online", "suspect", "offline", "degraded", "draining"]
+            agents: AgentState::ALL
                 .into_iter()
-                .map(|k| (k, agents.get(k).copied().unwrap_or(0)))
+                .map(|k| (k, agents.get(&k).copied().unwrap_or(0)))
                 .collect(),
             alerts: alerts::AlertKind::ALL
                 .into_iter()
-                .map(|k| (k.as_str(), self.alerts.count(k) as u64))
+                .map(|k| (k, self.alerts.count(k) as u64))
                 .collect(),
             counters: self.counters.clone(),
         }
@@ -636,7 +661,7 @@ fn last_write_wins(writes: Vec<Write>) -> Vec<Write> {
             Write::Token(h, _) => Key::Token(h),
             Write::Key(k, _) => Key::Idempotency(k),
             Write::NextTaskId(_) => Key::NextTaskId,
-            Write::Event(_) => return None,
+            Write::Event(..) => return None,
         })
     }
     let mut seen = HashSet::new();

@@ -188,6 +188,6 @@ impl Core {
             &format!("assigned to {agent}"),
         );
         self.touch(id);
-        self.push_event(now, json);
+        self.push_event(now, super::EventKind::Task, json);
     }
 }

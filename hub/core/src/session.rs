@@ -101,7 +101,7 @@ impl Core {
                 },
             }),
         ));
-        self.event(now, "agent", &name, "online", "hello");
+        self.agent_event(now, &name, "online", "hello");
         self.reconcile(now, &name, conn, &hello.resume, true);
         // Deadlines skipped while it was away count again.
         let held: Vec<TaskId> = self
@@ -198,7 +198,7 @@ impl Core {
         {
             agent.conn = None;
             agent.offline_since = Some(now);
-            self.event(now, "agent", &name, "offline", "session closed");
+            self.agent_event(now, &name, "offline", "session closed");
             self.arm_offline(&name);
         }
     }
@@ -230,7 +230,7 @@ impl Core {
                 }),
             ));
             self.out.closes.push(conn);
-            self.event(now, "agent", &name, "refused", &reason);
+            self.agent_event(now, &name, "refused", &reason);
             return;
         }
         bound_self_test(&mut hb.self_test);
@@ -274,7 +274,7 @@ impl Core {
             }
         }
         for (state, why) in events {
-            self.event(now, "agent", &name, state, why);
+            self.agent_event(now, &name, state, why);
         }
         self.reconcile(now, &name, conn, &hb.tasks, false);
     }
