@@ -13,6 +13,7 @@ pub mod admission;
 pub mod alerts;
 mod events;
 mod identity;
+pub use identity::EnrollGrant;
 pub mod model;
 mod ops;
 pub mod policy;

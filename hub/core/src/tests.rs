@@ -2561,6 +2561,35 @@ fn a_token_enrolls_once() {
 }
 
 #[test]
+fn the_enrollment_check_decides_before_signing_and_spends_nothing() {
+    let mut h = H::new();
+    let grant = || (Vec::new(), 1);
+    assert_eq!(
+        h.core
+            .check_enroll(h.now, "nope", Role::Agent, "new", "key-new", grant())
+            .map(drop),
+        Err(EnrollRefusal::UnknownToken)
+    );
+    token(&mut h, Role::Agent, 600, "h1");
+    let ok = h
+        .core
+        .check_enroll(h.now, "h1", Role::Agent, "new", "key-new", grant())
+        .expect("a fresh token passes the check");
+    assert_eq!(ok.replaces, None);
+    // The check is a question: the token is not spent and nothing is written.
+    assert!(h.flush().writes.is_empty());
+    assert!(h.store.tokens["h1"].used_at.is_none());
+    let r = h.enroll_input("h1", Role::Agent, "new", "key-new");
+    assert!(matches!(r, EnrollResponse::Enrolled { .. }), "{r:?}");
+    // Between a check and the commit the token can be used up: the commit checks again.
+    assert!(matches!(
+        h.core
+            .check_enroll(h.now, "h1", Role::Agent, "late", "key-late", grant()),
+        Err(EnrollRefusal::AlreadyUsed { .. })
+    ));
+}
+
+#[test]
 fn an_expired_token_is_refused() {
     let mut h = H::new();
     token(&mut h, Role::Agent, 60, "h1");

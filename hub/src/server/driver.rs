@@ -203,6 +203,20 @@ pub(super) fn core_loop(
                             reply: ReplyId(next_reply),
                         }
                     }
+                    ToCore::EnrollCheck {
+                        secret_hash,
+                        role,
+                        name,
+                        key_fingerprint,
+                        grant,
+                        reply,
+                    } => {
+                        let verdict = core
+                            .check_enroll(now, &secret_hash, role, &name, &key_fingerprint, grant)
+                            .map(drop);
+                        let _ = reply.send(verdict);
+                        continue;
+                    }
                     ToCore::Tick => Input::Tick,
                     ToCore::Scrape(tx) => {
                         let _ = tx.send(hub_metrics.render(&core.snapshot(now), &metrics));
