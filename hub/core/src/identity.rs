@@ -138,7 +138,7 @@ impl Core {
         if id.role != Role::Agent {
             return;
         }
-        if let Some(agent) = self.agents.get_mut(&id.name) {
+        if let Some(agent) = self.agents.get_mut(id.name.as_str()) {
             agent.rec.revoked = true;
             self.out.writes.push(Write::Agent(agent.rec.clone()));
             if let Some(conn) = agent.conn.take() {

@@ -30,7 +30,7 @@ use muster_wire::msg::{
     Hello, HubMsg, OpRequest, OpResponse, Outcome, ReportKind, Role, SessionMsg,
 };
 use muster_wire::pace::Rng;
-use muster_wire::{Generation, PROTOCOL_VERSION, ReportId, TaskId};
+use muster_wire::{AgentName, Generation, PROTOCOL_VERSION, ReportId, TaskId};
 
 use crate::policy::{Limits, Policy};
 pub use model::*;
@@ -260,7 +260,7 @@ pub struct Core {
     rng: Rng,
     tasks: HashMap<TaskId, Live>,
     sched: sched::ReadyQueue,
-    agents: HashMap<String, Agent>,
+    agents: HashMap<AgentName, Agent>,
     conns: HashMap<ConnId, String>,
     identities: HashMap<String, Identity>,
     tokens: HashMap<String, TokenRecord>,
@@ -365,21 +365,30 @@ impl Core {
             violations: 0,
         };
         for rec in restored.agents {
-            core.agents.insert(rec.name.clone(), Agent::new(rec, now));
+            match AgentName::new(rec.name.clone()) {
+                Ok(name) => {
+                    core.agents.insert(name, Agent::new(rec, now));
+                }
+                // Only checked names are ever stored; one that is not is reported, not trusted.
+                Err(e) => core.out.violations.push(format!(
+                    "the store holds an agent with an invalid name {:?} ({e}); it is ignored",
+                    rec.name
+                )),
+            }
         }
         let backoff_max = core.policy.backoff_max.as_millis() as Millis;
         for (mut rec, mut attempt) in restored.live {
             cap_restored_times(now, backoff_max, &mut rec, attempt.as_mut());
             if let (Some(a), true) = (&attempt, rec.state.has_live_attempt())
-                && let Some(agent) = core.agents.get_mut(&a.agent)
+                && let Some(agent) = core.agents.get_mut(a.agent.as_str())
             {
                 agent.tasks.insert(rec.id);
             }
             core.insert_live(rec, attempt);
         }
-        let names: Vec<String> = core.agents.keys().cloned().collect();
+        let names: Vec<AgentName> = core.agents.keys().cloned().collect();
         for name in names {
-            core.arm_offline(&name);
+            core.arm_offline(name.as_str());
         }
         core
     }
@@ -461,7 +470,7 @@ impl Core {
                 }
                 if !self
                     .agents
-                    .get(&a.agent)
+                    .get(a.agent.as_str())
                     .is_some_and(|g| g.tasks.contains(id))
                 {
                     return Err(format!(

@@ -11,6 +11,7 @@ use crate::Archive;
 use crate::identity::check_token_grant;
 use crate::views;
 use crate::{Agent, Core, Reply, Stats, Write};
+use muster_wire::AgentName;
 
 impl Core {
     pub(crate) fn on_op(
@@ -131,11 +132,11 @@ impl Core {
     }
 
     pub(crate) fn agent_views(&self, now: Millis) -> Vec<serde_json::Value> {
-        let mut names: Vec<&String> = self.agents.keys().collect();
+        let mut names: Vec<&AgentName> = self.agents.keys().collect();
         names.sort();
         names
             .into_iter()
-            .filter_map(|n| self.agent_view(now, n))
+            .filter_map(|n| self.agent_view(now, n.as_str()))
             .collect()
     }
 

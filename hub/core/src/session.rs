@@ -57,7 +57,7 @@ impl Core {
             return refuse(self, Refused::BadHello { reason });
         }
         let name = id.name.clone();
-        let agent = self.agents.entry(name.clone()).or_insert_with(|| {
+        let agent = self.agents.entry(hello.agent.clone()).or_insert_with(|| {
             Agent::new(
                 AgentRecord {
                     name: name.clone(),
@@ -106,7 +106,7 @@ impl Core {
         // Deadlines skipped while it was away count again.
         let held: Vec<TaskId> = self
             .agents
-            .get(&name)
+            .get(name.as_str())
             .map(|a| a.tasks.iter().copied().collect())
             .unwrap_or_default();
         for id in held {
@@ -193,7 +193,7 @@ impl Core {
         let Some(name) = self.conns.remove(&conn) else {
             return;
         };
-        if let Some(agent) = self.agents.get_mut(&name)
+        if let Some(agent) = self.agents.get_mut(name.as_str())
             && agent.conn == Some(conn)
         {
             agent.conn = None;
@@ -235,7 +235,7 @@ impl Core {
         }
         bound_self_test(&mut hb.self_test);
         self.counters.heartbeats += 1;
-        let Some(agent) = self.agents.get_mut(&name) else {
+        let Some(agent) = self.agents.get_mut(name.as_str()) else {
             return;
         };
         agent.rec.last_seen = Some(now);

@@ -137,7 +137,7 @@ impl Core {
         let superseded = !matches!(outcome, Outcome::Completed | Outcome::Failed);
         // The agent's bookkeeping: slot, breaker, and stopping a superseded run.
         let mut tripped = None;
-        if let Some(agent) = self.agents.get_mut(&agent_name) {
+        if let Some(agent) = self.agents.get_mut(agent_name.as_str()) {
             agent.tasks.remove(&id);
             if outcome.is_infrastructure() {
                 agent.infra_failures += 1;
