@@ -227,8 +227,8 @@ impl Compound for Verify {
     type Keys = VerifyKeys;
 
     fn build(k: VerifyKeys) -> Result<Self, Vec<KeyProblem>> {
-        let process = (!k.verify_process.is_empty()).then(|| Probe::Process(k.verify_process));
-        let command = (!k.verify_command.is_empty()).then(|| Probe::Command(k.verify_command));
+        let process = (!k.verify_process.is_empty()).then_some(Probe::Process(k.verify_process));
+        let command = (!k.verify_command.is_empty()).then_some(Probe::Command(k.verify_command));
         let problem = |key, reason: &str| {
             Err(vec![KeyProblem {
                 key,
