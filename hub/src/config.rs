@@ -290,6 +290,16 @@ max_frame_bytes = 2000000
         assert_eq!(at("policy.backoff_initial"), Some((2, 1)));
         assert_eq!(at("policy.lost_grace"), Some((1, 1)));
         assert_eq!(at("limits.max_frame_bytes"), Some((5, 1)));
+        // A refused key hides only the checks it is part of.
+        let p = problems("[policy]\naccept_timeout = \"thirty\"\nlost_grace = \"5s\"\n");
+        assert!(has(&p, "policy.accept_timeout", "whole number"));
+        assert!(has(
+            &p,
+            "policy.lost_grace",
+            "not longer than heartbeat_interval"
+        ));
+        let p = problems("[policy]\nheartbeat_interval = \"0s\"\nlost_grace = \"5s\"\n");
+        assert_eq!(p.len(), 1, "{p:?}");
     }
 
     #[test]

@@ -85,7 +85,7 @@ muster_config::config! {
 fn check_policy(p: &Policy, checks: &mut Checks<'_>) {
     if p.backoff_initial > p.backoff_max {
         checks.bad(
-            "backoff_initial",
+            &["backoff_initial", "backoff_max"],
             format!(
                 "{} is longer than backoff_max ({}); it must be at most that",
                 format_duration(p.backoff_initial),
@@ -95,7 +95,7 @@ fn check_policy(p: &Policy, checks: &mut Checks<'_>) {
     }
     if p.breaker_cooldown > p.breaker_cooldown_max {
         checks.bad(
-            "breaker_cooldown",
+            &["breaker_cooldown", "breaker_cooldown_max"],
             format!(
                 "{} is longer than breaker_cooldown_max ({}); it must be at most that",
                 format_duration(p.breaker_cooldown),
@@ -105,7 +105,7 @@ fn check_policy(p: &Policy, checks: &mut Checks<'_>) {
     }
     if p.lost_grace <= p.heartbeat_interval {
         checks.bad(
-            "lost_grace",
+            &["lost_grace", "heartbeat_interval"],
             format!(
                 "{} is not longer than heartbeat_interval ({}); one late heartbeat would lose the sidecar",
                 format_duration(p.lost_grace),
@@ -120,7 +120,7 @@ fn check_limits(l: &Limits, checks: &mut Checks<'_>) {
     let frame_max = FRAME_BYTES_MAX as u64;
     if l.max_frame_bytes > frame_max {
         checks.bad(
-            "max_frame_bytes",
+            &["max_frame_bytes"],
             format!(
                 "{} is above the protocol's ceiling of {frame_max} (1 MiB)",
                 l.max_frame_bytes
@@ -130,7 +130,7 @@ fn check_limits(l: &Limits, checks: &mut Checks<'_>) {
     let payload = l.max_description_bytes.saturating_add(l.max_result_bytes);
     if l.max_frame_bytes <= payload {
         checks.bad(
-            "max_frame_bytes",
+            &["max_frame_bytes", "max_description_bytes", "max_result_bytes"],
             format!(
                 "{} must be larger than max_description_bytes + max_result_bytes ({payload}), or a full task would not fit in a frame",
                 l.max_frame_bytes

@@ -28,7 +28,7 @@
 ///
 /// fn check_retry(r: &Retry, checks: &mut Checks<'_>) {
 ///     if r.delay > r.delay_max {
-///         checks.bad("delay", "is longer than delay_max; it must be at most that");
+///         checks.bad(&["delay", "delay_max"], "is longer than delay_max; it must be at most that");
 ///     }
 /// }
 ///
@@ -67,7 +67,9 @@
 /// `compound { … }` (fields whose type is a [`Compound`](crate::Compound):
 /// several keys of this table that are only valid together), `sections { … }`
 /// (sub-tables, each a type declared with this macro). A trailing
-/// `check = path;` names a `fn(&Self, &mut Checks)` run on the finished value.
+/// `check = path;` names a `fn(&Self, &mut Checks)` run on the value read
+/// (see [`Checks::bad`](crate::Checks::bad) for how a refused key's stand-in
+/// default is kept out of its problems).
 #[macro_export]
 macro_rules! config {
     (
@@ -166,13 +168,15 @@ macro_rules! config {
                     stringify!($field), || $default); )*
                 $( let $gfield = reader.compound::<$gty>(); )*
                 $( let $sfield = reader.section::<$sty>(stringify!($sfield)); )*
+                // A refused key was reported; its default stands in so the
+                // checks can still look at the others.
                 let value = Self {
                     $( $rfield: $rfield?, )*
-                    $( $field: $field?, )*
-                    $( $gfield: $gfield?, )*
-                    $( $sfield: $sfield?, )*
+                    $( $field: $field.unwrap_or_else(|| $default), )*
+                    $( $gfield: $gfield.unwrap_or_default(), )*
+                    $( $sfield: $sfield.unwrap_or_default(), )*
                 };
-                $( reader.check(&value, $check)?; )?
+                $( reader.check(&value, $check); )?
                 ::core::option::Option::Some(value)
             }
 

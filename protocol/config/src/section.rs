@@ -15,8 +15,10 @@ pub trait Section: Sized {
     /// Every key and sub-table this section reads, in declaration order.
     fn keys() -> Vec<&'static str>;
 
-    /// Reads this section's keys from `reader`; `None` when any of them (or a
-    /// check across them) had a problem, which has then been reported.
+    /// Reads this section's keys from `reader`, reporting every problem to it.
+    /// A refused key's default stands in, so the checks across keys still run
+    /// (a check never reports on a refused key); `None` only when a required
+    /// key has no value.
     fn read_from(reader: &mut Reader<'_>) -> Option<Self>;
 
     /// Writes every key, each with its doc line, its default and its value.
@@ -63,6 +65,8 @@ pub struct Reader<'a> {
     at: usize,
     /// Keys read so far and where each was written, for later checks.
     seen: Vec<(&'static str, usize)>,
+    /// Keys whose values were refused: checks that involve them stay quiet.
+    refused: Vec<&'static str>,
     /// Sub-tables read so far, with their keys, for "belongs under" hints.
     sections: Vec<(&'static str, Vec<&'static str>)>,
     sink: &'a mut Sink,
@@ -75,12 +79,14 @@ impl<'a> Reader<'a> {
             prefix: String::new(),
             at: 0,
             seen: Vec::new(),
+            refused: Vec::new(),
             sections: Vec::new(),
             sink,
         }
     }
 
-    /// Reads the key `name` with codec `C`; `default()` when it is absent.
+    /// Reads the key `name` with codec `C`; `default()` when it is absent,
+    /// `None` when it was refused (the problem is reported).
     pub fn key<T, C: Codec<T>>(
         &mut self,
         name: &'static str,
@@ -104,10 +110,16 @@ impl<'a> Reader<'a> {
         }
     }
 
-    /// Reads the keys of a [`Compound`] from this table and builds it.
+    /// Reads the keys of a [`Compound`] from this table and builds it; `None`
+    /// when a key was refused (then it is not built: its keys would be half
+    /// defaults) or the combination was.
     pub fn compound<C: Compound>(&mut self) -> Option<C> {
         let first = self.seen.len();
+        let refused = self.refused.len();
         let keys = C::Keys::read_from(self)?;
+        if self.refused.len() > refused {
+            return None;
+        }
         match C::build(keys) {
             Ok(value) => Some(value),
             Err(problems) => {
@@ -122,6 +134,7 @@ impl<'a> Reader<'a> {
                     let at = self.place(p.key).or(fallback).unwrap_or(self.at);
                     let key = self.full(p.key);
                     self.sink.push(at, key, p.reason);
+                    self.refused.push(p.key);
                 }
                 None
             }
@@ -139,6 +152,7 @@ impl<'a> Reader<'a> {
                 match value.into_inner() {
                     DeValue::Table(t) => (t, span.start),
                     other => {
+                        self.refused.push(name);
                         let found = crate::codec::describe(&other);
                         let key = self.full(name);
                         self.sink.push(
@@ -156,6 +170,7 @@ impl<'a> Reader<'a> {
             prefix: format!("{}{name}.", self.prefix),
             at,
             seen: Vec::new(),
+            refused: Vec::new(),
             sections: Vec::new(),
             sink: &mut *self.sink,
         };
@@ -164,19 +179,18 @@ impl<'a> Reader<'a> {
         value
     }
 
-    /// Runs the checks across this section's keys on its finished value.
-    pub fn check<T>(&mut self, value: &T, check: fn(&T, &mut Checks<'_>)) -> Option<()> {
-        let before = self.sink.len();
+    /// Runs the checks across this section's keys on its value.
+    pub fn check<T>(&mut self, value: &T, check: fn(&T, &mut Checks<'_>)) {
         check(
             value,
             &mut Checks {
                 prefix: &self.prefix,
                 at: self.at,
                 seen: &self.seen,
+                refused: &self.refused,
                 sink: &mut *self.sink,
             },
         );
-        (self.sink.len() == before).then_some(())
     }
 
     /// Reports every key left over as unknown, with the nearest known key as
@@ -213,6 +227,7 @@ impl<'a> Reader<'a> {
         match C::read(&Node::new(value, span)) {
             Ok(v) => Some(v),
             Err(refused) => {
+                self.refused.push(name);
                 for r in refused.into_refusals() {
                     let mut key = self.full(name);
                     if let Some(i) = r.item {
@@ -237,19 +252,28 @@ impl<'a> Reader<'a> {
 
 // === impl Checks ===
 
-/// Checks across the keys of one finished section; each problem is placed at
-/// its key's line, or at the table's header when the key was left out.
+/// Checks across the keys of one section; each problem is placed at its key's
+/// line, or at the table's header when the key was left out.
 #[derive(Debug)]
 pub struct Checks<'c> {
     prefix: &'c str,
     at: usize,
     seen: &'c [(&'static str, usize)],
+    refused: &'c [&'static str],
     sink: &'c mut Sink,
 }
 
 impl Checks<'_> {
-    /// Reports a problem with `key`; `reason` names every key involved and what to change.
-    pub fn bad(&mut self, key: &'static str, reason: impl Into<String>) {
+    /// Reports a problem with `keys[0]` that involves every key in `keys`;
+    /// `reason` names them and what to change. It is dropped when one of them
+    /// was refused: its value here is a stand-in default, not the file's.
+    pub fn bad(&mut self, keys: &[&'static str], reason: impl Into<String>) {
+        let Some(key) = keys.first() else {
+            return;
+        };
+        if keys.iter().any(|k| self.refused.contains(k)) {
+            return;
+        }
         let at = place(self.seen, key).unwrap_or(self.at);
         self.sink
             .push(at, format!("{}{key}", self.prefix), reason.into());

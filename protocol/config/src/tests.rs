@@ -55,7 +55,10 @@ crate::config! {
 
 fn check_timing(t: &Timing, checks: &mut Checks<'_>) {
     if t.grace <= t.interval {
-        checks.bad("grace", "is not longer than interval; make it longer");
+        checks.bad(
+            &["grace", "interval"],
+            "is not longer than interval; make it longer",
+        );
     }
 }
 
@@ -309,10 +312,18 @@ fn checks_across_keys_point_at_the_key_or_the_table() {
         problems::<Top>("# c\n[timing]\ninterval = \"2m\"\n"),
         ["2:1: timing.grace: is not longer than interval; make it longer"]
     );
-    // A bad key stops the checks that would use it: no second, false problem.
+    // A refused key keeps quiet the checks that involve it (its default
+    // stands in, so they could be false), not the others.
     assert_eq!(
         problems::<Top>("[timing]\ninterval = \"nope\"\ngrace = \"1s\"\n").len(),
         1
+    );
+    assert_eq!(
+        problems::<Top>("[timing]\ntries = 0\ngrace = \"1s\"\n"),
+        [
+            "2:9: timing.tries: 0 is too small; use 1 to 4294967295",
+            "3:1: timing.grace: is not longer than interval; make it longer",
+        ]
     );
 }
 
@@ -321,6 +332,11 @@ fn a_compound_setting_is_checked_once_and_names_both_keys() {
     assert_eq!(
         problems::<Top>("[probe]\npattern = \"agent\"\ncommand = [\"true\"]\n"),
         ["3:1: probe.command: is set as well as pattern; set only one"]
+    );
+    // A refused key: the combination is not judged on a stand-in default.
+    assert_eq!(
+        problems::<Top>("[probe]\npattern = \"agent\"\ncommand = \"true\"\n").len(),
+        1
     );
     let t: Top = crate::parse("[probe]\npattern = \"agent\"\n").expect("pattern");
     assert_eq!(t.probe.probe, Probe::Pattern("agent".into()));
