@@ -397,6 +397,8 @@ fn hostile_input_gives_problems_not_panics() {
     ] {
         let _ = crate::parse::<Top>(text);
     }
+    let t: Top = crate::parse("[timing]\nevents_max = 1_000\ntries = +2\n").expect("underscores");
+    assert_eq!((t.timing.events_max, t.timing.tries), (1000, 2));
     assert_eq!(
         problems::<Top>("[timing]\nslots = 0x10\n"),
         ["2:9: timing.slots: 16 is too large; use 1 to 8"]
