@@ -1048,7 +1048,9 @@ fn every_case_matches_its_golden_file() {
                 }
             }
         }
-        if report.is_empty() {
+        // Blessing also refreshes a file whose comments are out of date.
+        let stale_text = text.as_deref() != Some(c.render().as_str());
+        if report.is_empty() && (mode == Mode::Check || !stale_text) {
             continue;
         }
         let bytes_changed = matches!(&golden, Some(g) if g.bytes != c.bytes);
