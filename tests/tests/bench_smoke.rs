@@ -175,10 +175,7 @@ fn check_throughput(v: &Value, tasks: u64) {
     assert_eq!(uint(v, "completed"), tasks, "every task completes: {v:#}");
     has_ratios(
         v,
-        &[
-            "tasks/s ÷ redb commits/s",
-            "hub commits/s ÷ redb commits/s",
-        ],
+        &["tasks/s ÷ redb commits/s", "hub commits/s ÷ redb commits/s"],
     );
     assert_eq!(uint(v, "submit_to_completed.n"), tasks);
 }

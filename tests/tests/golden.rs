@@ -30,8 +30,8 @@ use muster_hub::core::{
 use muster_protocol::msg::{
     Assign, EnrollRefusal, EnrollRequest, EnrollResponse, Failure, Heartbeat, HeldTask, Hello,
     HostFigures, HubMsg, IdentityTarget, OpError, OpErrorCode, OpRequest, OpResponse, Open,
-    OpenBody, Outcome, Phase, Refused, Report, ReportBody, ReportKind, Role, SelfTest,
-    SessionMsg, SidecarState, SubmitRequest, TaskSpec, TimeoutAction, Welcome, WireLimits,
+    OpenBody, Outcome, Phase, Refused, Report, ReportBody, ReportKind, Role, SelfTest, SessionMsg,
+    SidecarState, SubmitRequest, TaskSpec, TimeoutAction, Welcome, WireLimits,
 };
 use muster_protocol::{
     AgentName, EventSeq, Generation, PROTOCOL_VERSION, ReportId, TaskId, decode, encode,
@@ -748,8 +748,7 @@ fn identity() -> Identity {
         name: "build-01".into(),
         role: Role::Agent,
         fingerprint: "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08".into(),
-        key_fingerprint: "60303ae22b998861bce3b28f33eec1be758a213c86c93c076dbe9f558c11c752"
-            .into(),
+        key_fingerprint: "60303ae22b998861bce3b28f33eec1be758a213c86c93c076dbe9f558c11c752".into(),
         created_at: T0 - 86_400_000,
         revoked_at: Some(T0 - 3_600_000),
         capabilities: vec!["rust".into(), "review".into()],
@@ -921,7 +920,11 @@ fn cases() -> (Vec<Case>, Coverage) {
     // Hub store: the value of every table that holds bincode (the others hold
     // redb's own integers and tuples), and the state codes of `by_state`.
     out.push(Case::new(HubStore, "tasks.task_record", task_record()));
-    out.push(Case::new(HubStore, "attempts.attempt_record", attempt_record()));
+    out.push(Case::new(
+        HubStore,
+        "attempts.attempt_record",
+        attempt_record(),
+    ));
     out.push(Case::new(HubStore, "identities.identity", identity()));
     out.push(Case::new(HubStore, "tokens.token_record", token_record()));
     out.push(Case::new(HubStore, "agents.agent_record", agent_record()));

@@ -250,7 +250,9 @@ pub(crate) fn load(path: &Path) -> Result<Value> {
 
 /// A number at a dotted path.
 fn at(v: &Value, path: &str) -> Option<f64> {
-    path.split('.').fold(Some(v), |x, k| x.map(|x| &x[k]))?.as_f64()
+    path.split('.')
+        .fold(Some(v), |x, k| x.map(|x| &x[k]))?
+        .as_f64()
 }
 
 /// The ratios of a mode's figures to the floor: each a figure, the floor it is
@@ -363,23 +365,24 @@ pub(crate) fn ratios(result: &Value, floor: &Value) -> Value {
     }
     let mut out = serde_json::Map::new();
     // `value` stays in the figure's own unit; `scale` brings it to the floor's.
-    let mut put = |name: &str, figure_path: &str, figure: Option<f64>, scale: f64, floor_path: &str| {
-        let base = at(floor, floor_path);
-        let ratio = match (figure, base) {
-            (Some(f), Some(b)) if b > 0.0 => Some(round3(f * scale / b)),
-            _ => None,
+    let mut put =
+        |name: &str, figure_path: &str, figure: Option<f64>, scale: f64, floor_path: &str| {
+            let base = at(floor, floor_path);
+            let ratio = match (figure, base) {
+                (Some(f), Some(b)) if b > 0.0 => Some(round3(f * scale / b)),
+                _ => None,
+            };
+            out.insert(
+                name.to_string(),
+                json!({
+                    "figure": figure_path,
+                    "value": figure.map(round3),
+                    "floor": floor_path,
+                    "floor_value": base.map(round3),
+                    "ratio": ratio,
+                }),
+            );
         };
-        out.insert(
-            name.to_string(),
-            json!({
-                "figure": figure_path,
-                "value": figure.map(round3),
-                "floor": floor_path,
-                "floor_value": base.map(round3),
-                "ratio": ratio,
-            }),
-        );
-    };
     for (name, path, scale, floor_path) in specs {
         put(name, path, at(result, path), scale, floor_path);
     }
