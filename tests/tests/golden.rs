@@ -106,6 +106,9 @@ fn golden_root() -> PathBuf {
 
 // === Cases ===
 
+/// Decodes bytes as a case's type and compares them with its sample.
+type Check = dyn Fn(&[u8]) -> Result<(), String>;
+
 /// One sample value, encoded, with a way to decode bytes back and compare.
 struct Case {
     format: Format,
@@ -114,7 +117,7 @@ struct Case {
     bytes: Vec<u8>,
     /// Decodes bytes as the sample's type: `Ok` if they give the sample back,
     /// else a description of what they give (or why they do not decode).
-    check: Box<dyn Fn(&[u8]) -> Result<(), String>>,
+    check: Box<Check>,
 }
 
 impl Case {
@@ -191,7 +194,7 @@ fn parse(text: &str) -> Result<Golden, String> {
         }
         digits.extend(line.chars().filter(|c| !c.is_whitespace()));
     }
-    if digits.len() % 2 != 0 {
+    if !digits.len().is_multiple_of(2) {
         return Err("an odd number of hex digits".into());
     }
     let bytes = (0..digits.len())

@@ -250,9 +250,7 @@ pub(crate) fn load(path: &Path) -> Result<Value> {
 
 /// A number at a dotted path.
 fn at(v: &Value, path: &str) -> Option<f64> {
-    path.split('.')
-        .fold(Some(v), |x, k| x.map(|x| &x[k]))?
-        .as_f64()
+    path.split('.').fold(v, |x, k| &x[k]).as_f64()
 }
 
 /// The ratios of a mode's figures to the floor: each a figure, the floor it is
