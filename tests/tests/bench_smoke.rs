@@ -194,6 +194,7 @@ fn latency_smoke() {
     has_ratios(
         &v,
         &[
+            "submit → running p50 ÷ the path's floor",
             "submit → running p50 ÷ QUIC RTT p50",
             "submit → running p50 ÷ redb commit p50",
             "submit → running p50 ÷ spawn p50",
@@ -300,5 +301,5 @@ fn backlog_smoke() {
         20,
         "every sampled task completes: {v:#}"
     );
-    has_ratios(&v, &["full store: submit → running p50 ÷ QUIC RTT p50"]);
+    has_ratios(&v, &["full store: submit → running p50 ÷ the path's floor"]);
 }

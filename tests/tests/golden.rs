@@ -344,9 +344,12 @@ fn serialized_types(relative: &str) -> (Vec<String>, Vec<String>) {
         .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
     let (mut enums, mut structs) = (Vec::new(), Vec::new());
     let mut serialize = false;
+    // Inside a derive that rustfmt spread over several lines.
+    let mut in_derive = false;
     for line in text.lines().map(str::trim) {
-        if line.starts_with("#[derive(") {
-            serialize = line.contains("Serialize");
+        if in_derive || line.starts_with("#[derive(") {
+            serialize |= line.contains("Serialize");
+            in_derive = !line.contains(")]");
             continue;
         }
         if line.starts_with("#[") || line.starts_with("///") {

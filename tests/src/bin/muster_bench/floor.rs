@@ -209,6 +209,14 @@ async fn quic_floor(dir: &Path, per: Duration) -> Result<Value> {
 /// Measures the three floors, `per` each, in `dir`.
 pub(crate) async fn measure(dir: &Path, per: Duration) -> Result<Value> {
     std::fs::create_dir_all(dir)?;
+    // Write back what is dirty first (say, the files of the previous run,
+    // removed seconds ago), so that writeback does not land in the redb floor.
+    let synced = Instant::now();
+    tokio::task::spawn_blocking(|| std::process::Command::new("sync").status())
+        .await
+        .context("sync")?
+        .context("running sync")?;
+    let sync_s = synced.elapsed().as_secs_f64();
     let d = dir.to_path_buf();
     let redb = tokio::task::spawn_blocking(move || redb_floor(&d, per))
         .await
@@ -219,6 +227,7 @@ pub(crate) async fn measure(dir: &Path, per: Duration) -> Result<Value> {
     let quic = quic_floor(dir, per).await?;
     Ok(json!({
         "ms_each": per.as_millis() as u64,
+        "sync_before_s": round3(sync_s),
         "redb": redb,
         "spawn": spawn,
         "quic": quic,
@@ -253,139 +262,218 @@ fn at(v: &Value, path: &str) -> Option<f64> {
     path.split('.').fold(v, |x, k| &x[k]).as_f64()
 }
 
-/// The ratios of a mode's figures to the floor: each a figure, the floor it is
-/// set against, both values, and figure ÷ floor.
+/// One figure set against one floor.
+struct Ratio {
+    /// What is divided by what.
+    name: &'static str,
+    /// Where the figure is in the mode's result, or how it was derived.
+    figure: String,
+    /// The figure in its own unit.
+    value: Option<f64>,
+    /// Brings `value` to the floor's unit (1000 for milliseconds against microseconds).
+    scale: f64,
+    /// Where the floor is in `floor`, or how it is composed.
+    floor: String,
+    /// The floor in its own unit.
+    floor_value: Option<f64>,
+}
+
+impl Ratio {
+    /// `figure` (a path in `result`) against `floor_path` (a path in `floor`).
+    fn of(
+        name: &'static str,
+        result: &Value,
+        figure: &str,
+        scale: f64,
+        floor: &Value,
+        floor_path: &str,
+    ) -> Ratio {
+        Ratio {
+            name,
+            figure: figure.to_string(),
+            value: at(result, figure),
+            scale,
+            floor: format!("floor.{floor_path}"),
+            floor_value: at(floor, floor_path),
+        }
+    }
+
+    fn json(&self) -> Value {
+        let ratio = match (self.value, self.floor_value) {
+            (Some(v), Some(f)) if f > 0.0 => Some(round3(v * self.scale / f)),
+            _ => None,
+        };
+        json!({
+            "figure": self.figure,
+            "value": self.value.map(round3),
+            "floor": self.floor,
+            "floor_value": self.floor_value.map(round3),
+            "ratio": ratio,
+        })
+    }
+}
+
+/// The least time the submit → running path could take on this machine: the
+/// durable commits on it (hub: submission; sidecar: acceptance with the run's
+/// spawn and start; hub: running), four one-way hops (client → hub → sidecar
+/// → hub → client's `watch`: two round trips) and, for exec, one spawn.
+fn path_floor(floor: &Value, exec: bool) -> (String, Option<f64>) {
+    let commit = at(floor, "redb.commit.p50_us");
+    let rtt = at(floor, "quic.rtt.p50_us");
+    let spawn = if exec {
+        at(floor, "spawn.spawn_and_wait.p50_us")
+    } else {
+        Some(0.0)
+    };
+    let what = format!(
+        "3 × floor.redb.commit.p50_us + 2 × floor.quic.rtt.p50_us{}",
+        if exec {
+            " + floor.spawn.spawn_and_wait.p50_us"
+        } else {
+            ""
+        }
+    );
+    let value = match (commit, rtt, spawn) {
+        (Some(c), Some(r), Some(s)) => Some(3.0 * c + 2.0 * r + s),
+        _ => None,
+    };
+    (what, value)
+}
+
+/// The ratios of a mode's figures to the floor, keyed by what is divided by
+/// what: each with the figure, the floor, both values and figure ÷ floor.
 pub(crate) fn ratios(result: &Value, floor: &Value) -> Value {
-    // (name, figure path in the result, its scale to the floor's unit, floor path).
-    let ms_to_us = 1000.0;
-    let mut specs: Vec<(&str, &str, f64, &str)> = Vec::new();
-    let mut extra: Vec<(&str, Option<f64>, &str)> = Vec::new();
+    const MS: f64 = 1000.0;
+    let exec = result["agent"].as_str().is_some_and(|a| a != "instant");
+    let mut out: Vec<Ratio> = Vec::new();
     match result["mode"].as_str() {
         Some("throughput") => {
-            specs.push((
+            out.push(Ratio::of(
                 "tasks/s ÷ redb commits/s",
+                result,
                 "tasks_per_s",
                 1.0,
+                floor,
                 "redb.commits_per_s",
             ));
-            specs.push((
+            out.push(Ratio::of(
                 "hub commits/s ÷ redb commits/s",
+                result,
                 "hub.commits_per_s",
                 1.0,
+                floor,
                 "redb.commits_per_s",
             ));
-            if result["agent"].as_str() != Some("instant") {
-                specs.push(("tasks/s ÷ spawns/s", "tasks_per_s", 1.0, "spawn.per_s"));
+            if exec {
+                out.push(Ratio::of(
+                    "tasks/s ÷ spawns/s",
+                    result,
+                    "tasks_per_s",
+                    1.0,
+                    floor,
+                    "spawn.per_s",
+                ));
             }
-            specs.push((
-                "submit → running p50 ÷ QUIC RTT p50",
-                "submit_to_running.p50_ms",
-                ms_to_us,
-                "quic.rtt.p50_us",
-            ));
         }
         Some("latency") => {
-            specs.push((
+            let (what, value) = path_floor(floor, exec);
+            out.push(Ratio {
+                name: "submit → running p50 ÷ the path's floor",
+                figure: "submit_to_running.p50_ms".into(),
+                value: at(result, "submit_to_running.p50_ms"),
+                scale: MS,
+                floor: what,
+                floor_value: value,
+            });
+            out.push(Ratio::of(
                 "submit → running p50 ÷ QUIC RTT p50",
+                result,
                 "submit_to_running.p50_ms",
-                ms_to_us,
+                MS,
+                floor,
                 "quic.rtt.p50_us",
             ));
-            specs.push((
+            out.push(Ratio::of(
                 "submit → running p50 ÷ redb commit p50",
+                result,
                 "submit_to_running.p50_ms",
-                ms_to_us,
+                MS,
+                floor,
                 "redb.commit.p50_us",
             ));
-            if result["agent"].as_str() != Some("instant") {
-                specs.push((
+            if exec {
+                out.push(Ratio::of(
                     "submit → running p50 ÷ spawn p50",
+                    result,
                     "submit_to_running.p50_ms",
-                    ms_to_us,
+                    MS,
+                    floor,
                     "spawn.spawn_and_wait.p50_us",
                 ));
             }
-            specs.push((
-                "submit acknowledged p50 ÷ QUIC RTT p50",
-                "submit_ack.p50_ms",
-                ms_to_us,
-                "quic.rtt.p50_us",
-            ));
-            specs.push((
-                "submit acknowledged p50 ÷ redb commit p50",
-                "submit_ack.p50_ms",
-                ms_to_us,
-                "redb.commit.p50_us",
-            ));
+            let (c, r) = (
+                at(floor, "redb.commit.p50_us"),
+                at(floor, "quic.rtt.p50_us"),
+            );
+            out.push(Ratio {
+                name: "submit acknowledged p50 ÷ (redb commit + QUIC RTT)",
+                figure: "submit_ack.p50_ms".into(),
+                value: at(result, "submit_ack.p50_ms"),
+                scale: MS,
+                floor: "floor.redb.commit.p50_us + floor.quic.rtt.p50_us".into(),
+                floor_value: c.zip(r).map(|(c, r)| c + r),
+            });
         }
         Some("backlog") => {
-            for (name, path) in [
+            let (what, value) = path_floor(floor, exec);
+            for (name, figure) in [
                 (
-                    "empty store: submit → running p50 ÷ QUIC RTT p50",
+                    "empty store: submit → running p50 ÷ the path's floor",
                     "empty.submit_to_running.p50_ms",
                 ),
                 (
-                    "full store: submit → running p50 ÷ QUIC RTT p50",
+                    "full store: submit → running p50 ÷ the path's floor",
                     "full.submit_to_running.p50_ms",
                 ),
             ] {
-                specs.push((name, path, ms_to_us, "quic.rtt.p50_us"));
+                out.push(Ratio {
+                    name,
+                    figure: figure.into(),
+                    value: at(result, figure),
+                    scale: MS,
+                    floor: what.clone(),
+                    floor_value: value,
+                });
             }
-            specs.push((
-                "full store: submit → running p50 ÷ redb commit p50",
-                "full.submit_to_running.p50_ms",
-                ms_to_us,
-                "redb.commit.p50_us",
-            ));
         }
         Some("scale") => {
-            let per_session = |key: &str| {
-                let s = at(result, "sessions").unwrap_or(0.0);
-                at(result, key).filter(|_| s > 0.0).map(|x| x * 1e6 / s)
-            };
-            extra.push((
-                "enrollment, wall time per identity ÷ QUIC handshake p50",
-                per_session("enroll_s"),
-                "quic.handshake.p50_us",
-            ));
-            extra.push((
-                "first connect, wall time per session ÷ QUIC handshake p50",
-                per_session("connect_s"),
-                "quic.handshake.p50_us",
-            ));
-            extra.push((
-                "restart, wall time per session until all are back ÷ QUIC handshake p50",
-                per_session("restart.all_online_s"),
-                "quic.handshake.p50_us",
-            ));
+            let sessions = at(result, "sessions").filter(|s| *s > 0.0);
+            let handshake = at(floor, "quic.handshake.p50_us");
+            for (name, figure) in [
+                (
+                    "enrollment, wall time per identity ÷ QUIC handshake p50",
+                    "enroll_s",
+                ),
+                (
+                    "first connect, wall time per session ÷ QUIC handshake p50",
+                    "connect_s",
+                ),
+                (
+                    "restart, wall time per session until all are back ÷ QUIC handshake p50",
+                    "restart.all_online_s",
+                ),
+            ] {
+                out.push(Ratio {
+                    name,
+                    figure: format!("{figure} ÷ sessions, in µs"),
+                    value: at(result, figure).zip(sessions).map(|(x, s)| x * 1e6 / s),
+                    scale: 1.0,
+                    floor: "floor.quic.handshake.p50_us".into(),
+                    floor_value: handshake,
+                });
+            }
         }
         _ => {}
     }
-    let mut out = serde_json::Map::new();
-    // `value` stays in the figure's own unit; `scale` brings it to the floor's.
-    let mut put =
-        |name: &str, figure_path: &str, figure: Option<f64>, scale: f64, floor_path: &str| {
-            let base = at(floor, floor_path);
-            let ratio = match (figure, base) {
-                (Some(f), Some(b)) if b > 0.0 => Some(round3(f * scale / b)),
-                _ => None,
-            };
-            out.insert(
-                name.to_string(),
-                json!({
-                    "figure": figure_path,
-                    "value": figure.map(round3),
-                    "floor": floor_path,
-                    "floor_value": base.map(round3),
-                    "ratio": ratio,
-                }),
-            );
-        };
-    for (name, path, scale, floor_path) in specs {
-        put(name, path, at(result, path), scale, floor_path);
-    }
-    for (name, value, floor_path) in extra {
-        put(name, "per session, µs", value, 1.0, floor_path);
-    }
-    Value::Object(out)
+    Value::Object(out.iter().map(|r| (r.name.to_string(), r.json())).collect())
 }
