@@ -237,7 +237,10 @@ fn migrate_v1(tx: &redb::WriteTransaction) -> Result<(), StoreError> {
     Ok(())
 }
 
-fn state_code(s: TaskState) -> u8 {
+/// The code of a state in the `by_state` index keys: its position in
+/// [`TaskState::ALL`]. Stored, so the order of `ALL` is part of the schema
+/// (pinned by `tests/golden/hub-store/by_state_codes.hex`).
+pub fn state_code(s: TaskState) -> u8 {
     TaskState::ALL.iter().position(|x| *x == s).unwrap_or(0) as u8
 }
 

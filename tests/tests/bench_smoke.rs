@@ -1,6 +1,7 @@
 //! Smoke runs of every `muster-bench` mode at a tiny size: the JSON has every
-//! field and every task completed (or every session came back). Speed is not
-//! checked here; BENCHMARKS.md has the figures.
+//! field and every task completed (or every session came back), and the
+//! ratios to the machine's floor (a short floor pass of 200 ms each). Speed is
+//! not checked here; BENCHMARKS.md has the figures.
 
 use std::process::{Command, Stdio};
 use std::sync::Mutex;
@@ -19,7 +20,7 @@ fn bench(args: &[&str]) -> Value {
         .unwrap_or_else(std::sync::PoisonError::into_inner);
     let mut child = Command::new(env!("CARGO_BIN_EXE_muster-bench"))
         .args(args)
-        .arg("--json")
+        .args(["--json", "--floor-ms", "200"])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -88,6 +89,32 @@ fn has_latencies(v: &Value, prefixes: &[&str]) {
     }
 }
 
+/// Every ratio to the floor that a mode reports has its figure, floor and quotient.
+fn has_ratios(v: &Value, names: &[&str]) {
+    let ratios = field(v, "ratios")
+        .as_object()
+        .unwrap_or_else(|| panic!("ratios is not an object in {v:#}"));
+    for name in names {
+        let r = ratios
+            .get(*name)
+            .unwrap_or_else(|| panic!("no ratio {name:?} in {v:#}"));
+        for k in ["value", "floor_value", "ratio"] {
+            assert!(
+                r[k].as_f64().is_some_and(|x| x > 0.0),
+                "ratio {name:?} has no positive {k}: {r:#}"
+            );
+        }
+    }
+    has_all(
+        v,
+        &[
+            "floor.redb.commits_per_s",
+            "floor.spawn.per_s",
+            "floor.quic.rtt.p50_us",
+        ],
+    );
+}
+
 fn uint(v: &Value, path: &str) -> u64 {
     field(v, path)
         .as_u64()
@@ -146,6 +173,10 @@ fn check_throughput(v: &Value, tasks: u64) {
     has_latencies(v, &["submit_to_running", "submit_to_completed"]);
     assert_eq!(uint(v, "tasks"), tasks);
     assert_eq!(uint(v, "completed"), tasks, "every task completes: {v:#}");
+    has_ratios(
+        v,
+        &["tasks/s ÷ redb commits/s", "hub commits/s ÷ redb commits/s"],
+    );
     assert_eq!(uint(v, "submit_to_completed.n"), tasks);
 }
 
@@ -160,6 +191,38 @@ fn latency_smoke() {
     assert_eq!(field(&v, "agent"), "exec");
     assert_eq!(uint(&v, "completed"), 10, "every task completes: {v:#}");
     assert_eq!(uint(&v, "submit_to_running.n"), 10);
+    has_ratios(
+        &v,
+        &[
+            "submit → running p50 ÷ the path's floor",
+            "submit → running p50 ÷ QUIC RTT p50",
+            "submit → running p50 ÷ redb commit p50",
+            "submit → running p50 ÷ spawn p50",
+        ],
+    );
+}
+
+#[test]
+fn floor_smoke() {
+    let v = bench(&["floor", "--ms", "300"]);
+    assert_eq!(field(&v, "mode"), "floor");
+    has_all(
+        &v,
+        &[
+            "floor.redb.commit.p50_us",
+            "floor.spawn.spawn_and_wait.p50_us",
+            "floor.quic.handshake.p50_us",
+            "machine.cpus",
+        ],
+    );
+    for path in [
+        "floor.redb.commits",
+        "floor.spawn.spawns",
+        "floor.quic.round_trips",
+        "floor.quic.handshakes",
+    ] {
+        assert!(uint(&v, path) > 0, "{path} is 0: {v:#}");
+    }
 }
 
 #[test]
@@ -194,6 +257,10 @@ fn scale_smoke() {
         "every session is back: {v:#}"
     );
     assert_eq!(uint(&v, "restart.failed"), 0);
+    has_ratios(
+        &v,
+        &["first connect, wall time per session ÷ QUIC handshake p50"],
+    );
 }
 
 #[test]
@@ -234,4 +301,5 @@ fn backlog_smoke() {
         20,
         "every sampled task completes: {v:#}"
     );
+    has_ratios(&v, &["full store: submit → running p50 ÷ the path's floor"]);
 }

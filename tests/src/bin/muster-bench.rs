@@ -6,7 +6,14 @@
 //!   latency    [--tasks N] [--agent exec|instant]
 //!   scale      --sessions S [--heartbeat-ms MS] [--restart term|kill]
 //!   backlog    --finished M [--sample N]
+//!   floor      [--ms MS]
 //! ```
+//!
+//! `floor` measures what the machine does without muster (durable redb
+//! commits, spawning `/bin/true`, a QUIC round trip and handshake on
+//! loopback). Every other mode first takes a short floor pass (`--floor-ms`
+//! each, 0 to skip, or `--floor FILE` to reuse a `floor --json` output) and
+//! prints its figures beside the matching floor and their ratio (`ratios`).
 //!
 //! Every mode starts `muster-hub init` + `serve` in a temporary directory on a
 //! free port of 127.0.0.1, drives it as an operator with the admin credential,
@@ -16,6 +23,8 @@
 
 #[path = "muster_bench/fleet.rs"]
 mod fleet;
+#[path = "muster_bench/floor.rs"]
+mod floor;
 #[path = "muster_bench/hub.rs"]
 mod hub;
 #[path = "muster_bench/modes.rs"]
@@ -27,6 +36,7 @@ mod util;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
@@ -45,6 +55,12 @@ struct Cli {
     /// Keep the temporary directory (its path is printed to stderr).
     #[arg(long, global = true)]
     keep: bool,
+    /// Milliseconds spent on each floor in the pass before a mode runs (0: no floor, no ratios).
+    #[arg(long, global = true, default_value_t = 1000)]
+    floor_ms: u64,
+    /// Reuse the floor of an earlier `muster-bench floor --json` (written to this file) instead.
+    #[arg(long, global = true)]
+    floor: Option<PathBuf>,
     #[command(subcommand)]
     mode: Mode,
 }
@@ -59,6 +75,8 @@ enum Mode {
     Scale(scale::ScaleArgs),
     /// Submit → running with M finished tasks in the store against an empty store, and restart time.
     Backlog(modes::BacklogArgs),
+    /// This machine without muster: durable redb commits/s, spawns of /bin/true per second, QUIC round trip and handshake on loopback.
+    Floor(floor::FloorArgs),
 }
 
 fn main() -> ExitCode {
@@ -95,7 +113,6 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: &Cli) -> anyhow::Result<serde_json::Value> {
-    let bin = hub::hub_binary(cli.hub_bin.clone())?;
     let tmp = tempfile::Builder::new().prefix("muster-bench-").tempdir()?;
     let root = tmp.path().to_path_buf();
     if cli.keep {
@@ -103,12 +120,29 @@ async fn run(cli: &Cli) -> anyhow::Result<serde_json::Value> {
     }
     let result = tokio::select! {
         r = async {
-            match &cli.mode {
+            if let Mode::Floor(a) = &cli.mode {
+                let floor = floor::measure(&root.join("floor"), Duration::from_millis(a.ms)).await?;
+                return Ok(serde_json::json!({ "mode": "floor", "floor": floor }));
+            }
+            let bin = hub::hub_binary(cli.hub_bin.clone())?;
+            // The floor first, on a machine with nothing of ours running yet.
+            let floor = match (&cli.floor, cli.floor_ms) {
+                (Some(path), _) => Some(floor::load(path)?),
+                (None, 0) => None,
+                (None, ms) => Some(floor::measure(&root.join("floor"), Duration::from_millis(ms)).await?),
+            };
+            let mut v = match &cli.mode {
                 Mode::Throughput(a) => modes::throughput(&bin, &root, a).await,
                 Mode::Latency(a) => modes::latency(&bin, &root, a).await,
                 Mode::Scale(a) => scale::scale(&bin, &root, a).await,
                 Mode::Backlog(a) => modes::backlog(&bin, &root, a).await,
+                Mode::Floor(_) => unreachable!("handled above"),
+            }?;
+            if let Some(f) = floor {
+                v["ratios"] = floor::ratios(&v, &f);
+                v["floor"] = f;
             }
+            anyhow::Ok(v)
         } => r,
         _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
     };

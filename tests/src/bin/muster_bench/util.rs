@@ -107,6 +107,21 @@ pub(crate) fn print(v: &Value, as_json: bool) {
 
 fn table(out: &mut String, prefix: &str, v: &Value) {
     match v {
+        // A ratio to the floor on one line: figure ÷ floor = ratio.
+        Value::Object(m) if prefix.starts_with("ratios.") && m.contains_key("ratio") => {
+            let text = |k: &str| match &m[k] {
+                Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            out.push_str(&format!(
+                "{prefix}\n    {} ({}) ÷ {} (floor.{}) = {}\n",
+                text("value"),
+                text("figure"),
+                text("floor_value"),
+                text("floor"),
+                text("ratio")
+            ));
+        }
         Value::Object(m) => {
             for (k, x) in m {
                 let key = if prefix.is_empty() {
