@@ -124,32 +124,43 @@ enum ToCore {
 
 /// Timers as data: sends the core a tick when its next deadline (published after
 /// every batch) comes, and sleeps otherwise, so an idle hub does no work at all.
+/// Under a systemd watchdog it also ticks at least every quarter interval: the
+/// core loop pings the watchdog after a batch, so a live but idle hub must
+/// still run one.
 async fn tick_at_deadlines(
     to_core: mpsc::Sender<ToCore>,
     mut deadline: watch::Receiver<Option<Millis>>,
+    watchdog: Option<Duration>,
 ) {
+    let keepalive = watchdog.map(|w| (w / 4).max(Duration::from_millis(10)));
+    let wait_max = keepalive.map_or(TICK_WAIT_MAX, |k| k.min(TICK_WAIT_MAX));
     loop {
         let next = *deadline.borrow_and_update();
         let now = wall_ms();
-        match next {
-            Some(at) if at <= now => {
-                if to_core.send(ToCore::Tick).await.is_err() {
-                    return;
+        if !next.is_some_and(|at| at <= now) {
+            let wait = next.map_or(wait_max, |at| {
+                Duration::from_millis(at - now).min(wait_max)
+            });
+            tokio::select! {
+                () = tokio::time::sleep(wait) => {
+                    if keepalive.is_none() {
+                        continue;
+                    }
                 }
-                // The batch with that tick publishes the next deadline.
-                if let Ok(Err(_)) = tokio::time::timeout(TICK_WAIT_MAX, deadline.changed()).await {
-                    return;
-                }
-            }
-            _ => {
-                let wait = next.map_or(TICK_WAIT_MAX, |at| {
-                    Duration::from_millis(at - now).min(TICK_WAIT_MAX)
-                });
-                tokio::select! {
-                    () = tokio::time::sleep(wait) => {}
-                    changed = deadline.changed() => if changed.is_err() { return },
+                changed = deadline.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    continue;
                 }
             }
+        }
+        if to_core.send(ToCore::Tick).await.is_err() {
+            return;
+        }
+        // The batch with that tick publishes the next deadline.
+        if let Ok(Err(_)) = tokio::time::timeout(wait_max, deadline.changed()).await {
+            return;
         }
     }
 }
@@ -330,7 +341,11 @@ impl Hub {
             ),
             None => None,
         };
-        let ticker = tokio::spawn(tick_at_deadlines(to_core.clone(), deadline_rx));
+        let ticker = tokio::spawn(tick_at_deadlines(
+            to_core.clone(),
+            deadline_rx,
+            driver::watchdog_interval(),
+        ));
         info!(%addr, advertise, "hub listening");
         Ok(Running {
             addr,
