@@ -62,7 +62,7 @@ pub fn group_alive(pgid: u32) -> bool {
 }
 
 /// The file in a run directory that names the run's process, written right
-/// after the spawn and before the sidecar's commit (see `daemon.rs`, "Launch
+/// after the spawn and before the sidecar's commit (see `daemon/mod.rs`, "Launch
 /// before commit"): a restarted sidecar finds with it a run it never recorded.
 pub const HANDLE_FILE: &str = "handle";
 

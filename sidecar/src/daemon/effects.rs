@@ -1,0 +1,207 @@
+//! Performs the core's effects that are not store writes (sends, runs,
+//! stops, forgotten tasks), after the batch's commit; and "launch before
+//! commit" (see the module docs of [`super`]), which starts runs before it.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use muster_protocol::msg::SessionMsg;
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+
+use super::Daemon;
+use crate::agent::{RunEvent, RunSpec};
+use crate::core::{Core, Effect};
+
+/// Run handles remembered for reusing run directories, at most.
+const HANDLES_MAX: usize = 4096;
+/// How long a batch waits for the runs it started to spawn before committing.
+pub(super) const LAUNCH_WAIT: Duration = Duration::from_millis(20);
+
+impl Daemon {
+    pub(super) fn observe_run(&mut self, e: &RunEvent) {
+        match e {
+            RunEvent::Started {
+                task, generation, ..
+            } => {
+                if let Some(t) = self.starting.remove(&(*task, *generation)) {
+                    self.stats.wake_latency.observe(t.elapsed().as_secs_f64());
+                }
+            }
+            RunEvent::Finished {
+                task,
+                generation,
+                outcome,
+                ..
+            } => {
+                self.starting.remove(&(*task, *generation));
+                if *outcome == muster_protocol::msg::Outcome::AgentExited {
+                    self.stats.probe_failures.inc();
+                }
+            }
+            RunEvent::Spawned {
+                task,
+                generation,
+                handle,
+            } => {
+                debug!(target: "muster::latency", task = task.0, point = "sc_spawned", at_us = muster_protocol::wall_us());
+                // Stale entries (a run spawned after its task was dropped) only cost a
+                // reuse; the bound keeps them from piling up.
+                if self.handles.len() >= HANDLES_MAX {
+                    self.handles.clear();
+                }
+                self.handles.insert((*task, *generation), handle.clone());
+            }
+        }
+    }
+
+    pub(super) fn run_spec(
+        &self,
+        task: muster_protocol::TaskId,
+        generation: muster_protocol::Generation,
+        spec: muster_protocol::msg::TaskSpec,
+        run_dir: PathBuf,
+    ) -> RunSpec {
+        RunSpec {
+            task,
+            generation,
+            agent: self.cfg.name.clone(),
+            spec,
+            run_dir,
+            socket: self.socket_path.clone(),
+            token: self.token_key.token(task, generation),
+            probe_interval: self.interval,
+        }
+    }
+
+    /// Launch before commit (see the module docs): starts the runs `effects`
+    /// ask for, then handles what those runs report within [`LAUNCH_WAIT`] (the
+    /// spawn, often the start too), so it joins the assignment's commit.
+    pub(super) async fn launch(
+        &mut self,
+        core: &mut Core,
+        run_rx: &mut mpsc::Receiver<RunEvent>,
+        effects: &mut Vec<Effect>,
+    ) {
+        let (starts, rest): (Vec<Effect>, Vec<Effect>) = std::mem::take(effects)
+            .into_iter()
+            .partition(|e| matches!(e, Effect::StartRun(..)));
+        *effects = rest;
+        let mut waiting = std::collections::HashSet::new();
+        for e in starts {
+            if let Effect::StartRun(task, generation, _) = &e {
+                waiting.insert((*task, *generation));
+            }
+            self.perform(e);
+        }
+        #[cfg(feature = "test-hooks")]
+        crate::test_hooks::hold_before_accept_commit(&self.cfg.data_dir, waiting.iter().copied())
+            .await;
+        #[cfg(feature = "test-hooks")]
+        if crate::test_hooks::holding(&self.cfg.data_dir) {
+            // The acceptance commits without its spawn (see `test_hooks`).
+            return;
+        }
+        let deadline = tokio::time::Instant::now() + LAUNCH_WAIT;
+        while !waiting.is_empty() {
+            let Ok(Some(e)) = tokio::time::timeout_at(deadline, run_rx.recv()).await else {
+                break;
+            };
+            if !matches!(e, RunEvent::Started { .. }) {
+                waiting.remove(&e.attempt());
+            }
+            self.observe_run(&e);
+            core.handle_run(e);
+        }
+        // What is already there comes along, e.g. a start right after its spawn.
+        while let Ok(e) = run_rx.try_recv() {
+            self.observe_run(&e);
+            core.handle_run(e);
+        }
+        effects.extend(core.take_effects());
+    }
+
+    pub(super) fn perform(&mut self, e: Effect) {
+        match e {
+            Effect::Send(m) => {
+                if let SessionMsg::Report(r) = &m {
+                    debug!(target: "muster::latency", task = r.task.0, point = "sc_report_out", kind = ?r.body.kind(), at_us = muster_protocol::wall_us());
+                }
+                self.send(m)
+            }
+            Effect::StartRun(task, generation, spec) => {
+                self.stats.runs_started.inc();
+                self.starting.insert((task, generation), Instant::now());
+                if let Some(handle) = self.orphans.remove(&(task, generation)) {
+                    // The same attempt, spawned before a crash: adopt it, never run it twice.
+                    info!(%task, %generation, "adopting the run started before the crash");
+                    let dir = self.run_dirs.path(task, generation);
+                    let spec = self.run_spec(task, generation, spec, dir);
+                    self.handles.insert((task, generation), handle.clone());
+                    self.record_handle(task, generation, &handle);
+                    self.runner.recover(spec, handle, self.run_tx.clone());
+                    return;
+                }
+                // An older attempt of this task orphaned by the crash is superseded.
+                let older: Vec<_> = self
+                    .orphans
+                    .keys()
+                    .filter(|(t, g)| *t == task && *g < generation)
+                    .copied()
+                    .collect();
+                if !older.is_empty() {
+                    self.end_orphans_of(&older);
+                }
+                let dir = self.run_dirs.take(task, generation);
+                let spec = self.run_spec(task, generation, spec, dir);
+                self.runner.start(spec, self.run_tx.clone());
+            }
+            Effect::StopRun(task, generation) => self.runner.stop(task, generation),
+            Effect::ForgetRun(task, generation) => self.runner.forget(task, generation),
+            Effect::DeleteTask(task, generation) => {
+                // Nothing of ours reads the directory once the task is forgotten; a run
+                // still stopping keeps its open files. Without this, every attempt would
+                // leave its files behind until the next restart's sweep. It goes once
+                // the forgetting is durable (see `releases`).
+                let dir = self.run_dirs.path(task, generation);
+                let handle = self.handles.remove(&(task, generation));
+                self.releases.push((dir, handle));
+            }
+            _ => {}
+        }
+    }
+
+    /// Records at the core the handle of a run re-attached through its handle
+    /// file, so the store holds it: the file alone would be the run's only trace,
+    /// and a restart that found neither would start the attempt again.
+    pub(super) fn record_handle(
+        &self,
+        task: muster_protocol::TaskId,
+        generation: muster_protocol::Generation,
+        handle: &crate::agent::RunHandle,
+    ) {
+        let ev = RunEvent::Spawned {
+            task,
+            generation,
+            handle: handle.clone(),
+        };
+        if self.run_tx.try_send(ev).is_err() {
+            warn!(%task, %generation, "could not record a re-attached run's handle now; its handle file still holds it");
+        }
+    }
+
+    /// Removes the run directories whose tasks' forgetting is now durable.
+    pub(super) fn release_run_dirs(&mut self) {
+        if self.releases.is_empty() {
+            return;
+        }
+        let releases = std::mem::take(&mut self.releases);
+        let run_dirs = Arc::clone(&self.run_dirs);
+        tokio::task::spawn_blocking(move || {
+            for (dir, handle) in releases {
+                run_dirs.release(&dir, handle.as_ref());
+            }
+        });
+    }
+}
