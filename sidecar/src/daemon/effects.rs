@@ -20,22 +20,21 @@ const HANDLES_MAX: usize = 4096;
 pub(super) const LAUNCH_WAIT: Duration = Duration::from_millis(20);
 
 impl Daemon {
+    /// Notes what the core just asked for, before the commit: the wake clock
+    /// counts from the decision to start a run to the decision that it started.
+    pub(super) fn note_effects(&mut self, effects: &[Effect]) {
+        let now = Instant::now();
+        for e in effects {
+            if let Some(latency) = self.wake.observe(e, now) {
+                self.stats.wake_latency.observe(latency.as_secs_f64());
+            }
+        }
+    }
+
     pub(super) fn observe_run(&mut self, e: &RunEvent) {
         match e {
-            RunEvent::Started {
-                task, generation, ..
-            } => {
-                if let Some(t) = self.starting.remove(&(*task, *generation)) {
-                    self.stats.wake_latency.observe(t.elapsed().as_secs_f64());
-                }
-            }
-            RunEvent::Finished {
-                task,
-                generation,
-                outcome,
-                ..
-            } => {
-                self.starting.remove(&(*task, *generation));
+            RunEvent::Started { .. } => {}
+            RunEvent::Finished { outcome, .. } => {
                 if *outcome == muster_protocol::msg::Outcome::AgentExited {
                     self.stats.probe_failures.inc();
                 }
@@ -119,7 +118,9 @@ impl Daemon {
             self.observe_run(&e);
             core.handle_run(e);
         }
-        effects.extend(core.take_effects());
+        let more = core.take_effects();
+        self.note_effects(&more);
+        effects.extend(more);
     }
 
     pub(super) fn perform(&mut self, e: Effect) {
@@ -132,7 +133,6 @@ impl Daemon {
             }
             Effect::StartRun(task, generation, spec) => {
                 self.stats.runs_started.inc();
-                self.starting.insert((task, generation), Instant::now());
                 if let Some(handle) = self.orphans.remove(&(task, generation)) {
                     // The same attempt, spawned before a crash: adopt it, never run it twice.
                     info!(%task, %generation, "adopting the run started before the crash");

@@ -2,13 +2,16 @@
 //! and a histogram updated as events pass, gauges set from the core when
 //! scraped. The HTTP task only asks the daemon loop, which owns the state.
 
+use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use muster_protocol::msg::{ReportBody, SessionMsg};
+use muster_protocol::{Generation, TaskId};
 use tokio::sync::{mpsc, oneshot};
 
 use super::Daemon;
-use crate::core::Core;
+use crate::core::{Core, Effect};
 
 /// The sidecar's metrics: counters and a histogram updated as events pass,
 /// gauges set when scraped.
@@ -119,5 +122,125 @@ impl Daemon {
             out.push_str("# encoding failed\n");
         }
         out
+    }
+}
+
+/// When each run was started, until its start is reported or its task is
+/// forgotten: the wake latency histogram's input. Fed from the core's effects,
+/// because a start verified by the agent itself (`verify = agent-ack`) and an
+/// attempt that ends without starting never pass the runner's `Started`.
+#[derive(Debug, Default)]
+pub(super) struct WakeClock {
+    started: HashMap<(TaskId, Generation), Instant>,
+}
+
+impl WakeClock {
+    /// Notes one effect the core asked for at `now`; returns the wake latency
+    /// when it reports an attempt's start.
+    pub(super) fn observe(&mut self, effect: &Effect, now: Instant) -> Option<Duration> {
+        match effect {
+            Effect::StartRun(task, generation, _) => {
+                self.started.insert((*task, *generation), now);
+                None
+            }
+            Effect::Send(SessionMsg::Report(r)) => match r.body {
+                ReportBody::Started { .. } => self
+                    .started
+                    .remove(&(r.task, r.generation))
+                    .map(|at| now.saturating_duration_since(at)),
+                ReportBody::Finished { .. } => {
+                    self.started.remove(&(r.task, r.generation));
+                    None
+                }
+                ReportBody::Accepted | ReportBody::Progress { .. } => None,
+            },
+            Effect::DeleteTask(task, generation) => {
+                self.started.remove(&(*task, *generation));
+                None
+            }
+            _ => None,
+        }
+    }
+
+    /// Attempts whose start is still awaited.
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.started.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use muster_protocol::msg::{Assign, HubMsg, TaskSpec};
+    use muster_protocol::{ReportId, TaskId};
+
+    use super::*;
+    use crate::core::{AgentCmd, Core};
+
+    fn assign(task: u64) -> HubMsg {
+        HubMsg::Assign(Assign {
+            task: TaskId(task),
+            generation: Generation(1),
+            spec: TaskSpec {
+                title: "t".into(),
+                description: String::new(),
+                capabilities: vec![],
+                priority: 0,
+                timeout_ms: None,
+            },
+        })
+    }
+
+    fn feed(clock: &mut WakeClock, core: &mut Core) -> Vec<Duration> {
+        let now = Instant::now();
+        core.take_effects()
+            .iter()
+            .filter_map(|e| clock.observe(e, now))
+            .collect()
+    }
+
+    #[test]
+    fn an_agent_acknowledged_start_leaves_no_entry_behind() {
+        let (mut core, mut clock) = (Core::new(vec![], vec![], 1), WakeClock::default());
+        core.handle_hub(assign(1));
+        assert!(feed(&mut clock, &mut core).is_empty());
+        assert_eq!(clock.len(), 1, "the run's start is awaited");
+        // verify = agent-ack: the start comes over the local socket, not from the runner.
+        let g = Generation(1);
+        core.handle_agent(TaskId(1), g, AgentCmd::Start)
+            .expect("start");
+        assert_eq!(feed(&mut clock, &mut core).len(), 1, "one latency observed");
+        core.handle_agent(TaskId(1), g, AgentCmd::Complete { result: None })
+            .expect("complete");
+        core.handle_hub(HubMsg::Ack { upto: ReportId(9) });
+        feed(&mut clock, &mut core);
+        assert_eq!(clock.len(), 0);
+    }
+
+    #[test]
+    fn attempts_that_end_unstarted_leave_no_entry_behind() {
+        let (mut core, mut clock) = (Core::new(vec![], vec![], 1), WakeClock::default());
+        // One completes with no start report (the agent completes at once), one
+        // is abandoned before it starts.
+        core.handle_hub(assign(1));
+        core.handle_hub(assign(2));
+        feed(&mut clock, &mut core);
+        assert_eq!(clock.len(), 2);
+        core.handle_hub(HubMsg::Abandon {
+            task: TaskId(2),
+            generation: Generation(1),
+            reason: "reassigned".into(),
+        });
+        core.handle_agent(
+            TaskId(1),
+            Generation(1),
+            AgentCmd::Fail {
+                reason: "no".into(),
+                no_retry: false,
+            },
+        )
+        .expect("fail");
+        feed(&mut clock, &mut core);
+        assert_eq!(clock.len(), 0);
     }
 }

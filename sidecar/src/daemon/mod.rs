@@ -37,7 +37,7 @@ mod session;
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use muster_protocol::client::Credential;
 use muster_protocol::msg::{HubMsg, SelfTest, SessionMsg};
@@ -51,7 +51,7 @@ use crate::core::{Core, Effect};
 use crate::local::{self, Incoming};
 use crate::queue::{Queue, QueueError};
 use crate::rundirs::RunDirs;
-use metrics::{Scrape, SidecarStats, http_handler};
+use metrics::{Scrape, SidecarStats, WakeClock, http_handler};
 use recovery::ORPHAN_CLAIM;
 use session::{ToMain, session_loop};
 
@@ -150,7 +150,7 @@ pub async fn run(
         health_tx,
         draining: false,
         stats: SidecarStats::default(),
-        starting: std::collections::HashMap::new(),
+        wake: WakeClock::default(),
         orphans: std::collections::HashMap::new(),
         orphan_deadline: None,
         releases: Vec::new(),
@@ -267,6 +267,7 @@ pub async fn run(
             }
         }
         let mut effects = core.take_effects();
+        d.note_effects(&effects);
         if effects.iter().any(|e| matches!(e, Effect::StartRun(..))) {
             d.launch(&mut core, &mut run_rx, &mut effects).await;
         }
@@ -385,8 +386,7 @@ struct Daemon {
     draining: bool,
     stats: SidecarStats,
     /// When each run was started, for the wake latency.
-    starting:
-        std::collections::HashMap<(muster_protocol::TaskId, muster_protocol::Generation), Instant>,
+    wake: WakeClock,
     /// Runs found at startup for attempts the store never recorded (spawned, then
     /// the sidecar died before the acceptance's commit). The hub resends such an
     /// assignment when the session opens; the run is then adopted instead of
