@@ -57,6 +57,7 @@ impl Daemon {
 
     pub(super) fn run_spec(
         &self,
+        core: &Core,
         task: muster_protocol::TaskId,
         generation: muster_protocol::Generation,
         spec: muster_protocol::msg::TaskSpec,
@@ -70,7 +71,7 @@ impl Daemon {
             run_dir,
             socket: self.socket_path.clone(),
             token: self.token_key.token(task, generation),
-            probe_interval: self.interval,
+            probe_interval: core.heartbeat_interval(),
         }
     }
 
@@ -85,14 +86,16 @@ impl Daemon {
     ) {
         let (starts, rest): (Vec<Effect>, Vec<Effect>) = std::mem::take(effects)
             .into_iter()
-            .partition(|e| matches!(e, Effect::StartRun(..)));
+            .partition(|e| matches!(e, Effect::StartRun(..) | Effect::AdoptRun(..)));
         *effects = rest;
         let mut waiting = std::collections::HashSet::new();
         for e in starts {
-            if let Effect::StartRun(task, generation, _) = &e {
+            if let Effect::StartRun(task, generation, _) | Effect::AdoptRun(task, generation, _) =
+                &e
+            {
                 waiting.insert((*task, *generation));
             }
-            self.perform(e);
+            self.perform(core, e);
         }
         #[cfg(feature = "test-hooks")]
         crate::test_hooks::hold_before_accept_commit(&self.cfg.data_dir, waiting.iter().copied())
@@ -111,19 +114,21 @@ impl Daemon {
                 waiting.remove(&e.attempt());
             }
             self.observe_run(&e);
-            core.handle_run(e);
+            core.handle_run(self.now(), e);
         }
         // What is already there comes along, e.g. a start right after its spawn.
         while let Ok(e) = run_rx.try_recv() {
             self.observe_run(&e);
-            core.handle_run(e);
+            core.handle_run(self.now(), e);
         }
         let more = core.take_effects();
         self.note_effects(&more);
         effects.extend(more);
     }
 
-    pub(super) fn perform(&mut self, e: Effect) {
+    /// Performs one effect that is not a store write (those are committed
+    /// before any of these is performed).
+    pub(super) fn perform(&mut self, core: &Core, e: Effect) {
         match e {
             Effect::Send(m) => {
                 if let SessionMsg::Report(r) = &m {
@@ -133,42 +138,44 @@ impl Daemon {
             }
             Effect::StartRun(task, generation, spec) => {
                 self.stats.runs_started.inc();
-                if let Some(handle) = self.orphans.remove(&(task, generation)) {
-                    // The same attempt, spawned before a crash: adopt it, never run it twice.
-                    info!(%task, %generation, "adopting the run started before the crash");
-                    let dir = self.run_dirs.path(task, generation);
-                    let spec = self.run_spec(task, generation, spec, dir);
-                    self.handles.insert((task, generation), handle.clone());
-                    self.record_handle(task, generation, &handle);
-                    self.runner.recover(spec, handle, self.run_tx.clone());
-                    return;
-                }
-                // An older attempt of this task orphaned by the crash is superseded.
-                let older: Vec<_> = self
-                    .orphans
-                    .keys()
-                    .filter(|(t, g)| *t == task && *g < generation)
-                    .copied()
-                    .collect();
-                if !older.is_empty() {
-                    self.end_orphans_of(&older);
-                }
                 let dir = self.run_dirs.take(task, generation);
-                let spec = self.run_spec(task, generation, spec, dir);
+                let spec = self.run_spec(core, task, generation, spec, dir);
                 self.runner.start(spec, self.run_tx.clone());
             }
+            Effect::AdoptRun(task, generation, spec) => {
+                self.stats.runs_started.inc();
+                let Some(handle) = self.orphans.remove(&(task, generation)) else {
+                    warn!(%task, %generation, "no orphaned run to adopt; starting it");
+                    return self.perform(core, Effect::StartRun(task, generation, spec));
+                };
+                // The same attempt, spawned before a crash: never run it twice.
+                info!(%task, %generation, "adopting the run started before the crash");
+                let dir = self.run_dirs.path(task, generation);
+                let spec = self.run_spec(core, task, generation, spec, dir);
+                self.handles.insert((task, generation), handle.clone());
+                self.record_handle(task, generation, &handle);
+                self.runner.recover(spec, handle, self.run_tx.clone());
+            }
+            Effect::EndOrphans(which) => self.end_orphans(&which),
             Effect::StopRun(task, generation) => self.runner.stop(task, generation),
             Effect::ForgetRun(task, generation) => self.runner.forget(task, generation),
-            Effect::DeleteTask(task, generation) => {
+            Effect::TimeOutStart(task, generation, outcome) => {
+                self.runner.time_out(task, generation, outcome)
+            }
+            Effect::Heartbeat => self.heartbeat(core),
+            Effect::ReleaseRunDir(task, generation) => {
                 // Nothing of ours reads the directory once the task is forgotten; a run
                 // still stopping keeps its open files. Without this, every attempt would
-                // leave its files behind until the next restart's sweep. It goes once
-                // the forgetting is durable (see `releases`).
+                // leave its files behind until the next restart's sweep.
                 let dir = self.run_dirs.path(task, generation);
                 let handle = self.handles.remove(&(task, generation));
                 self.releases.push((dir, handle));
             }
-            _ => {}
+            Effect::PutTask(_)
+            | Effect::DeleteTask(..)
+            | Effect::PutReport(_)
+            | Effect::DeleteReport(_)
+            | Effect::NextReport(_) => {}
         }
     }
 
@@ -191,7 +198,8 @@ impl Daemon {
         }
     }
 
-    /// Removes the run directories whose tasks' forgetting is now durable.
+    /// Removes the run directories the core released in this batch (their
+    /// tasks' forgetting is durable), off the async workers.
     pub(super) fn release_run_dirs(&mut self) {
         if self.releases.is_empty() {
             return;

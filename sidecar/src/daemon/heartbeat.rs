@@ -1,20 +1,12 @@
 //! Hellos and heartbeats: what this sidecar tells the hub about itself, and
 //! the self-test and idle health command that go with them.
 
-use std::time::Duration;
-
 use muster_protocol::msg::{Heartbeat, Hello, SessionMsg, SidecarState};
 
 use super::Daemon;
 use crate::core::Core;
 
 impl Daemon {
-    /// The heartbeat interval with ±10 % jitter, so agents spread their load.
-    pub(super) fn jittered(&mut self) -> Duration {
-        let f = 0.9 + 0.2 * self.rng.unit();
-        self.interval.mul_f64(f)
-    }
-
     pub(super) fn hello(&self, core: &Core) -> Hello {
         Hello {
             version: env!("CARGO_PKG_VERSION").into(),

@@ -175,7 +175,7 @@ mod tests {
     use muster_protocol::{ReportId, TaskId};
 
     use super::*;
-    use crate::core::{AgentCmd, Core};
+    use crate::core::{AgentCmd, Core, Policy};
 
     fn assign(task: u64) -> HubMsg {
         HubMsg::Assign(Assign {
@@ -201,37 +201,70 @@ mod tests {
 
     #[test]
     fn an_agent_acknowledged_start_leaves_no_entry_behind() {
-        let (mut core, mut clock) = (Core::new(vec![], vec![], 1), WakeClock::default());
-        core.handle_hub(assign(1));
+        let (mut core, mut clock) = (
+            Core::new(
+                vec![],
+                vec![],
+                1,
+                Policy {
+                    slots: 4,
+                    ..Policy::default()
+                },
+                1,
+            ),
+            WakeClock::default(),
+        );
+        core.handle_hub(Duration::ZERO, assign(1));
         assert!(feed(&mut clock, &mut core).is_empty());
         assert_eq!(clock.len(), 1, "the run's start is awaited");
         // verify = agent-ack: the start comes over the local socket, not from the runner.
         let g = Generation(1);
-        core.handle_agent(TaskId(1), g, AgentCmd::Start)
+        core.handle_agent(Duration::ZERO, TaskId(1), g, AgentCmd::Start)
             .expect("start");
         assert_eq!(feed(&mut clock, &mut core).len(), 1, "one latency observed");
-        core.handle_agent(TaskId(1), g, AgentCmd::Complete { result: None })
-            .expect("complete");
-        core.handle_hub(HubMsg::Ack { upto: ReportId(9) });
+        core.handle_agent(
+            Duration::ZERO,
+            TaskId(1),
+            g,
+            AgentCmd::Complete { result: None },
+        )
+        .expect("complete");
+        core.handle_hub(Duration::ZERO, HubMsg::Ack { upto: ReportId(9) });
         feed(&mut clock, &mut core);
         assert_eq!(clock.len(), 0);
     }
 
     #[test]
     fn attempts_that_end_unstarted_leave_no_entry_behind() {
-        let (mut core, mut clock) = (Core::new(vec![], vec![], 1), WakeClock::default());
+        let (mut core, mut clock) = (
+            Core::new(
+                vec![],
+                vec![],
+                1,
+                Policy {
+                    slots: 4,
+                    ..Policy::default()
+                },
+                1,
+            ),
+            WakeClock::default(),
+        );
         // One completes with no start report (the agent completes at once), one
         // is abandoned before it starts.
-        core.handle_hub(assign(1));
-        core.handle_hub(assign(2));
+        core.handle_hub(Duration::ZERO, assign(1));
+        core.handle_hub(Duration::ZERO, assign(2));
         feed(&mut clock, &mut core);
         assert_eq!(clock.len(), 2);
-        core.handle_hub(HubMsg::Abandon {
-            task: TaskId(2),
-            generation: Generation(1),
-            reason: "reassigned".into(),
-        });
+        core.handle_hub(
+            Duration::ZERO,
+            HubMsg::Abandon {
+                task: TaskId(2),
+                generation: Generation(1),
+                reason: "reassigned".into(),
+            },
+        );
         core.handle_agent(
+            Duration::ZERO,
             TaskId(1),
             Generation(1),
             AgentCmd::Fail {

@@ -4,14 +4,11 @@
 
 use std::time::Duration;
 
+use muster_protocol::{Generation, TaskId};
 use tracing::warn;
 
 use super::Daemon;
 use crate::core::Core;
-
-/// How long after the first welcome the hub's resent assignments may claim
-/// orphaned runs; it resends them right behind the welcome, so this is ample.
-pub(super) const ORPHAN_CLAIM: Duration = Duration::from_secs(5);
 
 impl Daemon {
     /// After a restart: re-attach to runs that outlived us, start what was accepted.
@@ -39,7 +36,7 @@ impl Daemon {
                 Some(h) => {
                     // Its own directory, never a pooled one: that would hold another
                     // run's exit status.
-                    let spec = self.run_spec(t.task, t.generation, t.spec.clone(), dir);
+                    let spec = self.run_spec(core, t.task, t.generation, t.spec.clone(), dir);
                     self.handles.insert((t.task, t.generation), h.clone());
                     if from_file {
                         self.record_handle(t.task, t.generation, &h);
@@ -49,7 +46,7 @@ impl Daemon {
                 // Never spawned: start it (at least once).
                 None => {
                     let dir = self.run_dirs.take(t.task, t.generation);
-                    let spec = self.run_spec(t.task, t.generation, t.spec.clone(), dir);
+                    let spec = self.run_spec(core, t.task, t.generation, t.spec.clone(), dir);
                     self.runner.start(spec, self.run_tx.clone());
                 }
             }
@@ -59,7 +56,8 @@ impl Daemon {
     /// At startup: the run directories of tasks no longer held. One whose run was
     /// spawned (spawned, then the sidecar died before its commit) is kept as an
     /// orphan for the hub's resent assignment to claim; the others are removed.
-    pub(super) async fn sweep_runs(&mut self, core: &Core) {
+    /// Returns the orphans' attempts, for the core.
+    pub(super) async fn sweep_runs(&mut self, core: &Core) -> Vec<(TaskId, Generation)> {
         let keep: std::collections::HashSet<String> = core
             .tasks()
             .map(|t| format!("{}-{}", t.task, t.generation))
@@ -76,19 +74,12 @@ impl Daemon {
             );
         }
         self.orphans = found;
+        self.orphans.keys().copied().collect()
     }
 
-    /// Ends the orphans no resent assignment claimed, and removes their directories.
-    pub(super) fn end_orphans(&mut self) {
-        self.orphan_deadline = None;
-        let all: Vec<_> = self.orphans.keys().copied().collect();
-        self.end_orphans_of(&all);
-    }
-
-    pub(super) fn end_orphans_of(
-        &mut self,
-        which: &[(muster_protocol::TaskId, muster_protocol::Generation)],
-    ) {
+    /// Ends the orphaned runs the core gave up on (unclaimed, or superseded by
+    /// a newer generation) and removes their directories.
+    pub(super) fn end_orphans(&mut self, which: &[(TaskId, Generation)]) {
         let mut ending = Vec::new();
         for k in which {
             if let Some(h) = self.orphans.remove(k) {
@@ -99,7 +90,7 @@ impl Daemon {
             return;
         }
         warn!(
-            "ending {} run(s) started before a crash whose attempts the hub did not assign again",
+            "ending {} run(s) started before a crash whose attempts the hub did not assign again (or assigned anew)",
             ending.len()
         );
         let grace = self.cfg.agent.stop_grace;

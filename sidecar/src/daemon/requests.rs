@@ -55,7 +55,7 @@ impl Daemon {
                 Err(m) => Answer::err(&m),
             };
         }
-        match core.handle_agent(task, generation, req.cmd) {
+        match core.handle_agent(self.now(), task, generation, req.cmd) {
             Ok(m) => Answer::ok(m, serde_json::Value::Null),
             Err(m) => Answer::err(&m),
         }
@@ -75,7 +75,7 @@ impl Daemon {
             "free_slots": self.cfg.slots.saturating_sub(core.busy() as u32),
             "tasks": tasks,
             "outbox": core.outbox().count(),
-            "heartbeat_interval_ms": self.interval.as_millis() as u64,
+            "heartbeat_interval_ms": core.heartbeat_interval().as_millis() as u64,
             "self_test": self.last_self_test,
         })
     }
