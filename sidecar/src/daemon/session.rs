@@ -4,14 +4,11 @@
 
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use futures::{SinkExt, StreamExt};
 use muster_protocol::client::{self, Credential};
 use muster_protocol::msg::{Hello, HubMsg, Open, OpenBody, Refused, SessionMsg, Welcome};
 use muster_protocol::pace::{LogBudget, Rng};
-use muster_protocol::{PROTOCOL_VERSION, decode, encode, frame_codec};
+use muster_protocol::{FrameError, FrameReader, FrameWriter, PROTOCOL_VERSION, framed};
 use tokio::sync::{mpsc, oneshot};
-use tokio_util::codec::{FramedRead, FramedWrite};
 use tracing::{debug, info, warn};
 
 use super::{Daemon, seed};
@@ -123,9 +120,6 @@ pub(super) async fn session_loop(hub: String, cred: Credential, to_main: mpsc::S
     }
 }
 
-type Writer = FramedWrite<quinn::SendStream, tokio_util::codec::LengthDelimitedCodec>;
-type Reader = FramedRead<quinn::RecvStream, tokio_util::codec::LengthDelimitedCodec>;
-
 /// Why a connection attempt failed.
 enum ConnectFailure {
     /// The hub refused the connection at a cap (a fleet reconnecting at once):
@@ -154,7 +148,16 @@ async fn connect(
     hub: &str,
     cred: &Credential,
     hello: Hello,
-) -> Result<(quinn::Endpoint, quinn::Connection, Welcome, Writer, Reader), ConnectFailure> {
+) -> Result<
+    (
+        quinn::Endpoint,
+        quinn::Connection,
+        Welcome,
+        FrameWriter,
+        FrameReader,
+    ),
+    ConnectFailure,
+> {
     let (endpoint, conn) = client::connect(hub, cred).await.map_err(|e| match e {
         client::ClientError::Busy(_) => ConnectFailure::Busy(e.to_string()),
         e => ConnectFailure::Failed(e.to_string()),
@@ -169,36 +172,28 @@ async fn connect(
 async fn open_session(
     conn: &quinn::Connection,
     hello: Hello,
-) -> Result<(Welcome, Writer, Reader), String> {
+) -> Result<(Welcome, FrameWriter, FrameReader), String> {
     let (send, recv) = conn
         .open_bi()
         .await
         .map_err(|e| client::refused_or_lost(e).to_string())?;
-    let max = muster_protocol::limits::FRAME_BYTES_MAX;
-    let mut wr = FramedWrite::new(send, frame_codec(max));
-    let mut rd = FramedRead::new(recv, frame_codec(max));
+    let (mut wr, mut rd) = framed(send, recv, muster_protocol::limits::FRAME_BYTES_MAX);
     let open = Open {
         protocol: PROTOCOL_VERSION,
         body: OpenBody::Session(hello),
     };
-    let bytes = encode(&open).map_err(|e| e.to_string())?;
     // A hub that refused the certificate at accept closes the connection with a
     // code that says so: report that rather than the bare write error.
-    wr.send(Bytes::from(bytes))
-        .await
-        .map_err(|e| match conn.close_reason() {
-            Some(r) => client::refused_or_lost(r).to_string(),
-            None => e.to_string(),
-        })?;
-    let frame = match tokio::time::timeout(WELCOME_TIMEOUT, rd.next()).await {
-        Ok(Some(Ok(f))) => f,
-        Ok(Some(Err(e))) => {
-            return Err(match conn.close_reason() {
-                Some(r) => client::refused_or_lost(r).to_string(),
-                None => e.to_string(),
-            });
-        }
-        Ok(None) => {
+    let lost = |e: FrameError| match (&e, conn.close_reason()) {
+        (FrameError::Io(_), Some(r)) => client::refused_or_lost(r).to_string(),
+        _ => e.to_string(),
+    };
+    wr.send(&open).await.map_err(lost)?;
+    let welcome = match tokio::time::timeout(WELCOME_TIMEOUT, rd.recv::<HubMsg>()).await {
+        Ok(Ok(Some(m))) => m,
+        Ok(Err(FrameError::Decode(e))) => return Err(format!("malformed welcome: {e}")),
+        Ok(Err(e)) => return Err(lost(e)),
+        Ok(Ok(None)) => {
             return Err(match conn.close_reason() {
                 Some(r) => client::refused_or_lost(r).to_string(),
                 None => "the hub closed the session before welcoming it".into(),
@@ -206,23 +201,22 @@ async fn open_session(
         }
         Err(_) => return Err("no welcome from the hub within 10 s".into()),
     };
-    match decode::<HubMsg>(&frame) {
-        Ok(HubMsg::Welcome(w)) => Ok((w, wr, rd)),
-        Ok(HubMsg::Refused(r)) => Err(match r {
+    match welcome {
+        HubMsg::Welcome(w) => Ok((w, wr, rd)),
+        HubMsg::Refused(r) => Err(match r {
             Refused::Revoked => format!(
                 "refused: {r} (this sidecar's credential no longer works; run `muster-sidecar enroll` with a new token)"
             ),
             other => format!("refused: {other}"),
         }),
-        Ok(other) => Err(format!("expected a welcome, got {other:?}")),
-        Err(e) => Err(format!("malformed welcome: {e}")),
+        other => Err(format!("expected a welcome, got {other:?}")),
     }
 }
 
-/// Moves frames both ways until either side fails; returns why.
+/// Moves messages both ways until either side fails; returns why.
 async fn pump(
-    mut wr: Writer,
-    mut rd: Reader,
+    mut wr: FrameWriter,
+    mut rd: FrameReader,
     mut rx: mpsc::Receiver<SessionMsg>,
     to_main: &mpsc::Sender<ToMain>,
 ) -> String {
@@ -230,30 +224,24 @@ async fn pump(
         tokio::select! {
             msg = rx.recv() => {
                 let Some(msg) = msg else { return "closed locally".into() };
-                let bytes = match encode(&msg) {
-                    Ok(b) => b,
+                match wr.send(&msg).await {
+                    Ok(_) => {}
+                    Err(e @ FrameError::Io(_)) => return format!("send: {e}"),
                     Err(e) => return e.to_string(),
-                };
-                if let Err(e) = wr.send(Bytes::from(bytes)).await {
-                    return format!("send: {e}");
                 }
             }
-            frame = rd.next() => {
-                let frame = match frame {
-                    Some(Ok(f)) => f,
-                    Some(Err(e)) => return format!("receive: {e}"),
-                    None => return "the hub closed the session".into(),
-                };
-                match decode::<HubMsg>(&frame) {
-                    Ok(HubMsg::Refused(r)) => return format!("refused: {r}"),
-                    Ok(m) => {
-                        if to_main.send(ToMain::Hub(m)).await.is_err() {
-                            return "stopping".into();
-                        }
+            // Cancel safe: a frame read halfway stays buffered for the next turn.
+            msg = rd.recv::<HubMsg>() => match msg {
+                Ok(Some(HubMsg::Refused(r))) => return format!("refused: {r}"),
+                Ok(Some(m)) => {
+                    if to_main.send(ToMain::Hub(m)).await.is_err() {
+                        return "stopping".into();
                     }
-                    Err(e) => return format!("malformed message from the hub: {e}"),
                 }
-            }
+                Ok(None) => return "the hub closed the session".into(),
+                Err(FrameError::Decode(e)) => return format!("malformed message from the hub: {e}"),
+                Err(e) => return format!("receive: {e}"),
+            },
         }
     }
 }
