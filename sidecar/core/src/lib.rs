@@ -229,8 +229,11 @@ impl Core {
 
     /// The hub welcomed a session: replay the outbox, heartbeat at once and
     /// then on the welcome's interval, and start the orphans' claim window.
+    /// Held-back assignments are dropped: the hub resends, behind the welcome,
+    /// those it still means this sidecar to have.
     pub fn handle_connected(&mut self, now: Duration, welcome: &Welcome) {
         self.connected = true;
+        self.deferred.clear();
         self.set_max_result_bytes(welcome.limits.max_result_bytes as usize);
         let replay: Vec<Effect> = self
             .outbox

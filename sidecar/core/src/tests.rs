@@ -392,7 +392,7 @@ fn an_exec_run_that_fails_within_the_settle_time_never_started() {
     c.handle_run(ms(201), spawned(2, 1, RunMode::Exec));
     c.handle_run(ms(210), finished(2, 1, Outcome::Completed));
     let e = c.take_effects();
-    assert_eq!(started(&e), [None]);
+    assert_eq!(started(&e), [Some(42)], "with the run's pid");
     c.handle_timeout(ms(10_000));
     assert!(started(&c.take_effects()).is_empty());
 }
@@ -712,6 +712,11 @@ fn an_assignment_beyond_the_slots_waits_for_one_to_free() {
         },
     );
     assert!(c.take_effects().is_empty());
+    assert_eq!(c.deferred(), 0);
+    // A new session starts from what the hub resends behind its welcome.
+    c.handle_hub(T0, assign(4, 1));
+    assert_eq!(c.deferred(), 1);
+    c.handle_connected(ms(10), &welcome(1_000));
     assert_eq!(c.deferred(), 0);
 }
 
