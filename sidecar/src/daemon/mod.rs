@@ -262,7 +262,8 @@ async fn serve(
         return Err(DaemonError::Start("no session channel".into()));
     };
     loop {
-        let due = core.poll_timeout().map(|at| d.origin + at);
+        // A deadline too far to name as an Instant is never.
+        let due = core.poll_timeout().and_then(|at| d.origin.checked_add(at));
         tokio::select! {
             Some(m) = from_session.recv() => events.push(Ev::Session(m)),
             Some(e) = io.run_rx.recv() => events.push(Ev::Run(e)),
