@@ -5,17 +5,15 @@ use std::net::SocketAddr;
 use std::str::FromStr;
 use std::time::Duration;
 
-use bytes::Bytes;
-use futures::{SinkExt, StreamExt};
+use futures::StreamExt;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use tokio_util::codec::{FramedRead, FramedWrite};
 
 use crate::limits::FRAME_BYTES_MAX;
 use crate::msg::{
     EnrollRequest, EnrollResponse, HubMsg, OpRequest, OpResponse, Open, OpenBody, Role,
 };
-use crate::{AgentName, PROTOCOL_VERSION, decode, encode, frame_codec, tls};
+use crate::{AgentName, FrameError, PROTOCOL_VERSION, decode, framed, tls};
 
 /// How long a connection attempt may take before it is reported as unreachable.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -290,12 +288,11 @@ async fn exchange<Q: serde::Serialize, A: serde::de::DeserializeOwned>(
     msg: &Q,
 ) -> Result<A, ClientError> {
     let (send, recv) = conn.open_bi().await.map_err(refused_or_lost)?;
-    let mut wr = FramedWrite::new(send, frame_codec(FRAME_BYTES_MAX));
-    let mut rd = FramedRead::new(recv, frame_codec(FRAME_BYTES_MAX));
-    let bytes = encode(msg).map_err(|e| ClientError::Protocol(e.to_string()))?;
-    wr.send(Bytes::from(bytes))
-        .await
-        .map_err(|e| io_err(conn, e))?;
+    let (mut wr, mut rd) = framed(send, recv, FRAME_BYTES_MAX);
+    wr.send(msg).await.map_err(|e| match e {
+        FrameError::Io(e) => io_err(conn, e),
+        e => ClientError::Protocol(e.to_string()),
+    })?;
     let _ = wr.get_mut().finish();
     let frame = match rd.next().await {
         Some(Ok(f)) => f,
@@ -307,6 +304,7 @@ async fn exchange<Q: serde::Serialize, A: serde::de::DeserializeOwned>(
             });
         }
     };
+    // A refusal comes in place of the answer: decoded as such, never as garbage.
     decode::<A>(&frame).map_err(|e| match decode::<HubMsg>(&frame) {
         Ok(HubMsg::Refused(r)) => ClientError::Refused(r.to_string()),
         _ => ClientError::Protocol(format!("unexpected answer: {e}")),

@@ -6,8 +6,9 @@
 //! shared by both ends) and [`client`], [`http`] (the small `/metrics` endpoint both daemons serve) and
 //! [`join_token`]. Nothing here holds runtime state.
 //!
-//! Data flow: a peer builds a message from [`msg`], [`encode`]s it, and writes
-//! it as one frame with [`frame_codec`]; the receiver reads one frame (refused
+//! Data flow: a peer builds a message from [`msg`] and sends it with a
+//! [`FrameWriter`] (from [`framed`]), which [`encode`]s it as one frame with
+//! [`frame_codec`]; the receiver's [`FrameReader`] reads one frame (refused
 //! before allocation if it is larger than the limit) and [`decode`]s it, which
 //! returns an error, never a panic, on any byte string.
 
@@ -17,7 +18,7 @@ pub mod http;
 pub mod join_token;
 pub mod tls;
 
-pub use framing::frame_codec;
+pub use framing::{FrameError, FrameReader, FrameWriter, frame_codec, framed};
 pub use muster_wire::{
     AgentName, DecodeError, EncodeError, EventSeq, Generation, NameError, PROTOCOL_VERSION,
     ReportId, TaskId, codec, decode, duration, encode, ids, limits, msg, pace, peek_open,

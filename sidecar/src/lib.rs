@@ -2,7 +2,8 @@
 //! wakes the local agent, verifies it started, watches it, and reports.
 //!
 //! Parts: [`config`] (sidecar.toml), [`keystore`] (where the private key
-//! lives), [`core`] (pure decisions: phases, outbox), [`queue`] (redb),
+//! lives), [`core`] (pure decisions with explicit time: phases, outbox, slots,
+//! start deadlines, heartbeats, orphans, run directory release), [`queue`] (redb),
 //! [`agent`] (the runner: exec and wake modes, verification, probes),
 //! [`host`] (self-test and host figures), [`local`] (the agent's Unix socket),
 //! [`tasktoken`] (each attempt's secret for that socket),

@@ -21,45 +21,9 @@ pub const SCHEMA_VERSION: u64 = 1;
 /// The database file in the data directory.
 pub const DB_FILE: &str = "sidecar.redb";
 
-/// Whether and how one batch of effects is committed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CommitKind {
-    /// No store effect: no transaction.
-    Nothing,
-    /// Only forgetting (acknowledged reports, ended or dropped tasks): committed
-    /// without a flush (redb `Durability::None`); it reaches the disk with the next
-    /// flushed commit.
-    Unflushed,
-    /// Anything else: flushed (redb `Durability::Immediate`, which calls
-    /// `fdatasync`) before [`Queue::apply`] returns, so before the loop sends the
-    /// `Accepted`, `Started` or `Finished` report the batch guards.
-    Flushed,
-}
-
-/// How [`Queue::apply`] commits `effects`.
-///
-/// A batch that only forgets need not reach the disk before anything else
-/// happens: if it is lost in a crash, the restarted sidecar replays reports the
-/// hub already has and offers tasks it already ended, and the hub answers both
-/// as repeats. Such batches ride on the next durable commit; it saves one flush
-/// per acknowledgement. Everything else a batch stores (a task, a report, the
-/// next report id) is what a report sent after the commit promises.
-pub fn commit_kind(effects: &[Effect]) -> CommitKind {
-    let mut kind = CommitKind::Nothing;
-    for e in effects {
-        match e {
-            Effect::PutTask(_) | Effect::PutReport(_) | Effect::NextReport(_) => {
-                return CommitKind::Flushed;
-            }
-            Effect::DeleteTask(..) | Effect::DeleteReport(_) => kind = CommitKind::Unflushed,
-            Effect::Send(_)
-            | Effect::StartRun(..)
-            | Effect::StopRun(..)
-            | Effect::ForgetRun(..) => {}
-        }
-    }
-    kind
-}
+/// How a batch commits is the core's decision (it also decides when run
+/// directories may go); the queue applies it.
+pub use crate::core::{CommitKind, commit_kind};
 
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const TASKS: TableDefinition<u64, &[u8]> = TableDefinition::new("tasks");
@@ -259,7 +223,16 @@ mod tests {
 
     /// The batch the core produces for `step`, after `before` on a fresh core.
     fn batch(before: &[&dyn Fn(&mut Core)], step: &dyn Fn(&mut Core)) -> Vec<Effect> {
-        let mut c = Core::new(vec![], vec![], 1);
+        let mut c = Core::new(
+            vec![],
+            vec![],
+            1,
+            crate::core::Policy {
+                slots: 4,
+                ..Default::default()
+            },
+            1,
+        );
         for b in before {
             b(&mut c);
             let _ = c.take_effects();
@@ -270,9 +243,9 @@ mod tests {
 
     #[test]
     fn accepting_starting_and_finishing_are_flushed_before_their_report() {
-        let accept = |c: &mut Core| c.handle_hub(assign());
-        let start = |c: &mut Core| c.handle_run(started());
-        let finish = |c: &mut Core| c.handle_run(finished());
+        let accept = |c: &mut Core| c.handle_hub(std::time::Duration::ZERO, assign());
+        let start = |c: &mut Core| c.handle_run(std::time::Duration::ZERO, started());
+        let finish = |c: &mut Core| c.handle_run(std::time::Duration::ZERO, finished());
         for (kind, effects) in [
             ("accept", batch(&[], &accept)),
             ("start", batch(&[&accept], &start)),
@@ -290,12 +263,12 @@ mod tests {
 
     #[test]
     fn acknowledgements_cancels_and_abandons_only_forget_and_are_not_flushed() {
-        let accept = |c: &mut Core| c.handle_hub(assign());
-        let start = |c: &mut Core| c.handle_run(started());
-        let finish = |c: &mut Core| c.handle_run(finished());
+        let accept = |c: &mut Core| c.handle_hub(std::time::Duration::ZERO, assign());
+        let start = |c: &mut Core| c.handle_run(std::time::Duration::ZERO, started());
+        let finish = |c: &mut Core| c.handle_run(std::time::Duration::ZERO, finished());
         // Reports 1 (accepted) and 2 (started) are acknowledged: only the outbox shrinks.
         let ack_some = batch(&[&accept, &start], &|c: &mut Core| {
-            c.handle_hub(HubMsg::Ack { upto: ReportId(2) });
+            c.handle_hub(std::time::Duration::ZERO, HubMsg::Ack { upto: ReportId(2) });
         });
         assert_eq!(
             ack_some,
@@ -306,21 +279,27 @@ mod tests {
         );
         // The final acknowledgement also forgets the ended task.
         let ack_all = batch(&[&accept, &start, &finish], &|c: &mut Core| {
-            c.handle_hub(HubMsg::Ack { upto: ReportId(3) });
+            c.handle_hub(std::time::Duration::ZERO, HubMsg::Ack { upto: ReportId(3) });
         });
         assert!(ack_all.contains(&Effect::DeleteTask(T, G)), "{ack_all:?}");
         let cancel = batch(&[&accept], &|c: &mut Core| {
-            c.handle_hub(HubMsg::Cancel {
-                task: T,
-                generation: G,
-            });
+            c.handle_hub(
+                std::time::Duration::ZERO,
+                HubMsg::Cancel {
+                    task: T,
+                    generation: G,
+                },
+            );
         });
         let abandon = batch(&[&accept, &start], &|c: &mut Core| {
-            c.handle_hub(HubMsg::Abandon {
-                task: T,
-                generation: G,
-                reason: "superseded".into(),
-            });
+            c.handle_hub(
+                std::time::Duration::ZERO,
+                HubMsg::Abandon {
+                    task: T,
+                    generation: G,
+                    reason: "superseded".into(),
+                },
+            );
         });
         for (kind, effects) in [
             ("ack of non-final reports", ack_some),
@@ -341,20 +320,23 @@ mod tests {
         // A new assignment in the same batch as an acknowledgement: the Accepted it
         // sends must be durable, so the whole batch is flushed.
         let mixed = batch(
-            &[&|c: &mut Core| c.handle_hub(assign())],
+            &[&|c: &mut Core| c.handle_hub(std::time::Duration::ZERO, assign())],
             &|c: &mut Core| {
-                c.handle_hub(HubMsg::Ack { upto: ReportId(1) });
-                c.handle_hub(HubMsg::Assign(Assign {
-                    task: TaskId(2),
-                    generation: G,
-                    spec: TaskSpec {
-                        title: "u".into(),
-                        description: String::new(),
-                        capabilities: vec![],
-                        priority: 0,
-                        timeout_ms: None,
-                    },
-                }));
+                c.handle_hub(std::time::Duration::ZERO, HubMsg::Ack { upto: ReportId(1) });
+                c.handle_hub(
+                    std::time::Duration::ZERO,
+                    HubMsg::Assign(Assign {
+                        task: TaskId(2),
+                        generation: G,
+                        spec: TaskSpec {
+                            title: "u".into(),
+                            description: String::new(),
+                            capabilities: vec![],
+                            priority: 0,
+                            timeout_ms: None,
+                        },
+                    }),
+                );
             },
         );
         assert!(mixed.contains(&Effect::DeleteReport(ReportId(1))));
@@ -379,7 +361,9 @@ mod tests {
     fn apply_commits_what_commit_kind_chose() {
         let dir = tempfile::tempdir().expect("temp dir");
         let q = Queue::open(&dir.path().join(DB_FILE)).expect("open");
-        let accept = batch(&[], &|c: &mut Core| c.handle_hub(assign()));
+        let accept = batch(&[], &|c: &mut Core| {
+            c.handle_hub(std::time::Duration::ZERO, assign())
+        });
         q.apply(&accept).expect("flushed commit");
         let loaded = q.load().expect("load");
         assert_eq!(loaded.tasks.len(), 1);

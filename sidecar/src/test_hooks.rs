@@ -5,7 +5,7 @@
 //!
 //! Two hooks, for the crash tests. While [`HOLD_HANDLE_FILE`] exists in the data
 //! directory, a batch that accepts assignments commits the acceptance without
-//! waiting for the spawns ("Launch before commit" in `daemon.rs`), and the batch
+//! waiting for the spawns ("Launch before commit" in `daemon/mod.rs`), and the batch
 //! that would commit a run's handle stops before its commit, writes
 //! [`HOLD_REACHED_FILE`] and waits until the hold file is gone. A test that
 //! kills the sidecar there leaves exactly the state the restart must handle by

@@ -1,7 +1,7 @@
 //! Issue 13, item 5: crash paths of the sidecar that could run a task twice.
 //!
 //! The sidecar starts a run before it commits what it knows about it ("Launch
-//! before commit" in `sidecar/src/daemon.rs`). When the spawn takes longer than
+//! before commit" in `sidecar/src/daemon/mod.rs`). When the spawn takes longer than
 //! the batch waits for it, the acceptance commits without a run handle and the
 //! handle follows in a later commit; a sidecar killed between the two leaves an
 //! accepted task, a handle file in its run directory, and no handle in its

@@ -1080,7 +1080,7 @@ fn waited_exit_status_is_lost_with_the_sidecar_and_the_task_is_retried() {
 }
 
 /// What a sidecar that dies between spawning a run and committing it leaves
-/// behind ("Launch before commit" in sidecar/src/daemon.rs): a run directory
+/// behind ("Launch before commit" in sidecar/src/daemon/mod.rs): a run directory
 /// holding the run's handle, and a queue that never heard of the task. The hub
 /// never heard `Accepted` and resends the same attempt; the restarted sidecar
 /// must adopt that run (never start the agent a second time), and stopping the

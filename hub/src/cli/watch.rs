@@ -10,28 +10,25 @@ pub(crate) async fn watch(
     from: Option<u64>,
     json: bool,
 ) -> Result<(), CliError> {
-    use bytes::Bytes;
-    use futures::{SinkExt, StreamExt};
     use muster_protocol::msg::{OpResponse, Open, OpenBody};
     let s = connect.connect().await?;
     let (send, recv) = s.conn.open_bi().await.map_err(client::refused_or_lost)?;
-    let codec = || muster_protocol::frame_codec(muster_protocol::limits::FRAME_BYTES_MAX);
-    let mut wr = tokio_util::codec::FramedWrite::new(send, codec());
-    let mut rd = tokio_util::codec::FramedRead::new(recv, codec());
+    let (mut wr, mut rd) =
+        muster_protocol::framed(send, recv, muster_protocol::limits::FRAME_BYTES_MAX);
     let open = Open {
         protocol: muster_protocol::PROTOCOL_VERSION,
         body: OpenBody::Request(OpRequest::Watch {
             from: from.map(EventSeq),
         }),
     };
-    let bytes = muster_protocol::encode(&open).map_err(|e| CliError::fail(e.to_string()))?;
-    wr.send(Bytes::from(bytes))
+    wr.send(&open)
         .await
         .map_err(|e| CliError::fail(e.to_string()))?;
-    while let Some(frame) = rd.next().await {
-        let frame = frame.map_err(|e| CliError::fail(format!("watch stream: {e}")))?;
-        match muster_protocol::decode::<OpResponse>(&frame) {
-            Ok(OpResponse::Event { seq, json: doc }) => {
+    loop {
+        let event = rd.recv::<OpResponse>().await;
+        match event {
+            Ok(None) => break,
+            Ok(Some(OpResponse::Event { seq, json: doc })) => {
                 if json {
                     let mut v: serde_json::Value = serde_json::from_str(&doc).unwrap_or_default();
                     v["seq"] = seq.0.into();
@@ -40,8 +37,8 @@ pub(crate) async fn watch(
                     println!("{seq:>8}  {}", crate::cli::escape_controls(&doc, false));
                 }
             }
-            Ok(OpResponse::Error(e)) => return Err(CliError::fail(e.message)),
-            Ok(OpResponse::Ok { .. }) => {}
+            Ok(Some(OpResponse::Error(e))) => return Err(CliError::fail(e.message)),
+            Ok(Some(OpResponse::Ok { .. })) => {}
             Err(e) => return Err(CliError::fail(format!("watch stream: {e}"))),
         }
     }

@@ -5,14 +5,12 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use bytes::Bytes;
-use futures::{SinkExt, StreamExt};
+use futures::StreamExt;
 use muster_protocol::msg::{
     HubMsg, OpError, OpErrorCode, OpRequest, OpResponse, Open, OpenBody, Refused, SessionMsg,
 };
-use muster_protocol::{EventSeq, PROTOCOL_VERSION, decode, encode, frame_codec};
+use muster_protocol::{EventSeq, FrameReader, FrameWriter, PROTOCOL_VERSION, decode};
 use tokio::sync::{mpsc, oneshot};
-use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
 use tracing::{info, warn};
 
 use super::endpoint::{Shared, closed_by_peer};
@@ -21,30 +19,14 @@ use super::{SESSION_QUEUE_LEN, ToCore};
 use crate::core::ConnId;
 use muster_protocol::pace::Window;
 
-pub(super) fn framed(
-    send: quinn::SendStream,
-    recv: quinn::RecvStream,
-    max: usize,
-) -> (
-    FramedWrite<quinn::SendStream, LengthDelimitedCodec>,
-    FramedRead<quinn::RecvStream, LengthDelimitedCodec>,
-) {
-    (
-        FramedWrite::new(send, frame_codec(max)),
-        FramedRead::new(recv, frame_codec(max)),
-    )
-}
+pub(super) use muster_protocol::framed;
 
+/// Sends `msg` as one frame; the bytes it took on the wire.
 pub(super) async fn send_frame<T: serde::Serialize>(
-    wr: &mut FramedWrite<quinn::SendStream, LengthDelimitedCodec>,
+    wr: &mut FrameWriter,
     msg: &T,
 ) -> Result<usize, String> {
-    let bytes = encode(msg).map_err(|e| e.to_string())?;
-    let n = bytes.len() + 4;
-    wr.send(Bytes::from(bytes))
-        .await
-        .map_err(|e| e.to_string())?;
-    Ok(n)
+    wr.send(msg).await.map_err(|e| e.to_string())
 }
 
 pub(super) async fn handle_stream(
@@ -134,8 +116,8 @@ pub(super) async fn run_session(
     conn_id: ConnId,
     fingerprint: String,
     hello: muster_protocol::msg::Hello,
-    mut wr: FramedWrite<quinn::SendStream, LengthDelimitedCodec>,
-    mut rd: FramedRead<quinn::RecvStream, LengthDelimitedCodec>,
+    mut wr: FrameWriter,
+    mut rd: FrameReader,
     shared: Arc<Shared>,
 ) {
     let (tx, mut rx) = mpsc::channel::<HubMsg>(SESSION_QUEUE_LEN);
@@ -231,7 +213,7 @@ pub(super) async fn run_session(
 pub(super) async fn run_watch(
     fingerprint: String,
     from: Option<EventSeq>,
-    mut wr: FramedWrite<quinn::SendStream, LengthDelimitedCodec>,
+    mut wr: FrameWriter,
     shared: Arc<Shared>,
 ) {
     let (tx, mut rx) = mpsc::channel(WATCH_PAGE * 2);

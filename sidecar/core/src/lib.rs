@@ -1,21 +1,49 @@
 //! The sidecar's decision core: which tasks it holds and in which phase, the
-//! outbox of reports, and what each event means. Sans-IO.
+//! outbox of reports, the slots, when a run counts as started or has taken too
+//! long, the heartbeat schedule, orphaned runs, and when a forgotten task's run
+//! directory may go. Sans-IO: no runtime, store, clock, file or process.
 //!
-//! The shell calls [`Core::handle`] for each event and then [`Core::take_effects`].
-//! It must apply the store effects ([`Effect::is_store`]) in one durable
-//! transaction **before** performing any other effect, so no report leaves
-//! before the state it reports is on disk.
+//! Parts: this file (the types and the calling contract), `tasks` (assignments,
+//! reports, runner events and agent commands), [`starts`] (start deadlines),
+//! [`timers`] (the heartbeat schedule, the orphan claim, [`Core::poll_timeout`]),
+//! [`durability`] (how a batch commits, when run directories go), [`policy`]
+//! (what the shell configures) and [`run`] (the runner's vocabulary).
+//!
+//! # Calling contract
+//!
+//! Time is `now`, a [`Duration`] since an origin the shell keeps fixed for the
+//! life of the core (the daemon passes `Instant - start`): monotonic, never
+//! persisted.
+//!
+//! 1. [`Core::new`] with what the queue held, then [`Core::handle_startup`]
+//!    once, before any other input.
+//! 2. For each input, the matching `handle_*`; once `now` reaches
+//!    [`Core::poll_timeout`], [`Core::handle_timeout`].
+//! 3. Then [`Core::take_effects`]: the shell applies the store effects
+//!    ([`Effect::is_store`]) in one transaction, committed as [`commit_kind`]
+//!    says, **before** performing any other effect, in order; so no report
+//!    leaves before the state it reports is on disk.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::time::Duration;
 
-use muster_wire::limits::truncate_utf8;
-use muster_wire::msg::{
-    Assign, Failure, HeldTask, HubMsg, Outcome, Phase, Report, ReportBody, SessionMsg, TaskSpec,
-};
+use muster_wire::msg::{Assign, HeldTask, HubMsg, Outcome, Report, SessionMsg, TaskSpec, Welcome};
+use muster_wire::pace::Rng;
 use muster_wire::{Generation, ReportId, TaskId};
 use serde::{Deserialize, Serialize};
 
+pub mod durability;
+pub mod policy;
 pub mod run;
+pub mod starts;
+mod tasks;
+pub mod timers;
+
+#[cfg(test)]
+mod tests;
+
+pub use durability::{CommitKind, commit_kind};
+pub use policy::{Policy, Verifier};
 
 use run::{RunEvent, RunHandle};
 
@@ -29,7 +57,7 @@ pub struct LocalTask {
     /// What to do.
     pub spec: TaskSpec,
     /// How far it got.
-    pub phase: Phase,
+    pub phase: muster_wire::msg::Phase,
     /// How to find the agent run again after a restart.
     pub handle: Option<RunHandle>,
 }
@@ -39,22 +67,36 @@ pub struct LocalTask {
 pub enum Effect {
     /// Persist a task.
     PutTask(LocalTask),
-    /// Forget a task; the shell also removes that attempt's run directory.
+    /// Forget a task. Its run directory goes with a later [`Effect::ReleaseRunDir`].
     DeleteTask(TaskId, Generation),
     /// Persist a report in the outbox.
     PutReport(Report),
     /// Drop an acknowledged or obsolete report.
     DeleteReport(ReportId),
-    /// Persist the next report id.
+    /// Persist the next report id (also the small flushed commit of an idle
+    /// sidecar's heartbeat, see [`durability`]).
     NextReport(u64),
     /// Send a message to the hub (if connected).
     Send(SessionMsg),
     /// Start the agent run for an accepted task.
     StartRun(TaskId, Generation, TaskSpec),
+    /// Re-attach to the orphaned run of this attempt (spawned before a crash
+    /// that lost its acceptance) instead of starting it a second time.
+    AdoptRun(TaskId, Generation, TaskSpec),
     /// Stop an agent run (cancel, abandon).
     StopRun(TaskId, Generation),
     /// Stop watching a run that ended by the agent's own report.
     ForgetRun(TaskId, Generation),
+    /// The run's start took too long: the runner stops waking or verifying
+    /// and ends the run with this outcome (and what it saw) in its `Finished`.
+    TimeOutStart(TaskId, Generation, Outcome),
+    /// End these orphaned runs (no resent assignment claimed them, or a newer
+    /// generation superseded them) and remove their run directories.
+    EndOrphans(Vec<(TaskId, Generation)>),
+    /// Send a heartbeat now (the shell adds its host figures and self-test).
+    Heartbeat,
+    /// The forgetting of this attempt is durable: remove its run directory.
+    ReleaseRunDir(TaskId, Generation),
 }
 
 impl Effect {
@@ -99,19 +141,48 @@ pub enum AgentCmd {
     },
 }
 
-/// The sidecar core. See the module docs for the calling contract.
-#[derive(Debug, Default)]
+/// The sidecar core. See the crate docs for the calling contract.
+#[derive(Debug)]
 pub struct Core {
     tasks: BTreeMap<TaskId, LocalTask>,
     outbox: BTreeMap<ReportId, Report>,
     next_report: u64,
     effects: Vec<Effect>,
     max_result_bytes: usize,
+    policy: Policy,
+    /// Assignments beyond the slots, oldest first, accepted as slots free;
+    /// at most [`policy::DEFERRED_MAX`].
+    deferred: VecDeque<Assign>,
+    /// The start of each run not yet established (at most one per held task).
+    starts: BTreeMap<TaskId, starts::Start>,
+    /// The deadlines of `starts`.
+    deadlines: timers::Deadlines,
+    /// Draws the heartbeat jitter.
+    rng: Rng,
+    heartbeat_interval: Duration,
+    /// When the next heartbeat is due; `None` until startup.
+    heartbeat_at: Option<Duration>,
+    /// Whether a hub session is up (heartbeats are sent only then).
+    connected: bool,
+    /// Runs found at startup for attempts the store never recorded; the hub's
+    /// resent assignment adopts one, the claim deadline ends the rest.
+    orphans: BTreeSet<(TaskId, Generation)>,
+    /// When unclaimed orphans are ended (armed at the first welcome).
+    orphan_claim_at: Option<Duration>,
+    /// Forgotten attempts whose run directories wait for a flushed commit.
+    unreleased: Vec<(TaskId, Generation)>,
 }
 
 impl Core {
-    /// Builds the core from what the queue held at startup.
-    pub fn new(tasks: Vec<LocalTask>, outbox: Vec<Report>, next_report: u64) -> Self {
+    /// Builds the core from what the queue held at startup. `seed` feeds the
+    /// heartbeat jitter: give each sidecar its own.
+    pub fn new(
+        tasks: Vec<LocalTask>,
+        outbox: Vec<Report>,
+        next_report: u64,
+        policy: Policy,
+        seed: u64,
+    ) -> Self {
         let next = outbox
             .iter()
             .map(|r| r.id.0 + 1)
@@ -124,7 +195,63 @@ impl Core {
             next_report: next,
             effects: Vec::new(),
             max_result_bytes: muster_wire::limits::RESULT_BYTES_MAX,
+            policy,
+            deferred: VecDeque::new(),
+            starts: BTreeMap::new(),
+            deadlines: timers::Deadlines::default(),
+            rng: Rng::new(seed),
+            heartbeat_interval: policy::HEARTBEAT_INTERVAL_DEFAULT,
+            heartbeat_at: None,
+            connected: false,
+            orphans: BTreeSet::new(),
+            orphan_claim_at: None,
+            unreleased: Vec::new(),
         }
+    }
+
+    /// At startup, before any other input: schedules the first heartbeat,
+    /// gives the restored wake runs their start deadlines (the shell restarts
+    /// or re-attaches them next), and takes the `orphans` the shell found (runs
+    /// spawned for attempts the store never recorded).
+    pub fn handle_startup(&mut self, now: Duration, orphans: Vec<(TaskId, Generation)>) {
+        self.schedule_heartbeat(now);
+        self.orphans = orphans.into_iter().collect();
+        let restored: Vec<_> = self
+            .tasks
+            .values()
+            .filter(|t| t.phase != muster_wire::msg::Phase::Finished)
+            .map(|t| (t.task, t.generation, t.handle.as_ref().map(|h| h.mode)))
+            .collect();
+        for (task, generation, mode) in restored {
+            self.run_restored(now, task, generation, mode);
+        }
+    }
+
+    /// The hub welcomed a session: replay the outbox, heartbeat at once and
+    /// then on the welcome's interval, and start the orphans' claim window.
+    /// Held-back assignments are dropped: the hub resends, behind the welcome,
+    /// those it still means this sidecar to have.
+    pub fn handle_connected(&mut self, now: Duration, welcome: &Welcome) {
+        self.connected = true;
+        self.deferred.clear();
+        self.set_max_result_bytes(welcome.limits.max_result_bytes as usize);
+        let replay: Vec<Effect> = self
+            .outbox
+            .values()
+            .map(|r| Effect::Send(SessionMsg::Report(r.clone())))
+            .collect();
+        self.effects.extend(replay);
+        self.effects.push(Effect::Heartbeat);
+        let interval = Duration::from_millis(welcome.heartbeat_interval_ms);
+        self.heartbeat_welcomed(now, interval);
+        if !self.orphans.is_empty() && self.orphan_claim_at.is_none() {
+            self.orphan_claim_at = Some(now.saturating_add(policy::ORPHAN_CLAIM));
+        }
+    }
+
+    /// The session ended; reports wait in the outbox for the next welcome.
+    pub fn handle_disconnected(&mut self) {
+        self.connected = false;
     }
 
     /// Sets the result limit announced in the hub's welcome.
@@ -132,9 +259,59 @@ impl Core {
         self.max_result_bytes = n.min(muster_wire::limits::RESULT_BYTES_MAX);
     }
 
-    /// Effects since the last call, in order.
+    /// Handles a message from the hub.
+    pub fn handle_hub(&mut self, now: Duration, msg: HubMsg) {
+        match msg {
+            HubMsg::Assign(a) => self.assign(now, a),
+            HubMsg::Cancel { task, generation }
+            | HubMsg::Abandon {
+                task, generation, ..
+            } => {
+                self.undefer(task, generation);
+                self.drop_task(task, generation, true);
+            }
+            HubMsg::Ack { upto } => self.ack(upto),
+            HubMsg::Welcome(_) | HubMsg::Refused(_) => {}
+        }
+        self.admit_deferred(now);
+    }
+
+    /// Handles an event from the agent runner.
+    pub fn handle_run(&mut self, now: Duration, ev: RunEvent) {
+        self.run_event(now, ev);
+        self.admit_deferred(now);
+    }
+
+    /// Handles a command from the agent about its attempt (task, generation);
+    /// `Err` is the plain message to show it. The shell checks the attempt's
+    /// token before calling this.
+    ///
+    /// # Errors
+    /// A sentence when the command makes no sense now (no such task, stale
+    /// generation, ended, or its start already timed out).
+    pub fn handle_agent(
+        &mut self,
+        now: Duration,
+        task: TaskId,
+        generation: Generation,
+        cmd: AgentCmd,
+    ) -> Result<String, String> {
+        let answer = self.agent_command(task, generation, cmd);
+        self.admit_deferred(now);
+        answer
+    }
+
+    /// Effects since the last call, in order. When the batch commits flushed,
+    /// it also releases the run directories of every task forgotten so far.
     #[must_use]
     pub fn take_effects(&mut self) -> Vec<Effect> {
+        if !self.unreleased.is_empty() && commit_kind(&self.effects) == CommitKind::Flushed {
+            let released = self
+                .unreleased
+                .drain(..)
+                .map(|(t, g)| Effect::ReleaseRunDir(t, g));
+            self.effects.extend(released);
+        }
         std::mem::take(&mut self.effects)
     }
 
@@ -155,7 +332,7 @@ impl Core {
         self.tasks.values()
     }
 
-    /// Unacknowledged reports, oldest first, to replay after a reconnect.
+    /// Unacknowledged reports, oldest first.
     pub fn outbox(&self) -> impl Iterator<Item = &Report> {
         self.outbox.values()
     }
@@ -169,262 +346,18 @@ impl Core {
     pub fn busy(&self) -> usize {
         self.tasks
             .values()
-            .filter(|t| t.phase != Phase::Finished)
+            .filter(|t| t.phase != muster_wire::msg::Phase::Finished)
             .count()
     }
 
-    /// Handles a message from the hub.
-    pub fn handle_hub(&mut self, msg: HubMsg) {
-        match msg {
-            HubMsg::Assign(a) => self.assign(a),
-            HubMsg::Cancel { task, generation } => self.drop_task(task, generation, true),
-            HubMsg::Abandon {
-                task, generation, ..
-            } => self.drop_task(task, generation, true),
-            HubMsg::Ack { upto } => self.ack(upto),
-            HubMsg::Welcome(_) | HubMsg::Refused(_) => {}
-        }
+    /// Assignments waiting for a free slot.
+    pub fn deferred(&self) -> usize {
+        self.deferred.len()
     }
 
-    fn assign(&mut self, a: Assign) {
-        if let Some(t) = self.tasks.get(&a.task) {
-            if t.generation == a.generation {
-                // A repeat (resent after a reconnect): the first one stands.
-                return;
-            }
-            if t.generation > a.generation {
-                return;
-            }
-            // A newer generation supersedes what we hold: stop the old run first.
-            let old = t.generation;
-            self.drop_task(a.task, old, true);
-        }
-        let t = LocalTask {
-            task: a.task,
-            generation: a.generation,
-            spec: a.spec.clone(),
-            phase: Phase::Accepted,
-            handle: None,
-        };
-        self.effects.push(Effect::PutTask(t.clone()));
-        self.tasks.insert(a.task, t);
-        self.report(a.task, a.generation, ReportBody::Accepted);
-        self.effects
-            .push(Effect::StartRun(a.task, a.generation, a.spec));
-    }
-
-    /// Stops and forgets a task (cancel, abandon, superseded).
-    fn drop_task(&mut self, task: TaskId, generation: Generation, stop: bool) {
-        let Some(t) = self.tasks.get(&task) else {
-            return;
-        };
-        if t.generation != generation {
-            return;
-        }
-        if stop && t.phase != Phase::Finished {
-            self.effects.push(Effect::StopRun(task, generation));
-        }
-        self.tasks.remove(&task);
-        self.effects.push(Effect::DeleteTask(task, generation));
-        // Reports about a superseded attempt are obsolete.
-        let obsolete: Vec<ReportId> = self
-            .outbox
-            .values()
-            .filter(|r| r.task == task && r.generation == generation)
-            .map(|r| r.id)
-            .collect();
-        for id in obsolete {
-            self.outbox.remove(&id);
-            self.effects.push(Effect::DeleteReport(id));
-        }
-    }
-
-    fn ack(&mut self, upto: ReportId) {
-        let acked: Vec<ReportId> = self.outbox.range(..=upto).map(|(id, _)| *id).collect();
-        let mut touched = Vec::new();
-        for id in acked {
-            if let Some(r) = self.outbox.remove(&id) {
-                touched.push(r.task);
-            }
-            self.effects.push(Effect::DeleteReport(id));
-        }
-        // A finished task whose reports are all acknowledged is done here.
-        for task in touched {
-            let done = self
-                .tasks
-                .get(&task)
-                .filter(|t| t.phase == Phase::Finished)
-                .map(|t| t.generation)
-                .filter(|_| !self.outbox.values().any(|r| r.task == task));
-            if let Some(generation) = done {
-                self.tasks.remove(&task);
-                self.effects.push(Effect::DeleteTask(task, generation));
-            }
-        }
-    }
-
-    fn report(&mut self, task: TaskId, generation: Generation, body: ReportBody) {
-        let id = ReportId(self.next_report);
-        self.next_report += 1;
-        let r = Report {
-            id,
-            task,
-            generation,
-            body,
-        };
-        self.effects.push(Effect::NextReport(self.next_report));
-        self.effects.push(Effect::PutReport(r.clone()));
-        self.outbox.insert(id, r.clone());
-        self.effects.push(Effect::Send(SessionMsg::Report(r)));
-    }
-
-    fn set_phase(&mut self, task: TaskId, phase: Phase) {
-        if let Some(t) = self.tasks.get_mut(&task) {
-            t.phase = phase;
-            self.effects.push(Effect::PutTask(t.clone()));
-        }
-    }
-
-    /// Handles an event from the agent runner.
-    pub fn handle_run(&mut self, ev: RunEvent) {
-        let (task, generation) = ev.attempt();
-        let Some(t) = self
-            .tasks
-            .get_mut(&task)
-            .filter(|t| t.generation == generation)
-        else {
-            return;
-        };
-        match ev {
-            RunEvent::Spawned { handle, .. } => {
-                t.handle = Some(handle);
-                if t.phase == Phase::Accepted {
-                    t.phase = Phase::Verifying;
-                }
-                let t = t.clone();
-                self.effects.push(Effect::PutTask(t));
-            }
-            RunEvent::Started { pid, session, .. } => {
-                if matches!(t.phase, Phase::Accepted | Phase::Waking | Phase::Verifying) {
-                    self.set_phase(task, Phase::Running);
-                    self.report(task, generation, ReportBody::Started { pid, session });
-                }
-            }
-            RunEvent::Finished {
-                outcome,
-                result,
-                error,
-                ..
-            } => {
-                if t.phase == Phase::Finished {
-                    return;
-                }
-                // An exec run that exited 0 before the agent said it started still started.
-                if outcome == Outcome::Completed && t.phase != Phase::Running {
-                    self.set_phase(task, Phase::Running);
-                    self.report(
-                        task,
-                        generation,
-                        ReportBody::Started {
-                            pid: None,
-                            session: None,
-                        },
-                    );
-                }
-                self.finish(task, generation, outcome, result, error);
-            }
-        }
-    }
-
-    fn finish(
-        &mut self,
-        task: TaskId,
-        generation: Generation,
-        outcome: Outcome,
-        result: Option<String>,
-        error: Option<Failure>,
-    ) {
-        self.set_phase(task, Phase::Finished);
-        let result = result.map(|r| truncate_utf8(r, self.max_result_bytes));
-        self.report(
-            task,
-            generation,
-            ReportBody::Finished {
-                outcome,
-                result,
-                error,
-            },
-        );
-    }
-
-    /// Handles a command from the agent about its attempt (task, generation);
-    /// `Err` is the plain message to show it. The shell checks the attempt's
-    /// token before calling this.
-    ///
-    /// # Errors
-    /// A sentence when the command makes no sense now (no such task, stale generation, ended).
-    pub fn handle_agent(
-        &mut self,
-        task: TaskId,
-        generation: Generation,
-        cmd: AgentCmd,
-    ) -> Result<String, String> {
-        let phase = self.attempt(task, generation)?.phase;
-        if matches!(cmd, AgentCmd::Current) {
-            return Ok(format!("task {task} generation {generation}"));
-        }
-        if phase == Phase::Finished {
-            return Err(format!("task {task} has already ended on this sidecar"));
-        }
-        match cmd {
-            AgentCmd::Current => Ok(String::new()),
-            AgentCmd::Start => {
-                if phase == Phase::Running {
-                    return Ok(format!("task {task} is already running"));
-                }
-                self.set_phase(task, Phase::Running);
-                self.report(
-                    task,
-                    generation,
-                    ReportBody::Started {
-                        pid: None,
-                        session: None,
-                    },
-                );
-                Ok(format!("task {task} started"))
-            }
-            AgentCmd::Progress { message } => {
-                let note = truncate_utf8(message, muster_wire::limits::NOTE_BYTES_MAX);
-                self.report(task, generation, ReportBody::Progress { note });
-                Ok(format!("progress recorded for task {task}"))
-            }
-            AgentCmd::Complete { result } => {
-                if phase != Phase::Running {
-                    self.set_phase(task, Phase::Running);
-                    self.report(
-                        task,
-                        generation,
-                        ReportBody::Started {
-                            pid: None,
-                            session: None,
-                        },
-                    );
-                }
-                self.effects.push(Effect::ForgetRun(task, generation));
-                self.finish(task, generation, Outcome::Completed, result, None);
-                Ok(format!("task {task} completed"))
-            }
-            AgentCmd::Fail { reason, no_retry } => {
-                self.effects.push(Effect::ForgetRun(task, generation));
-                let error = Failure {
-                    reason: format!("the agent reported failure: {reason}"),
-                    no_retry,
-                    ..Failure::default()
-                };
-                self.finish(task, generation, Outcome::Failed, None, Some(error));
-                Ok(format!("task {task} failed"))
-            }
-        }
+    /// The policy the core decides with.
+    pub fn policy(&self) -> &Policy {
+        &self.policy
     }
 
     /// The attempt an agent command refers to, if this sidecar holds it.
@@ -442,162 +375,5 @@ impl Core {
             ));
         }
         Ok(t)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn spec() -> TaskSpec {
-        TaskSpec {
-            title: "t".into(),
-            description: String::new(),
-            capabilities: vec![],
-            priority: 0,
-            timeout_ms: None,
-        }
-    }
-
-    fn assign(task: u64, g: u64) -> HubMsg {
-        HubMsg::Assign(Assign {
-            task: TaskId(task),
-            generation: Generation(g),
-            spec: spec(),
-        })
-    }
-
-    fn sends(e: &[Effect]) -> Vec<&SessionMsg> {
-        e.iter()
-            .filter_map(|e| match e {
-                Effect::Send(m) => Some(m),
-                _ => None,
-            })
-            .collect()
-    }
-
-    #[test]
-    fn assign_is_persisted_before_accepted_and_repeats_are_noops() {
-        let mut c = Core::new(vec![], vec![], 1);
-        c.handle_hub(assign(1, 1));
-        let e = c.take_effects();
-        let put = e
-            .iter()
-            .position(|e| matches!(e, Effect::PutTask(_)))
-            .expect("put");
-        let send = e
-            .iter()
-            .position(|e| matches!(e, Effect::Send(_)))
-            .expect("send");
-        assert!(put < send, "the task is stored before Accepted is sent");
-        assert!(e.iter().any(|e| matches!(e, Effect::StartRun(..))));
-        c.handle_hub(assign(1, 1));
-        assert!(
-            c.take_effects().is_empty(),
-            "a repeated assignment is a no-op"
-        );
-    }
-
-    #[test]
-    fn happy_path_reports_and_acks_clean_up() {
-        let mut c = Core::new(vec![], vec![], 1);
-        c.handle_hub(assign(1, 1));
-        let _ = c.take_effects();
-        c.handle_run(RunEvent::Started {
-            task: TaskId(1),
-            generation: Generation(1),
-            pid: Some(9),
-            session: None,
-        });
-        c.handle_run(RunEvent::Finished {
-            task: TaskId(1),
-            generation: Generation(1),
-            outcome: Outcome::Completed,
-            result: Some("ok".into()),
-            error: None,
-        });
-        // A second Finished (exit after the agent's own report) is ignored.
-        c.handle_run(RunEvent::Finished {
-            task: TaskId(1),
-            generation: Generation(1),
-            outcome: Outcome::Failed,
-            result: None,
-            error: None,
-        });
-        let e = c.take_effects();
-        assert_eq!(sends(&e).len(), 2);
-        assert_eq!(c.outbox().count(), 3);
-        c.handle_hub(HubMsg::Ack { upto: ReportId(3) });
-        let e = c.take_effects();
-        assert!(e.contains(&Effect::DeleteTask(TaskId(1), Generation(1))));
-        assert_eq!(c.outbox().count(), 0);
-        assert!(c.held().is_empty());
-    }
-
-    #[test]
-    fn abandon_stops_the_run_and_drops_its_reports() {
-        let mut c = Core::new(vec![], vec![], 1);
-        c.handle_hub(assign(1, 1));
-        let _ = c.take_effects();
-        c.handle_hub(HubMsg::Abandon {
-            task: TaskId(1),
-            generation: Generation(1),
-            reason: "x".into(),
-        });
-        let e = c.take_effects();
-        assert!(e.contains(&Effect::StopRun(TaskId(1), Generation(1))));
-        assert!(e.contains(&Effect::DeleteReport(ReportId(1))));
-        assert_eq!(c.busy(), 0);
-        // Abandon of another generation is ignored.
-        c.handle_hub(assign(2, 5));
-        let _ = c.take_effects();
-        c.handle_hub(HubMsg::Abandon {
-            task: TaskId(2),
-            generation: Generation(4),
-            reason: "x".into(),
-        });
-        assert!(c.take_effects().is_empty());
-    }
-
-    #[test]
-    fn agent_commands_check_task_and_generation() {
-        let mut c = Core::new(vec![], vec![], 1);
-        let (t, g) = (TaskId(3), Generation(2));
-        assert!(
-            c.handle_agent(t, g, AgentCmd::Start)
-                .expect_err("refused")
-                .contains("not held")
-        );
-        c.handle_hub(assign(3, 2));
-        let _ = c.take_effects();
-        let stale = c.handle_agent(t, Generation(1), AgentCmd::Start);
-        assert!(stale.expect_err("refused").contains("stale"));
-        assert!(c.handle_agent(t, g, AgentCmd::Start).is_ok());
-        assert!(c.handle_agent(t, g, AgentCmd::Current).is_ok());
-        assert!(
-            c.handle_agent(t, g, AgentCmd::Complete { result: None })
-                .is_ok()
-        );
-        let e = c.take_effects();
-        assert!(e.contains(&Effect::ForgetRun(t, g)));
-        assert!(
-            c.handle_agent(t, g, AgentCmd::Complete { result: None })
-                .expect_err("refused")
-                .contains("already ended")
-        );
-    }
-
-    #[test]
-    fn a_newer_generation_supersedes_the_old_run() {
-        let mut c = Core::new(vec![], vec![], 1);
-        c.handle_hub(assign(1, 1));
-        let _ = c.take_effects();
-        c.handle_hub(assign(1, 2));
-        let e = c.take_effects();
-        assert!(e.contains(&Effect::StopRun(TaskId(1), Generation(1))));
-        assert_eq!(c.held()[0].generation, Generation(2));
-        // An older one arriving late is ignored.
-        c.handle_hub(assign(1, 1));
-        assert!(c.take_effects().is_empty());
     }
 }

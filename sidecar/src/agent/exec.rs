@@ -116,7 +116,8 @@ impl Watch {
     }
 }
 
-/// Starts an exec run and watches it to the end.
+/// Starts an exec run and watches it to the end. When it counts as started
+/// is the core's decision (its settle time, counted from `Spawned`).
 pub(super) async fn run(mut at: Attempt) {
     let argv = at.config().command.clone();
     let (mut watch, handle) = match launch(&at, &argv).await {
@@ -125,43 +126,17 @@ pub(super) async fn run(mut at: Attempt) {
     };
     let (pid, ticks) = (handle.pid.unwrap_or_default(), handle.start_ticks);
     let launch = Arc::clone(&at.launch);
-    let settle = at.config().settle;
-    let early = if settle.is_zero() {
-        // Spawned counts as started: one event pair, usually one commit.
-        at.spawned_and_started(handle, Some(pid)).await;
-        None
-    } else {
-        at.spawned(handle).await;
-        match at
-            .or_ctl(timeout(settle, watch.wait(&launch, pid, ticks)))
-            .await
-        {
-            Wait::Done(Ok(exit)) => Some(exit),
-            Wait::Done(Err(_elapsed)) => {
-                at.started(Some(pid)).await;
-                None
-            }
-            Wait::Stop => return stop(at, watch.into_child(), pid, argv).await,
-            Wait::Forget => return,
-        }
+    at.spawned(handle).await;
+    let exit = match at.or_ctl(watch.wait(&launch, pid, ticks)).await {
+        Wait::Done(exit) => exit,
+        Wait::Stop => return stop(at, watch.into_child(), pid, argv, Outcome::Cancelled).await,
+        Wait::TimedOut(outcome) => return stop(at, watch.into_child(), pid, argv, outcome).await,
+        Wait::Forget => return,
     };
-    let exited_early = early.is_some();
-    let exit = match early {
-        Some(exit) => exit,
-        None => match at.or_ctl(watch.wait(&launch, pid, ticks)).await {
-            Wait::Done(exit) => exit,
-            Wait::Stop => return stop(at, watch.into_child(), pid, argv).await,
-            Wait::Forget => return,
-        },
-    };
-    let exit = match exit {
-        Ok(exit) => exit,
-        Err(reason) => return exited_without_status(at, argv, reason).await,
-    };
-    if exited_early && exit.success() {
-        at.started(Some(pid)).await;
+    match exit {
+        Ok(exit) => finish_exit(at, exit, argv).await,
+        Err(reason) => exited_without_status(at, argv, reason).await,
     }
-    finish_exit(at, exit, argv).await;
 }
 
 /// Prepares the run directory and spawns the run: through the reaper when it
@@ -236,7 +211,8 @@ pub(super) async fn recover(mut at: Attempt, handle: RunHandle) {
         return match at.or_ctl(Watch::Poll.wait(&launch, pid, ticks)).await {
             Wait::Done(Ok(exit)) => finish_exit(at, exit, argv).await,
             Wait::Done(Err(reason)) => exited_without_status(at, argv, reason).await,
-            Wait::Stop => stop(at, None, pid, argv).await,
+            Wait::Stop => stop(at, None, pid, argv, Outcome::Cancelled).await,
+            Wait::TimedOut(outcome) => stop(at, None, pid, argv, outcome).await,
             Wait::Forget => {}
         };
     }
@@ -302,8 +278,15 @@ fn spawn_child(
     Ok((Watch::Child(child, status), handle))
 }
 
-/// SIGTERM to the group, SIGKILL after `stop_grace`, then `Cancelled`.
-async fn stop(at: Attempt, mut child: Option<Child>, pgid: u32, argv: Vec<String>) {
+/// SIGTERM to the group, SIGKILL after `stop_grace`, then `outcome`
+/// (`Cancelled` for a stop).
+async fn stop(
+    at: Attempt,
+    mut child: Option<Child>,
+    pgid: u32,
+    argv: Vec<String>,
+    outcome: Outcome,
+) {
     let grace = at.config().stop_grace;
     let deadline = Instant::now() + grace;
     sys::signal_group(pgid, libc::SIGTERM);
@@ -332,7 +315,7 @@ async fn stop(at: Attempt, mut child: Option<Child>, pgid: u32, argv: Vec<String
         command: argv,
         ..Failure::default()
     };
-    at.finish(Outcome::Cancelled, Some(failure)).await;
+    at.finish(outcome, Some(failure)).await;
 }
 
 /// `Completed` for exit 0, else `Failed` with the tails.

@@ -62,7 +62,7 @@ pub fn group_alive(pgid: u32) -> bool {
 }
 
 /// The file in a run directory that names the run's process, written right
-/// after the spawn and before the sidecar's commit (see `daemon.rs`, "Launch
+/// after the spawn and before the sidecar's commit (see `daemon/mod.rs`, "Launch
 /// before commit"): a restarted sidecar finds with it a run it never recorded.
 pub const HANDLE_FILE: &str = "handle";
 
@@ -172,6 +172,13 @@ pub trait Runner: Send + Sync + 'static {
     /// The attempt ended by a report over the local socket: stop watching it,
     /// kill nothing, and emit no `Finished`.
     fn forget(&self, task: TaskId, generation: Generation);
+    /// The core's start deadline passed: stop waking (kill the wake command) or
+    /// verifying, and end the run with `outcome` in one `Finished` that says
+    /// what was seen. Unknown or ended runs are ignored. Runners that neither
+    /// wake nor verify (whose runs start at once) need not act.
+    fn time_out(&self, task: TaskId, generation: Generation, outcome: Outcome) {
+        let _ = (task, generation, outcome);
+    }
 }
 
 /// The real runner: spawns processes as `[agent]` in sidecar.toml says.
@@ -201,6 +208,8 @@ struct Shared {
 struct Ctl {
     stop: bool,
     forget: bool,
+    /// The start took too long: end with this outcome.
+    timed_out: Option<Outcome>,
 }
 
 impl ProcessRunner {
@@ -295,6 +304,12 @@ impl Runner for ProcessRunner {
     fn forget(&self, task: TaskId, generation: Generation) {
         self.control(task, generation, |c| c.forget = true);
     }
+
+    fn time_out(&self, task: TaskId, generation: Generation, outcome: Outcome) {
+        self.control(task, generation, |c| {
+            c.timed_out.get_or_insert(outcome);
+        });
+    }
 }
 
 impl Shared {
@@ -327,6 +342,8 @@ enum Wait<T> {
     Stop,
     /// `forget` was called (and not `stop`).
     Forget,
+    /// `time_out` was called (and neither `stop` nor `forget`).
+    TimedOut(Outcome),
 }
 
 impl Attempt {
@@ -349,31 +366,6 @@ impl Attempt {
             handle,
         })
         .await;
-    }
-
-    /// `Spawned` then `Started` at once (exec with no settle time): both go into the
-    /// channel back to back, so the sidecar usually persists them in one commit.
-    async fn spawned_and_started(&self, handle: RunHandle, pid: Option<u32>) {
-        let Ok(mut permits) = self.events.reserve_many(2).await else {
-            tracing::debug!(task = self.run.task.0, "event receiver gone");
-            return;
-        };
-        let (task, generation) = (self.run.task, self.run.generation);
-        if let Some(p) = permits.next() {
-            p.send(RunEvent::Spawned {
-                task,
-                generation,
-                handle,
-            });
-        }
-        if let Some(p) = permits.next() {
-            p.send(RunEvent::Started {
-                task,
-                generation,
-                pid,
-                session: None,
-            });
-        }
     }
 
     async fn started(&self, pid: Option<u32>) {
@@ -407,9 +399,13 @@ impl Attempt {
         .await;
     }
 
-    /// Resolves once `stop` or `forget` was called; cancel safe.
+    /// Resolves once `stop`, `forget` or `time_out` was called; cancel safe.
     async fn ctl_changed(&mut self) -> Ctl {
-        let ctl = self.ctl.wait_for(|c| c.stop || c.forget).await.map(|c| *c);
+        let ctl = self
+            .ctl
+            .wait_for(|c| c.stop || c.forget || c.timed_out.is_some())
+            .await
+            .map(|c| *c);
         match ctl {
             Ok(ctl) => ctl,
             // The sender lives in the map until this attempt drops; never here.
@@ -417,17 +413,32 @@ impl Attempt {
         }
     }
 
-    /// Runs `fut` unless `stop` or `forget` comes first.
+    /// Runs `fut` unless `stop`, `forget` or `time_out` comes first.
     async fn or_ctl<F: Future>(&mut self, fut: F) -> Wait<F::Output> {
         tokio::select! {
             out = fut => Wait::Done(out),
-            ctl = self.ctl_changed() => if ctl.stop { Wait::Stop } else { Wait::Forget },
+            ctl = self.ctl_changed() => ctl.into(),
         }
     }
 
-    /// Sleeps `period` unless `stop` or `forget` comes first.
+    /// Sleeps `period` unless `stop`, `forget` or `time_out` comes first.
     async fn pause(&mut self, period: Duration) -> Wait<()> {
         self.or_ctl(tokio::time::sleep(period)).await
+    }
+}
+
+impl<T> From<Ctl> for Wait<T> {
+    fn from(ctl: Ctl) -> Self {
+        match ctl {
+            Ctl { stop: true, .. } => Wait::Stop,
+            Ctl { forget: true, .. } => Wait::Forget,
+            Ctl {
+                timed_out: Some(outcome),
+                ..
+            } => Wait::TimedOut(outcome),
+            // `ctl_changed` resolves only with one of the above.
+            Ctl { .. } => Wait::Forget,
+        }
     }
 }
 

@@ -274,7 +274,7 @@ fn spawn_run(run: &Request) -> Result<(u32, Option<u64>), String> {
         start_ticks,
     };
     // Before anyone hears of the run: a sidecar that dies before its commit
-    // finds the run by this at its restart (see `daemon.rs`, "Launch before commit").
+    // finds the run by this at its restart (see `daemon/mod.rs`, "Launch before commit").
     if let Err(e) = write_handle(run_dir, &handle) {
         eprintln!(
             "muster-sidecar reaper: {e}; a crash before the next commit would leave this run unwatched"

@@ -103,24 +103,22 @@ fn unique() -> u64 {
 // === exec ===
 
 #[tokio::test]
-async fn exec_true_starts_then_completes() {
+async fn exec_true_spawns_then_completes() {
     let (dir, runner) = runner(config(Mode::Exec, &["/bin/true"]));
     let run = spec(&dir, 1);
     let run_dir = run.run_dir.clone();
     let (tx, rx) = mpsc::channel(8);
     runner.start(run, tx);
     let events = collect(rx).await;
-    assert_eq!(kinds(&events), ["spawned", "started", "finished"]);
+    // When an exec run counts as started is the core's call (its settle time).
+    assert_eq!(kinds(&events), ["spawned", "finished"]);
     assert_eq!(finished(&events), (Outcome::Completed, None));
     let RunEvent::Spawned { handle, .. } = &events[0] else {
         panic!("spawned first")
     };
     assert_eq!(handle.mode, RunMode::Exec);
     assert_eq!(handle.run_dir, run_dir);
-    let RunEvent::Started { pid, .. } = &events[1] else {
-        panic!("started second")
-    };
-    assert_eq!(*pid, handle.pid);
+    assert!(handle.pid.is_some());
     assert_eq!(
         std::fs::read_to_string(run_dir.join("status"))
             .expect("status")
@@ -247,7 +245,6 @@ async fn exec_stop_ends_the_process_group_once() {
         panic!("spawned")
     };
     let pid = handle.pid.expect("a pid");
-    assert!(matches!(next(&mut rx).await, RunEvent::Started { .. }));
     runner.stop(TaskId(5), Generation(7));
     runner.stop(TaskId(5), Generation(7));
     let events = collect(rx).await;
@@ -269,7 +266,6 @@ async fn exec_forget_stops_watching_without_finished() {
         panic!("spawned")
     };
     let pid = handle.pid.expect("a pid");
-    assert!(matches!(next(&mut rx).await, RunEvent::Started { .. }));
     runner.forget(TaskId(6), Generation(7));
     assert!(collect(rx).await.is_empty(), "no Finished after forget");
     assert!(sys::group_alive(pid), "forget kills nothing");
@@ -442,19 +438,47 @@ async fn wake_verify_command_starts_and_stop_runs_the_stop_command() {
 }
 
 #[tokio::test]
-async fn wake_verify_process_never_seen_is_start_timeout() {
+async fn wake_verify_process_never_seen_ends_as_the_core_times_it_out() {
     let pattern = format!("muster-never-{}", unique());
     let mut cfg = config(Mode::Wake, &["true"]);
     cfg.verify = Verify::Probe(Probe::Process(pattern.clone()));
-    cfg.start_timeout = Duration::from_millis(300);
     let (dir, runner) = runner(cfg);
-    let (tx, rx) = mpsc::channel(8);
+    let (tx, mut rx) = mpsc::channel(8);
     runner.start(spec(&dir, 22), tx);
+    assert!(matches!(next(&mut rx).await, RunEvent::Spawned { .. }));
+    // The runner looks until the core's deadline says otherwise.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(rx.try_recv().is_err(), "still looking");
+    runner.time_out(TaskId(22), Generation(7), Outcome::StartTimeout);
     let events = collect(rx).await;
-    assert_eq!(kinds(&events), ["spawned", "finished"]);
+    assert_eq!(kinds(&events), ["finished"]);
     let (outcome, error) = finished(&events);
     assert_eq!(outcome, Outcome::StartTimeout);
-    assert!(error.expect("why").reason.contains(&pattern));
+    let reason = error.expect("why").reason;
+    assert!(reason.contains(&pattern), "{reason}");
+    assert!(
+        reason.contains("is gone") || reason.contains("not probed"),
+        "the last answer: {reason}"
+    );
+    assert_eq!(runner.active(), 0);
+}
+
+#[tokio::test]
+async fn a_wake_command_the_core_times_out_is_killed_and_wake_failed_with_its_tails() {
+    let mut cfg = config(Mode::Wake, &["sh", "-c", "echo waking >&2; exec sleep 30"]);
+    cfg.verify = Verify::Probe(Probe::Command(vec!["true".into()]));
+    let (dir, runner) = runner(cfg);
+    let (tx, rx) = mpsc::channel(8);
+    runner.start(spec(&dir, 23), tx);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    runner.time_out(TaskId(23), Generation(7), Outcome::WakeFailed);
+    let events = collect(rx).await;
+    assert_eq!(kinds(&events), ["finished"]);
+    let (outcome, error) = finished(&events);
+    assert_eq!(outcome, Outcome::WakeFailed);
+    let error = error.expect("why");
+    assert!(error.reason.contains("did not exit"), "{}", error.reason);
+    assert!(error.stderr_tail.contains("waking"), "{error:?}");
 }
 
 #[tokio::test]

@@ -3,10 +3,13 @@
 //!
 //! ```text
 //! wake command ──exit 0──► Spawned ──verify──► Started ──probe every interval──► gone: AgentExited
-//!      │ non-zero, spawn error, start_timeout         │ start_timeout
+//!      │ non-zero, spawn error, time_out              │ time_out
 //!      ▼                                              ▼
 //!  WakeFailed                                    StartTimeout
 //! ```
+//!
+//! The deadlines are the core's: `time_out` arrives when one passes, with the
+//! outcome to end the run with.
 //!
 //! With `verify = "agent-ack"` the agent's own `task start` is the
 //! verification (handled by the sidecar); a configured `verify_process` or
@@ -40,7 +43,9 @@ enum Seen {
     Unknown(String),
 }
 
-/// Wakes the agent, verifies the start, and probes it until it ends.
+/// Wakes the agent, verifies the start, and probes it until it ends. How long
+/// the wake command and the verification may take is the core's deadline: it
+/// arrives as `time_out`.
 pub(super) async fn run(mut at: Attempt) {
     let argv = at.config().command.clone();
     let launch = Arc::clone(&at.launch);
@@ -48,22 +53,25 @@ pub(super) async fn run(mut at: Attempt) {
     let spawned = tokio::task::spawn_blocking(move || spawn(&launch, &spawn_argv)).await;
     let mut child = match spawned {
         Ok(Ok(child)) => child,
-        Ok(Err(reason)) => return wake_failed(at, reason, None, argv).await,
-        Err(e) => return wake_failed(at, format!("the spawn task failed: {e}"), None, argv).await,
+        Ok(Err(reason)) => return wake_failed(at, Outcome::WakeFailed, reason, None, argv).await,
+        Err(e) => {
+            let reason = format!("the spawn task failed: {e}");
+            return wake_failed(at, Outcome::WakeFailed, reason, None, argv).await;
+        }
     };
     let pgid = child.id().unwrap_or(0);
-    let limit = at.config().start_timeout;
-    let status = match at.or_ctl(timeout(limit, child.wait())).await {
-        Wait::Done(Ok(Ok(status))) => status,
-        Wait::Done(Ok(Err(e))) => {
+    let status = match at.or_ctl(child.wait()).await {
+        Wait::Done(Ok(status)) => status,
+        Wait::Done(Err(e)) => {
             let reason = format!("could not wait for the wake command: {e}");
-            return wake_failed(at, reason, None, argv).await;
+            return wake_failed(at, Outcome::WakeFailed, reason, None, argv).await;
         }
-        Wait::Done(Err(_elapsed)) => {
+        Wait::TimedOut(outcome) => {
             sys::signal_group(pgid, libc::SIGKILL);
             let _ = timeout(Duration::from_secs(1), child.wait()).await;
+            let limit = at.config().start_timeout;
             let reason = format!("the wake command did not exit within {limit:?} and was killed");
-            return wake_failed(at, reason, None, argv).await;
+            return wake_failed(at, outcome, reason, None, argv).await;
         }
         Wait::Stop => {
             sys::signal_group(pgid, libc::SIGTERM);
@@ -73,13 +81,8 @@ pub(super) async fn run(mut at: Attempt) {
     };
     let exit = Exit::from_direct(status);
     if !exit.success() {
-        return wake_failed(
-            at,
-            format!("the wake command failed: {exit}"),
-            Some(exit),
-            argv,
-        )
-        .await;
+        let reason = format!("the wake command failed: {exit}");
+        return wake_failed(at, Outcome::WakeFailed, reason, Some(exit), argv).await;
     }
     at.spawned(RunHandle {
         pid: None,
@@ -90,74 +93,76 @@ pub(super) async fn run(mut at: Attempt) {
     })
     .await;
 
+    let limit = at.config().start_timeout;
     match at.config().verify.clone() {
         Verify::AgentAck(None) => idle(at).await,
         Verify::AgentAck(Some(probe)) => {
-            let limit = at.config().start_timeout;
-            match look(&mut at, &probe, limit).await {
-                Wait::Done(Ok(_)) => watch(at, probe).await,
-                Wait::Done(Err(last)) => {
+            // Only the liveness probe's arming window: the agent's own `task
+            // start` is the verification, and the hub bounds it.
+            match look(&mut at, &probe, Some(limit)).await {
+                Look::Seen(_) => watch(at, probe).await,
+                Look::NotSeen(last) => {
                     tracing::warn!(
                         task = at.run.task.0,
                         "liveness probe never succeeded ({last}); not probing this run"
                     );
                     idle(at).await;
                 }
-                Wait::Stop => stop(at).await,
-                Wait::Forget => {}
+                Look::TimedOut(outcome, last) => {
+                    let reason = format!("the start was not verified in time ({last})");
+                    at.finish(outcome, Some(probe.failure(reason))).await;
+                }
+                Look::Stop => stop(at).await,
+                Look::Forget => {}
             }
         }
-        Verify::Probe(probe) => {
-            let limit = at.config().start_timeout;
-            match look(&mut at, &probe, limit).await {
-                Wait::Done(Ok(pid)) => {
-                    at.started(pid).await;
-                    watch(at, probe).await;
-                }
-                Wait::Done(Err(last)) => {
-                    let failure = Failure {
-                        reason: format!("{} within {limit:?} ({last})", probe.never_seen()),
-                        command: probe.argv(),
-                        ..Failure::default()
-                    };
-                    at.finish(Outcome::StartTimeout, Some(failure)).await;
-                }
-                Wait::Stop => stop(at).await,
-                Wait::Forget => {}
+        Verify::Probe(probe) => match look(&mut at, &probe, None).await {
+            Look::Seen(pid) => {
+                at.started(pid).await;
+                watch(at, probe).await;
             }
-        }
+            // Without a window the look ends only by the core's deadline.
+            Look::TimedOut(outcome, last) => {
+                let reason = format!("{} within {limit:?} ({last})", probe.never_seen());
+                at.finish(outcome, Some(probe.failure(reason))).await;
+            }
+            Look::NotSeen(last) => {
+                let reason = format!("{} ({last})", probe.never_seen());
+                at.finish(Outcome::StartTimeout, Some(probe.failure(reason)))
+                    .await;
+            }
+            Look::Stop => stop(at).await,
+            Look::Forget => {}
+        },
     }
 }
 
-/// Re-attaches to a wake run after a sidecar restart: looks for the agent
-/// for up to `start_timeout` (it may still have been starting), then probes it.
+/// Re-attaches to a wake run after a sidecar restart: looks for the agent (it
+/// may still have been starting) until the core's deadline, then probes it.
+/// With agent-ack the look is only the liveness probe's arming window.
 pub(super) async fn recover(mut at: Attempt) {
     let Some(probe) = at.config().verify.probe().cloned() else {
         return idle(at).await;
     };
     let ack = matches!(at.config().verify, Verify::AgentAck(_));
     let limit = at.config().start_timeout;
-    match look(&mut at, &probe, limit).await {
-        Wait::Done(Ok(pid)) => {
+    match look(&mut at, &probe, ack.then_some(limit)).await {
+        Look::Seen(pid) => {
             if !ack {
                 at.started(pid).await;
             }
             watch(at, probe).await;
         }
-        Wait::Done(Err(_)) if ack => idle(at).await,
-        Wait::Done(Err(last)) => {
-            let failure = Failure {
-                reason: format!(
-                    "after the sidecar restarted, {} within {limit:?} ({last})",
-                    probe.never_seen()
-                ),
-                command: probe.argv(),
-                ..Failure::default()
-            };
-            at.finish(Outcome::AgentExited, Some(failure)).await;
+        Look::NotSeen(_) => idle(at).await,
+        Look::TimedOut(outcome, last) => {
+            let reason = format!(
+                "after the sidecar restarted, {} within {limit:?} ({last})",
+                probe.never_seen()
+            );
+            at.finish(outcome, Some(probe.failure(reason))).await;
         }
-        Wait::Stop => stop(at).await,
-        Wait::Forget => {}
+        Look::Stop => stop(at).await,
+        Look::Forget => {}
     }
 }
 
@@ -178,32 +183,48 @@ fn spawn(launch: &Launch, argv: &[String]) -> Result<Child, String> {
         .map_err(|e| format!("could not start the wake command `{program}`: {e}"))
 }
 
-/// Polls `probe` until it sees the agent, for at most `limit`.
-/// `Err` carries the last probe's answer.
-async fn look(
-    at: &mut Attempt,
-    probe: &Probe,
-    limit: Duration,
-) -> Wait<Result<Option<u32>, String>> {
+/// How a look for the agent ended.
+enum Look {
+    /// Found (with its pid, when the probe names one).
+    Seen(Option<u32>),
+    /// Not found within the window; carries the last probe's answer.
+    NotSeen(String),
+    /// The core's deadline passed first; carries the outcome and the last answer.
+    TimedOut(Outcome, String),
+    /// `stop` was called.
+    Stop,
+    /// `forget` was called.
+    Forget,
+}
+
+/// Polls `probe` until it sees the agent: within `window` if one is given,
+/// else until `stop`, `forget` or `time_out`.
+async fn look(at: &mut Attempt, probe: &Probe, window: Option<Duration>) -> Look {
     let launch = Arc::clone(&at.launch);
-    let deadline = Instant::now() + limit;
+    let deadline = window.map(|w| Instant::now() + w);
+    let mut last = "not probed yet".to_owned();
     loop {
-        let remaining = deadline.saturating_duration_since(Instant::now());
-        let budget = PROBE_TIMEOUT.min(remaining.max(VERIFY_POLL));
-        let last = match at.or_ctl(probe.check(&launch, budget)).await {
-            Wait::Done(Seen::Alive(pid)) => return Wait::Done(Ok(pid)),
-            Wait::Done(Seen::Gone(last) | Seen::Unknown(last)) => last,
-            Wait::Stop => return Wait::Stop,
-            Wait::Forget => return Wait::Forget,
-        };
-        let remaining = deadline.saturating_duration_since(Instant::now());
-        if remaining.is_zero() {
-            return Wait::Done(Err(last));
+        let remaining = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+        let budget = remaining.map_or(PROBE_TIMEOUT, |r| PROBE_TIMEOUT.min(r.max(VERIFY_POLL)));
+        match at.or_ctl(probe.check(&launch, budget)).await {
+            Wait::Done(Seen::Alive(pid)) => return Look::Seen(pid),
+            Wait::Done(Seen::Gone(answer) | Seen::Unknown(answer)) => last = answer,
+            Wait::TimedOut(outcome) => return Look::TimedOut(outcome, last),
+            Wait::Stop => return Look::Stop,
+            Wait::Forget => return Look::Forget,
         }
-        match at.pause(VERIFY_POLL.min(remaining)).await {
+        let remaining = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+        if remaining.is_some_and(|r| r.is_zero()) {
+            return Look::NotSeen(last);
+        }
+        match at
+            .pause(remaining.map_or(VERIFY_POLL, |r| VERIFY_POLL.min(r)))
+            .await
+        {
             Wait::Done(()) => {}
-            Wait::Stop => return Wait::Stop,
-            Wait::Forget => return Wait::Forget,
+            Wait::TimedOut(outcome) => return Look::TimedOut(outcome, last),
+            Wait::Stop => return Look::Stop,
+            Wait::Forget => return Look::Forget,
         }
     }
 }
@@ -216,6 +237,7 @@ async fn watch(mut at: Attempt, probe: Probe) {
         match at.pause(interval).await {
             Wait::Done(()) => {}
             Wait::Stop => return stop(at).await,
+            Wait::TimedOut(outcome) => return late(at, outcome).await,
             Wait::Forget => return,
         }
         match at.or_ctl(probe.check(&launch, PROBE_TIMEOUT)).await {
@@ -232,16 +254,30 @@ async fn watch(mut at: Attempt, probe: Probe) {
                 return at.finish(Outcome::AgentExited, Some(failure)).await;
             }
             Wait::Stop => return stop(at).await,
+            Wait::TimedOut(outcome) => return late(at, outcome).await,
             Wait::Forget => return,
         }
     }
 }
 
-/// Nothing to watch: wait for `stop` or `forget`.
+/// Nothing to watch: wait for `stop`, `forget` or `time_out`.
 async fn idle(mut at: Attempt) {
-    if at.ctl_changed().await.stop {
-        stop(at).await;
+    match Wait::<()>::from(at.ctl_changed().await) {
+        Wait::Stop => stop(at).await,
+        Wait::TimedOut(outcome) => late(at, outcome).await,
+        Wait::Done(()) | Wait::Forget => {}
     }
+}
+
+/// The core's deadline passed as the start was being established (its
+/// `Started` crossed the decision): the decision stands.
+async fn late(at: Attempt, outcome: Outcome) {
+    let limit = at.config().start_timeout;
+    let failure = Failure {
+        reason: format!("the start was not established within {limit:?}"),
+        ..Failure::default()
+    };
+    at.finish(outcome, Some(failure)).await;
 }
 
 /// Runs `stop_command` (bounded by `stop_grace`), then `Cancelled`.
@@ -279,12 +315,19 @@ async fn stop(at: Attempt) {
     at.finish(Outcome::Cancelled, Some(failure)).await;
 }
 
-async fn wake_failed(at: Attempt, reason: String, exit: Option<Exit>, argv: Vec<String>) {
+/// Ends the run as `outcome` with the wake command's tails.
+async fn wake_failed(
+    at: Attempt,
+    outcome: Outcome,
+    reason: String,
+    exit: Option<Exit>,
+    argv: Vec<String>,
+) {
     let launch = Arc::clone(&at.launch);
     let failure = tokio::task::spawn_blocking(move || launch.failure(reason, exit, &argv))
         .await
         .unwrap_or_default();
-    at.finish(Outcome::WakeFailed, Some(failure)).await;
+    at.finish(outcome, Some(failure)).await;
 }
 
 // === impl Probe ===
@@ -294,6 +337,15 @@ impl Probe {
         match self {
             Probe::Process(_) => Vec::new(),
             Probe::Command(argv) => argv.clone(),
+        }
+    }
+
+    /// A failure with this probe's command.
+    fn failure(&self, reason: String) -> Failure {
+        Failure {
+            reason,
+            command: self.argv(),
+            ..Failure::default()
         }
     }
 

@@ -23,7 +23,9 @@ use muster_protocol::msg::{
 };
 use muster_protocol::{AgentName, Generation, ReportId, TaskId};
 use muster_sidecar::agent::{RunEvent, RunHandle, RunMode};
-use muster_sidecar::core::{AgentCmd, Core as SideCore, Effect, LocalTask};
+use muster_sidecar::core::{
+    AgentCmd, Core as SideCore, Effect, LocalTask, Policy as SidePolicy, Verifier,
+};
 
 use super::rng::Rng;
 use super::store::HubStore;
@@ -530,13 +532,14 @@ impl World {
             }
             caps.sort();
             caps.dedup();
+            let slots = rng.range(1, 3) as u32;
             sides.push(Side {
                 fp: format!("fp-{name}"),
                 agent_name: AgentName::new(name.clone()).expect("agent-NNN is a valid name"),
                 name,
                 caps,
-                slots: rng.range(1, 3) as u32,
-                core: Some(SideCore::new(Vec::new(), Vec::new(), 1)),
+                slots,
+                core: Some(side_core(Vec::new(), Vec::new(), 1, slots, i as u64)),
                 durable: Durable {
                     next_report: 1,
                     ..Durable::default()
@@ -935,7 +938,10 @@ impl World {
         let out = core.take_output();
         // Release builds report the core's own invariant checks here (debug ones assert).
         if !out.violations.is_empty() {
-            return Err(format!("the hub core broke its invariants: {:?}", out.violations));
+            return Err(format!(
+                "the hub core broke its invariants: {:?}",
+                out.violations
+            ));
         }
         let p = self.intensity / 600.0;
         if self.faults && self.rng.chance(p) {
@@ -1378,8 +1384,9 @@ impl World {
             HubMsg::Welcome(w) if !s.welcomed => self.welcome(agent, &w),
             HubMsg::Refused(r) => Err(format!("the hub refused {}: {r}", s.name)),
             msg => {
+                let now = Duration::from_millis(self.now);
                 if let Some(core) = self.sides[agent].core.as_mut() {
-                    core.handle_hub(msg);
+                    core.handle_hub(now, msg);
                 }
                 self.side_effects(agent)
             }
@@ -1519,9 +1526,10 @@ impl World {
                     spawned.push(ev);
                 }
             }
+            let now = Duration::from_millis(self.now);
             if let Some(core) = self.sides[agent].core.as_mut() {
                 for ev in spawned {
-                    core.handle_run(ev);
+                    core.handle_run(now, ev);
                 }
                 effects.extend(core.take_effects());
             }
@@ -1600,12 +1608,16 @@ impl World {
             .runs
             .get(&(agent, task, generation))
             .map_or(0, |r| r.serial);
+        let now = Duration::from_millis(self.now);
         if let Some(core) = self.sides[agent].core.as_mut() {
-            core.handle_run(RunEvent::Spawned {
-                task,
-                generation,
-                handle: sim_handle(agent, task, generation, serial),
-            });
+            core.handle_run(
+                now,
+                RunEvent::Spawned {
+                    task,
+                    generation,
+                    handle: sim_handle(agent, task, generation, serial),
+                },
+            );
         }
     }
 
@@ -1662,10 +1674,12 @@ impl World {
     fn side_restart(&mut self, agent: usize) -> Res {
         let d = &self.sides[agent].durable;
         let tasks: Vec<LocalTask> = d.tasks.values().cloned().collect();
-        let core = SideCore::new(
+        let core = side_core(
             tasks.clone(),
             d.outbox.values().cloned().collect(),
             d.next_report,
+            self.sides[agent].slots,
+            agent as u64,
         );
         let held: BTreeSet<(TaskId, Generation)> =
             tasks.iter().map(|t| (t.task, t.generation)).collect();
@@ -1692,10 +1706,11 @@ impl World {
             let file = self.runs.get(&key).is_some_and(|r| r.handle_file && r.dir);
             if t.handle.is_none() && !file {
                 // Accepted but never spawned: start it (at least once).
+                let now = Duration::from_millis(self.now);
                 if let Some(ev) = self.run_start(agent, t.task, t.generation, &t.spec)?
                     && let Some(core) = self.sides[agent].core.as_mut()
                 {
-                    core.handle_run(ev);
+                    core.handle_run(now, ev);
                 }
                 continue;
             }
@@ -2098,14 +2113,15 @@ impl World {
                 })
             }
         };
+        let now = Duration::from_millis(self.now);
         let Some(core) = self.sides[agent].core.as_mut() else {
             return Ok(());
         };
         match to {
-            To::Run(ev) => core.handle_run(ev),
+            To::Run(ev) => core.handle_run(now, ev),
             To::Agent(cmd) => {
                 // A refusal (stale generation, already ended) is what the agent would print.
-                let _ = core.handle_agent(task, generation, cmd);
+                let _ = core.handle_agent(now, task, generation, cmd);
             }
         }
         self.side_effects(agent)
@@ -2524,6 +2540,26 @@ impl World {
         ));
         msg
     }
+}
+
+/// A sidecar core as the daemon builds one, with this sidecar's slots. The
+/// simulated runner reports its runs' starts itself and the world does not
+/// drive the sidecar cores' deadlines, so their settle time is long.
+fn side_core(
+    tasks: Vec<LocalTask>,
+    outbox: Vec<muster_protocol::msg::Report>,
+    next_report: u64,
+    slots: u32,
+    seed: u64,
+) -> SideCore {
+    let policy = SidePolicy {
+        slots,
+        mode: RunMode::Exec,
+        settle: Duration::from_secs(3600),
+        start_timeout: Duration::from_secs(3600),
+        verify: Verifier::Runner,
+    };
+    SideCore::new(tasks, outbox, next_report, policy, seed)
 }
 
 /// The handle a simulated run records (in its handle file and, once committed, in the store).

@@ -1,0 +1,114 @@
+//! The commands that talk to the running sidecar over its local socket: the
+//! agent's `task …` commands, `status` and `whoami`.
+
+use std::path::{Path, PathBuf};
+
+use super::{DEFAULT_DATA_DIR, Failure, TaskCommand, fail};
+use crate::core::AgentCmd;
+use crate::local::{self, AgentRequest, Request};
+
+/// `status`: what the running sidecar says about itself.
+pub(super) async fn status(json: bool, data_dir: &Path) -> Result<(), Failure> {
+    let a = local::call(
+        &socket(Some(data_dir)),
+        &Request::Query {
+            cmd: "status".into(),
+        },
+    )
+    .await
+    .map_err(fail)?;
+    if json {
+        println!("{}", a.data);
+    } else {
+        let d = &a.data;
+        println!(
+            "{}  hub {}  {}  {}  free slots {}/{}  outbox {}",
+            d["name"].as_str().unwrap_or("?"),
+            d["hub"].as_str().unwrap_or("?"),
+            if d["connected"] == true {
+                "connected"
+            } else {
+                "disconnected"
+            },
+            d["state"].as_str().unwrap_or("?"),
+            d["free_slots"],
+            d["slots"],
+            d["outbox"]
+        );
+        for t in d["tasks"].as_array().into_iter().flatten() {
+            println!(
+                "  task {} gen {} {} {}",
+                t["id"], t["generation"], t["phase"], t["title"]
+            );
+        }
+    }
+    Ok(())
+}
+
+/// `whoami`: this agent's name and hub, and the task variables in the environment.
+pub(super) async fn whoami() -> Result<(), Failure> {
+    let a = local::call(
+        &socket(None),
+        &Request::Query {
+            cmd: "whoami".into(),
+        },
+    )
+    .await
+    .map_err(fail)?;
+    println!(
+        "agent {}  hub {}",
+        a.data["name"].as_str().unwrap_or("?"),
+        a.data["hub"].as_str().unwrap_or("?")
+    );
+    for var in ["MUSTER_TASK_ID", "MUSTER_GENERATION", "MUSTER_TASK_FILE"] {
+        if let Ok(v) = std::env::var(var) {
+            println!("{var}={v}");
+        }
+    }
+    Ok(())
+}
+
+/// The local socket: `$MUSTER_SOCKET` (set for agents), else the state directory's.
+fn socket(data_dir: Option<&Path>) -> PathBuf {
+    match (std::env::var_os("MUSTER_SOCKET"), data_dir) {
+        (_, Some(d)) => d.join(local::SOCKET_FILE),
+        (Some(s), None) => PathBuf::from(s),
+        (None, None) => Path::new(DEFAULT_DATA_DIR).join(local::SOCKET_FILE),
+    }
+}
+
+fn env_u64(name: &str) -> Option<u64> {
+    std::env::var(name).ok().and_then(|v| v.parse().ok())
+}
+
+/// `task …`: one agent command about its own attempt, which the environment names.
+pub(super) async fn task(command: TaskCommand) -> Result<(), Failure> {
+    let cmd = match command {
+        TaskCommand::Current => AgentCmd::Current,
+        TaskCommand::Start => AgentCmd::Start,
+        TaskCommand::Progress { message } => AgentCmd::Progress { message },
+        TaskCommand::Complete { result } => AgentCmd::Complete { result },
+        TaskCommand::Fail { reason, no_retry } => AgentCmd::Fail { reason, no_retry },
+    };
+    let current = matches!(cmd, AgentCmd::Current);
+    // The attempt and its secret come from the environment the sidecar gave
+    // the agent, never from the command line, where `ps` would show the token.
+    let req = AgentRequest {
+        task: env_u64("MUSTER_TASK_ID"),
+        generation: env_u64("MUSTER_GENERATION"),
+        token: std::env::var("MUSTER_TASK_TOKEN").ok(),
+        cmd,
+    };
+    let a = local::call(&socket(None), &Request::Agent(req))
+        .await
+        .map_err(fail)?;
+    if !a.ok {
+        return Err(fail(a.message));
+    }
+    if current {
+        println!("{}", a.data);
+    } else {
+        println!("{}", a.message);
+    }
+    Ok(())
+}

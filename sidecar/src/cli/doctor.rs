@@ -1,0 +1,88 @@
+//! `doctor`: check the config, the key, the agent command, disk space and
+//! the hub, one line each.
+
+use std::path::Path;
+use std::time::Instant;
+
+use muster_protocol::client;
+
+use super::serve::load_credential;
+use super::{Failure, fail};
+use crate::config::{CONFIG_FILE, SidecarConfig};
+
+/// Runs every check and fails if any did.
+pub(super) async fn doctor(data_dir: &Path) -> Result<(), Failure> {
+    let mut failed = false;
+    let mut check = |name: &str, r: Result<String, String>| match r {
+        Ok(m) => println!("ok    {name}: {m}"),
+        Err(m) => {
+            failed = true;
+            println!("fail  {name}: {m}");
+        }
+    };
+    let cfg = SidecarConfig::load(&data_dir.join(CONFIG_FILE));
+    check(
+        "config",
+        cfg.as_ref()
+            .map(|_| "valid".to_string())
+            .map_err(|e| e.to_string()),
+    );
+    let cred = load_credential(data_dir);
+    check(
+        "key",
+        cred.as_ref()
+            .map(|(_, s)| format!("store in use: {s} (readable, safe permissions)"))
+            .map_err(|f| f.message.clone()),
+    );
+    if let Ok(cfg) = &cfg {
+        check(
+            "agent command",
+            crate::agent::check_command(&cfg.agent)
+                .map(|_| format!("{:?} is executable", cfg.agent.command[0])),
+        );
+        let free = crate::host::disk_free(data_dir);
+        let floor = cfg.disk_floor_mb << 20;
+        check(
+            "disk",
+            match free {
+                Some(f) if f >= floor => Ok(format!(
+                    "{} MiB free (floor {} MiB)",
+                    f >> 20,
+                    cfg.disk_floor_mb
+                )),
+                Some(f) => Err(format!(
+                    "{} MiB free, below the floor of {} MiB",
+                    f >> 20,
+                    cfg.disk_floor_mb
+                )),
+                None => Err("cannot tell the free space of the state directory".into()),
+            },
+        );
+        if let Ok((cred, _)) = &cred {
+            let started = Instant::now();
+            let hub = match client::connect(&cfg.hub, cred).await {
+                Ok((endpoint, conn)) => {
+                    // A hello-less round trip: an operator request the hub refuses for role agent.
+                    let r = client::request(&conn, muster_protocol::msg::OpRequest::Stats).await;
+                    let ms = started.elapsed().as_secs_f64() * 1000.0;
+                    conn.close(0u32.into(), b"doctor");
+                    endpoint.wait_idle().await;
+                    match r {
+                        Ok(_) => Ok(format!(
+                            "{} answered: handshake and round trip in {ms:.1} ms",
+                            cfg.hub
+                        )),
+                        Err(e) => Err(format!("{}: {e}", cfg.hub)),
+                    }
+                }
+                Err(e) => Err(e.to_string()),
+            };
+            check("hub", hub);
+        }
+    }
+    if failed {
+        Err(fail("some checks failed"))
+    } else {
+        Ok(())
+    }
+}

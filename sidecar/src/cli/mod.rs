@@ -1,0 +1,215 @@
+//! The `muster-sidecar` command line: the daemon, enrollment, and the agent-facing
+//! commands. Lives in the library so `muster-hub sidecar …` (used by the demo)
+//! runs the very same code.
+//!
+//! One module per command group: [`serve`] (`run`, and the config and key it
+//! loads), [`enroll`], [`doctor`], [`agent`] (the commands that talk to the
+//! running sidecar's socket: `task …`, `status`, `whoami`). This file holds
+//! the arguments and the dispatch.
+
+mod agent;
+mod doctor;
+mod enroll;
+mod serve;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+const DEFAULT_DATA_DIR: &str = "/var/lib/muster-sidecar";
+/// The sidecar's certificate and the hub's CA, beside the key.
+const CERT_FILE: &str = "sidecar.crt";
+const CA_FILE: &str = "ca.crt";
+
+#[derive(Parser)]
+#[command(
+    name = "muster-sidecar",
+    version,
+    about = "The muster sidecar: runs this machine's share of the work"
+)]
+struct Cli {
+    /// Log format for the daemon.
+    #[arg(long, value_enum, default_value = "text", global = true)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Enroll this machine with a join token: generates its key, gets a certificate, writes sidecar.toml.
+    Enroll {
+        /// A join token from `muster-hub token create`, or `-` to read it from
+        /// stdin (first line). A literal token is visible to every user in `ps`
+        /// while enroll runs: prefer `--token -` or `--token-file`.
+        #[arg(long)]
+        token: Option<String>,
+        /// A file whose first line is the join token (keep it mode 0600).
+        #[arg(long, value_name = "FILE")]
+        token_file: Option<PathBuf>,
+        /// Agent runs this sidecar may supervise at once (asked of the hub,
+        /// which grants at most what the token allows), written to sidecar.toml.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=i64::from(muster_protocol::limits::SLOTS_MAX)))]
+        slots: u32,
+        /// The state directory.
+        #[arg(long, default_value = DEFAULT_DATA_DIR)]
+        data_dir: PathBuf,
+        /// The agent's name (default: the host name).
+        #[arg(long)]
+        name: Option<String>,
+        /// A capability this agent has (repeatable).
+        #[arg(long = "capability")]
+        capabilities: Vec<String>,
+    },
+    /// Run the sidecar daemon.
+    Run {
+        /// sidecar.toml to use (default: <data-dir>/sidecar.toml).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// The state directory.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
+    /// Ask the running sidecar how it is doing.
+    Status {
+        #[arg(long)]
+        json: bool,
+        #[arg(long, default_value = DEFAULT_DATA_DIR)]
+        data_dir: PathBuf,
+    },
+    /// Check config, key, hub reachability and disk space.
+    Doctor {
+        #[arg(long, default_value = DEFAULT_DATA_DIR)]
+        data_dir: PathBuf,
+    },
+    /// Agent commands about the current task.
+    Task {
+        #[command(subcommand)]
+        command: TaskCommand,
+    },
+    /// Which agent this is.
+    Whoami,
+    /// Internal: the helper that parents exec runs and records their exit
+    /// statuses; started by `run`, talks to it on stdin and stdout.
+    #[command(hide = true)]
+    Reaper,
+}
+
+#[derive(Subcommand)]
+enum TaskCommand {
+    /// Print the current task.
+    Current,
+    /// Say the agent has started (verify = agent-ack).
+    Start,
+    /// Report progress.
+    Progress {
+        /// What happened.
+        message: String,
+    },
+    /// Report the task completed.
+    Complete {
+        /// The result to record.
+        #[arg(long)]
+        result: Option<String>,
+    },
+    /// Report the task failed.
+    Fail {
+        /// Why.
+        #[arg(long)]
+        reason: String,
+        /// Do not retry this task.
+        #[arg(long)]
+        no_retry: bool,
+    },
+}
+
+/// Why a command failed: the exit code and the sentence to print.
+struct Failure {
+    code: u8,
+    message: String,
+}
+
+fn fail(message: impl Into<String>) -> Failure {
+    Failure {
+        code: 1,
+        message: message.into(),
+    }
+}
+
+/// Runs the command line with these arguments (the first is the program name).
+pub fn main_from<I, T>(args: I) -> ExitCode
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    let cli = match Cli::try_parse_from(args) {
+        Ok(c) => c,
+        Err(e) => e.exit(),
+    };
+    // No runtime and no logger: it only spawns, waits and writes small files.
+    if matches!(cli.command, Command::Reaper) {
+        return crate::agent::reaper_main();
+    }
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Text => logs.init(),
+        LogFormat::Json => logs.json().init(),
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("muster-sidecar: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(run(cli.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => {
+            eprintln!("muster-sidecar: {}", f.message);
+            ExitCode::from(f.code)
+        }
+    }
+}
+
+async fn run(command: Command) -> Result<(), Failure> {
+    match command {
+        Command::Enroll {
+            token,
+            token_file,
+            slots,
+            data_dir,
+            name,
+            capabilities,
+        } => {
+            let token =
+                muster_protocol::join_token::read(token, token_file).map_err(|m| Failure {
+                    code: 2,
+                    message: m,
+                })?;
+            enroll::enroll(&token, &data_dir, name, capabilities, slots).await
+        }
+        Command::Run { config, data_dir } => serve::serve(config, data_dir).await,
+        Command::Status { json, data_dir } => agent::status(json, &data_dir).await,
+        Command::Reaper => Err(Failure {
+            code: 2,
+            message: "the reaper runs before the runtime starts".into(),
+        }),
+        Command::Doctor { data_dir } => doctor::doctor(&data_dir).await,
+        Command::Task { command } => agent::task(command).await,
+        Command::Whoami => agent::whoami().await,
+    }
+}

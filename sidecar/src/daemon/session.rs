@@ -1,0 +1,247 @@
+//! The hub session: connect, hello, welcome, then frames both ways until the
+//! connection fails, and again with backoff. It owns no state of the daemon's:
+//! it asks the loop for each hello and hands it everything the hub sends.
+
+use std::time::{Duration, Instant};
+
+use muster_protocol::client::{self, Credential};
+use muster_protocol::msg::{Hello, HubMsg, Open, OpenBody, Refused, SessionMsg, Welcome};
+use muster_protocol::pace::{LogBudget, Rng};
+use muster_protocol::{FrameError, FrameReader, FrameWriter, PROTOCOL_VERSION, framed};
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, info, warn};
+
+use super::{Daemon, seed};
+use crate::backoff;
+
+/// Outgoing session queue; a hub this far behind gets the connection closed.
+const SEND_QUEUE_LEN: usize = 1024;
+/// How long the hub may take to answer a hello.
+const WELCOME_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What the session task tells the daemon loop.
+pub(super) enum ToMain {
+    /// The session is about to connect: the loop answers with the current hello.
+    HelloWanted(oneshot::Sender<Hello>),
+    /// The hub welcomed the session; messages for it go into `tx`.
+    Connected {
+        tx: mpsc::Sender<SessionMsg>,
+        welcome: Welcome,
+        conn: quinn::Connection,
+    },
+    /// The session ended; the outbox replays after the next welcome.
+    Disconnected,
+    /// A message from the hub.
+    Hub(HubMsg),
+}
+
+impl Daemon {
+    /// Queues `msg` for the hub, if a session is up. A hub that does not read
+    /// loses its session; the outbox replays on reconnect.
+    pub(super) fn send(&mut self, msg: SessionMsg) {
+        let Some(tx) = &self.tx else { return };
+        if tx.try_send(msg).is_err() {
+            warn!("send queue to the hub is full; reconnecting");
+            if let Some(c) = &self.conn {
+                c.close(5u32.into(), b"send queue full");
+            }
+            self.tx = None;
+        }
+    }
+}
+
+/// Keeps one session to the hub, reconnecting with backoff.
+pub(super) async fn session_loop(hub: String, cred: Credential, to_main: mpsc::Sender<ToMain>) {
+    let mut backoff = backoff::reconnect();
+    // A hub at its handshake or connection cap (a whole fleet reconnecting after
+    // its restart) refuses at once: those retries come soon, jittered, and do not
+    // grow the backoff that real failures use.
+    let mut busy = backoff::busy();
+    let mut storm = LogBudget::new(1, Duration::from_secs(30));
+    let origin = Instant::now();
+    let mut rng = Rng::new(seed());
+    loop {
+        let (htx, hrx) = oneshot::channel();
+        if to_main.send(ToMain::HelloWanted(htx)).await.is_err() {
+            return;
+        }
+        let Ok(hello) = hrx.await else { return };
+        match connect(&hub, &cred, hello).await {
+            Ok((endpoint, conn, welcome, wr, rd)) => {
+                if backoff.failures() > 0 {
+                    info!(
+                        hub,
+                        "reconnected after {} failed attempts",
+                        backoff.failures()
+                    );
+                } else {
+                    info!(hub, "connected");
+                }
+                backoff.reset();
+                busy.reset();
+                let (tx, rx) = mpsc::channel(SEND_QUEUE_LEN);
+                let connected = ToMain::Connected {
+                    tx,
+                    welcome,
+                    conn: conn.clone(),
+                };
+                if to_main.send(connected).await.is_err() {
+                    return;
+                }
+                let reason = pump(wr, rd, rx, &to_main).await;
+                conn.close(0u32.into(), b"session over");
+                drop(endpoint);
+                if to_main.send(ToMain::Disconnected).await.is_err() {
+                    return;
+                }
+                warn!(hub, "session ended: {reason}");
+            }
+            Err(ConnectFailure::Busy(e)) => {
+                debug!(hub, "{e}");
+                tokio::time::sleep(busy.next_delay(rng.unit())).await;
+                continue;
+            }
+            Err(ConnectFailure::Failed(e)) => {
+                if let Some(suppressed) = storm.allow(origin.elapsed()) {
+                    let more = if suppressed > 0 {
+                        format!(" ({suppressed} more failures not logged)")
+                    } else {
+                        String::new()
+                    };
+                    warn!(
+                        hub,
+                        attempt = backoff.failures() + 1,
+                        "cannot connect: {e}{more}"
+                    );
+                }
+            }
+        }
+        tokio::time::sleep(backoff.next_delay(rng.unit())).await;
+    }
+}
+
+/// Why a connection attempt failed.
+enum ConnectFailure {
+    /// The hub refused the connection at a cap (a fleet reconnecting at once):
+    /// retry soon, without the growing backoff.
+    Busy(String),
+    /// Anything else.
+    Failed(String),
+}
+
+impl From<String> for ConnectFailure {
+    fn from(s: String) -> Self {
+        ConnectFailure::Failed(s)
+    }
+}
+
+impl std::fmt::Display for ConnectFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ConnectFailure::Busy(s) | ConnectFailure::Failed(s) => f.write_str(s),
+        }
+    }
+}
+
+/// Connects, sends the hello and waits for the welcome: only then is the session up.
+async fn connect(
+    hub: &str,
+    cred: &Credential,
+    hello: Hello,
+) -> Result<
+    (
+        quinn::Endpoint,
+        quinn::Connection,
+        Welcome,
+        FrameWriter,
+        FrameReader,
+    ),
+    ConnectFailure,
+> {
+    let (endpoint, conn) = client::connect(hub, cred).await.map_err(|e| match e {
+        client::ClientError::Busy(_) => ConnectFailure::Busy(e.to_string()),
+        e => ConnectFailure::Failed(e.to_string()),
+    })?;
+    let (welcome, wr, rd) = open_session(&conn, hello)
+        .await
+        .map_err(ConnectFailure::Failed)?;
+    Ok((endpoint, conn, welcome, wr, rd))
+}
+
+/// Opens the session stream on `conn`: the hello, then the hub's welcome or refusal.
+async fn open_session(
+    conn: &quinn::Connection,
+    hello: Hello,
+) -> Result<(Welcome, FrameWriter, FrameReader), String> {
+    let (send, recv) = conn
+        .open_bi()
+        .await
+        .map_err(|e| client::refused_or_lost(e).to_string())?;
+    let (mut wr, mut rd) = framed(send, recv, muster_protocol::limits::FRAME_BYTES_MAX);
+    let open = Open {
+        protocol: PROTOCOL_VERSION,
+        body: OpenBody::Session(hello),
+    };
+    // A hub that refused the certificate at accept closes the connection with a
+    // code that says so: report that rather than the bare write error.
+    let lost = |e: FrameError| match (&e, conn.close_reason()) {
+        (FrameError::Io(_), Some(r)) => client::refused_or_lost(r).to_string(),
+        _ => e.to_string(),
+    };
+    wr.send(&open).await.map_err(lost)?;
+    let welcome = match tokio::time::timeout(WELCOME_TIMEOUT, rd.recv::<HubMsg>()).await {
+        Ok(Ok(Some(m))) => m,
+        Ok(Err(FrameError::Decode(e))) => return Err(format!("malformed welcome: {e}")),
+        Ok(Err(e)) => return Err(lost(e)),
+        Ok(Ok(None)) => {
+            return Err(match conn.close_reason() {
+                Some(r) => client::refused_or_lost(r).to_string(),
+                None => "the hub closed the session before welcoming it".into(),
+            });
+        }
+        Err(_) => return Err("no welcome from the hub within 10 s".into()),
+    };
+    match welcome {
+        HubMsg::Welcome(w) => Ok((w, wr, rd)),
+        HubMsg::Refused(r) => Err(match r {
+            Refused::Revoked => format!(
+                "refused: {r} (this sidecar's credential no longer works; run `muster-sidecar enroll` with a new token)"
+            ),
+            other => format!("refused: {other}"),
+        }),
+        other => Err(format!("expected a welcome, got {other:?}")),
+    }
+}
+
+/// Moves messages both ways until either side fails; returns why.
+async fn pump(
+    mut wr: FrameWriter,
+    mut rd: FrameReader,
+    mut rx: mpsc::Receiver<SessionMsg>,
+    to_main: &mpsc::Sender<ToMain>,
+) -> String {
+    loop {
+        tokio::select! {
+            msg = rx.recv() => {
+                let Some(msg) = msg else { return "closed locally".into() };
+                match wr.send(&msg).await {
+                    Ok(_) => {}
+                    Err(e @ FrameError::Io(_)) => return format!("send: {e}"),
+                    Err(e) => return e.to_string(),
+                }
+            }
+            // Cancel safe: a frame read halfway stays buffered for the next turn.
+            msg = rd.recv::<HubMsg>() => match msg {
+                Ok(Some(HubMsg::Refused(r))) => return format!("refused: {r}"),
+                Ok(Some(m)) => {
+                    if to_main.send(ToMain::Hub(m)).await.is_err() {
+                        return "stopping".into();
+                    }
+                }
+                Ok(None) => return "the hub closed the session".into(),
+                Err(FrameError::Decode(e)) => return format!("malformed message from the hub: {e}"),
+                Err(e) => return format!("receive: {e}"),
+            },
+        }
+    }
+}
