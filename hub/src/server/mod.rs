@@ -138,9 +138,7 @@ async fn tick_at_deadlines(
         let next = *deadline.borrow_and_update();
         let now = wall_ms();
         if !next.is_some_and(|at| at <= now) {
-            let wait = next.map_or(wait_max, |at| {
-                Duration::from_millis(at - now).min(wait_max)
-            });
+            let wait = next.map_or(wait_max, |at| Duration::from_millis(at - now).min(wait_max));
             tokio::select! {
                 () = tokio::time::sleep(wait) => {
                     if keepalive.is_none() {
