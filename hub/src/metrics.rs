@@ -150,12 +150,12 @@ impl HubMetrics {
         }
         for (state, n) in &snap.agents {
             self.agents
-                .get_or_create(&vec![("state", state.to_string())])
+                .get_or_create(&vec![("state", state.as_str().to_string())])
                 .set(*n as i64);
         }
         for (kind, n) in &snap.alerts {
             self.alerts
-                .get_or_create(&vec![("kind", kind.to_string())])
+                .get_or_create(&vec![("kind", kind.as_str().to_string())])
                 .set(*n as i64);
         }
         for (outcome, n) in &snap.counters.outcomes {

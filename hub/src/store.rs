@@ -74,7 +74,7 @@ fn needs_flush(w: &Write) -> bool {
         | Write::Identity(_)
         | Write::Token(..)
         | Write::Key(..)
-        | Write::Event(_)
+        | Write::Event(..)
         | Write::NextTaskId(_) => true,
     }
 }
@@ -369,7 +369,7 @@ impl Store {
                     Write::Key(k, id) => {
                         keys.insert(k.as_str(), id.0)?;
                     }
-                    Write::Event(e) => {
+                    Write::Event(e, _) => {
                         events.insert(e.seq, enc(e).as_slice())?;
                         last_event = Some(e.seq);
                     }
@@ -695,6 +695,7 @@ mod tests {
     use muster_protocol::msg::TimeoutAction;
 
     use super::*;
+    use crate::core::EventKind;
 
     fn task(id: u64, state: TaskState, at: u64, key: Option<&str>) -> TaskRecord {
         TaskRecord {
@@ -782,7 +783,7 @@ mod tests {
             ("identity", Write::Identity(identity)),
             ("token", Write::Token("hash".into(), token)),
             ("key", Write::Key("k".into(), TaskId(1))),
-            ("event", Write::Event(event)),
+            ("event", Write::Event(event, EventKind::Audit)),
             ("next task id", Write::NextTaskId(2)),
         ]
     }

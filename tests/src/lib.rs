@@ -273,21 +273,14 @@ pub fn free_udp_port() -> u16 {
         .port()
 }
 
-/// Some pseudo-random bytes (not for cryptography): a xorshift seeded from the clock.
+/// Some pseudo-random bytes (not for cryptography), seeded from the clock.
 pub fn noise(len: usize) -> Vec<u8> {
-    let mut x = std::time::SystemTime::now()
+    let seed = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0x9e37_79b9_7f4a_7c15)
-        | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
+        .unwrap_or(0);
+    let mut rng = muster_protocol::pace::Rng::new(seed);
+    (0..len).map(|_| (rng.next_u64() >> 24) as u8).collect()
 }
 
 /// Lower-case hex of some pseudo-random bytes.

@@ -7,22 +7,22 @@ use crate::ops::format_age;
 use crate::{Core, Write};
 
 impl Core {
-    pub(crate) fn event(&mut self, now: Millis, kind: &str, subject: &str, state: &str, why: &str) {
-        let json = serde_json::json!({ "kind": kind, "name": subject, "state": state, "why": why });
-        self.push_event(now, json.to_string());
+    pub(crate) fn agent_event(&mut self, now: Millis, name: &str, state: &str, why: &str) {
+        let json = serde_json::json!({ "kind": "agent", "name": name, "state": state, "why": why });
+        self.push_event(now, EventKind::Agent, json.to_string());
     }
 
     pub(crate) fn audit_event(&mut self, now: Millis, who: &str, action: &str, subject: &str) {
         let json = serde_json::json!({ "kind": "audit", "who": who, "action": action, "subject": subject });
-        self.push_event(now, json.to_string());
+        self.push_event(now, EventKind::Audit, json.to_string());
     }
 
-    pub(crate) fn push_event(&mut self, now: Millis, json: String) {
+    pub(crate) fn push_event(&mut self, now: Millis, kind: EventKind, json: String) {
         let seq = self.next_event_seq;
         self.next_event_seq += 1;
         self.out
             .writes
-            .push(Write::Event(EventRecord { seq, at: now, json }));
+            .push(Write::Event(EventRecord { seq, at: now, json }, kind));
     }
 
     pub(crate) fn alert_raise(
@@ -46,7 +46,7 @@ impl Core {
 
     pub(crate) fn alert_changes(&mut self, now: Millis, changes: alerts::Changes) {
         for c in changes {
-            self.push_event(now, c.to_string());
+            self.push_event(now, EventKind::Alert, c.to_string());
             self.out.alerts.push(c);
         }
     }

@@ -138,7 +138,7 @@ impl Core {
         if id.role != Role::Agent {
             return;
         }
-        if let Some(agent) = self.agents.get_mut(&id.name) {
+        if let Some(agent) = self.agents.get_mut(id.name.as_str()) {
             agent.rec.revoked = true;
             self.out.writes.push(Write::Agent(agent.rec.clone()));
             if let Some(conn) = agent.conn.take() {
@@ -233,49 +233,51 @@ impl Core {
         ok_json(&serde_json::json!({ "name": name, "drained": drained }))
     }
 
-    pub(crate) fn on_enroll(
-        &mut self,
+    /// Whether an enrollment may go ahead (token, role, name, key, grant) and
+    /// what it grants. The shell asks this before it signs the CSR, so a
+    /// request without a good token costs no signature; `on_enroll` asks again
+    /// when it commits, since the token may have been used in between.
+    pub fn check_enroll(
+        &self,
         now: Millis,
         secret_hash: &str,
         role: Role,
         name: &str,
-        (cert_pem, fingerprint, key_fingerprint): (String, String, String),
+        key_fingerprint: &str,
         (asked_caps, asked_slots): (Vec<String>, u32),
-    ) -> muster_wire::msg::EnrollResponse {
-        use muster_wire::msg::EnrollResponse;
-        let refuse = EnrollResponse::Refused;
+    ) -> Result<EnrollGrant, EnrollRefusal> {
         let Some(token) = self.tokens.get(secret_hash) else {
-            return refuse(EnrollRefusal::UnknownToken);
+            return Err(EnrollRefusal::UnknownToken);
         };
         if let Some(at) = token.used_at {
-            return refuse(EnrollRefusal::AlreadyUsed { at_unix: at / 1000 });
+            return Err(EnrollRefusal::AlreadyUsed { at_unix: at / 1000 });
         }
         if now >= token.expires_at {
-            return refuse(EnrollRefusal::Expired {
+            return Err(EnrollRefusal::Expired {
                 at_unix: token.expires_at / 1000,
             });
         }
         if token.role != role {
-            return refuse(EnrollRefusal::WrongRole {
+            return Err(EnrollRefusal::WrongRole {
                 token: token.role,
                 requested: role,
             });
         }
         // Names are checked again here: the core must not trust its shell's decoding.
         if let Err(e) = muster_wire::AgentName::new(name) {
-            return refuse(EnrollRefusal::BadRequest {
+            return Err(EnrollRefusal::BadRequest {
                 reason: format!("name: {e}"),
             });
         }
         if name == RESERVED_NAME {
-            return refuse(EnrollRefusal::NameRefused {
+            return Err(EnrollRefusal::NameRefused {
                 reason: format!(
                     "{RESERVED_NAME:?} is reserved for the hub's own admin credential; pick another --name"
                 ),
             });
         }
         if let Some(bound) = token.name.as_deref().filter(|b| *b != name) {
-            return refuse(EnrollRefusal::NameRefused {
+            return Err(EnrollRefusal::NameRefused {
                 reason: format!(
                     "this token is for the name {bound}, not {name}; enroll with --name {bound}"
                 ),
@@ -286,7 +288,7 @@ impl Core {
         if let Some(h) = &holder
             && !replaces
         {
-            return refuse(EnrollRefusal::NameTaken {
+            return Err(EnrollRefusal::NameTaken {
                 name: name.into(),
                 holder: h.fingerprint.chars().take(16).collect(),
                 enrolled_at_unix: h.created_at / 1000,
@@ -297,15 +299,41 @@ impl Core {
             .values()
             .any(|i| i.key_fingerprint == key_fingerprint && i.revoked_at.is_some());
         if revoked_key {
-            return refuse(EnrollRefusal::RevokedKey);
+            return Err(EnrollRefusal::RevokedKey);
         }
         let (capabilities, slots) = if role == Role::Agent {
-            match grant_for(token, asked_caps, asked_slots) {
-                Ok(g) => g,
-                Err(reason) => return refuse(EnrollRefusal::NotGranted { reason }),
-            }
+            grant_for(token, asked_caps, asked_slots)
+                .map_err(|reason| EnrollRefusal::NotGranted { reason })?
         } else {
             (Vec::new(), 0)
+        };
+        Ok(EnrollGrant {
+            capabilities,
+            slots,
+            replaces: holder,
+        })
+    }
+
+    pub(crate) fn on_enroll(
+        &mut self,
+        now: Millis,
+        secret_hash: &str,
+        role: Role,
+        name: &str,
+        (cert_pem, fingerprint, key_fingerprint): (String, String, String),
+        grant: (Vec<String>, u32),
+    ) -> muster_wire::msg::EnrollResponse {
+        use muster_wire::msg::EnrollResponse;
+        let EnrollGrant {
+            capabilities,
+            slots,
+            replaces: holder,
+        } = match self.check_enroll(now, secret_hash, role, name, &key_fingerprint, grant) {
+            Ok(g) => g,
+            Err(why) => return EnrollResponse::Refused(why),
+        };
+        let Some(token) = self.tokens.get(secret_hash) else {
+            return EnrollResponse::Refused(EnrollRefusal::UnknownToken);
         };
         let mut token = token.clone();
         token.used_at = Some(now);
@@ -317,7 +345,7 @@ impl Core {
         if let Some(h) = holder {
             self.revoke_identity(now, &h.fingerprint);
             let json = serde_json::json!({"kind": "audit", "action": "identity_replaced", "who": name, "role": role.as_str(), "old_fingerprint": h.fingerprint});
-            self.push_event(now, json.to_string());
+            self.push_event(now, EventKind::Audit, json.to_string());
         }
         let id = Identity {
             name: name.into(),
@@ -339,7 +367,7 @@ impl Core {
             self.out.writes.push(Write::Agent(agent.rec.clone()));
         }
         let json = serde_json::json!({"kind": "audit", "action": "enroll", "who": name, "role": role.as_str()});
-        self.push_event(now, json.to_string());
+        self.push_event(now, EventKind::Audit, json.to_string());
         EnrollResponse::Enrolled {
             cert_pem,
             ca_pem: String::new(),
@@ -347,6 +375,17 @@ impl Core {
     }
 
     // === Events ===
+}
+
+/// What an enrollment that passed [`Core::check_enroll`] grants.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EnrollGrant {
+    /// The capabilities the identity gets.
+    pub capabilities: Vec<String>,
+    /// Its task slots (agents only).
+    pub slots: u32,
+    /// The live identity of the same name that this one replaces (a name-bound token).
+    pub replaces: Option<Identity>,
 }
 
 /// The name of the hub's own admin credential; nobody may enroll under it.

@@ -13,6 +13,7 @@ pub mod admission;
 pub mod alerts;
 mod events;
 mod identity;
+pub use identity::EnrollGrant;
 pub mod model;
 mod ops;
 pub mod policy;
@@ -29,7 +30,7 @@ use muster_wire::msg::{
     Hello, HubMsg, OpRequest, OpResponse, Outcome, ReportKind, Role, SessionMsg,
 };
 use muster_wire::pace::Rng;
-use muster_wire::{Generation, PROTOCOL_VERSION, ReportId, TaskId};
+use muster_wire::{AgentName, Generation, PROTOCOL_VERSION, ReportId, TaskId};
 
 use crate::policy::{Limits, Policy};
 pub use model::*;
@@ -118,7 +119,7 @@ pub enum Write {
     /// Record an idempotency key.
     Key(String, TaskId),
     /// Append an event.
-    Event(EventRecord),
+    Event(EventRecord, EventKind),
     /// The next task id to hand out.
     NextTaskId(u64),
 }
@@ -130,6 +131,31 @@ pub enum Reply {
     Op(OpResponse),
     /// To an enrollment.
     Enroll(muster_wire::msg::EnrollResponse),
+    /// To `stats`: the shell adds its own figures and renders it.
+    Stats(Box<Stats>),
+}
+
+/// The core's part of the `stats` answer.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Stats {
+    /// Attempts that reached an outcome.
+    pub finished: u64,
+    /// Of those, completed ones.
+    pub completed: u64,
+    /// Assignments sent.
+    pub assigned: u64,
+    /// Heartbeats received.
+    pub heartbeats: u64,
+    /// Reports about an attempt that was no longer current.
+    pub stale_reports: u64,
+    /// Reports received twice.
+    pub duplicate_reports: u64,
+    /// Finished attempts by outcome.
+    pub outcomes: std::collections::BTreeMap<&'static str, u64>,
+    /// Live tasks by state.
+    pub live_by_state: std::collections::BTreeMap<&'static str, u64>,
+    /// Agents known.
+    pub agents: usize,
 }
 
 /// Effects of the inputs since the last [`Core::take_output`].
@@ -181,10 +207,10 @@ pub struct Counters {
 pub struct Snapshot {
     /// Live tasks by state.
     pub tasks: Vec<(TaskState, u64)>,
-    /// Agents by derived state (`online`, `suspect`, `offline`, `degraded`, `draining`).
-    pub agents: Vec<(&'static str, u64)>,
+    /// Agents by derived state.
+    pub agents: Vec<(AgentState, u64)>,
     /// Open alerts by kind.
-    pub alerts: Vec<(&'static str, u64)>,
+    pub alerts: Vec<(alerts::AlertKind, u64)>,
     /// The counters.
     pub counters: Counters,
 }
@@ -234,7 +260,7 @@ pub struct Core {
     rng: Rng,
     tasks: HashMap<TaskId, Live>,
     sched: sched::ReadyQueue,
-    agents: HashMap<String, Agent>,
+    agents: HashMap<AgentName, Agent>,
     conns: HashMap<ConnId, String>,
     identities: HashMap<String, Identity>,
     tokens: HashMap<String, TokenRecord>,
@@ -339,21 +365,30 @@ impl Core {
             violations: 0,
         };
         for rec in restored.agents {
-            core.agents.insert(rec.name.clone(), Agent::new(rec, now));
+            match AgentName::new(rec.name.clone()) {
+                Ok(name) => {
+                    core.agents.insert(name, Agent::new(rec, now));
+                }
+                // Only checked names are ever stored; one that is not is reported, not trusted.
+                Err(e) => core.out.violations.push(format!(
+                    "the store holds an agent with an invalid name {:?} ({e}); it is ignored",
+                    rec.name
+                )),
+            }
         }
         let backoff_max = core.policy.backoff_max.as_millis() as Millis;
         for (mut rec, mut attempt) in restored.live {
             cap_restored_times(now, backoff_max, &mut rec, attempt.as_mut());
             if let (Some(a), true) = (&attempt, rec.state.has_live_attempt())
-                && let Some(agent) = core.agents.get_mut(&a.agent)
+                && let Some(agent) = core.agents.get_mut(a.agent.as_str())
             {
                 agent.tasks.insert(rec.id);
             }
             core.insert_live(rec, attempt);
         }
-        let names: Vec<String> = core.agents.keys().cloned().collect();
+        let names: Vec<AgentName> = core.agents.keys().cloned().collect();
         for name in names {
-            core.arm_offline(&name);
+            core.arm_offline(name.as_str());
         }
         core
     }
@@ -435,7 +470,7 @@ impl Core {
                 }
                 if !self
                     .agents
-                    .get(&a.agent)
+                    .get(a.agent.as_str())
                     .is_some_and(|g| g.tasks.contains(id))
                 {
                     return Err(format!(
@@ -503,7 +538,7 @@ impl Core {
                 token_secret,
             } => {
                 let resp = self.on_op(now, &fingerprint, request, token_secret, archive);
-                self.out.replies.push((reply, Reply::Op(resp)));
+                self.out.replies.push((reply, resp));
             }
             Input::Enroll {
                 secret_hash,
@@ -527,17 +562,17 @@ impl Core {
         for l in self.tasks.values() {
             *tasks.entry(l.rec.state).or_default() += 1;
         }
-        let mut agents: HashMap<&'static str, u64> = HashMap::new();
+        let mut agents: HashMap<AgentState, u64> = HashMap::new();
         for a in self.agents.values() {
             let (state, _) = self.agent_state(now, a);
-            let derived = if state != "online" {
+            let derived = if state != AgentState::Online {
                 state
             } else if a.breaker_until.is_some() {
-                "degraded"
+                AgentState::Degraded
             } else if a.rec.drained {
-                "draining"
+                AgentState::Draining
             } else {
-                "online"
+                AgentState::Online
             };
             *agents.entry(derived).or_default() += 1;
         }
@@ -547,13 +582,13 @@ impl Core {
                 .filter(|s| !s.is_terminal())
                 .map(|s| (*s, tasks.get(s).copied().unwrap_or(0)))
                 .collect(),
-            agents: ["online", "suspect", "offline", "degraded", "draining"]
+            agents: AgentState::ALL
                 .into_iter()
-                .map(|k| (k, agents.get(k).copied().unwrap_or(0)))
+                .map(|k| (k, agents.get(&k).copied().unwrap_or(0)))
                 .collect(),
             alerts: alerts::AlertKind::ALL
                 .into_iter()
-                .map(|k| (k.as_str(), self.alerts.count(k) as u64))
+                .map(|k| (k, self.alerts.count(k) as u64))
                 .collect(),
             counters: self.counters.clone(),
         }
@@ -636,7 +671,7 @@ fn last_write_wins(writes: Vec<Write>) -> Vec<Write> {
             Write::Token(h, _) => Key::Token(h),
             Write::Key(k, _) => Key::Idempotency(k),
             Write::NextTaskId(_) => Key::NextTaskId,
-            Write::Event(_) => return None,
+            Write::Event(..) => return None,
         })
     }
     let mut seen = HashSet::new();

@@ -80,6 +80,43 @@ impl TaskState {
     }
 }
 
+/// How an agent stands, as `agents` and `/metrics` show it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum AgentState {
+    /// Heard from within two heartbeat intervals.
+    Online,
+    /// Missed heartbeats, not yet given up on.
+    Suspect,
+    /// No session, revoked, or silent too long.
+    Offline,
+    /// Online with its circuit breaker open (only in `/metrics`' counts).
+    Degraded,
+    /// Online and drained by an operator (only in `/metrics`' counts).
+    Draining,
+}
+
+impl AgentState {
+    /// Every state, in the order `/metrics` lists them.
+    pub const ALL: [AgentState; 5] = [
+        AgentState::Online,
+        AgentState::Suspect,
+        AgentState::Offline,
+        AgentState::Degraded,
+        AgentState::Draining,
+    ];
+
+    /// The stable name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AgentState::Online => "online",
+            AgentState::Suspect => "suspect",
+            AgentState::Offline => "offline",
+            AgentState::Degraded => "degraded",
+            AgentState::Draining => "draining",
+        }
+    }
+}
+
 /// One entry of a task's audit trail: who changed it and when.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Audit {
@@ -242,6 +279,19 @@ pub struct AgentRecord {
     pub drained: bool,
     /// Revoked by an operator.
     pub revoked: bool,
+}
+
+/// What an event is about; the shell logs task transitions at debug and the rest at info.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventKind {
+    /// A task changed state.
+    Task,
+    /// An agent came, went, or was refused.
+    Agent,
+    /// An alert was raised or cleared.
+    Alert,
+    /// An operator or enrollment action.
+    Audit,
 }
 
 /// One entry of the event log.

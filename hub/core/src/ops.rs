@@ -1,6 +1,6 @@
 //! Operator requests: dispatch, and the agent views and stats they answer with.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 
 use muster_wire::limits::{self};
 use muster_wire::msg::{OpError, OpErrorCode, OpRequest, OpResponse, Role};
@@ -10,7 +10,8 @@ use crate::model::*;
 use crate::Archive;
 use crate::identity::check_token_grant;
 use crate::views;
-use crate::{Agent, Core, Write};
+use crate::{Agent, Core, Reply, Stats, Write};
+use muster_wire::AgentName;
 
 impl Core {
     pub(crate) fn on_op(
@@ -20,30 +21,12 @@ impl Core {
         request: OpRequest,
         token_secret: Option<(String, String)>,
         archive: &dyn Archive,
-    ) -> OpResponse {
-        let Some(who) = self.identity(fingerprint).cloned() else {
-            return op_error(
-                OpErrorCode::Forbidden,
-                "this credential is not enrolled at this hub or has been revoked",
-            );
+    ) -> Reply {
+        let who = match self.authorize(fingerprint, &request) {
+            Ok(who) => who.clone(),
+            Err(e) => return Reply::Op(e),
         };
-        let allowed = match who.role {
-            Role::Admin => true,
-            Role::Operator => !request.is_write(),
-            Role::Agent => false,
-        };
-        if !allowed {
-            let what = if request.is_write() {
-                "change state (role admin needed)"
-            } else {
-                "read (role operator or admin needed)"
-            };
-            return op_error(
-                OpErrorCode::Forbidden,
-                &format!("{} has role {} and may not {what}", who.name, who.role),
-            );
-        }
-        match request {
+        Reply::Op(match request {
             OpRequest::Agents => ok_json(&self.agents_reply(now)),
             OpRequest::AgentShow { name } => match self.agent_view(now, &name) {
                 Some(v) => ok_json(&v),
@@ -62,13 +45,13 @@ impl Core {
                 if let Err(msg) =
                     check_token_grant(role, name.as_ref(), capabilities.as_deref(), slots)
                 {
-                    return op_error(OpErrorCode::Invalid, &msg);
+                    return Reply::Op(op_error(OpErrorCode::Invalid, &msg));
                 }
                 let Some((secret, hash)) = token_secret else {
-                    return op_error(
+                    return Reply::Op(op_error(
                         OpErrorCode::Internal,
                         "the hub could not draw a random secret (system RNG failed); see its log and try again",
-                    );
+                    ));
                 };
                 let rec = TokenRecord {
                     role,
@@ -83,7 +66,7 @@ impl Core {
                 self.tokens.insert(hash.clone(), rec.clone());
                 self.out.writes.push(Write::Token(hash, rec.clone()));
                 let json = serde_json::json!({"kind": "audit", "action": "token_create", "who": who.name, "role": role.as_str(), "ttl_s": ttl_s, "name": rec.name});
-                self.push_event(now, json.to_string());
+                self.push_event(now, EventKind::Audit, json.to_string());
                 ok_json(&serde_json::json!({
                     "token": format!("{}{secret}", self.token_prefix),
                     "role": role.as_str(),
@@ -97,7 +80,7 @@ impl Core {
             OpRequest::SubmitBatch(reqs) => self.submit_batch(now, reqs, &who.name, archive),
             OpRequest::TaskCancel { id } => self.cancel(now, id, &who.name),
             OpRequest::TaskRequeue { id } => self.requeue(now, id, &who.name, archive),
-            OpRequest::Stats => ok_json(&self.stats_json()),
+            OpRequest::Stats => return Reply::Stats(Box::new(self.stats())),
             OpRequest::Alerts => {
                 let all = self.alerts.list();
                 let total = all.len();
@@ -118,7 +101,7 @@ impl Core {
             OpRequest::Tasks { .. } | OpRequest::TaskShow { .. } | OpRequest::Watch { .. } => {
                 op_error(OpErrorCode::Internal, "served by the shell")
             }
-        }
+        })
     }
 
     /// The `agents` answer: counts by state for the whole fleet, and the agents
@@ -149,12 +132,44 @@ impl Core {
     }
 
     pub(crate) fn agent_views(&self, now: Millis) -> Vec<serde_json::Value> {
-        let mut names: Vec<&String> = self.agents.keys().collect();
+        let mut names: Vec<&AgentName> = self.agents.keys().collect();
         names.sort();
         names
             .into_iter()
-            .filter_map(|n| self.agent_view(now, n))
+            .filter_map(|n| self.agent_view(now, n.as_str()))
             .collect()
+    }
+
+    /// Who may make `request`: admins anything, operators reads, agents nothing.
+    /// The one role check for requests answered in the core and in the shell.
+    pub fn authorize(
+        &self,
+        fingerprint: &str,
+        request: &OpRequest,
+    ) -> Result<&Identity, OpResponse> {
+        let Some(who) = self.identity(fingerprint) else {
+            return Err(op_error(
+                OpErrorCode::Forbidden,
+                "this credential is not enrolled at this hub or has been revoked",
+            ));
+        };
+        let allowed = match who.role {
+            Role::Admin => true,
+            Role::Operator => !request.is_write(),
+            Role::Agent => false,
+        };
+        if allowed {
+            return Ok(who);
+        }
+        let what = if request.is_write() {
+            "change state (role admin needed)"
+        } else {
+            "read (role operator or admin needed)"
+        };
+        Err(op_error(
+            OpErrorCode::Forbidden,
+            &format!("{} has role {} and may not {what}", who.name, who.role),
+        ))
     }
 
     pub(crate) fn agent_view(&self, now: Millis, name: &str) -> Option<serde_json::Value> {
@@ -163,7 +178,7 @@ impl Core {
         let (available, reason) = self.availability(now, a);
         Some(views::agent_json(
             &a.rec,
-            state,
+            state.as_str(),
             &why,
             available,
             &reason,
@@ -173,33 +188,36 @@ impl Core {
     }
 
     /// online / suspect (missed 2 heartbeats) / offline, with the reason.
-    pub(crate) fn agent_state(&self, now: Millis, a: &Agent) -> (&'static str, String) {
+    pub(crate) fn agent_state(&self, now: Millis, a: &Agent) -> (AgentState, String) {
         if a.rec.revoked {
-            return ("offline", "revoked".into());
+            return (AgentState::Offline, "revoked".into());
         }
         if a.conn.is_none() {
-            return ("offline", "no session".into());
+            return (AgentState::Offline, "no session".into());
         }
         let interval = self.policy.heartbeat_interval.as_millis() as u64;
         let age = now.saturating_sub(a.rec.last_seen.unwrap_or(0));
         let offline_after = (3 * interval).max(limits::IDLE_TIMEOUT.as_millis() as u64);
         if age > offline_after {
-            ("offline", format!("no heartbeat for {} s", age / 1000))
+            (
+                AgentState::Offline,
+                format!("no heartbeat for {} s", age / 1000),
+            )
         } else if age > 2 * interval {
             (
-                "suspect",
+                AgentState::Suspect,
                 format!("missed heartbeats: last one {} s ago", age / 1000),
             )
         } else {
-            ("online", String::new())
+            (AgentState::Online, String::new())
         }
     }
 
     /// Whether the agent may get work now, and why not.
     pub(crate) fn availability(&self, now: Millis, a: &Agent) -> (bool, String) {
         let (state, why) = self.agent_state(now, a);
-        if state != "online" {
-            return (false, format!("{state}: {why}"));
+        if state != AgentState::Online {
+            return (false, format!("{}: {why}", state.as_str()));
         }
         if a.rec.drained {
             return (false, "draining".into());
@@ -228,28 +246,23 @@ impl Core {
         (true, String::new())
     }
 
-    pub(crate) fn stats_json(&self) -> serde_json::Value {
+    pub(crate) fn stats(&self) -> Stats {
         let c = &self.counters;
-        let outcomes: serde_json::Map<String, serde_json::Value> = c
-            .outcomes
-            .iter()
-            .map(|(o, n)| (o.as_str().to_string(), (*n).into()))
-            .collect();
-        let mut by_state: HashMap<&str, u64> = HashMap::new();
+        let mut live_by_state: BTreeMap<&'static str, u64> = BTreeMap::new();
         for l in self.tasks.values() {
-            *by_state.entry(l.rec.state.as_str()).or_default() += 1;
+            *live_by_state.entry(l.rec.state.as_str()).or_default() += 1;
         }
-        serde_json::json!({
-            "finished": c.finished,
-            "completed": c.completed,
-            "assigned": c.assigned,
-            "heartbeats": c.heartbeats,
-            "stale_reports": c.stale_reports,
-            "duplicate_reports": c.duplicate_reports,
-            "outcomes": outcomes,
-            "live_by_state": by_state,
-            "agents": self.agents.len(),
-        })
+        Stats {
+            finished: c.finished,
+            completed: c.completed,
+            assigned: c.assigned,
+            heartbeats: c.heartbeats,
+            stale_reports: c.stale_reports,
+            duplicate_reports: c.duplicate_reports,
+            outcomes: c.outcomes.iter().map(|(o, n)| (o.as_str(), *n)).collect(),
+            live_by_state,
+            agents: self.agents.len(),
+        }
     }
 
     // === Enrollment ===

@@ -103,7 +103,7 @@ impl Core {
                 .enumerate()
                 .filter(|(_, f)| f.1 > 0)
                 .filter(|(_, f)| {
-                    let a = &self.agents[&f.0];
+                    let a = &self.agents[f.0.as_str()];
                     caps.iter().all(|c| a.rec.capabilities.contains(c))
                 })
                 // Prefer an agent that has not failed this task, then the least loaded.
@@ -188,6 +188,6 @@ impl Core {
             &format!("assigned to {agent}"),
         );
         self.touch(id);
-        self.push_event(now, json);
+        self.push_event(now, super::EventKind::Task, json);
     }
 }

@@ -57,7 +57,7 @@ impl Core {
             return refuse(self, Refused::BadHello { reason });
         }
         let name = id.name.clone();
-        let agent = self.agents.entry(name.clone()).or_insert_with(|| {
+        let agent = self.agents.entry(hello.agent.clone()).or_insert_with(|| {
             Agent::new(
                 AgentRecord {
                     name: name.clone(),
@@ -101,12 +101,12 @@ impl Core {
                 },
             }),
         ));
-        self.event(now, "agent", &name, "online", "hello");
+        self.agent_event(now, &name, "online", "hello");
         self.reconcile(now, &name, conn, &hello.resume, true);
         // Deadlines skipped while it was away count again.
         let held: Vec<TaskId> = self
             .agents
-            .get(&name)
+            .get(name.as_str())
             .map(|a| a.tasks.iter().copied().collect())
             .unwrap_or_default();
         for id in held {
@@ -193,12 +193,12 @@ impl Core {
         let Some(name) = self.conns.remove(&conn) else {
             return;
         };
-        if let Some(agent) = self.agents.get_mut(&name)
+        if let Some(agent) = self.agents.get_mut(name.as_str())
             && agent.conn == Some(conn)
         {
             agent.conn = None;
             agent.offline_since = Some(now);
-            self.event(now, "agent", &name, "offline", "session closed");
+            self.agent_event(now, &name, "offline", "session closed");
             self.arm_offline(&name);
         }
     }
@@ -230,12 +230,12 @@ impl Core {
                 }),
             ));
             self.out.closes.push(conn);
-            self.event(now, "agent", &name, "refused", &reason);
+            self.agent_event(now, &name, "refused", &reason);
             return;
         }
         bound_self_test(&mut hb.self_test);
         self.counters.heartbeats += 1;
-        let Some(agent) = self.agents.get_mut(&name) else {
+        let Some(agent) = self.agents.get_mut(name.as_str()) else {
             return;
         };
         agent.rec.last_seen = Some(now);
@@ -274,7 +274,7 @@ impl Core {
             }
         }
         for (state, why) in events {
-            self.event(now, "agent", &name, state, why);
+            self.agent_event(now, &name, state, why);
         }
         self.reconcile(now, &name, conn, &hb.tasks, false);
     }

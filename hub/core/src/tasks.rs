@@ -79,7 +79,7 @@ impl Core {
             )
         });
         self.touch(id);
-        self.push_event(now, json);
+        self.push_event(now, EventKind::Task, json);
         if let Some(msg) = failed {
             self.alert_raise(now, AlertKind::TaskFailed, &id.to_string(), msg);
         }
@@ -137,7 +137,7 @@ impl Core {
         let superseded = !matches!(outcome, Outcome::Completed | Outcome::Failed);
         // The agent's bookkeeping: slot, breaker, and stopping a superseded run.
         let mut tripped = None;
-        if let Some(agent) = self.agents.get_mut(&agent_name) {
+        if let Some(agent) = self.agents.get_mut(agent_name.as_str()) {
             agent.tasks.remove(&id);
             if outcome.is_infrastructure() {
                 agent.infra_failures += 1;
@@ -178,7 +178,7 @@ impl Core {
         }
         if let Some(why) = tripped {
             self.arm_alerts_now(now);
-            self.event(now, "agent", &agent_name, "degraded", &why);
+            self.agent_event(now, &agent_name, "degraded", &why);
         }
         self.dirty_schedule = true;
         let why = format!("attempt {generation} ended {}", outcome.as_str());
@@ -459,6 +459,7 @@ impl Core {
         }
         self.push_event(
             now,
+            EventKind::Task,
             views::task_event_json(&rec, rec.state, &format!("submitted by {who}")),
         );
         self.insert_live(rec, None);
@@ -579,6 +580,7 @@ impl Core {
         self.alert_clear(AlertKind::TaskFailed, &id.to_string());
         self.push_event(
             now,
+            EventKind::Task,
             views::task_event_json(&rec, rec.state, &format!("requeued by {who}")),
         );
         self.audit_event(now, who, "task_requeue", &id.to_string());

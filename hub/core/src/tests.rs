@@ -70,7 +70,7 @@ impl Store {
                 Write::Key(k, id) => {
                     self.keys.insert(k.clone(), *id);
                 }
-                Write::Event(e) => self.events = self.events.max(e.seq + 1),
+                Write::Event(e, _) => self.events = self.events.max(e.seq + 1),
                 Write::NextTaskId(n) => self.next_task_id = *n,
             }
         }
@@ -595,8 +595,12 @@ impl H {
             .position(|(r, _)| *r == reply)
             .expect("every request is answered");
         let (_, resp) = out.replies.remove(i);
-        let Reply::Op(resp) = resp else {
-            panic!("an operator request got an enrollment reply");
+        let resp = match resp {
+            Reply::Op(resp) => resp,
+            Reply::Stats(s) => OpResponse::Ok {
+                json: serde_json::to_string(&s).expect("stats render"),
+            },
+            Reply::Enroll(_) => panic!("an operator request got an enrollment reply"),
         };
         (resp, out)
     }
@@ -2557,6 +2561,35 @@ fn a_token_enrolls_once() {
 }
 
 #[test]
+fn the_enrollment_check_decides_before_signing_and_spends_nothing() {
+    let mut h = H::new();
+    let grant = || (Vec::new(), 1);
+    assert_eq!(
+        h.core
+            .check_enroll(h.now, "nope", Role::Agent, "new", "key-new", grant())
+            .map(drop),
+        Err(EnrollRefusal::UnknownToken)
+    );
+    token(&mut h, Role::Agent, 600, "h1");
+    let ok = h
+        .core
+        .check_enroll(h.now, "h1", Role::Agent, "new", "key-new", grant())
+        .expect("a fresh token passes the check");
+    assert_eq!(ok.replaces, None);
+    // The check is a question: the token is not spent and nothing is written.
+    assert!(h.flush().writes.is_empty());
+    assert!(h.store.tokens["h1"].used_at.is_none());
+    let r = h.enroll_input("h1", Role::Agent, "new", "key-new");
+    assert!(matches!(r, EnrollResponse::Enrolled { .. }), "{r:?}");
+    // Between a check and the commit the token can be used up: the commit checks again.
+    assert!(matches!(
+        h.core
+            .check_enroll(h.now, "h1", Role::Agent, "late", "key-late", grant()),
+        Err(EnrollRefusal::AlreadyUsed { .. })
+    ));
+}
+
+#[test]
 fn an_expired_token_is_refused() {
     let mut h = H::new();
     token(&mut h, Role::Agent, 60, "h1");
@@ -2765,7 +2798,7 @@ fn agent_down_is_raised_after_the_policy_time_and_cleared_on_return() {
     assert!(
         out.writes
             .iter()
-            .any(|w| matches!(w, Write::Event(e) if e.json.contains("agent_down")))
+            .any(|w| matches!(w, Write::Event(e, _) if e.json.contains("agent_down")))
     );
     let _ = h.connect(2, "a", &[], 1);
     let out = h.tick();
@@ -3034,7 +3067,7 @@ fn a_batch_writes_each_record_once_in_its_final_state_and_keeps_every_event() {
     let events = out
         .writes
         .iter()
-        .filter(|w| matches!(w, Write::Event(_)))
+        .filter(|w| matches!(w, Write::Event(..)))
         .count();
     assert!(
         events >= 3,

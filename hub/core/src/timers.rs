@@ -135,7 +135,7 @@ impl Core {
         let grace = self.policy.lost_grace.as_millis() as u64;
         let lost: Vec<TaskId> = self
             .agents
-            .get(&name)
+            .get(name.as_str())
             .map(|a| a.tasks.iter().copied().collect())
             .unwrap_or_default();
         for id in lost {
@@ -174,7 +174,10 @@ impl Core {
         let a = live.attempt.as_ref()?;
         // An agent that is away is the lost grace's business, and a restarted hub
         // counts these deadlines from its own start, never from before it.
-        let connected = self.agents.get(&a.agent).is_some_and(|g| g.conn.is_some());
+        let connected = self
+            .agents
+            .get(a.agent.as_str())
+            .is_some_and(|g| g.conn.is_some());
         let since = |t: Millis| t.max(self.started_at);
         match live.rec.state {
             TaskState::Assigned | TaskState::Accepted if !connected => None,

@@ -13,7 +13,7 @@ use tracing::{debug, error, info, warn};
 
 use super::endpoint::REVOKED_REASON;
 use super::http::health;
-use super::queries::{add_shell_stats, feed_watchers, query, start_watch};
+use super::queries::{feed_watchers, query, render_stats, start_watch};
 use super::{BATCH_LEN_MAX, Clock, ToCore};
 use crate::core::{ConnId, Core, Input, Millis, Reply, ReplyId};
 use crate::metrics::Counters;
@@ -41,8 +41,8 @@ pub(super) struct Registered {
 }
 
 pub(super) enum Pending {
-    /// An operator's answer; `true` for `stats`, which the shell adds its own figures to.
-    Op(oneshot::Sender<OpResponse>, bool),
+    /// An operator's answer.
+    Op(oneshot::Sender<OpResponse>),
     Enroll(oneshot::Sender<EnrollResponse>),
 }
 
@@ -176,8 +176,7 @@ pub(super) fn core_loop(
                             .then(new_secret)
                             .flatten();
                         next_reply += 1;
-                        let stats = matches!(request, OpRequest::Stats);
-                        pending.insert(next_reply, Pending::Op(reply, stats));
+                        pending.insert(next_reply, Pending::Op(reply));
                         Input::Op {
                             fingerprint,
                             request,
@@ -203,6 +202,20 @@ pub(super) fn core_loop(
                             grant,
                             reply: ReplyId(next_reply),
                         }
+                    }
+                    ToCore::EnrollCheck {
+                        secret_hash,
+                        role,
+                        name,
+                        key_fingerprint,
+                        grant,
+                        reply,
+                    } => {
+                        let verdict = core
+                            .check_enroll(now, &secret_hash, role, &name, &key_fingerprint, grant)
+                            .map(drop);
+                        let _ = reply.send(verdict);
+                        continue;
                     }
                     ToCore::Tick => Input::Tick,
                     ToCore::Scrape(tx) => {
@@ -237,10 +250,10 @@ pub(super) fn core_loop(
             );
         }
         for w in &out.writes {
-            if let crate::core::Write::Event(e) = w {
+            if let crate::core::Write::Event(e, kind) = w {
                 // Task transitions come several per task: at debug, so a busy hub does not
                 // spend its core thread writing logs. Agents, alerts and audit at info.
-                if e.json.contains("\"kind\":\"task\"") {
+                if *kind == crate::core::EventKind::Task {
                     debug!(target: "muster::events", seq = e.seq, "{}", e.json);
                 } else {
                     info!(target: "muster::events", seq = e.seq, "{}", e.json);
@@ -290,11 +303,11 @@ pub(super) fn core_loop(
         }
         for (id, reply) in out.replies {
             match (pending.remove(&id.0), reply) {
-                (Some(Pending::Op(tx, stats)), Reply::Op(mut r)) => {
-                    if stats {
-                        add_shell_stats(&mut r, &metrics, &core);
-                    }
+                (Some(Pending::Op(tx)), Reply::Op(r)) => {
                     let _ = tx.send(r);
+                }
+                (Some(Pending::Op(tx)), Reply::Stats(s)) => {
+                    let _ = tx.send(render_stats(&s, &metrics));
                 }
                 (Some(Pending::Enroll(tx)), Reply::Enroll(r)) => {
                     let _ = tx.send(r);

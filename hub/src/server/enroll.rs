@@ -80,18 +80,37 @@ pub(super) async fn enroll_checked(frame: &[u8], shared: &Shared) -> EnrollRespo
         Ok(fp) => fp,
         Err(e) => return bad(format!("certificate signing request: {e}")),
     };
+    let secret_hash = muster_protocol::tls::fingerprint(req.secret.as_bytes());
+    let grant = (req.capabilities, req.slots);
+    // The core checks the token, name and key before anything is signed.
+    let (tx, rx) = oneshot::channel();
+    let check = ToCore::EnrollCheck {
+        secret_hash: secret_hash.clone(),
+        role: req.role,
+        name: req.name.to_string(),
+        key_fingerprint: key_fp.clone(),
+        grant: grant.clone(),
+        reply: tx,
+    };
+    if shared.to_core.send(check).await.is_err() {
+        return bad("the hub is shutting down".into());
+    }
+    match rx.await {
+        Ok(Ok(())) => {}
+        Ok(Err(why)) => return refuse(why),
+        Err(_) => return bad("the hub is shutting down".into()),
+    }
     let (cert_pem, fingerprint) = match shared.pki.sign_csr(&req.csr_pem, req.name.as_str()) {
         Ok(c) => c,
         Err(e) => return bad(format!("certificate signing request: {e}")),
     };
-    let secret_hash = muster_protocol::tls::fingerprint(req.secret.as_bytes());
     let (tx, rx) = oneshot::channel();
     let msg = ToCore::Enroll {
         secret_hash,
         role: req.role,
         name: req.name.to_string(),
         cert: (cert_pem, fingerprint, key_fp),
-        grant: (req.capabilities, req.slots),
+        grant,
         reply: tx,
     };
     if shared.to_core.send(msg).await.is_err() {

@@ -99,6 +99,15 @@ enum ToCore {
         grant: (Vec<String>, u32),
         reply: oneshot::Sender<EnrollResponse>,
     },
+    /// Asked before the CSR is signed: may this enrollment go ahead?
+    EnrollCheck {
+        secret_hash: String,
+        role: muster_protocol::msg::Role,
+        name: String,
+        key_fingerprint: String,
+        grant: (Vec<String>, u32),
+        reply: oneshot::Sender<Result<(), muster_protocol::msg::EnrollRefusal>>,
+    },
     Tick,
     Watch {
         fingerprint: String,

@@ -9,7 +9,7 @@ use tokio::sync::mpsc;
 
 use super::driver::Watcher;
 use super::session::internal;
-use crate::core::{Core, TaskState, views};
+use crate::core::{Core, Stats, TaskState, views};
 use crate::metrics::Counters;
 use crate::store::{Store, StoreError};
 
@@ -17,17 +17,15 @@ use crate::store::{Store, StoreError};
 pub(super) const WATCH_PAGE: usize = 512;
 /// Most attempts `task show` lists (newest first; the rest are counted).
 pub(super) const ATTEMPTS_SHOWN_MAX: usize = 100;
-pub(super) fn add_shell_stats(resp: &mut OpResponse, metrics: &Counters, core: &Core) {
-    let OpResponse::Ok { json } = resp else {
-        return;
+/// The `stats` answer: the core's figures and the shell's message, byte and commit counts.
+pub(super) fn render_stats(stats: &Stats, metrics: &Counters) -> OpResponse {
+    let Ok(mut v) = serde_json::to_value(stats) else {
+        return OpResponse::Error(OpError {
+            code: OpErrorCode::Internal,
+            message: "could not render the stats".into(),
+        });
     };
-    let Ok(mut v) = serde_json::from_str::<serde_json::Value>(json) else {
-        return;
-    };
-    if v.get("finished").is_none() || v.get("heartbeats").is_none() {
-        return;
-    }
-    let finished = core.counters().finished.max(1) as f64;
+    let finished = stats.finished.max(1) as f64;
     let msgs = metrics.msgs_in.load(Ordering::Relaxed) + metrics.msgs_out.load(Ordering::Relaxed);
     let bytes = metrics.bytes.load(Ordering::Relaxed);
     let commits = metrics.commits.load(Ordering::Relaxed);
@@ -40,23 +38,8 @@ pub(super) fn add_shell_stats(resp: &mut OpResponse, metrics: &Counters, core: &
     v["mean_group_size"] = (writes as f64 / commits.max(1) as f64).into();
     v["mean_commit_ms"] =
         (metrics.commit_us.load(Ordering::Relaxed) as f64 / commits.max(1) as f64 / 1000.0).into();
-    *json = v.to_string();
-}
-
-pub(super) fn authorize_read(core: &Core, fingerprint: &str) -> Result<(), OpResponse> {
-    match core.identity(fingerprint) {
-        Some(i) if i.role != muster_protocol::msg::Role::Agent => Ok(()),
-        Some(i) => Err(OpResponse::Error(OpError {
-            code: OpErrorCode::Forbidden,
-            message: format!(
-                "{} has role agent and may not read (role operator or admin needed)",
-                i.name
-            ),
-        })),
-        None => Err(OpResponse::Error(OpError {
-            code: OpErrorCode::Forbidden,
-            message: "this credential is not enrolled at this hub or has been revoked".into(),
-        })),
+    OpResponse::Ok {
+        json: v.to_string(),
     }
 }
 
@@ -67,7 +50,7 @@ pub(super) fn query(
     fingerprint: &str,
     request: OpRequest,
 ) -> OpResponse {
-    if let Err(e) = authorize_read(core, fingerprint) {
+    if let Err(e) = core.authorize(fingerprint, &request) {
         return e;
     }
     let result = (|| -> Result<OpResponse, StoreError> {
@@ -151,7 +134,7 @@ pub(super) fn start_watch(
     from: Option<EventSeq>,
     watchers: &mut Vec<Watcher>,
 ) {
-    if let Err(e) = authorize_read(core, &fingerprint) {
+    if let Err(e) = core.authorize(&fingerprint, &OpRequest::Watch { from }) {
         let _ = tx.try_send(e);
         return;
     }

@@ -95,6 +95,13 @@ impl AgentName {
     }
 }
 
+/// Maps keyed by name can be searched with a `&str` (derived `Hash`/`Eq` agree with `str`'s).
+impl std::borrow::Borrow<str> for AgentName {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
 impl fmt::Display for AgentName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)

@@ -5,91 +5,13 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-/// How the sidecar starts the agent (`[agent]` in sidecar.toml).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AgentConfig {
-    /// Exec (the command is the run) or wake (the command wakes an agent that lives elsewhere).
-    pub mode: Mode,
-    /// argv, never a shell string; gets the `MUSTER_*` variables.
-    pub command: Vec<String>,
-    /// Working directory; `None` is the state directory's `work/` folder.
-    pub working_dir: Option<PathBuf>,
-    /// Exec: alive this long after spawn counts as started.
-    pub settle: Duration,
-    /// Wake: how the start is verified.
-    pub verify: Verify,
-    /// `verify = "process"`: a name or command-line substring to look for.
-    pub verify_process: String,
-    /// `verify = "command"`: argv whose exit 0 means alive.
-    pub verify_command: Vec<String>,
-    /// Wake: argv that stops the agent; exec stops with SIGTERM.
-    pub stop_command: Vec<String>,
-    /// Time between SIGTERM (or the stop command) and SIGKILL.
-    pub stop_grace: Duration,
-    /// Optional self-test of the agent, run when idle.
-    pub health_command: Vec<String>,
-    /// Wake: how long the sidecar waits for verification before `start_timeout`.
-    pub start_timeout: Duration,
-    /// Exec: how the run's exit status is kept.
-    pub exec_status: ExecStatus,
-}
-
-/// See [`AgentConfig::exec_status`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ExecStatus {
-    /// The exit status is written to the run directory, so it is known even when the
-    /// run ends while the sidecar is down: by the runner's reaper (one exec per run),
-    /// or without one by a `/bin/sh` wrapper (two execs per run).
-    Recorded,
-    /// The command is spawned directly and the sidecar waits for it: one exec per run
-    /// (about 1 ms of CPU less here), but a run that ends while the sidecar is down
-    /// ends `agent_exited` without its status.
-    Waited,
-}
-
-/// See [`AgentConfig::mode`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mode {
-    /// The command is the agent run.
-    Exec,
-    /// The command only wakes the agent.
-    Wake,
-}
-
-/// See [`AgentConfig::verify`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Verify {
-    /// The agent runs `muster-sidecar task start` itself.
-    AgentAck,
-    /// A process matching `verify_process` appears.
-    Process,
-    /// `verify_command` exits 0.
-    Command,
-}
-
-impl Default for AgentConfig {
-    fn default() -> Self {
-        Self {
-            mode: Mode::Exec,
-            command: vec!["/usr/local/bin/run-agent".into()],
-            working_dir: None,
-            settle: Duration::from_millis(500),
-            verify: Verify::AgentAck,
-            verify_process: String::new(),
-            verify_command: Vec::new(),
-            stop_command: Vec::new(),
-            stop_grace: Duration::from_secs(10),
-            health_command: Vec::new(),
-            start_timeout: Duration::from_secs(60),
-            exec_status: ExecStatus::Recorded,
-        }
-    }
-}
+// The agent's settings are declared with the rest of sidecar.toml; the
+// runner reads them through these names.
+pub use crate::config::{AgentConfig, ExecStatus, Mode, Probe, Verify};
 
 // === The runner API ===
 //
-// Everything above is configuration (parsed elsewhere from sidecar.toml).
-// Below: what the sidecar hands the runner (`RunSpec`), what it persists
+// What the sidecar hands the runner (`RunSpec`), what it persists
 // (`RunHandle`), what comes back (`RunEvent`), and the real runner
 // (`ProcessRunner`). The submodules split the work by mode:
 //

@@ -417,8 +417,7 @@ async fn wake_verify_command_starts_and_stop_runs_the_stop_command() {
     let (dir, _) = runner(AgentConfig::default());
     let marker = dir.path().join("stopped");
     let mut cfg = config(Mode::Wake, &["true"]);
-    cfg.verify = Verify::Command;
-    cfg.verify_command = vec!["true".into()];
+    cfg.verify = Verify::Probe(Probe::Command(vec!["true".into()]));
     cfg.stop_command = ["sh", "-c", r#"echo "$MUSTER_TASK_ID" > "$1""#, "stop"]
         .iter()
         .map(|s| s.to_string())
@@ -446,8 +445,7 @@ async fn wake_verify_command_starts_and_stop_runs_the_stop_command() {
 async fn wake_verify_process_never_seen_is_start_timeout() {
     let pattern = format!("muster-never-{}", unique());
     let mut cfg = config(Mode::Wake, &["true"]);
-    cfg.verify = Verify::Process;
-    cfg.verify_process = pattern.clone();
+    cfg.verify = Verify::Probe(Probe::Process(pattern.clone()));
     cfg.start_timeout = Duration::from_millis(300);
     let (dir, runner) = runner(cfg);
     let (tx, rx) = mpsc::channel(8);
@@ -466,8 +464,7 @@ async fn wake_probe_notices_the_agent_is_gone() {
     let pattern = format!("sleep {seconds}");
     let script = format!("{pattern} </dev/null >/dev/null 2>&1 &");
     let mut cfg = config(Mode::Wake, &["sh", "-c", &script]);
-    cfg.verify = Verify::Process;
-    cfg.verify_process = pattern.clone();
+    cfg.verify = Verify::Probe(Probe::Process(pattern.clone()));
     let (dir, runner) = runner(cfg);
     let (tx, rx) = mpsc::channel(8);
     runner.start(spec(&dir, 23), tx);

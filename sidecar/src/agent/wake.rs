@@ -11,6 +11,7 @@
 //! With `verify = "agent-ack"` the agent's own `task start` is the
 //! verification (handled by the sidecar); a configured `verify_process` or
 //! `verify_command` is then only a liveness probe, armed once it first succeeds.
+//! Which of these applies is one [`Verify`], checked when sidecar.toml is parsed.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,7 +21,7 @@ use tokio::process::Child;
 use tokio::time::{Instant, timeout};
 
 use super::launch::{Exit, Launch};
-use super::{AgentConfig, Attempt, RunHandle, RunMode, Verify, Wait, sys};
+use super::{Attempt, Probe, RunHandle, RunMode, Verify, Wait, sys};
 
 /// How often the start is checked while verifying.
 const VERIFY_POLL: Duration = Duration::from_millis(200);
@@ -30,15 +31,6 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
 const PROBE_INTERVAL_MIN: Duration = Duration::from_millis(10);
 /// Shortest time the stop command gets, whatever `stop_grace` says.
 const STOP_COMMAND_TIMEOUT_MIN: Duration = Duration::from_secs(1);
-
-/// How the agent's presence is checked.
-#[derive(Debug, Clone)]
-enum Probe {
-    /// A process whose name equals, or whose command line contains, this text.
-    Process(String),
-    /// This argv exits 0.
-    Command(Vec<String>),
-}
 
 /// One probe's answer.
 enum Seen {
@@ -98,11 +90,9 @@ pub(super) async fn run(mut at: Attempt) {
     })
     .await;
 
-    let verify = at.config().verify;
-    let probe = Probe::for_config(at.config());
-    match (verify, probe) {
-        (Verify::AgentAck, None) => idle(at).await,
-        (Verify::AgentAck, Some(probe)) => {
+    match at.config().verify.clone() {
+        Verify::AgentAck(None) => idle(at).await,
+        Verify::AgentAck(Some(probe)) => {
             let limit = at.config().start_timeout;
             match look(&mut at, &probe, limit).await {
                 Wait::Done(Ok(_)) => watch(at, probe).await,
@@ -117,15 +107,7 @@ pub(super) async fn run(mut at: Attempt) {
                 Wait::Forget => {}
             }
         }
-        (_, None) => {
-            let reason = format!("verify = {verify:?} but its pattern or command is empty");
-            let failure = Failure {
-                reason,
-                ..Failure::default()
-            };
-            at.finish(Outcome::StartTimeout, Some(failure)).await;
-        }
-        (_, Some(probe)) => {
+        Verify::Probe(probe) => {
             let limit = at.config().start_timeout;
             match look(&mut at, &probe, limit).await {
                 Wait::Done(Ok(pid)) => {
@@ -150,10 +132,10 @@ pub(super) async fn run(mut at: Attempt) {
 /// Re-attaches to a wake run after a sidecar restart: looks for the agent
 /// for up to `start_timeout` (it may still have been starting), then probes it.
 pub(super) async fn recover(mut at: Attempt) {
-    let Some(probe) = Probe::for_config(at.config()) else {
+    let Some(probe) = at.config().verify.probe().cloned() else {
         return idle(at).await;
     };
-    let ack = at.config().verify == Verify::AgentAck;
+    let ack = matches!(at.config().verify, Verify::AgentAck(_));
     let limit = at.config().start_timeout;
     match look(&mut at, &probe, limit).await {
         Wait::Done(Ok(pid)) => {
@@ -308,24 +290,6 @@ async fn wake_failed(at: Attempt, reason: String, exit: Option<Exit>, argv: Vec<
 // === impl Probe ===
 
 impl Probe {
-    /// The probe `verify` calls for; with agent-ack, whichever of
-    /// `verify_process` and `verify_command` is set (process first).
-    fn for_config(config: &AgentConfig) -> Option<Probe> {
-        let process = || {
-            (!config.verify_process.is_empty())
-                .then(|| Probe::Process(config.verify_process.clone()))
-        };
-        let command = || {
-            (!config.verify_command.is_empty())
-                .then(|| Probe::Command(config.verify_command.clone()))
-        };
-        match config.verify {
-            Verify::Process => process(),
-            Verify::Command => command(),
-            Verify::AgentAck => process().or_else(command),
-        }
-    }
-
     fn argv(&self) -> Vec<String> {
         match self {
             Probe::Process(_) => Vec::new(),

@@ -933,6 +933,10 @@ impl World {
             core.handle(now, input, &self.store);
         }
         let out = core.take_output();
+        // Release builds report the core's own invariant checks here (debug ones assert).
+        if !out.violations.is_empty() {
+            return Err(format!("the hub core broke its invariants: {:?}", out.violations));
+        }
         let p = self.intensity / 600.0;
         if self.faults && self.rng.chance(p) {
             self.crash_hub("hub_crash_before_commit");
