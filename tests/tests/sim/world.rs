@@ -935,7 +935,10 @@ impl World {
         let out = core.take_output();
         // Release builds report the core's own invariant checks here (debug ones assert).
         if !out.violations.is_empty() {
-            return Err(format!("the hub core broke its invariants: {:?}", out.violations));
+            return Err(format!(
+                "the hub core broke its invariants: {:?}",
+                out.violations
+            ));
         }
         let p = self.intensity / 600.0;
         if self.faults && self.rng.chance(p) {
