@@ -376,7 +376,9 @@ fn serialized_types(relative: &str) -> (Vec<String>, Vec<String>) {
 // === Samples ===
 //
 // Every field is set and differs from its default and from its neighbours of
-// the same type, so swapping two fields changes the bytes. A new field breaks
+// the same type, so swapping two fields changes the bytes (booleans, which
+// have one non-default value, get extra cases that set them one at a time:
+// `self_test.*_only`, `agents.agent_record.drained_only`). A new field breaks
 // the struct literals here; a new variant fails `every_variant_has_a_case`.
 
 /// 2026-12-03 10:00:00 UTC in milliseconds; record times are offsets from it.
@@ -923,6 +925,21 @@ fn cases() -> (Vec<Case>, Coverage) {
     let actions = vec![TimeoutAction::Fail, TimeoutAction::Retry];
     each(&mut out, &mut cov, Wire, "timeout_action", actions);
 
+    // Booleans set alike cannot show two of them swapped; these samples set
+    // one at a time, so any swap changes one of them.
+    for (name, passed, command_ok) in [
+        ("passed_only", true, false),
+        ("command_ok_only", false, true),
+    ] {
+        let t = SelfTest {
+            passed,
+            command_ok,
+            disk_ok: false,
+            ..self_test()
+        };
+        out.push(Case::new(Wire, format!("self_test.{name}"), t));
+    }
+
     // Hub store: the value of every table that holds bincode (the others hold
     // redb's own integers and tuples), and the state codes of `by_state`.
     out.push(Case::new(HubStore, "tasks.task_record", task_record()));
@@ -934,6 +951,15 @@ fn cases() -> (Vec<Case>, Coverage) {
     out.push(Case::new(HubStore, "identities.identity", identity()));
     out.push(Case::new(HubStore, "tokens.token_record", token_record()));
     out.push(Case::new(HubStore, "agents.agent_record", agent_record()));
+    let drained_only = AgentRecord {
+        revoked: false,
+        ..agent_record()
+    };
+    out.push(Case::new(
+        HubStore,
+        "agents.agent_record.drained_only",
+        drained_only,
+    ));
     out.push(Case::new(HubStore, "events.event_record", event_record()));
     each(&mut out, &mut cov, HubStore, "task_state", task_states());
     let codes: Vec<(String, u8)> = TaskState::ALL
@@ -1022,7 +1048,7 @@ fn every_case_matches_its_golden_file() {
             None => {
                 let _ = writeln!(
                     report,
-                    "{label}: no golden file yet (a new case: a new variant appended at the end needs no version bump)"
+                    "{label}: no golden file yet, a new case: bless to write it (a variant appended at the end of its enum needs no version bump)"
                 );
             }
             Some(g) if g.bytes != c.bytes => {
