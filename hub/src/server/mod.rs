@@ -137,7 +137,7 @@ async fn tick_at_deadlines(
     loop {
         let next = *deadline.borrow_and_update();
         let now = wall_ms();
-        if !next.is_some_and(|at| at <= now) {
+        if next.is_none_or(|at| at > now) {
             let wait = next.map_or(wait_max, |at| Duration::from_millis(at - now).min(wait_max));
             tokio::select! {
                 () = tokio::time::sleep(wait) => {
