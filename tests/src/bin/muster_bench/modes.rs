@@ -6,8 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, anyhow, bail};
-use bytes::Bytes;
-use futures::{SinkExt, StreamExt};
+use futures::StreamExt;
 use muster_protocol::msg::{OpRequest, OpResponse, Open, OpenBody};
 use muster_protocol::{PROTOCOL_VERSION, TaskId};
 use serde_json::{Value, json};
@@ -324,21 +323,19 @@ pub(crate) struct LatencyArgs {
 /// A `watch` stream: (task id, state, when seen) for every task event.
 async fn watch(ops: &Ops) -> Result<mpsc::UnboundedReceiver<(u64, String, Instant)>> {
     let (send, recv) = ops.conn().open_bi().await?;
-    let codec = || muster_protocol::frame_codec(muster_protocol::limits::FRAME_BYTES_MAX);
-    let mut wr = tokio_util::codec::FramedWrite::new(send, codec());
-    let mut rd = tokio_util::codec::FramedRead::new(recv, codec());
+    let (mut wr, mut rd) =
+        muster_protocol::framed(send, recv, muster_protocol::limits::FRAME_BYTES_MAX);
     let open = Open {
         protocol: PROTOCOL_VERSION,
         body: OpenBody::Request(OpRequest::Watch { from: None }),
     };
-    wr.send(Bytes::from(muster_protocol::encode(&open)?))
-        .await?;
+    wr.send(&open).await?;
     let (tx, rx) = mpsc::unbounded_channel();
     tokio::spawn(async move {
         let _wr = wr;
-        while let Some(Ok(frame)) = rd.next().await {
+        while let Ok(Some(resp)) = rd.recv::<OpResponse>().await {
             let at = Instant::now();
-            if let Ok(OpResponse::Event { json, .. }) = muster_protocol::decode(&frame) {
+            if let OpResponse::Event { json, .. } = resp {
                 let Ok(v) = serde_json::from_str::<Value>(&json) else {
                     continue;
                 };

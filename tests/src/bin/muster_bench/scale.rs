@@ -13,15 +13,13 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, anyhow, bail};
-use bytes::Bytes;
-use futures::{SinkExt, StreamExt};
+use futures::StreamExt;
 use muster_protocol::msg::{
     Heartbeat, Hello, HostFigures, HubMsg, Open, OpenBody, SelfTest, SessionMsg, SidecarState,
 };
-use muster_protocol::{AgentName, PROTOCOL_VERSION, decode, encode, frame_codec};
+use muster_protocol::{AgentName, PROTOCOL_VERSION};
 use serde_json::{Value, json};
 use tokio::sync::Semaphore;
-use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
 use tokio_util::sync::CancellationToken;
 
 use crate::fleet::{self, Identity};
@@ -73,8 +71,8 @@ struct Shared {
     origin: Instant,
 }
 
-type Wr = FramedWrite<quinn::SendStream, LengthDelimitedCodec>;
-type Rd = FramedRead<quinn::RecvStream, LengthDelimitedCodec>;
+type Wr = muster_protocol::FrameWriter;
+type Rd = muster_protocol::FrameReader;
 
 async fn open_session(
     ep: &quinn::Endpoint,
@@ -88,8 +86,7 @@ async fn open_session(
         .map_err(|_| anyhow!("handshake timed out"))??;
     let (send, recv) = conn.open_bi().await?;
     let max = muster_protocol::limits::FRAME_BYTES_MAX;
-    let mut wr = FramedWrite::new(send, frame_codec(max));
-    let mut rd = FramedRead::new(recv, frame_codec(max));
+    let (mut wr, mut rd) = muster_protocol::framed(send, recv, max);
     let open = Open {
         protocol: PROTOCOL_VERSION,
         body: OpenBody::Session(Hello {
@@ -100,12 +97,12 @@ async fn open_session(
             resume: Vec::new(),
         }),
     };
-    wr.send(Bytes::from(encode(&open)?)).await?;
-    let frame = tokio::time::timeout(WELCOME_TIMEOUT, rd.next())
+    wr.send(&open).await?;
+    let welcome = tokio::time::timeout(WELCOME_TIMEOUT, rd.recv::<HubMsg>())
         .await
-        .map_err(|_| anyhow!("no welcome within 10 s"))?
-        .ok_or_else(|| anyhow!("the hub closed the session"))??;
-    match decode::<HubMsg>(&frame)? {
+        .map_err(|_| anyhow!("no welcome within 10 s"))??
+        .ok_or_else(|| anyhow!("the hub closed the session"))?;
+    match welcome {
         HubMsg::Welcome(w) => Ok((
             conn,
             wr,
@@ -114,13 +111,6 @@ async fn open_session(
         )),
         other => bail!("expected a welcome, got {other:?}"),
     }
-}
-
-fn next_unit(rng: &mut u64) -> f64 {
-    *rng ^= *rng << 13;
-    *rng ^= *rng >> 7;
-    *rng ^= *rng << 17;
-    (*rng >> 11) as f64 / (1u64 << 53) as f64
 }
 
 fn heartbeat(seq: u64, rtt: Duration) -> SessionMsg {
@@ -152,8 +142,9 @@ async fn session(
     sh: Arc<Shared>,
     id: Identity,
     welcomed_at: Arc<AtomicU64>,
-    mut rng: u64,
+    seed: u64,
 ) {
+    let mut rng = muster_protocol::pace::Rng::new(seed);
     let Ok(cfg) = id.cred.client_config() else {
         sh.attempt_failures.fetch_add(1, Ordering::Relaxed);
         return;
@@ -189,12 +180,11 @@ async fn session(
                     tokio::select! {
                         _ = tokio::time::sleep_until(next) => {
                             seq += 1;
-                            let Ok(bytes) = encode(&heartbeat(seq, conn.rtt())) else { break false };
-                            if wr.send(Bytes::from(bytes)).await.is_err() {
+                            if wr.send(&heartbeat(seq, conn.rtt())).await.is_err() {
                                 break false;
                             }
                             next = tokio::time::Instant::now()
-                                + interval.mul_f64(0.9 + 0.2 * next_unit(&mut rng));
+                                + interval.mul_f64(0.9 + 0.2 * rng.unit());
                         }
                         f = rd.next() => match f {
                             Some(Ok(_)) => {}
@@ -225,9 +215,9 @@ async fn session(
                         if c.error_code == quinn::TransportErrorCode::CONNECTION_REFUSED
                 );
                 let delay = if refused {
-                    busy.next_delay(next_unit(&mut rng))
+                    busy.next_delay(rng.unit())
                 } else {
-                    backoff.next_delay(next_unit(&mut rng))
+                    backoff.next_delay(rng.unit())
                 };
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
@@ -236,7 +226,7 @@ async fn session(
                 continue;
             }
         }
-        let delay = backoff.next_delay(next_unit(&mut rng));
+        let delay = backoff.next_delay(rng.unit());
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
             _ = sh.stop.cancelled() => return,
@@ -307,15 +297,14 @@ pub(crate) async fn scale(bin: &Path, root: &Path, a: &ScaleArgs) -> Result<Valu
     let _stop_guard = sh.stop.clone().drop_guard();
     let marks: Vec<Arc<AtomicU64>> = (0..s).map(|_| Arc::new(AtomicU64::new(0))).collect();
     let t = Instant::now();
-    let mut rng = 0x9e37_79b9_7f4a_7c15u64 ^ u64::from(std::process::id());
+    let mut seeds = muster_protocol::pace::Rng::new(u64::from(std::process::id()));
     for (i, id) in ids.into_iter().enumerate() {
-        next_unit(&mut rng);
         tokio::spawn(session(
             eps[i % n_ep].clone(),
             sh.clone(),
             id,
             marks[i].clone(),
-            rng | 1,
+            seeds.next_u64(),
         ));
     }
     let connect_limit = Duration::from_secs(60) + Duration::from_millis(20) * s as u32;
