@@ -62,6 +62,20 @@ struct TaskFile<'a> {
     token: &'a str,
 }
 
+/// One run to prepare and spawn: the reaper creates `run_dir` with
+/// `task.json` and a blank status record, resolves `argv[0]` on its `PATH`,
+/// and sends `stdout` and `stderr` to files in `run_dir`. The environment is
+/// the reaper's (the sidecar's at its start, less the supervisor's variables)
+/// plus `env`. Text only: a path that is not UTF-8 makes the run use the wrapper.
+#[derive(Serialize, serde::Deserialize, Debug, Clone)]
+pub(super) struct Request {
+    pub(super) argv: Vec<String>,
+    pub(super) env: Vec<(String, String)>,
+    pub(super) cwd: String,
+    pub(super) run_dir: String,
+    pub(super) task_json: String,
+}
+
 /// The files and environment of one attempt.
 pub(super) struct Launch {
     run_dir: PathBuf,
@@ -151,14 +165,14 @@ impl Launch {
     /// What the reaper needs to prepare and spawn this run of `argv`; `None`
     /// when a path or variable is not UTF-8, which the reaper's JSON cannot
     /// carry, or `task.json` could not be made (the local path reports why).
-    pub(super) fn reaper_request(&self, argv: &[String]) -> Option<super::reaper::Request> {
+    pub(super) fn reaper_request(&self, argv: &[String]) -> Option<Request> {
         let env = self
             .env
             .iter()
             .map(|(k, v)| Some(((*k).to_owned(), v.to_str()?.to_owned())))
             .collect::<Option<Vec<_>>>()?;
         let task_json = String::from_utf8(self.task_json.as_ref().ok()?.clone()).ok()?;
-        Some(super::reaper::Request {
+        Some(Request {
             argv: argv.to_vec(),
             env,
             cwd: self.work_dir.to_str()?.to_owned(),

@@ -37,7 +37,9 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 use tokio_util::codec::{FramedRead, FramedWrite, LinesCodec};
 
-use super::launch::{output, overwrite_private, prepare_exec, status_record, write_handle};
+use super::launch::{
+    Request, output, overwrite_private, prepare_exec, status_record, write_handle,
+};
 use super::{RunHandle, RunMode, sys};
 
 /// Bumped when the messages below change; a reaper of another version is not used.
@@ -53,20 +55,6 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 const SPAWN_TIMEOUT: Duration = Duration::from_secs(10);
 /// After a reaper failed to start, how long runs use the wrapper before the next try.
 const RETRY_AFTER: Duration = Duration::from_secs(60);
-
-/// One run to prepare and spawn: the reaper creates `run_dir` with
-/// `task.json` and a blank status record, resolves `argv[0]` on its `PATH`,
-/// and sends `stdout` and `stderr` to files in `run_dir`. The environment is
-/// the reaper's (the sidecar's at its start, less the supervisor's variables)
-/// plus `env`. Text only: a path that is not UTF-8 makes the run use the wrapper.
-#[derive(Serialize, Deserialize, Debug, Clone)]
-pub(super) struct Request {
-    pub(super) argv: Vec<String>,
-    pub(super) env: Vec<(String, String)>,
-    pub(super) cwd: String,
-    pub(super) run_dir: String,
-    pub(super) task_json: String,
-}
 
 /// Sidecar → reaper.
 #[derive(Serialize, Deserialize, Debug)]
