@@ -152,7 +152,8 @@ pub struct Core {
     policy: Policy,
     /// Assignments beyond the slots, oldest first, accepted as slots free;
     /// at most [`policy::DEFERRED_MAX`].
-    deferred: VecDeque<Assign>,
+    /// Assignments held back for a slot, with when each arrived.
+    deferred: VecDeque<(Duration, Assign)>,
     /// The start of each run not yet established (at most one per held task).
     starts: BTreeMap<TaskId, starts::Start>,
     /// The deadlines of `starts`.
@@ -252,6 +253,8 @@ impl Core {
     /// The session ended; reports wait in the outbox for the next welcome.
     pub fn handle_disconnected(&mut self) {
         self.connected = false;
+        // The hub resends, behind its next welcome, what it still means us to have.
+        self.deferred.clear();
     }
 
     /// Sets the result limit announced in the hub's welcome.

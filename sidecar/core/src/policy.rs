@@ -27,6 +27,14 @@ pub const HEARTBEAT_JITTER: f64 = 0.1;
 /// re-queues it. Each holds a task spec (description at most 64 KiB).
 pub const DEFERRED_MAX: usize = 16;
 
+/// Longest an assignment is held back for a slot (at most one heartbeat
+/// interval). A slot the hub and this sidecar disagree about frees within
+/// milliseconds; one held longer (a sidecar stopped, or cut off) may have
+/// been re-assigned elsewhere by then, and starting it late would run a
+/// superseded attempt beside its successor. So it is dropped instead: the
+/// hub re-queues it at its acceptance timeout, or resends it after a welcome.
+pub const DEFERRED_HOLD_MAX: Duration = Duration::from_secs(2);
+
 /// The parts of `sidecar.toml` the core decides with. Built by the shell from
 /// the configuration; immutable for the life of the core.
 #[derive(Debug, Clone, PartialEq)]

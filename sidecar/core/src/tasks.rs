@@ -8,7 +8,7 @@ use muster_wire::limits::truncate_utf8;
 use muster_wire::msg::{Assign, Failure, Outcome, Phase, Report, ReportBody, SessionMsg};
 use muster_wire::{Generation, ReportId, TaskId};
 
-use crate::policy::DEFERRED_MAX;
+use crate::policy::{DEFERRED_HOLD_MAX, DEFERRED_MAX};
 use crate::run::RunEvent;
 use crate::{AgentCmd, Core, Effect, LocalTask};
 
@@ -24,8 +24,8 @@ impl Core {
             let old = t.generation;
             self.drop_task(a.task, old, true);
         }
-        if let Some(i) = self.deferred.iter().position(|d| d.task == a.task) {
-            if self.deferred[i].generation >= a.generation {
+        if let Some(i) = self.deferred.iter().position(|(_, d)| d.task == a.task) {
+            if self.deferred[i].1.generation >= a.generation {
                 return;
             }
             self.deferred.remove(i);
@@ -35,7 +35,7 @@ impl Core {
             // gets its assignment accepted when a slot frees, or re-queues it
             // at its acceptance timeout.
             if self.deferred.len() < DEFERRED_MAX {
-                self.deferred.push_back(a);
+                self.deferred.push_back((now, a));
             }
             return;
         }
@@ -85,13 +85,17 @@ impl Core {
     /// Drops a held-back assignment the hub cancelled or abandoned.
     pub(crate) fn undefer(&mut self, task: TaskId, generation: Generation) {
         self.deferred
-            .retain(|d| !(d.task == task && d.generation == generation));
+            .retain(|(_, d)| !(d.task == task && d.generation == generation));
     }
 
-    /// Accepts held-back assignments while slots are free, oldest first.
+    /// Accepts held-back assignments while slots are free, oldest first;
+    /// drops those held past [`DEFERRED_HOLD_MAX`] (or one heartbeat interval).
     pub(crate) fn admit_deferred(&mut self, now: Duration) {
+        let hold = DEFERRED_HOLD_MAX.min(self.heartbeat_interval);
+        self.deferred
+            .retain(|(at, _)| now.saturating_sub(*at) <= hold);
         while self.busy() < self.policy.slots as usize {
-            let Some(a) = self.deferred.pop_front() else {
+            let Some((_, a)) = self.deferred.pop_front() else {
                 return;
             };
             self.assign(now, a);

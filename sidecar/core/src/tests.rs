@@ -7,7 +7,7 @@ use muster_wire::msg::{
 };
 use muster_wire::{Generation, ReportId, TaskId};
 
-use crate::policy::{DEFERRED_MAX, ORPHAN_CLAIM, Verifier};
+use crate::policy::{DEFERRED_HOLD_MAX, DEFERRED_MAX, ORPHAN_CLAIM, Verifier};
 use crate::run::{RunEvent, RunHandle, RunMode};
 use crate::{AgentCmd, CommitKind, Core, Effect, LocalTask, Policy, commit_kind};
 
@@ -717,6 +717,52 @@ fn an_assignment_beyond_the_slots_waits_for_one_to_free() {
     c.handle_hub(T0, assign(4, 1));
     assert_eq!(c.deferred(), 1);
     c.handle_connected(ms(10), &welcome(1_000));
+    assert_eq!(c.deferred(), 0);
+}
+
+#[test]
+fn an_assignment_held_back_too_long_is_dropped_not_started_late() {
+    // A sidecar stopped (SIGSTOP) or cut off while holding an assignment back:
+    // by the time a slot frees the hub may have given the task to another
+    // sidecar, so starting it then would run a superseded attempt.
+    let mut c = core_with(Policy {
+        slots: 1,
+        ..exec(0)
+    });
+    c.handle_hub(T0, assign(1, 1));
+    c.handle_hub(ms(10), assign(2, 1));
+    let _ = c.take_effects();
+    assert_eq!(c.deferred(), 1);
+    c.handle_run(ms(20), spawned(1, 1, RunMode::Exec));
+    let late = ms(10) + DEFERRED_HOLD_MAX + ms(1);
+    c.handle_run(late, finished(1, 1, Outcome::Completed));
+    let e = c.take_effects();
+    assert!(
+        !e.iter()
+            .any(|e| matches!(e, Effect::StartRun(t, ..) if *t == TaskId(2))),
+        "{e:?}"
+    );
+    assert_eq!((c.busy(), c.deferred()), (0, 0));
+    // Held within the bound, it is admitted as before.
+    c.handle_hub(late, assign(3, 1));
+    c.handle_hub(late, assign(4, 1));
+    c.handle_run(late, spawned(3, 1, RunMode::Exec));
+    c.handle_run(late + ms(50), finished(3, 1, Outcome::Completed));
+    let e = c.take_effects();
+    assert!(e.contains(&Effect::StartRun(TaskId(4), Generation(1), spec())));
+}
+
+#[test]
+fn losing_the_session_drops_held_back_assignments() {
+    let mut c = core_with(Policy {
+        slots: 1,
+        ..exec(0)
+    });
+    c.handle_connected(T0, &welcome(1_000));
+    c.handle_hub(T0, assign(1, 1));
+    c.handle_hub(T0, assign(2, 1));
+    assert_eq!(c.deferred(), 1);
+    c.handle_disconnected();
     assert_eq!(c.deferred(), 0);
 }
 
