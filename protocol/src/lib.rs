@@ -13,6 +13,7 @@
 //! returns an error, never a panic, on any byte string.
 
 pub mod client;
+pub mod doctor;
 pub mod framing;
 pub mod http;
 pub mod join_token;

@@ -7,16 +7,9 @@ use crate::config::{CONFIG_FILE, HubConfig};
 use muster_protocol::msg::OpRequest;
 
 pub(crate) async fn doctor(connect: &ConnectArgs) -> Result<(), CliError> {
-    let mut failed = false;
-    let mut check = |name: &str, r: Result<String, String>| match r {
-        Ok(m) => println!("ok    {name}: {m}"),
-        Err(m) => {
-            failed = true;
-            println!("fail  {name}: {m}");
-        }
-    };
+    let mut checks = muster_protocol::doctor::Checks::default();
     if let Some(dir) = &connect.data_dir {
-        check(
+        checks.check(
             "config",
             HubConfig::load(&dir.join(CONFIG_FILE))
                 .map(|_| "valid".into())
@@ -25,7 +18,7 @@ pub(crate) async fn doctor(connect: &ConnectArgs) -> Result<(), CliError> {
         for key in ["ca.key", "server.key", "admin.key"] {
             use std::os::unix::fs::MetadataExt;
             let p = dir.join(key);
-            check(
+            checks.check(
                 key,
                 match std::fs::metadata(&p) {
                     Ok(m) if m.mode() & 0o077 == 0 => {
@@ -56,8 +49,8 @@ pub(crate) async fn doctor(connect: &ConnectArgs) -> Result<(), CliError> {
         }
         Err(e) => Err(e.message),
     };
-    check("hub", answer);
-    if failed {
+    checks.check("hub", answer);
+    if checks.failed() {
         Err(CliError::fail("some checks failed"))
     } else {
         Ok(())

@@ -12,37 +12,30 @@ use crate::config::{CONFIG_FILE, SidecarConfig};
 
 /// Runs every check and fails if any did.
 pub(super) async fn doctor(data_dir: &Path) -> Result<(), Failure> {
-    let mut failed = false;
-    let mut check = |name: &str, r: Result<String, String>| match r {
-        Ok(m) => println!("ok    {name}: {m}"),
-        Err(m) => {
-            failed = true;
-            println!("fail  {name}: {m}");
-        }
-    };
+    let mut checks = muster_protocol::doctor::Checks::default();
     let cfg = SidecarConfig::load(&data_dir.join(CONFIG_FILE));
-    check(
+    checks.check(
         "config",
         cfg.as_ref()
             .map(|_| "valid".to_string())
             .map_err(|e| e.to_string()),
     );
     let cred = load_credential(data_dir);
-    check(
+    checks.check(
         "key",
         cred.as_ref()
             .map(|(_, s)| format!("store in use: {s} (readable, safe permissions)"))
             .map_err(|f| f.message.clone()),
     );
     if let Ok(cfg) = &cfg {
-        check(
+        checks.check(
             "agent command",
             crate::agent::check_command(&cfg.agent)
                 .map(|_| format!("{:?} is executable", cfg.agent.command[0])),
         );
         let free = crate::host::disk_free(data_dir);
         let floor = cfg.disk_floor_mb << 20;
-        check(
+        checks.check(
             "disk",
             match free {
                 Some(f) if f >= floor => Ok(format!(
@@ -77,10 +70,10 @@ pub(super) async fn doctor(data_dir: &Path) -> Result<(), Failure> {
                 }
                 Err(e) => Err(e.to_string()),
             };
-            check("hub", hub);
+            checks.check("hub", hub);
         }
     }
-    if failed {
+    if checks.failed() {
         Err(fail("some checks failed"))
     } else {
         Ok(())
