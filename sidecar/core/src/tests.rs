@@ -46,6 +46,14 @@ fn assign(task: u64, g: u64) -> HubMsg {
     })
 }
 
+fn abandon(task: u64, g: u64) -> HubMsg {
+    HubMsg::Abandon {
+        task: TaskId(task),
+        generation: Generation(g),
+        reason: "x".into(),
+    }
+}
+
 fn sends(e: &[Effect]) -> Vec<&SessionMsg> {
     e.iter()
         .filter_map(|e| match e {
@@ -127,14 +135,7 @@ fn abandon_stops_the_run_and_drops_its_reports() {
     let mut c = core();
     c.handle_hub(T0, assign(1, 1));
     let _ = c.take_effects();
-    c.handle_hub(
-        T0,
-        HubMsg::Abandon {
-            task: TaskId(1),
-            generation: Generation(1),
-            reason: "x".into(),
-        },
-    );
+    c.handle_hub(T0, abandon(1, 1));
     let e = c.take_effects();
     assert!(e.contains(&Effect::StopRun(TaskId(1), Generation(1))));
     assert!(e.contains(&Effect::DeleteReport(ReportId(1))));
@@ -142,14 +143,7 @@ fn abandon_stops_the_run_and_drops_its_reports() {
     // Abandon of another generation is ignored.
     c.handle_hub(T0, assign(2, 5));
     let _ = c.take_effects();
-    c.handle_hub(
-        T0,
-        HubMsg::Abandon {
-            task: TaskId(2),
-            generation: Generation(4),
-            reason: "x".into(),
-        },
-    );
+    c.handle_hub(T0, abandon(2, 4));
     assert!(c.take_effects().is_empty());
 }
 
@@ -655,14 +649,7 @@ fn a_flushed_batch_releases_what_was_forgotten_before_and_in_it() {
     let mut c = core();
     c.handle_hub(T0, assign(1, 1));
     let _ = c.take_effects();
-    c.handle_hub(
-        T0,
-        HubMsg::Abandon {
-            task: TaskId(1),
-            generation: Generation(1),
-            reason: "x".into(),
-        },
-    );
+    c.handle_hub(T0, abandon(1, 1));
     let e = c.take_effects();
     assert!(!e.iter().any(|e| matches!(e, Effect::ReleaseRunDir(..))));
     // The next assignment's commit is flushed; the release rides on it.
@@ -791,14 +778,7 @@ fn a_newer_generation_replaces_its_held_back_assignment() {
     c.handle_hub(T0, assign(2, 2));
     let _ = c.take_effects();
     assert_eq!(c.deferred(), 1);
-    c.handle_hub(
-        T0,
-        HubMsg::Abandon {
-            task: TaskId(1),
-            generation: Generation(1),
-            reason: "x".into(),
-        },
-    );
+    c.handle_hub(T0, abandon(1, 1));
     assert_eq!(c.held()[0].generation, Generation(3));
 }
 

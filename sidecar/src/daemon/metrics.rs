@@ -199,21 +199,17 @@ mod tests {
             .collect()
     }
 
+    fn core() -> Core {
+        let policy = Policy {
+            slots: 4,
+            ..Policy::default()
+        };
+        Core::new(vec![], vec![], 1, policy, 1)
+    }
+
     #[test]
     fn an_agent_acknowledged_start_leaves_no_entry_behind() {
-        let (mut core, mut clock) = (
-            Core::new(
-                vec![],
-                vec![],
-                1,
-                Policy {
-                    slots: 4,
-                    ..Policy::default()
-                },
-                1,
-            ),
-            WakeClock::default(),
-        );
+        let (mut core, mut clock) = (core(), WakeClock::default());
         core.handle_hub(Duration::ZERO, assign(1));
         assert!(feed(&mut clock, &mut core).is_empty());
         assert_eq!(clock.len(), 1, "the run's start is awaited");
@@ -236,19 +232,7 @@ mod tests {
 
     #[test]
     fn attempts_that_end_unstarted_leave_no_entry_behind() {
-        let (mut core, mut clock) = (
-            Core::new(
-                vec![],
-                vec![],
-                1,
-                Policy {
-                    slots: 4,
-                    ..Policy::default()
-                },
-                1,
-            ),
-            WakeClock::default(),
-        );
+        let (mut core, mut clock) = (core(), WakeClock::default());
         // One completes with no start report (the agent completes at once), one
         // is abandoned before it starts.
         core.handle_hub(Duration::ZERO, assign(1));
