@@ -358,6 +358,7 @@ fn sample(i: usize) -> SubmitRequest {
         timeout_action: TimeoutAction::Retry,
         after: Vec::new(),
         key: None,
+        ..Default::default()
     }
 }
 

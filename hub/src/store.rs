@@ -36,7 +36,8 @@ use crate::core::{
 /// The schema this build writes; older files are migrated, newer ones refused.
 ///
 /// 2: identities carry their grant (capabilities, slots); tokens carry a name and a grant.
-pub const SCHEMA_VERSION: u64 = 2;
+/// 3: tasks carry a repository, base, environment and labels; attempts their work result.
+pub const SCHEMA_VERSION: u64 = 3;
 /// The database file name in the data directory.
 pub const DB_FILE: &str = "hub.redb";
 
@@ -237,6 +238,72 @@ fn migrate_v1(tx: &redb::WriteTransaction) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// Schema 2 → 3: tasks gain `repo`, `base`, `env` and `labels`, attempts gain
+/// `work`, all as trailing fields. bincode writes a struct as its fields in
+/// order, so a version-2 record followed by the encoding of the new fields'
+/// empty values is exactly the version-3 record; each result is decoded before
+/// it is written, so a record that does not fit that shape stops the open as
+/// [`StoreError::Corrupt`] instead of being written damaged.
+fn migrate_v2(tx: &redb::WriteTransaction) -> Result<(), StoreError> {
+    type Pairs = Vec<(String, String)>;
+    let task_tail = enc(&(None::<String>, None::<String>, Pairs::new(), Pairs::new()));
+    let mut tasks = tx.open_table(TASKS)?;
+    let mut from = 0;
+    loop {
+        // In chunks, so a store of any size migrates in bounded memory.
+        let chunk: Vec<(u64, Vec<u8>)> = tasks
+            .range(from..)?
+            .take(MIGRATE_CHUNK)
+            .map(|row| {
+                let (k, v) = row?;
+                Ok((k.value(), v.value().to_vec()))
+            })
+            .collect::<Result<_, StoreError>>()?;
+        let Some(&(last, _)) = chunk.last() else {
+            break;
+        };
+        for (k, mut bytes) in chunk {
+            bytes.extend_from_slice(&task_tail);
+            dec::<TaskRecord>("tasks", &bytes)?;
+            tasks.insert(k, bytes.as_slice())?;
+        }
+        match last.checked_add(1) {
+            Some(next) => from = next,
+            None => break,
+        }
+    }
+    let attempt_tail = enc(&None::<muster_protocol::work::WorkResult>);
+    let mut attempts = tx.open_table(ATTEMPTS)?;
+    let mut from = (0, 0);
+    loop {
+        let chunk: Vec<((u64, u64), Vec<u8>)> = attempts
+            .range(from..)?
+            .take(MIGRATE_CHUNK)
+            .map(|row| {
+                let (k, v) = row?;
+                Ok((k.value(), v.value().to_vec()))
+            })
+            .collect::<Result<_, StoreError>>()?;
+        let Some(&(last, _)) = chunk.last() else {
+            break;
+        };
+        for (k, mut bytes) in chunk {
+            bytes.extend_from_slice(&attempt_tail);
+            dec::<AttemptRecord>("attempts", &bytes)?;
+            attempts.insert(k, bytes.as_slice())?;
+        }
+        from = match (last.1.checked_add(1), last.0.checked_add(1)) {
+            (Some(g), _) => (last.0, g),
+            (None, Some(t)) => (t, 0),
+            (None, None) => break,
+        };
+    }
+    Ok(())
+}
+
+/// Records rewritten per step of a migration.
+const MIGRATE_CHUNK: usize = 4096;
+
 /// The code of a state in the `by_state` index keys: its position in
 /// [`TaskState::ALL`]. Stored, so the order of `ALL` is part of the schema
 /// (pinned by `tests/golden/hub-store/by_state_codes.hex`).
@@ -266,9 +333,12 @@ impl Store {
             let found = meta.get("schema_version")?.map(|v| v.value());
             match found {
                 Some(v) if v > SCHEMA_VERSION => return Err(StoreError::TooNew { found: v }),
-                Some(1) => {
+                Some(v @ (1 | 2)) => {
                     drop(meta);
-                    migrate_v1(&tx)?;
+                    if v == 1 {
+                        migrate_v1(&tx)?;
+                    }
+                    migrate_v2(&tx)?;
                     tx.open_table(META)?
                         .insert("schema_version", SCHEMA_VERSION)?;
                 }
@@ -580,6 +650,7 @@ impl Reader {
         &self,
         state: Option<TaskState>,
         agent: Option<&str>,
+        label: Option<(&str, &str)>,
         limit: usize,
         cursor: Option<u64>,
     ) -> Result<Page, StoreError> {
@@ -589,7 +660,9 @@ impl Reader {
         let mut last = None;
         let mut scanned = 0;
         let push = |rec: TaskRecord, out: &mut Vec<TaskRecord>| {
-            if agent.is_none_or(|a| rec.agent.as_deref() == Some(a)) {
+            let labelled =
+                label.is_none_or(|(k, v)| rec.labels.iter().any(|l| l.0 == k && l.1 == v));
+            if labelled && agent.is_none_or(|a| rec.agent.as_deref() == Some(a)) {
                 out.push(rec);
             }
         };
@@ -721,6 +794,10 @@ mod tests {
             result: None,
             reason: None,
             audit: vec![],
+            repo: None,
+            base: None,
+            env: Vec::new(),
+            labels: Vec::new(),
         }
     }
 
@@ -738,6 +815,7 @@ mod tests {
             error: None,
             pid: None,
             session: None,
+            work: None,
         };
         let agent = AgentRecord {
             name: "a1".into(),
@@ -831,7 +909,7 @@ mod tests {
         let page = store
             .reader()
             .expect("reader")
-            .tasks(Some(TaskState::Completed), None, 10, None)
+            .tasks(Some(TaskState::Completed), None, None, 10, None)
             .expect("page");
         assert_eq!(
             page.tasks.iter().map(|t| t.id.0).collect::<Vec<_>>(),
@@ -871,7 +949,7 @@ mod tests {
             TaskState::ALL
                 .iter()
                 .map(|s| {
-                    let page = reader.tasks(Some(*s), None, 100, None).expect("page");
+                    let page = reader.tasks(Some(*s), None, None, 100, None).expect("page");
                     (*s, page.tasks.iter().map(|t| t.id.0).collect())
                 })
                 .filter(|(_, ids): &(TaskState, Vec<u64>)| !ids.is_empty())
@@ -909,6 +987,148 @@ mod tests {
             vec![TaskId(7)],
             "one finished-index entry, the last"
         );
+    }
+
+    #[test]
+    fn a_schema_2_database_is_migrated_giving_tasks_and_attempts_empty_work_fields() {
+        use crate::core::Audit;
+        use muster_protocol::Generation;
+        use muster_protocol::msg::{Outcome, TimeoutAction};
+        /// A task as schema 2 wrote it: the fields before `repo`.
+        #[derive(serde::Serialize)]
+        struct TaskV2 {
+            id: TaskId,
+            title: String,
+            description: String,
+            capabilities: Vec<String>,
+            priority: i32,
+            max_attempts: u32,
+            timeout_ms: Option<u64>,
+            timeout_action: TimeoutAction,
+            after: Vec<TaskId>,
+            key: Option<String>,
+            state: TaskState,
+            generation: Generation,
+            attempts: u32,
+            not_before: Option<u64>,
+            agent: Option<String>,
+            submitted_at: u64,
+            updated_at: u64,
+            progress_at: Option<u64>,
+            progress_note: Option<String>,
+            result: Option<String>,
+            reason: Option<String>,
+            audit: Vec<Audit>,
+        }
+        /// An attempt as schema 2 wrote it: the fields before `work`.
+        #[derive(serde::Serialize)]
+        struct AttemptV2 {
+            task: TaskId,
+            generation: Generation,
+            agent: String,
+            assigned_at: u64,
+            accepted_at: Option<u64>,
+            started_at: Option<u64>,
+            ended_at: Option<u64>,
+            outcome: Option<Outcome>,
+            error: Option<muster_protocol::msg::Failure>,
+            pid: Option<u32>,
+            session: Option<String>,
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join(DB_FILE);
+        {
+            let db = Database::builder().create(&path).expect("create");
+            let tx = db.begin_write().expect("write");
+            {
+                tx.open_table(META)
+                    .expect("meta")
+                    .insert("schema_version", 2)
+                    .expect("insert");
+                let mut tasks = tx.open_table(TASKS).expect("tasks");
+                let mut attempts = tx.open_table(ATTEMPTS).expect("attempts");
+                for id in [1u64, 2, 5000] {
+                    let t = TaskV2 {
+                        id: TaskId(id),
+                        title: format!("task {id}"),
+                        description: "d".into(),
+                        capabilities: vec!["rust".into()],
+                        priority: 3,
+                        max_attempts: 2,
+                        timeout_ms: Some(9),
+                        timeout_action: TimeoutAction::Retry,
+                        after: vec![],
+                        key: Some(format!("k{id}")),
+                        state: TaskState::Completed,
+                        generation: Generation(1),
+                        attempts: 1,
+                        not_before: None,
+                        agent: Some("b1".into()),
+                        submitted_at: 10,
+                        updated_at: 20,
+                        progress_at: Some(15),
+                        progress_note: Some("half".into()),
+                        result: Some("ok".into()),
+                        reason: None,
+                        audit: vec![Audit {
+                            at: 10,
+                            who: "admin".into(),
+                            action: "submit".into(),
+                        }],
+                    };
+                    tasks.insert(id, enc(&t).as_slice()).expect("insert");
+                    let a = AttemptV2 {
+                        task: TaskId(id),
+                        generation: Generation(1),
+                        agent: "b1".into(),
+                        assigned_at: 11,
+                        accepted_at: Some(12),
+                        started_at: Some(13),
+                        ended_at: Some(20),
+                        outcome: Some(Outcome::Completed),
+                        error: None,
+                        pid: Some(42),
+                        session: Some("s".into()),
+                    };
+                    attempts
+                        .insert((id, 1), enc(&a).as_slice())
+                        .expect("insert");
+                }
+            }
+            tx.commit().expect("commit");
+        }
+        let store = Store::open(&path).expect("the schema 2 file opens and migrates");
+        let reader = store.reader().expect("reader");
+        for id in [1u64, 2, 5000] {
+            let t = reader.task(TaskId(id)).expect("read").expect("kept");
+            assert_eq!(
+                (t.title.as_str(), t.key.as_deref()),
+                (
+                    format!("task {id}").as_str(),
+                    Some(format!("k{id}").as_str())
+                )
+            );
+            assert_eq!(t.progress_note.as_deref(), Some("half"));
+            assert_eq!(t.audit.len(), 1);
+            assert_eq!(
+                (t.repo, t.base, t.env.len(), t.labels.len()),
+                (None, None, 0, 0)
+            );
+            let a = reader.newest_attempts(TaskId(id), 5).expect("attempts");
+            assert_eq!(a.len(), 1);
+            assert_eq!((a[0].pid, a[0].session.as_deref()), (Some(42), Some("s")));
+            assert_eq!(a[0].work, None);
+        }
+        drop(reader);
+        drop(store);
+        // Opening again finds version 3 and changes nothing.
+        let store = Store::open(&path).expect("reopen");
+        let t = store
+            .reader()
+            .expect("reader")
+            .task(TaskId(2))
+            .expect("read");
+        assert_eq!(t.map(|t| t.result), Some(Some("ok".into())));
     }
 
     #[test]

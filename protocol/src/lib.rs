@@ -23,7 +23,7 @@ pub use framing::{FrameError, FrameReader, FrameWriter, frame_codec, framed};
 pub use muster_wire::{
     AgentName, DecodeError, EncodeError, EventSeq, Generation, NameError, PROTOCOL_VERSION,
     ReportId, TaskId, codec, decode, duration, encode, ids, limits, msg, pace, peek_open,
-    peek_protocol,
+    peek_protocol, work,
 };
 /// Tracing target of the latency points (`muster-bench latency --breakdown`
 /// turns it on at debug level in the hub and the sidecars and reads them back).

@@ -80,9 +80,37 @@ muster_config::config! {
         start_timeout: Duration = Duration::from_secs(60),
         /// exec: "recorded" (the sidecar's reaper process keeps the exit status through a sidecar restart) or "waited" (the sidecar is the run's parent; a run that ends while the sidecar is down has no status).
         exec_status: ExecStatus = ExecStatus::Recorded,
+        /// The command's standard input: "null", or "prompt" (the task's prompt file, for `claude -p` or `codex exec -`).
+        stdin: Stdin = Stdin::Null,
+        /// wake: the agent's session name, e.g. "muster-{task_id}", reported to the hub; "" = the verified process group.
+        session: String = String::new(),
         compound {
             /// Wake: how the start is verified (`verify`, `verify_process`, `verify_command`).
             verify: Verify,
+        }
+    }
+    check = check_agent;
+}
+
+/// Placeholders (`{task_id}`, `{generation}`, `{workspace}`, `{prompt_file}`)
+/// are checked where they are written.
+fn check_agent(a: &AgentConfig, checks: &mut muster_config::Checks<'_>) {
+    use crate::agent::template;
+    let mut words: Vec<(&'static str, &str)> = Vec::new();
+    words.extend(a.command.iter().map(|w| ("command", w.as_str())));
+    words.extend(a.stop_command.iter().map(|w| ("stop_command", w.as_str())));
+    words.push(("session", a.session.as_str()));
+    match a.verify.probe() {
+        Some(Probe::Process(pattern)) => words.push(("verify_process", pattern.as_str())),
+        Some(Probe::Command(argv)) => {
+            words.extend(argv.iter().map(|w| ("verify_command", w.as_str())));
+        }
+        None => {}
+    }
+    for (key, word) in words {
+        if let Err(reason) = template::check(word) {
+            checks.bad(&[key], reason);
+            return;
         }
     }
 }
@@ -150,6 +178,17 @@ pub enum ExecStatus {
     /// ends `agent_exited` without its status.
     Waited,
 }
+
+/// See [`AgentConfig::stdin`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stdin {
+    /// Standard input is `/dev/null`.
+    Null,
+    /// Standard input is the task's prompt file.
+    Prompt,
+}
+
+muster_config::words!(Stdin { Stdin::Null => "null", Stdin::Prompt => "prompt" });
 
 muster_config::words!(ExecStatus {
     ExecStatus::Recorded => "recorded",
@@ -426,6 +465,8 @@ mod tests {
             health_command: vec!["/bin/true".into()],
             start_timeout: Duration::from_secs(90),
             exec_status: ExecStatus::Waited,
+            stdin: Stdin::Prompt,
+            session: "muster-{task_id}".into(),
         };
         assert_eq!(parse(&c.render()).expect("round trip"), c);
         for verify in [

@@ -16,8 +16,10 @@ use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinitio
 
 use crate::core::{Effect, LocalTask};
 
-/// The schema this build writes.
-pub const SCHEMA_VERSION: u64 = 1;
+/// The schema this build writes; older files are migrated on open.
+///
+/// 2: task specs carry a repository, base and environment; finished reports the work result.
+pub const SCHEMA_VERSION: u64 = 2;
 /// The database file in the data directory.
 pub const DB_FILE: &str = "sidecar.redb";
 
@@ -63,6 +65,123 @@ db_err!(
     redb::SetDurabilityError
 );
 
+/// Schema 1 → 2: a held task's spec gains `repo`, `base` and `env` (empty), a
+/// `Finished` report gains `work` (none). Read with private copies of the old
+/// types, written in the new form, in the open's one transaction: a crash
+/// leaves the old file and version, and the next open migrates again. A
+/// sidecar holds at most its slots and their reports, so this is small.
+fn migrate_v1(tx: &redb::WriteTransaction) -> Result<(), QueueError> {
+    use muster_protocol::msg::{Failure, Outcome, Phase, ReportBody, TaskSpec};
+    use muster_protocol::{Generation, ReportId, TaskId};
+
+    use crate::agent::RunHandle;
+
+    #[derive(serde::Deserialize)]
+    struct TaskSpecV1 {
+        title: String,
+        description: String,
+        capabilities: Vec<String>,
+        priority: i32,
+        timeout_ms: Option<u64>,
+    }
+    #[derive(serde::Deserialize)]
+    struct LocalTaskV1 {
+        task: TaskId,
+        generation: Generation,
+        spec: TaskSpecV1,
+        phase: Phase,
+        handle: Option<RunHandle>,
+    }
+    #[derive(serde::Deserialize)]
+    enum ReportBodyV1 {
+        Accepted,
+        Started {
+            pid: Option<u32>,
+            session: Option<String>,
+        },
+        Progress {
+            note: String,
+        },
+        Finished {
+            outcome: Outcome,
+            result: Option<String>,
+            error: Option<Failure>,
+        },
+    }
+    #[derive(serde::Deserialize)]
+    struct ReportV1 {
+        id: ReportId,
+        task: TaskId,
+        generation: Generation,
+        body: ReportBodyV1,
+    }
+
+    let mut tasks = tx.open_table(TASKS)?;
+    let old: Vec<(u64, LocalTaskV1)> = tasks
+        .iter()?
+        .map(|row| {
+            let (k, v) = row?;
+            let t = decode(v.value()).map_err(|e| QueueError::Corrupt("tasks", e.to_string()))?;
+            Ok((k.value(), t))
+        })
+        .collect::<Result<_, QueueError>>()?;
+    for (k, t) in old {
+        let new = LocalTask {
+            task: t.task,
+            generation: t.generation,
+            spec: TaskSpec {
+                title: t.spec.title,
+                description: t.spec.description,
+                capabilities: t.spec.capabilities,
+                priority: t.spec.priority,
+                timeout_ms: t.spec.timeout_ms,
+                repo: None,
+                base: None,
+                env: Vec::new(),
+            },
+            phase: t.phase,
+            handle: t.handle,
+        };
+        let bytes = encode(&new).map_err(|e| QueueError::Db(e.to_string()))?;
+        tasks.insert(k, bytes.as_slice())?;
+    }
+    let mut outbox = tx.open_table(OUTBOX)?;
+    let old: Vec<(u64, ReportV1)> = outbox
+        .iter()?
+        .map(|row| {
+            let (k, v) = row?;
+            let r = decode(v.value()).map_err(|e| QueueError::Corrupt("outbox", e.to_string()))?;
+            Ok((k.value(), r))
+        })
+        .collect::<Result<_, QueueError>>()?;
+    for (k, r) in old {
+        let body = match r.body {
+            ReportBodyV1::Accepted => ReportBody::Accepted,
+            ReportBodyV1::Started { pid, session } => ReportBody::Started { pid, session },
+            ReportBodyV1::Progress { note } => ReportBody::Progress { note },
+            ReportBodyV1::Finished {
+                outcome,
+                result,
+                error,
+            } => ReportBody::Finished {
+                outcome,
+                result,
+                error,
+                work: None,
+            },
+        };
+        let new = Report {
+            id: r.id,
+            task: r.task,
+            generation: r.generation,
+            body,
+        };
+        let bytes = encode(&new).map_err(|e| QueueError::Db(e.to_string()))?;
+        outbox.insert(k, bytes.as_slice())?;
+    }
+    Ok(())
+}
+
 /// What the queue held at startup.
 pub struct Loaded {
     /// Tasks held.
@@ -91,6 +210,12 @@ impl Queue {
             let found = meta.get("schema_version")?.map(|v| v.value());
             match found {
                 Some(v) if v > SCHEMA_VERSION => return Err(QueueError::TooNew(v)),
+                Some(1) => {
+                    drop(meta);
+                    migrate_v1(&tx)?;
+                    tx.open_table(META)?
+                        .insert("schema_version", SCHEMA_VERSION)?;
+                }
                 Some(_) => {}
                 None => {
                     meta.insert("schema_version", SCHEMA_VERSION)?;
@@ -178,7 +303,7 @@ impl Queue {
 
 #[cfg(test)]
 mod tests {
-    use muster_protocol::msg::{Assign, HubMsg, Outcome, SessionMsg, TaskSpec};
+    use muster_protocol::msg::{Assign, HubMsg, Outcome, ReportBody, SessionMsg, TaskSpec};
     use muster_protocol::{Generation, ReportId, TaskId};
 
     use super::*;
@@ -198,6 +323,7 @@ mod tests {
                 capabilities: vec![],
                 priority: 0,
                 timeout_ms: None,
+                ..Default::default()
             },
         })
     }
@@ -334,6 +460,7 @@ mod tests {
                             capabilities: vec![],
                             priority: 0,
                             timeout_ms: None,
+                            ..Default::default()
                         },
                     }),
                 );
@@ -371,5 +498,161 @@ mod tests {
         q.apply(&[Effect::DeleteReport(ReportId(1))])
             .expect("unflushed commit");
         assert!(q.load().expect("load").outbox.is_empty());
+    }
+
+    #[test]
+    fn a_schema_1_queue_is_migrated_keeping_held_tasks_and_unacknowledged_reports() {
+        use muster_protocol::msg::{Failure, Phase};
+        #[derive(serde::Serialize)]
+        struct TaskSpecV1 {
+            title: String,
+            description: String,
+            capabilities: Vec<String>,
+            priority: i32,
+            timeout_ms: Option<u64>,
+        }
+        #[derive(serde::Serialize)]
+        struct LocalTaskV1 {
+            task: TaskId,
+            generation: Generation,
+            spec: TaskSpecV1,
+            phase: Phase,
+            handle: Option<crate::agent::RunHandle>,
+        }
+        #[derive(serde::Serialize)]
+        #[allow(dead_code)]
+        enum ReportBodyV1 {
+            Accepted,
+            Started {
+                pid: Option<u32>,
+                session: Option<String>,
+            },
+            Progress {
+                note: String,
+            },
+            Finished {
+                outcome: Outcome,
+                result: Option<String>,
+                error: Option<Failure>,
+            },
+        }
+        #[derive(serde::Serialize)]
+        struct ReportV1 {
+            id: ReportId,
+            task: TaskId,
+            generation: Generation,
+            body: ReportBodyV1,
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join(DB_FILE);
+        {
+            let db = Database::create(&path).expect("create");
+            let tx = db.begin_write().expect("write");
+            {
+                tx.open_table(META)
+                    .expect("meta")
+                    .insert("schema_version", 1)
+                    .expect("insert");
+                tx.open_table(META)
+                    .expect("meta")
+                    .insert("next_report", 9)
+                    .expect("insert");
+                let t = LocalTaskV1 {
+                    task: T,
+                    generation: G,
+                    spec: TaskSpecV1 {
+                        title: "old".into(),
+                        description: "kept".into(),
+                        capabilities: vec!["rust".into()],
+                        priority: 2,
+                        timeout_ms: Some(5),
+                    },
+                    phase: Phase::Running,
+                    handle: None,
+                };
+                tx.open_table(TASKS)
+                    .expect("tasks")
+                    .insert(T.0, encode(&t).expect("encode").as_slice())
+                    .expect("insert");
+                let mut outbox = tx.open_table(OUTBOX).expect("outbox");
+                for (id, body) in [
+                    (
+                        7,
+                        ReportBodyV1::Started {
+                            pid: Some(3),
+                            session: None,
+                        },
+                    ),
+                    (
+                        8,
+                        ReportBodyV1::Finished {
+                            outcome: Outcome::Failed,
+                            result: Some("r".into()),
+                            error: Some(Failure {
+                                reason: "why".into(),
+                                ..Failure::default()
+                            }),
+                        },
+                    ),
+                ] {
+                    let r = ReportV1 {
+                        id: ReportId(id),
+                        task: T,
+                        generation: G,
+                        body,
+                    };
+                    outbox
+                        .insert(id, encode(&r).expect("encode").as_slice())
+                        .expect("insert");
+                }
+            }
+            tx.commit().expect("commit");
+        }
+        let loaded = Queue::open(&path)
+            .expect("the old file opens")
+            .load()
+            .expect("load");
+        assert_eq!(loaded.next_report, 9);
+        assert_eq!(loaded.tasks.len(), 1);
+        let t = &loaded.tasks[0];
+        assert_eq!(
+            (t.spec.title.as_str(), t.spec.description.as_str()),
+            ("old", "kept")
+        );
+        assert_eq!(
+            (t.spec.repo.clone(), t.spec.env.len(), t.phase),
+            (None, 0, Phase::Running)
+        );
+        assert_eq!(loaded.outbox.len(), 2);
+        assert_eq!(
+            loaded.outbox[0].body,
+            ReportBody::Started {
+                pid: Some(3),
+                session: None
+            }
+        );
+        let ReportBody::Finished {
+            outcome,
+            error,
+            work,
+            ..
+        } = &loaded.outbox[1].body
+        else {
+            panic!("finished report kept: {:?}", loaded.outbox[1]);
+        };
+        assert_eq!(
+            (*outcome, error.as_ref().map(|e| e.reason.as_str()), work),
+            (Outcome::Failed, Some("why"), &None)
+        );
+        // Opening again finds version 2 and reads the same.
+        assert_eq!(
+            Queue::open(&path)
+                .expect("reopen")
+                .load()
+                .expect("load")
+                .tasks
+                .len(),
+            1
+        );
     }
 }

@@ -44,6 +44,7 @@ fn spec(dir: &TempDir, task: u64) -> RunSpec {
             capabilities: vec![],
             priority: 0,
             timeout_ms: None,
+            ..Default::default()
         },
         run_dir: dir.path().join("runs").join(format!("{task}-1")),
         socket: dir.path().join("muster.sock"),

@@ -418,6 +418,7 @@ async fn garbage_after_hello(
             capabilities: vec![],
             slots: 1,
             resume: vec![],
+            workspace: Default::default(),
         }),
     };
     let bytes = encode(&open).map_err(|e| e.to_string())?;

@@ -165,6 +165,7 @@ fn submit_request(title: &str) -> SubmitRequest {
         timeout_action: TimeoutAction::Fail,
         after: vec![],
         key: None,
+        ..Default::default()
     }
 }
 
@@ -818,6 +819,7 @@ async fn heartbeat_flood(
             capabilities: vec![],
             slots: 1,
             resume: vec![],
+            workspace: Default::default(),
         }),
     };
     wr.send(Bytes::from(encode(&open).map_err(|e| e.to_string())?))

@@ -74,6 +74,7 @@ fn hello(name: &str) -> Hello {
         capabilities: vec![],
         slots: 1,
         resume: vec![],
+        workspace: Default::default(),
     }
 }
 

@@ -33,6 +33,7 @@ use muster_protocol::msg::{
     OpenBody, Outcome, Phase, Refused, Report, ReportBody, ReportKind, Role, SelfTest, SessionMsg,
     SidecarState, SubmitRequest, TaskSpec, TimeoutAction, Welcome, WireLimits,
 };
+use muster_protocol::work::{WorkResult, WorkspaceMode};
 use muster_protocol::{
     AgentName, EventSeq, Generation, PROTOCOL_VERSION, ReportId, TaskId, decode, encode,
 };
@@ -395,6 +396,9 @@ fn spec() -> TaskSpec {
         capabilities: vec!["rust".into(), "linux".into()],
         priority: -7,
         timeout_ms: Some(900_000),
+        repo: Some("https://git.example.net/app.git".into()),
+        base: Some("release/2.1".into()),
+        env: vec![("RUST_LOG".into(), "debug".into())],
     }
 }
 
@@ -456,6 +460,13 @@ fn submit_request(n: u64) -> SubmitRequest {
         timeout_action: TimeoutAction::Retry,
         after: vec![TaskId(39), TaskId(40)],
         key: Some(format!("nightly-2026-12-03-{n}")),
+        repo: Some("/srv/repos/app".into()),
+        base: Some("main".into()),
+        env: vec![
+            ("MODE".into(), "fast".into()),
+            ("EMPTY".into(), String::new()),
+        ],
+        labels: vec![("team".into(), "infra".into())],
     }
 }
 
@@ -466,6 +477,7 @@ fn hello() -> Hello {
         capabilities: vec!["rust".into(), "review".into()],
         slots: 4,
         resume: held(),
+        workspace: WorkspaceMode::Git,
     }
 }
 
@@ -497,6 +509,7 @@ fn op_requests() -> Vec<OpRequest> {
             agent: Some("build-01".into()),
             limit: 50,
             cursor: Some(1234),
+            label: Some(("team".into(), "infra".into())),
         },
         OpRequest::TaskShow { id: TaskId(41) },
         OpRequest::TaskCancel { id: TaskId(42) },
@@ -579,6 +592,7 @@ fn report_bodies() -> Vec<ReportBody> {
             outcome: Outcome::Failed,
             result: Some("partial: 9 of 12".into()),
             error: Some(failure()),
+            work: Some(Box::new(work_result())),
         },
     ]
 }
@@ -732,6 +746,26 @@ fn task_record() -> TaskRecord {
                 action: "requeue".into(),
             },
         ],
+        repo: Some("git@git.example.net:org/app.git".into()),
+        base: None,
+        env: vec![("CI".into(), "1".into())],
+        labels: vec![
+            ("team".into(), "infra".into()),
+            ("ticket".into(), "ENG-7".into()),
+        ],
+    }
+}
+
+fn work_result() -> WorkResult {
+    WorkResult {
+        branch: "muster/41".into(),
+        base_commit: "4b825dc642cb6eb9a060e54bf8d69288fbee4904".into(),
+        head: "9c1185a5c5e9fc54612808977ee8f548b2258d31".into(),
+        commits: 3,
+        diffstat: " src/lib.rs | 4 ++--\n 1 file changed".into(),
+        dirty: true,
+        checkpoint: Some("refs/muster/checkpoints/41/3".into()),
+        link: Some("https://git.example.net/org/app/pull/7".into()),
     }
 }
 
@@ -748,6 +782,7 @@ fn attempt_record() -> AttemptRecord {
         error: Some(failure()),
         pid: Some(4242),
         session: Some("muster-41".into()),
+        work: Some(work_result()),
     }
 }
 
@@ -924,6 +959,12 @@ fn cases() -> (Vec<Case>, Coverage) {
     each(&mut out, &mut cov, Wire, "role", roles);
     let actions = vec![TimeoutAction::Fail, TimeoutAction::Retry];
     each(&mut out, &mut cov, Wire, "timeout_action", actions);
+    let modes = vec![
+        WorkspaceMode::Shared,
+        WorkspaceMode::Dir,
+        WorkspaceMode::Git,
+    ];
+    each(&mut out, &mut cov, Wire, "workspace_mode", modes);
 
     // Booleans set alike cannot show two of them swapped; these samples set
     // one at a time, so any swap changes one of them.

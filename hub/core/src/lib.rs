@@ -248,6 +248,8 @@ struct Agent {
     self_test_passed: bool,
     /// The sidecar said it is shutting down (SIGTERM): no new work until its next session.
     stopping: bool,
+    /// The workspaces its last hello offered; only `git` takes tasks with a repository.
+    workspace: muster_wire::work::WorkspaceMode,
 }
 
 /// The hub's decision core. See the module docs for the calling contract.
@@ -617,6 +619,7 @@ impl Agent {
             breaker_trips: 0,
             self_test_passed: false,
             stopping: false,
+            workspace: muster_wire::work::WorkspaceMode::Shared,
         }
     }
 }

@@ -3,6 +3,7 @@
 //! same after a restart; the shell never lets `now` go backwards.
 
 use muster_wire::msg::{Failure, HostFigures, Outcome, Role, SelfTest, TimeoutAction};
+use muster_wire::work::WorkResult;
 use muster_wire::{Generation, TaskId};
 use serde::{Deserialize, Serialize};
 
@@ -175,6 +176,14 @@ pub struct TaskRecord {
     pub reason: Option<String>,
     /// Who did what to it.
     pub audit: Vec<Audit>,
+    /// The repository to work on, if any.
+    pub repo: Option<String>,
+    /// The ref to branch from; `None` is the repository's default branch.
+    pub base: Option<String>,
+    /// Extra environment for the agent.
+    pub env: Vec<(String, String)>,
+    /// Labels, for filtering.
+    pub labels: Vec<(String, String)>,
 }
 
 /// Most audit entries kept per task (older ones stay in the event log).
@@ -205,6 +214,8 @@ pub struct AttemptRecord {
     pub pid: Option<u32>,
     /// The agent's session, if reported.
     pub session: Option<String>,
+    /// What the attempt left in its git workspace.
+    pub work: Option<WorkResult>,
 }
 
 /// An enrolled identity, keyed by certificate fingerprint.

@@ -98,6 +98,7 @@ impl Core {
                 continue;
             };
             let caps = &live.rec.capabilities;
+            let needs_git = live.rec.repo.is_some();
             let best = free
                 .iter()
                 .enumerate()
@@ -105,6 +106,7 @@ impl Core {
                 .filter(|(_, f)| {
                     let a = &self.agents[f.0.as_str()];
                     caps.iter().all(|c| a.rec.capabilities.contains(c))
+                        && (!needs_git || a.workspace.serves_repos())
                 })
                 // Prefer an agent that has not failed this task, then the least loaded.
                 .min_by_key(|(_, f)| (live.failed_on.contains(&f.0), f.2, f.0.clone()))
@@ -152,6 +154,7 @@ impl Core {
             error: None,
             pid: None,
             session: None,
+            work: None,
         });
         let spec = crate::tasks::spec_of(&live.rec);
         // set_state must not touch the ready queue again: mark the state first.

@@ -84,6 +84,7 @@ impl Core {
         agent.rec.version = truncate_utf8(hello.version, limits::VERSION_BYTES_MAX);
         agent.rec.capabilities = hello.capabilities;
         agent.rec.slots = hello.slots;
+        agent.workspace = hello.workspace;
         agent.rec.last_seen = Some(now);
         // Until its first heartbeat, trust the sidecar's own hello.
         agent.self_test_passed = true;
@@ -374,7 +375,11 @@ impl Core {
                 outcome,
                 result,
                 error,
+                work,
             } => {
+                if let Some(a) = live.attempt.as_mut().filter(|a| a.outcome.is_none()) {
+                    a.work = work.map(|w| *w);
+                }
                 live.rec.result =
                     result.map(|r| truncate_utf8(r, self.limits.max_result_bytes as usize));
                 let no_retry = error.as_ref().is_some_and(|e| e.no_retry);
@@ -505,10 +510,12 @@ pub(crate) fn bound_report(mut r: Report) -> Report {
             outcome,
             result,
             error,
+            work,
         } => ReportBody::Finished {
             outcome,
             result,
             error: error.map(bound_failure),
+            work: work.map(|w| Box::new(w.bounded())),
         },
         other => other,
     };

@@ -9,6 +9,7 @@ use muster_wire::msg::{
     TimeoutAction,
 };
 use muster_wire::pace::Backoff;
+use muster_wire::work;
 use muster_wire::{Generation, TaskId};
 
 use crate::model::*;
@@ -452,6 +453,10 @@ impl Core {
                 who: who.into(),
                 action: "submit".into(),
             }],
+            repo: req.repo,
+            base: req.base,
+            env: req.env,
+            labels: req.labels,
         };
         if let Some(key) = req.key {
             self.keys.insert(key.clone(), id);
@@ -514,6 +519,17 @@ impl Core {
         {
             return Err("--key must be 1 to 256 bytes".into());
         }
+        if let Some(repo) = &req.repo {
+            work::check_repo(repo)?;
+        }
+        if let Some(base) = &req.base {
+            if req.repo.is_none() {
+                return Err("--base needs --repo: a base is a ref of the task's repository".into());
+            }
+            work::check_base(base)?;
+        }
+        work::check_env(&req.env)?;
+        work::check_labels(&req.labels)?;
         Ok(())
     }
 
@@ -622,6 +638,9 @@ pub(crate) fn spec_of(rec: &TaskRecord) -> TaskSpec {
         capabilities: rec.capabilities.clone(),
         priority: rec.priority,
         timeout_ms: rec.timeout_ms,
+        repo: rec.repo.clone(),
+        base: rec.base.clone(),
+        env: rec.env.clone(),
     }
 }
 

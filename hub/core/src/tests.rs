@@ -384,6 +384,7 @@ impl H {
                 capabilities: caps.iter().map(|c| c.to_string()).collect(),
                 slots,
                 resume,
+                workspace: Default::default(),
             },
         });
         if !out
@@ -539,6 +540,7 @@ impl H {
                 outcome,
                 result: (outcome == Outcome::Completed).then(|| "done".to_string()),
                 error,
+                work: None,
             },
         )
     }
@@ -687,6 +689,7 @@ fn req(title: &str) -> SubmitRequest {
         timeout_action: TimeoutAction::Fail,
         after: Vec::new(),
         key: None,
+        ..Default::default()
     }
 }
 
@@ -1061,6 +1064,7 @@ fn several_tasks_go_at_once_to_an_agent_with_several_free_slots() {
             outcome: Outcome::Completed,
             result: None,
             error: None,
+            work: None,
         },
     );
     let (_, r2) = h.report_input(
@@ -1071,6 +1075,7 @@ fn several_tasks_go_at_once_to_an_agent_with_several_free_slots() {
             outcome: Outcome::Completed,
             result: None,
             error: None,
+            work: None,
         },
     );
     let out = h.batch(vec![r1, r2]);
@@ -1199,6 +1204,7 @@ fn a_repeated_report_is_a_no_op_but_acked() {
         outcome: Outcome::Failed,
         result: None,
         error: Some(failure("boom")),
+        work: None,
     };
     let (_, f1) = h.report_input(c, t, 1, body.clone());
     let (last, f2) = h.report_input(c, t, 1, body);
@@ -1227,6 +1233,7 @@ fn a_repeated_final_report_after_the_task_ended_is_only_acked() {
             outcome: Outcome::Completed,
             result: Some("ok".into()),
             error: None,
+            work: None,
         },
     );
     let _ = h.report_raw(c, t, 1, id, input);
@@ -1241,6 +1248,7 @@ fn a_repeated_final_report_after_the_task_ended_is_only_acked() {
                 outcome: Outcome::Completed,
                 result: Some("ok".into()),
                 error: None,
+                work: None,
             },
         }),
     };
@@ -1334,6 +1342,7 @@ fn acks_wait_for_the_final_report_or_the_delay_so_the_happy_path_is_five_message
         outcome: Outcome::Completed,
         result: None,
         error: None,
+        work: None,
     };
     let (last, input) = h.report_input(c, t, 1, finished);
     let out = h.step(input);
@@ -1905,6 +1914,7 @@ fn a_second_session_replaces_the_first() {
                 outcome: Outcome::Completed,
                 result: None,
                 error: None,
+                work: None,
             },
         }),
     });
@@ -2701,6 +2711,7 @@ fn every_task_change_is_written_in_the_output_that_announces_it() {
                 outcome: Outcome::Completed,
                 result: Some("r".into()),
                 error: None,
+                work: None,
             },
             TaskState::Completed,
         ),
@@ -2967,6 +2978,7 @@ fn a_late_report_for_an_attempt_the_hub_ended_is_stale_not_current() {
         outcome: Outcome::Completed,
         result: None,
         error: None,
+        work: None,
     };
     let (_, late) = h.report_input(c, t, 1, finished);
     let out = h.step(late);
@@ -3058,6 +3070,7 @@ fn a_batch_writes_each_record_once_in_its_final_state_and_keeps_every_event() {
                 outcome: Outcome::Completed,
                 result: None,
                 error: None,
+                work: None,
             },
         ),
     ]);
@@ -3302,6 +3315,7 @@ fn capabilities_and_slots_are_granted_not_claimed() {
             capabilities: caps.iter().map(|c| c.to_string()).collect(),
             slots,
             resume: Vec::new(),
+            workspace: Default::default(),
         },
     };
     let out = h.step(hello(&["rust", "gpu"], 1));
@@ -3393,6 +3407,7 @@ fn agent_text_is_bounded_on_arrival_and_timeouts_at_admission() {
                 stderr_tail: format!("{big}END"),
                 ..Default::default()
             }),
+            work: None,
         },
     );
     drop(out);

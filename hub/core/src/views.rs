@@ -22,23 +22,34 @@ struct TaskView<'a> {
     agent: &'a Option<String>,
     attempts: u32,
     audit: Vec<AuditView<'a>>,
+    base: &'a Option<String>,
     capabilities: &'a [String],
     description: &'a str,
+    #[serde(serialize_with = "as_object")]
+    env: &'a [(String, String)],
     generation: u64,
     id: u64,
     key: &'a Option<String>,
+    #[serde(serialize_with = "as_object")]
+    labels: &'a [(String, String)],
     max_attempts: u32,
     not_before: Option<Millis>,
     priority: i32,
     progress_at: Option<Millis>,
     progress_note: &'a Option<String>,
     reason: &'a Option<String>,
+    repo: &'a Option<String>,
     result: &'a Option<String>,
     state: &'static str,
     submitted_at: Millis,
     timeout_ms: Option<u64>,
     title: &'a str,
     updated_at: Millis,
+}
+
+/// Key-value pairs as a JSON object, in their given order.
+fn as_object<S: serde::Serializer>(pairs: &&[(String, String)], s: S) -> Result<S::Ok, S::Error> {
+    s.collect_map(pairs.iter().map(|(k, v)| (k, v)))
 }
 
 #[derive(Serialize)]
@@ -63,17 +74,21 @@ impl<'a> TaskView<'a> {
                     who: &a.who,
                 })
                 .collect(),
+            base: &t.base,
             capabilities: &t.capabilities,
             description: &t.description,
+            env: &t.env,
             generation: t.generation.0,
             id: t.id.0,
             key: &t.key,
+            labels: &t.labels,
             max_attempts: t.max_attempts,
             not_before: t.not_before,
             priority: t.priority,
             progress_at: t.progress_at,
             progress_note: &t.progress_note,
             reason: &t.reason,
+            repo: &t.repo,
             result: &t.result,
             state: t.state.as_str(),
             submitted_at: t.submitted_at,
@@ -96,6 +111,7 @@ pub fn attempt_json(a: &AttemptRecord) -> Value {
         "outcome": a.outcome.map(|o| o.as_str()),
         "pid": a.pid,
         "session": a.session,
+        "work": a.work,
         "error": a.error.as_ref().map(|e| json!({
             "reason": e.reason,
             "exit_code": e.exit_code,

@@ -80,7 +80,7 @@ pub(crate) enum Command {
         save_to: Option<PathBuf>,
     },
     /// Submit a task.
-    Submit(SubmitArgs),
+    Submit(Box<SubmitArgs>),
     /// List tasks, newest first.
     Tasks {
         /// Only this state.
@@ -89,6 +89,9 @@ pub(crate) enum Command {
         /// Only tasks of this agent.
         #[arg(long)]
         agent: Option<String>,
+        /// Only tasks with this label, as KEY=VALUE.
+        #[arg(long)]
+        label: Option<String>,
         /// Page length.
         #[arg(long, default_value_t = 50)]
         limit: u32,
@@ -253,10 +256,12 @@ pub(crate) struct SubmitArgs {
     pub(crate) title: Option<String>,
     /// Submit many tasks from a file ("-" for stdin), one JSON object per line:
     /// {"title": …, "description", "capabilities", "priority", "max_attempts",
-    /// "timeout", "timeout_action", "after", "key"} (all but title optional).
+    /// "timeout", "timeout_action", "after", "key", "repo", "base",
+    /// "env": {"K": "V"}, "labels": {"K": "V"}} (all but title optional).
     #[arg(long, conflicts_with_all = [
         "title", "description", "description_file", "capabilities", "priority",
         "max_attempts", "timeout", "timeout_action", "after", "key", "wait",
+        "repo", "base", "env", "labels",
     ])]
     pub(crate) batch: Option<PathBuf>,
     /// Description text.
@@ -286,6 +291,19 @@ pub(crate) struct SubmitArgs {
     /// Idempotency key: a second submit with it returns the first task.
     #[arg(long)]
     pub(crate) key: Option<String>,
+    /// Repository to work on: a git URL or an absolute path on the agent hosts.
+    /// Only sidecars with `[workspace] mode = "git"` take the task.
+    #[arg(long)]
+    pub(crate) repo: Option<String>,
+    /// Ref to branch from (default: the repository's default branch).
+    #[arg(long, requires = "repo")]
+    pub(crate) base: Option<String>,
+    /// Environment for the agent, KEY=VALUE (repeatable; not for secrets: shown by `task show`).
+    #[arg(long = "env")]
+    pub(crate) env: Vec<String>,
+    /// A label, KEY=VALUE (repeatable); `tasks --label` filters by it.
+    #[arg(long = "label")]
+    pub(crate) labels: Vec<String>,
     /// Follow the task to its end; exit 0 only if it completed.
     #[arg(long)]
     pub(crate) wait: bool,

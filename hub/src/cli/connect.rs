@@ -221,8 +221,9 @@ pub fn print(v: &Value, json: bool, human: impl Fn(&Value) -> String) {
 }
 
 /// Fields whose text is shown on several lines; their newlines and tabs are kept.
-const MULTILINE: [&str; 5] = [
+const MULTILINE: [&str; 6] = [
     "description",
+    "diffstat",
     "result",
     "stdout_tail",
     "stderr_tail",
@@ -266,6 +267,11 @@ pub fn escape_controls(s: &str, keep_lines: bool) -> String {
             }
         })
         .collect()
+}
+
+/// A commit id cut to 12 hex digits, as people read them.
+fn short(id: &str) -> String {
+    id.chars().take(12).collect()
 }
 
 fn s(v: &Value, k: &str) -> String {
@@ -375,6 +381,26 @@ pub fn task_detail(t: &Value) -> String {
         s(t, "max_attempts"),
         s(t, "agent")
     );
+    if !t["repo"].is_null() {
+        out.push_str(&format!(
+            "  repo {}  base {}\n",
+            s(t, "repo"),
+            if t["base"].is_null() {
+                "(default branch)".to_string()
+            } else {
+                s(t, "base")
+            }
+        ));
+    }
+    for (key, name) in [("labels", "labels"), ("env", "env")] {
+        if let Some(m) = t[key].as_object().filter(|m| !m.is_empty()) {
+            let pairs: Vec<String> = m
+                .iter()
+                .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default()))
+                .collect();
+            out.push_str(&format!("  {name} {}\n", pairs.join(" ")));
+        }
+    }
     if !t["reason"].is_null() {
         out.push_str(&format!("  reason: {}\n", s(t, "reason")));
     }
@@ -396,6 +422,34 @@ pub fn task_detail(t: &Value) -> String {
             s(a, "agent"),
             s(a, "outcome")
         ));
+        let w = &a["work"];
+        if !w.is_null() {
+            out.push_str(&format!(
+                "    branch {}  head {}  {} commit(s) since {}{}\n",
+                s(w, "branch"),
+                short(&s(w, "head")),
+                s(w, "commits"),
+                short(&s(w, "base_commit")),
+                if w["dirty"] == true {
+                    "  (uncommitted changes checkpointed)"
+                } else {
+                    ""
+                }
+            ));
+            if !w["checkpoint"].is_null() {
+                out.push_str(&format!("    checkpoint {}\n", s(w, "checkpoint")));
+            }
+            if !w["link"].is_null() {
+                out.push_str(&format!("    link {}\n", s(w, "link")));
+            }
+            let stat = s(w, "diffstat");
+            if !stat.trim().is_empty() && stat != "-" {
+                out.push_str(&format!(
+                    "    {}\n",
+                    stat.trim_end().replace('\n', "\n    ")
+                ));
+            }
+        }
         let e = &a["error"];
         if !e.is_null() {
             out.push_str(&format!(

@@ -75,15 +75,23 @@ pub(crate) async fn run(command: Command) -> Result<(), CliError> {
                 .map_err(|message| CliError { code: 2, message })?;
             login(&token, name, role, save_to).await
         }
-        Command::Submit(args) => submit(args).await,
+        Command::Submit(args) => submit(*args).await,
         Command::Tasks {
             state,
             agent,
+            label,
             limit,
             cursor,
             json,
             connect,
         } => {
+            let label = match label {
+                Some(l) => Some(
+                    muster_protocol::work::split_pair("--label", &l)
+                        .map_err(|message| CliError { code: 2, message })?,
+                ),
+                None => None,
+            };
             let v = one(
                 &connect,
                 OpRequest::Tasks {
@@ -91,6 +99,7 @@ pub(crate) async fn run(command: Command) -> Result<(), CliError> {
                     agent,
                     limit,
                     cursor,
+                    label,
                 },
             )
             .await?;

@@ -7,6 +7,7 @@ use crate::cli::{CliError, print};
 use muster_protocol::TaskId;
 use muster_protocol::duration::parse_duration;
 use muster_protocol::msg::{OpRequest, SubmitRequest, TimeoutAction};
+use muster_protocol::work;
 
 pub(crate) async fn submit(a: SubmitArgs) -> Result<(), CliError> {
     let usage = |m: String| CliError {
@@ -30,6 +31,8 @@ pub(crate) async fn submit(a: SubmitArgs) -> Result<(), CliError> {
     };
     let (timeout_ms, timeout_action) =
         timeout_fields(a.timeout.as_deref(), &a.timeout_action).map_err(usage)?;
+    let env = pairs("--env", &a.env).map_err(usage)?;
+    let labels = pairs("--label", &a.labels).map_err(usage)?;
     let req = SubmitRequest {
         title,
         description,
@@ -40,7 +43,12 @@ pub(crate) async fn submit(a: SubmitArgs) -> Result<(), CliError> {
         timeout_action,
         after: a.after.into_iter().map(TaskId).collect(),
         key: a.key,
+        repo: a.repo,
+        base: a.base,
+        env,
+        labels,
     };
+    check_work(&req).map_err(usage)?;
     let s = a.connect.connect().await?;
     let v = s.call(OpRequest::Submit(req)).await?;
     if !a.wait {
@@ -103,6 +111,24 @@ pub(crate) fn timeout_fields(
     Ok((timeout_ms, action))
 }
 
+/// `K=V` arguments of `flag` as pairs.
+pub(crate) fn pairs(flag: &str, args: &[String]) -> Result<Vec<(String, String)>, String> {
+    args.iter().map(|a| work::split_pair(flag, a)).collect()
+}
+
+/// The code-work fields checked as the hub will check them, so a mistake is
+/// reported before anything is sent.
+pub(crate) fn check_work(req: &SubmitRequest) -> Result<(), String> {
+    if let Some(repo) = &req.repo {
+        work::check_repo(repo)?;
+    }
+    if let Some(base) = &req.base {
+        work::check_base(base)?;
+    }
+    work::check_env(&req.env)?;
+    work::check_labels(&req.labels)
+}
+
 /// One line of a `submit --batch` file.
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -120,6 +146,12 @@ pub(crate) struct BatchLine {
     #[serde(default)]
     pub(crate) after: Vec<u64>,
     pub(crate) key: Option<String>,
+    pub(crate) repo: Option<String>,
+    pub(crate) base: Option<String>,
+    #[serde(default)]
+    pub(crate) env: std::collections::BTreeMap<String, String>,
+    #[serde(default)]
+    pub(crate) labels: std::collections::BTreeMap<String, String>,
 }
 
 /// Bytes of task text per `SubmitBatch` request, at most, so each fits in a frame.
@@ -153,7 +185,7 @@ pub(crate) async fn submit_batch(a: SubmitArgs) -> Result<(), CliError> {
                     l.timeout.as_deref(),
                     l.timeout_action.as_deref().unwrap_or("fail"),
                 )?;
-                Ok(SubmitRequest {
+                let req = SubmitRequest {
                     title: l.title,
                     description: l.description,
                     capabilities: l.capabilities,
@@ -163,7 +195,13 @@ pub(crate) async fn submit_batch(a: SubmitArgs) -> Result<(), CliError> {
                     timeout_action,
                     after: l.after.into_iter().map(TaskId).collect(),
                     key: l.key,
-                })
+                    repo: l.repo,
+                    base: l.base,
+                    env: l.env.into_iter().collect(),
+                    labels: l.labels.into_iter().collect(),
+                };
+                check_work(&req)?;
+                Ok(req)
             });
         match parsed {
             Ok(req) => tasks.push((i + 1, req)),
@@ -192,7 +230,20 @@ pub(crate) async fn submit_batch(a: SubmitArgs) -> Result<(), CliError> {
     while rest.peek().is_some() {
         let (mut lines, mut reqs, mut bytes) = (Vec::new(), Vec::new(), 0);
         while let Some((_, next)) = rest.peek() {
-            let size = next.title.len() + next.description.len() + 256;
+            let size = next.title.len()
+                + next.description.len()
+                + next.repo.as_ref().map_or(0, String::len)
+                + next
+                    .env
+                    .iter()
+                    .map(|(k, v)| k.len() + v.len() + 8)
+                    .sum::<usize>()
+                + next
+                    .labels
+                    .iter()
+                    .map(|(k, v)| k.len() + v.len() + 8)
+                    .sum::<usize>()
+                + 512;
             if reqs.len() == SUBMIT_BATCH_MAX
                 || (!reqs.is_empty() && bytes + size > BATCH_TEXT_BYTES_MAX)
             {

@@ -77,9 +77,18 @@ pub(super) fn query(
             OpRequest::Tasks {
                 state,
                 agent,
+                label,
                 limit,
                 cursor,
             } => {
+                if let Some((k, _)) = &label
+                    && let Err(message) = muster_protocol::work::check_label_key(k)
+                {
+                    return Ok(OpResponse::Error(OpError {
+                        code: OpErrorCode::Invalid,
+                        message: format!("--label: {message}"),
+                    }));
+                }
                 let state = match state.as_deref().map(|s| (s, TaskState::parse(s))) {
                     Some((s, None)) => {
                         return Ok(OpResponse::Error(OpError {
@@ -93,7 +102,13 @@ pub(super) fn query(
                     None => None,
                 };
                 let limit = limit.clamp(1, muster_protocol::limits::PAGE_LEN_MAX) as usize;
-                let page = reader.tasks(state, agent.as_deref(), limit, cursor)?;
+                let page = reader.tasks(
+                    state,
+                    agent.as_deref(),
+                    label.as_ref().map(|(k, v)| (k.as_str(), v.as_str())),
+                    limit,
+                    cursor,
+                )?;
                 let (tasks, left_out) = views::fit(
                     page.tasks.iter().map(views::task_json),
                     views::REPLY_BYTES_MAX,
@@ -168,7 +183,7 @@ pub(super) fn start_watch(
 
 pub(super) fn snapshot(reader: &crate::store::Reader, tx: &mpsc::Sender<OpResponse>) {
     for state in TaskState::ALL.iter().filter(|s| !s.is_terminal()) {
-        if let Ok(page) = reader.tasks(Some(*state), None, 1000, None) {
+        if let Ok(page) = reader.tasks(Some(*state), None, None, 1000, None) {
             for t in page.tasks {
                 let mut v = views::task_json(&t);
                 v["kind"] = "snapshot_task".into();

@@ -91,6 +91,7 @@ mod tests {
             capabilities: vec!["rust".into()],
             priority: -2,
             timeout_ms: Some(60_000),
+            ..Default::default()
         }
     }
 
@@ -102,6 +103,7 @@ mod tests {
             capabilities: vec!["rust".into(), "review".into()],
             slots: 4,
             resume: held(),
+            workspace: Default::default(),
         };
         let requests = vec![
             OpRequest::Agents,
@@ -143,12 +145,14 @@ mod tests {
                 timeout_action: TimeoutAction::Retry,
                 after: vec![TaskId(1)],
                 key: Some("k".into()),
+                ..Default::default()
             }),
             OpRequest::Tasks {
                 state: Some("queued".into()),
                 agent: None,
                 limit: 50,
                 cursor: Some(9),
+                label: None,
             },
             OpRequest::TaskShow { id: TaskId(1) },
             OpRequest::TaskCancel { id: TaskId(1) },
@@ -168,6 +172,7 @@ mod tests {
                 timeout_action: TimeoutAction::Fail,
                 after: vec![],
                 key: None,
+                ..Default::default()
             }]),
         ];
         let mut opens = vec![Open {
@@ -258,6 +263,7 @@ mod tests {
                     stderr_tail: "err".into(),
                     no_retry: true,
                 }),
+                work: None,
             })
         }));
         let responses = vec![

@@ -15,6 +15,7 @@ pub mod ids;
 pub mod limits;
 pub mod msg;
 pub mod pace;
+pub mod work;
 
 pub use codec::{DecodeError, EncodeError, decode, encode, peek_open, peek_protocol};
 pub use ids::{AgentName, EventSeq, Generation, NameError, ReportId, TaskId};
@@ -22,4 +23,6 @@ pub use ids::{AgentName, EventSeq, Generation, NameError, ReportId, TaskId};
 /// The protocol version this build speaks; carried in every `Open` frame.
 /// Version 2: enrollment carries the requested grant, tokens carry a name and a
 /// grant, identities are revoked one at a time (issue 12).
-pub const PROTOCOL_VERSION: u32 = 2;
+/// Version 3: tasks carry a repository, base, environment and labels; hellos
+/// the workspace mode; finished reports the work result (issue 15).
+pub const PROTOCOL_VERSION: u32 = 3;

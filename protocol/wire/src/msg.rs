@@ -14,6 +14,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::ids::{AgentName, EventSeq, Generation, ReportId, TaskId};
+use crate::work::{WorkResult, WorkspaceMode};
 
 /// First frame of every `muster/1` stream. `protocol` comes first so a peer of
 /// another version can still read it and be refused by name.
@@ -47,6 +48,8 @@ pub struct Hello {
     pub slots: u32,
     /// Every task it holds, with generation and phase.
     pub resume: Vec<HeldTask>,
+    /// The workspaces it gives runs; only `git` serves tasks with a repository.
+    pub workspace: WorkspaceMode,
 }
 
 /// A task a sidecar holds, as listed in hellos and heartbeats.
@@ -181,7 +184,7 @@ pub struct Assign {
 }
 
 /// What an agent needs to know about a task.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct TaskSpec {
     /// One line.
     pub title: String,
@@ -193,6 +196,12 @@ pub struct TaskSpec {
     pub priority: i32,
     /// Task timeout in milliseconds, if any.
     pub timeout_ms: Option<u64>,
+    /// The repository to work on (a git URL or a path on the agent hosts).
+    pub repo: Option<String>,
+    /// The ref to branch from; `None` is the repository's default branch.
+    pub base: Option<String>,
+    /// Extra environment for the agent (see [`crate::work::check_env`]).
+    pub env: Vec<(String, String)>,
 }
 
 /// Sidecar to hub, on the session stream after the hello.
@@ -242,6 +251,9 @@ pub enum ReportBody {
         result: Option<String>,
         /// What went wrong, for any outcome but `completed`.
         error: Option<Failure>,
+        /// What the attempt left in its git workspace, if it had one (boxed:
+        /// it is the largest field of any report).
+        work: Option<Box<WorkResult>>,
     },
 }
 
@@ -295,11 +307,15 @@ pub enum Outcome {
     Cancelled,
     /// The hub superseded it.
     Abandoned,
+    /// The workspace could not be made (repository unreachable, bad base, disk).
+    WorkspaceFailed,
+    /// The workspace's `setup_command` failed.
+    SetupFailed,
 }
 
 impl Outcome {
     /// Every outcome, for metrics and tests.
-    pub const ALL: [Outcome; 10] = [
+    pub const ALL: [Outcome; 12] = [
         Outcome::Completed,
         Outcome::Failed,
         Outcome::WakeFailed,
@@ -310,6 +326,8 @@ impl Outcome {
         Outcome::TimedOut,
         Outcome::Cancelled,
         Outcome::Abandoned,
+        Outcome::WorkspaceFailed,
+        Outcome::SetupFailed,
     ];
 
     /// The stable name used in JSON, logs and metrics.
@@ -325,6 +343,8 @@ impl Outcome {
             Outcome::TimedOut => "timed_out",
             Outcome::Cancelled => "cancelled",
             Outcome::Abandoned => "abandoned",
+            Outcome::WorkspaceFailed => "workspace_failed",
+            Outcome::SetupFailed => "setup_failed",
         }
     }
 
@@ -337,6 +357,7 @@ impl Outcome {
                 | Outcome::StartTimeout
                 | Outcome::Lost
                 | Outcome::AgentExited
+                | Outcome::WorkspaceFailed
         )
     }
 }
@@ -655,6 +676,8 @@ pub enum OpRequest {
         state: Option<String>,
         /// Only tasks whose latest attempt ran on this agent.
         agent: Option<String>,
+        /// Only tasks carrying this label (key and value).
+        label: Option<(String, String)>,
         /// Page length.
         limit: u32,
         /// Continue below this task id.
@@ -736,7 +759,7 @@ impl OpRequest {
 }
 
 /// A task submission.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct SubmitRequest {
     /// One line.
     pub title: String,
@@ -756,6 +779,14 @@ pub struct SubmitRequest {
     pub after: Vec<TaskId>,
     /// Idempotency key: a second submit with it returns the first task.
     pub key: Option<String>,
+    /// The repository to work on; only sidecars in `git` workspace mode take it.
+    pub repo: Option<String>,
+    /// The ref to branch from; `None` is the repository's default branch.
+    pub base: Option<String>,
+    /// Extra, non-secret environment for the agent.
+    pub env: Vec<(String, String)>,
+    /// Labels to filter by (`tasks --label K=V`).
+    pub labels: Vec<(String, String)>,
 }
 
 /// What a task timeout does.

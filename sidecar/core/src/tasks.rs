@@ -249,6 +249,7 @@ impl Core {
                 outcome,
                 result,
                 error,
+                work: None,
             },
         );
     }

@@ -35,6 +35,7 @@ fn spec() -> TaskSpec {
         capabilities: vec![],
         priority: 0,
         timeout_ms: None,
+        ..Default::default()
     }
 }
 

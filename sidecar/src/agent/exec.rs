@@ -119,7 +119,7 @@ impl Watch {
 /// Starts an exec run and watches it to the end. When it counts as started
 /// is the core's decision (its settle time, counted from `Spawned`).
 pub(super) async fn run(mut at: Attempt) {
-    let argv = at.config().command.clone();
+    let argv = at.launch.argv(&at.config().command);
     let (mut watch, handle) = match launch(&at, &argv).await {
         Ok(launched) => launched,
         Err(reason) => return fail_to_start(at, reason, argv).await,
@@ -200,7 +200,7 @@ async fn blocking<T: Send + 'static>(
 
 /// Re-attaches to an exec run after a sidecar restart.
 pub(super) async fn recover(mut at: Attempt, handle: RunHandle) {
-    let argv = at.config().command.clone();
+    let argv = at.launch.argv(&at.config().command);
     let Some(pid) = handle.pid else {
         return exited_without_status(at, argv, "the run has no recorded pid".into()).await;
     };
@@ -236,6 +236,7 @@ fn spawn_child(
 ) -> Result<(Watch, RunHandle), String> {
     let status_path = launch.status_path();
     let (stdout, stderr) = launch.output()?;
+    let stdin = launch.agent_stdin()?;
     let (mut cmd, through) = match status {
         ExecStatus::Recorded => {
             let mut cmd = launch.command(SHELL);
@@ -249,6 +250,7 @@ fn spawn_child(
         ExecStatus::Waited => (launch.command(program), String::new()),
     };
     cmd.args(args)
+        .stdin(stdin)
         .stdout(stdout)
         .stderr(stderr)
         // The run must outlive the sidecar.

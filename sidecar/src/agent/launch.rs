@@ -18,7 +18,9 @@ use serde::Serialize;
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::process::Command;
 
-use super::{AgentConfig, RunSpec};
+use super::template::Vars;
+use super::{AgentConfig, RunSpec, Workdir};
+use crate::config::Stdin;
 
 /// The supervisor's hand-off to the sidecar, which is not the agent's: an agent
 /// that inherited `NOTIFY_SOCKET` could confuse systemd, and the credentials are ours.
@@ -60,7 +62,14 @@ struct TaskFile<'a> {
     priority: i32,
     /// The attempt's secret, as in `MUSTER_TASK_TOKEN`; the file is 0600.
     token: &'a str,
+    repo: Option<&'a str>,
+    base: Option<&'a str>,
+    branch: Option<&'a str>,
+    workspace: &'a Path,
 }
+
+/// The prompt file's name in the run directory (`MUSTER_PROMPT_FILE`).
+pub(super) const PROMPT_FILE: &str = "prompt.md";
 
 /// One run to prepare and spawn: the reaper creates `run_dir` with
 /// `task.json` and a blank status record, resolves `argv[0]` on its `PATH`,
@@ -74,20 +83,31 @@ pub(super) struct Request {
     pub(super) cwd: String,
     pub(super) run_dir: String,
     pub(super) task_json: String,
+    /// The prompt file's text.
+    #[serde(default)]
+    pub(super) prompt: String,
+    /// Standard input is the prompt file (`stdin = "prompt"`), else `/dev/null`.
+    #[serde(default)]
+    pub(super) stdin_prompt: bool,
 }
 
 /// The files and environment of one attempt.
 pub(super) struct Launch {
     run_dir: PathBuf,
     work_dir: PathBuf,
-    env: Vec<(&'static str, OsString)>,
-    /// `task.json`, or why it could not be encoded.
-    task_json: Result<Vec<u8>, String>,
+    env: Vec<(String, OsString)>,
+    /// `task.json` and the prompt, or why they cannot be made.
+    files: Result<(Vec<u8>, String), String>,
+    /// The placeholders of this attempt's commands.
+    vars: Vars,
+    /// The agent command's standard input is the prompt file.
+    stdin_prompt: bool,
 }
 
 impl Launch {
-    pub(super) fn new(run: &RunSpec, work_dir: &Path) -> Self {
+    pub(super) fn new(run: &RunSpec, work: &Workdir, stdin: Stdin) -> Self {
         let task_file = run.run_dir.join("task.json");
+        let prompt_file = run.run_dir.join(PROMPT_FILE);
         let task_json = serde_json::to_vec_pretty(&TaskFile {
             id: run.task.0,
             generation: run.generation.0,
@@ -96,22 +116,68 @@ impl Launch {
             capabilities: &run.spec.capabilities,
             priority: run.spec.priority,
             token: &run.token,
+            repo: run.spec.repo.as_deref(),
+            base: run.spec.base.as_deref(),
+            branch: work.branch.as_deref(),
+            workspace: &work.dir,
         })
         .map_err(|e| format!("could not encode task.json: {e}"));
-        let env = vec![
+        // The hub checked the environment; so does this side, which trusts no peer.
+        let files = muster_protocol::work::check_env(&run.spec.env)
+            .map_err(|e| format!("the task's environment was refused: {e}"))
+            .and_then(|()| Ok((task_json?, prompt(&run.spec.title, &run.spec.description))));
+        let mut env: Vec<(String, OsString)> = run
+            .spec
+            .env
+            .iter()
+            .map(|(k, v)| (k.clone(), v.into()))
+            .collect();
+        let ours: [(&str, OsString); 8] = [
             ("MUSTER_TASK_ID", run.task.0.to_string().into()),
             ("MUSTER_GENERATION", run.generation.0.to_string().into()),
             ("MUSTER_AGENT", run.agent.as_str().into()),
             ("MUSTER_TASK_FILE", task_file.into_os_string()),
             ("MUSTER_SOCKET", run.socket.clone().into_os_string()),
             ("MUSTER_TASK_TOKEN", run.token.clone().into()),
+            ("MUSTER_WORKSPACE", work.dir.clone().into_os_string()),
+            ("MUSTER_PROMPT_FILE", prompt_file.clone().into_os_string()),
         ];
+        env.extend(ours.into_iter().map(|(k, v)| (k.to_owned(), v)));
+        if let Some(branch) = &work.branch {
+            env.push(("MUSTER_BRANCH".into(), branch.into()));
+        }
+        if let Some(base) = &work.base {
+            env.push(("MUSTER_BASE".into(), base.into()));
+        }
+        let vars = Vars {
+            task_id: run.task.0.to_string(),
+            generation: run.generation.0.to_string(),
+            workspace: work.dir.to_string_lossy().into_owned(),
+            prompt_file: prompt_file.to_string_lossy().into_owned(),
+        };
         Self {
             run_dir: run.run_dir.clone(),
-            work_dir: work_dir.to_owned(),
+            work_dir: work.dir.clone(),
             env,
-            task_json,
+            files,
+            vars,
+            stdin_prompt: stdin == Stdin::Prompt,
         }
+    }
+
+    /// `argv` with this attempt's placeholders filled in.
+    pub(super) fn argv(&self, argv: &[String]) -> Vec<String> {
+        self.vars.expand_all(argv)
+    }
+
+    /// `text` with this attempt's placeholders filled in.
+    pub(super) fn expand(&self, text: &str) -> String {
+        self.vars.expand(text)
+    }
+
+    /// Standard input for the agent command: the prompt file or nothing. Blocking.
+    pub(super) fn agent_stdin(&self) -> Result<Stdio, String> {
+        agent_stdin(&self.run_dir, self.stdin_prompt)
     }
 
     pub(super) fn run_dir(&self) -> &Path {
@@ -124,14 +190,14 @@ impl Launch {
 
     /// Creates the run and work directories and writes `task.json` (0600). Blocking.
     pub(super) fn prepare(&self) -> Result<(), String> {
-        let json = self.task_json.as_ref().map_err(Clone::clone)?;
-        prepare_dirs(&self.run_dir, &self.work_dir, json)
+        let (json, prompt) = self.files.as_ref().map_err(Clone::clone)?;
+        prepare_dirs(&self.run_dir, &self.work_dir, json, prompt)
     }
 
     /// [`prepare_exec`] for this run. Blocking.
     pub(super) fn prepare_exec(&self, argv: &[String]) -> Result<PathBuf, String> {
-        let json = self.task_json.as_ref().map_err(Clone::clone)?;
-        prepare_exec(&self.run_dir, &self.work_dir, json, argv)
+        let (json, prompt) = self.files.as_ref().map_err(Clone::clone)?;
+        prepare_exec(&self.run_dir, &self.work_dir, json, prompt, argv)
     }
 
     /// Records the run's handle in its directory, in place. Not synced: it
@@ -169,15 +235,18 @@ impl Launch {
         let env = self
             .env
             .iter()
-            .map(|(k, v)| Some(((*k).to_owned(), v.to_str()?.to_owned())))
+            .map(|(k, v)| Some((k.clone(), v.to_str()?.to_owned())))
             .collect::<Option<Vec<_>>>()?;
-        let task_json = String::from_utf8(self.task_json.as_ref().ok()?.clone()).ok()?;
+        let (json, prompt) = self.files.as_ref().ok()?;
+        let task_json = String::from_utf8(json.clone()).ok()?;
         Some(Request {
             argv: argv.to_vec(),
             env,
             cwd: self.work_dir.to_str()?.to_owned(),
             run_dir: self.run_dir.to_str()?.to_owned(),
             task_json,
+            prompt: prompt.clone(),
+            stdin_prompt: self.stdin_prompt,
         })
     }
 
@@ -236,19 +305,25 @@ pub(super) fn prepare_exec(
     run_dir: &Path,
     work_dir: &Path,
     task_json: &[u8],
+    prompt: &str,
     argv: &[String],
 ) -> Result<PathBuf, String> {
     let program = argv
         .first()
         .ok_or_else(|| "the agent command is empty".to_owned())?;
-    prepare_dirs(run_dir, work_dir, task_json)?;
+    prepare_dirs(run_dir, work_dir, task_json, prompt)?;
     let resolved = resolve(program).map_err(|e| format!("could not start `{program}`: {e}"))?;
     // Also in "waited" mode: a reused run directory may hold an earlier run's record.
     clear_status(run_dir)?;
     Ok(resolved)
 }
 
-fn prepare_dirs(run_dir: &Path, work_dir: &Path, task_json: &[u8]) -> Result<(), String> {
+fn prepare_dirs(
+    run_dir: &Path,
+    work_dir: &Path,
+    task_json: &[u8],
+    prompt: &str,
+) -> Result<(), String> {
     DirBuilder::new()
         .recursive(true)
         .mode(0o700)
@@ -269,7 +344,33 @@ fn prepare_dirs(run_dir: &Path, work_dir: &Path, task_json: &[u8]) -> Result<(),
     // It holds the attempt's token: 0600 even in a reused directory.
     overwrite_private(&path, task_json)
         .and_then(|()| std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)))
+        .map_err(|e| format!("could not write {}: {e}", path.display()))?;
+    let path = run_dir.join(PROMPT_FILE);
+    overwrite_private(&path, prompt.as_bytes())
         .map_err(|e| format!("could not write {}: {e}", path.display()))
+}
+
+/// The prompt file's text: the title, a blank line, the description.
+fn prompt(title: &str, description: &str) -> String {
+    if description.is_empty() {
+        format!("{title}\n")
+    } else {
+        format!("{title}\n\n{description}\n")
+    }
+}
+
+/// The agent command's standard input: the prompt file, or `/dev/null`. Blocking.
+pub(super) fn agent_stdin(run_dir: &Path, prompt: bool) -> Result<Stdio, String> {
+    if !prompt {
+        return Ok(Stdio::null());
+    }
+    let path = run_dir.join(PROMPT_FILE);
+    File::open(&path).map(Stdio::from).map_err(|e| {
+        format!(
+            "could not open the prompt file {} for stdin: {e}",
+            path.display()
+        )
+    })
 }
 
 fn clear_status(run_dir: &Path) -> Result<(), String> {

@@ -28,6 +28,7 @@ mod exec;
 mod launch;
 mod reaper;
 mod sys;
+pub mod template;
 mod wake;
 
 pub use reaper::{SUBCOMMAND as REAPER_SUBCOMMAND, main as reaper_main};
@@ -141,6 +142,17 @@ pub struct RunSpec {
 }
 
 pub use muster_sidecar_core::run::{RunEvent, RunHandle, RunMode};
+
+/// Where a run works: its directory and, for a git workspace, its branch and base.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Workdir {
+    /// The working directory (`MUSTER_WORKSPACE`, `{workspace}`).
+    pub dir: PathBuf,
+    /// The branch checked out in it (`MUSTER_BRANCH`).
+    pub branch: Option<String>,
+    /// The ref it was made from (`MUSTER_BASE`).
+    pub base: Option<String>,
+}
 
 impl From<Mode> for RunMode {
     fn from(mode: Mode) -> Self {
@@ -261,7 +273,14 @@ impl ProcessRunner {
         drop(runs);
         Some(Attempt {
             shared: Arc::clone(&self.shared),
-            launch: Arc::new(launch::Launch::new(&run, &self.shared.work_dir)),
+            launch: Arc::new(launch::Launch::new(
+                &run,
+                &Workdir {
+                    dir: self.shared.work_dir.clone(),
+                    ..Workdir::default()
+                },
+                self.shared.config.stdin,
+            )),
             run,
             ctl: rx,
             events,
@@ -293,7 +312,7 @@ impl Runner for ProcessRunner {
         };
         match handle.mode {
             RunMode::Exec => tokio::spawn(exec::recover(attempt, handle)),
-            RunMode::Wake => tokio::spawn(wake::recover(attempt)),
+            RunMode::Wake => tokio::spawn(wake::recover(attempt, handle)),
         };
     }
 
@@ -369,11 +388,15 @@ impl Attempt {
     }
 
     async fn started(&self, pid: Option<u32>) {
+        self.started_as(pid, None).await;
+    }
+
+    async fn started_as(&self, pid: Option<u32>, session: Option<String>) {
         self.emit(RunEvent::Started {
             task: self.run.task,
             generation: self.run.generation,
             pid,
-            session: None,
+            session,
         })
         .await;
     }

@@ -38,7 +38,7 @@ use tokio::sync::oneshot;
 use tokio_util::codec::{FramedRead, FramedWrite, LinesCodec};
 
 use super::launch::{
-    Request, output, overwrite_private, prepare_exec, status_record, write_handle,
+    Request, agent_stdin, output, overwrite_private, prepare_exec, status_record, write_handle,
 };
 use super::{RunHandle, RunMode, sys};
 
@@ -238,14 +238,16 @@ fn spawn_run(run: &Request) -> Result<(u32, Option<u64>), String> {
         run_dir,
         Path::new(&run.cwd),
         run.task_json.as_bytes(),
+        &run.prompt,
         &run.argv,
     )?;
     let (stdout, stderr) = output(run_dir)?;
+    let stdin = agent_stdin(run_dir, run.stdin_prompt)?;
     let child = std::process::Command::new(&program)
         .args(&run.argv[1..])
         .envs(run.env.iter().map(|(k, v)| (k, v)))
         .current_dir(&run.cwd)
-        .stdin(Stdio::null())
+        .stdin(stdin)
         .stdout(stdout)
         .stderr(stderr)
         .process_group(0)

@@ -26,6 +26,23 @@ pub(super) fn signal_group(pgid: u32, signal: i32) -> bool {
     }
 }
 
+/// The process group of `pid`, unless it is the sidecar's own group (which a
+/// stop must never signal) or not a group a stop may signal (0 or 1).
+#[allow(unsafe_code)]
+pub(super) fn foreign_group(pid: u32) -> Option<u32> {
+    let pid = i32::try_from(pid).ok().filter(|p| *p > 1)?;
+    // SAFETY: getpgid and getpgrp only read the process table.
+    let (group, ours) = unsafe { (libc::getpgid(pid), libc::getpgrp()) };
+    (group > 1 && group != ours).then_some(group as u32)
+}
+
+/// The sidecar's own process group.
+#[allow(unsafe_code)]
+pub(super) fn own_group() -> u32 {
+    // SAFETY: getpgrp cannot fail and only reads the process table.
+    unsafe { libc::getpgrp() as u32 }
+}
+
 /// Whether group `pgid` still has a process that is not a zombie.
 pub(super) fn group_alive(pgid: u32) -> bool {
     let Ok(id) = i32::try_from(pgid) else {
@@ -125,12 +142,30 @@ pub(super) fn find_process(pattern: &str) -> Result<Option<u32>, String> {
         .filter(|(_, p)| {
             p.name() == pattern || {
                 let cmd: Vec<_> = p.cmd().iter().map(|a| a.to_string_lossy()).collect();
-                cmd.join(" ").contains(pattern)
+                contains_bounded(&cmd.join(" "), pattern)
             }
         })
         .map(|(pid, _)| pid.as_u32())
         .min();
     Ok(found)
+}
+
+/// Whether `pattern` occurs in `text` not glued to a letter or digit on a side
+/// where the pattern itself starts or ends with one, so `muster-4` does not
+/// find the agent of task 41 and `claude` does not find `claudette`.
+pub(super) fn contains_bounded(text: &str, pattern: &str) -> bool {
+    if pattern.is_empty() {
+        return false;
+    }
+    let word = |c: Option<char>| c.is_some_and(|c| c.is_ascii_alphanumeric());
+    let (first, last) = (pattern.chars().next(), pattern.chars().next_back());
+    text.match_indices(pattern).any(|(at, _)| {
+        let before = text[..at].chars().next_back();
+        let after = text[at + pattern.len()..].chars().next();
+        let glued_before = word(first) && word(before);
+        let glued_after = word(last) && word(after);
+        !glued_before && !glued_after
+    })
 }
 
 /// How a waited-for child ended, as a shell reports it: the exit code, or
@@ -289,6 +324,27 @@ mod tests {
         assert_eq!(stat.ppid, 1);
         assert_eq!(stat.pgrp, 42);
         assert_eq!(stat.start_ticks, 123456);
+    }
+
+    #[test]
+    fn patterns_match_only_at_word_boundaries_where_they_start_or_end_with_one() {
+        assert!(contains_bounded("tmux new -s muster-4 claude", "muster-4"));
+        assert!(!contains_bounded(
+            "tmux new -s muster-41 claude",
+            "muster-4"
+        ));
+        assert!(contains_bounded("/usr/bin/claude -p", "claude"));
+        assert!(!contains_bounded("/usr/bin/claudette", "claude"));
+        assert!(contains_bounded("sleep 0.61234 x", "sleep 0.61234"));
+        assert!(contains_bounded("a --task=7-", "=7-"));
+        assert!(!contains_bounded("abc", ""));
+    }
+
+    #[test]
+    fn the_sidecars_own_group_is_never_a_stop_target() {
+        assert_eq!(foreign_group(std::process::id()), None);
+        assert_eq!(foreign_group(1), None);
+        assert_eq!(foreign_group(0), None);
     }
 
     #[test]

@@ -41,6 +41,7 @@ fn spec(dir: &TempDir, task: u64) -> RunSpec {
             capabilities: vec!["rust".into()],
             priority: 3,
             timeout_ms: None,
+            ..Default::default()
         },
         run_dir: dir.path().join("runs").join(format!("{task}-7")),
         socket: dir.path().join("muster.sock"),
@@ -745,7 +746,11 @@ async fn an_ended_run_not_yet_reaped_by_a_live_parent_counts_as_running_until_it
  {
     let dir = tempfile::tempdir().expect("temp dir");
     let run = spec(&dir, 1);
-    let launch = Arc::new(launch::Launch::new(&run, &dir.path().join("work")));
+    let work = Workdir {
+        dir: dir.path().join("work"),
+        ..Workdir::default()
+    };
+    let launch = Arc::new(launch::Launch::new(&run, &work, crate::config::Stdin::Null));
     launch
         .prepare_exec(&["/bin/true".to_owned()])
         .expect("prepared");

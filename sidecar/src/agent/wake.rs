@@ -15,6 +15,12 @@
 //! verification (handled by the sidecar); a configured `verify_process` or
 //! `verify_command` is then only a liveness probe, armed once it first succeeds.
 //! Which of these applies is one [`Verify`], checked when sidecar.toml is parsed.
+//! Commands and patterns may hold the attempt's placeholders (`{task_id}` …),
+//! so with several slots each run's probe finds its own agent.
+//!
+//! Every end the sidecar decides (cancel, abandon, a deadline) stops the
+//! agent: with `stop_command` when one is set, else by signalling the wake
+//! command's process group and that of the process the probe found.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -32,6 +38,8 @@ const VERIFY_POLL: Duration = Duration::from_millis(200);
 const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Shortest time between probes of a running agent, whatever the interval says.
 const PROBE_INTERVAL_MIN: Duration = Duration::from_millis(10);
+/// How often a stop checks whether the signalled groups are gone.
+const STOP_POLL: Duration = Duration::from_millis(50);
 /// Shortest time the stop command gets, whatever `stop_grace` says.
 const STOP_COMMAND_TIMEOUT_MIN: Duration = Duration::from_secs(1);
 
@@ -43,11 +51,47 @@ enum Seen {
     Unknown(String),
 }
 
+/// What a stop without `stop_command` may signal: the wake command's process
+/// group (what it left behind) and the group of the process the probe found.
+#[derive(Debug, Clone, Copy, Default)]
+struct Targets {
+    /// The wake command's pid (its group id) and start time.
+    wake: Option<(u32, Option<u64>)>,
+    /// The agent process the probe last saw.
+    agent: Option<u32>,
+}
+
+impl Targets {
+    /// The live groups a stop may signal, never the sidecar's own. Blocking.
+    fn groups(self) -> Vec<u32> {
+        let mut out = Vec::new();
+        if let Some(group) = self.agent.and_then(sys::foreign_group) {
+            out.push(group);
+        }
+        if let Some((pgid, ticks)) = self.wake
+            && !out.contains(&pgid)
+            && !sys::pid_reused(pgid, ticks)
+            && pgid != sys::own_group()
+            && sys::group_alive(pgid)
+        {
+            out.push(pgid);
+        }
+        out
+    }
+
+    fn saw(&mut self, pid: Option<u32>) {
+        if pid.is_some() {
+            self.agent = pid;
+        }
+    }
+}
+
 /// Wakes the agent, verifies the start, and probes it until it ends. How long
 /// the wake command and the verification may take is the core's deadline: it
-/// arrives as `time_out`.
+/// arrives as `time_out`. Every end but the agent's own (cancel, abandon, a
+/// deadline) stops the agent, so a run the hub gave up on never keeps running.
 pub(super) async fn run(mut at: Attempt) {
-    let argv = at.config().command.clone();
+    let argv = at.launch.argv(&at.config().command);
     let launch = Arc::clone(&at.launch);
     let spawn_argv = argv.clone();
     let spawned = tokio::task::spawn_blocking(move || spawn(&launch, &spawn_argv)).await;
@@ -60,6 +104,10 @@ pub(super) async fn run(mut at: Attempt) {
         }
     };
     let pgid = child.id().unwrap_or(0);
+    let mut targets = Targets {
+        wake: Some((pgid, sys::start_ticks(pgid))),
+        agent: None,
+    };
     let status = match at.or_ctl(child.wait()).await {
         Wait::Done(Ok(status)) => status,
         Wait::Done(Err(e)) => {
@@ -75,7 +123,7 @@ pub(super) async fn run(mut at: Attempt) {
         }
         Wait::Stop => {
             sys::signal_group(pgid, libc::SIGTERM);
-            return stop(at).await;
+            return stop(at, targets, Outcome::Cancelled, None).await;
         }
         Wait::Forget => return,
     };
@@ -85,53 +133,57 @@ pub(super) async fn run(mut at: Attempt) {
         return wake_failed(at, Outcome::WakeFailed, reason, Some(exit), argv).await;
     }
     at.spawned(RunHandle {
-        pid: None,
+        pid: Some(pgid),
         session: None,
         run_dir: at.launch.run_dir().to_owned(),
         mode: RunMode::Wake,
-        start_ticks: None,
+        start_ticks: targets.wake.and_then(|w| w.1),
     })
     .await;
 
     let limit = at.config().start_timeout;
-    match at.config().verify.clone() {
-        Verify::AgentAck(None) => idle(at).await,
+    match expanded(&at.config().verify, &at.launch) {
+        Verify::AgentAck(None) => idle(at, targets).await,
         Verify::AgentAck(Some(probe)) => {
             // Only the liveness probe's arming window: the agent's own `task
             // start` is the verification, and the hub bounds it.
             match look(&mut at, &probe, Some(limit)).await {
-                Look::Seen(_) => watch(at, probe).await,
+                Look::Seen(pid) => {
+                    targets.saw(pid);
+                    watch(at, probe, targets).await;
+                }
                 Look::NotSeen(last) => {
                     tracing::warn!(
                         task = at.run.task.0,
                         "liveness probe never succeeded ({last}); not probing this run"
                     );
-                    idle(at).await;
+                    idle(at, targets).await;
                 }
                 Look::TimedOut(outcome, last) => {
                     let reason = format!("the start was not verified in time ({last})");
-                    at.finish(outcome, Some(probe.failure(reason))).await;
+                    stop(at, targets, outcome, Some(probe.failure(reason))).await;
                 }
-                Look::Stop => stop(at).await,
+                Look::Stop => stop(at, targets, Outcome::Cancelled, None).await,
                 Look::Forget => {}
             }
         }
         Verify::Probe(probe) => match look(&mut at, &probe, None).await {
             Look::Seen(pid) => {
-                at.started(pid).await;
-                watch(at, probe).await;
+                targets.saw(pid);
+                at.started_as(pid, session(&at, targets).await).await;
+                watch(at, probe, targets).await;
             }
             // Without a window the look ends only by the core's deadline.
             Look::TimedOut(outcome, last) => {
                 let reason = format!("{} within {limit:?} ({last})", probe.never_seen());
-                at.finish(outcome, Some(probe.failure(reason))).await;
+                stop(at, targets, outcome, Some(probe.failure(reason))).await;
             }
             Look::NotSeen(last) => {
                 let reason = format!("{} ({last})", probe.never_seen());
-                at.finish(Outcome::StartTimeout, Some(probe.failure(reason)))
-                    .await;
+                let failure = Some(probe.failure(reason));
+                stop(at, targets, Outcome::StartTimeout, failure).await;
             }
-            Look::Stop => stop(at).await,
+            Look::Stop => stop(at, targets, Outcome::Cancelled, None).await,
             Look::Forget => {}
         },
     }
@@ -140,30 +192,61 @@ pub(super) async fn run(mut at: Attempt) {
 /// Re-attaches to a wake run after a sidecar restart: looks for the agent (it
 /// may still have been starting) until the core's deadline, then probes it.
 /// With agent-ack the look is only the liveness probe's arming window.
-pub(super) async fn recover(mut at: Attempt) {
-    let Some(probe) = at.config().verify.probe().cloned() else {
-        return idle(at).await;
+pub(super) async fn recover(mut at: Attempt, handle: RunHandle) {
+    let mut targets = Targets {
+        wake: handle.pid.map(|pid| (pid, handle.start_ticks)),
+        agent: None,
+    };
+    let Some(probe) = expanded(&at.config().verify, &at.launch).probe().cloned() else {
+        return idle(at, targets).await;
     };
     let ack = matches!(at.config().verify, Verify::AgentAck(_));
     let limit = at.config().start_timeout;
     match look(&mut at, &probe, ack.then_some(limit)).await {
         Look::Seen(pid) => {
+            targets.saw(pid);
             if !ack {
-                at.started(pid).await;
+                at.started_as(pid, session(&at, targets).await).await;
             }
-            watch(at, probe).await;
+            watch(at, probe, targets).await;
         }
-        Look::NotSeen(_) => idle(at).await,
+        Look::NotSeen(_) => idle(at, targets).await,
         Look::TimedOut(outcome, last) => {
             let reason = format!(
                 "after the sidecar restarted, {} within {limit:?} ({last})",
                 probe.never_seen()
             );
-            at.finish(outcome, Some(probe.failure(reason))).await;
+            stop(at, targets, outcome, Some(probe.failure(reason))).await;
         }
-        Look::Stop => stop(at).await,
+        Look::Stop => stop(at, targets, Outcome::Cancelled, None).await,
         Look::Forget => {}
     }
+}
+
+/// The verification with this attempt's placeholders filled in, so each run's
+/// probe looks for its own agent.
+fn expanded(verify: &Verify, launch: &Launch) -> Verify {
+    let probe = |p: &Probe| match p {
+        Probe::Process(pattern) => Probe::Process(launch.expand(pattern)),
+        Probe::Command(argv) => Probe::Command(launch.argv(argv)),
+    };
+    match verify {
+        Verify::AgentAck(p) => Verify::AgentAck(p.as_ref().map(probe)),
+        Verify::Probe(p) => Verify::Probe(probe(p)),
+    }
+}
+
+/// What `Started.session` says: the configured session name, else the process
+/// group a stop would signal.
+async fn session(at: &Attempt, targets: Targets) -> Option<String> {
+    let named = &at.config().session;
+    if !named.is_empty() {
+        return Some(at.launch.expand(named));
+    }
+    let groups = tokio::task::spawn_blocking(move || targets.groups())
+        .await
+        .unwrap_or_default();
+    groups.first().map(|g| format!("pgid:{g}"))
 }
 
 /// Prepares the run directory and spawns the wake command. Blocking.
@@ -173,9 +256,11 @@ fn spawn(launch: &Launch, argv: &[String]) -> Result<Child, String> {
         .ok_or_else(|| "the wake command is empty".to_owned())?;
     launch.prepare()?;
     let (stdout, stderr) = launch.output()?;
+    let stdin = launch.agent_stdin()?;
     let mut cmd = launch.command(program);
     // An agent the wake command leaves behind must outlive the sidecar.
     cmd.args(args)
+        .stdin(stdin)
         .stdout(stdout)
         .stderr(stderr)
         .kill_on_drop(false);
@@ -230,18 +315,18 @@ async fn look(at: &mut Attempt, probe: &Probe, window: Option<Duration>) -> Look
 }
 
 /// Probes a started agent every `probe_interval` until it is gone.
-async fn watch(mut at: Attempt, probe: Probe) {
+async fn watch(mut at: Attempt, probe: Probe, mut targets: Targets) {
     let launch = Arc::clone(&at.launch);
     let interval = at.run.probe_interval.max(PROBE_INTERVAL_MIN);
     loop {
         match at.pause(interval).await {
             Wait::Done(()) => {}
-            Wait::Stop => return stop(at).await,
-            Wait::TimedOut(outcome) => return late(at, outcome).await,
+            Wait::Stop => return stop(at, targets, Outcome::Cancelled, None).await,
+            Wait::TimedOut(outcome) => return late(at, targets, outcome).await,
             Wait::Forget => return,
         }
         match at.or_ctl(probe.check(&launch, PROBE_TIMEOUT)).await {
-            Wait::Done(Seen::Alive(_)) => {}
+            Wait::Done(Seen::Alive(pid)) => targets.saw(pid),
             Wait::Done(Seen::Unknown(why)) => {
                 tracing::warn!(task = at.run.task.0, "liveness probe inconclusive: {why}");
             }
@@ -253,39 +338,42 @@ async fn watch(mut at: Attempt, probe: Probe) {
                 };
                 return at.finish(Outcome::AgentExited, Some(failure)).await;
             }
-            Wait::Stop => return stop(at).await,
-            Wait::TimedOut(outcome) => return late(at, outcome).await,
+            Wait::Stop => return stop(at, targets, Outcome::Cancelled, None).await,
+            Wait::TimedOut(outcome) => return late(at, targets, outcome).await,
             Wait::Forget => return,
         }
     }
 }
 
 /// Nothing to watch: wait for `stop`, `forget` or `time_out`.
-async fn idle(mut at: Attempt) {
+async fn idle(mut at: Attempt, targets: Targets) {
     match Wait::<()>::from(at.ctl_changed().await) {
-        Wait::Stop => stop(at).await,
-        Wait::TimedOut(outcome) => late(at, outcome).await,
+        Wait::Stop => stop(at, targets, Outcome::Cancelled, None).await,
+        Wait::TimedOut(outcome) => late(at, targets, outcome).await,
         Wait::Done(()) | Wait::Forget => {}
     }
 }
 
 /// The core's deadline passed as the start was being established (its
-/// `Started` crossed the decision): the decision stands.
-async fn late(at: Attempt, outcome: Outcome) {
+/// `Started` crossed the decision): the decision stands, and the agent stops.
+async fn late(at: Attempt, targets: Targets, outcome: Outcome) {
     let limit = at.config().start_timeout;
     let failure = Failure {
         reason: format!("the start was not established within {limit:?}"),
         ..Failure::default()
     };
-    at.finish(outcome, Some(failure)).await;
+    stop(at, targets, outcome, Some(failure)).await;
 }
 
-/// Runs `stop_command` (bounded by `stop_grace`), then `Cancelled`.
-async fn stop(at: Attempt) {
-    let argv = at.config().stop_command.clone();
+/// Stops the agent, then ends the run as `outcome`: `stop_command` (bounded by
+/// `stop_grace`) when one is set, else SIGTERM to the [`Targets`] groups and
+/// SIGKILL to those left after `stop_grace`. What was done is added to
+/// `failure`'s reason (or makes one).
+async fn stop(at: Attempt, targets: Targets, outcome: Outcome, failure: Option<Failure>) {
+    let argv = at.launch.argv(&at.config().stop_command);
     let limit = at.config().stop_grace.max(STOP_COMMAND_TIMEOUT_MIN);
-    let reason = match argv.split_first() {
-        None => "stopped; no stop_command is configured, so the agent was left as it is".to_owned(),
+    let how = match argv.split_first() {
+        None => stop_groups(at.config().stop_grace, targets).await,
         Some((program, args)) => {
             let mut cmd = at.launch.command(program);
             cmd.args(args).kill_on_drop(true);
@@ -307,12 +395,58 @@ async fn stop(at: Attempt) {
             }
         }
     };
-    let failure = Failure {
-        reason,
-        command: argv,
-        ..Failure::default()
+    let failure = match failure {
+        Some(mut f) => {
+            f.reason = format!("{}; {how}", f.reason);
+            f
+        }
+        None => Failure {
+            reason: how,
+            command: argv,
+            ..Failure::default()
+        },
     };
-    at.finish(Outcome::Cancelled, Some(failure)).await;
+    at.finish(outcome, Some(failure)).await;
+}
+
+/// SIGTERM to each live group of `targets`, SIGKILL to any left after
+/// `grace`; says what was done.
+async fn stop_groups(grace: Duration, targets: Targets) -> String {
+    let groups = tokio::task::spawn_blocking(move || targets.groups())
+        .await
+        .unwrap_or_default();
+    if groups.is_empty() {
+        return "stopped; no stop_command is configured and no process of the agent was left to signal".to_owned();
+    }
+    let list = groups
+        .iter()
+        .map(u32::to_string)
+        .collect::<Vec<_>>()
+        .join(", ");
+    for &g in &groups {
+        sys::signal_group(g, libc::SIGTERM);
+    }
+    let deadline = Instant::now() + grace;
+    loop {
+        let left = groups.clone();
+        let alive = tokio::task::spawn_blocking(move || {
+            left.into_iter()
+                .filter(|&g| sys::group_alive(g))
+                .collect::<Vec<_>>()
+        })
+        .await
+        .unwrap_or_default();
+        if alive.is_empty() {
+            return format!("stopped: SIGTERM to process group {list}");
+        }
+        if Instant::now() >= deadline {
+            for &g in &alive {
+                sys::signal_group(g, libc::SIGKILL);
+            }
+            return format!("stopped: SIGTERM to process group {list}, SIGKILL after {grace:?}");
+        }
+        tokio::time::sleep(STOP_POLL).await;
+    }
 }
 
 /// Ends the run as `outcome` with the wake command's tails.

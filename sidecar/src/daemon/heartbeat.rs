@@ -14,6 +14,7 @@ impl Daemon {
             capabilities: self.cfg.capabilities.clone(),
             slots: self.cfg.slots,
             resume: core.held(),
+            workspace: Default::default(),
         }
     }
 

@@ -187,6 +187,7 @@ mod tests {
                 capabilities: vec![],
                 priority: 0,
                 timeout_ms: None,
+                ..Default::default()
             },
         })
     }

@@ -1370,6 +1370,7 @@ impl World {
             capabilities: s.caps.clone(),
             slots: s.slots,
             resume: core.held(),
+            workspace: Default::default(),
         };
         self.send_to_hub(conn, ToHub::Hello(hello));
     }
@@ -2185,6 +2186,7 @@ impl World {
             },
             after,
             key: Some(key.to_string()),
+            ..Default::default()
         }
     }
 

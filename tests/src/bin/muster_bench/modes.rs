@@ -655,7 +655,7 @@ fn fill_store(hub_dir: &Path, m: u64) -> Result<(u64, u64)> {
     let next = store.restore(now)?.next_task_id;
     let (template, attempts) = {
         let reader = store.reader()?;
-        let page = reader.tasks(Some(TaskState::Completed), None, 1, None)?;
+        let page = reader.tasks(Some(TaskState::Completed), None, None, 1, None)?;
         let t = page
             .tasks
             .into_iter()

@@ -95,6 +95,7 @@ async fn open_session(
             capabilities: Vec::new(),
             slots: 1,
             resume: Vec::new(),
+            workspace: Default::default(),
         }),
     };
     wr.send(&open).await?;

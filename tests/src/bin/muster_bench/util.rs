@@ -62,6 +62,7 @@ fn bench_task(title: String) -> SubmitRequest {
         timeout_action: TimeoutAction::Fail,
         after: Vec::new(),
         key: None,
+        ..Default::default()
     }
 }
 
