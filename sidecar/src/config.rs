@@ -64,7 +64,7 @@ muster_config::config! {
     pub struct AgentConfig {
         /// "exec": the command is the run; "wake": it wakes an agent that lives elsewhere.
         mode: Mode = Mode::Exec,
-        /// argv that runs or wakes the agent; gets the MUSTER_* variables.
+        /// argv that runs or wakes the agent; gets the MUSTER_* variables; may use {task_id}, {generation}, {workspace}, {prompt_file}, {task_file}.
         command: Vec<String> as Command = vec!["/usr/local/bin/run-agent".into()],
         /// Working directory; "" = the state directory's work/ folder.
         working_dir: Option<PathBuf> = None,

@@ -290,7 +290,8 @@ mod tests {
         assert_eq!(
             a.cmd,
             AgentCmd::Complete {
-                result: Some("ok".into())
+                result: Some("ok".into()),
+                link: None,
             }
         );
         assert!(

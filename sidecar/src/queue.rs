@@ -344,6 +344,7 @@ mod tests {
             outcome: Outcome::Completed,
             result: None,
             error: None,
+            work: None,
         }
     }
 

@@ -29,6 +29,7 @@ use std::time::Duration;
 
 use muster_wire::msg::{Assign, HeldTask, HubMsg, Outcome, Report, SessionMsg, TaskSpec, Welcome};
 use muster_wire::pace::Rng;
+use muster_wire::work::WorkResult;
 use muster_wire::{Generation, ReportId, TaskId};
 use serde::{Deserialize, Serialize};
 
@@ -131,6 +132,9 @@ pub enum AgentCmd {
     Complete {
         /// Its result.
         result: Option<String>,
+        /// A link to the work, e.g. a pull request (`task complete --link`).
+        #[serde(default)]
+        link: Option<String>,
     },
     /// The agent failed.
     Fail {
@@ -299,7 +303,21 @@ impl Core {
         generation: Generation,
         cmd: AgentCmd,
     ) -> Result<String, String> {
-        let answer = self.agent_command(task, generation, cmd);
+        self.handle_agent_work(now, task, generation, cmd, None)
+    }
+
+    /// [`Core::handle_agent`] for a command that ends the attempt, with what the
+    /// shell found in the attempt's workspace (it reads git; the agent's own
+    /// word is never taken for it).
+    pub fn handle_agent_work(
+        &mut self,
+        now: Duration,
+        task: TaskId,
+        generation: Generation,
+        cmd: AgentCmd,
+        work: Option<WorkResult>,
+    ) -> Result<String, String> {
+        let answer = self.agent_command(task, generation, cmd, work);
         self.admit_deferred(now);
         answer
     }

@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 
 use muster_wire::msg::{Failure, Outcome};
+use muster_wire::work::WorkResult;
 use muster_wire::{Generation, TaskId};
 use serde::{Deserialize, Serialize};
 
@@ -75,6 +76,8 @@ pub enum RunEvent {
         result: Option<String>,
         /// What went wrong (or, for `Cancelled`, how it was stopped).
         error: Option<Failure>,
+        /// What the attempt left in its git workspace.
+        work: Option<Box<WorkResult>>,
     },
 }
 

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use muster_wire::limits::truncate_utf8;
 use muster_wire::msg::{Assign, Failure, Outcome, Phase, Report, ReportBody, SessionMsg};
+use muster_wire::work::WorkResult;
 use muster_wire::{Generation, ReportId, TaskId};
 
 use crate::policy::{DEFERRED_HOLD_MAX, DEFERRED_MAX};
@@ -215,6 +216,7 @@ impl Core {
                 outcome,
                 result,
                 error,
+                work,
                 ..
             } => {
                 let ended = t.phase == Phase::Finished;
@@ -226,7 +228,7 @@ impl Core {
                 if outcome == Outcome::Completed {
                     self.report_started_by_handle(task, generation);
                 }
-                self.finish(task, generation, outcome, result, error);
+                self.finish(task, generation, outcome, result, error, work.map(|w| *w));
             }
         }
     }
@@ -238,6 +240,7 @@ impl Core {
         outcome: Outcome,
         result: Option<String>,
         error: Option<Failure>,
+        work: Option<WorkResult>,
     ) {
         self.clear_start(task);
         self.set_phase(task, Phase::Finished);
@@ -249,7 +252,7 @@ impl Core {
                 outcome,
                 result,
                 error,
-                work: None,
+                work: work.map(|w| Box::new(w.bounded())),
             },
         );
     }
@@ -259,6 +262,7 @@ impl Core {
         task: TaskId,
         generation: Generation,
         cmd: AgentCmd,
+        work: Option<WorkResult>,
     ) -> Result<String, String> {
         let phase = self.attempt(task, generation)?.phase;
         if matches!(cmd, AgentCmd::Current) {
@@ -287,10 +291,19 @@ impl Core {
                 self.report(task, generation, ReportBody::Progress { note });
                 Ok(format!("progress recorded for task {task}"))
             }
-            AgentCmd::Complete { result } => {
+            AgentCmd::Complete { result, link } => {
+                let work = match link {
+                    Some(link) => {
+                        check_link(&link)?;
+                        let mut w = work.unwrap_or_default();
+                        w.link = Some(link);
+                        Some(w)
+                    }
+                    None => work,
+                };
                 self.report_started(task, generation, None, None);
                 self.effects.push(Effect::ForgetRun(task, generation));
-                self.finish(task, generation, Outcome::Completed, result, None);
+                self.finish(task, generation, Outcome::Completed, result, None, work);
                 Ok(format!("task {task} completed"))
             }
             AgentCmd::Fail { reason, no_retry } => {
@@ -300,9 +313,20 @@ impl Core {
                     no_retry,
                     ..Failure::default()
                 };
-                self.finish(task, generation, Outcome::Failed, None, Some(error));
+                self.finish(task, generation, Outcome::Failed, None, Some(error), work);
                 Ok(format!("task {task} failed"))
             }
         }
     }
+}
+
+/// Checks a link the agent gives with `task complete --link`.
+fn check_link(link: &str) -> Result<(), String> {
+    use muster_wire::work::LINK_BYTES_MAX;
+    if link.is_empty() || link.len() > LINK_BYTES_MAX || link.chars().any(char::is_control) {
+        return Err(format!(
+            "--link must be 1 to {LINK_BYTES_MAX} bytes without control characters, e.g. the pull request's URL"
+        ));
+    }
+    Ok(())
 }

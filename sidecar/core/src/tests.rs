@@ -108,6 +108,7 @@ fn happy_path_reports_and_acks_clean_up() {
             outcome: Outcome::Completed,
             result: Some("ok".into()),
             error: None,
+            work: None,
         },
     );
     // A second Finished (exit after the agent's own report) is ignored.
@@ -119,6 +120,7 @@ fn happy_path_reports_and_acks_clean_up() {
             outcome: Outcome::Failed,
             result: None,
             error: None,
+            work: None,
         },
     );
     let e = c.take_effects();
@@ -164,15 +166,31 @@ fn agent_commands_check_task_and_generation() {
     assert!(c.handle_agent(T0, t, g, AgentCmd::Start).is_ok());
     assert!(c.handle_agent(T0, t, g, AgentCmd::Current).is_ok());
     assert!(
-        c.handle_agent(T0, t, g, AgentCmd::Complete { result: None })
-            .is_ok()
+        c.handle_agent(
+            T0,
+            t,
+            g,
+            AgentCmd::Complete {
+                result: None,
+                link: None
+            }
+        )
+        .is_ok()
     );
     let e = c.take_effects();
     assert!(e.contains(&Effect::ForgetRun(t, g)));
     assert!(
-        c.handle_agent(T0, t, g, AgentCmd::Complete { result: None })
-            .expect_err("refused")
-            .contains("already ended")
+        c.handle_agent(
+            T0,
+            t,
+            g,
+            AgentCmd::Complete {
+                result: None,
+                link: None
+            }
+        )
+        .expect_err("refused")
+        .contains("already ended")
     );
 }
 
@@ -228,6 +246,7 @@ fn finished(task: u64, g: u64, outcome: Outcome) -> RunEvent {
         outcome,
         result: None,
         error: None,
+        work: None,
     }
 }
 

@@ -66,6 +66,8 @@ struct TaskFile<'a> {
     base: Option<&'a str>,
     branch: Option<&'a str>,
     workspace: &'a Path,
+    /// The sidecar's local socket, for `muster-sidecar task --task-file`.
+    socket: &'a Path,
 }
 
 /// The prompt file's name in the run directory (`MUSTER_PROMPT_FILE`).
@@ -120,6 +122,7 @@ impl Launch {
             base: run.spec.base.as_deref(),
             branch: work.branch.as_deref(),
             workspace: &work.dir,
+            socket: &run.socket,
         })
         .map_err(|e| format!("could not encode task.json: {e}"));
         // The hub checked the environment; so does this side, which trusts no peer.
@@ -154,6 +157,7 @@ impl Launch {
             generation: run.generation.0.to_string(),
             workspace: work.dir.to_string_lossy().into_owned(),
             prompt_file: prompt_file.to_string_lossy().into_owned(),
+            task_file: run.run_dir.join("task.json").to_string_lossy().into_owned(),
         };
         Self {
             run_dir: run.run_dir.clone(),

@@ -418,6 +418,7 @@ impl Attempt {
             outcome,
             result: None,
             error,
+            work: None,
         })
         .await;
     }

@@ -1,12 +1,18 @@
 //! Placeholders in the `[agent]` commands and patterns: `{task_id}`,
-//! `{generation}`, `{workspace}` and `{prompt_file}`.
+//! `{generation}`, `{workspace}`, `{prompt_file}` and `{task_file}`.
 //!
 //! Only ids and paths the sidecar made are ever substituted, never task text,
 //! so a title or description cannot become an argument. Each placeholder is
 //! replaced inside one argv word; nothing is split or parsed by a shell.
 
 /// The placeholder names, as written between braces.
-pub const NAMES: [&str; 4] = ["task_id", "generation", "workspace", "prompt_file"];
+pub const NAMES: [&str; 5] = [
+    "task_id",
+    "generation",
+    "workspace",
+    "prompt_file",
+    "task_file",
+];
 
 /// The values of one attempt's placeholders.
 #[derive(Debug, Clone, Default)]
@@ -19,6 +25,9 @@ pub struct Vars {
     pub workspace: String,
     /// `{prompt_file}`: the prompt in the run directory.
     pub prompt_file: String,
+    /// `{task_file}`: the attempt's task.json (0600; holds its token), for
+    /// `muster-sidecar task --task-file` where the environment does not reach.
+    pub task_file: String,
 }
 
 impl Vars {
@@ -28,6 +37,7 @@ impl Vars {
             "generation" => Some(&self.generation),
             "workspace" => Some(&self.workspace),
             "prompt_file" => Some(&self.prompt_file),
+            "task_file" => Some(&self.task_file),
             _ => None,
         }
     }
@@ -99,6 +109,7 @@ mod tests {
             generation: "3".into(),
             workspace: "/w/41-3".into(),
             prompt_file: "/r/prompt.md".into(),
+            task_file: "/r/task.json".into(),
         }
     }
 

@@ -60,7 +60,15 @@ pub(super) async fn whoami() -> Result<(), Failure> {
         a.data["name"].as_str().unwrap_or("?"),
         a.data["hub"].as_str().unwrap_or("?")
     );
-    for var in ["MUSTER_TASK_ID", "MUSTER_GENERATION", "MUSTER_TASK_FILE"] {
+    for var in [
+        "MUSTER_TASK_ID",
+        "MUSTER_GENERATION",
+        "MUSTER_TASK_FILE",
+        "MUSTER_PROMPT_FILE",
+        "MUSTER_WORKSPACE",
+        "MUSTER_BRANCH",
+        "MUSTER_BASE",
+    ] {
         if let Ok(v) = std::env::var(var) {
             println!("{var}={v}");
         }
@@ -81,25 +89,68 @@ fn env_u64(name: &str) -> Option<u64> {
     std::env::var(name).ok().and_then(|v| v.parse().ok())
 }
 
-/// `task …`: one agent command about its own attempt, which the environment names.
-pub(super) async fn task(command: TaskCommand) -> Result<(), Failure> {
+/// The attempt as `task.json` records it (the file is the sidecar's, 0600).
+#[derive(serde::Deserialize)]
+struct TaskFile {
+    id: u64,
+    generation: u64,
+    token: String,
+    socket: Option<PathBuf>,
+}
+
+/// Largest task.json read back: the task text is in it.
+const TASK_FILE_BYTES_MAX: u64 = 1 << 20;
+
+fn read_task_file(path: &Path) -> Result<TaskFile, Failure> {
+    use std::io::Read;
+    let mut text = String::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(TASK_FILE_BYTES_MAX).read_to_string(&mut text))
+        .map_err(|e| fail(format!("--task-file {}: {e}", path.display())))?;
+    serde_json::from_str(&text).map_err(|e| {
+        fail(format!(
+            "--task-file {}: not a muster task.json ({e}); give the {{task_file}} of the attempt",
+            path.display()
+        ))
+    })
+}
+
+/// `task …`: one agent command about its own attempt, which the environment
+/// (or `--task-file`) names.
+pub(super) async fn task(command: TaskCommand, task_file: Option<&Path>) -> Result<(), Failure> {
     let cmd = match command {
         TaskCommand::Current => AgentCmd::Current,
         TaskCommand::Start => AgentCmd::Start,
         TaskCommand::Progress { message } => AgentCmd::Progress { message },
-        TaskCommand::Complete { result } => AgentCmd::Complete { result },
+        TaskCommand::Complete { result, link } => AgentCmd::Complete { result, link },
         TaskCommand::Fail { reason, no_retry } => AgentCmd::Fail { reason, no_retry },
     };
     let current = matches!(cmd, AgentCmd::Current);
     // The attempt and its secret come from the environment the sidecar gave
     // the agent, never from the command line, where `ps` would show the token.
-    let req = AgentRequest {
-        task: env_u64("MUSTER_TASK_ID"),
-        generation: env_u64("MUSTER_GENERATION"),
-        token: std::env::var("MUSTER_TASK_TOKEN").ok(),
-        cmd,
+    let (req, socket) = match task_file {
+        Some(path) => {
+            let f = read_task_file(path)?;
+            let socket = f.socket.unwrap_or_else(|| socket(None));
+            let req = AgentRequest {
+                task: Some(f.id),
+                generation: Some(f.generation),
+                token: Some(f.token),
+                cmd,
+            };
+            (req, socket)
+        }
+        None => {
+            let req = AgentRequest {
+                task: env_u64("MUSTER_TASK_ID"),
+                generation: env_u64("MUSTER_GENERATION"),
+                token: std::env::var("MUSTER_TASK_TOKEN").ok(),
+                cmd,
+            };
+            (req, socket(None))
+        }
     };
-    let a = local::call(&socket(None), &Request::Agent(req))
+    let a = local::call(&socket, &Request::Agent(req))
         .await
         .map_err(fail)?;
     if !a.ok {

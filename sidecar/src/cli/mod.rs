@@ -93,6 +93,11 @@ enum Command {
     Task {
         #[command(subcommand)]
         command: TaskCommand,
+        /// Read the attempt (task, generation, token, socket) from this task.json
+        /// instead of the MUSTER_* environment, e.g. inside a tmux session
+        /// (`--task-file {task_file}` in sidecar.toml).
+        #[arg(long, global = true)]
+        task_file: Option<PathBuf>,
     },
     /// Which agent this is.
     Whoami,
@@ -118,6 +123,9 @@ enum TaskCommand {
         /// The result to record.
         #[arg(long)]
         result: Option<String>,
+        /// A link to the work, e.g. the pull request's URL; `task show` on the hub shows it.
+        #[arg(long)]
+        link: Option<String>,
     },
     /// Report the task failed.
     Fail {
@@ -209,7 +217,7 @@ async fn run(command: Command) -> Result<(), Failure> {
             message: "the reaper runs before the runtime starts".into(),
         }),
         Command::Doctor { data_dir } => doctor::doctor(&data_dir).await,
-        Command::Task { command } => agent::task(command).await,
+        Command::Task { command, task_file } => agent::task(command, task_file.as_deref()).await,
         Command::Whoami => agent::whoami().await,
     }
 }

@@ -223,7 +223,10 @@ mod tests {
             Duration::ZERO,
             TaskId(1),
             g,
-            AgentCmd::Complete { result: None },
+            AgentCmd::Complete {
+                result: None,
+                link: None,
+            },
         )
         .expect("complete");
         core.handle_hub(Duration::ZERO, HubMsg::Ack { upto: ReportId(9) });

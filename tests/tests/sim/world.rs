@@ -2030,6 +2030,7 @@ impl World {
             outcome,
             result: (outcome == Outcome::Completed).then(|| "done".to_string()),
             error,
+            work: None,
         };
         enum To {
             Run(RunEvent),
@@ -2104,6 +2105,7 @@ impl World {
                 run.alive = false;
                 To::Agent(AgentCmd::Complete {
                     result: Some("done".into()),
+                    link: None,
                 })
             }
             Step::AgentFail { no_retry } => {

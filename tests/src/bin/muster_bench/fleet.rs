@@ -65,6 +65,7 @@ impl InstantRunner {
                     outcome: Outcome::Completed,
                     result: None,
                     error: None,
+                    work: None,
                 })
                 .await;
         });
