@@ -782,6 +782,9 @@ exit 0
     sc.set_agent("mode", "\"wake\"");
     sc.set_agent("verify", "\"agent-ack\"");
     sc.set_agent("start_timeout", "\"20s\"");
+    // A stop command that stops nothing: generation 1's agent lives on past
+    // the hub's decision, as one the sidecar cannot reach would, and reports late.
+    sc.set_agent("stop_command", &argv(&["/bin/true"]));
     go_online(&hub, &mut sc);
 
     let id = submit(&hub, "fenced", &[]);
