@@ -891,6 +891,8 @@ pub struct Sidecar {
     name: String,
     data: PathBuf,
     dir: TempDir,
+    /// Extra environment for `run` (`PATH` with stand-ins, `TMUX_TMPDIR`, …).
+    env: Vec<(OsString, OsString)>,
 }
 
 impl Sidecar {
@@ -906,6 +908,7 @@ impl Sidecar {
             name: name.into(),
             data,
             dir,
+            env: Vec::new(),
         }
     }
 
@@ -1035,10 +1038,18 @@ impl Sidecar {
         self.daemon.wrapper = prefix.iter().map(|s| s.as_ref().to_owned()).collect();
     }
 
+    /// Sets `key=value` in the environment of every later `run` (the agents inherit it).
+    pub fn set_env(&mut self, key: impl AsRef<OsStr>, value: impl AsRef<OsStr>) {
+        let key = key.as_ref().to_owned();
+        self.env.retain(|(k, _)| *k != key);
+        self.env.push((key, value.as_ref().to_owned()));
+    }
+
     /// Spawns `muster-sidecar run --data-dir D`, stderr to the log.
     pub fn start(&mut self) {
         let mut cmd = self.daemon.command(&bins().sidecar);
         cmd.args(["run", "--data-dir", &self.data.to_string_lossy()]);
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         self.daemon.spawn(cmd);
     }
 
