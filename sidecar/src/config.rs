@@ -16,7 +16,10 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use muster_config::{Argv, Between, Codec, Command, Compound, HostPort, KeyProblem, Node, Refused};
+use muster_config::{
+    Argv, Between, Checks, Codec, Command, Compound, HostPort, KeyProblem, Node, Reader, Refused,
+    Section, Writer,
+};
 use muster_protocol::AgentName;
 use muster_protocol::limits::{CAPABILITIES_MAX, NAME_BYTES_MAX};
 
@@ -54,6 +57,8 @@ muster_config::config! {
         sections {
             /// How the agent is started, verified, probed and stopped.
             agent: AgentConfig,
+            /// Where each attempt works: the shared directory, a fresh one, or a git worktree.
+            workspace: WorkspaceConfig,
         }
     }
 }
@@ -320,6 +325,141 @@ impl Compound for Verify {
     }
 }
 
+// === The workspace settings ===
+
+/// Default of `[workspace] max_disk`: 20 GiB.
+pub const WORKSPACE_MAX_DISK_DEFAULT: u64 = 20 << 30;
+
+muster_config::config! {
+    /// Where each attempt works (`[workspace]` in sidecar.toml); see [`crate::workspace`].
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub struct WorkspaceConfig {
+        /// "shared": every attempt in the agent's working_dir; "dir": a fresh empty directory per attempt; "git": a git worktree per attempt.
+        mode: WorkspaceMode = WorkspaceMode::Shared,
+        /// Where attempt workspaces live, <root>/<task>-<generation>; "" = <data_dir>/workspaces. Mirrors of repositories live in <data_dir>/mirrors.
+        root: Option<PathBuf> = None,
+        /// Directory the `copy` entries are taken from; "" = none.
+        template_dir: Option<PathBuf> = None,
+        /// Files or directories, relative to template_dir, copied into every new workspace, e.g. [".env", "config/local"].
+        copy: Vec<PathBuf> as RelPaths = Vec::new(),
+        /// argv run in every new workspace after the copies, e.g. ["npm", "ci"]; [] = none.
+        setup_command: Vec<String> as Argv = Vec::new(),
+        /// Longest setup_command run; then its process group is killed and the attempt fails.
+        setup_timeout: Duration = Duration::from_secs(300),
+        /// Longest clone or fetch of a repository before an attempt.
+        fetch_timeout: Duration = Duration::from_secs(120),
+        /// Finished workspaces older than this are removed (their checkpoints are kept).
+        retention: Duration = Duration::from_secs(7 * 86_400),
+        /// Most disk all workspaces may use, e.g. "20GiB"; finished ones are removed oldest first to stay below.
+        max_disk: u64 as ByteSize = WORKSPACE_MAX_DISK_DEFAULT,
+        compound {
+            /// Whether a retried attempt continues from the task's last checkpoint (`continue`).
+            retry_from: RetryFrom,
+        }
+    }
+    check = check_workspace;
+}
+
+/// See [`WorkspaceConfig::mode`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkspaceMode {
+    /// Every attempt runs in the agent's `working_dir` (the behaviour before workspaces).
+    Shared,
+    /// A fresh empty directory per attempt.
+    Dir,
+    /// A git worktree per attempt, on branch `muster/<task>`, from a local mirror of the task's repo.
+    Git,
+}
+
+muster_config::words!(WorkspaceMode {
+    WorkspaceMode::Shared => "shared",
+    WorkspaceMode::Dir => "dir",
+    WorkspaceMode::Git => "git",
+});
+
+/// Where a retried attempt of a task starts in git mode (`continue = true | false`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RetryFrom {
+    /// From the task's newest checkpoint on this host, when there is one (`continue = true`).
+    #[default]
+    Checkpoint,
+    /// From the base, whatever earlier attempts did (`continue = false`).
+    Base,
+}
+
+/// The key behind [`RetryFrom`]. Declared by hand because `continue` is a
+/// Rust keyword, which [`muster_config::config!`] cannot take as a field name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ContinueKey {
+    /// The value of `continue`.
+    pub resume: bool,
+}
+
+const CONTINUE_KEY: &str = "continue";
+const CONTINUE_DOC: &[&str] = &[
+    " A retried attempt of a task starts from its last checkpoint on this host instead of from the base.",
+];
+
+impl Section for ContinueKey {
+    fn keys() -> Vec<&'static str> {
+        vec![CONTINUE_KEY]
+    }
+
+    fn read_from(reader: &mut Reader<'_>) -> Option<Self> {
+        let resume = reader.key::<bool, Flag>(CONTINUE_KEY, || true);
+        Some(ContinueKey {
+            resume: resume.unwrap_or(true),
+        })
+    }
+
+    fn render_into(&self, writer: &mut Writer) {
+        writer.key::<bool, Flag>(CONTINUE_KEY, CONTINUE_DOC, &self.resume, Some(&true));
+    }
+}
+
+impl Compound for RetryFrom {
+    type Keys = ContinueKey;
+
+    fn build(k: ContinueKey) -> Result<Self, Vec<KeyProblem>> {
+        Ok(if k.resume {
+            RetryFrom::Checkpoint
+        } else {
+            RetryFrom::Base
+        })
+    }
+
+    fn to_keys(&self) -> ContinueKey {
+        ContinueKey {
+            resume: *self == RetryFrom::Checkpoint,
+        }
+    }
+}
+
+/// `copy` needs a `template_dir`, and neither `copy` nor `setup_command` means
+/// anything in shared mode, where nothing new is made per attempt.
+fn check_workspace(w: &WorkspaceConfig, checks: &mut Checks<'_>) {
+    if !w.copy.is_empty() && w.template_dir.is_none() {
+        checks.bad(
+            &["copy", "template_dir"],
+            "lists entries but template_dir is not set; set template_dir to the directory they are copied from",
+        );
+    }
+    if w.mode == WorkspaceMode::Shared {
+        if !w.copy.is_empty() {
+            checks.bad(
+                &["copy", "mode"],
+                "has no effect with mode = \"shared\"; set mode = \"dir\" or \"git\", or remove copy",
+            );
+        }
+        if !w.setup_command.is_empty() {
+            checks.bad(
+                &["setup_command", "mode"],
+                "has no effect with mode = \"shared\"; set mode = \"dir\" or \"git\", or remove setup_command",
+            );
+        }
+    }
+}
+
 // === Codecs of sidecar-only values ===
 
 /// An [`AgentName`], checked as the hub checks it at enrollment.
@@ -369,6 +509,139 @@ impl Codec<Vec<String>> for Capabilities {
     fn write(value: &Vec<String>) -> String {
         muster_config::codec::quote_all(value)
     }
+}
+
+/// `true` or `false`.
+#[derive(Debug)]
+struct Flag;
+
+impl Codec<bool> for Flag {
+    fn read(node: &Node<'_>) -> Result<bool, Refused> {
+        match node.value() {
+            toml::de::DeValue::Boolean(b) => Ok(*b),
+            _ => Err(node.wrong_type("true or false")),
+        }
+    }
+
+    fn write(value: &bool) -> String {
+        value.to_string()
+    }
+}
+
+/// Relative paths inside a directory: no absolute path, no `..`, and nothing
+/// under `.git` (a worktree's `.git` is git's, and a copy over it would cut
+/// the tree from its repository).
+#[derive(Debug)]
+struct RelPaths;
+
+impl Codec<Vec<PathBuf>> for RelPaths {
+    fn read(node: &Node<'_>) -> Result<Vec<PathBuf>, Refused> {
+        let items =
+            node.items("an array of relative paths such as [\".env\", \"config/local\"]")?;
+        Refused::collect(items.iter().map(|item| {
+            let text = item.string("a relative path string")?;
+            rel_path(text).map_err(|why| item.invalid(format!("{text:?} {why}")))
+        }))
+    }
+
+    fn write(value: &Vec<PathBuf>) -> String {
+        let texts: Vec<String> = value
+            .iter()
+            .map(|p| p.to_string_lossy().into_owned())
+            .collect();
+        muster_config::codec::quote_all(&texts)
+    }
+}
+
+/// `text` as a path relative to a directory and staying inside it.
+fn rel_path(text: &str) -> Result<PathBuf, &'static str> {
+    use std::path::Component;
+    let path = PathBuf::from(text);
+    let mut normal = path.components().filter_map(|c| match c {
+        Component::Normal(n) => Some(Ok(n)),
+        Component::CurDir => None,
+        Component::ParentDir => Some(Err(
+            "contains \"..\"; give a path inside template_dir, e.g. \"config/local\"",
+        )),
+        Component::RootDir | Component::Prefix(_) => Some(Err(
+            "is absolute; give a path relative to template_dir, e.g. \".env\"",
+        )),
+    });
+    match normal.next() {
+        None => Err("names no file; give a path relative to template_dir, e.g. \".env\""),
+        Some(Err(why)) => Err(why),
+        Some(Ok(first)) if first == ".git" => {
+            Err("is inside .git, which belongs to git; copy files of the tree instead")
+        }
+        Some(Ok(_)) => match normal.find_map(Result::err) {
+            Some(why) => Err(why),
+            None => Ok(path),
+        },
+    }
+}
+
+/// A number of bytes: a whole number, or a string with a unit such as
+/// `"20GiB"`, `"512MiB"` or `"10GB"` (B, KiB, MiB, GiB, TiB; kB, MB, GB, TB).
+#[derive(Debug)]
+struct ByteSize;
+
+/// The byte units a [`ByteSize`] accepts, largest first within each family.
+const BYTE_UNITS: &[(&str, u64)] = &[
+    ("TiB", 1 << 40),
+    ("GiB", 1 << 30),
+    ("MiB", 1 << 20),
+    ("KiB", 1 << 10),
+    ("TB", 1_000_000_000_000),
+    ("GB", 1_000_000_000),
+    ("MB", 1_000_000),
+    ("kB", 1_000),
+    ("B", 1),
+];
+
+impl Codec<u64> for ByteSize {
+    fn read(node: &Node<'_>) -> Result<u64, Refused> {
+        let bytes = match node.value() {
+            toml::de::DeValue::Integer(_) => muster_config::codec::read_int(node, 0, i128::MAX)?,
+            toml::de::DeValue::String(text) => {
+                parse_bytes(text).map_err(|why| node.invalid(format!("{text:?} {why}")))?
+            }
+            _ => return Err(node.wrong_type("a size such as \"20GiB\" or a number of bytes")),
+        };
+        if bytes == 0 {
+            return Err(node.invalid(
+                "is zero; give a size such as \"20GiB\" (to keep no finished workspace, shorten retention)",
+            ));
+        }
+        Ok(bytes)
+    }
+
+    fn write(value: &u64) -> String {
+        BYTE_UNITS[..4]
+            .iter()
+            .find(|(_, per)| *value != 0 && value.is_multiple_of(*per))
+            .map_or_else(
+                || value.to_string(),
+                |(unit, per)| muster_config::codec::quote(&format!("{}{unit}", value / per)),
+            )
+    }
+}
+
+/// `"<whole number><unit>"`, spaces allowed between, as bytes.
+fn parse_bytes(text: &str) -> Result<u64, &'static str> {
+    const HINT: &str = "is not a size; write e.g. \"20GiB\", \"512MiB\" or \"10GB\"";
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num.parse().map_err(|_| HINT)?;
+    let per = match unit.trim() {
+        "" => 1,
+        u => BYTE_UNITS
+            .iter()
+            .find(|(name, _)| *name == u)
+            .map(|(_, per)| *per)
+            .ok_or("has an unknown unit; use B, KiB, MiB, GiB, TiB, kB, MB, GB or TB")?,
+    };
+    n.checked_mul(per).ok_or("is too large")
 }
 
 #[cfg(test)]
@@ -429,7 +702,11 @@ mod tests {
         let d = defaults();
         let text = d.render();
         assert_eq!(parse(&text).expect("render parses"), d);
-        for key in SidecarConfig::keys().into_iter().chain(AgentConfig::keys()) {
+        for key in SidecarConfig::keys()
+            .into_iter()
+            .chain(AgentConfig::keys())
+            .chain(WorkspaceConfig::keys())
+        {
             let line = format!("\n{key} = ");
             let sect = format!("[{key}]");
             assert!(
@@ -468,6 +745,20 @@ mod tests {
             stdin: Stdin::Prompt,
             session: "muster-{task_id}".into(),
         };
+        c.workspace = WorkspaceConfig {
+            mode: WorkspaceMode::Git,
+            root: Some("/srv/workspaces".into()),
+            template_dir: Some("/srv/template".into()),
+            copy: vec![".env".into(), "config/local".into()],
+            setup_command: vec!["npm".into(), "ci".into()],
+            setup_timeout: Duration::from_secs(600),
+            fetch_timeout: Duration::from_secs(30),
+            retention: Duration::from_secs(3 * 86_400),
+            max_disk: 512 << 20,
+            retry_from: RetryFrom::Base,
+        };
+        assert_eq!(parse(&c.render()).expect("round trip"), c);
+        c.workspace.max_disk = 1_000_001;
         assert_eq!(parse(&c.render()).expect("round trip"), c);
         for verify in [
             Verify::AgentAck(None),
@@ -646,6 +937,80 @@ command = []
             "agent.verify",
             "use \"agent-ack\" or \"process\" or \"command\""
         ));
+    }
+
+    fn workspace(keys: &str) -> Result<SidecarConfig, ConfigError> {
+        parse(&format!("{MINIMAL}[workspace]\n{keys}"))
+    }
+
+    #[test]
+    fn workspace_defaults_and_values() {
+        let w = parse(MINIMAL).expect("minimal").workspace;
+        assert_eq!(w.mode, WorkspaceMode::Shared);
+        assert_eq!(w.retry_from, RetryFrom::Checkpoint);
+        assert_eq!(w.max_disk, 20 << 30);
+        assert_eq!(w.retention, Duration::from_secs(7 * 86_400));
+        assert!(defaults().render().contains("\n[workspace]\n"));
+        assert!(defaults().render().contains("\ncontinue = true\n"));
+        assert!(defaults().render().contains("\nmax_disk = \"20GiB\"\n"));
+
+        let w = workspace(
+            "mode = \"git\"\ncontinue = false\nmax_disk = \"512 MiB\"\ntemplate_dir = \"/t\"\ncopy = [\".env\", \"./config/local\", \"a/b/\"]\n",
+        )
+        .expect("valid")
+        .workspace;
+        assert_eq!(w.mode, WorkspaceMode::Git);
+        assert_eq!(w.retry_from, RetryFrom::Base);
+        assert_eq!(w.max_disk, 512 << 20);
+        assert_eq!(w.copy.len(), 3);
+        for (text, bytes) in [
+            ("1000000", 1_000_000),
+            ("\"10GB\"", 10_000_000_000),
+            ("\"3KiB\"", 3 << 10),
+            ("\"7\"", 7),
+            ("\"1TiB\"", 1 << 40),
+        ] {
+            let w = workspace(&format!("max_disk = {text}\n"))
+                .expect(text)
+                .workspace;
+            assert_eq!(w.max_disk, bytes, "{text}");
+        }
+    }
+
+    #[test]
+    fn workspace_mistakes_are_named_at_their_key() {
+        let p = problems(&format!(
+            "{MINIMAL}[workspace]\nmode = \"worktree\"\ncontinue = \"yes\"\nmax_disk = \"20 gigs\"\ntemplate_dir = \"/t\"\ncopy = [\"/etc/passwd\", \"../up\", \"a/../../b\", \".git/config\", \"\", \"ok\"]\n"
+        ));
+        assert!(has(
+            &p,
+            "workspace.mode",
+            "use \"shared\" or \"dir\" or \"git\""
+        ));
+        assert!(has(&p, "workspace.continue", "expected true or false"));
+        assert!(has(&p, "workspace.max_disk", "unknown unit"));
+        assert!(has(&p, "workspace.copy[0]", "is absolute"));
+        assert!(has(&p, "workspace.copy[1]", "contains \"..\""));
+        assert!(has(&p, "workspace.copy[2]", "contains \"..\""));
+        assert!(has(&p, "workspace.copy[3]", "inside .git"));
+        assert!(has(&p, "workspace.copy[4]", "names no file"));
+        assert_eq!(p.len(), 8, "{p:?}");
+        let line = |key: &str| p.iter().find(|x| x.key == key).map(|x| x.line);
+        assert_eq!(line("workspace.copy[0]"), Some(8));
+        assert_eq!(line("workspace.continue"), Some(5));
+
+        let p = problems(&format!(
+            "{MINIMAL}[workspace]\nmode = \"dir\"\ncopy = [\".env\"]\nmax_disk = 0\n"
+        ));
+        assert!(has(&p, "workspace.copy", "template_dir is not set"));
+        assert!(has(&p, "workspace.max_disk", "is zero"));
+        let p = problems(&format!(
+            "{MINIMAL}[workspace]\ntemplate_dir = \"/t\"\ncopy = [\".env\"]\nsetup_command = [\"make\"]\n"
+        ));
+        assert!(has(&p, "workspace.copy", "mode = \"shared\""));
+        assert!(has(&p, "workspace.setup_command", "mode = \"shared\""));
+        let p = problems(&format!("{MINIMAL}[workspace]\ncontinu = true\n"));
+        assert!(has(&p, "workspace.continu", "did you mean \"continue\"?"));
     }
 
     #[test]

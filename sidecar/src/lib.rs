@@ -7,8 +7,9 @@
 //! [`agent`] (the runner: exec and wake modes, verification, probes),
 //! [`host`] (self-test and host figures), [`local`] (the agent's Unix socket),
 //! [`tasktoken`] (each attempt's secret for that socket),
-//! [`daemon`] (the IO shell that joins them to the hub session); [`test_hooks`]
-//! (acting only with the `test-hooks` feature, for the crash tests).
+//! [`daemon`] (the IO shell that joins them to the hub session); [`workspace`]
+//! (each attempt's directory or git worktree, its checkpoints and retention);
+//! [`test_hooks`] (acting only with the `test-hooks` feature, for the crash tests).
 
 pub mod agent;
 pub mod backoff;
@@ -22,6 +23,7 @@ pub mod queue;
 pub mod rundirs;
 pub mod tasktoken;
 pub mod test_hooks;
+pub mod workspace;
 
 /// The decision core, a crate of its own so that it cannot reach IO.
 pub use muster_sidecar_core as core;
