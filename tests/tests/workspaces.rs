@@ -199,13 +199,19 @@ done
         let head = w["head"].as_str().expect("head").to_string();
         // The commit is the agent's, on the task's branch, in the sidecar's mirror.
         let m = mirror(&sc);
-        assert_eq!(git(&m, &["rev-parse", &format!("refs/heads/muster/{id}")]), head);
+        assert_eq!(
+            git(&m, &["rev-parse", &format!("refs/heads/muster/{id}")]),
+            head
+        );
         assert_eq!(
             git(&m, &["show", &format!("{head}:task-{id}.txt")]),
             format!("work of {id}")
         );
         assert!(
-            w["diffstat"].as_str().unwrap_or("").contains(&format!("task-{id}.txt")),
+            w["diffstat"]
+                .as_str()
+                .unwrap_or("")
+                .contains(&format!("task-{id}.txt")),
             "{t}"
         );
         dirs.push(workspace(&sc, id, 1));
@@ -218,14 +224,22 @@ done
             .unwrap_or_else(|| panic!("task {id} never ran: {lines}"));
         let words: Vec<&str> = line.split(' ').collect();
         let dir = dir.canonicalize().expect("workspace kept after the run");
-        assert_eq!(Path::new(words[1]).canonicalize().ok(), Some(dir.clone()), "{line}");
+        assert_eq!(
+            Path::new(words[1]).canonicalize().ok(),
+            Some(dir.clone()),
+            "{line}"
+        );
         assert_eq!(Path::new(words[2]).canonicalize().ok(), Some(dir), "{line}");
         assert_eq!(words[3], format!("muster/{id}"), "{line}");
     }
     assert_ne!(dirs[0], dirs[1], "two attempts shared a tree");
     // The human view names the branch too.
     let out = hub.cli(&["task", "show", &a.to_string()]);
-    assert!(stdout(&out).contains(&format!("branch muster/{a}")), "{}", stdout(&out));
+    assert!(
+        stdout(&out).contains(&format!("branch muster/{a}")),
+        "{}",
+        stdout(&out)
+    );
 }
 
 #[test]
@@ -297,12 +311,20 @@ echo "scratch $MUSTER_TASK_ID" > scratch.txt
         }
     });
     let m = mirror(&sc);
-    assert_eq!(git(&m, &["show", &format!("{ckpt}:scratch.txt")]), format!("scratch {first}"));
+    assert_eq!(
+        git(&m, &["show", &format!("{ckpt}:scratch.txt")]),
+        format!("scratch {first}")
+    );
     assert!(
         !git(&m, &["worktree", "list"]).contains(&old.to_string_lossy().into_owned()),
         "git still lists the removed worktree"
     );
-    let listed = sc.cli(&["workspaces", "--json", "--data-dir", &sc.data_dir().to_string_lossy()]);
+    let listed = sc.cli(&[
+        "workspaces",
+        "--json",
+        "--data-dir",
+        &sc.data_dir().to_string_lossy(),
+    ]);
     assert!(listed.status.success(), "{}", stderr(&listed));
 }
 
@@ -321,7 +343,11 @@ fn copy_and_setup_command_prepare_each_workspace_and_a_failing_setup_ends_setup_
     std::fs::create_dir_all(template.join("config/local")).expect("mkdir");
     std::fs::write(template.join(".env"), "SECRET=from-template").expect("write");
     std::fs::write(template.join("config/local/app.toml"), "x = 1\n").expect("write");
-    sc.set("workspace", "template_dir", &format!("{:?}", template.display().to_string()));
+    sc.set(
+        "workspace",
+        "template_dir",
+        &format!("{:?}", template.display().to_string()),
+    );
     sc.set("workspace", "copy", &argv(&[".env", "config/local"]));
     // Setup fails for tasks whose title says so, after writing to both streams.
     let setup = sc.root().join("setup.sh");
@@ -334,7 +360,11 @@ fi
 touch setup-ran
 "#,
     );
-    sc.set("workspace", "setup_command", &argv(&[&setup.to_string_lossy()]));
+    sc.set(
+        "workspace",
+        "setup_command",
+        &argv(&[&setup.to_string_lossy()]),
+    );
     let repo = origin(sc.root());
     go_online(&hub, &mut sc);
 
@@ -351,8 +381,17 @@ touch setup-ran
     assert_eq!(outcomes(&t), ["setup_failed"], "{t}");
     let e = &attempts(&t)[0]["error"];
     assert_eq!(e["exit_code"], 42, "{t}");
-    assert!(e["stderr_tail"].as_str().unwrap_or("").contains("npm ERR!"), "{t}");
-    assert!(e["stdout_tail"].as_str().unwrap_or("").contains("installing"), "{t}");
+    assert!(
+        e["stderr_tail"].as_str().unwrap_or("").contains("npm ERR!"),
+        "{t}"
+    );
+    assert!(
+        e["stdout_tail"]
+            .as_str()
+            .unwrap_or("")
+            .contains("installing"),
+        "{t}"
+    );
 }
 
 // === an unreachable repository ===
@@ -389,7 +428,10 @@ fn an_unreachable_repo_is_workspace_failed_and_the_task_runs_on_another_sidecar(
     assert_eq!(first["outcome"], "workspace_failed", "{first}");
     assert_eq!(first["agent"], "ws-far");
     let reason = first["error"]["reason"].as_str().unwrap_or("");
-    assert!(reason.contains("fetch") || reason.contains("clone"), "{first}");
+    assert!(
+        reason.contains("fetch") || reason.contains("clone"),
+        "{first}"
+    );
 
     // A sidecar that can reach it takes the retry.
     let mut near = git_sidecar(&hub, "ws-near", 1, COMMITTING_AGENT);
@@ -398,7 +440,12 @@ fn an_unreachable_repo_is_workspace_failed_and_the_task_runs_on_another_sidecar(
     let t = wait_ended(&hub, id);
     assert_eq!(t["state"], "completed", "{t}");
     assert_eq!(t["agent"], "ws-near", "{t}");
-    assert!(outcomes(&t).iter().all(|o| o == "workspace_failed" || o == "completed"), "{t}");
+    assert!(
+        outcomes(&t)
+            .iter()
+            .all(|o| o == "workspace_failed" || o == "completed"),
+        "{t}"
+    );
 }
 
 #[test]
@@ -470,7 +517,12 @@ fn example_completes(file: &str, marker: &str) {
     sc.set_env("PATH", standin_path());
     let repo = origin(sc.root());
     go_online(&hub, &mut sc);
-    let id = submit_repo(&hub, "add a greeting", &repo, &["--description", "Say hello."]);
+    let id = submit_repo(
+        &hub,
+        "add a greeting",
+        &repo,
+        &["--description", "Say hello."],
+    );
     let t = wait_ended(&hub, id);
     assert_eq!(t["state"], "completed", "{file}: {t}");
     let w = &attempts(&t)[0]["work"];
@@ -514,9 +566,13 @@ impl Tmux {
     }
 
     fn has_session(&self, name: &str) -> bool {
-        run_bounded(self.command().args(["has-session", "-t", &format!("={name}")]), GIT)
-            .status
-            .success()
+        run_bounded(
+            self.command()
+                .args(["has-session", "-t", &format!("={name}")]),
+            GIT,
+        )
+        .status
+        .success()
     }
 }
 
@@ -567,9 +623,16 @@ fn a_cancelled_tmux_wake_run_leaves_no_session_and_no_process() {
     hub.cli(&["task", "cancel", &id.to_string()]);
     let t = wait_ended(&hub, id);
     assert_eq!(outcomes(&t), ["cancelled"], "{t}");
-    assert!(!tmux.has_session(&session), "the session outlived the cancel");
+    assert!(
+        !tmux.has_session(&session),
+        "the session outlived the cancel"
+    );
     wait_for(EVENTUALLY, "the agent process gone", || {
-        if pid_alive(pid) { Err(format!("pid {pid} alive")) } else { Ok(()) }
+        if pid_alive(pid) {
+            Err(format!("pid {pid} alive"))
+        } else {
+            Ok(())
+        }
     });
 }
 
@@ -603,13 +666,19 @@ fn two_wake_runs_on_one_host_are_told_apart_when_one_dies() {
         .map(|id| {
             let t = wait_state(&hub, *id, &["running"], EVENTUALLY);
             let pid = attempts(&t)[0]["pid"].as_u64().expect("pid") as u32;
-            assert_eq!(read_pid(&dir.join(format!("agent-{id}.pid"))), Some(pid), "{t}");
+            assert_eq!(
+                read_pid(&dir.join(format!("agent-{id}.pid"))),
+                Some(pid),
+                "{t}"
+            );
             pid
         })
         .collect();
     assert_ne!(pids[0], pids[1]);
     // A's agent dies; B's lives on.
-    let _ = Command::new("kill").args(["-KILL", &pids[0].to_string()]).status();
+    let _ = Command::new("kill")
+        .args(["-KILL", &pids[0].to_string()])
+        .status();
     let t = wait_ended(&hub, a);
     assert_eq!(outcomes(&t)[0], "agent_exited", "{t}");
     assert!(pid_alive(pids[1]));
@@ -620,6 +689,10 @@ fn two_wake_runs_on_one_host_are_told_apart_when_one_dies() {
     let t = wait_ended(&hub, b);
     assert_eq!(outcomes(&t), ["cancelled"], "{t}");
     wait_for(EVENTUALLY, "B's agent stopped by the cancel", || {
-        if pid_alive(pids[1]) { Err("alive".into()) } else { Ok(()) }
+        if pid_alive(pids[1]) {
+            Err("alive".into())
+        } else {
+            Ok(())
+        }
     });
 }

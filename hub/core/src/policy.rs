@@ -16,7 +16,7 @@ muster_config::config! {
         heartbeat_interval: Duration = Duration::from_secs(10),
         /// An assignment not accepted within this is re-queued.
         accept_timeout: Duration = Duration::from_secs(30),
-        /// An attempt not verified as started within this is re-queued.
+        /// An attempt not verified as started within this (counted from the sidecar's last progress report, which it sends while it prepares a workspace) is re-queued.
         start_timeout: Duration = Duration::from_secs(60),
         /// A sidecar silent this long is lost and its attempts are re-queued; must exceed heartbeat_interval.
         lost_grace: Duration = Duration::from_secs(60),

@@ -186,9 +186,15 @@ impl Core {
                 Outcome::AcceptTimeout,
                 "the sidecar did not accept in time",
             )),
+            // Counted from the sidecar's last word: while it makes the
+            // attempt's workspace (a clone can take minutes) it reports
+            // progress, and the start has start_timeout from the last report.
             TaskState::Accepted => Some((
-                since(a.accepted_at.unwrap_or(a.assigned_at))
-                    + self.policy.start_timeout.as_millis() as u64,
+                since(
+                    a.accepted_at
+                        .unwrap_or(a.assigned_at)
+                        .max(live.rec.progress_at.unwrap_or(0)),
+                ) + self.policy.start_timeout.as_millis() as u64,
                 Outcome::StartTimeout,
                 "the agent's start was not verified in time",
             )),

@@ -37,10 +37,32 @@ pub enum RunMode {
 }
 
 /// What the runner tells the sidecar about one attempt, in this order:
-/// `Spawned`, then `Started`, then `Finished`; any prefix may be skipped
-/// (a spawn error goes straight to `Finished`), and `Finished` comes at most once.
+/// `Preparing` (any number of times) and `Prepared` while it makes the
+/// attempt's workspace, then `Spawned`, then `Started`, then `Finished`; any
+/// prefix may be skipped (a spawn error goes straight to `Finished`), and
+/// `Finished` comes at most once.
 #[derive(Debug, Clone, PartialEq)]
 pub enum RunEvent {
+    /// The attempt's workspace is being made (fetch, worktree, copies,
+    /// setup_command): its own time limits bound it, so the start deadlines
+    /// wait, and the hub hears that the attempt is alive.
+    Preparing {
+        /// The task.
+        task: TaskId,
+        /// The attempt.
+        generation: Generation,
+        /// What is being done, for the hub's progress note.
+        note: String,
+    },
+    /// The workspace is ready; the start deadlines count from now.
+    Prepared {
+        /// The task.
+        task: TaskId,
+        /// The attempt.
+        generation: Generation,
+        /// Where the attempt works, for the hub's progress note.
+        note: String,
+    },
     /// The process is spawned (exec) or the wake command succeeded (wake):
     /// persist the handle before anything else.
     Spawned {
@@ -85,7 +107,13 @@ impl RunEvent {
     /// The attempt the event is about.
     pub fn attempt(&self) -> (TaskId, Generation) {
         match self {
-            RunEvent::Spawned {
+            RunEvent::Preparing {
+                task, generation, ..
+            }
+            | RunEvent::Prepared {
+                task, generation, ..
+            }
+            | RunEvent::Spawned {
                 task, generation, ..
             }
             | RunEvent::Started {

@@ -5,6 +5,9 @@
 //! ```text
 //! exec:  StartRun ─Spawned─▶ Settling ──settle elapsed──▶ Started (reported here)
 //! wake:  StartRun ─▶ Waking ─Spawned─▶ Verifying ─runner's Started─▶ (done)
+//! either, with a workspace to make first:
+//!        StartRun ─Preparing─▶ Preparing (no deadline: fetch_timeout and
+//!        setup_timeout bound it) ─Prepared─▶ as above, the deadline from now
 //!                      │ start_timeout      │ start_timeout
 //!                      ▼                    ▼
 //!            TimeOutStart(WakeFailed)  TimeOutStart(StartTimeout)
@@ -36,6 +39,8 @@ pub(crate) enum Stage {
     Settling,
     /// Wake, after a restart: the runner looks for the run again.
     Reattaching,
+    /// The workspace is being made; the workspace layer's own limits bound it.
+    Preparing,
     /// The deadline passed and the runner was told; its `Finished` ends the attempt.
     TimedOut,
 }
@@ -95,6 +100,12 @@ impl Core {
             let at = now.saturating_add(self.policy.start_timeout);
             self.set_start(task, generation, Stage::Waking, Some(at));
         }
+    }
+
+    /// The runner is making the attempt's workspace: no start deadline runs
+    /// until it is ready.
+    pub(crate) fn run_preparing(&mut self, task: TaskId, generation: Generation) {
+        self.set_start(task, generation, Stage::Preparing, None);
     }
 
     /// The run was spawned (exec) or its wake command succeeded (wake), and the
@@ -170,7 +181,7 @@ impl Core {
                 self.report_started_by_handle(task, generation);
                 return;
             }
-            Stage::TimedOut => return,
+            Stage::TimedOut | Stage::Preparing => return,
             Stage::Waking => Outcome::WakeFailed,
             Stage::Verifying => Outcome::StartTimeout,
             Stage::Reattaching => Outcome::AgentExited,

@@ -191,6 +191,23 @@ impl Core {
             return;
         };
         match ev {
+            RunEvent::Preparing { note, .. } => {
+                if t.phase == Phase::Finished || self.start_timed_out(task, generation) {
+                    return;
+                }
+                self.run_preparing(task, generation);
+                let note = truncate_utf8(note, muster_wire::limits::NOTE_BYTES_MAX);
+                self.report(task, generation, ReportBody::Progress { note });
+            }
+            RunEvent::Prepared { note, .. } => {
+                if t.phase == Phase::Finished || self.start_timed_out(task, generation) {
+                    return;
+                }
+                self.clear_start(task);
+                self.run_starting(now, task, generation);
+                let note = truncate_utf8(note, muster_wire::limits::NOTE_BYTES_MAX);
+                self.report(task, generation, ReportBody::Progress { note });
+            }
             RunEvent::Spawned { handle, .. } => {
                 let mode = handle.mode;
                 t.handle = Some(handle);

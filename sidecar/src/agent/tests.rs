@@ -86,6 +86,8 @@ fn kinds(events: &[RunEvent]) -> Vec<&'static str> {
     events
         .iter()
         .map(|e| match e {
+            RunEvent::Preparing { .. } => "preparing",
+            RunEvent::Prepared { .. } => "prepared",
             RunEvent::Spawned { .. } => "spawned",
             RunEvent::Started { .. } => "started",
             RunEvent::Finished { .. } => "finished",

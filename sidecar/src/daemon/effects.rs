@@ -33,7 +33,7 @@ impl Daemon {
 
     pub(super) fn observe_run(&mut self, e: &RunEvent) {
         match e {
-            RunEvent::Started { .. } => {}
+            RunEvent::Preparing { .. } | RunEvent::Prepared { .. } | RunEvent::Started { .. } => {}
             RunEvent::Finished { outcome, .. } => {
                 if *outcome == muster_protocol::msg::Outcome::AgentExited {
                     self.stats.probe_failures.inc();
