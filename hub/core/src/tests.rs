@@ -70,7 +70,7 @@ impl Store {
                 Write::Key(k, id) => {
                     self.keys.insert(k.clone(), *id);
                 }
-                Write::Event(e, _) => self.events = self.events.max(e.seq + 1),
+                Write::Event { seq, .. } => self.events = self.events.max(seq + 1),
                 Write::NextTaskId(n) => self.next_task_id = *n,
             }
         }
@@ -303,8 +303,8 @@ impl H {
             }
         }
         for (_, reply) in &out.replies {
-            if let Reply::Op(OpResponse::Ok { json }) = reply {
-                let v: Value = serde_json::from_str(json).expect("replies are JSON");
+            if let Reply::Answer(answer) = reply {
+                let v = json_of(answer);
                 if let (Some(id), Some(_)) = (v.get("id").and_then(Value::as_u64), v.get("state")) {
                     let existing = v.get("existing").is_some();
                     if !existing {
@@ -596,7 +596,10 @@ impl H {
             .expect("every request is answered");
         let (_, resp) = out.replies.remove(i);
         let resp = match resp {
-            Reply::Op(resp) => resp,
+            Reply::Answer(answer) => OpResponse::Ok {
+                json: serde_json::to_string(&answer).expect("answers render"),
+            },
+            Reply::Error(e) => OpResponse::Error(e),
             Reply::Stats(s) => OpResponse::Ok {
                 json: serde_json::to_string(&s).expect("stats render"),
             },
@@ -712,6 +715,17 @@ fn merge(into: &mut Output, from: Output) {
     into.closes.extend(from.closes);
     into.alerts.extend(from.alerts);
     into.dispatch_ms.extend(from.dispatch_ms);
+}
+
+/// A typed document as the shell renders it, parsed back.
+fn json_of<T: serde::Serialize>(doc: &T) -> Value {
+    let text = serde_json::to_string(doc).expect("documents render");
+    serde_json::from_str(&text).expect("valid JSON")
+}
+
+/// The alerts of an output as `alert_command` gets them.
+fn alerts_json(out: &Output) -> Vec<Value> {
+    out.alerts.iter().map(json_of).collect()
 }
 
 fn json_ok(resp: &OpResponse) -> Value {
@@ -2792,17 +2806,15 @@ fn agent_down_is_raised_after_the_policy_time_and_cleared_on_return() {
     assert!(out.alerts.is_empty(), "not before agent_down_alert");
     let out = h.pass(10_000);
     assert_eq!(out.alerts.len(), 1);
-    assert_eq!(out.alerts[0]["alert"], "agent_down");
+    assert_eq!(alerts_json(&out)[0]["alert"], "agent_down");
     assert_eq!(open_alerts(&mut h), vec![("agent_down".into(), "a".into())]);
     // The raise is in the event log, with the state change that caused it.
-    assert!(
-        out.writes
-            .iter()
-            .any(|w| matches!(w, Write::Event(e, _) if e.json.contains("agent_down")))
-    );
+    assert!(out.writes.iter().any(
+        |w| matches!(w, Write::Event { event, .. } if json_of(event)["alert"] == "agent_down")
+    ));
     let _ = h.connect(2, "a", &[], 1);
     let out = h.tick();
-    assert_eq!(out.alerts[0]["state"], "cleared");
+    assert_eq!(alerts_json(&out)[0]["state"], "cleared");
     assert!(open_alerts(&mut h).is_empty());
 }
 
@@ -2814,7 +2826,11 @@ fn a_task_failed_for_good_raises_an_alert_that_requeue_clears() {
     let _ = h.accept(c, t, 1);
     let _ = h.start(c, t, 1);
     let out = h.fail(c, t, 1, true);
-    assert!(out.alerts.iter().any(|a| a["alert"] == "task_failed"));
+    assert!(
+        alerts_json(&out)
+            .iter()
+            .any(|a| a["alert"] == "task_failed")
+    );
     assert_eq!(
         open_alerts(&mut h),
         vec![("task_failed".into(), t.to_string())]
@@ -2841,7 +2857,7 @@ fn a_running_task_without_progress_is_stalled_not_failed() {
     );
     let out = h.pass(31 * 60_000);
     assert!(
-        out.alerts
+        alerts_json(&out)
             .iter()
             .any(|a| a["alert"] == "stalled" && a["subject"] == t.to_string())
     );
@@ -3067,7 +3083,7 @@ fn a_batch_writes_each_record_once_in_its_final_state_and_keeps_every_event() {
     let events = out
         .writes
         .iter()
-        .filter(|w| matches!(w, Write::Event(..)))
+        .filter(|w| matches!(w, Write::Event { .. }))
         .count();
     assert!(
         events >= 3,
