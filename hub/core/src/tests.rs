@@ -302,8 +302,19 @@ impl H {
                 );
             }
         }
+        // Every document renders with its keys in alphabetical order at every level,
+        // as operators, `watch` and the event log have always had them.
+        for w in &out.writes {
+            if let Write::Event { event, .. } = w {
+                assert_keys_sorted(event);
+            }
+        }
+        for a in &out.alerts {
+            assert_keys_sorted(a);
+        }
         for (_, reply) in &out.replies {
             if let Reply::Answer(answer) = reply {
+                assert_keys_sorted(answer);
                 let v = json_of(answer);
                 if let (Some(id), Some(_)) = (v.get("id").and_then(Value::as_u64), v.get("state")) {
                     let existing = v.get("existing").is_some();
@@ -721,6 +732,16 @@ fn merge(into: &mut Output, from: Output) {
 fn json_of<T: serde::Serialize>(doc: &T) -> Value {
     let text = serde_json::to_string(doc).expect("documents render");
     serde_json::from_str(&text).expect("valid JSON")
+}
+
+/// Checks that a document's JSON lists its keys in alphabetical order at every
+/// level: a `Value` sorts its map keys, so rendering through one changes nothing.
+fn assert_keys_sorted<T: serde::Serialize>(doc: &T) {
+    let text = serde_json::to_string(doc).expect("documents render");
+    let sorted = serde_json::to_value(doc)
+        .expect("documents render")
+        .to_string();
+    assert_eq!(text, sorted, "keys out of alphabetical order");
 }
 
 /// The alerts of an output as `alert_command` gets them.
@@ -3542,5 +3563,36 @@ fn invariants_hold_after_every_batch_and_a_breach_is_named() {
     assert!(
         err.contains(&format!("task {t}")) && err.contains("does not count it"),
         "{err}"
+    );
+}
+
+#[test]
+fn an_attempt_renders_as_task_show_has_always_listed_it() {
+    let a = AttemptRecord {
+        task: TaskId(7),
+        generation: Generation(2),
+        agent: "a".into(),
+        assigned_at: 1,
+        accepted_at: Some(2),
+        started_at: Some(3),
+        ended_at: Some(4),
+        outcome: Some(Outcome::Failed),
+        error: Some(Failure {
+            reason: "exit status 3".into(),
+            exit_code: Some(3),
+            signal: Some(9),
+            command: vec!["run".into()],
+            stdout_tail: "out".into(),
+            stderr_tail: "err".into(),
+            no_retry: true,
+        }),
+        pid: Some(42),
+        session: Some("s".into()),
+    };
+    let view = crate::views::AttemptView::of(&a);
+    assert_keys_sorted(&view);
+    assert_eq!(
+        serde_json::to_string(&view).expect("renders"),
+        r#"{"accepted_at":2,"agent":"a","assigned_at":1,"ended_at":4,"error":{"command":["run"],"exit_code":3,"no_retry":true,"reason":"exit status 3","signal":9,"stderr_tail":"err","stdout_tail":"out"},"generation":2,"outcome":"failed","pid":42,"session":"s","started_at":3}"#
     );
 }

@@ -2,10 +2,10 @@
 //! them as JSON.
 //!
 //! Fields are declared in alphabetical order: the JSON has always listed keys
-//! that way (it was once built as `serde_json::Value` maps, which sort their keys), and a
-//! serialized struct keeps its declaration order. Nested documents follow the
-//! same rule, so a wire struct whose fields are in another order (host
-//! figures, the self-test) has a view of its own here.
+//! that way (it was once built as `serde_json::Value` maps, which sort their
+//! keys), and a serialized struct keeps its declaration order. Nested documents
+//! follow the same rule, so a wire struct whose fields are in another order
+//! (host figures, the self-test) has a view of its own here.
 
 use muster_wire::msg::{Failure, HostFigures, SelfTest};
 use serde::Serialize;
