@@ -29,8 +29,8 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::core::{
-    AgentRecord, Archive, AttemptRecord, EventRecord, Identity, Restored, TaskRecord, TaskState,
-    TokenRecord, Write,
+    AgentRecord, Archive, AttemptRecord, Event, EventRecord, Identity, Millis, Restored,
+    TaskRecord, TaskState, TokenRecord, Write,
 };
 
 /// The schema this build writes; older files are migrated, newer ones refused.
@@ -40,6 +40,22 @@ use crate::core::{
 pub const SCHEMA_VERSION: u64 = 3;
 /// The database file name in the data directory.
 pub const DB_FILE: &str = "hub.redb";
+
+/// An event as the log stores it: the core's typed [`Event`] rendered as the JSON
+/// text `watch --json` prints.
+pub fn event_record(seq: u64, at: Millis, event: &Event) -> EventRecord {
+    EventRecord {
+        seq,
+        at,
+        json: event_json(event),
+    }
+}
+
+/// An event's JSON text.
+pub fn event_json(event: &Event) -> String {
+    // Only a map with non-string keys fails to serialize; events have none.
+    serde_json::to_string(event).unwrap_or_default()
+}
 
 /// Whether and how a batch of core writes is committed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,7 +91,7 @@ fn needs_flush(w: &Write) -> bool {
         | Write::Identity(_)
         | Write::Token(..)
         | Write::Key(..)
-        | Write::Event(..)
+        | Write::Event { .. }
         | Write::NextTaskId(_) => true,
     }
 }
@@ -439,9 +455,9 @@ impl Store {
                     Write::Key(k, id) => {
                         keys.insert(k.as_str(), id.0)?;
                     }
-                    Write::Event(e, _) => {
-                        events.insert(e.seq, enc(e).as_slice())?;
-                        last_event = Some(e.seq);
+                    Write::Event { seq, at, event } => {
+                        events.insert(*seq, enc(&event_record(*seq, *at, event)).as_slice())?;
+                        last_event = Some(*seq);
                     }
                     Write::NextTaskId(n) => {
                         meta.insert("next_task_id", *n)?;
@@ -768,7 +784,6 @@ mod tests {
     use muster_protocol::msg::TimeoutAction;
 
     use super::*;
-    use crate::core::EventKind;
 
     fn task(id: u64, state: TaskState, at: u64, key: Option<&str>) -> TaskRecord {
         TaskRecord {
@@ -849,10 +864,9 @@ mod tests {
             capabilities: None,
             slots: None,
         };
-        let event = EventRecord {
-            seq: 1,
-            at: 1,
-            json: "{}".into(),
+        let event = Event::Enrolled {
+            who: "a1".into(),
+            role: muster_protocol::msg::Role::Agent,
         };
         vec![
             ("task", Write::Task(task(1, TaskState::Queued, 1, None))),
@@ -861,7 +875,14 @@ mod tests {
             ("identity", Write::Identity(identity)),
             ("token", Write::Token("hash".into(), token)),
             ("key", Write::Key("k".into(), TaskId(1))),
-            ("event", Write::Event(event, EventKind::Audit)),
+            (
+                "event",
+                Write::Event {
+                    seq: 1,
+                    at: 1,
+                    event,
+                },
+            ),
             ("next task id", Write::NextTaskId(2)),
         ]
     }

@@ -7,7 +7,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 
-use serde_json::{Value, json};
+use serde::{Serialize, Serializer};
 
 use super::Millis;
 
@@ -23,7 +23,8 @@ pub const FAILED_ALERTS_MAX: usize = 1000;
 const SAMPLES_MAX: usize = 100_000;
 
 /// What an alert is about.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum AlertKind {
     /// An agent offline past `agent_down_alert`.
     AgentDown,
@@ -73,9 +74,60 @@ pub struct Alert {
 }
 
 impl Alert {
-    /// The alert as JSON (what `alerts --json` lists and `alert_command` gets).
-    pub fn json(&self, state: &str) -> Value {
-        json!({ "kind": "alert", "alert": self.kind.as_str(), "subject": self.subject, "message": self.message, "since": self.since, "state": state })
+    /// The alert with what happened to it.
+    pub fn note(&self, state: AlertState) -> AlertNote {
+        AlertNote {
+            alert: self.clone(),
+            state,
+        }
+    }
+}
+
+/// Where an alert stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AlertState {
+    /// Open (as `alerts` lists it).
+    Open,
+    /// Just raised.
+    Raised,
+    /// Just cleared.
+    Cleared,
+}
+
+/// An alert and where it stands: what `alerts --json` lists (open), and what
+/// the event log and `alert_command` get (raised, cleared).
+#[derive(Debug, Clone, PartialEq)]
+pub struct AlertNote {
+    /// The alert.
+    pub alert: Alert,
+    /// Where it stands.
+    pub state: AlertState,
+}
+
+/// `{"alert", "kind": "alert", "message", "since", "state", "subject"}`, keys in
+/// alphabetical order.
+impl Serialize for AlertNote {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        #[derive(Serialize)]
+        struct Shape<'a> {
+            alert: AlertKind,
+            kind: &'static str,
+            message: &'a str,
+            since: Millis,
+            state: AlertState,
+            subject: &'a str,
+        }
+        let a = &self.alert;
+        Shape {
+            alert: a.kind,
+            kind: "alert",
+            message: &a.message,
+            since: a.since,
+            state: self.state,
+            subject: &a.subject,
+        }
+        .serialize(s)
     }
 }
 
@@ -87,8 +139,8 @@ pub struct Alerts {
     completions: VecDeque<Millis>,
 }
 
-/// What changed: alerts raised and cleared, as JSON.
-pub type Changes = Vec<Value>;
+/// What changed: alerts raised and cleared.
+pub type Changes = Vec<AlertNote>;
 
 impl Alerts {
     /// Open alerts, oldest first.
@@ -133,14 +185,14 @@ impl Alerts {
             message,
             since: now,
         };
-        changes.push(alert.json("raised"));
+        changes.push(alert.note(AlertState::Raised));
         self.open.insert(key, alert);
     }
 
     /// Clears an alert if it is open.
     pub fn clear(&mut self, kind: AlertKind, subject: &str, changes: &mut Changes) {
         if let Some(a) = self.open.remove(&(kind, subject.to_string())) {
-            changes.push(a.json("cleared"));
+            changes.push(a.note(AlertState::Cleared));
         }
     }
 

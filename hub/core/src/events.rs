@@ -1,28 +1,318 @@
 //! The event log and alerts: every change recorded once, alerts raised and cleared.
+//!
+//! The core records what happened as an [`Event`]; the shell renders it as the
+//! JSON text of its [`EventRecord`] when it commits the write (`watch --json`
+//! prints that text, and the log keeps it).
+
+use muster_wire::msg::Role;
+use muster_wire::{Generation, TaskId};
+use serde::{Serialize, Serializer};
 
 use crate::model::*;
 
-use crate::alerts::{self, AlertKind};
+use crate::alerts::{self, AlertKind, AlertNote};
 use crate::ops::format_age;
 use crate::{Core, Write};
 
+/// Something that happened, for the event log.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// A task changed state (or was submitted or requeued).
+    Task {
+        /// The task.
+        id: TaskId,
+        /// Its latest attempt's generation.
+        generation: Generation,
+        /// Its title.
+        title: String,
+        /// The agent of its latest attempt.
+        agent: Option<String>,
+        /// The state it left (its state, for a submission or a requeue).
+        from: TaskState,
+        /// The state it is in now.
+        state: TaskState,
+        /// Why, in a few words.
+        why: String,
+    },
+    /// An agent came, went, changed its health, or was refused.
+    Agent {
+        /// The agent.
+        name: String,
+        /// What changed.
+        change: AgentChange,
+        /// Why, in a few words.
+        why: String,
+    },
+    /// An operator changed an agent, an identity or a task.
+    Audit {
+        /// The identity that acted.
+        who: String,
+        /// What it did.
+        action: AuditAction,
+        /// The agent, identity or task it acted on.
+        subject: String,
+    },
+    /// An operator created a join token.
+    TokenCreated {
+        /// The identity that created it.
+        who: String,
+        /// The role it grants.
+        role: Role,
+        /// Its lifetime in seconds.
+        ttl_s: u64,
+        /// The only name that may enroll with it.
+        name: Option<String>,
+    },
+    /// An enrollment with a name-bound token replaced that name's live identity.
+    IdentityReplaced {
+        /// The name.
+        who: String,
+        /// Its role.
+        role: Role,
+        /// The certificate fingerprint of the identity it replaced.
+        old_fingerprint: String,
+    },
+    /// An identity enrolled.
+    Enrolled {
+        /// Its name.
+        who: String,
+        /// Its role.
+        role: Role,
+    },
+    /// An alert was raised or cleared.
+    Alert(AlertNote),
+}
+
+impl Event {
+    /// What the event is about, for the shell's choice of log level.
+    pub fn kind(&self) -> EventKind {
+        match self {
+            Event::Task { .. } => EventKind::Task,
+            Event::Agent { .. } => EventKind::Agent,
+            Event::Alert(_) => EventKind::Alert,
+            Event::Audit { .. }
+            | Event::TokenCreated { .. }
+            | Event::IdentityReplaced { .. }
+            | Event::Enrolled { .. } => EventKind::Audit,
+        }
+    }
+
+    /// A task's change from `from` to its current state.
+    pub(crate) fn task(t: &TaskRecord, from: TaskState, why: String) -> Event {
+        Event::Task {
+            id: t.id,
+            generation: t.generation,
+            title: t.title.clone(),
+            agent: t.agent.clone(),
+            from,
+            state: t.state,
+            why,
+        }
+    }
+}
+
+/// How an agent changed, as its event names it (`state`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AgentChange {
+    /// Its session opened.
+    Online,
+    /// Its session closed.
+    Offline,
+    /// Its session was refused.
+    Refused,
+    /// Its circuit breaker tripped.
+    Degraded,
+    /// Its self-test passed again.
+    Healthy,
+    /// Its self-test failed.
+    Unhealthy,
+    /// Its circuit breaker closed.
+    CircuitClosed,
+}
+
+/// An operator's action, as its audit event names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AuditAction {
+    /// `agent revoke`.
+    AgentRevoke,
+    /// `identity revoke`.
+    IdentityRevoke,
+    /// `agent set`.
+    AgentSet,
+    /// `agent drain`.
+    AgentDrain,
+    /// `agent undrain`.
+    AgentUndrain,
+    /// `task cancel`.
+    TaskCancel,
+    /// `task requeue`.
+    TaskRequeue,
+}
+
+/// The event's JSON: an object with a `kind`, its keys in alphabetical order
+/// (as `watch --json` has always printed them).
+impl Serialize for Event {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        #[derive(Serialize)]
+        struct TaskShape<'a> {
+            agent: Option<&'a str>,
+            from: TaskState,
+            generation: Generation,
+            id: TaskId,
+            kind: &'static str,
+            state: TaskState,
+            title: &'a str,
+            why: &'a str,
+        }
+        #[derive(Serialize)]
+        struct AgentShape<'a> {
+            kind: &'static str,
+            name: &'a str,
+            state: AgentChange,
+            why: &'a str,
+        }
+        #[derive(Serialize)]
+        struct AuditShape<'a> {
+            action: AuditAction,
+            kind: &'static str,
+            subject: &'a str,
+            who: &'a str,
+        }
+        #[derive(Serialize)]
+        struct TokenShape<'a> {
+            action: &'static str,
+            kind: &'static str,
+            name: &'a Option<String>,
+            role: Role,
+            ttl_s: u64,
+            who: &'a str,
+        }
+        #[derive(Serialize)]
+        struct ReplacedShape<'a> {
+            action: &'static str,
+            kind: &'static str,
+            old_fingerprint: &'a str,
+            role: Role,
+            who: &'a str,
+        }
+        #[derive(Serialize)]
+        struct EnrolledShape<'a> {
+            action: &'static str,
+            kind: &'static str,
+            role: Role,
+            who: &'a str,
+        }
+        match self {
+            Event::Task {
+                id,
+                generation,
+                title,
+                agent,
+                from,
+                state,
+                why,
+            } => TaskShape {
+                agent: agent.as_deref(),
+                from: *from,
+                generation: *generation,
+                id: *id,
+                kind: "task",
+                state: *state,
+                title,
+                why,
+            }
+            .serialize(s),
+            Event::Agent { name, change, why } => AgentShape {
+                kind: "agent",
+                name,
+                state: *change,
+                why,
+            }
+            .serialize(s),
+            Event::Audit {
+                who,
+                action,
+                subject,
+            } => AuditShape {
+                action: *action,
+                kind: "audit",
+                subject,
+                who,
+            }
+            .serialize(s),
+            Event::TokenCreated {
+                who,
+                role,
+                ttl_s,
+                name,
+            } => TokenShape {
+                action: "token_create",
+                kind: "audit",
+                name,
+                role: *role,
+                ttl_s: *ttl_s,
+                who,
+            }
+            .serialize(s),
+            Event::IdentityReplaced {
+                who,
+                role,
+                old_fingerprint,
+            } => ReplacedShape {
+                action: "identity_replaced",
+                kind: "audit",
+                old_fingerprint,
+                role: *role,
+                who,
+            }
+            .serialize(s),
+            Event::Enrolled { who, role } => EnrolledShape {
+                action: "enroll",
+                kind: "audit",
+                role: *role,
+                who,
+            }
+            .serialize(s),
+            Event::Alert(note) => note.serialize(s),
+        }
+    }
+}
+
 impl Core {
-    pub(crate) fn agent_event(&mut self, now: Millis, name: &str, state: &str, why: &str) {
-        let json = serde_json::json!({ "kind": "agent", "name": name, "state": state, "why": why });
-        self.push_event(now, EventKind::Agent, json.to_string());
+    pub(crate) fn agent_event(&mut self, now: Millis, name: &str, change: AgentChange, why: &str) {
+        let event = Event::Agent {
+            name: name.into(),
+            change,
+            why: why.into(),
+        };
+        self.push_event(now, event);
     }
 
-    pub(crate) fn audit_event(&mut self, now: Millis, who: &str, action: &str, subject: &str) {
-        let json = serde_json::json!({ "kind": "audit", "who": who, "action": action, "subject": subject });
-        self.push_event(now, EventKind::Audit, json.to_string());
+    pub(crate) fn audit_event(
+        &mut self,
+        now: Millis,
+        who: &str,
+        action: AuditAction,
+        subject: &str,
+    ) {
+        let event = Event::Audit {
+            who: who.into(),
+            action,
+            subject: subject.into(),
+        };
+        self.push_event(now, event);
     }
 
-    pub(crate) fn push_event(&mut self, now: Millis, kind: EventKind, json: String) {
+    pub(crate) fn push_event(&mut self, now: Millis, event: Event) {
         let seq = self.next_event_seq;
         self.next_event_seq += 1;
-        self.out
-            .writes
-            .push(Write::Event(EventRecord { seq, at: now, json }, kind));
+        self.out.writes.push(Write::Event {
+            seq,
+            at: now,
+            event,
+        });
     }
 
     pub(crate) fn alert_raise(
@@ -46,7 +336,7 @@ impl Core {
 
     pub(crate) fn alert_changes(&mut self, now: Millis, changes: alerts::Changes) {
         for c in changes {
-            self.push_event(now, EventKind::Alert, c.to_string());
+            self.push_event(now, Event::Alert(c.clone()));
             self.out.alerts.push(c);
         }
     }

@@ -1,22 +1,24 @@
 //! Identities: enrollment with join tokens, names, grants, drain and revocation.
 
 use muster_wire::limits::{self};
-use muster_wire::msg::{EnrollRefusal, HubMsg, OpErrorCode, OpResponse, Refused, Role};
+use muster_wire::msg::{EnrollRefusal, HubMsg, OpErrorCode, Refused, Role};
 
 use crate::model::*;
 
-use crate::ops::{not_found_agent, ok_json, op_error};
+use crate::answer::{Answer, Drained, Grant, Revoked};
+use crate::events::{AuditAction, Event};
+use crate::ops::{Answered, not_found_agent, op_error};
 use crate::tasks::check_capabilities;
 use crate::{Core, Write};
 
 impl Core {
     /// `agent revoke NAME`: the live agent identity of that name (never an operator's).
-    pub(crate) fn revoke(&mut self, now: Millis, name: &str, who: &str) -> OpResponse {
+    pub(crate) fn revoke(&mut self, now: Millis, name: &str, who: &str) -> Answered {
         let fp = self
             .live_identity(Role::Agent, name)
             .map(|i| i.fingerprint.clone());
         if fp.is_none() && !self.agents.contains_key(name) {
-            return not_found_agent(name);
+            return Err(not_found_agent(name));
         }
         if let Some(fp) = fp {
             self.revoke_identity(now, &fp);
@@ -25,8 +27,13 @@ impl Core {
             agent.rec.revoked = true;
             self.out.writes.push(Write::Agent(agent.rec.clone()));
         }
-        self.audit_event(now, who, "agent_revoke", name);
-        ok_json(&serde_json::json!({ "name": name, "role": "agent", "revoked": true }))
+        self.audit_event(now, who, AuditAction::AgentRevoke, name);
+        Ok(Answer::Revoked(Revoked {
+            fingerprint: None,
+            name: name.into(),
+            revoked: true,
+            role: Role::Agent,
+        }))
     }
 
     /// `identity revoke`: one identity by role and name, or by fingerprint.
@@ -35,7 +42,7 @@ impl Core {
         now: Millis,
         target: muster_wire::msg::IdentityTarget,
         who: &str,
-    ) -> OpResponse {
+    ) -> Answered {
         use muster_wire::msg::IdentityTarget;
         let found = match &target {
             IdentityTarget::Named { role, name } => self
@@ -51,10 +58,10 @@ impl Core {
             IdentityTarget::Fingerprint(prefix) => {
                 let prefix = prefix.to_ascii_lowercase();
                 if prefix.len() < 8 {
-                    return op_error(
+                    return Err(op_error(
                         OpErrorCode::Invalid,
                         "give at least 8 hex digits of the fingerprint",
-                    );
+                    ));
                 }
                 let mut hits = self
                     .identities
@@ -64,23 +71,23 @@ impl Core {
                     (Some(i), None) => Ok(i.clone()),
                     (None, _) => Err(format!("no identity has a fingerprint starting {prefix}")),
                     (Some(_), Some(_)) => {
-                        return op_error(
+                        return Err(op_error(
                             OpErrorCode::Invalid,
                             &format!("{prefix} matches several fingerprints; give more digits"),
-                        );
+                        ));
                     }
                 }
             }
         };
         let id = match found {
             Ok(i) => i,
-            Err(msg) => return op_error(OpErrorCode::NotFound, &msg),
+            Err(msg) => return Err(op_error(OpErrorCode::NotFound, &msg)),
         };
         if id.revoked_at.is_some() {
-            return op_error(
+            return Err(op_error(
                 OpErrorCode::Conflict,
                 &format!("{} {} is already revoked", id.role, id.name),
-            );
+            ));
         }
         if id.role == Role::Admin {
             let admins = self
@@ -89,20 +96,20 @@ impl Core {
                 .filter(|i| i.role == Role::Admin && i.revoked_at.is_none())
                 .count();
             if admins <= 1 {
-                return op_error(
+                return Err(op_error(
                     OpErrorCode::Conflict,
                     &format!(
                         "{} is the last admin identity; enroll another admin (`muster-hub token create --role admin`, then `login`) before revoking this one",
                         id.name
                     ),
-                );
+                ));
             }
         }
         self.revoke_identity(now, &id.fingerprint);
         self.audit_event(
             now,
             who,
-            "identity_revoke",
+            AuditAction::IdentityRevoke,
             &format!(
                 "{} {} {}",
                 id.role,
@@ -110,11 +117,11 @@ impl Core {
                 &id.fingerprint[..16.min(id.fingerprint.len())]
             ),
         );
-        ok_json(&serde_json::json!({
-            "name": id.name,
-            "role": id.role.as_str(),
-            "fingerprint": id.fingerprint,
-            "revoked": true,
+        Ok(Answer::Revoked(Revoked {
+            fingerprint: Some(id.fingerprint),
+            name: id.name,
+            revoked: true,
+            role: id.role,
         }))
     }
 
@@ -163,24 +170,24 @@ impl Core {
         capabilities: Option<Vec<String>>,
         slots: Option<u32>,
         who: &str,
-    ) -> OpResponse {
+    ) -> Answered {
         if let Err(msg) = check_token_grant(Role::Agent, None, capabilities.as_deref(), slots) {
-            return op_error(OpErrorCode::Invalid, &msg);
+            return Err(op_error(OpErrorCode::Invalid, &msg));
         }
         if capabilities.is_none() && slots.is_none() {
-            return op_error(
+            return Err(op_error(
                 OpErrorCode::Invalid,
                 "nothing to change; give --capability C (repeatable), --no-capabilities or --slots N",
-            );
+            ));
         }
         let Some(fp) = self
             .live_identity(Role::Agent, name)
             .map(|i| i.fingerprint.clone())
         else {
-            return not_found_agent(name);
+            return Err(not_found_agent(name));
         };
         let Some(id) = self.identities.get_mut(&fp) else {
-            return not_found_agent(name);
+            return Err(not_found_agent(name));
         };
         if let Some(c) = capabilities {
             id.capabilities = c;
@@ -198,24 +205,18 @@ impl Core {
             agent.rec.slots = agent.rec.slots.min(id.slots);
             self.out.writes.push(Write::Agent(agent.rec.clone()));
         }
-        self.audit_event(now, who, "agent_set", name);
+        self.audit_event(now, who, AuditAction::AgentSet, name);
         self.dirty_schedule = true;
-        ok_json(&serde_json::json!({
-            "name": name,
-            "capabilities": id.capabilities,
-            "slots": id.slots,
+        Ok(Answer::Grant(Grant {
+            capabilities: id.capabilities,
+            name: name.into(),
+            slots: id.slots,
         }))
     }
 
-    pub(crate) fn drain(
-        &mut self,
-        now: Millis,
-        name: &str,
-        drained: bool,
-        who: &str,
-    ) -> OpResponse {
+    pub(crate) fn drain(&mut self, now: Millis, name: &str, drained: bool, who: &str) -> Answered {
         let Some(agent) = self.agents.get_mut(name) else {
-            return not_found_agent(name);
+            return Err(not_found_agent(name));
         };
         agent.rec.drained = drained;
         self.out.writes.push(Write::Agent(agent.rec.clone()));
@@ -223,14 +224,17 @@ impl Core {
             now,
             who,
             if drained {
-                "agent_drain"
+                AuditAction::AgentDrain
             } else {
-                "agent_undrain"
+                AuditAction::AgentUndrain
             },
             name,
         );
         self.dirty_schedule = true;
-        ok_json(&serde_json::json!({ "name": name, "drained": drained }))
+        Ok(Answer::Drained(Drained {
+            drained,
+            name: name.into(),
+        }))
     }
 
     /// Whether an enrollment may go ahead (token, role, name, key, grant) and
@@ -344,8 +348,14 @@ impl Core {
         // Replacing a host: the old identity goes in the same commit as the new one.
         if let Some(h) = holder {
             self.revoke_identity(now, &h.fingerprint);
-            let json = serde_json::json!({"kind": "audit", "action": "identity_replaced", "who": name, "role": role.as_str(), "old_fingerprint": h.fingerprint});
-            self.push_event(now, EventKind::Audit, json.to_string());
+            self.push_event(
+                now,
+                Event::IdentityReplaced {
+                    who: name.into(),
+                    role,
+                    old_fingerprint: h.fingerprint,
+                },
+            );
         }
         let id = Identity {
             name: name.into(),
@@ -366,8 +376,13 @@ impl Core {
             agent.rec.revoked = false;
             self.out.writes.push(Write::Agent(agent.rec.clone()));
         }
-        let json = serde_json::json!({"kind": "audit", "action": "enroll", "who": name, "role": role.as_str()});
-        self.push_event(now, EventKind::Audit, json.to_string());
+        self.push_event(
+            now,
+            Event::Enrolled {
+                who: name.into(),
+                role,
+            },
+        );
         EnrollResponse::Enrolled {
             cert_pem,
             ca_pem: String::new(),

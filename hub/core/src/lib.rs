@@ -11,7 +11,10 @@
 //! live are read through the [`Archive`] trait.
 pub mod admission;
 pub mod alerts;
+pub mod answer;
 mod events;
+pub use answer::Answer;
+pub use events::{AgentChange, AuditAction, Event};
 mod identity;
 pub use identity::EnrollGrant;
 pub mod model;
@@ -26,9 +29,7 @@ pub mod views;
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 
-use muster_wire::msg::{
-    Hello, HubMsg, OpRequest, OpResponse, Outcome, ReportKind, Role, SessionMsg,
-};
+use muster_wire::msg::{Hello, HubMsg, OpError, OpRequest, Outcome, ReportKind, Role, SessionMsg};
 use muster_wire::pace::Rng;
 use muster_wire::{AgentName, Generation, PROTOCOL_VERSION, ReportId, TaskId};
 
@@ -118,8 +119,15 @@ pub enum Write {
     Token(String, TokenRecord),
     /// Record an idempotency key.
     Key(String, TaskId),
-    /// Append an event.
-    Event(EventRecord, EventKind),
+    /// Append an event: the shell renders it as the JSON of its [`EventRecord`].
+    Event {
+        /// Its sequence number.
+        seq: u64,
+        /// When.
+        at: Millis,
+        /// What happened.
+        event: Event,
+    },
     /// The next task id to hand out.
     NextTaskId(u64),
 }
@@ -127,8 +135,10 @@ pub enum Write {
 /// An answer to a request.
 #[derive(Debug)]
 pub enum Reply {
-    /// To an operator request.
-    Op(OpResponse),
+    /// To an operator request: the shell renders it as the JSON of `OpResponse::Ok`.
+    Answer(Answer),
+    /// To an operator request: why it was refused (`OpResponse::Error`).
+    Error(OpError),
     /// To an enrollment.
     Enroll(muster_wire::msg::EnrollResponse),
     /// To `stats`: the shell adds its own figures and renders it.
@@ -170,8 +180,8 @@ pub struct Output {
     pub replies: Vec<(ReplyId, Reply)>,
     /// Then close these connections.
     pub closes: Vec<ConnId>,
-    /// Alerts raised or cleared, as JSON, for `alert_command` (they are in the event log too).
-    pub alerts: Vec<serde_json::Value>,
+    /// Alerts raised or cleared, for `alert_command` (they are in the event log too).
+    pub alerts: Vec<alerts::AlertNote>,
     /// Submit → running latency of each task that started running, for the histogram.
     pub dispatch_ms: Vec<Millis>,
     /// Certificate fingerprints revoked in this batch: after the commit the shell
@@ -674,7 +684,7 @@ fn last_write_wins(writes: Vec<Write>) -> Vec<Write> {
             Write::Token(h, _) => Key::Token(h),
             Write::Key(k, _) => Key::Idempotency(k),
             Write::NextTaskId(_) => Key::NextTaskId,
-            Write::Event(..) => return None,
+            Write::Event { .. } => return None,
         })
     }
     let mut seen = HashSet::new();

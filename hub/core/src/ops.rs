@@ -3,15 +3,19 @@
 use std::collections::BTreeMap;
 
 use muster_wire::limits::{self};
-use muster_wire::msg::{OpError, OpErrorCode, OpRequest, OpResponse, Role};
+use muster_wire::msg::{OpError, OpErrorCode, OpRequest, Role};
 
 use crate::model::*;
 
-use crate::Archive;
+use crate::alerts::AlertState;
+use crate::answer::{AgentList, AlertList, Answer, TokenIssued};
 use crate::identity::check_token_grant;
-use crate::views;
-use crate::{Agent, Core, Reply, Stats, Write};
+use crate::views::{self, AgentView};
+use crate::{Agent, Archive, Core, Event, Reply, Stats, Write};
 use muster_wire::AgentName;
+
+/// What an operator request that the core serves comes to: an answer, or why not.
+pub(crate) type Answered = Result<Answer, OpError>;
 
 impl Core {
     pub(crate) fn on_op(
@@ -24,13 +28,30 @@ impl Core {
     ) -> Reply {
         let who = match self.authorize(fingerprint, &request) {
             Ok(who) => who.clone(),
-            Err(e) => return Reply::Op(e),
+            Err(e) => return Reply::Error(e),
         };
-        Reply::Op(match request {
-            OpRequest::Agents => ok_json(&self.agents_reply(now)),
+        if matches!(request, OpRequest::Stats) {
+            return Reply::Stats(Box::new(self.stats()));
+        }
+        match self.answer(now, request, &who, token_secret, archive) {
+            Ok(answer) => Reply::Answer(answer),
+            Err(e) => Reply::Error(e),
+        }
+    }
+
+    fn answer(
+        &mut self,
+        now: Millis,
+        request: OpRequest,
+        who: &Identity,
+        token_secret: Option<(String, String)>,
+        archive: &dyn Archive,
+    ) -> Answered {
+        match request {
+            OpRequest::Agents => Ok(Answer::Agents(self.agents_reply(now))),
             OpRequest::AgentShow { name } => match self.agent_view(now, &name) {
-                Some(v) => ok_json(&v),
-                None => not_found_agent(&name),
+                Some(v) => Ok(Answer::Agent(Box::new(v))),
+                None => Err(not_found_agent(&name)),
             },
             OpRequest::AgentRevoke { name } => self.revoke(now, &name, &who.name),
             OpRequest::AgentDrain { name } => self.drain(now, &name, true, &who.name),
@@ -45,10 +66,10 @@ impl Core {
                 if let Err(msg) =
                     check_token_grant(role, name.as_ref(), capabilities.as_deref(), slots)
                 {
-                    return Reply::Op(op_error(OpErrorCode::Invalid, &msg));
+                    return Err(op_error(OpErrorCode::Invalid, &msg));
                 }
                 let Some((secret, hash)) = token_secret else {
-                    return Reply::Op(op_error(
+                    return Err(op_error(
                         OpErrorCode::Internal,
                         "the hub could not draw a random secret (system RNG failed); see its log and try again",
                     ));
@@ -65,31 +86,39 @@ impl Core {
                 };
                 self.tokens.insert(hash.clone(), rec.clone());
                 self.out.writes.push(Write::Token(hash, rec.clone()));
-                let json = serde_json::json!({"kind": "audit", "action": "token_create", "who": who.name, "role": role.as_str(), "ttl_s": ttl_s, "name": rec.name});
-                self.push_event(now, EventKind::Audit, json.to_string());
-                ok_json(&serde_json::json!({
-                    "token": format!("{}{secret}", self.token_prefix),
-                    "role": role.as_str(),
-                    "expires_at": rec.expires_at,
-                    "name": rec.name,
-                    "capabilities": rec.capabilities,
-                    "slots": rec.slots,
+                self.push_event(
+                    now,
+                    Event::TokenCreated {
+                        who: who.name.clone(),
+                        role,
+                        ttl_s,
+                        name: rec.name.clone(),
+                    },
+                );
+                Ok(Answer::Token(TokenIssued {
+                    capabilities: rec.capabilities,
+                    expires_at: rec.expires_at,
+                    name: rec.name,
+                    role,
+                    slots: rec.slots,
+                    token: format!("{}{secret}", self.token_prefix),
                 }))
             }
             OpRequest::Submit(req) => self.submit(now, req, &who.name, archive),
             OpRequest::SubmitBatch(reqs) => self.submit_batch(now, reqs, &who.name, archive),
             OpRequest::TaskCancel { id } => self.cancel(now, id, &who.name),
             OpRequest::TaskRequeue { id } => self.requeue(now, id, &who.name, archive),
-            OpRequest::Stats => return Reply::Stats(Box::new(self.stats())),
             OpRequest::Alerts => {
                 let all = self.alerts.list();
                 let total = all.len();
-                let (list, left_out) =
-                    views::fit(all.iter().map(|a| a.json("open")), views::REPLY_BYTES_MAX);
-                ok_json(&serde_json::json!({
-                    "alerts": list,
-                    "total": total,
-                    "truncated": left_out > 0,
+                let (alerts, left_out) = views::fit(
+                    all.iter().map(|a| a.note(AlertState::Open)),
+                    views::REPLY_BYTES_MAX,
+                );
+                Ok(Answer::Alerts(AlertList {
+                    alerts,
+                    total,
+                    truncated: left_out > 0,
                 }))
             }
             OpRequest::IdentityRevoke(target) => self.revoke_target(now, target, &who.name),
@@ -98,40 +127,41 @@ impl Core {
                 capabilities,
                 slots,
             } => self.agent_set(now, &name, capabilities, slots, &who.name),
-            OpRequest::Tasks { .. } | OpRequest::TaskShow { .. } | OpRequest::Watch { .. } => {
-                op_error(OpErrorCode::Internal, "served by the shell")
+            OpRequest::Stats
+            | OpRequest::Tasks { .. }
+            | OpRequest::TaskShow { .. }
+            | OpRequest::Watch { .. } => {
+                Err(op_error(OpErrorCode::Internal, "served by the shell"))
             }
-        })
+        }
     }
 
     /// The `agents` answer: counts by state for the whole fleet, and the agents
     /// themselves up to a byte budget, so a fleet of any size fits in one frame.
-    pub(crate) fn agents_reply(&self, now: Millis) -> serde_json::Value {
+    pub(crate) fn agents_reply(&self, now: Millis) -> AgentList {
         let views = self.agent_views(now);
         let total = views.len();
-        let mut by_state: std::collections::BTreeMap<String, u64> =
-            std::collections::BTreeMap::new();
-        let mut shown = Vec::new();
+        let mut by_state: BTreeMap<&'static str, u64> = BTreeMap::new();
+        let mut agents = Vec::new();
         let mut bytes = 0;
         for v in views {
-            *by_state
-                .entry(v["state"].as_str().unwrap_or("?").to_string())
-                .or_default() += 1;
-            let n = v.to_string().len();
+            *by_state.entry(v.state).or_default() += 1;
+            let n = views::json_len(&v);
             if bytes + n <= AGENTS_REPLY_BYTES_MAX {
                 bytes += n;
-                shown.push(v);
+                agents.push(v);
             }
         }
-        let truncated = shown.len() < total;
-        let mut reply = views::agents_json(shown);
-        reply["total"] = total.into();
-        reply["by_state"] = serde_json::json!(by_state);
-        reply["truncated"] = truncated.into();
-        reply
+        let truncated = agents.len() < total;
+        AgentList {
+            agents,
+            by_state,
+            total,
+            truncated,
+        }
     }
 
-    pub(crate) fn agent_views(&self, now: Millis) -> Vec<serde_json::Value> {
+    pub(crate) fn agent_views(&self, now: Millis) -> Vec<AgentView> {
         let mut names: Vec<&AgentName> = self.agents.keys().collect();
         names.sort();
         names
@@ -142,11 +172,7 @@ impl Core {
 
     /// Who may make `request`: admins anything, operators reads, agents nothing.
     /// The one role check for requests answered in the core and in the shell.
-    pub fn authorize(
-        &self,
-        fingerprint: &str,
-        request: &OpRequest,
-    ) -> Result<&Identity, OpResponse> {
+    pub fn authorize(&self, fingerprint: &str, request: &OpRequest) -> Result<&Identity, OpError> {
         let Some(who) = self.identity(fingerprint) else {
             return Err(op_error(
                 OpErrorCode::Forbidden,
@@ -172,19 +198,18 @@ impl Core {
         ))
     }
 
-    pub(crate) fn agent_view(&self, now: Millis, name: &str) -> Option<serde_json::Value> {
+    pub(crate) fn agent_view(&self, now: Millis, name: &str) -> Option<AgentView> {
         let a = self.agents.get(name)?;
         let (state, why) = self.agent_state(now, a);
-        let (available, reason) = self.availability(now, a);
-        Some(views::agent_json(
+        let mut view = AgentView::of(
             &a.rec,
-            state.as_str(),
-            &why,
-            available,
-            &reason,
+            (state.as_str(), why),
+            self.availability(now, a),
             a.tasks.len(),
             now,
-        ))
+        );
+        view.workspace = a.workspace.as_str();
+        Some(view)
     }
 
     /// online / suspect (missed 2 heartbeats) / offline, with the reason.
@@ -281,20 +306,14 @@ pub(crate) fn format_age(ms: Millis) -> String {
     }
 }
 
-pub(crate) fn ok_json(v: &serde_json::Value) -> OpResponse {
-    OpResponse::Ok {
-        json: v.to_string(),
+pub(crate) fn op_error(code: OpErrorCode, message: &str) -> OpError {
+    OpError {
+        code,
+        message: message.into(),
     }
 }
 
-pub(crate) fn op_error(code: OpErrorCode, message: &str) -> OpResponse {
-    OpResponse::Error(OpError {
-        code,
-        message: message.into(),
-    })
-}
-
-pub(crate) fn not_found_agent(name: &str) -> OpResponse {
+pub(crate) fn not_found_agent(name: &str) -> OpError {
     op_error(
         OpErrorCode::NotFound,
         &format!("no agent named {name:?}; `muster-hub agents` lists them"),

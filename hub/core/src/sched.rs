@@ -185,12 +185,9 @@ impl Core {
         if let Some(a) = &live.attempt {
             self.out.writes.push(super::Write::Attempt(a.clone()));
         }
-        let json = super::views::task_event_json(
-            &live.rec,
-            TaskState::Queued,
-            &format!("assigned to {agent}"),
-        );
+        let event =
+            super::Event::task(&live.rec, TaskState::Queued, format!("assigned to {agent}"));
         self.touch(id);
-        self.push_event(now, super::EventKind::Task, json);
+        self.push_event(now, event);
     }
 }

@@ -13,6 +13,7 @@ use muster_wire::{ReportId, TaskId};
 use crate::model::*;
 
 use crate::Archive;
+use crate::events::AgentChange;
 use crate::tasks::{check_capabilities, failure, spec_of};
 use crate::{Agent, ConnId, Core, Write};
 
@@ -102,7 +103,7 @@ impl Core {
                 },
             }),
         ));
-        self.agent_event(now, &name, "online", "hello");
+        self.agent_event(now, &name, AgentChange::Online, "hello");
         self.reconcile(now, &name, conn, &hello.resume, true);
         // Deadlines skipped while it was away count again.
         let held: Vec<TaskId> = self
@@ -199,7 +200,7 @@ impl Core {
         {
             agent.conn = None;
             agent.offline_since = Some(now);
-            self.agent_event(now, &name, "offline", "session closed");
+            self.agent_event(now, &name, AgentChange::Offline, "session closed");
             self.arm_offline(&name);
         }
     }
@@ -231,7 +232,7 @@ impl Core {
                 }),
             ));
             self.out.closes.push(conn);
-            self.agent_event(now, &name, "refused", &reason);
+            self.agent_event(now, &name, AgentChange::Refused, &reason);
             return;
         }
         bound_self_test(&mut hb.self_test);
@@ -255,9 +256,9 @@ impl Core {
         if was != hb.self_test.passed {
             self.out.writes.push(Write::Agent(agent.rec.clone()));
             events.push(if hb.self_test.passed {
-                ("healthy", "self-test passed")
+                (AgentChange::Healthy, "self-test passed")
             } else {
-                ("unhealthy", "self-test failed")
+                (AgentChange::Unhealthy, "self-test failed")
             });
         }
         if let Some(until) = agent.breaker_until
@@ -266,7 +267,10 @@ impl Core {
         {
             agent.breaker_until = None;
             agent.infra_failures = 0;
-            events.push(("circuit_closed", "cooldown over and healthy heartbeat"));
+            events.push((
+                AgentChange::CircuitClosed,
+                "cooldown over and healthy heartbeat",
+            ));
         }
         if !events.is_empty() {
             self.dirty_schedule = true;

@@ -5,8 +5,7 @@ use std::collections::{BTreeSet, HashSet};
 
 use muster_wire::limits::{self};
 use muster_wire::msg::{
-    Failure, HubMsg, OpError, OpErrorCode, OpResponse, Outcome, SubmitRequest, TaskSpec,
-    TimeoutAction,
+    Failure, HubMsg, OpError, OpErrorCode, Outcome, SubmitRequest, TaskSpec, TimeoutAction,
 };
 use muster_wire::pace::Backoff;
 use muster_wire::work;
@@ -16,10 +15,10 @@ use crate::model::*;
 
 use crate::Archive;
 use crate::alerts::AlertKind;
-use crate::events::push_audit;
-use crate::ops::{ok_json, op_error};
+use crate::answer::{Answer, BatchAnswer, BatchResult, TaskAnswer};
+use crate::events::{AgentChange, AuditAction, Event, push_audit};
+use crate::ops::{Answered, op_error};
 use crate::timers::Due;
-use crate::views;
 use crate::{Core, Live, Write};
 
 impl Core {
@@ -71,7 +70,7 @@ impl Core {
         if let Some(a) = &live.attempt {
             self.out.writes.push(Write::Attempt(a.clone()));
         }
-        let json = views::task_event_json(&live.rec, from, why);
+        let event = Event::task(&live.rec, from, why.to_string());
         let failed = (to == TaskState::Failed).then(|| {
             format!(
                 "task {id} ({}) failed for good: {}",
@@ -80,7 +79,7 @@ impl Core {
             )
         });
         self.touch(id);
-        self.push_event(now, EventKind::Task, json);
+        self.push_event(now, event);
         if let Some(msg) = failed {
             self.alert_raise(now, AlertKind::TaskFailed, &id.to_string(), msg);
         }
@@ -179,7 +178,7 @@ impl Core {
         }
         if let Some(why) = tripped {
             self.arm_alerts_now(now);
-            self.agent_event(now, &agent_name, "degraded", &why);
+            self.agent_event(now, &agent_name, AgentChange::Degraded, &why);
         }
         self.dirty_schedule = true;
         let why = format!("attempt {generation} ended {}", outcome.as_str());
@@ -282,20 +281,13 @@ impl Core {
         req: SubmitRequest,
         who: &str,
         archive: &dyn Archive,
-    ) -> OpResponse {
-        match self.admit(now, req, who, archive) {
-            Ok(Admitted::New(id)) => match self.tasks.get(&id) {
-                Some(live) => OpResponse::Ok {
-                    json: views::task_json_string(&live.rec),
-                },
-                None => op_error(OpErrorCode::Internal, "the new task vanished"),
+    ) -> Answered {
+        match self.admit(now, req, who, archive)? {
+            Admitted::New(id) => match self.tasks.get(&id) {
+                Some(live) => Ok(task_answer(live.rec.clone(), false)),
+                None => Err(op_error(OpErrorCode::Internal, "the new task vanished")),
             },
-            Ok(Admitted::Existing(rec)) => {
-                let mut v = views::task_json(&rec);
-                v["existing"] = serde_json::Value::Bool(true);
-                ok_json(&v)
-            }
-            Err(refused) => OpResponse::Error(refused),
+            Admitted::Existing(rec) => Ok(task_answer(*rec, true)),
         }
     }
 
@@ -307,39 +299,47 @@ impl Core {
         reqs: Vec<SubmitRequest>,
         who: &str,
         archive: &dyn Archive,
-    ) -> OpResponse {
+    ) -> Answered {
         use muster_wire::limits::SUBMIT_BATCH_MAX;
         if reqs.len() > SUBMIT_BATCH_MAX {
-            return op_error(
+            return Err(op_error(
                 OpErrorCode::Invalid,
                 &format!(
                     "a batch of {} tasks; the limit is {SUBMIT_BATCH_MAX} per request, so split it",
                     reqs.len()
                 ),
-            );
+            ));
         }
         let mut results = Vec::with_capacity(reqs.len());
         let mut refused = 0;
         for req in reqs {
             results.push(match self.admit(now, req, who, archive) {
-                Ok(Admitted::New(id)) => {
-                    let state = self.tasks.get(&id).map_or("queued", |l| l.rec.state.as_str());
-                    serde_json::json!({ "id": id.0, "state": state })
-                }
-                Ok(Admitted::Existing(rec)) => {
-                    serde_json::json!({ "id": rec.id.0, "state": rec.state.as_str(), "existing": true })
-                }
+                Ok(Admitted::New(id)) => BatchResult::Accepted {
+                    existing: false,
+                    id,
+                    state: self
+                        .tasks
+                        .get(&id)
+                        .map_or(TaskState::Queued, |l| l.rec.state),
+                },
+                Ok(Admitted::Existing(rec)) => BatchResult::Accepted {
+                    existing: true,
+                    id: rec.id,
+                    state: rec.state,
+                },
                 Err(e) => {
                     refused += 1;
-                    serde_json::json!({ "error": e.message, "code": e.code })
+                    BatchResult::Refused {
+                        code: e.code,
+                        error: e.message,
+                    }
                 }
             });
         }
-        let accepted = results.len() - refused;
-        ok_json(&serde_json::json!({
-            "results": results,
-            "accepted": accepted,
-            "refused": refused,
+        Ok(Answer::Batch(BatchAnswer {
+            accepted: results.len() - refused,
+            refused,
+            results,
         }))
     }
 
@@ -464,8 +464,7 @@ impl Core {
         }
         self.push_event(
             now,
-            EventKind::Task,
-            views::task_event_json(&rec, rec.state, &format!("submitted by {who}")),
+            Event::task(&rec, rec.state, format!("submitted by {who}")),
         );
         self.insert_live(rec, None);
         self.touch(id);
@@ -533,9 +532,9 @@ impl Core {
         Ok(())
     }
 
-    pub(crate) fn cancel(&mut self, now: Millis, id: TaskId, who: &str) -> OpResponse {
+    pub(crate) fn cancel(&mut self, now: Millis, id: TaskId, who: &str) -> Answered {
         let Some(live) = self.tasks.get_mut(&id) else {
-            return if self.recent.contains_key(&id) {
+            return Err(if self.recent.contains_key(&id) {
                 op_error(
                     OpErrorCode::Conflict,
                     &format!("task {id} has already ended"),
@@ -547,7 +546,7 @@ impl Core {
                         "task {id} is not live (unknown or already ended); see `muster-hub task show {id}`"
                     ),
                 )
-            };
+            });
         };
         push_audit(&mut live.rec, now, who, "cancel");
         let reason = format!("cancelled by {who}");
@@ -557,9 +556,19 @@ impl Core {
             live.rec.reason = Some(reason);
             self.set_state(now, id, TaskState::Cancelled, "cancelled by an operator");
         }
-        self.audit_event(now, who, "task_cancel", &id.to_string());
-        let rec = self.recent.get(&id).cloned();
-        ok_json(&rec.map(|r| views::task_json(&r)).unwrap_or_default())
+        self.audit_event(now, who, AuditAction::TaskCancel, &id.to_string());
+        // Cancelled, the task has ended in this batch; were it still live, its record shows why not.
+        let rec = self
+            .recent
+            .get(&id)
+            .or_else(|| self.tasks.get(&id).map(|l| &l.rec));
+        match rec {
+            Some(rec) => Ok(task_answer(rec.clone(), false)),
+            None => Err(op_error(
+                OpErrorCode::Internal,
+                "the cancelled task vanished",
+            )),
+        }
     }
 
     pub(crate) fn requeue(
@@ -568,23 +577,23 @@ impl Core {
         id: TaskId,
         who: &str,
         archive: &dyn Archive,
-    ) -> OpResponse {
+    ) -> Answered {
         if self.tasks.contains_key(&id) {
-            return op_error(
+            return Err(op_error(
                 OpErrorCode::Conflict,
                 &format!(
                     "task {id} has not ended; only a completed, failed or cancelled task can be requeued"
                 ),
-            );
+            ));
         }
         let Some(mut rec) = self.recent.remove(&id).or_else(|| archive.task(id)) else {
-            return op_error(OpErrorCode::NotFound, &format!("no task {id}"));
+            return Err(op_error(OpErrorCode::NotFound, &format!("no task {id}")));
         };
         if self.tasks.len() as u64 >= self.limits.max_queued_tasks {
-            return op_error(
+            return Err(op_error(
                 OpErrorCode::Busy,
                 "the queue is full (limits.max_queued_tasks)",
-            );
+            ));
         }
         rec.attempts = 0;
         rec.not_before = None;
@@ -596,11 +605,10 @@ impl Core {
         self.alert_clear(AlertKind::TaskFailed, &id.to_string());
         self.push_event(
             now,
-            EventKind::Task,
-            views::task_event_json(&rec, rec.state, &format!("requeued by {who}")),
+            Event::task(&rec, rec.state, format!("requeued by {who}")),
         );
-        self.audit_event(now, who, "task_requeue", &id.to_string());
-        let view = views::task_json(&rec);
+        self.audit_event(now, who, AuditAction::TaskRequeue, &id.to_string());
+        let answer = task_answer(rec.clone(), false);
         self.insert_live(rec, None);
         self.touch(id);
         // Tasks still blocked on it must hear when it ends again.
@@ -614,8 +622,12 @@ impl Core {
             self.waiting_on.entry(id).or_default().extend(dependants);
         }
         self.dirty_schedule = true;
-        ok_json(&view)
+        Ok(answer)
     }
+}
+
+fn task_answer(task: TaskRecord, existing: bool) -> Answer {
+    Answer::Task(Box::new(TaskAnswer { task, existing }))
 }
 
 /// What [`Core::admit`] did with a submission.

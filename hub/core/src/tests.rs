@@ -70,7 +70,7 @@ impl Store {
                 Write::Key(k, id) => {
                     self.keys.insert(k.clone(), *id);
                 }
-                Write::Event(e, _) => self.events = self.events.max(e.seq + 1),
+                Write::Event { seq, .. } => self.events = self.events.max(seq + 1),
                 Write::NextTaskId(n) => self.next_task_id = *n,
             }
         }
@@ -302,9 +302,20 @@ impl H {
                 );
             }
         }
+        // Every document renders with its keys in alphabetical order at every level,
+        // as operators, `watch` and the event log have always had them.
+        for w in &out.writes {
+            if let Write::Event { event, .. } = w {
+                assert_keys_sorted(event);
+            }
+        }
+        for a in &out.alerts {
+            assert_keys_sorted(a);
+        }
         for (_, reply) in &out.replies {
-            if let Reply::Op(OpResponse::Ok { json }) = reply {
-                let v: Value = serde_json::from_str(json).expect("replies are JSON");
+            if let Reply::Answer(answer) = reply {
+                assert_keys_sorted(answer);
+                let v = json_of(answer);
                 if let (Some(id), Some(_)) = (v.get("id").and_then(Value::as_u64), v.get("state")) {
                     let existing = v.get("existing").is_some();
                     if !existing {
@@ -598,7 +609,10 @@ impl H {
             .expect("every request is answered");
         let (_, resp) = out.replies.remove(i);
         let resp = match resp {
-            Reply::Op(resp) => resp,
+            Reply::Answer(answer) => OpResponse::Ok {
+                json: serde_json::to_string(&answer).expect("answers render"),
+            },
+            Reply::Error(e) => OpResponse::Error(e),
             Reply::Stats(s) => OpResponse::Ok {
                 json: serde_json::to_string(&s).expect("stats render"),
             },
@@ -715,6 +729,27 @@ fn merge(into: &mut Output, from: Output) {
     into.closes.extend(from.closes);
     into.alerts.extend(from.alerts);
     into.dispatch_ms.extend(from.dispatch_ms);
+}
+
+/// A typed document as the shell renders it, parsed back.
+fn json_of<T: serde::Serialize>(doc: &T) -> Value {
+    let text = serde_json::to_string(doc).expect("documents render");
+    serde_json::from_str(&text).expect("valid JSON")
+}
+
+/// Checks that a document's JSON lists its keys in alphabetical order at every
+/// level: a `Value` sorts its map keys, so rendering through one changes nothing.
+fn assert_keys_sorted<T: serde::Serialize>(doc: &T) {
+    let text = serde_json::to_string(doc).expect("documents render");
+    let sorted = serde_json::to_value(doc)
+        .expect("documents render")
+        .to_string();
+    assert_eq!(text, sorted, "keys out of alphabetical order");
+}
+
+/// The alerts of an output as `alert_command` gets them.
+fn alerts_json(out: &Output) -> Vec<Value> {
+    out.alerts.iter().map(json_of).collect()
 }
 
 fn json_ok(resp: &OpResponse) -> Value {
@@ -2803,17 +2838,15 @@ fn agent_down_is_raised_after_the_policy_time_and_cleared_on_return() {
     assert!(out.alerts.is_empty(), "not before agent_down_alert");
     let out = h.pass(10_000);
     assert_eq!(out.alerts.len(), 1);
-    assert_eq!(out.alerts[0]["alert"], "agent_down");
+    assert_eq!(alerts_json(&out)[0]["alert"], "agent_down");
     assert_eq!(open_alerts(&mut h), vec![("agent_down".into(), "a".into())]);
     // The raise is in the event log, with the state change that caused it.
-    assert!(
-        out.writes
-            .iter()
-            .any(|w| matches!(w, Write::Event(e, _) if e.json.contains("agent_down")))
-    );
+    assert!(out.writes.iter().any(
+        |w| matches!(w, Write::Event { event, .. } if json_of(event)["alert"] == "agent_down")
+    ));
     let _ = h.connect(2, "a", &[], 1);
     let out = h.tick();
-    assert_eq!(out.alerts[0]["state"], "cleared");
+    assert_eq!(alerts_json(&out)[0]["state"], "cleared");
     assert!(open_alerts(&mut h).is_empty());
 }
 
@@ -2825,7 +2858,11 @@ fn a_task_failed_for_good_raises_an_alert_that_requeue_clears() {
     let _ = h.accept(c, t, 1);
     let _ = h.start(c, t, 1);
     let out = h.fail(c, t, 1, true);
-    assert!(out.alerts.iter().any(|a| a["alert"] == "task_failed"));
+    assert!(
+        alerts_json(&out)
+            .iter()
+            .any(|a| a["alert"] == "task_failed")
+    );
     assert_eq!(
         open_alerts(&mut h),
         vec![("task_failed".into(), t.to_string())]
@@ -2852,7 +2889,7 @@ fn a_running_task_without_progress_is_stalled_not_failed() {
     );
     let out = h.pass(31 * 60_000);
     assert!(
-        out.alerts
+        alerts_json(&out)
             .iter()
             .any(|a| a["alert"] == "stalled" && a["subject"] == t.to_string())
     );
@@ -3080,7 +3117,7 @@ fn a_batch_writes_each_record_once_in_its_final_state_and_keeps_every_event() {
     let events = out
         .writes
         .iter()
-        .filter(|w| matches!(w, Write::Event(..)))
+        .filter(|w| matches!(w, Write::Event { .. }))
         .count();
     assert!(
         events >= 3,
@@ -3541,5 +3578,46 @@ fn invariants_hold_after_every_batch_and_a_breach_is_named() {
     assert!(
         err.contains(&format!("task {t}")) && err.contains("does not count it"),
         "{err}"
+    );
+}
+
+#[test]
+fn an_attempt_renders_as_task_show_has_always_listed_it() {
+    let a = AttemptRecord {
+        task: TaskId(7),
+        generation: Generation(2),
+        agent: "a".into(),
+        assigned_at: 1,
+        accepted_at: Some(2),
+        started_at: Some(3),
+        ended_at: Some(4),
+        outcome: Some(Outcome::Failed),
+        error: Some(Failure {
+            reason: "exit status 3".into(),
+            exit_code: Some(3),
+            signal: Some(9),
+            command: vec!["run".into()],
+            stdout_tail: "out".into(),
+            stderr_tail: "err".into(),
+            no_retry: true,
+        }),
+        pid: Some(42),
+        session: Some("s".into()),
+        work: Some(muster_wire::work::WorkResult {
+            branch: "muster/7".into(),
+            base_commit: "b".into(),
+            head: "h".into(),
+            commits: 2,
+            diffstat: " x | 1 +".into(),
+            dirty: true,
+            checkpoint: Some("refs/muster/checkpoints/7/2".into()),
+            link: None,
+        }),
+    };
+    let view = crate::views::AttemptView::of(&a);
+    assert_keys_sorted(&view);
+    assert_eq!(
+        serde_json::to_string(&view).expect("renders"),
+        r#"{"accepted_at":2,"agent":"a","assigned_at":1,"ended_at":4,"error":{"command":["run"],"exit_code":3,"no_retry":true,"reason":"exit status 3","signal":9,"stderr_tail":"err","stdout_tail":"out"},"generation":2,"outcome":"failed","pid":42,"session":"s","started_at":3,"work":{"base_commit":"b","branch":"muster/7","checkpoint":"refs/muster/checkpoints/7/2","commits":2,"diffstat":" x | 1 +","dirty":true,"head":"h","link":null}}"#
     );
 }

@@ -12,7 +12,7 @@ pub(super) const ALERT_COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Runs `alert_command` once per alert with the alert as JSON on stdin, one at a time,
 /// each bounded in time; failures are logged and never reach the core.
-pub(super) async fn alert_worker(argv: Vec<String>, mut rx: mpsc::Receiver<serde_json::Value>) {
+pub(super) async fn alert_worker(argv: Vec<String>, mut rx: mpsc::Receiver<String>) {
     use tokio::io::AsyncWriteExt;
     while let Some(alert) = rx.recv().await {
         let Some((program, args)) = argv.split_first() else {
@@ -32,7 +32,7 @@ pub(super) async fn alert_worker(argv: Vec<String>, mut rx: mpsc::Receiver<serde
                 continue;
             }
         };
-        let mut line = alert.to_string().into_bytes();
+        let mut line = alert.into_bytes();
         line.push(b'\n');
         let stdin = child.stdin.take();
         // The write is inside the time limit too: a command that never reads its

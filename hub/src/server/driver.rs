@@ -13,11 +13,11 @@ use tracing::{debug, error, info, warn};
 
 use super::endpoint::REVOKED_REASON;
 use super::http::health;
-use super::queries::{feed_watchers, query, render_stats, start_watch};
+use super::queries::{feed_watchers, query, render_answer, render_stats, start_watch};
 use super::{BATCH_LEN_MAX, Clock, ToCore};
-use crate::core::{ConnId, Core, Input, Millis, Reply, ReplyId};
+use crate::core::{ConnId, Core, EventKind, Input, Millis, Reply, ReplyId, Write};
 use crate::metrics::Counters;
-use crate::store::{Store, StoreError};
+use crate::store::{Store, StoreError, event_json};
 
 /// How often the core drops registered connections that closed without saying so.
 pub(super) const REGISTRY_SWEEP: Duration = Duration::from_secs(5);
@@ -56,7 +56,7 @@ pub(super) struct Shell {
     pub(super) deadline_tx: watch::Sender<Option<Millis>>,
     /// The runtime, for the short delayed closes (no thread per close).
     pub(super) runtime: tokio::runtime::Handle,
-    pub(super) alert_tx: Option<mpsc::Sender<serde_json::Value>>,
+    pub(super) alert_tx: Option<mpsc::Sender<String>>,
 }
 
 /// Test hook, only in builds with the `test-hooks` feature: while the file named by
@@ -250,13 +250,14 @@ pub(super) fn core_loop(
             );
         }
         for w in &out.writes {
-            if let crate::core::Write::Event(e, kind) = w {
+            if let Write::Event { seq, event, .. } = w {
                 // Task transitions come several per task: at debug, so a busy hub does not
-                // spend its core thread writing logs. Agents, alerts and audit at info.
-                if *kind == crate::core::EventKind::Task {
-                    debug!(target: "muster::events", seq = e.seq, "{}", e.json);
+                // spend its core thread writing logs (or rendering them). Agents, alerts
+                // and audit at info.
+                if event.kind() == EventKind::Task {
+                    debug!(target: "muster::events", seq, "{}", event_json(event));
                 } else {
-                    info!(target: "muster::events", seq = e.seq, "{}", e.json);
+                    info!(target: "muster::events", seq, "{}", event_json(event));
                 }
             }
         }
@@ -303,8 +304,11 @@ pub(super) fn core_loop(
         }
         for (id, reply) in out.replies {
             match (pending.remove(&id.0), reply) {
-                (Some(Pending::Op(tx)), Reply::Op(r)) => {
-                    let _ = tx.send(r);
+                (Some(Pending::Op(tx)), Reply::Answer(a)) => {
+                    let _ = tx.send(render_answer(&a));
+                }
+                (Some(Pending::Op(tx)), Reply::Error(e)) => {
+                    let _ = tx.send(OpResponse::Error(e));
                 }
                 (Some(Pending::Op(tx)), Reply::Stats(s)) => {
                     let _ = tx.send(render_stats(&s, &metrics));
@@ -316,6 +320,8 @@ pub(super) fn core_loop(
             }
         }
         for alert in out.alerts {
+            // Only a map with non-string keys fails to serialize; alerts have none.
+            let alert = serde_json::to_string(&alert).unwrap_or_default();
             warn!(alert = %alert, "alert");
             if let Some(tx) = &alert_tx
                 && tx.try_send(alert).is_err()

@@ -9,7 +9,7 @@ use tokio::sync::mpsc;
 
 use super::driver::Watcher;
 use super::session::internal;
-use crate::core::{Core, Stats, TaskState, views};
+use crate::core::{Answer, Core, Stats, TaskState, views};
 use crate::metrics::Counters;
 use crate::store::{Store, StoreError};
 
@@ -43,6 +43,14 @@ pub(super) fn render_stats(stats: &Stats, metrics: &Counters) -> OpResponse {
     }
 }
 
+/// An answer of the core, as the JSON text of `OpResponse::Ok`.
+pub(super) fn render_answer(answer: &Answer) -> OpResponse {
+    match serde_json::to_string(answer) {
+        Ok(json) => OpResponse::Ok { json },
+        Err(e) => internal(&format!("could not render the answer: {e}")),
+    }
+}
+
 /// Serves the read-only task queries from the store, after the batch's commit.
 pub(super) fn query(
     core: &Core,
@@ -51,7 +59,7 @@ pub(super) fn query(
     request: OpRequest,
 ) -> OpResponse {
     if let Err(e) = core.authorize(fingerprint, &request) {
-        return e;
+        return OpResponse::Error(e);
     }
     let result = (|| -> Result<OpResponse, StoreError> {
         let reader = store.reader()?;
@@ -62,9 +70,9 @@ pub(super) fn query(
                     let budget = views::REPLY_BYTES_MAX.saturating_sub(v.to_string().len());
                     let newest = reader.newest_attempts(id, ATTEMPTS_SHOWN_MAX)?;
                     let (mut attempts, left_out) =
-                        views::fit(newest.iter().map(views::attempt_json), budget);
+                        views::fit(newest.iter().map(views::AttemptView::of), budget);
                     attempts.reverse();
-                    v["attempt_history"] = attempts.into();
+                    v["attempt_history"] = serde_json::to_value(attempts).unwrap_or_default();
                     // Older attempts than those shown (by count or by size) are counted.
                     let older = t.generation.0.saturating_sub(newest.len() as u64);
                     v["attempts_not_shown"] = (left_out as u64 + older).into();
@@ -150,7 +158,7 @@ pub(super) fn start_watch(
     watchers: &mut Vec<Watcher>,
 ) {
     if let Err(e) = core.authorize(&fingerprint, &OpRequest::Watch { from }) {
-        let _ = tx.try_send(e);
+        let _ = tx.try_send(OpResponse::Error(e));
         return;
     }
     let Ok(reader) = store.reader() else { return };

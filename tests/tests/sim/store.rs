@@ -87,7 +87,7 @@ impl HubStore {
                         ));
                     }
                 }
-                Write::Event(e, _) => self.next_event_seq = self.next_event_seq.max(e.seq + 1),
+                Write::Event { seq, .. } => self.next_event_seq = self.next_event_seq.max(seq + 1),
                 Write::NextTaskId(n) => {
                     if *n < self.next_task_id {
                         return Err(format!(

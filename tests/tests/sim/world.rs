@@ -952,7 +952,7 @@ impl World {
         let requeued: BTreeSet<TaskId> = out
             .replies
             .iter()
-            .filter(|(_, r)| matches!(r, Reply::Op(OpResponse::Ok { .. })))
+            .filter(|(_, r)| matches!(r, Reply::Answer(_)))
             .filter_map(|(id, _)| self.replies.get(&id.0))
             .filter_map(|op| match self.ops.get(op).map(|o| &o.kind) {
                 Some(OpKind::Requeue { id }) => Some(*id),
@@ -1095,8 +1095,15 @@ impl World {
         let Some(id) = self.replies.remove(&reply.0) else {
             return Err(format!("a reply to unknown request {}", reply.0));
         };
-        let Reply::Op(resp) = answer else {
-            return Err("an enrollment reply to an operator request".into());
+        // Rendered as the shell renders it, so the checks below read the JSON operators get.
+        let resp = match answer {
+            Reply::Answer(a) => OpResponse::Ok {
+                json: serde_json::to_string(&a).map_err(|e| format!("an answer: {e}"))?,
+            },
+            Reply::Error(e) => OpResponse::Error(e),
+            Reply::Enroll(_) | Reply::Stats(_) => {
+                return Err("an enrollment or stats reply to an operator request".into());
+            }
         };
         let Some(op) = self.ops.remove(&id) else {
             // The duplicate of a request already answered.

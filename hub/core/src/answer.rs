@@ -1,0 +1,172 @@
+//! Answers to operator requests, typed: the core decides what an answer says,
+//! the shell renders it as the JSON text of `OpResponse::Ok`.
+//!
+//! As in [`crate::views`], fields are declared in alphabetical order, the order
+//! the JSON has always listed its keys in.
+
+use std::collections::BTreeMap;
+
+use muster_wire::TaskId;
+use muster_wire::msg::{OpErrorCode, Role};
+use serde::{Serialize, Serializer};
+
+use crate::alerts::AlertNote;
+use crate::model::{Millis, TaskRecord, TaskState};
+use crate::views::{AgentView, TaskView};
+
+/// What an operator request answers with (`stats` aside: see [`crate::Reply::Stats`]).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum Answer {
+    /// `agents`.
+    Agents(AgentList),
+    /// `agent show`.
+    Agent(Box<AgentView>),
+    /// `submit`, `task cancel`, `task requeue`.
+    Task(Box<TaskAnswer>),
+    /// `submit --batch`.
+    Batch(BatchAnswer),
+    /// `token create`.
+    Token(TokenIssued),
+    /// `agent revoke`, `identity revoke`.
+    Revoked(Revoked),
+    /// `agent drain`, `agent undrain`.
+    Drained(Drained),
+    /// `agent set`.
+    Grant(Grant),
+    /// `alerts`.
+    Alerts(AlertList),
+}
+
+/// The `agents` answer: counts by state for the whole fleet, and the agents
+/// themselves up to a byte budget.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct AgentList {
+    /// The agents listed, by name.
+    pub agents: Vec<AgentView>,
+    /// Every agent, counted by state.
+    pub by_state: BTreeMap<&'static str, u64>,
+    /// Agents in all.
+    pub total: usize,
+    /// Whether some were left out of `agents`.
+    pub truncated: bool,
+}
+
+/// A task, as [`TaskView`] shows it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaskAnswer {
+    /// The task.
+    pub task: TaskRecord,
+    /// A submission's idempotency key named this task, made before.
+    pub existing: bool,
+}
+
+impl Serialize for TaskAnswer {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        if self.existing {
+            TaskView::of_existing(&self.task).serialize(s)
+        } else {
+            TaskView::of(&self.task).serialize(s)
+        }
+    }
+}
+
+/// The `submit --batch` answer: each submission accepted or refused, in order.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct BatchAnswer {
+    /// Submissions accepted (new tasks and ones a key named).
+    pub accepted: usize,
+    /// Submissions refused.
+    pub refused: usize,
+    /// One per submission, in order.
+    pub results: Vec<BatchResult>,
+}
+
+/// What became of one submission of a batch.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum BatchResult {
+    /// A task: new, or the one its idempotency key named.
+    Accepted {
+        /// The key named a task made before.
+        #[serde(skip_serializing_if = "is_false")]
+        existing: bool,
+        /// The task.
+        id: TaskId,
+        /// Its state.
+        state: TaskState,
+    },
+    /// Refused, and why.
+    Refused {
+        /// The kind of refusal.
+        code: OpErrorCode,
+        /// Why.
+        error: String,
+    },
+}
+
+fn is_false(b: &bool) -> bool {
+    !b
+}
+
+/// The `token create` answer.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TokenIssued {
+    /// The most capabilities it grants (`None`: what the host asks for).
+    pub capabilities: Option<Vec<String>>,
+    /// Until when it is valid.
+    pub expires_at: Millis,
+    /// The only name that may enroll with it.
+    pub name: Option<String>,
+    /// The role it grants.
+    pub role: Role,
+    /// The most slots it grants (`None`: what the host asks for).
+    pub slots: Option<u32>,
+    /// The token itself: the hub's prefix and the secret.
+    pub token: String,
+}
+
+/// The `agent revoke` and `identity revoke` answer.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Revoked {
+    /// The identity's certificate fingerprint (`identity revoke` only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fingerprint: Option<String>,
+    /// Its name.
+    pub name: String,
+    /// Always `true`.
+    pub revoked: bool,
+    /// Its role.
+    pub role: Role,
+}
+
+/// The `agent drain` and `agent undrain` answer.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Drained {
+    /// Whether the agent is now drained.
+    pub drained: bool,
+    /// The agent.
+    pub name: String,
+}
+
+/// The `agent set` answer: the agent's grant now.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Grant {
+    /// The capabilities it may claim.
+    pub capabilities: Vec<String>,
+    /// The agent.
+    pub name: String,
+    /// The slots it may claim.
+    pub slots: u32,
+}
+
+/// The `alerts` answer: open alerts, oldest first, up to a byte budget.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct AlertList {
+    /// The alerts listed.
+    pub alerts: Vec<AlertNote>,
+    /// Open alerts in all.
+    pub total: usize,
+    /// Whether some were left out of `alerts`.
+    pub truncated: bool,
+}
