@@ -26,8 +26,9 @@ use crate::core::AgentCmd;
 pub const SOCKET_FILE: &str = "muster.sock";
 /// Longest request line accepted: a result is at most 256 KiB.
 const REQUEST_BYTES_MAX: u64 = 512 * 1024;
-/// How long a client waits for the daemon.
-const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a client waits for the daemon: an agent's `complete` in a git
+/// workspace waits for its tree to be checkpointed first.
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(60);
 /// Connections served at once. Each holds a task, a socket and at most
 /// [`REQUEST_BYTES_MAX`] of buffer, so the bound caps memory at about 32 MiB
 /// in the worst case; a sidecar's agents need a handful at a time.

@@ -118,7 +118,10 @@ impl Watch {
 
 /// Starts an exec run and watches it to the end. When it counts as started
 /// is the core's decision (its settle time, counted from `Spawned`).
-pub(super) async fn run(mut at: Attempt) {
+pub(super) async fn run(at: Attempt) {
+    let Some(mut at) = at.prepare_workspace().await else {
+        return;
+    };
     let argv = at.launch.argv(&at.config().command);
     let (mut watch, handle) = match launch(&at, &argv).await {
         Ok(launched) => launched,

@@ -57,6 +57,8 @@ use muster_protocol::{AgentName, Generation, TaskId};
 
 use tokio::sync::{mpsc, watch};
 
+use crate::workspace::{Fault, WorkspaceConfig, WorkspaceError, WorkspaceMode, Workspaces};
+
 /// Whether any process of the process group `pgid` is still alive.
 pub fn group_alive(pgid: u32) -> bool {
     sys::group_alive(pgid)
@@ -111,6 +113,79 @@ pub fn end_orphans(handles: &[RunHandle], grace: Duration) -> usize {
         std::thread::sleep(ORPHAN_POLL.min(deadline - now));
     }
     groups.len()
+}
+
+/// How often a workspace that takes long to prepare reports progress (well
+/// inside the hub's default start_timeout of 60 s).
+const PREPARE_PROGRESS_EVERY: Duration = Duration::from_secs(20);
+
+/// The outcome and failure of an attempt whose workspace could not be made:
+/// `setup_failed` for the setup command, `failed` (not retried) when the task's
+/// repository or base cannot work anywhere, else `workspace_failed`, a fault
+/// of this host that the hub retries elsewhere and counts against it.
+fn workspace_failure(e: &WorkspaceError) -> (Outcome, Failure) {
+    let reason = muster_protocol::limits::truncate_utf8(
+        e.to_string(),
+        muster_protocol::limits::REASON_BYTES_MAX,
+    );
+    match e {
+        WorkspaceError::Setup {
+            command,
+            exit_code,
+            signal,
+            stdout_tail,
+            stderr_tail,
+            ..
+        } => (
+            Outcome::SetupFailed,
+            Failure {
+                reason,
+                exit_code: *exit_code,
+                signal: *signal,
+                command: command.clone(),
+                stdout_tail: stdout_tail.clone(),
+                stderr_tail: stderr_tail.clone(),
+                no_retry: false,
+            },
+        ),
+        e if e.fault() == Fault::Task => (
+            Outcome::Failed,
+            Failure {
+                reason,
+                no_retry: true,
+                ..Failure::default()
+            },
+        ),
+        _ => (
+            Outcome::WorkspaceFailed,
+            Failure {
+                reason,
+                ..Failure::default()
+            },
+        ),
+    }
+}
+
+/// What a git workspace's attempt left, as the hub records it; `None` for a
+/// workspace that is not a git worktree.
+pub fn wire_work(r: crate::workspace::WorkResult) -> Option<muster_protocol::work::WorkResult> {
+    let branch = r.branch?;
+    let mut diffstat = r.diff_stat.unwrap_or_default();
+    if r.diff_stat_cut {
+        diffstat.push_str("\n… (cut)");
+    }
+    Some(muster_protocol::work::WorkResult {
+        branch,
+        base_commit: r.base_commit.unwrap_or_default(),
+        head: r.head.unwrap_or_default(),
+        commits: r
+            .commits
+            .map_or(0, |n| u32::try_from(n).unwrap_or(u32::MAX)),
+        diffstat,
+        dirty: r.dirty,
+        checkpoint: r.checkpoint,
+        link: None,
+    })
 }
 
 /// How often [`end_orphans`] checks whether the groups are gone.
@@ -213,6 +288,8 @@ struct Shared {
     /// Spawns exec runs and keeps their statuses (`exec_status = "recorded"`);
     /// without one, a `/bin/sh` wrapper per run does.
     reaper: Option<Arc<reaper::Reaper>>,
+    /// Makes each attempt's workspace before it starts and finishes it after.
+    workspaces: Arc<Workspaces>,
 }
 
 /// What the sidecar asked of a run; flags only ever turn on.
@@ -242,14 +319,31 @@ impl ProcessRunner {
             .working_dir
             .clone()
             .unwrap_or_else(|| data_dir.join("work"));
+        let workspaces = Arc::new(Workspaces::with_shared_dir(
+            WorkspaceConfig::default(),
+            &data_dir,
+            work_dir.clone(),
+        ));
         Self {
             shared: Arc::new(Shared {
                 config,
                 work_dir,
                 runs: Mutex::new(HashMap::new()),
                 reaper: reaper.map(|exe| Arc::new(reaper::Reaper::new(exe))),
+                workspaces,
             }),
         }
+    }
+
+    /// The same runner with `workspaces` (`[workspace]` in sidecar.toml)
+    /// instead of the shared working directory; call before the first run.
+    #[must_use]
+    pub fn with_workspaces(mut self, workspaces: Arc<Workspaces>) -> Self {
+        match Arc::get_mut(&mut self.shared) {
+            Some(shared) => shared.workspaces = workspaces,
+            None => tracing::error!("workspaces set on a runner already in use; ignored"),
+        }
+        self
     }
 
     /// How many runs are being watched now.
@@ -272,6 +366,7 @@ impl ProcessRunner {
         runs.insert(key, tx);
         drop(runs);
         Some(Attempt {
+            has_workspace: false,
             shared: Arc::clone(&self.shared),
             launch: Arc::new(launch::Launch::new(
                 &run,
@@ -307,9 +402,10 @@ impl Runner for ProcessRunner {
     }
 
     fn recover(&self, run: RunSpec, handle: RunHandle, events: mpsc::Sender<RunEvent>) {
-        let Some(attempt) = self.register(run, events) else {
+        let Some(mut attempt) = self.register(run, events) else {
             return;
         };
+        attempt.restore_workspace();
         match handle.mode {
             RunMode::Exec => tokio::spawn(exec::recover(attempt, handle)),
             RunMode::Wake => tokio::spawn(wake::recover(attempt, handle)),
@@ -346,6 +442,8 @@ impl Shared {
 /// One run in progress: owns the event sender, and emits `Finished` by
 /// consuming itself, so a run cannot finish twice. Dropping it unregisters the run.
 struct Attempt {
+    /// The attempt has a workspace of its own to finish when it ends.
+    has_workspace: bool,
     shared: Arc<Shared>,
     run: RunSpec,
     launch: Arc<launch::Launch>,
@@ -401,11 +499,29 @@ impl Attempt {
         .await;
     }
 
-    /// Emits the one `Finished` of this run, unless it was forgotten.
+    /// Emits the one `Finished` of this run, unless it was forgotten. A run
+    /// with a workspace finishes it first: its work is checkpointed, and what
+    /// it left goes with the report.
     async fn finish(self, outcome: Outcome, error: Option<Failure>) {
         if self.ctl.borrow().forget {
             return;
         }
+        let work = if self.has_workspace {
+            let ws = &self.shared.workspaces;
+            match ws.finish(self.run.task, self.run.generation).await {
+                Ok(r) => wire_work(r).map(Box::new),
+                Err(e) => {
+                    tracing::warn!(
+                        task = self.run.task.0,
+                        generation = self.run.generation.0,
+                        "could not finish the workspace: {e}"
+                    );
+                    None
+                }
+            }
+        } else {
+            None
+        };
         tracing::debug!(
             task = self.run.task.0,
             generation = self.run.generation.0,
@@ -418,9 +534,141 @@ impl Attempt {
             outcome,
             result: None,
             error,
-            work: None,
+            work,
         })
         .await;
+    }
+
+    /// Makes the attempt's workspace (or takes the shared directory) and points
+    /// the launch at it. `None` when the run ended here: the workspace could
+    /// not be made (`workspace_failed`, `setup_failed`, or `failed` for a task
+    /// whose repository or base cannot work anywhere), or a stop came first.
+    async fn prepare_workspace(mut self) -> Option<Self> {
+        let ws = Arc::clone(&self.shared.workspaces);
+        let (task, generation) = (self.run.task, self.run.generation);
+        let (repo, base) = (self.run.spec.repo.clone(), self.run.spec.base.clone());
+        if ws.config().mode == WorkspaceMode::Shared && repo.is_none() {
+            return Some(self);
+        }
+        let note = match &repo {
+            Some(repo) => format!("preparing a git worktree of {repo}"),
+            None => "preparing an empty workspace".to_owned(),
+        };
+        self.emit(RunEvent::Preparing {
+            task,
+            generation,
+            note: note.clone(),
+        })
+        .await;
+        let began = tokio::time::Instant::now();
+        let prepare = ws.prepare(task, generation, repo.as_deref(), base.as_deref());
+        tokio::pin!(prepare);
+        let result = loop {
+            // Progress now and then, so the hub's start deadline waits for a long fetch.
+            match self
+                .or_ctl(tokio::time::timeout(PREPARE_PROGRESS_EVERY, &mut prepare))
+                .await
+            {
+                Wait::Done(Ok(result)) => break Ok(result),
+                Wait::Done(Err(_)) => {
+                    let note = format!("{note} ({} s so far)", began.elapsed().as_secs());
+                    self.emit(RunEvent::Preparing {
+                        task,
+                        generation,
+                        note,
+                    })
+                    .await;
+                }
+                Wait::Stop => break Err(Wait::<()>::Stop),
+                Wait::Forget => break Err(Wait::Forget),
+                Wait::TimedOut(outcome) => break Err(Wait::TimedOut(outcome)),
+            }
+        };
+        match result {
+            Ok(Ok(p)) => {
+                let note = match (&p.branch, &p.base_commit) {
+                    (Some(branch), Some(commit)) => format!(
+                        "workspace ready: {} on {branch} from {}{}",
+                        p.dir.display(),
+                        &commit[..commit.len().min(12)],
+                        p.continued_from
+                            .as_ref()
+                            .map(|c| format!(", continuing {c}"))
+                            .unwrap_or_default()
+                    ),
+                    _ => format!("workspace ready: {}", p.dir.display()),
+                };
+                let work = Workdir {
+                    dir: p.dir,
+                    branch: p.branch,
+                    base: p.base,
+                };
+                self.launch = Arc::new(launch::Launch::new(
+                    &self.run,
+                    &work,
+                    self.shared.config.stdin,
+                ));
+                self.has_workspace = true;
+                self.emit(RunEvent::Prepared {
+                    task,
+                    generation,
+                    note,
+                })
+                .await;
+                Some(self)
+            }
+            Ok(Err(e)) => {
+                let (outcome, failure) = workspace_failure(&e);
+                self.finish(outcome, Some(failure)).await;
+                None
+            }
+            Err(Wait::Stop) => {
+                let failure = Failure {
+                    reason: "stopped while its workspace was being prepared".into(),
+                    ..Failure::default()
+                };
+                self.finish(Outcome::Cancelled, Some(failure)).await;
+                None
+            }
+            Err(Wait::TimedOut(outcome)) => {
+                let failure = Failure {
+                    reason: "the start deadline passed while its workspace was being prepared"
+                        .into(),
+                    ..Failure::default()
+                };
+                self.finish(outcome, Some(failure)).await;
+                None
+            }
+            Err(_) => None,
+        }
+    }
+
+    /// After a restart: the attempt works in the workspace it was given then.
+    fn restore_workspace(&mut self) {
+        let ws = &self.shared.workspaces;
+        if ws.config().mode == WorkspaceMode::Shared {
+            return;
+        }
+        let dir = ws.path(self.run.task, self.run.generation);
+        if !dir.exists() {
+            return;
+        }
+        let work = Workdir {
+            dir,
+            branch: self
+                .run
+                .spec
+                .repo
+                .as_ref()
+                .map(|_| format!("muster/{}", self.run.task)),
+            base: self.run.spec.base.clone(),
+        };
+        self.launch = Arc::new(launch::Launch::new(
+            &self.run,
+            &work,
+            self.shared.config.stdin,
+        ));
+        self.has_workspace = true;
     }
 
     /// Resolves once `stop`, `forget` or `time_out` was called; cancel safe.

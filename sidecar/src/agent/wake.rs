@@ -90,7 +90,10 @@ impl Targets {
 /// the wake command and the verification may take is the core's deadline: it
 /// arrives as `time_out`. Every end but the agent's own (cancel, abandon, a
 /// deadline) stops the agent, so a run the hub gave up on never keeps running.
-pub(super) async fn run(mut at: Attempt) {
+pub(super) async fn run(at: Attempt) {
+    let Some(mut at) = at.prepare_workspace().await else {
+        return;
+    };
     let argv = at.launch.argv(&at.config().command);
     let launch = Arc::clone(&at.launch);
     let spawn_argv = argv.clone();

@@ -70,7 +70,8 @@ pub(super) async fn serve(
         .await
         .map_err(|e| fail(format!("loading the key: {e}")))??;
     tracing::info!("private key from {source}");
-    let runner = Arc::new(match crate::agent::own_executable() {
+    let workspaces = Arc::new(crate::workspace::Workspaces::from_config(&cfg));
+    let runner = match crate::agent::own_executable() {
         Ok(exe) => ProcessRunner::with_reaper(cfg.agent.clone(), cfg.data_dir.clone(), exe),
         Err(e) => {
             tracing::warn!(
@@ -78,12 +79,14 @@ pub(super) async fn serve(
             );
             ProcessRunner::new(cfg.agent.clone(), cfg.data_dir.clone())
         }
-    });
+    };
+    let runner = Arc::new(runner.with_workspaces(Arc::clone(&workspaces)));
     let opts = daemon::Options {
         config: cfg,
         credential,
         runner,
         local_socket: true,
+        workspaces,
     };
     let shutdown = async {
         let mut term =

@@ -4,6 +4,7 @@
 use muster_protocol::msg::{Heartbeat, Hello, SessionMsg, SidecarState};
 
 use super::Daemon;
+use crate::config::WorkspaceMode;
 use crate::core::Core;
 
 impl Daemon {
@@ -14,7 +15,11 @@ impl Daemon {
             capabilities: self.cfg.capabilities.clone(),
             slots: self.cfg.slots,
             resume: core.held(),
-            workspace: Default::default(),
+            workspace: match self.cfg.workspace.mode {
+                WorkspaceMode::Shared => muster_protocol::work::WorkspaceMode::Shared,
+                WorkspaceMode::Dir => muster_protocol::work::WorkspaceMode::Dir,
+                WorkspaceMode::Git => muster_protocol::work::WorkspaceMode::Git,
+            },
         }
     }
 

@@ -44,6 +44,7 @@ mod metrics;
 mod recovery;
 mod requests;
 mod session;
+mod workspaces;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -63,6 +64,7 @@ use crate::queue::{Queue, QueueError};
 use crate::rundirs::RunDirs;
 use metrics::{Scrape, SidecarStats, WakeClock, http_handler};
 use session::{ToMain, session_loop};
+use workspaces::{Finalize, Sweep};
 
 /// Events handled per commit at most.
 const BATCH_LEN_MAX: usize = 1024;
@@ -87,6 +89,8 @@ pub struct Options {
     pub runner: Arc<dyn Runner>,
     /// Whether to bind the local socket (benchmarks with many sessions per process don't).
     pub local_socket: bool,
+    /// The workspace layer, shared with the runner (one lock per mirror).
+    pub workspaces: Arc<crate::workspace::Workspaces>,
 }
 
 /// The daemon could not start or hit a fatal error.
@@ -140,6 +144,8 @@ struct Io {
     _senders: (mpsc::Sender<Incoming>, mpsc::Sender<Scrape>),
     run_rx: mpsc::Receiver<RunEvent>,
     local_rx: mpsc::Receiver<Incoming>,
+    /// Agent reports that ended an attempt, back with what its workspace holds.
+    finalize_rx: mpsc::Receiver<Finalize>,
     health_rx: mpsc::Receiver<Result<(), String>>,
     scrape_rx: mpsc::Receiver<Scrape>,
     /// The session, local socket and HTTP tasks, aborted at the end.
@@ -176,6 +182,7 @@ async fn start(opts: Options) -> Result<(Daemon, Core, Arc<Queue>, Io), DaemonEr
     }
     let (run_tx, run_rx) = mpsc::channel(RUN_QUEUE_LEN);
     let (health_tx, health_rx) = mpsc::channel(1);
+    let (finalize_tx, finalize_rx) = mpsc::channel(LOCAL_QUEUE_LEN);
     let (scrape_tx, scrape_rx) = mpsc::channel::<Scrape>(8);
     if let Some(addr) = cfg.http_listen {
         let http = muster_protocol::http::serve(addr, http_handler(scrape_tx.clone()))
@@ -211,6 +218,9 @@ async fn start(opts: Options) -> Result<(Daemon, Core, Arc<Queue>, Io), DaemonEr
         wake: WakeClock::default(),
         orphans: std::collections::HashMap::new(),
         releases: Vec::new(),
+        workspaces: opts.workspaces,
+        finalize_tx,
+        sweep: Sweep::default(),
     };
     let orphans = d.sweep_runs(&core).await;
     core.handle_startup(d.now(), orphans);
@@ -220,6 +230,7 @@ async fn start(opts: Options) -> Result<(Daemon, Core, Arc<Queue>, Io), DaemonEr
         _senders: (local_tx, scrape_tx),
         run_rx,
         local_rx,
+        finalize_rx,
         health_rx,
         scrape_rx,
         tasks,
@@ -268,6 +279,7 @@ async fn serve(
             Some(m) = from_session.recv() => events.push(Ev::Session(m)),
             Some(e) = io.run_rx.recv() => events.push(Ev::Run(e)),
             Some(l) = io.local_rx.recv() => events.push(Ev::Local(l)),
+            Some(f) = io.finalize_rx.recv() => events.push(Ev::Finalized(f)),
             _ = sleep_until(due), if due.is_some() => events.push(Ev::Timeout),
             Some(req) = io.scrape_rx.recv() => {
                 scrape(d, core, queue, req);
@@ -280,6 +292,7 @@ async fn serve(
             }
             _ = tick.tick() => {
                 let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+                d.maybe_sweep();
                 continue;
             }
             _ = &mut shutdown => return Ok(()),
@@ -321,6 +334,7 @@ async fn serve(
             d.perform(core, e);
         }
         d.release_run_dirs();
+        d.maybe_sweep();
         for (answer, reply) in answers {
             let _ = reply.send(answer);
         }
@@ -397,6 +411,8 @@ enum Ev {
     Session(ToMain),
     Run(RunEvent),
     Local(Incoming),
+    /// An agent's `complete` or `fail`, with what its workspace holds.
+    Finalized(Finalize),
     /// The core's [`Core::poll_timeout`] has come.
     Timeout,
 }
@@ -442,6 +458,12 @@ struct Daemon {
     >,
     /// Run directories the core released in this batch, removed after it.
     releases: Vec<(PathBuf, Option<crate::agent::RunHandle>)>,
+    /// The workspace layer, shared with the runner.
+    workspaces: Arc<crate::workspace::Workspaces>,
+    /// Where finished workspaces come back for [`Ev::Finalized`].
+    finalize_tx: mpsc::Sender<Finalize>,
+    /// When the finished workspaces were last swept, and whether a sweep runs.
+    sweep: Sweep,
 }
 
 impl Daemon {
@@ -479,9 +501,16 @@ impl Daemon {
             }
             Ev::Run(e) => {
                 self.observe_run(&e);
+                if matches!(e, RunEvent::Finished { .. }) {
+                    self.sweep.due = true;
+                }
                 core.handle_run(now, e);
             }
-            Ev::Local((req, reply)) => return Some((self.answer(core, req), reply)),
+            Ev::Local((req, reply)) => return self.local(core, req, reply),
+            Ev::Finalized(f) => {
+                self.sweep.due = true;
+                return Some(self.finalized(core, f));
+            }
             Ev::Timeout => core.handle_timeout(now),
         }
         None

@@ -22,30 +22,10 @@ impl Daemon {
 
     /// An agent request: only for the attempt whose token it carries.
     pub(super) fn agent(&mut self, core: &mut Core, req: local::AgentRequest) -> Answer {
-        use muster_protocol::{Generation, TaskId};
-        let (Some(task), Some(generation)) = (req.task, req.generation) else {
-            warn!(
-                task = req.task,
-                generation = req.generation,
-                "local socket: refused an agent request that names no attempt"
-            );
-            return Answer::err(
-                "this request does not say which attempt it is about: run it from the agent's environment, where MUSTER_TASK_ID, MUSTER_GENERATION and MUSTER_TASK_TOKEN are set",
-            );
+        let (task, generation) = match self.authenticate(&req) {
+            Ok(attempt) => attempt,
+            Err(refused) => return refused,
         };
-        let (task, generation) = (TaskId(task), Generation(generation));
-        let Some(token) = req.token else {
-            warn!(%task, %generation, "local socket: refused an agent request without a task token");
-            return Answer::err(&format!(
-                "this request carries no task token for task {task} generation {generation}: run it from the agent's environment, where MUSTER_TASK_TOKEN is set (the agent may only report on its own attempt)"
-            ));
-        };
-        if !self.token_key.verify(task, generation, &token) {
-            warn!(%task, %generation, "local socket: refused an agent request whose task token does not match");
-            return Answer::err(&format!(
-                "this request's task token does not match task {task} generation {generation}; the agent may only report on its own attempt"
-            ));
-        }
         if matches!(req.cmd, crate::core::AgentCmd::Current) {
             return match core.attempt(task, generation) {
                 Ok(t) => Answer::ok(
@@ -59,6 +39,38 @@ impl Daemon {
             Ok(m) => Answer::ok(m, serde_json::Value::Null),
             Err(m) => Answer::err(&m),
         }
+    }
+
+    /// The attempt an agent request is about, if it carries that attempt's token.
+    pub(super) fn authenticate(
+        &self,
+        req: &local::AgentRequest,
+    ) -> Result<(muster_protocol::TaskId, muster_protocol::Generation), Answer> {
+        use muster_protocol::{Generation, TaskId};
+        let (Some(task), Some(generation)) = (req.task, req.generation) else {
+            warn!(
+                task = req.task,
+                generation = req.generation,
+                "local socket: refused an agent request that names no attempt"
+            );
+            return Err(Answer::err(
+                "this request does not say which attempt it is about: run it from the agent's environment, where MUSTER_TASK_ID, MUSTER_GENERATION and MUSTER_TASK_TOKEN are set",
+            ));
+        };
+        let (task, generation) = (TaskId(task), Generation(generation));
+        let Some(token) = &req.token else {
+            warn!(%task, %generation, "local socket: refused an agent request without a task token");
+            return Err(Answer::err(&format!(
+                "this request carries no task token for task {task} generation {generation}: run it from the agent's environment, where MUSTER_TASK_TOKEN is set (the agent may only report on its own attempt)"
+            )));
+        };
+        if !self.token_key.verify(task, generation, token) {
+            warn!(%task, %generation, "local socket: refused an agent request whose task token does not match");
+            return Err(Answer::err(&format!(
+                "this request's task token does not match task {task} generation {generation}; the agent may only report on its own attempt"
+            )));
+        }
+        Ok((task, generation))
     }
 
     pub(super) fn status(&self, core: &Core) -> serde_json::Value {

@@ -184,11 +184,13 @@ impl Fleet {
                 muster_sidecar::agent::own_executable()?,
             )),
         };
+        let workspaces = Arc::new(muster_sidecar::workspace::Workspaces::from_config(&config));
         let opts = Options {
             config,
             credential: id.cred.clone(),
             runner,
             local_socket: false,
+            workspaces,
         };
         let stop = self.stop.clone();
         self.daemons.push(tokio::spawn(async move {
