@@ -377,6 +377,17 @@ muster_config::words!(WorkspaceMode {
     WorkspaceMode::Git => "git",
 });
 
+impl WorkspaceMode {
+    /// The mode's word in sidecar.toml.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WorkspaceMode::Shared => "shared",
+            WorkspaceMode::Dir => "dir",
+            WorkspaceMode::Git => "git",
+        }
+    }
+}
+
 /// Where a retried attempt of a task starts in git mode (`continue = true | false`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum RetryFrom {

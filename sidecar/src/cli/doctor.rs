@@ -1,5 +1,5 @@
-//! `doctor`: check the config, the key, the agent command, disk space and
-//! the hub, one line each.
+//! `doctor`: check the config, the key, the agent command, disk space, the
+//! workspaces and the hub, one line each.
 
 use std::path::Path;
 use std::time::Instant;
@@ -8,7 +8,8 @@ use muster_protocol::client;
 
 use super::serve::load_credential;
 use super::{Failure, fail};
-use crate::config::{CONFIG_FILE, SidecarConfig};
+use crate::config::{CONFIG_FILE, SidecarConfig, WorkspaceMode};
+use crate::workspace::Workspaces;
 
 /// Runs every check and fails if any did.
 pub(super) async fn doctor(data_dir: &Path) -> Result<(), Failure> {
@@ -51,6 +52,7 @@ pub(super) async fn doctor(data_dir: &Path) -> Result<(), Failure> {
                 None => Err("cannot tell the free space of the state directory".into()),
             },
         );
+        checks.check("workspaces", workspaces(cfg).await);
         if let Ok((cred, _)) = &cred {
             let started = Instant::now();
             let hub = match client::connect(&cfg.hub, cred).await {
@@ -78,4 +80,44 @@ pub(super) async fn doctor(data_dir: &Path) -> Result<(), Failure> {
     } else {
         Ok(())
     }
+}
+
+/// The workspace mode, git when it is needed, and disk use against `max_disk`.
+async fn workspaces(cfg: &SidecarConfig) -> Result<String, String> {
+    let ws = Workspaces::from_config(cfg);
+    let c = &cfg.workspace;
+    if c.mode == WorkspaceMode::Shared {
+        return Ok(format!(
+            "mode shared: every attempt works in {}",
+            ws.shared_dir().display()
+        ));
+    }
+    let git = match c.mode {
+        WorkspaceMode::Git => {
+            let v = crate::workspace::git_version()
+                .await
+                .map_err(|e| e.to_string())?;
+            format!(", {v}")
+        }
+        _ => String::new(),
+    };
+    let max = c.max_disk;
+    let usage = tokio::task::spawn_blocking(move || ws.disk_use())
+        .await
+        .map_err(|e| format!("measuring the workspaces failed: {e}"))?;
+    let human = super::workspaces::human_bytes;
+    let line = format!(
+        "mode {}{git}: {} in {} workspaces (max_disk {}), mirrors {}",
+        c.mode.as_str(),
+        human(usage.workspaces),
+        usage.count,
+        human(max),
+        human(usage.mirrors)
+    );
+    if usage.workspaces > max {
+        return Err(format!(
+            "{line}: above max_disk; the daemon's sweep removes finished workspaces oldest first, and if running ones alone exceed it, raise max_disk"
+        ));
+    }
+    Ok(line)
 }

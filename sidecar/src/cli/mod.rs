@@ -4,13 +4,15 @@
 //!
 //! One module per command group: [`serve`] (`run`, and the config and key it
 //! loads), [`enroll`], [`doctor`], [`agent`] (the commands that talk to the
-//! running sidecar's socket: `task …`, `status`, `whoami`). This file holds
-//! the arguments and the dispatch.
+//! running sidecar's socket: `task …`, `status`, `whoami`), [`workspaces`]
+//! (the attempt workspaces on this host). This file holds the arguments and
+//! the dispatch.
 
 mod agent;
 mod doctor;
 mod enroll;
 mod serve;
+mod workspaces;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -88,6 +90,18 @@ enum Command {
     Doctor {
         #[arg(long, default_value = DEFAULT_DATA_DIR)]
         data_dir: PathBuf,
+    },
+    /// List the attempt workspaces on this host: task, generation, state, size, branch.
+    Workspaces {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// sidecar.toml to use (default: <data-dir>/sidecar.toml).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// The state directory.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
     },
     /// Agent commands about the current task.
     Task {
@@ -217,6 +231,11 @@ async fn run(command: Command) -> Result<(), Failure> {
             message: "the reaper runs before the runtime starts".into(),
         }),
         Command::Doctor { data_dir } => doctor::doctor(&data_dir).await,
+        Command::Workspaces {
+            json,
+            config,
+            data_dir,
+        } => workspaces::workspaces(json, config, data_dir).await,
         Command::Task { command, task_file } => agent::task(command, task_file.as_deref()).await,
         Command::Whoami => agent::whoami().await,
     }

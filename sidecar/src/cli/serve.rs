@@ -11,7 +11,9 @@ use crate::agent::ProcessRunner;
 use crate::config::{CONFIG_FILE, SidecarConfig};
 use crate::{daemon, keystore};
 
-fn load_config(
+/// The configuration at `config` (default `<data_dir>/sidecar.toml`), with
+/// `data_dir` overriding the file's when given.
+pub(super) fn load_config(
     config: Option<PathBuf>,
     data_dir: Option<PathBuf>,
 ) -> Result<SidecarConfig, Failure> {

@@ -46,11 +46,13 @@ const REFSPECS: [&str; 2] = [
 ];
 
 /// Appended to each new mirror's config. They hold for agents' own git
-/// commands in the worktrees, which share this repository: no automatic gc
-/// while several trees use it (the sweep runs `gc --auto` under the mirror's
-/// lock), and waits on ref locks rather than failing at once when two trees
-/// update refs together.
-const MIRROR_CONFIG: &str = "[gc]\n\tauto = 0\n\tautoDetach = false\n\
+/// commands in the worktrees, which share this repository: a plain `git
+/// fetch` in a tree updates the same `refs/remotes/origin/*` ours does (and
+/// so never a `muster/*` branch); no automatic gc while several trees use it
+/// (the sweep runs `gc --auto` under the mirror's lock); and waits on ref
+/// locks rather than failing at once when two trees update refs together.
+const MIRROR_CONFIG: &str = "[remote \"origin\"]\n\tfetch = +refs/heads/*:refs/remotes/origin/*\n\
+                             [gc]\n\tauto = 0\n\tautoDetach = false\n\
                              [maintenance]\n\tauto = false\n\
                              [core]\n\tpackedRefsTimeout = 10000\n\tfilesRefLockTimeout = 2000\n";
 

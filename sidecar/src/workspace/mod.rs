@@ -380,6 +380,11 @@ impl Workspaces {
         &self.root
     }
 
+    /// The directory every attempt works in, in shared mode.
+    pub fn shared_dir(&self) -> &Path {
+        &self.shared
+    }
+
     /// Where repository mirrors live.
     pub fn mirrors_dir(&self) -> &Path {
         &self.mirrors
@@ -422,7 +427,7 @@ impl Workspaces {
             (WorkspaceMode::Shared | WorkspaceMode::Dir, Some(repo)) => {
                 return Err(WorkspaceError::RepoNotSupported {
                     repo: repo.into(),
-                    mode: mode_word(mode),
+                    mode: mode.as_str(),
                 });
             }
             _ => {}
@@ -943,6 +948,36 @@ impl Record {
     }
 }
 
+/// The installed git's version line, e.g. "git version 2.47.3", for `doctor`.
+///
+/// # Errors
+/// git is missing or does not answer within a few seconds.
+pub async fn git_version() -> Result<String, WorkspaceError> {
+    let cmd = run::GitCmd::new(Path::new("/"), ["--version"]);
+    let display = cmd.display();
+    match cmd
+        .run(std::time::Duration::from_secs(10), run::Keep::Head(256))
+        .await
+    {
+        Ok(out) if out.status.success() => Ok(run::text(&out.stdout)),
+        Ok(out) => Err(WorkspaceError::Git {
+            command: display,
+            detail: run::text(&out.stderr),
+            timed_out: false,
+        }),
+        Err(e) => Err(WorkspaceError::Git {
+            command: display,
+            detail: match e {
+                run::RunError::Spawn(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    "git is not installed or not in PATH; install git 2.24 or newer".into()
+                }
+                other => format!("{other:?}"),
+            },
+            timed_out: false,
+        }),
+    }
+}
+
 // === Checks of task input ===
 
 /// Longest repository text accepted.
@@ -1028,14 +1063,6 @@ fn setup_outcome(exit_code: Option<i32>, signal: Option<i32>, timed_out: bool) -
         (Some(c), _) => format!("exited with code {c}"),
         (None, Some(s)) => format!("was killed by signal {s}"),
         (None, None) => "could not be started".into(),
-    }
-}
-
-fn mode_word(mode: WorkspaceMode) -> &'static str {
-    match mode {
-        WorkspaceMode::Shared => "shared",
-        WorkspaceMode::Dir => "dir",
-        WorkspaceMode::Git => "git",
     }
 }
 

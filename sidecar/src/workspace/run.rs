@@ -31,14 +31,12 @@ pub(super) const STDOUT_MAX: usize = 1 << 20;
 
 /// Environment every git command gets, so that none can wait for a person:
 /// no terminal prompt, askpass programs that answer nothing (`true` prints an
-/// empty line), ssh using askpass rather than the terminal, and only
-/// protocols git allows without a user's say (no `ext::`).
+/// empty line), and ssh using askpass rather than the terminal.
 const GIT_ENV: &[(&str, &str)] = &[
     ("GIT_TERMINAL_PROMPT", "0"),
     ("GIT_ASKPASS", "true"),
     ("SSH_ASKPASS", "true"),
     ("SSH_ASKPASS_REQUIRE", "force"),
-    ("GIT_PROTOCOL_FROM_USER", "0"),
 ];
 
 /// Variables that would point git at another repository, index or object
@@ -55,11 +53,19 @@ const GIT_ENV_REMOVED: &[&str] = &[
     "GIT_CONFIG_PARAMETERS",
 ];
 
-/// Settings every git command gets on its command line: no automatic gc or
-/// maintenance inside a timed command (one killed by its timeout could leave
-/// `packed-refs.lock` behind; the sweep runs `gc --auto` instead), no
-/// signing prompt, and no hooks of ours to run.
+/// Settings every git command gets on its command line: only the transports
+/// of real repositories (no `ext::` or other remote helpers that run
+/// commands; `file` is allowed because a task's repo may be a local path),
+/// no automatic gc or maintenance inside a timed command (one killed by its
+/// timeout could leave `packed-refs.lock` behind; the sweep runs `gc --auto`
+/// instead), no signing prompt, and no hooks of ours to run.
 const GIT_CONFIG: &[&str] = &[
+    "protocol.allow=never",
+    "protocol.https.allow=always",
+    "protocol.http.allow=always",
+    "protocol.ssh.allow=always",
+    "protocol.git.allow=always",
+    "protocol.file.allow=always",
     "gc.auto=0",
     "maintenance.auto=false",
     "commit.gpgSign=false",
