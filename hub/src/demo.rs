@@ -32,6 +32,10 @@ const FLEET: [(&str, &[&str], &str, u32); 3] = [
     ("gamma", &["gpu", "review"], "wake", 2),
 ];
 
+/// The coding sidecar: git workspaces on the sample repository; only it takes
+/// tasks with `--repo`, each in a worktree of its own on branch `muster/<id>`.
+const CODER: (&str, &[&str], &str, u32) = ("delta", &[], "git", 2);
+
 /// Runs the demo with `tasks` sample tasks. Returns an error if any step fails
 /// or if not every task reached a terminal state in time.
 ///
@@ -91,15 +95,35 @@ async fn fleet(dir: &Path, tasks: usize) -> Result<(), CliError> {
     let session = connect.connect().await?;
     let agents_dir = dir.join("agents");
     write_agents(&agents_dir, &exe).map_err(fail("writing the sample agents"))?;
+    // The coding part needs git; without it the demo says so and runs the rest.
+    let repo = match sample_repo(&dir.join("sample-repo")).await {
+        Ok(repo) => Some(repo),
+        Err(e) => {
+            println!("  (no git workspaces in this run: {e})");
+            None
+        }
+    };
+    let mut fleet: Vec<_> = FLEET.to_vec();
+    if repo.is_some() {
+        fleet.push(CODER);
+    }
     let mut children = Vec::new();
-    for (name, caps, mode, slots) in FLEET {
+    for &(name, caps, mode, slots) in &fleet {
         let child =
             start_sidecar(&exe, &session, dir, &agents_dir, name, caps, mode, slots).await?;
         children.push(child);
     }
-    wait_online(&session).await?;
-    println!("  fleet online: alpha (exec), beta (exec), gamma (wake, the only one with `gpu`)\n");
-    let outcome = run_tasks(&session, tasks).await;
+    wait_online(&session, fleet.len()).await?;
+    println!("  fleet online: alpha (exec), beta (exec), gamma (wake, the only one with `gpu`)");
+    if let Some(repo) = &repo {
+        println!(
+            "  and delta (git workspaces): tasks with --repo {} run there, each in its own worktree\n",
+            repo.display()
+        );
+    } else {
+        println!();
+    }
+    let outcome = run_tasks(&session, tasks, repo.as_deref()).await;
     let stats = session.call(OpRequest::Stats).await;
     for c in &mut children {
         if let Some(pid) = c.id() {
@@ -159,6 +183,21 @@ sleep 0.$(( ($$ % 7) + 2 ))
 exit 0
 "#
     );
+    // git workspace mode: the run's directory is a worktree of the task's
+    // repository on branch muster/<task>; the agent edits it and commits.
+    let code = format!(
+        r#"#!/bin/sh
+# Sample coding agent: reads its prompt, edits the worktree, commits on its branch.
+set -e
+# A task without a repository gets an empty directory: nothing to commit.
+[ -n "${{MUSTER_BRANCH:-}}" ] || exit 0
+{cli} task progress "working on $MUSTER_BRANCH in $MUSTER_WORKSPACE" >/dev/null
+title=$(head -n 1 "$MUSTER_PROMPT_FILE")
+printf -- '- %s (task %s)\n' "$title" "$MUSTER_TASK_ID" >> CHANGES.md
+git add CHANGES.md
+git -c user.name=demo-agent -c user.email=demo@example.invalid commit -q -m "$title"
+"#
+    );
     // wake mode: the command only wakes a worker that lives on, which acknowledges
     // its start and reports completion itself.
     let wake = format!(
@@ -168,7 +207,11 @@ nohup sh -c '{cli} task start >/dev/null; sleep 0.4; {cli} task progress "half w
 exit 0
 "#
     );
-    for (name, text) in [("exec-agent.sh", exec), ("wake-agent.sh", wake)] {
+    for (name, text) in [
+        ("exec-agent.sh", exec),
+        ("wake-agent.sh", wake),
+        ("code-agent.sh", code),
+    ] {
         let p = dir.join(name);
         std::fs::write(&p, text).map_err(|e| e.to_string())?;
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755))
@@ -221,10 +264,10 @@ async fn start_sidecar(
         ));
     }
     let path = data.join(SIDECAR_CONFIG);
-    let command = agents.join(if mode == "wake" {
-        "wake-agent.sh"
-    } else {
-        "exec-agent.sh"
+    let command = agents.join(match mode {
+        "wake" => "wake-agent.sh",
+        "git" => "code-agent.sh",
+        _ => "exec-agent.sh",
     });
     edit_sidecar_config(&path, slots, mode, &command).map_err(fail("editing sidecar.toml"))?;
     let log = std::fs::File::create(data.join("sidecar.log"))
@@ -255,10 +298,16 @@ fn edit_sidecar_config(path: &Path, slots: u32, mode: &str, command: &Path) -> R
         .map_err(|e| format!("{}: {e}", path.display()))?;
     doc.insert("slots".into(), Value::Integer(slots.into()));
     doc.insert("disk_floor_mb".into(), Value::Integer(0));
-    let agent = doc
-        .entry("agent")
+    doc.entry("agent")
         .or_insert_with(|| Value::Table(toml::Table::new()));
-    let Value::Table(agent) = agent else {
+    let (mode, workspace) = match mode {
+        "git" => ("exec", "git"),
+        other => (other, "shared"),
+    };
+    let mut ws = toml::Table::new();
+    ws.insert("mode".into(), Value::String(workspace.into()));
+    doc.insert("workspace".into(), Value::Table(ws));
+    let Some(Value::Table(agent)) = doc.get_mut("agent") else {
         return Err(format!("{}: [agent] is not a table", path.display()));
     };
     agent.insert("mode".into(), Value::String(mode.into()));
@@ -316,24 +365,77 @@ fn sidecar_binary() -> Result<std::path::PathBuf, String> {
     }
 }
 
-async fn wait_online(session: &Session) -> Result<(), CliError> {
+async fn wait_online(session: &Session, n: usize) -> Result<(), CliError> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let v = session.call(OpRequest::Agents).await?;
         let online = v["agents"]
             .as_array()
             .map_or(0, |a| a.iter().filter(|a| a["available"] == true).count());
-        if online == FLEET.len() {
+        if online == n {
             return Ok(());
         }
         if Instant::now() > deadline {
             return Err(CliError::fail(format!(
-                "demo: only {online} of {} sidecars came online within 30 s",
-                FLEET.len()
+                "demo: only {online} of {n} sidecars came online within 30 s"
             )));
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// The coding tasks the demo submits when git is there.
+const CODE_TASKS: [&str; 2] = ["document the sample API", "add a changelog entry"];
+
+/// A small git repository with one commit, for the coding sidecar.
+async fn sample_repo(dir: &Path) -> Result<std::path::PathBuf, String> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    std::fs::write(
+        dir.join("README.md"),
+        "# sample\n\nA repository the muster demo made.\n",
+    )
+    .map_err(|e| e.to_string())?;
+    std::fs::write(dir.join("CHANGES.md"), "# Changes\n\n").map_err(|e| e.to_string())?;
+    let git = |args: &'static [&'static str]| {
+        let mut c = Command::new("git");
+        c.arg("-C")
+            .arg(dir)
+            .args(args)
+            .env("GIT_TERMINAL_PROMPT", "0")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true);
+        c
+    };
+    let steps: [&'static [&'static str]; 3] = [
+        &["init", "-q", "-b", "main"],
+        &["add", "-A"],
+        &[
+            "-c",
+            "user.name=muster demo",
+            "-c",
+            "user.email=demo@example.invalid",
+            "commit",
+            "-q",
+            "-m",
+            "the sample repository",
+        ],
+    ];
+    for args in steps {
+        let out = tokio::time::timeout(Duration::from_secs(30), git(args).output())
+            .await
+            .map_err(|_| format!("git {} took over 30 s", args.join(" ")))?
+            .map_err(|e| format!("git is not available ({e})"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "git {} failed: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+    }
+    Ok(dir.to_path_buf())
 }
 
 fn sample(i: usize) -> SubmitRequest {
@@ -362,14 +464,33 @@ fn sample(i: usize) -> SubmitRequest {
     }
 }
 
-async fn run_tasks(session: &Session, n: usize) -> Result<(), CliError> {
+async fn run_tasks(session: &Session, n: usize, repo: Option<&Path>) -> Result<(), CliError> {
     let started = Instant::now();
     let mut ids = Vec::new();
     for i in 0..n {
         let v = session.call(OpRequest::Submit(sample(i))).await?;
         ids.push(TaskId(v["id"].as_u64().unwrap_or_default()));
     }
-    println!("submitted {n} tasks with mixed priorities and capabilities\n");
+    let coding = repo.map_or(0, |_| CODE_TASKS.len());
+    if let Some(repo) = repo {
+        for title in CODE_TASKS {
+            let req = SubmitRequest {
+                title: title.into(),
+                description: "A sample coding task: add a line to CHANGES.md and commit it.".into(),
+                max_attempts: Some(3),
+                timeout_ms: Some(60_000),
+                repo: Some(repo.display().to_string()),
+                labels: vec![("kind".into(), "code".into())],
+                ..Default::default()
+            };
+            let v = session.call(OpRequest::Submit(req)).await?;
+            ids.push(TaskId(v["id"].as_u64().unwrap_or_default()));
+        }
+    }
+    println!(
+        "submitted {} tasks with mixed priorities and capabilities ({coding} of them on the sample repository)\n",
+        n + coding
+    );
     let mut last: BTreeMap<u64, String> = BTreeMap::new();
     let mut finished: BTreeMap<u64, Value> = BTreeMap::new();
     while finished.len() < ids.len() {
@@ -422,8 +543,8 @@ async fn run_tasks(session: &Session, n: usize) -> Result<(), CliError> {
 
 fn summary(tasks: &BTreeMap<u64, Value>) {
     println!(
-        "\n{:>4}  {:<48} {:<6} {:>8} {:<10} {:>7}",
-        "TASK", "TITLE", "AGENT", "ATTEMPTS", "OUTCOME", "TIME"
+        "\n{:>4}  {:<48} {:<6} {:>8} {:<10} {:>7}  {}",
+        "TASK", "TITLE", "AGENT", "ATTEMPTS", "OUTCOME", "TIME", "BRANCH @ HEAD"
     );
     for (id, v) in tasks {
         let secs = v["updated_at"]
@@ -432,8 +553,19 @@ fn summary(tasks: &BTreeMap<u64, Value>) {
             .saturating_sub(v["submitted_at"].as_u64().unwrap_or(0)) as f64
             / 1000.0;
         let title: String = v["title"].as_str().unwrap_or("").chars().take(48).collect();
+        // The last attempt's work, for tasks on a repository.
+        let work = v["attempt_history"]
+            .as_array()
+            .and_then(|a| a.last())
+            .map(|a| &a["work"])
+            .filter(|w| w.is_object())
+            .map(|w| {
+                let head: String = w["head"].as_str().unwrap_or("").chars().take(12).collect();
+                format!("{} @ {head}", w["branch"].as_str().unwrap_or("?"))
+            })
+            .unwrap_or_default();
         println!(
-            "{id:>4}  {title:<48} {:<6} {:>8} {:<10} {secs:>6.2}s",
+            "{id:>4}  {title:<48} {:<6} {:>8} {:<10} {secs:>6.2}s  {work}",
             v["agent"].as_str().unwrap_or("-"),
             v["attempts"],
             v["state"].as_str().unwrap_or("?"),

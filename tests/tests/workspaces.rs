@@ -659,7 +659,7 @@ fn two_wake_runs_on_one_host_are_told_apart_when_one_dies() {
     sc.set_agent("start_timeout", "\"20s\"");
     go_online(&hub, &mut sc);
 
-    let a = submit(&hub, "wake A", &[]);
+    let a = submit(&hub, "wake A", &["--max-attempts", "1"]);
     let b = submit(&hub, "wake B", &[]);
     let pids: Vec<u32> = [a, b]
         .iter()
