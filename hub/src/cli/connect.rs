@@ -423,7 +423,7 @@ pub fn task_detail(t: &Value) -> String {
             s(a, "outcome")
         ));
         let w = &a["work"];
-        if !w.is_null() {
+        if w["branch"].as_str().is_some_and(|b| !b.is_empty()) {
             out.push_str(&format!(
                 "    branch {}  head {}  {} commit(s) since {}{}\n",
                 s(w, "branch"),
@@ -439,9 +439,6 @@ pub fn task_detail(t: &Value) -> String {
             if !w["checkpoint"].is_null() {
                 out.push_str(&format!("    checkpoint {}\n", s(w, "checkpoint")));
             }
-            if !w["link"].is_null() {
-                out.push_str(&format!("    link {}\n", s(w, "link")));
-            }
             let stat = s(w, "diffstat");
             if !stat.trim().is_empty() && stat != "-" {
                 out.push_str(&format!(
@@ -449,6 +446,9 @@ pub fn task_detail(t: &Value) -> String {
                     stat.trim_end().replace('\n', "\n    ")
                 ));
             }
+        }
+        if w["link"].is_string() {
+            out.push_str(&format!("    link {}\n", s(w, "link")));
         }
         let e = &a["error"];
         if !e.is_null() {
