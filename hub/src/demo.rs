@@ -543,8 +543,8 @@ async fn run_tasks(session: &Session, n: usize, repo: Option<&Path>) -> Result<(
 
 fn summary(tasks: &BTreeMap<u64, Value>) {
     println!(
-        "\n{:>4}  {:<48} {:<6} {:>8} {:<10} {:>7}  {}",
-        "TASK", "TITLE", "AGENT", "ATTEMPTS", "OUTCOME", "TIME", "BRANCH @ HEAD"
+        "\n{:>4}  {:<48} {:<6} {:>8} {:<10} {:>7}  BRANCH @ HEAD",
+        "TASK", "TITLE", "AGENT", "ATTEMPTS", "OUTCOME", "TIME"
     );
     for (id, v) in tasks {
         let secs = v["updated_at"]

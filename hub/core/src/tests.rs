@@ -113,6 +113,8 @@ struct H {
     online: BTreeMap<ConnId, Vec<HeldTask>>,
     /// The agent behind each connection ever opened.
     conn_agent: HashMap<ConnId, String>,
+    /// The workspace mode the next hellos announce.
+    workspace: muster_wire::work::WorkspaceMode,
 }
 
 impl H {
@@ -133,6 +135,7 @@ impl H {
             next_report: 1,
             online: BTreeMap::new(),
             conn_agent: HashMap::new(),
+            workspace: muster_wire::work::WorkspaceMode::Shared,
         };
         h.add_identity("admin", Role::Admin, ADMIN);
         h.add_identity("ops", Role::Operator, OPERATOR);
@@ -395,7 +398,7 @@ impl H {
                 capabilities: caps.iter().map(|c| c.to_string()).collect(),
                 slots,
                 resume,
-                workspace: Default::default(),
+                workspace: self.workspace,
             },
         });
         if !out
@@ -1595,6 +1598,121 @@ fn start_timeout_abandons_and_requeues() {
     assert_eq!(abandons(&out, c), vec![(t, Generation(1))]);
     assert_eq!(h.attempt(t, 1).outcome, Some(Outcome::StartTimeout));
     assert_eq!(h.task(t).state, TaskState::Queued);
+}
+
+#[test]
+fn progress_before_the_start_pushes_the_start_deadline_as_a_workspace_is_made() {
+    let (mut h, c, t) = one_assigned();
+    let _ = h.accept(c, t, 1);
+    // The sidecar reports progress while it clones: each report restarts the clock.
+    for _ in 0..3 {
+        h.advance(50_000);
+        let _ = h.report(
+            c,
+            t,
+            1,
+            ReportBody::Progress {
+                note: "preparing a git worktree".into(),
+            },
+        );
+        let _ = h.heartbeat(c, true);
+        assert!(abandons(&h.tick(), c).is_empty());
+    }
+    assert_eq!(h.task(t).state, TaskState::Accepted);
+    // Silence for start_timeout after the last report ends the attempt.
+    h.advance(59_999);
+    let _ = h.heartbeat(c, true);
+    assert!(abandons(&h.tick(), c).is_empty());
+    h.advance(1);
+    assert_eq!(abandons(&h.tick(), c), vec![(t, Generation(1))]);
+    assert_eq!(h.attempt(t, 1).outcome, Some(Outcome::StartTimeout));
+}
+
+#[test]
+fn a_task_with_a_repo_goes_only_to_a_sidecar_with_git_workspaces() {
+    let mut h = H::new();
+    let (shared, _) = h.connect(1, "plain", &[], 2);
+    let (t, out) = h.submit(SubmitRequest {
+        repo: Some("https://git.example.net/app.git".into()),
+        base: Some("main".into()),
+        env: vec![("MODE".into(), "fast".into())],
+        labels: vec![("team".into(), "infra".into())],
+        ..req("code")
+    });
+    assert!(
+        assigns(&out, shared).is_empty(),
+        "a shared-mode sidecar got a repo task"
+    );
+    assert_eq!(h.task(t).state, TaskState::Queued);
+    h.workspace = muster_wire::work::WorkspaceMode::Git;
+    let (git, out) = h.connect(2, "coder", &[], 1);
+    let a = assigns(&out, git);
+    assert_eq!(a.len(), 1);
+    assert_eq!(
+        a[0].spec.repo.as_deref(),
+        Some("https://git.example.net/app.git")
+    );
+    assert_eq!(a[0].spec.base.as_deref(), Some("main"));
+    assert_eq!(
+        a[0].spec.env,
+        vec![("MODE".to_string(), "fast".to_string())]
+    );
+    assert!(h.agent_json("coder")["workspace"] == "git");
+    // A task without a repo still goes anywhere.
+    let (_, out) = h.submit(req("plain work"));
+    assert_eq!(assigns(&out, shared).len(), 1);
+}
+
+#[test]
+fn bad_code_work_fields_are_refused_at_submission_naming_the_field() {
+    let mut h = H::new();
+    for (r, says) in [
+        (
+            SubmitRequest {
+                repo: Some("--upload-pack=x".into()),
+                ..req("t")
+            },
+            "--repo",
+        ),
+        (
+            SubmitRequest {
+                base: Some("main".into()),
+                ..req("t")
+            },
+            "--base needs --repo",
+        ),
+        (
+            SubmitRequest {
+                repo: Some("/srv/app".into()),
+                base: Some("a..b".into()),
+                ..req("t")
+            },
+            "--base",
+        ),
+        (
+            SubmitRequest {
+                env: vec![("LD_PRELOAD".into(), "x".into())],
+                ..req("t")
+            },
+            "--env LD_PRELOAD",
+        ),
+        (
+            SubmitRequest {
+                labels: vec![("a b".into(), "x".into())],
+                ..req("t")
+            },
+            "label",
+        ),
+    ] {
+        let (resp, _) = h.submit_resp(r);
+        let e = op_err(&resp);
+        assert_eq!(e.code, OpErrorCode::Invalid);
+        assert!(
+            e.message.contains(says),
+            "{} does not name {says}",
+            e.message
+        );
+    }
 }
 
 #[test]

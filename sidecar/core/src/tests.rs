@@ -412,6 +412,60 @@ fn an_exec_run_that_fails_within_the_settle_time_never_started() {
 }
 
 #[test]
+fn while_a_workspace_is_prepared_no_start_deadline_runs_and_the_hub_hears_progress() {
+    let mut c = core_with(wake(Verifier::Runner, 2_000));
+    c.handle_hub(ms(10), assign(1, 1));
+    let _ = c.take_effects();
+    assert_eq!(c.poll_timeout(), Some(ms(2_010)));
+    let preparing = |note: &str| RunEvent::Preparing {
+        task: TaskId(1),
+        generation: Generation(1),
+        note: note.into(),
+    };
+    c.handle_run(ms(20), preparing("preparing a git worktree of /srv/app"));
+    let e = c.take_effects();
+    assert!(
+        matches!(&reports(&e)[..], [ReportBody::Progress { note }] if note.contains("worktree"))
+    );
+    assert_eq!(
+        c.poll_timeout(),
+        None,
+        "a clone may take longer than start_timeout"
+    );
+    c.handle_timeout(ms(60_000));
+    c.handle_run(ms(60_000), preparing("still fetching"));
+    assert!(
+        !c.take_effects()
+            .iter()
+            .any(|e| matches!(e, Effect::TimeOutStart(..)))
+    );
+    // Ready: the wake command gets its whole start_timeout from now.
+    c.handle_run(
+        ms(70_000),
+        RunEvent::Prepared {
+            task: TaskId(1),
+            generation: Generation(1),
+            note: "workspace ready".into(),
+        },
+    );
+    let e = c.take_effects();
+    assert!(matches!(&reports(&e)[..], [ReportBody::Progress { .. }]));
+    assert_eq!(c.poll_timeout(), Some(ms(72_000)));
+    c.handle_timeout(ms(72_000));
+    assert_eq!(
+        c.take_effects(),
+        [Effect::TimeOutStart(
+            TaskId(1),
+            Generation(1),
+            Outcome::WakeFailed
+        )]
+    );
+    // A late Preparing after the decision changes nothing.
+    c.handle_run(ms(72_001), preparing("late"));
+    assert!(reports(&c.take_effects()).is_empty());
+}
+
+#[test]
 fn a_wake_command_that_outlasts_the_start_timeout_is_timed_out_as_wake_failed() {
     let mut c = core_with(wake(Verifier::Runner, 2_000));
     c.handle_hub(ms(10), assign(1, 1));
