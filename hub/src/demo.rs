@@ -74,11 +74,24 @@ async fn fleet(dir: &Path, tasks: usize) -> Result<(), CliError> {
     config.policy.lost_grace = Duration::from_secs(10);
     let sans = ["localhost".to_string(), "127.0.0.1".into()];
     let fp = init_data_dir(&hub_dir, &config, &sans).map_err(fail("initialising the hub"))?;
+    // The coding part needs git; without it the demo says so and runs the rest.
+    let repo = sample_repo(&dir.join("sample-repo")).await;
+    let mut fleet: Vec<_> = FLEET.to_vec();
+    if repo.is_ok() {
+        fleet.push(CODER);
+    }
     println!(
         "muster demo: a hub and {} sidecars on 127.0.0.1:{port} in {}",
-        FLEET.len(),
+        fleet.len(),
         dir.display()
     );
+    let repo = match repo {
+        Ok(repo) => Some(repo),
+        Err(e) => {
+            println!("  (no git workspaces in this run: {e})");
+            None
+        }
+    };
     println!("  hub CA fingerprint {}…", &fp[..16]);
     let hub = Hub {
         config: config.clone(),
@@ -95,18 +108,6 @@ async fn fleet(dir: &Path, tasks: usize) -> Result<(), CliError> {
     let session = connect.connect().await?;
     let agents_dir = dir.join("agents");
     write_agents(&agents_dir, &exe).map_err(fail("writing the sample agents"))?;
-    // The coding part needs git; without it the demo says so and runs the rest.
-    let repo = match sample_repo(&dir.join("sample-repo")).await {
-        Ok(repo) => Some(repo),
-        Err(e) => {
-            println!("  (no git workspaces in this run: {e})");
-            None
-        }
-    };
-    let mut fleet: Vec<_> = FLEET.to_vec();
-    if repo.is_some() {
-        fleet.push(CODER);
-    }
     let mut children = Vec::new();
     for &(name, caps, mode, slots) in &fleet {
         let child =

@@ -1257,7 +1257,7 @@ exit 0
 // === the demo ===
 
 #[test]
-fn the_demo_runs_six_tasks_end_to_end_and_cleans_up() {
+fn the_demo_runs_six_tasks_and_two_on_a_repository_end_to_end_and_cleans_up() {
     const DEMO_BOUND: Duration = Duration::from_secs(240);
     let _permit = FleetPermit::acquire();
     let tmp = tempfile::Builder::new()
@@ -1284,7 +1284,7 @@ fn the_demo_runs_six_tasks_end_to_end_and_cleans_up() {
         stderr(&out)
     );
     assert!(
-        text.starts_with("muster demo: a hub and 3 sidecars on 127.0.0.1:"),
+        text.starts_with("muster demo: a hub and 4 sidecars on 127.0.0.1:"),
         "{text}"
     );
     assert!(
@@ -1292,7 +1292,9 @@ fn the_demo_runs_six_tasks_end_to_end_and_cleans_up() {
         "{text}"
     );
     assert!(
-        text.contains("submitted 6 tasks with mixed priorities and capabilities"),
+        text.contains(
+            "submitted 8 tasks with mixed priorities and capabilities (2 of them on the sample repository)"
+        ),
         "{text}"
     );
     // The summary table: a header and one `completed` row per task.
@@ -1302,7 +1304,16 @@ fn the_demo_runs_six_tasks_end_to_end_and_cleans_up() {
         .skip(1)
         .take_while(|l| !l.trim().is_empty())
         .collect();
-    assert_eq!(table.len(), 6, "{text}");
+    assert_eq!(table.len(), 8, "{text}");
+    // The coding tasks ran in worktrees and name their branch and head.
+    let coded: Vec<&&str> = table.iter().filter(|r| r.contains("muster/")).collect();
+    assert_eq!(coded.len(), 2, "{text}");
+    for row in coded {
+        assert!(
+            row.contains(" delta "),
+            "a repo task ran off the git sidecar: {row}"
+        );
+    }
     for row in &table {
         assert!(
             row.contains(" completed "),
@@ -1318,8 +1329,8 @@ fn the_demo_runs_six_tasks_end_to_end_and_cleans_up() {
                 (w.next() == Some(key)).then(|| w.next().unwrap_or_default().to_string())
             })
     };
-    assert_eq!(stat("finished").as_deref(), Some("6"), "{text}");
-    assert_eq!(stat("completed").as_deref(), Some("6"), "{text}");
+    assert_eq!(stat("finished").as_deref(), Some("8"), "{text}");
+    assert_eq!(stat("completed").as_deref(), Some("8"), "{text}");
     for key in ["messages_per_finished_task", "commits", "mean_commit_ms"] {
         assert!(stat(key).is_some(), "no {key} in the stats: {text}");
     }
