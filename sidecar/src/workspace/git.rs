@@ -21,7 +21,7 @@
 
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use tokio::time::Instant;
 
@@ -154,14 +154,15 @@ fn exit_text(status: std::process::ExitStatus) -> String {
     }
 }
 
-/// `; it said: <stderr tail>` when stderr has anything.
+/// `; it said: <stderr tail>` when stderr has anything, its lines joined
+/// with " / " so that the error stays one line in logs.
 fn said(stderr: &[u8]) -> String {
     let t = tail(stderr);
-    let t = t.trim();
-    if t.is_empty() {
+    let lines: Vec<&str> = t.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+    if lines.is_empty() {
         String::new()
     } else {
-        format!("; it said: {t}")
+        format!("; it said: {}", lines.join(" / "))
     }
 }
 
@@ -556,6 +557,57 @@ impl Mirror {
             "--quiet",
         ]);
         ok(cmd, LOCAL_TIMEOUT, Keep::Tail(0)).await.map(drop)
+    }
+}
+
+/// Lock files in `mirror` older than `killed_at`, left by a git command of
+/// ours that was killed at its deadline: refs and packed refs, HEAD, config
+/// and shallow. Lock files made since are another live command's and stay.
+/// Worktrees' own locks (`worktrees/*/index.lock`) are the agents' and stay.
+pub(super) async fn clear_stale_locks(mirror: &Path, killed_at: SystemTime) {
+    let mirror = mirror.to_owned();
+    let removed = super::blocking(move || {
+        let mut removed = Vec::new();
+        let mut stack = vec![mirror.join("refs")];
+        let mut candidates: Vec<PathBuf> = [
+            "packed-refs.lock",
+            "HEAD.lock",
+            "config.lock",
+            "shallow.lock",
+        ]
+        .iter()
+        .map(|n| mirror.join(n))
+        .collect();
+        while let Some(dir) = stack.pop() {
+            let Ok(entries) = std::fs::read_dir(&dir) else {
+                continue;
+            };
+            for e in entries.flatten() {
+                let path = e.path();
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    stack.push(path);
+                } else if path.extension().is_some_and(|x| x == "lock") {
+                    candidates.push(path);
+                }
+            }
+        }
+        for path in candidates {
+            let stale = std::fs::metadata(&path)
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| t <= killed_at);
+            if stale && std::fs::remove_file(&path).is_ok() {
+                removed.push(path);
+            }
+        }
+        Ok(removed)
+    })
+    .await
+    .unwrap_or_default();
+    for path in removed {
+        tracing::warn!(
+            "removed {}, left by a git command killed at its deadline",
+            path.display()
+        );
     }
 }
 
