@@ -34,7 +34,7 @@ pub(super) const LOCAL_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// Most bytes of `git diff --stat` kept in a [`super::WorkResult`]: enough
 /// for about 50 files' lines and the summary.
-pub(super) const DIFF_STAT_BYTES_MAX: usize = 4096;
+pub const DIFF_STAT_BYTES_MAX: usize = 4096;
 
 /// The remote's name inside each mirror.
 const REMOTE: &str = "origin";
@@ -437,6 +437,15 @@ impl Mirror {
             peeled.as_str(),
         ]);
         probe(cmd, LOCAL_TIMEOUT).await
+    }
+
+    /// Where the histories of `a` and `b` meet (`git merge-base`), if they do.
+    pub(super) async fn merge_base(
+        &self,
+        a: &str,
+        b: &str,
+    ) -> Result<Option<String>, WorkspaceError> {
+        probe(self.git(["merge-base", a, b]), LOCAL_TIMEOUT).await
     }
 
     /// The newest checkpoint of `task` (highest generation): its ref and commit.

@@ -61,6 +61,7 @@ use serde::Serialize;
 
 pub use crate::config::{RetryFrom, WorkspaceConfig, WorkspaceMode};
 pub use error::{Fault, WorkspaceError};
+pub use git::DIFF_STAT_BYTES_MAX;
 pub use retention::{Usage, plan_removal};
 
 use files::{Record, attempt_name, record_path};
@@ -78,7 +79,9 @@ pub struct Prepared {
     /// git mode: the full ref the base resolved to in the mirror, e.g.
     /// `refs/remotes/origin/main` (visible in the worktree too); `None` for a commit id.
     pub base_ref: Option<String>,
-    /// git mode: the base's commit when the attempt was prepared.
+    /// git mode: the commit the attempt's work is measured from: the base's
+    /// commit when the attempt was prepared, or, when it continued a
+    /// checkpoint, where the checkpoint's history meets the base.
     pub base_commit: Option<String>,
     /// git mode: the checkpoint ref the tree started from, when it continued an earlier attempt.
     pub continued_from: Option<String>,
@@ -98,7 +101,7 @@ pub struct WorkResult {
     /// git mode: commits from the base to HEAD (`rev-list --count base..HEAD`).
     pub commits: Option<u64>,
     /// git mode: `git diff --stat` from the base to the checkpoint (so
-    /// uncommitted work counts), at most [`git::DIFF_STAT_BYTES_MAX`] bytes.
+    /// uncommitted work counts), at most [`DIFF_STAT_BYTES_MAX`] bytes.
     pub diff_stat: Option<String>,
     /// Whether `diff_stat` was cut short.
     pub diff_stat_cut: bool,
@@ -494,6 +497,19 @@ impl Workspaces {
             RetryFrom::Base => None,
         };
         let start = from.as_ref().map_or(&base.commit, |(_, commit)| commit);
+        // Work continued from a checkpoint made on an older base commit is
+        // measured from where the two histories meet, not from the newer base.
+        let measured_from = match &from {
+            Some((_, ck)) => mirror
+                .merge_base(&base.commit, ck)
+                .await?
+                .unwrap_or_else(|| base.commit.clone()),
+            None => base.commit.clone(),
+        };
+        let base = git::Base {
+            commit: measured_from,
+            ..base
+        };
         let record = Record {
             repo: Some(mirror.repo.clone()),
             mirror: Some(mirror.dir.clone()),
