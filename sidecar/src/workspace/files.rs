@@ -15,8 +15,11 @@
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::time::UNIX_EPOCH;
 
 use muster_protocol::{Generation, TaskId};
+
+use super::{WorkspaceInfo, WorkspaceKind, WorkspaceState};
 use serde::{Deserialize, Serialize};
 
 /// What is known about one attempt's workspace, kept in `<root>/<task>-<generation>.json`.
@@ -24,8 +27,7 @@ use serde::{Deserialize, Serialize};
 pub(super) struct Record {
     pub(super) task: u64,
     pub(super) generation: u64,
-    /// "dir" or "git".
-    pub(super) mode: String,
+    pub(super) kind: WorkspaceKind,
     /// The repository as the task gave it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(super) repo: Option<String>,
@@ -151,6 +153,57 @@ pub(super) fn disk_bytes(root: &Path) -> u64 {
     total
 }
 
+/// Every workspace under `root`, by its record and tree. Blocking.
+pub(super) fn scan(root: &Path) -> Vec<WorkspaceInfo> {
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return Vec::new();
+    };
+    let mut names: Vec<String> = entries
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            let stem = name.strip_suffix(".json").unwrap_or(&name);
+            parse_attempt(stem).map(|_| stem.to_string())
+        })
+        .collect();
+    names.sort();
+    names.dedup();
+    let mut out: Vec<WorkspaceInfo> = names
+        .into_iter()
+        .filter_map(|name| {
+            let (task, generation) = parse_attempt(&name)?;
+            let dir = root.join(&name);
+            let record = read_record(&record_path(&dir));
+            let meta = std::fs::symlink_metadata(&dir).ok();
+            let bytes = if meta.is_some() { disk_bytes(&dir) } else { 0 };
+            let (state, finished_at_ms) = match &record {
+                Some(r) if r.finished_at_ms.is_none() => (WorkspaceState::Running, None),
+                Some(r) => (WorkspaceState::Finished, r.finished_at_ms),
+                None => {
+                    let modified = meta
+                        .and_then(|m| m.modified().ok())
+                        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+                        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+                    (WorkspaceState::Finished, Some(modified))
+                }
+            };
+            Some(WorkspaceInfo {
+                task: TaskId(task),
+                generation: Generation(generation),
+                dir,
+                kind: record.as_ref().map_or(WorkspaceKind::Dir, |r| r.kind),
+                repo: record.as_ref().and_then(|r| r.repo.clone()),
+                branch: record.as_ref().and_then(|r| r.branch.clone()),
+                state,
+                finished_at_ms,
+                bytes,
+            })
+        })
+        .collect();
+    out.sort_by_key(|w| (w.task, w.generation));
+    out
+}
+
 /// Why a `copy` entry could not be copied.
 #[derive(Debug)]
 pub(super) enum CopyError {
@@ -234,7 +287,7 @@ mod tests {
         let r = Record {
             task: 1,
             generation: 2,
-            mode: "git".into(),
+            kind: WorkspaceKind::Git,
             repo: Some("/r".into()),
             mirror: None,
             branch: Some("muster/1".into()),

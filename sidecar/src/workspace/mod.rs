@@ -40,11 +40,14 @@
 //! meeting git's lock files. Every git command has a timeout, a closed stdin
 //! and no way to prompt.
 //!
-//! Parts: `git` (the git commands), `run` (running a command with bounds),
-//! `files` (records, copies, disk use), [`retention`] (the pure removal plan).
+//! Parts: `error` ([`WorkspaceError`]), `git` (the git commands), `run` (running a command with bounds),
+//! `files` (records, copies, disk use), `input` (checks of a task's repo and
+//! base), [`retention`] (the pure removal plan).
 
+mod error;
 mod files;
 mod git;
+mod input;
 pub mod retention;
 mod run;
 
@@ -57,6 +60,8 @@ use muster_protocol::{Generation, TaskId};
 use serde::Serialize;
 
 pub use crate::config::{RetryFrom, WorkspaceConfig, WorkspaceMode};
+pub use error::{Fault, WorkspaceError};
+pub use git::DIFF_STAT_BYTES_MAX;
 pub use retention::{Usage, plan_removal};
 
 use files::{Record, attempt_name, record_path};
@@ -74,7 +79,9 @@ pub struct Prepared {
     /// git mode: the full ref the base resolved to in the mirror, e.g.
     /// `refs/remotes/origin/main` (visible in the worktree too); `None` for a commit id.
     pub base_ref: Option<String>,
-    /// git mode: the base's commit when the attempt was prepared.
+    /// git mode: the commit the attempt's work is measured from: the base's
+    /// commit when the attempt was prepared, or, when it continued a
+    /// checkpoint, where the checkpoint's history meets the base.
     pub base_commit: Option<String>,
     /// git mode: the checkpoint ref the tree started from, when it continued an earlier attempt.
     pub continued_from: Option<String>,
@@ -94,7 +101,7 @@ pub struct WorkResult {
     /// git mode: commits from the base to HEAD (`rev-list --count base..HEAD`).
     pub commits: Option<u64>,
     /// git mode: `git diff --stat` from the base to the checkpoint (so
-    /// uncommitted work counts), at most [`git::DIFF_STAT_BYTES_MAX`] bytes.
+    /// uncommitted work counts), at most [`DIFF_STAT_BYTES_MAX`] bytes.
     pub diff_stat: Option<String>,
     /// Whether `diff_stat` was cut short.
     pub diff_stat_cut: bool,
@@ -104,6 +111,16 @@ pub struct WorkResult {
     pub checkpoint: Option<String>,
     /// git mode: the commit that ref points at: HEAD when clean, a commit on top of HEAD when dirty.
     pub checkpoint_commit: Option<String>,
+}
+
+/// What an attempt's workspace is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WorkspaceKind {
+    /// A plain directory (`dir` mode, or `git` mode for a task without a repository).
+    Dir,
+    /// A git worktree of a mirror.
+    Git,
 }
 
 /// Whether an attempt still uses its workspace.
@@ -125,8 +142,8 @@ pub struct WorkspaceInfo {
     pub generation: Generation,
     /// Its directory.
     pub dir: PathBuf,
-    /// "dir" or "git".
-    pub mode: String,
+    /// A directory or a git worktree.
+    pub kind: WorkspaceKind,
     /// git mode: the repository.
     pub repo: Option<String>,
     /// git mode: the branch.
@@ -164,152 +181,6 @@ pub struct SweepReport {
     pub failed: Vec<String>,
 }
 
-/// Whose fault a [`WorkspaceError`] is, for the runner's report.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Fault {
-    /// The task asked for something that cannot be done anywhere (a bad repo or base).
-    Task,
-    /// This host or its configuration failed (network, disk, git, setup): another host may succeed.
-    Host,
-}
-
-/// Why a workspace could not be prepared, finished or removed.
-#[derive(Debug, thiserror::Error)]
-pub enum WorkspaceError {
-    /// The task's repository text cannot be used.
-    #[error("repo {repo:?} {reason}")]
-    BadRepo {
-        /// As the task gave it.
-        repo: String,
-        /// What is wrong and what to give instead.
-        reason: String,
-    },
-    /// The task's base cannot be a ref, or names nothing in the repository.
-    #[error("base {base:?} of {repo}: {reason}")]
-    BadBase {
-        /// The repository.
-        repo: String,
-        /// As the task gave it; empty for the default branch.
-        base: String,
-        /// What is wrong and what to give instead.
-        reason: String,
-    },
-    /// The task names a repository but this sidecar does not work in git mode.
-    #[error(
-        "the task names repo {repo:?} but this sidecar's [workspace] mode is {mode:?}; set mode = \"git\" in sidecar.toml to work on repositories"
-    )]
-    RepoNotSupported {
-        /// As the task gave it.
-        repo: String,
-        /// The configured mode.
-        mode: &'static str,
-    },
-    /// Cloning or fetching the repository failed or took longer than `fetch_timeout`.
-    #[error(
-        "cannot fetch {repo} into the mirror {}: {detail} (command: {command}); check that this host reaches the repository and that its credentials work without a prompt (ssh key, credential helper){}",
-        mirror.display(),
-        if *timed_out { ", or raise [workspace] fetch_timeout" } else { "" }
-    )]
-    Fetch {
-        /// The repository.
-        repo: String,
-        /// The mirror it was fetched into.
-        mirror: PathBuf,
-        /// The git command.
-        command: String,
-        /// How it ended and the end of what it said.
-        detail: String,
-        /// Whether it was killed at its deadline.
-        timed_out: bool,
-    },
-    /// A local git command on a mirror or worktree failed.
-    #[error("{command}: {detail}")]
-    Git {
-        /// The git command.
-        command: String,
-        /// How it ended and the end of what it said.
-        detail: String,
-        /// Whether it was killed at its deadline.
-        timed_out: bool,
-    },
-    /// A file or directory could not be made, read, written or removed.
-    #[error("cannot {action} {}: {source}", path.display())]
-    Io {
-        /// What was being done.
-        action: &'static str,
-        /// To what.
-        path: PathBuf,
-        /// The underlying error.
-        source: std::io::Error,
-    },
-    /// A `copy` entry is not in `template_dir`.
-    #[error(
-        "[workspace] copy entry {:?} is missing: {} does not exist; create it or remove the entry from copy",
-        entry.display(),
-        source_path.display()
-    )]
-    CopyMissing {
-        /// The entry as configured.
-        entry: PathBuf,
-        /// Where it was looked for.
-        source_path: PathBuf,
-    },
-    /// `setup_command` could not start, failed, or ran past `setup_timeout`.
-    #[error(
-        "[workspace] setup_command {} {}{}",
-        run::display_argv(command),
-        setup_outcome(*exit_code, *signal, *timed_out),
-        if stderr_tail.trim().is_empty() { String::new() } else { format!("; its stderr ends: {}", stderr_tail.trim()) }
-    )]
-    Setup {
-        /// The argv.
-        command: Vec<String>,
-        /// Its exit code, when it exited.
-        exit_code: Option<i32>,
-        /// The signal that ended it, when one did (SIGKILL at `setup_timeout`).
-        signal: Option<i32>,
-        /// Whether it was killed at `setup_timeout`.
-        timed_out: bool,
-        /// The last bytes of its stdout (at most `TAIL_BYTES_MAX`).
-        stdout_tail: String,
-        /// The last bytes of its stderr (at most `TAIL_BYTES_MAX`); why it could not start, if it could not.
-        stderr_tail: String,
-    },
-    /// No workspace is recorded for this attempt.
-    #[error(
-        "no workspace is recorded for task {task} generation {generation} under {}; was it prepared with this configuration?",
-        root.display()
-    )]
-    Unknown {
-        /// The task.
-        task: TaskId,
-        /// The generation.
-        generation: Generation,
-        /// Where it was looked for.
-        root: PathBuf,
-    },
-}
-
-impl WorkspaceError {
-    /// Whose fault it is: the task's (bad repo or base) or this host's.
-    pub fn fault(&self) -> Fault {
-        match self {
-            WorkspaceError::BadRepo { .. } | WorkspaceError::BadBase { .. } => Fault::Task,
-            _ => Fault::Host,
-        }
-    }
-
-    /// Whether a command was killed at its deadline.
-    pub fn timed_out(&self) -> bool {
-        match self {
-            WorkspaceError::Fetch { timed_out, .. }
-            | WorkspaceError::Git { timed_out, .. }
-            | WorkspaceError::Setup { timed_out, .. } => *timed_out,
-            _ => false,
-        }
-    }
-}
-
 // === impl Workspaces ===
 
 /// The workspace layer of one sidecar: makes, finishes, lists and removes
@@ -333,7 +204,7 @@ pub struct Workspaces {
 #[derive(Debug, Default)]
 struct MirrorState {
     /// When a git command of ours on this mirror was killed at its deadline:
-    /// lock files it left are removed before the next command (see [`clear_stale_locks`]).
+    /// lock files it left are removed before the next command (see `git::clear_stale_locks`).
     killed_at: Option<SystemTime>,
 }
 
@@ -482,7 +353,9 @@ impl Workspaces {
             });
         };
         let result = match record.mirror.clone() {
-            Some(mirror) if record.mode == "git" => self.inspect(&record, &dir, mirror).await,
+            Some(mirror) if record.kind == WorkspaceKind::Git => {
+                self.inspect(&record, &dir, mirror).await
+            }
             _ => Ok(WorkResult {
                 dir: dir.clone(),
                 ..WorkResult::default()
@@ -500,7 +373,7 @@ impl Workspaces {
     /// Every workspace on disk with its state and size. Blocking: walks every
     /// tree to size it (fine for a listing, not for each heartbeat).
     pub fn list(&self) -> Vec<WorkspaceInfo> {
-        scan(&self.root)
+        files::scan(&self.root)
     }
 
     /// Disk used by workspaces and mirrors. Blocking: walks every tree.
@@ -521,7 +394,9 @@ impl Workspaces {
     /// Then `git gc --auto` runs in every mirror.
     pub async fn sweep(&self, now_ms: u64) -> SweepReport {
         let root = self.root.clone();
-        let list = blocking(move || Ok(scan(&root))).await.unwrap_or_default();
+        let list = blocking(move || Ok(files::scan(&root)))
+            .await
+            .unwrap_or_default();
         let usage: Vec<Usage<usize>> = list
             .iter()
             .enumerate()
@@ -564,7 +439,7 @@ impl Workspaces {
         generation: Generation,
         dir: &Path,
     ) -> Result<Prepared, WorkspaceError> {
-        let record = Record::new(task, generation, "dir");
+        let record = Record::new(task, generation, WorkspaceKind::Dir);
         remove(dir).await?;
         write_record(&record_path(dir), &record).await?;
         create_dir(dir, "create the workspace").await?;
@@ -583,15 +458,15 @@ impl Workspaces {
         base: Option<&str>,
         dir: &Path,
     ) -> Result<Prepared, WorkspaceError> {
-        check_repo(repo)?;
+        input::check_repo(repo)?;
         if let Some(b) = base {
-            check_base(repo, b)?;
+            input::check_base(repo, b)?;
         }
         let mirror = Mirror::new(&self.mirrors, repo);
         let lock = self.lock_of(&mirror.dir);
         let mut state = lock.lock().await;
         if let Some(at) = state.killed_at.take() {
-            clear_stale_locks(&mirror.dir, at).await;
+            git::clear_stale_locks(&mirror.dir, at).await;
         }
         let r = self.add_tree(&mirror, task, generation, base, dir).await;
         if r.as_ref().is_err_and(WorkspaceError::timed_out) {
@@ -622,6 +497,19 @@ impl Workspaces {
             RetryFrom::Base => None,
         };
         let start = from.as_ref().map_or(&base.commit, |(_, commit)| commit);
+        // Work continued from a checkpoint made on an older base commit is
+        // measured from where the two histories meet, not from the newer base.
+        let measured_from = match &from {
+            Some((_, ck)) => mirror
+                .merge_base(&base.commit, ck)
+                .await?
+                .unwrap_or_else(|| base.commit.clone()),
+            None => base.commit.clone(),
+        };
+        let base = git::Base {
+            commit: measured_from,
+            ..base
+        };
         let record = Record {
             repo: Some(mirror.repo.clone()),
             mirror: Some(mirror.dir.clone()),
@@ -630,7 +518,7 @@ impl Workspaces {
             base_ref: base.full.clone(),
             base_commit: Some(base.commit.clone()),
             continued_from: from.as_ref().map(|(name, _)| name.clone()),
-            ..Record::new(task, generation, "git")
+            ..Record::new(task, generation, WorkspaceKind::Git)
         };
         let path = record_path(dir);
         write_record(&path, &record).await?;
@@ -858,7 +746,7 @@ impl Workspaces {
         let record = read_record(&path).await;
         let mirror = record
             .as_ref()
-            .filter(|r| r.mode == "git")
+            .filter(|r| r.kind == WorkspaceKind::Git)
             .and_then(|r| Some((r.repo.clone().unwrap_or_default(), r.mirror.clone()?)));
         if let Some((repo, dir)) = mirror {
             let mirror = Mirror { repo, dir };
@@ -927,11 +815,11 @@ impl Prepared {
 }
 
 impl Record {
-    fn new(task: TaskId, generation: Generation, mode: &str) -> Self {
+    fn new(task: TaskId, generation: Generation, kind: WorkspaceKind) -> Self {
         Record {
             task: task.0,
             generation: generation.0,
-            mode: mode.into(),
+            kind,
             repo: None,
             mirror: None,
             branch: None,
@@ -978,93 +866,7 @@ pub async fn git_version() -> Result<String, WorkspaceError> {
     }
 }
 
-// === Checks of task input ===
-
-/// Longest repository text accepted.
-const REPO_BYTES_MAX: usize = 4096;
-/// Longest base accepted (git's own limit on a ref name's component is 255).
-const BASE_BYTES_MAX: usize = 255;
-
-/// A repository must be a URL, `host:path`, or an absolute path, and must
-/// not be read as an option or a remote helper (`ext::…`).
-fn check_repo(repo: &str) -> Result<(), WorkspaceError> {
-    let bad = |reason: &str| {
-        Err(WorkspaceError::BadRepo {
-            repo: repo.into(),
-            reason: reason.into(),
-        })
-    };
-    if repo.is_empty() {
-        return bad("is empty; give a URL or an absolute path");
-    }
-    if repo.len() > REPO_BYTES_MAX {
-        return bad("is longer than 4096 bytes");
-    }
-    if repo.starts_with('-') {
-        return bad("starts with '-', which git would read as an option");
-    }
-    if repo.chars().any(char::is_control) {
-        return bad("contains control characters");
-    }
-    if repo.contains("::") {
-        return bad(
-            "uses a remote helper (\"<helper>::\"), which is not allowed; give a URL or an absolute path",
-        );
-    }
-    let url = repo.contains("://");
-    let scp = repo
-        .find(':')
-        .is_some_and(|c| !repo[..c].contains('/') && c > 0);
-    if !url && !scp && !repo.starts_with('/') {
-        return bad(
-            "is a relative path; give a URL (https://, ssh://, file://) or an absolute path",
-        );
-    }
-    Ok(())
-}
-
-/// A base must be usable as a ref name or commit id and not read as an option.
-fn check_base(repo: &str, base: &str) -> Result<(), WorkspaceError> {
-    let bad = |reason: &str| {
-        Err(WorkspaceError::BadBase {
-            repo: repo.into(),
-            base: base.into(),
-            reason: reason.into(),
-        })
-    };
-    if base.is_empty() {
-        return bad("is empty; give a branch, tag or commit, or none for the default branch");
-    }
-    if base.len() > BASE_BYTES_MAX {
-        return bad("is longer than 255 bytes");
-    }
-    if base.starts_with('-') {
-        return bad("starts with '-', which git would read as an option");
-    }
-    if base
-        .chars()
-        .any(|c| c.is_control() || c.is_whitespace() || "~^:?*[\\".contains(c))
-        || base.contains("..")
-        || base.contains("@{")
-        || base.ends_with('/')
-        || base.ends_with(".lock")
-    {
-        return bad("is not a valid branch, tag or commit name");
-    }
-    Ok(())
-}
-
 // === Helpers ===
-
-/// How a setup command ended, for [`WorkspaceError::Setup`]'s message.
-fn setup_outcome(exit_code: Option<i32>, signal: Option<i32>, timed_out: bool) -> String {
-    match (exit_code, signal) {
-        _ if timed_out => "ran past [workspace] setup_timeout and was killed".into(),
-        (Some(c), _) => format!("exited with code {c}"),
-        (None, Some(s)) => format!("was killed by signal {s}"),
-        (None, None) => "could not be started".into(),
-    }
-}
 
 fn checkpoint_message(task: u64, generation: u64) -> String {
     format!(
@@ -1126,114 +928,6 @@ async fn write_record(path: &Path, record: &Record) -> Result<(), WorkspaceError
             path: path.to_owned(),
             source,
         })
-}
-
-/// Every workspace under `root`, by its record and tree. Blocking.
-fn scan(root: &Path) -> Vec<WorkspaceInfo> {
-    let Ok(entries) = std::fs::read_dir(root) else {
-        return Vec::new();
-    };
-    let mut names: Vec<String> = entries
-        .flatten()
-        .filter_map(|e| {
-            let name = e.file_name().into_string().ok()?;
-            let stem = name.strip_suffix(".json").unwrap_or(&name);
-            files::parse_attempt(stem).map(|_| stem.to_string())
-        })
-        .collect();
-    names.sort();
-    names.dedup();
-    let mut out: Vec<WorkspaceInfo> = names
-        .into_iter()
-        .filter_map(|name| {
-            let (task, generation) = files::parse_attempt(&name)?;
-            let dir = root.join(&name);
-            let record = files::read_record(&record_path(&dir));
-            let meta = std::fs::symlink_metadata(&dir).ok();
-            let bytes = if meta.is_some() {
-                files::disk_bytes(&dir)
-            } else {
-                0
-            };
-            let (state, finished_at_ms) = match &record {
-                Some(r) if r.finished_at_ms.is_none() => (WorkspaceState::Running, None),
-                Some(r) => (WorkspaceState::Finished, r.finished_at_ms),
-                None => {
-                    let modified = meta
-                        .and_then(|m| m.modified().ok())
-                        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-                        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
-                    (WorkspaceState::Finished, Some(modified))
-                }
-            };
-            Some(WorkspaceInfo {
-                task: TaskId(task),
-                generation: Generation(generation),
-                dir,
-                mode: record
-                    .as_ref()
-                    .map_or_else(|| "dir".into(), |r| r.mode.clone()),
-                repo: record.as_ref().and_then(|r| r.repo.clone()),
-                branch: record.as_ref().and_then(|r| r.branch.clone()),
-                state,
-                finished_at_ms,
-                bytes,
-            })
-        })
-        .collect();
-    out.sort_by_key(|w| (w.task, w.generation));
-    out
-}
-
-/// Lock files in `mirror` older than `killed_at`, left by a git command of
-/// ours that was killed at its deadline: refs and packed refs, HEAD, config
-/// and shallow. Lock files made since are another live command's and stay.
-/// Worktrees' own locks (`worktrees/*/index.lock`) are the agents' and stay.
-async fn clear_stale_locks(mirror: &Path, killed_at: SystemTime) {
-    let mirror = mirror.to_owned();
-    let removed = blocking(move || {
-        let mut removed = Vec::new();
-        let mut stack = vec![mirror.join("refs")];
-        let mut candidates: Vec<PathBuf> = [
-            "packed-refs.lock",
-            "HEAD.lock",
-            "config.lock",
-            "shallow.lock",
-        ]
-        .iter()
-        .map(|n| mirror.join(n))
-        .collect();
-        while let Some(dir) = stack.pop() {
-            let Ok(entries) = std::fs::read_dir(&dir) else {
-                continue;
-            };
-            for e in entries.flatten() {
-                let path = e.path();
-                if e.file_type().is_ok_and(|t| t.is_dir()) {
-                    stack.push(path);
-                } else if path.extension().is_some_and(|x| x == "lock") {
-                    candidates.push(path);
-                }
-            }
-        }
-        for path in candidates {
-            let stale = std::fs::metadata(&path)
-                .and_then(|m| m.modified())
-                .is_ok_and(|t| t <= killed_at);
-            if stale && std::fs::remove_file(&path).is_ok() {
-                removed.push(path);
-            }
-        }
-        Ok(removed)
-    })
-    .await
-    .unwrap_or_default();
-    for path in removed {
-        tracing::warn!(
-            "removed {}, left by a git command killed at its deadline",
-            path.display()
-        );
-    }
 }
 
 #[cfg(test)]

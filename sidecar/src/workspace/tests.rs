@@ -780,3 +780,18 @@ async fn the_sweep_keeps_disk_under_max_disk_oldest_first() {
     })
     .await;
 }
+
+#[test]
+fn the_futures_can_be_spawned() {
+    fn send<T: Send + 'static>(_: &T) {}
+    let ws = std::sync::Arc::new(Workspaces::new(
+        WorkspaceConfig::default(),
+        Path::new("/nonexistent"),
+    ));
+    let w = ws.clone();
+    let prepare = async move { w.prepare(TaskId(1), Generation(1), None, None).await };
+    send(&prepare);
+    let w = ws.clone();
+    send(&async move { w.finish(TaskId(1), Generation(1)).await });
+    send(&async move { ws.sweep(0).await });
+}

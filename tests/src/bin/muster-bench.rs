@@ -7,6 +7,7 @@
 //!   scale      --sessions S [--heartbeat-ms MS] [--restart term|kill]
 //!   backlog    --finished M [--sample N]
 //!   floor      [--ms MS]
+//!   workspace  [--files N] [--mib M] [--prepares P]
 //! ```
 //!
 //! `floor` measures what the machine does without muster (durable redb
@@ -15,7 +16,10 @@
 //! each, 0 to skip, or `--floor FILE` to reuse a `floor --json` output) and
 //! prints its figures beside the matching floor and their ratio (`ratios`).
 //!
-//! Every mode starts `muster-hub init` + `serve` in a temporary directory on a
+//! `workspace` starts no hub: it times the sidecar's workspace layer making
+//! git worktrees against a bare `git worktree add` in the same run.
+//!
+//! Every other mode starts `muster-hub init` + `serve` in a temporary directory on a
 //! free port of 127.0.0.1, drives it as an operator with the admin credential,
 //! runs sidecars from the sidecar library in this process (real redb files,
 //! real enrollment), prints one JSON object (`--json`) or a table, and removes
@@ -33,6 +37,8 @@ mod modes;
 mod scale;
 #[path = "muster_bench/util.rs"]
 mod util;
+#[path = "muster_bench/workspace.rs"]
+mod workspace;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -77,6 +83,8 @@ enum Mode {
     Backlog(modes::BacklogArgs),
     /// This machine without muster: durable redb commits/s, spawns of /bin/true per second, QUIC round trip and handshake on loopback.
     Floor(floor::FloorArgs),
+    /// The sidecar's workspace layer: prepare() of a git worktree (5,000 files, 100 MiB) against a bare `git worktree add`.
+    Workspace(workspace::WorkspaceArgs),
 }
 
 fn main() -> ExitCode {
@@ -124,7 +132,10 @@ async fn run(cli: &Cli) -> anyhow::Result<serde_json::Value> {
                 let floor = floor::measure(&root.join("floor"), Duration::from_millis(a.ms)).await?;
                 return Ok(serde_json::json!({ "mode": "floor", "floor": floor }));
             }
-            let bin = hub::hub_binary(cli.hub_bin.clone())?;
+            let bin = match &cli.mode {
+                Mode::Workspace(_) => PathBuf::new(),
+                _ => hub::hub_binary(cli.hub_bin.clone())?,
+            };
             // The floor first, on a machine with nothing of ours running yet.
             let floor = match (&cli.floor, cli.floor_ms) {
                 (Some(path), _) => Some(floor::load(path)?),
@@ -136,6 +147,7 @@ async fn run(cli: &Cli) -> anyhow::Result<serde_json::Value> {
                 Mode::Latency(a) => modes::latency(&bin, &root, a).await,
                 Mode::Scale(a) => scale::scale(&bin, &root, a).await,
                 Mode::Backlog(a) => modes::backlog(&bin, &root, a).await,
+                Mode::Workspace(a) => workspace::workspace(&root, a).await,
                 Mode::Floor(_) => unreachable!("handled above"),
             }?;
             if let Some(f) = floor {

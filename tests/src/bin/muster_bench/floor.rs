@@ -473,6 +473,40 @@ pub(crate) fn ratios(result: &Value, floor: &Value) -> Value {
                 });
             }
         }
+        Some("workspace") => {
+            out.push(Ratio {
+                name: "prepare p50 ÷ bare git worktree add p50 (same run)",
+                figure: "prepare.p50_ms".into(),
+                value: at(result, "prepare.p50_ms"),
+                scale: 1.0,
+                floor: "bare_worktree_add.p50_ms of this run".into(),
+                floor_value: at(result, "bare_worktree_add.p50_ms"),
+            });
+            out.push(Ratio {
+                name: "prepare p50 ÷ bare git worktree add p50 with prepare's parallel checkout (same run)",
+                figure: "prepare.p50_ms".into(),
+                value: at(result, "prepare.p50_ms"),
+                scale: 1.0,
+                floor: "bare_worktree_add_parallel_checkout.p50_ms of this run".into(),
+                floor_value: at(result, "bare_worktree_add_parallel_checkout.p50_ms"),
+            });
+            out.push(Ratio::of(
+                "prepare p50 ÷ spawn p50",
+                result,
+                "prepare.p50_ms",
+                MS,
+                floor,
+                "spawn.spawn_and_wait.p50_us",
+            ));
+            out.push(Ratio::of(
+                "warm fetch p50 ÷ spawn p50",
+                result,
+                "fetch_warm_mirror.p50_ms",
+                MS,
+                floor,
+                "spawn.spawn_and_wait.p50_us",
+            ));
+        }
         _ => {}
     }
     Value::Object(out.iter().map(|r| (r.name.to_string(), r.json())).collect())
