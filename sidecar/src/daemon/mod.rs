@@ -225,6 +225,7 @@ async fn start(opts: Options) -> Result<(Daemon, Core, Arc<Queue>, Io), DaemonEr
     let orphans = d.sweep_runs(&core).await;
     core.handle_startup(d.now(), orphans);
     d.recover(&core).await;
+    d.finish_abandoned_workspaces(&core);
     let io = Io {
         from_session: None,
         _senders: (local_tx, scrape_tx),

@@ -109,6 +109,44 @@ impl Daemon {
         (answer, f.reply)
     }
 
+    /// After a restart: workspaces still marked running whose attempts this
+    /// sidecar no longer holds (they ended, or were given up, while it was
+    /// down) are finished, so their work is checkpointed and the sweep may
+    /// remove them in time; the held ones are finished by their runs.
+    pub(super) fn finish_abandoned_workspaces(&self, core: &Core) {
+        if self.workspaces.config().mode == WorkspaceMode::Shared {
+            return;
+        }
+        let held: std::collections::HashSet<(TaskId, Generation)> = core
+            .held()
+            .into_iter()
+            .map(|h| (h.task, h.generation))
+            .collect();
+        let ws = Arc::clone(&self.workspaces);
+        tokio::spawn(async move {
+            let list = {
+                let ws = Arc::clone(&ws);
+                tokio::task::spawn_blocking(move || ws.list())
+                    .await
+                    .unwrap_or_default()
+            };
+            for w in list {
+                let key = (w.task, w.generation);
+                if w.state != crate::workspace::WorkspaceState::Running || held.contains(&key) {
+                    continue;
+                }
+                match ws.finish(w.task, w.generation).await {
+                    Ok(_) => {
+                        info!(task = %w.task, generation = %w.generation, "finished the workspace of an attempt that ended while the sidecar was down")
+                    }
+                    Err(e) => {
+                        warn!(task = %w.task, generation = %w.generation, "could not finish a left-over workspace: {e}")
+                    }
+                }
+            }
+        });
+    }
+
     /// Starts a sweep of finished workspaces when one is due (an attempt
     /// ended, or [`SWEEP_EVERY`] passed) and none is running. Off the loop:
     /// a sweep walks trees and runs git.
