@@ -448,6 +448,7 @@ impl H {
                     },
                 },
                 host: HostFigures::default(),
+                activity: Vec::new(),
             }),
         })
     }
@@ -3072,6 +3073,7 @@ fn a_sidecar_shutting_down_gets_no_new_work_until_it_says_hello_again() {
                 problems: Vec::new(),
             },
             host: HostFigures::default(),
+            activity: Vec::new(),
         }),
     });
     assert!(all_assigns(&out).is_empty());
@@ -3535,6 +3537,7 @@ fn a_heartbeat_listing_too_many_tasks_ends_the_session() {
             free_slots: 1,
             self_test: Default::default(),
             host: Default::default(),
+            activity: Vec::new(),
         }),
     });
     assert_eq!(out.closes, vec![ConnId(1)]);
