@@ -831,6 +831,7 @@ mod tests {
             pid: None,
             session: None,
             work: None,
+            usage: None,
         };
         let agent = AgentRecord {
             name: "a1".into(),

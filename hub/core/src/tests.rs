@@ -3734,11 +3734,19 @@ fn an_attempt_renders_as_task_show_has_always_listed_it() {
             checkpoint: Some("refs/muster/checkpoints/7/2".into()),
             link: None,
         }),
+        usage: Some(muster_wire::msg::Usage {
+            model: Some("m".into()),
+            input_tokens: 1,
+            output_tokens: 2,
+            cache_read_tokens: 3,
+            cache_write_tokens: 4,
+            cost_micro_usd: Some(1_500_000),
+        }),
     };
     let view = crate::views::AttemptView::of(&a);
     assert_keys_sorted(&view);
     assert_eq!(
         serde_json::to_string(&view).expect("renders"),
-        r#"{"accepted_at":2,"agent":"a","assigned_at":1,"ended_at":4,"error":{"command":["run"],"exit_code":3,"no_retry":true,"reason":"exit status 3","signal":9,"stderr_tail":"err","stdout_tail":"out"},"generation":2,"outcome":"failed","pid":42,"session":"s","started_at":3,"work":{"base_commit":"b","branch":"muster/7","checkpoint":"refs/muster/checkpoints/7/2","commits":2,"diffstat":" x | 1 +","dirty":true,"head":"h","link":null}}"#
+        r#"{"accepted_at":2,"agent":"a","assigned_at":1,"ended_at":4,"error":{"command":["run"],"exit_code":3,"no_retry":true,"reason":"exit status 3","signal":9,"stderr_tail":"err","stdout_tail":"out"},"generation":2,"outcome":"failed","pid":42,"session":"s","started_at":3,"usage":{"cache_read_tokens":3,"cache_write_tokens":4,"cost_micro_usd":1500000,"cost_usd":1.5,"input_tokens":1,"model":"m","output_tokens":2},"work":{"base_commit":"b","branch":"muster/7","checkpoint":"refs/muster/checkpoints/7/2","commits":2,"diffstat":" x | 1 +","dirty":true,"head":"h","link":null}}"#
     );
 }
