@@ -36,6 +36,9 @@ pub const CPU_SPAN: Millis = 60_000;
 /// wall time between two heartbeats (2 %: an agent waiting at a prompt uses
 /// less; one thinking, compiling or waiting on a model's stream uses more).
 pub const CPU_BUSY_PERMILLE: u64 = 20;
+/// Samples closer than this to the previous one are not kept: a repeated or
+/// bunched heartbeat shows no time for the CPU to grow in.
+pub const SAMPLE_GAP_MIN: Millis = 500;
 /// The longest "recent" window: output within it is activity.
 pub const ACTIVE_WINDOW_MAX: Millis = 60_000;
 
@@ -116,8 +119,11 @@ pub struct Seen {
 }
 
 impl Seen {
-    /// Takes one heartbeat's figures, received at `now`.
-    pub fn update(&mut self, now: Millis, a: &Activity) {
+    /// Takes one heartbeat's figures, received at `now`. CPU growth is judged
+    /// against the time since the previous sample, at most `gap_max` (two
+    /// heartbeats): a late heartbeat, or a wall clock stepped forward, must
+    /// not make a busy run look idle.
+    pub fn update(&mut self, now: Millis, a: &Activity, gap_max: Millis) {
         self.heard_at = now;
         self.output_bytes = a.output_bytes;
         self.output_at = a.output_age_ms.map(|age| now.saturating_sub(age));
@@ -133,8 +139,9 @@ impl Seen {
         match self.samples.back() {
             // A member with CPU time left the group: start counting again.
             Some(&(_, before)) if cpu < before => self.samples.clear(),
+            Some(&(at, _)) if now.saturating_sub(at) < SAMPLE_GAP_MIN => return,
             Some(&(at, before)) => {
-                let wall = now.saturating_sub(at);
+                let wall = now.saturating_sub(at).min(gap_max);
                 let used = cpu - before;
                 if used > 0 && used.saturating_mul(1000) >= wall.saturating_mul(CPU_BUSY_PERMILLE) {
                     self.cpu_at = Some(now);
@@ -149,8 +156,12 @@ impl Seen {
     }
 
     /// CPU time used over about the last minute: from the newest sample a
-    /// minute old or older, else from the oldest one kept.
+    /// minute old or older, else from the oldest one kept; `None` until there
+    /// are two samples to compare.
     pub fn cpu_last_minute_ms(&self, now: Millis) -> Option<u64> {
+        if self.samples.len() < 2 {
+            return None;
+        }
         let &(_, last) = self.samples.back()?;
         let floor = now.saturating_sub(CPU_SPAN);
         let base = self
@@ -199,7 +210,8 @@ pub fn classify(now: Millis, w: &Windows, progress_at: Millis, seen: Option<&See
         .max()
         .unwrap_or(progress_at)
         .min(now);
-    let cpu_known = s.cpu_ms.is_some();
+    // One sample cannot show CPU growing: until a second one, CPU is unknown.
+    let cpu_known = s.cpu_ms.is_some() && s.samples.len() >= 2;
     let still_since = silent_since.max(s.cpu_at.unwrap_or(0)).min(now);
     let class = if now - silent_since < w.active {
         Class::Active
@@ -318,7 +330,7 @@ mod tests {
         let mut cpu = 0;
         let mut t = from;
         while t <= to {
-            s.update(t, &activity(Some(cpu), Some(t - output_at.min(t))));
+            s.update(t, &activity(Some(cpu), Some(t - output_at.min(t))), 2 * HB);
             cpu += cpu_per_hb;
             t += HB;
         }
@@ -330,6 +342,18 @@ mod tests {
         assert_eq!(Windows::new(300_000, 1, 10_000).active, 60_000);
         assert_eq!(Windows::new(3_000, 1, 1_000).active, 3_000);
         assert_eq!(Windows::new(3_000, 1, 10_000).active, 20_000);
+    }
+
+    #[test]
+    fn one_sample_cannot_tell_busy_from_idle() {
+        let mut s = Seen::default();
+        s.update(400_000, &activity(Some(90_000), Some(400_000)), 2 * HB);
+        // The same heartbeat again, or one right behind it, is no second sample.
+        s.update(400_000, &activity(Some(90_000), Some(400_000)), 2 * HB);
+        s.update(400_100, &activity(Some(90_000), Some(400_100)), 2 * HB);
+        let v = classify(400_000, &windows(), 0, Some(&s));
+        assert_eq!(v.class, Class::BusySilent);
+        assert!(!v.idle_alert(400_000, &windows()));
     }
 
     #[test]
@@ -379,7 +403,7 @@ mod tests {
         let mut s = s;
         let mut a = activity(Some(0), Some(400_000));
         a.workspace_age_ms = Some(5_000);
-        s.update(400_000, &a);
+        s.update(400_000, &a, 2 * HB);
         assert_eq!(classify(400_000, &w, 0, Some(&s)).class, Class::Active);
     }
 
@@ -390,7 +414,7 @@ mod tests {
         assert_eq!(classify(1_800_000, &w, 0, None).class, Class::Stalled);
         // CPU unknown: silence is not idleness.
         let mut s = Seen::default();
-        s.update(400_000, &activity(None, Some(400_000)));
+        s.update(400_000, &activity(None, Some(400_000)), 2 * HB);
         let v = classify(400_000, &w, 0, Some(&s));
         assert_eq!(v.class, Class::BusySilent);
         assert!(!v.idle_alert(400_000, &w));
@@ -403,14 +427,18 @@ mod tests {
         // 13 samples, 1 s of CPU each 10 s: 6 s over the last minute.
         assert_eq!(s.cpu_last_minute_ms(120_000), Some(6_000));
         let mut one = Seen::default();
-        one.update(0, &activity(Some(500), None));
-        assert_eq!(one.cpu_last_minute_ms(0), Some(0));
+        one.update(0, &activity(Some(500), None), 2 * HB);
+        assert_eq!(one.cpu_last_minute_ms(0), None, "one sample compares nothing");
     }
 
     #[test]
     fn a_group_that_lost_cpu_time_starts_counting_again() {
         let mut s = beats(0, 60_000, 1_000, 0);
-        s.update(70_000, &activity(Some(10), Some(70_000)));
-        assert_eq!(s.cpu_last_minute_ms(70_000), Some(0));
+        s.update(70_000, &activity(Some(10), Some(70_000)), 2 * HB);
+        assert_eq!(s.cpu_last_minute_ms(70_000), None);
+        s.update(80_000, &activity(Some(10), Some(80_000)), 2 * HB);
+        assert_eq!(s.cpu_last_minute_ms(80_000), Some(0));
+        let v = classify(400_000, &windows(), 0, Some(&s));
+        assert_eq!(v.class, Class::Idle);
     }
 }

@@ -289,6 +289,7 @@ impl Core {
     /// and asks for an alert pass when one of them could next raise one.
     fn take_activity(&mut self, now: Millis, agent: &str, activity: &[Activity]) {
         let windows = self.activity_windows();
+        let gap_max = 2 * self.policy.heartbeat_interval.as_millis() as Millis;
         let mut next: Option<Millis> = None;
         for a in activity.iter().take(limits::HELD_TASKS_MAX) {
             let Some(live) = self.tasks.get_mut(&a.task) else {
@@ -307,7 +308,7 @@ impl Core {
             let Some((_, seen)) = live.activity.as_mut() else {
                 continue;
             };
-            seen.update(now, a);
+            seen.update(now, a, gap_max);
             let progress = live.rec.progress_at.unwrap_or(now);
             let verdict = crate::activity::classify(now, &windows, progress, Some(seen));
             if let Some(t) = verdict.next_alert(now, &windows) {
