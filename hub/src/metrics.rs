@@ -201,8 +201,18 @@ impl HubMetrics {
         advance(&self.heartbeats, snap.counters.heartbeats);
         let usage = &snap.counters.usage;
         for (key, tokens, cost, map) in [
-            ("agent", &self.usage_tokens, &self.usage_cost, &usage.by_agent),
-            ("label", &self.label_tokens, &self.label_cost, &usage.by_label),
+            (
+                "agent",
+                &self.usage_tokens,
+                &self.usage_cost,
+                &usage.by_agent,
+            ),
+            (
+                "label",
+                &self.label_tokens,
+                &self.label_cost,
+                &usage.by_label,
+            ),
         ] {
             for (name, u) in map {
                 for (kind, n) in [

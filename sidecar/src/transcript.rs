@@ -189,8 +189,7 @@ fn claude_usage(u: &Value) -> Option<Usage> {
 
 /// Dollars as millionths of a dollar, for amounts from 0 to a million dollars.
 pub fn micro_usd_of(dollars: f64) -> Option<u64> {
-    (dollars.is_finite() && (0.0..=1e6).contains(&dollars))
-        .then(|| (dollars * 1e6).round() as u64)
+    (dollars.is_finite() && (0.0..=1e6).contains(&dollars)).then(|| (dollars * 1e6).round() as u64)
 }
 
 /// `--cost-usd` text ("0.0421") as millionths of a dollar.
@@ -232,7 +231,12 @@ mod tests {
         let u = parse(Format::ClaudeStreamJson, CLAUDE).expect("usage");
         assert_eq!(u.model.as_deref(), Some("claude-sonnet-4-5-20250929"));
         assert_eq!(
-            (u.input_tokens, u.output_tokens, u.cache_read_tokens, u.cache_write_tokens),
+            (
+                u.input_tokens,
+                u.output_tokens,
+                u.cache_read_tokens,
+                u.cache_write_tokens
+            ),
             (42, 65, 2048, 2148)
         );
         assert_eq!(u.cost_micro_usd, Some(42_100));
@@ -286,7 +290,10 @@ mod tests {
         assert_eq!(parse(Format::ClaudeStreamJson, text), None);
         assert_eq!(parse(Format::CodexJson, text), None);
         assert_eq!(
-            parse(Format::CodexJson, "{\"type\":\"turn.completed\",\"usage\":7}"),
+            parse(
+                Format::CodexJson,
+                "{\"type\":\"turn.completed\",\"usage\":7}"
+            ),
             None
         );
     }

@@ -28,8 +28,8 @@ use muster_hub::core::{
     AgentRecord, AttemptRecord, Audit, EventRecord, Identity, TaskRecord, TaskState, TokenRecord,
 };
 use muster_protocol::msg::{
-    Activity, Assign, EnrollRefusal, EnrollRequest, EnrollResponse, Failure, Heartbeat, HeldTask, Hello,
-    HostFigures, HubMsg, IdentityTarget, OpError, OpErrorCode, OpRequest, OpResponse, Open,
+    Activity, Assign, EnrollRefusal, EnrollRequest, EnrollResponse, Failure, Heartbeat, HeldTask,
+    Hello, HostFigures, HubMsg, IdentityTarget, OpError, OpErrorCode, OpRequest, OpResponse, Open,
     OpenBody, Outcome, Phase, Refused, Report, ReportBody, ReportKind, Role, SelfTest, SessionMsg,
     SidecarState, SubmitRequest, TaskSpec, TimeoutAction, Usage, Welcome, WireLimits,
 };

@@ -217,7 +217,9 @@ pub fn classify(now: Millis, w: &Windows, progress_at: Millis, seen: Option<&See
         Class::Active
     } else if cpu_known && now - still_since < w.active {
         Class::BusySilent
-    } else if now - still_since >= w.stall_alert || (!cpu_known && now - silent_since >= w.stall_alert) {
+    } else if now - still_since >= w.stall_alert
+        || (!cpu_known && now - silent_since >= w.stall_alert)
+    {
         Class::Stalled
     } else if cpu_known {
         Class::Idle
@@ -378,7 +380,11 @@ mod tests {
         let w = windows();
         let s = beats(0, 400_000, 0, 0);
         let v = classify(60_000, &w, 0, Some(&s));
-        assert_eq!(v.class, Class::Idle, "silent and still for the active window");
+        assert_eq!(
+            v.class,
+            Class::Idle,
+            "silent and still for the active window"
+        );
         assert!(!v.idle_alert(60_000, &w));
         assert_eq!(v.next_alert(60_000, &w), Some(300_000));
         let v = classify(300_000, &w, 0, Some(&s));
@@ -392,14 +398,20 @@ mod tests {
     fn a_trickle_of_cpu_below_the_threshold_is_idle() {
         // 100 ms per 10 s heartbeat is 1 %: a prompt's timers, not work.
         let s = beats(0, 400_000, 100, 0);
-        assert_eq!(classify(400_000, &windows(), 0, Some(&s)).class, Class::Idle);
+        assert_eq!(
+            classify(400_000, &windows(), 0, Some(&s)).class,
+            Class::Idle
+        );
     }
 
     #[test]
     fn progress_notes_and_workspace_changes_count_as_activity() {
         let w = windows();
         let s = beats(0, 400_000, 0, 0);
-        assert_eq!(classify(400_000, &w, 390_000, Some(&s)).class, Class::Active);
+        assert_eq!(
+            classify(400_000, &w, 390_000, Some(&s)).class,
+            Class::Active
+        );
         let mut s = s;
         let mut a = activity(Some(0), Some(400_000));
         a.workspace_age_ms = Some(5_000);
@@ -428,7 +440,11 @@ mod tests {
         assert_eq!(s.cpu_last_minute_ms(120_000), Some(6_000));
         let mut one = Seen::default();
         one.update(0, &activity(Some(500), None), 2 * HB);
-        assert_eq!(one.cpu_last_minute_ms(0), None, "one sample compares nothing");
+        assert_eq!(
+            one.cpu_last_minute_ms(0),
+            None,
+            "one sample compares nothing"
+        );
     }
 
     #[test]

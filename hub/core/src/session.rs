@@ -5,8 +5,8 @@ use std::collections::HashSet;
 
 use muster_wire::limits::{self, truncate_utf8};
 use muster_wire::msg::{
-    Activity, Assign, Failure, HeldTask, Hello, HubMsg, Outcome, Phase, Refused, Report, ReportBody,
-    ReportKind, Role, Welcome, WireLimits,
+    Activity, Assign, Failure, HeldTask, Hello, HubMsg, Outcome, Phase, Refused, Report,
+    ReportBody, ReportKind, Role, Welcome, WireLimits,
 };
 use muster_wire::{ReportId, TaskId};
 
@@ -302,7 +302,11 @@ impl Core {
             if !current || live.rec.state != TaskState::Running {
                 continue;
             }
-            if live.activity.as_ref().is_none_or(|(g, _)| *g != a.generation) {
+            if live
+                .activity
+                .as_ref()
+                .is_none_or(|(g, _)| *g != a.generation)
+            {
                 live.activity = Some((a.generation, Default::default()));
             }
             let Some((_, seen)) = live.activity.as_mut() else {

@@ -8,9 +8,10 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use muster_wire::msg::{
-    Activity, Assign, EnrollRefusal, EnrollResponse, Failure, Heartbeat, HeldTask, Hello, HostFigures,
-    HubMsg, OpError, OpErrorCode, OpRequest, OpResponse, Outcome, Phase, Refused, Report,
-    ReportBody, Role, SelfTest, SessionMsg, SidecarState, SubmitRequest, TimeoutAction, Usage,
+    Activity, Assign, EnrollRefusal, EnrollResponse, Failure, Heartbeat, HeldTask, Hello,
+    HostFigures, HubMsg, OpError, OpErrorCode, OpRequest, OpResponse, Outcome, Phase, Refused,
+    Report, ReportBody, Role, SelfTest, SessionMsg, SidecarState, SubmitRequest, TimeoutAction,
+    Usage,
 };
 use muster_wire::{AgentName, Generation, ReportId, TaskId, limits};
 use serde_json::Value;
@@ -3869,8 +3870,14 @@ fn an_idle_agent_is_stalled_after_stall_alert_and_both_alerts_are_open() {
     let _ = h.beat_for(c, 31 * 60_000, |e| vec![activity(t, 1, 0, e, "")]);
     assert_eq!(activity_class(&h, t), "stalled");
     let open = open_alerts(&mut h);
-    assert!(open.contains(&("stalled".into(), t.to_string())), "{open:?}");
-    assert!(open.contains(&("agent_idle".into(), t.to_string())), "{open:?}");
+    assert!(
+        open.contains(&("stalled".into(), t.to_string())),
+        "{open:?}"
+    );
+    assert!(
+        open.contains(&("agent_idle".into(), t.to_string())),
+        "{open:?}"
+    );
     assert_eq!(h.task(t).state, TaskState::Running, "alerts, not failures");
 }
 

@@ -490,7 +490,10 @@ fn activity_line(a: &Value) -> Option<String> {
     let mut parts = Vec::new();
     match secs(&a["output_age_ms"]) {
         Some(age) => parts.push(format!("last output {age:.0} s ago")),
-        None => parts.push(format!("silent {:.0} s", secs(&a["silent_ms"]).unwrap_or(0.0))),
+        None => parts.push(format!(
+            "silent {:.0} s",
+            secs(&a["silent_ms"]).unwrap_or(0.0)
+        )),
     }
     if let Some(cpu) = secs(&a["cpu_last_minute_ms"]) {
         parts.push(format!("CPU {cpu:.1} s in the last minute"));
@@ -504,7 +507,10 @@ fn activity_line(a: &Value) -> Option<String> {
     let mut line = format!("  activity {class}: {}\n", parts.join(", "));
     let tail = a["output_tail"].as_str().unwrap_or_default().trim_end();
     if !tail.is_empty() && class != "active" {
-        line.push_str(&format!("    last output: {}\n", tail.replace('\n', "\n      ")));
+        line.push_str(&format!(
+            "    last output: {}\n",
+            tail.replace('\n', "\n      ")
+        ));
     }
     Some(line)
 }
@@ -546,7 +552,9 @@ mod tests {
         });
         let text = task_detail(&t);
         assert!(
-            text.contains("activity busy_silent: last output 12 s ago, CPU 3.2 s in the last minute"),
+            text.contains(
+                "activity busy_silent: last output 12 s ago, CPU 3.2 s in the last minute"
+            ),
             "{text}"
         );
         assert!(

@@ -333,10 +333,9 @@ impl Core {
         generation: Generation,
         usage: muster_wire::msg::Usage,
     ) {
-        let live = self
-            .tasks
-            .get(&task)
-            .is_some_and(|t| t.generation == generation && t.phase != muster_wire::msg::Phase::Finished);
+        let live = self.tasks.get(&task).is_some_and(|t| {
+            t.generation == generation && t.phase != muster_wire::msg::Phase::Finished
+        });
         if live {
             self.report_usage(task, generation, usage);
         }

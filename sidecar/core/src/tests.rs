@@ -894,7 +894,11 @@ fn usage_reports_replace_the_unacknowledged_one_of_their_attempt() {
         e.iter().any(|e| matches!(e, Effect::DeleteReport(_))),
         "the older usage report leaves the outbox"
     );
-    assert_eq!(c.outbox().count(), outbox_before + 1, "one usage report per attempt");
+    assert_eq!(
+        c.outbox().count(),
+        outbox_before + 1,
+        "one usage report per attempt"
+    );
     assert!(matches!(
         c.outbox().last().map(|r| &r.body),
         Some(ReportBody::Usage(u)) if u.input_tokens == 25

@@ -211,9 +211,7 @@ impl Daemon {
     fn workspace_dir(&self, task: TaskId, generation: Generation) -> Option<PathBuf> {
         match self.cfg.workspace.mode {
             WorkspaceMode::Shared => None,
-            WorkspaceMode::Dir | WorkspaceMode::Git => {
-                Some(self.workspaces.path(task, generation))
-            }
+            WorkspaceMode::Dir | WorkspaceMode::Git => Some(self.workspaces.path(task, generation)),
         }
     }
 }
@@ -260,7 +258,9 @@ fn output_tail(path: &Path) -> String {
         return String::new();
     };
     let len = f.metadata().map(|m| m.len()).unwrap_or(0);
-    if f.seek(SeekFrom::Start(len.saturating_sub(TAIL_READ_BYTES))).is_err() {
+    if f.seek(SeekFrom::Start(len.saturating_sub(TAIL_READ_BYTES)))
+        .is_err()
+    {
         return String::new();
     }
     let mut buf = Vec::new();

@@ -515,7 +515,10 @@ impl Daemon {
             }
             Ev::Local((req, reply)) => {
                 if let local::Request::Agent(a) = &req
-                    && matches!(a.cmd, crate::core::AgentCmd::Complete { .. } | crate::core::AgentCmd::Fail { .. })
+                    && matches!(
+                        a.cmd,
+                        crate::core::AgentCmd::Complete { .. } | crate::core::AgentCmd::Fail { .. }
+                    )
                     && let (Some(t), Some(g)) = (a.task, a.generation)
                 {
                     let attempt = (muster_protocol::TaskId(t), muster_protocol::Generation(g));

@@ -17,9 +17,9 @@ use std::time::Duration;
 use muster_hub::config::{Limits, Policy};
 use muster_hub::core::{ConnId, Core as HubCore, Identity, Input, Reply, ReplyId, TaskState};
 use muster_protocol::msg::{
-    Failure, Heartbeat, Hello, HostFigures, HubMsg, OpError, OpErrorCode, OpRequest, OpResponse,
-    Outcome, Phase, Role, SelfTest, SessionMsg, SidecarState, SubmitRequest, TaskSpec,
-    TimeoutAction, Welcome, Activity,
+    Activity, Failure, Heartbeat, Hello, HostFigures, HubMsg, OpError, OpErrorCode, OpRequest,
+    OpResponse, Outcome, Phase, Role, SelfTest, SessionMsg, SidecarState, SubmitRequest, TaskSpec,
+    TimeoutAction, Welcome,
 };
 use muster_protocol::{AgentName, Generation, ReportId, TaskId};
 use muster_sidecar::agent::{RunEvent, RunHandle, RunMode};
