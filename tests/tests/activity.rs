@@ -272,6 +272,7 @@ fn a_busy_silent_agent_raises_nothing_while_an_idle_one_raises_agent_idle() {
         n(&attempts(&t)[0]["started_at"])
     };
     let (busy_at, idle_at) = (started(busy), started(idle));
+    let (busy_subject, idle_subject) = (busy.to_string(), idle.to_string());
 
     // The idle one: `agent_idle` within the window plus one heartbeat (and the
     // alert pass's second), counted from its start by the hub's own clock.
@@ -281,7 +282,7 @@ fn a_busy_silent_agent_raises_nothing_while_an_idle_one_raises_agent_idle() {
             .as_array()
             .into_iter()
             .flatten()
-            .find(|a| a["alert"] == "agent_idle" && a["subject"] == idle.to_string())
+            .find(|a| a["alert"] == "agent_idle" && a["subject"] == idle_subject.as_str())
             .cloned()
             .ok_or_else(|| v.to_string())
     });
@@ -306,7 +307,7 @@ fn a_busy_silent_agent_raises_nothing_while_an_idle_one_raises_agent_idle() {
             .as_array()
             .into_iter()
             .flatten()
-            .filter(|a| a["subject"] == busy.to_string())
+            .filter(|a| a["subject"] == busy_subject.as_str())
             .collect();
         assert!(about_busy.is_empty(), "the busy task raised {about_busy:?}");
         checks += 1;
