@@ -81,10 +81,12 @@ pub struct Windows {
 
 impl Windows {
     /// The windows for a policy's `idle_alert`, `stall_alert` and heartbeat
-    /// interval: "recent" is the shorter of `idle_alert` and a minute, but at
-    /// least two heartbeats, so one late heartbeat never makes a busy agent idle.
+    /// interval: "recent" is the shortest of the two alert windows and a
+    /// minute, but at least two heartbeats, so one late heartbeat never makes a
+    /// busy agent idle.
     pub fn new(idle_alert: Millis, stall_alert: Millis, heartbeat: Millis) -> Windows {
         let active = idle_alert
+            .min(stall_alert)
             .min(ACTIVE_WINDOW_MAX)
             .max(heartbeat.saturating_mul(2))
             .max(1);
@@ -341,9 +343,10 @@ mod tests {
 
     #[test]
     fn the_windows_are_at_least_two_heartbeats_and_at_most_a_minute() {
-        assert_eq!(Windows::new(300_000, 1, 10_000).active, 60_000);
-        assert_eq!(Windows::new(3_000, 1, 1_000).active, 3_000);
-        assert_eq!(Windows::new(3_000, 1, 10_000).active, 20_000);
+        assert_eq!(Windows::new(300_000, 1_800_000, 10_000).active, 60_000);
+        assert_eq!(Windows::new(3_000, 1_800_000, 1_000).active, 3_000);
+        assert_eq!(Windows::new(300_000, 2_000, 500).active, 2_000);
+        assert_eq!(Windows::new(3_000, 1_800_000, 10_000).active, 20_000);
     }
 
     #[test]
