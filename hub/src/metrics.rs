@@ -24,6 +24,14 @@ pub struct HubMetrics {
     alerts: Family<Labels, Gauge>,
     attempts: Family<Labels, Counter>,
     heartbeats: Counter,
+    /// Tokens reported, by agent and kind (bounded by the registry).
+    usage_tokens: Family<Labels, Counter>,
+    /// Cost reported in micro-dollars (exact), by agent.
+    usage_cost: Family<Labels, Counter>,
+    /// Tokens reported, by label and kind (at most 65 labels: see `usage::LABELS_MAX`).
+    label_tokens: Family<Labels, Counter>,
+    /// Cost reported in micro-dollars, by label.
+    label_cost: Family<Labels, Counter>,
     messages: Counter,
     bytes: Counter,
     per_task_messages: Gauge<f64, std::sync::atomic::AtomicU64>,
@@ -48,6 +56,10 @@ impl Default for HubMetrics {
             alerts: Family::default(),
             attempts: Family::default(),
             heartbeats: Counter::default(),
+            usage_tokens: Family::default(),
+            usage_cost: Family::default(),
+            label_tokens: Family::default(),
+            label_cost: Family::default(),
             messages: Counter::default(),
             bytes: Counter::default(),
             per_task_messages: Gauge::default(),
@@ -75,6 +87,26 @@ impl Default for HubMetrics {
             "heartbeats_received",
             "Heartbeats received since the hub started",
             m.heartbeats.clone(),
+        );
+        registry.register(
+            "usage_tokens",
+            "Tokens the agents' usage reports and transcripts counted, by agent and kind",
+            m.usage_tokens.clone(),
+        );
+        registry.register(
+            "usage_cost_micro_usd",
+            "Cost the agents' usage reports and transcripts counted, in millionths of a dollar, by agent",
+            m.usage_cost.clone(),
+        );
+        registry.register(
+            "label_usage_tokens",
+            "Tokens by task label (key=value; past the first 64 labels, \"other\") and kind",
+            m.label_tokens.clone(),
+        );
+        registry.register(
+            "label_usage_cost_micro_usd",
+            "Cost in millionths of a dollar by task label",
+            m.label_cost.clone(),
         );
         registry.register(
             "protocol_messages",
@@ -167,6 +199,36 @@ impl HubMetrics {
             );
         }
         advance(&self.heartbeats, snap.counters.heartbeats);
+        let usage = &snap.counters.usage;
+        for (key, tokens, cost, map) in [
+            (
+                "agent",
+                &self.usage_tokens,
+                &self.usage_cost,
+                &usage.by_agent,
+            ),
+            (
+                "label",
+                &self.label_tokens,
+                &self.label_cost,
+                &usage.by_label,
+            ),
+        ] {
+            for (name, u) in map {
+                for (kind, n) in [
+                    ("input", u.input_tokens),
+                    ("output", u.output_tokens),
+                    ("cache_read", u.cache_read_tokens),
+                    ("cache_write", u.cache_write_tokens),
+                ] {
+                    let labels = vec![(key, name.clone()), ("kind", kind.to_string())];
+                    advance(&tokens.get_or_create(&labels), n);
+                }
+                if let Some(c) = u.cost_micro_usd {
+                    advance(&cost.get_or_create(&vec![(key, name.clone())]), c);
+                }
+            }
+        }
         let msgs = shell.msgs_in.load(Ordering::Relaxed) + shell.msgs_out.load(Ordering::Relaxed);
         let bytes = shell.bytes.load(Ordering::Relaxed);
         advance(&self.messages, msgs);

@@ -37,7 +37,8 @@ use crate::core::{
 ///
 /// 2: identities carry their grant (capabilities, slots); tokens carry a name and a grant.
 /// 3: tasks carry a repository, base, environment and labels; attempts their work result.
-pub const SCHEMA_VERSION: u64 = 3;
+/// 4: attempts carry their usage (tokens and cost).
+pub const SCHEMA_VERSION: u64 = 4;
 /// The database file name in the data directory.
 pub const DB_FILE: &str = "hub.redb";
 
@@ -288,7 +289,24 @@ fn migrate_v2(tx: &redb::WriteTransaction) -> Result<(), StoreError> {
             None => break,
         }
     }
-    let attempt_tail = enc(&None::<muster_protocol::work::WorkResult>);
+    // Attempts are checked by the last step of the chain (migrate_v3), which
+    // always follows: only the newest shape decodes as an AttemptRecord.
+    append_to_attempts(tx, &enc(&None::<muster_protocol::work::WorkResult>), false)
+}
+
+/// Schema 3 → 4: attempts gain `usage`, a trailing field (see [`migrate_v2`]
+/// for why appending its empty value's encoding is the migration).
+fn migrate_v3(tx: &redb::WriteTransaction) -> Result<(), StoreError> {
+    append_to_attempts(tx, &enc(&None::<muster_protocol::msg::Usage>), true)
+}
+
+/// Appends `tail` to every attempt record; with `check`, each result must
+/// decode as the current [`AttemptRecord`].
+fn append_to_attempts(
+    tx: &redb::WriteTransaction,
+    attempt_tail: &[u8],
+    check: bool,
+) -> Result<(), StoreError> {
     let mut attempts = tx.open_table(ATTEMPTS)?;
     let mut from = (0, 0);
     loop {
@@ -304,8 +322,10 @@ fn migrate_v2(tx: &redb::WriteTransaction) -> Result<(), StoreError> {
             break;
         };
         for (k, mut bytes) in chunk {
-            bytes.extend_from_slice(&attempt_tail);
-            dec::<AttemptRecord>("attempts", &bytes)?;
+            bytes.extend_from_slice(attempt_tail);
+            if check {
+                dec::<AttemptRecord>("attempts", &bytes)?;
+            }
             attempts.insert(k, bytes.as_slice())?;
         }
         from = match (last.1.checked_add(1), last.0.checked_add(1)) {
@@ -349,12 +369,15 @@ impl Store {
             let found = meta.get("schema_version")?.map(|v| v.value());
             match found {
                 Some(v) if v > SCHEMA_VERSION => return Err(StoreError::TooNew { found: v }),
-                Some(v @ (1 | 2)) => {
+                Some(v @ (1..=3)) => {
                     drop(meta);
                     if v == 1 {
                         migrate_v1(&tx)?;
                     }
-                    migrate_v2(&tx)?;
+                    if v <= 2 {
+                        migrate_v2(&tx)?;
+                    }
+                    migrate_v3(&tx)?;
                     tx.open_table(META)?
                         .insert("schema_version", SCHEMA_VERSION)?;
                 }
@@ -831,6 +854,7 @@ mod tests {
             pid: None,
             session: None,
             work: None,
+            usage: None,
         };
         let agent = AgentRecord {
             name: "a1".into(),
@@ -1011,6 +1035,91 @@ mod tests {
     }
 
     #[test]
+    fn a_schema_3_database_is_migrated_giving_attempts_empty_usage() {
+        use muster_protocol::Generation;
+        use muster_protocol::msg::Outcome;
+        /// An attempt as schema 3 wrote it: the fields before `usage`.
+        #[derive(serde::Serialize)]
+        struct AttemptV3 {
+            task: TaskId,
+            generation: Generation,
+            agent: String,
+            assigned_at: u64,
+            accepted_at: Option<u64>,
+            started_at: Option<u64>,
+            ended_at: Option<u64>,
+            outcome: Option<Outcome>,
+            error: Option<muster_protocol::msg::Failure>,
+            pid: Option<u32>,
+            session: Option<String>,
+            work: Option<muster_protocol::work::WorkResult>,
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join(DB_FILE);
+        let work = muster_protocol::work::WorkResult {
+            branch: "muster/7".into(),
+            head: "h".into(),
+            commits: 2,
+            ..Default::default()
+        };
+        {
+            let db = Database::builder().create(&path).expect("create");
+            let tx = db.begin_write().expect("write");
+            {
+                tx.open_table(META)
+                    .expect("meta")
+                    .insert("schema_version", 3)
+                    .expect("insert");
+                let mut tasks = tx.open_table(TASKS).expect("tasks");
+                let mut attempts = tx.open_table(ATTEMPTS).expect("attempts");
+                for id in [1u64, 2, 5000] {
+                    let t = task(id, TaskState::Completed, 20, None);
+                    tasks.insert(id, enc(&t).as_slice()).expect("insert");
+                    for g in 1..=2 {
+                        let a = AttemptV3 {
+                            task: TaskId(id),
+                            generation: Generation(g),
+                            agent: "b1".into(),
+                            assigned_at: 11,
+                            accepted_at: Some(12),
+                            started_at: Some(13),
+                            ended_at: Some(20),
+                            outcome: Some(Outcome::Completed),
+                            error: None,
+                            pid: Some(42),
+                            session: Some("s".into()),
+                            work: Some(work.clone()),
+                        };
+                        attempts
+                            .insert((id, g), enc(&a).as_slice())
+                            .expect("insert");
+                    }
+                }
+            }
+            tx.commit().expect("commit");
+        }
+        let store = Store::open(&path).expect("the schema 3 file opens and migrates");
+        let reader = store.reader().expect("reader");
+        for id in [1u64, 2, 5000] {
+            let a = reader.newest_attempts(TaskId(id), 5).expect("attempts");
+            assert_eq!(a.len(), 2);
+            for a in a {
+                assert_eq!((a.pid, a.usage), (Some(42), None));
+                assert_eq!(a.work.as_ref(), Some(&work));
+            }
+        }
+        drop(reader);
+        drop(store);
+        let store = Store::open(&path).expect("reopen");
+        let a = store
+            .reader()
+            .expect("reader")
+            .newest_attempts(TaskId(2), 5)
+            .expect("attempts");
+        assert_eq!(a.len(), 2, "opening again changes nothing");
+    }
+
+    #[test]
     fn a_schema_2_database_is_migrated_giving_tasks_and_attempts_empty_work_fields() {
         use crate::core::Audit;
         use muster_protocol::Generation;
@@ -1142,7 +1251,7 @@ mod tests {
         }
         drop(reader);
         drop(store);
-        // Opening again finds version 3 and changes nothing.
+        // Opening again finds the current version and changes nothing.
         let store = Store::open(&path).expect("reopen");
         let t = store
             .reader()

@@ -89,6 +89,8 @@ muster_config::config! {
         stdin: Stdin = Stdin::Null,
         /// wake: the agent's session name, e.g. "muster-{task_id}", reported to the hub; "" = the verified process group.
         session: String = String::new(),
+        /// The agent's stdout is a transcript to read usage from: "claude-stream-json" (claude -p --output-format stream-json), "codex-json" (codex exec --json) or "none".
+        transcript: Transcript = Transcript::None,
         compound {
             /// Wake: how the start is verified (`verify`, `verify_process`, `verify_command`).
             verify: Verify,
@@ -194,6 +196,34 @@ pub enum Stdin {
 }
 
 muster_config::words!(Stdin { Stdin::Null => "null", Stdin::Prompt => "prompt" });
+
+/// See [`AgentConfig::transcript`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transcript {
+    /// The agent's output is not read.
+    None,
+    /// Claude Code's `--output-format stream-json`.
+    ClaudeStreamJson,
+    /// Codex's `codex exec --json`.
+    CodexJson,
+}
+
+muster_config::words!(Transcript {
+    Transcript::None => "none",
+    Transcript::ClaudeStreamJson => "claude-stream-json",
+    Transcript::CodexJson => "codex-json",
+});
+
+impl Transcript {
+    /// The parser's format, if the output is read.
+    pub fn format(self) -> Option<crate::transcript::Format> {
+        match self {
+            Transcript::None => None,
+            Transcript::ClaudeStreamJson => Some(crate::transcript::Format::ClaudeStreamJson),
+            Transcript::CodexJson => Some(crate::transcript::Format::CodexJson),
+        }
+    }
+}
 
 muster_config::words!(ExecStatus {
     ExecStatus::Recorded => "recorded",
@@ -755,6 +785,7 @@ mod tests {
             exec_status: ExecStatus::Waited,
             stdin: Stdin::Prompt,
             session: "muster-{task_id}".into(),
+            transcript: Transcript::CodexJson,
         };
         c.workspace = WorkspaceConfig {
             mode: WorkspaceMode::Git,

@@ -23,6 +23,7 @@ pub mod queue;
 pub mod rundirs;
 pub mod tasktoken;
 pub mod test_hooks;
+pub mod transcript;
 pub mod workspace;
 
 /// The decision core, a crate of its own so that it cannot reach IO.

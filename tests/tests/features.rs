@@ -840,6 +840,7 @@ async fn heartbeat_flood(
             free_slots: 1,
             self_test: SelfTest::default(),
             host: HostFigures::default(),
+            activity: Vec::new(),
         });
         let bytes = encode(&hb).map_err(|e| e.to_string())?;
         if wr.send(Bytes::from(bytes)).await.is_err() {

@@ -28,10 +28,10 @@ use muster_hub::core::{
     AgentRecord, AttemptRecord, Audit, EventRecord, Identity, TaskRecord, TaskState, TokenRecord,
 };
 use muster_protocol::msg::{
-    Assign, EnrollRefusal, EnrollRequest, EnrollResponse, Failure, Heartbeat, HeldTask, Hello,
-    HostFigures, HubMsg, IdentityTarget, OpError, OpErrorCode, OpRequest, OpResponse, Open,
+    Activity, Assign, EnrollRefusal, EnrollRequest, EnrollResponse, Failure, Heartbeat, HeldTask,
+    Hello, HostFigures, HubMsg, IdentityTarget, OpError, OpErrorCode, OpRequest, OpResponse, Open,
     OpenBody, Outcome, Phase, Refused, Report, ReportBody, ReportKind, Role, SelfTest, SessionMsg,
-    SidecarState, SubmitRequest, TaskSpec, TimeoutAction, Welcome, WireLimits,
+    SidecarState, SubmitRequest, TaskSpec, TimeoutAction, Usage, Welcome, WireLimits,
 };
 use muster_protocol::work::{WorkResult, WorkspaceMode};
 use muster_protocol::{
@@ -594,6 +594,41 @@ fn report_bodies() -> Vec<ReportBody> {
             error: Some(failure()),
             work: Some(Box::new(work_result())),
         },
+        ReportBody::Usage(usage()),
+    ]
+}
+
+fn usage() -> Usage {
+    Usage {
+        model: Some("claude-sonnet-4-5-20250929".into()),
+        input_tokens: 1_234,
+        output_tokens: 567,
+        cache_read_tokens: 89_012,
+        cache_write_tokens: 3_456,
+        cost_micro_usd: Some(42_100),
+    }
+}
+
+fn activity() -> Vec<Activity> {
+    vec![
+        Activity {
+            task: TaskId(41),
+            generation: Generation(2),
+            cpu_ms: Some(3_200),
+            output_bytes: 1 << 20,
+            output_age_ms: Some(12_000),
+            workspace_age_ms: Some(45_000),
+            output_tail: "Apply these edits? [y/N]".into(),
+        },
+        Activity {
+            task: TaskId(42),
+            generation: Generation(1),
+            cpu_ms: None,
+            output_bytes: 0,
+            output_age_ms: None,
+            workspace_age_ms: None,
+            output_tail: String::new(),
+        },
     ]
 }
 
@@ -619,6 +654,7 @@ fn session_msgs() -> Vec<SessionMsg> {
         free_slots: 3,
         self_test: self_test(),
         host: host(),
+        activity: activity(),
     }));
     v
 }
@@ -783,6 +819,7 @@ fn attempt_record() -> AttemptRecord {
         pid: Some(4242),
         session: Some("muster-41".into()),
         work: Some(work_result()),
+        usage: Some(usage()),
     }
 }
 
@@ -950,6 +987,7 @@ fn cases() -> (Vec<Case>, Coverage) {
         ReportKind::Started,
         ReportKind::Progress,
         ReportKind::Finished,
+        ReportKind::Usage,
     ];
     each(&mut out, &mut cov, Wire, "report_kind", kinds);
     each(&mut out, &mut cov, Wire, "outcome", Outcome::ALL.to_vec());

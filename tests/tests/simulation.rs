@@ -130,13 +130,20 @@ fn run_seeds(seeds: impl Iterator<Item = u64>, agents: Option<usize>, mixed: boo
             missing.is_empty(),
             "{label}: {n} seeds never injected these faults: {missing:?}"
         );
+        for class in ["active", "busy_silent", "idle"] {
+            assert!(
+                total.activity_classes.get(class).copied().unwrap_or(0) > 0,
+                "{label}: {n} seeds never classified a run {class}: {:?}",
+                total.activity_classes
+            );
+        }
     }
 }
 
 /// The summary line: what was done, what was injected, how it ended.
 fn totals(s: &sim::Summary) -> String {
     format!(
-        "{} steps, {} virtual s; submitted {}, acknowledged {} (refused for a failed dependency {}), completed {}, failed {}, cancelled {}, requeues {}; hub: {} commits of {} inputs (largest batch {}); {} runs ({} survived a sidecar crash), plans {:?}, attempt outcomes {:?}; {} ticks with two sidecars running one task; {} attempts spawned again after their orphan went unclaimed; faults {:?}",
+        "{} steps, {} virtual s; submitted {}, acknowledged {} (refused for a failed dependency {}), completed {}, failed {}, cancelled {}, requeues {}; hub: {} commits of {} inputs (largest batch {}); {} runs ({} survived a sidecar crash), plans {:?}, attempt outcomes {:?}; {} ticks with two sidecars running one task; {} attempts spawned again after their orphan went unclaimed; activity classified {:?}; faults {:?}",
         s.steps,
         s.virtual_ms / 1000,
         s.submitted,
@@ -155,6 +162,7 @@ fn totals(s: &sim::Summary) -> String {
         s.outcomes,
         s.overlap_ticks,
         s.orphan_respawns,
+        s.activity_classes,
         s.faults,
     )
 }
@@ -176,6 +184,9 @@ fn add(total: &mut sim::Summary, s: &sim::Summary) {
     total.runs += s.runs;
     total.overlap_ticks += s.overlap_ticks;
     total.orphan_respawns += s.orphan_respawns;
+    for (k, v) in &s.activity_classes {
+        *total.activity_classes.entry(k).or_default() += v;
+    }
     for (k, v) in &s.plans {
         *total.plans.entry(k).or_default() += v;
     }

@@ -556,7 +556,7 @@ fn standin_path() -> String {
     )
 }
 
-fn example_completes(file: &str, marker: &str) {
+fn example_completes(file: &str, marker: &str) -> Value {
     let hub = hub();
     let mut sc = Sidecar::enroll_slots(&hub, &format!("ex-{}", &file[..4]), 2);
     use_example(&sc, file);
@@ -580,16 +580,27 @@ fn example_completes(file: &str, marker: &str) {
         git(&m, &["show", &format!("{head}:{marker}")]),
         "add a greeting\n\nSay hello."
     );
+    t
 }
 
 #[test]
 fn the_claude_code_example_runs_claude_p_with_the_prompt_on_stdin() {
-    example_completes("claude-code.toml", "CLAUDE_WAS_HERE.md");
+    let t = example_completes("claude-code.toml", "CLAUDE_WAS_HERE.md");
+    // Its transcript's result line gave the tokens and the cost.
+    let u = &t["usage"];
+    assert_eq!(
+        (&u["input_tokens"], &u["output_tokens"]),
+        (&10.into(), &5.into()),
+        "{t}"
+    );
+    assert_eq!(u["cost_micro_usd"], 10_000, "{t}");
+    assert_eq!(u["model"], "claude-stand-in", "{t}");
 }
 
 #[test]
 fn the_codex_example_runs_codex_exec_with_the_prompt_on_stdin() {
-    example_completes("codex.toml", "CODEX_WAS_HERE.md");
+    let t = example_completes("codex.toml", "CODEX_WAS_HERE.md");
+    assert_eq!(t["usage"]["output_tokens"], 5, "{t}");
 }
 
 #[test]

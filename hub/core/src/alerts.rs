@@ -2,8 +2,10 @@
 //!
 //! Kinds: `agent_down` (offline past `agent_down_alert`), `task_failed` (a task
 //! failed for good; cleared by requeue), `stalled` (running past `stall_alert`
-//! without progress), `circuit_open` (an agent's breaker tripped), and
-//! `retry_storm` (retries far outrun completions).
+//! without progress, output or CPU), `circuit_open` (an agent's breaker
+//! tripped), `retry_storm` (retries far outrun completions), and `agent_idle`
+//! (a running agent without output or CPU past `idle_alert`: waiting for
+//! input, or hung). See [`crate::activity`] for how busy is told from idle.
 
 use std::collections::{BTreeMap, VecDeque};
 
@@ -30,22 +32,25 @@ pub enum AlertKind {
     AgentDown,
     /// A task failed for good; cleared by requeue.
     TaskFailed,
-    /// A task running past `stall_alert` without progress.
+    /// A task running past `stall_alert` without progress, output or CPU.
     Stalled,
     /// An agent's circuit breaker tripped.
     CircuitOpen,
     /// Retries far outrun completions.
     RetryStorm,
+    /// A running agent with no output and no CPU past `idle_alert`.
+    AgentIdle,
 }
 
 impl AlertKind {
     /// Every kind, in the order `/metrics` lists them.
-    pub const ALL: [AlertKind; 5] = [
+    pub const ALL: [AlertKind; 6] = [
         AlertKind::AgentDown,
         AlertKind::TaskFailed,
         AlertKind::Stalled,
         AlertKind::CircuitOpen,
         AlertKind::RetryStorm,
+        AlertKind::AgentIdle,
     ];
 
     /// The stable name (JSON, metrics labels).
@@ -56,6 +61,7 @@ impl AlertKind {
             AlertKind::Stalled => "stalled",
             AlertKind::CircuitOpen => "circuit_open",
             AlertKind::RetryStorm => "retry_storm",
+            AlertKind::AgentIdle => "agent_idle",
         }
     }
 }

@@ -10,6 +10,7 @@ use serde::{Serialize, Serializer};
 
 use crate::model::*;
 
+use crate::activity;
 use crate::alerts::{self, AlertKind, AlertNote};
 use crate::ops::format_age;
 use crate::{Core, Write};
@@ -81,13 +82,24 @@ pub enum Event {
     },
     /// An alert was raised or cleared.
     Alert(AlertNote),
+    /// A running attempt's agent reported progress.
+    Progress {
+        /// The task.
+        id: TaskId,
+        /// The attempt.
+        generation: Generation,
+        /// Its agent.
+        agent: String,
+        /// The note.
+        note: String,
+    },
 }
 
 impl Event {
     /// What the event is about, for the shell's choice of log level.
     pub fn kind(&self) -> EventKind {
         match self {
-            Event::Task { .. } => EventKind::Task,
+            Event::Task { .. } | Event::Progress { .. } => EventKind::Task,
             Event::Agent { .. } => EventKind::Agent,
             Event::Alert(_) => EventKind::Alert,
             Event::Audit { .. }
@@ -198,6 +210,14 @@ impl Serialize for Event {
             who: &'a str,
         }
         #[derive(Serialize)]
+        struct ProgressShape<'a> {
+            agent: &'a str,
+            generation: Generation,
+            id: TaskId,
+            kind: &'static str,
+            note: &'a str,
+        }
+        #[derive(Serialize)]
         struct EnrolledShape<'a> {
             action: &'static str,
             kind: &'static str,
@@ -276,6 +296,19 @@ impl Serialize for Event {
             }
             .serialize(s),
             Event::Alert(note) => note.serialize(s),
+            Event::Progress {
+                id,
+                generation,
+                agent,
+                note,
+            } => ProgressShape {
+                agent,
+                generation: *generation,
+                id: *id,
+                kind: "progress",
+                note,
+            }
+            .serialize(s),
         }
     }
 }
@@ -380,33 +413,52 @@ impl Core {
                 circuit.push((a.rec.name.clone(), format!("agent {} is degraded after repeated infrastructure failures; circuit open until {until}", a.rec.name)));
             }
         }
-        let stall_after = self.policy.stall_alert.as_millis() as u64;
-        let stalled: Vec<(String, String)> = self
-            .tasks
-            .values()
-            .filter(|l| l.rec.state == TaskState::Running)
-            .filter_map(|l| {
-                let last = l.rec.progress_at?;
-                if now < last + stall_after {
-                    later(last + stall_after);
-                }
-                (now >= last + stall_after).then(|| {
-                    (
-                        l.rec.id.to_string(),
-                        format!(
-                            "task {} ({}) has run {} without progress",
-                            l.rec.id,
-                            l.rec.title,
-                            format_age(now - last)
-                        ),
-                    )
-                })
-            })
-            .collect();
+        let windows = self.activity_windows();
+        let mut stalled: Vec<(String, String)> = Vec::new();
+        let mut idle: Vec<(String, String)> = Vec::new();
+        for l in self.tasks.values() {
+            if l.rec.state != TaskState::Running {
+                continue;
+            }
+            let Some(progress) = l.rec.progress_at else {
+                continue;
+            };
+            let seen = l.current_activity();
+            let v = activity::classify(now, &windows, progress, seen);
+            if let Some(t) = v.next_alert(now, &windows) {
+                later(t);
+            }
+            let (id, title) = (l.rec.id, &l.rec.title);
+            if v.class == activity::Class::Stalled {
+                stalled.push((
+                    id.to_string(),
+                    format!(
+                        "task {id} ({title}) has run {} without progress, output or CPU",
+                        format_age(now - v.still_since)
+                    ),
+                ));
+            }
+            if v.idle_alert(now, &windows) {
+                let agent = l.rec.agent.as_deref().unwrap_or("?");
+                let tail = seen.map(|s| s.output_tail.trim_end()).unwrap_or_default();
+                let last = if tail.is_empty() {
+                    String::new()
+                } else {
+                    format!("; last output: {tail}")
+                };
+                idle.push((
+                    id.to_string(),
+                    format!(
+                        "task {id} ({title}) on {agent} has been idle for {}: no output and no CPU (waiting for input, or hung){last}",
+                        format_age(now - v.still_since)
+                    ),
+                ));
+            }
+        }
         down.sort();
         circuit.sort();
-        let mut stalled = stalled;
         stalled.sort();
+        idle.sort();
         let mut changes = Vec::new();
         self.alerts
             .sync(now, AlertKind::AgentDown, down, &mut changes);
@@ -414,9 +466,44 @@ impl Core {
             .sync(now, AlertKind::CircuitOpen, circuit, &mut changes);
         self.alerts
             .sync(now, AlertKind::Stalled, stalled, &mut changes);
+        self.alerts
+            .sync(now, AlertKind::AgentIdle, idle, &mut changes);
         self.alerts.check_storm(now, &mut changes);
         self.alert_changes(now, changes);
         next
+    }
+}
+
+impl Core {
+    /// The windows of the activity classification, from the policy.
+    pub(crate) fn activity_windows(&self) -> activity::Windows {
+        let ms = |d: std::time::Duration| d.as_millis() as Millis;
+        activity::Windows::new(
+            ms(self.policy.idle_alert),
+            ms(self.policy.stall_alert),
+            ms(self.policy.heartbeat_interval),
+        )
+    }
+
+    /// What a running task's current attempt is doing, as `task show` prints
+    /// it at `now`; `None` for a task that is not running.
+    pub fn activity_view(&self, id: TaskId, now: Millis) -> Option<activity::ActivityView> {
+        let l = self.tasks.get(&id)?;
+        if l.rec.state != TaskState::Running {
+            return None;
+        }
+        let progress = l.rec.progress_at?;
+        let seen = l.current_activity();
+        let v = activity::classify(now, &self.activity_windows(), progress, seen);
+        Some(activity::ActivityView::of(now, &v, seen))
+    }
+}
+
+impl crate::Live {
+    /// The activity seen of the current attempt, if any.
+    pub(crate) fn current_activity(&self) -> Option<&activity::Seen> {
+        let (g, seen) = self.activity.as_ref()?;
+        (self.attempt.as_ref()?.generation == *g).then_some(seen)
     }
 }
 

@@ -9,6 +9,7 @@
 //! That order is the "commit before acknowledge" rule. The core never reads
 //! the clock, spawns, or touches a socket or file; tasks that are no longer
 //! live are read through the [`Archive`] trait.
+pub mod activity;
 pub mod admission;
 pub mod alerts;
 pub mod answer;
@@ -25,6 +26,7 @@ mod sched;
 mod session;
 mod tasks;
 mod timers;
+pub mod usage;
 pub mod views;
 
 use std::collections::{BTreeSet, HashMap, HashSet};
@@ -166,6 +168,8 @@ pub struct Stats {
     pub live_by_state: std::collections::BTreeMap<&'static str, u64>,
     /// Agents known.
     pub agents: usize,
+    /// Tokens and cost reported, in all, per agent and per label.
+    pub usage: usage::UsageStats,
 }
 
 /// Effects of the inputs since the last [`Core::take_output`].
@@ -210,6 +214,8 @@ pub struct Counters {
     pub duplicate_reports: u64,
     /// Tasks that reached each terminal state.
     pub finished_by_state: HashMap<TaskState, u64>,
+    /// Tokens and cost reported, in all, per agent and per label.
+    pub usage: usage::UsageTotals,
 }
 
 /// What `/metrics` shows of the core, taken when scraped.
@@ -241,6 +247,9 @@ struct Live {
     /// The attempt deadline armed in the index for this task, so that re-arming
     /// replaces it and the index holds at most one entry per task.
     armed_at: Option<Millis>,
+    /// What the heartbeats said the current attempt is doing (in memory only),
+    /// with the generation it is about.
+    activity: Option<(Generation, activity::Seen)>,
 }
 
 /// An agent in the registry, with its session.

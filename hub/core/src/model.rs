@@ -2,7 +2,7 @@
 //! milliseconds since the Unix epoch ([`Millis`]), since they must mean the
 //! same after a restart; the shell never lets `now` go backwards.
 
-use muster_wire::msg::{Failure, HostFigures, Outcome, Role, SelfTest, TimeoutAction};
+use muster_wire::msg::{Failure, HostFigures, Outcome, Role, SelfTest, TimeoutAction, Usage};
 use muster_wire::work::WorkResult;
 use muster_wire::{Generation, TaskId};
 use serde::{Deserialize, Serialize};
@@ -216,6 +216,8 @@ pub struct AttemptRecord {
     pub session: Option<String>,
     /// What the attempt left in its git workspace.
     pub work: Option<WorkResult>,
+    /// Tokens and cost, as its latest usage report said (cumulative).
+    pub usage: Option<Usage>,
 }
 
 /// An enrolled identity, keyed by certificate fingerprint.

@@ -287,6 +287,7 @@ impl Core {
             outcomes: c.outcomes.iter().map(|(o, n)| (o.as_str(), *n)).collect(),
             live_by_state,
             agents: self.agents.len(),
+            usage: crate::usage::UsageStats::from(&c.usage),
         }
     }
 

@@ -22,7 +22,7 @@ muster_config::config! {
         lost_grace: Duration = Duration::from_secs(60),
         /// An agent disconnected this long raises an alert.
         agent_down_alert: Duration = Duration::from_secs(120),
-        /// A running task without progress this long raises an alert.
+        /// A running task without progress, output or CPU this long raises `stalled` (a busy agent that prints nothing raises nothing).
         stall_alert: Duration = Duration::from_secs(30 * 60),
         /// Attempts per task before it fails for good.
         max_attempts: u32 as AtLeast<1> = 3,
@@ -42,6 +42,8 @@ muster_config::config! {
         retention: Duration = Duration::from_secs(30 * 24 * 60 * 60),
         /// Events kept in the event log; older ones are pruned.
         events_max: u64 as AtLeast<1> = 100_000,
+        /// A running agent with no output and no CPU this long (waiting for input, or hung) raises `agent_idle`.
+        idle_alert: Duration = Duration::from_secs(5 * 60),
     }
     check = check_policy;
 }

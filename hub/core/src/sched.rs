@@ -155,6 +155,7 @@ impl Core {
             pid: None,
             session: None,
             work: None,
+            usage: None,
         });
         let spec = crate::tasks::spec_of(&live.rec);
         // set_state must not touch the ready queue again: mark the state first.

@@ -5,15 +5,15 @@ use std::collections::HashSet;
 
 use muster_wire::limits::{self, truncate_utf8};
 use muster_wire::msg::{
-    Assign, Failure, HeldTask, Hello, HubMsg, Outcome, Phase, Refused, Report, ReportBody,
-    ReportKind, Role, Welcome, WireLimits,
+    Activity, Assign, Failure, HeldTask, Hello, HubMsg, Outcome, Phase, Refused, Report,
+    ReportBody, ReportKind, Role, Welcome, WireLimits,
 };
 use muster_wire::{ReportId, TaskId};
 
 use crate::model::*;
 
 use crate::Archive;
-use crate::events::AgentChange;
+use crate::events::{AgentChange, Event};
 use crate::tasks::{check_capabilities, failure, spec_of};
 use crate::{Agent, ConnId, Core, Write};
 
@@ -282,6 +282,46 @@ impl Core {
             self.agent_event(now, &name, state, why);
         }
         self.reconcile(now, &name, conn, &hb.tasks, false);
+        self.take_activity(now, &name, &hb.activity);
+    }
+
+    /// Keeps what a heartbeat says each running attempt of `agent` is doing,
+    /// and asks for an alert pass when one of them could next raise one.
+    fn take_activity(&mut self, now: Millis, agent: &str, activity: &[Activity]) {
+        let windows = self.activity_windows();
+        let gap_max = 2 * self.policy.heartbeat_interval.as_millis() as Millis;
+        let mut next: Option<Millis> = None;
+        for a in activity.iter().take(limits::HELD_TASKS_MAX) {
+            let Some(live) = self.tasks.get_mut(&a.task) else {
+                continue;
+            };
+            let current = live
+                .attempt
+                .as_ref()
+                .is_some_and(|at| at.generation == a.generation && at.agent == agent);
+            if !current || live.rec.state != TaskState::Running {
+                continue;
+            }
+            if live
+                .activity
+                .as_ref()
+                .is_none_or(|(g, _)| *g != a.generation)
+            {
+                live.activity = Some((a.generation, Default::default()));
+            }
+            let Some((_, seen)) = live.activity.as_mut() else {
+                continue;
+            };
+            seen.update(now, a, gap_max);
+            let progress = live.rec.progress_at.unwrap_or(now);
+            let verdict = crate::activity::classify(now, &windows, progress, Some(seen));
+            if let Some(t) = verdict.next_alert(now, &windows) {
+                next = Some(next.map_or(t, |n| n.min(t)));
+            }
+        }
+        if let Some(at) = next {
+            self.arm_alerts(at);
+        }
     }
 
     pub(crate) fn on_report(
@@ -343,7 +383,9 @@ impl Core {
             self.stale(conn, &report, reason);
             return;
         }
-        if kind != ReportKind::Progress && !live.seen.insert(kind) {
+        // Progress notes and usage reports repeat by design; the rest count once.
+        let repeatable = matches!(kind, ReportKind::Progress | ReportKind::Usage);
+        if !repeatable && !live.seen.insert(kind) {
             self.counters.duplicate_reports += 1;
             self.flush_ack(conn);
             return;
@@ -369,10 +411,29 @@ impl Core {
                 self.set_state(now, id, TaskState::Running, "start verified");
             }
             ReportBody::Progress { note } => {
+                let note = truncate_utf8(note, muster_wire::limits::NOTE_BYTES_MAX);
                 live.rec.progress_at = Some(now);
-                live.rec.progress_note =
-                    Some(truncate_utf8(note, muster_wire::limits::NOTE_BYTES_MAX));
+                live.rec.progress_note = Some(note.clone());
                 live.rec.updated_at = now;
+                let event = Event::Progress {
+                    id,
+                    generation: report.generation,
+                    agent: name.clone(),
+                    note,
+                };
+                self.touch(id);
+                self.push_event(now, event);
+            }
+            ReportBody::Usage(usage) => {
+                let labels = live.rec.labels.clone();
+                let Some(a) = live.attempt.as_mut() else {
+                    return;
+                };
+                let growth = usage.growth_since(a.usage.as_ref().unwrap_or(&Default::default()));
+                a.usage = Some(usage);
+                let write = Write::Attempt(a.clone());
+                self.out.writes.push(write);
+                self.counters.usage.count(&name, &labels, &growth);
                 self.touch(id);
             }
             ReportBody::Finished {
@@ -510,6 +571,10 @@ pub(crate) fn bound_report(mut r: Report) -> Report {
         ReportBody::Progress { note } => ReportBody::Progress {
             note: truncate_utf8(note, limits::NOTE_BYTES_MAX),
         },
+        ReportBody::Usage(mut u) => {
+            u.model = u.model.map(|m| truncate_utf8(m, limits::MODEL_BYTES_MAX));
+            ReportBody::Usage(u)
+        }
         ReportBody::Finished {
             outcome,
             result,

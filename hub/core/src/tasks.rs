@@ -48,6 +48,7 @@ impl Core {
                 retried,
                 checked_generation,
                 armed_at: None,
+                activity: None,
             },
         );
         self.arm_attempt(id);

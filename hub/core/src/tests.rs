@@ -8,9 +8,10 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use muster_wire::msg::{
-    Assign, EnrollRefusal, EnrollResponse, Failure, Heartbeat, HeldTask, Hello, HostFigures,
-    HubMsg, OpError, OpErrorCode, OpRequest, OpResponse, Outcome, Phase, Refused, Report,
-    ReportBody, Role, SelfTest, SessionMsg, SidecarState, SubmitRequest, TimeoutAction,
+    Activity, Assign, EnrollRefusal, EnrollResponse, Failure, Heartbeat, HeldTask, Hello,
+    HostFigures, HubMsg, OpError, OpErrorCode, OpRequest, OpResponse, Outcome, Phase, Refused,
+    Report, ReportBody, Role, SelfTest, SessionMsg, SidecarState, SubmitRequest, TimeoutAction,
+    Usage,
 };
 use muster_wire::{AgentName, Generation, ReportId, TaskId, limits};
 use serde_json::Value;
@@ -448,6 +449,7 @@ impl H {
                     },
                 },
                 host: HostFigures::default(),
+                activity: Vec::new(),
             }),
         })
     }
@@ -3072,6 +3074,7 @@ fn a_sidecar_shutting_down_gets_no_new_work_until_it_says_hello_again() {
                 problems: Vec::new(),
             },
             host: HostFigures::default(),
+            activity: Vec::new(),
         }),
     });
     assert!(all_assigns(&out).is_empty());
@@ -3535,6 +3538,7 @@ fn a_heartbeat_listing_too_many_tasks_ends_the_session() {
             free_slots: 1,
             self_test: Default::default(),
             host: Default::default(),
+            activity: Vec::new(),
         }),
     });
     assert_eq!(out.closes, vec![ConnId(1)]);
@@ -3731,11 +3735,303 @@ fn an_attempt_renders_as_task_show_has_always_listed_it() {
             checkpoint: Some("refs/muster/checkpoints/7/2".into()),
             link: None,
         }),
+        usage: Some(muster_wire::msg::Usage {
+            model: Some("m".into()),
+            input_tokens: 1,
+            output_tokens: 2,
+            cache_read_tokens: 3,
+            cache_write_tokens: 4,
+            cost_micro_usd: Some(1_500_000),
+        }),
     };
     let view = crate::views::AttemptView::of(&a);
     assert_keys_sorted(&view);
     assert_eq!(
         serde_json::to_string(&view).expect("renders"),
-        r#"{"accepted_at":2,"agent":"a","assigned_at":1,"ended_at":4,"error":{"command":["run"],"exit_code":3,"no_retry":true,"reason":"exit status 3","signal":9,"stderr_tail":"err","stdout_tail":"out"},"generation":2,"outcome":"failed","pid":42,"session":"s","started_at":3,"work":{"base_commit":"b","branch":"muster/7","checkpoint":"refs/muster/checkpoints/7/2","commits":2,"diffstat":" x | 1 +","dirty":true,"head":"h","link":null}}"#
+        r#"{"accepted_at":2,"agent":"a","assigned_at":1,"ended_at":4,"error":{"command":["run"],"exit_code":3,"no_retry":true,"reason":"exit status 3","signal":9,"stderr_tail":"err","stdout_tail":"out"},"generation":2,"outcome":"failed","pid":42,"session":"s","started_at":3,"usage":{"cache_read_tokens":3,"cache_write_tokens":4,"cost_micro_usd":1500000,"cost_usd":1.5,"input_tokens":1,"model":"m","output_tokens":2},"work":{"base_commit":"b","branch":"muster/7","checkpoint":"refs/muster/checkpoints/7/2","commits":2,"diffstat":" x | 1 +","dirty":true,"head":"h","link":null}}"#
     );
+}
+
+// === Activity, idle and stall, usage ===
+
+/// One running attempt's activity as a sidecar measures it.
+fn activity(t: TaskId, g: u64, cpu_ms: u64, output_age_ms: u64, tail: &str) -> Activity {
+    Activity {
+        task: t,
+        generation: Generation(g),
+        cpu_ms: Some(cpu_ms),
+        output_bytes: 100,
+        output_age_ms: Some(output_age_ms),
+        workspace_age_ms: None,
+        output_tail: tail.into(),
+    }
+}
+
+impl H {
+    fn heartbeat_activity(&mut self, conn: ConnId, activity: Vec<Activity>) -> Output {
+        let tasks = self.online.get(&conn).cloned().unwrap_or_default();
+        self.step(Input::Session {
+            conn,
+            msg: SessionMsg::Heartbeat(Heartbeat {
+                seq: 1,
+                state: SidecarState::Ready,
+                tasks,
+                free_slots: 0,
+                self_test: SelfTest {
+                    passed: true,
+                    ..SelfTest::default()
+                },
+                host: HostFigures::default(),
+                activity,
+            }),
+        })
+    }
+
+    /// A connected agent running one task, started now.
+    fn running(&mut self) -> (ConnId, TaskId) {
+        let (c, _) = self.connect(1, "a", &[], 1);
+        let (t, _) = self.submit(req("t"));
+        let _ = self.accept(c, t, 1);
+        let _ = self.start(c, t, 1);
+        self.online.insert(c, vec![held(t, 1, Phase::Running)]);
+        (c, t)
+    }
+
+    /// Heartbeats every 10 s for `ms`, each with the activity `f(elapsed)`
+    /// gives, and the ticks the hub would have between them.
+    fn beat_for(
+        &mut self,
+        conn: ConnId,
+        ms: u64,
+        mut f: impl FnMut(u64) -> Vec<Activity>,
+    ) -> Output {
+        let mut all = Output::default();
+        let mut elapsed = 0;
+        while elapsed < ms {
+            self.advance(10_000);
+            elapsed += 10_000;
+            let out = self.heartbeat_activity(conn, f(elapsed));
+            merge(&mut all, out);
+            let out = self.tick();
+            merge(&mut all, out);
+        }
+        all
+    }
+}
+
+fn activity_class(h: &H, t: TaskId) -> &'static str {
+    h.core
+        .activity_view(t, h.now)
+        .map(|v| v.class)
+        .unwrap_or("none")
+}
+
+#[test]
+fn a_busy_agent_that_prints_nothing_raises_nothing_over_three_stall_windows() {
+    let mut h = H::new();
+    let (c, t) = h.running();
+    // Half a core, not one byte of output, for 90 minutes.
+    let out = h.beat_for(c, 90 * 60_000, |e| vec![activity(t, 1, e / 2, e, "")]);
+    assert!(alerts_json(&out).is_empty(), "{:?}", alerts_json(&out));
+    assert!(open_alerts(&mut h).is_empty());
+    assert_eq!(activity_class(&h, t), "busy_silent");
+}
+
+#[test]
+fn an_idle_agent_raises_agent_idle_after_idle_alert_with_its_last_output() {
+    let mut h = H::new();
+    let (c, t) = h.running();
+    let prompt = "Apply these edits? [y/N]\n";
+    let out = h.beat_for(c, 4 * 60_000, |e| vec![activity(t, 1, 40, e, prompt)]);
+    assert!(alerts_json(&out).is_empty(), "not idle for 5 minutes yet");
+    assert_eq!(activity_class(&h, t), "idle");
+    let out = h.beat_for(c, 70_000, |e| {
+        vec![activity(t, 1, 40, 4 * 60_000 + e, prompt)]
+    });
+    let raised = alerts_json(&out);
+    let idle = raised
+        .iter()
+        .find(|a| a["alert"] == "agent_idle" && a["subject"] == t.to_string())
+        .expect("agent_idle raised");
+    let message = idle["message"].as_str().unwrap_or_default();
+    assert!(message.contains("Apply these edits? [y/N]"), "{message}");
+    assert!(message.contains("on a"), "{message}");
+    // Output again: active, and the alert clears.
+    let _ = h.heartbeat_activity(c, vec![activity(t, 1, 40, 0, "")]);
+    let _ = h.pass(crate::timers::ALERT_EVERY);
+    assert_eq!(activity_class(&h, t), "active");
+    assert!(open_alerts(&mut h).is_empty(), "{:?}", open_alerts(&mut h));
+}
+
+#[test]
+fn an_idle_agent_is_stalled_after_stall_alert_and_both_alerts_are_open() {
+    let mut h = H::new();
+    let (c, t) = h.running();
+    let _ = h.beat_for(c, 31 * 60_000, |e| vec![activity(t, 1, 0, e, "")]);
+    assert_eq!(activity_class(&h, t), "stalled");
+    let open = open_alerts(&mut h);
+    assert!(
+        open.contains(&("stalled".into(), t.to_string())),
+        "{open:?}"
+    );
+    assert!(
+        open.contains(&("agent_idle".into(), t.to_string())),
+        "{open:?}"
+    );
+    assert_eq!(h.task(t).state, TaskState::Running, "alerts, not failures");
+}
+
+#[test]
+fn output_or_a_progress_note_keeps_an_agent_active() {
+    let mut h = H::new();
+    let (c, t) = h.running();
+    // Output every heartbeat, no CPU to speak of.
+    let out = h.beat_for(c, 40 * 60_000, |_| vec![activity(t, 1, 0, 1_000, "")]);
+    assert!(alerts_json(&out).is_empty());
+    assert_eq!(activity_class(&h, t), "active");
+    let _ = h.report(
+        c,
+        t,
+        1,
+        ReportBody::Progress {
+            note: "half".into(),
+        },
+    );
+    assert_eq!(activity_class(&h, t), "active");
+}
+
+#[test]
+fn activity_of_another_attempt_or_agent_is_ignored() {
+    let mut h = H::new();
+    let (c, t) = h.running();
+    let _ = h.beat_for(c, 60_000, |e| vec![activity(t, 2, 0, e, "stale")]);
+    let v = h.core.activity_view(t, h.now).expect("running");
+    assert_eq!(v.heard_age_ms, None, "generation 2 is not the attempt");
+    assert_eq!(v.class, "active", "no figures: the progress rule alone");
+}
+
+#[test]
+fn without_activity_figures_stalled_keeps_its_old_meaning() {
+    let mut h = H::new();
+    let (_, t) = h.running();
+    let out = h.pass(31 * 60_000);
+    assert!(
+        alerts_json(&out)
+            .iter()
+            .any(|a| a["alert"] == "stalled" && a["subject"] == t.to_string())
+    );
+    assert!(
+        !alerts_json(&out).iter().any(|a| a["alert"] == "agent_idle"),
+        "idle needs CPU figures"
+    );
+}
+
+#[test]
+fn the_activity_view_shows_cpu_in_the_last_minute_and_ages() {
+    let mut h = H::new();
+    let (c, t) = h.running();
+    let _ = h.beat_for(c, 120_000, |e| vec![activity(t, 1, e / 10, 12_000, "")]);
+    let v = h.core.activity_view(t, h.now).expect("running");
+    assert_eq!(v.cpu_last_minute_ms, Some(6_000));
+    assert_eq!(v.output_age_ms, Some(12_000));
+    assert_eq!(v.cpu_ms, Some(12_000));
+    assert_keys_sorted(&v);
+}
+
+#[test]
+fn progress_notes_are_events() {
+    let mut h = H::new();
+    let (c, t) = h.running();
+    let out = h.report(
+        c,
+        t,
+        1,
+        ReportBody::Progress {
+            note: "3 of 12 tests fixed".into(),
+        },
+    );
+    let events: Vec<Value> = out
+        .writes
+        .iter()
+        .filter_map(|w| match w {
+            Write::Event { event, .. } => Some(json_of(event)),
+            _ => None,
+        })
+        .collect();
+    let e = events
+        .iter()
+        .find(|e| e["kind"] == "progress")
+        .expect("a progress event");
+    assert_eq!(e["note"], "3 of 12 tests fixed");
+    assert_eq!(e["id"], t.0);
+    assert_eq!(e["agent"], "a");
+}
+
+fn usage(input: u64, output: u64, cost: Option<u64>) -> Usage {
+    Usage {
+        model: Some("claude-sonnet-4-5".into()),
+        input_tokens: input,
+        output_tokens: output,
+        cache_read_tokens: input * 10,
+        cache_write_tokens: 1,
+        cost_micro_usd: cost,
+    }
+}
+
+fn stats_json(h: &mut H) -> Value {
+    let (resp, _) = h.op(OPERATOR, OpRequest::Stats);
+    json_ok(&resp)
+}
+
+#[test]
+fn usage_reports_are_cumulative_per_attempt_and_summed_per_agent_and_label() {
+    let mut h = H::new();
+    let (c, _) = h.connect(1, "a", &[], 1);
+    let labelled = SubmitRequest {
+        labels: vec![("team".into(), "web".into())],
+        ..req("t")
+    };
+    let (t, _) = h.submit(labelled);
+    let _ = h.accept(c, t, 1);
+    let _ = h.start(c, t, 1);
+    let out = h.report(c, t, 1, ReportBody::Usage(usage(100, 10, Some(5_000))));
+    assert!(
+        out.writes
+            .iter()
+            .any(|w| matches!(w, Write::Attempt(a) if a.usage.as_ref().is_some_and(|u| u.input_tokens == 100)))
+    );
+    // Repeatable: a later, larger report replaces it; the sums grow by the difference.
+    let _ = h.report(c, t, 1, ReportBody::Usage(usage(300, 30, Some(20_000))));
+    let _ = h.report(c, t, 1, ReportBody::Usage(usage(300, 30, Some(20_000))));
+    assert_eq!(
+        h.attempt(t, 1).usage.as_ref().map(|u| u.input_tokens),
+        Some(300)
+    );
+    let s = stats_json(&mut h);
+    assert_eq!(s["usage"]["total"]["input_tokens"], 300);
+    assert_eq!(s["usage"]["total"]["output_tokens"], 30);
+    assert_eq!(s["usage"]["total"]["cache_read_tokens"], 3000);
+    assert_eq!(s["usage"]["total"]["cost_micro_usd"], 20_000);
+    assert_eq!(s["usage"]["by_agent"]["a"]["input_tokens"], 300);
+    assert_eq!(s["usage"]["by_label"]["team=web"]["output_tokens"], 30);
+    assert_eq!(h.core.counters().usage.total.input_tokens, 300);
+    // Usage of a generation the hub does not know is stale, and adds nothing.
+    let out = h.report(c, t, 2, ReportBody::Usage(usage(1_000, 1, None)));
+    assert!(
+        out.sends
+            .iter()
+            .any(|(_, m)| matches!(m, HubMsg::Abandon { .. }))
+    );
+    assert_eq!(stats_json(&mut h)["usage"]["total"]["input_tokens"], 300);
+}
+
+#[test]
+fn a_usage_reports_model_is_cut_to_its_limit() {
+    let mut h = H::new();
+    let (c, t) = h.running();
+    let mut u = usage(1, 1, None);
+    u.model = Some("m".repeat(1000));
+    let _ = h.report(c, t, 1, ReportBody::Usage(u));
+    let model = h.attempt(t, 1).usage.clone().and_then(|u| u.model);
+    assert_eq!(model.map(|m| m.len()), Some(limits::MODEL_BYTES_MAX));
 }

@@ -255,7 +255,9 @@ impl Core {
     /// stall alert is armed from its last progress; a task leaving a state with
     /// an open alert asks for a pass that can close it.
     pub(crate) fn arm_changed(&mut self, changed: &[TaskId]) {
-        let stall = self.policy.stall_alert.as_millis() as u64;
+        // The earliest an alert of a running task can open is its idle or
+        // stall window after its last progress; the pass then says exactly when.
+        let stall = (self.policy.stall_alert.min(self.policy.idle_alert)).as_millis() as u64;
         let alerts_open = !self.alerts.list().is_empty();
         let mut alert_at: Option<Millis> = None;
         for &id in changed {

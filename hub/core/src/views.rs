@@ -130,6 +130,7 @@ pub struct AttemptView<'a> {
     pid: Option<u32>,
     session: &'a Option<String>,
     started_at: Option<Millis>,
+    usage: Option<crate::usage::UsageView>,
     work: Option<WorkView<'a>>,
 }
 
@@ -187,6 +188,7 @@ impl<'a> AttemptView<'a> {
             pid: a.pid,
             session: &a.session,
             started_at: a.started_at,
+            usage: a.usage.as_ref().map(crate::usage::UsageView::from),
             work: a.work.as_ref().map(WorkView::of),
         }
     }

@@ -221,13 +221,14 @@ pub fn print(v: &Value, json: bool, human: impl Fn(&Value) -> String) {
 }
 
 /// Fields whose text is shown on several lines; their newlines and tabs are kept.
-const MULTILINE: [&str; 6] = [
+const MULTILINE: [&str; 7] = [
     "description",
     "diffstat",
     "result",
     "stdout_tail",
     "stderr_tail",
     "progress_note",
+    "output_tail",
 ];
 
 /// A copy of `v` with every string's control characters escaped (`\u{1b}`), and
@@ -407,6 +408,12 @@ pub fn task_detail(t: &Value) -> String {
     if !t["result"].is_null() {
         out.push_str(&format!("  result: {}\n", s(t, "result")));
     }
+    if let Some(line) = activity_line(&t["activity"]) {
+        out.push_str(&line);
+    }
+    if let Some(line) = usage_line(&t["usage"]) {
+        out.push_str(&format!("  usage {line}\n"));
+    }
     for a in t["audit"].as_array().into_iter().flatten() {
         out.push_str(&format!(
             "  {} by {} at {}\n",
@@ -422,6 +429,9 @@ pub fn task_detail(t: &Value) -> String {
             s(a, "agent"),
             s(a, "outcome")
         ));
+        if let Some(line) = usage_line(&a["usage"]) {
+            out.push_str(&format!("    usage {line}\n"));
+        }
         let w = &a["work"];
         if w["branch"].as_str().is_some_and(|b| !b.is_empty()) {
             out.push_str(&format!(
@@ -473,9 +483,85 @@ pub fn task_detail(t: &Value) -> String {
     out
 }
 
+/// "activity busy_silent: last output 12 s ago, CPU 3.2 s in the last minute, …"
+fn activity_line(a: &Value) -> Option<String> {
+    let class = a["class"].as_str()?;
+    let secs = |ms: &Value| ms.as_u64().map(|ms| ms as f64 / 1000.0);
+    let mut parts = Vec::new();
+    match secs(&a["output_age_ms"]) {
+        Some(age) => parts.push(format!("last output {age:.0} s ago")),
+        None => parts.push(format!(
+            "silent {:.0} s",
+            secs(&a["silent_ms"]).unwrap_or(0.0)
+        )),
+    }
+    if let Some(cpu) = secs(&a["cpu_last_minute_ms"]) {
+        parts.push(format!("CPU {cpu:.1} s in the last minute"));
+    }
+    if let Some(bytes) = a["output_bytes"].as_u64() {
+        parts.push(format!("{bytes} bytes of output"));
+    }
+    if let Some(age) = secs(&a["workspace_age_ms"]) {
+        parts.push(format!("workspace changed {age:.0} s ago"));
+    }
+    let mut line = format!("  activity {class}: {}\n", parts.join(", "));
+    let tail = a["output_tail"].as_str().unwrap_or_default().trim_end();
+    if !tail.is_empty() && class != "active" {
+        line.push_str(&format!(
+            "    last output: {}\n",
+            tail.replace('\n', "\n      ")
+        ));
+    }
+    Some(line)
+}
+
+/// "1200 in, 340 out, 5000 cache read, 0 cache write, $0.0421, claude-sonnet-4-5"
+fn usage_line(u: &Value) -> Option<String> {
+    if !u.is_object() {
+        return None;
+    }
+    let n = |k: &str| u[k].as_u64().unwrap_or(0);
+    let mut line = format!(
+        "{} in, {} out, {} cache read, {} cache write",
+        n("input_tokens"),
+        n("output_tokens"),
+        n("cache_read_tokens"),
+        n("cache_write_tokens")
+    );
+    if let Some(cost) = u["cost_usd"].as_f64() {
+        line.push_str(&format!(", ${cost:.4}"));
+    }
+    if let Some(model) = u["model"].as_str() {
+        line.push_str(&format!(", {model}"));
+    }
+    Some(line)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn task_show_prints_activity_and_usage() {
+        let t = serde_json::json!({
+            "id": 7, "title": "t", "state": "running",
+            "activity": {"class": "busy_silent", "cpu_last_minute_ms": 3200, "output_age_ms": 12000,
+                         "output_bytes": 10, "output_tail": "", "silent_ms": 12000},
+            "usage": {"input_tokens": 1200, "output_tokens": 340, "cache_read_tokens": 5000,
+                      "cache_write_tokens": 0, "cost_usd": 0.0421, "model": "m"},
+        });
+        let text = task_detail(&t);
+        assert!(
+            text.contains(
+                "activity busy_silent: last output 12 s ago, CPU 3.2 s in the last minute"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("usage 1200 in, 340 out, 5000 cache read, 0 cache write, $0.0421, m"),
+            "{text}"
+        );
+    }
 
     #[test]
     fn human_output_escapes_terminal_controls() {

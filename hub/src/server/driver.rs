@@ -366,7 +366,7 @@ pub(super) fn core_loop(
             }
         }
         for (fingerprint, request, reply) in queries {
-            let _ = reply.send(query(&core, &store, &fingerprint, request));
+            let _ = reply.send(query(&core, &store, &fingerprint, request, now));
         }
         feed_watchers(&store, &mut watchers);
         if let Some(prune) = core.retention_due(now) {

@@ -57,6 +57,7 @@ pub(super) fn query(
     store: &Store,
     fingerprint: &str,
     request: OpRequest,
+    now: crate::core::Millis,
 ) -> OpResponse {
     if let Err(e) = core.authorize(fingerprint, &request) {
         return OpResponse::Error(e);
@@ -76,6 +77,18 @@ pub(super) fn query(
                     // Older attempts than those shown (by count or by size) are counted.
                     let older = t.generation.0.saturating_sub(newest.len() as u64);
                     v["attempts_not_shown"] = (left_out as u64 + older).into();
+                    // The task's usage: every attempt's latest report, summed.
+                    let mut usage: Option<muster_protocol::msg::Usage> = None;
+                    for u in newest.iter().filter_map(|a| a.usage.as_ref()) {
+                        usage.get_or_insert_with(Default::default).add(u);
+                    }
+                    v["usage"] = serde_json::to_value(
+                        usage.as_ref().map(crate::core::usage::UsageView::from),
+                    )
+                    .unwrap_or_default();
+                    // What the running attempt is doing: in the core's memory only.
+                    v["activity"] =
+                        serde_json::to_value(core.activity_view(id, now)).unwrap_or_default();
                     OpResponse::Ok {
                         json: v.to_string(),
                     }

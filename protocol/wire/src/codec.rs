@@ -248,7 +248,24 @@ mod tests {
                     disk_free_bytes: 1 << 33,
                     cpus: 2,
                 },
+                activity: vec![crate::msg::Activity {
+                    task: TaskId(7),
+                    generation: Generation(1),
+                    cpu_ms: Some(3200),
+                    output_bytes: 4096,
+                    output_age_ms: Some(12_000),
+                    workspace_age_ms: None,
+                    output_tail: "waiting for input\n".into(),
+                }],
             }),
+            report(ReportBody::Usage(crate::msg::Usage {
+                model: Some("claude-sonnet-4-5".into()),
+                input_tokens: 10,
+                output_tokens: 20,
+                cache_read_tokens: 30,
+                cache_write_tokens: 40,
+                cost_micro_usd: Some(123_456),
+            })),
         ];
         session.extend(Outcome::ALL.iter().map(|&outcome| {
             report(ReportBody::Finished {

@@ -42,6 +42,10 @@ pub const COMMAND_WORDS_MAX: usize = 64;
 pub const PROBLEMS_MAX: usize = 16;
 /// Most tasks a hello or heartbeat may list (a sidecar holds at most its slots plus finished ones awaiting ack).
 pub const HELD_TASKS_MAX: usize = 1024;
+/// Longest model name kept from a usage report.
+pub const MODEL_BYTES_MAX: usize = 128;
+/// Longest output tail kept from a heartbeat's activity of one attempt.
+pub const OUTPUT_TAIL_BYTES_MAX: usize = 512;
 /// Largest page `tasks --limit` returns.
 pub const PAGE_LEN_MAX: u32 = 1000;
 /// Tasks in one `SubmitBatch` request, at most.

@@ -255,6 +255,9 @@ pub enum ReportBody {
         /// it is the largest field of any report).
         work: Option<Box<WorkResult>>,
     },
+    /// What the attempt has used so far (cumulative: each report replaces the
+    /// last; the hub keeps the latest per attempt). Repeatable, like `Progress`.
+    Usage(Usage),
 }
 
 impl ReportBody {
@@ -265,6 +268,7 @@ impl ReportBody {
             ReportBody::Started { .. } => ReportKind::Started,
             ReportBody::Progress { .. } => ReportKind::Progress,
             ReportBody::Finished { .. } => ReportKind::Finished,
+            ReportBody::Usage(_) => ReportKind::Usage,
         }
     }
 }
@@ -281,6 +285,90 @@ pub enum ReportKind {
     Progress,
     /// See [`ReportBody::Finished`].
     Finished,
+    /// See [`ReportBody::Usage`].
+    Usage,
+}
+
+/// Tokens and cost an attempt used, as its transcript or its agent
+/// (`muster-sidecar task usage`) says. Cumulative for the attempt. Integers
+/// throughout, so sums over attempts, agents and labels are exact.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Usage {
+    /// The model, when known (at most [`crate::limits::MODEL_BYTES_MAX`] bytes).
+    pub model: Option<String>,
+    /// Input tokens not read from a cache.
+    pub input_tokens: u64,
+    /// Output tokens.
+    pub output_tokens: u64,
+    /// Input tokens read from the prompt cache.
+    pub cache_read_tokens: u64,
+    /// Input tokens written to the prompt cache.
+    pub cache_write_tokens: u64,
+    /// Cost in millionths of a US dollar, when known.
+    pub cost_micro_usd: Option<u64>,
+}
+
+impl Usage {
+    /// Adds `other`'s figures (saturating); the model is kept if `other` has none.
+    pub fn add(&mut self, other: &Usage) {
+        self.input_tokens = self.input_tokens.saturating_add(other.input_tokens);
+        self.output_tokens = self.output_tokens.saturating_add(other.output_tokens);
+        self.cache_read_tokens = self
+            .cache_read_tokens
+            .saturating_add(other.cache_read_tokens);
+        self.cache_write_tokens = self
+            .cache_write_tokens
+            .saturating_add(other.cache_write_tokens);
+        self.cost_micro_usd = match (self.cost_micro_usd, other.cost_micro_usd) {
+            (None, None) => None,
+            (a, b) => Some(a.unwrap_or(0).saturating_add(b.unwrap_or(0))),
+        };
+        if other.model.is_some() {
+            self.model.clone_from(&other.model);
+        }
+    }
+
+    /// What `self` adds to `before` (a later cumulative report of the same
+    /// attempt): each figure's growth, never below zero.
+    pub fn growth_since(&self, before: &Usage) -> Usage {
+        Usage {
+            model: self.model.clone(),
+            input_tokens: self.input_tokens.saturating_sub(before.input_tokens),
+            output_tokens: self.output_tokens.saturating_sub(before.output_tokens),
+            cache_read_tokens: self
+                .cache_read_tokens
+                .saturating_sub(before.cache_read_tokens),
+            cache_write_tokens: self
+                .cache_write_tokens
+                .saturating_sub(before.cache_write_tokens),
+            cost_micro_usd: self
+                .cost_micro_usd
+                .map(|c| c.saturating_sub(before.cost_micro_usd.unwrap_or(0))),
+        }
+    }
+}
+
+/// What a running attempt is doing, as its sidecar measures it for a
+/// heartbeat. Ages, not times: the sidecar's clock is not the hub's.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Activity {
+    /// The task.
+    pub task: TaskId,
+    /// The attempt.
+    pub generation: Generation,
+    /// CPU time (user + system, with reaped children) of the run's process
+    /// group, in milliseconds; `None` when the group is not known.
+    pub cpu_ms: Option<u64>,
+    /// Bytes the run has written to its stdout and stderr files.
+    pub output_bytes: u64,
+    /// Since the run last wrote output, in milliseconds; `None` when unknown.
+    pub output_age_ms: Option<u64>,
+    /// Since the attempt's workspace last changed (its top directory or git
+    /// index), in milliseconds; `None` without a workspace of its own.
+    pub workspace_age_ms: Option<u64>,
+    /// The last lines of output, sent only once output has been quiet for a
+    /// heartbeat (at most [`crate::limits::OUTPUT_TAIL_BYTES_MAX`] bytes).
+    pub output_tail: String,
 }
 
 /// How an attempt ended.
@@ -396,6 +484,9 @@ pub struct Heartbeat {
     pub self_test: SelfTest,
     /// Host figures from sysinfo.
     pub host: HostFigures,
+    /// What each running attempt is doing (at most
+    /// [`crate::limits::HELD_TASKS_MAX`]).
+    pub activity: Vec<Activity>,
 }
 
 /// The sidecar's own state.

@@ -143,6 +143,8 @@ pub enum AgentCmd {
         /// Do not retry.
         no_retry: bool,
     },
+    /// The agent says what its attempt has used so far (cumulative).
+    Usage(muster_wire::msg::Usage),
 }
 
 /// The sidecar core. See the crate docs for the calling contract.
@@ -320,6 +322,23 @@ impl Core {
         let answer = self.agent_command(task, generation, cmd, work);
         self.admit_deferred(now);
         answer
+    }
+
+    /// What the attempt has used so far (cumulative), as the shell read it from
+    /// the run's transcript. Ignored for an attempt not held here, of another
+    /// generation, or ended; see [`Core::handle_agent`] for the agent's own word.
+    pub fn handle_usage(
+        &mut self,
+        task: TaskId,
+        generation: Generation,
+        usage: muster_wire::msg::Usage,
+    ) {
+        let live = self.tasks.get(&task).is_some_and(|t| {
+            t.generation == generation && t.phase != muster_wire::msg::Phase::Finished
+        });
+        if live {
+            self.report_usage(task, generation, usage);
+        }
     }
 
     /// Effects since the last call, in order. When the batch commits flushed,

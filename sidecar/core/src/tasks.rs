@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use muster_wire::limits::truncate_utf8;
-use muster_wire::msg::{Assign, Failure, Outcome, Phase, Report, ReportBody, SessionMsg};
+use muster_wire::msg::{Assign, Failure, Outcome, Phase, Report, ReportBody, SessionMsg, Usage};
 use muster_wire::work::WorkResult;
 use muster_wire::{Generation, ReportId, TaskId};
 
@@ -174,6 +174,27 @@ impl Core {
         self.effects.push(Effect::Send(SessionMsg::Report(r)));
     }
 
+    /// Reports usage, replacing an unacknowledged usage report of the same
+    /// attempt in the outbox: each one is cumulative, so only the latest
+    /// matters, and the outbox holds at most one per attempt.
+    pub(crate) fn report_usage(&mut self, task: TaskId, generation: Generation, mut usage: Usage) {
+        usage.model = usage
+            .model
+            .map(|m| truncate_utf8(m, muster_wire::limits::MODEL_BYTES_MAX));
+        let older: Vec<ReportId> = self
+            .outbox
+            .values()
+            .filter(|r| r.task == task && r.generation == generation)
+            .filter(|r| matches!(r.body, ReportBody::Usage(_)))
+            .map(|r| r.id)
+            .collect();
+        for id in older {
+            self.outbox.remove(&id);
+            self.effects.push(Effect::DeleteReport(id));
+        }
+        self.report(task, generation, ReportBody::Usage(usage));
+    }
+
     pub(crate) fn set_phase(&mut self, task: TaskId, phase: Phase) {
         if let Some(t) = self.tasks.get_mut(&task) {
             t.phase = phase;
@@ -322,6 +343,10 @@ impl Core {
                 self.effects.push(Effect::ForgetRun(task, generation));
                 self.finish(task, generation, Outcome::Completed, result, None, work);
                 Ok(format!("task {task} completed"))
+            }
+            AgentCmd::Usage(usage) => {
+                self.report_usage(task, generation, usage);
+                Ok(format!("usage recorded for task {task}"))
             }
             AgentCmd::Fail { reason, no_retry } => {
                 self.effects.push(Effect::ForgetRun(task, generation));

@@ -869,3 +869,61 @@ fn poll_timeout_names_the_earliest_deadline() {
     let _ = c.take_effects();
     assert_eq!(c.poll_timeout(), Some(ms(100) + ORPHAN_CLAIM));
 }
+
+fn usage(input: u64) -> muster_wire::msg::Usage {
+    muster_wire::msg::Usage {
+        input_tokens: input,
+        ..Default::default()
+    }
+}
+
+#[test]
+fn usage_reports_replace_the_unacknowledged_one_of_their_attempt() {
+    let mut c = core();
+    let (t, g) = (TaskId(3), Generation(2));
+    c.handle_hub(T0, assign(3, 2));
+    let _ = c.take_effects();
+    let outbox_before = c.outbox().count();
+    assert!(c.handle_agent(T0, t, g, AgentCmd::Usage(usage(10))).is_ok());
+    let first = c.take_effects();
+    assert!(reports(&first).contains(&&ReportBody::Usage(usage(10))));
+    // The transcript's reading of the same attempt supersedes the first.
+    c.handle_usage(t, g, usage(25));
+    let e = c.take_effects();
+    assert!(
+        e.iter().any(|e| matches!(e, Effect::DeleteReport(_))),
+        "the older usage report leaves the outbox"
+    );
+    assert_eq!(
+        c.outbox().count(),
+        outbox_before + 1,
+        "one usage report per attempt"
+    );
+    assert!(matches!(
+        c.outbox().last().map(|r| &r.body),
+        Some(ReportBody::Usage(u)) if u.input_tokens == 25
+    ));
+    // Another generation, or an ended attempt, reports nothing.
+    c.handle_usage(t, Generation(1), usage(99));
+    assert!(c.take_effects().is_empty());
+    assert!(
+        c.handle_agent(
+            T0,
+            t,
+            g,
+            AgentCmd::Complete {
+                result: None,
+                link: None
+            }
+        )
+        .is_ok()
+    );
+    let _ = c.take_effects();
+    c.handle_usage(t, g, usage(100));
+    assert!(reports(&c.take_effects()).is_empty());
+    assert!(
+        c.handle_agent(T0, t, g, AgentCmd::Usage(usage(1)))
+            .expect_err("refused")
+            .contains("already ended")
+    );
+}

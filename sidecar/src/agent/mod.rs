@@ -28,6 +28,7 @@ mod exec;
 mod launch;
 mod reaper;
 mod sys;
+pub(crate) use sys::{group_of, groups_cpu_ms};
 pub mod template;
 mod wake;
 

@@ -294,6 +294,68 @@ fn parse_stat(text: &str) -> Option<ProcStat> {
     })
 }
 
+/// Processes looked at per scan of `/proc`, at most: bounds one heartbeat's cost.
+pub(crate) const PROC_SCAN_MAX: usize = 65_536;
+
+/// CPU time, in milliseconds, of each of the process groups `pgids`: user and
+/// system time of their live members, with the time of the children those
+/// members reaped. One pass over `/proc` for all of them. A group with no
+/// member found is absent from the answer.
+#[cfg(target_os = "linux")]
+pub(crate) fn groups_cpu_ms(pgids: &[u32]) -> std::collections::HashMap<u32, u64> {
+    let mut out = std::collections::HashMap::new();
+    if pgids.is_empty() {
+        return out;
+    }
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    // SAFETY: sysconf only reads a constant of the system.
+    #[allow(unsafe_code)]
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    for pid in dir
+        .take(PROC_SCAN_MAX)
+        .filter_map(Result::ok)
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+    {
+        let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let Some((pgrp, cpu_ticks)) = parse_cpu(&text) else {
+            continue;
+        };
+        if pgids.contains(&pgrp) {
+            *out.entry(pgrp).or_insert(0) += cpu_ticks * 1000 / ticks;
+        }
+    }
+    out
+}
+
+#[cfg(not(target_os = "linux"))]
+pub(crate) fn groups_cpu_ms(_pgids: &[u32]) -> std::collections::HashMap<u32, u64> {
+    std::collections::HashMap::new()
+}
+
+/// The group and CPU ticks (utime + stime + cutime + cstime, fields 14–17)
+/// of a `/proc/<pid>/stat` line.
+#[cfg(target_os = "linux")]
+fn parse_cpu(text: &str) -> Option<(u32, u64)> {
+    let rest = text.get(text.rfind(')')? + 1..)?;
+    let fields: Vec<&str> = rest.split_whitespace().take(15).collect();
+    let pgrp = fields.get(2)?.parse().ok()?;
+    let mut ticks = 0u64;
+    for i in 11..15 {
+        // cutime and cstime are signed in proc(5); a negative one counts as 0.
+        ticks += fields.get(i)?.parse::<i64>().ok()?.max(0) as u64;
+    }
+    Some((pgrp, ticks))
+}
+
+/// The process group of `pid`, if it is alive and not the sidecar's own.
+pub(crate) fn group_of(pid: u32) -> Option<u32> {
+    foreign_group(pid)
+}
+
 #[cfg(target_os = "linux")]
 fn group_has_live_member(pgid: u32) -> bool {
     // Zombies (an orphan waiting for an init that does not reap) still answer
@@ -315,6 +377,24 @@ fn group_has_live_member(_pgid: u32) -> bool {
 #[cfg(all(test, target_os = "linux"))]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cpu_fields_are_counted_from_the_name_end() {
+        let line = "42 (a) b) S 1 42 42 0 -1 4194560 100 0 0 0 150 50 7 3 20 0 1 0 99 0 0";
+        assert_eq!(parse_cpu(line), Some((42, 210)));
+    }
+
+    #[test]
+    fn this_process_group_uses_cpu() {
+        let own = own_group();
+        let mut x = 0u64;
+        for i in 0..5_000_000u64 {
+            x = x.wrapping_mul(31).wrapping_add(i);
+        }
+        std::hint::black_box(x);
+        let cpu = groups_cpu_ms(&[own]);
+        assert!(cpu.contains_key(&own), "{cpu:?}");
+    }
 
     #[test]
     fn stat_with_parentheses_in_the_name() {

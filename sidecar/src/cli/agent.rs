@@ -124,6 +124,28 @@ pub(super) async fn task(command: TaskCommand, task_file: Option<&Path>) -> Resu
         TaskCommand::Progress { message } => AgentCmd::Progress { message },
         TaskCommand::Complete { result, link } => AgentCmd::Complete { result, link },
         TaskCommand::Fail { reason, no_retry } => AgentCmd::Fail { reason, no_retry },
+        TaskCommand::Usage {
+            input_tokens,
+            output_tokens,
+            cache_read_tokens,
+            cache_write_tokens,
+            cost_usd,
+            model,
+        } => AgentCmd::Usage(muster_protocol::msg::Usage {
+            model,
+            input_tokens,
+            output_tokens,
+            cache_read_tokens,
+            cache_write_tokens,
+            cost_micro_usd: match cost_usd {
+                Some(text) => Some(crate::transcript::micro_usd(&text).ok_or_else(|| {
+                    fail(format!(
+                        "--cost-usd {text:?} is not an amount of dollars; give e.g. 0.0421"
+                    ))
+                })?),
+                None => None,
+            },
+        }),
     };
     let current = matches!(cmd, AgentCmd::Current);
     // The attempt and its secret come from the environment the sidecar gave

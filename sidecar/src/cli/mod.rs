@@ -150,6 +150,28 @@ enum TaskCommand {
         #[arg(long)]
         no_retry: bool,
     },
+    /// Report the tokens and cost the attempt has used so far (cumulative:
+    /// each report replaces the last).
+    Usage {
+        /// Input tokens not read from a cache.
+        #[arg(long)]
+        input_tokens: u64,
+        /// Output tokens.
+        #[arg(long)]
+        output_tokens: u64,
+        /// Input tokens read from the prompt cache.
+        #[arg(long, default_value_t = 0)]
+        cache_read_tokens: u64,
+        /// Input tokens written to the prompt cache.
+        #[arg(long, default_value_t = 0)]
+        cache_write_tokens: u64,
+        /// Cost in US dollars, e.g. 0.0421.
+        #[arg(long)]
+        cost_usd: Option<String>,
+        /// The model.
+        #[arg(long)]
+        model: Option<String>,
+    },
 }
 
 /// Why a command failed: the exit code and the sentence to print.

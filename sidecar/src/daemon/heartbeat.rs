@@ -41,6 +41,8 @@ impl Daemon {
         );
         self.hb_seq += 1;
         let busy = core.busy() as u32;
+        // Output quiet for a heartbeat: its last lines go with the figures.
+        let activity = self.activity(core, core.heartbeat_interval());
         let hb = Heartbeat {
             seq: self.hb_seq,
             state: if self.draining {
@@ -52,6 +54,7 @@ impl Daemon {
             free_slots: self.cfg.slots.saturating_sub(busy),
             self_test: self.last_self_test.clone(),
             host,
+            activity,
         };
         self.send(SessionMsg::Heartbeat(hb));
         if busy == 0 && !self.cfg.agent.health_command.is_empty() && !self.health_running {

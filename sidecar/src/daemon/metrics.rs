@@ -152,7 +152,7 @@ impl WakeClock {
                     self.started.remove(&(r.task, r.generation));
                     None
                 }
-                ReportBody::Accepted | ReportBody::Progress { .. } => None,
+                ReportBody::Accepted | ReportBody::Progress { .. } | ReportBody::Usage(_) => None,
             },
             Effect::DeleteTask(task, generation) => {
                 self.started.remove(&(*task, *generation));

@@ -38,6 +38,7 @@
 //! - re-attaches to the run of a task it holds without a recorded handle,
 //!   instead of starting it a second time.
 
+mod activity;
 mod effects;
 mod heartbeat;
 mod metrics;
@@ -221,6 +222,7 @@ async fn start(opts: Options) -> Result<(Daemon, Core, Arc<Queue>, Io), DaemonEr
         workspaces: opts.workspaces,
         finalize_tx,
         sweep: Sweep::default(),
+        transcripts: activity::Transcripts::default(),
     };
     let orphans = d.sweep_runs(&core).await;
     core.handle_startup(d.now(), orphans);
@@ -465,6 +467,8 @@ struct Daemon {
     finalize_tx: mpsc::Sender<Finalize>,
     /// When the finished workspaces were last swept, and whether a sweep runs.
     sweep: Sweep,
+    /// The transcripts followed for usage (`[agent] transcript`).
+    transcripts: activity::Transcripts,
 }
 
 impl Daemon {
@@ -504,15 +508,34 @@ impl Daemon {
                 self.observe_run(&e);
                 if matches!(e, RunEvent::Finished { .. }) {
                     self.sweep.due = true;
+                    // The transcript's last lines (the result, with the cost)
+                    // are reported before the end.
+                    self.read_usage(core, Some(e.attempt()));
                 }
                 core.handle_run(now, e);
             }
-            Ev::Local((req, reply)) => return self.local(core, req, reply),
+            Ev::Local((req, reply)) => {
+                if let local::Request::Agent(a) = &req
+                    && matches!(
+                        a.cmd,
+                        crate::core::AgentCmd::Complete { .. } | crate::core::AgentCmd::Fail { .. }
+                    )
+                    && let (Some(t), Some(g)) = (a.task, a.generation)
+                {
+                    let attempt = (muster_protocol::TaskId(t), muster_protocol::Generation(g));
+                    self.read_usage(core, Some(attempt));
+                }
+                return self.local(core, req, reply);
+            }
             Ev::Finalized(f) => {
                 self.sweep.due = true;
                 return Some(self.finalized(core, f));
             }
-            Ev::Timeout => core.handle_timeout(now),
+            Ev::Timeout => {
+                // Timeouts are mostly heartbeats: usage is read at their pace.
+                self.read_usage(core, None);
+                core.handle_timeout(now);
+            }
         }
         None
     }

@@ -17,8 +17,8 @@ use std::time::Duration;
 use muster_hub::config::{Limits, Policy};
 use muster_hub::core::{ConnId, Core as HubCore, Identity, Input, Reply, ReplyId, TaskState};
 use muster_protocol::msg::{
-    Failure, Heartbeat, Hello, HostFigures, HubMsg, OpError, OpErrorCode, OpRequest, OpResponse,
-    Outcome, Phase, Role, SelfTest, SessionMsg, SidecarState, SubmitRequest, TaskSpec,
+    Activity, Failure, Heartbeat, Hello, HostFigures, HubMsg, OpError, OpErrorCode, OpRequest,
+    OpResponse, Outcome, Phase, Role, SelfTest, SessionMsg, SidecarState, SubmitRequest, TaskSpec,
     TimeoutAction, Welcome,
 };
 use muster_protocol::{AgentName, Generation, ReportId, TaskId};
@@ -138,6 +138,9 @@ pub(crate) struct Summary {
     pub(crate) overlap_ticks: u64,
     /// Attempts spawned again after their first run was ended as an unclaimed orphan.
     pub(crate) orphan_respawns: u64,
+    /// Heartbeat activity the hub classified, checked against how the run
+    /// behaves, by the class it got.
+    pub(crate) activity_classes: BTreeMap<&'static str, u64>,
     pub(crate) digest: u64,
 }
 
@@ -500,6 +503,49 @@ struct World {
     zombies: HashMap<(usize, TaskId, Generation), u64>,
     trace: VecDeque<(u64, u64, Ev)>,
     stats: Summary,
+    /// When each run was first seen running by its sidecar's heartbeat: its
+    /// activity figures count from there (see [`Behaviour`]).
+    running_since: HashMap<(usize, TaskId, Generation), u64>,
+}
+
+/// How a simulated run behaves while it runs, by its task id, as its
+/// heartbeats' activity shows it: the hub must classify it accordingly.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Behaviour {
+    /// Writes output all the time, uses a little CPU.
+    Active,
+    /// Writes nothing, uses half a core.
+    Busy,
+    /// Writes nothing, uses no CPU: waits for input.
+    Idle,
+}
+
+impl Behaviour {
+    fn of(task: TaskId) -> Behaviour {
+        match task.0 % 3 {
+            0 => Behaviour::Active,
+            1 => Behaviour::Busy,
+            _ => Behaviour::Idle,
+        }
+    }
+
+    /// The activity a heartbeat reports `elapsed` ms after the run was first seen running.
+    fn activity(self, task: TaskId, generation: Generation, elapsed: u64) -> Activity {
+        let (cpu_ms, output_age_ms) = match self {
+            Behaviour::Active => (elapsed / 20, 0),
+            Behaviour::Busy => (elapsed / 2, elapsed),
+            Behaviour::Idle => (0, elapsed),
+        };
+        Activity {
+            task,
+            generation,
+            cpu_ms: Some(cpu_ms),
+            output_bytes: 0,
+            output_age_ms: Some(output_age_ms),
+            workspace_age_ms: None,
+            output_tail: String::new(),
+        }
+    }
 }
 
 impl World {
@@ -606,6 +652,7 @@ impl World {
             zombies: HashMap::new(),
             trace: VecDeque::with_capacity(TRACE_LEN + 1),
             stats: Summary::default(),
+            running_since: HashMap::new(),
         }
     }
 
@@ -932,9 +979,18 @@ impl World {
         };
         self.stats.hub_inputs += batch.len() as u64;
         self.stats.largest_batch = self.stats.largest_batch.max(batch.len() as u64);
+        let mut reported: Vec<(TaskId, Generation)> = Vec::new();
         for input in batch {
+            if let Input::Session {
+                msg: SessionMsg::Heartbeat(hb),
+                ..
+            } = &input
+            {
+                reported.extend(hb.activity.iter().map(|a| (a.task, a.generation)));
+            }
             core.handle(now, input, &self.store);
         }
+        check_activity(core, now, &reported, &mut self.stats.activity_classes)?;
         let out = core.take_output();
         // Release builds report the core's own invariant checks here (debug ones assert).
         if !out.violations.is_empty() {
@@ -1433,9 +1489,21 @@ impl World {
     }
 
     fn heartbeat(&mut self, agent: usize) {
+        let now = self.now;
         let s = &mut self.sides[agent];
         let Some(core) = &s.core else { return };
         s.hb_seq += 1;
+        let activity: Vec<Activity> = core
+            .tasks()
+            .filter(|t| t.phase == Phase::Running)
+            .map(|t| {
+                let since = *self
+                    .running_since
+                    .entry((agent, t.task, t.generation))
+                    .or_insert(now);
+                Behaviour::of(t.task).activity(t.task, t.generation, now - since)
+            })
+            .collect();
         let hb = Heartbeat {
             seq: s.hb_seq,
             state: SidecarState::Ready,
@@ -1449,6 +1517,7 @@ impl World {
                 problems: Vec::new(),
             },
             host: HostFigures::default(),
+            activity,
         };
         self.side_send(agent, SessionMsg::Heartbeat(hb));
     }
@@ -2582,4 +2651,57 @@ fn sim_handle(agent: usize, task: TaskId, generation: Generation, serial: u64) -
         mode: RunMode::Exec,
         start_ticks: None,
     }
+}
+
+/// The hub's class of each attempt whose activity this batch delivered must
+/// fit how its run behaves ([`Behaviour`]): a run writing output is `active`;
+/// a busy one is never `idle` or `stalled`; one with no CPU is never
+/// `busy_silent` once two samples show it, and is `idle` (or `stalled`) once
+/// silent for the active window. Only attempts the hub took the figures of
+/// in this batch are checked (the hub ignores another generation's).
+fn check_activity(
+    core: &HubCore,
+    now: u64,
+    reported: &[(TaskId, Generation)],
+    classes: &mut BTreeMap<&'static str, u64>,
+) -> Res {
+    let active = core_windows_active();
+    for &(task, _) in reported {
+        let Some(v) = core.activity_view(task, now) else {
+            continue;
+        };
+        if v.heard_age_ms != Some(0) {
+            continue;
+        }
+        let judged = v.cpu_last_minute_ms.is_some();
+        let fits = match Behaviour::of(task) {
+            Behaviour::Active => v.class == "active",
+            Behaviour::Busy if judged => v.class == "active" || v.class == "busy_silent",
+            Behaviour::Busy => v.class != "idle",
+            Behaviour::Idle if !judged => v.class != "idle",
+            Behaviour::Idle if v.silent_ms >= active => v.class == "idle" || v.class == "stalled",
+            Behaviour::Idle => v.class == "active",
+        };
+        if !fits {
+            return Err(format!(
+                "task {task} behaves {:?} but the hub classifies it {:?}: {v:?}",
+                Behaviour::of(task),
+                v.class
+            ));
+        }
+        *classes.entry(v.class).or_default() += 1;
+    }
+    Ok(())
+}
+
+/// The active window of the simulation's policy (default idle_alert and
+/// heartbeat interval): a minute.
+fn core_windows_active() -> u64 {
+    let p = Policy::default();
+    muster_hub::core::activity::Windows::new(
+        p.idle_alert.as_millis() as u64,
+        p.stall_alert.as_millis() as u64,
+        p.heartbeat_interval.as_millis() as u64,
+    )
+    .active
 }

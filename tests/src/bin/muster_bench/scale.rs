@@ -134,6 +134,7 @@ fn heartbeat(seq: u64, rtt: Duration) -> SessionMsg {
             disk_free_bytes: 100 << 30,
             cpus: 2,
         },
+        activity: Vec::new(),
     })
 }
 
