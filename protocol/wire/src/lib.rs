@@ -25,4 +25,6 @@ pub use ids::{AgentName, EventSeq, Generation, NameError, ReportId, TaskId};
 /// grant, identities are revoked one at a time (issue 12).
 /// Version 3: tasks carry a repository, base, environment and labels; hellos
 /// the workspace mode; finished reports the work result (issue 15).
-pub const PROTOCOL_VERSION: u32 = 3;
+/// Version 4: `task logs` (`OpRequest::TaskLogs`, `OpResponse::LogChunk`) and
+/// the log streams the hub opens on a sidecar's connection (issue 16).
+pub const PROTOCOL_VERSION: u32 = 4;
