@@ -374,28 +374,6 @@ fn failed(e: std::io::Error) -> LogError {
     }
 }
 
-/// A readable explanation of a [`LogError`] for `task` `generation` on `agent`.
-pub fn describe(e: &LogError, task: TaskId, generation: Generation, agent: &str) -> String {
-    match e {
-        LogError::NotFound => format!(
-            "agent {agent} has no output of task {task} attempt {generation} (it never started there, or its output was never kept)"
-        ),
-        LogError::Removed { reason, at_ms } => format!(
-            "the log of task {task} attempt {generation} on agent {agent} is gone: {reason} (at {} Unix time)",
-            at_ms / 1000
-        ),
-        LogError::Busy => format!(
-            "agent {agent} is serving {STREAMS_MAX} log streams already; try again shortly"
-        ),
-        LogError::ProtocolMismatch { sidecar, hub } => format!(
-            "agent {agent} speaks protocol version {sidecar}, the hub {hub}; upgrade the older side to read its logs"
-        ),
-        LogError::Failed { reason } => {
-            format!("agent {agent} could not read the log of task {task} attempt {generation}: {reason}")
-        }
-    }
-}
-
 /// Reads one attempt's output in chunks of at most [`LOG_CHUNK_BYTES_MAX`].
 #[derive(Debug)]
 pub struct LogReader {

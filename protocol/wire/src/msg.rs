@@ -969,6 +969,30 @@ pub enum LogError {
     },
 }
 
+impl LogError {
+    /// A sentence for an operator about task `task` attempt `generation` on `agent`.
+    pub fn describe(&self, task: TaskId, generation: Generation, agent: &str) -> String {
+        match self {
+            LogError::NotFound => format!(
+                "agent {agent} has no output of task {task} attempt {generation} (it never started there, or its output was not kept)"
+            ),
+            LogError::Removed { reason, at_ms } => format!(
+                "the log of task {task} attempt {generation} on agent {agent} is gone: {reason} (at {} Unix time)",
+                at_ms / 1000
+            ),
+            LogError::Busy => format!(
+                "agent {agent} is serving as many log streams as it may at once; try again shortly"
+            ),
+            LogError::ProtocolMismatch { sidecar, hub } => format!(
+                "agent {agent} speaks protocol version {sidecar}, the hub {hub}; upgrade the older side to read its logs"
+            ),
+            LogError::Failed { reason } => format!(
+                "agent {agent} could not read the log of task {task} attempt {generation}: {reason}"
+            ),
+        }
+    }
+}
+
 /// Bytes as one length-prefixed run (serde's `bytes`), not a sequence of
 /// numbers: the same bincode encoding as `Vec<u8>`, without a call per byte.
 mod raw_bytes {
