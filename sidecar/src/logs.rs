@@ -42,6 +42,8 @@ pub const FOLLOW_APPEAR_WAIT: Duration = Duration::from_secs(30);
 pub const STREAMS_MAX: usize = 16;
 /// Tombstones of removed logs older than this are themselves removed.
 const TOMBSTONE_KEEP_MS: u64 = 30 * 86_400_000;
+/// What a kept log costs beside its output (its directory and `ended` marker).
+const DIR_OVERHEAD_BYTES: u64 = 8192;
 /// Block size holes are aligned to, so a punch frees whole blocks.
 const BLOCK: u64 = 4096;
 
@@ -242,11 +244,13 @@ impl Logs {
                 .ok()
                 .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
                 .map(|d| d.as_millis() as u64);
+            // The directory and its markers count too, so many small logs are bounded as well.
             let bytes = [LogStream::Stdout, LogStream::Stderr]
                 .iter()
                 .filter_map(|s| std::fs::metadata(dir.join(s.as_str())).ok())
                 .map(|m| disk_bytes(&m))
-                .sum();
+                .sum::<u64>()
+                + DIR_OVERHEAD_BYTES;
             items.push(Usage {
                 id: dirs.len(),
                 finished_at_ms,
