@@ -116,7 +116,9 @@ fn a_finished_attempts_20_mb_output_reads_back_byte_for_byte() {
     );
     assert_eq!(std::fs::metadata(kept.join("stdout")).expect("kept").len(), 20_000_000);
 
+    let started = Instant::now();
     let got = logs(&hub, id, &[]).expect("task logs");
+    eprintln!("20 MB relayed in {:?}", started.elapsed());
     assert!(got == data, "relayed: {}", first_difference(&got, &data));
     let got = logs(&hub, id, &["--attempt", "1", "--stream", "stderr"]).expect("stderr");
     assert_eq!(got, b"a line on stderr\n");
