@@ -177,17 +177,20 @@ impl Logs {
                     let cap = self.cfg.max_bytes_per_attempt;
                     match compact(&to, cap) {
                         Ok(cut) if cut > 0 => {
-                            let _ = std::fs::write(dest.join(format!("{}.cut", stream.as_str())), format!("{cut}\n"));
+                            let _ = std::fs::write(
+                                dest.join(format!("{}.cut", stream.as_str())),
+                                format!("{cut}\n"),
+                            );
                         }
                         Ok(_) => {}
-                        Err(e) => tracing::warn!("could not cut {} to {cap} bytes: {e}", to.display()),
+                        Err(e) => {
+                            tracing::warn!("could not cut {} to {cap} bytes: {e}", to.display())
+                        }
                     }
                 }
-                Err(e) => tracing::warn!(
-                    "could not keep {} as {}: {e}",
-                    from.display(),
-                    to.display()
-                ),
+                Err(e) => {
+                    tracing::warn!("could not keep {} as {}: {e}", from.display(), to.display())
+                }
             }
         }
         if moved || dest.exists() {
@@ -206,7 +209,9 @@ impl Logs {
                 let Ok(meta) = std::fs::metadata(&path) else {
                     continue;
                 };
-                let hole_path = self.dir(task, generation).join(format!("{}.hole", stream.as_str()));
+                let hole_path = self
+                    .dir(task, generation)
+                    .join(format!("{}.hole", stream.as_str()));
                 let current = read_hole(&hole_path);
                 let Some(hole) = plan_hole(meta.len(), current, cap) else {
                     continue;
@@ -337,10 +342,7 @@ impl Logs {
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                     let ended_without_output = ended && !kept_exists(&dir);
-                    if !follow
-                        || ended_without_output
-                        || tokio::time::Instant::now() >= deadline
-                    {
+                    if !follow || ended_without_output || tokio::time::Instant::now() >= deadline {
                         return Err(LogError::NotFound);
                     }
                     tokio::time::sleep(FOLLOW_POLL).await;
@@ -717,7 +719,10 @@ mod tests {
         let hole = read_hole(&logs.dir(t, g).join("stdout.hole")).expect("hole recorded");
         assert_eq!(hole.start, cap / 2);
         // Read while running: the head, one marker, the rest after the hole.
-        let mut r = logs.open(t, g, LogStream::Stdout, None, false).await.expect("open");
+        let mut r = logs
+            .open(t, g, LogStream::Stdout, None, false)
+            .await
+            .expect("open");
         let got = read_all(&mut r).await;
         let mut want = data[..hole.start as usize].to_vec();
         want.extend(marker(hole.end - hole.start));
@@ -727,7 +732,10 @@ mod tests {
         // Ended: moved and compacted to the cap.
         logs.keep(&run, t, g);
         assert!(!run.join("stdout").exists());
-        let mut r = logs.open(t, g, LogStream::Stdout, None, false).await.expect("open");
+        let mut r = logs
+            .open(t, g, LogStream::Stdout, None, false)
+            .await
+            .expect("open");
         let got = read_all(&mut r).await;
         let cut = data.len() as u64 - cap;
         let mut want = data[..(cap / 2) as usize].to_vec();
@@ -735,7 +743,10 @@ mod tests {
         want.extend(&data[data.len() - (cap / 2) as usize..]);
         assert!(got == want, "compacted read differs");
         assert_eq!(r.end().cut_bytes, cut);
-        let mut r = logs.open(t, g, LogStream::Stderr, None, false).await.expect("open");
+        let mut r = logs
+            .open(t, g, LogStream::Stderr, None, false)
+            .await
+            .expect("open");
         assert_eq!(read_all(&mut r).await, b"oops\n");
     }
 
@@ -766,11 +777,17 @@ mod tests {
         std::fs::create_dir_all(&run).expect("mkdir");
         let mut f = std::fs::File::create(run.join("stdout")).expect("create");
         f.write_all(b"one\n").expect("write");
-        let mut r = logs.open(t, g, LogStream::Stdout, None, true).await.expect("open");
+        let mut r = logs
+            .open(t, g, LogStream::Stdout, None, true)
+            .await
+            .expect("open");
         assert_eq!(r.next().await.expect("read"), Some(b"one\n".to_vec()));
         f.write_all(b"two\n").expect("write");
         let next = tokio::time::timeout(Duration::from_secs(1), r.next()).await;
-        assert_eq!(next.expect("in time").expect("read"), Some(b"two\n".to_vec()));
+        assert_eq!(
+            next.expect("in time").expect("read"),
+            Some(b"two\n".to_vec())
+        );
         f.write_all(b"three\n").expect("write");
         logs.mark_ended(t, g);
         logs.keep(&run, t, g);

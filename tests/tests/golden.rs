@@ -28,10 +28,11 @@ use muster_hub::core::{
     AgentRecord, AttemptRecord, Audit, EventRecord, Identity, TaskRecord, TaskState, TokenRecord,
 };
 use muster_protocol::msg::{
-    Assign, EnrollRefusal, LogEnd, LogError, LogFrame, LogOpen, LogQuery, LogStream, EnrollRequest, EnrollResponse, Failure, Heartbeat, HeldTask, Hello,
-    HostFigures, HubMsg, IdentityTarget, OpError, OpErrorCode, OpRequest, OpResponse, Open,
-    OpenBody, Outcome, Phase, Refused, Report, ReportBody, ReportKind, Role, SelfTest, SessionMsg,
-    SidecarState, SubmitRequest, TaskSpec, TimeoutAction, Welcome, WireLimits,
+    Assign, EnrollRefusal, EnrollRequest, EnrollResponse, Failure, Heartbeat, HeldTask, Hello,
+    HostFigures, HubMsg, IdentityTarget, LogEnd, LogError, LogFrame, LogOpen, LogQuery, LogStream,
+    OpError, OpErrorCode, OpRequest, OpResponse, Open, OpenBody, Outcome, Phase, Refused, Report,
+    ReportBody, ReportKind, Role, SelfTest, SessionMsg, SidecarState, SubmitRequest, TaskSpec,
+    TimeoutAction, Welcome, WireLimits,
 };
 use muster_protocol::work::{WorkResult, WorkspaceMode};
 use muster_protocol::{

@@ -48,7 +48,10 @@ fn wait_completed(hub: &Hub, id: u64) -> Value {
 /// Waits until the sidecar kept the attempt's output (the hub acknowledged
 /// its end and the run directory was released).
 fn wait_kept(sc: &Sidecar, id: u64, generation: u64) -> PathBuf {
-    let dir = sc.data_dir().join("logs").join(format!("{id}-{generation}"));
+    let dir = sc
+        .data_dir()
+        .join("logs")
+        .join(format!("{id}-{generation}"));
     wait_for(EVENTUALLY, "the attempt's output kept in logs/", || {
         if dir.join("ended").exists() {
             Ok(dir.clone())
@@ -90,7 +93,11 @@ fn marker(cut: u64) -> Vec<u8> {
 
 fn first_difference(a: &[u8], b: &[u8]) -> String {
     let at = a.iter().zip(b).position(|(x, y)| x != y);
-    format!("lengths {} and {}, first difference at {at:?}", a.len(), b.len())
+    format!(
+        "lengths {} and {}, first difference at {at:?}",
+        a.len(),
+        b.len()
+    )
 }
 
 // === tests ===
@@ -111,10 +118,17 @@ fn a_finished_attempts_20_mb_output_reads_back_byte_for_byte() {
     wait_completed(&hub, id);
     let kept = wait_kept(&sc, id, 1);
     assert!(
-        !sc.data_dir().join("runs").join(format!("{id}-1")).join("stdout").exists(),
+        !sc.data_dir()
+            .join("runs")
+            .join(format!("{id}-1"))
+            .join("stdout")
+            .exists(),
         "the run directory still holds the output"
     );
-    assert_eq!(std::fs::metadata(kept.join("stdout")).expect("kept").len(), 20_000_000);
+    assert_eq!(
+        std::fs::metadata(kept.join("stdout")).expect("kept").len(),
+        20_000_000
+    );
 
     let started = Instant::now();
     let got = logs(&hub, id, &[]).expect("task logs");
@@ -123,7 +137,14 @@ fn a_finished_attempts_20_mb_output_reads_back_byte_for_byte() {
     let got = logs(&hub, id, &["--attempt", "1", "--stream", "stderr"]).expect("stderr");
     assert_eq!(got, b"a line on stderr\n");
     // The summary at the end, as JSON.
-    let out = hub.cli(&["task", "logs", &id.to_string(), "--stream", "stderr", "--json"]);
+    let out = hub.cli(&[
+        "task",
+        "logs",
+        &id.to_string(),
+        "--stream",
+        "stderr",
+        "--json",
+    ]);
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let last: Value = serde_json::from_str(text.lines().last().expect("a line")).expect("JSON");
     assert_eq!(last["agent"], "logs-big", "{text}");
@@ -138,7 +159,11 @@ fn a_finished_attempts_20_mb_output_reads_back_byte_for_byte() {
         &sc.data_dir().to_string_lossy(),
     ]);
     assert!(out.status.success(), "{}", stderr(&out));
-    assert!(out.stdout == data, "on the host: {}", first_difference(&out.stdout, &data));
+    assert!(
+        out.stdout == data,
+        "on the host: {}",
+        first_difference(&out.stdout, &data)
+    );
 }
 
 #[test]
@@ -148,7 +173,10 @@ fn tail_gives_the_last_lines_from_anywhere() {
     let id = submit(&hub, "numbers", &[]);
     wait_completed(&hub, id);
     wait_kept(&sc, id, 1);
-    assert_eq!(logs(&hub, id, &["--tail", "3"]).expect("tail"), b"99998\n99999\n100000\n");
+    assert_eq!(
+        logs(&hub, id, &["--tail", "3"]).expect("tail"),
+        b"99998\n99999\n100000\n"
+    );
     let out = sc.cli(&[
         "logs",
         &id.to_string(),
@@ -220,7 +248,10 @@ echo third
             .ok_or_else(|| "still running".to_string())
     });
     assert!(status.success(), "{status}");
-    assert!(rx.recv_timeout(Duration::from_secs(5)).is_err(), "more lines after the end");
+    assert!(
+        rx.recv_timeout(Duration::from_secs(5)).is_err(),
+        "more lines after the end"
+    );
     wait_completed(&hub, id);
 }
 
@@ -237,12 +268,14 @@ fn an_offline_host_and_missing_tasks_get_their_messages() {
     let err = logs(&hub, id, &["--attempt", "7"]).expect_err("no such attempt");
     assert!(err.contains("has no attempt 7"), "{err}");
     sc.stop();
-    let err = wait_for(EVENTUALLY, "task logs to say the host is offline", || {
-        match logs(&hub, id, &[]) {
+    let err = wait_for(
+        EVENTUALLY,
+        "task logs to say the host is offline",
+        || match logs(&hub, id, &[]) {
             Err(e) if e.contains("offline") => Ok(e),
             other => Err(format!("{other:?}")),
-        }
-    });
+        },
+    );
     assert!(err.contains("agent logs-off"), "{err}");
     // The host itself still has it.
     let out = sc.cli(&[
@@ -265,12 +298,14 @@ fn a_log_removed_by_retention_says_so() {
     );
     let id = submit(&hub, "short-lived log", &[]);
     wait_completed(&hub, id);
-    let err = wait_for(EVENTUALLY, "task logs to say retention removed it", || {
-        match logs(&hub, id, &[]) {
+    let err = wait_for(
+        EVENTUALLY,
+        "task logs to say retention removed it",
+        || match logs(&hub, id, &[]) {
             Err(e) if e.contains("removed by retention") => Ok(e),
             other => Err(format!("{other:?}")),
-        }
-    });
+        },
+    );
     assert!(err.contains("agent logs-expire"), "{err}");
     assert!(err.contains("[logs] retention"), "{err}");
     let out = sc.cli(&[
@@ -280,7 +315,11 @@ fn a_log_removed_by_retention_says_so() {
         &sc.data_dir().to_string_lossy(),
     ]);
     assert!(!out.status.success());
-    assert!(stderr(&out).contains("removed by retention"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("removed by retention"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[test]
@@ -305,17 +344,25 @@ fn output_past_the_cap_keeps_head_and_tail_with_a_marker_and_bounded_disk_while_
     let id = submit(&hub, "too much output", &[]);
     wait_state(&hub, id, &["running"], EVENTUALLY);
     // While it runs, the middle is punched out: the file keeps its size, not its blocks.
-    let running = sc.data_dir().join("runs").join(format!("{id}-1")).join("stdout");
-    wait_for(EVENTUALLY, "the running output's middle punched out", || {
-        use std::os::unix::fs::MetadataExt;
-        let m = std::fs::metadata(&running).map_err(|e| e.to_string())?;
-        let on_disk = m.blocks() * 512;
-        if m.len() == data.len() as u64 && on_disk <= (1 << 20) + (64 << 10) {
-            Ok(())
-        } else {
-            Err(format!("{} bytes, {on_disk} on disk", m.len()))
-        }
-    });
+    let running = sc
+        .data_dir()
+        .join("runs")
+        .join(format!("{id}-1"))
+        .join("stdout");
+    wait_for(
+        EVENTUALLY,
+        "the running output's middle punched out",
+        || {
+            use std::os::unix::fs::MetadataExt;
+            let m = std::fs::metadata(&running).map_err(|e| e.to_string())?;
+            let on_disk = m.blocks() * 512;
+            if m.len() == data.len() as u64 && on_disk <= (1 << 20) + (64 << 10) {
+                Ok(())
+            } else {
+                Err(format!("{} bytes, {on_disk} on disk", m.len()))
+            }
+        },
+    );
     std::fs::write(&go, "").expect("go");
     wait_completed(&hub, id);
     wait_kept(&sc, id, 1);

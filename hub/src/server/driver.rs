@@ -379,7 +379,13 @@ pub(super) fn core_loop(
         }
         let session_of = |c| sessions.get(&c).map(|s| s.connection.clone());
         for (fingerprint, q, reply) in log_queries {
-            let _ = reply.send(super::logs::locate(&core, &store, &session_of, &fingerprint, &q));
+            let _ = reply.send(super::logs::locate(
+                &core,
+                &store,
+                &session_of,
+                &fingerprint,
+                &q,
+            ));
         }
         feed_watchers(&store, &mut watchers);
         if let Some(prune) = core.retention_due(now) {

@@ -31,10 +31,15 @@ use crate::store::{Store, StoreError};
 /// Log relays at once on the hub; more are answered `busy`. Each holds one
 /// chunk and two streams' buffers (bounded by their QUIC windows).
 pub(super) const LOG_RELAYS_MAX: usize = 64;
-/// Log relays at once from one sidecar: 8 streams of a 128 KiB window stay
-/// well inside the hub's 4 MiB connection window, so its session always has
-/// room, and under the sidecar's own 16.
-pub(super) const LOG_RELAYS_PER_AGENT: usize = 8;
+/// Log relays at once from one sidecar, the sidecar's own bound
+/// (`muster_sidecar::logs::STREAMS_MAX`): 16 streams of a 128 KiB window use
+/// at most half the hub's 4 MiB connection window, so its session always has room.
+pub(super) const LOG_RELAYS_PER_AGENT: usize = 16;
+
+const _: () = assert!(
+    LOG_RELAYS_PER_AGENT as u32 * muster_protocol::tls::HUB_STREAM_WINDOW
+        <= muster_protocol::tls::HUB_CONNECTION_WINDOW / 2
+);
 /// How long opening the stream to the sidecar and its first answer may take.
 const SIDECAR_OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 

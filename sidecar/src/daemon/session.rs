@@ -300,7 +300,13 @@ async fn serve_log_stream(send: quinn::SendStream, recv: quinn::RecvStream, logs
         return;
     };
     let mut reader = match logs
-        .open(open.task, open.generation, open.stream, open.tail, open.follow)
+        .open(
+            open.task,
+            open.generation,
+            open.stream,
+            open.tail,
+            open.follow,
+        )
         .await
     {
         Ok(r) => r,

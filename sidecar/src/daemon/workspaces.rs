@@ -166,7 +166,8 @@ impl Daemon {
         let due = |last: Option<Instant>, every: Duration| {
             last.is_none_or(|t| now.duration_since(t) >= every)
         };
-        let sweep_every = (self.logs.config().retention / 2).clamp(Duration::from_secs(1), SWEEP_EVERY);
+        let sweep_every =
+            (self.logs.config().retention / 2).clamp(Duration::from_secs(1), SWEEP_EVERY);
         let cap = due(self.log_sweep.capped, LOG_CAP_EVERY);
         let sweep = due(self.log_sweep.swept, sweep_every);
         if !(cap || sweep) || self.log_sweep.running.swap(true, Ordering::AcqRel) {

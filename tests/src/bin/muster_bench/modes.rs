@@ -773,15 +773,22 @@ pub(crate) struct LogsArgs {
     /// The follower counts to run, one attempt each, in this order (0 is the baseline).
     #[arg(long, value_delimiter = ',', default_value = "0,1,10")]
     pub(crate) followers: Vec<usize>,
+    /// Attempts per follower count; the agent's time is their median.
+    #[arg(long, default_value_t = 3)]
+    pub(crate) repeat: usize,
 }
 
 /// One follower: `task logs --follow` on its own operator connection; the
 /// bytes it received and when the last arrived.
 async fn follow(ops: Arc<Ops>, i: usize, task: u64) -> Result<(u64, Instant)> {
     use muster_protocol::msg::{LogQuery, LogStream};
-    let conn = ops.conns().nth(i % ops.conns().count()).context("a connection")?;
+    let conn = ops
+        .conns()
+        .nth(i % ops.conns().count())
+        .context("a connection")?;
     let (send, recv) = conn.open_bi().await?;
-    let (mut wr, mut rd) = muster_protocol::framed(send, recv, muster_protocol::limits::FRAME_BYTES_MAX);
+    let (mut wr, mut rd) =
+        muster_protocol::framed(send, recv, muster_protocol::limits::FRAME_BYTES_MAX);
     let open = Open {
         protocol: PROTOCOL_VERSION,
         body: OpenBody::Request(OpRequest::TaskLogs(LogQuery {
@@ -823,7 +830,12 @@ fn direct_write_s(dir: &Path, mb: u64) -> Result<f64> {
     let out = dir.join("direct.out");
     let started = Instant::now();
     let status = std::process::Command::new("dd")
-        .args(["if=/dev/zero", "bs=1000000", &format!("count={mb}"), "status=none"])
+        .args([
+            "if=/dev/zero",
+            "bs=1000000",
+            &format!("count={mb}"),
+            "status=none",
+        ])
         .arg(format!("of={}", out.display()))
         .status()?;
     let s = started.elapsed().as_secs_f64();
@@ -864,59 +876,68 @@ pub(crate) async fn logs(bin: &Path, root: &Path, a: &LogsArgs) -> Result<Value>
     let mut runs = serde_json::Map::new();
     let rss_idle = hub.mem_kib("VmRSS")?;
     for &n in &a.followers {
-        let task = submit(&ops, format!("write {} MB, {n} followers", a.mb)).await?;
-        // Followers attach once the attempt exists (its generation is known).
-        phase("attempt assigned", Duration::from_secs(60), async {
-            loop {
-                let v = ops.call(OpRequest::TaskShow { id: TaskId(task) }).await?;
-                if v["generation"].as_u64().unwrap_or(0) > 0 {
-                    return Ok(());
-                }
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        })
-        .await?;
-        let started = Instant::now();
-        let followers: Vec<_> = (0..n)
-            .map(|i| tokio::spawn(follow(Arc::clone(&ops), i, task)))
-            .collect();
-        // Hub memory, sampled every 100 ms until the attempt completes.
-        let mut rss = Vec::new();
-        phase("attempt completes", Duration::from_secs(600), async {
-            loop {
-                rss.push(hub.mem_kib("VmRSS")? as f64);
-                let v = ops.call(OpRequest::TaskShow { id: TaskId(task) }).await?;
-                match v["state"].as_str() {
-                    Some("completed") => return Ok(()),
-                    Some("failed" | "cancelled") => bail!("the writer task ended {}", v["state"]),
-                    _ => tokio::time::sleep(Duration::from_millis(100)).await,
-                }
-            }
-        })
-        .await?;
+        let mut agent_runs = Vec::new();
         let mut rates = Vec::new();
-        for f in followers {
-            let (bytes, done) = phase("followers end", Duration::from_secs(600), async {
-                f.await.map_err(|e| anyhow!("a follower panicked: {e}"))?
+        let mut rss = Vec::new();
+        for _ in 0..a.repeat.max(1) {
+            let task = submit(&ops, format!("write {} MB, {n} followers", a.mb)).await?;
+            // Followers attach once the attempt exists (its generation is known).
+            phase("attempt assigned", Duration::from_secs(60), async {
+                loop {
+                    let v = ops.call(OpRequest::TaskShow { id: TaskId(task) }).await?;
+                    if v["generation"].as_u64().unwrap_or(0) > 0 {
+                        return Ok(());
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
             })
             .await?;
-            if bytes != total {
-                bail!("a follower received {bytes} bytes of {total}");
+            let started = Instant::now();
+            let followers: Vec<_> = (0..n)
+                .map(|i| tokio::spawn(follow(Arc::clone(&ops), i, task)))
+                .collect();
+            // Hub memory, sampled every 100 ms until the attempt completes.
+            phase("attempt completes", Duration::from_secs(600), async {
+                loop {
+                    rss.push(hub.mem_kib("VmRSS")? as f64);
+                    let v = ops.call(OpRequest::TaskShow { id: TaskId(task) }).await?;
+                    match v["state"].as_str() {
+                        Some("completed") => return Ok(()),
+                        Some("failed" | "cancelled") => {
+                            bail!("the writer task ended {}", v["state"])
+                        }
+                        _ => tokio::time::sleep(Duration::from_millis(100)).await,
+                    }
+                }
+            })
+            .await?;
+            for f in followers {
+                let (bytes, done) = phase("followers end", Duration::from_secs(600), async {
+                    f.await.map_err(|e| anyhow!("a follower panicked: {e}"))?
+                })
+                .await?;
+                if bytes != total {
+                    bail!("a follower received {bytes} bytes of {total}");
+                }
+                rates.push(bytes as f64 / 1e6 / done.duration_since(started).as_secs_f64());
             }
-            rates.push(bytes as f64 / 1e6 / done.duration_since(started).as_secs_f64());
+            rss.push(hub.mem_kib("VmRSS")? as f64);
+            let agent_ns: f64 = std::fs::read_to_string(times.join(task.to_string()))
+                .context("the writer's own time")?
+                .trim()
+                .parse()?;
+            agent_runs.push(agent_ns / 1e9);
         }
-        rss.push(hub.mem_kib("VmRSS")? as f64);
-        let agent_ns: f64 = std::fs::read_to_string(times.join(task.to_string()))
-            .context("the writer's own time")?
-            .trim()
-            .parse()?;
+        agent_runs.sort_by(f64::total_cmp);
+        let agent_s = agent_runs[agent_runs.len() / 2];
         let rss_max = rss.iter().copied().fold(0.0, f64::max);
         runs.insert(
             format!("followers_{n}"),
             json!({
                 "followers": n,
-                "agent_s": round3(agent_ns / 1e9),
-                "agent_mb_per_s": round3(a.mb as f64 / (agent_ns / 1e9)),
+                "agent_s": round3(agent_s),
+                "agent_s_each": agent_runs.iter().map(|s| round3(*s)).collect::<Vec<_>>(),
+                "agent_mb_per_s": round3(a.mb as f64 / agent_s),
                 "follower_mb_per_s": if rates.is_empty() { Value::Null } else { summary(rates) },
                 "hub_rss_kib": summary(rss),
                 "hub_rss_growth_kib": rss_max - rss_idle as f64,
@@ -926,9 +947,7 @@ pub(crate) async fn logs(bin: &Path, root: &Path, a: &LogsArgs) -> Result<Value>
     fleet.shutdown().await?;
     close(ops, &hub).await;
     hub.stop(Stop::Term).await?;
-    let base = runs
-        .get("followers_0")
-        .and_then(|r| r["agent_s"].as_f64());
+    let base = runs.get("followers_0").and_then(|r| r["agent_s"].as_f64());
     for r in runs.values_mut() {
         if let (Some(b), Some(s)) = (base, r["agent_s"].as_f64()) {
             r["agent_slowdown_pct"] = round3((s / b - 1.0) * 100.0).into();
