@@ -598,7 +598,6 @@ fn rel_path(text: &str) -> Result<PathBuf, &'static str> {
 #[derive(Debug)]
 struct ByteSize;
 
-/// The byte units a [`ByteSize`] accepts, largest first within each family.
 // === The log settings ===
 
 /// Default of `[logs] max_bytes_per_attempt`: 64 MiB per file.
@@ -619,6 +618,7 @@ muster_config::config! {
     }
 }
 
+/// The byte units a [`ByteSize`] accepts, largest first within each family.
 const BYTE_UNITS: &[(&str, u64)] = &[
     ("TiB", 1 << 40),
     ("GiB", 1 << 30),
