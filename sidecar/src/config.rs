@@ -59,6 +59,8 @@ muster_config::config! {
             agent: AgentConfig,
             /// Where each attempt works: the shared directory, a fresh one, or a git worktree.
             workspace: WorkspaceConfig,
+            /// How much of each attempt's output is kept, and for how long.
+            logs: LogsConfig,
         }
     }
 }
@@ -626,6 +628,26 @@ fn rel_path(text: &str) -> Result<PathBuf, &'static str> {
 #[derive(Debug)]
 struct ByteSize;
 
+// === The log settings ===
+
+/// Default of `[logs] max_bytes_per_attempt`: 64 MiB per file.
+pub const LOGS_PER_ATTEMPT_DEFAULT: u64 = 64 << 20;
+/// Default of `[logs] max_disk`: 5 GiB.
+pub const LOGS_MAX_DISK_DEFAULT: u64 = 5 << 30;
+
+muster_config::config! {
+    /// What is kept of each attempt's stdout and stderr (`[logs]` in sidecar.toml); see [`crate::logs`].
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub struct LogsConfig {
+        /// Most bytes kept of each of an attempt's stdout and stderr; beyond it the first and last halves are kept and the gap is marked.
+        max_bytes_per_attempt: u64 as ByteSize = LOGS_PER_ATTEMPT_DEFAULT,
+        /// Logs of attempts that ended longer ago than this are removed.
+        retention: Duration = Duration::from_secs(7 * 86_400),
+        /// Most disk all kept logs may use, e.g. "5GiB"; the oldest are removed first to stay below.
+        max_disk: u64 as ByteSize = LOGS_MAX_DISK_DEFAULT,
+    }
+}
+
 /// The byte units a [`ByteSize`] accepts, largest first within each family.
 const BYTE_UNITS: &[(&str, u64)] = &[
     ("TiB", 1 << 40),
@@ -747,6 +769,7 @@ mod tests {
             .into_iter()
             .chain(AgentConfig::keys())
             .chain(WorkspaceConfig::keys())
+            .chain(LogsConfig::keys())
         {
             let line = format!("\n{key} = ");
             let sect = format!("[{key}]");
@@ -798,6 +821,11 @@ mod tests {
             retention: Duration::from_secs(3 * 86_400),
             max_disk: 512 << 20,
             retry_from: RetryFrom::Base,
+        };
+        c.logs = LogsConfig {
+            max_bytes_per_attempt: 1 << 20,
+            retention: Duration::from_secs(3600),
+            max_disk: 3 << 30,
         };
         assert_eq!(parse(&c.render()).expect("round trip"), c);
         c.workspace.max_disk = 1_000_001;

@@ -9,6 +9,7 @@
 //! [`tasktoken`] (each attempt's secret for that socket),
 //! [`daemon`] (the IO shell that joins them to the hub session); [`workspace`]
 //! (each attempt's directory or git worktree, its checkpoints and retention);
+//! [`logs`] (each attempt's output kept, capped, swept and read);
 //! [`test_hooks`] (acting only with the `test-hooks` feature, for the crash tests).
 
 pub mod agent;
@@ -19,6 +20,7 @@ pub mod daemon;
 pub mod host;
 pub mod keystore;
 pub mod local;
+pub mod logs;
 pub mod queue;
 pub mod rundirs;
 pub mod tasktoken;

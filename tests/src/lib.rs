@@ -767,6 +767,16 @@ impl Hub {
         )
     }
 
+    /// `muster-hub <args> --data-dir D` (the admin credential) as a command to
+    /// spawn, for output read while it runs (`task logs --follow`).
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(&bins().hub);
+        clean_env(&mut cmd)
+            .args(args)
+            .args(["--data-dir", &self.data.to_string_lossy()]);
+        cmd
+    }
+
     /// Runs `muster-hub <args> --json`, asserts success and parses stdout.
     ///
     /// # Panics

@@ -29,9 +29,10 @@ use muster_hub::core::{
 };
 use muster_protocol::msg::{
     Activity, Assign, EnrollRefusal, EnrollRequest, EnrollResponse, Failure, Heartbeat, HeldTask,
-    Hello, HostFigures, HubMsg, IdentityTarget, OpError, OpErrorCode, OpRequest, OpResponse, Open,
-    OpenBody, Outcome, Phase, Refused, Report, ReportBody, ReportKind, Role, SelfTest, SessionMsg,
-    SidecarState, SubmitRequest, TaskSpec, TimeoutAction, Usage, Welcome, WireLimits,
+    Hello, HostFigures, HubMsg, IdentityTarget, LogEnd, LogError, LogFrame, LogOpen, LogQuery,
+    LogStream, OpError, OpErrorCode, OpRequest, OpResponse, Open, OpenBody, Outcome, Phase,
+    Refused, Report, ReportBody, ReportKind, Role, SelfTest, SessionMsg, SidecarState,
+    SubmitRequest, TaskSpec, TimeoutAction, Usage, Welcome, WireLimits,
 };
 use muster_protocol::work::{WorkResult, WorkspaceMode};
 use muster_protocol::{
@@ -530,7 +531,45 @@ fn op_requests() -> Vec<OpRequest> {
             capabilities: Some(vec!["rust".into(), "gpu".into()]),
             slots: Some(2),
         },
+        OpRequest::TaskLogs(LogQuery {
+            task: TaskId(41),
+            generation: Some(Generation(2)),
+            stream: LogStream::Stderr,
+            tail: Some(200),
+            follow: true,
+        }),
     ]
+}
+
+fn log_errors() -> Vec<LogError> {
+    vec![
+        LogError::NotFound,
+        LogError::Removed {
+            reason: "removed by retention: the attempt ended more than 7d ago ([logs] retention)"
+                .into(),
+            at_ms: T0,
+        },
+        LogError::Busy,
+        LogError::ProtocolMismatch { sidecar: 4, hub: 5 },
+        LogError::Failed {
+            reason: "Permission denied (os error 13)".into(),
+        },
+    ]
+}
+
+fn log_frames() -> Vec<LogFrame> {
+    let mut v = vec![
+        LogFrame::Chunk {
+            data: b"running 12 tests\n\xff\x00 binary too\n".to_vec(),
+        },
+        LogFrame::End(LogEnd {
+            bytes: 20_000_000,
+            cut_bytes: 1_048_576,
+            ended: true,
+        }),
+    ];
+    v.extend(log_errors().into_iter().map(LogFrame::Error));
+    v
 }
 
 fn refusals() -> Vec<Refused> {
@@ -684,6 +723,9 @@ fn op_responses() -> Vec<OpResponse> {
     v.push(OpResponse::Event {
         seq: EventSeq(978),
         json: r#"{"seq":978,"kind":"task","task":41,"state":"running"}"#.into(),
+    });
+    v.push(OpResponse::LogChunk {
+        data: b"line one\nline two\n".to_vec(),
     });
     v
 }
@@ -962,6 +1004,27 @@ fn cases() -> (Vec<Case>, Coverage) {
         out.push(Case::new(Wire, name, r));
     }
     cov.cover(&enroll_refusals());
+    out.push(Case::new(
+        Wire,
+        "log_open",
+        LogOpen {
+            protocol: PROTOCOL_VERSION,
+            task: TaskId(41),
+            generation: Generation(2),
+            stream: LogStream::Stdout,
+            tail: None,
+            follow: true,
+        },
+    ));
+    for f in log_frames() {
+        let name = match &f {
+            LogFrame::Error(e) => format!("log_frame.error.{}", variant(e)),
+            f => format!("log_frame.{}", variant(f)),
+        };
+        cov.cover([&f]);
+        out.push(Case::new(Wire, name, f));
+    }
+    cov.cover(&log_errors());
 
     // Wire: the small enums, each variant on its own, so one inserted in the
     // middle shows as the variants after it changing.
@@ -1003,6 +1066,8 @@ fn cases() -> (Vec<Case>, Coverage) {
         WorkspaceMode::Git,
     ];
     each(&mut out, &mut cov, Wire, "workspace_mode", modes);
+    let streams = vec![LogStream::Stdout, LogStream::Stderr];
+    each(&mut out, &mut cov, Wire, "log_stream", streams);
 
     // Booleans set alike cannot show two of them swapped; these samples set
     // one at a time, so any swap changes one of them.

@@ -530,6 +530,11 @@ impl Core {
             .get(fingerprint)
             .filter(|i| i.revoked_at.is_none())
     }
+    /// The session of the agent named `name`, if it has one now (for the log
+    /// streams the shell opens on its connection).
+    pub fn agent_conn(&self, name: &str) -> Option<ConnId> {
+        self.agents.get(name).and_then(|a| a.conn)
+    }
     /// Coordination counters.
     pub fn counters(&self) -> &Counters {
         &self.counters

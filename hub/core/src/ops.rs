@@ -130,6 +130,7 @@ impl Core {
             OpRequest::Stats
             | OpRequest::Tasks { .. }
             | OpRequest::TaskShow { .. }
+            | OpRequest::TaskLogs(_)
             | OpRequest::Watch { .. } => {
                 Err(op_error(OpErrorCode::Internal, "served by the shell"))
             }

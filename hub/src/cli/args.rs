@@ -222,6 +222,29 @@ pub(crate) enum TaskCommand {
     Cancel { id: u64 },
     /// Run a finished task again.
     Requeue { id: u64 },
+    /// An attempt's output, from the sidecar that holds it.
+    Logs {
+        id: u64,
+        /// The attempt (generation); default the latest.
+        #[arg(long)]
+        attempt: Option<u64>,
+        /// Keep printing new output until the attempt ends.
+        #[arg(long)]
+        follow: bool,
+        /// Which output.
+        #[arg(long, value_enum, default_value = "stdout")]
+        stream: StreamArg,
+        /// Only the last N lines.
+        #[arg(long)]
+        tail: Option<u64>,
+    },
+}
+
+/// `--stream`.
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub(crate) enum StreamArg {
+    Stdout,
+    Stderr,
 }
 
 #[derive(Subcommand)]

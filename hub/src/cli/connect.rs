@@ -197,7 +197,9 @@ impl Session {
             OpResponse::Ok { json } => serde_json::from_str(&json)
                 .map_err(|e| CliError::fail(format!("the hub sent malformed JSON: {e}"))),
             OpResponse::Error(e) => Err(CliError::fail(e.message)),
-            OpResponse::Event { .. } => Err(CliError::fail("unexpected event answer")),
+            OpResponse::Event { .. } | OpResponse::LogChunk { .. } => {
+                Err(CliError::fail("unexpected streamed answer"))
+            }
         }
     }
 

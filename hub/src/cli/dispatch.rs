@@ -112,6 +112,26 @@ pub(crate) async fn run(command: Command) -> Result<(), CliError> {
             connect,
         } => {
             let req = match command {
+                TaskCommand::Logs {
+                    id,
+                    attempt,
+                    follow,
+                    stream,
+                    tail,
+                } => {
+                    use muster_protocol::msg::{LogQuery, LogStream};
+                    let query = LogQuery {
+                        task: TaskId(id),
+                        generation: attempt.map(muster_protocol::Generation),
+                        stream: match stream {
+                            crate::cli::args::StreamArg::Stdout => LogStream::Stdout,
+                            crate::cli::args::StreamArg::Stderr => LogStream::Stderr,
+                        },
+                        tail,
+                        follow,
+                    };
+                    return crate::cli::watch::logs(&connect, query, json).await;
+                }
                 TaskCommand::Show { id } => OpRequest::TaskShow { id: TaskId(id) },
                 TaskCommand::Cancel { id } => OpRequest::TaskCancel { id: TaskId(id) },
                 TaskCommand::Requeue { id } => OpRequest::TaskRequeue { id: TaskId(id) },

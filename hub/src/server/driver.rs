@@ -117,6 +117,7 @@ pub(super) fn core_loop(
         }
         let now = clock.now();
         let mut queries = Vec::new();
+        let mut log_queries = Vec::new();
         let mut accepts = Vec::new();
         {
             let reader = store.reader()?;
@@ -218,6 +219,14 @@ pub(super) fn core_loop(
                         continue;
                     }
                     ToCore::Tick => Input::Tick,
+                    ToCore::Logs {
+                        fingerprint,
+                        query,
+                        reply,
+                    } => {
+                        log_queries.push((fingerprint, query, reply));
+                        continue;
+                    }
                     ToCore::Scrape(tx) => {
                         let _ = tx.send(hub_metrics.render(&core.snapshot(now), &metrics));
                         continue;
@@ -367,6 +376,16 @@ pub(super) fn core_loop(
         }
         for (fingerprint, request, reply) in queries {
             let _ = reply.send(query(&core, &store, &fingerprint, request, now));
+        }
+        let session_of = |c| sessions.get(&c).map(|s| s.connection.clone());
+        for (fingerprint, q, reply) in log_queries {
+            let _ = reply.send(super::logs::locate(
+                &core,
+                &store,
+                &session_of,
+                &fingerprint,
+                &q,
+            ));
         }
         feed_watchers(&store, &mut watchers);
         if let Some(prune) = core.retention_due(now) {

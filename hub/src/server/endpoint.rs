@@ -124,6 +124,10 @@ pub(super) struct Shared {
     pub(super) live: AtomicUsize,
     /// Session messages per second per connection; a sidecar past it is disconnected.
     pub(super) messages_per_second: u32,
+    /// `task logs` relays at once, at most [`super::logs::LOG_RELAYS_MAX`].
+    pub(super) log_relays: Arc<tokio::sync::Semaphore>,
+    /// `task logs` relays per agent.
+    pub(super) relays: super::logs::Relays,
 }
 
 impl Shared {

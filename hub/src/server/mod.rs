@@ -16,6 +16,7 @@ mod driver;
 mod endpoint;
 mod enroll;
 mod http;
+mod logs;
 mod queries;
 mod session;
 
@@ -113,6 +114,12 @@ enum ToCore {
         fingerprint: String,
         tx: mpsc::Sender<OpResponse>,
         from: Option<EventSeq>,
+    },
+    /// `task logs`: where is this attempt's log (after the batch's commit)?
+    Logs {
+        fingerprint: String,
+        query: muster_protocol::msg::LogQuery,
+        reply: oneshot::Sender<logs::LogAnswer>,
     },
     /// `/metrics`: render the registry from a fresh core snapshot.
     Scrape(oneshot::Sender<String>),
@@ -326,6 +333,8 @@ impl Hub {
             max_connections: self.config.limits.max_connections as usize,
             live: AtomicUsize::new(0),
             messages_per_second: self.config.limits.messages_per_second,
+            log_relays: Arc::new(tokio::sync::Semaphore::new(logs::LOG_RELAYS_MAX)),
+            relays: logs::Relays::default(),
         });
         let accept = tokio::spawn(accept_loop(endpoint.clone(), shared));
         let http = match self.config.http_listen {

@@ -81,6 +81,9 @@ pub(super) async fn handle_stream(
         OpenBody::Request(OpRequest::Watch { from }) => {
             run_watch(fingerprint, from, wr, shared).await;
         }
+        OpenBody::Request(OpRequest::TaskLogs(query)) => {
+            super::logs::run_logs(fingerprint, query, wr, shared).await;
+        }
         OpenBody::Request(request) => {
             let (tx, rx) = oneshot::channel();
             let msg = ToCore::Op {

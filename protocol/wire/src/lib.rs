@@ -25,6 +25,7 @@ pub use ids::{AgentName, EventSeq, Generation, NameError, ReportId, TaskId};
 /// grant, identities are revoked one at a time (issue 12).
 /// Version 3: tasks carry a repository, base, environment and labels; hellos
 /// the workspace mode; finished reports the work result (issue 15).
-/// Version 4: usage reports (`ReportBody::Usage`) and each running attempt's
-/// activity in heartbeats (issue 16).
+/// Version 4 (issue 16): usage reports (`ReportBody::Usage`), each running
+/// attempt's activity in heartbeats, `task logs` (`OpRequest::TaskLogs`,
+/// `OpResponse::LogChunk`) and the log streams the hub opens on a sidecar's connection.
 pub const PROTOCOL_VERSION: u32 = 4;

@@ -50,6 +50,13 @@ pub const OUTPUT_TAIL_BYTES_MAX: usize = 512;
 pub const PAGE_LEN_MAX: u32 = 1000;
 /// Tasks in one `SubmitBatch` request, at most.
 pub const SUBMIT_BATCH_MAX: usize = 1000;
+/// Largest piece of a log in one frame: big enough that framing costs nothing,
+/// small enough that a relay holds little (one chunk per stream at the hub).
+pub const LOG_CHUNK_BYTES_MAX: usize = 64 * 1024;
+/// Most bytes `task logs --tail N` looks back for its N lines.
+pub const LOG_TAIL_BYTES_MAX: u64 = 64 << 20;
+
+const _: () = assert!(LOG_CHUNK_BYTES_MAX + 64 < FRAME_BYTES_MAX);
 
 /// Cuts `s` to at most `max` bytes at a character boundary, so bounded text stays valid UTF-8.
 pub fn truncate_utf8(mut s: String, max: usize) -> String {

@@ -814,6 +814,9 @@ pub enum OpRequest {
         /// The slots it may claim, if changed.
         slots: Option<u32>,
     },
+    /// An attempt's output, streamed from the sidecar that holds it (answered
+    /// with [`OpResponse::LogChunk`]s, then `Ok` or `Error`). A read.
+    TaskLogs(LogQuery),
 }
 
 /// Which identity an [`OpRequest::IdentityRevoke`] means.
@@ -909,6 +912,13 @@ pub enum OpResponse {
         /// The document.
         json: String,
     },
+    /// The next bytes of a `task logs` stream, in order; at most
+    /// [`crate::limits::LOG_CHUNK_BYTES_MAX`].
+    LogChunk {
+        /// The bytes, as the agent wrote them (not necessarily UTF-8).
+        #[serde(with = "raw_bytes")]
+        data: Vec<u8>,
+    },
 }
 
 /// Why an operator request failed.
@@ -938,4 +948,165 @@ pub enum OpErrorCode {
     ProtocolMismatch,
     /// The hub failed internally; see its log.
     Internal,
+}
+
+// === Logs ===
+
+/// Which attempt's output to read, and how.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogQuery {
+    /// The task.
+    pub task: TaskId,
+    /// The attempt; `None` is the task's latest.
+    pub generation: Option<Generation>,
+    /// Which of the two files.
+    pub stream: LogStream,
+    /// Only the last this many lines (and at most
+    /// [`crate::limits::LOG_TAIL_BYTES_MAX`] bytes of them); `None` is all.
+    pub tail: Option<u64>,
+    /// Keep sending new output until the attempt ends.
+    pub follow: bool,
+}
+
+/// One of an attempt's two output files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogStream {
+    /// The agent's standard output.
+    Stdout,
+    /// The agent's standard error.
+    Stderr,
+}
+
+impl LogStream {
+    /// The file's name in the run and log directories.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogStream::Stdout => "stdout",
+            LogStream::Stderr => "stderr",
+        }
+    }
+}
+
+/// First frame of a stream the hub opens on a sidecar's connection: read this
+/// attempt's output. The sidecar answers with [`LogFrame`]s and ends the stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogOpen {
+    /// The hub's [`crate::PROTOCOL_VERSION`].
+    pub protocol: u32,
+    /// The task.
+    pub task: TaskId,
+    /// The attempt (the hub resolved "latest").
+    pub generation: Generation,
+    /// Which file.
+    pub stream: LogStream,
+    /// Only the last this many lines (see [`LogQuery::tail`]).
+    pub tail: Option<u64>,
+    /// Keep sending until the attempt ends.
+    pub follow: bool,
+}
+
+/// Sidecar to hub on a log stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LogFrame {
+    /// The next bytes; at most [`crate::limits::LOG_CHUNK_BYTES_MAX`].
+    Chunk {
+        /// The bytes.
+        #[serde(with = "raw_bytes")]
+        data: Vec<u8>,
+    },
+    /// All sent; the stream ends.
+    End(LogEnd),
+    /// The log cannot be read; the stream ends.
+    Error(LogError),
+}
+
+/// What a finished log stream sent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogEnd {
+    /// Bytes sent (markers included).
+    pub bytes: u64,
+    /// Bytes of output the per-attempt cap cut out of the middle.
+    pub cut_bytes: u64,
+    /// Whether the attempt had ended (its log moved to the log directory).
+    pub ended: bool,
+}
+
+/// Why a sidecar cannot send a log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LogError {
+    /// This host has no output of the attempt (it never ran here, or never started).
+    NotFound,
+    /// Retention removed it.
+    Removed {
+        /// Why, with the setting (`[logs] retention` or `max_disk`).
+        reason: String,
+        /// When, Unix milliseconds.
+        at_ms: u64,
+    },
+    /// Too many log streams at once on this sidecar.
+    Busy,
+    /// The hub speaks another protocol version.
+    ProtocolMismatch {
+        /// What the sidecar speaks.
+        sidecar: u32,
+        /// What the hub sent.
+        hub: u32,
+    },
+    /// Reading failed.
+    Failed {
+        /// The error.
+        reason: String,
+    },
+}
+
+impl LogError {
+    /// A sentence for an operator about task `task` attempt `generation` on `agent`.
+    pub fn describe(&self, task: TaskId, generation: Generation, agent: &str) -> String {
+        match self {
+            LogError::NotFound => format!(
+                "agent {agent} has no output of task {task} attempt {generation} (it never started there, or its output was not kept)"
+            ),
+            LogError::Removed { reason, at_ms } => format!(
+                "the log of task {task} attempt {generation} on agent {agent} is gone: {reason} (at {} Unix time)",
+                at_ms / 1000
+            ),
+            LogError::Busy => format!(
+                "agent {agent} is serving as many log streams as it may at once; try again shortly"
+            ),
+            LogError::ProtocolMismatch { sidecar, hub } => format!(
+                "agent {agent} speaks protocol version {sidecar}, the hub {hub}; upgrade the older side to read its logs"
+            ),
+            LogError::Failed { reason } => format!(
+                "agent {agent} could not read the log of task {task} attempt {generation}: {reason}"
+            ),
+        }
+    }
+}
+
+/// Bytes as one length-prefixed run (serde's `bytes`), not a sequence of
+/// numbers: the same bincode encoding as `Vec<u8>`, without a call per byte.
+mod raw_bytes {
+    use serde::{Deserializer, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(v)
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = Vec<u8>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("bytes")
+            }
+            fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<Vec<u8>, E> {
+                Ok(v.to_vec())
+            }
+            fn visit_byte_buf<E: serde::de::Error>(self, v: Vec<u8>) -> Result<Vec<u8>, E> {
+                Ok(v)
+            }
+        }
+        d.deserialize_byte_buf(V)
+    }
 }

@@ -11,6 +11,7 @@
 mod agent;
 mod doctor;
 mod enroll;
+mod logs;
 mod serve;
 mod workspaces;
 
@@ -103,6 +104,29 @@ enum Command {
         #[arg(long)]
         data_dir: Option<PathBuf>,
     },
+    /// An attempt's output on this host (stdout by default), from its files.
+    Logs {
+        /// The task.
+        task: u64,
+        /// The attempt (generation); default the latest on this host.
+        #[arg(long)]
+        attempt: Option<u64>,
+        /// Keep printing new output until the attempt ends.
+        #[arg(long)]
+        follow: bool,
+        /// Which output.
+        #[arg(long, value_enum, default_value = "stdout")]
+        stream: StreamArg,
+        /// Only the last N lines.
+        #[arg(long)]
+        tail: Option<u64>,
+        /// sidecar.toml to use (default: <data-dir>/sidecar.toml).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// The state directory.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
     /// Agent commands about the current task.
     Task {
         #[command(subcommand)]
@@ -119,6 +143,13 @@ enum Command {
     /// statuses; started by `run`, talks to it on stdin and stdout.
     #[command(hide = true)]
     Reaper,
+}
+
+/// `--stream`.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum StreamArg {
+    Stdout,
+    Stderr,
 }
 
 #[derive(Subcommand)]
@@ -258,6 +289,29 @@ async fn run(command: Command) -> Result<(), Failure> {
             config,
             data_dir,
         } => workspaces::workspaces(json, config, data_dir).await,
+        Command::Logs {
+            task,
+            attempt,
+            follow,
+            stream,
+            tail,
+            config,
+            data_dir,
+        } => {
+            logs::logs(logs::LogArgs {
+                task,
+                attempt,
+                follow,
+                stream: match stream {
+                    StreamArg::Stdout => muster_protocol::msg::LogStream::Stdout,
+                    StreamArg::Stderr => muster_protocol::msg::LogStream::Stderr,
+                },
+                tail,
+                config,
+                data_dir,
+            })
+            .await
+        }
         Command::Task { command, task_file } => agent::task(command, task_file.as_deref()).await,
         Command::Whoami => agent::whoami().await,
     }

@@ -169,7 +169,7 @@ impl Daemon {
                 // leave its files behind until the next restart's sweep.
                 let dir = self.run_dirs.path(task, generation);
                 let handle = self.handles.remove(&(task, generation));
-                self.releases.push((dir, handle));
+                self.releases.push(((task, generation), dir, handle));
             }
             Effect::PutTask(_)
             | Effect::DeleteTask(..)
@@ -206,8 +206,10 @@ impl Daemon {
         }
         let releases = std::mem::take(&mut self.releases);
         let run_dirs = Arc::clone(&self.run_dirs);
+        let logs = Arc::clone(&self.logs);
         tokio::task::spawn_blocking(move || {
-            for (dir, handle) in releases {
+            for ((task, generation), dir, handle) in releases {
+                logs.keep(&dir, task, generation);
                 run_dirs.release(&dir, handle.as_ref());
             }
         });

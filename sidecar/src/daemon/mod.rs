@@ -119,7 +119,12 @@ pub async fn run(
     let (mut d, mut core, queue, mut io) = start(opts).await?;
     let (to_main, from_session) = mpsc::channel::<ToMain>(SESSION_QUEUE_LEN);
     io.from_session = Some(from_session);
-    let session = tokio::spawn(session_loop(d.cfg.hub.clone(), credential, to_main));
+    let session = tokio::spawn(session_loop(
+        d.cfg.hub.clone(),
+        credential,
+        to_main,
+        Arc::clone(&d.logs),
+    ));
     io.tasks.push(session);
     ready();
     info!(name = %d.cfg.name, hub = d.cfg.hub, "sidecar started");
@@ -197,7 +202,10 @@ async fn start(opts: Options) -> Result<(Daemon, Core, Arc<Queue>, Io), DaemonEr
     let run_dirs = tokio::task::spawn_blocking(move || RunDirs::new(runs_root, pool_cap))
         .await
         .map_err(|e| DaemonError::Start(format!("run directories: {e}")))?;
+    let logs = Arc::new(crate::logs::Logs::new(&cfg.data_dir, cfg.logs.clone()));
     let mut d = Daemon {
+        logs,
+        log_sweep: workspaces::LogSweep::default(),
         origin: Instant::now(),
         token_key,
         run_dirs: Arc::new(run_dirs),
@@ -459,8 +467,17 @@ struct Daemon {
         (muster_protocol::TaskId, muster_protocol::Generation),
         crate::agent::RunHandle,
     >,
-    /// Run directories the core released in this batch, removed after it.
-    releases: Vec<(PathBuf, Option<crate::agent::RunHandle>)>,
+    /// Run directories the core released in this batch, removed after it
+    /// (their output kept first).
+    releases: Vec<(
+        (muster_protocol::TaskId, muster_protocol::Generation),
+        PathBuf,
+        Option<crate::agent::RunHandle>,
+    )>,
+    /// Each attempt's output: kept, capped, swept, read.
+    logs: Arc<crate::logs::Logs>,
+    /// When logs were last capped and swept.
+    log_sweep: workspaces::LogSweep,
     /// The workspace layer, shared with the runner.
     workspaces: Arc<crate::workspace::Workspaces>,
     /// Where finished workspaces come back for [`Ev::Finalized`].
@@ -506,11 +523,15 @@ impl Daemon {
             }
             Ev::Run(e) => {
                 self.observe_run(&e);
-                if matches!(e, RunEvent::Finished { .. }) {
+                if let RunEvent::Finished {
+                    task, generation, ..
+                } = &e
+                {
                     self.sweep.due = true;
                     // The transcript's last lines (the result, with the cost)
                     // are reported before the end.
                     self.read_usage(core, Some(e.attempt()));
+                    self.logs.mark_ended(*task, *generation);
                 }
                 core.handle_run(now, e);
             }

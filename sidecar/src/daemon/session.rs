@@ -2,6 +2,7 @@
 //! connection fails, and again with backoff. It owns no state of the daemon's:
 //! it asks the loop for each hello and hands it everything the hub sends.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use muster_protocol::client::{self, Credential};
@@ -13,6 +14,7 @@ use tracing::{debug, info, warn};
 
 use super::{Daemon, seed};
 use crate::backoff;
+use crate::logs::Logs;
 
 /// Outgoing session queue; a hub this far behind gets the connection closed.
 const SEND_QUEUE_LEN: usize = 1024;
@@ -50,8 +52,14 @@ impl Daemon {
     }
 }
 
-/// Keeps one session to the hub, reconnecting with backoff.
-pub(super) async fn session_loop(hub: String, cred: Credential, to_main: mpsc::Sender<ToMain>) {
+/// Keeps one session to the hub, reconnecting with backoff; serves the log
+/// streams the hub opens on each connection.
+pub(super) async fn session_loop(
+    hub: String,
+    cred: Credential,
+    to_main: mpsc::Sender<ToMain>,
+    logs: Arc<Logs>,
+) {
     let mut backoff = backoff::reconnect();
     // A hub at its handshake or connection cap (a whole fleet reconnecting after
     // its restart) refuses at once: those retries come soon, jittered, and do not
@@ -88,7 +96,9 @@ pub(super) async fn session_loop(hub: String, cred: Credential, to_main: mpsc::S
                 if to_main.send(connected).await.is_err() {
                     return;
                 }
+                let streams = tokio::spawn(serve_log_streams(conn.clone(), Arc::clone(&logs)));
                 let reason = pump(wr, rd, rx, &to_main).await;
+                streams.abort();
                 conn.close(0u32.into(), b"session over");
                 drop(endpoint);
                 if to_main.send(ToMain::Disconnected).await.is_err() {
@@ -242,6 +252,90 @@ async fn pump(
                 Err(FrameError::Decode(e)) => return format!("malformed message from the hub: {e}"),
                 Err(e) => return format!("receive: {e}"),
             },
+        }
+    }
+}
+
+/// How long the hub has to send a log stream's first frame.
+const LOG_OPEN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Accepts the streams the hub opens on this connection: each is one log read.
+/// Past [`crate::logs::STREAMS_MAX`] at once a stream is answered `Busy`.
+async fn serve_log_streams(conn: quinn::Connection, logs: Arc<Logs>) {
+    while let Ok((send, recv)) = conn.accept_bi().await {
+        tokio::spawn(serve_log_stream(send, recv, Arc::clone(&logs)));
+    }
+}
+
+/// One log stream: the hub's [`LogOpen`], then chunks as the reader gives
+/// them (QUIC flow control holds the reader back when the hub reads slowly),
+/// then the end or an error; the stream ends when the hub stops reading.
+async fn serve_log_stream(send: quinn::SendStream, recv: quinn::RecvStream, logs: Arc<Logs>) {
+    use futures::StreamExt;
+    use muster_protocol::msg::{LogError, LogFrame, LogOpen};
+    let (mut wr, mut rd) = framed(send, recv, muster_protocol::limits::FRAME_BYTES_MAX);
+    let first = match tokio::time::timeout(LOG_OPEN_TIMEOUT, rd.next()).await {
+        Ok(Some(Ok(f))) => f,
+        _ => return,
+    };
+    let refuse = |e: LogError| LogFrame::Error(e);
+    let frame = match muster_protocol::peek_protocol(&first) {
+        Some(v) if v != PROTOCOL_VERSION => Some(refuse(LogError::ProtocolMismatch {
+            sidecar: PROTOCOL_VERSION,
+            hub: v,
+        })),
+        _ => None,
+    };
+    let open: Option<LogOpen> = muster_protocol::decode(&first).ok();
+    let (Some(open), None) = (open, frame.clone()) else {
+        if let Some(f) = frame {
+            let _ = wr.send(&f).await;
+        }
+        let _ = wr.get_mut().finish();
+        return;
+    };
+    let Ok(_permit) = Arc::clone(&logs.streams).try_acquire_owned() else {
+        let _ = wr.send(&refuse(LogError::Busy)).await;
+        let _ = wr.get_mut().finish();
+        return;
+    };
+    let mut reader = match logs
+        .open(
+            open.task,
+            open.generation,
+            open.stream,
+            open.tail,
+            open.follow,
+        )
+        .await
+    {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = wr.send(&refuse(e)).await;
+            let _ = wr.get_mut().finish();
+            return;
+        }
+    };
+    loop {
+        // End when the hub stops the stream (the operator went away), not only
+        // when the next chunk fails to send.
+        let next = tokio::select! {
+            next = reader.next() => next,
+            _ = wr.get_mut().stopped() => return,
+        };
+        let frame = match next {
+            Ok(Some(data)) => LogFrame::Chunk { data },
+            Ok(None) => LogFrame::End(reader.end()),
+            Err(e) => refuse(e),
+        };
+        let last = !matches!(frame, LogFrame::Chunk { .. });
+        if wr.send(&frame).await.is_err() {
+            return;
+        }
+        if last {
+            let _ = wr.get_mut().finish();
+            let _ = tokio::time::timeout(Duration::from_secs(5), wr.get_mut().stopped()).await;
+            return;
         }
     }
 }

@@ -151,6 +151,7 @@ impl Daemon {
     /// ended, or [`SWEEP_EVERY`] passed) and none is running. Off the loop:
     /// a sweep walks trees and runs git.
     pub(super) fn maybe_sweep(&mut self) {
+        self.maybe_sweep_logs();
         if self.workspaces.config().mode == WorkspaceMode::Shared {
             return;
         }
@@ -175,6 +176,65 @@ impl Daemon {
                     failed = report.failed.len(),
                     "swept finished workspaces"
                 );
+            }
+            running.store(false, Ordering::Release);
+        });
+    }
+}
+
+/// When running attempts' output was last checked against the cap, and
+/// ended logs against retention and quota.
+#[derive(Debug, Default)]
+pub(super) struct LogSweep {
+    capped: Option<Instant>,
+    swept: Option<Instant>,
+    running: Arc<AtomicBool>,
+}
+
+/// Running attempts' output is checked against the cap this often: a run
+/// writes at most this long's worth of output past its cap (plus the slack).
+const LOG_CAP_EVERY: Duration = Duration::from_secs(1);
+
+impl Daemon {
+    /// Punches the middle out of running attempts' output past the cap (every
+    /// [`LOG_CAP_EVERY`]) and sweeps ended logs (every minute, or every half
+    /// retention when that is shorter, at least a second apart). Off the loop.
+    fn maybe_sweep_logs(&mut self) {
+        let now = Instant::now();
+        let due = |last: Option<Instant>, every: Duration| {
+            last.is_none_or(|t| now.duration_since(t) >= every)
+        };
+        let sweep_every =
+            (self.logs.config().retention / 2).clamp(Duration::from_secs(1), SWEEP_EVERY);
+        let cap = due(self.log_sweep.capped, LOG_CAP_EVERY);
+        let sweep = due(self.log_sweep.swept, sweep_every);
+        if !(cap || sweep) || self.log_sweep.running.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        if cap {
+            self.log_sweep.capped = Some(now);
+        }
+        if sweep {
+            self.log_sweep.swept = Some(now);
+        }
+        let attempts: Vec<(TaskId, Generation)> = if cap {
+            self.handles.keys().copied().collect()
+        } else {
+            Vec::new()
+        };
+        let logs = Arc::clone(&self.logs);
+        let running = Arc::clone(&self.log_sweep.running);
+        tokio::task::spawn_blocking(move || {
+            logs.cap_running(&attempts);
+            if sweep {
+                let report = logs.sweep(wall_ms());
+                if report.removed > 0 {
+                    info!(
+                        removed = report.removed,
+                        freed_bytes = report.freed_bytes,
+                        "swept kept logs"
+                    );
+                }
             }
             running.store(false, Ordering::Release);
         });

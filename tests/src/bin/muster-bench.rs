@@ -8,6 +8,7 @@
 //!   backlog    --finished M [--sample N]
 //!   floor      [--ms MS]
 //!   workspace  [--files N] [--mib M] [--prepares P]
+//!   logs       [--mb 200] [--followers 0,1,10]
 //! ```
 //!
 //! `floor` measures what the machine does without muster (durable redb
@@ -81,6 +82,8 @@ enum Mode {
     Scale(scale::ScaleArgs),
     /// Submit → running with M finished tasks in the store against an empty store, and restart time.
     Backlog(modes::BacklogArgs),
+    /// One agent writing --mb MB as fast as it can, followed by 0, 1 and 10 `task logs --follow`: follower MB/s, the agent's slowdown, hub memory.
+    Logs(modes::LogsArgs),
     /// This machine without muster: durable redb commits/s, spawns of /bin/true per second, QUIC round trip and handshake on loopback.
     Floor(floor::FloorArgs),
     /// The sidecar's workspace layer: prepare() of a git worktree (5,000 files, 100 MiB) against a bare `git worktree add`.
@@ -148,6 +151,7 @@ async fn run(cli: &Cli) -> anyhow::Result<serde_json::Value> {
                 Mode::Scale(a) => scale::scale(&bin, &root, a).await,
                 Mode::Backlog(a) => modes::backlog(&bin, &root, a).await,
                 Mode::Workspace(a) => workspace::workspace(&root, a).await,
+                Mode::Logs(a) => modes::logs(&bin, &root, a).await,
                 Mode::Floor(_) => unreachable!("handled above"),
             }?;
             if let Some(f) = floor {

@@ -171,7 +171,21 @@ impl Fleet {
         slots: u32,
         agent: Agent,
     ) -> Result<()> {
+        self.spawn_with(id, hub, dir, slots, agent, |_| {})
+    }
+
+    /// [`Fleet::spawn`] with `tweak` applied to the sidecar's configuration.
+    pub(crate) fn spawn_with(
+        &mut self,
+        id: &Identity,
+        hub: &str,
+        dir: PathBuf,
+        slots: u32,
+        agent: Agent,
+        tweak: impl FnOnce(&mut SidecarConfig),
+    ) -> Result<()> {
         let mut config = sidecar_config(id, hub, dir, slots);
+        tweak(&mut config);
         if agent == Agent::ExecWaited {
             config.agent.exec_status = ExecStatus::Waited;
         }

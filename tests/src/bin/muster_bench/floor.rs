@@ -424,6 +424,33 @@ pub(crate) fn ratios(result: &Value, floor: &Value) -> Value {
                 floor_value: c.zip(r).map(|(c, r)| c + r),
             });
         }
+        Some("logs") => {
+            // The floor of an agent's write is the same write without muster.
+            let direct = at(result, "direct_write_s");
+            for (name, figure) in [
+                (
+                    "agent write, no follower ÷ the same write without muster",
+                    "runs.followers_0.agent_s",
+                ),
+                (
+                    "agent write, 1 follower ÷ the same write without muster",
+                    "runs.followers_1.agent_s",
+                ),
+                (
+                    "agent write, 10 followers ÷ the same write without muster",
+                    "runs.followers_10.agent_s",
+                ),
+            ] {
+                out.push(Ratio {
+                    name,
+                    figure: figure.into(),
+                    value: at(result, figure),
+                    scale: 1.0,
+                    floor: "direct_write_s (dd to a file, no muster)".into(),
+                    floor_value: direct,
+                });
+            }
+        }
         Some("backlog") => {
             let (what, value) = path_floor(floor, exec);
             for (name, figure) in [

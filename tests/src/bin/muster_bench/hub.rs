@@ -377,7 +377,9 @@ impl Ops {
         match client::request(&self.conns[i].1, req).await? {
             OpResponse::Ok { json } => Ok(serde_json::from_str(&json)?),
             OpResponse::Error(e) => bail!("the hub answered {:?}: {}", e.code, e.message),
-            OpResponse::Event { .. } => bail!("unexpected event answer"),
+            OpResponse::Event { .. } | OpResponse::LogChunk { .. } => {
+                bail!("unexpected streamed answer")
+            }
         }
     }
 

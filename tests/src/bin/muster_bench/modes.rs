@@ -761,3 +761,205 @@ pub(crate) async fn backlog(bin: &Path, root: &Path, a: &BacklogArgs) -> Result<
         "ratio_completed_p50": ratio(&f_done, &e_done, "p50_ms"),
     }))
 }
+
+// === logs ===
+
+/// `logs` options.
+#[derive(Debug, Clone, clap::Args)]
+pub(crate) struct LogsArgs {
+    /// Megabytes (10^6 bytes) the agent writes to its stdout as fast as it can.
+    #[arg(long, default_value_t = 200)]
+    pub(crate) mb: u64,
+    /// The follower counts to run, one attempt each, in this order (0 is the baseline).
+    #[arg(long, value_delimiter = ',', default_value = "0,1,10")]
+    pub(crate) followers: Vec<usize>,
+    /// Attempts per follower count; the agent's time is their median.
+    #[arg(long, default_value_t = 3)]
+    pub(crate) repeat: usize,
+}
+
+/// One follower: `task logs --follow` on its own operator connection; the
+/// bytes it received and when the last arrived.
+async fn follow(ops: Arc<Ops>, i: usize, task: u64) -> Result<(u64, Instant)> {
+    use muster_protocol::msg::{LogQuery, LogStream};
+    let conn = ops
+        .conns()
+        .nth(i % ops.conns().count())
+        .context("a connection")?;
+    let (send, recv) = conn.open_bi().await?;
+    let (mut wr, mut rd) =
+        muster_protocol::framed(send, recv, muster_protocol::limits::FRAME_BYTES_MAX);
+    let open = Open {
+        protocol: PROTOCOL_VERSION,
+        body: OpenBody::Request(OpRequest::TaskLogs(LogQuery {
+            task: TaskId(task),
+            generation: None,
+            stream: LogStream::Stdout,
+            tail: None,
+            follow: true,
+        })),
+    };
+    wr.send(&open).await?;
+    let mut bytes = 0u64;
+    loop {
+        match rd.recv::<OpResponse>().await? {
+            Some(OpResponse::LogChunk { data }) => bytes += data.len() as u64,
+            Some(OpResponse::Ok { .. }) => return Ok((bytes, Instant::now())),
+            Some(OpResponse::Error(e)) => bail!("follower {i}: {}", e.message),
+            Some(OpResponse::Event { .. }) => {}
+            None => bail!("follower {i}: the stream ended without its end"),
+        }
+    }
+}
+
+/// The agent writes `mb` MB to stdout with `dd` and records its own wall time
+/// (in ns) in `<times>/<task>`.
+fn writer_script(path: &Path, times: &Path, mb: u64) -> Result<()> {
+    let body = format!(
+        "#!/bin/sh\ns=$(date +%s%N)\ndd if=/dev/zero bs=1000000 count={mb} status=none\ne=$(date +%s%N)\necho $((e - s)) > '{}'/\"$MUSTER_TASK_ID\"\n",
+        times.display()
+    );
+    std::fs::write(path, body)?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755))?;
+    Ok(())
+}
+
+/// The same write without muster: `dd` to a file in the same directory tree.
+fn direct_write_s(dir: &Path, mb: u64) -> Result<f64> {
+    let out = dir.join("direct.out");
+    let started = Instant::now();
+    let status = std::process::Command::new("dd")
+        .args([
+            "if=/dev/zero",
+            "bs=1000000",
+            &format!("count={mb}"),
+            "status=none",
+        ])
+        .arg(format!("of={}", out.display()))
+        .status()?;
+    let s = started.elapsed().as_secs_f64();
+    let _ = std::fs::remove_file(&out);
+    if !status.success() {
+        bail!("dd failed: {status}");
+    }
+    Ok(s)
+}
+
+pub(crate) async fn logs(bin: &Path, root: &Path, a: &LogsArgs) -> Result<Value> {
+    let times = root.join("agent-times");
+    std::fs::create_dir_all(&times)?;
+    let script = root.join("writer.sh");
+    writer_script(&script, &times, a.mb)?;
+    let mut hub = HubProc::init(bin, &root.join("hub"), |_| {}).await?;
+    phase("hub start", HUB_READY, hub.start(HUB_READY)).await?;
+    let most = a.followers.iter().copied().max().unwrap_or(0);
+    let ops = Arc::new(hub.ops(most.max(1)).await?);
+    let id = fleet::enroll(&ops, "bench-0").await?;
+    let dir = root.join("sidecar");
+    let mut fleet = Fleet::new();
+    let command = vec![script.to_string_lossy().into_owned()];
+    fleet.spawn_with(&id, &hub.addr, dir.clone(), 1, Agent::Exec, |c| {
+        c.agent.command = command;
+        // All of it kept: the followers read every byte.
+        c.logs.max_bytes_per_attempt = 1 << 40;
+        c.logs.max_disk = 1 << 40;
+    })?;
+    phase(
+        "sidecar online",
+        Duration::from_secs(60),
+        fleet::wait_available(&ops, &fleet, 1, Duration::from_secs(60)),
+    )
+    .await?;
+    let direct_s = direct_write_s(root, a.mb)?;
+    let total = a.mb * 1_000_000;
+    let mut runs = serde_json::Map::new();
+    let rss_idle = hub.mem_kib("VmRSS")?;
+    for &n in &a.followers {
+        let mut agent_runs = Vec::new();
+        let mut rates = Vec::new();
+        let mut rss = Vec::new();
+        for _ in 0..a.repeat.max(1) {
+            let task = submit(&ops, format!("write {} MB, {n} followers", a.mb)).await?;
+            // Followers attach once the attempt exists (its generation is known).
+            phase("attempt assigned", Duration::from_secs(60), async {
+                loop {
+                    let v = ops.call(OpRequest::TaskShow { id: TaskId(task) }).await?;
+                    if v["generation"].as_u64().unwrap_or(0) > 0 {
+                        return Ok(());
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            })
+            .await?;
+            let started = Instant::now();
+            let followers: Vec<_> = (0..n)
+                .map(|i| tokio::spawn(follow(Arc::clone(&ops), i, task)))
+                .collect();
+            // Hub memory, sampled every 100 ms until the attempt completes.
+            phase("attempt completes", Duration::from_secs(600), async {
+                loop {
+                    rss.push(hub.mem_kib("VmRSS")? as f64);
+                    let v = ops.call(OpRequest::TaskShow { id: TaskId(task) }).await?;
+                    match v["state"].as_str() {
+                        Some("completed") => return Ok(()),
+                        Some("failed" | "cancelled") => {
+                            bail!("the writer task ended {}", v["state"])
+                        }
+                        _ => tokio::time::sleep(Duration::from_millis(100)).await,
+                    }
+                }
+            })
+            .await?;
+            for f in followers {
+                let (bytes, done) = phase("followers end", Duration::from_secs(600), async {
+                    f.await.map_err(|e| anyhow!("a follower panicked: {e}"))?
+                })
+                .await?;
+                if bytes != total {
+                    bail!("a follower received {bytes} bytes of {total}");
+                }
+                rates.push(bytes as f64 / 1e6 / done.duration_since(started).as_secs_f64());
+            }
+            rss.push(hub.mem_kib("VmRSS")? as f64);
+            let agent_ns: f64 = std::fs::read_to_string(times.join(task.to_string()))
+                .context("the writer's own time")?
+                .trim()
+                .parse()?;
+            agent_runs.push(agent_ns / 1e9);
+        }
+        agent_runs.sort_by(f64::total_cmp);
+        let agent_s = agent_runs[agent_runs.len() / 2];
+        let rss_max = rss.iter().copied().fold(0.0, f64::max);
+        runs.insert(
+            format!("followers_{n}"),
+            json!({
+                "followers": n,
+                "agent_s": round3(agent_s),
+                "agent_s_each": agent_runs.iter().map(|s| round3(*s)).collect::<Vec<_>>(),
+                "agent_mb_per_s": round3(a.mb as f64 / agent_s),
+                "follower_mb_per_s": if rates.is_empty() { Value::Null } else { summary(rates) },
+                "hub_rss_kib": summary(rss),
+                "hub_rss_growth_kib": rss_max - rss_idle as f64,
+            }),
+        );
+    }
+    fleet.shutdown().await?;
+    close(ops, &hub).await;
+    hub.stop(Stop::Term).await?;
+    let base = runs.get("followers_0").and_then(|r| r["agent_s"].as_f64());
+    for r in runs.values_mut() {
+        if let (Some(b), Some(s)) = (base, r["agent_s"].as_f64()) {
+            r["agent_slowdown_pct"] = round3((s / b - 1.0) * 100.0).into();
+        }
+    }
+    Ok(json!({
+        "mode": "logs",
+        "mb": a.mb,
+        "direct_write_s": round3(direct_s),
+        "hub_rss_idle_kib": rss_idle,
+        "runs": runs,
+        "agent_source": "the agent's own wall time around `dd if=/dev/zero bs=1000000 count=MB` to its stdout file",
+        "follower_source": "bytes received ÷ time from the followers' start to their end frame",
+    }))
+}
