@@ -97,6 +97,27 @@ pub fn wait_state(hub: &Hub, id: u64, states: &[&str], timeout: Duration) -> Val
     })
 }
 
+/// How long a short task may take to end on a loaded 2-core machine.
+pub const ENDED: Duration = Duration::from_secs(60);
+
+/// Waits until task `id` is terminal and every attempt has an outcome; returns its `task show`.
+///
+/// # Panics
+/// When it is not within [`ENDED`].
+pub fn wait_ended(hub: &Hub, id: u64) -> Value {
+    wait_for(ENDED, &format!("task {id} ended"), || {
+        let t = show(hub, id);
+        let terminal = ["completed", "failed", "cancelled"]
+            .iter()
+            .any(|s| t["state"] == *s);
+        if terminal && attempts(&t).iter().all(|a| a["outcome"].is_string()) {
+            Ok(t)
+        } else {
+            Err(t.to_string())
+        }
+    })
+}
+
 /// Milliseconds since the epoch (the hub's clock is the same machine's).
 pub fn now_ms() -> u64 {
     SystemTime::now()

@@ -58,21 +58,6 @@ fn hub_with(policy: &[(&str, &str)]) -> Hub {
     hub
 }
 
-/// Waits until task `id` is terminal and every attempt has an outcome.
-fn wait_ended(hub: &Hub, id: u64) -> Value {
-    wait_for(EVENTUALLY, &format!("task {id} ended"), || {
-        let t = show(hub, id);
-        let terminal = ["completed", "failed", "cancelled"]
-            .iter()
-            .any(|s| t["state"] == *s);
-        if terminal && attempts(&t).iter().all(|a| a["outcome"].is_string()) {
-            Ok(t)
-        } else {
-            Err(t.to_string())
-        }
-    })
-}
-
 /// `alerts --json`: the open alerts.
 fn open_alerts(hub: &Hub) -> Vec<Value> {
     hub.json(&["alerts"])["alerts"]

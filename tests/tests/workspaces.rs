@@ -101,21 +101,6 @@ fn git_sidecar(hub: &Hub, name: &str, slots: u32, script: &str) -> Sidecar {
     sc
 }
 
-/// Waits until task `id` is terminal with every attempt's outcome recorded.
-fn wait_ended(hub: &Hub, id: u64) -> Value {
-    wait_for(EVENTUALLY, &format!("task {id} ended"), || {
-        let t = show(hub, id);
-        let terminal = ["completed", "failed", "cancelled"]
-            .iter()
-            .any(|s| t["state"] == *s);
-        if terminal && attempts(&t).iter().all(|a| a["outcome"].is_string()) {
-            Ok(t)
-        } else {
-            Err(t.to_string())
-        }
-    })
-}
-
 /// The one mirror in a sidecar's state directory.
 fn mirror(sc: &Sidecar) -> PathBuf {
     let dir = sc.data_dir().join("mirrors");
