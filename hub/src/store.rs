@@ -12,6 +12,7 @@
 //! agents      &str name     -> AgentRecord     the registry
 //! identities  &str sha256   -> Identity        certificate fingerprint -> identity
 //! tokens      &str sha256   -> TokenRecord     hash of a join token's secret -> token
+//! api_tokens  &str sha256   -> ApiToken        hash of an API token's secret -> token
 //! ```
 //!
 //! Values are bincode ([`muster_protocol::encode`]). Every batch of core
@@ -91,6 +92,7 @@ fn needs_flush(w: &Write) -> bool {
         | Write::Agent(_)
         | Write::Identity(_)
         | Write::Token(..)
+        | Write::ApiToken(..)
         | Write::Key(..)
         | Write::Event { .. }
         | Write::NextTaskId(_) => true,
@@ -108,6 +110,8 @@ const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
 const AGENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("agents");
 const IDENTITIES: TableDefinition<&str, &[u8]> = TableDefinition::new("identities");
 const TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("tokens");
+// A table added without a schema step: a store without it simply has no API tokens.
+const API_TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("api_tokens");
 
 /// A store operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -397,6 +401,7 @@ impl Store {
             tx.open_table(AGENTS)?;
             tx.open_table(IDENTITIES)?;
             tx.open_table(TOKENS)?;
+            tx.open_table(API_TOKENS)?;
         }
         tx.commit()?;
         Ok(())
@@ -430,6 +435,7 @@ impl Store {
             let mut agents = tx.open_table(AGENTS)?;
             let mut identities = tx.open_table(IDENTITIES)?;
             let mut tokens = tx.open_table(TOKENS)?;
+            let mut api_tokens = tx.open_table(API_TOKENS)?;
             let mut meta = tx.open_table(META)?;
             let mut last_event = None;
             for w in writes {
@@ -474,6 +480,9 @@ impl Store {
                     }
                     Write::Token(hash, t) => {
                         tokens.insert(hash.as_str(), enc(t).as_slice())?;
+                    }
+                    Write::ApiToken(hash, t) => {
+                        api_tokens.insert(hash.as_str(), enc(t).as_slice())?;
                     }
                     Write::Key(k, id) => {
                         keys.insert(k.as_str(), id.0)?;
@@ -582,6 +591,14 @@ impl Store {
             // Expired or used tokens still answer "expired"/"used" for a day, then go.
             if t.expires_at + 86_400_000 > now {
                 r.tokens.push((k.value().to_string(), t));
+            }
+        }
+        for row in tx.open_table(API_TOKENS)?.iter()? {
+            let (k, v) = row?;
+            let t: crate::core::web::ApiToken = dec("api_tokens", v.value())?;
+            // Only live tokens authorize; expired and revoked ones stay on disk as a record.
+            if t.revoked_at.is_none() && t.expires_at > now {
+                r.api_tokens.push((k.value().to_string(), t));
             }
         }
         for row in tx.open_table(KEYS)?.iter()? {
@@ -899,6 +916,20 @@ mod tests {
             ("identity", Write::Identity(identity)),
             ("token", Write::Token("hash".into(), token)),
             ("key", Write::Key("k".into(), TaskId(1))),
+            (
+                "api token",
+                Write::ApiToken(
+                    "hash".into(),
+                    crate::core::web::ApiToken {
+                        name: "ci".into(),
+                        role: muster_protocol::msg::Role::Operator,
+                        created_by: "admin".into(),
+                        created_at: 1,
+                        expires_at: 2,
+                        revoked_at: None,
+                    },
+                ),
+            ),
             (
                 "event",
                 Write::Event {

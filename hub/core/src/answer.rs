@@ -36,6 +36,58 @@ pub enum Answer {
     Grant(Grant),
     /// `alerts`.
     Alerts(AlertList),
+    /// `token create --kind api`.
+    ApiToken(ApiTokenIssued),
+    /// `token list --kind api`.
+    ApiTokens(ApiTokenList),
+    /// `dashboard`: a one-time login URL.
+    Login(LoginIssued),
+}
+
+/// A new API token: the only time its secret is shown.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ApiTokenIssued {
+    /// Until when it is valid.
+    pub expires_at: Millis,
+    /// Its name.
+    pub name: String,
+    /// Its role.
+    pub role: Role,
+    /// The token, to send as `Authorization: Bearer`.
+    pub token: String,
+}
+
+/// One live API token, without its secret.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ApiTokenView {
+    /// When it was made.
+    pub created_at: Millis,
+    /// Who made it.
+    pub created_by: String,
+    /// Until when it is valid.
+    pub expires_at: Millis,
+    /// Its name.
+    pub name: String,
+    /// Its role.
+    pub role: Role,
+}
+
+/// The live API tokens, by name.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ApiTokenList {
+    /// The tokens.
+    pub tokens: Vec<ApiTokenView>,
+}
+
+/// A one-time dashboard login.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LoginIssued {
+    /// Until when it can be used.
+    pub expires_at: Millis,
+    /// The role the browser session gets.
+    pub role: Role,
+    /// The URL to open.
+    pub url: String,
 }
 
 /// The `agents` answer: counts by state for the whole fleet, and the agents

@@ -161,6 +161,10 @@ pub enum AuditAction {
     TaskCancel,
     /// `task requeue`.
     TaskRequeue,
+    /// `token create --kind api`.
+    ApiTokenCreate,
+    /// `token revoke --kind api`.
+    ApiTokenRevoke,
 }
 
 /// The event's JSON: an object with a `kind`, its keys in alphabetical order

@@ -20,6 +20,7 @@ mod identity;
 pub use identity::EnrollGrant;
 pub mod model;
 mod ops;
+pub use ops::Caller;
 pub mod policy;
 pub mod retention;
 mod sched;
@@ -28,6 +29,7 @@ mod tasks;
 mod timers;
 pub mod usage;
 pub mod views;
+pub mod web;
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 
@@ -132,6 +134,8 @@ pub enum Write {
     },
     /// The next task id to hand out.
     NextTaskId(u64),
+    /// Upsert an API token by the hash of its secret.
+    ApiToken(String, web::ApiToken),
 }
 
 /// An answer to a request.
@@ -320,6 +324,8 @@ pub struct Core {
     last_alert_eval: Millis,
     /// Invariant breaches found after batches (see [`Core::check_invariants`]).
     violations: u64,
+    /// API tokens and dashboard logins.
+    web: web::Web,
 }
 
 /// Default for [`Core::set_ack_delay`].
@@ -342,6 +348,8 @@ pub struct Restored {
     pub next_task_id: u64,
     /// The next event sequence number.
     pub next_event_seq: u64,
+    /// API tokens by the hash of their secret (live ones; the store keeps all).
+    pub api_tokens: Vec<(String, web::ApiToken)>,
 }
 
 impl Core {
@@ -384,6 +392,7 @@ impl Core {
             prune_at: now + retention::PRUNE_EVERY,
             last_alert_eval: 0,
             violations: 0,
+            web: web::Web::new(restored.api_tokens),
         };
         for rec in restored.agents {
             match AgentName::new(rec.name.clone()) {
@@ -686,6 +695,7 @@ fn last_write_wins(writes: Vec<Write>) -> Vec<Write> {
         Agent(&'a str),
         Identity(&'a str),
         Token(&'a str),
+        ApiToken(&'a str),
         Idempotency(&'a str),
         NextTaskId,
     }
@@ -696,6 +706,7 @@ fn last_write_wins(writes: Vec<Write>) -> Vec<Write> {
             Write::Agent(a) => Key::Agent(&a.name),
             Write::Identity(i) => Key::Identity(&i.fingerprint),
             Write::Token(h, _) => Key::Token(h),
+            Write::ApiToken(h, _) => Key::ApiToken(h),
             Write::Key(k, _) => Key::Idempotency(k),
             Write::NextTaskId(_) => Key::NextTaskId,
             Write::Event { .. } => return None,

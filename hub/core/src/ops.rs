@@ -14,6 +14,15 @@ use crate::views::{self, AgentView};
 use crate::{Agent, Archive, Core, Event, Reply, Stats, Write};
 use muster_wire::AgentName;
 
+/// Who made an operator request: an identity's or an API token's name, and its role.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    /// The identity's name, or `api:<token name>`.
+    pub name: String,
+    /// Its role.
+    pub role: Role,
+}
+
 /// What an operator request that the core serves comes to: an answer, or why not.
 pub(crate) type Answered = Result<Answer, OpError>;
 
@@ -27,13 +36,13 @@ impl Core {
         archive: &dyn Archive,
     ) -> Reply {
         let who = match self.authorize(fingerprint, &request) {
-            Ok(who) => who.clone(),
+            Ok(who) => who,
             Err(e) => return Reply::Error(e),
         };
         if matches!(request, OpRequest::Stats) {
             return Reply::Stats(Box::new(self.stats()));
         }
-        match self.answer(now, request, &who, token_secret, archive) {
+        match self.answer(now, request, (fingerprint, &who), token_secret, archive) {
             Ok(answer) => Reply::Answer(answer),
             Err(e) => Reply::Error(e),
         }
@@ -43,7 +52,7 @@ impl Core {
         &mut self,
         now: Millis,
         request: OpRequest,
-        who: &Identity,
+        (fingerprint, who): (&str, &Caller),
         token_secret: Option<(String, String)>,
         archive: &dyn Archive,
     ) -> Answered {
@@ -127,6 +136,20 @@ impl Core {
                 capabilities,
                 slots,
             } => self.agent_set(now, &name, capabilities, slots, &who.name),
+            OpRequest::ApiTokenCreate { role, ttl_s, name } => self.api_token_create(
+                now,
+                (role, ttl_s, name),
+                (&who.name, who.role),
+                token_secret,
+            ),
+            OpRequest::ApiTokens => self.api_tokens(now),
+            OpRequest::ApiTokenRevoke { name } => self.api_token_revoke(now, &name, &who.name),
+            OpRequest::DashboardLogin { role } => self.dashboard_login(
+                now,
+                role.unwrap_or(who.role),
+                (fingerprint, who.role),
+                token_secret,
+            ),
             OpRequest::Stats
             | OpRequest::Tasks { .. }
             | OpRequest::TaskShow { .. }
@@ -171,25 +194,31 @@ impl Core {
             .collect()
     }
 
-    /// Who may make `request`: admins anything, operators reads, agents nothing.
+    /// Who may make `request` (see [`crate::web::role_allows`]): an enrolled
+    /// identity, or an API token (`fingerprint` is then `api:<hash of its secret>`).
     /// The one role check for requests answered in the core and in the shell.
-    pub fn authorize(&self, fingerprint: &str, request: &OpRequest) -> Result<&Identity, OpError> {
-        let Some(who) = self.identity(fingerprint) else {
+    pub fn authorize(&self, fingerprint: &str, request: &OpRequest) -> Result<Caller, OpError> {
+        let who = match fingerprint.strip_prefix(crate::web::API_CALLER_PREFIX) {
+            Some(hash) => self.api_caller(hash).map(|t| Caller {
+                name: format!("api:{}", t.name),
+                role: t.role,
+            }),
+            None => self.identity(fingerprint).map(|i| Caller {
+                name: i.name.clone(),
+                role: i.role,
+            }),
+        };
+        let Some(who) = who else {
             return Err(op_error(
                 OpErrorCode::Forbidden,
-                "this credential is not enrolled at this hub or has been revoked",
+                "this credential is not enrolled at this hub, has expired or has been revoked",
             ));
         };
-        let allowed = match who.role {
-            Role::Admin => true,
-            Role::Operator => !request.is_write(),
-            Role::Agent => false,
-        };
-        if allowed {
+        if crate::web::role_allows(who.role, request) {
             return Ok(who);
         }
         let what = if request.is_write() {
-            "change state (role admin needed)"
+            "change state or see credentials (role admin needed)"
         } else {
             "read (role operator or admin needed)"
         };

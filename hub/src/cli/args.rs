@@ -167,6 +167,16 @@ pub(crate) enum Command {
         #[arg(long, default_value_t = 20)]
         tasks: usize,
     },
+    /// Print a one-time login URL for the web dashboard, bound to this identity.
+    ///
+    /// Example: muster-hub dashboard --role operator
+    Dashboard {
+        /// The browser session's role: at most your own (default: your own).
+        #[arg(long)]
+        role: Option<Role>,
+        #[command(flatten)]
+        connect: ConnectArgs,
+    },
     /// Check the hub's configuration, files and that it answers.
     Doctor {
         #[command(flatten)]
@@ -176,16 +186,24 @@ pub(crate) enum Command {
 
 #[derive(Subcommand)]
 pub(crate) enum TokenCommand {
-    /// Create a single-use join token; prints it alone on stdout.
+    /// Create a single-use join token, or with `--kind api` an API token for the
+    /// HTTP API; prints it alone on stdout.
+    ///
+    /// Example: muster-hub token create --kind api --name ci-bot --role operator --ttl 30d
     Create {
-        /// The role it grants.
-        #[arg(long, default_value = "agent")]
-        role: Role,
-        /// How long it is valid.
-        #[arg(long, default_value = "1h")]
-        ttl: String,
-        /// Only this name may enroll with it; enrolling replaces the name's
+        /// join: a single-use token to enroll a host or operator; api: a bearer
+        /// token for the HTTP API (`Authorization: Bearer ...`), usable until it expires.
+        #[arg(long, value_enum, default_value = "join")]
+        kind: TokenKind,
+        /// The role it grants (join: agent, operator or admin; api: operator or admin).
+        #[arg(long)]
+        role: Option<Role>,
+        /// How long it is valid (default: join 1h, api 30d).
+        #[arg(long)]
+        ttl: Option<String>,
+        /// join: only this name may enroll with it; enrolling replaces the name's
         /// current identity (use it to replace a host), which is revoked at once.
+        /// api: the token's name (required), to list and revoke it by.
         #[arg(long)]
         name: Option<String>,
         /// Agents: a capability it grants (repeatable); without any, the host's
@@ -196,6 +214,28 @@ pub(crate) enum TokenCommand {
         #[arg(long)]
         slots: Option<u32>,
     },
+    /// List the live API tokens (names, roles, expiry; never the secrets). Admins only.
+    ///
+    /// Example: muster-hub token list
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke an API token by name: requests and event streams using it stop at once.
+    ///
+    /// Example: muster-hub token revoke ci-bot
+    Revoke {
+        /// The token's name.
+        name: String,
+    },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum TokenKind {
+    /// A single-use join token.
+    Join,
+    /// An API token for the HTTP API.
+    Api,
 }
 
 #[derive(Subcommand)]

@@ -1,6 +1,8 @@
 //! Runs one parsed command: the small ones inline, the rest in their modules.
 
-use crate::cli::args::{AgentCommand, Command, IdentityCommand, TaskCommand, TokenCommand};
+use crate::cli::args::{
+    AgentCommand, Command, IdentityCommand, TaskCommand, TokenCommand, TokenKind,
+};
 use crate::cli::daemon::{init, serve};
 use crate::cli::doctor::doctor;
 use crate::cli::login::login;
@@ -8,8 +10,29 @@ use crate::cli::submit::submit;
 use crate::cli::watch::watch;
 use crate::cli::{CliError, ConnectArgs, print};
 use muster_protocol::duration::parse_duration;
-use muster_protocol::msg::OpRequest;
+use muster_protocol::msg::{OpRequest, Role};
 use muster_protocol::{AgentName, TaskId};
+
+/// How long until the wall-clock time `at_ms`, in words ("29d 23h", "expired").
+fn until(at_ms: u64) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    match at_ms.checked_sub(now) {
+        Some(ms) if ms > 0 => muster_protocol::duration::format_duration(
+            std::time::Duration::from_secs(ms.div_ceil(1000)),
+        ),
+        _ => "expired".into(),
+    }
+}
+
+fn usage(message: &str) -> CliError {
+    CliError {
+        code: 2,
+        message: message.into(),
+    }
+}
 
 pub(crate) fn config_error(e: impl std::fmt::Display) -> CliError {
     CliError {
@@ -30,6 +53,7 @@ pub(crate) async fn run(command: Command) -> Result<(), CliError> {
         Command::Token {
             command:
                 TokenCommand::Create {
+                    kind: TokenKind::Api,
                     role,
                     ttl,
                     name,
@@ -38,11 +62,53 @@ pub(crate) async fn run(command: Command) -> Result<(), CliError> {
                 },
             connect,
         } => {
+            let Some(name) = name else {
+                return Err(usage(
+                    "--kind api needs --name NAME, to list and revoke it by",
+                ));
+            };
+            if !capabilities.is_empty() || slots.is_some() {
+                return Err(usage(
+                    "--capability and --slots grant agents; an API token has none",
+                ));
+            }
+            let ttl = parse_duration(ttl.as_deref().unwrap_or("30d"))
+                .map_err(|e| usage(&format!("--ttl: {e}")))?;
+            let role = role.unwrap_or(Role::Operator);
+            let v = one(
+                &connect,
+                OpRequest::ApiTokenCreate {
+                    role,
+                    ttl_s: ttl.as_secs().max(1),
+                    name,
+                },
+            )
+            .await?;
+            eprintln!(
+                "an API token with role {role}, valid for {}; send it as `Authorization: Bearer <token>` (shown once):",
+                muster_protocol::duration::format_duration(ttl)
+            );
+            println!("{}", v["token"].as_str().unwrap_or_default());
+            Ok(())
+        }
+        Command::Token {
+            command:
+                TokenCommand::Create {
+                    kind: TokenKind::Join,
+                    role,
+                    ttl,
+                    name,
+                    capabilities,
+                    slots,
+                },
+            connect,
+        } => {
+            let role = role.unwrap_or(Role::Agent);
             let name = name.map(AgentName::new).transpose().map_err(|e| CliError {
                 code: 2,
                 message: format!("--name: {e}"),
             })?;
-            let ttl = parse_duration(&ttl).map_err(|e| CliError {
+            let ttl = parse_duration(ttl.as_deref().unwrap_or("1h")).map_err(|e| CliError {
                 code: 2,
                 message: format!("--ttl: {e}"),
             })?;
@@ -62,6 +128,51 @@ pub(crate) async fn run(command: Command) -> Result<(), CliError> {
                 muster_protocol::duration::format_duration(ttl)
             );
             println!("{}", v["token"].as_str().unwrap_or_default());
+            Ok(())
+        }
+        Command::Token {
+            command: TokenCommand::List { json },
+            connect,
+        } => {
+            let v = one(&connect, OpRequest::ApiTokens).await?;
+            print(&v, json, |v| {
+                let list = v["tokens"].as_array().cloned().unwrap_or_default();
+                if list.is_empty() {
+                    return "no live API tokens\n".into();
+                }
+                let mut out = format!(
+                    "{:<24} {:<9} {:<16} {}\n",
+                    "NAME", "ROLE", "CREATED BY", "EXPIRES"
+                );
+                for t in list {
+                    out += &format!(
+                        "{:<24} {:<9} {:<16} {}\n",
+                        t["name"].as_str().unwrap_or_default(),
+                        t["role"].as_str().unwrap_or_default(),
+                        t["created_by"].as_str().unwrap_or_default(),
+                        until(t["expires_at"].as_u64().unwrap_or(0)),
+                    );
+                }
+                out
+            });
+            Ok(())
+        }
+        Command::Token {
+            command: TokenCommand::Revoke { name },
+            connect,
+        } => {
+            one(&connect, OpRequest::ApiTokenRevoke { name: name.clone() }).await?;
+            eprintln!("API token {name} revoked");
+            Ok(())
+        }
+        Command::Dashboard { role, connect } => {
+            let v = one(&connect, OpRequest::DashboardLogin { role }).await?;
+            eprintln!(
+                "a one-time {} login for the dashboard, valid for {}; open it in a browser:",
+                v["role"].as_str().unwrap_or_default(),
+                until(v["expires_at"].as_u64().unwrap_or(0))
+            );
+            println!("{}", v["url"].as_str().unwrap_or_default());
             Ok(())
         }
         Command::Login {

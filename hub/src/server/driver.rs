@@ -173,9 +173,14 @@ pub(super) fn core_loop(
                             queries.push((fingerprint, request, reply));
                             continue;
                         }
-                        let token_secret = matches!(request, OpRequest::TokenCreate { .. })
-                            .then(new_secret)
-                            .flatten();
+                        let token_secret = matches!(
+                            request,
+                            OpRequest::TokenCreate { .. }
+                                | OpRequest::ApiTokenCreate { .. }
+                                | OpRequest::DashboardLogin { .. }
+                        )
+                        .then(new_secret)
+                        .flatten();
                         next_reply += 1;
                         pending.insert(next_reply, Pending::Op(reply));
                         Input::Op {
@@ -387,7 +392,7 @@ pub(super) fn core_loop(
                 &q,
             ));
         }
-        feed_watchers(&store, &mut watchers);
+        feed_watchers(&core, &store, &mut watchers);
         if let Some(prune) = core.retention_due(now) {
             match store.prune(prune.before, prune.limit) {
                 Ok(ids) => {

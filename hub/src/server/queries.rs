@@ -217,13 +217,15 @@ pub(super) fn snapshot(reader: &crate::store::Reader, tx: &mpsc::Sender<OpRespon
     }
 }
 
-pub(super) fn feed_watchers(store: &Store, watchers: &mut Vec<Watcher>) {
+pub(super) fn feed_watchers(core: &Core, store: &Store, watchers: &mut Vec<Watcher>) {
     if watchers.is_empty() {
         return;
     }
     let Ok(reader) = store.reader() else { return };
+    let watch = OpRequest::Watch { from: None };
     watchers.retain_mut(|w| {
-        if w.tx.is_closed() {
+        // A credential that expired (an API token) ends its stream as a revoked one does.
+        if w.tx.is_closed() || core.authorize(&w.fingerprint, &watch).is_err() {
             return false;
         }
         let room = w.tx.capacity().min(WATCH_PAGE);

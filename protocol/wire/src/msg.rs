@@ -817,6 +817,28 @@ pub enum OpRequest {
     /// An attempt's output, streamed from the sidecar that holds it (answered
     /// with [`OpResponse::LogChunk`]s, then `Ok` or `Error`). A read.
     TaskLogs(LogQuery),
+    /// Create an API token for the HTTP API (`token create --kind api`). Admins only.
+    ApiTokenCreate {
+        /// The role it carries (at most the creator's).
+        role: Role,
+        /// Its lifetime in seconds.
+        ttl_s: u64,
+        /// A name to list and revoke it by; unique among live API tokens.
+        name: String,
+    },
+    /// List API tokens (never their secrets). Admins only.
+    ApiTokens,
+    /// Revoke an API token by name. Admins only.
+    ApiTokenRevoke {
+        /// Its name.
+        name: String,
+    },
+    /// A one-time dashboard login URL bound to the asking identity, with a role
+    /// no higher than its own.
+    DashboardLogin {
+        /// The role the browser session gets; `None` is the caller's own.
+        role: Option<Role>,
+    },
 }
 
 /// Which identity an [`OpRequest::IdentityRevoke`] means.
@@ -834,7 +856,8 @@ pub enum IdentityTarget {
 }
 
 impl OpRequest {
-    /// Whether the request changes state (and so needs role admin).
+    /// Whether the request needs role admin: it changes state, or it lists
+    /// credentials (API tokens).
     pub fn is_write(&self) -> bool {
         matches!(
             self,
@@ -848,6 +871,9 @@ impl OpRequest {
                 | OpRequest::TaskRequeue { .. }
                 | OpRequest::IdentityRevoke(_)
                 | OpRequest::AgentSet { .. }
+                | OpRequest::ApiTokenCreate { .. }
+                | OpRequest::ApiTokens
+                | OpRequest::ApiTokenRevoke { .. }
         )
     }
 }
