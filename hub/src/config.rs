@@ -10,6 +10,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use muster_config::{Argv, HostPortOrEmpty};
 
@@ -38,7 +39,74 @@ muster_config::config! {
             policy: Policy,
             /// Bounds on queues and inputs.
             limits: Limits,
+            /// The web dashboard and the HTTP JSON API (/api/v1).
+            dashboard: Dashboard,
         }
+    }
+}
+
+/// How the dashboard listener speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DashboardTls {
+    /// Plain HTTP: loopback addresses only.
+    Off,
+    /// HTTPS with the hub's own certificate (issued by its CA for the `init --san` names).
+    Hub,
+    /// HTTPS with the PEM `cert` and `key` files given.
+    Files,
+}
+muster_config::words!(DashboardTls {
+    DashboardTls::Off => "off",
+    DashboardTls::Hub => "hub",
+    DashboardTls::Files => "files",
+});
+
+muster_config::config! {
+    /// The web dashboard and HTTP JSON API (`[dashboard]` in hub.toml).
+    #[derive(Debug, Clone, PartialEq)]
+    pub struct Dashboard {
+        /// Address of the dashboard and /api/v1, e.g. "127.0.0.1:7442"; "" = off. Beyond loopback, tls must be "hub" or "files".
+        listen: Option<SocketAddr> = None,
+        /// "off" (plain HTTP, loopback only), "hub" (HTTPS with the hub's certificate for its --san names) or "files" (HTTPS with cert and key).
+        tls: DashboardTls = DashboardTls::Off,
+        /// PEM certificate chain, for tls = "files".
+        cert: Option<PathBuf> = None,
+        /// PEM private key of cert, for tls = "files" (keep it 0600).
+        key: Option<PathBuf> = None,
+        /// The URL browsers open the dashboard at, for login links; "" = from listen (and the advertise host when listening on all addresses).
+        url: String = String::new(),
+        /// How long a login URL from `muster-hub dashboard` stays usable (once).
+        login_ttl: Duration = Duration::from_secs(5 * 60),
+        /// How long a browser session lasts after its login.
+        session_ttl: Duration = Duration::from_secs(12 * 3600),
+    }
+    check = check_dashboard;
+}
+
+/// Keys of `[dashboard]` that depend on each other.
+fn check_dashboard(d: &Dashboard, checks: &mut muster_config::Checks<'_>) {
+    if let Some(addr) = d.listen
+        && !addr.ip().is_loopback()
+        && d.tls == DashboardTls::Off
+    {
+        checks.bad(
+            &["listen", "tls"],
+            format!(
+                "{addr} is reachable beyond this machine, and plain HTTP would send sessions and tokens in clear text; set tls = \"hub\" (the hub's certificate) or tls = \"files\" with cert and key, or listen on 127.0.0.1"
+            ),
+        );
+    }
+    if d.tls == DashboardTls::Files && (d.cert.is_none() || d.key.is_none()) {
+        checks.bad(
+            &["tls", "cert", "key"],
+            "tls = \"files\" needs both cert and key (PEM file paths)".to_string(),
+        );
+    }
+    if d.login_ttl.is_zero() || d.session_ttl.is_zero() {
+        checks.bad(
+            &["login_ttl", "session_ttl"],
+            "must be longer than 0 s".to_string(),
+        );
     }
 }
 

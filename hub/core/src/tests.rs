@@ -38,6 +38,7 @@ struct Store {
     agents: BTreeMap<String, AgentRecord>,
     identities: BTreeMap<String, Identity>,
     tokens: BTreeMap<String, TokenRecord>,
+    api_tokens: BTreeMap<String, crate::web::ApiToken>,
     keys: BTreeMap<String, TaskId>,
     next_task_id: u64,
     events: u64,
@@ -67,6 +68,9 @@ impl Store {
                 }
                 Write::Token(h, t) => {
                     self.tokens.insert(h.clone(), t.clone());
+                }
+                Write::ApiToken(h, t) => {
+                    self.api_tokens.insert(h.clone(), t.clone());
                 }
                 Write::Key(k, id) => {
                     self.keys.insert(k.clone(), *id);
@@ -98,6 +102,11 @@ impl Store {
             keys: self.keys.iter().map(|(k, v)| (k.clone(), *v)).collect(),
             next_task_id: self.next_task_id,
             next_event_seq: self.events,
+            api_tokens: self
+                .api_tokens
+                .iter()
+                .map(|(h, t)| (h.clone(), t.clone()))
+                .collect(),
         }
     }
 }
@@ -4034,4 +4043,130 @@ fn a_usage_reports_model_is_cut_to_its_limit() {
     let _ = h.report(c, t, 1, ReportBody::Usage(u));
     let model = h.attempt(t, 1).usage.clone().and_then(|u| u.model);
     assert_eq!(model.map(|m| m.len()), Some(limits::MODEL_BYTES_MAX));
+}
+
+// === Web access: API tokens and dashboard logins ===
+
+fn api_token(h: &mut H, name: &str, role: Role, ttl_s: u64, hash: &str) -> OpResponse {
+    h.op_with(
+        ADMIN,
+        OpRequest::ApiTokenCreate {
+            role,
+            ttl_s,
+            name: name.into(),
+        },
+        Some((format!("secret-{hash}"), hash.to_string())),
+    )
+    .0
+}
+
+#[test]
+fn api_tokens_authorize_by_role_until_they_expire_or_are_revoked() {
+    let mut h = H::new();
+    let v = json_ok(&api_token(&mut h, "ci", Role::Operator, 60, "h1"));
+    assert_eq!(v["token"], "muster_api_secret-h1");
+    assert_eq!(v["role"], "operator");
+    // Hashed at rest: the store holds the hash as key, never the secret.
+    assert!(h.store.api_tokens.contains_key("h1"));
+    assert!(!format!("{:?}", h.store.api_tokens).contains("secret-h1"));
+    let caller = "api:h1";
+    let _ = json_ok(&h.op(caller, OpRequest::Agents).0);
+    let e = op_err(&h.op(caller, OpRequest::TaskCancel { id: TaskId(1) }).0).clone();
+    assert_eq!(e.code, OpErrorCode::Forbidden);
+    assert!(
+        e.message.contains("api:ci has role operator"),
+        "{}",
+        e.message
+    );
+    // Names are unique among live tokens; an operator cannot mint tokens.
+    assert_eq!(
+        op_err(&api_token(&mut h, "ci", Role::Operator, 60, "h2")).code,
+        OpErrorCode::Conflict
+    );
+    let (resp, _) = h.op_with(
+        OPERATOR,
+        OpRequest::ApiTokenCreate {
+            role: Role::Operator,
+            ttl_s: 60,
+            name: "x".into(),
+        },
+        Some(("s".into(), "h3".into())),
+    );
+    assert_eq!(op_err(&resp).code, OpErrorCode::Forbidden);
+    // Listed without secrets; survives a restart; expires.
+    let v = json_ok(&h.op(ADMIN, OpRequest::ApiTokens).0);
+    assert_eq!(v["tokens"][0]["name"], "ci");
+    assert!(!v.to_string().contains("secret"));
+    let now = h.now;
+    h.restart(Policy::default(), now + 1);
+    let _ = json_ok(&h.op(caller, OpRequest::Agents).0);
+    h.advance(60_000);
+    assert_eq!(
+        op_err(&h.op(caller, OpRequest::Agents).0).code,
+        OpErrorCode::Forbidden,
+        "expired"
+    );
+    // A revoked token stops at once and its streams are cut.
+    let _ = json_ok(&api_token(&mut h, "bot", Role::Admin, 600, "h4"));
+    let (resp, out) = h.op(ADMIN, OpRequest::ApiTokenRevoke { name: "bot".into() });
+    let _ = json_ok(&resp);
+    assert_eq!(out.revoked, vec!["api:h4".to_string()]);
+    assert_eq!(
+        op_err(&h.op("api:h4", OpRequest::Agents).0).code,
+        OpErrorCode::Forbidden
+    );
+    let now = h.now;
+    h.restart(Policy::default(), now + 1);
+    assert_eq!(
+        op_err(&h.op("api:h4", OpRequest::Agents).0).code,
+        OpErrorCode::Forbidden,
+        "revoked stays revoked after a restart"
+    );
+}
+
+#[test]
+fn dashboard_logins_are_single_use_short_lived_and_bound_to_a_live_identity() {
+    let mut h = H::new();
+    let login = |h: &mut H, fp: &str, role: Option<Role>, hash: &str| {
+        h.op_with(
+            fp,
+            OpRequest::DashboardLogin { role },
+            Some((format!("s-{hash}"), hash.to_string())),
+        )
+        .0
+    };
+    assert_eq!(
+        op_err(&login(&mut h, ADMIN, None, "l0")).code,
+        OpErrorCode::Conflict,
+        "the dashboard is off"
+    );
+    h.core
+        .set_dashboard(Some("http://127.0.0.1:7442/".into()), 120_000);
+    let v = json_ok(&login(&mut h, ADMIN, None, "l1"));
+    assert_eq!(v["url"], "http://127.0.0.1:7442/login?token=s-l1");
+    assert_eq!(v["role"], "admin");
+    // An operator may not get an admin session.
+    assert_eq!(
+        op_err(&login(&mut h, OPERATOR, Some(Role::Admin), "l2")).code,
+        OpErrorCode::Forbidden
+    );
+    let now = h.now;
+    let got = h.core.redeem_login(now, "l1").expect("first use");
+    assert_eq!((got.fingerprint.as_str(), got.role), (ADMIN, Role::Admin));
+    assert!(h.core.redeem_login(now, "l1").is_err(), "single use");
+    let _ = json_ok(&login(&mut h, OPERATOR, Some(Role::Operator), "l3"));
+    assert!(h.core.redeem_login(now + 120_000, "l3").is_err(), "expired");
+    let _ = json_ok(&login(&mut h, OPERATOR, None, "l4"));
+    let (resp, _) = h.op(
+        ADMIN,
+        OpRequest::IdentityRevoke(muster_wire::msg::IdentityTarget::Named {
+            role: Role::Operator,
+            name: "ops".into(),
+        }),
+    );
+    let _ = json_ok(&resp);
+    assert!(
+        h.core.redeem_login(now, "l4").is_err(),
+        "a revoked identity's login is refused"
+    );
 }

@@ -224,6 +224,15 @@ pub(super) fn core_loop(
                         continue;
                     }
                     ToCore::Tick => Input::Tick,
+                    ToCore::Redeem { hash, reply } => {
+                        let _ = reply.send(core.redeem_login(now, &hash));
+                        continue;
+                    }
+                    ToCore::Alive { fingerprint, reply } => {
+                        let watch = OpRequest::Watch { from: None };
+                        let _ = reply.send(core.authorize(&fingerprint, &watch).is_ok());
+                        continue;
+                    }
                     ToCore::Logs {
                         fingerprint,
                         query,

@@ -19,6 +19,7 @@ mod http;
 mod logs;
 mod queries;
 mod session;
+mod web;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -121,6 +122,16 @@ enum ToCore {
         query: muster_protocol::msg::LogQuery,
         reply: oneshot::Sender<logs::LogAnswer>,
     },
+    /// The dashboard: redeem a one-time login by its secret's hash.
+    Redeem {
+        hash: String,
+        reply: oneshot::Sender<Result<muster_hub_core::web::Login, &'static str>>,
+    },
+    /// The dashboard: is this session's identity still live?
+    Alive {
+        fingerprint: String,
+        reply: oneshot::Sender<bool>,
+    },
     /// `/metrics`: render the registry from a fresh core snapshot.
     Scrape(oneshot::Sender<String>),
     /// `/healthz`: is the store writable?
@@ -198,6 +209,9 @@ impl Clock {
 pub struct Running {
     /// The bound QUIC address.
     pub addr: SocketAddr,
+    /// The dashboard's bound address and the URL its login links carry.
+    pub dashboard: Option<(SocketAddr, String)>,
+    dashboard_task: Option<tokio::task::JoinHandle<()>>,
     http: Option<tokio::task::JoinHandle<()>>,
     endpoint: quinn::Endpoint,
     to_core: mpsc::Sender<ToCore>,
@@ -218,6 +232,9 @@ pub enum StartError {
     /// TLS configuration.
     #[error("{0}")]
     Tls(#[from] muster_protocol::tls::TlsError),
+    /// The dashboard could not start.
+    #[error("{0}")]
+    Dashboard(String),
     /// The listener could not bind.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -290,6 +307,29 @@ impl Hub {
         };
         core.set_token_prefix(token_prefix(&advertise, &pki.ca_fingerprint()));
         let (to_core, rx) = mpsc::channel(CORE_QUEUE_LEN);
+        let dashboard = match self.config.dashboard.listen {
+            Some(listen) => {
+                let host = advertise
+                    .rsplit_once(':')
+                    .map_or(advertise.as_str(), |(h, _)| h);
+                let d = web::start(
+                    &self.config.dashboard,
+                    listen,
+                    host,
+                    &pki,
+                    self.config.limits.max_frame_bytes as usize,
+                    to_core.clone(),
+                )
+                .await
+                .map_err(StartError::Dashboard)?;
+                core.set_dashboard(
+                    Some(d.url.clone()),
+                    self.config.dashboard.login_ttl.as_millis() as u64,
+                );
+                Some(d)
+            }
+            None => None,
+        };
         let metrics = Arc::new(Counters::default());
         let events_max = self.config.policy.events_max;
         let (deadline_tx, deadline_rx) = watch::channel(Some(0));
@@ -356,6 +396,8 @@ impl Hub {
         info!(%addr, advertise, "hub listening");
         Ok(Running {
             addr,
+            dashboard: dashboard.as_ref().map(|d| (d.addr, d.url.clone())),
+            dashboard_task: dashboard.map(|d| d.task),
             http,
             endpoint,
             to_core,
@@ -375,6 +417,9 @@ impl Running {
         self.accept.abort();
         self.ticker.abort();
         if let Some(h) = &self.http {
+            h.abort();
+        }
+        if let Some(h) = &self.dashboard_task {
             h.abort();
         }
         self.endpoint.close(0u32.into(), b"hub shutting down");

@@ -77,7 +77,7 @@ impl HubStore {
                 Write::Identity(i) => {
                     self.identities.insert(i.fingerprint.clone(), i.clone());
                 }
-                Write::Token(..) => {}
+                Write::Token(..) | Write::ApiToken(..) => {}
                 Write::Key(k, id) => {
                     if let Some(old) = self.keys.insert(k.clone(), *id)
                         && old != *id
@@ -339,6 +339,7 @@ impl HubStore {
             agents: self.agents.values().cloned().collect(),
             identities: self.identities.values().cloned().collect(),
             tokens: Vec::new(),
+            api_tokens: Vec::new(),
             keys: self.keys.iter().map(|(k, v)| (k.clone(), *v)).collect(),
             next_task_id: self.next_task_id,
             next_event_seq: self.next_event_seq,

@@ -1,0 +1,147 @@
+//! The HTTP JSON API under `/api/v1/`: the operator API's reads and writes as
+//! JSON, authenticated by API tokens (or the dashboard's session), and the
+//! event stream as Server-Sent Events. Documented in API.md.
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::Json;
+use axum::Router;
+use axum::extract::{Path, State};
+use axum::http::HeaderMap;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use muster_protocol::EventSeq;
+use muster_protocol::msg::OpRequest;
+use muster_protocol::msg::OpResponse;
+use serde::Deserialize;
+use serde_json::Value;
+
+use super::{ApiError, AppState, Caller, WebState};
+
+/// How often an idle event stream sends a comment, so proxies keep it open
+/// and a dead peer is noticed.
+const KEEP_ALIVE: Duration = Duration::from_secs(15);
+
+pub(super) fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/api/v1/agents", get(agents))
+        .route("/api/v1/agents/{name}", get(agent))
+        .route("/api/v1/events", get(events))
+        .fallback(not_found)
+}
+
+async fn not_found(uri: axum::http::Uri) -> Response {
+    if uri.path().starts_with("/api/") {
+        ApiError::new(
+            axum::http::StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no endpoint {}; API.md lists them", uri.path()),
+        )
+        .into_response()
+    } else {
+        super::pages::explain(
+            axum::http::StatusCode::NOT_FOUND,
+            "No such page",
+            "Try the fleet, tasks or alerts view.",
+        )
+    }
+}
+
+/// `GET /api/v1/agents`.
+async fn agents(State(web): WebState, caller: Caller) -> Result<Json<Value>, ApiError> {
+    web.op(&caller, OpRequest::Agents).await.map(Json)
+}
+
+/// `GET /api/v1/agents/{name}`.
+async fn agent(
+    State(web): WebState,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    web.op(&caller, OpRequest::AgentShow { name })
+        .await
+        .map(Json)
+}
+
+#[derive(Deserialize)]
+struct EventsQuery {
+    /// Resume from this sequence number (inclusive).
+    from: Option<u64>,
+}
+
+/// `GET /api/v1/events`: every event as it is committed, as SSE with the
+/// sequence number as the event id; a reconnect with `Last-Event-ID` resumes
+/// after it (or `?from=N` starts at N).
+async fn events(
+    State(web): WebState,
+    caller: Caller,
+    headers: HeaderMap,
+    axum::extract::Query(q): axum::extract::Query<EventsQuery>,
+) -> Result<Response, ApiError> {
+    let last = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .map(|s| {
+            s.trim()
+                .parse::<u64>()
+                .map_err(|_| ApiError::invalid("Last-Event-ID must be an event's sequence number"))
+        })
+        .transpose()?;
+    let from = last.map(|l| l.saturating_add(1)).or(q.from).map(EventSeq);
+    let (mut rx, permit) = web.watch(&caller, from).await?;
+    let stream = async_stream(move |tx| async move {
+        let _permit = permit;
+        while let Some(msg) = rx.recv().await {
+            let ev = match msg {
+                OpResponse::Event { seq, json } if seq.0 > 0 => {
+                    Event::default().id(seq.0.to_string()).data(json)
+                }
+                // Notes without a place in the log (a pruned gap, snapshot rows).
+                OpResponse::Event { json, .. } => Event::default().event("note").data(json),
+                OpResponse::Error(e) => {
+                    let body =
+                        serde_json::json!({"error": {"code": "forbidden", "message": e.message}});
+                    let _ = tx
+                        .send(Event::default().event("error").data(body.to_string()))
+                        .await;
+                    return;
+                }
+                _ => continue,
+            };
+            if tx.send(ev).await.is_err() {
+                return;
+            }
+        }
+    });
+    Ok(Sse::new(stream)
+        .keep_alive(KeepAlive::new().interval(KEEP_ALIVE))
+        .into_response())
+}
+
+/// A stream fed by a task through a small channel: the producer waits while
+/// the client reads slowly, so nothing piles up in the hub.
+fn async_stream<F, Fut>(
+    f: F,
+) -> impl futures::Stream<Item = Result<Event, Infallible>> + Send + 'static
+where
+    F: FnOnce(tokio::sync::mpsc::Sender<Event>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel::<Event>(64);
+    let task = tokio::spawn(f(tx));
+    let guard = AbortOnDrop(task);
+    futures::stream::unfold((rx, guard), |(mut rx, guard)| async move {
+        rx.recv().await.map(|ev| (Ok(ev), (rx, guard)))
+    })
+}
+
+/// Ends the producer when the client goes away.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
