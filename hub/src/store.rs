@@ -654,8 +654,60 @@ pub struct Page {
     pub next_cursor: Option<u64>,
 }
 
-/// Rows examined per page at most when filtering by agent, so a page is bounded in time.
-const SCAN_ROWS_MAX: usize = 100_000;
+/// Rows examined per page at most when filtering, so a page is bounded in time.
+pub const SCAN_ROWS_MAX: usize = 100_000;
+
+/// Which tasks a listing wants; every field narrows it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TaskFilter {
+    /// Only this state.
+    pub state: Option<TaskState>,
+    /// Only tasks whose latest attempt ran on this agent.
+    pub agent: Option<String>,
+    /// Only tasks carrying this label (key and value).
+    pub label: Option<(String, String)>,
+    /// Only tasks requiring this capability.
+    pub capability: Option<String>,
+    /// Only tasks whose title contains this text (case-insensitive).
+    pub search: Option<String>,
+}
+
+impl TaskFilter {
+    /// Whether `t` passes every filter but the state (which the index applies).
+    pub fn matches(&self, t: &TaskRecord) -> bool {
+        self.state.is_none_or(|s| t.state == s)
+            && self
+                .agent
+                .as_deref()
+                .is_none_or(|a| t.agent.as_deref() == Some(a))
+            && self
+                .label
+                .as_ref()
+                .is_none_or(|(k, v)| t.labels.iter().any(|l| &l.0 == k && &l.1 == v))
+            && self
+                .capability
+                .as_deref()
+                .is_none_or(|c| t.capabilities.iter().any(|x| x == c))
+            && self
+                .search
+                .as_deref()
+                .is_none_or(|q| contains_folded(&t.title, q))
+    }
+}
+
+/// Case-insensitive substring search without allocating per row for ASCII text.
+fn contains_folded(hay: &str, needle: &str) -> bool {
+    if needle.is_ascii() {
+        let n = needle.as_bytes();
+        n.is_empty()
+            || hay
+                .as_bytes()
+                .windows(n.len())
+                .any(|w| w.eq_ignore_ascii_case(n))
+    } else {
+        hay.to_lowercase().contains(&needle.to_lowercase())
+    }
+}
 
 impl Reader {
     /// A task by id.
@@ -710,19 +762,40 @@ impl Reader {
         limit: usize,
         cursor: Option<u64>,
     ) -> Result<Page, StoreError> {
+        let filter = TaskFilter {
+            state,
+            agent: agent.map(str::to_string),
+            label: label.map(|(k, v)| (k.to_string(), v.to_string())),
+            ..TaskFilter::default()
+        };
+        self.tasks_matching(&filter, limit, cursor)
+    }
+
+    /// A page of tasks matching `filter`, newest first, below `cursor`. At most
+    /// [`SCAN_ROWS_MAX`] rows are examined per page (the state filter walks its
+    /// index, so it examines only tasks in that state); a page cut short by that
+    /// bound still has a cursor, so a search over any number of tasks goes on page
+    /// by page in bounded time each.
+    ///
+    /// # Errors
+    /// [`StoreError`] on a read or decode failure.
+    pub fn tasks_matching(
+        &self,
+        filter: &TaskFilter,
+        limit: usize,
+        cursor: Option<u64>,
+    ) -> Result<Page, StoreError> {
         let tasks = self.tx.open_table(TASKS)?;
         let below = cursor.unwrap_or(u64::MAX);
         let mut out = Vec::new();
         let mut last = None;
         let mut scanned = 0;
         let push = |rec: TaskRecord, out: &mut Vec<TaskRecord>| {
-            let labelled =
-                label.is_none_or(|(k, v)| rec.labels.iter().any(|l| l.0 == k && l.1 == v));
-            if labelled && agent.is_none_or(|a| rec.agent.as_deref() == Some(a)) {
+            if filter.matches(&rec) {
                 out.push(rec);
             }
         };
-        if let Some(s) = state {
+        if let Some(s) = filter.state {
             let idx = self.tx.open_table(BY_STATE)?;
             let code = state_code(s);
             for row in idx.range((code, 0)..(code, below))?.rev() {

@@ -13,7 +13,7 @@ use tracing::{debug, error, info, warn};
 
 use super::endpoint::REVOKED_REASON;
 use super::http::health;
-use super::queries::{feed_watchers, query, render_answer, render_stats, start_watch};
+use super::queries::{feed_watchers, query, render_answer, render_stats, start_watch, tasks_query};
 use super::{BATCH_LEN_MAX, Clock, ToCore};
 use crate::core::{ConnId, Core, EventKind, Input, Millis, Reply, ReplyId, Write};
 use crate::metrics::Counters;
@@ -118,6 +118,7 @@ pub(super) fn core_loop(
         let now = clock.now();
         let mut queries = Vec::new();
         let mut log_queries = Vec::new();
+        let mut task_lists = Vec::new();
         let mut accepts = Vec::new();
         {
             let reader = store.reader()?;
@@ -224,6 +225,16 @@ pub(super) fn core_loop(
                         continue;
                     }
                     ToCore::Tick => Input::Tick,
+                    ToCore::Tasks {
+                        fingerprint,
+                        filter,
+                        limit,
+                        cursor,
+                        reply,
+                    } => {
+                        task_lists.push((fingerprint, (filter, limit, cursor), reply));
+                        continue;
+                    }
                     ToCore::Redeem { hash, reply } => {
                         let _ = reply.send(core.redeem_login(now, &hash));
                         continue;
@@ -390,6 +401,9 @@ pub(super) fn core_loop(
         }
         for (fingerprint, request, reply) in queries {
             let _ = reply.send(query(&core, &store, &fingerprint, request, now));
+        }
+        for (fingerprint, list, reply) in task_lists {
+            let _ = reply.send(tasks_query(&core, &store, &fingerprint, list));
         }
         let session_of = |c| sessions.get(&c).map(|s| s.connection.clone());
         for (fingerprint, q, reply) in log_queries {

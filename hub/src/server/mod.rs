@@ -122,6 +122,14 @@ enum ToCore {
         query: muster_protocol::msg::LogQuery,
         reply: oneshot::Sender<logs::LogAnswer>,
     },
+    /// The HTTP API's and dashboard's task listing, with every filter.
+    Tasks {
+        fingerprint: String,
+        filter: crate::store::TaskFilter,
+        limit: u32,
+        cursor: Option<u64>,
+        reply: oneshot::Sender<OpResponse>,
+    },
     /// The dashboard: redeem a one-time login by its secret's hash.
     Redeem {
         hash: String,

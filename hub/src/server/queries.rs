@@ -11,7 +11,7 @@ use super::driver::Watcher;
 use super::session::internal;
 use crate::core::{Answer, Core, Stats, TaskState, views};
 use crate::metrics::Counters;
-use crate::store::{Store, StoreError};
+use crate::store::{Store, StoreError, TaskFilter};
 
 /// Most `watch` events sent per read of the log.
 pub(super) const WATCH_PAGE: usize = 512;
@@ -122,37 +122,71 @@ pub(super) fn query(
                     Some((_, Some(s))) => Some(s),
                     None => None,
                 };
-                let limit = limit.clamp(1, muster_protocol::limits::PAGE_LEN_MAX) as usize;
-                let page = reader.tasks(
+                let filter = TaskFilter {
                     state,
-                    agent.as_deref(),
-                    label.as_ref().map(|(k, v)| (k.as_str(), v.as_str())),
-                    limit,
-                    cursor,
-                )?;
-                let (tasks, left_out) = views::fit(
-                    page.tasks.iter().map(views::task_json),
-                    views::REPLY_BYTES_MAX,
-                );
-                // Cut short by size: the next page starts below the last task shown.
-                let next_cursor = if left_out > 0 {
-                    tasks.last().and_then(|t| t["id"].as_u64())
-                } else {
-                    page.next_cursor
+                    agent,
+                    label,
+                    ..TaskFilter::default()
                 };
-                OpResponse::Ok {
-                    json: serde_json::json!({
-                        "tasks": tasks,
-                        "next_cursor": next_cursor,
-                        "truncated": left_out > 0,
-                    })
-                    .to_string(),
-                }
+                tasks_page(&reader, &filter, limit, cursor)?
             }
             _ => internal("not a query"),
         })
     })();
     result.unwrap_or_else(|e| internal(&format!("store: {e}")))
+}
+
+/// A page of tasks as the `tasks` answer: `tasks`, `next_cursor`, `truncated`.
+pub(super) fn tasks_page(
+    reader: &crate::store::Reader,
+    filter: &TaskFilter,
+    limit: u32,
+    cursor: Option<u64>,
+) -> Result<OpResponse, StoreError> {
+    let limit = limit.clamp(1, muster_protocol::limits::PAGE_LEN_MAX) as usize;
+    let page = reader.tasks_matching(filter, limit, cursor)?;
+    let (tasks, left_out) = views::fit(
+        page.tasks.iter().map(views::task_json),
+        views::REPLY_BYTES_MAX,
+    );
+    // Cut short by size: the next page starts below the last task shown.
+    let next_cursor = if left_out > 0 {
+        tasks.last().and_then(|t| t["id"].as_u64())
+    } else {
+        page.next_cursor
+    };
+    Ok(OpResponse::Ok {
+        json: serde_json::json!({
+            "tasks": tasks,
+            "next_cursor": next_cursor,
+            "truncated": left_out > 0,
+        })
+        .to_string(),
+    })
+}
+
+/// The `tasks` listing with every filter (the HTTP API's and the dashboard's),
+/// authorized as `tasks`.
+pub(super) fn tasks_query(
+    core: &Core,
+    store: &Store,
+    fingerprint: &str,
+    (filter, limit, cursor): (TaskFilter, u32, Option<u64>),
+) -> OpResponse {
+    let as_request = OpRequest::Tasks {
+        state: None,
+        agent: None,
+        label: None,
+        limit,
+        cursor,
+    };
+    if let Err(e) = core.authorize(fingerprint, &as_request) {
+        return OpResponse::Error(e);
+    }
+    store
+        .reader()
+        .and_then(|r| tasks_page(&r, &filter, limit, cursor))
+        .unwrap_or_else(|e| internal(&format!("store: {e}")))
 }
 
 pub(super) fn not_found_task(id: TaskId) -> OpResponse {

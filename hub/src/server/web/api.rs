@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use axum::Json;
 use axum::Router;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::HeaderMap;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -19,6 +19,8 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::{ApiError, AppState, Caller, WebState};
+use crate::core::TaskState;
+use crate::store::TaskFilter;
 
 /// How often an idle event stream sends a comment, so proxies keep it open
 /// and a dead peer is noticed.
@@ -28,6 +30,7 @@ pub(super) fn routes() -> Router<AppState> {
     Router::new()
         .route("/api/v1/agents", get(agents))
         .route("/api/v1/agents/{name}", get(agent))
+        .route("/api/v1/tasks", get(tasks))
         .route("/api/v1/events", get(events))
         .fallback(not_found)
 }
@@ -65,6 +68,85 @@ async fn agent(
         .map(Json)
 }
 
+/// The filters of a task listing, as query parameters.
+#[derive(Debug, Default, Deserialize)]
+pub(super) struct TasksQuery {
+    /// Only this state.
+    pub(super) state: Option<String>,
+    /// Only tasks whose latest attempt ran on this agent.
+    pub(super) agent: Option<String>,
+    /// Only tasks with this label, as `key=value`.
+    pub(super) label: Option<String>,
+    /// Only tasks requiring this capability.
+    pub(super) capability: Option<String>,
+    /// Only tasks whose title contains this text.
+    pub(super) q: Option<String>,
+    /// Page length (1 to 1000; default 50).
+    pub(super) limit: Option<u32>,
+    /// Continue below this task id (`next_cursor` of the page before).
+    pub(super) cursor: Option<u64>,
+}
+
+/// Longest title search accepted.
+const SEARCH_MAX: usize = 200;
+
+impl TasksQuery {
+    /// The store's filter, or what is wrong with a parameter.
+    pub(super) fn filter(&self) -> Result<TaskFilter, ApiError> {
+        let nonempty = |o: &Option<String>| o.clone().filter(|s| !s.trim().is_empty());
+        let state = match nonempty(&self.state) {
+            Some(s) => Some(TaskState::parse(&s).ok_or_else(|| {
+                ApiError::invalid(format!(
+                    "state {s:?} is not a state; use one of blocked, queued, assigned, accepted, running, completed, failed, cancelled"
+                ))
+            })?),
+            None => None,
+        };
+        let label = match nonempty(&self.label) {
+            Some(l) => {
+                let (k, v) = l.split_once('=').ok_or_else(|| {
+                    ApiError::invalid(format!(
+                        "label {l:?} must be key=value, e.g. label=team=infra"
+                    ))
+                })?;
+                muster_protocol::work::check_label_key(k)
+                    .map_err(|m| ApiError::invalid(format!("label: {m}")))?;
+                Some((k.to_string(), v.to_string()))
+            }
+            None => None,
+        };
+        let search = nonempty(&self.q);
+        if search.as_ref().is_some_and(|q| q.len() > SEARCH_MAX) {
+            return Err(ApiError::invalid(format!(
+                "q is longer than {SEARCH_MAX} bytes; search for a shorter part of the title"
+            )));
+        }
+        Ok(TaskFilter {
+            state,
+            agent: nonempty(&self.agent),
+            label,
+            capability: nonempty(&self.capability),
+            search,
+        })
+    }
+}
+
+/// Tasks per page unless `limit` says otherwise.
+pub(super) const PAGE_DEFAULT: u32 = 50;
+
+/// `GET /api/v1/tasks?state=&agent=&label=k=v&capability=&q=&limit=&cursor=`:
+/// newest first, a page at a time; pass `next_cursor` as `cursor` for the next.
+async fn tasks(
+    State(web): WebState,
+    caller: Caller,
+    Query(q): Query<TasksQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let filter = q.filter()?;
+    web.tasks(&caller, filter, q.limit.unwrap_or(PAGE_DEFAULT), q.cursor)
+        .await
+        .map(Json)
+}
+
 #[derive(Deserialize)]
 struct EventsQuery {
     /// Resume from this sequence number (inclusive).
@@ -78,7 +160,7 @@ async fn events(
     State(web): WebState,
     caller: Caller,
     headers: HeaderMap,
-    axum::extract::Query(q): axum::extract::Query<EventsQuery>,
+    Query(q): Query<EventsQuery>,
 ) -> Result<Response, ApiError> {
     let last = headers
         .get("last-event-id")

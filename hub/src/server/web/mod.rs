@@ -466,24 +466,27 @@ impl Web {
             reply: tx,
         })
         .await?;
-        match tokio::time::timeout(CORE_WAIT, rx).await {
-            Ok(Ok(OpResponse::Ok { json })) => serde_json::from_str(&json).map_err(|e| {
-                ApiError::new(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "internal",
-                    format!("the hub rendered bad JSON: {e}"),
-                )
-            }),
-            Ok(Ok(OpResponse::Error(e))) => Err(ApiError::of(e.code, e.message)),
-            Ok(Ok(_)) => Err(ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "internal",
-                "unexpected streamed answer",
-            )),
-            _ => Err(ApiError::unavailable(
-                "the hub did not answer in time; try again",
-            )),
-        }
+        answer(tokio::time::timeout(CORE_WAIT, rx).await)
+    }
+
+    /// A page of tasks matching `filter`, newest first (the `tasks` answer).
+    pub(crate) async fn tasks(
+        &self,
+        caller: &Caller,
+        filter: crate::store::TaskFilter,
+        limit: u32,
+        cursor: Option<u64>,
+    ) -> Result<Value, ApiError> {
+        let (tx, rx) = oneshot::channel();
+        self.send(ToCore::Tasks {
+            fingerprint: caller.fingerprint.clone(),
+            filter,
+            limit,
+            cursor,
+            reply: tx,
+        })
+        .await?;
+        answer(tokio::time::timeout(CORE_WAIT, rx).await)
     }
 
     /// Opens an event stream for `caller` from `from` (`None`: from now).
@@ -557,6 +560,30 @@ impl Web {
         self.sessions.create(login, now).ok_or_else(|| {
             ApiError::unavailable("the system random number generator failed; try again")
         })
+    }
+}
+
+/// The JSON of a core answer that came in time, or the error it makes.
+fn answer(
+    got: Result<Result<OpResponse, oneshot::error::RecvError>, tokio::time::error::Elapsed>,
+) -> Result<Value, ApiError> {
+    match got {
+        Ok(Ok(OpResponse::Ok { json })) => serde_json::from_str(&json).map_err(|e| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                format!("the hub rendered bad JSON: {e}"),
+            )
+        }),
+        Ok(Ok(OpResponse::Error(e))) => Err(ApiError::of(e.code, e.message)),
+        Ok(Ok(_)) => Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "unexpected streamed answer",
+        )),
+        _ => Err(ApiError::unavailable(
+            "the hub did not answer in time; try again",
+        )),
     }
 }
 
