@@ -7,14 +7,19 @@ use std::time::Duration;
 
 use axum::Json;
 use axum::Router;
+use std::collections::BTreeMap;
+
+use axum::extract::rejection::{JsonRejection, PathRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::HeaderMap;
+use axum::http::StatusCode;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use muster_protocol::EventSeq;
-use muster_protocol::msg::OpRequest;
+use muster_protocol::TaskId;
 use muster_protocol::msg::OpResponse;
+use muster_protocol::msg::{OpRequest, SubmitRequest, TimeoutAction};
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -30,7 +35,14 @@ pub(super) fn routes() -> Router<AppState> {
     Router::new()
         .route("/api/v1/agents", get(agents))
         .route("/api/v1/agents/{name}", get(agent))
-        .route("/api/v1/tasks", get(tasks))
+        .route("/api/v1/agents/{name}/drain", post(drain))
+        .route("/api/v1/agents/{name}/undrain", post(undrain))
+        .route("/api/v1/tasks", get(tasks).post(submit))
+        .route("/api/v1/tasks/{id}", get(task))
+        .route("/api/v1/tasks/{id}/cancel", post(cancel))
+        .route("/api/v1/tasks/{id}/requeue", post(requeue))
+        .route("/api/v1/alerts", get(alerts))
+        .route("/api/v1/stats", get(stats))
         .route("/api/v1/events", get(events))
         .fallback(not_found)
 }
@@ -55,6 +67,176 @@ async fn not_found(uri: axum::http::Uri) -> Response {
 /// `GET /api/v1/agents`.
 async fn agents(State(web): WebState, caller: Caller) -> Result<Json<Value>, ApiError> {
     web.op(&caller, OpRequest::Agents).await.map(Json)
+}
+
+/// `POST /api/v1/agents/{name}/drain`: no new work for it.
+async fn drain(
+    State(web): WebState,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    web.op(&caller, OpRequest::AgentDrain { name })
+        .await
+        .map(Json)
+}
+
+/// `POST /api/v1/agents/{name}/undrain`: work for it again.
+async fn undrain(
+    State(web): WebState,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    web.op(&caller, OpRequest::AgentUndrain { name })
+        .await
+        .map(Json)
+}
+
+/// A task id from the path, or a JSON error saying what an id looks like.
+fn task_id(id: Result<Path<u64>, PathRejection>) -> Result<TaskId, ApiError> {
+    id.map(|Path(id)| TaskId(id)).map_err(|_| {
+        ApiError::invalid("a task id is a positive whole number, e.g. /api/v1/tasks/42")
+    })
+}
+
+/// `GET /api/v1/tasks/{id}`: the task, its attempts, usage and activity.
+async fn task(
+    State(web): WebState,
+    caller: Caller,
+    id: Result<Path<u64>, PathRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let id = task_id(id)?;
+    web.op(&caller, OpRequest::TaskShow { id }).await.map(Json)
+}
+
+/// `POST /api/v1/tasks/{id}/cancel`.
+async fn cancel(
+    State(web): WebState,
+    caller: Caller,
+    id: Result<Path<u64>, PathRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let id = task_id(id)?;
+    web.op(&caller, OpRequest::TaskCancel { id })
+        .await
+        .map(Json)
+}
+
+/// `POST /api/v1/tasks/{id}/requeue`: run a finished task again.
+async fn requeue(
+    State(web): WebState,
+    caller: Caller,
+    id: Result<Path<u64>, PathRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let id = task_id(id)?;
+    web.op(&caller, OpRequest::TaskRequeue { id })
+        .await
+        .map(Json)
+}
+
+/// `GET /api/v1/alerts`: the open alerts.
+async fn alerts(State(web): WebState, caller: Caller) -> Result<Json<Value>, ApiError> {
+    web.op(&caller, OpRequest::Alerts).await.map(Json)
+}
+
+/// `GET /api/v1/stats`: coordination figures, usage per task, agent and label.
+async fn stats(State(web): WebState, caller: Caller) -> Result<Json<Value>, ApiError> {
+    web.op(&caller, OpRequest::Stats).await.map(Json)
+}
+
+/// A submission as JSON: only `title` is required.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct SubmitBody {
+    title: String,
+    #[serde(default)]
+    description: String,
+    #[serde(default)]
+    capabilities: Vec<String>,
+    #[serde(default)]
+    priority: i32,
+    max_attempts: Option<u32>,
+    timeout_ms: Option<u64>,
+    #[serde(default)]
+    timeout_action: TimeoutAction,
+    #[serde(default)]
+    after: Vec<u64>,
+    repo: Option<String>,
+    base: Option<String>,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+}
+
+impl SubmitBody {
+    /// The wire request, with the idempotency key from the header.
+    pub(super) fn request(self, key: Option<String>) -> SubmitRequest {
+        SubmitRequest {
+            title: self.title,
+            description: self.description,
+            capabilities: self.capabilities,
+            priority: self.priority,
+            max_attempts: self.max_attempts,
+            timeout_ms: self.timeout_ms,
+            timeout_action: self.timeout_action,
+            after: self.after.into_iter().map(TaskId).collect(),
+            key,
+            repo: self.repo,
+            base: self.base,
+            env: self.env.into_iter().collect(),
+            labels: self.labels.into_iter().collect(),
+        }
+    }
+}
+
+/// Longest `Idempotency-Key` accepted (the hub checks the key's content).
+const IDEMPOTENCY_KEY_MAX: usize = 256;
+
+/// `POST /api/v1/tasks`: submit one task. With an `Idempotency-Key` header, a
+/// repeat of the same submission answers with the task made the first time.
+async fn submit(
+    State(web): WebState,
+    caller: Caller,
+    headers: HeaderMap,
+    body: Result<Json<SubmitBody>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let body = json_body(body)?;
+    let key = match headers.get("idempotency-key") {
+        Some(v) => {
+            let k = v.to_str().map_err(|_| {
+                ApiError::invalid("the Idempotency-Key header must be printable ASCII")
+            })?;
+            if k.is_empty() || k.len() > IDEMPOTENCY_KEY_MAX {
+                return Err(ApiError::invalid(format!(
+                    "the Idempotency-Key header must be 1 to {IDEMPOTENCY_KEY_MAX} characters"
+                )));
+            }
+            Some(k.to_string())
+        }
+        None => None,
+    };
+    let v = web
+        .op(&caller, OpRequest::Submit(body.request(key)))
+        .await?;
+    // A repeat of a keyed submission is not a new resource.
+    let status = if v["existing"].as_bool() == Some(true) {
+        StatusCode::OK
+    } else {
+        StatusCode::CREATED
+    };
+    Ok((status, Json(v)).into_response())
+}
+
+/// A JSON body, or an error that says what was wrong with it.
+pub(super) fn json_body<T>(body: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
+    body.map(|Json(b)| b).map_err(|e| match e {
+        JsonRejection::MissingJsonContentType(_) => {
+            ApiError::invalid("send the body as JSON with `Content-Type: application/json`")
+        }
+        other => ApiError::invalid(format!(
+            "the JSON body was not understood: {}",
+            other.body_text()
+        )),
+    })
 }
 
 /// `GET /api/v1/agents/{name}`.
