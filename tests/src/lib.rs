@@ -273,6 +273,14 @@ pub fn free_udp_port() -> u16 {
         .port()
 }
 
+/// A free TCP port on 127.0.0.1 (bound, read, released).
+pub fn free_tcp_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .expect("bind a TCP socket on 127.0.0.1")
+        .port()
+}
+
 /// Some pseudo-random bytes (not for cryptography), seeded from the clock.
 pub fn noise(len: usize) -> Vec<u8> {
     let seed = std::time::SystemTime::now()
@@ -799,6 +807,62 @@ impl Hub {
                 stdout(&out)
             )
         })
+    }
+
+    /// Turns the dashboard and HTTP API on at a free port of 127.0.0.1 (before
+    /// [`Hub::start`]); its base URL, e.g. `http://127.0.0.1:40123`.
+    pub fn enable_dashboard(&self) -> String {
+        let port = free_tcp_port();
+        set_toml_key(
+            &self.config_path(),
+            "dashboard",
+            "listen",
+            &format!("\"127.0.0.1:{port}\""),
+        );
+        format!("http://127.0.0.1:{port}")
+    }
+
+    /// A one-time dashboard login URL (`muster-hub dashboard [--role R]`).
+    ///
+    /// # Panics
+    /// When the command fails.
+    pub fn login_url(&self, role: Option<&str>) -> String {
+        let mut args = vec!["dashboard"];
+        if let Some(r) = role {
+            args.extend(["--role", r]);
+        }
+        let out = self.cli(&args);
+        assert!(
+            out.status.success(),
+            "dashboard failed ({}): {}",
+            out.status,
+            stderr(&out)
+        );
+        let url = stdout(&out).trim().to_string();
+        assert!(url.contains("/login?token="), "not a login URL: {url:?}");
+        url
+    }
+
+    /// An API token (`token create --kind api`) named `name` with `role`, valid for `ttl`.
+    ///
+    /// # Panics
+    /// When the command fails.
+    pub fn api_token(&self, name: &str, role: &str, ttl: &str) -> String {
+        let out = self.cli(&[
+            "token", "create", "--kind", "api", "--name", name, "--role", role, "--ttl", ttl,
+        ]);
+        assert!(
+            out.status.success(),
+            "token create --kind api failed ({}): {}",
+            out.status,
+            stderr(&out)
+        );
+        let token = stdout(&out).trim().to_string();
+        assert!(
+            token.starts_with("muster_api_"),
+            "not an API token: {token:?}"
+        );
+        token
     }
 
     /// A single-use join token for `role` (`agent`, `operator`, `admin`) valid for an hour.
