@@ -538,6 +538,18 @@ fn op_requests() -> Vec<OpRequest> {
             tail: Some(200),
             follow: true,
         }),
+        OpRequest::ApiTokenCreate {
+            role: Role::Operator,
+            ttl_s: 30 * 86_400,
+            name: "ci-bot".into(),
+        },
+        OpRequest::ApiTokens,
+        OpRequest::ApiTokenRevoke {
+            name: "ci-bot".into(),
+        },
+        OpRequest::DashboardLogin {
+            role: Some(Role::Operator),
+        },
     ]
 }
 
