@@ -17,6 +17,7 @@ pub mod doctor;
 pub mod framing;
 pub mod http;
 pub mod join_token;
+pub mod logstyle;
 pub mod tls;
 
 pub use framing::{FrameError, FrameReader, FrameWriter, frame_codec, framed};

@@ -49,11 +49,14 @@ pub fn main() -> ExitCode {
 fn init_logging(format: LogFormat, default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let style = muster_protocol::logstyle::detect();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
+        .with_writer(std::io::stderr)
+        .with_ansi(style.ansi);
+    match (format, style.timestamps) {
+        (LogFormat::Text, true) => builder.init(),
+        (LogFormat::Text, false) => builder.without_time().init(),
+        (LogFormat::Json, _) => builder.json().init(),
     }
 }

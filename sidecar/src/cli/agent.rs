@@ -178,10 +178,12 @@ pub(super) async fn task(command: TaskCommand, task_file: Option<&Path>) -> Resu
     if !a.ok {
         return Err(fail(a.message));
     }
+    // A confirmation goes to stderr: an agent's stdout is its captured output,
+    // which a progress note must not land in.
     if current {
         println!("{}", a.data);
     } else {
-        println!("{}", a.message);
+        eprintln!("{}", a.message);
     }
     Ok(())
 }

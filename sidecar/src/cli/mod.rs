@@ -234,12 +234,15 @@ where
     }
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let style = muster_protocol::logstyle::detect();
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match cli.log_format {
-        LogFormat::Text => logs.init(),
-        LogFormat::Json => logs.json().init(),
+        .with_writer(std::io::stderr)
+        .with_ansi(style.ansi);
+    match (cli.log_format, style.timestamps) {
+        (LogFormat::Text, true) => logs.init(),
+        (LogFormat::Text, false) => logs.without_time().init(),
+        (LogFormat::Json, _) => logs.json().init(),
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
