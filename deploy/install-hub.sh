@@ -33,6 +33,9 @@ Options:
   --san NAME            extra DNS name or IP for the server certificate
                         (repeatable; first install only). Add the name the
                         agent hosts use to reach the hub.
+  --advertise HOST:PORT the address join tokens carry, as agent hosts reach
+                        the hub (first install only; default: the first
+                        --san that is not a loopback name, at the listen port)
   --supervisor S        systemd (default), pm2 or none
   --root DIR            install into DIR instead of / (for testing or image
                         building): no user is created, nothing is started,
@@ -51,6 +54,7 @@ EOF
 }
 
 LISTEN=""
+ADVERTISE=""
 SANS=()
 SUPERVISOR=systemd
 ROOT=/
@@ -66,6 +70,8 @@ while [[ $# -gt 0 ]]; do
     --listen=*) LISTEN=${1#*=}; shift ;;
     --san) need_value "$@"; SANS+=("$2"); shift 2 ;;
     --san=*) SANS+=("${1#*=}"); shift ;;
+    --advertise) need_value "$@"; ADVERTISE=$2; shift 2 ;;
+    --advertise=*) ADVERTISE=${1#*=}; shift ;;
     --supervisor) need_value "$@"; SUPERVISOR=$2; shift 2 ;;
     --supervisor=*) SUPERVISOR=${1#*=}; shift ;;
     --root) need_value "$@"; ROOT=$2; shift 2 ;;
@@ -158,8 +164,8 @@ ensure_user "$SERVICE" "$STATE_LIVE"
 mkdir -p -- "$(dirname -- "$STATE")"
 if [[ -e "$STATE/hub.toml" ]]; then
     say "already initialised ($STATE/hub.toml exists): keeping its config, keys and database"
-    if [[ -n "$LISTEN" || ${#SANS[@]} -gt 0 ]]; then
-        warn "--listen/--san apply only to a new hub; edit $STATE/hub.toml (listen) or re-issue the server certificate to change them"
+    if [[ -n "$LISTEN" || -n "$ADVERTISE" || ${#SANS[@]} -gt 0 ]]; then
+        warn "--listen/--advertise/--san apply only to a new hub; edit $STATE/hub.toml (listen, advertise) or re-issue the server certificate to change them"
     fi
 else
     if [[ -d "$STATE" ]] && [[ -n "$(ls -A -- "$STATE")" ]]; then
@@ -172,6 +178,7 @@ else
     fi
     args=(init --data-dir "$STATE")
     [[ -z "$LISTEN" ]] || args+=(--listen "$LISTEN")
+    [[ -z "$ADVERTISE" ]] || args+=(--advertise "$ADVERTISE")
     for s in ${SANS[@]+"${SANS[@]}"}; do
         args+=(--san "$s")
     done

@@ -138,6 +138,32 @@ impl HubConfig {
         muster_config::render(self, HEADER)
     }
 
+    /// Why the address join tokens carry may not work from other machines: the
+    /// hub listens on all addresses, so it expects them, but the token names a
+    /// loopback address or a bare host name (no domain) that they may not resolve.
+    pub fn advertise_warning(&self, host_name: &str) -> Option<String> {
+        if !self.listen.ip().is_unspecified() {
+            return None;
+        }
+        let addr = self.advertise_addr(host_name);
+        let host = addr
+            .rsplit_once(':')
+            .map_or(addr.as_str(), |(h, _)| h)
+            .trim_matches(['[', ']']);
+        let loopback = host == "localhost"
+            || host
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback());
+        let bare = host.parse::<std::net::IpAddr>().is_err() && !host.contains('.');
+        (loopback || bare).then(|| {
+            format!(
+                "join tokens carry {addr}, which other machines may not reach{}; set advertise = \"hub.example.net:{}\" in hub.toml (or `muster-hub init --advertise`) to a name or address they resolve",
+                if loopback { " (a loopback address)" } else { " (a host name without a domain)" },
+                self.listen.port()
+            )
+        })
+    }
+
     /// The address join tokens carry: `advertise` if set, else `listen` if its
     /// IP is specific, else `<host_name>:<listen port>`.
     pub fn advertise_addr(&self, host_name: &str) -> String {

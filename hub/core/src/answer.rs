@@ -176,6 +176,9 @@ pub struct TokenIssued {
     pub slots: Option<u32>,
     /// The token itself: the hub's prefix and the secret.
     pub token: String,
+    /// Why the address in the token may not work from other machines.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub warning: Option<String>,
 }
 
 /// The `agent revoke` and `identity revoke` answer.

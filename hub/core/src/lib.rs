@@ -304,6 +304,8 @@ pub struct Core {
     dirty_schedule: bool,
     /// `muster1/<advertise>/<ca fingerprint>/`, to which a token's secret is appended.
     token_prefix: String,
+    /// See [`Core::set_token_warning`].
+    token_warning: Option<String>,
     /// How long an ack may wait to be combined with later ones (the final report's ack
     /// goes at once): this keeps the happy path at 5 messages per task.
     ack_delay: Millis,
@@ -382,6 +384,7 @@ impl Core {
             out: Output::default(),
             dirty_schedule: true,
             token_prefix: String::new(),
+            token_warning: None,
             ack_delay: ACK_DELAY,
             pending_acks: HashMap::new(),
             alerts: alerts::Alerts::default(),
@@ -425,6 +428,11 @@ impl Core {
     /// Sets what join tokens start with: `muster1/<advertise>/<ca fingerprint>/`.
     pub fn set_token_prefix(&mut self, prefix: String) {
         self.token_prefix = prefix;
+    }
+    /// A warning every join token's answer carries (the address in it may not
+    /// be reachable from other machines).
+    pub fn set_token_warning(&mut self, warning: Option<String>) {
+        self.token_warning = warning;
     }
     /// Sets how long acks of non-final reports may wait to be combined (0: at once).
     pub fn set_ack_delay(&mut self, ms: Millis) {

@@ -111,6 +111,7 @@ impl Core {
                     role,
                     slots: rec.slots,
                     token: format!("{}{secret}", self.token_prefix),
+                    warning: self.token_warning.clone(),
                 }))
             }
             OpRequest::Submit(req) => self.submit(now, req, &who.name, archive),

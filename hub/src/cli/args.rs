@@ -39,6 +39,10 @@ pub(crate) enum Command {
         /// Extra subject alternative names for the server certificate.
         #[arg(long = "san")]
         sans: Vec<String>,
+        /// host:port join tokens carry, as other machines reach the hub
+        /// (default: the first --san that is not a loopback name, at the listen port).
+        #[arg(long)]
+        advertise: Option<String>,
         /// Overwrite an existing data directory.
         #[arg(long)]
         force: bool,

@@ -13,6 +13,7 @@ pub(crate) fn init(
     data_dir: PathBuf,
     listen: Option<std::net::SocketAddr>,
     mut sans: Vec<String>,
+    advertise: Option<String>,
     force: bool,
 ) -> Result<(), CliError> {
     let occupied = std::fs::read_dir(&data_dir).is_ok_and(|mut d| d.next().is_some());
@@ -43,6 +44,13 @@ pub(crate) fn init(
     if let Some(l) = listen {
         config.listen = l;
     }
+    config.advertise = match advertise {
+        Some(a) => check_host_port(&a).map_err(|m| CliError {
+            code: 2,
+            message: format!("--advertise {a:?}: {m}"),
+        })?,
+        None => default_advertise(&sans, config.listen.port()).unwrap_or_default(),
+    };
     for default in [
         hostname(),
         "localhost".into(),
@@ -60,6 +68,12 @@ pub(crate) fn init(
         config.listen,
         sans.join(", ")
     );
+    if !config.advertise.is_empty() {
+        eprintln!("join tokens will carry {}", config.advertise);
+    }
+    if let Some(w) = config.advertise_warning(&hostname()) {
+        eprintln!("warning: {w}");
+    }
     eprintln!("CA fingerprint (SHA-256), pinned by join tokens:");
     println!("{fp}");
     Ok(())
@@ -112,4 +126,65 @@ pub(crate) async fn serve(
         .shutdown()
         .await
         .map_err(|e| CliError::fail(format!("fatal: {e}")))
+}
+
+/// `host:port` as hub.toml's `advertise` accepts it (the same check `serve` makes).
+fn check_host_port(a: &str) -> Result<String, String> {
+    let line = format!("advertise = {}", toml_string(a));
+    HubConfig::parse(&line, std::path::Path::new("--advertise"))
+        .map(|c| c.advertise)
+        .map_err(|e| match e {
+            crate::config::ConfigError::Invalid { problems, .. } => problems
+                .into_iter()
+                .map(|p| p.reason)
+                .collect::<Vec<_>>()
+                .join("; "),
+            other => other.to_string(),
+        })
+}
+
+/// A TOML basic string of `s`.
+fn toml_string(s: &str) -> String {
+    toml::Value::String(s.into()).to_string()
+}
+
+/// The first name the operator gave with `--san` that other machines could use
+/// (not a loopback name), at the listen port.
+fn default_advertise(sans: &[String], port: u16) -> Option<String> {
+    sans.iter()
+        .find(|s| {
+            *s != "localhost"
+                && !s
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback())
+        })
+        .map(|s| {
+            if s.contains(':') {
+                format!("[{s}]:{port}")
+            } else {
+                format!("{s}:{port}")
+            }
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn advertise_defaults_to_the_first_non_loopback_san() {
+        let sans = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            default_advertise(&sans(&["localhost", "127.0.0.1", "hub.example.net"]), 7440),
+            Some("hub.example.net:7440".into())
+        );
+        assert_eq!(
+            default_advertise(&sans(&["::1", "fd00::5"]), 9),
+            Some("[fd00::5]:9".into())
+        );
+        assert_eq!(default_advertise(&sans(&["localhost"]), 7440), None);
+        assert!(check_host_port("hub:7440").is_ok());
+        assert!(check_host_port("hub").is_err());
+        assert!(check_host_port(":7440").is_err());
+    }
 }

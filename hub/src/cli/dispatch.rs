@@ -47,8 +47,9 @@ pub(crate) async fn run(command: Command) -> Result<(), CliError> {
             data_dir,
             listen,
             sans,
+            advertise,
             force,
-        } => init(data_dir, listen, sans, force),
+        } => init(data_dir, listen, sans, advertise, force),
         Command::Serve { config, data_dir } => serve(config, data_dir).await,
         Command::Token {
             command:
@@ -123,6 +124,9 @@ pub(crate) async fn run(command: Command) -> Result<(), CliError> {
                 })
                 .await?;
             s.close().await;
+            if let Some(w) = v["warning"].as_str() {
+                eprintln!("warning: {w}");
+            }
             eprintln!(
                 "a single-use {role} token, valid for {}; enroll with it:",
                 muster_protocol::duration::format_duration(ttl)

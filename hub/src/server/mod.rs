@@ -314,6 +314,11 @@ impl Hub {
             advertise
         };
         core.set_token_prefix(token_prefix(&advertise, &pki.ca_fingerprint()));
+        let warning = self.config.advertise_warning(&host);
+        if let Some(w) = &warning {
+            warn!("{w}");
+        }
+        core.set_token_warning(warning);
         let (to_core, rx) = mpsc::channel(CORE_QUEUE_LEN);
         let dashboard = match self.config.dashboard.listen {
             Some(listen) => {
