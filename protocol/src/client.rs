@@ -46,6 +46,15 @@ pub enum ClientError {
     /// The hub refused us (credential, version, enrollment).
     #[error("{0}")]
     Refused(String),
+    /// The join token grants another role than the one asked for (nothing was
+    /// used up: asking again with that role enrolls).
+    #[error("enrollment refused: the token grants role {token}, not {requested}")]
+    WrongRole {
+        /// The role the token grants.
+        token: Role,
+        /// The role asked for.
+        requested: Role,
+    },
     /// The hub's answer made no sense or the stream broke.
     #[error("talking to the hub: {0}")]
     Protocol(String),
@@ -221,6 +230,9 @@ pub async fn enroll(
                 ));
             }
             Ok((cert_pem, ca_pem))
+        }
+        EnrollResponse::Refused(crate::msg::EnrollRefusal::WrongRole { token, requested }) => {
+            Err(ClientError::WrongRole { token, requested })
         }
         EnrollResponse::Refused(r) => Err(ClientError::Refused(format!("enrollment refused: {r}"))),
     }

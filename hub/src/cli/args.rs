@@ -76,9 +76,9 @@ pub(crate) enum Command {
         /// The name to enroll under (default: user@host).
         #[arg(long)]
         name: Option<String>,
-        /// The role the token grants.
-        #[arg(long, default_value = "operator")]
-        role: Role,
+        /// The role to enroll with; by default the one the token grants.
+        #[arg(long)]
+        role: Option<Role>,
         /// Where to save the credential (default: ~/.config/muster/operator.toml).
         #[arg(long = "save-to")]
         save_to: Option<PathBuf>,
