@@ -1068,7 +1068,7 @@ fn cases() -> (Vec<Case>, Coverage) {
     each(&mut out, &mut cov, Wire, "outcome", Outcome::ALL.to_vec());
     let states = vec![SidecarState::Ready, SidecarState::Draining];
     each(&mut out, &mut cov, Wire, "sidecar_state", states);
-    let roles = vec![Role::Agent, Role::Operator, Role::Admin];
+    let roles = vec![Role::Agent, Role::Operator, Role::Admin, Role::Submitter];
     each(&mut out, &mut cov, Wire, "role", roles);
     let actions = vec![TimeoutAction::Fail, TimeoutAction::Retry];
     each(&mut out, &mut cov, Wire, "timeout_action", actions);

@@ -218,10 +218,12 @@ impl Core {
         if crate::web::role_allows(who.role, request) {
             return Ok(who);
         }
-        let what = if request.is_write() {
+        let what = if request.is_task_write() {
+            "submit, cancel or requeue tasks (role submitter or admin needed)"
+        } else if request.is_write() {
             "change state or see credentials (role admin needed)"
         } else {
-            "read (role operator or admin needed)"
+            "read (role operator, submitter or admin needed)"
         };
         Err(op_error(
             OpErrorCode::Forbidden,

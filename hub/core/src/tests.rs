@@ -4170,3 +4170,38 @@ fn dashboard_logins_are_single_use_short_lived_and_bound_to_a_live_identity() {
         "a revoked identity's login is refused"
     );
 }
+
+#[test]
+fn a_submitter_submits_cancels_and_requeues_but_controls_no_agent_or_credential() {
+    let mut h = H::new();
+    h.add_identity("ci", Role::Submitter, "fp-ci");
+    let (resp, _) = h.op(
+        "fp-ci",
+        OpRequest::Submit(SubmitRequest {
+            title: "t".into(),
+            ..Default::default()
+        }),
+    );
+    let id = TaskId(json_ok(&resp)["id"].as_u64().expect("id"));
+    let _ = json_ok(&h.op("fp-ci", OpRequest::TaskCancel { id }).0);
+    let _ = json_ok(&h.op("fp-ci", OpRequest::TaskRequeue { id }).0);
+    let _ = json_ok(&h.op("fp-ci", OpRequest::Agents).0);
+    for refused in [
+        OpRequest::AgentDrain { name: "a".into() },
+        OpRequest::ApiTokens,
+        OpRequest::TokenCreate {
+            role: Role::Agent,
+            ttl_s: 60,
+            name: None,
+            capabilities: None,
+            slots: None,
+        },
+    ] {
+        let e = op_err(&h.op("fp-ci", refused).0).clone();
+        assert_eq!(e.code, OpErrorCode::Forbidden);
+        assert!(e.message.contains("role admin needed"), "{}", e.message);
+    }
+    // An operator is told which roles may submit.
+    let e = op_err(&h.op(OPERATOR, OpRequest::TaskCancel { id }).0).clone();
+    assert!(e.message.contains("submitter or admin"), "{}", e.message);
+}

@@ -89,12 +89,14 @@ impl Web {
     }
 }
 
-/// Whether a request of this kind is within `role`: admins anything, operators
-/// reads, agents nothing. The one rule for identities, API tokens and dashboard
+/// Whether a request of this kind is within `role`: admins anything,
+/// submitters reads and task writes (submit, cancel, requeue), operators reads,
+/// agents nothing. The one rule for identities, API tokens and dashboard
 /// sessions alike.
 pub fn role_allows(role: Role, request: &OpRequest) -> bool {
     match role {
         Role::Admin => true,
+        Role::Submitter => !request.is_write() || request.is_task_write(),
         Role::Operator => !request.is_write(),
         Role::Agent => false,
     }
@@ -105,7 +107,8 @@ fn within(role: Role, of: Role) -> bool {
     let rank = |r: Role| match r {
         Role::Agent => 0,
         Role::Operator => 1,
-        Role::Admin => 2,
+        Role::Submitter => 2,
+        Role::Admin => 3,
     };
     rank(role) <= rank(of)
 }
@@ -137,7 +140,7 @@ impl Core {
             return Err(op_error(
                 OpErrorCode::Invalid,
                 &format!(
-                    "an API token's role is operator or admin, at most the creator's ({caller_role}); give --role operator or --role admin"
+                    "an API token's role is operator, submitter or admin, at most the creator's ({caller_role}); give --role operator, submitter or admin"
                 ),
             ));
         }
@@ -363,6 +366,20 @@ mod tests {
         assert!(role_allows(Role::Operator, &OpRequest::Agents));
         assert!(!role_allows(Role::Operator, &OpRequest::ApiTokens));
         assert!(!role_allows(Role::Agent, &OpRequest::Agents));
+        assert!(role_allows(Role::Submitter, &submit));
+        assert!(role_allows(
+            Role::Submitter,
+            &OpRequest::TaskCancel {
+                id: muster_wire::TaskId(1)
+            }
+        ));
+        assert!(!role_allows(
+            Role::Submitter,
+            &OpRequest::AgentDrain { name: "a".into() }
+        ));
+        assert!(!role_allows(Role::Submitter, &OpRequest::ApiTokens));
+        assert!(within(Role::Operator, Role::Submitter));
+        assert!(within(Role::Submitter, Role::Admin));
         assert!(within(Role::Operator, Role::Admin));
         assert!(!within(Role::Admin, Role::Operator));
     }

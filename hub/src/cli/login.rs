@@ -39,21 +39,30 @@ pub(crate) async fn login(
     // The token knows its role; a refusal for the wrong one uses nothing up, so
     // without --role the second try takes the role the hub names.
     let first = role.unwrap_or(Role::Operator);
-    let (role, (cert, ca)) =
-        match client::enroll(&token, &name, first, csr.clone(), (Vec::new(), 0)).await {
-            Err(client::ClientError::WrongRole { token: granted, .. })
-                if role.is_none() && granted != Role::Agent =>
-            {
-                let got = client::enroll(&token, &name, granted, csr, (Vec::new(), 0)).await?;
-                (granted, got)
-            }
-            Err(client::ClientError::WrongRole { token: Role::Agent, .. }) if role.is_none() => {
-                return Err(CliError::fail(
-                    "this is an agent's join token; enroll a host with `muster-sidecar enroll`, or ask for an operator token (`muster-hub token create --role operator`)",
-                ));
-            }
-            other => (first, other?),
-        };
+    let (role, (cert, ca)) = match client::enroll(
+        &token,
+        &name,
+        first,
+        csr.clone(),
+        (Vec::new(), 0),
+    )
+    .await
+    {
+        Err(client::ClientError::WrongRole { token: granted, .. })
+            if role.is_none() && granted != Role::Agent =>
+        {
+            let got = client::enroll(&token, &name, granted, csr, (Vec::new(), 0)).await?;
+            (granted, got)
+        }
+        Err(client::ClientError::WrongRole {
+            token: Role::Agent, ..
+        }) if role.is_none() => {
+            return Err(CliError::fail(
+                "this is an agent's join token; enroll a host with `muster-sidecar enroll`, or ask for an operator token (`muster-hub token create --role operator`)",
+            ));
+        }
+        other => (first, other?),
+    };
     let file = crate::cli::CredentialFile {
         hub: token.hub.clone(),
         ca,

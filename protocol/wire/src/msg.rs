@@ -539,6 +539,9 @@ pub enum Role {
     Operator,
     /// Reads and writes.
     Admin,
+    /// Reads, and submits, cancels and requeues tasks: no credentials, no
+    /// agent control. Last, so the roles before it keep their encoding.
+    Submitter,
 }
 
 impl Role {
@@ -548,6 +551,7 @@ impl Role {
             Role::Agent => "agent",
             Role::Operator => "operator",
             Role::Admin => "admin",
+            Role::Submitter => "submitter",
         }
     }
 }
@@ -559,8 +563,9 @@ impl std::str::FromStr for Role {
             "agent" => Ok(Role::Agent),
             "operator" => Ok(Role::Operator),
             "admin" => Ok(Role::Admin),
+            "submitter" => Ok(Role::Submitter),
             other => Err(format!(
-                "unknown role {other:?}; use agent, operator or admin"
+                "unknown role {other:?}; use agent, operator (reads), submitter (reads; submits, cancels and requeues tasks) or admin (everything)"
             )),
         }
     }
@@ -856,8 +861,20 @@ pub enum IdentityTarget {
 }
 
 impl OpRequest {
-    /// Whether the request needs role admin: it changes state, or it lists
-    /// credentials (API tokens).
+    /// Whether the request is about tasks only: submit, cancel, requeue (role
+    /// submitter may).
+    pub fn is_task_write(&self) -> bool {
+        matches!(
+            self,
+            OpRequest::Submit(_)
+                | OpRequest::SubmitBatch(_)
+                | OpRequest::TaskCancel { .. }
+                | OpRequest::TaskRequeue { .. }
+        )
+    }
+
+    /// Whether the request changes state or lists credentials (API tokens);
+    /// reads are the rest.
     pub fn is_write(&self) -> bool {
         matches!(
             self,
