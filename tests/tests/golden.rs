@@ -550,6 +550,14 @@ fn op_requests() -> Vec<OpRequest> {
         OpRequest::DashboardLogin {
             role: Some(Role::Operator),
         },
+        OpRequest::Identities {
+            role: Some(Role::Operator),
+            revoked: true,
+        },
+        OpRequest::JoinTokens,
+        OpRequest::JoinTokenRevoke {
+            id: "3fa9c2e1b0d4".into(),
+        },
     ]
 }
 

@@ -42,6 +42,68 @@ pub enum Answer {
     ApiTokens(ApiTokenList),
     /// `dashboard`: a one-time login URL.
     Login(LoginIssued),
+    /// `identities`.
+    Identities(IdentityList),
+    /// `token list --kind join`.
+    JoinTokens(JoinTokenList),
+}
+
+/// One identity as `identities` lists it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct IdentityView {
+    /// Agents: the capabilities it may claim.
+    pub capabilities: Vec<String>,
+    /// When it enrolled.
+    pub created_at: Millis,
+    /// Its certificate's SHA-256 (what `identity revoke --fingerprint` takes).
+    pub fingerprint: String,
+    /// Its name.
+    pub name: String,
+    /// When it was revoked.
+    pub revoked_at: Option<Millis>,
+    /// Its role.
+    pub role: Role,
+    /// Agents: the slots it may claim.
+    pub slots: u32,
+}
+
+/// The `identities` answer, by role then name.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct IdentityList {
+    /// The identities listed.
+    pub identities: Vec<IdentityView>,
+    /// Identities matching, in all.
+    pub total: usize,
+    /// Whether some were left out (the answer's size bound).
+    pub truncated: bool,
+}
+
+/// One join token not yet used or expired, without its secret.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct JoinTokenView {
+    /// Agents: the most capabilities it grants.
+    pub capabilities: Option<Vec<String>>,
+    /// When it was made.
+    pub created_at: Millis,
+    /// Who made it.
+    pub created_by: String,
+    /// Until when it is valid.
+    pub expires_at: Millis,
+    /// Its id: the start of its secret's hash, for `token revoke --kind join`.
+    pub id: String,
+    /// The only name that may enroll with it.
+    pub name: Option<String>,
+    /// The role it grants.
+    pub role: Role,
+    /// Agents: the most slots it grants.
+    pub slots: Option<u32>,
+}
+
+/// The `token list --kind join` answer, soonest to expire first.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct JoinTokenList {
+    /// The tokens.
+    pub tokens: Vec<JoinTokenView>,
 }
 
 /// A new API token: the only time its secret is shown.

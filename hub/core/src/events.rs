@@ -165,6 +165,8 @@ pub enum AuditAction {
     ApiTokenCreate,
     /// `token revoke --kind api`.
     ApiTokenRevoke,
+    /// `token revoke --kind join`.
+    JoinTokenRevoke,
 }
 
 /// The event's JSON: an object with a `kind`, its keys in alphabetical order

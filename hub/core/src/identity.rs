@@ -5,13 +5,123 @@ use muster_wire::msg::{EnrollRefusal, HubMsg, OpErrorCode, Refused, Role};
 
 use crate::model::*;
 
-use crate::answer::{Answer, Drained, Grant, Revoked};
+use crate::answer::{
+    Answer, Drained, Grant, IdentityList, IdentityView, JoinTokenList, JoinTokenView, Revoked,
+};
 use crate::events::{AuditAction, Event};
 use crate::ops::{Answered, not_found_agent, op_error};
 use crate::tasks::check_capabilities;
 use crate::{Core, Write};
 
+/// Hex digits of a join token's hash that `token list` shows as its id.
+const TOKEN_ID_LEN: usize = 12;
+
 impl Core {
+    /// `identities`: by role, then name; revoked ones only when asked.
+    pub(crate) fn identities_list(&self, role: Option<Role>, revoked: bool) -> Answer {
+        let mut ids: Vec<&Identity> = self
+            .identities
+            .values()
+            .filter(|i| role.is_none_or(|r| i.role == r) && (revoked || i.revoked_at.is_none()))
+            .collect();
+        ids.sort_by(|a, b| {
+            (a.role.as_str(), &a.name, a.created_at).cmp(&(b.role.as_str(), &b.name, b.created_at))
+        });
+        let total = ids.len();
+        let (identities, left_out) = crate::views::fit(
+            ids.into_iter().map(|i| IdentityView {
+                capabilities: i.capabilities.clone(),
+                created_at: i.created_at,
+                fingerprint: i.fingerprint.clone(),
+                name: i.name.clone(),
+                revoked_at: i.revoked_at,
+                role: i.role,
+                slots: i.slots,
+            }),
+            crate::views::REPLY_BYTES_MAX,
+        );
+        Answer::Identities(IdentityList {
+            identities,
+            total,
+            truncated: left_out > 0,
+        })
+    }
+
+    /// `token list --kind join`: tokens that can still enroll, soonest to expire first.
+    pub(crate) fn join_tokens(&self, now: Millis) -> Answer {
+        let mut tokens: Vec<JoinTokenView> = self
+            .tokens
+            .iter()
+            .filter(|(_, t)| t.used_at.is_none() && t.expires_at > now)
+            .map(|(hash, t)| JoinTokenView {
+                capabilities: t.capabilities.clone(),
+                created_at: t.created_at,
+                created_by: t.created_by.clone(),
+                expires_at: t.expires_at,
+                id: hash.chars().take(TOKEN_ID_LEN).collect(),
+                name: t.name.clone(),
+                role: t.role,
+                slots: t.slots,
+            })
+            .collect();
+        tokens.sort_by(|a, b| (a.expires_at, &a.id).cmp(&(b.expires_at, &b.id)));
+        Answer::JoinTokens(JoinTokenList { tokens })
+    }
+
+    /// `token revoke --kind join ID`: the token expires now, so enrolling with it
+    /// is refused; its record stays as the audit of what existed.
+    pub(crate) fn join_token_revoke(&mut self, now: Millis, id: &str, who: &str) -> Answered {
+        let id = id.to_ascii_lowercase();
+        if id.len() < 8 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(op_error(
+                OpErrorCode::Invalid,
+                "give the token's id as `token list` shows it (at least 8 hex digits)",
+            ));
+        }
+        let mut hits = self
+            .tokens
+            .iter()
+            .filter(|(h, t)| h.starts_with(&id) && t.used_at.is_none() && t.expires_at > now)
+            .map(|(h, _)| h.clone());
+        let hash = match (hits.next(), hits.next()) {
+            (Some(h), None) => h,
+            (None, _) => {
+                return Err(op_error(
+                    OpErrorCode::NotFound,
+                    &format!(
+                        "no unused join token has id {id}; `muster-hub token list` lists them"
+                    ),
+                ));
+            }
+            (Some(_), Some(_)) => {
+                return Err(op_error(
+                    OpErrorCode::Invalid,
+                    &format!("{id} matches several tokens; give more digits"),
+                ));
+            }
+        };
+        let Some(t) = self.tokens.get_mut(&hash) else {
+            return Err(op_error(OpErrorCode::NotFound, "the token went away"));
+        };
+        t.expires_at = now;
+        let rec = t.clone();
+        self.out
+            .writes
+            .push(Write::Token(hash.clone(), rec.clone()));
+        self.audit_event(
+            now,
+            who,
+            AuditAction::JoinTokenRevoke,
+            &hash[..TOKEN_ID_LEN.min(hash.len())],
+        );
+        Ok(Answer::Revoked(Revoked {
+            fingerprint: None,
+            name: hash[..TOKEN_ID_LEN.min(hash.len())].to_string(),
+            revoked: true,
+            role: rec.role,
+        }))
+    }
+
     /// `agent revoke NAME`: the live agent identity of that name (never an operator's).
     pub(crate) fn revoke(&mut self, now: Millis, name: &str, who: &str) -> Answered {
         let fp = self

@@ -151,6 +151,9 @@ impl Core {
                 (fingerprint, who.role),
                 token_secret,
             ),
+            OpRequest::Identities { role, revoked } => Ok(self.identities_list(role, revoked)),
+            OpRequest::JoinTokens => Ok(self.join_tokens(now)),
+            OpRequest::JoinTokenRevoke { id } => self.join_token_revoke(now, &id, &who.name),
             OpRequest::Stats
             | OpRequest::Tasks { .. }
             | OpRequest::TaskShow { .. }

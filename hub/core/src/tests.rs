@@ -4205,3 +4205,47 @@ fn a_submitter_submits_cancels_and_requeues_but_controls_no_agent_or_credential(
     let e = op_err(&h.op(OPERATOR, OpRequest::TaskCancel { id }).0).clone();
     assert!(e.message.contains("submitter or admin"), "{}", e.message);
 }
+
+#[test]
+fn identities_are_listed_and_unused_join_tokens_listed_and_revoked() {
+    let mut h = H::new();
+    let v = json_ok(
+        &h.op(
+            OPERATOR,
+            OpRequest::Identities {
+                role: None,
+                revoked: false,
+            },
+        )
+        .0,
+    );
+    let names: Vec<&str> = v["identities"]
+        .as_array()
+        .expect("list")
+        .iter()
+        .filter_map(|i| i["name"].as_str())
+        .collect();
+    assert_eq!(names, ["admin", "ops"], "by role, then name");
+    token(&mut h, Role::Agent, 600, "abcdef0123456789");
+    let v = json_ok(&h.op(ADMIN, OpRequest::JoinTokens).0);
+    assert_eq!(v["tokens"][0]["id"], "abcdef012345");
+    assert!(!v.to_string().contains("secret"));
+    assert_eq!(
+        op_err(&h.op(OPERATOR, OpRequest::JoinTokens).0).code,
+        OpErrorCode::Forbidden
+    );
+    let (resp, _) = h.op(
+        ADMIN,
+        OpRequest::JoinTokenRevoke {
+            id: "abcdef01".into(),
+        },
+    );
+    let _ = json_ok(&resp);
+    let v = json_ok(&h.op(ADMIN, OpRequest::JoinTokens).0);
+    assert_eq!(v["tokens"].as_array().map(Vec::len), Some(0));
+    let r = h.enroll_input("abcdef0123456789", Role::Agent, "h1", "k:1");
+    assert!(
+        matches!(r, EnrollResponse::Refused(_)),
+        "a revoked token enrolls nobody: {r:?}"
+    );
+}

@@ -171,6 +171,22 @@ pub(crate) enum Command {
         #[arg(long, default_value_t = 20)]
         tasks: usize,
     },
+    /// List identities: operators, submitters, admins and agents.
+    ///
+    /// Example: muster-hub identities --role operator
+    Identities {
+        /// Only this role.
+        #[arg(long)]
+        role: Option<Role>,
+        /// Also revoked identities.
+        #[arg(long)]
+        all: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        connect: ConnectArgs,
+    },
     /// Print a one-time login URL for the web dashboard, bound to this identity.
     ///
     /// Example: muster-hub dashboard --role operator
@@ -218,18 +234,26 @@ pub(crate) enum TokenCommand {
         #[arg(long)]
         slots: Option<u32>,
     },
-    /// List the live API tokens (names, roles, expiry; never the secrets). Admins only.
+    /// List unused join tokens and live API tokens (never their secrets). Admins only.
     ///
-    /// Example: muster-hub token list
+    /// Example: muster-hub token list --kind api
     List {
+        /// Only this kind (default: both).
+        #[arg(long, value_enum)]
+        kind: Option<TokenKind>,
+        /// Print JSON.
         #[arg(long)]
         json: bool,
     },
-    /// Revoke an API token by name: requests and event streams using it stop at once.
+    /// Revoke an API token by name (requests and event streams using it stop at
+    /// once), or with --kind join an unused join token by its id.
     ///
-    /// Example: muster-hub token revoke ci-bot
+    /// Example: muster-hub token revoke ci-bot; muster-hub token revoke --kind join 3fa9c2e1b0d4
     Revoke {
-        /// The token's name.
+        /// Which kind of token.
+        #[arg(long, value_enum, default_value = "api")]
+        kind: TokenKind,
+        /// The API token's name, or the join token's id as `token list` shows it.
         name: String,
     },
 }

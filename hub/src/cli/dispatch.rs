@@ -13,6 +13,88 @@ use muster_protocol::duration::parse_duration;
 use muster_protocol::msg::{OpRequest, Role};
 use muster_protocol::{AgentName, TaskId};
 
+/// `token list`: one table of join and API tokens.
+fn tokens_table(v: &serde_json::Value) -> String {
+    let mut rows = Vec::new();
+    for t in v["join"].as_array().into_iter().flatten() {
+        rows.push([
+            "join".to_string(),
+            t["id"].as_str().unwrap_or_default().to_string(),
+            t["role"].as_str().unwrap_or_default().to_string(),
+            t["created_by"].as_str().unwrap_or_default().to_string(),
+            until(t["expires_at"].as_u64().unwrap_or(0)),
+        ]);
+    }
+    for t in v["api"].as_array().into_iter().flatten() {
+        rows.push([
+            "api".to_string(),
+            t["name"].as_str().unwrap_or_default().to_string(),
+            t["role"].as_str().unwrap_or_default().to_string(),
+            t["created_by"].as_str().unwrap_or_default().to_string(),
+            until(t["expires_at"].as_u64().unwrap_or(0)),
+        ]);
+    }
+    if rows.is_empty() {
+        return "no unused join tokens and no live API tokens\n".into();
+    }
+    table(
+        &["KIND", "NAME OR ID", "ROLE", "CREATED BY", "EXPIRES IN"],
+        &rows,
+    )
+}
+
+/// `identities`: one line per identity.
+fn identities_table(v: &serde_json::Value) -> String {
+    let rows: Vec<[String; 4]> = v["identities"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|i| {
+            [
+                i["role"].as_str().unwrap_or_default().to_string(),
+                i["name"].as_str().unwrap_or_default().to_string(),
+                i["fingerprint"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .chars()
+                    .take(16)
+                    .collect(),
+                if i["revoked_at"].is_null() {
+                    "live".into()
+                } else {
+                    "revoked".into()
+                },
+            ]
+        })
+        .collect();
+    if rows.is_empty() {
+        return "no identities match\n".into();
+    }
+    let mut out = table(&["ROLE", "NAME", "FINGERPRINT", "STATE"], &rows);
+    if v["truncated"] == true {
+        out += &format!(
+            "(showing {} of {}; use --role to narrow)\n",
+            rows.len(),
+            v["total"]
+        );
+    }
+    out
+}
+
+/// A plain table (no borders: it is read by people and by `grep`/`awk`);
+/// control characters in cells are escaped.
+pub(crate) fn table<const N: usize>(head: &[&str; N], rows: &[[String; N]]) -> String {
+    let mut t = comfy_table::Table::new();
+    t.load_preset(comfy_table::presets::NOTHING)
+        .set_content_arrangement(comfy_table::ContentArrangement::Disabled)
+        .set_header(head.to_vec());
+    for r in rows {
+        t.add_row(r.iter().map(|c| crate::cli::escape_controls(c, false)));
+    }
+    // Each line without the preset's padding at its ends.
+    t.lines().map(|l| l.trim().to_string() + "\n").collect()
+}
+
 /// How long until the wall-clock time `at_ms`, in words ("29d 23h", "expired").
 fn until(at_ms: u64) -> String {
     let now = std::time::SystemTime::now()
@@ -20,10 +102,22 @@ fn until(at_ms: u64) -> String {
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0);
     match at_ms.checked_sub(now) {
-        Some(ms) if ms > 0 => muster_protocol::duration::format_duration(
-            std::time::Duration::from_secs(ms.div_ceil(1000)),
-        ),
+        Some(ms) if ms > 0 => span(ms.div_ceil(1000)),
         _ => "expired".into(),
+    }
+}
+
+/// A span of seconds as a person reads it: the two largest units.
+pub(crate) fn span(secs: u64) -> String {
+    let (d, h, m, s) = (secs / 86_400, secs / 3600 % 24, secs / 60 % 60, secs % 60);
+    match (d, h, m) {
+        (0, 0, 0) => format!("{s}s"),
+        (0, 0, _) if s == 0 => format!("{m}m"),
+        (0, 0, _) => format!("{m}m {s}s"),
+        (0, _, 0) => format!("{h}h"),
+        (0, _, _) => format!("{h}h {m}m"),
+        (_, 0, _) => format!("{d}d"),
+        _ => format!("{d}d {h}h"),
     }
 }
 
@@ -135,38 +229,44 @@ pub(crate) async fn run(command: Command) -> Result<(), CliError> {
             Ok(())
         }
         Command::Token {
-            command: TokenCommand::List { json },
+            command: TokenCommand::List { kind, json },
             connect,
         } => {
-            let v = one(&connect, OpRequest::ApiTokens).await?;
-            print(&v, json, |v| {
-                let list = v["tokens"].as_array().cloned().unwrap_or_default();
-                if list.is_empty() {
-                    return "no live API tokens\n".into();
-                }
-                let mut out = format!(
-                    "{:<24} {:<9} {:<16} {}\n",
-                    "NAME", "ROLE", "CREATED BY", "EXPIRES"
-                );
-                for t in list {
-                    out += &format!(
-                        "{:<24} {:<9} {:<16} {}\n",
-                        t["name"].as_str().unwrap_or_default(),
-                        t["role"].as_str().unwrap_or_default(),
-                        t["created_by"].as_str().unwrap_or_default(),
-                        until(t["expires_at"].as_u64().unwrap_or(0)),
-                    );
-                }
-                out
-            });
+            let s = connect.connect().await?;
+            let mut all = serde_json::json!({});
+            if kind != Some(TokenKind::Api) {
+                all["join"] = s.call(OpRequest::JoinTokens).await?["tokens"].take();
+            }
+            if kind != Some(TokenKind::Join) {
+                all["api"] = s.call(OpRequest::ApiTokens).await?["tokens"].take();
+            }
+            s.close().await;
+            print(&all, json, tokens_table);
             Ok(())
         }
         Command::Token {
-            command: TokenCommand::Revoke { name },
+            command: TokenCommand::Revoke { kind, name },
             connect,
         } => {
-            one(&connect, OpRequest::ApiTokenRevoke { name: name.clone() }).await?;
-            eprintln!("API token {name} revoked");
+            let request = match kind {
+                TokenKind::Api => OpRequest::ApiTokenRevoke { name: name.clone() },
+                TokenKind::Join => OpRequest::JoinTokenRevoke { id: name.clone() },
+            };
+            one(&connect, request).await?;
+            match kind {
+                TokenKind::Api => eprintln!("API token {name} revoked"),
+                TokenKind::Join => eprintln!("join token {name} revoked"),
+            }
+            Ok(())
+        }
+        Command::Identities {
+            role,
+            all,
+            json,
+            connect,
+        } => {
+            let v = one(&connect, OpRequest::Identities { role, revoked: all }).await?;
+            print(&v, json, identities_table);
             Ok(())
         }
         Command::Dashboard { role, connect } => {
@@ -369,4 +469,33 @@ pub(crate) async fn one(
     let v = s.call(req).await;
     s.close().await;
     v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spans_read_as_the_two_largest_units() {
+        assert_eq!(span(5), "5s");
+        assert_eq!(span(3262), "54m 22s");
+        assert_eq!(span(3600), "1h");
+        assert_eq!(span(2_590_988), "29d 23h");
+        assert_eq!(span(86_400 * 30), "30d");
+    }
+
+    #[test]
+    fn tables_align_and_escape() {
+        let t = table(
+            &["A", "B"],
+            &[
+                ["x".into(), "y\u{1b}[31m".into()],
+                ["long".into(), "z".into()],
+            ],
+        );
+        assert!(!t.contains('\u{1b}'), "{t}");
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines.len(), 3);
+        assert_eq!(lines[0].find('B'), lines[2].find('z'));
+    }
 }

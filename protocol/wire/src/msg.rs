@@ -844,6 +844,20 @@ pub enum OpRequest {
         /// The role the browser session gets; `None` is the caller's own.
         role: Option<Role>,
     },
+    /// List identities (operators, submitters, admins and agents). A read.
+    Identities {
+        /// Only this role.
+        role: Option<Role>,
+        /// Also revoked ones.
+        revoked: bool,
+    },
+    /// List join tokens not yet used or expired (never their secrets). Admins only.
+    JoinTokens,
+    /// Revoke an unused join token by its id (as `token list` shows it). Admins only.
+    JoinTokenRevoke {
+        /// The id, or a unique prefix of at least 8 hex digits.
+        id: String,
+    },
 }
 
 /// Which identity an [`OpRequest::IdentityRevoke`] means.
@@ -891,6 +905,8 @@ impl OpRequest {
                 | OpRequest::ApiTokenCreate { .. }
                 | OpRequest::ApiTokens
                 | OpRequest::ApiTokenRevoke { .. }
+                | OpRequest::JoinTokens
+                | OpRequest::JoinTokenRevoke { .. }
         )
     }
 }
