@@ -5,7 +5,8 @@
 //! without progress, output or CPU), `circuit_open` (an agent's breaker
 //! tripped), `retry_storm` (retries far outrun completions), and `agent_idle`
 //! (a running agent without output or CPU past `idle_alert`: waiting for
-//! input, or hung). See [`crate::activity`] for how busy is told from idle.
+//! input, or hung), `unschedulable` (a queued task no enrolled agent could
+//! ever run: a capability nobody has). See [`crate::activity`] for how busy is told from idle.
 
 use std::collections::{BTreeMap, VecDeque};
 
@@ -40,17 +41,20 @@ pub enum AlertKind {
     RetryStorm,
     /// A running agent with no output and no CPU past `idle_alert`.
     AgentIdle,
+    /// A queued task that no enrolled agent could ever run.
+    Unschedulable,
 }
 
 impl AlertKind {
     /// Every kind, in the order `/metrics` lists them.
-    pub const ALL: [AlertKind; 6] = [
+    pub const ALL: [AlertKind; 7] = [
         AlertKind::AgentDown,
         AlertKind::TaskFailed,
         AlertKind::Stalled,
         AlertKind::CircuitOpen,
         AlertKind::RetryStorm,
         AlertKind::AgentIdle,
+        AlertKind::Unschedulable,
     ];
 
     /// The stable name (JSON, metrics labels).
@@ -62,6 +66,7 @@ impl AlertKind {
             AlertKind::CircuitOpen => "circuit_open",
             AlertKind::RetryStorm => "retry_storm",
             AlertKind::AgentIdle => "agent_idle",
+            AlertKind::Unschedulable => "unschedulable",
         }
     }
 }

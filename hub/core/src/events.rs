@@ -474,6 +474,9 @@ impl Core {
             .sync(now, AlertKind::Stalled, stalled, &mut changes);
         self.alerts
             .sync(now, AlertKind::AgentIdle, idle, &mut changes);
+        let unschedulable = self.unschedulable();
+        self.alerts
+            .sync(now, AlertKind::Unschedulable, unschedulable, &mut changes);
         self.alerts.check_storm(now, &mut changes);
         self.alert_changes(now, changes);
         next

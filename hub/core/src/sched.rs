@@ -192,3 +192,174 @@ impl Core {
         self.push_event(now, event);
     }
 }
+
+/// Most agents named in a "none available" reason; the rest are counted.
+const REASONS_NAMED_MAX: usize = 3;
+
+impl Core {
+    /// Whether `a` could ever run a task needing `caps` (and a repository if
+    /// `needs_git`): what it holds, not whether it is free now.
+    fn matches(a: &crate::Agent, caps: &[String], needs_git: bool) -> bool {
+        !a.rec.revoked
+            && caps.iter().all(|c| a.rec.capabilities.contains(c))
+            && (!needs_git || a.workspace.serves_repos())
+    }
+
+    /// Why no enrolled agent could ever run a task with these needs, if none could.
+    fn unmatched(&self, caps: &[String], needs_git: bool) -> Option<String> {
+        if self
+            .agents
+            .values()
+            .any(|a| Self::matches(a, caps, needs_git))
+        {
+            return None;
+        }
+        let live = || self.agents.values().filter(|a| !a.rec.revoked);
+        let missing: Vec<&str> = caps
+            .iter()
+            .filter(|c| !live().any(|a| a.rec.capabilities.contains(c)))
+            .map(String::as_str)
+            .collect();
+        Some(if live().next().is_none() {
+            "no agent is enrolled".into()
+        } else if !missing.is_empty() {
+            let s = if missing.len() == 1 { "y" } else { "ies" };
+            format!("no agent has capabilit{s} {}", missing.join(", "))
+        } else if needs_git && !live().any(|a| a.workspace.serves_repos()) {
+            "no agent works on repositories (workspace mode \"git\")".into()
+        } else if !caps.is_empty() {
+            format!(
+                "no agent has all of {}{}",
+                caps.join(", "),
+                if needs_git {
+                    " and works on repositories"
+                } else {
+                    ""
+                }
+            )
+        } else {
+            "no agent works on repositories with the capabilities asked for".into()
+        })
+    }
+
+    /// Why a live task is not running yet, in words (`task show`, `tasks`):
+    /// what it waits for, or why nothing can run it; `None` once it is assigned.
+    pub fn waiting_reason(&self, id: TaskId, now: Millis) -> Option<String> {
+        let live = self.tasks.get(&id)?;
+        let rec = &live.rec;
+        match rec.state {
+            TaskState::Blocked => {
+                let waits: Vec<String> = rec
+                    .after
+                    .iter()
+                    .filter(|d| self.tasks.contains_key(d))
+                    .map(|d| d.to_string())
+                    .collect();
+                let s = if waits.len() == 1 { "" } else { "s" };
+                return Some(format!("blocked by task{s} {}", waits.join(", ")));
+            }
+            TaskState::Queued => {}
+            _ => return None,
+        }
+        let needs_git = rec.repo.is_some();
+        if let Some(why) = self.unmatched(&rec.capabilities, needs_git) {
+            return Some(why);
+        }
+        if let Some(t) = rec.not_before.filter(|t| *t > now) {
+            return Some(format!(
+                "backing off after a failed attempt; eligible again in {} s",
+                (t - now).div_ceil(1000)
+            ));
+        }
+        let matching: Vec<&crate::Agent> = {
+            let mut m: Vec<&crate::Agent> = self
+                .agents
+                .values()
+                .filter(|a| Self::matches(a, &rec.capabilities, needs_git))
+                .collect();
+            m.sort_by(|a, b| a.rec.name.cmp(&b.rec.name));
+            m
+        };
+        let n = matching.len();
+        let agents = if n == 1 { "agent" } else { "agents" };
+        let unavailable: Vec<String> = matching
+            .iter()
+            .filter_map(|a| {
+                let (ok, why) = if a.conn.is_some() {
+                    self.availability(now, a)
+                } else {
+                    (false, "offline".into())
+                };
+                (!ok).then(|| format!("{} {why}", a.rec.name))
+            })
+            .collect();
+        if unavailable.len() == n {
+            let named: Vec<&str> = unavailable
+                .iter()
+                .take(REASONS_NAMED_MAX)
+                .map(String::as_str)
+                .collect();
+            let more = n.saturating_sub(REASONS_NAMED_MAX);
+            return Some(format!(
+                "{n} matching {agents}, none available ({}{})",
+                named.join("; "),
+                if more > 0 {
+                    format!("; {more} more")
+                } else {
+                    String::new()
+                }
+            ));
+        }
+        let busy = matching
+            .iter()
+            .filter(|a| a.tasks.len() >= a.rec.slots as usize)
+            .count();
+        if busy + unavailable.len() >= n {
+            return Some(format!(
+                "all {n} matching {agents} busy or unavailable ({busy} busy)"
+            ));
+        }
+        let ahead = self
+            .sched
+            .ready
+            .iter()
+            .take_while(|(_, _, other)| *other != id)
+            .count();
+        Some(if ahead > 0 {
+            format!("queued behind {ahead} tasks that go first")
+        } else {
+            "next to be assigned".into()
+        })
+    }
+
+    /// The `unschedulable` alerts: queued tasks no enrolled agent could ever
+    /// run, at most [`crate::alerts::FAILED_ALERTS_MAX`]. Needs are grouped, so
+    /// the pass costs one scan of the agents per distinct set of needs.
+    pub(crate) fn unschedulable(&self) -> Vec<(String, String)> {
+        let mut verdicts: std::collections::HashMap<(&[String], bool), Option<String>> =
+            std::collections::HashMap::new();
+        let mut out = Vec::new();
+        let mut queued: Vec<&crate::Live> = self
+            .tasks
+            .values()
+            .filter(|l| l.rec.state == TaskState::Queued)
+            .collect();
+        queued.sort_by_key(|l| l.rec.id);
+        for l in queued {
+            let key = (l.rec.capabilities.as_slice(), l.rec.repo.is_some());
+            let why = verdicts
+                .entry(key)
+                .or_insert_with(|| self.unmatched(key.0, key.1));
+            if let Some(why) = why {
+                out.push((
+                    l.rec.id.to_string(),
+                    format!("task {} ({}) cannot run: {why}", l.rec.id, l.rec.title),
+                ));
+                if out.len() >= crate::alerts::FAILED_ALERTS_MAX {
+                    break;
+                }
+            }
+        }
+        out
+    }
+}

@@ -4249,3 +4249,60 @@ fn identities_are_listed_and_unused_join_tokens_listed_and_revoked() {
         "a revoked token enrolls nobody: {r:?}"
     );
 }
+
+#[test]
+fn a_queued_task_says_why_it_waits_and_one_nobody_can_run_raises_unschedulable() {
+    let mut h = H::new();
+    let gpu = |title: &str| SubmitRequest {
+        title: title.into(),
+        capabilities: vec!["gpu".into()],
+        ..Default::default()
+    };
+    let (t1, _) = h.submit(gpu("train"));
+    assert_eq!(
+        h.core.waiting_reason(t1, h.now).as_deref(),
+        Some("no agent is enrolled")
+    );
+    let (c, _) = h.connect(1, "a", &["rust"], 1);
+    assert_eq!(
+        h.core.waiting_reason(t1, h.now).as_deref(),
+        Some("no agent has capability gpu")
+    );
+    let out = h.pass(5_000);
+    assert!(
+        alerts_json(&out)
+            .iter()
+            .any(|a| a["alert"] == "unschedulable"
+                && a["subject"] == "1"
+                && a["state"] == "raised"),
+        "{:?}",
+        alerts_json(&out)
+    );
+    // An agent with the capability arrives: the alert clears and the task runs.
+    let (_c2, _) = h.connect(2, "g", &["gpu"], 1);
+    let out = h.pass(5_000);
+    assert!(
+        alerts_json(&out)
+            .iter()
+            .any(|a| a["alert"] == "unschedulable" && a["state"] == "cleared"),
+        "{:?}",
+        alerts_json(&out)
+    );
+    assert_eq!(h.core.waiting_reason(t1, h.now), None, "assigned");
+    // A second gpu task waits for the busy agent; a dependent waits for its dependency.
+    let (t2, _) = h.submit(gpu("eval"));
+    assert_eq!(
+        h.core.waiting_reason(t2, h.now).as_deref(),
+        Some("all 1 matching agent busy or unavailable (1 busy)")
+    );
+    let (t3, _) = h.submit(SubmitRequest {
+        title: "report".into(),
+        after: vec![t2],
+        ..Default::default()
+    });
+    assert_eq!(
+        h.core.waiting_reason(t3, h.now).as_deref(),
+        Some("blocked by task 2")
+    );
+    let _ = c;
+}

@@ -262,11 +262,18 @@ impl Core {
         let mut alert_at: Option<Millis> = None;
         for &id in changed {
             self.arm_attempt(id);
-            if let Some(l) = self.tasks.get(&id)
-                && l.rec.state == TaskState::Running
+            let Some(l) = self.tasks.get(&id) else {
+                continue;
+            };
+            if l.rec.state == TaskState::Running
                 && let Some(p) = l.rec.progress_at
             {
                 alert_at = Some(alert_at.map_or(p + stall, |a| a.min(p + stall)));
+            }
+            // A task never assigned may need what no agent has (`unschedulable`);
+            // one that ran once had a match (agent changes arm their own pass).
+            if l.rec.state == TaskState::Queued && l.rec.generation.0 == 0 {
+                alert_at = Some(self.last_now);
             }
         }
         if alerts_open {

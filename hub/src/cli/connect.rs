@@ -351,26 +351,79 @@ pub fn agent_detail(a: &Value) -> String {
 
 /// The `tasks` table.
 pub fn tasks_table(v: &Value) -> String {
-    let mut out = format!(
-        "{:>6} {:<10} {:>4} {:>4} {:<16} {}\n",
-        "ID", "STATE", "PRIO", "ATT", "AGENT", "TITLE"
-    );
-    for t in v["tasks"].as_array().into_iter().flatten() {
-        out.push_str(&format!(
-            "{:>6} {:<10} {:>4} {:>4} {:<16} {}\n",
-            s(t, "id"),
-            s(t, "state"),
-            s(t, "priority"),
-            s(t, "attempts"),
-            s(t, "agent"),
-            s(t, "title")
-        ));
-    }
+    let now = now_ms();
+    let rows: Vec<[String; 6]> = v["tasks"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|t| {
+            // Why it waits, or why it ended: the one thing a person scans for.
+            let note = if t["waiting"].is_string() {
+                s(t, "waiting")
+            } else if t["reason"].is_string() {
+                s(t, "reason")
+            } else {
+                String::new()
+            };
+            [
+                s(t, "id"),
+                s(t, "state"),
+                t["submitted_at"].as_u64().map_or("-".into(), |at| {
+                    crate::cli::dispatch::span(now.saturating_sub(at) / 1000)
+                }),
+                s(t, "agent"),
+                s(t, "title"),
+                note,
+            ]
+        })
+        .collect();
+    let mut out = if rows.is_empty() {
+        "no tasks match\n".to_string()
+    } else {
+        crate::cli::dispatch::table(&["ID", "STATE", "AGE", "AGENT", "TITLE", "NOTE"], &rows)
+    };
     if let Some(c) = v["next_cursor"].as_u64() {
         out.push_str(&format!("more: --cursor {c}\n"));
     }
     out
 }
+
+/// Wall-clock milliseconds now.
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// A time as a person reads it: how long ago (or from now), and exactly, in UTC.
+pub fn when(at_ms: u64) -> String {
+    let now = now_ms();
+    let rel = if at_ms <= now {
+        format!("{} ago", crate::cli::dispatch::span((now - at_ms) / 1000))
+    } else {
+        format!(
+            "in {}",
+            crate::cli::dispatch::span((at_ms - now).div_ceil(1000))
+        )
+    };
+    let exact = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(at_ms) * 1_000_000)
+        .map(|t| {
+            format!(
+                "{:04}-{:02}-{:02} {:02}:{:02}:{:02} UTC",
+                t.year(),
+                u8::from(t.month()),
+                t.day(),
+                t.hour(),
+                t.minute(),
+                t.second()
+            )
+        })
+        .unwrap_or_else(|_| at_ms.to_string());
+    format!("{rel} ({exact})")
+}
+
+/// Lines of a description `task show` prints; `--json` has all of it.
+const DESCRIPTION_LINES_SHOWN: usize = 20;
 
 /// One task with attempts and audit trail.
 pub fn task_detail(t: &Value) -> String {
@@ -404,6 +457,26 @@ pub fn task_detail(t: &Value) -> String {
             out.push_str(&format!("  {name} {}\n", pairs.join(" ")));
         }
     }
+    if let Some(at) = t["submitted_at"].as_u64() {
+        out.push_str(&format!("  submitted {}\n", when(at)));
+    }
+    if t["waiting"].is_string() {
+        out.push_str(&format!("  waiting: {}\n", s(t, "waiting")));
+    }
+    if t["progress_note"].is_string() {
+        let at = t["progress_at"].as_u64().map(when).unwrap_or_default();
+        out.push_str(&format!("  progress: {}  ({at})\n", s(t, "progress_note")));
+    }
+    if let Some(d) = t["description"].as_str().filter(|d| !d.trim().is_empty()) {
+        out.push_str("  description:\n");
+        for line in d.lines().take(DESCRIPTION_LINES_SHOWN) {
+            out.push_str(&format!("    {line}\n"));
+        }
+        let more = d.lines().count().saturating_sub(DESCRIPTION_LINES_SHOWN);
+        if more > 0 {
+            out.push_str(&format!("    … {more} more lines (--json shows all)\n"));
+        }
+    }
     if !t["reason"].is_null() {
         out.push_str(&format!("  reason: {}\n", s(t, "reason")));
     }
@@ -418,10 +491,10 @@ pub fn task_detail(t: &Value) -> String {
     }
     for a in t["audit"].as_array().into_iter().flatten() {
         out.push_str(&format!(
-            "  {} by {} at {}\n",
+            "  {} by {} {}\n",
             s(a, "action"),
             s(a, "who"),
-            s(a, "at")
+            a["at"].as_u64().map(when).unwrap_or_else(|| s(a, "at"))
         ));
     }
     for a in t["attempt_history"].as_array().into_iter().flatten() {

@@ -403,7 +403,7 @@ pub(super) fn core_loop(
             let _ = reply.send(query(&core, &store, &fingerprint, request, now));
         }
         for (fingerprint, list, reply) in task_lists {
-            let _ = reply.send(tasks_query(&core, &store, &fingerprint, list));
+            let _ = reply.send(tasks_query(&core, &store, &fingerprint, list, now));
         }
         let session_of = |c| sessions.get(&c).map(|s| s.connection.clone());
         for (fingerprint, q, reply) in log_queries {

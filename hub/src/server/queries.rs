@@ -86,6 +86,10 @@ pub(super) fn query(
                         usage.as_ref().map(crate::core::usage::UsageView::from),
                     )
                     .unwrap_or_default();
+                    // Why it is not running yet, if it is waiting.
+                    if let Some(why) = core.waiting_reason(id, now) {
+                        v["waiting"] = why.into();
+                    }
                     // What the running attempt is doing: in the core's memory only.
                     v["activity"] =
                         serde_json::to_value(core.activity_view(id, now)).unwrap_or_default();
@@ -128,7 +132,7 @@ pub(super) fn query(
                     label,
                     ..TaskFilter::default()
                 };
-                tasks_page(&reader, &filter, limit, cursor)?
+                tasks_page(core, &reader, &filter, (limit, cursor), now)?
             }
             _ => internal("not a query"),
         })
@@ -138,15 +142,24 @@ pub(super) fn query(
 
 /// A page of tasks as the `tasks` answer: `tasks`, `next_cursor`, `truncated`.
 pub(super) fn tasks_page(
+    core: &Core,
     reader: &crate::store::Reader,
     filter: &TaskFilter,
-    limit: u32,
-    cursor: Option<u64>,
+    (limit, cursor): (u32, Option<u64>),
+    now: crate::core::Millis,
 ) -> Result<OpResponse, StoreError> {
     let limit = limit.clamp(1, muster_protocol::limits::PAGE_LEN_MAX) as usize;
     let page = reader.tasks_matching(filter, limit, cursor)?;
     let (tasks, left_out) = views::fit(
-        page.tasks.iter().map(views::task_json),
+        page.tasks.iter().map(|t| {
+            let mut v = views::task_json(t);
+            if !t.state.is_terminal()
+                && let Some(why) = core.waiting_reason(t.id, now)
+            {
+                v["waiting"] = why.into();
+            }
+            v
+        }),
         views::REPLY_BYTES_MAX,
     );
     // Cut short by size: the next page starts below the last task shown.
@@ -172,6 +185,7 @@ pub(super) fn tasks_query(
     store: &Store,
     fingerprint: &str,
     (filter, limit, cursor): (TaskFilter, u32, Option<u64>),
+    now: crate::core::Millis,
 ) -> OpResponse {
     let as_request = OpRequest::Tasks {
         state: None,
@@ -185,7 +199,7 @@ pub(super) fn tasks_query(
     }
     store
         .reader()
-        .and_then(|r| tasks_page(&r, &filter, limit, cursor))
+        .and_then(|r| tasks_page(core, &r, &filter, (limit, cursor), now))
         .unwrap_or_else(|e| internal(&format!("store: {e}")))
 }
 
