@@ -48,7 +48,7 @@ pub enum ClientError {
     Refused(String),
     /// The join token grants another role than the one asked for (nothing was
     /// used up: asking again with that role enrolls).
-    #[error("enrollment refused: the token grants role {token}, not {requested}")]
+    #[error("enrollment refused: {}", crate::msg::EnrollRefusal::WrongRole { token: *token, requested: *requested })]
     WrongRole {
         /// The role the token grants.
         token: Role,

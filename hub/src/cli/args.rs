@@ -286,6 +286,11 @@ pub(crate) enum IdentityCommand {
 pub(crate) enum TaskCommand {
     /// Show a task with its attempts and audit trail.
     Show { id: u64 },
+    /// Wait until a task ends, printing its state changes and progress notes as
+    /// they come; exit 0 completed, 1 failed, 3 cancelled, 69 hub unreachable.
+    ///
+    /// Example: muster-hub task wait 42
+    Wait { id: u64 },
     /// Cancel a task; a running agent is stopped.
     Cancel { id: u64 },
     /// Run a finished task again.

@@ -53,7 +53,18 @@ impl CliError {
 
 impl From<ClientError> for CliError {
     fn from(e: ClientError) -> Self {
-        CliError::fail(e.to_string())
+        // A hub that cannot be reached is not a failed task: scripts tell them apart.
+        let code = match e {
+            ClientError::Resolve(..)
+            | ClientError::Connect { .. }
+            | ClientError::Busy(_)
+            | ClientError::Protocol(_) => crate::cli::watch::EXIT_UNREACHABLE,
+            _ => 1,
+        };
+        CliError {
+            code,
+            message: e.to_string(),
+        }
     }
 }
 

@@ -347,6 +347,9 @@ pub(crate) async fn run(command: Command) -> Result<(), CliError> {
                     };
                     return crate::cli::watch::logs(&connect, query, json).await;
                 }
+                TaskCommand::Wait { id } => {
+                    return crate::cli::watch::wait_task(&connect, TaskId(id), json).await;
+                }
                 TaskCommand::Show { id } => OpRequest::TaskShow { id: TaskId(id) },
                 TaskCommand::Cancel { id } => OpRequest::TaskCancel { id: TaskId(id) },
                 TaskCommand::Requeue { id } => OpRequest::TaskRequeue { id: TaskId(id) },

@@ -1,7 +1,5 @@
 //! `submit`: one task from arguments, or a batch of JSON lines.
 
-use std::time::{Duration, Instant};
-
 use crate::cli::args::SubmitArgs;
 use crate::cli::{CliError, print};
 use muster_protocol::TaskId;
@@ -56,38 +54,12 @@ pub(crate) async fn submit(a: SubmitArgs) -> Result<(), CliError> {
         print(&v, a.json, |v| format!("submitted task {}\n", v["id"]));
         return Ok(());
     }
+    s.close().await;
     let id = TaskId(v["id"].as_u64().unwrap_or_default());
     if !a.json {
         eprintln!("submitted task {id}; waiting for it to end");
     }
-    let started = Instant::now();
-    let mut last_state = String::new();
-    let v = loop {
-        let v = s.call(OpRequest::TaskShow { id }).await?;
-        let state = v["state"].as_str().unwrap_or_default().to_string();
-        if state != last_state && !a.json {
-            eprintln!(
-                "{:>7.1}s  {state}  {}",
-                started.elapsed().as_secs_f64(),
-                v["agent"].as_str().unwrap_or("")
-            );
-            last_state = state.clone();
-        }
-        if matches!(state.as_str(), "completed" | "failed" | "cancelled") {
-            break v;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
-    s.close().await;
-    print(&v, a.json, crate::cli::task_detail);
-    if v["state"] == "completed" {
-        Ok(())
-    } else {
-        Err(CliError::fail(format!(
-            "task {id} ended {}",
-            v["state"].as_str().unwrap_or("?")
-        )))
-    }
+    crate::cli::watch::wait_task(&a.connect, id, a.json).await
 }
 
 /// `--timeout` and `--timeout-action` as the request carries them.
