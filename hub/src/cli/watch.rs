@@ -120,9 +120,18 @@ impl<'a> Events<'a> {
                 }
                 Ok(Some(OpResponse::Error(e))) => return Err(CliError::fail(e.message)),
                 Ok(Some(_)) => {}
-                // The hub went away (a restart, say): reconnect and resume.
+                // The hub went away (a restart, say): reconnect and resume; but a
+                // credential the hub revoked ends the stream for good.
                 Ok(None) | Err(_) => {
-                    self.stream = None;
+                    let closed = self
+                        .stream
+                        .take()
+                        .and_then(|(s, _, _)| s.conn.close_reason());
+                    if let Some(reason) = closed
+                        && let e @ client::ClientError::Refused(_) = client::refused_or_lost(reason)
+                    {
+                        return Err(e.into());
+                    }
                     down_since.get_or_insert_with(std::time::Instant::now);
                 }
             }
