@@ -34,8 +34,10 @@ pub struct HubMetrics {
     label_cost: Family<Labels, Counter>,
     messages: Counter,
     bytes: Counter,
-    per_task_messages: Gauge<f64, std::sync::atomic::AtomicU64>,
-    per_task_bytes: Gauge<f64, std::sync::atomic::AtomicU64>,
+    sessions_opened: Counter,
+    sessions_refused: Counter,
+    enrollments: Family<Labels, Counter>,
+    process: muster_protocol::procstat::ProcessMetrics,
     /// Submit → running, seconds.
     pub dispatch: Histogram,
     /// Commit latency, seconds.
@@ -48,7 +50,8 @@ pub struct HubMetrics {
 
 impl Default for HubMetrics {
     fn default() -> Self {
-        let mut registry = Registry::with_prefix("muster");
+        // The root holds the standard `process_*` families; ours are under `muster_`.
+        let mut root = Registry::default();
         let m = HubMetrics {
             tasks: Family::default(),
             finished: Family::default(),
@@ -62,14 +65,34 @@ impl Default for HubMetrics {
             label_cost: Family::default(),
             messages: Counter::default(),
             bytes: Counter::default(),
-            per_task_messages: Gauge::default(),
-            per_task_bytes: Gauge::default(),
+            sessions_opened: Counter::default(),
+            sessions_refused: Counter::default(),
+            enrollments: Family::default(),
+            process: Default::default(),
             dispatch: Histogram::new(exponential_buckets(0.0005, 2.0, 20)),
             commit: Histogram::new(exponential_buckets(0.00005, 2.0, 18)),
             group: Histogram::new(exponential_buckets(1.0, 2.0, 14)),
             commits: Counter::default(),
             registry: Registry::default(),
         };
+        m.process.register(&mut root);
+        let registry = root.sub_registry_with_prefix("muster");
+        muster_protocol::procstat::register_build_info(registry, env!("CARGO_PKG_VERSION"));
+        registry.register(
+            "sessions_opened",
+            "Sidecar sessions welcomed since the hub started",
+            m.sessions_opened.clone(),
+        );
+        registry.register(
+            "sessions_refused",
+            "Sidecar hellos refused since the hub started (unknown or revoked certificate, bad hello)",
+            m.sessions_refused.clone(),
+        );
+        registry.register(
+            "enrollments",
+            "Enrollments since the hub started, by result (enrolled, refused)",
+            m.enrollments.clone(),
+        );
         registry.register("tasks", "Live tasks by state", m.tasks.clone());
         registry.register(
             "tasks_finished",
@@ -119,16 +142,6 @@ impl Default for HubMetrics {
             m.bytes.clone(),
         );
         registry.register(
-            "messages_per_finished_task",
-            "Protocol messages per finished task",
-            m.per_task_messages.clone(),
-        );
-        registry.register(
-            "bytes_per_finished_task",
-            "Protocol bytes per finished task",
-            m.per_task_bytes.clone(),
-        );
-        registry.register(
             "dispatch_latency_seconds",
             "Submit to running",
             m.dispatch.clone(),
@@ -152,7 +165,15 @@ impl Default for HubMetrics {
                 .finished
                 .get_or_create(&vec![("state", t.as_str().to_string())]);
         }
-        HubMetrics { registry, ..m }
+        for result in ["enrolled", "refused"] {
+            let _ = m
+                .enrollments
+                .get_or_create(&vec![("result", result.to_string())]);
+        }
+        HubMetrics {
+            registry: root,
+            ..m
+        }
     }
 }
 
@@ -233,9 +254,22 @@ impl HubMetrics {
         let bytes = shell.bytes.load(Ordering::Relaxed);
         advance(&self.messages, msgs);
         advance(&self.bytes, bytes);
-        let finished = snap.counters.finished.max(1) as f64;
-        self.per_task_messages.set(msgs as f64 / finished);
-        self.per_task_bytes.set(bytes as f64 / finished);
+        // Ratios (messages per finished task, say) are left to PromQL:
+        // muster_protocol_messages_total / sum(muster_tasks_finished_total).
+        advance(&self.sessions_opened, snap.counters.sessions_opened);
+        advance(&self.sessions_refused, snap.counters.sessions_refused);
+        for (result, n) in [
+            ("enrolled", snap.counters.enrollments),
+            ("refused", snap.counters.enrollments_refused),
+        ] {
+            advance(
+                &self
+                    .enrollments
+                    .get_or_create(&vec![("result", result.to_string())]),
+                n,
+            );
+        }
+        self.process.update();
         let mut out = String::new();
         if encode(&mut out, &self.registry).is_err() {
             out.push_str("# encoding failed\n");

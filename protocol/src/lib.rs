@@ -18,6 +18,7 @@ pub mod framing;
 pub mod http;
 pub mod join_token;
 pub mod logstyle;
+pub mod procstat;
 pub mod tls;
 
 pub use framing::{FrameError, FrameReader, FrameWriter, frame_codec, framed};

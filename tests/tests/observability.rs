@@ -229,14 +229,18 @@ fn parse_exposition(text: &str, prefix: &str) -> Result<Exposition, String> {
                 Some("EOF") => return Err(at("# EOF before the end".into())),
                 Some("HELP" | "UNIT") => {
                     let name = parts.next().unwrap_or("");
-                    if !name.starts_with(prefix) || !valid_name(name) {
+                    if !(name.starts_with(prefix) || name.starts_with("process_"))
+                        || !valid_name(name)
+                    {
                         return Err(at(format!("metric name not under {prefix}")));
                     }
                 }
                 Some("TYPE") => {
                     let name = parts.next().unwrap_or("");
                     let ty = parts.next().unwrap_or("").trim();
-                    if !name.starts_with(prefix) || !valid_name(name) {
+                    if !(name.starts_with(prefix) || name.starts_with("process_"))
+                        || !valid_name(name)
+                    {
                         return Err(at(format!("metric name not under {prefix}")));
                     }
                     let known = [
@@ -263,7 +267,7 @@ fn parse_exposition(text: &str, prefix: &str) -> Result<Exposition, String> {
         if !valid_name(name) {
             return Err(at(format!("bad metric name {name:?}")));
         }
-        if !name.starts_with(prefix) {
+        if !name.starts_with(prefix) && !name.starts_with("process_") {
             return Err(at(format!("metric name not under {prefix}")));
         }
         let (labels, rest) = if line[name_end..].starts_with('{') {
@@ -355,19 +359,27 @@ fn metrics_parse_as_prometheus_text_and_counters_move_when_tasks_run() {
         ("muster_tasks_finished", "counter"),
         ("muster_protocol_messages", "counter"),
         ("muster_protocol_bytes", "counter"),
-        ("muster_messages_per_finished_task", "gauge"),
-        ("muster_bytes_per_finished_task", "gauge"),
+        ("muster_build_info", "gauge"),
+        ("muster_sessions_opened", "counter"),
+        ("muster_sessions_refused", "counter"),
+        ("muster_enrollments", "counter"),
+        ("process_cpu_seconds", "counter"),
+        ("process_resident_memory_bytes", "gauge"),
+        ("process_open_fds", "gauge"),
+        ("process_start_time_seconds", "gauge"),
         ("muster_commit_latency_seconds", "histogram"),
         ("muster_commit_group_size", "histogram"),
         ("muster_commits", "counter"),
         ("muster_alerts_open", "gauge"),
     ];
+    // The standard process families have no prefix of ours.
+    let everything = scrape(http, "");
     for (name, ty) in families {
         assert_eq!(
-            before.types.get(name).map(String::as_str),
+            everything.types.get(name).map(String::as_str),
             Some(ty),
             "no `# TYPE {name} {ty}`; types: {:?}",
-            before.types
+            everything.types
         );
     }
     // Tasks by every live state, agents by every derived state, alerts by every kind.
@@ -477,13 +489,20 @@ fn metrics_parse_as_prometheus_text_and_counters_move_when_tasks_run() {
         Some(1.0),
         "one agent online"
     );
-    for per_task in [
-        "muster_messages_per_finished_task",
-        "muster_bytes_per_finished_task",
-    ] {
-        let v = after.value_or_0(per_task, &[]);
-        assert!(v > 0.0 && v.is_finite(), "{per_task} = {v}");
-    }
+    // Ratios are left to PromQL: messages per finished task from the two counters.
+    let finished: f64 = ["completed", "failed", "cancelled"]
+        .iter()
+        .map(|s| after.value_or_0("muster_tasks_finished_total", &[("state", s)]))
+        .sum();
+    let per_task = after.value_or_0("muster_protocol_messages_total", &[]) / finished;
+    assert!(
+        per_task > 0.0 && per_task.is_finite(),
+        "messages per finished task = {per_task}"
+    );
+    assert!(
+        after.value_or_0("muster_sessions_opened_total", &[]) >= 1.0,
+        "the sidecar's session was counted"
+    );
     // The dispatch histogram is cumulative: buckets never decrease, +Inf = count.
     let mut buckets: Vec<(f64, f64)> = after
         .samples
@@ -561,8 +580,19 @@ fn healthz_turns_503_with_a_reason_when_the_data_dir_is_not_writable() {
         std::fs::remove_file(&probe).expect("remove the probe file");
     }
     std::fs::create_dir(&probe).expect("create a directory at the probe path");
-    let (status, body) = get(http, "/healthz");
-    assert_eq!(status, 503, "healthz with an unwritable probe: {body}");
+    // The verdict is probed at most once per 5 s, so it turns within that.
+    let body = wait_for(
+        Duration::from_secs(15),
+        "/readyz to turn 503",
+        || match get(http, "/readyz") {
+            (503, body) => Ok(body),
+            (s, body) => Err(format!("{s}: {body}")),
+        },
+    );
+    let (status, healthz) = get(http, "/healthz");
+    assert_eq!(status, 503, "/healthz is /readyz: {healthz}");
+    let (status, live) = get(http, "/livez");
+    assert_eq!(status, 200, "/livez does no IO and stays up: {live}");
     assert!(
         body.contains("not writable") && body.contains(".healthz"),
         "503 without a reason naming the probe: {body:?}"
@@ -572,8 +602,14 @@ fn healthz_turns_503_with_a_reason_when_the_data_dir_is_not_writable() {
     assert_eq!(status, 200, "/metrics while unhealthy");
 
     std::fs::remove_dir(&probe).expect("remove the directory");
-    let (status, body) = get(http, "/healthz");
-    assert_eq!(status, 200, "healthz after the fix: {body}");
+    wait_for(
+        Duration::from_secs(15),
+        "/readyz to turn 200 again",
+        || match get(http, "/readyz") {
+            (200, body) => Ok(body),
+            (s, body) => Err(format!("{s}: {body}")),
+        },
+    );
     let (status, _) = get(http, "/nope");
     assert_eq!(status, 404, "an unknown path");
 }

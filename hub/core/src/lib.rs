@@ -220,6 +220,14 @@ pub struct Counters {
     pub finished_by_state: HashMap<TaskState, u64>,
     /// Tokens and cost reported, in all, per agent and per label.
     pub usage: usage::UsageTotals,
+    /// Sidecar sessions welcomed.
+    pub sessions_opened: u64,
+    /// Sidecar hellos refused.
+    pub sessions_refused: u64,
+    /// Enrollments that succeeded.
+    pub enrollments: u64,
+    /// Enrollments refused (bad, used or expired token, name held, …).
+    pub enrollments_refused: u64,
 }
 
 /// What `/metrics` shows of the core, taken when scraped.
@@ -592,6 +600,14 @@ impl Core {
                 reply,
             } => {
                 let resp = self.on_enroll(now, &secret_hash, role, &name, cert, grant);
+                match resp {
+                    muster_wire::msg::EnrollResponse::Enrolled { .. } => {
+                        self.counters.enrollments += 1;
+                    }
+                    muster_wire::msg::EnrollResponse::Refused(_) => {
+                        self.counters.enrollments_refused += 1;
+                    }
+                }
                 self.out.replies.push((reply, Reply::Enroll(resp)));
             }
             Input::Tick => self.on_tick(now),

@@ -20,6 +20,7 @@ use crate::{Agent, ConnId, Core, Write};
 impl Core {
     pub(crate) fn on_hello(&mut self, now: Millis, conn: ConnId, fingerprint: &str, hello: Hello) {
         let refuse = |core: &mut Core, r: Refused| {
+            core.counters.sessions_refused += 1;
             core.out.sends.push((conn, HubMsg::Refused(r)));
             core.out.closes.push(conn);
         };
@@ -91,6 +92,7 @@ impl Core {
         agent.self_test_passed = true;
         let rec = agent.rec.clone();
         self.conns.insert(conn, name.clone());
+        self.counters.sessions_opened += 1;
         self.out.writes.push(Write::Agent(rec));
         self.out.sends.push((
             conn,

@@ -99,6 +99,7 @@ pub(super) fn core_loop(
     #[cfg(feature = "test-hooks")]
     let stall_file = stall_hook();
     let mut batch = Vec::with_capacity(BATCH_LEN_MAX);
+    let mut readiness = super::http::Readiness::default();
     let mut stopping = false;
     while !stopping {
         let Some(first) = rx.blocking_recv() else {
@@ -257,7 +258,12 @@ pub(super) fn core_loop(
                         continue;
                     }
                     ToCore::Health(tx) => {
-                        let _ = tx.send(health(&store, &data_dir));
+                        let verdict = readiness.check(Instant::now(), || health(&store, &data_dir));
+                        let _ = tx.send(verdict);
+                        continue;
+                    }
+                    ToCore::Live(tx) => {
+                        let _ = tx.send(());
                         continue;
                     }
                     ToCore::Shutdown => {
@@ -302,6 +308,7 @@ pub(super) fn core_loop(
             hub_metrics.dispatch.observe(*ms as f64 / 1000.0);
         }
         if !out.writes.is_empty() {
+            readiness.committed(Instant::now());
             hub_metrics.commit.observe(started.elapsed().as_secs_f64());
             hub_metrics.group.observe(out.writes.len() as f64);
             hub_metrics.commits.inc();

@@ -142,8 +142,10 @@ enum ToCore {
     },
     /// `/metrics`: render the registry from a fresh core snapshot.
     Scrape(oneshot::Sender<String>),
-    /// `/healthz`: is the store writable?
+    /// `/readyz`: is the store writable (see [`http::Readiness`])?
     Health(oneshot::Sender<Result<(), String>>),
+    /// `/livez`: does the core loop answer?
+    Live(oneshot::Sender<()>),
     /// Finish the current batch, commit it, and stop.
     Shutdown,
 }

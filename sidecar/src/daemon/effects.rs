@@ -34,9 +34,21 @@ impl Daemon {
     pub(super) fn observe_run(&mut self, e: &RunEvent) {
         match e {
             RunEvent::Preparing { .. } | RunEvent::Prepared { .. } | RunEvent::Started { .. } => {}
-            RunEvent::Finished { outcome, .. } => {
+            RunEvent::Finished {
+                task,
+                generation,
+                outcome,
+                ..
+            } => {
                 if *outcome == muster_protocol::msg::Outcome::AgentExited {
                     self.stats.probe_failures.inc();
+                }
+                self.stats
+                    .runs_ended
+                    .get_or_create(&vec![("outcome", outcome.as_str().to_string())])
+                    .inc();
+                if let Some(at) = self.run_spawned.remove(&(*task, *generation)) {
+                    self.stats.run_duration.observe(at.elapsed().as_secs_f64());
                 }
             }
             RunEvent::Spawned {
@@ -50,6 +62,11 @@ impl Daemon {
                 if self.handles.len() >= HANDLES_MAX {
                     self.handles.clear();
                 }
+                if self.run_spawned.len() >= HANDLES_MAX {
+                    self.run_spawned.clear();
+                }
+                self.run_spawned
+                    .insert((*task, *generation), Instant::now());
                 self.handles.insert((*task, *generation), handle.clone());
             }
         }

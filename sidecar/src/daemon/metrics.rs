@@ -1,6 +1,12 @@
-//! The sidecar's metrics and its `/metrics` and `/healthz` endpoint: counters
-//! and a histogram updated as events pass, gauges set from the core when
-//! scraped. The HTTP task only asks the daemon loop, which owns the state.
+//! The sidecar's metrics and its `/metrics`, `/livez` and `/readyz` endpoint
+//! (`/healthz` is `/readyz`): counters and histograms updated as events pass,
+//! gauges set from the core when scraped. The HTTP task only asks the daemon
+//! loop, which owns the state.
+//!
+//! `/livez`: the loop answers. `/readyz`: the queue is writable (a write probe
+//! made at most once per [`PROBE_EVERY`], however often it is asked) and the
+//! hub session is up: a sidecar that cannot reach its hub gets no work, and a
+//! load balancer or supervisor should know.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -25,6 +31,13 @@ pub(super) struct SidecarStats {
     pub(super) probe_failures: prometheus_client::metrics::counter::Counter,
     pub(super) reconnects: prometheus_client::metrics::counter::Counter,
     pub(super) wake_latency: prometheus_client::metrics::histogram::Histogram,
+    pub(super) self_test: prometheus_client::metrics::gauge::Gauge,
+    pub(super) runs_ended: prometheus_client::metrics::family::Family<
+        Vec<(&'static str, String)>,
+        prometheus_client::metrics::counter::Counter,
+    >,
+    pub(super) run_duration: prometheus_client::metrics::histogram::Histogram,
+    pub(super) process: muster_protocol::procstat::ProcessMetrics,
 }
 
 impl Default for SidecarStats {
@@ -40,8 +53,37 @@ impl Default for SidecarStats {
             probe_failures: Default::default(),
             reconnects: Default::default(),
             wake_latency: Histogram::new(exponential_buckets(0.001, 2.0, 18)),
+            self_test: Default::default(),
+            runs_ended: Default::default(),
+            // 0.1 s to about 14 h.
+            run_duration: Histogram::new(exponential_buckets(0.1, 2.0, 20)),
+            process: Default::default(),
         };
-        let mut r = prometheus_client::registry::Registry::with_prefix("muster_sidecar");
+        // The root holds the standard `process_*` families; ours are under `muster_sidecar_`.
+        let mut root = prometheus_client::registry::Registry::default();
+        s.process.register(&mut root);
+        let r = root.sub_registry_with_prefix("muster_sidecar");
+        muster_protocol::procstat::register_build_info(r, env!("CARGO_PKG_VERSION"));
+        r.register(
+            "self_test_passed",
+            "1 while the last self-test passed (command, disk, hub round trip), else 0",
+            s.self_test.clone(),
+        );
+        r.register(
+            "runs_ended",
+            "Agent runs ended, by outcome",
+            s.runs_ended.clone(),
+        );
+        r.register(
+            "run_duration_seconds",
+            "From a run's spawn to its end",
+            s.run_duration.clone(),
+        );
+        for o in muster_protocol::msg::Outcome::ALL {
+            let _ = s
+                .runs_ended
+                .get_or_create(&vec![("outcome", o.as_str().to_string())]);
+        }
         r.register(
             "queue_depth",
             "Tasks held by this sidecar",
@@ -74,12 +116,29 @@ impl Default for SidecarStats {
             "Start of a run to its verified start",
             s.wake_latency.clone(),
         );
-        SidecarStats { registry: r, ..s }
+        SidecarStats {
+            registry: root,
+            ..s
+        }
     }
 }
 
-/// A `/metrics` or `/healthz` request to the daemon loop.
-pub(super) type Scrape = oneshot::Sender<(bool, String)>;
+/// How long a verdict of the queue's write probe stays good.
+pub(super) const PROBE_EVERY: Duration = Duration::from_secs(5);
+
+/// What the loop answers an HTTP request with.
+#[derive(Debug)]
+pub(super) struct Answer {
+    /// Whether the queue is writable, or why not.
+    pub(super) writable: Result<(), String>,
+    /// Whether the hub session is up.
+    pub(super) connected: bool,
+    /// The metrics text.
+    pub(super) metrics: String,
+}
+
+/// A `/metrics`, `/livez` or `/readyz` request to the daemon loop.
+pub(super) type Scrape = oneshot::Sender<Answer>;
 
 pub(super) fn http_handler(tx: mpsc::Sender<Scrape>) -> muster_protocol::http::Handler {
     use muster_protocol::http::{PROMETHEUS, TEXT};
@@ -90,9 +149,7 @@ pub(super) fn http_handler(tx: mpsc::Sender<Scrape>) -> muster_protocol::http::H
             if tx.try_send(otx).is_err() {
                 return (503, TEXT, "the sidecar loop is busy\n".into());
             }
-            let Ok(Ok((healthy, metrics))) =
-                tokio::time::timeout(Duration::from_secs(2), orx).await
-            else {
+            let Ok(Ok(a)) = tokio::time::timeout(Duration::from_secs(2), orx).await else {
                 return (
                     503,
                     TEXT,
@@ -100,10 +157,22 @@ pub(super) fn http_handler(tx: mpsc::Sender<Scrape>) -> muster_protocol::http::H
                 );
             };
             match path.as_str() {
-                "/metrics" => (200, PROMETHEUS, metrics),
-                "/healthz" if healthy => (200, TEXT, "ok\n".into()),
-                "/healthz" => (503, TEXT, "unhealthy: the queue is not writable\n".into()),
-                _ => (404, TEXT, "try /metrics or /healthz\n".into()),
+                "/metrics" => (200, PROMETHEUS, a.metrics),
+                "/livez" => (200, TEXT, "ok: the sidecar loop answers\n".into()),
+                "/readyz" | "/healthz" => match (&a.writable, a.connected) {
+                    (Ok(()), true) => (200, TEXT, "ok: queue writable, hub connected\n".into()),
+                    (Err(e), _) => (
+                        503,
+                        TEXT,
+                        format!("not ready: the queue is not writable: {e}\n"),
+                    ),
+                    (Ok(()), false) => (
+                        503,
+                        TEXT,
+                        "not ready: not connected to the hub (see the sidecar's log)\n".into(),
+                    ),
+                },
+                _ => (404, TEXT, "try /metrics, /livez or /readyz\n".into()),
             }
         })
     })
@@ -117,6 +186,8 @@ impl Daemon {
         m.busy.set(core.busy() as i64);
         m.outbox.set(core.outbox().count() as i64);
         m.connected.set(i64::from(self.tx.is_some()));
+        m.self_test.set(i64::from(self.last_self_test.passed));
+        m.process.update();
         let mut out = String::new();
         if prometheus_client::encoding::text::encode(&mut out, &m.registry).is_err() {
             out.push_str("# encoding failed\n");

@@ -225,6 +225,8 @@ async fn start(opts: Options) -> Result<(Daemon, Core, Arc<Queue>, Io), DaemonEr
         draining: false,
         stats: SidecarStats::default(),
         wake: WakeClock::default(),
+        probe: Arc::new(std::sync::Mutex::new(None)),
+        run_spawned: std::collections::HashMap::new(),
         orphans: std::collections::HashMap::new(),
         releases: Vec::new(),
         workspaces: opts.workspaces,
@@ -360,18 +362,49 @@ async fn sleep_until(at: Option<Instant>) {
     }
 }
 
-/// Answers a `/metrics` or `/healthz` request: metrics from the loop's state,
-/// health from a write probe (a redb commit, off the async workers).
+/// Answers a `/metrics`, `/livez` or `/readyz` request: metrics from the loop's
+/// state; whether the queue is writable from a write probe (a redb commit, off
+/// the async workers) at most once per [`metrics::PROBE_EVERY`].
 fn scrape(d: &Daemon, core: &Core, queue: &Arc<Queue>, req: Scrape) {
     let metrics = d.render_metrics(core);
+    let connected = d.tx.is_some();
+    let cache = Arc::clone(&d.probe);
+    let fresh = lock(&cache)
+        .as_ref()
+        .filter(|(at, _)| at.elapsed() < metrics::PROBE_EVERY)
+        .map(|(_, v)| v.clone());
+    if let Some(writable) = fresh {
+        let _ = req.send(metrics::Answer {
+            writable,
+            connected,
+            metrics,
+        });
+        return;
+    }
     let q = Arc::clone(queue);
     let probe = [Effect::NextReport(core.next_report())];
     tokio::spawn(async move {
-        let healthy = tokio::task::spawn_blocking(move || q.apply(&probe).is_ok())
-            .await
-            .unwrap_or(false);
-        let _ = req.send((healthy, metrics));
+        let writable = tokio::task::spawn_blocking(move || {
+            q.apply(&probe).map(drop).map_err(|e| e.to_string())
+        })
+        .await
+        .unwrap_or_else(|_| Err("the write probe panicked".into()));
+        *lock(&cache) = Some((Instant::now(), writable.clone()));
+        let _ = req.send(metrics::Answer {
+            writable,
+            connected,
+            metrics,
+        });
     });
+}
+
+/// The last verdict of the queue's write probe and when it was made, shared
+/// with the task that makes the probe.
+type ProbeCache = Arc<std::sync::Mutex<Option<(Instant, Result<(), String>)>>>;
+
+/// The probe cache's lock; a panic while it was held leaves a usable value.
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Stops taking work, tells the hub, and gives it [`DRAIN_GRACE`] to
@@ -460,6 +493,11 @@ struct Daemon {
     stats: SidecarStats,
     /// When each run was started, for the wake latency.
     wake: WakeClock,
+    /// The last verdict of the queue's write probe, and when it was made.
+    probe: ProbeCache,
+    /// When each run was spawned, for the run duration histogram.
+    run_spawned:
+        std::collections::HashMap<(muster_protocol::TaskId, muster_protocol::Generation), Instant>,
     /// The handles of runs found at startup for attempts the store never
     /// recorded (spawned, then the sidecar died before the acceptance's
     /// commit). The core decides which are adopted and which ended.
