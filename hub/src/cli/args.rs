@@ -13,16 +13,15 @@ use muster_protocol::msg::Role;
     about = "The muster hub: schedules agent tasks across machines"
 )]
 pub(crate) struct Cli {
-    /// Log format for daemons.
-    #[arg(long, value_enum, default_value = "text", global = true)]
-    pub(crate) log_format: LogFormat,
     #[command(subcommand)]
     pub(crate) command: Command,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
 pub(crate) enum LogFormat {
+    /// One line per event, for people and journald.
     Text,
+    /// One JSON object per line, for log shippers.
     Json,
 }
 
@@ -55,6 +54,9 @@ pub(crate) enum Command {
         /// The data directory.
         #[arg(long)]
         data_dir: Option<PathBuf>,
+        /// Log line format: text for people and journald, json for log shippers.
+        #[arg(long, value_enum, default_value = "text")]
+        log_format: LogFormat,
     },
     /// Join tokens.
     Token {
@@ -77,7 +79,7 @@ pub(crate) enum Command {
         #[arg(long)]
         name: Option<String>,
         /// The role to enroll with; by default the one the token grants.
-        #[arg(long)]
+        #[arg(long, value_parser = role_parser())]
         role: Option<Role>,
         /// Where to save the credential (default: ~/.config/muster/operator.toml).
         #[arg(long = "save-to")]
@@ -88,7 +90,7 @@ pub(crate) enum Command {
     /// List tasks, newest first.
     Tasks {
         /// Only this state.
-        #[arg(long)]
+        #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(STATES))]
         state: Option<String>,
         /// Only tasks of this agent.
         #[arg(long)]
@@ -102,6 +104,7 @@ pub(crate) enum Command {
         /// Continue from a previous page's cursor.
         #[arg(long)]
         cursor: Option<u64>,
+        /// Print JSON (one document) instead of text, for scripts.
         #[arg(long)]
         json: bool,
         #[command(flatten)]
@@ -111,6 +114,7 @@ pub(crate) enum Command {
     Task {
         #[command(subcommand)]
         command: TaskCommand,
+        /// Print JSON (one document) instead of text, for scripts.
         #[arg(long, global = true)]
         json: bool,
         #[command(flatten)]
@@ -118,6 +122,7 @@ pub(crate) enum Command {
     },
     /// List agents with their state.
     Agents {
+        /// Print JSON (one document) instead of text, for scripts.
         #[arg(long)]
         json: bool,
         #[command(flatten)]
@@ -127,6 +132,7 @@ pub(crate) enum Command {
     Identity {
         #[command(subcommand)]
         command: IdentityCommand,
+        /// Print JSON (one document) instead of text, for scripts.
         #[arg(long, global = true)]
         json: bool,
         #[command(flatten)]
@@ -136,6 +142,7 @@ pub(crate) enum Command {
     Agent {
         #[command(subcommand)]
         command: AgentCommand,
+        /// Print JSON (one document) instead of text, for scripts.
         #[arg(long, global = true)]
         json: bool,
         #[command(flatten)]
@@ -146,6 +153,7 @@ pub(crate) enum Command {
         /// Resume from this sequence number.
         #[arg(long)]
         from: Option<u64>,
+        /// Print JSON (one document) instead of text, for scripts.
         #[arg(long)]
         json: bool,
         #[command(flatten)]
@@ -153,6 +161,7 @@ pub(crate) enum Command {
     },
     /// Open alerts.
     Alerts {
+        /// Print JSON (one document) instead of text, for scripts.
         #[arg(long)]
         json: bool,
         #[command(flatten)]
@@ -160,6 +169,7 @@ pub(crate) enum Command {
     },
     /// Coordination figures: messages and bytes per task, commits.
     Stats {
+        /// Print JSON (one document) instead of text, for scripts.
         #[arg(long)]
         json: bool,
         #[command(flatten)]
@@ -176,12 +186,12 @@ pub(crate) enum Command {
     /// Example: muster-hub identities --role operator
     Identities {
         /// Only this role.
-        #[arg(long)]
+        #[arg(long, value_parser = role_parser())]
         role: Option<Role>,
         /// Also revoked identities.
         #[arg(long)]
         all: bool,
-        /// Print JSON.
+        /// Print JSON (one document) instead of text, for scripts.
         #[arg(long)]
         json: bool,
         #[command(flatten)]
@@ -192,7 +202,7 @@ pub(crate) enum Command {
     /// Example: muster-hub dashboard --role operator
     Dashboard {
         /// The browser session's role: at most your own (default: your own).
-        #[arg(long)]
+        #[arg(long, value_parser = role_parser())]
         role: Option<Role>,
         #[command(flatten)]
         connect: ConnectArgs,
@@ -215,8 +225,8 @@ pub(crate) enum TokenCommand {
         /// token for the HTTP API (`Authorization: Bearer ...`), usable until it expires.
         #[arg(long, value_enum, default_value = "join")]
         kind: TokenKind,
-        /// The role it grants (join: agent, operator or admin; api: operator or admin).
-        #[arg(long)]
+        /// The role it grants (join: agent, operator, submitter or admin; api: operator, submitter or admin).
+        #[arg(long, value_parser = role_parser())]
         role: Option<Role>,
         /// How long it is valid (default: join 1h, api 30d).
         #[arg(long)]
@@ -241,7 +251,7 @@ pub(crate) enum TokenCommand {
         /// Only this kind (default: both).
         #[arg(long, value_enum)]
         kind: Option<TokenKind>,
-        /// Print JSON.
+        /// Print JSON (one document) instead of text, for scripts.
         #[arg(long)]
         json: bool,
     },
@@ -274,7 +284,7 @@ pub(crate) enum IdentityCommand {
         /// Its name.
         name: Option<String>,
         /// Its role (agents and operators have separate namespaces).
-        #[arg(long, default_value = "operator", requires = "name")]
+        #[arg(long, default_value = "operator", requires = "name", value_parser = role_parser())]
         role: Role,
         /// Its certificate fingerprint, or a unique prefix of at least 8 hex digits.
         #[arg(long, conflicts_with = "name")]
@@ -378,8 +388,8 @@ pub(crate) struct SubmitArgs {
     /// Task timeout, e.g. 30m.
     #[arg(long)]
     pub(crate) timeout: Option<String>,
-    /// On timeout: fail or retry.
-    #[arg(long, default_value = "fail")]
+    /// On timeout: fail the task, or retry it if attempts remain.
+    #[arg(long, default_value = "fail", value_parser = clap::builder::PossibleValuesParser::new(["fail", "retry"]))]
     pub(crate) timeout_action: String,
     /// Run only after this task completes (repeatable).
     #[arg(long = "after")]
@@ -403,8 +413,29 @@ pub(crate) struct SubmitArgs {
     /// Follow the task to its end; exit 0 only if it completed.
     #[arg(long)]
     pub(crate) wait: bool,
+    /// Print JSON (one document) instead of text, for scripts.
     #[arg(long)]
     pub(crate) json: bool,
     #[command(flatten)]
     pub(crate) connect: ConnectArgs,
+}
+
+/// Task states, as `--state` takes them.
+const STATES: [&str; 8] = [
+    "blocked",
+    "queued",
+    "assigned",
+    "accepted",
+    "running",
+    "completed",
+    "failed",
+    "cancelled",
+];
+
+/// `--role`: its values listed in `--help`, parsed into a [`Role`].
+fn role_parser() -> impl clap::builder::TypedValueParser<Value = Role> {
+    use clap::builder::TypedValueParser;
+    // Only the listed words get this far, and each parses.
+    clap::builder::PossibleValuesParser::new(["agent", "operator", "submitter", "admin"])
+        .map(|s| s.parse::<Role>().unwrap_or(Role::Operator))
 }

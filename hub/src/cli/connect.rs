@@ -298,65 +298,119 @@ fn s(v: &Value, k: &str) -> String {
 
 /// The `agents` table.
 pub fn agents_table(v: &Value) -> String {
-    let mut out = format!(
-        "{:<20} {:<8} {:<9} {:>5} {:>7} {:>8} {:>10}  {}\n",
-        "NAME", "STATE", "AVAILABLE", "TASKS", "LOAD", "MEM(MB)", "HB AGE(s)", "WHY"
-    );
-    for a in v["agents"].as_array().into_iter().flatten() {
-        out.push_str(&agent_line(a));
-    }
+    let rows: Vec<[String; 8]> = v["agents"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(agent_row)
+        .collect();
+    let mut out = if rows.is_empty() {
+        "no agents enrolled; `muster-hub token create` makes a join token for one\n".into()
+    } else {
+        crate::cli::dispatch::table(
+            &[
+                "NAME",
+                "STATE",
+                "AVAILABLE",
+                "TASKS",
+                "LOAD",
+                "MEM FREE",
+                "HEARTBEAT",
+                "WHY",
+            ],
+            &rows,
+        )
+    };
     if v["truncated"] == true {
         out.push_str(&format!(
-            "… {} agents in all ({}); `muster-hub agent show NAME` shows any one\n",
-            v["total"], v["by_state"]
+            "… {} agents in all; `muster-hub agent show NAME` shows any one\n",
+            v["total"]
         ));
     }
     out
 }
 
-fn agent_line(a: &Value) -> String {
+fn agent_row(a: &Value) -> [String; 8] {
     let load = a["host"]["load1"]
         .as_f64()
         .map_or("-".into(), |l| format!("{l:.2}"));
     let mem = a["host"]["mem_available_bytes"]
         .as_u64()
-        .map_or("-".into(), |m| (m >> 20).to_string());
-    let age = a["last_heartbeat_age_ms"]
-        .as_u64()
-        .map_or("-".into(), |m| format!("{:.1}", m as f64 / 1000.0));
+        .map_or("-".into(), |m| format!("{} MiB", m >> 20));
+    let age = a["last_heartbeat_age_ms"].as_u64().map_or("-".into(), |m| {
+        format!("{} ago", crate::cli::dispatch::span(m / 1000))
+    });
     let why = [s(a, "why"), s(a, "unavailable_reason")]
         .into_iter()
         .filter(|x| !x.is_empty() && x != "-")
         .collect::<Vec<_>>()
         .join("; ");
-    format!(
-        "{:<20} {:<8} {:<9} {:>5} {:>7} {:>8} {:>10}  {}\n",
+    [
         s(a, "name"),
         s(a, "state"),
         if a["available"].as_bool() == Some(true) {
             "yes"
         } else {
             "no"
-        },
+        }
+        .into(),
         format!("{}/{}", s(a, "tasks"), s(a, "slots")),
         load,
         mem,
         age,
-        why
-    )
+        why,
+    ]
 }
 
 /// One agent in detail.
 pub fn agent_detail(a: &Value) -> String {
-    let mut out = agent_line(a);
-    out.push_str(&format!(
-        "  version {}  capabilities {}  drained {}  revoked {}\n  self-test {}\n",
+    let [name, state, available, tasks, load, mem, age, why] = agent_row(a);
+    let list = |k: &str| {
+        let items: Vec<&str> = a[k]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|c| c.as_str())
+            .collect();
+        if items.is_empty() {
+            "none".to_string()
+        } else {
+            items.join(", ")
+        }
+    };
+    let yes = |k: &str| if a[k] == true { "yes" } else { "no" };
+    let t = &a["self_test"];
+    let self_test = if t.is_null() {
+        "not run yet".to_string()
+    } else if t["passed"] == true {
+        format!(
+            "passed (command ok, disk ok{})",
+            t["hub_rtt_us"]
+                .as_u64()
+                .map(|us| format!(", hub round trip {:.1} ms", us as f64 / 1000.0))
+                .unwrap_or_default()
+        )
+    } else {
+        let problems: Vec<&str> = t["problems"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|p| p.as_str())
+            .collect();
+        format!("FAILED: {}", problems.join("; "))
+    };
+    let mut out = format!("agent {name}  {state}  available {available}");
+    if !why.is_empty() {
+        out += &format!("  ({why})");
+    }
+    out += &format!(
+        "\n  tasks {tasks}  load {load}  memory free {mem}  last heartbeat {age}\n  version {}  capabilities {}  workspace {}\n  drained {}  revoked {}\n  self-test {self_test}\n",
         s(a, "version"),
-        a["capabilities"],
-        s(a, "drained"),
-        s(a, "revoked"),
-        a["self_test"]
-    ));
+        list("capabilities"),
+        s(a, "workspace"),
+        yes("drained"),
+        yes("revoked"),
+    );
     out
 }
 

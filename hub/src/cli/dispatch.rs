@@ -13,6 +13,104 @@ use muster_protocol::duration::parse_duration;
 use muster_protocol::msg::{OpRequest, Role};
 use muster_protocol::{AgentName, TaskId};
 
+/// What `agent drain|undrain|revoke|set` did, in a sentence.
+fn agent_change(v: &serde_json::Value) -> String {
+    let name = v["name"].as_str().unwrap_or("?");
+    if let Some(d) = v["drained"].as_bool() {
+        return if d {
+            format!("agent {name} drained: it takes no new work; its running tasks go on\n")
+        } else {
+            format!("agent {name} undrained: it takes work again\n")
+        };
+    }
+    if v["revoked"] == true {
+        return format!(
+            "agent {name} revoked: its session is closed and its certificate refused; its tasks are re-queued after the lost grace\n"
+        );
+    }
+    if let Some(slots) = v["slots"].as_u64() {
+        let caps: Vec<&str> = v["capabilities"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|c| c.as_str())
+            .collect();
+        return format!(
+            "agent {name} may now claim {slots} slots and capabilities: {}\n",
+            if caps.is_empty() {
+                "none".to_string()
+            } else {
+                caps.join(", ")
+            }
+        );
+    }
+    format!("agent {name}: done\n")
+}
+
+/// `alerts`: one row per open alert, oldest first.
+fn alerts_table(v: &serde_json::Value) -> String {
+    let rows: Vec<[String; 4]> = v["alerts"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|a| {
+            [
+                a["alert"].as_str().unwrap_or_default().to_string(),
+                a["subject"].as_str().unwrap_or_default().to_string(),
+                a["since"].as_u64().map_or("-".into(), |t| {
+                    crate::cli::when(t)
+                        .split(" (")
+                        .next()
+                        .unwrap_or_default()
+                        .to_string()
+                }),
+                a["message"].as_str().unwrap_or_default().to_string(),
+            ]
+        })
+        .collect();
+    if rows.is_empty() {
+        return "no open alerts\n".into();
+    }
+    let mut out = table(&["ALERT", "SUBJECT", "SINCE", "MESSAGE"], &rows);
+    if v["truncated"] == true {
+        out += &format!("… {} open in all; --json lists what fits\n", v["total"]);
+    }
+    out
+}
+
+/// `stats`: one figure per line, numbers rounded for reading.
+fn stats_lines(v: &serde_json::Value) -> String {
+    let Some(o) = v.as_object() else {
+        return String::new();
+    };
+    let rows: Vec<[String; 2]> = o
+        .iter()
+        .map(|(k, x)| {
+            let shown = match x {
+                serde_json::Value::Number(n) if n.is_f64() => {
+                    let f = n.as_f64().unwrap_or(0.0);
+                    if f.abs() >= 100.0 {
+                        format!("{f:.0}")
+                    } else {
+                        format!("{f:.2}")
+                    }
+                }
+                serde_json::Value::Object(_) | serde_json::Value::Array(_) => {
+                    let t = x.to_string();
+                    if t.len() > 120 {
+                        format!("{}… (--json shows all)", &t[..t.floor_char_boundary(117)])
+                    } else {
+                        t
+                    }
+                }
+                other => other.to_string().trim_matches('"').to_string(),
+            };
+            [k.clone(), shown]
+        })
+        .collect();
+    table(&["FIGURE", "VALUE"], &rows)
+}
+
 /// `token list`: one table of join and API tokens.
 fn tokens_table(v: &serde_json::Value) -> String {
     let mut rows = Vec::new();
@@ -144,7 +242,9 @@ pub(crate) async fn run(command: Command) -> Result<(), CliError> {
             advertise,
             force,
         } => init(data_dir, listen, sans, advertise, force),
-        Command::Serve { config, data_dir } => serve(config, data_dir).await,
+        Command::Serve {
+            config, data_dir, ..
+        } => serve(config, data_dir).await,
         Command::Token {
             command:
                 TokenCommand::Create {
@@ -396,7 +496,7 @@ pub(crate) async fn run(command: Command) -> Result<(), CliError> {
                 if detail {
                     crate::cli::agent_detail(v)
                 } else {
-                    format!("{v}\n")
+                    agent_change(v)
                 }
             });
             Ok(())
@@ -440,23 +540,12 @@ pub(crate) async fn run(command: Command) -> Result<(), CliError> {
         } => watch(&connect, from, json).await,
         Command::Alerts { json, connect } => {
             let v = one(&connect, OpRequest::Alerts).await?;
-            print(&v, json, |v| {
-                let list = v["alerts"].as_array().cloned().unwrap_or_default();
-                if list.is_empty() {
-                    "no open alerts\n".into()
-                } else {
-                    list.iter().map(|a| format!("{a}\n")).collect()
-                }
-            });
+            print(&v, json, alerts_table);
             Ok(())
         }
         Command::Stats { json, connect } => {
             let v = one(&connect, OpRequest::Stats).await?;
-            print(&v, json, |v| {
-                v.as_object()
-                    .map(|o| o.iter().map(|(k, x)| format!("{k:<28} {x}\n")).collect())
-                    .unwrap_or_default()
-            });
+            print(&v, json, stats_lines);
             Ok(())
         }
         Command::Doctor { connect } => doctor(&connect).await,

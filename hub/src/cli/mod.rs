@@ -26,7 +26,11 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     // The demo prints its own progress; the hub inside it only speaks up for problems.
     let quiet = matches!(cli.command, Command::Demo { .. });
-    init_logging(cli.log_format, if quiet { "warn" } else { "info" });
+    let format = match &cli.command {
+        Command::Serve { log_format, .. } => *log_format,
+        _ => LogFormat::Text,
+    };
+    init_logging(format, if quiet { "warn" } else { "info" });
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -151,12 +151,12 @@ impl HubProc {
             .open(&self.log)?;
         let started = Instant::now();
         let mut cmd = Command::new(&self.bin);
+        cmd.arg("serve");
         if self.trace_latency {
             cmd.env("RUST_LOG", "info,muster::latency=debug")
                 .args(["--log-format", "json"]);
         }
         let child = cmd
-            .arg("serve")
             .arg("--data-dir")
             .arg(&self.dir)
             .stdin(std::process::Stdio::null())
