@@ -35,6 +35,7 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 use tracing::{debug, info, warn};
 
 use super::ToCore;
+use super::logs::{LogRelay, LogRelays};
 use crate::config::{Dashboard, DashboardTls};
 use crate::pki::Pki;
 pub(crate) use auth::Session;
@@ -57,7 +58,12 @@ pub(crate) struct Web {
     secure: bool,
     /// Largest request body, as the QUIC API's largest frame.
     body_max: usize,
+    /// Open event streams, at most [`EVENT_STREAMS_MAX`].
     streams: Arc<Semaphore>,
+    /// Log relays, shared with `task logs` over QUIC (one bound for both).
+    logs: Arc<LogRelays>,
+    /// Requests in flight per caller, at most [`auth::REQUESTS_PER_CALLER_MAX`].
+    in_flight: Arc<auth::InFlight>,
 }
 
 type AppState = Arc<Web>;
@@ -83,6 +89,7 @@ pub(crate) async fn start(
     pki: &Pki,
     body_max: usize,
     to_core: mpsc::Sender<ToCore>,
+    logs: Arc<LogRelays>,
 ) -> Result<Listening, String> {
     let tls = match cfg.tls {
         DashboardTls::Off if !addr.ip().is_loopback() => {
@@ -125,6 +132,8 @@ pub(crate) async fn start(
         secure: tls.is_some(),
         body_max,
         streams: Arc::new(Semaphore::new(EVENT_STREAMS_MAX)),
+        logs,
+        in_flight: Arc::new(auth::InFlight::default()),
     });
     let router = router(web);
     let acceptor = tls.map(|t| tokio_rustls::TlsAcceptor::from(Arc::new(t)));
@@ -296,6 +305,23 @@ impl ApiError {
         Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message)
     }
 
+    /// The error an operator answer carries (anything but an error is a bug here).
+    pub(crate) fn of_response(resp: OpResponse) -> Self {
+        match resp {
+            OpResponse::Error(e) => Self::of(e.code, e.message),
+            _ => Self::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "unexpected answer from the hub",
+            ),
+        }
+    }
+
+    /// The JSON body of this error, `{"error": {"code", "message"}}`.
+    pub(crate) fn body(&self) -> Value {
+        serde_json::json!({"error": {"code": self.code, "message": self.message}})
+    }
+
     fn of(code: OpErrorCode, message: String) -> Self {
         let (status, code) = match code {
             OpErrorCode::Forbidden => (StatusCode::FORBIDDEN, "forbidden"),
@@ -314,8 +340,7 @@ impl ApiError {
 /// The API's error body: `{"error": {"code": "...", "message": "..."}}`.
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = serde_json::json!({"error": {"code": self.code, "message": self.message}});
-        let mut res = (self.status, axum::Json(body)).into_response();
+        let mut res = (self.status, axum::Json(self.body())).into_response();
         if self.status == StatusCode::UNAUTHORIZED {
             res.headers_mut().insert(
                 header::WWW_AUTHENTICATE,
@@ -336,6 +361,8 @@ pub(crate) struct Caller {
     /// A browser session, with the role it was granted and its CSRF token;
     /// `None` for an API token (whose role the core knows).
     pub(crate) session: Option<(String, Session)>,
+    /// Counts this request against the caller's requests in flight until dropped.
+    _in_flight: Arc<auth::InFlightPlace>,
 }
 
 impl Caller {
@@ -355,10 +382,21 @@ impl FromRequestParts<AppState> for Caller {
     async fn from_request_parts(parts: &mut Parts, web: &AppState) -> Result<Self, ApiError> {
         let cred = auth::credential(&parts.headers).map_err(ApiError::unauthenticated)?;
         match cred {
-            auth::Credential::Bearer(fingerprint) => Ok(Caller {
-                fingerprint,
-                session: None,
-            }),
+            auth::Credential::Bearer(fingerprint) => {
+                let place = web.in_flight(&fingerprint)?;
+                // A revoked or expired token is told so at once, as 401 (who are
+                // you?), not as the 403 (you may not) the core would answer.
+                if !web.alive(&fingerprint).await? {
+                    return Err(ApiError::unauthenticated(
+                        "this API token is unknown, expired or revoked; ask an admin for a new one (`muster-hub token create --kind api`)",
+                    ));
+                }
+                Ok(Caller {
+                    fingerprint,
+                    session: None,
+                    _in_flight: place,
+                })
+            }
             auth::Credential::None => Err(ApiError::unauthenticated(
                 "no credential: send `Authorization: Bearer <API token>` (`muster-hub token create --kind api`), or sign in with `muster-hub dashboard`",
             )),
@@ -368,9 +406,11 @@ impl FromRequestParts<AppState> for Caller {
                 if !safe {
                     check_csrf(parts, &session)?;
                 }
+                let place = web.in_flight(&session.fingerprint)?;
                 Ok(Caller {
                     fingerprint: session.fingerprint.clone(),
                     session: Some((id, session)),
+                    _in_flight: place,
                 })
             }
         }
@@ -423,24 +463,66 @@ impl Web {
                 "your session has ended or is unknown; run `muster-hub dashboard` for a new login link",
             ));
         };
+        if self.alive(&session.fingerprint).await? {
+            return Ok(session);
+        }
+        self.sessions.end_all(&session.fingerprint);
+        Err(ApiError::unauthenticated(
+            "the identity this session belongs to has been revoked; sign in again with a live credential",
+        ))
+    }
+
+    /// Whether the core still knows `fingerprint` as a live caller (an
+    /// identity, or an API token neither expired nor revoked).
+    async fn alive(&self, fingerprint: &str) -> Result<bool, ApiError> {
         let (tx, rx) = oneshot::channel();
         self.send(ToCore::Alive {
-            fingerprint: session.fingerprint.clone(),
+            fingerprint: fingerprint.to_string(),
             reply: tx,
         })
         .await?;
         match tokio::time::timeout(CORE_WAIT, rx).await {
-            Ok(Ok(true)) => Ok(session),
-            Ok(Ok(false)) => {
-                self.sessions.end_all(&session.fingerprint);
-                Err(ApiError::unauthenticated(
-                    "the identity this session belongs to has been revoked; sign in again with a live credential",
-                ))
-            }
+            Ok(Ok(alive)) => Ok(alive),
             _ => Err(ApiError::unavailable(
                 "the hub did not answer in time; try again",
             )),
         }
+    }
+
+    /// Counts a request of `fingerprint` in flight, or refuses it (429) when
+    /// that caller has [`auth::REQUESTS_PER_CALLER_MAX`] in flight already.
+    fn in_flight(&self, fingerprint: &str) -> Result<Arc<auth::InFlightPlace>, ApiError> {
+        auth::InFlight::take(&self.in_flight, fingerprint)
+            .map(Arc::new)
+            .ok_or_else(|| {
+                ApiError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "busy",
+                    format!(
+                        "this credential has {} requests in flight already; wait for their answers",
+                        auth::REQUESTS_PER_CALLER_MAX
+                    ),
+                )
+            })
+    }
+
+    /// Opens a relay of an attempt's log for `caller` (the same as `task logs`).
+    pub(crate) async fn logs(
+        &self,
+        caller: &Caller,
+        query: muster_protocol::msg::LogQuery,
+    ) -> Result<LogRelay, ApiError> {
+        if let Some(role) = caller.role()
+            && !role_allows(role, &OpRequest::TaskLogs(query.clone()))
+        {
+            return Err(ApiError::forbidden(format!(
+                "this dashboard session has role {role}, which may not read logs"
+            )));
+        }
+        self.logs
+            .open(caller.fingerprint.clone(), query)
+            .await
+            .map_err(ApiError::of_response)
     }
 
     async fn send(&self, msg: ToCore) -> Result<(), ApiError> {
