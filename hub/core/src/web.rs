@@ -157,7 +157,7 @@ impl Core {
             return Err(op_error(
                 OpErrorCode::Conflict,
                 &format!(
-                    "a live API token is already named {name}; revoke it first (`muster-hub token revoke --kind api {name}`) or pick another name"
+                    "a live API token is already named {name}; revoke it first (`muster-hub token revoke {name}`) or pick another name"
                 ),
             ));
         }
@@ -227,9 +227,7 @@ impl Core {
         else {
             return Err(op_error(
                 OpErrorCode::NotFound,
-                &format!(
-                    "no live API token named {name}; `muster-hub token list --kind api` lists them"
-                ),
+                &format!("no live API token named {name}; `muster-hub token list` lists them"),
             ));
         };
         token.revoked_at = Some(now);

@@ -281,7 +281,7 @@ pub(super) fn json_body<T>(body: Result<Json<T>, JsonRejection>) -> Result<T, Ap
         other if other.status() == StatusCode::PAYLOAD_TOO_LARGE => ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "too_large",
-            "the body is larger than the hub takes ([limits] max_frame_bytes); send less (a long description belongs in the repository)",
+            "the body is larger than the hub takes ([limits] max_frame_bytes, 1 MiB at most); send less (a long description belongs in the repository)",
         ),
         other => ApiError::invalid(format!(
             "the JSON body was not understood: {}",

@@ -48,6 +48,11 @@ const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 pub(crate) const EVENT_STREAMS_MAX: usize = 256;
 /// Most open HTTP connections at once.
 pub(crate) const CONNECTIONS_MAX: usize = 1024;
+/// Most bytes of an oversized body read (and dropped) before its 413; a
+/// larger one just gets the answer and the connection closed.
+const DRAIN_BYTES_MAX: u64 = 16 << 20;
+/// Longest an oversized body is read before its 413 goes out anyway.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What every handler shares.
 pub(crate) struct Web {
@@ -182,8 +187,49 @@ fn router(web: AppState) -> Router {
         .merge(login::routes())
         .merge(pages::routes())
         .layer(axum::extract::DefaultBodyLimit::max(web.body_max))
+        .layer(axum::middleware::from_fn_with_state(
+            web.clone(),
+            declared_body_limit,
+        ))
         .layer(axum::middleware::map_response(security_headers))
         .with_state(web)
+}
+
+/// Refuses an API request whose declared `Content-Length` is past the body
+/// limit before its body is parsed. A client that sent `Expect: 100-continue`
+/// (curl does for large bodies) is told at once and never sends the body; one
+/// already sending it has it read and thrown away first (up to
+/// [`DRAIN_BYTES_MAX`] within [`DRAIN_TIMEOUT`]), so it reads the 413 rather
+/// than a connection reset by a close with its bytes unread. A body without a
+/// length is cut at the limit as it is read (`DefaultBodyLimit`), with a 413 too.
+async fn declared_body_limit(
+    State(web): State<AppState>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let Some(declared) = declared.filter(|n| *n > web.body_max as u64) else {
+        return next.run(req).await;
+    };
+    if !req.uri().path().starts_with("/api/") {
+        return next.run(req).await;
+    }
+    let expects_continue = req
+        .headers()
+        .get(header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    if !expects_continue && declared <= DRAIN_BYTES_MAX {
+        use futures::StreamExt;
+        let mut body = req.into_body().into_data_stream();
+        // Each piece is dropped as it comes: nothing is kept.
+        let drain = async { while let Some(Ok(_)) = body.next().await {} };
+        let _ = tokio::time::timeout(DRAIN_TIMEOUT, drain).await;
+    }
+    ApiError::too_large(web.body_max).into_response()
 }
 
 /// Headers on every answer: no caching of private pages, no framing, no
@@ -299,6 +345,17 @@ impl ApiError {
 
     pub(crate) fn invalid(message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, "invalid", message)
+    }
+
+    /// A body past the limit, which is the QUIC API's largest frame.
+    pub(crate) fn too_large(body_max: usize) -> Self {
+        Self::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            format!(
+                "the body is larger than the {body_max} bytes the hub takes ([limits] max_frame_bytes); send less (a long description belongs in the repository)"
+            ),
+        )
     }
 
     fn unavailable(message: impl Into<String>) -> Self {
