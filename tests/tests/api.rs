@@ -344,16 +344,15 @@ fn every_endpoint_answers_and_roles_decide_writes() {
     let (code, message) = post(&api("/agents/api-agent/drain"), &operator, None).error(403);
     assert_eq!(code, "forbidden");
     assert!(message.contains("admin"), "{message}");
-    post(&api("/agents/api-agent/drain"), &admin, None).expect(200);
-    wait_for(EVENTUALLY, "the agent shown drained", || {
-        let v = get(&api("/agents/api-agent"), &admin).expect(200);
-        if v.to_string().contains("drain") {
-            Ok(())
-        } else {
-            Err(v.to_string())
-        }
-    });
-    post(&api("/agents/api-agent/undrain"), &admin, None).expect(200);
+    let v = post(&api("/agents/api-agent/drain"), &admin, None).expect(200);
+    assert_eq!(v["drained"], true, "{v}");
+    // The answer comes after the commit: the agent shows drained at once.
+    let v = get(&api("/agents/api-agent"), &operator).expect(200);
+    assert_eq!(v["drained"], true, "{v}");
+    let v = post(&api("/agents/api-agent/undrain"), &admin, None).expect(200);
+    assert_eq!(v["drained"], false, "{v}");
+    let v = get(&api("/agents/api-agent"), &operator).expect(200);
+    assert_eq!(v["drained"], false, "{v}");
 
     // Submit: 201 with Location; an operator is refused.
     let body = json!({"title": "api hello", "labels": {"team": "infra"}});
@@ -649,6 +648,15 @@ fn credentials_are_checked_on_every_request() {
     let with_cookie = [("cookie", cookie.as_str())];
     let a = call("GET", &agents, &with_cookie, None);
     a.expect(200);
+    // The page's live log uses the same endpoint with the cookie.
+    let (_, m) = call(
+        "GET",
+        &format!("{base}/api/v1/tasks/424242/logs"),
+        &with_cookie,
+        None,
+    )
+    .error(404);
+    assert!(m.contains("no task 424242"), "{m}");
     let submit_body = br#"{"title": "from a page"}"#;
     let a = call(
         "POST",
