@@ -30,6 +30,7 @@ use crate::store::TaskFilter;
 /// and a dead peer is noticed.
 const KEEP_ALIVE: Duration = Duration::from_secs(15);
 
+/// The `/api/v1/` routes, and the answer to any path no route has.
 pub(super) fn routes() -> Router<AppState> {
     Router::new()
         .route("/api/v1/agents", get(agents))
@@ -49,6 +50,7 @@ pub(super) fn routes() -> Router<AppState> {
         .fallback(not_found)
 }
 
+/// An unknown `/api/` path gets a JSON 404; any other path a page saying so.
 async fn not_found(uri: Uri) -> Response {
     if uri.path().starts_with("/api/") {
         ApiError::new(
