@@ -894,6 +894,22 @@ echo third
     read_until(&mut text, "first\n");
     // The run is still going: it waits for go1, which only this test creates.
     assert!(!text.contains("second"), "{text:?}");
+    // A follower whose token is revoked meanwhile is cut off with a 401 error event.
+    let doomed = hub.api_token("doomed-follower", "operator", "1h");
+    let cut = Sse::open(
+        &format!("{base}/api/v1/tasks/{id}/logs?follow=1"),
+        &[("authorization", &bearer(&doomed))],
+    );
+    let e = cut.event(EVENTUALLY, "the doomed follower's first chunk");
+    assert_eq!(e.event, "chunk", "{e:?}");
+    let out = hub.cli(&["token", "revoke", "doomed-follower"]);
+    assert!(out.status.success(), "{}", muster_tests::stderr(&out));
+    let seen = cut.until_closed(Duration::from_secs(30), "the revoked follower's stream");
+    let last = seen
+        .last()
+        .unwrap_or_else(|| panic!("no error event: {seen:?}"));
+    assert_eq!(last.event, "error", "{seen:?}");
+    assert_eq!(last.json()["error"]["status"], 401, "{last:?}");
     std::fs::write(&go1, "").expect("go1");
     let released = Instant::now();
     read_until(&mut text, "second\n");

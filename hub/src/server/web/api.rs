@@ -581,68 +581,127 @@ fn log_body(
     })
 }
 
+/// How often a followed log checks that its caller is still valid, so a
+/// revoked or expired token (or an ended session) stops reading within this.
+/// One round trip to the core per open follower ([`LOG_RELAYS_MAX`] at most).
+///
+/// [`LOG_RELAYS_MAX`]: crate::server::logs::LOG_RELAYS_MAX
+const FOLLOW_RECHECK: Duration = Duration::from_secs(5);
+
 /// Where a followed log's event stream is.
 enum Follow {
     /// Not opened yet: the relay opens on the first poll, so the client has
     /// its 200 and can show "connecting" while the hub finds the sidecar.
     Start(AppState, Caller, LogQuery),
-    /// Relaying (boxed: one allocation per stream keeps the state small);
-    /// the bytes of a UTF-8 character split between chunks wait here.
-    Relaying(Box<LogRelay>, Utf8Carry),
+    /// Relaying (boxed: one allocation per stream keeps the state small).
+    Relaying(Box<Relaying>),
+    /// One last event to send (the `end` after the last characters).
+    Last(Event),
     /// `end` or `error` was sent.
     Done,
+}
+
+/// A followed log being relayed.
+struct Relaying {
+    web: AppState,
+    /// Who asked: the caller's fingerprint and session, rechecked every
+    /// [`FOLLOW_RECHECK`]. Not the `Caller` itself, which would count this
+    /// long stream as a request in flight.
+    who: (String, Option<String>),
+    relay: LogRelay,
+    /// The bytes of a UTF-8 character split between chunks wait here.
+    carry: Utf8Carry,
+    recheck_at: tokio::time::Instant,
 }
 
 /// `GET …/logs?follow=1`: the relay as Server-Sent Events, without a task or
 /// a buffer of its own: the next chunk is read when hyper wants the next event.
 fn follow_logs(web: AppState, caller: Caller, query: LogQuery) -> Response {
     let events = futures::stream::unfold(Follow::Start(web, caller, query), |state| async move {
-        let (mut relay, mut carry) = match state {
+        let mut r = match state {
             Follow::Done => return None,
+            Follow::Last(ev) => return Some((Ok::<_, Infallible>(ev), Follow::Done)),
             Follow::Start(web, caller, query) => match web.logs(&caller, query).await {
-                Ok(relay) => (Box::new(relay), Utf8Carry::default()),
+                Ok(relay) => Box::new(Relaying {
+                    who: (
+                        caller.fingerprint.clone(),
+                        caller.session.as_ref().map(|(id, _)| id.clone()),
+                    ),
+                    web,
+                    relay,
+                    carry: Utf8Carry::default(),
+                    recheck_at: tokio::time::Instant::now() + FOLLOW_RECHECK,
+                }),
                 Err(e) => return Some((Ok(error_event(&e)), Follow::Done)),
             },
-            Follow::Relaying(relay, carry) => (relay, carry),
+            Follow::Relaying(r) => r,
         };
+        let (ev, next) = r.next_event().await;
+        Some((Ok(ev), next.unwrap_or(Follow::Relaying(r))))
+    });
+    Sse::new(events)
+        .keep_alive(KeepAlive::new().interval(KEEP_ALIVE))
+        .into_response()
+}
+
+impl Relaying {
+    /// The next event, and the state after it (`None`: still relaying).
+    async fn next_event(&mut self) -> (Event, Option<Follow>) {
         loop {
-            match relay.next().await {
+            // `LogRelay::next` is cancel safe: a recheck loses no output.
+            let piece = tokio::select! {
+                p = self.relay.next() => p,
+                () = tokio::time::sleep_until(self.recheck_at) => {
+                    self.recheck_at = tokio::time::Instant::now() + FOLLOW_RECHECK;
+                    let (fingerprint, session) = &self.who;
+                    // A hub too busy to answer is not a reason to stop reading.
+                    if let Ok(false) = self.web.still_valid(fingerprint, session.as_deref()).await {
+                        let e = ApiError::unauthenticated(
+                            "this credential was revoked or has expired (or the session ended); the log stream is closed",
+                        );
+                        return (error_event(&e), Some(Follow::Done));
+                    }
+                    continue;
+                }
+            };
+            match piece {
                 Ok(LogPiece::Chunk(data)) => {
-                    let text = carry.push(&data);
+                    let text = self.carry.push(&data);
                     if text.is_empty() {
                         // Only part of a character so far: wait for the rest.
                         continue;
                     }
-                    let ev = Event::default()
-                        .event("chunk")
-                        .data(serde_json::json!({ "text": text }).to_string());
-                    return Some((Ok::<_, Infallible>(ev), Follow::Relaying(relay, carry)));
+                    return (chunk_event(&text), None);
                 }
                 Ok(LogPiece::End(mut doc)) => {
-                    // A character cut off by the end of the output is shown as U+FFFD.
-                    let rest = carry.finish();
-                    if !rest.is_empty() {
-                        doc["text"] = rest.into();
-                    }
                     doc["why"] = if doc["ended"] == true {
                         "the attempt ended; all its output was sent"
                     } else {
                         "all output so far was sent (the attempt had not ended)"
                     }
                     .into();
-                    let ev = Event::default().event("end").data(doc.to_string());
-                    return Some((Ok(ev), Follow::Done));
+                    let end = Event::default().event("end").data(doc.to_string());
+                    // A character cut off by the end of the output, as U+FFFD.
+                    let rest = self.carry.finish();
+                    if rest.is_empty() {
+                        return (end, Some(Follow::Done));
+                    }
+                    return (chunk_event(&rest), Some(Follow::Last(end)));
                 }
                 Err(e) => {
                     let e = ApiError::of_response(e);
-                    return Some((Ok(error_event(&e)), Follow::Done));
+                    return (error_event(&e), Some(Follow::Done));
                 }
             }
         }
-    });
-    Sse::new(events)
-        .keep_alive(KeepAlive::new().interval(KEEP_ALIVE))
-        .into_response()
+    }
+}
+
+/// A `chunk` event: `{"text": "…"}`.
+fn chunk_event(text: &str) -> Event {
+    Event::default()
+        .event("chunk")
+        .data(serde_json::json!({ "text": text }).to_string())
 }
 
 /// An `error` event: the API's error body, with the status the same error

@@ -529,6 +529,24 @@ impl Web {
         ))
     }
 
+    /// Whether a caller of a long stream may still read: its session (if it
+    /// has one) has not ended, and the core still knows its identity or token.
+    ///
+    /// # Errors
+    /// When the core does not answer in time (the caller may well be valid).
+    pub(crate) async fn still_valid(
+        &self,
+        fingerprint: &str,
+        session: Option<&str>,
+    ) -> Result<bool, ApiError> {
+        if let Some(id) = session
+            && self.sessions.get(id, Instant::now()).is_none()
+        {
+            return Ok(false);
+        }
+        self.alive(fingerprint).await
+    }
+
     /// Whether the core still knows `fingerprint` as a live caller (an
     /// identity, or an API token neither expired nor revoked).
     async fn alive(&self, fingerprint: &str) -> Result<bool, ApiError> {
