@@ -160,7 +160,7 @@ impl Core {
             return Err(op_error(
                 OpErrorCode::Conflict,
                 &format!(
-                    "a live API token is already named {name}; revoke it first (`muster-hub token revoke --kind api {name}`) or pick another name"
+                    "a live API token is already named {name}; revoke it first (`muster-hub token revoke {name}`) or pick another name"
                 ),
             ));
         }
@@ -230,9 +230,7 @@ impl Core {
         else {
             return Err(op_error(
                 OpErrorCode::NotFound,
-                &format!(
-                    "no live API token named {name}; `muster-hub token list --kind api` lists them"
-                ),
+                &format!("no live API token named {name}; `muster-hub token list` lists them"),
             ));
         };
         token.revoked_at = Some(now);

@@ -124,10 +124,8 @@ pub(super) struct Shared {
     pub(super) live: AtomicUsize,
     /// Session messages per second per connection; a sidecar past it is disconnected.
     pub(super) messages_per_second: u32,
-    /// `task logs` relays at once, at most [`super::logs::LOG_RELAYS_MAX`].
-    pub(super) log_relays: Arc<tokio::sync::Semaphore>,
-    /// `task logs` relays per agent.
-    pub(super) relays: super::logs::Relays,
+    /// `task logs` relays, shared with the HTTP API's (one bound for both).
+    pub(super) logs: Arc<super::logs::LogRelays>,
 }
 
 impl Shared {

@@ -1,15 +1,18 @@
-//! `task logs`: an attempt's output relayed from the sidecar that holds it.
+//! `task logs`: an attempt's output relayed from the sidecar that holds it, to
+//! an operator over QUIC or to a script or page over HTTP.
 //!
 //! ```text
-//! operator ──TaskLogs──▶ hub stream task ──ToCore::Logs──▶ core loop: role, task, attempt, agent, session
-//!                              │  ◀── the agent's connection ──┘
-//!                              └─ open_bi on that connection ─▶ LogOpen ─▶ sidecar
-//! operator ◀── LogChunk … Ok ◀── relay: one chunk at a time ◀── LogFrame::Chunk … End
+//! operator ──TaskLogs──▶ hub stream task ─┐
+//! HTTP GET …/tasks/{id}/logs ─────────────┴▶ LogRelays::open ──ToCore::Logs──▶ core loop: role, task, attempt, agent, session
+//!                                                 │  ◀── the agent's connection ──┘
+//!                                                 └─ open_bi on that connection ─▶ LogOpen ─▶ sidecar
+//! operator / HTTP body ◀── LogRelay::next: one piece at a time ◀── LogFrame::Chunk … End
 //! ```
 //!
-//! The hub never holds a log: it forwards one chunk (at most
-//! [`LOG_CHUNK_BYTES_MAX`]) before it reads the next, so a slow operator
-//! slows the sidecar's reader through QUIC flow control, never the agent.
+//! The hub never holds a log: a relay reads the next chunk (at most
+//! [`LOG_CHUNK_BYTES_MAX`]) only when its consumer asks for it, after the one
+//! before was handed on, so a slow reader slows the sidecar's reader through
+//! QUIC flow control, never the agent.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -19,8 +22,8 @@ use muster_protocol::limits::LOG_CHUNK_BYTES_MAX;
 use muster_protocol::msg::{
     LogError, LogFrame, LogOpen, LogQuery, OpError, OpErrorCode, OpRequest, OpResponse,
 };
-use muster_protocol::{FrameWriter, Generation, PROTOCOL_VERSION};
-use tokio::sync::oneshot;
+use muster_protocol::{FrameReader, FrameWriter, Generation, PROTOCOL_VERSION, TaskId};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
 use super::ToCore;
 use super::endpoint::Shared;
@@ -28,8 +31,9 @@ use super::session::{framed, internal, send_frame};
 use crate::core::Core;
 use crate::store::{Store, StoreError};
 
-/// Log relays at once on the hub; more are answered `busy`. Each holds one
-/// chunk and two streams' buffers (bounded by their QUIC windows).
+/// Log relays at once on the hub (QUIC and HTTP together); more are answered
+/// `busy`. Each holds one chunk and two streams' buffers (bounded by their
+/// QUIC windows).
 pub(super) const LOG_RELAYS_MAX: usize = 64;
 /// Log relays at once from one sidecar, the sidecar's own bound
 /// (`muster_sidecar::logs::STREAMS_MAX`): 16 streams of a 128 KiB window use
@@ -53,43 +57,28 @@ pub(super) struct LogSource {
 /// What the core loop answers a `task logs` request with.
 pub(super) type LogAnswer = Result<LogSource, OpResponse>;
 
-/// Relays per agent, for [`LOG_RELAYS_PER_AGENT`].
-#[derive(Default)]
-pub(super) struct Relays {
+/// What every log relay shares, whichever API asked: the way to the core, the
+/// frame limit for the sidecar's stream and the bounds on relays at once.
+pub(super) struct LogRelays {
+    to_core: mpsc::Sender<ToCore>,
+    max_frame: usize,
+    /// Relays at once, at most [`LOG_RELAYS_MAX`].
+    all: Arc<Semaphore>,
+    /// Relays per agent, at most [`LOG_RELAYS_PER_AGENT`] each; an agent's
+    /// entry goes when its last relay ends, so the map holds at most
+    /// [`LOG_RELAYS_MAX`] entries.
     per_agent: Mutex<HashMap<String, usize>>,
 }
 
 /// One relay counted for its agent until dropped.
-struct RelayPlace<'a> {
-    relays: &'a Relays,
+struct AgentPlace {
+    relays: Arc<LogRelays>,
     agent: String,
 }
 
-impl Relays {
-    fn take(&self, agent: &str) -> Option<RelayPlace<'_>> {
-        let mut m = self
-            .per_agent
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let n = m.entry(agent.to_owned()).or_default();
-        if *n >= LOG_RELAYS_PER_AGENT {
-            return None;
-        }
-        *n += 1;
-        Some(RelayPlace {
-            relays: self,
-            agent: agent.to_owned(),
-        })
-    }
-}
-
-impl Drop for RelayPlace<'_> {
+impl Drop for AgentPlace {
     fn drop(&mut self) {
-        let mut m = self
-            .relays
-            .per_agent
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut m = self.relays.per_agent();
         if let Some(n) = m.get_mut(&self.agent) {
             *n -= 1;
             if *n == 0 {
@@ -97,6 +86,36 @@ impl Drop for RelayPlace<'_> {
             }
         }
     }
+}
+
+/// An open relay of one attempt's log from its sidecar. Pull it with
+/// [`LogRelay::next`] until it gives [`LogPiece::End`] or an error; drop it to
+/// stop (the sidecar's stream is dropped with it, which stops the sidecar's
+/// reader too).
+pub(super) struct LogRelay {
+    /// The task.
+    pub(super) task: TaskId,
+    /// The attempt (resolved: "latest" is a number here).
+    pub(super) generation: Generation,
+    /// The agent that holds the log.
+    pub(super) agent: String,
+    query: LogQuery,
+    rd: FrameReader,
+    /// Kept open (finished) for the relay's life, as the sidecar expects.
+    _wr: FrameWriter,
+    /// Counted against [`LOG_RELAYS_PER_AGENT`] and [`LOG_RELAYS_MAX`] until dropped.
+    _places: (AgentPlace, OwnedSemaphorePermit),
+    done: bool,
+}
+
+/// The next thing a relay hands on.
+#[derive(Debug)]
+pub(super) enum LogPiece {
+    /// Output bytes, at most [`LOG_CHUNK_BYTES_MAX`].
+    Chunk(Vec<u8>),
+    /// The end: the summary `task logs` answers with (task, generation, agent,
+    /// stream, bytes, cut_bytes, ended). Nothing follows.
+    End(serde_json::Value),
 }
 
 fn op_error(code: OpErrorCode, message: String) -> OpResponse {
@@ -160,15 +179,15 @@ pub(super) fn locate(
     found.unwrap_or_else(|e| Err(internal(&format!("the store failed: {e}"))))
 }
 
-/// Serves one `task logs` stream: asks the core where the log is, opens a
-/// stream on that sidecar's connection and relays its chunks one at a time.
+/// Serves one `task logs` stream over QUIC: opens a relay and sends its
+/// pieces as `LogChunk` … `Ok`, or the error that ended it.
 pub(super) async fn run_logs(
     fingerprint: String,
     query: LogQuery,
     mut wr: FrameWriter,
     shared: Arc<Shared>,
 ) {
-    let resp = relay(fingerprint, query, &mut wr, &shared).await;
+    let resp = relay_to(fingerprint, query, &mut wr, &shared).await;
     if let Some(resp) = resp {
         let _ = send_frame(&mut wr, &resp).await;
     }
@@ -176,96 +195,187 @@ pub(super) async fn run_logs(
     let _ = tokio::time::timeout(Duration::from_secs(5), wr.get_mut().stopped()).await;
 }
 
-/// The relay; the last response to send, if any (`None`: the operator left).
-async fn relay(
+/// The QUIC relay loop; the last response to send, if any (`None`: the operator left).
+async fn relay_to(
     fingerprint: String,
     query: LogQuery,
     wr: &mut FrameWriter,
     shared: &Arc<Shared>,
 ) -> Option<OpResponse> {
-    let Ok(_place) = Arc::clone(&shared.log_relays).try_acquire_owned() else {
-        return Some(op_error(
-            OpErrorCode::Busy,
-            format!("the hub relays {LOG_RELAYS_MAX} log streams already; try again shortly"),
-        ));
+    let mut relay = match shared.logs.open(fingerprint, query).await {
+        Ok(r) => r,
+        Err(resp) => return Some(resp),
     };
-    let (tx, rx) = oneshot::channel();
-    let ask = ToCore::Logs {
-        fingerprint,
-        query: query.clone(),
-        reply: tx,
-    };
-    if shared.to_core.send(ask).await.is_err() {
-        return Some(internal("the hub is shutting down"));
-    }
-    let source = match rx.await {
-        Ok(Ok(s)) => s,
-        Ok(Err(resp)) => return Some(resp),
-        Err(_) => return Some(internal("the hub is shutting down")),
-    };
-    let (task, generation, agent) = (query.task, source.generation, source.agent.clone());
-    let Some(_agent_place) = shared.relays.take(&agent) else {
-        return Some(op_error(
-            OpErrorCode::Busy,
-            format!(
-                "the hub relays {LOG_RELAYS_PER_AGENT} log streams from agent {agent} already; try again shortly"
-            ),
-        ));
-    };
-    let offline = || {
-        op_error(
-            OpErrorCode::Conflict,
-            format!(
-                "agent {agent}, which holds the log of task {task} attempt {generation}, went offline; read it when it reconnects, or on that host with `muster-sidecar logs {task} --attempt {generation}`"
-            ),
-        )
-    };
-    let opened = tokio::time::timeout(SIDECAR_OPEN_TIMEOUT, source.connection.open_bi()).await;
-    let Ok(Ok((send, recv))) = opened else {
-        return Some(offline());
-    };
-    let (mut swr, mut srd) = framed(send, recv, shared.max_frame);
-    let open = LogOpen {
-        protocol: PROTOCOL_VERSION,
-        task,
-        generation,
-        stream: query.stream,
-        tail: query.tail,
-        follow: query.follow,
-    };
-    if swr.send(&open).await.is_err() {
-        return Some(offline());
-    }
-    let _ = swr.get_mut().finish();
     loop {
-        // End when the operator goes away: dropping the sidecar's stream stops it there too.
-        let frame = tokio::select! {
-            f = srd.recv::<LogFrame>() => f,
+        // End when the operator goes away: dropping the relay stops the sidecar too.
+        let piece = tokio::select! {
+            p = relay.next() => p,
             _ = wr.get_mut().stopped() => return None,
         };
-        let resp = match frame {
-            Ok(Some(LogFrame::Chunk { data })) if data.len() <= LOG_CHUNK_BYTES_MAX => {
-                OpResponse::LogChunk { data }
-            }
-            Ok(Some(LogFrame::Chunk { .. })) => {
-                return Some(internal(&format!(
-                    "agent {agent} sent a log chunk above {LOG_CHUNK_BYTES_MAX} bytes"
-                )));
-            }
-            Ok(Some(LogFrame::End(end))) => {
-                let doc = serde_json::json!({
-                    "task": task.0,
-                    "generation": generation.0,
-                    "agent": agent,
-                    "stream": query.stream.as_str(),
-                    "bytes": end.bytes,
-                    "cut_bytes": end.cut_bytes,
-                    "ended": end.ended,
-                });
+        let resp = match piece {
+            Ok(LogPiece::Chunk(data)) => OpResponse::LogChunk { data },
+            Ok(LogPiece::End(doc)) => {
                 return Some(OpResponse::Ok {
                     json: doc.to_string(),
                 });
             }
+            Err(e) => return Some(e),
+        };
+        // Awaited: the next chunk is read only once this one is on its way.
+        if send_frame(wr, &resp).await.is_err() {
+            return None;
+        }
+    }
+}
+
+// === impl LogRelays ===
+
+impl LogRelays {
+    /// Relays that reach the core by `to_core` and read sidecar frames of at
+    /// most `max_frame` bytes.
+    pub(super) fn new(to_core: mpsc::Sender<ToCore>, max_frame: usize) -> Arc<LogRelays> {
+        Arc::new(LogRelays {
+            to_core,
+            max_frame,
+            all: Arc::new(Semaphore::new(LOG_RELAYS_MAX)),
+            per_agent: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn per_agent(&self) -> std::sync::MutexGuard<'_, HashMap<String, usize>> {
+        // The critical sections cannot panic half-way; a poisoned map still counts right.
+        self.per_agent
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn take_agent(self: &Arc<Self>, agent: &str) -> Option<AgentPlace> {
+        let mut m = self.per_agent();
+        let n = m.entry(agent.to_owned()).or_default();
+        if *n >= LOG_RELAYS_PER_AGENT {
+            return None;
+        }
+        *n += 1;
+        Some(AgentPlace {
+            relays: Arc::clone(self),
+            agent: agent.to_owned(),
+        })
+    }
+
+    /// Opens a relay for `fingerprint`: asks the core where the log is (and
+    /// whether this caller may read it), opens a stream on that sidecar's
+    /// connection and asks it for the log.
+    ///
+    /// # Errors
+    /// The `task logs` error to answer: busy, no such task or attempt, the
+    /// agent offline, the caller not allowed.
+    pub(super) async fn open(
+        self: &Arc<Self>,
+        fingerprint: String,
+        query: LogQuery,
+    ) -> Result<LogRelay, OpResponse> {
+        let Ok(permit) = Arc::clone(&self.all).try_acquire_owned() else {
+            return Err(op_error(
+                OpErrorCode::Busy,
+                format!("the hub relays {LOG_RELAYS_MAX} log streams already; try again shortly"),
+            ));
+        };
+        let (tx, rx) = oneshot::channel();
+        let ask = ToCore::Logs {
+            fingerprint,
+            query: query.clone(),
+            reply: tx,
+        };
+        if self.to_core.send(ask).await.is_err() {
+            return Err(internal("the hub is shutting down"));
+        }
+        let source = match rx.await {
+            Ok(Ok(s)) => s,
+            Ok(Err(resp)) => return Err(resp),
+            Err(_) => return Err(internal("the hub is shutting down")),
+        };
+        let (task, generation, agent) = (query.task, source.generation, source.agent.clone());
+        let Some(place) = self.take_agent(&agent) else {
+            return Err(op_error(
+                OpErrorCode::Busy,
+                format!(
+                    "the hub relays {LOG_RELAYS_PER_AGENT} log streams from agent {agent} already; try again shortly"
+                ),
+            ));
+        };
+        let opened = tokio::time::timeout(SIDECAR_OPEN_TIMEOUT, source.connection.open_bi()).await;
+        let Ok(Ok((send, recv))) = opened else {
+            return Err(offline(task, generation, &agent));
+        };
+        let (mut wr, rd) = framed(send, recv, self.max_frame);
+        let open = LogOpen {
+            protocol: PROTOCOL_VERSION,
+            task,
+            generation,
+            stream: query.stream,
+            tail: query.tail,
+            follow: query.follow,
+        };
+        if wr.send(&open).await.is_err() {
+            return Err(offline(task, generation, &agent));
+        }
+        let _ = wr.get_mut().finish();
+        Ok(LogRelay {
+            task,
+            generation,
+            agent,
+            query,
+            rd,
+            _wr: wr,
+            _places: (place, permit),
+            done: false,
+        })
+    }
+}
+
+/// The answer when the agent that holds a log goes (or is) away mid-relay.
+fn offline(task: TaskId, generation: Generation, agent: &str) -> OpResponse {
+    op_error(
+        OpErrorCode::Conflict,
+        format!(
+            "agent {agent}, which holds the log of task {task} attempt {generation}, went offline; read it when it reconnects, or on that host with `muster-sidecar logs {task} --attempt {generation}`"
+        ),
+    )
+}
+
+// === impl LogRelay ===
+
+impl LogRelay {
+    /// The next piece of the log. Cancel safe (a partly read frame stays
+    /// buffered). After [`LogPiece::End`] or an error the relay is over, and
+    /// further calls answer an error.
+    ///
+    /// # Errors
+    /// Why the log cannot be read (on the sidecar, or the sidecar went away),
+    /// as the `task logs` error.
+    pub(super) async fn next(&mut self) -> Result<LogPiece, OpResponse> {
+        if self.done {
+            return Err(internal("this log relay has ended"));
+        }
+        let frame = self.rd.recv::<LogFrame>().await;
+        let (task, generation) = (self.task, self.generation);
+        let piece = match frame {
+            Ok(Some(LogFrame::Chunk { data })) if data.len() <= LOG_CHUNK_BYTES_MAX => {
+                return Ok(LogPiece::Chunk(data));
+            }
+            Ok(Some(LogFrame::Chunk { .. })) => Err(internal(&format!(
+                "agent {} sent a log chunk above {LOG_CHUNK_BYTES_MAX} bytes",
+                self.agent
+            ))),
+            Ok(Some(LogFrame::End(end))) => Ok(LogPiece::End(serde_json::json!({
+                "task": task.0,
+                "generation": generation.0,
+                "agent": self.agent,
+                "stream": self.query.stream.as_str(),
+                "bytes": end.bytes,
+                "cut_bytes": end.cut_bytes,
+                "ended": end.ended,
+            }))),
             Ok(Some(LogFrame::Error(e))) => {
                 let code = match e {
                     LogError::NotFound | LogError::Removed { .. } => OpErrorCode::NotFound,
@@ -273,13 +383,11 @@ async fn relay(
                     LogError::ProtocolMismatch { .. } => OpErrorCode::ProtocolMismatch,
                     LogError::Failed { .. } => OpErrorCode::Internal,
                 };
-                return Some(op_error(code, e.describe(task, generation, &agent)));
+                Err(op_error(code, e.describe(task, generation, &self.agent)))
             }
-            Ok(None) | Err(_) => return Some(offline()),
+            Ok(None) | Err(_) => Err(offline(task, generation, &self.agent)),
         };
-        // Awaited: the next chunk is read only once this one is on its way.
-        if send_frame(wr, &resp).await.is_err() {
-            return None;
-        }
+        self.done = true;
+        piece
     }
 }

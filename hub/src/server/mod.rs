@@ -322,6 +322,8 @@ impl Hub {
         }
         core.set_token_warning(warning);
         let (to_core, rx) = mpsc::channel(CORE_QUEUE_LEN);
+        let log_relays =
+            logs::LogRelays::new(to_core.clone(), self.config.limits.max_frame_bytes as usize);
         let dashboard = match self.config.dashboard.listen {
             Some(listen) => {
                 let host = advertise
@@ -334,6 +336,7 @@ impl Hub {
                     &pki,
                     self.config.limits.max_frame_bytes as usize,
                     to_core.clone(),
+                    Arc::clone(&log_relays),
                 )
                 .await
                 .map_err(StartError::Dashboard)?;
@@ -388,8 +391,7 @@ impl Hub {
             max_connections: self.config.limits.max_connections as usize,
             live: AtomicUsize::new(0),
             messages_per_second: self.config.limits.messages_per_second,
-            log_relays: Arc::new(tokio::sync::Semaphore::new(logs::LOG_RELAYS_MAX)),
-            relays: logs::Relays::default(),
+            logs: log_relays,
         });
         let accept = tokio::spawn(accept_loop(endpoint.clone(), shared));
         let http = match self.config.http_listen {

@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::http::HeaderMap;
@@ -203,6 +203,68 @@ pub(crate) fn clear_cookie(secure: bool) -> String {
     )
 }
 
+/// Requests of one caller (an API token or a session's identity) in flight at
+/// once. HTTP/1.1 answers one request per connection at a time, so this bounds
+/// how much of the core's queue and of the connection limit one credential
+/// can hold, whatever number of connections it opens.
+pub(crate) const REQUESTS_PER_CALLER_MAX: usize = 32;
+
+/// Requests in flight per caller. An entry lives only while one of its
+/// requests does, so the map holds at most as many entries as there are
+/// connections (`CONNECTIONS_MAX`), a few dozen bytes each.
+#[derive(Default)]
+pub(crate) struct InFlight {
+    inner: Mutex<HashMap<String, usize>>,
+}
+
+/// One request counted for its caller until dropped.
+pub(crate) struct InFlightPlace {
+    in_flight: Arc<InFlight>,
+    caller: String,
+}
+
+impl InFlight {
+    /// Counts one more request of `caller`; `None` when it has
+    /// [`REQUESTS_PER_CALLER_MAX`] in flight already.
+    pub(crate) fn take(this: &Arc<InFlight>, caller: &str) -> Option<InFlightPlace> {
+        let mut m = this.lock();
+        let n = m.entry(caller.to_owned()).or_default();
+        if *n >= REQUESTS_PER_CALLER_MAX {
+            return None;
+        }
+        *n += 1;
+        Some(InFlightPlace {
+            in_flight: Arc::clone(this),
+            caller: caller.to_owned(),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, usize>> {
+        // The critical sections cannot panic half-way; a poisoned map still counts right.
+        self.inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+impl Drop for InFlightPlace {
+    fn drop(&mut self) {
+        let mut m = self.in_flight.lock();
+        if let Some(n) = m.get_mut(&self.caller) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.caller);
+            }
+        }
+    }
+}
+
+impl std::fmt::Debug for InFlightPlace {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InFlightPlace").finish_non_exhaustive()
+    }
+}
+
 /// Failed logins counted per address and overall, in fixed windows.
 pub(crate) struct LoginLimiter {
     inner: Mutex<Limiter>,
@@ -335,6 +397,19 @@ mod tests {
         assert!(l.check(a, t0).is_err());
         assert!(l.check(b, t0).is_ok(), "another address is not held back");
         assert!(l.check(a, t0 + FAILED_LOGIN_WINDOW).is_ok(), "a new window");
+    }
+
+    #[test]
+    fn requests_in_flight_are_bounded_per_caller_and_forgotten_when_done() {
+        let f = Arc::new(InFlight::default());
+        let held: Vec<_> = (0..REQUESTS_PER_CALLER_MAX)
+            .map(|_| InFlight::take(&f, "a").expect("room"))
+            .collect();
+        assert!(InFlight::take(&f, "a").is_none(), "a is at its bound");
+        assert!(InFlight::take(&f, "b").is_some(), "b is not held back");
+        drop(held);
+        assert!(f.lock().is_empty(), "no entry outlives its requests");
+        assert!(InFlight::take(&f, "a").is_some());
     }
 
     #[test]

@@ -35,6 +35,7 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 use tracing::{debug, info, warn};
 
 use super::ToCore;
+use super::logs::{LogRelay, LogRelays};
 use crate::config::{Dashboard, DashboardTls};
 use crate::pki::Pki;
 pub(crate) use auth::Session;
@@ -47,6 +48,11 @@ const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 pub(crate) const EVENT_STREAMS_MAX: usize = 256;
 /// Most open HTTP connections at once.
 pub(crate) const CONNECTIONS_MAX: usize = 1024;
+/// Most bytes of an oversized body read (and dropped) before its 413; a
+/// larger one just gets the answer and the connection closed.
+const DRAIN_BYTES_MAX: u64 = 16 << 20;
+/// Longest an oversized body is read before its 413 goes out anyway.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What every handler shares.
 pub(crate) struct Web {
@@ -57,7 +63,12 @@ pub(crate) struct Web {
     secure: bool,
     /// Largest request body, as the QUIC API's largest frame.
     body_max: usize,
+    /// Open event streams, at most [`EVENT_STREAMS_MAX`].
     streams: Arc<Semaphore>,
+    /// Log relays, shared with `task logs` over QUIC (one bound for both).
+    logs: Arc<LogRelays>,
+    /// Requests in flight per caller, at most [`auth::REQUESTS_PER_CALLER_MAX`].
+    in_flight: Arc<auth::InFlight>,
 }
 
 type AppState = Arc<Web>;
@@ -83,6 +94,7 @@ pub(crate) async fn start(
     pki: &Pki,
     body_max: usize,
     to_core: mpsc::Sender<ToCore>,
+    logs: Arc<LogRelays>,
 ) -> Result<Listening, String> {
     let tls = match cfg.tls {
         DashboardTls::Off if !addr.ip().is_loopback() => {
@@ -125,6 +137,8 @@ pub(crate) async fn start(
         secure: tls.is_some(),
         body_max,
         streams: Arc::new(Semaphore::new(EVENT_STREAMS_MAX)),
+        logs,
+        in_flight: Arc::new(auth::InFlight::default()),
     });
     let router = router(web);
     let acceptor = tls.map(|t| tokio_rustls::TlsAcceptor::from(Arc::new(t)));
@@ -173,8 +187,49 @@ fn router(web: AppState) -> Router {
         .merge(login::routes())
         .merge(pages::routes())
         .layer(axum::extract::DefaultBodyLimit::max(web.body_max))
+        .layer(axum::middleware::from_fn_with_state(
+            web.clone(),
+            declared_body_limit,
+        ))
         .layer(axum::middleware::map_response(security_headers))
         .with_state(web)
+}
+
+/// Refuses an API request whose declared `Content-Length` is past the body
+/// limit before its body is parsed. A client that sent `Expect: 100-continue`
+/// (curl does for large bodies) is told at once and never sends the body; one
+/// already sending it has it read and thrown away first (up to
+/// [`DRAIN_BYTES_MAX`] within [`DRAIN_TIMEOUT`]), so it reads the 413 rather
+/// than a connection reset by a close with its bytes unread. A body without a
+/// length is cut at the limit as it is read (`DefaultBodyLimit`), with a 413 too.
+async fn declared_body_limit(
+    State(web): State<AppState>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let Some(declared) = declared.filter(|n| *n > web.body_max as u64) else {
+        return next.run(req).await;
+    };
+    if !req.uri().path().starts_with("/api/") {
+        return next.run(req).await;
+    }
+    let expects_continue = req
+        .headers()
+        .get(header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    if !expects_continue && declared <= DRAIN_BYTES_MAX {
+        use futures::StreamExt;
+        let mut body = req.into_body().into_data_stream();
+        // Each piece is dropped as it comes: nothing is kept.
+        let drain = async { while let Some(Ok(_)) = body.next().await {} };
+        let _ = tokio::time::timeout(DRAIN_TIMEOUT, drain).await;
+    }
+    ApiError::too_large(web.body_max).into_response()
 }
 
 /// Headers on every answer: no caching of private pages, no framing, no
@@ -292,8 +347,36 @@ impl ApiError {
         Self::new(StatusCode::BAD_REQUEST, "invalid", message)
     }
 
+    /// A body past the limit, which is the QUIC API's largest frame.
+    pub(crate) fn too_large(body_max: usize) -> Self {
+        Self::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            format!(
+                "the body is larger than the {body_max} bytes the hub takes ([limits] max_frame_bytes); send less (a long description belongs in the repository)"
+            ),
+        )
+    }
+
     fn unavailable(message: impl Into<String>) -> Self {
         Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message)
+    }
+
+    /// The error an operator answer carries (anything but an error is a bug here).
+    pub(crate) fn of_response(resp: OpResponse) -> Self {
+        match resp {
+            OpResponse::Error(e) => Self::of(e.code, e.message),
+            _ => Self::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "unexpected answer from the hub",
+            ),
+        }
+    }
+
+    /// The JSON body of this error, `{"error": {"code", "message"}}`.
+    pub(crate) fn body(&self) -> Value {
+        serde_json::json!({"error": {"code": self.code, "message": self.message}})
     }
 
     fn of(code: OpErrorCode, message: String) -> Self {
@@ -314,8 +397,7 @@ impl ApiError {
 /// The API's error body: `{"error": {"code": "...", "message": "..."}}`.
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = serde_json::json!({"error": {"code": self.code, "message": self.message}});
-        let mut res = (self.status, axum::Json(body)).into_response();
+        let mut res = (self.status, axum::Json(self.body())).into_response();
         if self.status == StatusCode::UNAUTHORIZED {
             res.headers_mut().insert(
                 header::WWW_AUTHENTICATE,
@@ -336,6 +418,8 @@ pub(crate) struct Caller {
     /// A browser session, with the role it was granted and its CSRF token;
     /// `None` for an API token (whose role the core knows).
     pub(crate) session: Option<(String, Session)>,
+    /// Counts this request against the caller's requests in flight until dropped.
+    _in_flight: Arc<auth::InFlightPlace>,
 }
 
 impl Caller {
@@ -355,10 +439,21 @@ impl FromRequestParts<AppState> for Caller {
     async fn from_request_parts(parts: &mut Parts, web: &AppState) -> Result<Self, ApiError> {
         let cred = auth::credential(&parts.headers).map_err(ApiError::unauthenticated)?;
         match cred {
-            auth::Credential::Bearer(fingerprint) => Ok(Caller {
-                fingerprint,
-                session: None,
-            }),
+            auth::Credential::Bearer(fingerprint) => {
+                let place = web.in_flight(&fingerprint)?;
+                // A revoked or expired token is told so at once, as 401 (who are
+                // you?), not as the 403 (you may not) the core would answer.
+                if !web.alive(&fingerprint).await? {
+                    return Err(ApiError::unauthenticated(
+                        "this API token is unknown, expired or revoked; ask an admin for a new one (`muster-hub token create --kind api`)",
+                    ));
+                }
+                Ok(Caller {
+                    fingerprint,
+                    session: None,
+                    _in_flight: place,
+                })
+            }
             auth::Credential::None => Err(ApiError::unauthenticated(
                 "no credential: send `Authorization: Bearer <API token>` (`muster-hub token create --kind api`), or sign in with `muster-hub dashboard`",
             )),
@@ -368,9 +463,11 @@ impl FromRequestParts<AppState> for Caller {
                 if !safe {
                     check_csrf(parts, &session)?;
                 }
+                let place = web.in_flight(&session.fingerprint)?;
                 Ok(Caller {
                     fingerprint: session.fingerprint.clone(),
                     session: Some((id, session)),
+                    _in_flight: place,
                 })
             }
         }
@@ -423,24 +520,84 @@ impl Web {
                 "your session has ended or is unknown; run `muster-hub dashboard` for a new login link",
             ));
         };
+        if self.alive(&session.fingerprint).await? {
+            return Ok(session);
+        }
+        self.sessions.end_all(&session.fingerprint);
+        Err(ApiError::unauthenticated(
+            "the identity this session belongs to has been revoked; sign in again with a live credential",
+        ))
+    }
+
+    /// Whether a caller of a long stream may still read: its session (if it
+    /// has one) has not ended, and the core still knows its identity or token.
+    ///
+    /// # Errors
+    /// When the core does not answer in time (the caller may well be valid).
+    pub(crate) async fn still_valid(
+        &self,
+        fingerprint: &str,
+        session: Option<&str>,
+    ) -> Result<bool, ApiError> {
+        if let Some(id) = session
+            && self.sessions.get(id, Instant::now()).is_none()
+        {
+            return Ok(false);
+        }
+        self.alive(fingerprint).await
+    }
+
+    /// Whether the core still knows `fingerprint` as a live caller (an
+    /// identity, or an API token neither expired nor revoked).
+    async fn alive(&self, fingerprint: &str) -> Result<bool, ApiError> {
         let (tx, rx) = oneshot::channel();
         self.send(ToCore::Alive {
-            fingerprint: session.fingerprint.clone(),
+            fingerprint: fingerprint.to_string(),
             reply: tx,
         })
         .await?;
         match tokio::time::timeout(CORE_WAIT, rx).await {
-            Ok(Ok(true)) => Ok(session),
-            Ok(Ok(false)) => {
-                self.sessions.end_all(&session.fingerprint);
-                Err(ApiError::unauthenticated(
-                    "the identity this session belongs to has been revoked; sign in again with a live credential",
-                ))
-            }
+            Ok(Ok(alive)) => Ok(alive),
             _ => Err(ApiError::unavailable(
                 "the hub did not answer in time; try again",
             )),
         }
+    }
+
+    /// Counts a request of `fingerprint` in flight, or refuses it (429) when
+    /// that caller has [`auth::REQUESTS_PER_CALLER_MAX`] in flight already.
+    fn in_flight(&self, fingerprint: &str) -> Result<Arc<auth::InFlightPlace>, ApiError> {
+        auth::InFlight::take(&self.in_flight, fingerprint)
+            .map(Arc::new)
+            .ok_or_else(|| {
+                ApiError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "busy",
+                    format!(
+                        "this credential has {} requests in flight already; wait for their answers",
+                        auth::REQUESTS_PER_CALLER_MAX
+                    ),
+                )
+            })
+    }
+
+    /// Opens a relay of an attempt's log for `caller` (the same as `task logs`).
+    pub(crate) async fn logs(
+        &self,
+        caller: &Caller,
+        query: muster_protocol::msg::LogQuery,
+    ) -> Result<LogRelay, ApiError> {
+        if let Some(role) = caller.role()
+            && !role_allows(role, &OpRequest::TaskLogs(query.clone()))
+        {
+            return Err(ApiError::forbidden(format!(
+                "this dashboard session has role {role}, which may not read logs"
+            )));
+        }
+        self.logs
+            .open(caller.fingerprint.clone(), query)
+            .await
+            .map_err(ApiError::of_response)
     }
 
     async fn send(&self, msg: ToCore) -> Result<(), ApiError> {
