@@ -41,7 +41,13 @@ const common = {
   // Restart on crash or any non-zero exit ...
   autorestart: true,
   // ... except exit 78 (EX_CONFIG): the configuration is invalid and a restart
-  // cannot fix it; pm2 leaves the app stopped and `pm2 logs` shows the reason.
+  // cannot fix it. pm2 leaves the app down (pid 0, the restart count stops),
+  // but `pm2 ls` labels it "waiting restart": that is pm2's word for an app it
+  // will not restart on its own, not a restart to come. `pm2 logs muster-hub`
+  // shows the reason (the file, line and key); fix it and `pm2 restart`.
+  // A crash (a signal, or any other exit code) restarts after the backoff
+  // below and shows "online" again, the ↺ column counting restarts.
+  // (tests/deploy/pm2.sh checks both with a real pm2.)
   stop_exit_codes: [78],
   // Exponential backoff between restarts: 200 ms, then x1.5 each time up to
   // pm2's cap of 15 s; reset once the process has stayed up for a while. A
@@ -59,8 +65,10 @@ const common = {
   // Do not restart on file changes: binaries are replaced by the installer,
   // which restarts explicitly.
   watch: false,
-  // Timestamps in pm2's log files (the daemons log to stdout/stderr).
-  time: true,
+  // No pm2 timestamps: every daemon log line carries its own, and a second
+  // one only makes lines longer. (The daemons print no colour codes either:
+  // their output is not a terminal under pm2.)
+  time: false,
   merge_logs: true,
 };
 
