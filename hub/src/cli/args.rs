@@ -207,6 +207,21 @@ pub(crate) enum Command {
         #[command(flatten)]
         connect: ConnectArgs,
     },
+    /// Print a shell completion script.
+    ///
+    /// Example: muster-hub completions bash > /etc/bash_completion.d/muster-hub
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Write man pages (muster-hub.1 and one per command) into a directory.
+    ///
+    /// Example: muster-hub man /usr/local/share/man/man1
+    Man {
+        /// The directory to write them into.
+        dir: PathBuf,
+    },
     /// Check the hub's configuration, files and that it answers.
     Doctor {
         #[command(flatten)]

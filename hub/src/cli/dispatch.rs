@@ -549,6 +549,7 @@ pub(crate) async fn run(command: Command) -> Result<(), CliError> {
             Ok(())
         }
         Command::Doctor { connect } => doctor(&connect).await,
+        Command::Completions { .. } | Command::Man { .. } => Ok(()),
         Command::Demo { tasks } => crate::demo::run(tasks).await,
     }
 }

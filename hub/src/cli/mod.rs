@@ -24,6 +24,30 @@ use dispatch::run;
 /// an exit code (1 failure, 2 usage, 78 configuration error).
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Generated from the command line's own definition: no runtime, no logger.
+    match &cli.command {
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(
+                *shell,
+                &mut Cli::command(),
+                "muster-hub",
+                &mut std::io::stdout(),
+            );
+            return ExitCode::SUCCESS;
+        }
+        Command::Man { dir } => {
+            use clap::CommandFactory;
+            return match clap_mangen::generate_to(Cli::command(), dir) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("muster-hub: writing man pages into {}: {e}", dir.display());
+                    ExitCode::from(1)
+                }
+            };
+        }
+        _ => {}
+    }
     // The demo prints its own progress; the hub inside it only speaks up for problems.
     let quiet = matches!(cli.command, Command::Demo { .. });
     let format = match &cli.command {

@@ -139,6 +139,21 @@ enum Command {
     },
     /// Which agent this is.
     Whoami,
+    /// Print a shell completion script.
+    ///
+    /// Example: muster-sidecar completions bash > /etc/bash_completion.d/muster-sidecar
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Write man pages (muster-sidecar.1 and one per command) into a directory.
+    ///
+    /// Example: muster-sidecar man /usr/local/share/man/man1
+    Man {
+        /// The directory to write them into.
+        dir: std::path::PathBuf,
+    },
     /// Internal: the helper that parents exec runs and records their exit
     /// statuses; started by `run`, talks to it on stdin and stdout.
     #[command(hide = true)]
@@ -232,6 +247,33 @@ where
     if matches!(cli.command, Command::Reaper) {
         return crate::agent::reaper_main();
     }
+    // Generated from the command line's own definition: no runtime, no logger.
+    match &cli.command {
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(
+                *shell,
+                &mut Cli::command(),
+                "muster-sidecar",
+                &mut std::io::stdout(),
+            );
+            return ExitCode::SUCCESS;
+        }
+        Command::Man { dir } => {
+            use clap::CommandFactory;
+            return match clap_mangen::generate_to(Cli::command(), dir) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!(
+                        "muster-sidecar: writing man pages into {}: {e}",
+                        dir.display()
+                    );
+                    ExitCode::from(1)
+                }
+            };
+        }
+        _ => {}
+    }
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let style = muster_protocol::logstyle::detect();
@@ -282,6 +324,7 @@ async fn run(command: Command) -> Result<(), Failure> {
         }
         Command::Run { config, data_dir } => serve::serve(config, data_dir).await,
         Command::Status { json, data_dir } => agent::status(json, &data_dir).await,
+        Command::Completions { .. } | Command::Man { .. } => Ok(()),
         Command::Reaper => Err(Failure {
             code: 2,
             message: "the reaper runs before the runtime starts".into(),
