@@ -30,6 +30,8 @@ cleanup() {
     [[ -n "$SC_PID" ]] && kill "$SC_PID" 2>/dev/null || true
     [[ -n "$HUB_PID" ]] && kill "$HUB_PID" 2>/dev/null || true
     wait 2>/dev/null || true
+    pkill -u muster-sidecar 2>/dev/null || true
+    pkill -u muster-hub 2>/dev/null || true
     dpkg --purge muster-sidecar muster-hub >/dev/null 2>&1 || true
     rm -rf -- "$BINS" "$OUT"
 }
@@ -62,9 +64,11 @@ done
 # The hub and a sidecar from the installed binaries, as their own users.
 port=$(python3 -c 'import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 as() { local u=$1; shift; runuser -u "$u" -- "$@"; }
+# A daemon as user $1, exec'd in place (setpriv forks nothing), so $! is its pid.
+daemon_as() { local u=$1; shift; exec setpriv --reuid="$u" --regid="$u" --init-groups -- "$@"; }
 as muster-hub /usr/bin/muster-hub init --data-dir /var/lib/muster-hub --listen "127.0.0.1:$port" >/dev/null 2>&1 \
     || fail "muster-hub init as muster-hub"
-as muster-hub /usr/bin/muster-hub serve --data-dir /var/lib/muster-hub >/tmp/muster-deb-hub.log 2>&1 &
+daemon_as muster-hub /usr/bin/muster-hub serve --data-dir /var/lib/muster-hub >/tmp/muster-deb-hub.log 2>&1 &
 HUB_PID=$!
 deadline=$((SECONDS + 30))
 until as muster-hub /usr/bin/muster-hub stats --data-dir /var/lib/muster-hub >/dev/null 2>&1; do
@@ -74,7 +78,7 @@ done
 token=$(as muster-hub /usr/bin/muster-hub token create --data-dir /var/lib/muster-hub 2>/dev/null)
 printf '%s\n' "$token" | as muster-sidecar /usr/bin/muster-sidecar enroll --token - \
     --data-dir /var/lib/muster-sidecar --name deb-test >/dev/null 2>&1 || fail "enroll as muster-sidecar"
-as muster-sidecar /usr/bin/muster-sidecar run --data-dir /var/lib/muster-sidecar >/tmp/muster-deb-sc.log 2>&1 &
+daemon_as muster-sidecar /usr/bin/muster-sidecar run --data-dir /var/lib/muster-sidecar >/tmp/muster-deb-sc.log 2>&1 &
 SC_PID=$!
 deadline=$((SECONDS + 30))
 until as muster-hub /usr/bin/muster-hub agents --json --data-dir /var/lib/muster-hub 2>/dev/null \
