@@ -489,6 +489,24 @@ impl Web {
         answer(tokio::time::timeout(CORE_WAIT, rx).await)
     }
 
+    /// A page of agents by name after `after` (the fleet view; see `Core::agents_page`).
+    pub(crate) async fn agents_page(
+        &self,
+        caller: &Caller,
+        after: Option<String>,
+        limit: u32,
+    ) -> Result<Value, ApiError> {
+        let (tx, rx) = oneshot::channel();
+        self.send(ToCore::AgentsPage {
+            fingerprint: caller.fingerprint.clone(),
+            after,
+            limit,
+            reply: tx,
+        })
+        .await?;
+        answer(tokio::time::timeout(CORE_WAIT, rx).await)
+    }
+
     /// Opens an event stream for `caller` from `from` (`None`: from now).
     pub(crate) async fn watch(
         &self,
