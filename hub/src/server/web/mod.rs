@@ -178,7 +178,9 @@ fn router(web: AppState) -> Router {
 }
 
 /// Headers on every answer: no caching of private pages, no framing, no
-/// referrer (a login URL carries its secret), and scripts from the hub only.
+/// referrer to other sites (a login URL carries its secret), and scripts from
+/// the hub only. Not `no-referrer`: under it browsers send `Origin: null` on
+/// the page's own POSTs, which the origin check must refuse.
 async fn security_headers(mut res: Response) -> Response {
     let h = res.headers_mut();
     let set = |h: &mut axum::http::HeaderMap, k, v: &'static str| {
@@ -187,7 +189,7 @@ async fn security_headers(mut res: Response) -> Response {
     set(h, header::CACHE_CONTROL, "no-store");
     set(h, header::X_CONTENT_TYPE_OPTIONS, "nosniff");
     set(h, header::X_FRAME_OPTIONS, "DENY");
-    set(h, header::REFERRER_POLICY, "no-referrer");
+    set(h, header::REFERRER_POLICY, "same-origin");
     set(
         h,
         header::CONTENT_SECURITY_POLICY,
