@@ -220,7 +220,7 @@ fn agent_row(a: &Value, act: bool, now: u64) -> Markup {
                 strong { (clean_line(name)) }
                 @if let Some(caps) = a["capabilities"].as_array() {
                     @if !caps.is_empty() {
-                        br; span.muted { (clean_line(&caps.iter().map(|c| str_of(c)).collect::<Vec<_>>().join(", "))) }
+                        br; span.muted { (clean_line(&caps.iter().map(str_of).collect::<Vec<_>>().join(", "))) }
                     }
                 }
             }
