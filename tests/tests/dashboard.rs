@@ -558,7 +558,4 @@ fn docs_screenshots() {
     browser.goto(&format!("{base}/tasks/{}", ids[0]));
     browser.wait_live();
     browser.save_png(&docs.join("dashboard-task.png"));
-    browser.goto(&format!("{base}/tasks"));
-    browser.wait_live();
-    browser.save_png(&docs.join("dashboard-tasks.png"));
 }
