@@ -451,3 +451,51 @@ fn work(w: &Value) -> Markup {
 fn short(head: &str) -> String {
     head.chars().take(12).collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hostile_task_text_is_escaped_and_its_control_characters_shown() {
+        let t = serde_json::json!({
+            "id": 7, "state": "running\"><script>", "title": "<img src=x onerror=alert(1)>\u{1b}[2J\r",
+            "agent": "a/b c", "labels": {"k": "v\u{7}"}, "priority": 1, "attempts": 1, "max_attempts": 3,
+            "submitted_at": 1, "updated_at": 2,
+        });
+        let html = task_row(&t, true, 10_000).into_string();
+        assert!(!html.contains("<img"), "{html}");
+        assert!(!html.contains("<script>"), "{html}");
+        assert!(!html.contains('\u{1b}') && !html.contains('\r') && !html.contains('\u{7}'));
+        assert!(html.contains("\\u{1b}[2J\\u{d}"), "{html}");
+        assert!(html.contains("href=\"/tasks?agent=a%2Fb%20c\""), "{html}");
+        assert!(
+            html.contains("data-post=\"/api/v1/tasks/7/cancel\""),
+            "{html}"
+        );
+        assert!(html.contains(
+            "<time datetime=\"1970-01-01T00:00:00Z\" title=\"1970-01-01 00:00:00 UTC\">"
+        ));
+        // An operator's row has no actions.
+        assert!(
+            !task_row(&t, false, 10_000)
+                .into_string()
+                .contains("data-post")
+        );
+    }
+
+    #[test]
+    fn pager_links_keep_the_filters() {
+        let q = TasksQuery {
+            state: Some("running".into()),
+            label: Some("team=a b".into()),
+            q: Some(String::new()),
+            ..TasksQuery::default()
+        };
+        assert_eq!(
+            query_string(&q, Some(42)),
+            "?state=running&label=team%3Da%20b&cursor=42"
+        );
+        assert_eq!(query_string(&TasksQuery::default(), None), "");
+    }
+}
