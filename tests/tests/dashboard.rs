@@ -405,6 +405,23 @@ fn a_task_submitted_from_the_cli_appears_without_a_reload_and_its_state_changes_
         json!(0)
     );
     browser.screenshot("completed");
+
+    // A hidden tab closes its stream (the badge says Paused); shown again, it
+    // reopens it (the headless tab is never hidden, so the change is simulated).
+    browser.js(
+        "Object.defineProperty(document, 'hidden', {configurable: true, get: () => true});
+         document.dispatchEvent(new Event('visibilitychange')); return true;",
+    );
+    browser.wait_js(
+        PAGE,
+        "the Paused badge",
+        "return document.getElementById('live').textContent === 'Paused';",
+    );
+    browser.js(
+        "Object.defineProperty(document, 'hidden', {configurable: true, get: () => false});
+         document.dispatchEvent(new Event('visibilitychange')); return true;",
+    );
+    browser.wait_live();
 }
 
 /// A function body as a callable expression.
