@@ -8,6 +8,7 @@
 #   libfaketime            tests/tests/features.rs (a hub clock stepped back)
 #   git                    tests/tests/workspaces.rs, sidecar workspace tests, the demo
 #   tmux                   tests/tests/workspaces.rs (the tmux wake example)
+#   chromium, chromedriver tests/tests/dashboard.rs (the dashboard in a headless browser)
 #
 # With CI=true a test whose tool is missing fails instead of printing SKIPPED.
 # Extra arguments go to `cargo test` (e.g. `bash tests/run.sh -p muster-tests --test storm`).
@@ -21,6 +22,8 @@ command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
 compgen -G "/usr/lib/*/faketime/libfaketime.so.1" >/dev/null || missing+=(faketime)
 command -v git >/dev/null 2>&1 || missing+=(git)
 command -v tmux >/dev/null 2>&1 || missing+=(tmux)
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+command -v chromedriver >/dev/null 2>&1 || missing+=(chromium-driver)
 if ((${#missing[@]})); then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "tests/run.sh: installing ${missing[*]}" >&2

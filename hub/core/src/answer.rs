@@ -166,6 +166,20 @@ pub struct AgentList {
     pub truncated: bool,
 }
 
+/// A page of agents by name (the dashboard's fleet view): counts by state for
+/// the whole fleet, and where the next page starts.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct AgentPage {
+    /// The agents on this page, by name.
+    pub agents: Vec<AgentView>,
+    /// Every agent, counted by state.
+    pub by_state: BTreeMap<&'static str, u64>,
+    /// The name to pass as `after` for the next page (`None`: this is the last).
+    pub next_after: Option<String>,
+    /// Agents in all.
+    pub total: usize,
+}
+
 /// A task, as [`TaskView`] shows it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TaskAnswer {

@@ -20,7 +20,7 @@ mod identity;
 pub use identity::EnrollGrant;
 pub mod model;
 mod ops;
-pub use ops::Caller;
+pub use ops::{AGENTS_PAGE_MAX, Caller};
 pub mod policy;
 pub mod retention;
 mod sched;

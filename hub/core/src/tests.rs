@@ -3209,6 +3209,34 @@ fn the_agents_answer_stays_bounded_for_a_large_fleet_and_counts_everyone() {
 }
 
 #[test]
+fn the_fleet_page_walks_every_agent_by_name_and_counts_the_whole_fleet() {
+    let mut h = H::new();
+    for i in 0..250u64 {
+        let _ = h.connect(i + 1, &format!("agent-{i:05}"), &[], 1);
+    }
+    let mut seen = Vec::new();
+    let mut after: Option<String> = None;
+    for _ in 0..10 {
+        let page = h.core.agents_page(h.now, after.as_deref(), 100);
+        assert_eq!(page.total, 250);
+        assert_eq!(page.by_state.get("online"), Some(&250));
+        assert!(page.agents.len() <= 100);
+        seen.extend(page.agents.iter().map(|a| a.name.clone()));
+        after = page.next_after;
+        if after.is_none() {
+            break;
+        }
+    }
+    let want: Vec<String> = (0..250).map(|i| format!("agent-{i:05}")).collect();
+    assert_eq!(seen, want, "every agent once, in name order");
+    // A name that is no agent still places the page; a huge limit is clamped.
+    let page = h.core.agents_page(h.now, Some("agent-00099x"), usize::MAX);
+    assert_eq!(page.agents[0].name, "agent-00100");
+    assert_eq!(page.agents.len(), 150);
+    assert!(h.core.agents_page(h.now, Some("zzz"), 10).agents.is_empty());
+}
+
+#[test]
 fn a_batch_writes_each_record_once_in_its_final_state_and_keeps_every_event() {
     let mut h = H::new();
     let (c, _) = h.connect(1, "a", &[], 1);

@@ -236,6 +236,30 @@ pub(super) fn core_loop(
                         task_lists.push((fingerprint, (filter, limit, cursor), reply));
                         continue;
                     }
+                    ToCore::AgentsPage {
+                        fingerprint,
+                        after,
+                        limit,
+                        reply,
+                    } => {
+                        // Read-only and answered from memory, as `agents` is, authorized as it.
+                        let answer = match core.authorize(&fingerprint, &OpRequest::Agents) {
+                            Ok(_) => {
+                                let page = core.agents_page(now, after.as_deref(), limit as usize);
+                                serde_json::to_string(&page).map_or_else(
+                                    |e| {
+                                        super::session::internal(&format!(
+                                            "could not render the agents: {e}"
+                                        ))
+                                    },
+                                    |json| OpResponse::Ok { json },
+                                )
+                            }
+                            Err(e) => OpResponse::Error(e),
+                        };
+                        let _ = reply.send(answer);
+                        continue;
+                    }
                     ToCore::Redeem { hash, reply } => {
                         let _ = reply.send(core.redeem_login(now, &hash));
                         continue;

@@ -130,6 +130,13 @@ enum ToCore {
         cursor: Option<u64>,
         reply: oneshot::Sender<OpResponse>,
     },
+    /// The dashboard's fleet view: a page of agents by name after `after`.
+    AgentsPage {
+        fingerprint: String,
+        after: Option<String>,
+        limit: u32,
+        reply: oneshot::Sender<OpResponse>,
+    },
     /// The dashboard: redeem a one-time login by its secret's hash.
     Redeem {
         hash: String,

@@ -233,7 +233,9 @@ async fn declared_body_limit(
 }
 
 /// Headers on every answer: no caching of private pages, no framing, no
-/// referrer (a login URL carries its secret), and scripts from the hub only.
+/// referrer to other sites (a login URL carries its secret), and scripts from
+/// the hub only. Not `no-referrer`: under it browsers send `Origin: null` on
+/// the page's own POSTs, which the origin check must refuse.
 async fn security_headers(mut res: Response) -> Response {
     let h = res.headers_mut();
     let set = |h: &mut axum::http::HeaderMap, k, v: &'static str| {
@@ -242,7 +244,7 @@ async fn security_headers(mut res: Response) -> Response {
     set(h, header::CACHE_CONTROL, "no-store");
     set(h, header::X_CONTENT_TYPE_OPTIONS, "nosniff");
     set(h, header::X_FRAME_OPTIONS, "DENY");
-    set(h, header::REFERRER_POLICY, "no-referrer");
+    set(h, header::REFERRER_POLICY, "same-origin");
     set(
         h,
         header::CONTENT_SECURITY_POLICY,
@@ -640,6 +642,24 @@ impl Web {
             filter,
             limit,
             cursor,
+            reply: tx,
+        })
+        .await?;
+        answer(tokio::time::timeout(CORE_WAIT, rx).await)
+    }
+
+    /// A page of agents by name after `after` (the fleet view; see `Core::agents_page`).
+    pub(crate) async fn agents_page(
+        &self,
+        caller: &Caller,
+        after: Option<String>,
+        limit: u32,
+    ) -> Result<Value, ApiError> {
+        let (tx, rx) = oneshot::channel();
+        self.send(ToCore::AgentsPage {
+            fingerprint: caller.fingerprint.clone(),
+            after,
+            limit,
             reply: tx,
         })
         .await?;
