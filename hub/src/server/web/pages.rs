@@ -125,9 +125,15 @@ pub(super) fn session_of(caller: &Caller) -> Option<&Session> {
     caller.session.as_ref().map(|(_, s)| s)
 }
 
-/// Whether the page offers actions that change state: only to admin sessions.
+/// Whether the page offers agent actions (drain, undrain): admin sessions only.
 pub(super) fn may_act(caller: &Caller) -> bool {
     caller.role() == Some(Role::Admin)
+}
+
+/// Whether the page offers task actions (submit, cancel, requeue): admin and
+/// submitter sessions.
+pub(super) fn may_act_on_tasks(caller: &Caller) -> bool {
+    matches!(caller.role(), Some(Role::Admin | Role::Submitter))
 }
 
 // === Fleet ===

@@ -15,8 +15,8 @@ use serde_json::Value;
 use super::super::api::{PAGE_DEFAULT, TasksQuery};
 use super::super::{ApiError, AppState, Caller, WebState};
 use super::{
-    bytes, clean, clean_line, css_word, enc, explain, layout, may_act, now_ms, num, page_error,
-    session_of, span, str_of, when,
+    bytes, clean, clean_line, css_word, enc, explain, layout, may_act_on_tasks, now_ms, num,
+    page_error, session_of, span, str_of, when,
 };
 
 /// The states a task can be in, for the filter's choices.
@@ -65,7 +65,7 @@ async fn list(
         Ok(v) => v,
         Err(e) => return page_error(e),
     };
-    let act = may_act(&caller);
+    let act = may_act_on_tasks(&caller);
     let body = html! {
         h1 { "Tasks" }
         (filters(&q))
@@ -248,7 +248,7 @@ async fn detail(
         Ok(v) => v,
         Err(e) => return page_error(e),
     };
-    let act = may_act(&caller);
+    let act = may_act_on_tasks(&caller);
     let now = now_ms();
     let title = format!("Task {id}");
     let body = html! {
