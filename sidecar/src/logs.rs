@@ -1092,7 +1092,7 @@ mod tests {
         let cap: u64 = 8 << 20;
         let min_ms = CAP_PASS_MIN.as_millis() as u64;
         let max_ms = CAP_PASS_MAX.as_millis() as u64;
-        for (silent_ms, per_ms) in [(0, 10u64), (0, 50_000), (0, 2_000_000), (3_000, 50_000)] {
+        for (silent_ms, per_ms) in [(0, 1_000u64), (0, 50_000), (0, 2_000_000), (3_000, 50_000)] {
             let (mut size, mut hole, mut worst) = (0u64, None::<Hole>, 0u64);
             let (mut before, mut last, mut due) = (0u64, 0u64, 0u64);
             for now in 0..20_000u64 {
