@@ -489,6 +489,53 @@ fn a_sidecar_killed_halfway_through_moving_the_output_finishes_the_move() {
     killed_while_keeping("logs-kill-halfway", "move:stderr");
 }
 
+/// Killed between writing the cut copy of an over-long output and installing
+/// it: the restart installs it once (never cuts the cut copy again), and the
+/// reader gets the first and last halves with one marker.
+#[test]
+fn a_sidecar_killed_while_compacting_installs_the_cut_copy_once() {
+    use muster_sidecar::test_hooks::{HOLD_KEEP_FILE, HOLD_KEEP_REACHED_FILE};
+    let hub = hub();
+    let dir = tempfile_dir();
+    let data = generated(3 << 20);
+    let file = dir.join("output.bin");
+    std::fs::write(&file, &data).expect("write");
+    let script = format!("#!/bin/sh\ncat '{}'\n", file.display());
+    let mut sc = sidecar_running(
+        &hub,
+        "logs-kill-compact",
+        &script,
+        &[("max_bytes_per_attempt", "\"1MiB\"")],
+    );
+    let hold = sc.data_dir().join(HOLD_KEEP_FILE);
+    let reached = sc.data_dir().join(HOLD_KEEP_REACHED_FILE);
+    std::fs::write(&hold, "install:stdout").expect("write the hold file");
+    let id = submit(&hub, "cut, then killed", &[]);
+    wait_completed(&hub, id);
+    wait_for(
+        EVENTUALLY,
+        "the sidecar to hold before installing the cut copy",
+        || std::fs::read_to_string(&reached).map_err(|e| e.to_string()),
+    );
+    sc.kill9();
+    std::fs::remove_file(&hold).expect("remove the hold file");
+    sc.start_connected(CONNECT);
+    wait_kept(&sc, id, 1);
+    let half = 512 << 10;
+    let cut = (data.len() - 2 * half) as u64;
+    let mut want = data[..half].to_vec();
+    want.extend(marker(cut));
+    want.extend(&data[data.len() - half..]);
+    let got = logs_when_online(&hub, id, &[]);
+    assert!(
+        got == want,
+        "{} != {}: {}",
+        checksum(&got),
+        checksum(&want),
+        first_difference(&got, &want)
+    );
+}
+
 /// A run spawned just before a crash whose acceptance was never committed
 /// (an orphan), whose task is cancelled while the sidecar is down: the
 /// restarted sidecar ends it after the claim window, and keeps its output
