@@ -3,15 +3,28 @@
 //!
 //! ```text
 //! run:    <data_dir>/runs/<task>-<generation>/{stdout,stderr}   the agent writes (files, never a pipe)
-//!           every second: a file past cap + slack gets its middle punched out
-//!           (fallocate PUNCH_HOLE, offsets kept); <data_dir>/logs/<t>-<g>/<stream>.hole says where
+//!           each cap pass (50 ms to 1 s apart, by the fastest file's rate): a file past
+//!           cap + slack gets its middle punched out (fallocate PUNCH_HOLE, offsets kept);
+//!           <data_dir>/logs/<t>-<g>/<stream>.hole says where
 //! end:    released run directory ─▶ rename both files to <data_dir>/logs/<t>-<g>/ ─▶ compact
-//!           (first and last halves of the cap, a marker line between) ─▶ `ended`
+//!           (first and last halves of the cap, a marker line between) ─▶ `ended` ─▶ only
+//!           then is the run directory pooled or removed (see [`keep`]: every step can be
+//!           repeated, and a restart finishes a move a crash cut short)
 //! sweep:  ended logs past [logs] retention, then the oldest while all exceed max_disk:
 //!           files removed, a `removed` tombstone says when and why (so a reader is told)
 //! read:   LogReader: from the run directory while the run goes on (skipping a punched
 //!           hole with a marker, polling every 100 ms with --follow), from logs/ after
 //! ```
+//!
+//! Output is never deleted with its run directory: a released one's output is
+//! kept first, an orphan's when it is ended, and at startup a run directory
+//! of an attempt no longer held is either an orphan or kept and removed
+//! ([`keep::plan_run_dir`]).
+//!
+//! A running file's kept bytes (its size less its hole) stay within
+//! `cap + slack(cap)` plus what the agent writes between two cap passes: see
+//! [`next_pass`] for why, and [`CAP_PASS_MIN`] and [`CAP_PASS_MAX`] for the
+//! figures.
 //!
 //! Readers never block the agent: it writes to its own files; a reader only
 //! reads them, at its own pace. A follower that opened the run's file keeps
@@ -30,6 +43,10 @@ use muster_protocol::{Generation, TaskId};
 
 use crate::config::LogsConfig;
 use crate::workspace::retention::{Usage, plan_removal};
+
+pub mod keep;
+
+use keep::{AttemptOnDisk, KeepStep, STREAMS, StreamOnDisk};
 
 /// How often a follower looks for new output: new bytes reach it within this
 /// (plus one relay hop), well inside the 200 ms promised to operators.
@@ -76,12 +93,50 @@ impl Hole {
     }
 }
 
+/// How far past `cap` a running file's kept bytes may grow before its middle
+/// is punched: an eighth of the cap, at least 1 MiB, so a busy file is not
+/// punched on every pass (each punch frees at least this much).
+pub fn slack(cap: u64) -> u64 {
+    (cap / 8).max(1 << 20)
+}
+
+/// The shortest time between two cap passes ([`Logs::cap_pass`]): the bound
+/// on a running file's kept bytes for an agent writing at a steady rate `r`
+/// is `cap + slack(cap) + r × CAP_PASS_MIN` (plus a block; see [`next_pass`]).
+pub const CAP_PASS_MIN: Duration = Duration::from_millis(50);
+/// The longest time between two cap passes, when no running file grows: an
+/// agent silent until then that writes at `r` gets at most
+/// `cap + slack(cap) + r × CAP_PASS_MAX` kept bytes before the next pass.
+pub const CAP_PASS_MAX: Duration = Duration::from_secs(1);
+
+/// When the cap pass should look again at a running file that keeps `kept`
+/// bytes (its size less its hole) and grew by `grown` bytes over the last
+/// `elapsed`: when, at that rate, it would pass `cap` + [`slack`]; never
+/// sooner than [`CAP_PASS_MIN`] (a stat and a read per file per pass is the
+/// price) nor later than [`CAP_PASS_MAX`].
+///
+/// Why the bound is what it is: the agent writes to its own file, never
+/// through the sidecar (a slow sidecar or reader must never block it), so
+/// nothing can stop a write from passing the cap; only the next pass can
+/// take the excess back. Whatever is written between two passes is the
+/// overshoot, and this makes that gap as short as the file's rate needs.
+pub fn next_pass(kept: u64, grown: u64, elapsed: Duration, cap: u64) -> Duration {
+    if grown == 0 {
+        return CAP_PASS_MAX;
+    }
+    let room = cap.saturating_add(slack(cap)).saturating_sub(kept);
+    // room / (grown / elapsed), in nanoseconds, without overflow.
+    let ns = u128::from(room).saturating_mul(elapsed.as_nanos()) / u128::from(grown);
+    Duration::from_nanos(u64::try_from(ns).unwrap_or(u64::MAX)).clamp(CAP_PASS_MIN, CAP_PASS_MAX)
+}
+
 /// The hole a running file of `size` bytes should have under `cap`: `None`
-/// while the kept bytes (size less the current hole) are within `cap` plus a
-/// slack (so a busy file is not punched every tick), else a hole from the end
-/// of the kept head (`cap / 2`) to a block boundary before the last `cap / 2` bytes.
+/// while the kept bytes (size less the current hole) are within `cap` plus
+/// its [`slack`], else a hole from the end of the kept head (`cap / 2`) to a
+/// block boundary before the last `cap / 2` bytes (so right after a punch the
+/// kept bytes are at most `cap` plus one block).
 pub fn plan_hole(size: u64, current: Option<Hole>, cap: u64) -> Option<Hole> {
-    let slack = (cap / 8).max(1 << 20);
+    let slack = slack(cap);
     let cut = current.map_or(0, |h| h.end - h.start);
     if size.saturating_sub(cut) <= cap.saturating_add(slack) {
         return None;
@@ -104,6 +159,16 @@ pub struct Logs {
     ended: Arc<Mutex<HashSet<(TaskId, Generation)>>>,
     /// Log streams served now, at most [`STREAMS_MAX`].
     pub streams: Arc<tokio::sync::Semaphore>,
+    /// What the last cap pass saw, for each file's rate.
+    growth: Arc<Mutex<Growth>>,
+}
+
+/// The running files' sizes at the last cap pass, and when it was.
+#[derive(Debug, Default)]
+struct Growth {
+    /// By attempt and stream (0 stdout, 1 stderr); only the files of the last pass.
+    sizes: std::collections::HashMap<(TaskId, Generation, usize), u64>,
+    last: Option<std::time::Instant>,
 }
 
 /// What a log sweep did.
@@ -124,6 +189,7 @@ impl Logs {
             cfg,
             ended: Arc::default(),
             streams: Arc::new(tokio::sync::Semaphore::new(STREAMS_MAX)),
+            growth: Arc::default(),
         }
     }
 
@@ -158,73 +224,187 @@ impl Logs {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Moves the output of a released run directory `run_dir` to the log
-    /// directory and cuts it to the cap. Before the run directory is pooled
-    /// or removed. Blocking.
-    pub fn keep(&self, run_dir: &Path, task: TaskId, generation: Generation) {
-        let dest = self.dir(task, generation);
-        let mut moved = false;
-        for stream in [LogStream::Stdout, LogStream::Stderr] {
-            let from = run_dir.join(stream.as_str());
-            if !from.exists() {
-                continue;
-            }
-            let to = dest.join(stream.as_str());
-            let done = std::fs::create_dir_all(&dest).and_then(|()| std::fs::rename(&from, &to));
-            match done {
-                Ok(()) => {
-                    moved = true;
-                    let cap = self.cfg.max_bytes_per_attempt;
-                    match compact(&to, cap) {
-                        Ok(cut) if cut > 0 => {
-                            let _ = std::fs::write(
-                                dest.join(format!("{}.cut", stream.as_str())),
-                                format!("{cut}\n"),
-                            );
-                        }
-                        Ok(_) => {}
-                        Err(e) => {
-                            tracing::warn!("could not cut {} to {cap} bytes: {e}", to.display())
-                        }
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!("could not keep {} as {}: {e}", from.display(), to.display())
-                }
-            }
-        }
-        if moved || dest.exists() {
-            let _ = std::fs::write(dest.join("ended"), format!("{}\n", wall_ms()));
-        }
-        self.lock().remove(&(task, generation));
+    /// Moves the output of the ended attempt whose run directory is `run_dir`
+    /// to the log directory and cuts it to the cap, as planned by
+    /// [`keep::plan_keep`] from what is on disk. Repeatable: after a crash or a
+    /// failure at any step, calling it again finishes the move, and once it
+    /// is done it does nothing. The run directory may be pooled or removed
+    /// only after this returned `Ok`. Blocking.
+    ///
+    /// # Errors
+    /// The step that failed (or a conflict that would overwrite output): the
+    /// output is where it was, and the run directory must stay.
+    pub fn keep(
+        &self,
+        run_dir: &Path,
+        task: TaskId,
+        generation: Generation,
+    ) -> std::io::Result<()> {
+        self.keep_upto(run_dir, task, generation, usize::MAX)
     }
 
-    /// Punches the middle out of running attempts' files past the cap, so a
-    /// run that prints without end uses bounded disk. Blocking; a stat per file.
-    pub fn cap_running(&self, attempts: &[(TaskId, Generation)]) {
+    /// [`Logs::keep`], stopping after `limit` steps (a crash, in the tests).
+    fn keep_upto(
+        &self,
+        run_dir: &Path,
+        task: TaskId,
+        generation: Generation,
+        limit: usize,
+    ) -> std::io::Result<()> {
+        let dest = self.dir(task, generation);
+        let seen = observe(run_dir, &dest);
+        let steps = keep::plan_keep(&seen, self.cfg.max_bytes_per_attempt).map_err(|c| {
+            std::io::Error::other(format!(
+                "{c:?}: both {} and {} hold output",
+                run_dir.display(),
+                dest.display()
+            ))
+        })?;
+        for step in steps.iter().take(limit) {
+            #[cfg(feature = "test-hooks")]
+            crate::test_hooks::hold_keep_step(
+                self.runs.parent().unwrap_or(&self.runs),
+                (task, generation),
+                &step_label(*step),
+                steps.first() == Some(step),
+            );
+            self.keep_step(run_dir, &dest, *step)?;
+        }
+        self.lock().remove(&(task, generation));
+        Ok(())
+    }
+
+    fn keep_step(&self, run_dir: &Path, dest: &Path, step: KeepStep) -> std::io::Result<()> {
         let cap = self.cfg.max_bytes_per_attempt;
-        for &(task, generation) in attempts {
-            for stream in [LogStream::Stdout, LogStream::Stderr] {
-                let path = self.run_dir(task, generation).join(stream.as_str());
+        match step {
+            KeepStep::Move(s) => {
+                std::fs::create_dir_all(dest)?;
+                std::fs::rename(run_dir.join(s.as_str()), dest.join(s.as_str()))
+            }
+            KeepStep::Compact(s) => {
+                let kept = dest.join(s.as_str());
+                let cut = write_compacted(&kept, &compact_path(&kept), cap)?;
+                // Recorded only once the copy is complete: "recorded" then means
+                // "install it", never "cut it again".
+                write_atomic(
+                    &dest.join(format!("{}.cut", s.as_str())),
+                    format!("{cut}\n").as_bytes(),
+                )
+            }
+            KeepStep::Install(s) => {
+                let kept = dest.join(s.as_str());
+                std::fs::rename(compact_path(&kept), &kept)
+            }
+            KeepStep::MarkEnded => {
+                write_atomic(&dest.join("ended"), format!("{}\n", wall_ms()).as_bytes())
+            }
+        }
+    }
+
+    /// Whether the release of the attempt's run directory began: its log
+    /// directory holds a moved stream or `ended` (a running attempt's holds at
+    /// most its `.hole` records). Blocking.
+    pub fn release_began(&self, task: TaskId, generation: Generation) -> bool {
+        let dir = self.dir(task, generation);
+        dir.join("ended").exists() || kept_exists(&dir)
+    }
+
+    /// At startup: finishes the moves to `logs/` a crash cut short after the
+    /// run directory went (none is left to plan them by), for attempts not
+    /// in `held` (`<task>-<generation>` names). Blocking; one listing of
+    /// `logs/` and a few stats per log.
+    pub fn finish_moves(&self, held: &HashSet<String>) {
+        let Ok(entries) = std::fs::read_dir(&self.root) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some((task, generation)) = keep::parse_attempt(&name) else {
+                continue;
+            };
+            let dir = e.path();
+            let run_dir = self.run_dir(task, generation);
+            if !keep::finish_at_startup(
+                held.contains(&name),
+                dir.join("ended").exists(),
+                dir.join("removed").exists(),
+                run_dir.exists(),
+            ) {
+                continue;
+            }
+            if let Err(e) = self.keep(&run_dir, task, generation) {
+                tracing::warn!("could not finish keeping {}: {e}", dir.display());
+            }
+        }
+    }
+
+    /// One pass of the cap on running output: punches the middle out of every
+    /// file in a run directory whose kept bytes passed the cap plus its
+    /// [`slack`], so a run that prints without end uses bounded disk; returns
+    /// when the next pass is due ([`next_pass`] of the fastest-growing file).
+    /// Looks at every attempt's directory under `runs/`: running, finished
+    /// and not yet released, or orphaned. Blocking; a stat per file.
+    pub fn cap_pass(&self) -> Duration {
+        let cap = self.cfg.max_bytes_per_attempt;
+        let now = std::time::Instant::now();
+        let mut growth = self
+            .growth
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // A file first seen grew at most since the last pass (it was not there then).
+        let since_last = growth
+            .last
+            .map_or(CAP_PASS_MAX, |t| now.saturating_duration_since(t));
+        let mut next = CAP_PASS_MAX;
+        let mut seen = std::collections::HashMap::new();
+        let Ok(entries) = std::fs::read_dir(&self.runs) else {
+            growth.sizes.clear();
+            growth.last = Some(now);
+            return next;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name();
+            let Some((task, generation)) = name.to_str().and_then(keep::parse_attempt) else {
+                continue;
+            };
+            for (i, stream) in STREAMS.iter().enumerate() {
+                let path = e.path().join(stream.as_str());
                 let Ok(meta) = std::fs::metadata(&path) else {
                     continue;
                 };
+                let size = meta.len();
                 let hole_path = self
                     .dir(task, generation)
                     .join(format!("{}.hole", stream.as_str()));
-                let current = read_hole(&hole_path);
-                let Some(hole) = plan_hole(meta.len(), current, cap) else {
-                    continue;
-                };
-                // The hole is recorded before it is punched, so a reader never
-                // takes the zeros for output.
-                let recorded = std::fs::create_dir_all(self.dir(task, generation))
-                    .and_then(|()| write_atomic(&hole_path, hole.render().as_bytes()));
-                if let Err(e) = recorded.and_then(|()| punch(&path, hole)) {
-                    tracing::warn!("could not cut the middle of {}: {e}", path.display());
+                let mut current = read_hole(&hole_path);
+                if let Some(hole) = plan_hole(size, current, cap) {
+                    // The hole is recorded before it is punched, so a reader never
+                    // takes the zeros for output.
+                    let recorded = std::fs::create_dir_all(self.dir(task, generation))
+                        .and_then(|()| write_atomic(&hole_path, hole.render().as_bytes()));
+                    match recorded.and_then(|()| punch(&path, hole)) {
+                        Ok(()) => current = Some(hole),
+                        // Moved to logs/ since the stat: its run is over.
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                        Err(e) => {
+                            tracing::warn!("could not cut the middle of {}: {e}", path.display())
+                        }
+                    }
                 }
+                let kept = size - current.map_or(0, |h| h.end.min(size) - h.start.min(size));
+                let key = (task, generation, i);
+                let grown = match growth.sizes.get(&key) {
+                    Some(&before) => size.saturating_sub(before),
+                    None => size,
+                };
+                next = next.min(next_pass(kept, grown, since_last, cap));
+                seen.insert(key, size);
             }
         }
+        // Only the files seen now: bounded by the run directories.
+        growth.sizes = seen;
+        growth.last = Some(now);
+        next
     }
 
     /// Removes ended logs past retention, then the oldest while all exceed
@@ -311,7 +491,7 @@ impl Logs {
             let kept = dir.join(stream.as_str());
             let ended = dir.join("ended").exists();
             let (path, running) = if ended {
-                (kept, false)
+                (kept.clone(), false)
             } else {
                 (self.run_dir(task, generation).join(stream.as_str()), true)
             };
@@ -342,7 +522,14 @@ impl Logs {
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                     let ended_without_output = ended && !kept_exists(&dir);
-                    if !follow || ended_without_output || tokio::time::Instant::now() >= deadline {
+                    // Being moved to logs/ (out of the run directory, `ended` not yet
+                    // written): the move takes milliseconds, and a restart finishes
+                    // one a crash cut short before it serves a read.
+                    let moving = !ended && kept.exists();
+                    if (!follow && !moving)
+                        || ended_without_output
+                        || tokio::time::Instant::now() >= deadline
+                    {
                         return Err(LogError::NotFound);
                     }
                     tokio::time::sleep(FOLLOW_POLL).await;
@@ -547,7 +734,29 @@ impl LogReader {
 /// Cuts the file at `path` to `cap` bytes, keeping its first and last halves
 /// with a marker between; returns the bytes cut (0: it fit). Writes the new
 /// file beside it and renames it over. Blocking.
+///
+/// # Errors
+/// Reading `path` or writing the copy beside it.
 pub fn compact(path: &Path, cap: u64) -> std::io::Result<u64> {
+    let tmp = compact_path(path);
+    let cut = write_compacted(path, &tmp, cap)?;
+    if cut > 0 {
+        std::fs::rename(&tmp, path)?;
+    }
+    Ok(cut)
+}
+
+/// Where the compacted copy of `path` is written before it replaces it.
+fn compact_path(path: &Path) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_owned();
+    name.push(".compact");
+    path.with_file_name(name)
+}
+
+/// Writes the first and last halves of `cap` bytes of `path`, with a marker
+/// between, to `tmp` (truncating what a crash left there); returns the bytes
+/// cut, 0 (and no copy) when the file fits. Blocking.
+fn write_compacted(path: &Path, tmp: &Path, cap: u64) -> std::io::Result<u64> {
     let mut src = std::fs::File::open(path)?;
     let size = src.metadata()?.len();
     if size <= cap {
@@ -556,22 +765,53 @@ pub fn compact(path: &Path, cap: u64) -> std::io::Result<u64> {
     let head = cap / 2;
     let tail = cap - head;
     let cut = size - head - tail;
-    let tmp = path.with_extension("compact");
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        let mut out = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        std::io::copy(&mut (&mut src).take(head), &mut out)?;
-        out.write_all(&marker(cut))?;
-        src.seek(SeekFrom::Start(size - tail))?;
-        std::io::copy(&mut src.take(tail), &mut out)?;
-    }
-    std::fs::rename(&tmp, path)?;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut out = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(tmp)?;
+    std::io::copy(&mut (&mut src).take(head), &mut out)?;
+    out.write_all(&marker(cut))?;
+    src.seek(SeekFrom::Start(size - tail))?;
+    std::io::copy(&mut src.take(tail), &mut out)?;
+    out.flush()?;
     Ok(cut)
+}
+
+/// What an attempt's run and log directories hold, for [`keep::plan_keep`]. Blocking.
+fn observe(run_dir: &Path, dest: &Path) -> AttemptOnDisk {
+    let size = |p: PathBuf| {
+        std::fs::metadata(p)
+            .ok()
+            .filter(|m| m.is_file())
+            .map(|m| m.len())
+    };
+    AttemptOnDisk {
+        streams: STREAMS.map(|s| {
+            let kept = dest.join(s.as_str());
+            StreamOnDisk {
+                run: size(run_dir.join(s.as_str())),
+                kept: size(kept.clone()),
+                cut_recorded: dest.join(format!("{}.cut", s.as_str())).exists(),
+                compacted: compact_path(&kept).exists(),
+            }
+        }),
+        log_dir: dest.is_dir(),
+        ended: dest.join("ended").exists(),
+    }
+}
+
+/// A step's name for the test hook: `move:stdout`, `compact:stderr`, `ended`.
+#[cfg(feature = "test-hooks")]
+fn step_label(step: KeepStep) -> String {
+    match step {
+        KeepStep::Move(s) | KeepStep::Compact(s) | KeepStep::Install(s) => {
+            format!("{}:{}", step.name(), s.as_str())
+        }
+        KeepStep::MarkEnded => step.name().to_owned(),
+    }
 }
 
 #[allow(unsafe_code)]
@@ -601,8 +841,12 @@ fn punch(path: &Path, hole: Hole) -> std::io::Result<()> {
     }
 }
 
+/// Writes `path` whole or not at all: a crash leaves the old file or the new.
 fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp");
+    // Beside it, named after it: `stdout.hole` and `stdout.cut` never share one.
+    let mut name = path.file_name().unwrap_or_default().to_owned();
+    name.push(".tmp");
+    let tmp = path.with_file_name(name);
     std::fs::write(&tmp, bytes)?;
     std::fs::rename(&tmp, path)
 }
@@ -715,7 +959,7 @@ mod tests {
         let data = pattern(8 << 20);
         std::fs::write(run.join("stdout"), &data).expect("write");
         std::fs::write(run.join("stderr"), b"oops\n").expect("write");
-        logs.cap_running(&[(t, g)]);
+        logs.cap_pass();
         let hole = read_hole(&logs.dir(t, g).join("stdout.hole")).expect("hole recorded");
         assert_eq!(hole.start, cap / 2);
         // Read while running: the head, one marker, the rest after the hole.
@@ -730,7 +974,7 @@ mod tests {
         assert_eq!(got.len(), want.len());
         assert!(got == want, "running read differs");
         // Ended: moved and compacted to the cap.
-        logs.keep(&run, t, g);
+        logs.keep(&run, t, g).expect("keep");
         assert!(!run.join("stdout").exists());
         let mut r = logs
             .open(t, g, LogStream::Stdout, None, false)
@@ -748,6 +992,142 @@ mod tests {
             .await
             .expect("open");
         assert_eq!(read_all(&mut r).await, b"oops\n");
+    }
+
+    /// Everything an attempt's log directory holds, and whether its run
+    /// directory still holds output.
+    fn snapshot(logs: &Logs, run: &Path, t: TaskId, g: Generation) -> Vec<(String, Vec<u8>)> {
+        let mut files: Vec<(String, Vec<u8>)> = std::fs::read_dir(logs.dir(t, g))
+            .map(|d| {
+                d.flatten()
+                    .map(|e| {
+                        let name = e.file_name().to_string_lossy().into_owned();
+                        // `ended` holds a time: only its presence counts.
+                        let body = if name == "ended" {
+                            Vec::new()
+                        } else {
+                            std::fs::read(e.path()).expect("read")
+                        };
+                        (name, body)
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        for s in STREAMS {
+            if run.join(s.as_str()).exists() {
+                files.push((format!("run:{}", s.as_str()), Vec::new()));
+            }
+        }
+        files.sort();
+        files
+    }
+
+    #[test]
+    fn keeping_cut_short_at_any_step_and_repeated_gives_the_same_logs() {
+        let cap = 4096;
+        let (t, g) = (TaskId(9), Generation(1));
+        let out = pattern(20_000);
+        let err = pattern(3_000);
+        let setup = || {
+            let tmp = tempfile::tempdir().expect("tmp");
+            let logs = Logs::new(tmp.path(), cfg(cap));
+            let run = tmp.path().join("runs/9-1");
+            std::fs::create_dir_all(&run).expect("mkdir");
+            std::fs::write(run.join("stdout"), &out).expect("write");
+            std::fs::write(run.join("stderr"), &err).expect("write");
+            (tmp, logs, run)
+        };
+        let (_keep_tmp, want_logs, want_run) = setup();
+        want_logs.keep(&want_run, t, g).expect("keep");
+        let want = snapshot(&want_logs, &want_run, t, g);
+        assert!(want.iter().any(|(n, _)| n == "stdout.cut"), "{want:?}");
+        assert!(!want.iter().any(|(n, _)| n.starts_with("run:")));
+        // Move, compact, install stdout; move stderr; ended: five steps.
+        for k in 0..=5 {
+            let (_tmp, logs, run) = setup();
+            logs.keep_upto(&run, t, g, k).expect("first try");
+            if k == 1 {
+                // Killed while writing the compacted copy: a partial one is left.
+                std::fs::write(logs.dir(t, g).join("stdout.compact"), b"partial").expect("write");
+            }
+            logs.keep(&run, t, g).expect("again");
+            assert_eq!(
+                snapshot(&logs, &run, t, g),
+                want,
+                "cut short after {k} steps"
+            );
+            // And once more: nothing changes (never cut twice).
+            logs.keep(&run, t, g).expect("once more");
+            assert_eq!(
+                snapshot(&logs, &run, t, g),
+                want,
+                "repeated after {k} steps"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_read_during_the_move_waits_for_it() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let logs = Logs::new(tmp.path(), cfg(1 << 30));
+        let (t, g) = (TaskId(8), Generation(1));
+        let run = tmp.path().join("runs/8-1");
+        std::fs::create_dir_all(&run).expect("mkdir");
+        std::fs::write(run.join("stdout"), b"all of it\n").expect("write");
+        // Stdout moved, `ended` not yet written.
+        logs.keep_upto(&run, t, g, 1).expect("one step");
+        let reader = logs.open(t, g, LogStream::Stdout, None, false);
+        let finish = async {
+            tokio::time::sleep(FOLLOW_POLL).await;
+            logs.keep(&run, t, g).expect("keep");
+        };
+        let (r, ()) = tokio::join!(reader, finish);
+        let mut r = r.expect("open once moved");
+        assert_eq!(read_all(&mut r).await, b"all of it\n");
+    }
+
+    #[test]
+    fn a_steady_writer_stays_within_cap_slack_and_its_rate_over_the_shortest_pass() {
+        // Virtual time in milliseconds; the cap pass as the daemon runs it.
+        let cap: u64 = 8 << 20;
+        let min_ms = CAP_PASS_MIN.as_millis() as u64;
+        let max_ms = CAP_PASS_MAX.as_millis() as u64;
+        for (silent_ms, per_ms) in [(0, 1_000u64), (0, 50_000), (0, 2_000_000), (3_000, 50_000)] {
+            let (mut size, mut hole, mut worst) = (0u64, None::<Hole>, 0u64);
+            let (mut before, mut last, mut due) = (0u64, 0u64, 0u64);
+            for now in 0..20_000u64 {
+                if now >= silent_ms {
+                    size += per_ms;
+                }
+                let kept = size - hole.map_or(0, |h| h.end - h.start);
+                worst = worst.max(kept);
+                if now == due {
+                    if let Some(h) = plan_hole(size, hole, cap) {
+                        hole = Some(h);
+                        let kept = size - (h.end - h.start);
+                        assert!(kept <= cap + BLOCK, "after a punch: {kept}");
+                    }
+                    let kept = size - hole.map_or(0, |h| h.end - h.start);
+                    let wait =
+                        next_pass(kept, size - before, Duration::from_millis(now - last), cap);
+                    assert!((CAP_PASS_MIN..=CAP_PASS_MAX).contains(&wait));
+                    (before, last, due) = (size, now, now + wait.as_millis() as u64);
+                }
+            }
+            // Steady from the start: the shortest pass bounds the overshoot; from
+            // silence: the longest (the rate was unknown).
+            let gap_ms = if silent_ms == 0 { min_ms } else { max_ms };
+            let bound = cap + slack(cap) + per_ms * gap_ms + BLOCK;
+            assert!(worst <= bound, "{per_ms} B/ms: {worst} > {bound}");
+            assert!(size > cap, "the writer passed the cap");
+        }
+        // Slow writers are looked at seldom.
+        assert_eq!(next_pass(0, 0, CAP_PASS_MAX, cap), CAP_PASS_MAX);
+        assert_eq!(next_pass(0, 10, CAP_PASS_MAX, cap), CAP_PASS_MAX);
+        assert_eq!(
+            next_pass(cap + slack(cap), 10, CAP_PASS_MAX, cap),
+            CAP_PASS_MIN
+        );
     }
 
     #[tokio::test]
@@ -790,7 +1170,7 @@ mod tests {
         );
         f.write_all(b"three\n").expect("write");
         logs.mark_ended(t, g);
-        logs.keep(&run, t, g);
+        logs.keep(&run, t, g).expect("keep");
         assert_eq!(r.next().await.expect("read"), Some(b"three\n".to_vec()));
         assert_eq!(r.next().await.expect("read"), None);
         assert!(r.end().ended);
@@ -805,7 +1185,7 @@ mod tests {
         let run = tmp.path().join("runs/5-1");
         std::fs::create_dir_all(&run).expect("mkdir");
         std::fs::write(run.join("stdout"), b"x").expect("write");
-        logs.keep(&run, TaskId(5), Generation(1));
+        logs.keep(&run, TaskId(5), Generation(1)).expect("keep");
         assert_eq!(logs.latest(TaskId(5)), Some(Generation(1)));
         let report = logs.sweep(wall_ms() + 10);
         assert_eq!(report.removed, 1);

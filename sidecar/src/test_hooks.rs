@@ -96,3 +96,47 @@ pub(crate) async fn hold_before_handle_commit(data_dir: &Path, store: &[Effect])
         tokio::time::sleep(HOLD_POLL).await;
     }
 }
+
+/// While this file exists in the data directory, keeping an attempt's output
+/// (`Logs::keep`, at the release of its run directory) stops before the step
+/// the file names (`move:stdout`, `move:stderr`, `compact:stdout`,
+/// `install:stdout`, …, `ended`; empty: before the first step), writes
+/// [`HOLD_KEEP_REACHED_FILE`] (`<task>-<generation> <step>`) and waits until
+/// the file is gone. A test that kills the sidecar there leaves a release the
+/// restart must finish.
+pub const HOLD_KEEP_FILE: &str = "test-hook-hold-keep";
+/// Written once a step of keeping an attempt's output is held.
+pub const HOLD_KEEP_REACHED_FILE: &str = "test-hook-hold-keep.reached";
+
+/// Holds the step `label` of keeping `attempt`'s output while
+/// [`HOLD_KEEP_FILE`] exists and names it (or is empty and `first`). Blocking:
+/// keeping runs off the async workers.
+#[cfg(feature = "test-hooks")]
+pub(crate) fn hold_keep_step(
+    data_dir: &Path,
+    attempt: (muster_protocol::TaskId, muster_protocol::Generation),
+    label: &str,
+    first: bool,
+) {
+    let hold = data_dir.join(HOLD_KEEP_FILE);
+    let Ok(want) = std::fs::read_to_string(&hold) else {
+        return;
+    };
+    let want = want.trim();
+    if !(want == label || (want.is_empty() && first)) {
+        return;
+    }
+    let (task, generation) = attempt;
+    warn!(
+        "test hook: holding the step {label} of keeping {task}-{generation}'s output until {HOLD_KEEP_FILE} is removed"
+    );
+    if let Err(e) = std::fs::write(
+        data_dir.join(HOLD_KEEP_REACHED_FILE),
+        format!("{task}-{generation} {label}\n"),
+    ) {
+        warn!("test hook: cannot write {HOLD_KEEP_REACHED_FILE}: {e}");
+    }
+    while hold.exists() {
+        std::thread::sleep(HOLD_POLL);
+    }
+}

@@ -375,6 +375,227 @@ fn output_past_the_cap_keeps_head_and_tail_with_a_marker_and_bounded_disk_while_
     assert!(got == want, "capped: {}", first_difference(&got, &want));
 }
 
+// === crashes: output is never lost ===
+
+/// How long a restarted sidecar may take to connect.
+const CONNECT: Duration = Duration::from_secs(30);
+
+/// FNV-1a of `bytes`, to name a log in a message (the comparisons are of the bytes).
+fn checksum(bytes: &[u8]) -> String {
+    let h = bytes.iter().fold(0xcbf2_9ce4_8422_2325_u64, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    format!("{} bytes, fnv1a {h:016x}", bytes.len())
+}
+
+/// `task logs ID <extra>` once the hub can reach the sidecar again: retried
+/// while it fails (the sidecar reconnecting), never once it printed output.
+fn logs_when_online(hub: &Hub, id: u64, extra: &[&str]) -> Vec<u8> {
+    wait_for(EVENTUALLY, "task logs to answer", || logs(hub, id, extra))
+}
+
+/// Both streams of attempt 1 read back byte for byte, relayed by the hub and on the host.
+fn assert_served(hub: &Hub, sc: &Sidecar, id: u64, out: &[u8], err: &[u8], when: &str) {
+    let got = logs_when_online(hub, id, &["--attempt", "1"]);
+    assert!(
+        got == out,
+        "{when}: stdout {} != {}: {}",
+        checksum(&got),
+        checksum(out),
+        first_difference(&got, out)
+    );
+    let got = logs_when_online(hub, id, &["--attempt", "1", "--stream", "stderr"]);
+    assert!(
+        got == err,
+        "{when}: stderr {} != {}",
+        checksum(&got),
+        checksum(err)
+    );
+    let host = sc.cli(&[
+        "logs",
+        &id.to_string(),
+        "--attempt",
+        "1",
+        "--data-dir",
+        &sc.data_dir().to_string_lossy(),
+    ]);
+    assert!(
+        host.stdout == out,
+        "{when}, on the host: {} ({})",
+        checksum(&host.stdout),
+        stderr(&host)
+    );
+}
+
+/// A sidecar killed while it keeps an attempt's output (held by the test hook
+/// before the step `step`; empty: before the first), after the hub
+/// acknowledged the attempt's end, and restarted: the output is served whole
+/// at once, moved to logs/, and the run directory goes.
+fn killed_while_keeping(name: &str, step: &str) {
+    use muster_sidecar::test_hooks::{HOLD_KEEP_FILE, HOLD_KEEP_REACHED_FILE};
+    let hub = hub();
+    let dir = tempfile_dir();
+    let out = generated(5_000_000);
+    let file = dir.join("output.bin");
+    std::fs::write(&file, &out).expect("write");
+    let err = b"a line on stderr\n".to_vec();
+    let script = format!(
+        "#!/bin/sh\ncat '{}'\nprintf 'a line on stderr\\n' >&2\n",
+        file.display()
+    );
+    let mut sc = sidecar_running(&hub, name, &script, &[]);
+    let hold = sc.data_dir().join(HOLD_KEEP_FILE);
+    let reached = sc.data_dir().join(HOLD_KEEP_REACHED_FILE);
+    std::fs::write(&hold, step).expect("write the hold file");
+    let id = submit(&hub, "killed while its output is kept", &[]);
+    wait_completed(&hub, id);
+    let held = wait_for(
+        EVENTUALLY,
+        "the sidecar to hold keeping the output \
+         (is muster-sidecar built with --features muster-sidecar/test-hooks?)",
+        || std::fs::read_to_string(&reached).map_err(|e| e.to_string()),
+    );
+    assert!(held.starts_with(&format!("{id}-1 ")), "{held}");
+    sc.kill9();
+    std::fs::remove_file(&hold).expect("remove the hold file");
+    sc.start_connected(CONNECT);
+    // Served whole from the first answer on: from the run directory (an
+    // orphan until its claim ends), mid-move, or from logs/.
+    assert_served(&hub, &sc, id, &out, &err, "after the restart");
+    let kept = wait_kept(&sc, id, 1);
+    assert_eq!(
+        std::fs::metadata(kept.join("stdout")).expect("kept").len(),
+        out.len() as u64
+    );
+    let run_dir = sc.data_dir().join("runs").join(format!("{id}-1"));
+    wait_for(EVENTUALLY, "the run directory removed", || {
+        if run_dir.exists() {
+            Err(format!("{} is still there", run_dir.display()))
+        } else {
+            Ok(())
+        }
+    });
+    assert_served(&hub, &sc, id, &out, &err, "once kept");
+}
+
+#[test]
+fn a_sidecar_killed_after_the_end_was_acknowledged_and_before_the_release_keeps_the_output() {
+    killed_while_keeping("logs-kill-before", "");
+}
+
+#[test]
+fn a_sidecar_killed_halfway_through_moving_the_output_finishes_the_move() {
+    // Stdout moved, stderr still in the run directory, no `ended`.
+    killed_while_keeping("logs-kill-halfway", "move:stderr");
+}
+
+/// Killed between writing the cut copy of an over-long output and installing
+/// it: the restart installs it once (never cuts the cut copy again), and the
+/// reader gets the first and last halves with one marker.
+#[test]
+fn a_sidecar_killed_while_compacting_installs_the_cut_copy_once() {
+    use muster_sidecar::test_hooks::{HOLD_KEEP_FILE, HOLD_KEEP_REACHED_FILE};
+    let hub = hub();
+    let dir = tempfile_dir();
+    let data = generated(3 << 20);
+    let file = dir.join("output.bin");
+    std::fs::write(&file, &data).expect("write");
+    let script = format!("#!/bin/sh\ncat '{}'\n", file.display());
+    let mut sc = sidecar_running(
+        &hub,
+        "logs-kill-compact",
+        &script,
+        &[("max_bytes_per_attempt", "\"1MiB\"")],
+    );
+    let hold = sc.data_dir().join(HOLD_KEEP_FILE);
+    let reached = sc.data_dir().join(HOLD_KEEP_REACHED_FILE);
+    std::fs::write(&hold, "install:stdout").expect("write the hold file");
+    let id = submit(&hub, "cut, then killed", &[]);
+    wait_completed(&hub, id);
+    wait_for(
+        EVENTUALLY,
+        "the sidecar to hold before installing the cut copy",
+        || std::fs::read_to_string(&reached).map_err(|e| e.to_string()),
+    );
+    sc.kill9();
+    std::fs::remove_file(&hold).expect("remove the hold file");
+    sc.start_connected(CONNECT);
+    wait_kept(&sc, id, 1);
+    let half = 512 << 10;
+    let cut = (data.len() - 2 * half) as u64;
+    let mut want = data[..half].to_vec();
+    want.extend(marker(cut));
+    want.extend(&data[data.len() - half..]);
+    let got = logs_when_online(&hub, id, &[]);
+    assert!(
+        got == want,
+        "{} != {}: {}",
+        checksum(&got),
+        checksum(&want),
+        first_difference(&got, &want)
+    );
+}
+
+/// A run spawned just before a crash whose acceptance was never committed
+/// (an orphan), whose task is cancelled while the sidecar is down: the
+/// restarted sidecar ends it after the claim window, and keeps its output
+/// rather than deleting it with the run directory.
+#[test]
+fn an_orphan_found_at_startup_and_ended_keeps_its_output() {
+    use muster_sidecar::test_hooks::{HOLD_ACCEPT_FILE, HOLD_ACCEPT_REACHED_FILE};
+    let hub = hub();
+    let dir = tempfile_dir();
+    let out = generated(2_000_000);
+    let file = dir.join("output.bin");
+    std::fs::write(&file, &out).expect("write");
+    let done = dir.join("done");
+    let script = format!(
+        "#!/bin/sh\ncat '{}'\nprintf 'orphan stderr\\n' >&2\n: > '{}'\n",
+        file.display(),
+        done.display()
+    );
+    let mut sc = sidecar_running(&hub, "logs-orphan", &script, &[]);
+    let hold = sc.data_dir().join(HOLD_ACCEPT_FILE);
+    let reached = sc.data_dir().join(HOLD_ACCEPT_REACHED_FILE);
+    std::fs::write(&hold, b"").expect("write the hold file");
+    let id = submit(&hub, "an orphan's output", &[]);
+    wait_for(
+        EVENTUALLY,
+        "the sidecar to hold the commit of the acceptance",
+        || match std::fs::read_to_string(&reached) {
+            Ok(s) if s.ends_with('\n') => Ok(()),
+            other => Err(format!("{other:?}")),
+        },
+    );
+    wait_for(EVENTUALLY, "the orphan's run to write all", || {
+        if done.exists() {
+            Ok(())
+        } else {
+            Err("not yet".to_string())
+        }
+    });
+    sc.kill9();
+    std::fs::remove_file(&hold).expect("remove the hold file");
+    let cancel = hub.cli(&["task", "cancel", &id.to_string()]);
+    assert!(cancel.status.success(), "cancel: {}", stderr(&cancel));
+    sc.start_connected(CONNECT);
+    // Ended after the claim window: kept, then its run directory removed.
+    let kept = wait_kept(&sc, id, 1);
+    assert_eq!(
+        std::fs::metadata(kept.join("stdout")).expect("kept").len(),
+        out.len() as u64
+    );
+    let run_dir = sc.data_dir().join("runs").join(format!("{id}-1"));
+    wait_for(EVENTUALLY, "the orphan's run directory removed", || {
+        if run_dir.exists() {
+            Err(format!("{} is still there", run_dir.display()))
+        } else {
+            Ok(())
+        }
+    });
+    assert_served(&hub, &sc, id, &out, b"orphan stderr\n", "an ended orphan");
+}
+
 /// A temporary directory that lives as long as the test process.
 fn tempfile_dir() -> PathBuf {
     let dir = tempfile::tempdir().expect("temp dir");

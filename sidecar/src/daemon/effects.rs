@@ -216,7 +216,9 @@ impl Daemon {
     }
 
     /// Removes the run directories the core released in this batch (their
-    /// tasks' forgetting is durable), off the async workers.
+    /// tasks' forgetting is durable), off the async workers: each one's
+    /// output is kept first, and a directory whose output could not be kept
+    /// stays (a restart tries again; see `crate::logs::keep`).
     pub(super) fn release_run_dirs(&mut self) {
         if self.releases.is_empty() {
             return;
@@ -226,8 +228,14 @@ impl Daemon {
         let logs = Arc::clone(&self.logs);
         tokio::task::spawn_blocking(move || {
             for ((task, generation), dir, handle) in releases {
-                logs.keep(&dir, task, generation);
-                run_dirs.release(&dir, handle.as_ref());
+                match logs.keep(&dir, task, generation) {
+                    Ok(()) => run_dirs.release(&dir, handle.as_ref()),
+                    Err(e) => warn!(
+                        %task, %generation,
+                        "could not keep the output of {}: {e}; the directory stays (a restart tries again)",
+                        dir.display()
+                    ),
+                }
             }
         });
     }

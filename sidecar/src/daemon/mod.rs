@@ -154,7 +154,7 @@ struct Io {
     finalize_rx: mpsc::Receiver<Finalize>,
     health_rx: mpsc::Receiver<Result<(), String>>,
     scrape_rx: mpsc::Receiver<Scrape>,
-    /// The session, local socket and HTTP tasks, aborted at the end.
+    /// The session, local socket, HTTP and output-cap tasks, aborted at the end.
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -235,6 +235,8 @@ async fn start(opts: Options) -> Result<(Daemon, Core, Arc<Queue>, Io), DaemonEr
         transcripts: activity::Transcripts::default(),
     };
     let orphans = d.sweep_runs(&core).await;
+    // After the sweep: the pass looks at every directory under runs/.
+    tasks.push(tokio::spawn(workspaces::cap_running(Arc::clone(&d.logs))));
     core.handle_startup(d.now(), orphans);
     d.recover(&core).await;
     d.finish_abandoned_workspaces(&core);

@@ -182,59 +182,54 @@ impl Daemon {
     }
 }
 
-/// When running attempts' output was last checked against the cap, and
-/// ended logs against retention and quota.
+/// When ended logs were last swept against retention and quota.
 #[derive(Debug, Default)]
 pub(super) struct LogSweep {
-    capped: Option<Instant>,
     swept: Option<Instant>,
     running: Arc<AtomicBool>,
 }
 
-/// Running attempts' output is checked against the cap this often: a run
-/// writes at most this long's worth of output past its cap (plus the slack).
-const LOG_CAP_EVERY: Duration = Duration::from_secs(1);
+/// Caps running attempts' output for as long as the daemon runs: one pass
+/// ([`crate::logs::Logs::cap_pass`]) off the async workers, then a wait as
+/// long as the pass asked for (50 ms to 1 s, by the fastest-growing file).
+/// On its own task, so neither the daemon loop's tick nor a long sweep of
+/// kept logs delays it: the time between passes is the bound on how far a
+/// running file passes its cap.
+pub(super) async fn cap_running(logs: Arc<crate::logs::Logs>) {
+    loop {
+        let l = Arc::clone(&logs);
+        let wait = tokio::task::spawn_blocking(move || l.cap_pass())
+            .await
+            .unwrap_or(crate::logs::CAP_PASS_MAX);
+        tokio::time::sleep(wait).await;
+    }
+}
 
 impl Daemon {
-    /// Punches the middle out of running attempts' output past the cap (every
-    /// [`LOG_CAP_EVERY`]) and sweeps ended logs (every minute, or every half
-    /// retention when that is shorter, at least a second apart). Off the loop.
+    /// Sweeps ended logs (every minute, or every half retention when that is
+    /// shorter, at least a second apart). Off the loop.
     fn maybe_sweep_logs(&mut self) {
         let now = Instant::now();
-        let due = |last: Option<Instant>, every: Duration| {
-            last.is_none_or(|t| now.duration_since(t) >= every)
-        };
         let sweep_every =
             (self.logs.config().retention / 2).clamp(Duration::from_secs(1), SWEEP_EVERY);
-        let cap = due(self.log_sweep.capped, LOG_CAP_EVERY);
-        let sweep = due(self.log_sweep.swept, sweep_every);
-        if !(cap || sweep) || self.log_sweep.running.swap(true, Ordering::AcqRel) {
+        let due = self
+            .log_sweep
+            .swept
+            .is_none_or(|t| now.duration_since(t) >= sweep_every);
+        if !due || self.log_sweep.running.swap(true, Ordering::AcqRel) {
             return;
         }
-        if cap {
-            self.log_sweep.capped = Some(now);
-        }
-        if sweep {
-            self.log_sweep.swept = Some(now);
-        }
-        let attempts: Vec<(TaskId, Generation)> = if cap {
-            self.handles.keys().copied().collect()
-        } else {
-            Vec::new()
-        };
+        self.log_sweep.swept = Some(now);
         let logs = Arc::clone(&self.logs);
         let running = Arc::clone(&self.log_sweep.running);
         tokio::task::spawn_blocking(move || {
-            logs.cap_running(&attempts);
-            if sweep {
-                let report = logs.sweep(wall_ms());
-                if report.removed > 0 {
-                    info!(
-                        removed = report.removed,
-                        freed_bytes = report.freed_bytes,
-                        "swept kept logs"
-                    );
-                }
+            let report = logs.sweep(wall_ms());
+            if report.removed > 0 {
+                info!(
+                    removed = report.removed,
+                    freed_bytes = report.freed_bytes,
+                    "swept kept logs"
+                );
             }
             running.store(false, Ordering::Release);
         });

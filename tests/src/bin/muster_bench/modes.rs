@@ -778,6 +778,42 @@ pub(crate) struct LogsArgs {
     pub(crate) repeat: usize,
 }
 
+/// A task reading the hub's RSS (KiB) every 50 ms until `stop` is set.
+struct RssSampler {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<Vec<f64>>,
+}
+
+fn rss_sampler(pid: u32) -> RssSampler {
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let until = Arc::clone(&stop);
+    let task = tokio::spawn(async move {
+        let mut v = Vec::new();
+        // Bounded: one sample per 50 ms of a run that phases bound to 10 minutes.
+        while !until.load(std::sync::atomic::Ordering::Relaxed) && v.len() < 20_000 {
+            match crate::hub::mem_kib(pid, "VmRSS") {
+                Ok(k) => v.push(k as f64),
+                Err(_) => break,
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        v
+    });
+    RssSampler { stop, task }
+}
+
+/// The largest sample in each tenth of `samples` (fewer when there are fewer):
+/// memory over the course of one run, to show whether it grows.
+fn deciles_max(samples: &[f64]) -> Vec<f64> {
+    let parts = samples.len().min(10);
+    (0..parts)
+        .map(|i| {
+            let (a, b) = (i * samples.len() / parts, (i + 1) * samples.len() / parts);
+            samples[a..b].iter().copied().fold(0.0, f64::max)
+        })
+        .collect()
+}
+
 /// One follower: `task logs --follow` on its own operator connection; the
 /// bytes it received and when the last arrived.
 async fn follow(ops: Arc<Ops>, i: usize, task: u64) -> Result<(u64, Instant)> {
@@ -879,6 +915,7 @@ pub(crate) async fn logs(bin: &Path, root: &Path, a: &LogsArgs) -> Result<Value>
         let mut agent_runs = Vec::new();
         let mut rates = Vec::new();
         let mut rss = Vec::new();
+        let mut rss_series = Vec::new();
         for _ in 0..a.repeat.max(1) {
             let task = submit(&ops, format!("write {} MB, {n} followers", a.mb)).await?;
             // Followers attach once the attempt exists (its generation is known).
@@ -893,13 +930,14 @@ pub(crate) async fn logs(bin: &Path, root: &Path, a: &LogsArgs) -> Result<Value>
             })
             .await?;
             let started = Instant::now();
+            // Hub memory, sampled every 50 ms from the start of the attempt until
+            // the last follower read its last byte (the relay outlasts the write).
+            let sampler = rss_sampler(hub.pid()?);
             let followers: Vec<_> = (0..n)
                 .map(|i| tokio::spawn(follow(Arc::clone(&ops), i, task)))
                 .collect();
-            // Hub memory, sampled every 100 ms until the attempt completes.
             phase("attempt completes", Duration::from_secs(600), async {
                 loop {
-                    rss.push(hub.mem_kib("VmRSS")? as f64);
                     let v = ops.call(OpRequest::TaskShow { id: TaskId(task) }).await?;
                     match v["state"].as_str() {
                         Some("completed") => return Ok(()),
@@ -921,6 +959,18 @@ pub(crate) async fn logs(bin: &Path, root: &Path, a: &LogsArgs) -> Result<Value>
                 }
                 rates.push(bytes as f64 / 1e6 / done.duration_since(started).as_secs_f64());
             }
+            sampler
+                .stop
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+            let samples = sampler
+                .task
+                .await
+                .map_err(|e| anyhow!("the RSS sampler panicked: {e}"))?;
+            if samples.is_empty() {
+                bail!("no hub RSS sample");
+            }
+            rss_series.push(deciles_max(&samples));
+            rss.extend(samples);
             rss.push(hub.mem_kib("VmRSS")? as f64);
             let agent_ns: f64 = std::fs::read_to_string(times.join(task.to_string()))
                 .context("the writer's own time")?
@@ -941,6 +991,7 @@ pub(crate) async fn logs(bin: &Path, root: &Path, a: &LogsArgs) -> Result<Value>
                 "follower_mb_per_s": if rates.is_empty() { Value::Null } else { summary(rates) },
                 "hub_rss_kib": summary(rss),
                 "hub_rss_growth_kib": rss_max - rss_idle as f64,
+                "hub_rss_kib_by_tenth_of_each_run": rss_series,
             }),
         );
     }
