@@ -56,7 +56,12 @@ build() {
     "$stage/usr/bin/$name" man "$stage/usr/share/man/man1"
     gzip -9n "$stage"/usr/share/man/man1/*.1
     cp "$REPO/README.md" "$stage/usr/share/doc/$name/README.md"
-    [[ "$name" == muster-hub ]] && cp "$REPO/API.md" "$stage/usr/share/doc/$name/API.md"
+    if [[ "$name" == muster-hub ]]; then
+        cp "$REPO/API.md" "$stage/usr/share/doc/$name/API.md"
+    else
+        install -D -m 0644 "$REPO/systemd/examples/muster-sidecar-agent-sandbox.conf" \
+            "$stage/usr/share/doc/$name/examples/muster-sidecar-agent-sandbox.conf"
+    fi
     local size
     size=$(du -sk "$stage/usr" "$stage/lib" | awk '{s += $1} END {print s}')
     cat >"$stage/DEBIAN/control" <<EOF
