@@ -274,7 +274,7 @@ impl HubMetrics {
         if encode(&mut out, &self.registry).is_err() {
             out.push_str("# encoding failed\n");
         }
-        out
+        muster_protocol::http::openmetrics_to_text(&out)
     }
 }
 

@@ -24,8 +24,40 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// Connections served at once; more wait in the kernel's backlog.
 const CONNECTIONS_MAX: usize = 64;
 
-/// The Prometheus text content type.
-pub const PROMETHEUS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+/// The Prometheus text exposition format (0.0.4): what every scraper and
+/// `promtool check metrics` read.
+pub const PROMETHEUS: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// Turns the OpenMetrics text `prometheus-client` encodes into the Prometheus
+/// text format: a counter family is named with its `_total` suffix in `HELP`
+/// and `TYPE` (as its samples are), and `UNIT` and `EOF` lines, which that
+/// format lacks, are dropped.
+pub fn openmetrics_to_text(om: &str) -> String {
+    let counters: std::collections::HashSet<&str> = om
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(om.len());
+    for line in om.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let renamed = ["# HELP ", "# TYPE "].iter().find_map(|p| {
+            let rest = line.strip_prefix(p)?;
+            let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+            counters
+                .contains(name)
+                .then(|| format!("{p}{name}_total {tail}"))
+        });
+        match renamed {
+            Some(l) => out.push_str(l.trim_end()),
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
+}
 /// Plain text.
 pub const TEXT: &str = "text/plain; charset=utf-8";
 
@@ -82,4 +114,18 @@ async fn respond(req: Request<hyper::body::Incoming>, handler: Handler) -> Respo
         resp.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
     }
     resp
+}
+
+#[cfg(test)]
+mod format_tests {
+    use super::*;
+
+    #[test]
+    fn counters_are_named_with_total_and_openmetrics_only_lines_go() {
+        let om = "# HELP muster_commits Durable commits.\n# TYPE muster_commits counter\nmuster_commits_total 3\n# HELP muster_tasks Live tasks.\n# TYPE muster_tasks gauge\n# UNIT muster_tasks tasks\nmuster_tasks{state=\"queued\"} 1\n# EOF\n";
+        assert_eq!(
+            openmetrics_to_text(om),
+            "# HELP muster_commits_total Durable commits.\n# TYPE muster_commits_total counter\nmuster_commits_total 3\n# HELP muster_tasks Live tasks.\n# TYPE muster_tasks gauge\nmuster_tasks{state=\"queued\"} 1\n"
+        );
+    }
 }

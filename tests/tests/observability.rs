@@ -214,9 +214,8 @@ fn parse_exposition(text: &str, prefix: &str) -> Result<Exposition, String> {
         .iter()
         .rposition(|l| !l.trim().is_empty())
         .ok_or("empty exposition")?;
-    if lines[last] != "# EOF" {
-        return Err(format!("the last line is {:?}, not # EOF", lines[last]));
-    }
+    // The Prometheus text format (0.0.4) has no `# EOF`; OpenMetrics ends with one.
+    let _ = last;
     for (n, line) in lines.iter().enumerate() {
         let at = |e: String| format!("line {}: {e}: {line:?}", n + 1);
         if line.trim().is_empty() {
@@ -257,6 +256,13 @@ fn parse_exposition(text: &str, prefix: &str) -> Result<Exposition, String> {
                         return Err(at(format!("unknown type {ty:?}")));
                     }
                     exp.types.insert(name.to_string(), ty.to_string());
+                    // A counter is typed under its `_total` name in the text format:
+                    // look it up by its family name too.
+                    if ty == "counter"
+                        && let Some(base) = name.strip_suffix("_total")
+                    {
+                        exp.types.insert(base.to_string(), ty.to_string());
+                    }
                 }
                 _ => return Err(at("an unexpected comment".into())),
             }

@@ -192,7 +192,7 @@ impl Daemon {
         if prometheus_client::encoding::text::encode(&mut out, &m.registry).is_err() {
             out.push_str("# encoding failed\n");
         }
-        out
+        muster_protocol::http::openmetrics_to_text(&out)
     }
 }
 
