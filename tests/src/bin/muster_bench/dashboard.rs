@@ -217,7 +217,8 @@ fn agent(i: usize, now: Millis, rng: &mut Rng) -> (AgentRecord, Identity) {
 
 /// Task `id` and, if it was ever assigned, its one attempt. States: 85 %
 /// completed, 6 % failed, 4 % cancelled, 4 % queued, 1 % running. Finished
-/// tasks ended within the last week, so retention prunes nothing during the run.
+/// tasks ended within the last week, so retention prunes nothing during the
+/// run, and running ones started in the last half hour, so none times out.
 fn task(id: u64, agents: usize, now: Millis, rng: &mut Rng) -> (TaskRecord, Option<AttemptRecord>) {
     let r = rng.below(100);
     let state = match r {
@@ -227,7 +228,13 @@ fn task(id: u64, agents: usize, now: Millis, rng: &mut Rng) -> (TaskRecord, Opti
         95..99 => TaskState::Queued,
         _ => TaskState::Running,
     };
-    let submitted_at = now - 7 * 86_400_000 + rng.below(7 * 86_400_000 - 3_600_000);
+    // Running tasks started within their hour's timeout, so none times out
+    // during the run; the rest within the last week.
+    let submitted_at = if state == TaskState::Running {
+        now - 60_000 - rng.below(1_800_000)
+    } else {
+        now - 7 * 86_400_000 + rng.below(7 * 86_400_000 - 3_600_000)
+    };
     let updated_at = submitted_at + 1_000 + rng.below(3_000_000);
     let m = rng.below(100);
     let title = format!(
