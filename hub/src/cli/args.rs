@@ -166,6 +166,10 @@ pub(crate) enum Command {
         /// How many sample tasks to run.
         #[arg(long, default_value_t = 20)]
         tasks: usize,
+        /// Keep the fleet running after the sample tasks, with the web dashboard on
+        /// a loopback port; prints a login URL and runs until Ctrl-C or SIGTERM.
+        #[arg(long)]
+        keep: bool,
     },
     /// Print a one-time login URL for the web dashboard, bound to this identity.
     ///

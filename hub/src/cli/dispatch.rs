@@ -353,7 +353,7 @@ pub(crate) async fn run(command: Command) -> Result<(), CliError> {
             Ok(())
         }
         Command::Doctor { connect } => doctor(&connect).await,
-        Command::Demo { tasks } => crate::demo::run(tasks).await,
+        Command::Demo { tasks, keep } => crate::demo::run(tasks, keep).await,
     }
 }
 
