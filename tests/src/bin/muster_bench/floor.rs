@@ -598,6 +598,10 @@ pub(crate) fn ratios(result: &Value, floor: &Value) -> Value {
                     "pages.api_tasks_search.p50_ms",
                 ),
                 (
+                    "/api/v1/tasks?q= without a match (the scan bound) p50 ÷ HTTP RTT p50",
+                    "pages.api_tasks_search_no_match.p50_ms",
+                ),
+                (
                     "/api/v1/tasks 10th page p50 ÷ HTTP RTT p50",
                     "pages.api_tasks_page_10.p50_ms",
                 ),
