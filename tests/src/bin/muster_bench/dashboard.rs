@@ -163,11 +163,14 @@ const CAPABILITY_SETS: [&[&str]; 6] = [
 const TEAMS: [&str; 6] = ["infra", "web", "data", "ml", "platform", "mobile"];
 const SUBMITTERS: [&str; 5] = ["alice", "bob", "ci-bot", "carol", "nightly"];
 
+/// Now, and never less than a year after the epoch, so the generated times
+/// (up to 30 days back) cannot go below zero on a machine with a wrong clock.
 fn now_ms() -> Millis {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+        .max(365 * 86_400_000)
 }
 
 fn agent_name(i: usize) -> String {
@@ -183,7 +186,7 @@ fn agent(i: usize, now: Millis, rng: &mut Rng) -> (AgentRecord, Identity) {
         .collect();
     let slots = 1 + (i % 8) as u32;
     let enrolled_at = now - 30 * 86_400_000 + rng.below(20 * 86_400_000);
-    let revoked = i % 200 == 0;
+    let revoked = i.is_multiple_of(200);
     let rec = AgentRecord {
         name: name.clone(),
         version: "0.1.0".into(),
@@ -199,7 +202,7 @@ fn agent(i: usize, now: Millis, rng: &mut Rng) -> (AgentRecord, Identity) {
             cpus: 4 << (i % 4),
         }),
         self_test: None,
-        drained: i % 50 == 0,
+        drained: i.is_multiple_of(50),
         revoked,
     };
     let identity = Identity {
@@ -250,8 +253,13 @@ fn task(id: u64, agents: usize, now: Millis, rng: &mut Rng) -> (TaskRecord, Opti
         .map(|s| s.to_string())
         .collect();
     let submitter = rng.pick(&SUBMITTERS);
-    let assigned = !matches!(state, TaskState::Queued)
-        && !(state == TaskState::Cancelled && rng.below(2) == 0);
+    // Queued tasks never ran; half the cancelled ones were cancelled before.
+    let never_ran = match state {
+        TaskState::Queued => true,
+        TaskState::Cancelled => rng.below(2) == 0,
+        _ => false,
+    };
+    let assigned = !never_ran;
     let agent = assigned.then(|| agent_name(rng.below(agents as u64) as usize));
     let generation = u64::from(assigned);
     let mut audit = vec![Audit {
@@ -299,7 +307,9 @@ fn task(id: u64, agents: usize, now: Millis, rng: &mut Rng) -> (TaskRecord, Opti
             _ => None,
         },
         audit,
-        repo: (m % 3 == 0).then(|| format!("git@example.com:acme/{}.git", module(m))),
+        repo: m
+            .is_multiple_of(3)
+            .then(|| format!("git@example.com:acme/{}.git", module(m))),
         base: None,
         env: Vec::new(),
         labels: vec![
@@ -747,8 +757,8 @@ fn fan_out(
         }
         let mut each: Vec<f64> = got.iter().flatten().map(|at| ms(*at - t)).collect();
         each.sort_by(f64::total_cmp);
-        all.push(each[each.len() - 1]);
-        median.push(each[each.len() / 2]);
+        all.push(each.last().copied().unwrap_or(0.0));
+        median.push(each.get(each.len() / 2).copied().unwrap_or(0.0));
     }
     Ok(json!({
         "events": events,
