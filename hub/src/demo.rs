@@ -6,6 +6,10 @@
 //! join tokens. Sample agents run in both modes; one fails now and then, one
 //! needs a capability only one sidecar has. Everything is removed at the end,
 //! also on Ctrl-C.
+//!
+//! With `--keep` the fleet stays up after the sample tasks, with the web
+//! dashboard on a loopback port: the demo prints a one-time login URL and runs
+//! until Ctrl-C or SIGTERM, then stops the sidecars and the hub cleanly.
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
@@ -16,6 +20,7 @@ use muster_protocol::msg::{OpRequest, Role, SubmitRequest, TimeoutAction};
 use muster_protocol::{AgentName, TaskId};
 use serde_json::Value;
 use tokio::process::{Child, Command};
+use tokio::sync::watch;
 
 use crate::cli::{CliError, ConnectArgs, Session};
 use crate::config::HubConfig;
@@ -41,25 +46,63 @@ const CODER: (&str, &[&str], &str, u32) = ("delta", &[], "git", 2);
 ///
 /// # Errors
 /// [`CliError`] naming the step that failed.
-pub async fn run(tasks: usize) -> Result<(), CliError> {
+pub async fn run(tasks: usize, keep: bool) -> Result<(), CliError> {
     let tmp = tempfile::Builder::new()
         .prefix("muster-demo-")
         .tempdir()
         .map_err(|e| CliError::fail(format!("cannot create a temporary directory: {e}")))?;
-    let result = tokio::select! {
-        r = fleet(tmp.path(), tasks) => r,
-        _ = tokio::signal::ctrl_c() => Err(CliError::fail("interrupted; cleaned up")),
+    let result = if keep {
+        // A kept demo is stopped by a signal on purpose: it must reach the clean
+        // shutdown below rather than be dropped mid-flight.
+        let stop = stop_signal().map_err(fail("listening for Ctrl-C and SIGTERM"))?;
+        fleet(tmp.path(), tasks, Some(stop)).await
+    } else {
+        tokio::select! {
+            r = fleet(tmp.path(), tasks, None) => r,
+            _ = tokio::signal::ctrl_c() => Err(CliError::fail("interrupted; cleaned up")),
+        }
     };
     // Children were started with kill_on_drop; the temporary directory goes with `tmp`.
     drop(tmp);
     result
 }
 
+/// Turns true on the first SIGINT (Ctrl-C) or SIGTERM.
+fn stop_signal() -> Result<watch::Receiver<bool>, String> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
+    let mut int = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
+    let (tx, rx) = watch::channel(false);
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        let _ = tx.send(true);
+    });
+    Ok(rx)
+}
+
+/// Returns once `stop` has fired; never without one.
+async fn stopped(stop: &mut Option<watch::Receiver<bool>>) {
+    match stop {
+        // An error means the signal task is gone: nothing can stop us then but a
+        // kill, so treat it as a stop rather than run on unstoppable.
+        Some(rx) => drop(rx.wait_for(|s| *s).await),
+        None => std::future::pending().await,
+    }
+}
+
 fn fail(step: &str) -> impl Fn(String) -> CliError + '_ {
     move |e| CliError::fail(format!("demo: {step}: {e}"))
 }
 
-async fn fleet(dir: &Path, tasks: usize) -> Result<(), CliError> {
+async fn fleet(
+    dir: &Path,
+    tasks: usize,
+    mut stop: Option<watch::Receiver<bool>>,
+) -> Result<(), CliError> {
+    let keep = stop.is_some();
     let exe = sidecar_binary().map_err(fail("finding muster-sidecar"))?;
     let hub_dir = dir.join("hub");
     let port = free_udp_port().map_err(fail("finding a free port"))?;
@@ -72,6 +115,10 @@ async fn fleet(dir: &Path, tasks: usize) -> Result<(), CliError> {
     config.policy.heartbeat_interval = Duration::from_secs(2);
     config.policy.backoff_initial = Duration::from_secs(1);
     config.policy.lost_grace = Duration::from_secs(10);
+    if keep {
+        // Port 0: the kernel picks a free one; the hub reports what it bound.
+        config.dashboard.listen = Some(([127, 0, 0, 1], 0).into());
+    }
     let sans = ["localhost".to_string(), "127.0.0.1".into()];
     let fp = init_data_dir(&hub_dir, &config, &sans).map_err(fail("initialising the hub"))?;
     // The coding part needs git; without it the demo says so and runs the rest.
@@ -124,7 +171,17 @@ async fn fleet(dir: &Path, tasks: usize) -> Result<(), CliError> {
     } else {
         println!();
     }
-    let outcome = run_tasks(&session, tasks, repo.as_deref()).await;
+    let (outcome, interrupted) = tokio::select! {
+        r = run_tasks(&session, tasks, repo.as_deref()) => (r, false),
+        () = stopped(&mut stop) => (Err(CliError::fail("interrupted; cleaned up")), true),
+    };
+    if keep && !interrupted {
+        match dashboard_login(&session, &running, &hub_dir).await {
+            Ok(()) => stopped(&mut stop).await,
+            Err(e) => println!("{}", e.message),
+        }
+        println!("\nstopping the fleet");
+    }
     let stats = session.call(OpRequest::Stats).await;
     for c in &mut children {
         if let Some(pid) = c.id() {
@@ -137,7 +194,16 @@ async fn fleet(dir: &Path, tasks: usize) -> Result<(), CliError> {
     }
     session.close().await;
     let _ = running.shutdown().await;
-    let stats = stats?;
+    let stats = match stats {
+        Ok(s) => s,
+        // A kept demo's operator connection may have sat idle for hours: its
+        // stats are a nicety, the clean stop is what counts.
+        Err(e) if keep => {
+            println!("\n(no stats: {})", e.message);
+            return outcome;
+        }
+        Err(e) => return Err(e),
+    };
     println!("\nstats");
     for key in [
         "finished",
@@ -159,6 +225,39 @@ async fn fleet(dir: &Path, tasks: usize) -> Result<(), CliError> {
         "  (messages include the sample agents' two progress reports per exec task and the\n   retried attempts; a task whose agent reports nothing costs 5: Assign, Accepted,\n   Started, Finished, Ack)"
     );
     outcome
+}
+
+/// Prints how to open the kept demo's dashboard: a one-time login URL, how to
+/// get another and an API token, and how to stop.
+async fn dashboard_login(
+    session: &Session,
+    running: &crate::server::Running,
+    hub_dir: &Path,
+) -> Result<(), CliError> {
+    let Some((_, base)) = &running.dashboard else {
+        return Err(CliError::fail("demo: the dashboard did not start"));
+    };
+    let v = session
+        .call(OpRequest::DashboardLogin { role: None })
+        .await?;
+    let url = v["url"].as_str().unwrap_or_default();
+    let minutes = v["expires_at"]
+        .as_u64()
+        .unwrap_or(0)
+        .saturating_sub(crate::server::wall_ms())
+        / 60_000;
+    let dir = hub_dir.display();
+    println!("\nthe fleet keeps running; the dashboard is at {base}");
+    println!("  sign in (the link works once, for {minutes} min): {url}");
+    println!("  another login URL:  muster-hub dashboard --data-dir {dir}");
+    println!(
+        "  an API token:       muster-hub token create --kind api --name me --role operator --data-dir {dir}"
+    );
+    println!(
+        "                      then curl -H \"Authorization: Bearer <token>\" {base}/api/v1/agents"
+    );
+    println!("Ctrl-C or SIGTERM stops the fleet and removes everything");
+    Ok(())
 }
 
 fn free_udp_port() -> Result<u16, String> {

@@ -695,6 +695,83 @@ impl TaskFilter {
     }
 }
 
+impl TaskFilter {
+    /// Whether a stored record (its bincode bytes) may match: every text the
+    /// filter looks for must occur in the record's bytes, since bincode stores
+    /// strings as their UTF-8 bytes. A cheap test that never says no to a
+    /// match, so a selective filter (a title search, an agent) decodes only
+    /// the few records that pass instead of every record it scans.
+    fn may_match(&self, raw: &[u8]) -> bool {
+        let has = |needle: &str| contains_bytes(raw, needle.as_bytes());
+        self.agent.as_deref().is_none_or(has)
+            && self.label.as_ref().is_none_or(|(k, v)| has(k) && has(v))
+            && self.capability.as_deref().is_none_or(has)
+            && self.search.as_deref().is_none_or(|q| {
+                // A non-ASCII search folds case beyond ASCII: only decoding can tell.
+                // The title alone is searched when its bytes can be found: a tenth
+                // of the record, and no false hits in the description or the repo.
+                !q.is_ascii()
+                    || contains_ascii_folded(stored_title(raw).unwrap_or(raw), q.as_bytes())
+            })
+    }
+}
+
+/// The title of a stored task record, read from its bytes without decoding the
+/// rest: bincode (varint integers, little endian) writes the id and then the
+/// title, as its length and its UTF-8 bytes, first. `None` if the bytes do not
+/// read so (pinned by a test against [`TaskRecord`]'s encoding).
+fn stored_title(raw: &[u8]) -> Option<&[u8]> {
+    let (_id, rest) = varint(raw)?;
+    let (len, rest) = varint(rest)?;
+    rest.get(..usize::try_from(len).ok()?)
+}
+
+/// One bincode varint: below 251 itself, else a marker byte and 2, 4 or 8 bytes.
+fn varint(b: &[u8]) -> Option<(u64, &[u8])> {
+    let (&first, rest) = b.split_first()?;
+    let wide = |n: usize| -> Option<(u64, &[u8])> {
+        let (bytes, rest) = (rest.get(..n)?, rest.get(n..)?);
+        let mut v = [0u8; 8];
+        v[..n].copy_from_slice(bytes);
+        Some((u64::from_le_bytes(v), rest))
+    };
+    match first {
+        0..=250 => Some((u64::from(first), rest)),
+        251 => wide(2),
+        252 => wide(4),
+        253 => wide(8),
+        _ => None,
+    }
+}
+
+/// Whether `hay` contains `needle` byte for byte.
+fn contains_bytes(hay: &[u8], needle: &[u8]) -> bool {
+    let Some((&first, rest)) = needle.split_first() else {
+        return true;
+    };
+    let Some(last) = hay.len().checked_sub(needle.len()) else {
+        return false;
+    };
+    hay[..=last]
+        .iter()
+        .enumerate()
+        .any(|(i, &b)| b == first && &hay[i + 1..i + needle.len()] == rest)
+}
+
+/// Whether `hay` contains `needle` with ASCII letters compared without case.
+fn contains_ascii_folded(hay: &[u8], needle: &[u8]) -> bool {
+    let Some((&first, rest)) = needle.split_first() else {
+        return true;
+    };
+    let Some(last) = hay.len().checked_sub(needle.len()) else {
+        return false;
+    };
+    let (lo, up) = (first.to_ascii_lowercase(), first.to_ascii_uppercase());
+    hay[..=last].iter().enumerate().any(|(i, &b)| {
+        (b == lo || b == up) && hay[i + 1..i + needle.len()].eq_ignore_ascii_case(rest)
+    })
+}
+
 /// Case-insensitive substring search without allocating per row for ASCII text.
 fn contains_folded(hay: &str, needle: &str) -> bool {
     if needle.is_ascii() {
@@ -790,10 +867,14 @@ impl Reader {
         let mut out = Vec::new();
         let mut last = None;
         let mut scanned = 0;
-        let push = |rec: TaskRecord, out: &mut Vec<TaskRecord>| {
-            if filter.matches(&rec) {
-                out.push(rec);
+        let push = |raw: &[u8], out: &mut Vec<TaskRecord>| -> Result<(), StoreError> {
+            if filter.may_match(raw) {
+                let rec: TaskRecord = dec("tasks", raw)?;
+                if filter.matches(&rec) {
+                    out.push(rec);
+                }
             }
+            Ok(())
         };
         if let Some(s) = filter.state {
             let idx = self.tx.open_table(BY_STATE)?;
@@ -803,7 +884,7 @@ impl Reader {
                 last = Some(id);
                 scanned += 1;
                 if let Some(v) = tasks.get(id)? {
-                    push(dec("tasks", v.value())?, &mut out);
+                    push(v.value(), &mut out)?;
                 }
                 if out.len() >= limit || scanned >= SCAN_ROWS_MAX {
                     break;
@@ -814,7 +895,7 @@ impl Reader {
                 let (k, v) = row?;
                 last = Some(k.value());
                 scanned += 1;
-                push(dec("tasks", v.value())?, &mut out);
+                push(v.value(), &mut out)?;
                 if out.len() >= limit || scanned >= SCAN_ROWS_MAX {
                     break;
                 }
@@ -927,6 +1008,71 @@ mod tests {
             env: Vec::new(),
             labels: Vec::new(),
         }
+    }
+
+    /// The byte test before decoding never turns away a record the filter
+    /// matches, and turns away records that cannot match.
+    #[test]
+    fn the_byte_prefilter_never_refuses_a_match() {
+        let mut t = task(7, TaskState::Failed, 1, None);
+        t.title = "Fix the Ledger-Worker retries".into();
+        t.agent = Some("agent-00042".into());
+        t.capabilities = vec!["gpu".into()];
+        t.labels = vec![("team".into(), "infra".into())];
+        let raw = enc(&t);
+        let f = |search: Option<&str>, agent: Option<&str>| TaskFilter {
+            search: search.map(str::to_string),
+            agent: agent.map(str::to_string),
+            ..TaskFilter::default()
+        };
+        let matching = [
+            f(Some("ledger-worker"), None),
+            f(Some("LEDGER"), Some("agent-00042")),
+            f(Some("retries"), None),
+            f(Some("é"), None),
+            TaskFilter {
+                label: Some(("team".into(), "infra".into())),
+                capability: Some("gpu".into()),
+                ..TaskFilter::default()
+            },
+        ];
+        for filter in &matching {
+            assert!(filter.may_match(&raw), "{filter:?}");
+        }
+        for filter in &matching[..3] {
+            assert!(filter.matches(&t), "{filter:?}");
+        }
+        let not = [
+            f(Some("ledger-ui"), None),
+            f(None, Some("agent-00043")),
+            TaskFilter {
+                label: Some(("team".into(), "web".into())),
+                ..TaskFilter::default()
+            },
+        ];
+        for filter in &not {
+            assert!(!filter.may_match(&raw), "{filter:?}");
+            assert!(!filter.matches(&t), "{filter:?}");
+        }
+        // The title is found in the bytes of any id and any title length.
+        for (id, len) in [
+            (7, 5),
+            (250, 250),
+            (251, 251),
+            (70_000, 70_000),
+            (u64::MAX, 3),
+        ] {
+            let mut t = task(id, TaskState::Queued, 1, None);
+            t.title = "x".repeat(len);
+            assert_eq!(
+                stored_title(&enc(&t)),
+                Some(t.title.as_bytes()),
+                "{id} {len}"
+            );
+        }
+        assert!(contains_ascii_folded(b"abc", b""));
+        assert!(!contains_ascii_folded(b"ab", b"abc"));
+        assert!(!contains_bytes(b"", b"a"));
     }
 
     /// One write of every kind the core produces.

@@ -1326,3 +1326,131 @@ fn the_demo_runs_six_tasks_and_two_on_a_repository_end_to_end_and_cleans_up() {
         .unwrap_or_default();
     assert!(left.is_empty(), "the demo left {left:?} behind");
 }
+
+/// Kills a child process when dropped, so a failed assertion never leaves a
+/// kept demo running.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `demo --keep`: after the sample tasks the fleet stays up with the dashboard;
+/// the printed login URL signs in once (303 with a session cookie), the session
+/// lists the demo's sidecars through `/api/v1/agents`, and SIGTERM ends the
+/// demo cleanly with exit 0 and nothing left behind.
+#[test]
+fn the_kept_demo_prints_a_login_url_that_shows_its_fleet_and_stops_on_sigterm() {
+    use std::io::BufRead;
+    const BOUND: Duration = Duration::from_secs(240);
+    let _permit = FleetPermit::acquire();
+    let tmp = tempfile::Builder::new()
+        .prefix("muster-demo-")
+        .tempdir()
+        .expect("a temporary directory");
+    let mut child = KillOnDrop(
+        Command::new(&bins().hub)
+            .args(["demo", "--tasks", "2", "--keep"])
+            .env("TMPDIR", tmp.path())
+            .env("NO_COLOR", "1")
+            .env_remove("MUSTER_HUB")
+            .env_remove("MUSTER_CREDENTIAL")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn muster-hub demo --keep"),
+    );
+    // Lines on a thread, so the test waits for each with a deadline.
+    let out = child.0.stdout.take().expect("piped stdout");
+    let (tx, lines) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let deadline = Instant::now() + BOUND;
+    let mut text = String::new();
+    let url = loop {
+        let wait = deadline.saturating_duration_since(Instant::now());
+        let line = lines
+            .recv_timeout(wait)
+            .unwrap_or_else(|e| panic!("no login URL within {BOUND:?} ({e}):\n{text}"));
+        text.push_str(&line);
+        text.push('\n');
+        if let Some(i) = line.find("http://")
+            && line.contains("/login?token=")
+        {
+            break line[i..].trim().to_string();
+        }
+    };
+    let (base, token) = url
+        .split_once("/login?token=")
+        .expect("a login URL has a token");
+    let http: ureq::Agent = ureq::Agent::config_builder()
+        .max_redirects(0)
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(30)))
+        .build()
+        .into();
+    let res = http
+        .post(&format!("{base}/login"))
+        .send_form([("token", token)])
+        .expect("POST /login");
+    assert_eq!(res.status().as_u16(), 303, "login refused:\n{text}");
+    let cookie = res
+        .headers()
+        .get("set-cookie")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .expect("the login sets a cookie")
+        .to_string();
+    let mut res = http
+        .get(&format!("{base}/api/v1/agents"))
+        .header("Cookie", &cookie)
+        .call()
+        .expect("GET /api/v1/agents");
+    assert_eq!(res.status().as_u16(), 200);
+    let v: Value = res.body_mut().read_json().expect("agents as JSON");
+    let names: Vec<&str> = v["agents"]
+        .as_array()
+        .expect("an agents list")
+        .iter()
+        .filter_map(|a| a["name"].as_str())
+        .collect();
+    for name in ["alpha", "beta", "gamma"] {
+        assert!(names.contains(&name), "{name} missing from {names:?}");
+    }
+    let pid = child.0.id().to_string();
+    let killed = Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("run kill");
+    assert!(killed.success());
+    let status = loop {
+        if let Some(s) = child.0.try_wait().expect("wait for the demo") {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the demo did not exit within {BOUND:?} of SIGTERM:\n{text}"
+        );
+        // Whatever it prints while stopping is kept for the message below.
+        if let Ok(line) = lines.recv_timeout(Duration::from_millis(50)) {
+            text.push_str(&line);
+            text.push('\n');
+        }
+    };
+    text.extend(lines.try_iter().map(|l| l + "\n"));
+    assert!(status.success(), "the demo exited {status}:\n{text}");
+    assert!(text.contains("stopping the fleet"), "{text}");
+    let left: Vec<_> = std::fs::read_dir(tmp.path())
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "the demo left {left:?} behind");
+}

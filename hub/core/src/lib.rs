@@ -623,7 +623,7 @@ impl Core {
         }
         let mut agents: HashMap<AgentState, u64> = HashMap::new();
         for a in self.agents.values() {
-            let (state, _) = self.agent_state(now, a);
+            let state = self.agent_state_kind(now, a);
             let derived = if state != AgentState::Online {
                 state
             } else if a.breaker_until.is_some() {

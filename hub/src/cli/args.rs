@@ -180,6 +180,10 @@ pub(crate) enum Command {
         /// How many sample tasks to run.
         #[arg(long, default_value_t = 20)]
         tasks: usize,
+        /// Keep the fleet running after the sample tasks, with the web dashboard on
+        /// a loopback port; prints a login URL and runs until Ctrl-C or SIGTERM.
+        #[arg(long)]
+        keep: bool,
     },
     /// List identities: operators, submitters, admins and agents.
     ///

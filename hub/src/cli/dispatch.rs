@@ -550,7 +550,7 @@ pub(crate) async fn run(command: Command) -> Result<(), CliError> {
         }
         Command::Doctor { connect } => doctor(&connect).await,
         Command::Completions { .. } | Command::Man { .. } => Ok(()),
-        Command::Demo { tasks } => crate::demo::run(tasks).await,
+        Command::Demo { tasks, keep } => crate::demo::run(tasks, keep).await,
     }
 }
 

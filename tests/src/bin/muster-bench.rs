@@ -9,6 +9,7 @@
 //!   floor      [--ms MS]
 //!   workspace  [--files N] [--mib M] [--prepares P]
 //!   logs       [--mb 200] [--followers 0,1,10]
+//!   dashboard  [--agents 10000] [--tasks 1000000] [--requests 50] [--streams 100]
 //! ```
 //!
 //! `floor` measures what the machine does without muster (durable redb
@@ -26,6 +27,8 @@
 //! real enrollment), prints one JSON object (`--json`) or a table, and removes
 //! everything it made. Each phase has a deadline; exceeding it fails the run.
 
+#[path = "muster_bench/dashboard.rs"]
+mod dashboard;
 #[path = "muster_bench/fleet.rs"]
 mod fleet;
 #[path = "muster_bench/floor.rs"]
@@ -84,6 +87,8 @@ enum Mode {
     Backlog(modes::BacklogArgs),
     /// One agent writing --mb MB as fast as it can, followed by 0, 1 and 10 `task logs --follow`: follower MB/s, the agent's slowdown, hub memory.
     Logs(modes::LogsArgs),
+    /// The web dashboard and /api/v1 over 10,000 agents and 1,000,000 tasks: page and endpoint times, idle CPU and event fan-out with 100 SSE streams.
+    Dashboard(dashboard::DashboardArgs),
     /// This machine without muster: durable redb commits/s, spawns of /bin/true per second, QUIC round trip and handshake on loopback.
     Floor(floor::FloorArgs),
     /// The sidecar's workspace layer: prepare() of a git worktree (5,000 files, 100 MiB) against a bare `git worktree add`.
@@ -152,6 +157,7 @@ async fn run(cli: &Cli) -> anyhow::Result<serde_json::Value> {
                 Mode::Backlog(a) => modes::backlog(&bin, &root, a).await,
                 Mode::Workspace(a) => workspace::workspace(&root, a).await,
                 Mode::Logs(a) => modes::logs(&bin, &root, a).await,
+                Mode::Dashboard(a) => dashboard::dashboard(&bin, &root, a).await,
                 Mode::Floor(_) => unreachable!("handled above"),
             }?;
             if let Some(f) = floor {

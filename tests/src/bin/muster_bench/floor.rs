@@ -2,7 +2,7 @@
 //! same run as the figures it explains, and the ratios of each mode's figures
 //! to it.
 //!
-//! Three floors, each bounded in time:
+//! Four floors, each bounded in time:
 //!
 //! - **redb**: durable commits of one small record (64 bytes) into a fresh
 //!   database in the run's temporary directory (the filesystem the hub and the
@@ -12,7 +12,11 @@
 //! - **QUIC**: a quinn echo on 127.0.0.1 with the hub's own TLS set-up (its
 //!   PKI, `tls::server_config`, the client's mutual-TLS config): the round trip
 //!   of a 64-byte message on one open stream, and the time of a whole
-//!   handshake (connect until the connection is established, client side).
+//!   handshake (connect until the connection is established, client side);
+//! - **HTTP**: a minimal HTTP/1.1 server on a thread of this process (no
+//!   framework) answering a 64-byte body on 127.0.0.1, asked by the same
+//!   blocking `ureq` client the `dashboard` mode uses, on one kept-alive
+//!   connection: the request → full body time.
 //!
 //! A figure divided by its floor says how many "free" operations of the
 //! machine one muster operation costs, which travels between machines better
@@ -206,7 +210,79 @@ async fn quic_floor(dir: &Path, per: Duration) -> Result<Value> {
     result
 }
 
-/// Measures the three floors, `per` each, in `dir`.
+/// A minimal HTTP/1.1 keep-alive server on 127.0.0.1 answering every request
+/// with [`RECORD_BYTES`] bytes, timed from `ureq` for `per`.
+fn http_floor(per: Duration) -> Result<Value> {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    // Serves connections until the client goes; the thread ends with the run.
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(conn) = conn else { return };
+            let _ = conn.set_nodelay(true);
+            std::thread::spawn(move || {
+                let Ok(mut out) = conn.try_clone() else {
+                    return;
+                };
+                let mut lines = BufReader::new(conn);
+                let body = [b'x'; RECORD_BYTES];
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {RECORD_BYTES}\r\n\r\n"
+                );
+                let mut line = String::new();
+                loop {
+                    line.clear();
+                    match lines.read_line(&mut line) {
+                        Ok(0) | Err(_) => return,
+                        Ok(_) if line == "\r\n" => {
+                            if out.write_all(head.as_bytes()).is_err()
+                                || out.write_all(&body).is_err()
+                            {
+                                return;
+                            }
+                        }
+                        Ok(_) => {}
+                    }
+                }
+            });
+        }
+    });
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(Duration::from_secs(10)))
+        .build()
+        .into();
+    let url = format!("http://{addr}/");
+    let mut times = Vec::new();
+    let start = Instant::now();
+    let mut n = 0;
+    while start.elapsed() < per && times.len() < SAMPLES_MAX {
+        let t = Instant::now();
+        let body = agent
+            .get(&url)
+            .call()
+            .context("HTTP floor GET")?
+            .body_mut()
+            .read_to_string()
+            .context("HTTP floor body")?;
+        let took = t.elapsed();
+        if body.len() != RECORD_BYTES {
+            bail!("HTTP floor: {} bytes, want {RECORD_BYTES}", body.len());
+        }
+        n += 1;
+        // The first requests open the connection and warm the code paths.
+        if n > WARMUP_ROUND_TRIPS {
+            times.push(took);
+        }
+    }
+    Ok(json!({
+        "requests": times.len(),
+        "body_bytes": RECORD_BYTES,
+        "rtt": us(times),
+    }))
+}
+
+/// Measures the four floors, `per` each, in `dir`.
 pub(crate) async fn measure(dir: &Path, per: Duration) -> Result<Value> {
     std::fs::create_dir_all(dir)?;
     // Write back what is dirty first (say, the files of the previous run,
@@ -225,12 +301,16 @@ pub(crate) async fn measure(dir: &Path, per: Duration) -> Result<Value> {
         .await
         .context("spawn floor")??;
     let quic = quic_floor(dir, per).await?;
+    let http = tokio::task::spawn_blocking(move || http_floor(per))
+        .await
+        .context("HTTP floor")??;
     Ok(json!({
         "ms_each": per.as_millis() as u64,
         "sync_before_s": round3(sync_s),
         "redb": redb,
         "spawn": spawn,
         "quic": quic,
+        "http": http,
         "source": "measured in this run, before the hub started",
     }))
 }
@@ -499,6 +579,56 @@ pub(crate) fn ratios(result: &Value, floor: &Value) -> Value {
                     floor_value: handshake,
                 });
             }
+        }
+        Some("dashboard") => {
+            for (name, figure) in [
+                ("fleet page p50 ÷ HTTP RTT p50", "pages.fleet_page.p50_ms"),
+                ("tasks page p50 ÷ HTTP RTT p50", "pages.tasks_page.p50_ms"),
+                (
+                    "/api/v1/agents p50 ÷ HTTP RTT p50",
+                    "pages.api_agents.p50_ms",
+                ),
+                ("/api/v1/tasks p50 ÷ HTTP RTT p50", "pages.api_tasks.p50_ms"),
+                (
+                    "/api/v1/tasks?state=queued p50 ÷ HTTP RTT p50",
+                    "pages.api_tasks_state_queued.p50_ms",
+                ),
+                (
+                    "/api/v1/tasks?q= p50 ÷ HTTP RTT p50",
+                    "pages.api_tasks_search.p50_ms",
+                ),
+                (
+                    "/api/v1/tasks?q= without a match (the scan bound) p50 ÷ HTTP RTT p50",
+                    "pages.api_tasks_search_no_match.p50_ms",
+                ),
+                (
+                    "/api/v1/tasks 10th page p50 ÷ HTTP RTT p50",
+                    "pages.api_tasks_page_10.p50_ms",
+                ),
+            ] {
+                out.push(Ratio::of(
+                    name,
+                    result,
+                    figure,
+                    MS,
+                    floor,
+                    "http.rtt.p50_us",
+                ));
+            }
+            // The least an event can take: the submission's durable commit and
+            // one HTTP round trip (the request in, the event out on a stream).
+            let (c, h) = (
+                at(floor, "redb.commit.p50_us"),
+                at(floor, "http.rtt.p50_us"),
+            );
+            out.push(Ratio {
+                name: "event to all streams p50 ÷ (redb commit + HTTP RTT)",
+                figure: "fan_out.to_all_streams.p50_ms".into(),
+                value: at(result, "fan_out.to_all_streams.p50_ms"),
+                scale: MS,
+                floor: "floor.redb.commit.p50_us + floor.http.rtt.p50_us".into(),
+                floor_value: c.zip(h).map(|(c, h)| c + h),
+            });
         }
         Some("workspace") => {
             out.push(Ratio {
