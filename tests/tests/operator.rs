@@ -59,7 +59,10 @@ fn a_task_nobody_can_run_says_why_raises_unschedulable_and_task_wait_exits_by_ou
             .as_array()
             .and_then(|a| {
                 a.iter()
-                    .find(|x| x["alert"] == "unschedulable" && x["subject"] == id.to_string())
+                    .find(|x| {
+                        x["alert"] == "unschedulable"
+                            && x["subject"].as_str() == Some(id.to_string().as_str())
+                    })
                     .cloned()
             })
             .ok_or(format!("{v}"))
