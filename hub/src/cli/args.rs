@@ -84,6 +84,9 @@ pub(crate) enum Command {
         /// Where to save the credential (default: ~/.config/muster/operator.toml).
         #[arg(long = "save-to")]
         save_to: Option<PathBuf>,
+        /// Print JSON (one document: hub, name, role, credential) instead of text.
+        #[arg(long)]
+        json: bool,
     },
     /// Submit a task.
     Submit(Box<SubmitArgs>),
@@ -228,6 +231,9 @@ pub(crate) enum Command {
     },
     /// Check the hub's configuration, files and that it answers.
     Doctor {
+        /// Print JSON (one document) instead of text, for scripts.
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         connect: ConnectArgs,
     },

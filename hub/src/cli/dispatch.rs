@@ -385,10 +385,11 @@ pub(crate) async fn run(command: Command) -> Result<(), CliError> {
             name,
             role,
             save_to,
+            json,
         } => {
             let token = muster_protocol::join_token::read(token, token_file)
                 .map_err(|message| CliError { code: 2, message })?;
-            login(&token, name, role, save_to).await
+            login(&token, name, role, save_to, json).await
         }
         Command::Submit(args) => submit(*args).await,
         Command::Tasks {
@@ -548,7 +549,7 @@ pub(crate) async fn run(command: Command) -> Result<(), CliError> {
             print(&v, json, stats_lines);
             Ok(())
         }
-        Command::Doctor { connect } => doctor(&connect).await,
+        Command::Doctor { json, connect } => doctor(&connect, json).await,
         Command::Completions { .. } | Command::Man { .. } => Ok(()),
         Command::Demo { tasks, keep } => crate::demo::run(tasks, keep).await,
     }

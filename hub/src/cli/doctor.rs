@@ -6,8 +6,12 @@ use crate::cli::{CliError, ConnectArgs};
 use crate::config::{CONFIG_FILE, HubConfig};
 use muster_protocol::msg::OpRequest;
 
-pub(crate) async fn doctor(connect: &ConnectArgs) -> Result<(), CliError> {
-    let mut checks = muster_protocol::doctor::Checks::default();
+pub(crate) async fn doctor(connect: &ConnectArgs, json: bool) -> Result<(), CliError> {
+    let mut checks = if json {
+        muster_protocol::doctor::Checks::json()
+    } else {
+        muster_protocol::doctor::Checks::default()
+    };
     if let Some(dir) = &connect.data_dir {
         checks.check(
             "config",
@@ -50,6 +54,7 @@ pub(crate) async fn doctor(connect: &ConnectArgs) -> Result<(), CliError> {
         Err(e) => Err(e.message),
     };
     checks.check("hub", answer);
+    checks.finish();
     if checks.failed() {
         Err(CliError::fail("some checks failed"))
     } else {

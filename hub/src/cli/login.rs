@@ -13,6 +13,7 @@ pub(crate) async fn login(
     name: Option<String>,
     role: Option<Role>,
     save_to: Option<PathBuf>,
+    json: bool,
 ) -> Result<(), CliError> {
     let token: JoinToken = token.parse()?;
     let name = name.unwrap_or_else(|| {
@@ -76,10 +77,20 @@ pub(crate) async fn login(
     }
     crate::pki::write_file(&path, text.as_bytes(), 0o600)
         .map_err(|e| CliError::fail(e.to_string()))?;
-    eprintln!(
-        "logged in to {} as {name} ({role}); credential saved to {}",
-        token.hub,
-        path.display()
-    );
+    if json {
+        let doc = serde_json::json!({
+            "credential": path.display().to_string(),
+            "hub": token.hub,
+            "name": name.as_str(),
+            "role": role.as_str(),
+        });
+        println!("{doc}");
+    } else {
+        eprintln!(
+            "logged in to {} as {name} ({role}); credential saved to {}",
+            token.hub,
+            path.display()
+        );
+    }
     Ok(())
 }

@@ -46,7 +46,7 @@ pub(super) async fn status(json: bool, data_dir: &Path) -> Result<(), Failure> {
 }
 
 /// `whoami`: this agent's name and hub, and the task variables in the environment.
-pub(super) async fn whoami() -> Result<(), Failure> {
+pub(super) async fn whoami(json: bool) -> Result<(), Failure> {
     let a = local::call(
         &socket(None),
         &Request::Query {
@@ -55,12 +55,7 @@ pub(super) async fn whoami() -> Result<(), Failure> {
     )
     .await
     .map_err(fail)?;
-    println!(
-        "agent {}  hub {}",
-        a.data["name"].as_str().unwrap_or("?"),
-        a.data["hub"].as_str().unwrap_or("?")
-    );
-    for var in [
+    let vars = [
         "MUSTER_TASK_ID",
         "MUSTER_GENERATION",
         "MUSTER_TASK_FILE",
@@ -68,10 +63,23 @@ pub(super) async fn whoami() -> Result<(), Failure> {
         "MUSTER_WORKSPACE",
         "MUSTER_BRANCH",
         "MUSTER_BASE",
-    ] {
-        if let Ok(v) = std::env::var(var) {
-            println!("{var}={v}");
-        }
+    ];
+    let env: serde_json::Map<String, serde_json::Value> = vars
+        .iter()
+        .filter_map(|var| std::env::var(var).ok().map(|v| (var.to_string(), v.into())))
+        .collect();
+    if json {
+        let doc = serde_json::json!({"agent": a.data["name"], "hub": a.data["hub"], "env": env});
+        println!("{doc}");
+        return Ok(());
+    }
+    println!(
+        "agent {}  hub {}",
+        a.data["name"].as_str().unwrap_or("?"),
+        a.data["hub"].as_str().unwrap_or("?")
+    );
+    for (var, v) in &env {
+        println!("{var}={}", v.as_str().unwrap_or_default());
     }
     Ok(())
 }

@@ -12,8 +12,12 @@ use crate::config::{CONFIG_FILE, SidecarConfig, WorkspaceMode};
 use crate::workspace::Workspaces;
 
 /// Runs every check and fails if any did.
-pub(super) async fn doctor(data_dir: &Path) -> Result<(), Failure> {
-    let mut checks = muster_protocol::doctor::Checks::default();
+pub(super) async fn doctor(data_dir: &Path, json: bool) -> Result<(), Failure> {
+    let mut checks = if json {
+        muster_protocol::doctor::Checks::json()
+    } else {
+        muster_protocol::doctor::Checks::default()
+    };
     let cfg = SidecarConfig::load(&data_dir.join(CONFIG_FILE));
     checks.check(
         "config",
@@ -75,6 +79,7 @@ pub(super) async fn doctor(data_dir: &Path) -> Result<(), Failure> {
             checks.check("hub", hub);
         }
     }
+    checks.finish();
     if checks.failed() {
         Err(fail("some checks failed"))
     } else {

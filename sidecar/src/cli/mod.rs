@@ -91,6 +91,9 @@ enum Command {
     Doctor {
         #[arg(long, default_value = DEFAULT_DATA_DIR)]
         data_dir: PathBuf,
+        /// Print JSON (one document) instead of text, for scripts.
+        #[arg(long)]
+        json: bool,
     },
     /// List the attempt workspaces on this host: task, generation, state, size, branch.
     Workspaces {
@@ -137,8 +140,12 @@ enum Command {
         #[arg(long, global = true)]
         task_file: Option<PathBuf>,
     },
-    /// Which agent this is.
-    Whoami,
+    /// Which agent this is, and the task variables in the environment.
+    Whoami {
+        /// Print JSON (one document) instead of text, for scripts.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print a shell completion script.
     ///
     /// Example: muster-sidecar completions bash > /etc/bash_completion.d/muster-sidecar
@@ -329,7 +336,7 @@ async fn run(command: Command) -> Result<(), Failure> {
             code: 2,
             message: "the reaper runs before the runtime starts".into(),
         }),
-        Command::Doctor { data_dir } => doctor::doctor(&data_dir).await,
+        Command::Doctor { data_dir, json } => doctor::doctor(&data_dir, json).await,
         Command::Workspaces {
             json,
             config,
@@ -359,6 +366,6 @@ async fn run(command: Command) -> Result<(), Failure> {
             .await
         }
         Command::Task { command, task_file } => agent::task(command, task_file.as_deref()).await,
-        Command::Whoami => agent::whoami().await,
+        Command::Whoami { json } => agent::whoami(json).await,
     }
 }
