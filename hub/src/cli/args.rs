@@ -28,6 +28,8 @@ pub(crate) enum LogFormat {
 #[derive(Subcommand)]
 pub(crate) enum Command {
     /// Create a hub data directory: CA, server certificate, admin credential, hub.toml, database.
+    ///
+    /// Example: muster-hub init --data-dir /var/lib/muster-hub --san hub.example.net
     Init {
         /// Where the hub keeps its state.
         #[arg(long, default_value = crate::cli::DEFAULT_DATA_DIR)]
@@ -47,6 +49,8 @@ pub(crate) enum Command {
         force: bool,
     },
     /// Run the hub daemon.
+    ///
+    /// Example: muster-hub serve --data-dir /var/lib/muster-hub
     Serve {
         /// hub.toml to use (default: <data-dir>/hub.toml).
         #[arg(long)]
@@ -59,6 +63,8 @@ pub(crate) enum Command {
         log_format: LogFormat,
     },
     /// Join tokens.
+    ///
+    /// Example: muster-hub token create --role agent --ttl 1h
     Token {
         #[command(subcommand)]
         command: TokenCommand,
@@ -66,6 +72,8 @@ pub(crate) enum Command {
         connect: ConnectArgs,
     },
     /// Enroll this machine as an operator and save the credential.
+    ///
+    /// Example: printf '%s\n' "$TOKEN" | muster-hub login --token -
     Login {
         /// A join token from `muster-hub token create --role operator|admin`,
         /// or `-` to read it from stdin. A literal token is visible in `ps`:
@@ -89,8 +97,12 @@ pub(crate) enum Command {
         json: bool,
     },
     /// Submit a task.
+    ///
+    /// Example: muster-hub submit --title "fix the build" --capability rust --wait
     Submit(Box<SubmitArgs>),
     /// List tasks, newest first.
+    ///
+    /// Example: muster-hub tasks --state queued --label team=infra
     Tasks {
         /// Only this state.
         #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(STATES))]
@@ -114,6 +126,8 @@ pub(crate) enum Command {
         connect: ConnectArgs,
     },
     /// One task: show, cancel or requeue.
+    ///
+    /// Example: muster-hub task show 42
     Task {
         #[command(subcommand)]
         command: TaskCommand,
@@ -124,6 +138,8 @@ pub(crate) enum Command {
         connect: ConnectArgs,
     },
     /// List agents with their state.
+    ///
+    /// Example: muster-hub agents --json
     Agents {
         /// Print JSON (one document) instead of text, for scripts.
         #[arg(long)]
@@ -132,6 +148,8 @@ pub(crate) enum Command {
         connect: ConnectArgs,
     },
     /// Revoke one identity, agent or operator (the last admin cannot be revoked).
+    ///
+    /// Example: muster-hub identity revoke alice --role operator
     Identity {
         #[command(subcommand)]
         command: IdentityCommand,
@@ -142,6 +160,8 @@ pub(crate) enum Command {
         connect: ConnectArgs,
     },
     /// One agent: show, drain, undrain, revoke, or change its grant.
+    ///
+    /// Example: muster-hub agent drain build-01
     Agent {
         #[command(subcommand)]
         command: AgentCommand,
@@ -152,6 +172,8 @@ pub(crate) enum Command {
         connect: ConnectArgs,
     },
     /// Stream task and agent events as they happen.
+    ///
+    /// Example: muster-hub watch --from 1 --json
     Watch {
         /// Resume from this sequence number.
         #[arg(long)]
@@ -163,6 +185,8 @@ pub(crate) enum Command {
         connect: ConnectArgs,
     },
     /// Open alerts.
+    ///
+    /// Example: muster-hub alerts
     Alerts {
         /// Print JSON (one document) instead of text, for scripts.
         #[arg(long)]
@@ -171,6 +195,8 @@ pub(crate) enum Command {
         connect: ConnectArgs,
     },
     /// Coordination figures: messages and bytes per task, commits.
+    ///
+    /// Example: muster-hub stats --json
     Stats {
         /// Print JSON (one document) instead of text, for scripts.
         #[arg(long)]
@@ -179,6 +205,8 @@ pub(crate) enum Command {
         connect: ConnectArgs,
     },
     /// A local fleet on loopback running sample tasks end to end (no set-up needed).
+    ///
+    /// Example: muster-hub demo --keep
     Demo {
         /// How many sample tasks to run.
         #[arg(long, default_value_t = 20)]
@@ -230,6 +258,8 @@ pub(crate) enum Command {
         dir: PathBuf,
     },
     /// Check the hub's configuration, files and that it answers.
+    ///
+    /// Example: muster-hub doctor --data-dir /var/lib/muster-hub
     Doctor {
         /// Print JSON (one document) instead of text, for scripts.
         #[arg(long)]
@@ -304,6 +334,8 @@ pub(crate) enum TokenKind {
 #[derive(Subcommand)]
 pub(crate) enum IdentityCommand {
     /// Revoke one identity by role and name, or by certificate fingerprint.
+    ///
+    /// Example: muster-hub identity revoke alice --role operator
     #[command(group(clap::ArgGroup::new("which").required(true).args(["name", "fingerprint"])))]
     Revoke {
         /// Its name.
@@ -320,6 +352,8 @@ pub(crate) enum IdentityCommand {
 #[derive(Subcommand)]
 pub(crate) enum TaskCommand {
     /// Show a task with its attempts and audit trail.
+    ///
+    /// Example: muster-hub task show 42 --json
     Show { id: u64 },
     /// Wait until a task ends, printing its state changes and progress notes as
     /// they come; exit 0 completed, 1 failed, 3 cancelled, 69 hub unreachable.
@@ -327,10 +361,16 @@ pub(crate) enum TaskCommand {
     /// Example: muster-hub task wait 42
     Wait { id: u64 },
     /// Cancel a task; a running agent is stopped.
+    ///
+    /// Example: muster-hub task cancel 42
     Cancel { id: u64 },
     /// Run a finished task again.
+    ///
+    /// Example: muster-hub task requeue 42
     Requeue { id: u64 },
     /// An attempt's output, from the sidecar that holds it.
+    ///
+    /// Example: muster-hub task logs 42 --follow
     Logs {
         id: u64,
         /// The attempt (generation); default the latest.
@@ -358,14 +398,24 @@ pub(crate) enum StreamArg {
 #[derive(Subcommand)]
 pub(crate) enum AgentCommand {
     /// Show one agent.
+    ///
+    /// Example: muster-hub agent show build-01
     Show { name: String },
     /// Stop giving the agent new work.
+    ///
+    /// Example: muster-hub agent drain build-01
     Drain { name: String },
     /// Give a drained agent work again.
+    ///
+    /// Example: muster-hub agent undrain build-01
     Undrain { name: String },
     /// Revoke the agent's credential and cut its session.
+    ///
+    /// Example: muster-hub agent revoke build-01
     Revoke { name: String },
     /// Change what the agent is granted; its session keeps only what the new grant allows.
+    ///
+    /// Example: muster-hub agent set build-01 --capability rust --slots 2
     Set {
         name: String,
         /// A capability it may claim (repeatable); replaces the granted list.

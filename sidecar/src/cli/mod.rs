@@ -48,6 +48,8 @@ enum LogFormat {
 #[derive(Subcommand)]
 enum Command {
     /// Enroll this machine with a join token: generates its key, gets a certificate, writes sidecar.toml.
+    ///
+    /// Example: printf '%s\n' "$TOKEN" | muster-sidecar enroll --token - --name build-01 --capability rust
     Enroll {
         /// A join token from `muster-hub token create`, or `-` to read it from
         /// stdin (first line). A literal token is visible to every user in `ps`
@@ -72,6 +74,8 @@ enum Command {
         capabilities: Vec<String>,
     },
     /// Run the sidecar daemon.
+    ///
+    /// Example: muster-sidecar run --data-dir /var/lib/muster-sidecar
     Run {
         /// sidecar.toml to use (default: <data-dir>/sidecar.toml).
         #[arg(long)]
@@ -81,6 +85,8 @@ enum Command {
         data_dir: Option<PathBuf>,
     },
     /// Ask the running sidecar how it is doing.
+    ///
+    /// Example: muster-sidecar status --json
     Status {
         #[arg(long)]
         json: bool,
@@ -88,6 +94,8 @@ enum Command {
         data_dir: PathBuf,
     },
     /// Check config, key, hub reachability and disk space.
+    ///
+    /// Example: muster-sidecar doctor --data-dir /var/lib/muster-sidecar
     Doctor {
         #[arg(long, default_value = DEFAULT_DATA_DIR)]
         data_dir: PathBuf,
@@ -96,6 +104,8 @@ enum Command {
         json: bool,
     },
     /// List the attempt workspaces on this host: task, generation, state, size, branch.
+    ///
+    /// Example: muster-sidecar workspaces
     Workspaces {
         /// Print JSON instead of a table.
         #[arg(long)]
@@ -108,6 +118,8 @@ enum Command {
         data_dir: Option<PathBuf>,
     },
     /// An attempt's output on this host (stdout by default), from its files.
+    ///
+    /// Example: muster-sidecar logs 42 --follow
     Logs {
         /// The task.
         task: u64,
@@ -131,6 +143,8 @@ enum Command {
         data_dir: Option<PathBuf>,
     },
     /// Agent commands about the current task.
+    ///
+    /// Example: muster-sidecar task progress "tests pass; writing the docs"
     Task {
         #[command(subcommand)]
         command: TaskCommand,
@@ -141,6 +155,8 @@ enum Command {
         task_file: Option<PathBuf>,
     },
     /// Which agent this is, and the task variables in the environment.
+    ///
+    /// Example: muster-sidecar whoami --json
     Whoami {
         /// Print JSON (one document) instead of text, for scripts.
         #[arg(long)]
@@ -177,15 +193,23 @@ enum StreamArg {
 #[derive(Subcommand)]
 enum TaskCommand {
     /// Print the current task.
+    ///
+    /// Example: muster-sidecar task current
     Current,
     /// Say the agent has started (verify = agent-ack).
+    ///
+    /// Example: muster-sidecar task start
     Start,
     /// Report progress.
+    ///
+    /// Example: muster-sidecar task progress "halfway"
     Progress {
         /// What happened.
         message: String,
     },
     /// Report the task completed.
+    ///
+    /// Example: muster-sidecar task complete --result "fixed" --link https://example.com/pr/7
     Complete {
         /// The result to record.
         #[arg(long)]
@@ -195,6 +219,8 @@ enum TaskCommand {
         link: Option<String>,
     },
     /// Report the task failed.
+    ///
+    /// Example: muster-sidecar task fail --reason "cannot reproduce" --no-retry
     Fail {
         /// Why.
         #[arg(long)]
@@ -205,6 +231,8 @@ enum TaskCommand {
     },
     /// Report the tokens and cost the attempt has used so far (cumulative:
     /// each report replaces the last).
+    ///
+    /// Example: muster-sidecar task usage --input-tokens 1200 --output-tokens 340 --cost-usd 0.04
     Usage {
         /// Input tokens not read from a cache.
         #[arg(long)]
