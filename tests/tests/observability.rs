@@ -918,3 +918,27 @@ fn watch_from_a_pruned_seq_reports_the_pruning_and_sends_a_snapshot() {
     );
     assert_eq!(w2.seqs().first(), Some(&retained), "{:?}", w2.seen);
 }
+
+#[test]
+fn a_sidecar_without_its_hub_is_live_but_not_ready() {
+    let (mut hub, _http) = hub_with_http();
+    hub.start();
+    let sc_http: SocketAddr = ([127, 0, 0, 1], free_tcp_port()).into();
+    let _sc = online_sidecar(&hub, "ready-or-not", Some(sc_http));
+    let (status, body) = get(sc_http, "/readyz");
+    assert_eq!(status, 200, "connected and writable: {body}");
+    hub.stop();
+    let body = wait_for(
+        Duration::from_secs(30),
+        "the sidecar's /readyz to turn 503",
+        || match get(sc_http, "/readyz") {
+            (503, body) => Ok(body),
+            (s, body) => Err(format!("{s}: {body}")),
+        },
+    );
+    assert!(body.contains("not connected to the hub"), "{body}");
+    let (status, body) = get(sc_http, "/livez");
+    assert_eq!(status, 200, "its loop still answers: {body}");
+    let (status, _) = get(sc_http, "/healthz");
+    assert_eq!(status, 503, "/healthz is /readyz");
+}
