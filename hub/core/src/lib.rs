@@ -281,6 +281,9 @@ struct Agent {
     stopping: bool,
     /// The workspaces its last hello offered; only `git` takes tasks with a repository.
     workspace: muster_wire::work::WorkspaceMode,
+    /// The newest heartbeat sequence number of the current session: a heartbeat
+    /// that is not newer (a replay) says nothing new about activity.
+    hb_seq: Option<u64>,
 }
 
 /// The hub's decision core. See the module docs for the calling contract.
@@ -677,6 +680,7 @@ impl Agent {
             self_test_passed: false,
             stopping: false,
             workspace: muster_wire::work::WorkspaceMode::Shared,
+            hb_seq: None,
         }
     }
 }

@@ -83,6 +83,7 @@ impl Core {
         }
         agent.offline_since = None;
         agent.stopping = false;
+        agent.hb_seq = None;
         agent.rec.version = truncate_utf8(hello.version, limits::VERSION_BYTES_MAX);
         agent.rec.capabilities = hello.capabilities;
         agent.rec.slots = hello.slots;
@@ -244,6 +245,13 @@ impl Core {
         };
         agent.rec.last_seen = Some(now);
         agent.rec.host = Some(hb.host.clone());
+        // A heartbeat not newer than the last one of this session is a replay:
+        // it keeps the agent alive but its activity figures are old news (a
+        // second sample of the same CPU total would make a busy run look idle).
+        let fresh = agent.hb_seq.is_none_or(|last| hb.seq > last);
+        if fresh {
+            agent.hb_seq = Some(hb.seq);
+        }
         let stopping = hb.state == muster_wire::msg::SidecarState::Draining;
         if stopping && !agent.stopping {
             self.dirty_schedule = true;
@@ -284,7 +292,9 @@ impl Core {
             self.agent_event(now, &name, state, why);
         }
         self.reconcile(now, &name, conn, &hb.tasks, false);
-        self.take_activity(now, &name, &hb.activity);
+        if fresh {
+            self.take_activity(now, &name, &hb.activity);
+        }
     }
 
     /// Keeps what a heartbeat says each running attempt of `agent` is doing,

@@ -439,10 +439,12 @@ impl H {
     }
 
     fn heartbeat_with(&mut self, conn: ConnId, tasks: Vec<HeldTask>, passed: bool) -> Output {
+        // Each heartbeat newer than the last, as a sidecar numbers them.
+        self.next_reply += 1;
         self.step(Input::Session {
             conn,
             msg: SessionMsg::Heartbeat(Heartbeat {
-                seq: 1,
+                seq: self.next_reply,
                 state: SidecarState::Ready,
                 tasks,
                 free_slots: 0,
@@ -3807,10 +3809,11 @@ fn activity(t: TaskId, g: u64, cpu_ms: u64, output_age_ms: u64, tail: &str) -> A
 impl H {
     fn heartbeat_activity(&mut self, conn: ConnId, activity: Vec<Activity>) -> Output {
         let tasks = self.online.get(&conn).cloned().unwrap_or_default();
+        self.next_reply += 1;
         self.step(Input::Session {
             conn,
             msg: SessionMsg::Heartbeat(Heartbeat {
-                seq: 1,
+                seq: self.next_reply,
                 state: SidecarState::Ready,
                 tasks,
                 free_slots: 0,
@@ -4333,4 +4336,47 @@ fn a_queued_task_says_why_it_waits_and_one_nobody_can_run_raises_unschedulable()
         Some("blocked by task 2")
     );
     let _ = c;
+}
+
+#[test]
+fn a_replayed_heartbeat_keeps_the_agent_alive_but_does_not_make_a_busy_run_look_idle() {
+    let mut h = H::new();
+    let (c, t) = h.running();
+    // A busy run that has printed nothing for 90 s: one sample says nothing of its CPU yet.
+    let busy = Activity {
+        task: t,
+        generation: Generation(1),
+        cpu_ms: Some(39_000),
+        output_bytes: 0,
+        output_age_ms: Some(90_000),
+        workspace_age_ms: None,
+        output_tail: String::new(),
+    };
+    let _ = h.heartbeat_activity(c, vec![busy.clone()]);
+    let seq = h.next_reply;
+    // The same heartbeat delivered again 700 ms later (a replayed frame): a second
+    // sample of the same CPU total would read as "no CPU in the last minute".
+    h.advance(700);
+    let tasks = h.online.get(&c).cloned().unwrap_or_default();
+    let _ = h.step(Input::Session {
+        conn: c,
+        msg: SessionMsg::Heartbeat(Heartbeat {
+            seq,
+            state: SidecarState::Ready,
+            tasks,
+            free_slots: 0,
+            self_test: SelfTest {
+                passed: true,
+                ..Default::default()
+            },
+            host: Default::default(),
+            activity: vec![busy],
+        }),
+    });
+    let v = h.core.activity_view(t, h.now).expect("running");
+    assert_eq!(
+        v.cpu_last_minute_ms, None,
+        "the replay was not taken as a sample: {v:?}"
+    );
+    assert_ne!(v.class, "idle", "{v:?}");
 }
