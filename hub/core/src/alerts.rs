@@ -142,10 +142,34 @@ impl Serialize for AlertNote {
     }
 }
 
+/// Most alert changes (raised, cleared) kept for the dashboard's "recent" list.
+pub const RECENT_MAX: usize = 50;
+
+/// An alert raised or cleared, and when: `{"alert", "at", "message", "since",
+/// "state", "subject"}`, keys in alphabetical order.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct AlertChange {
+    /// What it is about.
+    pub alert: AlertKind,
+    /// When it was raised or cleared.
+    pub at: Millis,
+    /// Its sentence.
+    pub message: String,
+    /// When it was raised.
+    pub since: Millis,
+    /// Raised or cleared.
+    pub state: AlertState,
+    /// The agent name or task id it is about.
+    pub subject: String,
+}
+
 /// Open alerts and the samples the storm rule needs.
 #[derive(Debug, Default)]
 pub struct Alerts {
     open: BTreeMap<(AlertKind, String), Alert>,
+    /// The latest raises and clears, oldest first, at most [`RECENT_MAX`]
+    /// (in memory: the event log keeps them all).
+    recent: VecDeque<AlertChange>,
     retries: VecDeque<Millis>,
     completions: VecDeque<Millis>,
 }
@@ -159,6 +183,26 @@ impl Alerts {
         let mut v: Vec<&Alert> = self.open.values().collect();
         v.sort_by_key(|a| a.since);
         v
+    }
+
+    /// Notes a raise or clear at `at` for [`Alerts::recent`].
+    pub fn note_change(&mut self, at: Millis, note: &AlertNote) {
+        if self.recent.len() >= RECENT_MAX {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(AlertChange {
+            alert: note.alert.kind,
+            at,
+            message: note.alert.message.clone(),
+            since: note.alert.since,
+            state: note.state,
+            subject: note.alert.subject.clone(),
+        });
+    }
+
+    /// The latest raises and clears, newest first.
+    pub fn recent(&self) -> Vec<AlertChange> {
+        self.recent.iter().rev().cloned().collect()
     }
 
     /// Open alerts by kind, for metrics.

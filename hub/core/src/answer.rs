@@ -296,6 +296,8 @@ pub struct Grant {
 pub struct AlertList {
     /// The alerts listed.
     pub alerts: Vec<AlertNote>,
+    /// The latest raises and clears, newest first (at most [`crate::alerts::RECENT_MAX`]).
+    pub recent: Vec<crate::alerts::AlertChange>,
     /// Open alerts in all.
     pub total: usize,
     /// Whether some were left out of `alerts`.

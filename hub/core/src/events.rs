@@ -375,6 +375,7 @@ impl Core {
 
     pub(crate) fn alert_changes(&mut self, now: Millis, changes: alerts::Changes) {
         for c in changes {
+            self.alerts.note_change(now, &c);
             self.push_event(now, Event::Alert(c.clone()));
             self.out.alerts.push(c);
         }

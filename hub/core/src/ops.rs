@@ -121,12 +121,15 @@ impl Core {
             OpRequest::Alerts => {
                 let all = self.alerts.list();
                 let total = all.len();
-                let (alerts, left_out) = views::fit(
-                    all.iter().map(|a| a.note(AlertState::Open)),
-                    views::REPLY_BYTES_MAX,
-                );
+                // The recent changes share the answer's byte budget: they go first
+                // (half of it at most), the open alerts fill the rest.
+                let (recent, _) = views::fit(self.alerts.recent(), views::REPLY_BYTES_MAX / 2);
+                let budget = views::REPLY_BYTES_MAX.saturating_sub(views::json_len(&recent));
+                let (alerts, left_out) =
+                    views::fit(all.iter().map(|a| a.note(AlertState::Open)), budget);
                 Ok(Answer::Alerts(AlertList {
                     alerts,
+                    recent,
                     total,
                     truncated: left_out > 0,
                 }))

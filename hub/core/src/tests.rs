@@ -4380,3 +4380,23 @@ fn a_replayed_heartbeat_keeps_the_agent_alive_but_does_not_make_a_busy_run_look_
     );
     assert_ne!(v.class, "idle", "{v:?}");
 }
+
+#[test]
+fn the_alerts_answer_lists_recent_raises_and_clears_newest_first() {
+    let mut h = H::new();
+    let (c, _) = h.connect(1, "a", &[], 1);
+    let _ = h.close(c);
+    let _ = h.pass(125_000);
+    let (_c, _) = h.connect(2, "a", &[], 1);
+    let _ = h.pass(5_000);
+    let v = json_ok(&h.op(OPERATOR, OpRequest::Alerts).0);
+    assert_eq!(v["alerts"].as_array().map(Vec::len), Some(0), "{v}");
+    let recent = v["recent"].as_array().expect("recent");
+    assert_eq!(recent.len(), 2, "{v}");
+    assert_eq!(
+        (&recent[0]["alert"], &recent[0]["state"]),
+        (&Value::from("agent_down"), &Value::from("cleared"))
+    );
+    assert_eq!(recent[1]["state"], "raised");
+    assert!(recent[0]["at"].as_u64() > recent[1]["at"].as_u64(), "{v}");
+}

@@ -287,6 +287,7 @@ async fn alerts(State(web): WebState, caller: Result<Caller, ApiError>) -> Respo
     let now = now_ms();
     let empty = Vec::new();
     let list = v["alerts"].as_array().unwrap_or(&empty);
+    let recent = v["recent"].as_array().unwrap_or(&empty);
     let body = html! {
         h1 { "Alerts" }
         div #alerts-live data-live="alerts" {
@@ -304,6 +305,25 @@ async fn alerts(State(web): WebState, caller: Result<Caller, ApiError>) -> Respo
                                 td { (subject_link(str_of(&a["alert"]), str_of(&a["subject"]))) }
                                 td { (clean_line(str_of(&a["message"]))) }
                                 td { (when(a["since"].as_u64(), now)) }
+                            }
+                        }
+                    }
+                }
+            }
+            h2 { "Recent" }
+            @if recent.is_empty() {
+                p.explain { "No alert was raised or cleared since the hub started." }
+            } @else {
+                table #recent-alerts {
+                    thead { tr { th { "When" } th { "Alert" } th { "" } th { "Subject" } th { "What" } } }
+                    tbody {
+                        @for a in recent {
+                            tr {
+                                td { (when(a["at"].as_u64(), now)) }
+                                td { span.state.alert { (clean_line(str_of(&a["alert"]))) } }
+                                td { (clean_line(str_of(&a["state"]))) }
+                                td { (subject_link(str_of(&a["alert"]), str_of(&a["subject"]))) }
+                                td { (clean_line(str_of(&a["message"]))) }
                             }
                         }
                     }
