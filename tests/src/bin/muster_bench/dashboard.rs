@@ -662,7 +662,19 @@ fn open_streams(
     let open = Arc::new(AtomicUsize::new(0));
     let failed = Arc::new(AtomicUsize::new(0));
     let mut threads = Vec::with_capacity(n);
+    let t0 = Instant::now();
     for i in 0..n {
+        // One credential may have 32 requests in flight (the hub's per-caller
+        // bound): open the streams 16 at a time, as separate clients would.
+        while i.saturating_sub(open.load(Ordering::SeqCst) + failed.load(Ordering::SeqCst)) >= 16 {
+            if t0.elapsed() > REQUEST_TIMEOUT {
+                bail!(
+                    "event streams did not open within {} s",
+                    REQUEST_TIMEOUT.as_secs()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
         let (c, seen, open, failed) = (c.clone(), seen.clone(), open.clone(), failed.clone());
         threads.push(std::thread::spawn(move || {
             let agent = client(None);
