@@ -105,7 +105,7 @@ pub(crate) enum Command {
     /// Example: muster-hub tasks --state queued --label team=infra
     Tasks {
         /// Only this state.
-        #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(STATES))]
+        #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(crate::core::TaskState::ALL.map(|s| s.as_str())))]
         state: Option<String>,
         /// Only tasks of this agent.
         #[arg(long)]
@@ -494,18 +494,6 @@ pub(crate) struct SubmitArgs {
     #[command(flatten)]
     pub(crate) connect: ConnectArgs,
 }
-
-/// Task states, as `--state` takes them.
-const STATES: [&str; 8] = [
-    "blocked",
-    "queued",
-    "assigned",
-    "accepted",
-    "running",
-    "completed",
-    "failed",
-    "cancelled",
-];
 
 /// `--role`: its values listed in `--help`, parsed into a [`Role`].
 fn role_parser() -> impl clap::builder::TypedValueParser<Value = Role> {

@@ -19,18 +19,6 @@ use super::{
     page_error, session_of, span, str_of, when,
 };
 
-/// The states a task can be in, for the filter's choices.
-const STATES: [&str; 8] = [
-    "blocked",
-    "queued",
-    "assigned",
-    "accepted",
-    "running",
-    "completed",
-    "failed",
-    "cancelled",
-];
-
 pub(super) fn routes() -> Router<AppState> {
     Router::new()
         .route("/tasks", get(list))
@@ -92,7 +80,7 @@ fn filters(q: &TasksQuery) -> Markup {
             label { "State "
                 select name="state" {
                     option value="" selected[state.is_empty()] { "any" }
-                    @for s in STATES { option value=(s) selected[state == s] { (s) } }
+                    @for s in crate::core::TaskState::ALL.map(|s| s.as_str()) { option value=(s) selected[state == s] { (s) } }
                 }
             }
             label { "Agent " input name="agent" value=(val(&q.agent)) size="12"; }
