@@ -55,6 +55,12 @@ pub enum ClientError {
         /// The role asked for.
         requested: Role,
     },
+    /// The hub is a standby of a cluster: the leader serves (see [`follow_leader`]).
+    #[error("{}", not_leader_text(.leader.as_deref()))]
+    NotLeader {
+        /// The leader's address, when the standby knows it.
+        leader: Option<String>,
+    },
     /// The hub's answer made no sense or the stream broke.
     #[error("talking to the hub: {0}")]
     Protocol(String),
@@ -63,11 +69,36 @@ pub enum ClientError {
     Credential(String),
 }
 
-/// A join token: `muster1/<hub address>/<CA SHA-256>/<secret>`.
+fn not_leader_text(leader: Option<&str>) -> String {
+    match leader {
+        Some(l) => format!("this hub is a standby; the leader is at {l}"),
+        None => {
+            "this hub is a standby and no leader is elected yet; try again in a few seconds".into()
+        }
+    }
+}
+
+/// Whether a standby's leader address is worth dialling: bounded, printable,
+/// `host:port`. (It is dialled only with this CA's certificate check.)
+pub fn valid_leader(l: &str) -> bool {
+    !l.is_empty()
+        && l.len() <= crate::LEADER_ADDR_MAX
+        && l.bytes().all(|b| b.is_ascii_graphic())
+        && l.rsplit_once(':')
+            .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok())
+}
+
+/// Most hub addresses a join token carries (a cluster's hubs).
+pub const TOKEN_HUBS_MAX: usize = 16;
+
+/// A join token: `muster1/<hub address>[,<hub address>…]/<CA SHA-256>/<secret>`;
+/// a cluster's token names every hub, the leader first.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JoinToken {
-    /// Where the hub listens.
+    /// Where the hub listens (the first address).
     pub hub: String,
+    /// Every hub address the token names, `hub` first.
+    pub hubs: Vec<String>,
     /// The CA fingerprint to pin.
     pub ca_fingerprint: String,
     /// The single-use secret.
@@ -94,6 +125,15 @@ impl FromStr for JoinToken {
         if hub.is_empty() {
             return Err(bad("it names no hub address"));
         }
+        let hubs: Vec<String> = hub.split(',').map(str::to_string).collect();
+        if hubs.iter().any(String::is_empty) {
+            return Err(bad("it has an empty hub address in its list"));
+        }
+        if hubs.len() > TOKEN_HUBS_MAX {
+            return Err(bad(&format!(
+                "it names more than {TOKEN_HUBS_MAX} hub addresses"
+            )));
+        }
         if !hex64(fp) {
             return Err(bad("its CA fingerprint is not 64 hex digits"));
         }
@@ -101,7 +141,8 @@ impl FromStr for JoinToken {
             return Err(bad("its secret is not 64 hex digits"));
         }
         Ok(JoinToken {
-            hub: hub.into(),
+            hub: hubs[0].clone(),
+            hubs,
             ca_fingerprint: fp.to_ascii_lowercase(),
             secret: secret.into(),
         })
@@ -194,11 +235,75 @@ pub async fn enroll(
     csr_pem: String,
     grant: (Vec<String>, u32),
 ) -> Result<(String, String), ClientError> {
-    let addr = resolve(&token.hub).await?;
+    let (_, pems) = follow_leader(&token.hubs, |hub| {
+        enroll_at(hub, token, name, role, csr_pem.clone(), grant.clone())
+    })
+    .await?;
+    Ok(pems)
+}
+
+/// Most standby pointers followed from one address: a standby names the
+/// leader, so a second hop means an election happened in between.
+const LEADER_HOPS_MAX: usize = 3;
+
+/// Runs `attempt` against `hubs` in turn, following a standby's pointer to
+/// the leader ([`ClientError::NotLeader`]); returns the address that answered
+/// and its answer. An unreachable hub passes to the next; any other error
+/// (a refusal, a bad answer) is the leader's word and ends the search.
+///
+/// # Errors
+/// The last error met when no hub answered.
+pub async fn follow_leader<T, F, Fut>(
+    hubs: &[String],
+    mut attempt: F,
+) -> Result<(String, T), ClientError>
+where
+    F: FnMut(String) -> Fut,
+    Fut: std::future::Future<Output = Result<T, ClientError>>,
+{
+    let mut last = ClientError::Protocol("no hub address to try".into());
+    for first in hubs {
+        let mut hub = first.clone();
+        for _ in 0..=LEADER_HOPS_MAX {
+            match attempt(hub.clone()).await {
+                Ok(v) => return Ok((hub, v)),
+                Err(ClientError::NotLeader {
+                    leader: Some(leader),
+                }) if leader != hub => {
+                    last = ClientError::NotLeader {
+                        leader: Some(leader.clone()),
+                    };
+                    hub = leader;
+                }
+                Err(
+                    e @ (ClientError::NotLeader { .. }
+                    | ClientError::Connect { alert: None, .. }
+                    | ClientError::Resolve(..)
+                    | ClientError::Busy(_)),
+                ) => {
+                    last = e;
+                    break;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    Err(last)
+}
+
+async fn enroll_at(
+    hub: String,
+    token: &JoinToken,
+    name: &AgentName,
+    role: Role,
+    csr_pem: String,
+    grant: (Vec<String>, u32),
+) -> Result<(String, String), ClientError> {
+    let addr = resolve(&hub).await?;
     let endpoint = endpoint_for(addr)?;
     let cfg = tls::enroll_client_config(&token.ca_fingerprint)
         .map_err(|e| ClientError::Credential(e.to_string()))?;
-    let conn = dial(&endpoint, cfg, &token.hub, addr).await.map_err(|e| match e {
+    let conn = dial(&endpoint, cfg, &hub, addr).await.map_err(|e| match e {
         ClientError::Connect {
             alert: Some(ALERT_UNKNOWN_CA),
             ..
@@ -318,6 +423,9 @@ async fn exchange<Q: serde::Serialize, A: serde::de::DeserializeOwned>(
     };
     // A refusal comes in place of the answer: decoded as such, never as garbage.
     decode::<A>(&frame).map_err(|e| match decode::<HubMsg>(&frame) {
+        Ok(HubMsg::Refused(crate::msg::Refused::NotLeader { leader })) => ClientError::NotLeader {
+            leader: leader.filter(|l| valid_leader(l)),
+        },
         Ok(HubMsg::Refused(r)) => ClientError::Refused(r.to_string()),
         _ => ClientError::Protocol(format!("unexpected answer: {e}")),
     })
@@ -354,6 +462,17 @@ pub fn tls_alert(e: &quinn::ConnectionError) -> Option<u8> {
 /// Turns a connection error into a sentence: TLS refusals become "refused".
 pub fn refused_or_lost(e: quinn::ConnectionError) -> ClientError {
     if let quinn::ConnectionError::ApplicationClosed(c) = &e
+        && c.error_code == quinn::VarInt::from_u32(crate::CLOSE_NOT_LEADER)
+    {
+        // The address is the standby's word: bounded, and only ever dialled
+        // with this CA's certificate check.
+        let leader = std::str::from_utf8(&c.reason)
+            .ok()
+            .filter(|l| valid_leader(l))
+            .map(str::to_string);
+        return ClientError::NotLeader { leader };
+    }
+    if let quinn::ConnectionError::ApplicationClosed(c) = &e
         && c.error_code == quinn::VarInt::from_u32(crate::CLOSE_NOT_ENROLLED)
     {
         return ClientError::Refused(
@@ -382,7 +501,14 @@ mod tests {
             .parse()
             .expect("token");
         assert_eq!(t.hub, "[::1]:7440");
+        assert_eq!(t.hubs, ["[::1]:7440"]);
         assert_eq!(server_name(&t.hub), "::1");
+        let t: JoinToken = format!("muster1/a:1,[::1]:2/{fp}/{secret}")
+            .parse()
+            .expect("cluster token");
+        assert_eq!((t.hub.as_str(), t.hubs.len()), ("a:1", 2));
+        assert!(valid_leader("hub-b:7440") && valid_leader("[::1]:1"));
+        assert!(!valid_leader("") && !valid_leader("hub b:1") && !valid_leader("hub"));
         assert_eq!(server_name("hub.example.net:7440"), "hub.example.net");
         for bad in [
             "",
@@ -390,6 +516,8 @@ mod tests {
             "x/127.0.0.1:1/aa/bb",
             &format!("muster1//{fp}/{secret}"),
             &format!("muster1/h:1/{fp}/short"),
+            &format!("muster1/h:1,,h:2/{fp}/{secret}"),
+            &format!("muster1/{}/{fp}/{secret}", vec!["h:1"; 17].join(",")),
         ] {
             assert!(bad.parse::<JoinToken>().is_err(), "{bad}");
         }

@@ -42,6 +42,12 @@ pub fn wall_us() -> u64 {
 /// QUIC application close code: the client certificate is not (or no longer) a
 /// live identity at the hub. Clients read the code, never the reason text.
 pub const CLOSE_NOT_ENROLLED: u32 = 6;
+/// QUIC application close code: this hub is a standby of a cluster. The
+/// reason bytes are the leader's address (`host:port`, UTF-8, at most
+/// [`LEADER_ADDR_MAX`] bytes) or empty while no leader is known.
+pub const CLOSE_NOT_LEADER: u32 = 7;
+/// Longest leader address a standby sends, and a client accepts.
+pub const LEADER_ADDR_MAX: usize = 256;
 /// ALPN for sessions (sidecars) and operator requests; always mutual TLS.
 pub const ALPN_SESSION: &[u8] = b"muster/1";
 /// ALPN for enrollment: the only thing an unauthenticated peer may reach.

@@ -17,8 +17,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use muster_config::{
-    Argv, Between, Checks, Codec, Command, Compound, HostPort, KeyProblem, Node, Reader, Refused,
-    Section, Writer,
+    Argv, Between, Checks, Codec, Command, Compound, HostPort, HostPorts, KeyProblem, Node, Reader,
+    Refused, Section, Writer,
 };
 use muster_protocol::AgentName;
 use muster_protocol::limits::{CAPABILITIES_MAX, NAME_BYTES_MAX};
@@ -44,6 +44,8 @@ muster_config::config! {
             /// The hub's QUIC address as host:port.
             hub: String as HostPort => "set the hub's address, e.g. hub = \"hub.example.net:7440\"",
         }
+        /// A cluster's other hubs, tried in turn when `hub` does not answer (a standby names the leader); filled from the join token.
+        hubs: Vec<String> as HostPorts = Vec::new(),
         /// State directory: queue, key file, local socket and work/.
         data_dir: PathBuf = PathBuf::from(DATA_DIR_DEFAULT),
         /// What this agent can do, e.g. ["rust", "review"]; at most 32.

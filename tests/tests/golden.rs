@@ -558,6 +558,7 @@ fn op_requests() -> Vec<OpRequest> {
         OpRequest::JoinTokenRevoke {
             id: "3fa9c2e1b0d4".into(),
         },
+        OpRequest::Ping,
     ]
 }
 
@@ -601,6 +602,9 @@ fn refusals() -> Vec<Refused> {
         },
         Refused::BadHello {
             reason: "name does not match the certificate".into(),
+        },
+        Refused::NotLeader {
+            leader: Some("hub-b.example.net:7440".into()),
         },
     ]
 }

@@ -158,6 +158,7 @@ impl Core {
             OpRequest::JoinTokens => Ok(self.join_tokens(now)),
             OpRequest::JoinTokenRevoke { id } => self.join_token_revoke(now, &id, &who.name),
             OpRequest::Stats
+            | OpRequest::Ping
             | OpRequest::Tasks { .. }
             | OpRequest::TaskShow { .. }
             | OpRequest::TaskLogs(_)

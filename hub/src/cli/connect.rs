@@ -58,6 +58,7 @@ impl From<ClientError> for CliError {
             ClientError::Resolve(..)
             | ClientError::Connect { .. }
             | ClientError::Busy(_)
+            | ClientError::NotLeader { .. }
             | ClientError::Protocol(_) => crate::cli::watch::EXIT_UNREACHABLE,
             _ => 1,
         };
@@ -81,6 +82,9 @@ pub fn saved_credential_path() -> Option<PathBuf> {
 pub struct CredentialFile {
     /// Hub address.
     pub hub: String,
+    /// A cluster's other hubs (from the join token), tried when `hub` does not answer.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hubs: Vec<String>,
     /// The hub's CA.
     pub ca: String,
     /// Our certificate.
@@ -94,6 +98,14 @@ pub struct CredentialFile {
 /// # Errors
 /// [`CliError`] naming the file and what is wrong.
 pub fn read_credential_file(path: &Path) -> Result<(String, Credential), CliError> {
+    read_credential_hubs(path).map(|(mut hubs, cred)| (hubs.swap_remove(0), cred))
+}
+
+/// Reads a credential file: every hub address it names (`hub` first) and the credential.
+///
+/// # Errors
+/// [`CliError`] naming the file and what is wrong.
+pub fn read_credential_hubs(path: &Path) -> Result<(Vec<String>, Credential), CliError> {
     use std::os::unix::fs::MetadataExt;
     let meta = std::fs::metadata(path)
         .map_err(|e| CliError::fail(format!("credential {}: {e}", path.display())))?;
@@ -109,8 +121,10 @@ pub fn read_credential_file(path: &Path) -> Result<(String, Credential), CliErro
         .map_err(|e| CliError::fail(format!("credential {}: {e}", path.display())))?;
     let f: CredentialFile = toml::from_str(&text)
         .map_err(|e| CliError::fail(format!("credential {}: {e}", path.display())))?;
+    let mut hubs = vec![f.hub];
+    hubs.extend(f.hubs);
     Ok((
-        f.hub,
+        hubs,
         Credential {
             ca_pem: f.ca,
             cert_pem: f.cert,
@@ -160,20 +174,33 @@ impl ConnectArgs {
     /// # Errors
     /// [`CliError`] saying where it looked.
     pub fn resolve(&self) -> Result<(String, Credential), CliError> {
+        self.resolve_hubs()
+            .map(|(mut hubs, cred)| (hubs.swap_remove(0), cred))
+    }
+
+    /// Like [`ConnectArgs::resolve`], with every hub address to try, the first first.
+    ///
+    /// # Errors
+    /// [`CliError`] saying where it looked.
+    pub fn resolve_hubs(&self) -> Result<(Vec<String>, Credential), CliError> {
+        let with_flag = |(mut hubs, cred): (Vec<String>, Credential)| {
+            if let Some(h) = &self.hub {
+                hubs = vec![h.clone()];
+            }
+            (hubs, cred)
+        };
         if let Some(dir) = &self.data_dir {
-            return data_dir_credential(dir);
+            return data_dir_credential(dir).map(|(h, c)| (vec![h], c));
         }
         if let Some(path) = &self.credential {
-            let (hub, cred) = read_credential_file(path)?;
-            return Ok((self.hub.clone().unwrap_or(hub), cred));
+            return read_credential_hubs(path).map(with_flag);
         }
         if let Some(path) = saved_credential_path().filter(|p| p.exists()) {
-            let (hub, cred) = read_credential_file(&path)?;
-            return Ok((self.hub.clone().unwrap_or(hub), cred));
+            return read_credential_hubs(&path).map(with_flag);
         }
         let default = Path::new(DEFAULT_DATA_DIR);
         if default.join(ADMIN_KEY).exists() {
-            return data_dir_credential(default);
+            return data_dir_credential(default).map(|(h, c)| (vec![h], c));
         }
         Err(CliError::fail(
             "no credential found: pass --data-dir of a hub, --credential FILE (or MUSTER_CREDENTIAL), or run `muster-hub login --token TOKEN` first",
@@ -185,8 +212,23 @@ impl ConnectArgs {
     /// # Errors
     /// [`CliError`] when the hub cannot be reached or the credential is bad.
     pub async fn connect(&self) -> Result<Session, CliError> {
-        let (hub, cred) = self.resolve()?;
-        let (endpoint, conn) = client::connect(&hub, &cred).await?;
+        let (hubs, cred) = self.resolve_hubs()?;
+        // A ping first: a standby of a cluster refuses it naming the leader,
+        // which `follow_leader` then dials, so every later request reaches it.
+        let (_, (endpoint, conn)) = client::follow_leader(&hubs, |hub| {
+            let cred = &cred;
+            async move {
+                let (endpoint, conn) = client::connect(&hub, cred).await?;
+                match client::request(&conn, OpRequest::Ping).await {
+                    Ok(_) => Ok((endpoint, conn)),
+                    Err(e) => {
+                        conn.close(0u32.into(), b"not the leader");
+                        Err(e)
+                    }
+                }
+            }
+        })
+        .await?;
         Ok(Session { endpoint, conn })
     }
 }

@@ -66,6 +66,7 @@ pub(crate) async fn login(
     };
     let file = crate::cli::CredentialFile {
         hub: token.hub.clone(),
+        hubs: token.hubs[1..].to_vec(),
         ca,
         cert,
         key: key.serialize_pem(),

@@ -84,6 +84,14 @@ pub(super) async fn handle_stream(
         OpenBody::Request(OpRequest::TaskLogs(query)) => {
             super::logs::run_logs(fingerprint, query, wr, shared).await;
         }
+        OpenBody::Request(OpRequest::Ping) => {
+            // The connection's certificate was checked live at accept: the
+            // answer says only "this hub leads", so it needs no core turn.
+            let pong = OpResponse::Ok { json: "{}".into() };
+            let _ = send_frame(&mut wr, &pong).await;
+            let _ = wr.get_mut().finish();
+            let _ = tokio::time::timeout(Duration::from_secs(5), wr.get_mut().stopped()).await;
+        }
         OpenBody::Request(request) => {
             let (tx, rx) = oneshot::channel();
             let msg = ToCore::Op {

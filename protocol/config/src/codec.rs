@@ -502,6 +502,28 @@ impl Codec<String> for HostPort {
     }
 }
 
+/// A list of [`HostPort`]s, at most 16 (a cluster's hubs).
+#[derive(Debug)]
+pub struct HostPorts;
+
+impl Codec<Vec<String>> for HostPorts {
+    fn read(node: &Node<'_>) -> Result<Vec<String>, Refused> {
+        const MAX: usize = 16;
+        let items = node.items("an array of \"host:port\" strings")?;
+        if items.len() > MAX {
+            return Err(node.invalid(format!(
+                "has {} entries; at most {MAX} are allowed",
+                items.len()
+            )));
+        }
+        Refused::collect(items.iter().map(HostPort::read))
+    }
+
+    fn write(value: &Vec<String>) -> String {
+        quote_all(value)
+    }
+}
+
 /// A [`HostPort`] where `""` means "not set" (the daemon derives a value).
 #[derive(Debug)]
 pub struct HostPortOrEmpty;

@@ -30,7 +30,8 @@ mod section;
 use std::path::Path;
 
 pub use codec::{
-    Argv, AtLeast, Between, Codec, Command, HostPort, HostPortOrEmpty, Node, Refused, ValueError,
+    Argv, AtLeast, Between, Codec, Command, HostPort, HostPortOrEmpty, HostPorts, Node, Refused,
+    ValueError,
 };
 pub use problem::{ConfigError, Problem};
 pub use section::{Checks, Compound, KeyProblem, Reader, Section, Writer};

@@ -153,6 +153,11 @@ pub enum Refused {
         /// Explanation.
         reason: String,
     },
+    /// This hub is a standby of a cluster: connect to the leader instead.
+    NotLeader {
+        /// The leader's address (`host:port`), when the standby knows it.
+        leader: Option<String>,
+    },
 }
 
 impl std::fmt::Display for Refused {
@@ -168,6 +173,13 @@ impl std::fmt::Display for Refused {
             ),
             Refused::Forbidden { reason } => write!(f, "forbidden: {reason}"),
             Refused::BadHello { reason } => write!(f, "hello refused: {reason}"),
+            Refused::NotLeader { leader: Some(l) } => {
+                write!(f, "this hub is a standby; the leader is at {l}")
+            }
+            Refused::NotLeader { leader: None } => write!(
+                f,
+                "this hub is a standby and no leader is elected yet; try again in a few seconds"
+            ),
         }
     }
 }
@@ -858,6 +870,9 @@ pub enum OpRequest {
         /// The id, or a unique prefix of at least 8 hex digits.
         id: String,
     },
+    /// Answered `{}` by the leader, refused by a standby: how a client finds
+    /// the leader of a cluster before its first real request. Any role.
+    Ping,
 }
 
 /// Which identity an [`OpRequest::IdentityRevoke`] means.

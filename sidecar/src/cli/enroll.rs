@@ -40,6 +40,7 @@ pub(super) async fn enroll(
     });
     let name = AgentName::new(name).map_err(|e| usage(format!("--name: {e}")))?;
     let mut config = SidecarConfig::new(name.clone(), token.hub.clone(), data_dir.to_path_buf());
+    config.hubs = token.hubs[1..].to_vec();
     config.capabilities = capabilities;
     config.slots = slots;
     // Check everything that can fail here before the token is spent: the hub

@@ -119,12 +119,9 @@ pub async fn run(
     let (mut d, mut core, queue, mut io) = start(opts).await?;
     let (to_main, from_session) = mpsc::channel::<ToMain>(SESSION_QUEUE_LEN);
     io.from_session = Some(from_session);
-    let session = tokio::spawn(session_loop(
-        d.cfg.hub.clone(),
-        credential,
-        to_main,
-        Arc::clone(&d.logs),
-    ));
+    let mut hubs = vec![d.cfg.hub.clone()];
+    hubs.extend(d.cfg.hubs.iter().filter(|h| **h != d.cfg.hub).cloned());
+    let session = tokio::spawn(session_loop(hubs, credential, to_main, Arc::clone(&d.logs)));
     io.tasks.push(session);
     ready();
     info!(name = %d.cfg.name, hub = d.cfg.hub, "sidecar started");

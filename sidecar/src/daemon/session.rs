@@ -52,10 +52,16 @@ impl Daemon {
     }
 }
 
+/// Most standby pointers followed in a row before the loop backs off: a
+/// standby names the leader, so more hops mean an election is under way.
+const LEADER_HOPS_MAX: u32 = 3;
+
 /// Keeps one session to the hub, reconnecting with backoff; serves the log
-/// streams the hub opens on each connection.
+/// streams the hub opens on each connection. With a cluster's `hubs`, a lost
+/// or unreachable hub passes to the next in turn, and a standby's answer
+/// (`NotLeader`) sends the next attempt straight to the leader it names.
 pub(super) async fn session_loop(
-    hub: String,
+    hubs: Vec<String>,
     cred: Credential,
     to_main: mpsc::Sender<ToMain>,
     logs: Arc<Logs>,
@@ -63,17 +69,24 @@ pub(super) async fn session_loop(
     let mut backoff = backoff::reconnect();
     // A hub at its handshake or connection cap (a whole fleet reconnecting after
     // its restart) refuses at once: those retries come soon, jittered, and do not
-    // grow the backoff that real failures use.
+    // grow the backoff that real failures use. A standby with no leader yet
+    // (an election under way) is retried as soon.
     let mut busy = backoff::busy();
     let mut storm = LogBudget::new(1, Duration::from_secs(30));
     let origin = Instant::now();
     let mut rng = Rng::new(seed());
+    let mut turn = 0usize;
+    let mut leader: Option<String> = None;
+    let mut hops = 0;
     loop {
         let (htx, hrx) = oneshot::channel();
         if to_main.send(ToMain::HelloWanted(htx)).await.is_err() {
             return;
         }
         let Ok(hello) = hrx.await else { return };
+        let hub = leader
+            .take()
+            .unwrap_or_else(|| hubs[turn % hubs.len()].clone());
         match connect(&hub, &cred, hello).await {
             Ok((endpoint, conn, welcome, wr, rd)) => {
                 if backoff.failures() > 0 {
@@ -87,6 +100,7 @@ pub(super) async fn session_loop(
                 }
                 backoff.reset();
                 busy.reset();
+                hops = 0;
                 let (tx, rx) = mpsc::channel(SEND_QUEUE_LEN);
                 let connected = ToMain::Connected {
                     tx,
@@ -105,13 +119,29 @@ pub(super) async fn session_loop(
                     return;
                 }
                 warn!(hub, "session ended: {reason}");
+                // The hub just lost is the least likely to lead next.
+                turn += 1;
             }
-            Err(ConnectFailure::Busy(e)) => {
+            Err(ConnectFailure::NotLeader(Some(l))) if hops < LEADER_HOPS_MAX && l != hub => {
+                debug!(hub, leader = l, "a standby: following it to the leader");
+                hops += 1;
+                leader = Some(l);
+                continue;
+            }
+            Err(
+                e @ (ConnectFailure::Busy(_)
+                | ConnectFailure::NotLeader(_)
+                | ConnectFailure::Leaderless(_)),
+            ) => {
                 debug!(hub, "{e}");
+                hops = 0;
+                turn += 1;
                 tokio::time::sleep(busy.next_delay(rng.unit())).await;
                 continue;
             }
             Err(ConnectFailure::Failed(e)) => {
+                hops = 0;
+                turn += 1;
                 if let Some(suppressed) = storm.allow(origin.elapsed()) {
                     let more = if suppressed > 0 {
                         format!(" ({suppressed} more failures not logged)")
@@ -124,6 +154,10 @@ pub(super) async fn session_loop(
                         "cannot connect: {e}{more}"
                     );
                 }
+                // With other hubs to try, a dead one does not hold up the rest.
+                if hubs.len() > 1 && !turn.is_multiple_of(hubs.len()) {
+                    continue;
+                }
             }
         }
         tokio::time::sleep(backoff.next_delay(rng.unit())).await;
@@ -135,6 +169,10 @@ enum ConnectFailure {
     /// The hub refused the connection at a cap (a fleet reconnecting at once):
     /// retry soon, without the growing backoff.
     Busy(String),
+    /// A standby of a cluster, naming the leader.
+    NotLeader(Option<String>),
+    /// A standby that knows no leader yet (an election is under way).
+    Leaderless(String),
     /// Anything else.
     Failed(String),
 }
@@ -145,10 +183,30 @@ impl From<String> for ConnectFailure {
     }
 }
 
+impl From<client::ClientError> for ConnectFailure {
+    fn from(e: client::ClientError) -> Self {
+        match e {
+            client::ClientError::Busy(_) => ConnectFailure::Busy(e.to_string()),
+            client::ClientError::NotLeader { leader: None } => {
+                ConnectFailure::Leaderless(e.to_string())
+            }
+            client::ClientError::NotLeader { leader } => ConnectFailure::NotLeader(leader),
+            e => ConnectFailure::Failed(e.to_string()),
+        }
+    }
+}
+
 impl std::fmt::Display for ConnectFailure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            ConnectFailure::Busy(s) | ConnectFailure::Failed(s) => f.write_str(s),
+            ConnectFailure::Busy(s) | ConnectFailure::Failed(s) | ConnectFailure::Leaderless(s) => {
+                f.write_str(s)
+            }
+            ConnectFailure::NotLeader(l) => write!(
+                f,
+                "{}",
+                client::ClientError::NotLeader { leader: l.clone() }
+            ),
         }
     }
 }
@@ -168,13 +226,8 @@ async fn connect(
     ),
     ConnectFailure,
 > {
-    let (endpoint, conn) = client::connect(hub, cred).await.map_err(|e| match e {
-        client::ClientError::Busy(_) => ConnectFailure::Busy(e.to_string()),
-        e => ConnectFailure::Failed(e.to_string()),
-    })?;
-    let (welcome, wr, rd) = open_session(&conn, hello)
-        .await
-        .map_err(ConnectFailure::Failed)?;
+    let (endpoint, conn) = client::connect(hub, cred).await?;
+    let (welcome, wr, rd) = open_session(&conn, hello).await?;
     Ok((endpoint, conn, welcome, wr, rd))
 }
 
@@ -182,11 +235,8 @@ async fn connect(
 async fn open_session(
     conn: &quinn::Connection,
     hello: Hello,
-) -> Result<(Welcome, FrameWriter, FrameReader), String> {
-    let (send, recv) = conn
-        .open_bi()
-        .await
-        .map_err(|e| client::refused_or_lost(e).to_string())?;
+) -> Result<(Welcome, FrameWriter, FrameReader), ConnectFailure> {
+    let (send, recv) = conn.open_bi().await.map_err(client::refused_or_lost)?;
     let (mut wr, mut rd) = framed(send, recv, muster_protocol::limits::FRAME_BYTES_MAX);
     let open = Open {
         protocol: PROTOCOL_VERSION,
@@ -195,31 +245,37 @@ async fn open_session(
     // A hub that refused the certificate at accept closes the connection with a
     // code that says so: report that rather than the bare write error.
     let lost = |e: FrameError| match (&e, conn.close_reason()) {
-        (FrameError::Io(_), Some(r)) => client::refused_or_lost(r).to_string(),
-        _ => e.to_string(),
+        (FrameError::Io(_), Some(r)) => ConnectFailure::from(client::refused_or_lost(r)),
+        _ => ConnectFailure::Failed(e.to_string()),
     };
     wr.send(&open).await.map_err(lost)?;
     let welcome = match tokio::time::timeout(WELCOME_TIMEOUT, rd.recv::<HubMsg>()).await {
         Ok(Ok(Some(m))) => m,
-        Ok(Err(FrameError::Decode(e))) => return Err(format!("malformed welcome: {e}")),
+        Ok(Err(FrameError::Decode(e))) => return Err(format!("malformed welcome: {e}").into()),
         Ok(Err(e)) => return Err(lost(e)),
         Ok(Ok(None)) => {
             return Err(match conn.close_reason() {
-                Some(r) => client::refused_or_lost(r).to_string(),
-                None => "the hub closed the session before welcoming it".into(),
+                Some(r) => client::refused_or_lost(r).into(),
+                None => "the hub closed the session before welcoming it"
+                    .to_string()
+                    .into(),
             });
         }
-        Err(_) => return Err("no welcome from the hub within 10 s".into()),
+        Err(_) => return Err("no welcome from the hub within 10 s".to_string().into()),
     };
     match welcome {
         HubMsg::Welcome(w) => Ok((w, wr, rd)),
-        HubMsg::Refused(r) => Err(match r {
+        HubMsg::Refused(Refused::NotLeader { leader }) => Err(client::ClientError::NotLeader {
+            leader: leader.filter(|l| client::valid_leader(l)),
+        }
+        .into()),
+        HubMsg::Refused(r) => Err(ConnectFailure::Failed(match r {
             Refused::Revoked => format!(
                 "refused: {r} (this sidecar's credential no longer works; run `muster-sidecar enroll` with a new token)"
             ),
             other => format!("refused: {other}"),
-        }),
-        other => Err(format!("expected a welcome, got {other:?}")),
+        })),
+        other => Err(format!("expected a welcome, got {other:?}").into()),
     }
 }
 
