@@ -5,6 +5,7 @@
 //! group commit), [`server`] (QUIC endpoint and the core loop that joins them).
 
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod demo;
 pub mod init;

@@ -19,7 +19,10 @@ mod http;
 mod logs;
 mod queries;
 mod session;
+mod standby;
 mod web;
+
+pub use standby::Standby;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -274,7 +277,6 @@ impl Hub {
     /// # Errors
     /// [`StartError`] naming what failed.
     pub async fn start(self) -> Result<Running, StartError> {
-        let pki = Arc::new(Pki::load(&self.data_dir)?);
         let db_path = self.data_dir.join(crate::store::DB_FILE);
         let store = Store::open(&db_path)?;
         if let Err(e) = restrict_db(&db_path) {
@@ -283,6 +285,20 @@ impl Hub {
                 db_path.display()
             );
         }
+        self.start_with(store, None).await
+    }
+
+    /// Starts the hub on an open store. `tokens_carry` names every hub address
+    /// join tokens carry (a cluster's hubs, this one first); `None`: this hub's.
+    ///
+    /// # Errors
+    /// [`StartError`] naming what failed.
+    pub async fn start_with(
+        self,
+        store: Store,
+        tokens_carry: Option<Vec<String>>,
+    ) -> Result<Running, StartError> {
+        let pki = Arc::new(Pki::load(&self.data_dir)?);
         let mut clock = Clock { last: 0 };
         let now = clock.now();
         let restored = store.restore(now)?;
@@ -322,7 +338,11 @@ impl Hub {
         } else {
             advertise
         };
-        core.set_token_prefix(token_prefix(&advertise, &pki.ca_fingerprint()));
+        let carried = match tokens_carry {
+            Some(hubs) if !hubs.is_empty() => hubs.join(","),
+            _ => advertise.clone(),
+        };
+        core.set_token_prefix(token_prefix(&carried, &pki.ca_fingerprint()));
         let warning = self.config.advertise_warning(&host);
         if let Some(w) = &warning {
             warn!("{w}");
