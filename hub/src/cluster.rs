@@ -434,7 +434,7 @@ pub async fn serve(
             config: hub.clone(),
             data_dir: data_dir.clone(),
         }
-        .start_with(store, carry)
+        .start_with(store, carry.clone())
         .await;
         let running = match started {
             Ok(r) => r,
@@ -448,6 +448,9 @@ pub async fn serve(
         let status = format!("leading (term {term})");
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Status(&status)]);
         let mut fatal = tokio::time::interval(Duration::from_millis(100));
+        // Hubs that join later are named in the tokens made after they do.
+        let mut carried = carry.unwrap_or_default();
+        let mut hubs_check = tokio::time::interval(REGISTER_EVERY);
         let why = loop {
             tokio::select! {
                 () = &mut shutdown => break None,
@@ -455,6 +458,14 @@ pub async fn serve(
                 _ = fatal.tick() => {
                     if running.core_finished() {
                         break Some("the store refused a commit".to_string());
+                    }
+                }
+                _ = hubs_check.tick() => {
+                    if let Ok(now) = hub_addrs(&c.pg, &c.addr).await
+                        && now != carried
+                    {
+                        running.set_token_hubs(&now).await;
+                        carried = now;
                     }
                 }
             }

@@ -123,27 +123,30 @@ impl Pki {
         write_file(&dir.join(CA_CERT), ca_cert.pem().as_bytes(), 0o644)?;
         write_file(&dir.join(CA_KEY), ca_key.serialize_pem().as_bytes(), 0o600)?;
         let issuer = Issuer::new(ca_params, ca_key);
-
-        let server_key = KeyPair::generate()?;
-        let mut params = CertificateParams::new(sans.to_vec())?;
-        params.distinguished_name = dn("muster hub");
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        params.not_before = now - BACKDATE;
-        params.not_after = now + LEAF_VALIDITY;
-        let server_cert = params.signed_by(&server_key, &issuer)?;
-        write_file(&dir.join(SERVER_CERT), server_cert.pem().as_bytes(), 0o644)?;
-        write_file(
-            &dir.join(SERVER_KEY),
-            server_key.serialize_pem().as_bytes(),
-            0o600,
-        )?;
-
+        issue_server(dir, sans, &issuer)?;
         let pki = Pki::load(dir)?;
         let admin_key = KeyPair::generate()?;
         let admin = pki.issue_client("admin", &admin_key)?;
         write_file(&dir.join(ADMIN_CERT), admin.cert_pem.as_bytes(), 0o644)?;
         write_file(&dir.join(ADMIN_KEY), admin.key_pem.as_bytes(), 0o600)?;
         Ok((pki, admin))
+    }
+
+    /// A further hub of a cluster: `dir` holds the first hub's CA (`ca.crt`,
+    /// `ca.key`) and admin credential (`admin.crt`, `admin.key`), copied; this
+    /// issues this hub's own server certificate for `sans` from that CA.
+    ///
+    /// # Errors
+    /// [`PkiError`] naming a missing or malformed file.
+    pub fn join(dir: &Path, sans: &[String]) -> Result<Pki, PkiError> {
+        for f in [ADMIN_CERT, ADMIN_KEY] {
+            read(&dir.join(f))?;
+        }
+        let ca_pem = read(&dir.join(CA_CERT))?;
+        let ca_key = KeyPair::from_pem(&read_secret(&dir.join(CA_KEY))?)?;
+        let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key)?;
+        issue_server(dir, sans, &issuer)?;
+        Pki::load(dir)
     }
 
     /// Loads the PKI from `dir`. The server key may come from a systemd credential
@@ -208,6 +211,25 @@ impl Pki {
         let cert = csr.signed_by(&self.issuer)?;
         Ok((cert.pem(), fingerprint(cert.der())))
     }
+}
+
+/// Issues and writes the hub's server certificate for `sans`.
+fn issue_server(dir: &Path, sans: &[String], issuer: &Issuer<'_, KeyPair>) -> Result<(), PkiError> {
+    let now = OffsetDateTime::now_utc();
+    let server_key = KeyPair::generate()?;
+    let mut params = CertificateParams::new(sans.to_vec())?;
+    params.distinguished_name = dn("muster hub");
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    params.not_before = now - BACKDATE;
+    params.not_after = now + LEAF_VALIDITY;
+    let server_cert = params.signed_by(&server_key, issuer)?;
+    write_file(&dir.join(SERVER_CERT), server_cert.pem().as_bytes(), 0o644)?;
+    write_file(
+        &dir.join(SERVER_KEY),
+        server_key.serialize_pem().as_bytes(),
+        0o600,
+    )?;
+    Ok(())
 }
 
 /// Builds a CSR for a freshly generated key (the enrolling side).

@@ -586,21 +586,56 @@ impl Hub {
     /// # Panics
     /// When `init` fails.
     pub fn init() -> Hub {
+        Hub::init_with(&[], |_| {})
+    }
+
+    /// A hub on PostgreSQL: `muster-hub init --store URL` (the first hub of a cluster).
+    ///
+    /// # Panics
+    /// When `init` fails.
+    pub fn init_postgres(url: &str) -> Hub {
+        Hub::init_with(&["--store", url], |_| {})
+    }
+
+    /// A further hub of the cluster `first` leads or serves in: its CA and admin
+    /// credential copied (as the README says), then `muster-hub init --join URL`.
+    ///
+    /// # Panics
+    /// When a copy or `init` fails.
+    pub fn join(first: &Hub, url: &str) -> Hub {
+        let from = first.data_dir().to_path_buf();
+        Hub::init_with(&["--join", url], move |data| {
+            std::fs::create_dir_all(data).expect("the data directory");
+            for f in ["ca.crt", "ca.key", "admin.crt", "admin.key"] {
+                std::fs::copy(from.join(f), data.join(f)).expect("copying the cluster's PKI");
+            }
+        })
+    }
+
+    /// `muster-hub init --data-dir D --listen 127.0.0.1:<free> <extra>`, after
+    /// `prepare(D)`; not started.
+    ///
+    /// # Panics
+    /// When `init` fails.
+    pub fn init_with(extra: &[&str], prepare: impl FnOnce(&Path)) -> Hub {
         let permit = FleetPermit::acquire();
         let dir = tempfile::Builder::new()
             .prefix("muster-hub-")
             .tempdir()
             .expect("a temporary directory");
         let data = dir.path().join("hub");
+        prepare(&data);
         let addr: SocketAddr = ([127, 0, 0, 1], free_udp_port()).into();
         let out = run_bounded(
-            clean_env(&mut Command::new(&bins().hub)).args([
-                "init",
-                "--data-dir",
-                &data.to_string_lossy(),
-                "--listen",
-                &addr.to_string(),
-            ]),
+            clean_env(&mut Command::new(&bins().hub))
+                .args([
+                    "init",
+                    "--data-dir",
+                    &data.to_string_lossy(),
+                    "--listen",
+                    &addr.to_string(),
+                ])
+                .args(extra),
             CLI_TIMEOUT,
         );
         assert!(
@@ -715,7 +750,8 @@ impl Hub {
             if let Some(s) = self.daemon.exited() {
                 return Err(format!("the hub exited ({s}):\n{new}"));
             }
-            if new.contains("hub listening") {
+            // A standby of a cluster answers by naming the leader, whom the CLI follows.
+            if new.contains("hub listening") || new.contains("standby: answering") {
                 let out = self.cli(&["stats", "--json"]);
                 if out.status.success() {
                     return Ok(());

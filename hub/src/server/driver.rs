@@ -290,6 +290,10 @@ pub(super) fn core_loop(
                         let _ = tx.send(());
                         continue;
                     }
+                    ToCore::TokenPrefix(prefix) => {
+                        core.set_token_prefix(prefix);
+                        continue;
+                    }
                     ToCore::Shutdown => {
                         stopping = true;
                         continue;

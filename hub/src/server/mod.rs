@@ -156,6 +156,8 @@ enum ToCore {
     Health(oneshot::Sender<Result<(), String>>),
     /// `/livez`: does the core loop answer?
     Live(oneshot::Sender<()>),
+    /// What join tokens carry from now on (a cluster's hubs changed).
+    TokenPrefix(String),
     /// Finish the current batch, commit it, and stop.
     Shutdown,
 }
@@ -235,6 +237,7 @@ pub struct Running {
     http: Option<tokio::task::JoinHandle<()>>,
     endpoint: quinn::Endpoint,
     to_core: mpsc::Sender<ToCore>,
+    ca_fingerprint: String,
     core_thread: std::thread::JoinHandle<Result<(), StoreError>>,
     accept: tokio::task::JoinHandle<()>,
     ticker: tokio::task::JoinHandle<()>,
@@ -342,7 +345,8 @@ impl Hub {
             Some(hubs) if !hubs.is_empty() => hubs.join(","),
             _ => advertise.clone(),
         };
-        core.set_token_prefix(token_prefix(&carried, &pki.ca_fingerprint()));
+        let ca_fingerprint = pki.ca_fingerprint();
+        core.set_token_prefix(token_prefix(&carried, &ca_fingerprint));
         let warning = self.config.advertise_warning(&host);
         if let Some(w) = &warning {
             warn!("{w}");
@@ -445,6 +449,7 @@ impl Hub {
             http,
             endpoint,
             to_core,
+            ca_fingerprint,
             core_thread,
             accept,
             ticker,
@@ -478,6 +483,12 @@ impl Running {
         };
         let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
         result
+    }
+
+    /// Join tokens carry `hubs` from now on (a cluster's hubs, the leader first).
+    pub async fn set_token_hubs(&self, hubs: &[String]) {
+        let prefix = token_prefix(&hubs.join(","), &self.ca_fingerprint);
+        let _ = self.to_core.send(ToCore::TokenPrefix(prefix)).await;
     }
 
     /// Waits until the core stops on its own (a fatal store error).
