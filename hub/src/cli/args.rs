@@ -47,6 +47,15 @@ pub(crate) enum Command {
         /// Overwrite an existing data directory.
         #[arg(long)]
         force: bool,
+        /// Keep the state in this PostgreSQL database instead of the redb file:
+        /// postgres://user@host:port/dbname, without a password. Writes [store]
+        /// into hub.toml and creates the schema.
+        #[arg(long, value_name = "URL")]
+        store: Option<String>,
+        /// A file holding the PostgreSQL password (mode 0600, owned by the hub's
+        /// user); without it, the systemd credential pg-password, else none.
+        #[arg(long, value_name = "PATH", requires = "store")]
+        pg_password_file: Option<PathBuf>,
     },
     /// Run the hub daemon.
     ///

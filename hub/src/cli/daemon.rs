@@ -15,6 +15,7 @@ pub(crate) fn init(
     mut sans: Vec<String>,
     advertise: Option<String>,
     force: bool,
+    postgres: Option<(String, Option<PathBuf>)>,
 ) -> Result<(), CliError> {
     let occupied = std::fs::read_dir(&data_dir).is_ok_and(|mut d| d.next().is_some());
     if occupied && !force {
@@ -51,6 +52,16 @@ pub(crate) fn init(
         })?,
         None => default_advertise(&sans, config.listen.port()).unwrap_or_default(),
     };
+    if let Some((url, password_file)) = postgres {
+        config.store.kind = crate::store::StoreKind::Postgres;
+        config.store.url = url;
+        config.store.password_file = password_file;
+        // The same checks hub.toml gets: a URL, and no password in it.
+        HubConfig::parse(&config.render(), &data_dir.join(CONFIG_FILE)).map_err(|e| CliError {
+            code: 2,
+            message: format!("--store: {e}"),
+        })?;
+    }
     for default in [
         hostname(),
         "localhost".into(),
@@ -61,13 +72,21 @@ pub(crate) fn init(
             sans.push(default);
         }
     }
-    let fp = init_data_dir(&data_dir, &config, &sans).map_err(CliError::fail)?;
+    // Blocking: a PostgreSQL store runs its own runtime.
+    let fp = tokio::task::block_in_place(|| init_data_dir(&data_dir, &config, &sans))
+        .map_err(CliError::fail)?;
     eprintln!(
         "initialised {} (listen {}, SANs {})",
         data_dir.display(),
         config.listen,
         sans.join(", ")
     );
+    if config.store.kind == crate::store::StoreKind::Postgres {
+        eprintln!(
+            "state in PostgreSQL at {} (schema muster)",
+            config.store.url
+        );
+    }
     if !config.advertise.is_empty() {
         eprintln!("join tokens will carry {}", config.advertise);
     }

@@ -241,7 +241,16 @@ pub(crate) async fn run(command: Command) -> Result<(), CliError> {
             sans,
             advertise,
             force,
-        } => init(data_dir, listen, sans, advertise, force),
+            store,
+            pg_password_file,
+        } => init(
+            data_dir,
+            listen,
+            sans,
+            advertise,
+            force,
+            store.map(|url| (url, pg_password_file)),
+        ),
         Command::Serve {
             config, data_dir, ..
         } => serve(config, data_dir).await,

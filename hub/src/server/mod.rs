@@ -262,6 +262,40 @@ pub enum StartError {
     },
 }
 
+/// Opens the store `config` names and reads the state the core starts from.
+/// On PostgreSQL this hub takes the leader term (the leader election, when it
+/// comes, decides when), so a hub that held the term before is fenced.
+fn open_store(
+    config: &HubConfig,
+    data_dir: &std::path::Path,
+    now: u64,
+) -> Result<(Store, crate::core::Restored), StartError> {
+    let store = match config.store.kind {
+        crate::store::StoreKind::Redb => {
+            let db_path = data_dir.join(crate::store::DB_FILE);
+            let store = Store::open(&db_path)?;
+            if let Err(e) = restrict_db(&db_path) {
+                warn!(
+                    "cannot make {} readable by this user only: {e}",
+                    db_path.display()
+                );
+            }
+            store
+        }
+        crate::store::StoreKind::Postgres => {
+            let opts = config.store.pg_options().map_err(StoreError::Db)?;
+            let store = Store::open_postgres(&opts)?;
+            if let Some(pg) = store.postgres() {
+                let term = pg.take_term(&hostname(), &config.advertise_addr(&hostname()))?;
+                tracing::info!(term, "serving on PostgreSQL as the leader");
+            }
+            store
+        }
+    };
+    let restored = store.restore(now)?;
+    Ok((store, restored))
+}
+
 /// Where a hub's token prefix points: `muster1/<advertise>/<ca fingerprint>/`.
 fn token_prefix(advertise: &str, ca_fp: &str) -> String {
     format!("muster1/{advertise}/{ca_fp}/")
@@ -275,17 +309,16 @@ impl Hub {
     /// [`StartError`] naming what failed.
     pub async fn start(self) -> Result<Running, StartError> {
         let pki = Arc::new(Pki::load(&self.data_dir)?);
-        let db_path = self.data_dir.join(crate::store::DB_FILE);
-        let store = Store::open(&db_path)?;
-        if let Err(e) = restrict_db(&db_path) {
-            warn!(
-                "cannot make {} readable by this user only: {e}",
-                db_path.display()
-            );
-        }
         let mut clock = Clock { last: 0 };
         let now = clock.now();
-        let restored = store.restore(now)?;
+        let config = self.config.clone();
+        let data_dir = self.data_dir.clone();
+        // Opening blocks (a PostgreSQL store runs its own runtime and may not
+        // be driven from this one), so it happens on a blocking thread.
+        let (store, restored) =
+            tokio::task::spawn_blocking(move || open_store(&config, &data_dir, now))
+                .await
+                .map_err(|e| StoreError::Db(format!("opening the store stopped: {e}")))??;
         let seed = now ^ u64::from(std::process::id()).rotate_left(32);
         let mut core = Core::new(
             self.config.policy.clone(),
