@@ -14,6 +14,8 @@ use std::time::Duration;
 
 use muster_config::{Argv, HostPortOrEmpty};
 
+use crate::store::{PgOptions, StoreKind};
+
 pub use muster_config::{ConfigError, Problem};
 pub use muster_hub_core::policy::{Limits, Policy};
 
@@ -41,6 +43,8 @@ muster_config::config! {
             limits: Limits,
             /// The web dashboard and the HTTP JSON API (/api/v1).
             dashboard: Dashboard,
+            /// Where the hub keeps its state: a redb file (one hub) or PostgreSQL (several hubs, one leader).
+            store: StoreConfig,
         }
     }
 }
@@ -81,6 +85,123 @@ muster_config::config! {
         session_ttl: Duration = Duration::from_secs(12 * 3600),
     }
     check = check_dashboard;
+}
+
+muster_config::words!(StoreKind {
+    StoreKind::Redb => "redb",
+    StoreKind::Postgres => "postgres",
+});
+
+/// The systemd credential the PostgreSQL password is read from when
+/// `password_file` is not set (`LoadCredential=pg-password:/path` in the unit).
+pub const PG_PASSWORD_CREDENTIAL: &str = "pg-password";
+
+/// The longest password file read, so a wrong path cannot fill the memory.
+const PASSWORD_BYTES_MAX: u64 = 4096;
+
+muster_config::config! {
+    /// Where the hub keeps its state (`[store]` in hub.toml).
+    #[derive(Debug, Clone, PartialEq)]
+    pub struct StoreConfig {
+        /// "redb" (hub.redb in data_dir; one hub) or "postgres" (a PostgreSQL database several hubs share).
+        kind: StoreKind = StoreKind::Redb,
+        /// For kind = "postgres": postgres://user@host:port/dbname, without a password (see password_file).
+        url: String = String::new(),
+        /// For kind = "postgres": a file holding the password (mode 0600, owned by the hub's user); "" = the systemd credential pg-password if set, else no password.
+        password_file: Option<PathBuf> = None,
+        /// For kind = "postgres": how long the leader's lease lasts unrenewed before another hub may take over (1s to 60s).
+        lease: Duration = Duration::from_secs(5),
+    }
+    check = check_store;
+}
+
+/// Keys of `[store]` that depend on each other.
+fn check_store(s: &StoreConfig, checks: &mut muster_config::Checks<'_>) {
+    if s.kind == StoreKind::Postgres && s.url.is_empty() {
+        checks.bad(
+            &["kind", "url"],
+            "kind = \"postgres\" needs url = \"postgres://user@host:port/dbname\"".to_string(),
+        );
+    }
+    if !s.url.is_empty() {
+        match s.url.parse::<tokio_postgres::Config>() {
+            Err(e) => checks.bad(
+                &["url"],
+                format!("is not a PostgreSQL URL ({e}); write it as postgres://user@host:port/dbname"),
+            ),
+            Ok(c) if c.get_password().is_some() => checks.bad(
+                &["url"],
+                "carries a password, which hub.toml must not hold; remove it from the URL and put it in a file named by password_file (mode 0600) or in the systemd credential pg-password".to_string(),
+            ),
+            Ok(_) => {}
+        }
+    }
+    if s.lease < Duration::from_secs(1) || s.lease > Duration::from_secs(60) {
+        checks.bad(&["lease"], "must be between 1s and 60s".to_string());
+    }
+}
+
+impl StoreConfig {
+    /// How to reach the PostgreSQL database: the URL and the password from
+    /// `password_file`, else from the systemd credential `pg-password`
+    /// (`$CREDENTIALS_DIRECTORY`), else none (trust or peer authentication).
+    ///
+    /// # Errors
+    /// A sentence naming the file and what is wrong with it: unreadable, readable
+    /// by others than its owner, or owned by another user.
+    pub fn pg_options(&self) -> Result<PgOptions, String> {
+        let password = match &self.password_file {
+            Some(path) => Some(read_password(path, true)?),
+            None => match std::env::var_os("CREDENTIALS_DIRECTORY") {
+                Some(dir) => {
+                    let path = Path::new(&dir).join(PG_PASSWORD_CREDENTIAL);
+                    // systemd makes credentials readable by the service alone.
+                    path.exists()
+                        .then(|| read_password(&path, false))
+                        .transpose()?
+                }
+                None => None,
+            },
+        };
+        Ok(PgOptions {
+            url: self.url.clone(),
+            password,
+        })
+    }
+}
+
+/// Reads a password file; with `check`, refuses one others may read or that
+/// another user owns (the password opens the whole database).
+fn read_password(path: &Path, check: bool) -> Result<String, String> {
+    use std::io::Read;
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path)
+        .map_err(|e| format!("store password_file {}: {e}", path.display()))?;
+    if check {
+        if meta.mode() & 0o077 != 0 {
+            return Err(format!(
+                "store password_file {} has mode {:o}: others may read the database password; run chmod 600 {}",
+                path.display(),
+                meta.mode() & 0o777,
+                path.display()
+            ));
+        }
+        // The owner of /proc/self is this process's user.
+        let me = std::fs::metadata("/proc/self").map(|m| m.uid()).ok();
+        if me.is_some_and(|me| me != meta.uid()) {
+            return Err(format!(
+                "store password_file {} is owned by uid {}, not by the hub's user; chown it to the user the hub runs as",
+                path.display(),
+                meta.uid()
+            ));
+        }
+    }
+    let mut text = String::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(PASSWORD_BYTES_MAX).read_to_string(&mut text))
+        .map_err(|e| format!("store password file {}: {e}", path.display()))?;
+    // A file written with echo ends in a newline that is not part of the password.
+    Ok(text.trim_end_matches(['\n', '\r']).to_string())
 }
 
 /// Keys of `[dashboard]` that depend on each other.
@@ -412,6 +533,52 @@ max_frame_bytes = 2000000
             err.to_string()
                 .starts_with("/nonexistent/muster/hub.toml: cannot read")
         );
+    }
+
+    #[test]
+    fn the_store_section_is_checked() {
+        let c = parse("[store]\nkind = \"postgres\"\nurl = \"postgres://muster@127.0.0.1:5432/muster\"\nlease = \"10s\"\n")
+            .expect("postgres config");
+        assert_eq!(c.store.kind, StoreKind::Postgres);
+        assert_eq!(parse(&c.render()).expect("round trip"), c);
+        let p = problems("[store]\nkind = \"postgres\"\n");
+        assert!(has(&p, "store.kind", "needs url"), "{p:?}");
+        let p = problems(
+            "[store]\nkind = \"postgres\"\nurl = \"postgres://muster:secret@127.0.0.1/muster\"\n",
+        );
+        assert!(has(&p, "store.url", "carries a password"), "{p:?}");
+        assert!(
+            !p.iter().any(|x| x.reason.contains("secret")),
+            "the password is not echoed"
+        );
+        let p = problems("[store]\nkind = \"mysql\"\nlease = \"2m\"\n");
+        assert!(has(&p, "store.kind", "\"redb\""), "{p:?}");
+        assert!(has(&p, "store.lease", "between 1s and 60s"), "{p:?}");
+    }
+
+    #[test]
+    fn a_password_file_must_be_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("pw");
+        std::fs::write(&path, "s3cret\n").expect("write");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        let store = StoreConfig {
+            kind: StoreKind::Postgres,
+            url: "postgres://muster@127.0.0.1/muster".into(),
+            password_file: Some(path.clone()),
+            ..StoreConfig::default()
+        };
+        let err = store.pg_options().expect_err("refused");
+        assert!(err.contains("chmod 600"), "{err}");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        let o = store.pg_options().expect("read");
+        assert_eq!(o.password.as_deref(), Some("s3cret"));
+        let gone = StoreConfig {
+            password_file: Some(dir.path().join("missing")),
+            ..store
+        };
+        assert!(gone.pg_options().expect_err("missing").contains("missing"));
     }
 
     #[test]

@@ -5,9 +5,11 @@ use std::path::Path;
 use crate::config::HubConfig;
 use crate::pki::{Pki, cert_key_fingerprint};
 use crate::server::wall_ms;
-use crate::store::Store;
+use crate::store::{Store, StoreKind};
 
 /// Creates a data directory's PKI, config and database (`muster-hub init`).
+/// Blocks (a PostgreSQL store runs its own runtime): call it outside an async
+/// runtime, or inside `block_in_place`.
 ///
 /// # Errors
 /// A message naming what failed.
@@ -24,8 +26,7 @@ pub fn init_data_dir(dir: &Path, config: &HubConfig, sans: &[String]) -> Result<
         0o644,
     )
     .map_err(|e| e.to_string())?;
-    let store = Store::open(&dir.join(crate::store::DB_FILE)).map_err(|e| e.to_string())?;
-    restrict_db(&dir.join(crate::store::DB_FILE)).map_err(|e| e.to_string())?;
+    let store = open_new_store(dir, config)?;
     let key_fp = x509_key_fp(&admin.cert_pem).unwrap_or_default();
     let id = crate::core::Identity {
         name: "admin".into(),
@@ -41,6 +42,29 @@ pub fn init_data_dir(dir: &Path, config: &HubConfig, sans: &[String]) -> Result<
         .commit(&[crate::core::Write::Identity(id)], u64::MAX)
         .map_err(|e| e.to_string())?;
     Ok(pki.ca_fingerprint())
+}
+
+/// The store a new data directory's config names: the redb file, or the
+/// PostgreSQL database with its schema created (this hub takes the term, so
+/// the admin identity can be written).
+fn open_new_store(dir: &Path, config: &HubConfig) -> Result<Store, String> {
+    match config.store.kind {
+        StoreKind::Redb => {
+            let store = Store::open(&dir.join(crate::store::DB_FILE)).map_err(|e| e.to_string())?;
+            restrict_db(&dir.join(crate::store::DB_FILE)).map_err(|e| e.to_string())?;
+            Ok(store)
+        }
+        StoreKind::Postgres => {
+            let opts = config.store.pg_options()?;
+            let store =
+                Store::open_postgres(&opts).map_err(|e| format!("{e} (store url {})", opts.url))?;
+            if let Some(pg) = store.postgres() {
+                pg.take_term(&crate::server::hostname(), "")
+                    .map_err(|e| e.to_string())?;
+            }
+            Ok(store)
+        }
+    }
 }
 
 /// Makes the database readable by the hub's user only: it holds every task's text.

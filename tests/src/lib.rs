@@ -31,6 +31,7 @@ use std::sync::{Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 pub mod attack;
+pub mod pg;
 pub mod tasks;
 
 use muster_protocol::client::Credential;

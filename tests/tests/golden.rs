@@ -1429,7 +1429,7 @@ fn a_new_hub_store_records_its_schema_version_and_a_newer_file_is_refused() {
     let newer = dir.path().join("newer.redb");
     file_with_version(&newer, SCHEMA_VERSION + 1);
     match Store::open(&newer) {
-        Err(e @ StoreError::TooNew { found }) => {
+        Err(e @ StoreError::TooNew { found, .. }) => {
             assert_eq!(found, SCHEMA_VERSION + 1);
             let text = e.to_string();
             assert!(

@@ -47,6 +47,21 @@ pub(crate) enum Command {
         /// Overwrite an existing data directory.
         #[arg(long)]
         force: bool,
+        /// Keep the state in this PostgreSQL database instead of the redb file:
+        /// postgres://user@host:port/dbname, without a password. Writes [store]
+        /// into hub.toml and creates the schema.
+        #[arg(long, value_name = "URL")]
+        store: Option<String>,
+        /// Join the cluster whose state is in this PostgreSQL database, as a
+        /// further hub: the data directory holds ca.crt, ca.key, admin.crt and
+        /// admin.key copied from the first hub; this issues the hub's own server
+        /// certificate and writes hub.toml.
+        #[arg(long, value_name = "URL", conflicts_with = "store")]
+        join: Option<String>,
+        /// A file holding the PostgreSQL password (mode 0600, owned by the hub's
+        /// user); without it, the systemd credential pg-password, else none.
+        #[arg(long, value_name = "PATH")]
+        pg_password_file: Option<PathBuf>,
     },
     /// Run the hub daemon.
     ///
@@ -266,6 +281,27 @@ pub(crate) enum Command {
         json: bool,
         #[command(flatten)]
         connect: ConnectArgs,
+    },
+    /// A cluster of hubs on PostgreSQL.
+    Cluster {
+        #[command(subcommand)]
+        command: ClusterCommand,
+    },
+}
+
+#[derive(Subcommand)]
+pub(crate) enum ClusterCommand {
+    /// The hubs of the cluster, which leads, its term and the age of its lease,
+    /// read from the database named in this hub's hub.toml.
+    ///
+    /// Example: muster-hub cluster status --data-dir /var/lib/muster-hub
+    Status {
+        /// The data directory whose hub.toml names the database.
+        #[arg(long, default_value = crate::cli::DEFAULT_DATA_DIR)]
+        data_dir: PathBuf,
+        /// Print JSON (one document) instead of a table, for scripts.
+        #[arg(long)]
+        json: bool,
     },
 }
 

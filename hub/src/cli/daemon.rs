@@ -15,15 +15,19 @@ pub(crate) fn init(
     mut sans: Vec<String>,
     advertise: Option<String>,
     force: bool,
+    postgres: Option<(String, Option<PathBuf>)>,
+    join: bool,
 ) -> Result<(), CliError> {
     let occupied = std::fs::read_dir(&data_dir).is_ok_and(|mut d| d.next().is_some());
-    if occupied && !force {
+    if join {
+        check_join_dir(&data_dir, force)?;
+    } else if occupied && !force {
         return Err(CliError::fail(format!(
             "{} already exists and is not empty; refusing to touch it (pass --force to overwrite its PKI, config and database)",
             data_dir.display()
         )));
     }
-    if occupied {
+    if occupied && !join {
         for f in [
             "hub.redb",
             "ca.crt",
@@ -51,6 +55,16 @@ pub(crate) fn init(
         })?,
         None => default_advertise(&sans, config.listen.port()).unwrap_or_default(),
     };
+    if let Some((url, password_file)) = postgres {
+        config.store.kind = crate::store::StoreKind::Postgres;
+        config.store.url = url;
+        config.store.password_file = password_file;
+        // The same checks hub.toml gets: a URL, and no password in it.
+        HubConfig::parse(&config.render(), &data_dir.join(CONFIG_FILE)).map_err(|e| CliError {
+            code: 2,
+            message: format!("--store: {e}"),
+        })?;
+    }
     for default in [
         hostname(),
         "localhost".into(),
@@ -61,13 +75,25 @@ pub(crate) fn init(
             sans.push(default);
         }
     }
-    let fp = init_data_dir(&data_dir, &config, &sans).map_err(CliError::fail)?;
+    // Blocking: a PostgreSQL store runs its own runtime.
+    let fp = if join {
+        tokio::task::block_in_place(|| join_data_dir(&data_dir, &config, &sans))?
+    } else {
+        tokio::task::block_in_place(|| init_data_dir(&data_dir, &config, &sans))
+            .map_err(CliError::fail)?
+    };
     eprintln!(
         "initialised {} (listen {}, SANs {})",
         data_dir.display(),
         config.listen,
         sans.join(", ")
     );
+    if config.store.kind == crate::store::StoreKind::Postgres {
+        eprintln!(
+            "state in PostgreSQL at {} (schema muster)",
+            config.store.url
+        );
+    }
     if !config.advertise.is_empty() {
         eprintln!("join tokens will carry {}", config.advertise);
     }
@@ -94,6 +120,9 @@ pub(crate) async fn serve(
         cfg.data_dir = d;
     }
     let data_dir = cfg.data_dir.clone();
+    if cfg.store.kind == crate::store::StoreKind::Postgres {
+        return serve_cluster(cfg, data_dir).await;
+    }
     let hub = Hub {
         config: cfg,
         data_dir,
@@ -126,6 +155,202 @@ pub(crate) async fn serve(
         .shutdown()
         .await
         .map_err(|e| CliError::fail(format!("fatal: {e}")))
+}
+
+/// What a further hub of a cluster copies from the first hub's data directory.
+pub(crate) const JOIN_FILES: [&str; 4] = ["ca.crt", "ca.key", "admin.crt", "admin.key"];
+
+/// `init --join`: the copied PKI is there, and no hub was made here yet.
+fn check_join_dir(dir: &std::path::Path, force: bool) -> Result<(), CliError> {
+    let missing: Vec<&str> = JOIN_FILES
+        .iter()
+        .copied()
+        .filter(|f| !dir.join(f).exists())
+        .collect();
+    if !missing.is_empty() {
+        return Err(CliError::fail(format!(
+            "--join: {} lacks {}; copy {} from the first hub's data directory into it first (ca.key is the cluster's crown jewel: copy it over a secure channel, mode 0600)",
+            dir.display(),
+            missing.join(", "),
+            JOIN_FILES.join(", ")
+        )));
+    }
+    if dir.join(CONFIG_FILE).exists() && !force {
+        return Err(CliError::fail(format!(
+            "--join: {} already has a {CONFIG_FILE}; refusing to touch it (pass --force to replace it and the server certificate)",
+            dir.display()
+        )));
+    }
+    Ok(())
+}
+
+/// `init --join`: this hub's server certificate from the cluster's CA, its
+/// hub.toml, and a check that the database is this cluster's (the copied
+/// admin credential is a live identity there).
+fn join_data_dir(
+    dir: &std::path::Path,
+    config: &HubConfig,
+    sans: &[String],
+) -> Result<String, CliError> {
+    use std::os::unix::fs::PermissionsExt;
+    let fail = |e: String| CliError::fail(format!("--join: {e}"));
+    let opts = config.store.pg_options().map_err(fail)?;
+    let store = crate::store::Store::open_postgres(&opts)
+        .map_err(|e| fail(format!("{e} (store url {})", opts.url)))?;
+    let admin_pem = std::fs::read_to_string(dir.join(crate::pki::ADMIN_CERT))
+        .map_err(|e| fail(format!("{}: {e}", crate::pki::ADMIN_CERT)))?;
+    let admin_fp = {
+        use rustls::pki_types::CertificateDer;
+        use rustls::pki_types::pem::PemObject;
+        CertificateDer::from_pem_slice(admin_pem.as_bytes())
+            .map(|der| muster_protocol::tls::fingerprint(der.as_ref()))
+            .map_err(|_| {
+                fail(format!(
+                    "{} is not a PEM certificate",
+                    crate::pki::ADMIN_CERT
+                ))
+            })?
+    };
+    let known = store
+        .reader()
+        .and_then(|r| r.identities())
+        .map_err(|e| fail(e.to_string()))?
+        .iter()
+        .any(|i| i.fingerprint == admin_fp && i.revoked_at.is_none());
+    if !known {
+        return Err(fail(format!(
+            "the copied admin credential is not a live identity in {}: this database belongs to another cluster, or no hub was initialised on it (run `muster-hub init --store URL` on the first hub)",
+            opts.url
+        )));
+    }
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o750))
+        .map_err(|e| fail(format!("{}: {e}", dir.display())))?;
+    let pki = crate::pki::Pki::join(dir, sans).map_err(|e| fail(e.to_string()))?;
+    crate::pki::write_file(&dir.join(CONFIG_FILE), config.render().as_bytes(), 0o644)
+        .map_err(|e| fail(e.to_string()))?;
+    Ok(pki.ca_fingerprint())
+}
+
+/// `serve` on PostgreSQL: a member of a cluster (of one or more hubs) that
+/// leads when it wins the election and is a standby otherwise.
+async fn serve_cluster(cfg: HubConfig, data_dir: PathBuf) -> Result<(), CliError> {
+    let opts = cfg
+        .store
+        .pg_options()
+        .map_err(|message| CliError { code: 78, message })?;
+    let pg = opts.config().map_err(|e| CliError {
+        code: 78,
+        message: e.to_string(),
+    })?;
+    let addr = cfg.advertise_addr(&hostname());
+    if addr.ends_with(":0") {
+        return Err(CliError {
+            code: 78,
+            message: format!(
+                "listen = {:?}: a hub of a cluster needs a fixed port (standbys and the leader name it to sidecars)",
+                cfg.listen.to_string()
+            ),
+        });
+    }
+    let campaign = crate::cluster::Campaign {
+        pg,
+        lease: cfg.store.lease,
+        addr,
+    };
+    let open: crate::cluster::OpenStore = std::sync::Arc::new(move |term| {
+        let store = crate::store::Store::open_postgres(&opts).map_err(|e| e.to_string())?;
+        store.set_term(term);
+        Ok(store)
+    });
+    let shutdown = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+        tracing::info!("shutting down");
+    };
+    crate::cluster::serve(cfg, data_dir, campaign, open, shutdown)
+        .await
+        .map_err(CliError::fail)
+}
+
+/// `cluster status`: read from the database this data directory's hub.toml names.
+pub(crate) async fn cluster_status(data_dir: &std::path::Path, json: bool) -> Result<(), CliError> {
+    let cfg = HubConfig::load(&data_dir.join(CONFIG_FILE)).map_err(config_error)?;
+    if cfg.store.kind != crate::store::StoreKind::Postgres {
+        return Err(CliError {
+            code: 78,
+            message: format!(
+                "{}: this hub keeps its state in redb, so it is a cluster of one; clusters run on PostgreSQL ([store] kind = \"postgres\")",
+                data_dir.join(CONFIG_FILE).display()
+            ),
+        });
+    }
+    let opts = cfg
+        .store
+        .pg_options()
+        .map_err(|message| CliError { code: 78, message })?;
+    let pg = opts.config().map_err(|e| CliError {
+        code: 78,
+        message: e.to_string(),
+    })?;
+    let status = crate::cluster::status(&pg, cfg.store.lease)
+        .await
+        .map_err(|e| CliError {
+            code: crate::cli::watch::EXIT_UNREACHABLE,
+            message: e,
+        })?;
+    if json {
+        let v = serde_json::to_value(&status).map_err(|e| CliError::fail(e.to_string()))?;
+        println!("{v}");
+        return Ok(());
+    }
+    let lease = match (status.leader.as_deref(), status.lease_age_ms) {
+        (Some(l), Some(age)) => format!(
+            "leader {l}, term {}, lease renewed {} ago{}",
+            status.term,
+            secs(age),
+            if status.lease_fresh {
+                String::new()
+            } else {
+                format!(
+                    " (older than the lease of {}: an election is due)",
+                    secs(status.lease_ms)
+                )
+            }
+        ),
+        _ => "no hub has led yet".to_string(),
+    };
+    println!("{}", crate::cli::connect::escape_controls(&lease, false));
+    let rows: Vec<[String; 3]> = status
+        .hubs
+        .iter()
+        .map(|h| {
+            [
+                h.addr.clone(),
+                if h.leader { "leader" } else { "standby" }.to_string(),
+                format!("{} ago", secs(h.seen_ms_ago)),
+            ]
+        })
+        .collect();
+    print!(
+        "{}",
+        crate::cli::dispatch::table(&["HUB", "ROLE", "SEEN"], &rows)
+    );
+    Ok(())
+}
+
+/// Milliseconds as seconds with a tenth: a lease is a few seconds long.
+fn secs(ms: u64) -> String {
+    format!("{:.1} s", ms as f64 / 1000.0)
 }
 
 /// `host:port` as hub.toml's `advertise` accepts it (the same check `serve` makes).

@@ -1,9 +1,9 @@
 //! Runs one parsed command: the small ones inline, the rest in their modules.
 
 use crate::cli::args::{
-    AgentCommand, Command, IdentityCommand, TaskCommand, TokenCommand, TokenKind,
+    AgentCommand, ClusterCommand, Command, IdentityCommand, TaskCommand, TokenCommand, TokenKind,
 };
-use crate::cli::daemon::{init, serve};
+use crate::cli::daemon::{cluster_status, init, serve};
 use crate::cli::doctor::doctor;
 use crate::cli::login::login;
 use crate::cli::submit::submit;
@@ -241,7 +241,27 @@ pub(crate) async fn run(command: Command) -> Result<(), CliError> {
             sans,
             advertise,
             force,
-        } => init(data_dir, listen, sans, advertise, force),
+            store,
+            join,
+            pg_password_file,
+        } => {
+            let joining = join.is_some();
+            if pg_password_file.is_some() && store.is_none() && !joining {
+                return Err(CliError {
+                    code: 2,
+                    message: "--pg-password-file goes with --store or --join".into(),
+                });
+            }
+            init(
+                data_dir,
+                listen,
+                sans,
+                advertise,
+                force,
+                store.or(join).map(|url| (url, pg_password_file)),
+                joining,
+            )
+        }
         Command::Serve {
             config, data_dir, ..
         } => serve(config, data_dir).await,
@@ -551,6 +571,9 @@ pub(crate) async fn run(command: Command) -> Result<(), CliError> {
         }
         Command::Doctor { json, connect } => doctor(&connect, json).await,
         Command::Completions { .. } | Command::Man { .. } => Ok(()),
+        Command::Cluster {
+            command: ClusterCommand::Status { data_dir, json },
+        } => cluster_status(&data_dir, json).await,
         Command::Demo { tasks, keep } => crate::demo::run(tasks, keep).await,
     }
 }

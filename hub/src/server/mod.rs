@@ -268,6 +268,29 @@ pub enum StartError {
     },
 }
 
+/// Opens the redb store of `data_dir`. A PostgreSQL hub is not opened here:
+/// it leads only through the cluster's election (`cluster::serve`), which sets
+/// the term its commits check before the first one.
+fn open_redb(config: &HubConfig, data_dir: &std::path::Path) -> Result<Store, StartError> {
+    match config.store.kind {
+        crate::store::StoreKind::Redb => {
+            let db_path = data_dir.join(crate::store::DB_FILE);
+            let store = Store::open(&db_path)?;
+            if let Err(e) = restrict_db(&db_path) {
+                warn!(
+                    "cannot make {} readable by this user only: {e}",
+                    db_path.display()
+                );
+            }
+            Ok(store)
+        }
+        crate::store::StoreKind::Postgres => Err(StoreError::Db(
+            "a hub on PostgreSQL serves through the leader election (muster-hub serve)".into(),
+        )
+        .into()),
+    }
+}
+
 /// Where a hub's token prefix points: `muster1/<advertise>/<ca fingerprint>/`.
 fn token_prefix(advertise: &str, ca_fp: &str) -> String {
     format!("muster1/{advertise}/{ca_fp}/")
@@ -280,14 +303,11 @@ impl Hub {
     /// # Errors
     /// [`StartError`] naming what failed.
     pub async fn start(self) -> Result<Running, StartError> {
-        let db_path = self.data_dir.join(crate::store::DB_FILE);
-        let store = Store::open(&db_path)?;
-        if let Err(e) = restrict_db(&db_path) {
-            warn!(
-                "cannot make {} readable by this user only: {e}",
-                db_path.display()
-            );
-        }
+        let config = self.config.clone();
+        let data_dir = self.data_dir.clone();
+        let store = tokio::task::spawn_blocking(move || open_redb(&config, &data_dir))
+            .await
+            .map_err(|e| StoreError::Db(format!("opening the store stopped: {e}")))??;
         self.start_with(store, None).await
     }
 
@@ -304,7 +324,15 @@ impl Hub {
         let pki = Arc::new(Pki::load(&self.data_dir)?);
         let mut clock = Clock { last: 0 };
         let now = clock.now();
-        let restored = store.restore(now)?;
+        // Reading blocks (a PostgreSQL store runs its own runtime and may not
+        // be driven from this one), so it happens on a blocking thread.
+        let (store, restored) = tokio::task::spawn_blocking(move || {
+            let restored = store.restore(now);
+            (store, restored)
+        })
+        .await
+        .map_err(|e| StoreError::Db(format!("reading the store stopped: {e}")))?;
+        let restored = restored?;
         let seed = now ^ u64::from(std::process::id()).rotate_left(32);
         let mut core = Core::new(
             self.config.policy.clone(),
