@@ -146,7 +146,8 @@ fn submit_until_acknowledged(via: &Hub, batch: &str, file: &Path) -> Vec<u64> {
             return Err(stderr(&out));
         }
         let v: Value = serde_json::from_str(stdout(&out).trim()).map_err(|e| e.to_string())?;
-        let ids: Vec<u64> = v["tasks"]
+        assert_eq!(v["refused"], 0, "no line of the batch refused: {v}");
+        let ids: Vec<u64> = v["results"]
             .as_array()
             .into_iter()
             .flatten()
