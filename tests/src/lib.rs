@@ -418,7 +418,7 @@ impl Drop for FleetPermit {
 // === Processes ===
 
 /// Environment every daemon and CLI call gets: plain logs, no inherited muster settings.
-fn clean_env(cmd: &mut Command) -> &mut Command {
+pub fn clean_env(cmd: &mut Command) -> &mut Command {
     cmd.env("NO_COLOR", "1")
         .env_remove("CREDENTIALS_DIRECTORY")
         .env_remove("MUSTER_HUB")
@@ -586,6 +586,15 @@ impl Hub {
     /// # Panics
     /// When `init` fails.
     pub fn init() -> Hub {
+        Hub::init_with(|_| Vec::new())
+    }
+
+    /// [`Hub::init`] with more `init` arguments, made from the listen address
+    /// (e.g. `--advertise localhost:PORT`).
+    ///
+    /// # Panics
+    /// When `init` fails.
+    pub fn init_with(extra: impl FnOnce(SocketAddr) -> Vec<String>) -> Hub {
         let permit = FleetPermit::acquire();
         let dir = tempfile::Builder::new()
             .prefix("muster-hub-")
@@ -594,13 +603,15 @@ impl Hub {
         let data = dir.path().join("hub");
         let addr: SocketAddr = ([127, 0, 0, 1], free_udp_port()).into();
         let out = run_bounded(
-            clean_env(&mut Command::new(&bins().hub)).args([
-                "init",
-                "--data-dir",
-                &data.to_string_lossy(),
-                "--listen",
-                &addr.to_string(),
-            ]),
+            clean_env(&mut Command::new(&bins().hub))
+                .args([
+                    "init",
+                    "--data-dir",
+                    &data.to_string_lossy(),
+                    "--listen",
+                    &addr.to_string(),
+                ])
+                .args(extra(addr)),
             CLI_TIMEOUT,
         );
         assert!(
