@@ -530,3 +530,32 @@ fn comments_are_cut_outside_quotes_only() {
     assert_eq!(strip_comment("echo \"a # b\" # c"), "echo \"a # b\"");
     assert_eq!(strip_comment("x#y"), "x#y");
 }
+
+#[test]
+#[should_panic(expected = "does not cover")]
+fn a_command_the_test_does_not_know_fails_it() {
+    let line = prepare(
+        "curl https://example.org/",
+        "localhost",
+        1,
+        Path::new("/tmp/x"),
+    );
+    step(&line);
+}
+
+#[test]
+#[should_panic(expected = "after the substitutions")]
+fn a_real_host_path_left_after_the_substitutions_fails_it() {
+    prepare(
+        "muster-hub serve --data-dir /var/lib/muster/hub &",
+        "localhost",
+        1,
+        Path::new("/tmp/x"),
+    );
+}
+
+#[test]
+fn host_only_lines_and_other_sections_are_left_out() {
+    let readme = "## Quick start on real machines\n\n```sh\nsudo dpkg -i x.deb   # host only: packages\nmuster-hub tasks   # a comment\n```\n\n```toml\nx = 1\n```\n\n## Next\n\n```sh\nmuster-hub agents\n```\n";
+    assert_eq!(section_lines(readme), ["muster-hub tasks   # a comment"]);
+}
