@@ -445,8 +445,14 @@ fn the_readme_quick_start_runs_as_written() {
             }
             Step::SidecarStatus => {
                 let out = stdout(&run(&place, line));
+                let row: Vec<&str> = out
+                    .lines()
+                    .nth(1)
+                    .unwrap_or_default()
+                    .split_whitespace()
+                    .collect();
                 assert!(
-                    out.contains("build-01") && out.contains("connected"),
+                    row.first() == Some(&"build-01") && row.contains(&"connected"),
                     "status shows the agent connected: {out}"
                 );
             }
