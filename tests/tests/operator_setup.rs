@@ -1,8 +1,9 @@
 //! Setting up through the real `muster-hub` binary (issue 18): `login` takes
 //! the role from the token, `init --advertise` and its default decide what
 //! join tokens carry, `init` warns about names other machines may not
-//! resolve, and the hub's log lines carry no colour codes off a terminal and
-//! no timestamp of their own under journald.
+//! resolve, and the hub's log lines carry colour codes only on a terminal
+//! (`script(1)` gives it one) without `NO_COLOR`, and no timestamp of their
+//! own under journald.
 //!
 //! Everything listens on 127.0.0.1 only: the "listens on all addresses"
 //! warning is checked at `init`, which binds nothing.
@@ -327,4 +328,75 @@ fn hub_logs_have_no_colour_off_a_terminal_and_no_own_timestamp_under_journald() 
     // JOURNAL_STREAM inherited but stderr redirected elsewhere: stamped again.
     let (_s, text) = serve_logging(&hub, "redirected.log", Some(false));
     assert!(has_timestamp(&listening(&text)), "{text}");
+}
+
+/// The hub's log on a terminal: `serve` under `script(1)`, which gives it a
+/// pseudo-terminal and copies what it prints to a file; `no_color` sets
+/// `NO_COLOR=1`. Returns the output up to "hub listening".
+fn serve_on_a_terminal(hub: &Hub, name: &str, no_color: bool) -> String {
+    let log = hub.root().join(name);
+    let file = std::fs::File::create(&log).expect("create the log");
+    let inner = format!(
+        "exec '{}' serve --data-dir '{}'",
+        bins().hub.display(),
+        hub.data_dir().display()
+    );
+    let mut cmd = Command::new("script");
+    clean_env(&mut cmd)
+        .args(["-q", "-f", "-e", "-c", &inner, "/dev/null"])
+        .env_remove("NO_COLOR")
+        .env_remove("JOURNAL_STREAM")
+        .env("RUST_LOG", "info");
+    if no_color {
+        cmd.env("NO_COLOR", "1");
+    }
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(file)
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn script");
+    let mut s = Serving { child, log };
+    let text = wait_for(DEADLINE, "the hub listening on a terminal", || {
+        if let Some(st) = s.child.try_wait().ok().flatten() {
+            panic!("script exited ({st})");
+        }
+        let t = std::fs::read_to_string(&s.log).unwrap_or_default();
+        if t.contains("hub listening") {
+            Ok(t)
+        } else {
+            Err(t)
+        }
+    });
+    // The hub runs in a session of its own under script: stop it by its pid.
+    let id = s.child.id();
+    let hub_pid = std::fs::read_to_string(format!("/proc/{id}/task/{id}/children"))
+        .ok()
+        .and_then(|c| c.split_whitespace().next().map(str::to_owned));
+    if let Some(pid) = hub_pid {
+        let _ = Command::new("kill").args(["-KILL", &pid]).status();
+    }
+    drop(s);
+    text
+}
+
+#[test]
+fn hub_logs_are_coloured_on_a_terminal_unless_no_color() {
+    if !muster_tests::tool_available(
+        Command::new("script").arg("--version"),
+        "script(1) gives the hub a terminal (util-linux)",
+    ) {
+        return;
+    }
+    let hub = Hub::init();
+    let text = serve_on_a_terminal(&hub, "tty.log", false);
+    assert!(
+        text.contains("\u{1b}["),
+        "no colour on a terminal: {text:?}"
+    );
+    let text = serve_on_a_terminal(&hub, "tty-no-color.log", true);
+    assert!(
+        !text.contains('\u{1b}'),
+        "colour despite NO_COLOR: {text:?}"
+    );
 }
