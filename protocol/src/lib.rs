@@ -4,7 +4,7 @@
 //! [`codec`] with [`encode`]/[`decode`], [`limits`]), [`framing`]
 //! (length-delimited frames with a size limit), [`tls`] (rustls/quinn builders
 //! shared by both ends) and [`client`], [`http`] (the small `/metrics` endpoint both daemons serve) and
-//! [`join_token`]. Nothing here holds runtime state.
+//! [`join_token`], and [`human`] (tables and times for the command lines). Nothing here holds runtime state.
 //!
 //! Data flow: a peer builds a message from [`msg`] and sends it with a
 //! [`FrameWriter`] (from [`framed`]), which [`encode`]s it as one frame with
@@ -16,6 +16,7 @@ pub mod client;
 pub mod doctor;
 pub mod framing;
 pub mod http;
+pub mod human;
 pub mod join_token;
 pub mod logstyle;
 pub mod procstat;

@@ -419,7 +419,7 @@ impl Drop for FleetPermit {
 // === Processes ===
 
 /// Environment every daemon and CLI call gets: plain logs, no inherited muster settings.
-fn clean_env(cmd: &mut Command) -> &mut Command {
+pub fn clean_env(cmd: &mut Command) -> &mut Command {
     cmd.env("NO_COLOR", "1")
         .env_remove("CREDENTIALS_DIRECTORY")
         .env_remove("MUSTER_HUB")
@@ -587,7 +587,16 @@ impl Hub {
     /// # Panics
     /// When `init` fails.
     pub fn init() -> Hub {
-        Hub::init_with(&[], |_| {})
+        Hub::init_with(|_| Vec::new())
+    }
+
+    /// [`Hub::init`] with more `init` arguments, made from the listen address
+    /// (e.g. `--advertise localhost:PORT`).
+    ///
+    /// # Panics
+    /// When `init` fails.
+    pub fn init_with(extra: impl FnOnce(SocketAddr) -> Vec<String>) -> Hub {
+        Hub::init_prepared(extra, |_| {})
     }
 
     /// A hub on PostgreSQL: `muster-hub init --store URL` (the first hub of a cluster).
@@ -595,7 +604,8 @@ impl Hub {
     /// # Panics
     /// When `init` fails.
     pub fn init_postgres(url: &str) -> Hub {
-        Hub::init_with(&["--store", url], |_| {})
+        let url = url.to_string();
+        Hub::init_with(move |_| vec!["--store".into(), url])
     }
 
     /// A further hub of the cluster `first` leads or serves in: its CA and admin
@@ -605,12 +615,16 @@ impl Hub {
     /// When a copy or `init` fails.
     pub fn join(first: &Hub, url: &str) -> Hub {
         let from = first.data_dir().to_path_buf();
-        Hub::init_with(&["--join", url], move |data| {
-            std::fs::create_dir_all(data).expect("the data directory");
-            for f in ["ca.crt", "ca.key", "admin.crt", "admin.key"] {
-                std::fs::copy(from.join(f), data.join(f)).expect("copying the cluster's PKI");
-            }
-        })
+        let url = url.to_string();
+        Hub::init_prepared(
+            move |_| vec!["--join".into(), url],
+            move |data| {
+                std::fs::create_dir_all(data).expect("the data directory");
+                for f in ["ca.crt", "ca.key", "admin.crt", "admin.key"] {
+                    std::fs::copy(from.join(f), data.join(f)).expect("copying the cluster's PKI");
+                }
+            },
+        )
     }
 
     /// `muster-hub init --data-dir D --listen 127.0.0.1:<free> <extra>`, after
@@ -618,7 +632,10 @@ impl Hub {
     ///
     /// # Panics
     /// When `init` fails.
-    pub fn init_with(extra: &[&str], prepare: impl FnOnce(&Path)) -> Hub {
+    pub fn init_prepared(
+        extra: impl FnOnce(SocketAddr) -> Vec<String>,
+        prepare: impl FnOnce(&Path),
+    ) -> Hub {
         let permit = FleetPermit::acquire();
         let dir = tempfile::Builder::new()
             .prefix("muster-hub-")
@@ -636,7 +653,7 @@ impl Hub {
                     "--listen",
                     &addr.to_string(),
                 ])
-                .args(extra),
+                .args(extra(addr)),
             CLI_TIMEOUT,
         );
         assert!(

@@ -311,6 +311,25 @@ echo "scratch $MUSTER_TASK_ID" > scratch.txt
         &sc.data_dir().to_string_lossy(),
     ]);
     assert!(listed.status.success(), "{}", stderr(&listed));
+    // The same listing for people: a summary line, then a table of the same rows.
+    let v: serde_json::Value = serde_json::from_slice(&listed.stdout).expect("workspaces --json");
+    let rows = v["workspaces"].as_array().map_or(0, Vec::len);
+    let human = sc.cli(&["workspaces", "--data-dir", &sc.data_dir().to_string_lossy()]);
+    assert!(human.status.success(), "{}", stderr(&human));
+    let text = stdout(&human);
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(lines[0].starts_with("mode git"), "{text}");
+    assert!(rows > 0, "the second task's workspace is listed: {v}");
+    assert_eq!(lines.len(), 2 + rows, "{text}");
+    assert!(
+        lines[1].starts_with("TASK") && lines[1].ends_with("DIR"),
+        "{text}"
+    );
+    assert_eq!(
+        lines[1].find("STATE"),
+        lines[2].find("finished").or(lines[2].find("running")),
+        "{text}"
+    );
 }
 
 #[test]

@@ -304,26 +304,7 @@ pub fn sanitize(v: &Value) -> Value {
     walk(v, false)
 }
 
-/// Escapes C0/C1 control characters and the Unicode bidirectional overrides,
-/// which could rewrite what a terminal shows; `keep_lines` keeps `\n` and `\t`.
-pub fn escape_controls(s: &str, keep_lines: bool) -> String {
-    let risky = |c: char| {
-        (c.is_control() && !(keep_lines && matches!(c, '\n' | '\t')))
-            || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
-    };
-    if !s.chars().any(risky) {
-        return s.to_string();
-    }
-    s.chars()
-        .map(|c| {
-            if risky(c) {
-                c.escape_unicode().to_string()
-            } else {
-                c.to_string()
-            }
-        })
-        .collect()
-}
+pub use muster_protocol::human::escape_controls;
 
 /// A commit id cut to 12 hex digits, as people read them.
 fn short(id: &str) -> String {

@@ -179,19 +179,7 @@ fn identities_table(v: &serde_json::Value) -> String {
     out
 }
 
-/// A plain table (no borders: it is read by people and by `grep`/`awk`);
-/// control characters in cells are escaped.
-pub(crate) fn table<const N: usize>(head: &[&str; N], rows: &[[String; N]]) -> String {
-    let mut t = comfy_table::Table::new();
-    t.load_preset(comfy_table::presets::NOTHING)
-        .set_content_arrangement(comfy_table::ContentArrangement::Disabled)
-        .set_header(head.to_vec());
-    for r in rows {
-        t.add_row(r.iter().map(|c| crate::cli::escape_controls(c, false)));
-    }
-    // Each line without the preset's padding at its ends.
-    t.lines().map(|l| l.trim().to_string() + "\n").collect()
-}
+pub(crate) use muster_protocol::human::table;
 
 /// How long until the wall-clock time `at_ms`, in words ("29d 23h", "expired").
 fn until(at_ms: u64) -> String {
@@ -205,19 +193,7 @@ fn until(at_ms: u64) -> String {
     }
 }
 
-/// A span of seconds as a person reads it: the two largest units.
-pub(crate) fn span(secs: u64) -> String {
-    let (d, h, m, s) = (secs / 86_400, secs / 3600 % 24, secs / 60 % 60, secs % 60);
-    match (d, h, m) {
-        (0, 0, 0) => format!("{s}s"),
-        (0, 0, _) if s == 0 => format!("{m}m"),
-        (0, 0, _) => format!("{m}m {s}s"),
-        (0, _, 0) => format!("{h}h"),
-        (0, _, _) => format!("{h}h {m}m"),
-        (_, 0, _) => format!("{d}d"),
-        _ => format!("{d}d {h}h"),
-    }
-}
+pub(crate) use muster_protocol::human::span;
 
 fn usage(message: &str) -> CliError {
     CliError {
@@ -586,33 +562,4 @@ pub(crate) async fn one(
     let v = s.call(req).await;
     s.close().await;
     v
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn spans_read_as_the_two_largest_units() {
-        assert_eq!(span(5), "5s");
-        assert_eq!(span(3262), "54m 22s");
-        assert_eq!(span(3600), "1h");
-        assert_eq!(span(2_590_988), "29d 23h");
-        assert_eq!(span(86_400 * 30), "30d");
-    }
-
-    #[test]
-    fn tables_align_and_escape() {
-        let t = table(
-            &["A", "B"],
-            &[
-                ["x".into(), "y\u{1b}[31m".into()],
-                ["long".into(), "z".into()],
-            ],
-        );
-        assert!(!t.contains('\u{1b}'), "{t}");
-        let lines: Vec<&str> = t.lines().collect();
-        assert_eq!(lines.len(), 3);
-        assert_eq!(lines[0].find('B'), lines[2].find('z'));
-    }
 }

@@ -20,29 +20,63 @@ pub(super) async fn status(json: bool, data_dir: &Path) -> Result<(), Failure> {
     if json {
         println!("{}", a.data);
     } else {
-        let d = &a.data;
-        println!(
-            "{}  hub {}  {}  {}  free slots {}/{}  outbox {}",
-            d["name"].as_str().unwrap_or("?"),
-            d["hub"].as_str().unwrap_or("?"),
-            if d["connected"] == true {
-                "connected"
-            } else {
-                "disconnected"
-            },
-            d["state"].as_str().unwrap_or("?"),
-            d["free_slots"],
-            d["slots"],
-            d["outbox"]
-        );
-        for t in d["tasks"].as_array().into_iter().flatten() {
-            println!(
-                "  task {} gen {} {} {}",
-                t["id"], t["generation"], t["phase"], t["title"]
-            );
-        }
+        print!("{}", status_text(&a.data));
     }
     Ok(())
+}
+
+/// The `status` answer for people: the sidecar in one row, then its tasks.
+fn status_text(d: &serde_json::Value) -> String {
+    use muster_protocol::human::table;
+    let text = |v: &serde_json::Value| match v {
+        serde_json::Value::Null => "-".to_string(),
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    let connection = if d["connected"] == true {
+        "connected"
+    } else {
+        "disconnected"
+    };
+    let mut out = table(
+        &[
+            "AGENT",
+            "HUB",
+            "CONNECTION",
+            "STATE",
+            "FREE SLOTS",
+            "OUTBOX",
+        ],
+        &[[
+            text(&d["name"]),
+            text(&d["hub"]),
+            connection.to_string(),
+            text(&d["state"]),
+            format!("{} of {}", text(&d["free_slots"]), text(&d["slots"])),
+            text(&d["outbox"]),
+        ]],
+    );
+    let rows: Vec<[String; 5]> = d["tasks"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|t| {
+            [
+                text(&t["id"]),
+                text(&t["generation"]),
+                text(&t["phase"]),
+                text(&t["pid"]),
+                text(&t["title"]),
+            ]
+        })
+        .collect();
+    out.push('\n');
+    if rows.is_empty() {
+        out.push_str("no tasks\n");
+    } else {
+        out.push_str(&table(&["TASK", "GEN", "PHASE", "PID", "TITLE"], &rows));
+    }
+    out
 }
 
 /// `whoami`: this agent's name and hub, and the task variables in the environment.
@@ -194,4 +228,38 @@ pub(super) async fn task(command: TaskCommand, task_file: Option<&Path>) -> Resu
         eprintln!("{}", a.message);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_is_two_tables_with_titles_escaped() {
+        let d = serde_json::json!({
+            "name": "build-01", "hub": "hub.example.net:7440", "connected": true,
+            "state": "ready", "slots": 2, "free_slots": 1, "outbox": 0,
+            "tasks": [{"id": 7, "generation": 2, "phase": "running", "pid": 4321,
+                       "title": "fix\u{1b}[2J the build"}],
+        });
+        let t = status_text(&d);
+        assert!(!t.contains('\u{1b}'), "{t}");
+        let lines: Vec<&str> = t.lines().collect();
+        assert!(lines[0].starts_with("AGENT"), "{t}");
+        assert!(
+            lines[1].contains("connected") && lines[1].contains("1 of 2"),
+            "{t}"
+        );
+        assert!(lines[3].starts_with("TASK"), "{t}");
+        assert!(
+            lines[4].starts_with('7') && lines[4].contains("running"),
+            "{t}"
+        );
+        assert_eq!(lines[3].find("PHASE"), lines[4].find("running"), "{t}");
+        let idle = status_text(&serde_json::json!({"connected": false, "tasks": []}));
+        assert!(
+            idle.contains("disconnected") && idle.contains("no tasks"),
+            "{idle}"
+        );
+    }
 }

@@ -40,7 +40,7 @@ pub(super) async fn workspaces(
     println!(
         "mode {}  root {}  {} in {} workspaces (max_disk {})  mirrors {}",
         c.mode.as_str(),
-        ws.root().display(),
+        muster_protocol::human::escape_controls(&ws.root().display().to_string(), false),
         human_bytes(usage.workspaces),
         usage.count,
         human_bytes(c.max_disk),
@@ -49,36 +49,36 @@ pub(super) async fn workspaces(
     if list.is_empty() {
         return Ok(());
     }
-    println!(
-        "{:>8} {:>4}  {:<8} {:>10}  {:<9} {:<14} DIR",
-        "TASK", "GEN", "STATE", "SIZE", "FINISHED", "BRANCH"
-    );
     let now = wall_ms();
-    for w in &list {
-        println!("{}", row(w, now));
-    }
+    let rows: Vec<[String; 7]> = list.iter().map(|w| row(w, now)).collect();
+    print!(
+        "{}",
+        muster_protocol::human::table(
+            &["TASK", "GEN", "STATE", "SIZE", "FINISHED", "BRANCH", "DIR"],
+            &rows
+        )
+    );
     Ok(())
 }
 
-fn row(w: &WorkspaceInfo, now_ms: u64) -> String {
+/// One workspace as a table row.
+fn row(w: &WorkspaceInfo, now_ms: u64) -> [String; 7] {
     let state = match w.state {
         WorkspaceState::Running => "running",
         WorkspaceState::Finished => "finished",
     };
-    let finished = w.finished_at_ms.map_or_else(
-        || "-".to_string(),
-        |at| format!("{} ago", ago(now_ms.saturating_sub(at))),
-    );
-    format!(
-        "{:>8} {:>4}  {:<8} {:>10}  {:<9} {:<14} {}",
-        w.task.0,
-        w.generation.0,
-        state,
+    [
+        w.task.0.to_string(),
+        w.generation.0.to_string(),
+        state.to_string(),
         human_bytes(w.bytes),
-        finished,
-        w.branch.as_deref().unwrap_or("-"),
-        w.dir.display()
-    )
+        w.finished_at_ms.map_or_else(
+            || "-".to_string(),
+            |at| muster_protocol::human::ago(at, now_ms),
+        ),
+        w.branch.as_deref().unwrap_or("-").to_string(),
+        w.dir.display().to_string(),
+    ]
 }
 
 /// A size for people: "512 B", "12.0 KiB", "3.4 GiB".
@@ -96,17 +96,6 @@ pub(super) fn human_bytes(bytes: u64) -> String {
     format!("{value:.1} {}", UNITS[unit])
 }
 
-/// An age in its largest whole unit: "45s", "12m", "5h", "3d".
-fn ago(ms: u64) -> String {
-    let s = ms / 1000;
-    match s {
-        0..60 => format!("{s}s"),
-        60..3600 => format!("{}m", s / 60),
-        3600..86_400 => format!("{}h", s / 3600),
-        _ => format!("{}d", s / 86_400),
-    }
-}
-
 fn wall_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -118,12 +107,33 @@ mod tests {
     use super::*;
 
     #[test]
-    fn sizes_and_ages_for_people() {
+    fn rows_say_size_and_age_for_people() {
+        let w = WorkspaceInfo {
+            task: muster_protocol::TaskId(41),
+            generation: muster_protocol::Generation(2),
+            dir: PathBuf::from("/var/lib/muster-sidecar/workspaces/41-2"),
+            kind: crate::workspace::WorkspaceKind::Git,
+            repo: None,
+            branch: Some("muster/41\u{1b}[2J".into()),
+            state: WorkspaceState::Finished,
+            finished_at_ms: Some(1_000),
+            bytes: 12 * 1024,
+        };
+        let r = row(&w, 3_601_000);
+        assert_eq!(r[0], "41");
+        assert_eq!(r[3], "12.0 KiB");
+        assert_eq!(r[4], "1h ago");
+        let t = muster_protocol::human::table(
+            &["TASK", "GEN", "STATE", "SIZE", "FINISHED", "BRANCH", "DIR"],
+            &[r],
+        );
+        assert!(!t.contains('\u{1b}'), "{t}");
+    }
+
+    #[test]
+    fn sizes_for_people() {
         assert_eq!(human_bytes(512), "512 B");
         assert_eq!(human_bytes(12 * 1024), "12.0 KiB");
         assert_eq!(human_bytes(20 << 30), "20.0 GiB");
-        assert_eq!(ago(59_999), "59s");
-        assert_eq!(ago(3_600_000), "1h");
-        assert_eq!(ago(3 * 86_400_000), "3d");
     }
 }
