@@ -394,7 +394,7 @@ pub async fn serve(
     });
     let mut ready = false;
     let result = loop {
-        let standby = match bind_standby(&data_dir, hub.listen, &leader_rx).await {
+        let standby = match bind_standby(&data_dir, hub.listen, hub.http_listen, &leader_rx).await {
             Ok(s) => s,
             Err(e) => break Err(e),
         };
@@ -494,11 +494,12 @@ pub async fn serve(
 async fn bind_standby(
     data_dir: &std::path::Path,
     listen: std::net::SocketAddr,
+    http_listen: Option<std::net::SocketAddr>,
     leader: &watch::Receiver<Option<String>>,
 ) -> Result<crate::server::Standby, String> {
     let mut tries = 0;
     loop {
-        match crate::server::Standby::start(data_dir, listen, leader.clone()) {
+        match crate::server::Standby::start(data_dir, listen, http_listen, leader.clone()).await {
             Ok(s) => return Ok(s),
             Err(e) if tries < 20 => {
                 tries += 1;

@@ -26,11 +26,43 @@ const LEASE: Duration = Duration::from_secs(2);
 /// How long the whole fleet may take to finish the storm's tasks.
 const ALL_DONE: Duration = Duration::from_secs(180);
 
-/// A hub of the cluster on `db`: lease [`LEASE`], one-second heartbeats.
+/// A hub of the cluster on `db`: lease [`LEASE`], one-second heartbeats,
+/// health and metrics on a loopback port ([`http_port`]).
 fn member(hub: Hub) -> Hub {
     set_toml_key(&hub.config_path(), "store", "lease", "\"2s\"");
     hub.set_policy("heartbeat_interval", "\"1s\"");
+    let http = format!("\"127.0.0.1:{}\"", muster_tests::free_tcp_port());
+    set_toml_key(&hub.config_path(), "", "http_listen", &http);
     hub
+}
+
+/// The port of `hub`'s `http_listen`.
+fn http_port(hub: &Hub) -> u16 {
+    let text = std::fs::read_to_string(hub.config_path()).expect("hub.toml");
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("http_listen"))
+        .expect("http_listen is set");
+    line.trim_end_matches('"')
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("a port")
+}
+
+/// `GET http://127.0.0.1:<port><path>`: status and body.
+fn http_get(port: u16, path: &str) -> (u16, String) {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(10)))
+        .build()
+        .into();
+    let mut res = agent
+        .get(&format!("http://127.0.0.1:{port}{path}"))
+        .call()
+        .expect("an HTTP answer");
+    let status = res.status().as_u16();
+    (status, res.body_mut().read_to_string().unwrap_or_default())
 }
 
 /// Three hubs on one database, started; the first leads.
@@ -173,6 +205,18 @@ fn kill9_of_the_leader_during_a_storm_loses_and_repeats_nothing() {
     let s = status(&hubs[2]);
     assert_eq!(s["hubs"].as_array().map(Vec::len), Some(3), "{s}");
     let term_before = s["term"].as_u64().expect("a term");
+    // A standby is live but not ready, names the leader, and says in its
+    // metrics that it does not lead; the leader is ready.
+    let (code, body) = http_get(http_port(&hubs[1]), "/readyz");
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains(&hubs[0].addr().to_string()), "{body}");
+    assert_eq!(http_get(http_port(&hubs[1]), "/livez").0, 200);
+    assert!(
+        http_get(http_port(&hubs[1]), "/metrics")
+            .1
+            .contains("muster_cluster_leader 0")
+    );
+    assert_eq!(http_get(http_port(&hubs[0]), "/readyz").0, 200);
 
     let dir = tempfile::tempdir().expect("a directory");
     let runs = dir.path().join("runs.log");
@@ -224,6 +268,15 @@ fn kill9_of_the_leader_during_a_storm_loses_and_repeats_nothing() {
     );
     let s = status(&hubs[1]);
     assert!(s["term"].as_u64() > Some(term_before), "a new term: {s}");
+    let new = leader_index(&hubs, &hubs[1]).expect("a leader");
+    wait_for(
+        Duration::from_secs(10),
+        "the new leader ready",
+        || match http_get(http_port(&hubs[new]), "/readyz") {
+            (200, _) => Ok(()),
+            other => Err(format!("{other:?}")),
+        },
+    );
 
     // Every acknowledged task completes, each agent started once.
     let acknowledged = acknowledged.lock().expect("ids").clone();

@@ -31,6 +31,7 @@ pub struct Standby {
     pub addr: SocketAddr,
     endpoint: quinn::Endpoint,
     accept: tokio::task::JoinHandle<()>,
+    http: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Standby {
@@ -38,9 +39,10 @@ impl Standby {
     ///
     /// # Errors
     /// [`StartError`] when the PKI cannot be loaded or the port bound.
-    pub fn start(
+    pub async fn start(
         data_dir: &Path,
         listen: SocketAddr,
+        http_listen: Option<SocketAddr>,
         leader: watch::Receiver<Option<String>>,
     ) -> Result<Standby, StartError> {
         let pki = Pki::load(data_dir)?;
@@ -56,18 +58,37 @@ impl Standby {
         let reset_key = load_reset_key(data_dir).map_err(bind_err)?;
         let endpoint = bind_endpoint(server_cfg, reset_key, listen).map_err(bind_err)?;
         let addr = endpoint.local_addr().map_err(bind_err)?;
+        let http = match http_listen {
+            Some(at) => {
+                match muster_protocol::http::serve(at, http_handler(leader.clone())).await {
+                    Ok(h) => Some(h),
+                    Err(e) => {
+                        endpoint.close(CLOSE_NOT_LEADER.into(), b"standby stopping");
+                        return Err(StartError::Bind {
+                            addr: at,
+                            source: std::io::Error::other(e),
+                        });
+                    }
+                }
+            }
+            None => None,
+        };
         let accept = tokio::spawn(accept_loop(endpoint.clone(), leader));
         info!(%addr, "standby: answering with the leader's address");
         Ok(Standby {
             addr,
             endpoint,
             accept,
+            http,
         })
     }
 
     /// Stops answering and frees the port (the leader binds it next).
     pub async fn stop(self) {
         self.accept.abort();
+        if let Some(h) = &self.http {
+            h.abort();
+        }
         self.endpoint
             .close(CLOSE_NOT_LEADER.into(), b"standby stopping");
         let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
@@ -121,4 +142,37 @@ async fn answer(conn: quinn::Connection, leader: watch::Receiver<Option<String>>
     }
     let reason = named.unwrap_or_default();
     conn.close(CLOSE_NOT_LEADER.into(), reason.as_bytes());
+}
+
+/// A standby's `/livez` (it is live), `/readyz` and `/healthz` (not ready:
+/// it serves nothing; the body names the leader) and `/metrics` (one gauge
+/// saying it does not lead, so a scrape of every hub finds the leader).
+fn http_handler(leader: watch::Receiver<Option<String>>) -> muster_protocol::http::Handler {
+    use muster_protocol::http::{PROMETHEUS, TEXT};
+    Arc::new(move |path: String| {
+        let named = leader.borrow().clone();
+        Box::pin(async move {
+            let who = named.map_or_else(
+                || "no leader is elected yet".to_string(),
+                |l| format!("the leader is {l}"),
+            );
+            match path.as_str() {
+                "/livez" => (200, TEXT, "ok: standby\n".into()),
+                "/readyz" | "/healthz" => (503, TEXT, format!("not ready: a standby; {who}\n")),
+                "/metrics" => (
+                    200,
+                    PROMETHEUS,
+                    "# HELP muster_cluster_leader Whether this hub leads its cluster.\n\
+                     # TYPE muster_cluster_leader gauge\n\
+                     muster_cluster_leader 0\n"
+                        .into(),
+                ),
+                _ => (
+                    404,
+                    TEXT,
+                    "not found: try /livez, /readyz or /metrics\n".into(),
+                ),
+            }
+        })
+    })
 }
