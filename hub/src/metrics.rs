@@ -46,6 +46,8 @@ pub struct HubMetrics {
     pub group: Histogram,
     /// Commits made.
     pub commits: Counter,
+    /// 1: this hub serves (a standby answers 0 from its own endpoint).
+    leader: Gauge,
 }
 
 impl Default for HubMetrics {
@@ -73,8 +75,10 @@ impl Default for HubMetrics {
             commit: Histogram::new(exponential_buckets(0.00005, 2.0, 18)),
             group: Histogram::new(exponential_buckets(1.0, 2.0, 14)),
             commits: Counter::default(),
+            leader: Gauge::default(),
             registry: Registry::default(),
         };
+        m.leader.set(1);
         m.process.register(&mut root);
         let registry = root.sub_registry_with_prefix("muster");
         muster_protocol::procstat::register_build_info(registry, env!("CARGO_PKG_VERSION"));
@@ -92,6 +96,11 @@ impl Default for HubMetrics {
             "enrollments",
             "Enrollments since the hub started, by result (enrolled, refused)",
             m.enrollments.clone(),
+        );
+        registry.register(
+            "cluster_leader",
+            "Whether this hub leads its cluster (a hub on redb always does)",
+            m.leader.clone(),
         );
         registry.register("tasks", "Live tasks by state", m.tasks.clone());
         registry.register(

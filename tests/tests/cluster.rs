@@ -217,6 +217,11 @@ fn kill9_of_the_leader_during_a_storm_loses_and_repeats_nothing() {
             .contains("muster_cluster_leader 0")
     );
     assert_eq!(http_get(http_port(&hubs[0]), "/readyz").0, 200);
+    assert!(
+        http_get(http_port(&hubs[0]), "/metrics")
+            .1
+            .contains("muster_cluster_leader 1")
+    );
 
     let dir = tempfile::tempdir().expect("a directory");
     let runs = dir.path().join("runs.log");
