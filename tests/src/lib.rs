@@ -572,6 +572,9 @@ pub fn tail(s: &str, max: usize) -> &str {
 #[derive(Debug)]
 pub struct Hub {
     daemon: Daemon,
+    /// The PostgreSQL database of a hub on PostgreSQL; dropped (after the
+    /// daemon, so after its process is killed) with the hub.
+    _db: Option<muster_hub::store::testdb::TestDb>,
     addr: SocketAddr,
     data: PathBuf,
     started_once: bool,
@@ -586,6 +589,21 @@ impl Hub {
     /// # Panics
     /// When `init` fails.
     pub fn init() -> Hub {
+        Hub::init_on(None)
+    }
+
+    /// [`Hub::init`] of a hub keeping its state in a fresh PostgreSQL database
+    /// (`[store] kind = "postgres"`), dropped with the hub. `None` when no
+    /// test server is set (`MUSTER_TEST_PG_URL`): then, outside CI, the
+    /// test prints `SKIPPED: …` and should return.
+    ///
+    /// # Panics
+    /// When `init` fails, or under `CI=true` without a test server.
+    pub fn init_postgres() -> Option<Hub> {
+        muster_hub::store::testdb::TestDb::create().map(|db| Hub::init_on(Some(db)))
+    }
+
+    fn init_on(db: Option<muster_hub::store::testdb::TestDb>) -> Hub {
         let permit = FleetPermit::acquire();
         let dir = tempfile::Builder::new()
             .prefix("muster-hub-")
@@ -593,16 +611,18 @@ impl Hub {
             .expect("a temporary directory");
         let data = dir.path().join("hub");
         let addr: SocketAddr = ([127, 0, 0, 1], free_udp_port()).into();
-        let out = run_bounded(
-            clean_env(&mut Command::new(&bins().hub)).args([
-                "init",
-                "--data-dir",
-                &data.to_string_lossy(),
-                "--listen",
-                &addr.to_string(),
-            ]),
-            CLI_TIMEOUT,
-        );
+        let mut init = Command::new(&bins().hub);
+        clean_env(&mut init).args([
+            "init",
+            "--data-dir",
+            &data.to_string_lossy(),
+            "--listen",
+            &addr.to_string(),
+        ]);
+        if let Some(db) = &db {
+            init.args(["--store", db.url()]);
+        }
+        let out = run_bounded(&mut init, CLI_TIMEOUT);
         assert!(
             out.status.success(),
             "muster-hub init failed ({}): {}",
@@ -611,6 +631,7 @@ impl Hub {
         );
         Hub {
             daemon: Daemon::new(dir.path().join("hub.log")),
+            _db: db,
             addr,
             data,
             started_once: false,

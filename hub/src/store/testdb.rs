@@ -13,6 +13,7 @@ pub const TEST_PG_URL: &str = "MUSTER_TEST_PG_URL";
 const ADMIN_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A database `muster_t_<random>` on the test server, dropped when this drops.
+#[derive(Debug)]
 pub struct TestDb {
     base: String,
     name: String,
