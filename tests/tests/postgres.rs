@@ -75,3 +75,67 @@ fn a_hub_on_postgres_runs_a_task_and_keeps_it_across_a_restart() {
     let n = listed["tasks"].as_array().map_or(0, Vec::len);
     assert_eq!(n, 2, "{listed}");
 }
+
+/// `migrate --check` on both kinds, then `store copy` from a redb hub into a
+/// fresh database, which the hub then serves from.
+#[test]
+fn migrate_check_and_store_copy_move_a_redb_hub_to_postgres() {
+    let Some(db) = muster_hub::store::testdb::TestDb::create() else {
+        return;
+    };
+    let mut hub = Hub::init();
+    hub.start();
+    let ids: Vec<u64> = (0..3)
+        .map(|i| {
+            submit(
+                &hub,
+                &format!("to copy {i}"),
+                &["--key", &format!("copy-{i}")],
+            )
+        })
+        .collect();
+    hub.stop();
+    let ok = |args: &[&str]| {
+        let out = hub.cli(args);
+        assert!(
+            out.status.success(),
+            "{args:?} exited {}: {}{}",
+            out.status,
+            stdout(&out),
+            stderr(&out)
+        );
+        stdout(&out)
+    };
+    let refused = |args: &[&str], why: &str| {
+        let out = hub.cli(args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {}", stderr(&out));
+        assert!(stderr(&out).contains(why), "{args:?}: {}", stderr(&out));
+    };
+    assert!(ok(&["migrate", "--check"]).contains("current"));
+    muster_tests::set_toml_key(
+        &hub.config_path(),
+        "store",
+        "url",
+        &format!("\"{}\"", db.url()),
+    );
+    muster_tests::set_toml_key(&hub.config_path(), "store", "kind", "\"postgres\"");
+    refused(&["migrate", "--check"], "no schema yet");
+    let copied = ok(&["store", "copy", "--from", "redb", "--to", "postgres"]);
+    assert!(copied.contains("copied 3 tasks"), "{copied}");
+    assert!(ok(&["migrate", "--check"]).contains("current"));
+    refused(
+        &["store", "copy", "--from", "redb", "--to", "postgres"],
+        "empty database only",
+    );
+    db.execute("UPDATE muster.meta SET value = 99 WHERE key = 'schema_version'")
+        .expect("update");
+    refused(&["migrate", "--check"], "newer than this build's");
+    db.execute("UPDATE muster.meta SET value = 1 WHERE key = 'schema_version'")
+        .expect("update");
+    hub.start();
+    for id in &ids {
+        assert_eq!(show(&hub, *id)["state"], "queued");
+    }
+    let again = submit(&hub, "to copy 1", &["--key", "copy-1"]);
+    assert_eq!(again, ids[1], "the idempotency keys came along");
+}

@@ -1,7 +1,7 @@
 //! Runs one parsed command: the small ones inline, the rest in their modules.
 
 use crate::cli::args::{
-    AgentCommand, Command, IdentityCommand, TaskCommand, TokenCommand, TokenKind,
+    AgentCommand, Command, IdentityCommand, StoreCommand, TaskCommand, TokenCommand, TokenKind,
 };
 use crate::cli::daemon::{init, serve};
 use crate::cli::doctor::doctor;
@@ -559,6 +559,24 @@ pub(crate) async fn run(command: Command) -> Result<(), CliError> {
             Ok(())
         }
         Command::Doctor { json, connect } => doctor(&connect, json).await,
+        Command::Migrate {
+            check,
+            config,
+            data_dir,
+        } => tokio::task::block_in_place(|| {
+            crate::cli::storecmd::migrate(check, config.as_deref(), &data_dir)
+        }),
+        Command::Store {
+            command:
+                StoreCommand::Copy {
+                    from: _,
+                    to: _,
+                    config,
+                    data_dir,
+                },
+        } => {
+            tokio::task::block_in_place(|| crate::cli::storecmd::copy(config.as_deref(), &data_dir))
+        }
         Command::Completions { .. } | Command::Man { .. } => Ok(()),
         Command::Demo { tasks, keep } => crate::demo::run(tasks, keep).await,
     }
