@@ -738,18 +738,6 @@ impl PgStore {
         run(&self.handle, async { tx.commit().await.map_err(pg) })?;
         Ok(counts)
     }
-
-    /// A reader connection: an idle one, else a new one.
-    fn reader_client(&self) -> Result<Client, StoreError> {
-        loop {
-            let idle = lock(&self.readers).pop();
-            match idle {
-                Some(c) if c.is_closed() => continue,
-                Some(c) => return Ok(c),
-                None => return connect(&self.handle, &self.config),
-            }
-        }
-    }
 }
 
 impl Backend for PgStore {
@@ -947,16 +935,12 @@ impl Backend for PgStore {
     }
 
     fn reader(&self) -> Result<Box<dyn Snapshot>, StoreError> {
-        let client = self.reader_client()?;
-        run(&self.handle, async {
-            client
-                .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
-                .await
-                .map_err(pg)
-        })?;
+        // The connection and its transaction are taken at the first read: the
+        // core opens a reader for every batch, and most batches read nothing.
         Ok(Box::new(PgSnapshot {
             handle: self.handle.clone(),
-            client: Some(client),
+            config: self.config.clone(),
+            client: std::cell::OnceCell::new(),
             pool: Arc::clone(&self.readers),
         }))
     }
@@ -999,8 +983,9 @@ fn text(table: &'static str, raw: &[u8]) -> Result<String, StoreError> {
 /// a reader connection, rolled back when the snapshot drops.
 struct PgSnapshot {
     handle: Handle,
-    /// `Some` until drop.
-    client: Option<Client>,
+    config: tokio_postgres::Config,
+    /// Set at the first read, with its transaction begun.
+    client: std::cell::OnceCell<Client>,
     pool: Arc<Mutex<Vec<Client>>>,
 }
 
@@ -1022,10 +1007,27 @@ impl Drop for PgSnapshot {
 }
 
 impl PgSnapshot {
+    /// The snapshot's connection: at the first call an idle reader connection
+    /// (else a new one) with `REPEATABLE READ READ ONLY` begun on it.
     fn client(&self) -> Result<&Client, StoreError> {
-        self.client
-            .as_ref()
-            .ok_or_else(|| StoreError::Db("the snapshot has ended".into()))
+        if let Some(c) = self.client.get() {
+            return Ok(c);
+        }
+        let client = loop {
+            let idle = lock(&self.pool).pop();
+            match idle {
+                Some(c) if c.is_closed() => continue,
+                Some(c) => break c,
+                None => break connect(&self.handle, &self.config)?,
+            }
+        };
+        run(&self.handle, async {
+            client
+                .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                .await
+                .map_err(pg)
+        })?;
+        Ok(self.client.get_or_init(|| client))
     }
 
     /// The `rec` column (the first) of every row `sql` gives, decoded.
