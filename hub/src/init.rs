@@ -19,6 +19,9 @@ pub fn init_data_dir(dir: &Path, config: &HubConfig, sans: &[String]) -> Result<
     // Task text and keys live here: group may read (a backup user), others nothing.
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o750))
         .map_err(|e| format!("{}: {e}", dir.display()))?;
+    // The store first: a database that refuses (it holds another hub's
+    // state) must leave no CA behind to be mistaken for the cluster's.
+    let store = open_new_store(dir, config)?;
     let (pki, admin) = Pki::create(dir, sans).map_err(|e| e.to_string())?;
     crate::pki::write_file(
         &dir.join(crate::config::CONFIG_FILE),
@@ -26,7 +29,6 @@ pub fn init_data_dir(dir: &Path, config: &HubConfig, sans: &[String]) -> Result<
         0o644,
     )
     .map_err(|e| e.to_string())?;
-    let store = open_new_store(dir, config)?;
     let key_fp = x509_key_fp(&admin.cert_pem).unwrap_or_default();
     let id = crate::core::Identity {
         name: "admin".into(),
@@ -59,6 +61,15 @@ fn open_new_store(dir: &Path, config: &HubConfig) -> Result<Store, String> {
             let store =
                 Store::open_postgres(&opts).map_err(|e| format!("{e} (store url {})", opts.url))?;
             if let Some(pg) = store.postgres() {
+                // A second `init --store` on a cluster's database would make a
+                // second CA and fence the serving leader: a further hub joins.
+                if !pg.is_empty().map_err(|e| e.to_string())? {
+                    return Err(format!(
+                        "the database at {} already holds a hub's state; to add this hub to that cluster, copy ca.crt, ca.key, admin.crt and admin.key from the first hub's data directory and run `muster-hub init --join {}`",
+                        opts.url, opts.url
+                    ));
+                }
+                // The first hub writes its admin identity under a term of its own.
                 pg.take_term(&crate::server::hostname(), "")
                     .map_err(|e| e.to_string())?;
             }

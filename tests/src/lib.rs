@@ -573,6 +573,9 @@ pub fn tail(s: &str, max: usize) -> &str {
 #[derive(Debug)]
 pub struct Hub {
     daemon: Daemon,
+    /// The PostgreSQL database of a hub on PostgreSQL; dropped (after the
+    /// daemon, so after its process is killed) with the hub.
+    _db: Option<muster_hub::store::testdb::TestDb>,
     addr: SocketAddr,
     data: PathBuf,
     started_once: bool,
@@ -596,14 +599,29 @@ impl Hub {
     /// # Panics
     /// When `init` fails.
     pub fn init_with(extra: impl FnOnce(SocketAddr) -> Vec<String>) -> Hub {
-        Hub::init_prepared(extra, |_| {})
+        Hub::init_prepared(extra, |_| {}, None)
     }
 
-    /// A hub on PostgreSQL: `muster-hub init --store URL` (the first hub of a cluster).
+    /// [`Hub::init`] of a hub keeping its state in a fresh PostgreSQL database
+    /// (`[store] kind = "postgres"`), dropped with the hub. `None` when no
+    /// test server is set (`MUSTER_TEST_PG_URL`): then, outside CI, the
+    /// test prints `SKIPPED: …` and should return.
+    ///
+    /// # Panics
+    /// When `init` fails, or under `CI=true` without a test server.
+    pub fn init_postgres() -> Option<Hub> {
+        muster_hub::store::testdb::TestDb::create().map(|db| {
+            let url = db.url().to_string();
+            Hub::init_prepared(move |_| vec!["--store".into(), url], |_| {}, Some(db))
+        })
+    }
+
+    /// The first hub of a cluster on the database at `url` (which the caller
+    /// owns): `muster-hub init --store URL`.
     ///
     /// # Panics
     /// When `init` fails.
-    pub fn init_postgres(url: &str) -> Hub {
+    pub fn init_store(url: &str) -> Hub {
         let url = url.to_string();
         Hub::init_with(move |_| vec!["--store".into(), url])
     }
@@ -624,17 +642,19 @@ impl Hub {
                     std::fs::copy(from.join(f), data.join(f)).expect("copying the cluster's PKI");
                 }
             },
+            None,
         )
     }
 
     /// `muster-hub init --data-dir D --listen 127.0.0.1:<free> <extra>`, after
-    /// `prepare(D)`; not started.
+    /// `prepare(D)`; not started. `db` is dropped with the hub.
     ///
     /// # Panics
     /// When `init` fails.
     pub fn init_prepared(
         extra: impl FnOnce(SocketAddr) -> Vec<String>,
         prepare: impl FnOnce(&Path),
+        db: Option<muster_hub::store::testdb::TestDb>,
     ) -> Hub {
         let permit = FleetPermit::acquire();
         let dir = tempfile::Builder::new()
@@ -664,6 +684,7 @@ impl Hub {
         );
         Hub {
             daemon: Daemon::new(dir.path().join("hub.log")),
+            _db: db,
             addr,
             data,
             started_once: false,

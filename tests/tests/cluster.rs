@@ -67,7 +67,7 @@ fn http_get(port: u16, path: &str) -> (u16, String) {
 
 /// Three hubs on one database, started; the first leads.
 fn cluster(db: &TestDb) -> Vec<Hub> {
-    let mut a = member(Hub::init_postgres(db.url()));
+    let mut a = member(Hub::init_store(db.url()));
     a.start();
     let mut hubs = vec![a];
     for _ in 0..2 {
@@ -391,7 +391,7 @@ fn a_leader_stopped_past_its_lease_is_fenced_by_the_term_and_steps_down() {
 fn a_database_restart_under_the_leader_loses_nothing() {
     let Some(pg) = PgServer::start() else { return };
     let url = pg.url();
-    let mut a = member(Hub::init_postgres(&url));
+    let mut a = member(Hub::init_store(&url));
     a.start();
     let mut b = member(Hub::join(&a, &url));
     b.start();
@@ -447,4 +447,41 @@ fn signal(pid: u32, sig: &str) {
         .status()
         .is_ok_and(|s| s.success());
     assert!(ok, "kill -{sig} {pid}");
+}
+
+#[test]
+fn init_refuses_a_second_cluster_on_a_database_and_a_join_without_the_pki() {
+    let Some(db) = TestDb::create() else { return };
+    let _first = Hub::init_store(db.url());
+    let dir = tempfile::tempdir().expect("a directory");
+    let init = |data: &Path, args: &[&str]| {
+        let port = muster_tests::free_udp_port().to_string();
+        let listen = format!("127.0.0.1:{port}");
+        muster_tests::run_bounded(
+            Command::new(&muster_tests::bins().hub)
+                .args([
+                    "init",
+                    "--data-dir",
+                    &data.to_string_lossy(),
+                    "--listen",
+                    &listen,
+                ])
+                .args(args),
+            Duration::from_secs(60),
+        )
+    };
+    // A second `init --store` would make a second CA and fence the leader.
+    let second = dir.path().join("second");
+    let out = init(&second, &["--store", db.url()]);
+    assert!(!out.status.success(), "refused");
+    assert!(stderr(&out).contains("--join"), "{}", stderr(&out));
+    assert!(!second.join("ca.key").exists(), "no CA left behind");
+    // `--join` names the files it needs when they were not copied.
+    let third = dir.path().join("third");
+    std::fs::create_dir_all(&third).expect("dir");
+    let out = init(&third, &["--join", db.url()]);
+    assert!(!out.status.success(), "refused");
+    for f in ["ca.crt", "ca.key", "admin.crt", "admin.key"] {
+        assert!(stderr(&out).contains(f), "names {f}: {}", stderr(&out));
+    }
 }

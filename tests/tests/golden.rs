@@ -55,7 +55,7 @@ const BLESS: &str = "MUSTER_BLESS=1 cargo test -p muster-tests --test golden";
 enum Format {
     /// Frames on a `muster/1` or `muster-enroll/1` stream.
     Wire,
-    /// Values in the hub's redb (`hub/src/store.rs`).
+    /// Values in the hub's redb (`hub/src/store/redb.rs`).
     HubStore,
     /// Values in the sidecar's redb (`sidecar/src/queue.rs`).
     SidecarQueue,
@@ -90,8 +90,8 @@ impl Format {
             }
             Format::HubStore => {
                 "a stored-format change of the hub's redb: this build can no longer read what the \
-                 previous one wrote. Bump SCHEMA_VERSION in hub/src/store.rs and migrate the old \
-                 records on open (see `migrate_v1` there and ARCHITECTURE.md, \"Formats and versions\")"
+                 previous one wrote. Bump SCHEMA_VERSION in hub/src/store/mod.rs and migrate the old \
+                 records on open (see `migrate_v1` in hub/src/store/redb.rs and ARCHITECTURE.md, \"Formats and versions\")"
             }
             Format::SidecarQueue => {
                 "a stored-format change of the sidecar's redb: this build can no longer read what the \

@@ -272,6 +272,27 @@ pub(crate) enum Command {
         /// The directory to write them into.
         dir: PathBuf,
     },
+    /// Check whether the store's schema is this build's (--check), or create
+    /// and migrate it now (what `serve` does at start).
+    ///
+    /// Example: muster-hub migrate --check --data-dir /var/lib/muster-hub
+    Migrate {
+        /// Only check: exit 0 when the schema is current, 1 with a sentence when
+        /// a migration is pending or the schema is newer than this build.
+        #[arg(long)]
+        check: bool,
+        /// hub.toml to use (default: <data-dir>/hub.toml).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// The data directory.
+        #[arg(long, default_value = crate::cli::DEFAULT_DATA_DIR)]
+        data_dir: PathBuf,
+    },
+    /// Move a hub's state between stores.
+    Store {
+        #[command(subcommand)]
+        command: StoreCommand,
+    },
     /// Check the hub's configuration, files and that it answers.
     ///
     /// Example: muster-hub doctor --data-dir /var/lib/muster-hub
@@ -303,6 +324,43 @@ pub(crate) enum ClusterCommand {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Subcommand)]
+pub(crate) enum StoreCommand {
+    /// Copy every table of the data directory's redb file into the PostgreSQL
+    /// database hub.toml's [store] url names, in one transaction; the target
+    /// must hold no hub state. Stop the hub first.
+    ///
+    /// Example: muster-hub store copy --from redb --to postgres --data-dir /var/lib/muster-hub
+    Copy {
+        /// The source store.
+        #[arg(long, value_enum)]
+        from: CopyFrom,
+        /// The target store.
+        #[arg(long, value_enum)]
+        to: CopyTo,
+        /// hub.toml to use (default: <data-dir>/hub.toml).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// The data directory holding hub.redb.
+        #[arg(long, default_value = crate::cli::DEFAULT_DATA_DIR)]
+        data_dir: PathBuf,
+    },
+}
+
+/// Where `store copy` reads.
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub(crate) enum CopyFrom {
+    /// The redb file in the data directory.
+    Redb,
+}
+
+/// Where `store copy` writes.
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub(crate) enum CopyTo {
+    /// The PostgreSQL database of hub.toml's [store] url.
+    Postgres,
 }
 
 #[derive(Subcommand)]

@@ -1,7 +1,8 @@
 //! Runs one parsed command: the small ones inline, the rest in their modules.
 
 use crate::cli::args::{
-    AgentCommand, ClusterCommand, Command, IdentityCommand, TaskCommand, TokenCommand, TokenKind,
+    AgentCommand, ClusterCommand, Command, IdentityCommand, StoreCommand, TaskCommand,
+    TokenCommand, TokenKind,
 };
 use crate::cli::daemon::{cluster_status, init, serve};
 use crate::cli::doctor::doctor;
@@ -546,6 +547,24 @@ pub(crate) async fn run(command: Command) -> Result<(), CliError> {
             Ok(())
         }
         Command::Doctor { json, connect } => doctor(&connect, json).await,
+        Command::Migrate {
+            check,
+            config,
+            data_dir,
+        } => tokio::task::block_in_place(|| {
+            crate::cli::storecmd::migrate(check, config.as_deref(), &data_dir)
+        }),
+        Command::Store {
+            command:
+                StoreCommand::Copy {
+                    from: _,
+                    to: _,
+                    config,
+                    data_dir,
+                },
+        } => {
+            tokio::task::block_in_place(|| crate::cli::storecmd::copy(config.as_deref(), &data_dir))
+        }
         Command::Completions { .. } | Command::Man { .. } => Ok(()),
         Command::Cluster {
             command: ClusterCommand::Status { data_dir, json },

@@ -1,7 +1,7 @@
 //! The operator CLI of `muster-hub`, one module per command group: [`args`]
 //! (the command line), [`connect`] (finding the hub and a credential),
 //! [`dispatch`] (running one command), and `daemon` (`init`, `serve`),
-//! `login`, `submit`, `watch`, `doctor`.
+//! `login`, `submit`, `watch`, `doctor`, `storecmd` (`migrate`, `store copy`).
 
 mod args;
 mod connect;
@@ -9,6 +9,7 @@ mod daemon;
 mod dispatch;
 mod doctor;
 mod login;
+mod storecmd;
 mod submit;
 mod watch;
 

@@ -346,6 +346,38 @@ impl<'f> Scan<'f> {
     }
 }
 
+/// Where a store's schema stands against this build (`muster-hub migrate --check`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SchemaState {
+    /// No schema yet: the hub creates it at start.
+    Missing,
+    /// An older version: the hub migrates it at start.
+    Older(u64),
+    /// This build's version.
+    Current,
+    /// A newer build wrote it: this build refuses it.
+    Newer(u64),
+}
+
+/// Rows copied per table by `muster-hub store copy`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CopyCounts {
+    /// Tasks.
+    pub tasks: u64,
+    /// Attempts.
+    pub attempts: u64,
+    /// Idempotency keys.
+    pub keys: u64,
+    /// Events.
+    pub events: u64,
+    /// Agents in the registry.
+    pub agents: u64,
+    /// Identities.
+    pub identities: u64,
+    /// Join tokens and API tokens.
+    pub tokens: u64,
+}
+
 /// A storage engine behind [`Store`]: called synchronously from the hub's
 /// core thread (never from inside an async runtime).
 pub trait Backend: Send {
@@ -788,7 +820,7 @@ mod tests {
     }
 
     /// One write of every kind the core produces.
-    fn one_of_each_write() -> Vec<(&'static str, Write)> {
+    pub(crate) fn one_of_each_write() -> Vec<(&'static str, Write)> {
         let attempt = AttemptRecord {
             task: TaskId(1),
             generation: Generation(1),

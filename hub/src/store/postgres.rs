@@ -37,8 +37,8 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, NoTls, Statement};
 
 use super::{
-    Backend, Page, Scan, Snapshot, StoreError, StoreKind, TaskFilter, dec, enc, event_record,
-    state_code,
+    Backend, CopyCounts, Page, Scan, SchemaState, Snapshot, StoreError, StoreKind, TaskFilter, dec,
+    enc, event_record, state_code,
 };
 use crate::core::{
     AgentRecord, AttemptRecord, EventRecord, Identity, Restored, TaskRecord, TokenRecord, Write,
@@ -148,19 +148,6 @@ impl PgOptions {
         config.application_name("muster-hub");
         Ok(config)
     }
-}
-
-/// Where a database's `muster` schema stands against this build.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SchemaState {
-    /// No schema yet: the hub creates it at start.
-    Missing,
-    /// An older version: the hub migrates it at start.
-    Older(u64),
-    /// This build's version.
-    Current,
-    /// A newer build wrote it: this build refuses it.
-    Newer(u64),
 }
 
 /// The statements every commit uses, prepared once per connection.
@@ -373,7 +360,7 @@ async fn init_schema(client: &mut Client) -> Result<(), StoreError> {
 /// One batch of writes as one array per column, a record written twice in the
 /// batch kept once with its last value (one upsert may touch a row only once).
 #[derive(Default)]
-struct Columns {
+pub(crate) struct Columns {
     task_id: Vec<i64>,
     task_state: Vec<i16>,
     task_live: Vec<bool>,
@@ -396,6 +383,77 @@ struct Columns {
 }
 
 impl Columns {
+    /// Adds one stored task row as its bytes are.
+    pub(crate) fn push_task(&mut self, id: u64, rec: &TaskRecord, raw: Vec<u8>) {
+        let done = rec.state.is_terminal();
+        self.task_id.push(big(id));
+        self.task_state.push(i16::from(state_code(rec.state)));
+        self.task_live.push(!done);
+        self.task_finished.push(done.then(|| big(rec.updated_at)));
+        self.task_generation.push(big(rec.generation.0));
+        self.task_rec.push(raw);
+    }
+
+    /// Adds one stored attempt row.
+    pub(crate) fn push_attempt(&mut self, task: u64, generation: u64, raw: Vec<u8>) {
+        self.attempt_task.push(big(task));
+        self.attempt_generation.push(big(generation));
+        self.attempt_rec.push(raw);
+    }
+
+    /// Adds one idempotency key.
+    pub(crate) fn push_key(&mut self, key: &str, task: u64) {
+        self.key.push(key.as_bytes().to_vec());
+        self.key_task.push(big(task));
+    }
+
+    /// Adds one stored event.
+    pub(crate) fn push_event(&mut self, seq: u64, raw: Vec<u8>) {
+        self.event_seq.push(big(seq));
+        self.event_rec.push(raw);
+    }
+
+    /// Adds one row of a table keyed by text: agents, identities, tokens or api_tokens.
+    pub(crate) fn push_keyed(&mut self, table: &str, key: &str, raw: Vec<u8>) {
+        let col = match table {
+            "agents" => &mut self.agent,
+            "identities" => &mut self.identity,
+            "tokens" => &mut self.token,
+            _ => &mut self.api_token,
+        };
+        col.0.push(key.as_bytes().to_vec());
+        col.1.push(raw);
+    }
+
+    /// Sets the next task id.
+    pub(crate) fn set_next_task_id(&mut self, n: u64) {
+        self.next_task_id = Some(big(n));
+    }
+
+    /// Whether no row was added.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.task_id.is_empty()
+            && self.attempt_task.is_empty()
+            && self.key.is_empty()
+            && self.event_seq.is_empty()
+            && self.agent.0.is_empty()
+            && self.identity.0.is_empty()
+            && self.token.0.is_empty()
+            && self.api_token.0.is_empty()
+            && self.next_task_id.is_none()
+    }
+
+    /// How many rows of each table this holds.
+    pub(crate) fn count_into(&self, n: &mut CopyCounts) {
+        n.tasks += self.task_id.len() as u64;
+        n.attempts += self.attempt_task.len() as u64;
+        n.keys += self.key.len() as u64;
+        n.events += self.event_seq.len() as u64;
+        n.agents += self.agent.0.len() as u64;
+        n.identities += self.identity.0.len() as u64;
+        n.tokens += (self.token.0.len() + self.api_token.0.len()) as u64;
+    }
+
     fn of(writes: &[Write], events_max: u64) -> Columns {
         let mut c = Columns::default();
         // Newest first, so the first write seen of each record is its last.
@@ -480,6 +538,57 @@ impl Columns {
 }
 
 type Pending<'a> = Pin<Box<dyn Future<Output = Result<u64, tokio_postgres::Error>> + 'a>>;
+
+/// Writes `c` in `tx`: one multi-row statement per table, all issued at once
+/// so tokio-postgres pipelines them on the connection.
+async fn write_columns(
+    tx: &tokio_postgres::Transaction<'_>,
+    st: &Statements,
+    c: &Columns,
+) -> Result<(), tokio_postgres::Error> {
+    let tasks: [&(dyn ToSql + Sync); 6] = [
+        &c.task_id,
+        &c.task_state,
+        &c.task_live,
+        &c.task_finished,
+        &c.task_generation,
+        &c.task_rec,
+    ];
+    let attempts: [&(dyn ToSql + Sync); 3] =
+        [&c.attempt_task, &c.attempt_generation, &c.attempt_rec];
+    let keys: [&(dyn ToSql + Sync); 2] = [&c.key, &c.key_task];
+    let events: [&(dyn ToSql + Sync); 2] = [&c.event_seq, &c.event_rec];
+    let agents: [&(dyn ToSql + Sync); 2] = [&c.agent.0, &c.agent.1];
+    let identities: [&(dyn ToSql + Sync); 2] = [&c.identity.0, &c.identity.1];
+    let tokens: [&(dyn ToSql + Sync); 2] = [&c.token.0, &c.token.1];
+    let api_tokens: [&(dyn ToSql + Sync); 2] = [&c.api_token.0, &c.api_token.1];
+    let next: [&(dyn ToSql + Sync); 2] = [&"next_task_id", &c.next_task_id];
+    let floor: [&(dyn ToSql + Sync); 1] = [&c.events_floor];
+    let mut pending: Vec<Pending<'_>> = Vec::new();
+    macro_rules! add {
+        ($rows:expr, $stmt:expr, $params:expr) => {
+            if $rows > 0 {
+                pending.push(Box::pin(tx.execute($stmt, $params)));
+            }
+        };
+    }
+    add!(c.task_id.len(), &st.tasks, &tasks);
+    add!(c.attempt_task.len(), &st.attempts, &attempts);
+    add!(c.key.len(), &st.keys, &keys);
+    add!(c.event_seq.len(), &st.events, &events);
+    add!(c.agent.0.len(), &st.agents, &agents);
+    add!(c.identity.0.len(), &st.identities, &identities);
+    add!(c.token.0.len(), &st.tokens, &tokens);
+    add!(c.api_token.0.len(), &st.api_tokens, &api_tokens);
+    add!(usize::from(c.next_task_id.is_some()), &st.meta, &next);
+    add!(
+        usize::from(c.events_floor.is_some()),
+        &st.events_prune,
+        &floor
+    );
+    futures::future::try_join_all(pending).await?;
+    Ok(())
+}
 
 /// Checks the term read inside a write transaction against ours.
 fn fence(ours: u64, current: u64) -> Result<(), StoreError> {
@@ -605,16 +714,33 @@ impl PgStore {
         })
     }
 
-    /// A reader connection: an idle one, else a new one.
-    fn reader_client(&self) -> Result<Client, StoreError> {
-        loop {
-            let idle = lock(&self.readers).pop();
-            match idle {
-                Some(c) if c.is_closed() => continue,
-                Some(c) => return Ok(c),
-                None => return connect(&self.handle, &self.config),
-            }
+    /// Copies every table of the redb store `src` into this database in one
+    /// transaction, in chunks of bounded size (`muster-hub store copy`).
+    ///
+    /// # Errors
+    /// [`StoreError`] when this database already holds hub state (a copy only
+    /// fills an empty one), or a read or write fails: then nothing is copied.
+    pub fn copy_from_redb(&self, src: &super::RedbStore) -> Result<CopyCounts, StoreError> {
+        if !self.is_empty()? {
+            return Err(StoreError::Db(
+                "the PostgreSQL database already holds hub state; store copy fills an empty database only (create a new one, or drop schema muster)".into(),
+            ));
         }
+        let mut dump = src.dump()?;
+        let mut counts = CopyCounts::default();
+        let mut w = lock(&self.writer);
+        let Writer { client, st } = &mut *w;
+        let tx = run(&self.handle, async {
+            client.transaction().await.map_err(pg)
+        })?;
+        while let Some(c) = dump.next_chunk()? {
+            run(&self.handle, async {
+                write_columns(&tx, st, &c).await.map_err(pg)
+            })?;
+            c.count_into(&mut counts);
+        }
+        run(&self.handle, async { tx.commit().await.map_err(pg) })?;
+        Ok(counts)
     }
 }
 
@@ -638,52 +764,12 @@ impl Backend for PgStore {
         let Writer { client, st } = &mut *w;
         run(&self.handle, async {
             let tx = client.transaction().await.map_err(pg)?;
-            let tasks: [&(dyn ToSql + Sync); 6] = [
-                &c.task_id,
-                &c.task_state,
-                &c.task_live,
-                &c.task_finished,
-                &c.task_generation,
-                &c.task_rec,
-            ];
-            let attempts: [&(dyn ToSql + Sync); 3] =
-                [&c.attempt_task, &c.attempt_generation, &c.attempt_rec];
-            let keys: [&(dyn ToSql + Sync); 2] = [&c.key, &c.key_task];
-            let events: [&(dyn ToSql + Sync); 2] = [&c.event_seq, &c.event_rec];
-            let agents: [&(dyn ToSql + Sync); 2] = [&c.agent.0, &c.agent.1];
-            let identities: [&(dyn ToSql + Sync); 2] = [&c.identity.0, &c.identity.1];
-            let tokens: [&(dyn ToSql + Sync); 2] = [&c.token.0, &c.token.1];
-            let api_tokens: [&(dyn ToSql + Sync); 2] = [&c.api_token.0, &c.api_token.1];
-            let next: [&(dyn ToSql + Sync); 2] = [&"next_task_id", &c.next_task_id];
-            let floor: [&(dyn ToSql + Sync); 1] = [&c.events_floor];
             // Issued together: tokio-postgres pipelines them on the one
             // connection, so the batch costs about one round trip, not one
-            // per table. The term check is first in the pipeline, so the
+            // per statement. The term check is first in the pipeline, so the
             // writes run after its row lock is granted.
-            let mut pending: Vec<Pending<'_>> = Vec::new();
-            macro_rules! add {
-                ($rows:expr, $stmt:expr, $params:expr) => {
-                    if $rows > 0 {
-                        pending.push(Box::pin(tx.execute($stmt, $params)));
-                    }
-                };
-            }
-            add!(c.task_id.len(), &st.tasks, &tasks);
-            add!(c.attempt_task.len(), &st.attempts, &attempts);
-            add!(c.key.len(), &st.keys, &keys);
-            add!(c.event_seq.len(), &st.events, &events);
-            add!(c.agent.0.len(), &st.agents, &agents);
-            add!(c.identity.0.len(), &st.identities, &identities);
-            add!(c.token.0.len(), &st.tokens, &tokens);
-            add!(c.api_token.0.len(), &st.api_tokens, &api_tokens);
-            add!(usize::from(c.next_task_id.is_some()), &st.meta, &next);
-            add!(
-                usize::from(c.events_floor.is_some()),
-                &st.events_prune,
-                &floor
-            );
             let term = tx.query_one(&st.term, &[]);
-            let (row, _) = futures::future::try_join(term, futures::future::try_join_all(pending))
+            let (row, ()) = futures::future::try_join(term, write_columns(&tx, st, &c))
                 .await
                 .map_err(pg)?;
             let current = unbig(row.try_get::<_, i64>(0).map_err(pg)?);
@@ -853,16 +939,12 @@ impl Backend for PgStore {
     }
 
     fn reader(&self) -> Result<Box<dyn Snapshot>, StoreError> {
-        let client = self.reader_client()?;
-        run(&self.handle, async {
-            client
-                .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
-                .await
-                .map_err(pg)
-        })?;
+        // The connection and its transaction are taken at the first read: the
+        // core opens a reader for every batch, and most batches read nothing.
         Ok(Box::new(PgSnapshot {
             handle: self.handle.clone(),
-            client: Some(client),
+            config: self.config.clone(),
+            client: std::cell::OnceCell::new(),
             pool: Arc::clone(&self.readers),
         }))
     }
@@ -905,8 +987,9 @@ fn text(table: &'static str, raw: &[u8]) -> Result<String, StoreError> {
 /// a reader connection, rolled back when the snapshot drops.
 struct PgSnapshot {
     handle: Handle,
-    /// `Some` until drop.
-    client: Option<Client>,
+    config: tokio_postgres::Config,
+    /// Set at the first read, with its transaction begun.
+    client: std::cell::OnceCell<Client>,
     pool: Arc<Mutex<Vec<Client>>>,
 }
 
@@ -928,10 +1011,27 @@ impl Drop for PgSnapshot {
 }
 
 impl PgSnapshot {
+    /// The snapshot's connection: at the first call an idle reader connection
+    /// (else a new one) with `REPEATABLE READ READ ONLY` begun on it.
     fn client(&self) -> Result<&Client, StoreError> {
-        self.client
-            .as_ref()
-            .ok_or_else(|| StoreError::Db("the snapshot has ended".into()))
+        if let Some(c) = self.client.get() {
+            return Ok(c);
+        }
+        let client = loop {
+            let idle = lock(&self.pool).pop();
+            match idle {
+                Some(c) if c.is_closed() => continue,
+                Some(c) => break c,
+                None => break connect(&self.handle, &self.config)?,
+            }
+        };
+        run(&self.handle, async {
+            client
+                .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                .await
+                .map_err(pg)
+        })?;
+        Ok(self.client.get_or_init(|| client))
     }
 
     /// The `rec` column (the first) of every row `sql` gives, decoded.
@@ -1258,5 +1358,64 @@ mod tests {
             .expect_err("the connection is gone");
         assert!(matches!(err, StoreError::Db(_)), "{err:?}");
         assert!(s.restore(0).is_err());
+    }
+
+    #[test]
+    fn store_copy_moves_every_table_of_a_redb_store_and_refuses_a_full_target() {
+        let Some(db) = TestDb::create() else { return };
+        let dir = tempfile::tempdir().expect("dir");
+        let src =
+            super::super::RedbStore::open(&dir.path().join(crate::store::DB_FILE)).expect("redb");
+        let all: Vec<Write> = crate::store::tests::one_of_each_write()
+            .into_iter()
+            .map(|(_, w)| w)
+            .collect();
+        src.commit(&all, 10_000).expect("commit");
+        // More rows than one chunk, so the copy walks its chunks.
+        let writes: Vec<Write> = (2..=4_500u64)
+            .map(|i| {
+                let state = if i % 2 == 0 {
+                    TaskState::Completed
+                } else {
+                    TaskState::Queued
+                };
+                Write::Task(task(i, state, i, Some(&format!("key{i}"))))
+            })
+            .chain((2..=4_500u64).map(|i| Write::Key(format!("key{i}"), TaskId(i))))
+            .collect();
+        src.commit(&writes, 10_000).expect("commit");
+        let before = src.restore(0).expect("restore");
+        let pg = open(&db);
+        let counts = pg.copy_from_redb(&src).expect("copy");
+        assert_eq!(counts.tasks, 4_500);
+        assert_eq!(counts.keys, 4_500);
+        assert_eq!(
+            (
+                counts.attempts,
+                counts.events,
+                counts.agents,
+                counts.identities,
+                counts.tokens
+            ),
+            (1, 1, 1, 1, 2)
+        );
+        pg.take_term("a", "").expect("term");
+        let after = pg.restore(0).expect("restore");
+        assert_eq!(after.live.len(), before.live.len());
+        assert_eq!(after.keys.len(), before.keys.len());
+        assert_eq!(after.next_task_id, before.next_task_id);
+        assert_eq!(after.next_event_seq, before.next_event_seq);
+        assert_eq!(after.tokens.len(), 1);
+        assert_eq!(after.api_tokens.len(), 1);
+        let pg = Store::from_backend(Box::new(pg));
+        let page = pg
+            .reader()
+            .expect("reader")
+            .tasks(Some(TaskState::Completed), None, None, 10_000, None)
+            .expect("page");
+        assert_eq!(page.tasks.len(), 2_250);
+        let again = PgStore::open(&db.options()).expect("open");
+        let err = again.copy_from_redb(&src).expect_err("refused");
+        assert!(err.to_string().contains("empty database only"), "{err}");
     }
 }

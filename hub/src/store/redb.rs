@@ -25,8 +25,8 @@ use redb::{
 };
 
 use super::{
-    Backend, Page, SCHEMA_VERSION, Scan, Snapshot, StoreError, StoreKind, TaskFilter, dec, enc,
-    event_record, state_code,
+    Backend, Page, SCHEMA_VERSION, Scan, SchemaState, Snapshot, StoreError, StoreKind, TaskFilter,
+    dec, enc, event_record, state_code,
 };
 use crate::core::{
     AgentRecord, AttemptRecord, EventRecord, Identity, Restored, TaskRecord, TaskState,
@@ -242,7 +242,177 @@ fn append_to_attempts(
 /// Records rewritten per step of a migration.
 const MIGRATE_CHUNK: usize = 4096;
 
+/// Rows per chunk of `store copy`.
+const DUMP_CHUNK: usize = 2_000;
+
+/// Which table a [`RedbDump`] reads next.
+#[derive(Clone, PartialEq, Eq)]
+enum DumpAt {
+    Tasks(Option<u64>),
+    Attempts(Option<(u64, u64)>),
+    Events(Option<u64>),
+    Keys(Option<String>),
+    Keyed(usize, Option<String>),
+    Meta,
+    Done,
+}
+
+/// Every table of a redb store, read in chunks from one read transaction
+/// (one snapshot), for `store copy`.
+pub(crate) struct RedbDump {
+    tx: ReadTransaction,
+    at: DumpAt,
+}
+
+/// The tables keyed by text that hold bincode records, in copy order.
+const KEYED: [(&str, TableDefinition<&str, &[u8]>); 4] = [
+    ("agents", AGENTS),
+    ("identities", IDENTITIES),
+    ("tokens", TOKENS),
+    ("api_tokens", API_TOKENS),
+];
+
+impl RedbDump {
+    /// The next chunk of rows (at most [`DUMP_CHUNK`]), `None` after the last.
+    pub(crate) fn next_chunk(&mut self) -> Result<Option<super::postgres::Columns>, StoreError> {
+        use std::ops::Bound::{Excluded, Unbounded};
+        let mut c = super::postgres::Columns::default();
+        loop {
+            match self.at.clone() {
+                DumpAt::Tasks(after) => {
+                    let t = self.tx.open_table(TASKS)?;
+                    let lo = after.map_or(Unbounded, Excluded);
+                    let mut last = None;
+                    for row in t.range::<u64>((lo, Unbounded))?.take(DUMP_CHUNK) {
+                        let (k, v) = row?;
+                        let rec: TaskRecord = dec("tasks", v.value())?;
+                        c.push_task(k.value(), &rec, v.value().to_vec());
+                        last = Some(k.value());
+                    }
+                    self.at = match last {
+                        Some(l) => DumpAt::Tasks(Some(l)),
+                        None => DumpAt::Attempts(None),
+                    };
+                }
+                DumpAt::Attempts(after) => {
+                    let t = self.tx.open_table(ATTEMPTS)?;
+                    let lo = after.map_or(Unbounded, Excluded);
+                    let mut last = None;
+                    for row in t.range::<(u64, u64)>((lo, Unbounded))?.take(DUMP_CHUNK) {
+                        let (k, v) = row?;
+                        let (task, generation) = k.value();
+                        c.push_attempt(task, generation, v.value().to_vec());
+                        last = Some((task, generation));
+                    }
+                    self.at = match last {
+                        Some(l) => DumpAt::Attempts(Some(l)),
+                        None => DumpAt::Events(None),
+                    };
+                }
+                DumpAt::Events(after) => {
+                    let t = self.tx.open_table(EVENTS)?;
+                    let lo = after.map_or(Unbounded, Excluded);
+                    let mut last = None;
+                    for row in t.range::<u64>((lo, Unbounded))?.take(DUMP_CHUNK) {
+                        let (k, v) = row?;
+                        c.push_event(k.value(), v.value().to_vec());
+                        last = Some(k.value());
+                    }
+                    self.at = match last {
+                        Some(l) => DumpAt::Events(Some(l)),
+                        None => DumpAt::Keys(None),
+                    };
+                }
+                DumpAt::Keys(after) => {
+                    let t = self.tx.open_table(KEYS)?;
+                    let mut last = None;
+                    let rows = match &after {
+                        Some(a) => t.range::<&str>((Excluded(a.as_str()), Unbounded))?,
+                        None => t.range::<&str>(..)?,
+                    };
+                    for row in rows.take(DUMP_CHUNK) {
+                        let (k, v) = row?;
+                        c.push_key(k.value(), v.value());
+                        last = Some(k.value().to_string());
+                    }
+                    self.at = match last {
+                        Some(l) => DumpAt::Keys(Some(l)),
+                        None => DumpAt::Keyed(0, None),
+                    };
+                }
+                DumpAt::Keyed(i, after) => {
+                    let Some((name, def)) = KEYED.get(i) else {
+                        self.at = DumpAt::Meta;
+                        continue;
+                    };
+                    let t = self.tx.open_table(*def)?;
+                    let mut last = None;
+                    let rows = match &after {
+                        Some(a) => t.range::<&str>((Excluded(a.as_str()), Unbounded))?,
+                        None => t.range::<&str>(..)?,
+                    };
+                    for row in rows.take(DUMP_CHUNK) {
+                        let (k, v) = row?;
+                        c.push_keyed(name, k.value(), v.value().to_vec());
+                        last = Some(k.value().to_string());
+                    }
+                    self.at = match last {
+                        Some(l) => DumpAt::Keyed(i, Some(l)),
+                        None => DumpAt::Keyed(i + 1, None),
+                    };
+                }
+                DumpAt::Meta => {
+                    let meta = self.tx.open_table(META)?;
+                    if let Some(n) = meta.get("next_task_id")? {
+                        c.set_next_task_id(n.value());
+                    }
+                    self.at = DumpAt::Done;
+                    return Ok(Some(c));
+                }
+                DumpAt::Done => return Ok(None),
+            }
+            if !c.is_empty() {
+                return Ok(Some(c));
+            }
+        }
+    }
+}
+
+/// Where the schema of the redb file at `path` stands, without changing it.
+///
+/// # Errors
+/// [`StoreError`] when the file cannot be opened (a running hub holds it) or read.
+pub fn schema_state(path: &Path) -> Result<SchemaState, StoreError> {
+    if !path.exists() {
+        return Ok(SchemaState::Missing);
+    }
+    let db = Database::open(path)?;
+    let tx = db.begin_read()?;
+    let found = match tx.open_table(META) {
+        Ok(meta) => meta.get("schema_version")?.map(|v| v.value()),
+        Err(redb::TableError::TableDoesNotExist(_)) => None,
+        Err(e) => return Err(e.into()),
+    };
+    Ok(match found {
+        None => SchemaState::Missing,
+        Some(v) if v > SCHEMA_VERSION => SchemaState::Newer(v),
+        Some(v) if v < SCHEMA_VERSION => SchemaState::Older(v),
+        Some(_) => SchemaState::Current,
+    })
+}
+
 impl RedbStore {
+    /// Every table, in chunks from one snapshot (`store copy`).
+    ///
+    /// # Errors
+    /// [`StoreError`] when no read transaction can start.
+    pub(crate) fn dump(&self) -> Result<RedbDump, StoreError> {
+        Ok(RedbDump {
+            tx: self.db.begin_read()?,
+            at: DumpAt::Tasks(None),
+        })
+    }
+
     /// Opens (or creates) the database and checks its schema version.
     ///
     /// # Errors

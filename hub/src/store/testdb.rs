@@ -13,6 +13,7 @@ pub const TEST_PG_URL: &str = "MUSTER_TEST_PG_URL";
 const ADMIN_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A database `muster_t_<random>` on the test server, dropped when this drops.
+#[derive(Debug)]
 pub struct TestDb {
     base: String,
     name: String,
@@ -35,12 +36,26 @@ impl TestDb {
             eprintln!("SKIPPED: no {TEST_PG_URL} (run bash tests/run.sh)");
             return None;
         };
-        let name = format!("muster_t_{:016x}", random());
-        if let Err(e) = admin(&base, &format!("CREATE DATABASE {name}")) {
-            panic!("cannot create test database {name} on {base}: {e}");
+        match TestDb::create_on(&base) {
+            Ok(db) => Some(db),
+            Err(e) => panic!("{e}"),
         }
-        let url = with_database(&base, &name);
-        Some(TestDb { base, name, url })
+    }
+
+    /// A fresh database on the server `base` names (a URL of any database there).
+    ///
+    /// # Errors
+    /// The server's message when it refuses.
+    pub fn create_on(base: &str) -> Result<TestDb, String> {
+        let name = format!("muster_t_{:016x}", random());
+        admin(base, &format!("CREATE DATABASE {name}"))
+            .map_err(|e| format!("cannot create test database {name} on {base}: {e}"))?;
+        let url = with_database(base, &name);
+        Ok(TestDb {
+            base: base.to_string(),
+            name,
+            url,
+        })
     }
 
     /// The URL of this database.
@@ -94,8 +109,16 @@ fn with_database(url: &str, name: &str) -> String {
     }
 }
 
-/// Runs `sql` on its own short-lived connection.
+/// Runs `sql` on its own short-lived connection, on a thread of its own so
+/// that it works from inside an async runtime too (a bench's drop).
 fn admin(url: &str, sql: &str) -> Result<(), String> {
+    let (url, sql) = (url.to_string(), sql.to_string());
+    std::thread::spawn(move || admin_here(&url, &sql))
+        .join()
+        .map_err(|_| "the admin connection thread panicked".to_string())?
+}
+
+fn admin_here(url: &str, sql: &str) -> Result<(), String> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -71,8 +71,25 @@ struct Cli {
     /// Reuse the floor of an earlier `muster-bench floor --json` (written to this file) instead.
     #[arg(long, global = true)]
     floor: Option<PathBuf>,
+    /// Where the benchmarked hub keeps its state: redb (its data directory) or
+    /// postgres (a fresh database on --pg-url per hub, dropped after).
+    #[arg(long, global = true, value_enum, default_value = "redb")]
+    store: BenchStore,
+    /// A PostgreSQL server on this machine, e.g. postgres://postgres@127.0.0.1:5432/postgres;
+    /// with it the floor also measures PostgreSQL's single-row durable commits.
+    #[arg(long, global = true)]
+    pg_url: Option<String>,
     #[command(subcommand)]
     mode: Mode,
+}
+
+/// The store `--store` names.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum BenchStore {
+    /// hub.redb.
+    Redb,
+    /// PostgreSQL at --pg-url.
+    Postgres,
 }
 
 #[derive(Subcommand)]
@@ -103,6 +120,18 @@ fn main() -> ExitCode {
         return muster_sidecar::agent::reaper_main();
     }
     let cli = Cli::parse();
+    if cli.store == BenchStore::Postgres {
+        let Some(url) = &cli.pg_url else {
+            eprintln!(
+                "muster-bench: --store postgres needs --pg-url postgres://user@127.0.0.1:PORT/db"
+            );
+            return ExitCode::from(2);
+        };
+        let _ = hub::PG_URL.set(url.clone());
+    }
+    if let Some(url) = &cli.pg_url {
+        let _ = floor::PG_FLOOR_URL.set(url.clone());
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -174,6 +203,10 @@ async fn run(cli: &Cli) -> anyhow::Result<serde_json::Value> {
     }
     let mut v = result?;
     v["machine"] = machine();
+    v["store"] = serde_json::json!(match cli.store {
+        BenchStore::Redb => "redb",
+        BenchStore::Postgres => "postgres",
+    });
     Ok(v)
 }
 

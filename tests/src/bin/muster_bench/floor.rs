@@ -91,6 +91,54 @@ fn redb_floor(dir: &Path, per: Duration) -> Result<Value> {
     }))
 }
 
+/// The PostgreSQL server whose durable commit rate the floor measures too (`--pg-url`).
+pub(crate) static PG_FLOOR_URL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// Single-row INSERTs committed one after another (autocommit, the server's
+/// `synchronous_commit`, on by default) into a fresh database, for `per`.
+async fn postgres_floor(base: &str, per: Duration) -> Result<Value> {
+    let db = {
+        let base = base.to_string();
+        tokio::task::spawn_blocking(move || muster_hub::store::testdb::TestDb::create_on(&base))
+            .await?
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+    };
+    let (client, conn) = tokio_postgres::connect(db.url(), tokio_postgres::NoTls).await?;
+    let driver = tokio::spawn(conn);
+    client
+        .batch_execute("CREATE TABLE floor (id bigint PRIMARY KEY, rec bytea NOT NULL)")
+        .await?;
+    let sync: String = client
+        .query_one("SHOW synchronous_commit", &[])
+        .await?
+        .get(0);
+    let insert = client
+        .prepare("INSERT INTO floor (id, rec) VALUES ($1, $2)")
+        .await?;
+    let record = vec![0x5a_u8; RECORD_BYTES];
+    let mut times = Vec::new();
+    let start = Instant::now();
+    while start.elapsed() < per && times.len() < SAMPLES_MAX {
+        let t = Instant::now();
+        client
+            .execute(&insert, &[&(times.len() as i64), &record])
+            .await?;
+        times.push(t.elapsed());
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let n = times.len();
+    drop(client);
+    let _ = driver.await;
+    drop(db);
+    Ok(json!({
+        "commits": n,
+        "commits_per_s": round3(n as f64 / secs),
+        "commit": us(times),
+        "record_bytes": RECORD_BYTES,
+        "synchronous_commit": sync,
+    }))
+}
+
 /// `/bin/true` spawned and waited for, one after another, for `per`.
 fn spawn_floor(per: Duration) -> Result<Value> {
     use std::process::{Command, Stdio};
@@ -304,7 +352,12 @@ pub(crate) async fn measure(dir: &Path, per: Duration) -> Result<Value> {
     let http = tokio::task::spawn_blocking(move || http_floor(per))
         .await
         .context("HTTP floor")??;
+    let postgres = match PG_FLOOR_URL.get() {
+        Some(url) => postgres_floor(url, per).await.context("PostgreSQL floor")?,
+        None => Value::Null,
+    };
     Ok(json!({
+        "postgres": postgres,
         "ms_each": per.as_millis() as u64,
         "sync_before_s": round3(sync_s),
         "redb": redb,

@@ -88,22 +88,39 @@ pub(crate) struct HubProc {
     log: PathBuf,
     /// Log the latency points (`muster::latency` at debug, JSON lines) for `latency --breakdown`.
     pub(crate) trace_latency: bool,
+    /// The hub's PostgreSQL database, dropped after the process (see `Drop`).
+    _db: Option<muster_hub::store::testdb::TestDb>,
 }
+
+/// The PostgreSQL server hubs keep their state on (`--store postgres --pg-url`);
+/// unset: redb.
+pub(crate) static PG_URL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
 
 impl HubProc {
     /// `muster-hub init` in `dir` on a free port, then `tweak` applied to hub.toml.
+    /// With [`PG_URL`] set, the hub's store is a fresh database there, dropped with it.
     pub(crate) async fn init(
         bin: &Path,
         dir: &Path,
         tweak: impl FnOnce(&mut HubConfig),
     ) -> Result<Self> {
         let port = free_udp_port()?;
-        let out = Command::new(bin)
-            .arg("init")
+        let db = match PG_URL.get() {
+            Some(base) => Some(
+                muster_hub::store::testdb::TestDb::create_on(base).map_err(|e| anyhow!("{e}"))?,
+            ),
+            None => None,
+        };
+        let mut init = Command::new(bin);
+        init.arg("init")
             .arg("--data-dir")
             .arg(dir)
             .arg("--listen")
-            .arg(format!("127.0.0.1:{port}"))
+            .arg(format!("127.0.0.1:{port}"));
+        if let Some(db) = &db {
+            init.args(["--store", db.url()]);
+        }
+        let out = init
             .stdin(std::process::Stdio::null())
             .output()
             .await
@@ -140,6 +157,7 @@ impl HubProc {
             cred,
             log,
             trace_latency: false,
+            _db: db,
         })
     }
 
@@ -284,6 +302,8 @@ impl Drop for HubProc {
         if let Some(c) = self.child.as_mut() {
             let _ = c.start_kill();
         }
+        // The database is dropped next (DROP DATABASE … WITH (FORCE) ends the
+        // connections of a hub still exiting).
     }
 }
 
