@@ -59,22 +59,28 @@ pub(super) async fn doctor(data_dir: &Path, json: bool) -> Result<(), Failure> {
         checks.check("workspaces", workspaces(cfg).await);
         if let Ok((cred, _)) = &cred {
             let started = Instant::now();
-            let hub = match client::connect(&cfg.hub, cred).await {
-                Ok((endpoint, conn)) => {
-                    // A hello-less round trip: an operator request the hub refuses for role agent.
-                    let r = client::request(&conn, muster_protocol::msg::OpRequest::Stats).await;
-                    let ms = started.elapsed().as_secs_f64() * 1000.0;
-                    conn.close(0u32.into(), b"doctor");
-                    endpoint.wait_idle().await;
-                    match r {
-                        Ok(_) => Ok(format!(
-                            "{} answered: handshake and round trip in {ms:.1} ms",
-                            cfg.hub
-                        )),
-                        Err(e) => Err(format!("{}: {e}", cfg.hub)),
-                    }
-                }
-                Err(e) => Err(e.to_string()),
+            let mut hubs = vec![cfg.hub.clone()];
+            hubs.extend(cfg.hubs.iter().filter(|h| **h != cfg.hub).cloned());
+            // A hello-less round trip: an operator request the hub refuses for
+            // role agent. A standby of a cluster names the leader, who is tried next.
+            let answered = client::follow_leader(&hubs, |hub| async move {
+                let (endpoint, conn) = client::connect(&hub, cred).await?;
+                let r = client::request(&conn, muster_protocol::msg::OpRequest::Stats).await;
+                conn.close(0u32.into(), b"doctor");
+                endpoint.wait_idle().await;
+                r
+            })
+            .await;
+            let ms = started.elapsed().as_secs_f64() * 1000.0;
+            let hub = match answered {
+                Ok((at, _)) if at == cfg.hub => Ok(format!(
+                    "{at} answered: handshake and round trip in {ms:.1} ms"
+                )),
+                Ok((at, _)) => Ok(format!(
+                    "{at} answered (the cluster's leader; {} is not): in {ms:.1} ms",
+                    cfg.hub
+                )),
+                Err(e) => Err(format!("{}: {e}", hubs.join(", "))),
             };
             checks.check("hub", hub);
         }
