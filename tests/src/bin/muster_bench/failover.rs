@@ -134,31 +134,33 @@ async fn ping(addr: &str, cred: &Credential) -> Result<bool, ClientError> {
     }
 }
 
-/// Polls every hub of `candidates` every [`POLL`] until one answers a `Ping`
-/// as the leader; returns its index and when it did.
+/// Asks every hub of `candidates` every [`POLL`] until one answers a `Ping`
+/// as the leader; returns its index and when it did. The attempts overlap:
+/// an Initial sent while the new leader rebinds its port is lost and resent
+/// only after quinn's PTO (hundreds of ms), and waiting for it would add
+/// that to the figure; a fresh attempt every 20 ms keeps the resolution.
 async fn first_leader(candidates: Vec<(usize, String, Credential)>) -> Result<(usize, Instant)> {
-    let mut set = tokio::task::JoinSet::new();
-    for (i, addr, cred) in candidates {
-        set.spawn(async move {
-            loop {
-                // A datagram sent while the new leader rebinds its port is
-                // lost and resent only after quinn's ~1 s PTO: give up early
-                // and ask again instead.
-                if let Ok(Ok(true)) =
-                    tokio::time::timeout(Duration::from_millis(500), ping(&addr, &cred)).await
-                {
-                    return (i, Instant::now());
+    let mut attempts = tokio::task::JoinSet::new();
+    let mut tick = tokio::time::interval(POLL);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                for (i, addr, cred) in &candidates {
+                    let (i, addr, cred) = (*i, addr.clone(), cred.clone());
+                    attempts.spawn(async move {
+                        let r = tokio::time::timeout(Duration::from_secs(2), ping(&addr, &cred)).await;
+                        matches!(r, Ok(Ok(true))).then(|| (i, Instant::now()))
+                    });
                 }
-                tokio::time::sleep(POLL).await;
             }
-        });
+            Some(done) = attempts.join_next() => {
+                if let Some(led) = done? {
+                    attempts.abort_all();
+                    return Ok(led);
+                }
+            }
+        }
     }
-    let first = set
-        .join_next()
-        .await
-        .ok_or_else(|| anyhow!("no hub to poll"))??;
-    set.abort_all();
-    Ok(first)
 }
 
 /// A join token from the leader that names every hub of `addrs` (the leader
