@@ -58,6 +58,28 @@ impl TestDb {
         })
     }
 
+    /// A fresh database `<prefix><random>` on the server `base` (a
+    /// superuser's URL), dropped when this drops. Blocks: call it outside an
+    /// async runtime's threads (it runs its own).
+    ///
+    /// # Errors
+    /// The server's message when it refuses the new database.
+    pub fn create_at(base: &str, prefix: &str) -> Result<TestDb, String> {
+        let name = format!("{prefix}{:016x}", random());
+        admin(base, &format!("CREATE DATABASE {name}"))
+            .map_err(|e| format!("cannot create database {name}: {e}"))?;
+        Ok(TestDb {
+            url: with_database(base, &name),
+            base: base.to_string(),
+            name,
+        })
+    }
+
+    /// The database's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
     /// The URL of this database.
     pub fn url(&self) -> &str {
         &self.url

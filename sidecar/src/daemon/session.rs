@@ -119,8 +119,15 @@ pub(super) async fn session_loop(
                     return;
                 }
                 warn!(hub, "session ended: {reason}");
-                // The hub just lost is the least likely to lead next.
-                turn += 1;
+                // The hub just lost is the least likely to lead next: go on
+                // from the one after it. (`turn` may point elsewhere: a
+                // standby's pointer, not the turn, chose this hub, and the
+                // next turn would then be the very hub that just died, a
+                // whole connect timeout lost before the next is tried.)
+                turn = hubs
+                    .iter()
+                    .position(|h| *h == hub)
+                    .map_or(turn + 1, |i| i + 1);
             }
             Err(ConnectFailure::NotLeader(Some(l))) if hops < LEADER_HOPS_MAX && l != hub => {
                 debug!(hub, leader = l, "a standby: following it to the leader");

@@ -10,6 +10,7 @@
 //!   workspace  [--files N] [--mib M] [--prepares P]
 //!   logs       [--mb 200] [--followers 0,1,10]
 //!   dashboard  [--agents 10000] [--tasks 1000000] [--requests 50] [--streams 100]
+//!   failover   --pg-url URL [--runs 10] [--lease 5s] [--sidecars 4]
 //! ```
 //!
 //! `floor` measures what the machine does without muster (durable redb
@@ -26,9 +27,13 @@
 //! runs sidecars from the sidecar library in this process (real redb files,
 //! real enrollment), prints one JSON object (`--json`) or a table, and removes
 //! everything it made. Each phase has a deadline; exceeding it fails the run.
+//! `failover` starts three hubs on a fresh database of a PostgreSQL server
+//! (`--pg-url` or `MUSTER_TEST_PG_URL`) and drops the database after.
 
 #[path = "muster_bench/dashboard.rs"]
 mod dashboard;
+#[path = "muster_bench/failover.rs"]
+mod failover;
 #[path = "muster_bench/fleet.rs"]
 mod fleet;
 #[path = "muster_bench/floor.rs"]
@@ -106,6 +111,8 @@ enum Mode {
     Logs(modes::LogsArgs),
     /// The web dashboard and /api/v1 over 10,000 agents and 1,000,000 tasks: page and endpoint times, idle CPU and event fan-out with 100 SSE streams.
     Dashboard(dashboard::DashboardArgs),
+    /// Three hubs on PostgreSQL, the leader killed -9 `--runs` times: time until a standby leads, a task completes, all sidecars are back.
+    Failover(failover::FailoverArgs),
     /// This machine without muster: durable redb commits/s, spawns of /bin/true per second, QUIC round trip and handshake on loopback.
     Floor(floor::FloorArgs),
     /// The sidecar's workspace layer: prepare() of a git worktree (5,000 files, 100 MiB) against a bare `git worktree add`.
@@ -187,6 +194,7 @@ async fn run(cli: &Cli) -> anyhow::Result<serde_json::Value> {
                 Mode::Workspace(a) => workspace::workspace(&root, a).await,
                 Mode::Logs(a) => modes::logs(&bin, &root, a).await,
                 Mode::Dashboard(a) => dashboard::dashboard(&bin, &root, a).await,
+                Mode::Failover(a) => failover::failover(&bin, &root, a).await,
                 Mode::Floor(_) => unreachable!("handled above"),
             }?;
             if let Some(f) = floor {

@@ -106,6 +106,12 @@ pub(crate) async fn enroll(ops: &Ops, name: &str) -> Result<Identity> {
         .as_str()
         .ok_or_else(|| anyhow!("token create answered without a token: {v}"))?
         .parse()?;
+    enroll_with(&token, name).await
+}
+
+/// Enrolls `name` with a fresh key pair and `token` (a cluster's token names
+/// every hub: the enrollment follows them to the leader).
+pub(crate) async fn enroll_with(token: &JoinToken, name: &str) -> Result<Identity> {
     let name = AgentName::new(name)?;
     let key = rcgen::KeyPair::generate()?;
     let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
@@ -115,7 +121,7 @@ pub(crate) async fn enroll(ops: &Ops, name: &str) -> Result<Identity> {
     let csr = params.serialize_request(&key)?.pem()?;
     // The bench's sidecars set their slots after enrollment: ask for the most.
     let grant = (Vec::new(), muster_protocol::limits::SLOTS_MAX);
-    let (cert, ca) = client::enroll(&token, &name, Role::Agent, csr, grant)
+    let (cert, ca) = client::enroll(token, &name, Role::Agent, csr, grant)
         .await
         .with_context(|| format!("enrolling {name}"))?;
     Ok(Identity {

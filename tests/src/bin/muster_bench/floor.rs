@@ -683,6 +683,30 @@ pub(crate) fn ratios(result: &Value, floor: &Value) -> Value {
                 floor_value: c.zip(h).map(|(c, h)| c + h),
             });
         }
+        Some("failover") => {
+            // Each poll of the takeover is a new connection: a handshake, then a round trip.
+            for (name, figure) in [
+                ("takeover p50 ÷ QUIC handshake p50", "takeover.p50_ms"),
+                ("serving p50 ÷ QUIC handshake p50", "serving.p50_ms"),
+            ] {
+                out.push(Ratio::of(
+                    name,
+                    result,
+                    figure,
+                    MS,
+                    floor,
+                    "quic.handshake.p50_us",
+                ));
+            }
+            out.push(Ratio::of(
+                "takeover p50 ÷ QUIC RTT p50",
+                result,
+                "takeover.p50_ms",
+                MS,
+                floor,
+                "quic.rtt.p50_us",
+            ));
+        }
         Some("workspace") => {
             out.push(Ratio {
                 name: "prepare p50 ÷ bare git worktree add p50 (same run)",

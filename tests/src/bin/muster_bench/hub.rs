@@ -104,23 +104,38 @@ impl HubProc {
         dir: &Path,
         tweak: impl FnOnce(&mut HubConfig),
     ) -> Result<Self> {
-        let port = free_udp_port()?;
         let db = match PG_URL.get() {
             Some(base) => Some(
                 muster_hub::store::testdb::TestDb::create_on(base).map_err(|e| anyhow!("{e}"))?,
             ),
             None => None,
         };
-        let mut init = Command::new(bin);
-        init.arg("init")
+        let store: Vec<String> = db
+            .iter()
+            .flat_map(|db| ["--store".to_string(), db.url().to_string()])
+            .collect();
+        let store: Vec<&str> = store.iter().map(String::as_str).collect();
+        let mut hub = Self::init_with(bin, dir, free_udp_port()?, &store, tweak).await?;
+        hub._db = db;
+        Ok(hub)
+    }
+
+    /// [`HubProc::init`] on `port` with `extra` arguments to `init` (a
+    /// cluster member: `--store URL` or `--join URL`).
+    pub(crate) async fn init_with(
+        bin: &Path,
+        dir: &Path,
+        port: u16,
+        extra: &[&str],
+        tweak: impl FnOnce(&mut HubConfig),
+    ) -> Result<Self> {
+        let out = Command::new(bin)
+            .arg("init")
             .arg("--data-dir")
             .arg(dir)
             .arg("--listen")
-            .arg(format!("127.0.0.1:{port}"));
-        if let Some(db) = &db {
-            init.args(["--store", db.url()]);
-        }
-        let out = init
+            .arg(format!("127.0.0.1:{port}"))
+            .args(extra)
             .stdin(std::process::Stdio::null())
             .output()
             .await
@@ -157,12 +172,22 @@ impl HubProc {
             cred,
             log,
             trace_latency: false,
-            _db: db,
+            _db: None,
         })
     }
 
     /// Spawns `serve` and waits until `stats` answers; returns the time that took.
     pub(crate) async fn start(&mut self, deadline: Duration) -> Result<Duration> {
+        self.start_until(deadline, false).await
+    }
+
+    /// Spawns `serve` of a cluster member and waits until it answers a `Ping`
+    /// as the leader or as a standby (`NotLeader`).
+    pub(crate) async fn start_member(&mut self, deadline: Duration) -> Result<Duration> {
+        self.start_until(deadline, true).await
+    }
+
+    async fn start_until(&mut self, deadline: Duration, member: bool) -> Result<Duration> {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -194,15 +219,22 @@ impl HubProc {
             if port.is_none_or(udp_bound) {
                 let attempt = async {
                     let (ep, conn) = client::connect(&self.addr, &self.cred).await?;
-                    let r = client::request(&conn, OpRequest::Stats).await;
+                    let req = if member {
+                        OpRequest::Ping
+                    } else {
+                        OpRequest::Stats
+                    };
+                    let r = client::request(&conn, req).await;
                     conn.close(0u32.into(), b"");
                     drop(ep);
                     r
                 };
-                if let Ok(Ok(OpResponse::Ok { .. })) =
-                    tokio::time::timeout(Duration::from_secs(2), attempt).await
-                {
-                    return Ok(started.elapsed());
+                match tokio::time::timeout(Duration::from_secs(2), attempt).await {
+                    Ok(Ok(OpResponse::Ok { .. })) => return Ok(started.elapsed()),
+                    Ok(Err(client::ClientError::NotLeader { .. })) if member => {
+                        return Ok(started.elapsed());
+                    }
+                    _ => {}
                 }
             }
             if let Some(c) = self.child.as_mut()
