@@ -231,9 +231,11 @@ fn join_data_dir(
     Ok(pki.ca_fingerprint())
 }
 
-/// `serve` on PostgreSQL: a member of a cluster (of one or more hubs) that
-/// leads when it wins the election and is a standby otherwise.
-async fn serve_cluster(cfg: HubConfig, data_dir: PathBuf) -> Result<(), CliError> {
+/// The PostgreSQL options hub.toml names and their connection settings
+/// (a bad URL or password file is a configuration error, exit 78).
+fn pg_settings(
+    cfg: &HubConfig,
+) -> Result<(crate::store::PgOptions, tokio_postgres::Config), CliError> {
     let opts = cfg
         .store
         .pg_options()
@@ -242,6 +244,13 @@ async fn serve_cluster(cfg: HubConfig, data_dir: PathBuf) -> Result<(), CliError
         code: 78,
         message: e.to_string(),
     })?;
+    Ok((opts, pg))
+}
+
+/// `serve` on PostgreSQL: a member of a cluster (of one or more hubs) that
+/// leads when it wins the election and is a standby otherwise.
+async fn serve_cluster(cfg: HubConfig, data_dir: PathBuf) -> Result<(), CliError> {
+    let (opts, pg) = pg_settings(&cfg)?;
     let addr = cfg.advertise_addr(&hostname());
     if addr.ends_with(":0") {
         return Err(CliError {
@@ -294,14 +303,7 @@ pub(crate) async fn cluster_status(data_dir: &std::path::Path, json: bool) -> Re
             ),
         });
     }
-    let opts = cfg
-        .store
-        .pg_options()
-        .map_err(|message| CliError { code: 78, message })?;
-    let pg = opts.config().map_err(|e| CliError {
-        code: 78,
-        message: e.to_string(),
-    })?;
+    let (_, pg) = pg_settings(&cfg)?;
     let status = crate::cluster::status(&pg, cfg.store.lease)
         .await
         .map_err(|e| CliError {

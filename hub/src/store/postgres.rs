@@ -598,6 +598,17 @@ fn fence(ours: u64, current: u64) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// Reads the term inside `tx` (locking its row, see the module docs) and
+/// checks it against ours: the fence of a write that is not pipelined.
+async fn check_term(
+    tx: &tokio_postgres::Transaction<'_>,
+    st: &Statements,
+    ours: u64,
+) -> Result<(), StoreError> {
+    let row = tx.query_one(&st.term, &[]).await.map_err(pg)?;
+    fence(ours, unbig(row.try_get::<_, i64>(0).map_err(pg)?))
+}
+
 impl PgStore {
     /// Connects, creates or migrates the `muster` schema (under an advisory
     /// lock, so hubs starting together do not race) and prepares the commit
@@ -785,14 +796,7 @@ impl Backend for PgStore {
         let Writer { client, st } = &mut *w;
         run(&self.handle, async {
             let tx = client.transaction().await.map_err(pg)?;
-            let current = unbig(
-                tx.query_one(&st.term, &[])
-                    .await
-                    .map_err(pg)?
-                    .try_get::<_, i64>(0)
-                    .map_err(pg)?,
-            );
-            fence(ours, current)?;
+            check_term(&tx, st, ours).await?;
             let max = i64::try_from(max).unwrap_or(i64::MAX);
             let rows = tx
                 .query(
@@ -955,14 +959,7 @@ impl Backend for PgStore {
         let Writer { client, st } = &mut *w;
         run(&self.handle, async {
             let tx = client.transaction().await.map_err(pg)?;
-            let current = unbig(
-                tx.query_one(&st.term, &[])
-                    .await
-                    .map_err(pg)?
-                    .try_get::<_, i64>(0)
-                    .map_err(pg)?,
-            );
-            fence(ours, current)?;
+            check_term(&tx, st, ours).await?;
             tx.execute(
                 "INSERT INTO muster.meta (key, value) VALUES ('probe', 1) \
                  ON CONFLICT (key) DO UPDATE SET value = muster.meta.value + 1",
