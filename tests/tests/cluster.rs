@@ -485,3 +485,74 @@ fn init_refuses_a_second_cluster_on_a_database_and_a_join_without_the_pki() {
         assert!(stderr(&out).contains(f), "names {f}: {}", stderr(&out));
     }
 }
+
+#[test]
+fn a_standby_answers_silent_garbage_and_oversize_connections_by_naming_the_leader() {
+    use muster_protocol::msg::{HubMsg, Refused};
+    let Some(db) = TestDb::create() else { return };
+    let mut a = member(Hub::init_store(db.url()));
+    a.start();
+    let mut b = member(Hub::join(&a, db.url()));
+    b.start();
+    let leader = a.addr().to_string();
+    let standby = b.addr();
+    let cfg = muster_protocol::tls::enroll_client_config(&a.ca_fingerprint()).expect("config");
+    muster_tests::block_on(async {
+        let ep = quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("endpoint");
+        let connect = || async {
+            ep.connect_with(cfg.clone(), standby, "localhost")
+                .expect("connect")
+                .await
+                .expect("a standby completes the handshake")
+        };
+        let closed_naming_the_leader = |e: quinn::ConnectionError| match e {
+            quinn::ConnectionError::ApplicationClosed(c) => {
+                assert_eq!(
+                    c.error_code,
+                    quinn::VarInt::from_u32(muster_protocol::CLOSE_NOT_LEADER)
+                );
+                assert_eq!(String::from_utf8_lossy(&c.reason), leader);
+            }
+            other => panic!("closed with {other}, not CLOSE_NOT_LEADER"),
+        };
+        // Silent: closed after the first-message timeout, naming the leader.
+        let silent = connect().await;
+        let e = tokio::time::timeout(Duration::from_secs(15), silent.closed())
+            .await
+            .expect("a silent connection is closed");
+        closed_naming_the_leader(e);
+        // Oversize: a frame header announcing 1 GiB is not read into memory.
+        let big = connect().await;
+        let (mut send, _recv) = big.open_bi().await.expect("a stream");
+        send.write_all(&(1u32 << 30).to_be_bytes())
+            .await
+            .expect("write");
+        send.write_all(&[0u8; 1024]).await.expect("write");
+        let e = tokio::time::timeout(Duration::from_secs(15), big.closed())
+            .await
+            .expect("an oversize connection is closed");
+        closed_naming_the_leader(e);
+        // Garbage: the answer is still the typed refusal.
+        let junk = connect().await;
+        let (mut send, recv) = junk.open_bi().await.expect("a stream");
+        send.write_all(&[0, 0, 0, 4, 0xde, 0xad, 0xbe, 0xef])
+            .await
+            .expect("write");
+        let _ = send.finish();
+        let mut rd = muster_protocol::FrameReader::new(recv, 1 << 16);
+        let answer = tokio::time::timeout(Duration::from_secs(15), rd.recv::<HubMsg>())
+            .await
+            .expect("an answer in time")
+            .expect("a frame")
+            .expect("not the end of the stream");
+        assert_eq!(
+            answer,
+            HubMsg::Refused(Refused::NotLeader {
+                leader: Some(leader.clone())
+            })
+        );
+    });
+    // The standby still answers, and its CLI still reaches the leader.
+    let stats = b.json(&["stats"]);
+    assert!(stats.is_object(), "{stats}");
+}
