@@ -780,7 +780,11 @@ fn write_compacted(path: &Path, tmp: &Path, cap: u64) -> std::io::Result<u64> {
     Ok(cut)
 }
 
-/// What an attempt's run and log directories hold, for [`keep::plan_keep`]. Blocking.
+/// What an attempt's run and log directories hold, for [`keep::plan_keep`].
+/// Blocking. A directory that is not there holds nothing, so its files are
+/// not probed: most attempts end with no log directory, and many (an agent
+/// that writes nothing, in process) with no run directory, and each probe is
+/// a `statx` on the sidecar's hot path.
 fn observe(run_dir: &Path, dest: &Path) -> AttemptOnDisk {
     let size = |p: PathBuf| {
         std::fs::metadata(p)
@@ -788,18 +792,22 @@ fn observe(run_dir: &Path, dest: &Path) -> AttemptOnDisk {
             .filter(|m| m.is_file())
             .map(|m| m.len())
     };
+    let run_dir_there = run_dir.is_dir();
+    let log_dir = dest.is_dir();
     AttemptOnDisk {
         streams: STREAMS.map(|s| {
             let kept = dest.join(s.as_str());
             StreamOnDisk {
-                run: size(run_dir.join(s.as_str())),
-                kept: size(kept.clone()),
-                cut_recorded: dest.join(format!("{}.cut", s.as_str())).exists(),
-                compacted: compact_path(&kept).exists(),
+                run: run_dir_there
+                    .then(|| size(run_dir.join(s.as_str())))
+                    .flatten(),
+                kept: log_dir.then(|| size(kept.clone())).flatten(),
+                cut_recorded: log_dir && dest.join(format!("{}.cut", s.as_str())).exists(),
+                compacted: log_dir && compact_path(&kept).exists(),
             }
         }),
-        log_dir: dest.is_dir(),
-        ended: dest.join("ended").exists(),
+        log_dir,
+        ended: log_dir && dest.join("ended").exists(),
     }
 }
 

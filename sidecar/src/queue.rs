@@ -28,6 +28,20 @@ pub const DB_FILE: &str = "sidecar.redb";
 pub use crate::core::{CommitKind, commit_kind};
 
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+
+/// Commits made by every queue of this process, flushed and unflushed: a
+/// benchmark that runs many sidecars in one process reads its commits per
+/// task here (a daemon's own `/metrics` are per process anyway).
+static COMMITS: [std::sync::atomic::AtomicU64; 2] = [
+    std::sync::atomic::AtomicU64::new(0),
+    std::sync::atomic::AtomicU64::new(0),
+];
+
+/// Queue commits made in this process so far: (flushed, unflushed).
+pub fn commits_in_process() -> (u64, u64) {
+    use std::sync::atomic::Ordering::Relaxed;
+    (COMMITS[0].load(Relaxed), COMMITS[1].load(Relaxed))
+}
 const TASKS: TableDefinition<u64, &[u8]> = TableDefinition::new("tasks");
 const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
 
@@ -297,6 +311,8 @@ impl Queue {
             }
         }
         tx.commit()?;
+        let which = usize::from(!matches!(durability, Durability::Immediate));
+        COMMITS[which].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(())
     }
 }

@@ -43,7 +43,7 @@ pub mod timers;
 #[cfg(test)]
 mod tests;
 
-pub use durability::{CommitKind, commit_kind};
+pub use durability::{CommitKind, FORGETS_HELD_MAX, HeldForgets, commit_kind};
 pub use policy::{Policy, Verifier};
 
 use run::{RunEvent, RunHandle};

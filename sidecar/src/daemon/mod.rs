@@ -230,6 +230,7 @@ async fn start(opts: Options) -> Result<(Daemon, Core, Arc<Queue>, Io), DaemonEr
         finalize_tx,
         sweep: Sweep::default(),
         transcripts: activity::Transcripts::default(),
+        held: crate::core::HeldForgets::default(),
     };
     let orphans = d.sweep_runs(&core).await;
     // After the sweep: the pass looks at every directory under runs/.
@@ -333,7 +334,10 @@ async fn serve(
             d.launch(core, &mut io.run_rx, &mut effects).await;
         }
         // Commit before acknowledge: store effects are durable before anything is sent.
-        let store: Vec<Effect> = effects.iter().filter(|e| e.is_store()).cloned().collect();
+        // A batch that only forgets commits nothing now: it rides on the next flushed one.
+        let store = d
+            .held
+            .commit_now(effects.iter().filter(|e| e.is_store()).cloned().collect());
         #[cfg(feature = "test-hooks")]
         crate::test_hooks::hold_before_handle_commit(&d.cfg.data_dir, &store).await;
         if !store.is_empty()
@@ -425,9 +429,21 @@ async fn drain(d: &mut Daemon, core: &mut Core, queue: &Arc<Queue>, io: &mut Io)
             core.handle_hub(d.now(), msg);
             // Only the store effects: nothing else is done while draining.
             let effects = core.take_effects();
-            let q = Arc::clone(queue);
-            let _ = tokio::task::spawn_blocking(move || q.apply(&effects)).await;
+            let now = d
+                .held
+                .commit_now(effects.into_iter().filter(Effect::is_store).collect());
+            if !now.is_empty() {
+                let q = Arc::clone(queue);
+                let _ = tokio::task::spawn_blocking(move || q.apply(&now)).await;
+            }
         }
+    }
+    // What was forgotten, on disk before the process ends: the next start
+    // then replays nothing the hub already has.
+    let held = d.held.take();
+    if !held.is_empty() {
+        let q = Arc::clone(queue);
+        let _ = tokio::task::spawn_blocking(move || q.apply(&held)).await;
     }
 }
 
@@ -523,6 +539,8 @@ struct Daemon {
     sweep: Sweep,
     /// The transcripts followed for usage (`[agent] transcript`).
     transcripts: activity::Transcripts,
+    /// Forget-only batches waiting for the next flushed commit.
+    held: crate::core::HeldForgets,
 }
 
 impl Daemon {
