@@ -81,6 +81,29 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
         Ok(n)
     }
 
+    /// Encodes `msg` as one frame into the writer's buffer, without flushing
+    /// (a full buffer is written out); returns the bytes it takes on the wire.
+    /// [`FrameWriter::flush`] then sends the buffered frames together: a
+    /// session with several messages ready makes one stream write for them, not
+    /// one each.
+    ///
+    /// # Errors
+    /// As [`FrameWriter::send`].
+    pub async fn feed<T: Serialize>(&mut self, msg: &T) -> Result<usize, FrameError> {
+        let bytes = encode(msg)?;
+        let n = bytes.len() + FRAME_HEADER_BYTES;
+        self.inner.feed(Bytes::from(bytes)).await?;
+        Ok(n)
+    }
+
+    /// Writes out every frame [`FrameWriter::feed`] buffered.
+    ///
+    /// # Errors
+    /// [`FrameError::Io`] if the stream fails.
+    pub async fn flush(&mut self) -> Result<(), FrameError> {
+        Ok(SinkExt::<Bytes>::flush(&mut self.inner).await?)
+    }
+
     /// The stream underneath, to finish or reset it.
     pub fn get_mut(&mut self) -> &mut W {
         self.inner.get_mut()
@@ -175,5 +198,35 @@ mod tests {
         assert!(matches!(rd.recv::<u64>().await, Err(FrameError::Decode(_))));
         drop(wr);
         assert!(matches!(rd.recv::<u64>().await, Ok(None)));
+    }
+
+    #[tokio::test]
+    async fn fed_frames_wait_for_the_flush_and_arrive_in_order() {
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        let (a_rd, a_wr) = tokio::io::split(a);
+        let (b_rd, b_wr) = tokio::io::split(b);
+        let (mut wr, _) = framed(a_wr, a_rd, 1024);
+        let (_, mut rd) = framed(b_wr, b_rd, 1024);
+        for i in 0..3u32 {
+            wr.feed(&i).await.expect("feed");
+        }
+        // Nothing is on the stream before the flush.
+        let early = tokio::time::timeout(std::time::Duration::from_millis(20), rd.recv::<u32>());
+        assert!(
+            early.await.is_err(),
+            "a fed frame was written before the flush"
+        );
+        wr.flush().await.expect("flush");
+        for i in 0..3u32 {
+            assert_eq!(rd.recv::<u32>().await.expect("recv"), Some(i));
+        }
+        // Too large: refused at feed, and what was fed before still goes.
+        wr.feed(&7u32).await.expect("feed");
+        assert!(matches!(
+            wr.feed(&vec![0u8; 2048]).await,
+            Err(FrameError::Io(_))
+        ));
+        wr.flush().await.expect("flush");
+        assert_eq!(rd.recv::<u32>().await.expect("recv"), Some(7));
     }
 }

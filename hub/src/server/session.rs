@@ -21,6 +21,9 @@ use muster_protocol::pace::Window;
 
 pub(super) use muster_protocol::framed;
 
+/// Messages of a sidecar session written with one flush, at most.
+const WRITE_BATCH_MAX: usize = 64;
+
 /// Sends `msg` as one frame; the bytes it took on the wire.
 pub(super) async fn send_frame<T: serde::Serialize>(
     wr: &mut FrameWriter,
@@ -145,22 +148,34 @@ pub(super) async fn run_session(
     }
     let metrics = shared.metrics.clone();
     let writer = tokio::spawn(async move {
-        while let Some(msg) = rx.recv().await {
-            let last = matches!(msg, HubMsg::Refused(_));
-            // Per-task coordination cost: the session's own Welcome is not a task message,
-            // as the sidecar's Hello and heartbeats are not counted either.
-            let counted = !matches!(msg, HubMsg::Welcome(_) | HubMsg::Refused(_));
-            match send_frame(&mut wr, &msg).await {
-                Ok(n) if counted => {
-                    metrics.msgs_out.fetch_add(1, Ordering::Relaxed);
-                    metrics.bytes.fetch_add(n as u64, Ordering::Relaxed);
+        // What the core queued together (a batch's assignments and acks) leaves
+        // in one stream write.
+        let mut out = Vec::with_capacity(WRITE_BATCH_MAX);
+        while rx.recv_many(&mut out, WRITE_BATCH_MAX).await > 0 {
+            let mut last = false;
+            for msg in out.drain(..) {
+                last = matches!(msg, HubMsg::Refused(_));
+                // Per-task coordination cost: the session's own Welcome is not a task
+                // message, as the sidecar's Hello and heartbeats are not counted either.
+                let counted = !matches!(msg, HubMsg::Welcome(_) | HubMsg::Refused(_));
+                match wr.feed(&msg).await {
+                    Ok(n) if counted => {
+                        metrics.msgs_out.fetch_add(1, Ordering::Relaxed);
+                        metrics.bytes.fetch_add(n as u64, Ordering::Relaxed);
+                    }
+                    Ok(_) => {}
+                    Err(_) => return,
                 }
-                Ok(_) => {}
-                Err(_) => break,
+                if last {
+                    break;
+                }
+            }
+            if wr.flush().await.is_err() {
+                return;
             }
             if last {
                 let _ = wr.get_mut().finish();
-                break;
+                return;
             }
         }
     });

@@ -293,12 +293,16 @@ async fn pump(
     mut rx: mpsc::Receiver<SessionMsg>,
     to_main: &mpsc::Sender<ToMain>,
 ) -> String {
+    let mut out = Vec::with_capacity(WRITE_BATCH_MAX);
     loop {
         tokio::select! {
-            msg = rx.recv() => {
-                let Some(msg) = msg else { return "closed locally".into() };
-                match wr.send(&msg).await {
-                    Ok(_) => {}
+            // Cancel safe. What the loop queued together leaves in one stream write.
+            n = rx.recv_many(&mut out, WRITE_BATCH_MAX) => {
+                if n == 0 {
+                    return "closed locally".into();
+                }
+                match send_all(&mut wr, &mut out).await {
+                    Ok(()) => {}
                     Err(e @ FrameError::Io(_)) => return format!("send: {e}"),
                     Err(e) => return e.to_string(),
                 }
@@ -317,6 +321,17 @@ async fn pump(
             },
         }
     }
+}
+
+/// Messages written to the session stream with one flush, at most.
+const WRITE_BATCH_MAX: usize = 64;
+
+/// Frames every message of `out` (emptying it), then flushes once.
+async fn send_all(wr: &mut FrameWriter, out: &mut Vec<SessionMsg>) -> Result<(), FrameError> {
+    for msg in out.drain(..) {
+        wr.feed(&msg).await?;
+    }
+    wr.flush().await
 }
 
 /// How long the hub has to send a log stream's first frame.
