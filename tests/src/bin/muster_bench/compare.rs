@@ -17,6 +17,10 @@
 //! `peers/fsync_probe.py` does) taken just before the pass, then `throughput`
 //! with the instant runner. Every figure is printed with the disk probe of
 //! its own run; the summary has min / median / max over the rounds.
+//!
+//! `--floor-ms` is the time of each round's redb floor (0: none); `--floor`
+//! does not apply. The peer's stderr goes to `round-R-graphile-MODE.log` in the
+//! run's temporary directory (`--keep` keeps it); its tail is in any error.
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -346,7 +350,6 @@ pub(crate) async fn compare(
     let dir = peer_dir(a)?;
     preflight(&dir).await?;
     let mut rounds = Vec::new();
-    let mut table = Vec::new();
     for r in 1..=a.rounds {
         let muster_first = r % 2 == 1;
         let mut order: Vec<&str> = modes_run.iter().map(|m| m.as_str()).collect();
@@ -411,7 +414,6 @@ pub(crate) async fn compare(
                 },
             );
         }
-        table.push((r, muster.clone(), peer.clone(), ratio.clone()));
         rounds.push(json!({
             "round": r,
             "order": order,
@@ -461,7 +463,7 @@ pub(crate) async fn compare(
         })
         .unwrap_or("?")
         .to_string();
-    print_table(a, &table, &summary);
+    print_table(a, &rounds, &summary);
     Ok(json!({
         "mode": "compare",
         "peer": "graphile-worker",
@@ -492,16 +494,7 @@ pub(crate) async fn compare(
 }
 
 /// The rounds and the summary as a table, on stderr.
-fn print_table(
-    a: &CompareArgs,
-    rows: &[(
-        usize,
-        Value,
-        serde_json::Map<String, Value>,
-        serde_json::Map<String, Value>,
-    )],
-    summary: &serde_json::Map<String, Value>,
-) {
+fn print_table(a: &CompareArgs, rounds: &[Value], summary: &serde_json::Map<String, Value>) {
     let f = |v: &Value| {
         v.as_f64()
             .map_or_else(|| "-".to_string(), |x| format!("{x:.1}"))
@@ -519,7 +512,10 @@ fn print_table(
         "{:<6} {:<18} {:>10} {:>14} {:>15} {:>10}\n",
         "round", "side", "tasks/s", "fsync p50 ms", "redb commits/s", "muster ÷"
     ));
-    for (r, muster, peer, ratio) in rows {
+    for round in rounds {
+        let r = round["round"].as_u64().unwrap_or(0);
+        let (muster, ratio) = (&round["muster"], &round["ratio"]);
+        let peer = round["peer"].as_object().cloned().unwrap_or_default();
         out.push_str(&format!(
             "{:<6} {:<18} {:>10} {:>14} {:>15} {:>10}\n",
             r,
@@ -529,7 +525,7 @@ fn print_table(
             f(&muster["redb_commits_per_s"]),
             ""
         ));
-        for (side, v) in peer {
+        for (side, v) in &peer {
             out.push_str(&format!(
                 "{:<6} {:<18} {:>10} {:>14} {:>15} {:>10}\n",
                 r,
@@ -538,7 +534,7 @@ fn print_table(
                 f3(&v["fsync_probe_ms_p50"]),
                 "",
                 f3(ratio
-                    .get(&format!("muster_over_{side}"))
+                    .get(format!("muster_over_{side}"))
                     .unwrap_or(&Value::Null))
             ));
         }

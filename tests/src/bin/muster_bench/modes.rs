@@ -196,6 +196,9 @@ async fn hub_latencies(
 /// totals, and `hub_other` and `bench_other` are what the totals hold beyond
 /// the named threads (the fleet's blocking threads are kept alive for an hour
 /// so that they do not exit mid-pass).
+///
+/// There is no figure for the sidecars' own queue commits per task: the
+/// sidecar's metrics (`sidecar/src/daemon/metrics.rs`) do not count them.
 #[derive(Debug, Clone, Copy)]
 struct CpuSplit {
     hub: f64,
