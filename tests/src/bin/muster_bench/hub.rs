@@ -380,9 +380,16 @@ fn stat_cpu(stat: &str) -> Option<(String, f64)> {
     Some((name, (num(11)? + num(12)?) / clock_ticks()))
 }
 
-/// (thread id, name, utime + stime in seconds) of every thread of `pid`
-/// running now (`/proc/<pid>/task/*/stat`). A thread that has exited is in
-/// none of them: its time is only in the process total ([`cpu_seconds`]).
+/// (thread id, name, CPU seconds) of every thread of `pid` running now: the
+/// name from `/proc/<pid>/task/<tid>/stat`, the time from its `schedstat`
+/// (time on a CPU, in ns; `stat`'s utime + stime when there is none). A
+/// thread that has exited is in none of them: its time is only in the process
+/// total ([`cpu_seconds`]).
+///
+/// Why not `stat`'s utime + stime: with many short-running threads (64 sidecar
+/// daemons committing by `block_in_place`) their per-thread sum fell far
+/// behind the process total while every thread lived (85 against 134 ticks
+/// in one pass), while the `schedstat` sum followed it within a tick.
 pub(crate) fn thread_cpu(pid: u32) -> Result<Vec<(u32, String, f64)>> {
     let dir = format!("/proc/{pid}/task");
     let mut out = Vec::new();
@@ -395,9 +402,13 @@ pub(crate) fn thread_cpu(pid: u32) -> Result<Vec<(u32, String, f64)>> {
         let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
             continue;
         };
-        if let Some((name, cpu)) = stat_cpu(&stat) {
-            out.push((tid, name, cpu));
-        }
+        let Some((name, stat_cpu)) = stat_cpu(&stat) else {
+            continue;
+        };
+        let run_ns = std::fs::read_to_string(entry.path().join("schedstat"))
+            .ok()
+            .and_then(|s| s.split_whitespace().next()?.parse::<f64>().ok());
+        out.push((tid, name, run_ns.map_or(stat_cpu, |ns| ns / 1e9)));
     }
     Ok(out)
 }

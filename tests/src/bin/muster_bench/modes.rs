@@ -190,8 +190,8 @@ async fn hub_latencies(
 /// [`crate::CLIENT_THREAD`]).
 ///
 /// The process totals (`/proc/<pid>/stat`) count every thread, exited ones
-/// included; the per-thread sums (`/proc/<pid>/task/*/stat`) only the threads
-/// running when sampled, so a thread that exits during a pass loses its time
+/// included; the per-thread sums (`/proc/<pid>/task/*/schedstat`, see
+/// [`crate::hub::thread_cpu`]) only the threads running when sampled, so a thread that exits during a pass loses its time
 /// from them. The hub's and the bench's figures are therefore the process
 /// totals, and `hub_other` and `bench_other` are what the totals hold beyond
 /// the named threads (the fleet's blocking threads are kept alive for an hour
@@ -370,7 +370,7 @@ pub(crate) async fn throughput(bin: &Path, root: &Path, a: &ThroughputArgs) -> R
         "cpu_per_task_us": cpu["cpu_per_task_us"],
         "cpu_s": cpu["cpu_s"],
         "cpu_busy_cores": cpu["cpu_busy_cores"],
-        "cpu_source": "utime+stime from /proc: hub and bench are process totals, hub_core the hub's muster-core thread, sidecars the fleet runtime's muster-fleet threads, client the bench's main thread and muster-client threads; *_other = process total − named threads",
+        "cpu_source": "hub and bench: process utime+stime (/proc/<pid>/stat); named threads: /proc/<pid>/task/*/schedstat; hub_core the hub's muster-core thread, sidecars the fleet runtime's muster-fleet threads, client the bench's main thread and muster-client threads; *_other = process total − named threads",
         "mode": "throughput",
         "agent": a.agent.as_str(),
         "sidecars": a.sidecars,
