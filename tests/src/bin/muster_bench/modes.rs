@@ -195,7 +195,9 @@ async fn hub_latencies(
 /// from them. The hub's and the bench's figures are therefore the process
 /// totals, and `hub_other` and `bench_other` are what the totals hold beyond
 /// the named threads (the fleet's blocking threads are kept alive for an hour
-/// so that they do not exit mid-pass).
+/// so that they do not exit mid-pass). The process totals move in clock ticks
+/// (10 ms), the thread sums in ns: an `*_other` within a tick of 0 may come
+/// out slightly negative.
 ///
 /// There is no figure for the sidecars' own queue commits per task: the
 /// sidecar's metrics (`sidecar/src/daemon/metrics.rs`) do not count them.
