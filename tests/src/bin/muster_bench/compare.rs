@@ -308,6 +308,10 @@ async fn muster_run(bin: &Path, dir: &Path, a: &CompareArgs, floor_ms: u64) -> R
         "hub_commits_per_1000_tasks": round3(
             v["hub"]["commits"].as_f64().unwrap_or(0.0) * 1000.0 / a.tasks as f64
         ),
+        "sidecar_commits_per_task": {
+            "flushed": v["sidecar_commits"]["flushed_per_task"],
+            "unflushed": v["sidecar_commits"]["unflushed_per_task"],
+        },
         "cpu_per_task_us": v["cpu_per_task_us"],
         "cpu_busy_cores": v["cpu_busy_cores"],
         "fsync_probe_ms_p50": probe["fsync_probe_ms_p50"],

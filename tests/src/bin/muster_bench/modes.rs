@@ -198,9 +198,6 @@ async fn hub_latencies(
 /// so that they do not exit mid-pass). The process totals move in clock ticks
 /// (10 ms), the thread sums in ns: an `*_other` within a tick of 0 may come
 /// out slightly negative.
-///
-/// There is no figure for the sidecars' own queue commits per task: the
-/// sidecar's metrics (`sidecar/src/daemon/metrics.rs`) do not count them.
 #[derive(Debug, Clone, Copy)]
 struct CpuSplit {
     hub: f64,
@@ -270,6 +267,8 @@ struct Snapshot {
     stats: Value,
     cpu: f64,
     split: CpuSplit,
+    /// The queue commits of every sidecar of this process: (flushed, unflushed).
+    sidecar_commits: (u64, u64),
     at: Instant,
 }
 
@@ -279,7 +278,23 @@ impl Snapshot {
             stats: ops.stats().await?,
             cpu: hub.cpu_seconds()?,
             split: CpuSplit::take(hub.pid()?)?,
+            sidecar_commits: muster_sidecar::queue::commits_in_process(),
             at: Instant::now(),
+        })
+    }
+
+    /// The sidecars' queue commits in the pass: flushed (`fdatasync`) and
+    /// unflushed, in all and per task. Every sidecar of the bench runs in this
+    /// process, so the process-wide count is theirs.
+    fn sidecar_commits(&self, after: &Snapshot) -> Value {
+        let tasks = (num(&after.stats, "finished") - num(&self.stats, "finished")).max(1.0);
+        let flushed = after.sidecar_commits.0 - self.sidecar_commits.0;
+        let unflushed = after.sidecar_commits.1 - self.sidecar_commits.1;
+        json!({
+            "flushed": flushed,
+            "unflushed": unflushed,
+            "flushed_per_task": round3(flushed as f64 / tasks),
+            "unflushed_per_task": round3(unflushed as f64 / tasks),
         })
     }
 
@@ -369,6 +384,7 @@ pub(crate) async fn throughput(bin: &Path, root: &Path, a: &ThroughputArgs) -> R
     }
     let cpu = before.cpu(&after);
     Ok(json!({
+        "sidecar_commits": before.sidecar_commits(&after),
         "cpu_per_task_us": cpu["cpu_per_task_us"],
         "cpu_s": cpu["cpu_s"],
         "cpu_busy_cores": cpu["cpu_busy_cores"],
