@@ -11,6 +11,8 @@
 //!   logs       [--mb 200] [--followers 0,1,10]
 //!   dashboard  [--agents 10000] [--tasks 1000000] [--requests 50] [--streams 100]
 //!   failover   --pg-url URL [--runs 10] [--lease 5s] [--sidecars 4]
+//!   compare    graphile [--tasks 20000] [--sidecars 64] [--slots 16] [--peer-dir DIR]
+//!              [--peer-concurrency 8] [--modes batched,default] [--rounds 3]
 //! ```
 //!
 //! `floor` measures what the machine does without muster (durable redb
@@ -18,6 +20,11 @@
 //! loopback). Every other mode first takes a short floor pass (`--floor-ms`
 //! each, 0 to skip, or `--floor FILE` to reuse a `floor --json` output) and
 //! prints its figures beside the matching floor and their ratio (`ratios`).
+//!
+//! `compare graphile` runs `throughput` (a fresh hub per round, its redb floor
+//! and a disk probe just before) and graphile-worker's own harness
+//! (`peers/graphile/run.sh N W`, as root) back to back, rounds interleaved, and
+//! prints both with their ratio: always JSON on stdout, a table on stderr.
 //!
 //! `workspace` starts no hub: it times the sidecar's workspace layer making
 //! git worktrees against a bare `git worktree add` in the same run.
@@ -30,6 +37,8 @@
 //! `failover` starts three hubs on a fresh database of a PostgreSQL server
 //! (`--pg-url` or `MUSTER_TEST_PG_URL`) and drops the database after.
 
+#[path = "muster_bench/compare.rs"]
+mod compare;
 #[path = "muster_bench/dashboard.rs"]
 mod dashboard;
 #[path = "muster_bench/failover.rs"]
@@ -99,7 +108,7 @@ enum BenchStore {
 
 #[derive(Subcommand)]
 enum Mode {
-    /// Many tasks through K sidecars: tasks/s, latencies, messages and bytes per task, hub CPU and memory, commits.
+    /// Many tasks through K sidecars: tasks/s, latencies, messages and bytes per task, CPU per task by component (hub core, rest of the hub, sidecars, client), hub memory, commits.
     Throughput(modes::ThroughputArgs),
     /// One task at a time through one sidecar: submit → running and → completed.
     Latency(modes::LatencyArgs),
@@ -113,11 +122,17 @@ enum Mode {
     Dashboard(dashboard::DashboardArgs),
     /// Three hubs on PostgreSQL, the leader killed -9 `--runs` times: time until a standby leads, a task completes, all sidecars are back.
     Failover(failover::FailoverArgs),
+    /// muster's throughput and a peer's (graphile-worker, by its harness, as root) back to back, rounds interleaved: both tasks/s, their ratio, a disk probe beside each.
+    Compare(compare::CompareArgs),
     /// This machine without muster: durable redb commits/s, spawns of /bin/true per second, QUIC round trip and handshake on loopback.
     Floor(floor::FloorArgs),
     /// The sidecar's workspace layer: prepare() of a git worktree (5,000 files, 100 MiB) against a bare `git worktree add`.
     Workspace(workspace::WorkspaceArgs),
 }
+
+/// The name of the bench runtime's threads (the client side of a run; the
+/// sidecars of `throughput` run on their own runtime, see `fleet.rs`).
+pub(crate) const CLIENT_THREAD: &str = "muster-client";
 
 fn main() -> ExitCode {
     // The exec sidecars start this binary as their reaper (see `fleet.rs`).
@@ -140,6 +155,9 @@ fn main() -> ExitCode {
         let _ = floor::PG_FLOOR_URL.set(url.clone());
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .thread_name(CLIENT_THREAD)
+        // Idle blocking threads stay: an exiting thread takes its CPU time out of the per-thread sums.
+        .thread_keep_alive(Duration::from_secs(3600))
         .enable_all()
         .build()
     {
@@ -154,7 +172,8 @@ fn main() -> ExitCode {
     runtime.shutdown_timeout(std::time::Duration::from_secs(2));
     match result {
         Ok(v) => {
-            util::print(&v, cli.json);
+            // `compare` prints its table on stderr: JSON here.
+            util::print(&v, cli.json || matches!(cli.mode, Mode::Compare(_)));
             ExitCode::SUCCESS
         }
         Err(e) => {
@@ -180,11 +199,13 @@ async fn run(cli: &Cli) -> anyhow::Result<serde_json::Value> {
                 Mode::Workspace(_) => PathBuf::new(),
                 _ => hub::hub_binary(cli.hub_bin.clone())?,
             };
-            // The floor first, on a machine with nothing of ours running yet.
-            let floor = match (&cli.floor, cli.floor_ms) {
-                (Some(path), _) => Some(floor::load(path)?),
-                (None, 0) => None,
-                (None, ms) => Some(floor::measure(&root.join("floor"), Duration::from_millis(ms)).await?),
+            // The floor first, on a machine with nothing of ours running yet
+            // (`compare` takes its own before each of its runs).
+            let floor = match (&cli.floor, cli.floor_ms, &cli.mode) {
+                (_, _, Mode::Compare(_)) => None,
+                (Some(path), _, _) => Some(floor::load(path)?),
+                (None, 0, _) => None,
+                (None, ms, _) => Some(floor::measure(&root.join("floor"), Duration::from_millis(ms)).await?),
             };
             let mut v = match &cli.mode {
                 Mode::Throughput(a) => modes::throughput(&bin, &root, a).await,
@@ -195,6 +216,7 @@ async fn run(cli: &Cli) -> anyhow::Result<serde_json::Value> {
                 Mode::Logs(a) => modes::logs(&bin, &root, a).await,
                 Mode::Dashboard(a) => dashboard::dashboard(&bin, &root, a).await,
                 Mode::Failover(a) => failover::failover(&bin, &root, a).await,
+                Mode::Compare(a) => compare::compare(&bin, &root, a, cli.floor_ms).await,
                 Mode::Floor(_) => unreachable!("handled above"),
             }?;
             if let Some(f) = floor {

@@ -1,6 +1,8 @@
 //! Sidecars for the bench: enrollment with join tokens and CSRs, the instant
 //! runner, and full sidecar daemons (the library, real redb files) run as
-//! tasks of this process.
+//! tasks of this process, on the bench's runtime or on a runtime of their own
+//! ([`Fleet::on_own_runtime`], threads named [`FLEET_THREAD`]) so that their
+//! CPU time can be told apart from the client's.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -154,18 +156,55 @@ pub(crate) async fn enroll_many(
     results.into_iter().collect()
 }
 
+/// The name of every thread of a fleet's own runtime (workers and blocking
+/// threads alike), as `/proc/self/task/*/comm` shows it.
+pub(crate) const FLEET_THREAD: &str = "muster-fleet";
+
+/// Worker threads of a fleet's own runtime.
+const FLEET_WORKERS: usize = 2;
+
 /// Sidecar daemons running in this process.
 pub(crate) struct Fleet {
     stop: CancellationToken,
     daemons: Vec<JoinHandle<Result<(), daemon::DaemonError>>>,
+    /// The fleet's own runtime, if it has one; `None`: the caller's.
+    runtime: Option<tokio::runtime::Runtime>,
 }
 
 impl Fleet {
+    /// Daemons on the caller's runtime.
     pub(crate) fn new() -> Self {
         Fleet {
             stop: CancellationToken::new(),
             daemons: Vec::new(),
+            runtime: None,
         }
+    }
+
+    /// Daemons on a multi-thread runtime of their own: [`FLEET_WORKERS`]
+    /// workers, every thread (blocking ones too) named [`FLEET_THREAD`], idle
+    /// blocking threads kept for an hour (a thread that exits takes its CPU
+    /// time out of the per-thread sums).
+    pub(crate) fn on_own_runtime() -> Result<Self> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(FLEET_WORKERS)
+            .thread_name(FLEET_THREAD)
+            .thread_keep_alive(Duration::from_secs(3600))
+            .enable_all()
+            .build()
+            .context("starting the fleet's runtime")?;
+        Ok(Fleet {
+            stop: CancellationToken::new(),
+            daemons: Vec::new(),
+            runtime: Some(runtime),
+        })
+    }
+
+    /// The runtime the daemons run on.
+    fn handle(&self) -> tokio::runtime::Handle {
+        self.runtime
+            .as_ref()
+            .map_or_else(tokio::runtime::Handle::current, |r| r.handle().clone())
     }
 
     /// Starts one sidecar daemon for `id` with its state in `dir`.
@@ -190,6 +229,9 @@ impl Fleet {
         agent: Agent,
         tweak: impl FnOnce(&mut SidecarConfig),
     ) -> Result<()> {
+        let handle = self.handle();
+        // Whatever the runner or the workspaces start, they start on the fleet's runtime.
+        let _enter = handle.enter();
         let mut config = sidecar_config(id, hub, dir, slots);
         tweak(&mut config);
         if agent == Agent::ExecWaited {
@@ -213,9 +255,9 @@ impl Fleet {
             workspaces,
         };
         let stop = self.stop.clone();
-        self.daemons.push(tokio::spawn(async move {
-            daemon::run(opts, || {}, stop.cancelled_owned()).await
-        }));
+        self.daemons.push(
+            handle.spawn(async move { daemon::run(opts, || {}, stop.cancelled_owned()).await }),
+        );
         Ok(())
     }
 
@@ -246,6 +288,10 @@ impl Fleet {
 impl Drop for Fleet {
     fn drop(&mut self) {
         self.stop.cancel();
+        // Dropped inside the bench's runtime: a blocking shutdown would panic.
+        if let Some(r) = self.runtime.take() {
+            r.shutdown_background();
+        }
     }
 }
 

@@ -61,7 +61,7 @@ fn us(mut v: Vec<Duration>) -> Value {
 }
 
 /// Durable commits of one small record, one after another, for `per`.
-fn redb_floor(dir: &Path, per: Duration) -> Result<Value> {
+pub(crate) fn redb_floor(dir: &Path, per: Duration) -> Result<Value> {
     const FLOOR: redb::TableDefinition<u64, &[u8]> = redb::TableDefinition::new("floor");
     let path = dir.join("floor.redb");
     let db = redb::Database::create(&path).with_context(|| path.display().to_string())?;

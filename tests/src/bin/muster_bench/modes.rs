@@ -183,10 +183,92 @@ async fn hub_latencies(
     Ok((states, running, completed))
 }
 
+/// CPU seconds (user + system) used so far, by component: the hub process and
+/// its core thread, and this process (the bench) with its sidecar daemons
+/// (the fleet's own runtime, threads named [`fleet::FLEET_THREAD`]) and its
+/// client (the main thread and the bench runtime's threads, named
+/// [`crate::CLIENT_THREAD`]).
+///
+/// The process totals (`/proc/<pid>/stat`) count every thread, exited ones
+/// included; the per-thread sums (`/proc/<pid>/task/*/schedstat`, see
+/// [`crate::hub::thread_cpu`]) only the threads running when sampled, so a thread that exits during a pass loses its time
+/// from them. The hub's and the bench's figures are therefore the process
+/// totals, and `hub_other` and `bench_other` are what the totals hold beyond
+/// the named threads (the fleet's blocking threads are kept alive for an hour
+/// so that they do not exit mid-pass). The process totals move in clock ticks
+/// (10 ms), the thread sums in ns: an `*_other` within a tick of 0 may come
+/// out slightly negative.
+#[derive(Debug, Clone, Copy)]
+struct CpuSplit {
+    hub: f64,
+    hub_core: f64,
+    bench: f64,
+    sidecars: f64,
+    client: f64,
+}
+
+/// The name of the hub's core thread (`hub/src/server/mod.rs`).
+const HUB_CORE_THREAD: &str = "muster-core";
+
+impl CpuSplit {
+    fn take(hub_pid: u32) -> Result<CpuSplit> {
+        let me = std::process::id();
+        let named = |pid: u32, pick: &dyn Fn(u32, &str) -> bool| -> Result<f64> {
+            Ok(crate::hub::thread_cpu(pid)?
+                .into_iter()
+                .filter(|(tid, name, _)| pick(*tid, name))
+                .map(|(_, _, cpu)| cpu)
+                .sum())
+        };
+        Ok(CpuSplit {
+            hub: crate::hub::cpu_seconds(hub_pid)?,
+            hub_core: named(hub_pid, &|_, name| name == HUB_CORE_THREAD)?,
+            bench: crate::hub::cpu_seconds(me)?,
+            sidecars: named(me, &|_, name| name == fleet::FLEET_THREAD)?,
+            client: named(me, &|tid, name| tid == me || name == crate::CLIENT_THREAD)?,
+        })
+    }
+
+    /// CPU per task (µs) and in all (s) from `self` to `after`, over `tasks` and `secs`.
+    fn delta(&self, after: &CpuSplit, tasks: f64, secs: f64) -> Value {
+        let hub = after.hub - self.hub;
+        let hub_core = after.hub_core - self.hub_core;
+        let bench = after.bench - self.bench;
+        let sidecars = after.sidecars - self.sidecars;
+        let client = after.client - self.client;
+        let parts = [
+            ("hub_core", hub_core),
+            ("hub_other", hub - hub_core),
+            ("hub", hub),
+            ("sidecars", sidecars),
+            ("client", client),
+            ("bench_other", bench - sidecars - client),
+            ("bench", bench),
+            ("total", hub + bench),
+        ];
+        let per_task: serde_json::Map<String, Value> = parts
+            .iter()
+            .map(|(k, s)| (k.to_string(), json!(round3(s * 1e6 / tasks.max(1.0)))))
+            .collect();
+        let total: serde_json::Map<String, Value> = parts
+            .iter()
+            .map(|(k, s)| (k.to_string(), json!(round3(*s))))
+            .collect();
+        json!({
+            "cpu_per_task_us": per_task,
+            "cpu_s": total,
+            "cpu_busy_cores": round3((hub + bench) / secs),
+        })
+    }
+}
+
 /// Hub figures before and after a pass, turned into per-task and per-second rates.
 struct Snapshot {
     stats: Value,
     cpu: f64,
+    split: CpuSplit,
+    /// The queue commits of every sidecar of this process: (flushed, unflushed).
+    sidecar_commits: (u64, u64),
     at: Instant,
 }
 
@@ -195,8 +277,32 @@ impl Snapshot {
         Ok(Snapshot {
             stats: ops.stats().await?,
             cpu: hub.cpu_seconds()?,
+            split: CpuSplit::take(hub.pid()?)?,
+            sidecar_commits: muster_sidecar::queue::commits_in_process(),
             at: Instant::now(),
         })
+    }
+
+    /// The sidecars' queue commits in the pass: flushed (`fdatasync`) and
+    /// unflushed, in all and per task. Every sidecar of the bench runs in this
+    /// process, so the process-wide count is theirs.
+    fn sidecar_commits(&self, after: &Snapshot) -> Value {
+        let tasks = (num(&after.stats, "finished") - num(&self.stats, "finished")).max(1.0);
+        let flushed = after.sidecar_commits.0 - self.sidecar_commits.0;
+        let unflushed = after.sidecar_commits.1 - self.sidecar_commits.1;
+        json!({
+            "flushed": flushed,
+            "unflushed": unflushed,
+            "flushed_per_task": round3(flushed as f64 / tasks),
+            "unflushed_per_task": round3(unflushed as f64 / tasks),
+        })
+    }
+
+    /// CPU per task by component (see [`CpuSplit`]).
+    fn cpu(&self, after: &Snapshot) -> Value {
+        let tasks = num(&after.stats, "finished") - num(&self.stats, "finished");
+        self.split
+            .delta(&after.split, tasks, (after.at - self.at).as_secs_f64())
     }
 
     fn delta(&self, after: &Snapshot) -> Value {
@@ -232,7 +338,8 @@ pub(crate) async fn throughput(bin: &Path, root: &Path, a: &ThroughputArgs) -> R
     .await?;
     let ready = phase("hub start", HUB_READY, hub.start(HUB_READY)).await?;
     let ops = Arc::new(hub.ops(a.connections).await?);
-    let mut fleet = Fleet::new();
+    // The daemons on a runtime of their own, to tell their CPU time from the client's.
+    let mut fleet = Fleet::on_own_runtime()?;
     let fleet_limit = Duration::from_secs(60) + Duration::from_millis(200) * a.sidecars as u32;
     let t = Instant::now();
     phase("enroll and start sidecars", fleet_limit, async {
@@ -275,7 +382,13 @@ pub(crate) async fn throughput(bin: &Path, root: &Path, a: &ThroughputArgs) -> R
     if done != n {
         bail!("only {done} of {n} tasks completed: {states:?}");
     }
+    let cpu = before.cpu(&after);
     Ok(json!({
+        "sidecar_commits": before.sidecar_commits(&after),
+        "cpu_per_task_us": cpu["cpu_per_task_us"],
+        "cpu_s": cpu["cpu_s"],
+        "cpu_busy_cores": cpu["cpu_busy_cores"],
+        "cpu_source": "hub and bench: process utime+stime (/proc/<pid>/stat); named threads: /proc/<pid>/task/*/schedstat; hub_core the hub's muster-core thread, sidecars the fleet runtime's muster-fleet threads, client the bench's main thread and muster-client threads; *_other = process total − named threads",
         "mode": "throughput",
         "agent": a.agent.as_str(),
         "sidecars": a.sidecars,
