@@ -8,6 +8,7 @@
 //!
 //! [`Queue::apply`] writes one batch of core effects in one durable transaction.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use muster_protocol::msg::Report;
@@ -281,33 +282,59 @@ impl Queue {
             CommitKind::Unflushed => Durability::None,
             CommitKind::Flushed => Durability::Immediate,
         };
+        // Only the last write of each row counts (a batch accepts, starts and
+        // finishes a task, and a held forget may precede a new assignment of the
+        // same task), and rows go in in key order.
+        let mut task_rows: BTreeMap<u64, Option<&LocalTask>> = BTreeMap::new();
+        let mut report_rows: BTreeMap<u64, Option<&Report>> = BTreeMap::new();
+        let mut next_report = None;
+        for e in effects {
+            match e {
+                Effect::PutTask(t) => {
+                    task_rows.insert(t.task.0, Some(t));
+                }
+                Effect::DeleteTask(id, _) => {
+                    task_rows.insert(id.0, None);
+                }
+                Effect::PutReport(r) => {
+                    report_rows.insert(r.id.0, Some(r));
+                }
+                Effect::DeleteReport(id) => {
+                    report_rows.insert(id.0, None);
+                }
+                Effect::NextReport(n) => next_report = Some(*n),
+                _ => {}
+            }
+        }
         let mut tx = self.db.begin_write()?;
         tx.set_durability(durability)?;
         {
             let mut tasks = tx.open_table(TASKS)?;
-            let mut outbox = tx.open_table(OUTBOX)?;
-            let mut meta = tx.open_table(META)?;
-            for e in effects {
-                match e {
-                    Effect::PutTask(t) => {
+            for (id, row) in task_rows {
+                match row {
+                    Some(t) => {
                         let bytes = encode(t).map_err(|e| QueueError::Db(e.to_string()))?;
-                        tasks.insert(t.task.0, bytes.as_slice())?;
+                        tasks.insert(id, bytes.as_slice())?;
                     }
-                    Effect::DeleteTask(id, _) => {
-                        tasks.remove(id.0)?;
+                    None => {
+                        tasks.remove(id)?;
                     }
-                    Effect::PutReport(r) => {
-                        let bytes = encode(r).map_err(|e| QueueError::Db(e.to_string()))?;
-                        outbox.insert(r.id.0, bytes.as_slice())?;
-                    }
-                    Effect::DeleteReport(id) => {
-                        outbox.remove(id.0)?;
-                    }
-                    Effect::NextReport(n) => {
-                        meta.insert("next_report", *n)?;
-                    }
-                    _ => {}
                 }
+            }
+            let mut outbox = tx.open_table(OUTBOX)?;
+            for (id, row) in report_rows {
+                match row {
+                    Some(r) => {
+                        let bytes = encode(r).map_err(|e| QueueError::Db(e.to_string()))?;
+                        outbox.insert(id, bytes.as_slice())?;
+                    }
+                    None => {
+                        outbox.remove(id)?;
+                    }
+                }
+            }
+            if let Some(n) = next_report {
+                tx.open_table(META)?.insert("next_report", n)?;
             }
         }
         tx.commit()?;
@@ -670,6 +697,69 @@ mod tests {
                 .tasks
                 .len(),
             1
+        );
+    }
+
+    #[test]
+    fn only_the_last_write_of_each_row_is_stored() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let q = Queue::open(&dir.path().join(DB_FILE)).expect("open");
+        let accept = |c: &mut Core| c.handle_hub(std::time::Duration::ZERO, assign());
+        let start = |c: &mut Core| c.handle_run(std::time::Duration::ZERO, started());
+        let finish = |c: &mut Core| c.handle_run(std::time::Duration::ZERO, finished());
+        // Accepted, started and finished in one commit, as a fast run is.
+        let mut all = batch(&[], &accept);
+        all.extend(batch(&[&accept], &start));
+        all.extend(batch(&[&accept, &start], &finish));
+        let puts = all
+            .iter()
+            .filter(|e| matches!(e, Effect::PutTask(_)))
+            .count();
+        assert!(
+            puts > 1,
+            "the batches should write the task more than once: {all:?}"
+        );
+        let last_task = all
+            .iter()
+            .rev()
+            .find_map(|e| match e {
+                Effect::PutTask(t) => Some(t.clone()),
+                _ => None,
+            })
+            .expect("a task write");
+        let reports: Vec<_> = all
+            .iter()
+            .filter_map(|e| match e {
+                Effect::PutReport(r) => Some(r.id),
+                _ => None,
+            })
+            .collect();
+        q.apply(&all).expect("apply");
+        let loaded = q.load().expect("load");
+        assert_eq!(loaded.tasks, vec![last_task]);
+        assert_eq!(
+            loaded.outbox.iter().map(|r| r.id).collect::<Vec<_>>(),
+            reports
+        );
+        // A forget, then the same task assigned again, in one commit: the task is held.
+        let mut again = vec![Effect::DeleteTask(T, G), Effect::DeleteReport(reports[1])];
+        again.extend(batch(&[], &accept));
+        let mut expected: std::collections::BTreeSet<ReportId> = reports.iter().copied().collect();
+        expected.remove(&reports[1]);
+        expected.extend(again.iter().filter_map(|e| match e {
+            Effect::PutReport(r) => Some(r.id),
+            _ => None,
+        }));
+        q.apply(&again).expect("apply");
+        let loaded = q.load().expect("load");
+        assert_eq!(loaded.tasks.len(), 1, "{:?}", loaded.tasks);
+        assert_eq!(
+            loaded
+                .outbox
+                .iter()
+                .map(|r| r.id)
+                .collect::<std::collections::BTreeSet<_>>(),
+            expected
         );
     }
 }

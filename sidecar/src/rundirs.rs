@@ -62,15 +62,28 @@ impl RunDirs {
     }
 
     /// The directory for a new attempt: a pooled one renamed into place when there
-    /// is one (the launcher creates it otherwise). One `rename`, about 10 µs.
+    /// is one (the launcher creates it otherwise). One `rename`, about 10 µs, and
+    /// no probe at all with an empty pool: a run that makes no directory (an
+    /// agent run in process) costs no file-system call here.
     pub fn take(&self, task: TaskId, generation: Generation) -> PathBuf {
         let dir = self.path(task, generation);
-        if dir.exists() {
-            return dir;
-        }
-        while let Some(free) = self.lock().pop() {
+        loop {
+            // The lock is not held across the rename (nor the push below).
+            let next = self.lock().pop();
+            let Some(free) = next else { break };
             match std::fs::rename(&free, &dir) {
                 Ok(()) => break,
+                // The attempt's directory is there already (with files: `rename`
+                // replaces only an empty one): it is used, and the pooled one kept.
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::DirectoryNotEmpty | std::io::ErrorKind::AlreadyExists
+                    ) =>
+                {
+                    self.lock().push(free);
+                    break;
+                }
                 Err(e) => {
                     tracing::debug!("pooled run directory {} unusable: {e}", free.display());
                     let _ = std::fs::remove_dir_all(&free);
@@ -224,5 +237,30 @@ mod tests {
         let again = RunDirs::new(tmp.path().join("runs"), 1);
         assert_eq!(again.pooled(), 1);
         assert!(again.take(TaskId(6), Generation(1)).is_dir());
+    }
+
+    #[test]
+    fn an_attempt_whose_directory_is_there_keeps_it_and_the_pool_keeps_its_own() {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let dirs = RunDirs::new(tmp.path().join("runs"), 2);
+        let old = dirs.take(TaskId(1), Generation(1));
+        std::fs::create_dir_all(&old).expect("mkdir");
+        std::fs::write(old.join("stdout"), "pooled").expect("write");
+        dirs.release(&old, Some(&handle(&old, Some(dead_pid()), RunMode::Exec)));
+        assert_eq!(dirs.pooled(), 1);
+        // Left by an earlier process for attempt 2-1 (spawned, then a crash).
+        let there = dirs.path(TaskId(2), Generation(1));
+        std::fs::create_dir_all(&there).expect("mkdir");
+        std::fs::write(there.join("stdout"), "its own").expect("write");
+        assert_eq!(dirs.take(TaskId(2), Generation(1)), there);
+        assert_eq!(
+            std::fs::read_to_string(there.join("stdout")).expect("read"),
+            "its own"
+        );
+        assert_eq!(dirs.pooled(), 1, "the pooled directory is kept");
+        // With an empty pool nothing is made: the launcher makes the directory.
+        let fresh = RunDirs::new(tmp.path().join("other"), 2);
+        let d = fresh.take(TaskId(3), Generation(1));
+        assert!(!d.exists());
     }
 }

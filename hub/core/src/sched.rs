@@ -76,20 +76,34 @@ impl Core {
         if self.sched.ready.is_empty() {
             return;
         }
-        // (name, free slots, load) of every agent that may take work now.
-        let mut free: Vec<(String, usize, usize)> = self
+        /// An agent that may take work now, borrowed for the pass: a task's pick
+        /// compares these without a lookup or an allocation per candidate.
+        struct Free<'a> {
+            name: &'a str,
+            capabilities: &'a [String],
+            serves_repos: bool,
+            free: usize,
+            load: usize,
+        }
+        let mut free: Vec<Free<'_>> = self
             .agents
             .values()
             .filter(|a| a.conn.is_some() && self.availability(now, a).0)
             .filter_map(|a| {
                 let slots = a.rec.slots as usize;
                 let used = a.tasks.len();
-                (slots > used).then(|| (a.rec.name.clone(), slots - used, used))
+                (slots > used).then_some(Free {
+                    name: a.rec.name.as_str(),
+                    capabilities: &a.rec.capabilities,
+                    serves_repos: a.workspace.serves_repos(),
+                    free: slots - used,
+                    load: used,
+                })
             })
             .collect();
-        free.sort();
-        let mut total: usize = free.iter().map(|f| f.1).sum();
-        let mut picks = Vec::new();
+        free.sort_by(|a, b| a.name.cmp(b.name));
+        let mut total: usize = free.iter().map(|f| f.free).sum();
+        let mut picks: Vec<(TaskId, usize)> = Vec::new();
         for &(_, _, id) in &self.sched.ready {
             if total == 0 {
                 break;
@@ -102,22 +116,31 @@ impl Core {
             let best = free
                 .iter()
                 .enumerate()
-                .filter(|(_, f)| f.1 > 0)
+                .filter(|(_, f)| f.free > 0)
                 .filter(|(_, f)| {
-                    let a = &self.agents[f.0.as_str()];
-                    caps.iter().all(|c| a.rec.capabilities.contains(c))
-                        && (!needs_git || a.workspace.serves_repos())
+                    caps.iter().all(|c| f.capabilities.contains(c))
+                        && (!needs_git || f.serves_repos)
                 })
-                // Prefer an agent that has not failed this task, then the least loaded.
-                .min_by_key(|(_, f)| (live.failed_on.contains(&f.0), f.2, f.0.clone()))
+                // Prefer an agent that has not failed this task, then the least
+                // loaded, then by name (the list is in name order: the first wins).
+                .min_by_key(|(_, f)| {
+                    (
+                        !live.failed_on.is_empty() && live.failed_on.contains(f.name),
+                        f.load,
+                    )
+                })
                 .map(|(i, _)| i);
             if let Some(i) = best {
-                free[i].1 -= 1;
-                free[i].2 += 1;
+                free[i].free -= 1;
+                free[i].load += 1;
                 total -= 1;
-                picks.push((id, free[i].0.clone()));
+                picks.push((id, i));
             }
         }
+        let picks: Vec<(TaskId, String)> = picks
+            .into_iter()
+            .map(|(id, i)| (id, free[i].name.to_string()))
+            .collect();
         for (id, agent) in picks {
             self.assign(now, id, &agent);
         }
