@@ -620,10 +620,7 @@ impl Core {
     // === Sessions ===
     /// What `/metrics` shows: task, agent and alert counts, and the counters.
     pub fn snapshot(&self, now: Millis) -> Snapshot {
-        let mut tasks: HashMap<TaskState, u64> = HashMap::new();
-        for l in self.tasks.values() {
-            *tasks.entry(l.rec.state).or_default() += 1;
-        }
+        let tasks = self.live_counts();
         let mut agents: HashMap<AgentState, u64> = HashMap::new();
         for a in self.agents.values() {
             let state = self.agent_state_kind(now, a);
@@ -642,7 +639,7 @@ impl Core {
             tasks: TaskState::ALL
                 .iter()
                 .filter(|s| !s.is_terminal())
-                .map(|s| (*s, tasks.get(s).copied().unwrap_or(0)))
+                .map(|s| (*s, tasks[s.index()]))
                 .collect(),
             agents: AgentState::ALL
                 .into_iter()
@@ -655,6 +652,17 @@ impl Core {
             counters: self.counters.clone(),
         }
     }
+    /// Live tasks by state, indexed by [`TaskState::index`]. One pass with no
+    /// allocation: `stats` and `/metrics` are polled, and a hub with a deep
+    /// queue answers them from tens of thousands of tasks.
+    pub(crate) fn live_counts(&self) -> [u64; TaskState::ALL.len()] {
+        let mut n = [0u64; TaskState::ALL.len()];
+        for l in self.tasks.values() {
+            n[l.rec.state.index()] += 1;
+        }
+        n
+    }
+
     /// Forgets the idempotency keys of pruned tasks.
     pub fn forget_keys(&mut self, pruned: &[TaskId]) {
         let gone: HashSet<TaskId> = pruned.iter().copied().collect();

@@ -45,6 +45,11 @@ impl TaskState {
         TaskState::Cancelled,
     ];
 
+    /// Its position in [`TaskState::ALL`], for counting into an array.
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
     /// Whether the task has ended.
     pub fn is_terminal(self) -> bool {
         matches!(

@@ -357,10 +357,12 @@ impl Core {
 
     pub(crate) fn stats(&self) -> Stats {
         let c = &self.counters;
-        let mut live_by_state: BTreeMap<&'static str, u64> = BTreeMap::new();
-        for l in self.tasks.values() {
-            *live_by_state.entry(l.rec.state.as_str()).or_default() += 1;
-        }
+        let counts = self.live_counts();
+        let live_by_state: BTreeMap<&'static str, u64> = TaskState::ALL
+            .into_iter()
+            .filter(|s| counts[s.index()] > 0)
+            .map(|s| (s.as_str(), counts[s.index()]))
+            .collect();
         Stats {
             finished: c.finished,
             completed: c.completed,

@@ -4400,3 +4400,10 @@ fn the_alerts_answer_lists_recent_raises_and_clears_newest_first() {
     assert_eq!(recent[1]["state"], "raised");
     assert!(recent[0]["at"].as_u64() > recent[1]["at"].as_u64(), "{v}");
 }
+
+#[test]
+fn a_state_index_is_its_position_in_all() {
+    for (i, s) in TaskState::ALL.into_iter().enumerate() {
+        assert_eq!(s.index(), i, "{s:?}");
+    }
+}
