@@ -178,6 +178,42 @@ fn check_throughput(v: &Value, tasks: u64) {
         &["tasks/s ÷ redb commits/s", "hub commits/s ÷ redb commits/s"],
     );
     assert_eq!(uint(v, "submit_to_completed.n"), tasks);
+    // CPU per task by component, and the sidecars' queue commits (issue 20).
+    has_all(
+        v,
+        &[
+            "cpu_per_task_us.hub",
+            "cpu_per_task_us.hub_core",
+            "cpu_per_task_us.sidecars",
+            "cpu_per_task_us.client",
+            "cpu_per_task_us.total",
+            "sidecar_commits.flushed_per_task",
+        ],
+    );
+    assert!(
+        uint(v, "sidecar_commits.flushed") > 0,
+        "the sidecars committed what they accepted: {v:#}"
+    );
+}
+
+#[test]
+fn compare_names_what_is_missing_without_the_peer_harness() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let out = Command::new(env!("CARGO_BIN_EXE_muster-bench"))
+        .args(["compare", "graphile", "--tasks", "10", "--peer-dir"])
+        .arg(dir.path())
+        .stdin(Stdio::null())
+        .output()
+        .expect("muster-bench runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "no harness, yet it succeeded: {stderr}"
+    );
+    assert!(
+        stderr.contains("run.sh") && stderr.contains("--peer-dir"),
+        "the error names the missing harness and the option: {stderr}"
+    );
 }
 
 #[test]
