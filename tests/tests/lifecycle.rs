@@ -1614,3 +1614,36 @@ fn idempotency_key_and_pagination_without_repeats_or_gaps() {
     sorted.sort_unstable_by(|x, y| y.cmp(x));
     assert_eq!(seen, sorted, "not newest first: {seen:?}");
 }
+
+/// A sidecar stopped with SIGTERM after its work was acknowledged leaves an
+/// empty queue: the forgetting it held for its next flushed commit (an
+/// acknowledgement commits nothing on its own) is flushed by the drain, so the
+/// next start replays nothing the hub already has.
+#[test]
+fn a_drained_sidecar_leaves_nothing_acknowledged_in_its_queue() {
+    let hub = hub_with(&[]);
+    let mut sc = sidecar(&hub, "drained1", &[]);
+    let script = agent_script(&sc, "agent.sh", "#!/bin/sh\nexit 0\n");
+    use_command(&sc, &script);
+    go_online(&hub, &mut sc);
+    for i in 0..3 {
+        let out = hub.cli(&["submit", "--title", &format!("drained {i}"), "--wait"]);
+        assert!(out.status.success(), "submit --wait: {}", stderr(&out));
+    }
+    let status = sc.stop();
+    assert!(status.success(), "SIGTERM: {status}");
+    let queue =
+        muster_sidecar::queue::Queue::open(&sc.data_dir().join(muster_sidecar::queue::DB_FILE))
+            .expect("the queue opens after the sidecar stopped");
+    let left = queue.load().expect("the queue reads");
+    assert!(
+        left.tasks.is_empty(),
+        "tasks left after a drain: {:?}",
+        left.tasks
+    );
+    assert!(
+        left.outbox.is_empty(),
+        "reports left after a drain: {:?}",
+        left.outbox
+    );
+}

@@ -438,10 +438,12 @@ async fn drain(d: &mut Daemon, core: &mut Core, queue: &Arc<Queue>, io: &mut Io)
             }
         }
     }
-    // What was forgotten, on disk before the process ends: the next start
-    // then replays nothing the hub already has.
-    let held = d.held.take();
+    // What was forgotten, flushed before the process ends (the next-report
+    // write makes the commit a flushed one): the next start then replays
+    // nothing the hub already has.
+    let mut held = d.held.take();
     if !held.is_empty() {
+        held.push(Effect::NextReport(core.next_report()));
         let q = Arc::clone(queue);
         let _ = tokio::task::spawn_blocking(move || q.apply(&held)).await;
     }
