@@ -103,7 +103,7 @@ impl Core {
             .collect();
         free.sort_by(|a, b| a.name.cmp(b.name));
         let mut total: usize = free.iter().map(|f| f.free).sum();
-        let mut picks: Vec<(TaskId, usize)> = Vec::new();
+        let mut picks: Vec<(TaskId, String)> = Vec::new();
         for &(_, _, id) in &self.sched.ready {
             if total == 0 {
                 break;
@@ -123,24 +123,15 @@ impl Core {
                 })
                 // Prefer an agent that has not failed this task, then the least
                 // loaded, then by name (the list is in name order: the first wins).
-                .min_by_key(|(_, f)| {
-                    (
-                        !live.failed_on.is_empty() && live.failed_on.contains(f.name),
-                        f.load,
-                    )
-                })
+                .min_by_key(|(_, f)| (live.failed_on.contains(f.name), f.load))
                 .map(|(i, _)| i);
             if let Some(i) = best {
                 free[i].free -= 1;
                 free[i].load += 1;
                 total -= 1;
-                picks.push((id, i));
+                picks.push((id, free[i].name.to_string()));
             }
         }
-        let picks: Vec<(TaskId, String)> = picks
-            .into_iter()
-            .map(|(id, i)| (id, free[i].name.to_string()))
-            .collect();
         for (id, agent) in picks {
             self.assign(now, id, &agent);
         }

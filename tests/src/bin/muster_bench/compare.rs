@@ -201,9 +201,15 @@ async fn peer_run(dir: &Path, mode: PeerMode, a: &CompareArgs, log: &Path) -> Re
         .spawn()
         .with_context(|| format!("running bash {}/run.sh", dir.display()))?;
     let mut stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
+    // One JSON line is expected: keep at most PEER_STDOUT_MAX bytes, and drain
+    // the rest so the harness never blocks on a full pipe.
     let reader = tokio::spawn(async move {
         let mut out = String::new();
-        let _ = stdout.read_to_string(&mut out).await;
+        let _ = (&mut stdout)
+            .take(PEER_STDOUT_MAX)
+            .read_to_string(&mut out)
+            .await;
+        let _ = tokio::io::copy(&mut stdout, &mut tokio::io::sink()).await;
         out
     });
     let limit = Duration::from_secs(a.peer_timeout_s);
@@ -258,6 +264,9 @@ async fn peer_run(dir: &Path, mode: PeerMode, a: &CompareArgs, log: &Path) -> Re
             )
         })
 }
+
+/// Bytes of the peer harness's stdout kept (it prints one JSON line).
+const PEER_STDOUT_MAX: u64 = 1 << 20;
 
 /// The last lines of a log, for error messages.
 fn tail(path: &Path) -> String {
