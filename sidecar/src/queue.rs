@@ -20,7 +20,9 @@ use crate::core::{Effect, LocalTask};
 /// The schema this build writes; older files are migrated on open.
 ///
 /// 2: task specs carry a repository, base and environment; finished reports the work result.
-pub const SCHEMA_VERSION: u64 = 2;
+/// 3: the outbox may hold `Ran` reports (an attempt's start and end in one),
+/// which a build of schema 2 cannot read; nothing else changed.
+pub const SCHEMA_VERSION: u64 = 3;
 /// The database file in the data directory.
 pub const DB_FILE: &str = "sidecar.redb";
 
@@ -225,9 +227,12 @@ impl Queue {
             let found = meta.get("schema_version")?.map(|v| v.value());
             match found {
                 Some(v) if v > SCHEMA_VERSION => return Err(QueueError::TooNew(v)),
-                Some(1) => {
+                Some(v) if v < SCHEMA_VERSION => {
                     drop(meta);
-                    migrate_v1(&tx)?;
+                    if v == 1 {
+                        migrate_v1(&tx)?;
+                    }
+                    // 2 → 3 rewrites nothing: schema 2 rows read as they are.
                     tx.open_table(META)?
                         .insert("schema_version", SCHEMA_VERSION)?;
                 }
@@ -688,7 +693,7 @@ mod tests {
             (*outcome, error.as_ref().map(|e| e.reason.as_str()), work),
             (Outcome::Failed, Some("why"), &None)
         );
-        // Opening again finds version 2 and reads the same.
+        // Opening again finds the current version and reads the same.
         assert_eq!(
             Queue::open(&path)
                 .expect("reopen")
@@ -698,6 +703,38 @@ mod tests {
                 .len(),
             1
         );
+    }
+
+    #[test]
+    fn a_schema_2_queue_opens_as_it_is_and_is_marked_3() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join(DB_FILE);
+        let held = batch(&[], &|c: &mut Core| {
+            c.handle_hub(std::time::Duration::ZERO, assign())
+        });
+        {
+            let q = Queue::open(&path).expect("create");
+            q.apply(&held).expect("commit");
+            let tx = q.db.begin_write().expect("write");
+            tx.open_table(META)
+                .expect("meta")
+                .insert("schema_version", 2)
+                .expect("insert");
+            tx.commit().expect("commit");
+        }
+        let q = Queue::open(&path).expect("a schema 2 file opens");
+        let version =
+            q.db.begin_read()
+                .expect("read")
+                .open_table(META)
+                .expect("meta")
+                .get("schema_version")
+                .expect("get")
+                .map(|v| v.value());
+        assert_eq!(version, Some(SCHEMA_VERSION));
+        let loaded = q.load().expect("load");
+        assert_eq!((loaded.tasks.len(), loaded.outbox.len()), (1, 1));
+        assert_eq!(loaded.outbox[0].body, ReportBody::Accepted);
     }
 
     #[test]

@@ -658,6 +658,14 @@ fn report_bodies() -> Vec<ReportBody> {
             work: Some(Box::new(work_result())),
         },
         ReportBody::Usage(usage()),
+        ReportBody::Ran {
+            pid: Some(4243),
+            session: None,
+            outcome: Outcome::Completed,
+            result: Some("all 12 fixed".into()),
+            error: None,
+            work: Some(Box::new(work_result())),
+        },
     ]
 }
 

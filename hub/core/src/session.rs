@@ -347,9 +347,9 @@ impl Core {
             return;
         };
         let report = bound_report(report);
-        let urgent = matches!(report.body, ReportBody::Finished { .. });
-        self.ack(conn, report.id, now, urgent);
         let kind = report.body.kind();
+        let urgent = kind == ReportKind::Finished;
+        self.ack(conn, report.id, now, urgent);
         let Some(live) = self.tasks.get_mut(&report.task) else {
             // Not live: a repeat about the attempt that ended the task is a duplicate;
             // anything else is stale.
@@ -378,7 +378,7 @@ impl Core {
         if let Some(a) = attempt
             && a.outcome.is_some()
         {
-            if matches!(report.body, ReportBody::Finished { .. }) {
+            if kind == ReportKind::Finished {
                 self.counters.duplicate_reports += 1;
                 self.flush_ack(conn);
             } else {
@@ -453,16 +453,55 @@ impl Core {
                 result,
                 error,
                 work,
+            } => self.finish_attempt(now, id, outcome, result, error, work),
+            ReportBody::Ran {
+                pid,
+                session,
+                outcome,
+                result,
+                error,
+                work,
             } => {
-                if let Some(a) = live.attempt.as_mut().filter(|a| a.outcome.is_none()) {
-                    a.work = work.map(|w| *w);
+                // Accepted, started and ended within one of the sidecar's
+                // commits: recorded as such, with no `accepted` or `running`
+                // event of its own (the task goes from its state here to the end).
+                live.seen.insert(ReportKind::Accepted);
+                live.seen.insert(ReportKind::Started);
+                if let Some(a) = live.attempt.as_mut() {
+                    a.accepted_at.get_or_insert(now);
+                    a.started_at.get_or_insert(now);
+                    a.pid = pid;
+                    a.session = session;
                 }
-                live.rec.result =
-                    result.map(|r| truncate_utf8(r, self.limits.max_result_bytes as usize));
-                let no_retry = error.as_ref().is_some_and(|e| e.no_retry);
-                self.end_attempt(now, id, outcome, error, no_retry);
+                live.rec.progress_at = Some(now);
+                if live.rec.state != TaskState::Running {
+                    let waited = now.saturating_sub(live.rec.submitted_at);
+                    self.out.dispatch_ms.push(waited);
+                }
+                self.finish_attempt(now, id, outcome, result, error, work);
             }
         }
+    }
+
+    /// Ends the attempt a `Finished` (or `Ran`) report is about.
+    fn finish_attempt(
+        &mut self,
+        now: Millis,
+        id: TaskId,
+        outcome: Outcome,
+        result: Option<String>,
+        error: Option<Failure>,
+        work: Option<Box<muster_wire::work::WorkResult>>,
+    ) {
+        let Some(live) = self.tasks.get_mut(&id) else {
+            return;
+        };
+        if let Some(a) = live.attempt.as_mut().filter(|a| a.outcome.is_none()) {
+            a.work = work.map(|w| *w);
+        }
+        live.rec.result = result.map(|r| truncate_utf8(r, self.limits.max_result_bytes as usize));
+        let no_retry = error.as_ref().is_some_and(|e| e.no_retry);
+        self.end_attempt(now, id, outcome, error, no_retry);
     }
 
     pub(crate) fn stale(&mut self, conn: ConnId, report: &Report, reason: &str) {
@@ -593,6 +632,21 @@ pub(crate) fn bound_report(mut r: Report) -> Report {
             error,
             work,
         } => ReportBody::Finished {
+            outcome,
+            result,
+            error: error.map(bound_failure),
+            work: work.map(|w| Box::new(w.bounded())),
+        },
+        ReportBody::Ran {
+            pid,
+            session,
+            outcome,
+            result,
+            error,
+            work,
+        } => ReportBody::Ran {
+            pid,
+            session: session.map(|s| truncate_utf8(s, limits::SESSION_BYTES_MAX)),
             outcome,
             result,
             error: error.map(bound_failure),

@@ -1313,6 +1313,73 @@ fn a_repeated_final_report_after_the_task_ended_is_only_acked() {
     );
 }
 
+#[test]
+fn a_ran_report_records_the_acceptance_the_start_and_the_end_at_once() {
+    let (mut h, c, t) = one_assigned();
+    let out = h.report(
+        c,
+        t,
+        1,
+        ReportBody::Ran {
+            pid: Some(77),
+            session: Some("s".repeat(muster_wire::limits::SESSION_BYTES_MAX + 10)),
+            outcome: Outcome::Completed,
+            result: Some("ok".into()),
+            error: None,
+            work: None,
+        },
+    );
+    let rec = h.task(t);
+    assert_eq!(rec.state, TaskState::Completed);
+    assert_eq!(rec.result.as_deref(), Some("ok"));
+    let a = h.attempt(t, 1);
+    assert!(a.accepted_at.is_some() && a.started_at.is_some() && a.ended_at.is_some());
+    assert_eq!(a.pid, Some(77));
+    assert_eq!(
+        a.session.as_ref().map(String::len),
+        Some(muster_wire::limits::SESSION_BYTES_MAX),
+        "the session name is bounded as in `Started`"
+    );
+    assert_eq!(a.outcome, Some(Outcome::Completed));
+    // One state change, from where the hub had it to the end.
+    let changes: Vec<(String, String)> = out
+        .writes
+        .iter()
+        .filter_map(|w| match w {
+            Write::Event { event, .. } => Some(json_of(event)),
+            _ => None,
+        })
+        .filter(|e| e["kind"] == "task")
+        .map(|e| (e["from"].to_string(), e["state"].to_string()))
+        .collect();
+    assert_eq!(
+        changes,
+        [("\"assigned\"".to_string(), "\"completed\"".to_string())]
+    );
+    assert_eq!(out.dispatch_ms.len(), 1, "it counts as dispatched");
+    assert_eq!(h.core.counters().completed, 1);
+    // Its repeat, or a late `Started` of the same attempt, changes nothing.
+    let dups = h.core.counters().duplicate_reports;
+    let (_, again) = h.report_input(
+        c,
+        t,
+        1,
+        ReportBody::Ran {
+            pid: Some(77),
+            session: None,
+            outcome: Outcome::Completed,
+            result: None,
+            error: None,
+            work: None,
+        },
+    );
+    let out = h.step(again);
+    assert!(task_writes(&out, t).is_empty());
+    assert!(abandons(&out, c).is_empty());
+    assert_eq!(h.core.counters().duplicate_reports, dups + 1);
+    assert_eq!(h.core.counters().completed, 1);
+}
+
 // === Acknowledgements ===
 
 #[test]

@@ -267,6 +267,14 @@ mod tests {
                 cost_micro_usd: Some(123_456),
             })),
         ];
+        session.push(report(ReportBody::Ran {
+            pid: Some(4242),
+            session: Some("muster-7".into()),
+            outcome: Outcome::Completed,
+            result: Some("done".into()),
+            error: None,
+            work: None,
+        }));
         session.extend(Outcome::ALL.iter().map(|&outcome| {
             report(ReportBody::Finished {
                 outcome,

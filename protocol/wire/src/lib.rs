@@ -28,4 +28,6 @@ pub use ids::{AgentName, EventSeq, Generation, NameError, ReportId, TaskId};
 /// Version 4 (issue 16): usage reports (`ReportBody::Usage`), each running
 /// attempt's activity in heartbeats, `task logs` (`OpRequest::TaskLogs`,
 /// `OpResponse::LogChunk`) and the log streams the hub opens on a sidecar's connection.
-pub const PROTOCOL_VERSION: u32 = 4;
+/// Version 5 (issue 20): `ReportBody::Ran`, an attempt's start and end in one
+/// report (a hub of version 4 could not decode it, so it refuses up front).
+pub const PROTOCOL_VERSION: u32 = 5;

@@ -270,6 +270,23 @@ pub enum ReportBody {
     /// What the attempt has used so far (cumulative: each report replaces the
     /// last; the hub keeps the latest per attempt). Repeatable, like `Progress`.
     Usage(Usage),
+    /// An attempt that started and ended between two of the sidecar's commits:
+    /// its `Started` and `Finished` (and its `Accepted`, if that was not sent
+    /// either) in one report, so a fast attempt costs one report, not three.
+    Ran {
+        /// The agent's process id, where known (as in `Started`).
+        pid: Option<u32>,
+        /// The agent's session name, where known (as in `Started`).
+        session: Option<String>,
+        /// How it ended (as in `Finished`).
+        outcome: Outcome,
+        /// The agent's result, if it gave one.
+        result: Option<String>,
+        /// What went wrong, for any outcome but `completed`.
+        error: Option<Failure>,
+        /// What the attempt left in its git workspace, if it had one.
+        work: Option<Box<WorkResult>>,
+    },
 }
 
 impl ReportBody {
@@ -279,7 +296,8 @@ impl ReportBody {
             ReportBody::Accepted => ReportKind::Accepted,
             ReportBody::Started { .. } => ReportKind::Started,
             ReportBody::Progress { .. } => ReportKind::Progress,
-            ReportBody::Finished { .. } => ReportKind::Finished,
+            // It ends the attempt: a repeat of it is a repeat of `Finished`.
+            ReportBody::Finished { .. } | ReportBody::Ran { .. } => ReportKind::Finished,
             ReportBody::Usage(_) => ReportKind::Usage,
         }
     }

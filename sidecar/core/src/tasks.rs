@@ -2,6 +2,7 @@
 //! superseded, or held back for a slot), reports and the outbox, the runner's
 //! events and the agent's commands.
 
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use muster_wire::limits::truncate_utf8;
@@ -172,6 +173,70 @@ impl Core {
         self.effects.push(Effect::PutReport(r.clone()));
         self.outbox.insert(id, r.clone());
         self.effects.push(Effect::Send(SessionMsg::Report(r)));
+    }
+
+    /// Folds the `Started` and `Finished` reports of an attempt that started and
+    /// ended within this batch (and its `Accepted`, if that is in the batch too)
+    /// into one [`ReportBody::Ran`], in the `Finished` report's place and under
+    /// its id. `effects` is a batch's whole effect list, before it commits: none
+    /// of its reports is durable or sent yet, so dropping two of them loses
+    /// nothing, and the hub learns the same from the one report.
+    pub fn coalesce_reports(&mut self, effects: &mut Vec<Effect>) {
+        type Attempt = (TaskId, Generation);
+        let mut accepted: HashMap<Attempt, ReportId> = HashMap::new();
+        let mut started: HashMap<Attempt, (ReportId, Option<u32>, Option<String>)> = HashMap::new();
+        let mut dropped: HashSet<ReportId> = HashSet::new();
+        let mut ran: HashMap<ReportId, (Option<u32>, Option<String>)> = HashMap::new();
+        for e in effects.iter() {
+            let Effect::PutReport(r) = e else { continue };
+            let attempt = (r.task, r.generation);
+            match &r.body {
+                ReportBody::Accepted => {
+                    accepted.insert(attempt, r.id);
+                }
+                ReportBody::Started { pid, session } => {
+                    started.insert(attempt, (r.id, *pid, session.clone()));
+                }
+                ReportBody::Finished { .. } => {
+                    if let Some((id, pid, session)) = started.remove(&attempt) {
+                        dropped.insert(id);
+                        dropped.extend(accepted.remove(&attempt));
+                        ran.insert(r.id, (pid, session));
+                    }
+                }
+                _ => {}
+            }
+        }
+        if ran.is_empty() {
+            return;
+        }
+        let fold = |r: &mut Report| {
+            if let Some((pid, session)) = ran.get(&r.id) {
+                r.body = into_ran(
+                    std::mem::replace(&mut r.body, ReportBody::Accepted),
+                    *pid,
+                    session.clone(),
+                );
+            }
+        };
+        effects.retain_mut(|e| match e {
+            Effect::PutReport(r) | Effect::Send(SessionMsg::Report(r)) => {
+                if dropped.contains(&r.id) {
+                    return false;
+                }
+                fold(r);
+                true
+            }
+            _ => true,
+        });
+        for id in &dropped {
+            self.outbox.remove(id);
+        }
+        for id in ran.keys() {
+            if let Some(r) = self.outbox.get_mut(id) {
+                fold(r);
+            }
+        }
     }
 
     /// Reports usage, replacing an unacknowledged usage report of the same
@@ -371,4 +436,24 @@ fn check_link(link: &str) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// A `Finished` body as the `Ran` body that also carries the start.
+fn into_ran(finished: ReportBody, pid: Option<u32>, session: Option<String>) -> ReportBody {
+    match finished {
+        ReportBody::Finished {
+            outcome,
+            result,
+            error,
+            work,
+        } => ReportBody::Ran {
+            pid,
+            session,
+            outcome,
+            result,
+            error,
+            work,
+        },
+        other => other,
+    }
 }

@@ -927,3 +927,86 @@ fn usage_reports_replace_the_unacknowledged_one_of_their_attempt() {
             .contains("already ended")
     );
 }
+
+// === reports folded into one ===
+
+/// The reports a batch stores: (id, body), in order.
+fn stored_reports(e: &[Effect]) -> Vec<(u64, &ReportBody)> {
+    e.iter()
+        .filter_map(|e| match e {
+            Effect::PutReport(r) => Some((r.id.0, &r.body)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn an_attempt_that_starts_and_ends_in_one_batch_sends_one_ran_report() {
+    let mut c = core_with(exec(0));
+    c.handle_hub(T0, assign(1, 1));
+    c.handle_run(ms(1), spawned(1, 1, RunMode::Exec));
+    c.handle_run(ms(2), finished(1, 1, Outcome::Completed));
+    let mut e = c.take_effects();
+    assert_eq!(
+        reports(&e).len(),
+        3,
+        "accepted, started, finished before folding"
+    );
+    c.coalesce_reports(&mut e);
+    assert!(
+        matches!(
+            &reports(&e)[..],
+            [ReportBody::Ran {
+                pid: Some(41),
+                outcome: Outcome::Completed,
+                ..
+            }]
+        ),
+        "{:?}",
+        reports(&e)
+    );
+    // Stored under the `Finished` report's id, the only row of the outbox.
+    assert!(matches!(
+        &stored_reports(&e)[..],
+        [(3, ReportBody::Ran { .. })]
+    ));
+    let outbox: Vec<_> = c.outbox().map(|r| (r.id.0, r.body.kind())).collect();
+    assert_eq!(outbox, [(3, muster_wire::msg::ReportKind::Finished)]);
+    assert_eq!(commit_kind(&e), CommitKind::Flushed);
+    // Its ack forgets the task: nothing else was outstanding.
+    c.handle_hub(ms(3), HubMsg::Ack { upto: ReportId(3) });
+    let e = c.take_effects();
+    assert!(e.iter().any(|e| matches!(e, Effect::DeleteTask(..))));
+    assert_eq!(c.tasks().count(), 0);
+}
+
+#[test]
+fn reports_of_another_batch_or_without_a_start_are_not_folded() {
+    let mut c = core_with(exec(0));
+    c.handle_hub(T0, assign(1, 1));
+    let mut first = c.take_effects();
+    c.coalesce_reports(&mut first);
+    assert!(matches!(&reports(&first)[..], [ReportBody::Accepted]));
+    // Started and finished in the next batch: folded, the sent `Accepted` kept.
+    c.handle_run(ms(1), spawned(1, 1, RunMode::Exec));
+    c.handle_run(ms(2), finished(1, 1, Outcome::Completed));
+    let mut e = c.take_effects();
+    c.coalesce_reports(&mut e);
+    assert!(matches!(&reports(&e)[..], [ReportBody::Ran { .. }]));
+    let kinds: Vec<_> = c.outbox().map(|r| r.body.kind()).collect();
+    use muster_wire::msg::ReportKind;
+    assert_eq!(kinds, [ReportKind::Accepted, ReportKind::Finished]);
+    // A run that fails before it started: `Accepted` and `Finished` stay as they are.
+    let mut c = core_with(exec(500));
+    c.handle_hub(T0, assign(2, 1));
+    c.handle_run(ms(1), spawned(2, 1, RunMode::Exec));
+    c.handle_run(ms(2), finished(2, 1, Outcome::Failed));
+    let mut e = c.take_effects();
+    let before = e.clone();
+    c.coalesce_reports(&mut e);
+    assert_eq!(e, before);
+    assert!(matches!(
+        &reports(&e)[..],
+        [ReportBody::Accepted, ReportBody::Finished { .. }]
+    ));
+}

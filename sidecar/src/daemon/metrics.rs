@@ -215,7 +215,7 @@ impl WakeClock {
                 None
             }
             Effect::Send(SessionMsg::Report(r)) => match r.body {
-                ReportBody::Started { .. } => self
+                ReportBody::Started { .. } | ReportBody::Ran { .. } => self
                     .started
                     .remove(&(r.task, r.generation))
                     .map(|at| now.saturating_duration_since(at)),

@@ -333,6 +333,7 @@ async fn serve(
         {
             d.launch(core, &mut io.run_rx, &mut effects).await;
         }
+        core.coalesce_reports(&mut effects);
         // Commit before acknowledge: store effects are durable before anything is sent.
         // A batch that only forgets commits nothing now: it rides on the next flushed one.
         let store = d
