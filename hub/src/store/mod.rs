@@ -37,7 +37,8 @@ pub use self::redb::RedbStore;
 /// 2: identities carry their grant (capabilities, slots); tokens carry a name and a grant.
 /// 3: tasks carry a repository, base, environment and labels; attempts their work result.
 /// 4: attempts carry their usage (tokens and cost).
-pub const SCHEMA_VERSION: u64 = 4;
+/// 5 (redb): the `live` table is gone; `by_state`'s unfinished states list the same tasks.
+pub const SCHEMA_VERSION: u64 = 5;
 /// The database file name in the data directory.
 pub const DB_FILE: &str = "hub.redb";
 

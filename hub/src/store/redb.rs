@@ -3,8 +3,7 @@
 //! ```text
 //! meta        &str          -> u64            schema_version, next_task_id
 //! tasks       u64 task      -> TaskRecord      every task, live or finished
-//! live        u64 task      -> ()              non-terminal tasks: restart reads only these
-//! by_state    (u8, u64)     -> ()              (state, task) for `tasks --state`
+//! by_state    (u8, u64)     -> ()              (state, task): `tasks --state`, and restart reads only the unfinished
 //! finished    (u64, u64)    -> ()              (finished at, task): retention pruning reads only what expired
 //! attempts    (u64, u64)    -> AttemptRecord   (task, generation)
 //! keys        &str          -> u64             idempotency key -> task
@@ -35,7 +34,9 @@ use crate::core::{
 
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const TASKS: TableDefinition<u64, &[u8]> = TableDefinition::new("tasks");
-const LIVE: TableDefinition<u64, ()> = TableDefinition::new("live");
+/// Unfinished tasks, up to schema 4: `by_state` holds the same set, so writing
+/// both cost two B-tree writes per task for nothing (schema 5 drops it).
+const LIVE_V4: TableDefinition<u64, ()> = TableDefinition::new("live");
 const BY_STATE: TableDefinition<(u8, u64), ()> = TableDefinition::new("by_state");
 const FINISHED: TableDefinition<(u64, u64), ()> = TableDefinition::new("finished");
 const ATTEMPTS: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("attempts");
@@ -439,7 +440,7 @@ impl RedbStore {
                         supported: SCHEMA_VERSION,
                     });
                 }
-                Some(v @ (1..=3)) => {
+                Some(v @ (1..=4)) => {
                     drop(meta);
                     if v == 1 {
                         migrate_v1(&tx)?;
@@ -447,7 +448,11 @@ impl RedbStore {
                     if v <= 2 {
                         migrate_v2(&tx)?;
                     }
-                    migrate_v3(&tx)?;
+                    if v <= 3 {
+                        migrate_v3(&tx)?;
+                    }
+                    // 4 → 5: the `live` table goes (see `LIVE_V4`).
+                    tx.delete_table(LIVE_V4)?;
                     tx.open_table(META)?
                         .insert("schema_version", SCHEMA_VERSION)?;
                 }
@@ -458,7 +463,6 @@ impl RedbStore {
             }
             // Create every table so read transactions never meet a missing one.
             tx.open_table(TASKS)?;
-            tx.open_table(LIVE)?;
             tx.open_table(BY_STATE)?;
             tx.open_table(FINISHED)?;
             tx.open_table(ATTEMPTS)?;
@@ -490,7 +494,6 @@ impl Backend for RedbStore {
         let mut states: Vec<(u64, TaskState)> = Vec::new();
         {
             let mut tasks = tx.open_table(TASKS)?;
-            let mut live = tx.open_table(LIVE)?;
             let mut by_state = tx.open_table(BY_STATE)?;
             let mut finished = tx.open_table(FINISHED)?;
             let mut attempts = tx.open_table(ATTEMPTS)?;
@@ -525,11 +528,6 @@ impl Backend for RedbStore {
                             finished.insert((t.updated_at, id), ())?;
                         }
                         by_state.insert((state_code(t.state), id), ())?;
-                        if t.state.is_terminal() {
-                            live.remove(id)?;
-                        } else {
-                            live.insert(id, ())?;
-                        }
                         tasks.insert(id, enc(t).as_slice())?;
                         states.push((id, t.state));
                     }
@@ -627,8 +625,17 @@ impl Backend for RedbStore {
         let mut r = Restored::default();
         let tasks = tx.open_table(TASKS)?;
         let attempts = tx.open_table(ATTEMPTS)?;
-        for id in tx.open_table(LIVE)?.iter()? {
-            let id = id?.0.value();
+        let by_state = tx.open_table(BY_STATE)?;
+        let mut live = Vec::new();
+        for state in TaskState::ALL.into_iter().filter(|s| !s.is_terminal()) {
+            let code = state_code(state);
+            for row in by_state.range((code, 0)..=(code, u64::MAX))? {
+                live.push(row?.0.value().1);
+            }
+        }
+        // In the order of the ids, as the core's queue was built before.
+        live.sort_unstable();
+        for id in live {
             let Some(bytes) = tasks.get(id)? else {
                 continue;
             };
@@ -809,6 +816,63 @@ mod tests {
     use super::*;
     use crate::store::tests::task;
     use crate::store::{DB_FILE, Store};
+    #[test]
+    fn a_schema_4_database_loses_its_live_table_and_restores_the_same_tasks() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join(DB_FILE);
+        {
+            let store = RedbStore::open(&path).expect("create");
+            let writes: Vec<Write> = [
+                (3, TaskState::Running),
+                (1, TaskState::Queued),
+                (2, TaskState::Completed),
+                (4, TaskState::Assigned),
+                (5, TaskState::Failed),
+            ]
+            .into_iter()
+            .map(|(id, state)| Write::Task(task(id, state, 10, None)))
+            .collect();
+            store.commit(&writes, 100).expect("commit");
+            // What schema 4 had beside: the unfinished tasks in `live`.
+            let tx = store.db.begin_write().expect("write");
+            {
+                let mut live = tx.open_table(LIVE_V4).expect("live");
+                for id in [1u64, 3, 4] {
+                    live.insert(id, ()).expect("insert");
+                }
+                tx.open_table(META)
+                    .expect("meta")
+                    .insert("schema_version", 4)
+                    .expect("insert");
+            }
+            tx.commit().expect("commit");
+        }
+        let store = RedbStore::open(&path).expect("the schema 4 file opens and migrates");
+        let tx = store.db.begin_read().expect("read");
+        let tables: Vec<String> = tx
+            .list_tables()
+            .expect("tables")
+            .map(|t| redb::TableHandle::name(&t).to_string())
+            .collect();
+        assert!(!tables.iter().any(|t| t == "live"), "{tables:?}");
+        let version = tx
+            .open_table(META)
+            .expect("meta")
+            .get("schema_version")
+            .expect("get")
+            .map(|v| v.value());
+        assert_eq!(version, Some(SCHEMA_VERSION));
+        drop(tx);
+        let live: Vec<u64> = store
+            .restore(0)
+            .expect("restore")
+            .live
+            .iter()
+            .map(|(t, _)| t.id.0)
+            .collect();
+        assert_eq!(live, [1, 3, 4], "the unfinished tasks, in id order");
+    }
+
     #[test]
     fn a_schema_3_database_is_migrated_giving_attempts_empty_usage() {
         use muster_protocol::Generation;
