@@ -463,8 +463,9 @@ impl Core {
                 work,
             } => {
                 // Accepted, started and ended within one of the sidecar's
-                // commits: recorded as such, with no `accepted` or `running`
-                // event of its own (the task goes from its state here to the end).
+                // commits. Watchers still see the verified start as its own
+                // `running` change (the lifecycle they rely on); the attempt
+                // row is written once, by the end.
                 live.seen.insert(ReportKind::Accepted);
                 live.seen.insert(ReportKind::Started);
                 if let Some(a) = live.attempt.as_mut() {
@@ -474,9 +475,14 @@ impl Core {
                     a.session = session;
                 }
                 live.rec.progress_at = Some(now);
-                if live.rec.state != TaskState::Running {
+                let from = live.rec.state;
+                if from != TaskState::Running {
+                    live.rec.state = TaskState::Running;
+                    live.rec.updated_at = now;
+                    let event = Event::task(&live.rec, from, "start verified".to_string());
                     let waited = now.saturating_sub(live.rec.submitted_at);
                     self.out.dispatch_ms.push(waited);
+                    self.push_event(now, event);
                 }
                 self.finish_attempt(now, id, outcome, result, error, work);
             }

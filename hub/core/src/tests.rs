@@ -1341,7 +1341,7 @@ fn a_ran_report_records_the_acceptance_the_start_and_the_end_at_once() {
         "the session name is bounded as in `Started`"
     );
     assert_eq!(a.outcome, Some(Outcome::Completed));
-    // One state change, from where the hub had it to the end.
+    // The verified start is still its own change, so watchers see `running`.
     let changes: Vec<(String, String)> = out
         .writes
         .iter()
@@ -1354,7 +1354,10 @@ fn a_ran_report_records_the_acceptance_the_start_and_the_end_at_once() {
         .collect();
     assert_eq!(
         changes,
-        [("\"assigned\"".to_string(), "\"completed\"".to_string())]
+        [
+            ("\"assigned\"".to_string(), "\"running\"".to_string()),
+            ("\"running\"".to_string(), "\"completed\"".to_string())
+        ]
     );
     assert_eq!(out.dispatch_ms.len(), 1, "it counts as dispatched");
     assert_eq!(h.core.counters().completed, 1);
