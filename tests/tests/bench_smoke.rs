@@ -293,6 +293,15 @@ fn scale_smoke() {
         "every session is back: {v:#}"
     );
     assert_eq!(uint(&v, "restart.failed"), 0);
+    // The restart's timeline: every session lost its connection once and was
+    // welcomed again, and noticed the loss before it was welcomed.
+    assert_eq!(uint(&v, "restart.noticed_after_stop.n"), 20, "{v:#}");
+    assert_eq!(uint(&v, "restart.welcomed_after_stop.n"), 20, "{v:#}");
+    let ms = |path: &str| field(&v, path).as_f64().unwrap_or(f64::NAN);
+    assert!(
+        ms("restart.noticed_after_stop.max_ms") <= ms("restart.welcomed_after_stop.max_ms"),
+        "{v:#}"
+    );
     has_ratios(
         &v,
         &["first connect, wall time per session ÷ QUIC handshake p50"],

@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::fleet::{self, Identity};
 use crate::hub::{HubProc, Stop};
-use crate::util::{num, phase, round3};
+use crate::util::{num, phase, round3, summary};
 
 /// `scale` options.
 #[derive(Debug, Clone, clap::Args)]
@@ -139,13 +139,7 @@ fn heartbeat(seq: u64, rtt: Duration) -> SessionMsg {
 }
 
 /// One light session: connect, hello, welcome, heartbeats; reconnect like a sidecar.
-async fn session(
-    ep: quinn::Endpoint,
-    sh: Arc<Shared>,
-    id: Identity,
-    welcomed_at: Arc<AtomicU64>,
-    seed: u64,
-) {
+async fn session(ep: quinn::Endpoint, sh: Arc<Shared>, id: Identity, marks: Arc<Marks>, seed: u64) {
     let mut rng = muster_protocol::pace::Rng::new(seed);
     let Ok(cfg) = id.cred.client_config() else {
         sh.attempt_failures.fetch_add(1, Ordering::Relaxed);
@@ -171,7 +165,7 @@ async fn session(
             Ok((conn, mut wr, mut rd, interval)) => {
                 backoff.reset();
                 busy.reset();
-                welcomed_at.store(
+                marks.welcomed.store(
                     sh.origin.elapsed().as_millis() as u64 + 1,
                     Ordering::Relaxed,
                 );
@@ -201,6 +195,10 @@ async fn session(
                     return;
                 }
                 sh.drops.fetch_add(1, Ordering::Relaxed);
+                marks.lost.store(
+                    sh.origin.elapsed().as_millis() as u64 + 1,
+                    Ordering::Relaxed,
+                );
             }
             Err(e) => {
                 sh.attempt_failures.fetch_add(1, Ordering::Relaxed);
@@ -236,11 +234,29 @@ async fn session(
     }
 }
 
-fn count_since(marks: &[Arc<AtomicU64>], since_ms: u64) -> usize {
+/// When a session last lost its connection and was last welcomed, in ms since
+/// `Shared::origin` plus one (0: never), for the restart's timeline.
+#[derive(Default)]
+struct Marks {
+    welcomed: AtomicU64,
+    lost: AtomicU64,
+}
+
+fn count_since(marks: &[Arc<Marks>], since_ms: u64) -> usize {
     marks
         .iter()
-        .filter(|m| m.load(Ordering::Relaxed) > since_ms)
+        .filter(|m| m.welcomed.load(Ordering::Relaxed) > since_ms)
         .count()
+}
+
+/// Milliseconds after `since_ms` of the marks `pick` reads that fall after it.
+fn times_since(marks: &[Arc<Marks>], since_ms: u64, pick: fn(&Marks) -> &AtomicU64) -> Vec<f64> {
+    marks
+        .iter()
+        .map(|m| pick(m).load(Ordering::Relaxed))
+        .filter(|&at| at > since_ms)
+        .map(|at| (at - since_ms) as f64)
+        .collect()
 }
 
 pub(crate) async fn scale(bin: &Path, root: &Path, a: &ScaleArgs) -> Result<Value> {
@@ -297,7 +313,7 @@ pub(crate) async fn scale(bin: &Path, root: &Path, a: &ScaleArgs) -> Result<Valu
         origin: Instant::now(),
     });
     let _stop_guard = sh.stop.clone().drop_guard();
-    let marks: Vec<Arc<AtomicU64>> = (0..s).map(|_| Arc::new(AtomicU64::new(0))).collect();
+    let marks: Vec<Arc<Marks>> = (0..s).map(|_| Arc::default()).collect();
     let t = Instant::now();
     let mut seeds = muster_protocol::pace::Rng::new(u64::from(std::process::id()));
     for (i, id) in ids.into_iter().enumerate() {
@@ -370,6 +386,10 @@ pub(crate) async fn scale(bin: &Path, root: &Path, a: &ScaleArgs) -> Result<Valu
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let back = count_since(&marks, restart_mark);
+    // When each session noticed the restart and when it was welcomed again:
+    // a late tail in the first means closes that never arrived.
+    let noticed = summary(times_since(&marks, restart_mark, |m| &m.lost));
+    let welcomed = summary(times_since(&marks, restart_mark, |m| &m.welcomed));
     let ops = hub.ops(1).await?;
     let hub_online = ops.online(false).await.map_err(|e| format!("{e:#}"));
     ops.close().await;
@@ -404,6 +424,8 @@ pub(crate) async fn scale(bin: &Path, root: &Path, a: &ScaleArgs) -> Result<Valu
             "stop_s": round3(stopped.as_secs_f64()),
             "ready_after_start_s": round3(ready_again.as_secs_f64()),
             "all_online_s": all_back.map(|d| round3(d.as_secs_f64())),
+            "noticed_after_stop": noticed,
+            "welcomed_after_stop": welcomed,
             "online_again": back,
             "failed": s - back,
             "failed_connect_attempts": sh.attempt_failures.load(Ordering::Relaxed) - failures0,
