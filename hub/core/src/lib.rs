@@ -294,7 +294,9 @@ pub struct Core {
     next_task_id: u64,
     next_event_seq: u64,
     rng: Rng,
-    tasks: HashMap<TaskId, Live>,
+    // Boxed: the map churns (a task in, a task out), and its rehashes move
+    // pointers rather than whole records.
+    tasks: HashMap<TaskId, Box<Live>>,
     sched: sched::ReadyQueue,
     agents: HashMap<AgentName, Agent>,
     conns: HashMap<ConnId, String>,

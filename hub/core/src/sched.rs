@@ -357,6 +357,7 @@ impl Core {
             .tasks
             .values()
             .filter(|l| l.rec.state == TaskState::Queued)
+            .map(|l| &**l)
             .collect();
         queued.sort_by_key(|l| l.rec.id);
         for l in queued {

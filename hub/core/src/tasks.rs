@@ -40,7 +40,7 @@ impl Core {
         let checked_generation = rec.generation;
         self.tasks.insert(
             id,
-            Live {
+            Box::new(Live {
                 rec,
                 attempt,
                 seen: HashSet::new(),
@@ -49,7 +49,7 @@ impl Core {
                 checked_generation,
                 armed_at: None,
                 activity: None,
-            },
+            }),
         );
         self.arm_attempt(id);
     }
