@@ -297,6 +297,10 @@ pub struct Core {
     // Boxed: the map churns (a task in, a task out), and its rehashes move
     // pointers rather than whole records.
     tasks: HashMap<TaskId, Box<Live>>,
+    /// How many of `tasks` are in each state, by [`TaskState::index`]: kept as
+    /// states change, since `stats` and `/metrics` are polled and a deep queue
+    /// holds tens of thousands of tasks.
+    live_by_state: [u64; TaskState::ALL.len()],
     sched: sched::ReadyQueue,
     agents: HashMap<AgentName, Agent>,
     conns: HashMap<ConnId, String>,
@@ -390,6 +394,7 @@ impl Core {
             tokens: restored.tokens.into_iter().collect(),
             keys: restored.keys.into_iter().collect(),
             waiting_on: HashMap::new(),
+            live_by_state: [0; TaskState::ALL.len()],
             recent: HashMap::new(),
             dirty: Vec::new(),
             dirty_set: HashSet::new(),
@@ -535,6 +540,20 @@ impl Core {
                 return Err(format!("task {id} is queued but not in the queue"));
             }
         }
+        // O(live tasks), so in the tests only: every batch of every test checks it.
+        #[cfg(test)]
+        {
+            let mut n = [0u64; TaskState::ALL.len()];
+            for l in self.tasks.values() {
+                n[l.rec.state.index()] += 1;
+            }
+            if n != self.live_by_state {
+                return Err(format!(
+                    "live tasks by state counted {:?}, but the tasks say {n:?}",
+                    self.live_by_state
+                ));
+            }
+        }
         Ok(())
     }
 
@@ -654,15 +673,23 @@ impl Core {
             counters: self.counters.clone(),
         }
     }
-    /// Live tasks by state, indexed by [`TaskState::index`]. One pass with no
-    /// allocation: `stats` and `/metrics` are polled, and a hub with a deep
-    /// queue answers them from tens of thousands of tasks.
+    /// Live tasks by state, indexed by [`TaskState::index`].
     pub(crate) fn live_counts(&self) -> [u64; TaskState::ALL.len()] {
-        let mut n = [0u64; TaskState::ALL.len()];
-        for l in self.tasks.values() {
-            n[l.rec.state.index()] += 1;
+        self.live_by_state
+    }
+
+    /// Counts a live task's move from one state to another (`None`: into or out of the map).
+    fn count_state(
+        by_state: &mut [u64; TaskState::ALL.len()],
+        from: Option<TaskState>,
+        to: Option<TaskState>,
+    ) {
+        if let Some(f) = from {
+            by_state[f.index()] = by_state[f.index()].saturating_sub(1);
         }
-        n
+        if let Some(t) = to {
+            by_state[t.index()] += 1;
+        }
     }
 
     /// Forgets the idempotency keys of pruned tasks.

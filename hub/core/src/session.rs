@@ -478,6 +478,11 @@ impl Core {
                 let from = live.rec.state;
                 if from != TaskState::Running {
                     live.rec.state = TaskState::Running;
+                    Core::count_state(
+                        &mut self.live_by_state,
+                        Some(from),
+                        Some(TaskState::Running),
+                    );
                     live.rec.updated_at = now;
                     let event = Event::task(&live.rec, from, "start verified".to_string());
                     let waited = now.saturating_sub(live.rec.submitted_at);

@@ -38,7 +38,8 @@ impl Core {
             }
         }
         let checked_generation = rec.generation;
-        self.tasks.insert(
+        Core::count_state(&mut self.live_by_state, None, Some(rec.state));
+        let replaced = self.tasks.insert(
             id,
             Box::new(Live {
                 rec,
@@ -51,6 +52,9 @@ impl Core {
                 activity: None,
             }),
         );
+        if let Some(old) = replaced {
+            Core::count_state(&mut self.live_by_state, Some(old.rec.state), None);
+        }
         self.arm_attempt(id);
     }
 
@@ -63,6 +67,7 @@ impl Core {
             self.sched.remove(&live.rec, live.retried);
         }
         live.rec.state = to;
+        Core::count_state(&mut self.live_by_state, Some(from), Some(to));
         live.rec.updated_at = now;
         if to == TaskState::Queued {
             self.sched.insert(&live.rec, live.retried);
@@ -225,6 +230,7 @@ impl Core {
         let Some(live) = self.tasks.remove(&id) else {
             return;
         };
+        Core::count_state(&mut self.live_by_state, Some(live.rec.state), None);
         if let Some(at) = live.armed_at {
             self.deadlines.disarm(at, &Due::Attempt(id));
         }
