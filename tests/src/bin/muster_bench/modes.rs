@@ -171,9 +171,6 @@ async fn hub_latencies(
             .entry(d["state"].as_str().unwrap_or("?").to_string())
             .or_default() += 1;
         let submitted = d["submitted_at"].as_f64().unwrap_or(0.0);
-        if std::env::var_os("DIAG").is_some() {
-            eprintln!("DIAG {} {} {}", d["id"], submitted, d["attempt_history"]);
-        }
         if let Some(last) = d["attempt_history"].as_array().and_then(|a| a.last()) {
             if let Some(s) = last["started_at"].as_f64() {
                 running.push(s - submitted);
