@@ -678,7 +678,7 @@ impl Core {
         self.live_by_state
     }
 
-    /// Counts a live task's move from one state to another (`None`: into or out of the map).
+    /// Counts a task into or out of the live map (`None` on the other side).
     fn count_state(
         by_state: &mut [u64; TaskState::ALL.len()],
         from: Option<TaskState>,
@@ -690,6 +690,13 @@ impl Core {
         if let Some(t) = to {
             by_state[t.index()] += 1;
         }
+    }
+
+    /// Moves a live task's record to `to` and its count with it: the one way a
+    /// live task's state changes, so the counts cannot drift from the records.
+    fn move_state(by_state: &mut [u64; TaskState::ALL.len()], rec: &mut TaskRecord, to: TaskState) {
+        Core::count_state(by_state, Some(rec.state), Some(to));
+        rec.state = to;
     }
 
     /// Forgets the idempotency keys of pruned tasks.

@@ -173,12 +173,7 @@ impl Core {
         });
         let spec = crate::tasks::spec_of(&live.rec);
         // set_state must not touch the ready queue again: mark the state first.
-        Core::count_state(
-            &mut self.live_by_state,
-            Some(live.rec.state),
-            Some(TaskState::Assigned),
-        );
-        live.rec.state = TaskState::Assigned;
+        Core::move_state(&mut self.live_by_state, &mut live.rec, TaskState::Assigned);
         self.counters.assigned += 1;
         if let Some(a) = self.agents.get_mut(agent_name) {
             a.tasks.insert(id);

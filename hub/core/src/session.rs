@@ -477,12 +477,7 @@ impl Core {
                 live.rec.progress_at = Some(now);
                 let from = live.rec.state;
                 if from != TaskState::Running {
-                    live.rec.state = TaskState::Running;
-                    Core::count_state(
-                        &mut self.live_by_state,
-                        Some(from),
-                        Some(TaskState::Running),
-                    );
+                    Core::move_state(&mut self.live_by_state, &mut live.rec, TaskState::Running);
                     live.rec.updated_at = now;
                     let event = Event::task(&live.rec, from, "start verified".to_string());
                     let waited = now.saturating_sub(live.rec.submitted_at);

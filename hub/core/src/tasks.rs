@@ -66,8 +66,7 @@ impl Core {
         if from == TaskState::Queued {
             self.sched.remove(&live.rec, live.retried);
         }
-        live.rec.state = to;
-        Core::count_state(&mut self.live_by_state, Some(from), Some(to));
+        Core::move_state(&mut self.live_by_state, &mut live.rec, to);
         live.rec.updated_at = now;
         if to == TaskState::Queued {
             self.sched.insert(&live.rec, live.retried);

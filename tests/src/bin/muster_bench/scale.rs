@@ -242,11 +242,9 @@ struct Marks {
     lost: AtomicU64,
 }
 
+/// Sessions welcomed after `since_ms`.
 fn count_since(marks: &[Arc<Marks>], since_ms: u64) -> usize {
-    marks
-        .iter()
-        .filter(|m| m.welcomed.load(Ordering::Relaxed) > since_ms)
-        .count()
+    times_since(marks, since_ms, |m| &m.welcomed).len()
 }
 
 /// Milliseconds after `since_ms` of the marks `pick` reads that fall after it.
